@@ -1,0 +1,3 @@
+from qmig.cli import main
+
+raise SystemExit(main())

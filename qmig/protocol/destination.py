@@ -1,0 +1,456 @@
+"""The destination of a migration, sans-IO: stream bytes in, decisions and return-path bytes out.
+
+Drive it like h11's connection::
+
+    dest = Destination(version="7.2")
+    dest.receive_data(chunk)            # bytes from the source
+    while (event := dest.next_event()) is not NEED_DATA: ...   # apply to RAM
+    dest.page_fault("pc.ram", 0x5000)   # the guest touched a missing page
+    sock.sendall(dest.data_to_send())   # PONGs, page requests, SHUT
+
+Rules come from QEMU's destination: the PostcopyState table in :mod:`qmig.protocol.states`,
+plus the checks that depend on more than the state (PING without a return path, the ADVISE
+length against the postcopy-ram setting, page sizes, discard ranges). A violation raises
+:class:`~qmig.errors.RemoteProtocolError` naming the command and the byte where it starts,
+and queues SHUT(1); calls after that raise :class:`~qmig.errors.LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmig.errors import IllegalStateError, LocalProtocolError, MalformedError, RemoteProtocolError
+from qmig.protocol import events as ev
+from qmig.protocol.states import PostcopyState, is_postcopy_running, transitions
+from qmig.wire import messages as m
+from qmig.wire.ramscan import RamScanner
+from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
+
+HOST_PAGE_SIZE = 4096
+
+
+class Phase(enum.Enum):
+    """Where the destination is, beside PostcopyState (which says nothing of precopy)."""
+
+    LOADING = "loading"
+    AFTER_EOF = "after-eof"  # precopy: waiting for VMDESCRIPTION
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class BlockTracker:
+    """What the destination knows about one RAMBlock: its size and which pages it holds."""
+
+    info: m.RamBlockInfo
+    page_size: int
+    target_page_size: int
+    state: bytearray = field(repr=False, default_factory=bytearray)  # per target page: 0 = missing
+    requested: set[int] = field(default_factory=set)  # host-page offsets asked for
+    discarded_pages: int = 0
+
+    def __post_init__(self) -> None:
+        self.state = bytearray(-(-self.info.used_length // self.target_page_size))
+
+    def host_page_present(self, host_offset: int) -> bool:
+        first = host_offset // self.target_page_size
+        count = self.page_size // self.target_page_size
+        return self.state.find(0, first, first + count) < 0
+
+    def discard(self, start: int, length: int) -> None:
+        first = start // self.target_page_size
+        count = length // self.target_page_size
+        self.state[first : first + count] = bytes(count)
+        self.discarded_pages += count
+
+
+class Destination:
+    """QEMU's incoming side, for one migration."""
+
+    def __init__(
+        self,
+        version: str | None = None,
+        *,
+        postcopy_ram: bool = True,
+        host_page_size: int = HOST_PAGE_SIZE,
+        supported_page_sizes: Iterable[int] = (HOST_PAGE_SIZE,),
+        local_page_sizes: dict[str, int] | None = None,
+    ) -> None:
+        self.reader = StreamReader(
+            version, local_page_sizes=local_page_sizes, host_page_size=host_page_size
+        )
+        self.profile = self.reader.profile
+        self.rules = transitions(self.profile)
+        self.postcopy_ram = postcopy_ram
+        self.host_page_size = host_page_size
+        self.supported_page_sizes = frozenset(supported_page_sizes)
+        self.state = PostcopyState.NONE
+        self.phase = Phase.LOADING
+        self.return_path_open = False
+        self.blocks: dict[str, BlockTracker] = {}
+        self.device_sections: dict[int, m.SectionFull | m.SectionStart] = {}
+        self.pongs_sent = 0
+        self.requests_sent = 0
+        self.error: RemoteProtocolError | None = None
+        self._scanner = RamScanner(self.reader.schema)
+        self._rp_out = bytearray()
+        self._last_requested_block: str | None = None
+        self._pending: list[Any] = []
+        self._current_section: m.SectionFull | m.SectionStart | None = None
+        self._host_page_fill: dict[str, tuple[int, int]] = {}
+
+    # --- input ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._check_usable()
+        self.reader.feed(data)
+
+    def receive_eof(self) -> None:
+        """The source closed the stream."""
+        self._check_usable()
+        self.reader.feed_eof()
+
+    def next_event(self) -> Any:
+        """The next decision for the runner, or NEED_DATA / END."""
+        self._check_usable()
+        if self._pending:
+            return self._pending.pop(0)
+        while True:
+            try:
+                record = self.reader.next_record()
+            except RemoteProtocolError as error:
+                raise self._failed(error) from None
+            if record is NEED_DATA:
+                return NEED_DATA
+            if record is END:
+                self._end_of_input()
+                return self._pending.pop(0) if self._pending else END
+            assert isinstance(record, Record)
+            try:
+                self._handle(record)
+            except RemoteProtocolError as error:
+                raise self._failed(error) from None
+            if self._pending:
+                return self._pending.pop(0)
+
+    def page_fault(self, block: str, offset: int) -> ev.PageRequested | None:
+        """The guest touched ``offset`` in ``block``; request it unless it is here or asked."""
+        self._check_usable()
+        tracker = self.blocks.get(block)
+        if tracker is None:
+            raise LocalProtocolError("page fault", f"no RAMBlock {block!r}")
+        if offset >= tracker.info.used_length:
+            raise LocalProtocolError("page fault", f"offset {offset:#x} outside block {block!r}")
+        host_offset = offset - offset % tracker.page_size
+        if tracker.host_page_present(host_offset) or host_offset in tracker.requested:
+            return None
+        tracker.requested.add(host_offset)
+        message: m.ReqPages | m.ReqPagesId
+        if block == self._last_requested_block:
+            message = m.ReqPages(host_offset, tracker.page_size)
+        else:
+            message = m.ReqPagesId(host_offset, tracker.page_size, block)
+            self._last_requested_block = block
+        self._rp_out += self.reader.schema.build_rp(message)
+        self.requests_sent += 1
+        return ev.PageRequested(block, host_offset, tracker.page_size, message)
+
+    def data_to_send(self) -> bytes:
+        """Return-path bytes queued so far (PONGs, page requests, SHUT)."""
+        out = bytes(self._rp_out)
+        self._rp_out.clear()
+        return out
+
+    def fail(self, reason: str) -> bytes:
+        """End the migration on this side (for a local failure): SHUT(1) if the RP is open."""
+        if self.phase not in (Phase.DONE, Phase.FAILED):
+            self.phase = Phase.FAILED
+            self._shut(1)
+        return self.data_to_send()
+
+    # --- the rules ----------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.phase is Phase.FAILED:
+            raise LocalProtocolError("destination", "the migration already failed")
+
+    def _failed(self, error: RemoteProtocolError) -> RemoteProtocolError:
+        if error.state is None:
+            error.state = self.state.name
+        self.error = error
+        self.phase = Phase.FAILED
+        self._shut(1)
+        return error
+
+    def _shut(self, status: int) -> None:
+        if self.return_path_open:
+            self._rp_out += self.reader.schema.build_rp(m.Shut(status))
+
+    def _transition(self, command: str, offset: int) -> None:
+        rule = self.rules[command]
+        old = self.state
+        if rule.sets_before_check:
+            self.state = rule.next_state
+        if old not in rule.allowed:
+            raise IllegalStateError(
+                command, f"wrong postcopy state {old.name}", offset, state=old.name
+            )
+        self.state = rule.next_state
+
+    def _handle(self, record: Record) -> None:
+        message = record.message
+        handler = _HANDLERS.get(type(message))
+        if handler is not None:
+            handler(self, message, record)
+
+    def _on_header(self, message: m.StreamHeader, record: Record) -> None:
+        pass
+
+    def _on_configuration(self, message: m.Configuration, record: Record) -> None:
+        self._pending.append(ev.StreamOpened(message))
+
+    def _on_open_return_path(self, message: m.OpenReturnPath, record: Record) -> None:
+        if self.return_path_open:
+            self._pending.append(
+                ev.Notice("OPEN_RETURN_PATH", "called when RP already open", record.offset)
+            )
+        self.return_path_open = True
+
+    def _on_ping(self, message: m.Ping, record: Record) -> None:
+        if not self.return_path_open:
+            raise RemoteProtocolError(
+                "PING", f"{message.value:#x} received with no return path", record.offset
+            )
+        self._rp_out += self.reader.schema.build_rp(m.Pong(message.value))
+        self.pongs_sent += 1
+
+    def _on_advise(self, message: m.PostcopyAdvise, record: Record) -> None:
+        self._transition("POSTCOPY_ADVISE", record.offset)
+        if not message.ram_postcopy:
+            if self.postcopy_ram:
+                raise MalformedError(
+                    "POSTCOPY_ADVISE",
+                    "RAM postcopy is enabled but have 0 byte advise",
+                    record.offset,
+                )
+            return
+        if not self.postcopy_ram:
+            raise MalformedError(
+                "POSTCOPY_ADVISE",
+                "RAM postcopy is disabled but have 16 byte advise",
+                record.offset,
+            )
+        target = self.reader.schema.target_page_size
+        if message.target_page_size != target:
+            raise RemoteProtocolError(
+                "POSTCOPY_ADVISE",
+                f"postcopy needs matching target page sizes (s={message.target_page_size} "
+                f"d={target})",
+                record.offset,
+            )
+        summary = message.page_size_summary or 0
+        unsupported = [size for size in _bits(summary) if size not in self.supported_page_sizes]
+        if unsupported:
+            sizes = ", ".join(f"{size:#x}" for size in unsupported)
+            raise RemoteProtocolError(
+                "POSTCOPY_ADVISE",
+                f"postcopy needs matching RAM page sizes (s={summary:#x}): this host cannot "
+                f"back pages of {sizes}",
+                record.offset,
+            )
+        self._pending.append(
+            ev.PostcopyAdvised(message.page_size_summary, message.target_page_size)
+        )
+
+    def _on_discard(self, message: m.PostcopyRamDiscard, record: Record) -> None:
+        self._transition("POSTCOPY_RAM_DISCARD", record.offset)
+        tracker = self.blocks.get(message.block)
+        if tracker is None:
+            raise RemoteProtocolError(
+                "POSTCOPY_RAM_DISCARD", f"failed to find block {message.block!r}", record.offset
+            )
+        used = tracker.info.used_length
+        for index, span in enumerate(message.ranges):
+            at = record.offset + 5 + 3 + len(message.block) + 16 * index
+            if span.start % tracker.page_size or span.length % tracker.page_size:
+                raise MalformedError(
+                    "POSTCOPY_RAM_DISCARD",
+                    f"range {span.start:#x}+{span.length:#x} of {message.block!r} is not "
+                    f"aligned to its {tracker.page_size:#x} byte pages",
+                    at,
+                )
+            if span.start + span.length > used:
+                raise MalformedError(
+                    "POSTCOPY_RAM_DISCARD",
+                    f"range {span.start:#x}+{span.length:#x} is outside block "
+                    f"{message.block!r} (used length {used:#x})",
+                    at,
+                )
+        for span in message.ranges:
+            tracker.discard(span.start, span.length)
+            self._pending.append(ev.RangeDiscarded(message.block, span.start, span.length))
+
+    def _on_listen(self, message: m.PostcopyListen, record: Record) -> None:
+        self._transition("POSTCOPY_LISTEN", record.offset)
+        self._pending.append(ev.ListenStarted())
+
+    def _on_run(self, message: m.PostcopyRun, record: Record) -> None:
+        self._transition("POSTCOPY_RUN", record.offset)
+        self._pending.append(ev.GuestRunning())
+
+    def _on_colo(self, message: m.EnableColo, record: Record) -> None:
+        raise RemoteProtocolError("ENABLE_COLO", "COLO is not supported by qmig", record.offset)
+
+    def _on_resume(self, message: m.PostcopyResume, record: Record) -> None:
+        self._pending.append(ev.Notice("POSTCOPY_RESUME", "illegal resume received", record.offset))
+
+    def _on_recv_bitmap(self, message: m.RecvBitmap, record: Record) -> None:
+        if message.block not in self.blocks:
+            raise RemoteProtocolError(
+                "RECV_BITMAP", f"block {message.block!r} not found", record.offset
+            )
+        self._pending.append(
+            ev.Notice("RECV_BITMAP", "MSG_RP_RECV_BITMAP only used for recovery", record.offset)
+        )
+
+    def _on_section(self, message: Any, record: Record) -> None:
+        if isinstance(message, m.SectionStart | m.SectionFull) and message.idstr != "ram":
+            self._current_section = message
+
+    def _on_device(self, message: m.DeviceState, record: Record) -> None:
+        section = self._current_section
+        version = section.version_id if section is not None else 0
+        self._pending.append(
+            ev.DeviceStateLoaded(message.idstr, message.instance_id, version, message.data)
+        )
+
+    def _on_mem_size(self, message: m.MemSize, record: Record) -> None:
+        if is_postcopy_running(self.state):
+            raise MalformedError(
+                "RAM",
+                f"unknown combination of migration flags {self.profile.ram_flags['MEM_SIZE']:#x}"
+                " (postcopy mode)",
+                record.offset,
+            )
+        for info in message.blocks:
+            page_size = info.page_size or self.host_page_size
+            if page_size not in self.supported_page_sizes:
+                raise RemoteProtocolError(
+                    "RAM",
+                    f"block {info.idstr!r} needs {page_size:#x} byte pages, which this "
+                    "host cannot back",
+                    record.offset,
+                )
+            self.blocks[info.idstr] = BlockTracker(
+                info, page_size, self.reader.schema.target_page_size
+            )
+        self._pending.append(ev.RamBlocksAnnounced(message.blocks))
+
+    def _on_pages(self, run: m.RamPageRun, record: Record) -> None:
+        tracker = self.blocks.get(run.block)
+        if tracker is None:
+            raise MalformedError("RAM", f"can't find block {run.block!r}", record.offset)
+        postcopy = is_postcopy_running(self.state)
+        if postcopy and tracker.page_size > tracker.target_page_size:
+            self._check_host_page_order(tracker, run, record)
+        self._scanner.account(run.data, run.data_base, run.headers, run.bodies, tracker.state)
+        self._pending.append(ev.PagesReceived(run, postcopy))
+
+    def _check_host_page_order(
+        self, tracker: BlockTracker, run: m.RamPageRun, record: Record
+    ) -> None:
+        """Postcopy: all target pages of one host page arrive together, as QEMU requires."""
+        per_host = tracker.page_size // tracker.target_page_size
+        mask = tracker.target_page_size - 1
+        current, count = self._host_page_fill.get(tracker.info.idstr, (-1, 0))
+        sequential = self.profile.postcopy_host_page_order == "sequential"
+        for header in run.headers:
+            offset = header & ~mask
+            host = offset - offset % tracker.page_size
+            if count and host != current:
+                raise MalformedError(
+                    "RAM",
+                    f"non-same host page detected: {offset:#x} while {current:#x} is incomplete",
+                    record.offset,
+                )
+            if sequential and offset != host + count * tracker.target_page_size:
+                raise MalformedError(
+                    "RAM", f"non-sequential target page {offset:#x}", record.offset
+                )
+            current, count = host, count + 1
+            if count == per_host:
+                count = 0
+        self._host_page_fill[tracker.info.idstr] = (current, count)
+
+    def _on_xbzrle(self, message: m.RamXbzrle, record: Record) -> None:
+        if is_postcopy_running(self.state):
+            raise MalformedError(
+                "RAM",
+                f"unknown combination of migration flags "
+                f"{self.profile.ram_flags['XBZRLE']:#x} (postcopy mode)",
+                record.offset,
+            )
+        raise RemoteProtocolError(
+            "RAM", "XBZRLE pages are not supported by qmig's destination", record.offset
+        )
+
+    def _on_compressed(self, message: m.RamCompressed, record: Record) -> None:
+        raise RemoteProtocolError("RAM", "received an unexpected compressed page", record.offset)
+
+    def _on_eof(self, message: m.Eof, record: Record) -> None:
+        if record.depth:
+            return
+        if self.state is PostcopyState.LISTENING:
+            raise IllegalStateError(
+                "EOF", "stream ended before POSTCOPY_RUN", record.offset, state=self.state.name
+            )
+        if self.state is PostcopyState.RUNNING:
+            self.state = PostcopyState.END
+            self._complete(postcopy=True)
+        else:
+            self.phase = Phase.AFTER_EOF
+
+    def _on_vmdescription(self, message: m.VmDescription, record: Record) -> None:
+        self._complete(postcopy=False)
+
+    def _complete(self, *, postcopy: bool) -> None:
+        if self.phase is Phase.DONE:
+            return
+        self.phase = Phase.DONE
+        self._shut(0)
+        self._pending.append(ev.MigrationCompleted(postcopy))
+
+    def _end_of_input(self) -> None:
+        if self.phase is Phase.AFTER_EOF:
+            self._complete(postcopy=False)
+
+
+def _bits(value: int) -> list[int]:
+    return [1 << bit for bit in range(value.bit_length()) if value >> bit & 1]
+
+
+_HANDLERS: dict[type, Any] = {
+    m.StreamHeader: Destination._on_header,
+    m.Configuration: Destination._on_configuration,
+    m.OpenReturnPath: Destination._on_open_return_path,
+    m.Ping: Destination._on_ping,
+    m.PostcopyAdvise: Destination._on_advise,
+    m.PostcopyRamDiscard: Destination._on_discard,
+    m.PostcopyListen: Destination._on_listen,
+    m.PostcopyRun: Destination._on_run,
+    m.EnableColo: Destination._on_colo,
+    m.PostcopyResume: Destination._on_resume,
+    m.RecvBitmap: Destination._on_recv_bitmap,
+    m.SectionStart: Destination._on_section,
+    m.SectionFull: Destination._on_section,
+    m.DeviceState: Destination._on_device,
+    m.MemSize: Destination._on_mem_size,
+    m.RamPageRun: Destination._on_pages,
+    m.RamXbzrle: Destination._on_xbzrle,
+    m.RamCompressed: Destination._on_compressed,
+    m.Eof: Destination._on_eof,
+    m.VmDescription: Destination._on_vmdescription,
+}

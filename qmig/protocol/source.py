@@ -1,0 +1,508 @@
+"""The source of a migration, sans-IO: RAM views and events in, stream bytes out.
+
+Drive it like this::
+
+    src = Source(blocks, devices=devices, version="7.2")
+    src.start()
+    while src.phase is SourcePhase.PRECOPY:
+        sock.sendall(src.data_to_send(1 << 20))
+        if src.pass_complete:
+            src.sync_dirty(dirtier.collect()); src.begin_pass()   # or src.start_postcopy()
+    src.receive_data(return_path_bytes)   # REQ_PAGES jump the queue
+    event = src.next_event()              # PONG, SHUT, requests
+
+It sends what a QEMU 7.2 source sends, in its order: header, CONFIGURATION,
+OPEN_RETURN_PATH, PING(1), POSTCOPY_ADVISE, the ``ram`` SECTION_START with MEM_SIZE, precopy
+SECTION_PARTs; at switchover the discards (at most the profile's per-command number of
+ranges), PING(2), PACKAGED(LISTEN, device state, PING(3), RUN), PING(4); then postcopy
+SECTION_PARTs with requested pages first, SECTION_END and EOF. A page is sent when it is
+dirty: never sent, or changed (and so discarded) since it was sent. Nothing else is resent.
+
+The machine reads guest RAM through the buffers it is given (it never maps or writes
+memory) and keeps the dirty map, one byte per target page.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from array import array
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from qmig.errors import LocalProtocolError, RemoteProtocolError
+from qmig.protocol import events as ev
+from qmig.wire import messages as m
+from qmig.wire.ramscan import RamScanner
+from qmig.wire.reader import END, NEED_DATA, Record, ReturnPathReader
+from qmig.wire.schema import schema_for
+
+RAM_SECTION_ID = 2
+FIRST_DEVICE_SECTION_ID = 3
+DIRTY = 1
+
+
+class SourcePhase(enum.Enum):
+    IDLE = "idle"
+    PRECOPY = "precopy"
+    POSTCOPY = "postcopy"
+    COMPLETING = "completing"  # everything sent; waiting for SHUT
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class SourceBlock:
+    """One RAMBlock of the source guest: a read-only view of its memory and its dirty map."""
+
+    idstr: str
+    used_length: int
+    ram: Any  # a buffer of at least used_length bytes
+    page_size: int = 4096
+    dirty: bytearray = field(default_factory=bytearray, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(memoryview(self.ram)) < self.used_length:
+            raise LocalProtocolError("source", f"block {self.idstr!r} memory is too small")
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """One device's saved state, as opaque bytes (a SECTION_FULL payload)."""
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    data: bytes
+    section_id: int | None = None
+
+
+@dataclass
+class SourceStats:
+    precopy_pages: int = 0
+    precopy_zero_pages: int = 0
+    precopy_bytes: int = 0
+    postcopy_pages: int = 0
+    postcopy_zero_pages: int = 0
+    postcopy_bytes: int = 0
+    requested_pages: int = 0
+    requests: int = 0
+    discard_commands: int = 0
+    discarded_pages: int = 0
+    passes: int = 0
+
+
+class Source:
+    """QEMU's outgoing side, for one migration."""
+
+    def __init__(
+        self,
+        blocks: Sequence[SourceBlock],
+        *,
+        version: str | None = None,
+        machine_type: str = "pc-i440fx-7.2",
+        postcopy_ram: bool = True,
+        return_path: bool = True,
+        devices: Sequence[DeviceSnapshot] = (),
+        pages_per_section: int = 512,
+        host_page_size: int = 4096,
+    ) -> None:
+        self.schema = schema_for(version)
+        self.profile = self.schema.profile
+        self.target_page_size = self.schema.target_page_size
+        self.blocks = list(blocks)
+        self.by_name = {block.idstr: block for block in self.blocks}
+        self.machine_type = machine_type
+        self.postcopy_ram = postcopy_ram
+        self.return_path = return_path or postcopy_ram
+        self.devices = list(devices)
+        self.pages_per_section = pages_per_section
+        self.host_page_size = host_page_size
+        self.phase = SourcePhase.IDLE
+        self.stats = SourceStats()
+        self.pongs: list[int] = []
+        self._scanner = RamScanner(self.schema)
+        self._rp = ReturnPathReader(version)
+        self._out = bytearray()
+        self._events: deque[Any] = deque()
+        self._cursor = (0, 0)  # (block index, target page index) of the precopy sweep
+        self._requests: deque[tuple[SourceBlock, int]] = deque()  # (block, target page)
+        self._last_request_block: SourceBlock | None = None
+        self._ping = 0
+        self.pass_complete = False
+        for block in self.blocks:
+            block.dirty = bytearray(b"\x01") * self._pages(block)
+
+    # --- the plan -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Queue the stream's opening: header, configuration, commands, the ram START."""
+        if self.phase is not SourcePhase.IDLE:
+            raise LocalProtocolError("source", "start() called twice")
+        schema = self.schema
+        out = self._out
+        out += schema.header.build(m.StreamHeader(self.profile.stream_version))
+        out += schema.configuration.build(m.Configuration(self.machine_type))
+        if self.return_path:
+            out += schema.build_command(m.OpenReturnPath())
+            self._send_ping()
+        if self.postcopy_ram:
+            summary = 0
+            for block in self.blocks:
+                summary |= block.page_size
+            out += schema.build_command(m.PostcopyAdvise(summary, self.target_page_size))
+        out += schema.build_section(m.SectionStart(RAM_SECTION_ID, "ram", 0, 4))
+        infos = tuple(
+            m.RamBlockInfo(
+                block.idstr,
+                block.used_length,
+                block.page_size
+                if self.postcopy_ram and block.page_size != self.host_page_size
+                else None,
+            )
+            for block in self.blocks
+        )
+        out += schema.build_mem_size(m.MemSize(sum(b.used_length for b in self.blocks), infos))
+        out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
+        self.phase = SourcePhase.PRECOPY
+        self.stats.passes = 1
+
+    def begin_pass(self) -> None:
+        """Start another precopy pass over whatever is dirty now."""
+        self._require(SourcePhase.PRECOPY, "begin_pass")
+        self._cursor = (0, 0)
+        self.pass_complete = False
+        self.stats.passes += 1
+
+    def sync_dirty(self, block: str, pages: Iterable[int]) -> None:
+        """Target pages of ``block`` the guest wrote since the last sync (QEMU's bitmap sync)."""
+        if self.phase is SourcePhase.POSTCOPY:
+            raise LocalProtocolError("source", "the guest cannot dirty memory after switchover")
+        dirty = self.by_name[block].dirty
+        for page in pages:
+            dirty[page] = DIRTY
+
+    def dirty_pages(self) -> int:
+        return sum(block.dirty.count(DIRTY) for block in self.blocks)
+
+    def start_postcopy(self) -> None:
+        """Switch over: the guest is stopped; discard what changed, hand over devices and run."""
+        self._require(SourcePhase.PRECOPY, "start_postcopy")
+        if not self.postcopy_ram:
+            raise LocalProtocolError("source", "postcopy-ram is off: cannot start postcopy")
+        for block in self.blocks:
+            self._canonicalise_host_pages(block)
+            self._send_discards(block)
+        self._send_ping()
+        package = self.schema.build_command(m.PostcopyListen())
+        package += self._device_sections()
+        package += self._ping_bytes()
+        if self.profile.package_loaded_ping is not None and self.return_path:
+            package += self.schema.build_command(m.Ping(self.profile.package_loaded_ping))
+        package += self.schema.build_command(m.PostcopyRun())
+        self._out += self.schema.build_packaged(package)
+        self._send_ping()
+        self.phase = SourcePhase.POSTCOPY
+        self._cursor = (0, 0)
+
+    def complete_precopy(self) -> None:
+        """Finish without postcopy: the guest is stopped; send what is dirty, devices, EOF."""
+        self._require(SourcePhase.PRECOPY, "complete_precopy")
+        schema = self.schema
+        out = self._out
+        out += schema.build_section(m.SectionEnd(RAM_SECTION_ID))
+        self._cursor = (0, 0)
+        while (batch := self._next_dirty_batch(1 << 30)) is not None:
+            out += self._page_records(*batch, postcopy=False)
+        out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
+        out += self._device_sections()
+        out += schema.eof.build(m.Eof())
+        out += schema.vmdescription.build(m.VmDescription(self._vmdescription()))
+        self.phase = SourcePhase.COMPLETING if self.return_path else SourcePhase.DONE
+
+    # --- output ---------------------------------------------------------------------------
+
+    def data_to_send(self, budget: int = 1 << 20) -> bytes:
+        """Up to about ``budget`` bytes of stream (at least one section while pages remain)."""
+        if self.phase is SourcePhase.PRECOPY and not self.pass_complete and len(self._out) < budget:
+            self._precopy_section(budget - len(self._out))
+        elif self.phase is SourcePhase.POSTCOPY and len(self._out) < budget:
+            self._postcopy_section(budget - len(self._out))
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _precopy_section(self, budget: int) -> None:
+        batch = self._next_dirty_batch(self._pages_for(budget))
+        if batch is None:
+            self.pass_complete = True
+            return
+        self._out += self.schema.build_section(m.SectionPart(RAM_SECTION_ID))
+        self._out += self._page_records(*batch, postcopy=False)
+        self._out += self.schema.build_ram_flag("EOS") + self.schema.build_footer(RAM_SECTION_ID)
+
+    def _postcopy_section(self, budget: int) -> None:
+        records = bytearray()
+        pages = self._pages_for(budget)
+        while self._requests and pages > 0:
+            block, first = self._requests.popleft()
+            per_host = block.page_size // self.target_page_size
+            wanted = array("Q", (p for p in range(first, first + per_host) if block.dirty[p]))
+            if wanted:
+                records += self._page_records(block, wanted, postcopy=True, requested=True)
+                pages -= len(wanted)
+        if pages > 0 and not self._requests:
+            batch = self._next_dirty_batch(pages)
+            if batch is not None:
+                records += self._page_records(*batch, postcopy=True)
+        if records:
+            self._out += self.schema.build_section(m.SectionPart(RAM_SECTION_ID))
+            self._out += records
+            self._out += self.schema.build_ram_flag("EOS")
+            self._out += self.schema.build_footer(RAM_SECTION_ID)
+        elif not self._requests and self.dirty_pages() == 0:
+            self._finish_postcopy()
+
+    def _finish_postcopy(self) -> None:
+        schema = self.schema
+        self._out += schema.build_section(m.SectionEnd(RAM_SECTION_ID))
+        self._out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
+        self._out += schema.eof.build(m.Eof())
+        self.phase = SourcePhase.COMPLETING
+
+    def _pages_for(self, budget: int) -> int:
+        return max(1, min(self.pages_per_section, budget // (self.target_page_size + 8)))
+
+    def _next_dirty_batch(self, limit: int) -> tuple[SourceBlock, array[int]] | None:
+        """Up to ``limit`` dirty target pages of one block, from the sweep's cursor on."""
+        index, page = self._cursor
+        while index < len(self.blocks):
+            block = self.blocks[index]
+            start = block.dirty.find(DIRTY, page)
+            if start < 0:
+                index, page = index + 1, 0
+                continue
+            pages = array("Q")
+            at = start
+            while at >= 0 and len(pages) < limit:
+                end = block.dirty.find(0, at)
+                end = len(block.dirty) if end < 0 else end
+                take = min(end, at + limit - len(pages))
+                pages.extend(range(at, take))
+                at = block.dirty.find(DIRTY, take) if take < len(block.dirty) else -1
+            # Host pages go out whole: finish the last one started.
+            per_host = block.page_size // self.target_page_size
+            last = pages[-1]
+            for extra in range(last + 1, last - last % per_host + per_host):
+                if block.dirty[extra]:
+                    pages.append(extra)
+            self._cursor = (index, pages[-1] + 1)
+            return block, pages
+        self._cursor = (index, 0)
+        return None
+
+    def _page_records(
+        self, block: SourceBlock, pages: array[int], *, postcopy: bool, requested: bool = False
+    ) -> bytes:
+        # Every page record section starts by naming its block, as QEMU's does.
+        data, zeros = self._scanner.emit(block.ram, pages, block.idstr)
+        for page in pages:
+            block.dirty[page] = 0
+        if postcopy:
+            self.stats.postcopy_pages += len(pages)
+            self.stats.postcopy_zero_pages += zeros
+            self.stats.postcopy_bytes += len(data)
+            if requested:
+                self.stats.requested_pages += len(pages)
+        else:
+            self.stats.precopy_pages += len(pages)
+            self.stats.precopy_zero_pages += zeros
+            self.stats.precopy_bytes += len(data)
+        return data
+
+    def _send_ping(self) -> None:
+        self._out += self._ping_bytes()
+
+    def _ping_bytes(self) -> bytes:
+        if not self.return_path:
+            return b""
+        self._ping += 1
+        return self.schema.build_command(m.Ping(self._ping))
+
+    def _canonicalise_host_pages(self, block: SourceBlock) -> None:
+        """A host page with any dirty target page is dirty as a whole (and is discarded)."""
+        per_host = block.page_size // self.target_page_size
+        if per_host == 1:
+            return
+        dirty = block.dirty
+        at = dirty.find(DIRTY)
+        while at >= 0:
+            first = at - at % per_host
+            dirty[first : first + per_host] = b"\x01" * per_host
+            at = dirty.find(DIRTY, first + per_host)
+
+    def _send_discards(self, block: SourceBlock) -> None:
+        ranges: list[m.DiscardRange] = []
+        dirty = block.dirty
+        at = dirty.find(DIRTY)
+        while at >= 0:
+            end = dirty.find(0, at)
+            end = len(dirty) if end < 0 else end
+            length = (
+                min(end * self.target_page_size, block.used_length) - at * self.target_page_size
+            )
+            ranges.append(m.DiscardRange(at * self.target_page_size, length))
+            self.stats.discarded_pages += end - at
+            at = dirty.find(DIRTY, end)
+        limit = self.profile.max_discard_ranges
+        for first in range(0, len(ranges), limit):
+            chunk = tuple(ranges[first : first + limit])
+            self._out += self.schema.build_command(m.PostcopyRamDiscard(block.idstr, chunk))
+            self.stats.discard_commands += 1
+
+    def _device_sections(self) -> bytes:
+        out = bytearray()
+        for number, device in enumerate(self.devices):
+            section_id = device.section_id or FIRST_DEVICE_SECTION_ID + number
+            out += self.schema.build_section(
+                m.SectionFull(section_id, device.idstr, device.instance_id, device.version_id)
+            )
+            out += device.data
+            out += self.schema.build_footer(section_id)
+        return bytes(out)
+
+    def _vmdescription(self) -> bytes:
+        """A VMDESCRIPTION that delimits each device's state as one opaque buffer."""
+        devices = [
+            {
+                "name": device.idstr,
+                "instance_id": device.instance_id,
+                "vmsd_name": device.idstr,
+                "version": device.version_id,
+                "fields": [{"name": "data", "type": "buffer", "size": len(device.data)}],
+            }
+            for device in self.devices
+        ]
+        return json.dumps({"page_size": self.target_page_size, "devices": devices}).encode()
+
+    # --- the return path ------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        self._rp.feed(data)
+        self._drain_return_path()
+
+    def receive_eof(self) -> None:
+        self._rp.feed_eof()
+        self._drain_return_path()
+        if self.phase not in (SourcePhase.DONE, SourcePhase.FAILED):
+            self._fail(
+                RemoteProtocolError(
+                    "return path",
+                    f"the destination closed the connection during {self.phase.value}",
+                    self._rp.offset,
+                )
+            )
+
+    def next_event(self) -> Any:
+        if self._events:
+            return self._events.popleft()
+        return NEED_DATA
+
+    def _drain_return_path(self) -> None:
+        while True:
+            try:
+                record = self._rp.next_record()
+            except RemoteProtocolError as error:
+                self._fail(error)
+            if record is NEED_DATA or record is END:
+                return
+            assert isinstance(record, Record)
+            self._on_message(record)
+
+    def _fail(self, error: RemoteProtocolError) -> NoReturn:
+        self.phase = SourcePhase.FAILED
+        raise error
+
+    def _on_message(self, record: Record) -> None:
+        message = record.message
+        if isinstance(message, m.Pong):
+            self.pongs.append(message.value)
+            self._events.append(ev.PongReceived(message.value))
+        elif isinstance(message, m.Shut):
+            self._on_shut(message, record)
+        elif isinstance(message, m.ReqPagesId | m.ReqPages):
+            self._on_request(message, record)
+        else:
+            self._events.append(ev.Notice(record.name, "ignored by qmig's source", record.offset))
+
+    def _on_shut(self, message: m.Shut, record: Record) -> None:
+        if message.status != 0:
+            self._fail(
+                RemoteProtocolError(
+                    "SHUT", f"the destination reported an error ({message.status})", record.offset
+                )
+            )
+        if self.phase is not SourcePhase.COMPLETING:
+            self._fail(
+                RemoteProtocolError(
+                    "SHUT",
+                    f"the destination shut down during {self.phase.value}, before the stream "
+                    "was complete",
+                    record.offset,
+                )
+            )
+        self.phase = SourcePhase.DONE
+        self._events.append(ev.DestinationShut(message.status))
+
+    def _on_request(self, message: m.ReqPages | m.ReqPagesId, record: Record) -> None:
+        name = record.name
+        if isinstance(message, m.ReqPagesId):
+            block = self.by_name.get(message.block)
+            if block is None:
+                self._fail(RemoteProtocolError(name, f"no block {message.block!r}", record.offset))
+            self._last_request_block = block
+        else:
+            block = self._last_request_block
+            if block is None:
+                self._fail(RemoteProtocolError(name, "no previous block", record.offset))
+        assert block is not None
+        start, length = message.start, message.length
+        if start % self.host_page_size or length % self.host_page_size:
+            self._fail(
+                RemoteProtocolError(
+                    name,
+                    f"misaligned page request, start: {start:#x} len: {length:#x}",
+                    record.offset,
+                )
+            )
+        if self.profile.request_range_check == "last-byte":
+            overrun = start + length - 1 >= block.used_length
+        else:
+            overrun = start + length > block.used_length
+        if overrun:
+            self._fail(
+                RemoteProtocolError(
+                    name,
+                    f"request overrun start={start:#x} len={length:#x} "
+                    f"blocklen={block.used_length:#x}",
+                    record.offset,
+                )
+            )
+        self.stats.requests += 1
+        per_host = block.page_size // self.target_page_size
+        first = start // self.target_page_size
+        last = (start + length) // self.target_page_size
+        for page in range(first - first % per_host, last, per_host):
+            self._requests.append((block, page))
+        self._events.append(ev.RequestReceived(block.idstr, start, length))
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _pages(self, block: SourceBlock) -> int:
+        return -(-block.used_length // self.target_page_size)
+
+    def _require(self, phase: SourcePhase, what: str) -> None:
+        if self.phase is not phase:
+            raise LocalProtocolError("source", f"{what}() in phase {self.phase.value}")

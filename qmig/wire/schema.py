@@ -1,0 +1,445 @@
+"""Every byte layout of QEMU's migration stream and its return path, as construct schemas.
+
+This file is the one place where qmig describes bytes. Each Struct reads like the layout it
+encodes; the numbers come from a version profile (``formats/qemu-*.toml``), so one
+:class:`Schema` exists per QEMU version. Every schema parses and builds, byte-identical.
+Integers are big-endian throughout. The checks mirror the receiving QEMU's, in its order,
+and each names itself (see :mod:`qmig.wire.fields`).
+
+The bulk page records have a faster decoder beside this schema, in :mod:`qmig.wire.ramscan`;
+``tests/wire/test_ramscan.py`` proves the two agree.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import construct as cs
+from construct import this
+
+from qmig.wire import messages as m
+from qmig.wire.fields import As, CountedName, Expect, Require, counted_string, empty
+from qmig.wire.profiles import Profile, load_profile
+
+MAX_MACHINE_TYPE_LENGTH = 4096  # qmig's bound on the be32 machine-type length
+CONFIGURATION_PREFIX = "configuration/"
+
+
+def _nonempty_name(what: str) -> cs.Construct:
+    """A counted name that QEMU rejects when empty (its reader returns 0 for both)."""
+    return cs.Struct(
+        "name" / Expect(CountedName, f"failed to read {what}"),
+        Require(lambda ctx: len(ctx.name) > 0, f"empty {what}"),
+    )
+
+
+class Schema:
+    """The construct schemas for one QEMU version."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        section = profile.section_types
+        flags = profile.ram_flags
+        self.target_page_size = 1 << profile.default_target_page_bits
+
+        # --- stream header and CONFIGURATION -------------------------------------------
+        self.header = As(
+            m.StreamHeader,
+            cs.Struct(
+                "magic" / Expect(cs.Const(profile.magic, cs.Int32ub), "not a migration stream"),
+                "version" / cs.Int32ub,
+                Require(
+                    lambda ctx: ctx.version not in profile.obsolete_versions,
+                    lambda ctx: f"SaveVM v{ctx.version} format is obsolete",
+                ),
+                Require(
+                    lambda ctx: ctx.version == profile.stream_version,
+                    lambda ctx: f"unsupported migration stream version {ctx.version}",
+                ),
+            ),
+        )
+
+        subsection_bodies = {
+            "target-page-bits": cs.Struct("target_page_bits" / cs.Int32ub),
+            "capabilities": cs.Struct(
+                "capabilities" / cs.PrefixedArray(cs.Int32ub, CountedName),
+            ),
+            "uuid": cs.Struct("uuid" / cs.Bytes(16)),
+        }
+        self.configuration_subsection = cs.Struct(
+            "marker" / Expect(cs.Const(section["SUBSECTION"], cs.Int8ub), "expected a subsection"),
+            "name" / CountedName,
+            Require(
+                lambda ctx: (
+                    ctx.name.removeprefix(CONFIGURATION_PREFIX) in profile.configuration_subsections
+                ),
+                lambda ctx: f"unknown subsection {ctx.name!r}",
+            ),
+            "version_id" / cs.Int32ub,
+            "body"
+            / cs.Switch(lambda ctx: ctx.name.removeprefix(CONFIGURATION_PREFIX), subsection_bodies),
+        )
+        self.configuration = _ConfigurationAdapter(
+            cs.Struct(
+                "section_type" / cs.Const(section["CONFIGURATION"], cs.Int8ub),
+                "machine_type_length" / cs.Int32ub,
+                Require(
+                    lambda ctx: ctx.machine_type_length <= MAX_MACHINE_TYPE_LENGTH,
+                    lambda ctx: (
+                        f"machine type name length {ctx.machine_type_length} "
+                        f"exceeds {MAX_MACHINE_TYPE_LENGTH}"
+                    ),
+                ),
+                "machine_type" / cs.Bytes(this.machine_type_length),
+                "subsections"
+                / cs.GreedyRange(
+                    cs.Struct(
+                        cs.Peek(cs.Const(section["SUBSECTION"], cs.Int8ub)),
+                        "subsection" / self.configuration_subsection,
+                    )
+                ),
+            )
+        )
+
+        # --- sections --------------------------------------------------------------------
+        def full_header(cls: type, kind: str) -> cs.Construct:
+            return As(
+                cls,
+                cs.Struct(
+                    "section_type" / cs.Const(section[kind], cs.Int8ub),
+                    "section_id" / cs.Int32ub,
+                    "idstr"
+                    / Expect(
+                        CountedName,
+                        lambda ctx: f"unable to read ID string for section {ctx.section_id}",
+                    ),
+                    Require(
+                        lambda ctx: len(ctx.idstr) > 0,
+                        lambda ctx: f"unable to read ID string for section {ctx.section_id}",
+                    ),
+                    "instance_id" / cs.Int32ub,
+                    "version_id" / cs.Int32ub,
+                ),
+            )
+
+        def short_header(cls: type, kind: str) -> cs.Construct:
+            return As(
+                cls,
+                cs.Struct(
+                    "section_type" / cs.Const(section[kind], cs.Int8ub),
+                    "section_id" / cs.Int32ub,
+                ),
+            )
+
+        self.section_start = full_header(m.SectionStart, "SECTION_START")
+        self.section_full = full_header(m.SectionFull, "SECTION_FULL")
+        self.section_part = short_header(m.SectionPart, "SECTION_PART")
+        self.section_end = short_header(m.SectionEnd, "SECTION_END")
+        self.section_footer = As(
+            m.SectionFooter,
+            cs.Struct(
+                "section_type"
+                / Expect(cs.Const(section["SECTION_FOOTER"], cs.Int8ub), "missing section footer"),
+                "section_id" / cs.Int32ub,
+            ),
+        )
+        self.eof = cs.ExprAdapter(
+            cs.Const(section["EOF"], cs.Int8ub),
+            decoder=lambda obj, ctx: m.Eof(),
+            encoder=lambda obj, ctx: section["EOF"],
+        )
+        self.vmdescription = As(
+            m.VmDescription,
+            cs.Struct(
+                "section_type" / cs.Const(section["VMDESCRIPTION"], cs.Int8ub),
+                "json" / cs.Prefixed(cs.Int32ub, cs.GreedyBytes),
+            ),
+        )
+
+        # --- QEMU_VM_COMMAND: 0x08, be16 cmd, be16 len, len bytes --------------------------
+        self.command_header = cs.Struct(
+            "section_type" / cs.Const(section["COMMAND"], cs.Int8ub),
+            "cmd" / cs.Int16ub,
+            "len" / cs.Int16ub,
+        )
+        discard_range = As(m.DiscardRange, cs.Struct("start" / cs.Int64ub, "length" / cs.Int64ub))
+        ranges_bytes = this._.len - 3 - cs.len_(this.block)
+        payloads: dict[str, cs.Construct] = {
+            "OPEN_RETURN_PATH": empty(m.OpenReturnPath),
+            "PING": As(m.Ping, cs.Struct("value" / cs.Int32ub)),
+            "POSTCOPY_ADVISE": cs.ExprAdapter(
+                cs.If(
+                    this.len == 16,
+                    cs.Struct("page_size_summary" / cs.Int64ub, "target_page_size" / cs.Int64ub),
+                ),
+                decoder=lambda sizes, ctx: (
+                    m.PostcopyAdvise()
+                    if sizes is None
+                    else m.PostcopyAdvise(sizes.page_size_summary, sizes.target_page_size)
+                ),
+                encoder=lambda advise, ctx: (
+                    {
+                        "page_size_summary": advise.page_size_summary,
+                        "target_page_size": advise.target_page_size,
+                    }
+                    if advise.ram_postcopy
+                    else None
+                ),
+            ),
+            "POSTCOPY_LISTEN": empty(m.PostcopyListen),
+            "POSTCOPY_RUN": empty(m.PostcopyRun),
+            "POSTCOPY_RAM_DISCARD": As(
+                m.PostcopyRamDiscard,
+                cs.Struct(
+                    "version" / cs.Int8ub,
+                    Require(
+                        lambda ctx: ctx.version == profile.discard_version,
+                        lambda ctx: f"invalid version {ctx.version}",
+                    ),
+                    "block" / Expect(CountedName, "failed to read RAMBlock ID"),
+                    Require(lambda ctx: len(ctx.block) > 0, "failed to read RAMBlock ID"),
+                    "terminator"
+                    / Expect(cs.Const(0, cs.Int8ub), "missing 0x00 terminator after block name"),
+                    Require(
+                        lambda ctx: (ctx._.len - 3 - len(ctx.block)) % 16 == 0,
+                        lambda ctx: (
+                            f"invalid length {(ctx._.len - 3 - len(ctx.block)) & 0xFFFF}"
+                            " (ranges are 16 bytes each)"
+                        ),
+                    ),
+                    "ranges" / cs.Array(ranges_bytes // 16, discard_range),
+                ),
+            ),
+            "PACKAGED": As(m.Packaged, cs.Struct("length" / cs.Int32ub)),
+            "ENABLE_COLO": empty(m.EnableColo),
+            "POSTCOPY_RESUME": empty(m.PostcopyResume),
+            "RECV_BITMAP": As(
+                m.RecvBitmap,
+                cs.Struct(
+                    "block" / Expect(CountedName, "failed to read block name"),
+                    Require(lambda ctx: len(ctx.block) > 0, "failed to read block name"),
+                ),
+            ),
+            "SWITCHOVER_START": empty(m.SwitchoverStart),
+        }
+        self.command_payloads = {
+            name: payloads[name] for name in profile.commands if name in payloads
+        }
+        self.command_classes = {cls.NAME: cls for cls in m.COMMANDS}
+
+        # --- return path: be16 type, be16 len, len bytes -----------------------------------
+        self.rp_header = cs.Struct("type" / cs.Int16ub, "len" / cs.Int16ub)
+        rp_payloads: dict[str, cs.Construct] = {
+            "SHUT": As(m.Shut, cs.Struct("status" / cs.Int32ub)),
+            "PONG": As(m.Pong, cs.Struct("value" / cs.Int32ub)),
+            "REQ_PAGES_ID": As(
+                m.ReqPagesId,
+                cs.Struct(
+                    "start" / cs.Int64ub,
+                    "length" / cs.Int32ub,
+                    "name_length" / cs.Peek(cs.Int8ub),
+                    Require(lambda ctx: ctx._.len == 13 + ctx.name_length, _req_pages_id_length),
+                    "block" / CountedName,
+                ),
+            ),
+            "REQ_PAGES": As(m.ReqPages, cs.Struct("start" / cs.Int64ub, "length" / cs.Int32ub)),
+            "RECV_BITMAP": As(
+                m.RpRecvBitmap,
+                cs.Struct("block" / Expect(CountedName, "missing block name")),
+            ),
+            "RESUME_ACK": As(m.ResumeAck, cs.Struct("value" / cs.Int32ub)),
+            "SWITCHOVER_ACK": empty(m.SwitchoverAck),
+        }
+        self.rp_payloads = {
+            name: rp_payloads[name] for name in profile.rp_messages if name in rp_payloads
+        }
+        self.rp_classes = {cls.NAME: cls for cls in m.RETURN_PATH_MESSAGES}
+
+        # --- the "ram" section: be64 (offset | flags), then a body chosen by the flags -----
+        self.flag_mask = self.target_page_size - 1
+        self.ram_record_header = cs.Int64ub
+        self.mem_size_block = As(
+            m.RamBlockInfo,
+            cs.Struct(
+                "idstr" / Expect(CountedName, "failed to read RAMBlock name"),
+                Require(lambda ctx: len(ctx.idstr) > 0, "empty RAMBlock name"),
+                "used_length" / cs.Int64ub,
+                "page_size" / cs.If(lambda ctx: ctx._params.rules.page_size_field(ctx), cs.Int64ub),
+                "mr_addr" / cs.If(lambda ctx: ctx._params.rules.mr_addr_field, cs.Int64ub),
+            ),
+        )
+        self.ram_bodies: dict[int, cs.Construct] = {
+            flags["ZERO"]: cs.Struct("fill" / cs.Int8ub),
+            flags["PAGE"]: cs.Struct("data" / cs.Bytes(self.target_page_size)),
+            flags["XBZRLE"]: cs.Struct(
+                "encoding" / cs.Int8ub,
+                Require(
+                    lambda ctx: ctx.encoding == 1,
+                    lambda ctx: f"unknown XBZRLE encoding {ctx.encoding:#x}",
+                ),
+                "length" / cs.Int16ub,
+                Require(
+                    lambda ctx: ctx.length <= self.target_page_size,
+                    lambda ctx: f"XBZRLE length {ctx.length} overflows a page",
+                ),
+                "data" / cs.Bytes(this.length),
+            ),
+        }
+        if "COMPRESS_PAGE" in flags:
+            self.ram_bodies[flags["COMPRESS_PAGE"]] = cs.Struct(
+                "length" / cs.Int32ub,
+                Require(
+                    lambda ctx: (
+                        ctx.length <= self.target_page_size + self.target_page_size // 1000 + 64
+                    ),
+                    lambda ctx: f"invalid compressed data length {ctx.length}",
+                ),
+                "data" / cs.Bytes(this.length),
+            )
+        self.ram_record = cs.Struct(
+            "header" / cs.Int64ub,
+            "offset" / cs.Computed(this.header & ~self.flag_mask),
+            "flags" / cs.Computed(this.header & self.flag_mask),
+            "kind" / cs.Computed(this.flags & ~flags["CONTINUE"]),
+            "block"
+            / cs.If(
+                lambda ctx: not ctx.flags & flags["CONTINUE"] and ctx.kind in self.ram_bodies,
+                Expect(CountedName, "failed to read RAMBlock name"),
+            ),
+            "body" / cs.Switch(this.kind, self.ram_bodies, default=cs.Pass),
+        )
+
+    # --- building -----------------------------------------------------------------------
+
+    def build_command(self, message: m.Command, *, blob: bytes = b"") -> bytes:
+        """The bytes of one QEMU_VM_COMMAND; for PACKAGED, ``blob`` follows the command."""
+        name = message.NAME
+        payload = self.command_payloads[name].build(message, len=_payload_length(message))
+        header = self.command_header.build(
+            {"cmd": self.profile.commands[name], "len": len(payload)}
+        )
+        return header + payload + blob
+
+    def build_packaged(self, inner: bytes) -> bytes:
+        return self.build_command(m.Packaged(len(inner)), blob=inner)
+
+    def build_rp(self, message: m.ReturnPathMessage) -> bytes:
+        name = message.NAME
+        payload = self.rp_payloads[name].build(message)
+        return (
+            self.rp_header.build({"type": self.profile.rp_messages[name], "len": len(payload)})
+            + payload
+        )
+
+    def build_ram_page(self, page: m.RamPage) -> bytes:
+        flags = self.profile.ram_flags
+        kind = flags["ZERO"] if page.zero else flags["PAGE"]
+        body = {"fill": page.data[0]} if page.zero else {"data": page.data}
+        return self._build_ram(kind, page.block, page.offset, body)
+
+    def build_ram_xbzrle(self, record: m.RamXbzrle) -> bytes:
+        body = {"encoding": 1, "length": len(record.encoded), "data": record.encoded}
+        return self._build_ram(self.profile.ram_flags["XBZRLE"], record.block, record.offset, body)
+
+    def build_ram_compressed(self, record: m.RamCompressed) -> bytes:
+        body = {"length": len(record.compressed), "data": record.compressed}
+        kind = self.profile.ram_flags["COMPRESS_PAGE"]
+        return self._build_ram(kind, record.block, record.offset, body)
+
+    def _build_ram(self, kind: int, block: str | None, offset: int, body: dict[str, Any]) -> bytes:
+        flags = kind if block is not None else kind | self.profile.ram_flags["CONTINUE"]
+        return self.ram_record.build({"header": offset | flags, "block": block, "body": body})
+
+    def build_ram_flag(self, name: str, offset: int = 0) -> bytes:
+        """A body-less RAM record: EOS, MULTIFD_FLUSH or HOOK."""
+        return self.ram_record_header.build(offset | self.profile.ram_flags[name])
+
+    def build_mem_size(self, mem_size: m.MemSize) -> bytes:
+        out = self.ram_record_header.build(mem_size.total | self.profile.ram_flags["MEM_SIZE"])
+        for block in mem_size.blocks:
+            params = _MemSizeParams(
+                page_size_field=lambda ctx, b=block: b.page_size is not None,
+                mr_addr_field=block.mr_addr is not None,
+            )
+            out += self.mem_size_block.build(block, rules=params)
+        return out
+
+    def build_section(self, header: m.SectionHeader) -> bytes:
+        builder = {
+            m.SectionStart: self.section_start,
+            m.SectionFull: self.section_full,
+            m.SectionPart: self.section_part,
+            m.SectionEnd: self.section_end,
+        }[type(header)]
+        return builder.build(header)
+
+    def build_footer(self, section_id: int) -> bytes:
+        return self.section_footer.build(m.SectionFooter(section_id))
+
+
+class _MemSizeParams:
+    """What decides the optional MEM_SIZE fields (not in the bytes at that point)."""
+
+    def __init__(self, page_size_field: Any, mr_addr_field: bool) -> None:
+        self.page_size_field = page_size_field
+        self.mr_addr_field = mr_addr_field
+
+
+def mem_size_params(page_size_field: Any, mr_addr_field: bool) -> _MemSizeParams:
+    return _MemSizeParams(page_size_field, mr_addr_field)
+
+
+def _payload_length(message: Any) -> int:
+    """The length a payload's own fields need to know while building (ADVISE, DISCARD)."""
+    if isinstance(message, m.PostcopyAdvise):
+        return 16 if message.ram_postcopy else 0
+    if isinstance(message, m.PostcopyRamDiscard):
+        return 3 + len(message.block.encode("latin-1")) + 16 * len(message.ranges)
+    return 0
+
+
+def _req_pages_id_length(ctx: Any) -> str:
+    return f"length {ctx._.len} expecting {13 + ctx.name_length}"
+
+
+class _ConfigurationAdapter(cs.Adapter):  # type: ignore[misc]
+    def _decode(self, obj: Any, context: Any, path: str) -> m.Configuration:
+        values: dict[str, Any] = {}
+        for entry in obj.subsections:
+            body = entry.subsection.body
+            for key in ("target_page_bits", "capabilities", "uuid"):
+                if body is not None and key in body:
+                    value = body[key]
+                    values[key] = tuple(value) if key == "capabilities" else value
+        return m.Configuration(machine_type=obj.machine_type.decode("latin-1"), **values)
+
+    def _encode(self, obj: m.Configuration, context: Any, path: str) -> dict[str, Any]:
+        subsections = []
+
+        def add(name: str, body: dict[str, Any]) -> None:
+            subsections.append(
+                {"subsection": {"name": CONFIGURATION_PREFIX + name, "version_id": 1, "body": body}}
+            )
+
+        if obj.target_page_bits is not None:
+            add("target-page-bits", {"target_page_bits": obj.target_page_bits})
+        if obj.capabilities is not None:
+            add("capabilities", {"capabilities": list(obj.capabilities)})
+        if obj.uuid is not None:
+            add("uuid", {"uuid": obj.uuid})
+        machine = obj.machine_type.encode("latin-1")
+        return {
+            "machine_type_length": len(machine),
+            "machine_type": machine,
+            "subsections": subsections,
+        }
+
+
+@functools.cache
+def schema_for(version: str | None = None) -> Schema:
+    """The (cached) schema of a QEMU version; ``None`` means qmig's default version."""
+    return Schema(load_profile(version))
+
+
+__all__ = ["Schema", "counted_string", "mem_size_params", "schema_for"]
