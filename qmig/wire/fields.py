@@ -39,7 +39,7 @@ def _render(message: Message, context: Any) -> str:
     return message(context) if callable(message) else message
 
 
-class Expect(cs.Subconstruct):  # type: ignore[misc]
+class Expect(cs.Subconstruct):
     """Parse ``subcon``; if it fails, raise :class:`FieldError` with ``message``."""
 
     def __init__(self, subcon: cs.Construct, message: Message) -> None:
@@ -58,7 +58,7 @@ class Expect(cs.Subconstruct):  # type: ignore[misc]
             raise FieldError(_render(self.message, context), position) from error
 
 
-class Require(cs.Construct):  # type: ignore[misc]
+class Require(cs.Construct):
     """A parse-time rule over fields already read; consumes nothing.
 
     Building never checks it: qmig must be able to build the invalid messages that fuzzers
@@ -82,7 +82,7 @@ class Require(cs.Construct):  # type: ignore[misc]
         return 0
 
 
-class Exhausted(cs.Construct):  # type: ignore[misc]
+class Exhausted(cs.Construct):
     """The payload must be used up exactly (QEMU's fixed-length checks)."""
 
     def __init__(self, message: Message) -> None:
@@ -114,7 +114,7 @@ def counted_string(length_field: cs.Construct = cs.Int8ub) -> cs.Construct:
 CountedName = counted_string()
 
 
-class As(cs.Adapter):  # type: ignore[misc]
+class As(cs.Adapter):
     """Turn a parsed Struct into a message dataclass, and a dataclass back into a dict."""
 
     def __init__(self, cls: type, subcon: cs.Construct) -> None:

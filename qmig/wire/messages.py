@@ -338,7 +338,7 @@ class RamPageRun:
 
     ``headers[i]`` is record i's be64 (offset | flags); ``bodies[i]`` is the absolute stream
     offset of its body (the page data, or the fill byte). ``data`` holds the stream bytes from
-    absolute offset ``data_base`` on; it is valid only until the reader is fed again.
+    absolute offset ``data_base`` on (a view of the reader's buffer, which it keeps alive).
     """
 
     NAME: ClassVar[str] = "RAM"

@@ -506,8 +506,9 @@ class StreamReader:
             block=block,
             count=result.count,
             zero_count=result.zero_count,
-            headers=result.headers,
-            bodies=result.bodies,
+            # Copies: the scanner reuses its arrays, and a run must stay valid on its own.
+            headers=memoryview(result.headers.tobytes()).cast("Q"),
+            bodies=memoryview(result.bodies.tobytes()).cast("Q"),
             data=memoryview(self._buf),
             data_base=self._base,
             target_page_size=self.schema.target_page_size,
@@ -709,7 +710,10 @@ class StreamReader:
         try:
             used, decoded = vmstate.decode_device(description, self._buf, self._pos, limit)
         except vmstate.VmstateError as error:
-            raise MalformedError("SECTION_FULL", error.detail, self._base + error.offset) from None
+            if error.short and limit == len(self._buf) and not self._eof:
+                raise _NeedMore("SECTION_FULL", self.offset, MAX_DESCRIPTION) from None
+            at = None if error.offset is None else self._base + error.offset
+            raise MalformedError("SECTION_FULL", error.detail, at) from None
         data = bytes(self._buf[self._pos : self._pos + used])
         self._after_section()
         return self._emit(

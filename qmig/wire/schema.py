@@ -403,7 +403,7 @@ def _req_pages_id_length(ctx: Any) -> str:
     return f"length {ctx._.len} expecting {13 + ctx.name_length}"
 
 
-class _ConfigurationAdapter(cs.Adapter):  # type: ignore[misc]
+class _ConfigurationAdapter(cs.Adapter):
     def _decode(self, obj: Any, context: Any, path: str) -> m.Configuration:
         values: dict[str, Any] = {}
         for entry in obj.subsections:

@@ -96,7 +96,7 @@ def test_illegal_command_orders_are_rejected_naming_the_state(
 
 
 def test_a_failed_destination_sends_shut_1_and_refuses_more_input() -> None:
-    error, dest = rejected(opening() + ram_setup() + LISTEN)
+    _, dest = rejected(opening() + ram_setup() + LISTEN)
     reader = ReturnPathReader(VERSION)
     reader.feed(dest.data_to_send())
     reader.feed_eof()

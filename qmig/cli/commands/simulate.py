@@ -1,0 +1,181 @@
+"""``qmig simulate``: a verified postcopy migration between a qmig source and destination."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from qmig.cli import add_json, add_qemu_version
+from qmig.simulate import SimulationConfig, environment_check, parse_size, run_simulation
+
+MiB = 1 << 20
+
+
+def _blocks(text: str) -> list[tuple[str, int]]:
+    blocks = []
+    for item in text.split(","):
+        name, _, size = item.partition(":")
+        if not name or not size:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME:SIZE, e.g. pc.ram:224M")
+        blocks.append((name, parse_size(size)))
+    return blocks
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="run a full, verified postcopy migration between a qmig source and destination",
+        description="Run a qmig source and a qmig destination in two processes over TCP on "
+        "127.0.0.1. The destination's RAM is served by userfaultfd and touched by a read-only "
+        "guest workload; at the end every page is compared with the source's final copy.",
+    )
+    parser.add_argument(
+        "--ram",
+        type=parse_size,
+        metavar="SIZE",
+        help="total guest RAM, split 7:1 between pc.ram and vga.vram (default 256M)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=_blocks,
+        metavar="NAME:SIZE,...",
+        help="the RAM blocks, e.g. pc.ram:224M,vga.vram:32M (overrides --ram)",
+    )
+    parser.add_argument(
+        "--workload",
+        choices=["sequential", "random", "hotset"],
+        default="random",
+        help="how the destination's vCPUs touch memory (read-only; default random)",
+    )
+    parser.add_argument("--vcpus", type=int, default=2, help="workload threads (default 2)")
+    parser.add_argument(
+        "--touches", type=int, help="page touches per vCPU (default: one per page of its share)"
+    )
+    parser.add_argument(
+        "--dirty-rate",
+        type=float,
+        default=20000.0,
+        metavar="PAGES/S",
+        help="pages the source guest dirties per second until switchover (default 20000)",
+    )
+    switch = parser.add_mutually_exclusive_group()
+    switch.add_argument(
+        "--postcopy-after",
+        type=int,
+        default=1,
+        metavar="N",
+        help="precopy passes before switching to postcopy; 0 switches before any (default 1)",
+    )
+    switch.add_argument("--precopy-only", action="store_true", help="never switch to postcopy")
+    parser.add_argument(
+        "--bandwidth", type=float, metavar="MIB/S", help="cap on the stream (default: none)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of RAM contents and dirtying")
+    add_qemu_version(parser)
+    add_json(parser)
+    parser.set_defaults(func=run)
+
+
+def config_from(args: argparse.Namespace) -> SimulationConfig:
+    config = SimulationConfig(
+        pattern=args.workload,
+        vcpus=args.vcpus,
+        touches=args.touches,
+        dirty_rate=args.dirty_rate,
+        postcopy_after=None if args.precopy_only else args.postcopy_after,
+        bandwidth=None if args.bandwidth is None else args.bandwidth * MiB,
+        version=args.qemu_version,
+        seed=args.seed,
+    )
+    if args.blocks:
+        config.blocks = args.blocks
+    elif args.ram:
+        main = args.ram // 8 * 7 // 4096 * 4096
+        config.blocks = [("pc.ram", main), ("vga.vram", args.ram - main)]
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    environment_check()
+    total = sum(size for _, size in config.blocks)
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]{task.description:<9}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+        disable=args.json or not console.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def advance(phase: str, size: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total if phase == "precopy" else None)
+        progress.advance(tasks[phase], size)
+
+    with progress:
+        summary = run_simulation(config, advance)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_summary(Console(highlight=False), summary)
+    return 0
+
+
+def print_summary(console: Console, s: dict[str, Any]) -> None:
+    table = Table(show_header=False, show_edge=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    mib = 1 << 20
+    latency = s["fault_latency_us"]
+    rows = [
+        (
+            "result",
+            "[green]verified[/green]: every page equals the source's final copy"
+            if s["verified"]
+            else f"[red]{s['mismatched_pages']} pages differ[/red]",
+        ),
+        (
+            "mode",
+            f"{s['mode']} (QEMU {s['qemu_version']} wire), {s['ram_bytes'] // mib} MiB "
+            f"in {', '.join(s['blocks'])}",
+        ),
+        ("total time", f"{s['total_s']:.2f} s"),
+        (
+            "downtime",
+            "-"
+            if s["downtime_ms"] is None
+            else f"{s['downtime_ms']:.1f} ms (source stop → destination RUN)",
+        ),
+        (
+            "precopy",
+            f"{s['precopy_passes']} passes, {s['precopy']['pages']} pages "
+            f"({s['precopy']['zero_pages']} zero), {s['precopy']['bytes'] / mib:.1f} MiB",
+        ),
+        ("discards", f"{s['discard_commands']} commands, {s['discarded_pages']} pages"),
+        (
+            "postcopy",
+            f"{s['postcopy']['pages']} pages ({s['postcopy']['zero_pages']} zero), "
+            f"{s['postcopy']['bytes'] / mib:.1f} MiB, "
+            f"{s['postcopy']['requested_pages']} on request",
+        ),
+        ("requests", f"{s['postcopy_requests']} REQ_PAGES sent for {s['faults']} faults"),
+        (
+            "fault latency",
+            f"p50 {latency['p50']} µs, p99 {latency['p99']} µs, max {latency['max']} µs",
+        ),
+        ("blocktime", f"{s['blocktime_ms']:.1f} ms"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)

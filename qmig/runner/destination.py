@@ -1,0 +1,297 @@
+"""Running a :class:`~qmig.protocol.destination.Destination` over a connection, onto real RAM.
+
+The main thread reads the stream, feeds the machine and applies its decisions to a
+:class:`~qmig.ram.session.RamSession`: map the blocks when MEM_SIZE announces them, discard
+ranges, place pages with userfaultfd, start the guest workload at RUN. The fault thread turns
+faults into page requests through the same machine, under a lock, and sends them on the
+return path at once. Nothing here reads guest memory before every page is in place.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qmig.errors import QmigError, RemoteProtocolError, TransportError
+from qmig.protocol import events as ev
+from qmig.protocol.destination import Destination, Phase
+from qmig.ram.blocks import HOST_PAGE_SIZE, TARGET_PAGE_SIZE, BlockSpec
+from qmig.ram.faults import PageRequest
+from qmig.ram.session import RamSession
+from qmig.ram.workload import Workload
+from qmig.transport import Connection
+from qmig.wire import messages as m
+from qmig.wire.reader import END, NEED_DATA
+
+RECV_CHUNK = 1 << 20
+IDLE_TIMEOUT = 60.0
+
+
+@dataclass
+class DestinationReport:
+    """What happened on the destination, for summaries and --json."""
+
+    started: float = 0.0
+    running_at: float | None = None  # POSTCOPY_RUN (monotonic, comparable across processes)
+    finished: float = 0.0
+    postcopy: bool = False
+    bytes_received: int = 0
+    blocks: dict[str, int] = field(default_factory=dict)
+    devices: list[m.DeviceState] = field(default_factory=list, repr=False)
+    requests: int = 0
+    request_sent_ns: list[int] = field(default_factory=list, repr=False)  # fault -> request sent
+    faults: dict[str, Any] = field(default_factory=dict)
+    workload: list[dict[str, Any]] = field(default_factory=list)
+    discarded_pages: int = 0
+    notices: list[str] = field(default_factory=list)
+
+
+class DestinationRunner:
+    def __init__(
+        self,
+        connection: Connection,
+        destination: Destination,
+        *,
+        workload: Workload | None = None,
+        vcpus: int = 1,
+        dump_dir: Path | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.connection = connection
+        self.dest = destination
+        self.workload = workload
+        self.vcpus = vcpus
+        self.dump_dir = dump_dir
+        self.idle_timeout = idle_timeout
+        self.report = DestinationReport()
+        self.session: RamSession | None = None
+        self._machine_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._discard_prepared = False
+        self._fill_pages: dict[int, bytes] = {}
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> DestinationReport:
+        self.report.started = time.monotonic()
+        buffer = bytearray(RECV_CHUNK)
+        if self.connection.socket is not None:
+            self.connection.socket.settimeout(self.idle_timeout)
+        try:
+            while self.dest.phase is not Phase.DONE:
+                count = self._receive(buffer)
+                with self._machine_lock:
+                    if count:
+                        self.dest.receive_data(memoryview(buffer)[:count])
+                    else:
+                        self.dest.receive_eof()
+                    self._drain()
+                if count == 0 and self.dest.phase is not Phase.DONE:
+                    raise TransportError(self.connection.name, "the source closed the stream")
+            self._finish()
+        except RemoteProtocolError:
+            self._abandon()
+            raise
+        except QmigError as error:
+            self._abandon()
+            raise self._with_context(error) from None
+        finally:
+            self.report.finished = time.monotonic()
+            self._close_session()
+        return self.report
+
+    def _receive(self, buffer: bytearray) -> int:
+        try:
+            count = self.connection.recv_into(buffer)
+        except TransportError:
+            raise
+        except TimeoutError:
+            raise TransportError(
+                self.connection.name, f"no data from the source for {self.idle_timeout:.0f} s"
+            ) from None
+        self.report.bytes_received += count
+        return count
+
+    def _drain(self) -> None:
+        """Apply every decision the machine has for the bytes it was just fed."""
+        while True:
+            event = self.dest.next_event()
+            self._send_return_path()
+            if event is NEED_DATA or event is END:
+                return
+            self._apply(event)
+
+    def _send_return_path(self) -> None:
+        data = self.dest.data_to_send()
+        if data:
+            with self._send_lock:
+                self.connection.sendall(data)
+
+    # --- decisions ------------------------------------------------------------------------
+
+    def _apply(self, event: Any) -> None:
+        match event:
+            case ev.RamBlocksAnnounced(blocks=blocks):
+                self._map(blocks)
+            case ev.PagesReceived(run=run):
+                self._place(run)
+            case ev.RangeDiscarded(block=block, start=start, length=length):
+                session = self._session()
+                if not self._discard_prepared:
+                    session.prepare_discard()
+                    self._discard_prepared = True
+                session.discard(block, start, length)
+                self.report.discarded_pages += length // TARGET_PAGE_SIZE
+            case ev.DeviceStateLoaded():
+                self.report.devices.append(
+                    m.DeviceState(event.idstr, event.instance_id, event.data)
+                )
+            case ev.GuestRunning():
+                self.report.running_at = time.monotonic()
+                self.report.postcopy = True
+                self._start_guest()
+            case ev.MigrationCompleted(postcopy=postcopy):
+                self.report.postcopy = postcopy
+                if not postcopy:
+                    self._start_guest()
+            case ev.Notice(what=what, detail=detail):
+                self.report.notices.append(f"{what}: {detail}")
+
+    def _map(self, blocks: tuple[m.RamBlockInfo, ...]) -> None:
+        if self.session is not None:
+            raise RemoteProtocolError("MEM_SIZE", "RAM blocks announced twice")
+        specs = [
+            BlockSpec(
+                info.idstr,
+                _round_up(info.used_length, info.page_size or HOST_PAGE_SIZE),
+                info.page_size or HOST_PAGE_SIZE,
+            )
+            for info in blocks
+        ]
+        self.session = RamSession(specs)
+        self.session.start_faults(on_request=self._on_fault)
+        self.report.blocks = {info.idstr: info.used_length for info in blocks}
+
+    def _place(self, run: m.RamPageRun) -> None:
+        block = self._session().block(run.block)
+        data, base, mask = run.data, run.data_base, run.target_page_size - 1
+        page_flag = run.page_flag
+        for header, body in zip(run.headers, run.bodies, strict=True):
+            offset = header & ~mask
+            at = body - base
+            if header & page_flag:
+                block.receive_target_pages(offset, data[at : at + TARGET_PAGE_SIZE])
+            elif data[at] == 0:
+                block.receive_zero(offset)
+            else:
+                block.receive_target_pages(offset, self._fill_page(data[at]))
+
+    def _fill_page(self, fill: int) -> bytes:
+        page = self._fill_pages.get(fill)
+        if page is None:
+            page = self._fill_pages[fill] = bytes([fill]) * TARGET_PAGE_SIZE
+        return page
+
+    def _start_guest(self) -> None:
+        if self.workload is None or self.session is None or self.session.vcpus.threads:
+            return
+        largest = max(self.session.blocks, key=lambda block: block.used_length)
+        share = largest.used_length // self.vcpus
+        share -= share % largest.page_size
+        for index in range(self.vcpus):
+            workload = Workload(
+                self.workload.pattern,
+                write=self.workload.write,
+                touches=self.workload.touches,
+                seed=self.workload.seed + index,
+                hot_fraction=self.workload.hot_fraction,
+                hot_share=self.workload.hot_share,
+                rate=self.workload.rate,
+            )
+            self.session.start_vcpu(largest.idstr, workload, index * share, share)
+
+    def _on_fault(self, request: PageRequest) -> None:
+        """Called on the fault thread: ask the source for the page, now."""
+        with self._machine_lock:
+            if self.dest.phase is Phase.FAILED:
+                return
+            asked = self.dest.page_fault(request.block, request.offset)
+            data = self.dest.data_to_send()
+        if data:
+            with self._send_lock:
+                self.connection.sendall(data)
+        if asked is not None:
+            self.report.requests += 1
+            self.report.request_sent_ns.append(time.monotonic_ns() - request.fault_ns)
+
+    # --- the end --------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        if self.workload is not None:
+            self.report.workload = [vars(result) for result in session.vcpus.join(timeout=60.0)]
+        if session.faults is not None:
+            stats = session.faults.stats(self.vcpus if self.workload else None)
+            self.report.faults = {
+                "faults": stats.faults,
+                "requests": stats.requests,
+                "repeat_faults": stats.repeat_faults,
+                "late_faults": stats.late_faults,
+                "stray_faults": stats.stray_faults,
+                "latency_ns": vars(stats.latency),
+                "blocktime_ns": stats.blocktime_ns,
+                "all_blocked_ns": stats.all_blocked_ns,
+            }
+        if self.dump_dir is not None:
+            self.dump(self.dump_dir)
+
+    def dump(self, directory: Path) -> None:
+        """Each block's contents to ``DIR/<idstr>.bin``, once every page is in place."""
+        directory.mkdir(parents=True, exist_ok=True)
+        session = self._session()
+        for idstr, used in self.report.blocks.items():
+            block = session.block(idstr)
+            path = directory / (idstr.replace("/", "_") + ".bin")
+            with path.open("wb") as file:
+                step = 64 << 20
+                for offset in range(0, used, step):
+                    file.write(block.read(offset, min(step, used - offset)))
+
+    def _abandon(self) -> None:
+        with self._machine_lock:
+            data = self.dest.fail("error")
+        if data:
+            try:
+                with self._send_lock:
+                    self.connection.sendall(data)
+            except TransportError:
+                pass
+
+    def _with_context(self, error: QmigError) -> QmigError:
+        """Name where the migration was when the transport failed."""
+        if isinstance(error, TransportError):
+            phase = self.dest.state.name if self.dest.state.value else "precopy"
+            return TransportError(
+                error.what,
+                f"{error.detail} during {phase}",
+                self.dest.reader.offset,
+            )
+        return error
+
+    def _close_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    def _session(self) -> RamSession:
+        if self.session is None:
+            raise RemoteProtocolError("RAM", "page data before the MEM_SIZE block list")
+        return self.session
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit

@@ -1,0 +1,190 @@
+"""The source machine, fed return-path bytes directly; its output read back by the reader."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qmig.errors import LocalProtocolError, RemoteProtocolError
+from qmig.protocol import events as ev
+from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock, SourcePhase
+from qmig.wire import messages as m
+from qmig.wire.reader import NEED_DATA, Record, StreamReader
+from qmig.wire.schema import schema_for
+
+VERSION = "7.2"
+S = schema_for(VERSION)
+PAGE = 4096
+
+
+def make_source(pages: int = 64, *, seed: int = 3, **kwargs: object) -> Source:
+    rng = random.Random(seed)
+    ram = bytearray(rng.randbytes(pages * PAGE))
+    for index in range(0, pages, 3):  # some zero pages
+        ram[index * PAGE : (index + 1) * PAGE] = bytes(PAGE)
+    blocks = [
+        SourceBlock("pc.ram", pages * PAGE, ram),
+        SourceBlock("pc.bios", 4 * PAGE, bytearray(rng.randbytes(4 * PAGE))),
+    ]
+    devices = [DeviceSnapshot("timer", 0, 2, b"\x01" * 24)]
+    return Source(blocks, version=VERSION, devices=devices, pages_per_section=16, **kwargs)  # type: ignore[arg-type]
+
+
+def records(stream: bytes) -> list[Record]:
+    reader = StreamReader(VERSION)
+    reader.feed(stream)
+    return list(reader)
+
+
+def run_precopy_pass(source: Source) -> bytes:
+    out = b""
+    while not source.pass_complete:
+        out += source.data_to_send(64 << 10)
+    return out
+
+
+def test_the_opening_is_what_qemu_7_2_sends() -> None:
+    source = make_source()
+    source.start()
+    names = [record.name for record in records(source.data_to_send())]
+    assert names[:8] == [
+        "HEADER",
+        "CONFIGURATION",
+        "OPEN_RETURN_PATH",
+        "PING",
+        "POSTCOPY_ADVISE",
+        "SECTION_START",
+        "MEM_SIZE",
+        "EOS",
+    ]
+
+
+def test_switchover_sends_discards_ping_package_ping_in_order() -> None:
+    source = make_source()
+    source.start()
+    stream = source.data_to_send() + run_precopy_pass(source)
+    source.sync_dirty("pc.ram", [1, 2, 3, 10, 20, 21])
+    source.start_postcopy()
+    stream += source.data_to_send(0)
+    parsed = records(stream)
+    names = [r.name for r in parsed]
+    first_discard = names.index("POSTCOPY_RAM_DISCARD")
+    assert names[first_discard:] == [
+        "POSTCOPY_RAM_DISCARD",
+        "PING",
+        "PACKAGED",
+        "POSTCOPY_LISTEN",
+        "SECTION_FULL",
+        "DEVICE_STATE",
+        "SECTION_FOOTER",
+        "PING",
+        "POSTCOPY_RUN",
+        "PACKAGE_END",
+        "PING",
+    ]
+    assert parsed[first_discard].message.ranges == (
+        m.DiscardRange(1 * PAGE, 3 * PAGE),
+        m.DiscardRange(10 * PAGE, PAGE),
+        m.DiscardRange(20 * PAGE, 2 * PAGE),
+    )
+    assert [r.message.value for r in parsed if isinstance(r.message, m.Ping)] == [1, 2, 3, 4]
+
+
+def test_discards_carry_at_most_twelve_ranges_per_command() -> None:
+    source = make_source(pages=128)
+    source.start()
+    stream = source.data_to_send() + run_precopy_pass(source)
+    source.sync_dirty("pc.ram", range(0, 128, 2))  # 64 separate runs
+    source.start_postcopy()
+    stream += source.data_to_send(0)
+    discards = [r.message for r in records(stream) if isinstance(r.message, m.PostcopyRamDiscard)]
+    assert [len(d.ranges) for d in discards] == [12, 12, 12, 12, 12, 4]
+    assert [r.start for d in discards for r in d.ranges] == [p * PAGE for p in range(0, 128, 2)]
+
+
+def pages_sent(stream: bytes, after: int) -> list[int]:
+    """Offsets of the pc.ram page records that start at or after byte ``after``."""
+    offsets = []
+    for record in records(stream):
+        message = record.message
+        if (
+            isinstance(message, m.RamPageRun)
+            and message.block == "pc.ram"
+            and record.offset >= after
+        ):
+            offsets += [offset for offset, _, _ in message.pages()]
+    return offsets
+
+
+def test_requested_pages_jump_the_queue_and_are_not_sent_twice() -> None:
+    source = make_source(pages=256)
+    source.start()
+    source.start_postcopy()  # nothing was sent yet: all of RAM is discarded
+    stream = source.data_to_send(0)
+    rp = S.build_rp(m.ReqPagesId(200 * PAGE, PAGE, "pc.ram"))
+    rp += S.build_rp(m.ReqPages(201 * PAGE, PAGE))
+    source.receive_data(rp)
+    mark = len(stream)
+    stream += source.data_to_send(2 * (PAGE + 64))
+    assert pages_sent(stream, mark) == [200 * PAGE, 201 * PAGE]
+    # Asked again after it was sent: nothing more goes out for it.
+    source.receive_data(S.build_rp(m.ReqPages(200 * PAGE, PAGE)))
+    mark = len(stream)
+    while source.phase is SourcePhase.POSTCOPY:
+        stream += source.data_to_send(1 << 20)
+    rest = pages_sent(stream, mark)
+    assert sorted(rest) == [p * PAGE for p in range(256) if p not in (200, 201)]
+    assert source.stats.requested_pages == 2
+    assert [r.name for r in records(stream)][-4:] == ["SECTION_END", "EOS", "SECTION_FOOTER", "EOF"]
+
+
+@pytest.mark.parametrize(
+    ("message", "detail"),
+    [
+        (m.ReqPages(0, PAGE), "no previous block"),
+        (m.ReqPagesId(0, PAGE, "nope"), "no block 'nope'"),
+        (m.ReqPagesId(100, PAGE, "pc.ram"), "misaligned page request"),
+        (m.ReqPagesId(64 * PAGE, PAGE, "pc.ram"), "request overrun"),
+        (m.Shut(1), "the destination reported an error (1)"),
+    ],
+)
+def test_bad_return_path_messages_fail_the_source(message: object, detail: str) -> None:
+    source = make_source()
+    source.start()
+    source.start_postcopy()
+    with pytest.raises(RemoteProtocolError) as caught:
+        source.receive_data(S.build_rp(message))  # type: ignore[arg-type]
+    assert detail in caught.value.detail
+    assert source.phase is SourcePhase.FAILED
+
+
+def test_shut_0_completes_only_after_the_stream_ended() -> None:
+    source = make_source(pages=8)
+    source.start()
+    source.start_postcopy()
+    while source.phase is SourcePhase.POSTCOPY:
+        source.data_to_send(1 << 20)
+    assert source.phase is SourcePhase.COMPLETING
+    source.receive_data(S.build_rp(m.Pong(1)) + S.build_rp(m.Shut(0)))
+    assert source.phase is SourcePhase.DONE
+    assert [source.next_event(), source.next_event(), source.next_event()] == [
+        ev.PongReceived(1),
+        ev.DestinationShut(0),
+        NEED_DATA,
+    ]
+
+
+def test_an_early_shut_is_an_error() -> None:
+    source = make_source()
+    source.start()
+    with pytest.raises(RemoteProtocolError, match="before the stream was complete"):
+        source.receive_data(S.build_rp(m.Shut(0)))
+
+
+def test_the_guest_cannot_dirty_memory_after_switchover() -> None:
+    source = make_source()
+    source.start()
+    source.start_postcopy()
+    with pytest.raises(LocalProtocolError):
+        source.sync_dirty("pc.ram", [1])
