@@ -60,8 +60,9 @@ class MalformedError(RemoteProtocolError):
 class TruncatedError(MalformedError):
     """The input ended in the middle of a record."""
 
-    def __init__(self, what: str, offset: int | None = None) -> None:
-        super().__init__(what, "unexpected end of stream", offset)
+    def __init__(self, what: str, offset: int | None = None, *, during: str | None = None) -> None:
+        detail = "unexpected end of stream" + (f" during {during}" if during else "")
+        super().__init__(what, detail, offset)
 
 
 class IllegalStateError(RemoteProtocolError):

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from qmig.wire import messages as m
 from qmig.wire.ramscan import RamScanner
@@ -161,10 +161,9 @@ def read_records(
 ) -> Iterator[Record]:
     """Every record of ``file``, read in chunks so that memory stays bounded."""
     while True:
-        chunk = file.read(CHUNK)
-        if chunk:
-            reader.feed(chunk)
-        else:
+        count = cast(Any, file).readinto(reader.get_buffer(CHUNK)) or 0
+        reader.commit(count)
+        if not count:
             reader.feed_eof()
         while True:
             record = reader.next_record()
@@ -175,6 +174,6 @@ def read_records(
             assert isinstance(record, Record)
             yield record
         if progress is not None:
-            progress(len(chunk))
-        if not chunk:
+            progress(count)
+        if not count:
             return

@@ -248,15 +248,6 @@ def _summary(
     }
 
 
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``4096``: bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
 def environment_check() -> None:
     """Fail early, in one line, where this host cannot run the destination."""
     from qmig.ram.uffd import probe
@@ -264,4 +255,4 @@ def environment_check() -> None:
     probe()
 
 
-__all__ = ["SimulationConfig", "parse_size", "run_simulation", "verify"]
+__all__ = ["SimulationConfig", "run_simulation", "verify"]

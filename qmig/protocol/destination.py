@@ -22,7 +22,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qmig.errors import IllegalStateError, LocalProtocolError, MalformedError, RemoteProtocolError
+from qmig.errors import (
+    IllegalStateError,
+    LocalProtocolError,
+    MalformedError,
+    RemoteProtocolError,
+    TruncatedError,
+)
 from qmig.protocol import events as ev
 from qmig.protocol.states import PostcopyState, is_postcopy_running, transitions
 from qmig.wire import messages as m
@@ -177,7 +183,16 @@ class Destination:
         if self.phase is Phase.FAILED:
             raise LocalProtocolError("destination", "the migration already failed")
 
+    @property
+    def phase_name(self) -> str:
+        """Where the migration is, in words for error messages."""
+        if self.state in (PostcopyState.NONE, PostcopyState.ADVISE):
+            return "precopy"
+        return self.state.name
+
     def _failed(self, error: RemoteProtocolError) -> RemoteProtocolError:
+        if isinstance(error, TruncatedError):
+            error = TruncatedError(error.what, error.offset, during=self.phase_name)
         if error.state is None:
             error.state = self.state.name
         self.error = error

@@ -275,7 +275,7 @@ class DestinationRunner:
     def _with_context(self, error: QmigError) -> QmigError:
         """Name where the migration was when the transport failed."""
         if isinstance(error, TransportError):
-            phase = self.dest.state.name if self.dest.state.value else "precopy"
+            phase = self.dest.phase_name
             return TransportError(
                 error.what,
                 f"{error.detail} during {phase}",

@@ -32,7 +32,104 @@ from qmig.wire.schema import Schema, mem_size_params, schema_for
 MAX_RECORD = 8 << 20  # the largest single record qmig buffers (bytes)
 MAX_DESCRIPTION = 64 << 20  # the largest VMDESCRIPTION, and deferred device state, it buffers
 MAX_RAM_BLOCKS = 4096
+MIN_BUFFER = 1 << 16
 RAM_IDSTR = "ram"
+
+
+class _Storage:
+    """Reusable receive buffers, so that a long stream does not fault in fresh memory per chunk.
+
+    A retired buffer is reused only once no view of it survives (a record that still holds
+    page data keeps its buffer out of use): a bytearray with live views refuses to resize.
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        self._retired: list[bytearray] = []
+        self._keep = keep
+
+    def take(self, size: int) -> bytearray:
+        for index, buffer in enumerate(self._retired):
+            if size <= len(buffer) <= 4 * max(size, MIN_BUFFER) and _unshared(buffer):
+                return self._retired.pop(index)
+        # Headroom: the next chunk's tail differs by a few bytes and must still fit.
+        return bytearray(max(size + (size >> 4), MIN_BUFFER))
+
+    def give(self, buffer: bytearray) -> None:
+        self._retired.append(buffer)
+        if len(self._retired) > self._keep:
+            self._retired.pop(0)
+
+
+def _unshared(buffer: bytearray) -> bool:
+    try:
+        buffer.append(0)
+    except BufferError:
+        return False
+    buffer.pop()
+    return True
+
+
+class _InputMixin:
+    """Feeding, shared by both readers: unread bytes live in ``_buf``, a view of ``_storage``."""
+
+    _buf: memoryview
+    _storage: bytearray
+    _pos: int
+    _base: int
+    _eof: bool
+    _pool: _Storage
+    _incoming: tuple[bytearray, int] | None
+
+    def _init_input(self) -> None:
+        self._pool = _Storage()
+        self._storage = bytearray()
+        self._buf = memoryview(self._storage)
+        self._pos = 0  # index in _buf of the next record
+        self._base = 0  # absolute offset of _buf[0]
+        self._eof = False
+        self._incoming = None
+
+    @property
+    def offset(self) -> int:
+        """Absolute offset of the next unread byte."""
+        return self._base + self._pos
+
+    def get_buffer(self, size: int) -> memoryview:
+        """Room for up to ``size`` more bytes: read into it, then call :meth:`commit`.
+
+        This is how a transport hands bytes over without an extra copy (as asyncio's
+        BufferedProtocol does); :meth:`feed` is the same for bytes already in hand.
+        """
+        if self._eof:
+            raise ValueError("get_buffer() after feed_eof()")
+        tail = len(self._buf) - self._pos
+        storage = self._pool.take(tail + size)
+        storage[:tail] = self._buf[self._pos :]
+        self._incoming = (storage, tail)
+        return memoryview(storage)[tail : tail + size]
+
+    def commit(self, count: int) -> None:
+        """``count`` bytes were written into the buffer from :meth:`get_buffer`."""
+        assert self._incoming is not None, "commit() without get_buffer()"
+        storage, tail = self._incoming
+        self._incoming = None
+        old = self._storage
+        self._base += self._pos
+        self._pos = 0
+        self._storage = storage
+        self._buf = memoryview(storage)[: tail + count]
+        if old is not storage:
+            self._pool.give(old)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        size = len(data)
+        self.get_buffer(size)[:size] = data
+        self.commit(size)
+
+    def feed_eof(self) -> None:
+        self._eof = True
 
 
 class _Sentinel:
@@ -104,7 +201,7 @@ class FramingContext:
     configuration: m.Configuration | None = None
 
 
-class StreamReader:
+class StreamReader(_InputMixin):
     """Reads the source-to-destination stream into :class:`Record` values."""
 
     def __init__(
@@ -124,34 +221,12 @@ class StreamReader:
         self.vmdesc = vmdesc
         self.max_record = max_record
         self._scanner = RamScanner(self.schema)
-        self._buf: bytes | bytearray = b""
-        self._pos = 0  # index in _buf of the next record
-        self._base = 0  # absolute offset of _buf[0]
-        self._eof = False
+        self._init_input()
         self._frame = _Frame("header")
         self._packages: list[int] = []  # absolute end offsets of the open PACKAGED blobs
         self._section_types = self.profile.section_type_names
 
     # --- feeding ----------------------------------------------------------------------
-
-    @property
-    def offset(self) -> int:
-        """Absolute offset of the next unread byte."""
-        return self._base + self._pos
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._eof:
-            raise ValueError("feed() after feed_eof()")
-        if not data:
-            return
-        tail = self._buf[self._pos :]
-        self._base += self._pos
-        self._pos = 0
-        # A fresh object each time: records already handed out keep views of the old one.
-        self._buf = bytes(data) if not tail else tail + bytes(data)
-
-    def feed_eof(self) -> None:
-        self._eof = True
 
     def __iter__(self) -> Iterator[Record]:
         """Every record of what was fed so far (call after feed_eof() for a whole stream)."""
@@ -247,7 +322,18 @@ class StreamReader:
                 raise MalformedError(what, "runs past the end of the package", offset)
             raise _NeedMore(what, offset)
         end = self._pos + size if size is not None else min(limit, self._pos + window)
-        stream = _Stream(memoryview(self._buf)[self._pos : end])
+        with _Stream(self._buf[self._pos : end]) as stream:
+            return self._parse_from(stream, what, schema, size, offset, kw)
+
+    def _parse_from(
+        self,
+        stream: _Stream,
+        what: str,
+        schema: cs.Construct,
+        size: int | None,
+        offset: int,
+        kw: dict[str, Any],
+    ) -> tuple[Any, int]:
         try:
             value = schema.parse_stream(stream, **kw)
         except FieldError as error:
@@ -411,19 +497,10 @@ class StreamReader:
             if self._bounded_by_package():
                 raise MalformedError(name, "runs past the end of the package", offset)
             raise _NeedMore(name, offset)
-        payload_start = self._pos + 5
-        stream = _Stream(memoryview(self._buf)[payload_start : payload_start + header.len])
-        try:
-            message = self.schema.command_payloads[name].parse_stream(stream, len=header.len)
-        except FieldError as error:
-            detail = "runs past the end of the command" if error.short else error.detail
-            raise MalformedError(name, detail, offset + 5 + error.position) from None
-        except cs.ConstructError as error:
-            raise MalformedError(name, _construct_detail(error), offset + 5) from None
-        if stream.tell() != header.len:
-            raise MalformedError(
-                name, f"{header.len - stream.tell()} bytes left over in the command", offset
-            )
+        payload = self._buf[self._pos + 5 : self._pos + total]
+        message = _parse_payload(
+            name, "command", self.schema.command_payloads[name], payload, offset, 5
+        )
         self._note_command(message, offset)
         record = self._emit(message, total)
         if isinstance(message, m.Packaged):
@@ -491,7 +568,7 @@ class StreamReader:
         info = self.context.ram_blocks.get(block)
         length = info.used_length if info else (1 << 64) - 1
         limit = self._limit()
-        view = self._buf if limit == len(self._buf) else memoryview(self._buf)[:limit]
+        view = self._buf if limit == len(self._buf) else self._buf[:limit]
         result = self._scanner.scan(view, self._pos, self._base, length)
         if result.count == 0:
             offset = self.offset
@@ -509,7 +586,7 @@ class StreamReader:
             # Copies: the scanner reuses its arrays, and a run must stay valid on its own.
             headers=memoryview(result.headers.tobytes()).cast("Q"),
             bodies=memoryview(result.bodies.tobytes()).cast("Q"),
-            data=memoryview(self._buf),
+            data=self._buf,
             data_base=self._base,
             target_page_size=self.schema.target_page_size,
             page_flag=self.profile.ram_flags["PAGE"],
@@ -561,7 +638,7 @@ class StreamReader:
             zero_count=int(zero),
             headers=memoryview(array("Q", [record.header])),
             bodies=memoryview(array("Q", [body_at])),
-            data=memoryview(self._buf),
+            data=self._buf,
             data_base=self._base,
             target_page_size=self.schema.target_page_size,
             page_flag=self.profile.ram_flags["PAGE"],
@@ -665,7 +742,7 @@ class StreamReader:
         ) + section.section_id.to_bytes(4, "big")
         at = self._pos
         while True:
-            at = self._buf.find(footer, at, limit)
+            at = self._storage.find(footer, at, limit)
             if at < 0:
                 raise MalformedError(
                     "SECTION_FULL",
@@ -725,7 +802,7 @@ class StreamReader:
 
         offset = self.offset
         if self.vmdesc is None:
-            found = find_trailing_vmdesc(self._buf, self._pos)
+            found = find_trailing_vmdesc(self._storage, self._pos, len(self._buf))
             if found is None:
                 if self._eof:
                     raise MalformedError(
@@ -773,9 +850,8 @@ class StreamReader:
         return self._emit(description, size)
 
 
-def find_trailing_vmdesc(buf: bytes | bytearray, start: int) -> bytes | None:
-    """The JSON of a complete ``EOF, VMDESCRIPTION`` at the very end of ``buf[start:]``."""
-    end = len(buf)
+def find_trailing_vmdesc(buf: bytes | bytearray, start: int, end: int) -> bytes | None:
+    """The JSON of a complete ``EOF, VMDESCRIPTION`` ending exactly at ``buf[end]``."""
     if end - start < 7 or buf[end - 1] != ord("}"):
         return None
     lowest = max(start + 1, end - MAX_DESCRIPTION - 5)
@@ -800,6 +876,14 @@ class _Stream:
         self._data = data
         self._pos = 0
 
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # construct's parse contexts are cyclic and keep the stream until a GC pass; drop
+        # the view now so that the receive buffer can be reused at once.
+        self._data.release()
+
     def read(self, n: int = -1) -> bytes:
         if n < 0:
             n = len(self._data) - self._pos
@@ -820,12 +904,34 @@ class _Stream:
         return self._pos
 
 
+def _parse_payload(
+    what: str, kind: str, schema: cs.Construct, payload: memoryview, offset: int, header: int
+) -> Any:
+    """A length-delimited payload, which must be used up exactly (QEMU's length checks).
+
+    ``offset`` is where the record starts and ``header`` the bytes before its payload.
+    """
+    length = len(payload)
+    with _Stream(payload) as stream:
+        try:
+            message = schema.parse_stream(stream, len=length)
+        except FieldError as error:
+            detail = f"runs past the end of the {kind}" if error.short else error.detail
+            raise MalformedError(what, detail, offset + header + error.position) from None
+        except cs.ConstructError as error:
+            raise MalformedError(what, _construct_detail(error), offset + header) from None
+        left = length - stream.tell()
+    if left:
+        raise MalformedError(what, f"{left} bytes left over in the {kind}", offset)
+    return message
+
+
 def _construct_detail(error: cs.ConstructError) -> str:
     text = str(error).splitlines()[-1]
     return text.strip() or type(error).__name__
 
 
-class ReturnPathReader:
+class ReturnPathReader(_InputMixin):
     """Reads the destination-to-source return path into :class:`Record` values.
 
     The source's checks, in its order: a known message type, the fixed length or the
@@ -835,23 +941,7 @@ class ReturnPathReader:
     def __init__(self, version: str | None = None) -> None:
         self.schema: Schema = schema_for(version)
         self.profile = self.schema.profile
-        self._buf = b""
-        self._pos = 0
-        self._base = 0
-        self._eof = False
-
-    @property
-    def offset(self) -> int:
-        return self._base + self._pos
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if data:
-            self._buf = self._buf[self._pos :] + bytes(data)
-            self._base += self._pos
-            self._pos = 0
-
-    def feed_eof(self) -> None:
-        self._eof = True
+        self._init_input()
 
     def __iter__(self) -> Iterator[Record]:
         while True:
@@ -868,7 +958,7 @@ class ReturnPathReader:
             return END if self._eof else NEED_DATA
         if available < 4:
             return self._short("return path", offset)
-        header = self.schema.rp_header.parse(self._buf[self._pos : self._pos + 4])
+        header = self.schema.rp_header.parse(bytes(self._buf[self._pos : self._pos + 4]))
         name = self.profile.rp_names.get(header.type)
         if name is None or name not in self.schema.rp_payloads:
             raise MalformedError(
@@ -886,17 +976,8 @@ class ReturnPathReader:
             )
         if available < 4 + header.len:
             return self._short(name, offset)
-        stream = _Stream(memoryview(self._buf)[self._pos + 4 : self._pos + 4 + header.len])
-        try:
-            message = self.schema.rp_payloads[name].parse_stream(stream, len=header.len)
-        except FieldError as error:
-            raise MalformedError(name, error.detail, offset + 4 + error.position) from None
-        except cs.ConstructError as error:
-            raise MalformedError(name, _construct_detail(error), offset + 4) from None
-        if stream.tell() != header.len:
-            raise MalformedError(
-                name, f"{header.len - stream.tell()} bytes left over in the message", offset
-            )
+        payload = self._buf[self._pos + 4 : self._pos + 4 + header.len]
+        message = _parse_payload(name, "message", self.schema.rp_payloads[name], payload, offset, 4)
         self._pos += 4 + header.len
         return Record(offset, 4 + header.len, message)
 

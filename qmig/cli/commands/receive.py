@@ -6,17 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.protocol.destination import Destination
-from qmig.ram.blocks import HOST_PAGE_SIZE
-from qmig.ram.support import huge_page_sizes
-from qmig.ram.workload import Pattern, Workload
-from qmig.runner.destination import DestinationReport, DestinationRunner
-from qmig.transport import listen
+
+if TYPE_CHECKING:
+    from qmig.protocol.destination import Destination
+    from qmig.runner.destination import DestinationReport
 
 
 def register(subparsers: Any) -> None:
@@ -62,6 +58,15 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qmig.protocol.destination import Destination
+    from qmig.ram.blocks import HOST_PAGE_SIZE
+    from qmig.ram.support import huge_page_sizes
+    from qmig.ram.workload import Pattern, Workload
+    from qmig.runner.destination import DestinationRunner
+    from qmig.transport import listen
+
     workload = None if args.workload == "none" else Workload(Pattern[args.workload.upper()])
     sizes = (HOST_PAGE_SIZE, *huge_page_sizes())
     destination = Destination(

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
-
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.simulate import SimulationConfig, environment_check, parse_size, run_simulation
+from qmig.sizes import parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from qmig.simulate import SimulationConfig
 
 MiB = 1 << 20
 
@@ -83,6 +84,8 @@ def register(subparsers: Any) -> None:
 
 
 def config_from(args: argparse.Namespace) -> SimulationConfig:
+    from qmig.simulate import SimulationConfig
+
     config = SimulationConfig(
         pattern=args.workload,
         vcpus=args.vcpus,
@@ -102,6 +105,11 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from qmig.simulate import environment_check, run_simulation
+
     config = config_from(args)
     environment_check()
     total = sum(size for _, size in config.blocks)
@@ -133,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(console: Console, s: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(show_header=False, show_edge=False, box=None)
     table.add_column(style="bold")
     table.add_column()
