@@ -136,8 +136,8 @@ class DestinationRunner:
         match event:
             case ev.RamBlocksAnnounced(blocks=blocks):
                 self._map(blocks)
-            case ev.PagesReceived(run=run):
-                self._place(run)
+            case ev.PagesReceived(run=run, postcopy=postcopy):
+                self._place(run, replace=not postcopy)
             case ev.RangeDiscarded(block=block, start=start, length=length):
                 session = self._session()
                 if not self._discard_prepared:
@@ -175,13 +175,18 @@ class DestinationRunner:
         self.session.start_faults(on_request=self._on_fault)
         self.report.blocks = {info.idstr: info.used_length for info in blocks}
 
-    def _place(self, run: m.RamPageRun) -> None:
+    def _place(self, run: m.RamPageRun, *, replace: bool) -> None:
+        """Place a run of pages. In precopy a page comes again when the guest changed it:
+        QEMU overwrites it in memory; here the block is already registered, so the old page
+        is dropped first and the new one placed (no vCPU runs before POSTCOPY_RUN)."""
         block = self._session().block(run.block)
         data, base, mask = run.data, run.data_base, run.target_page_size - 1
         page_flag = run.page_flag
         for header, body in zip(run.headers, run.bodies, strict=True):
             offset = header & ~mask
             at = body - base
+            if replace and not block.huge and block.is_received(offset):
+                block.discard(offset, TARGET_PAGE_SIZE)
             if header & page_flag:
                 block.receive_target_pages(offset, data[at : at + TARGET_PAGE_SIZE])
             elif data[at] == 0:

@@ -141,7 +141,7 @@ int qmig_ram_account(const uint8_t *buf, uint64_t base, const uint64_t *headers,
         const uint8_t *data = body;
         if (!is_page) {
             /* A zero page over a never-written page leaves the sparse file as it is. */
-            if (body[0] == 0 && before != 1) continue;
+            if (body[0] == 0 && before == 0) continue;
             if (page > sizeof fill_pages[0]) return -EINVAL;
             if (!fill_ready[body[0]]) {
                 memset(fill_pages[body[0]], body[0], sizeof fill_pages[0]);

@@ -1,0 +1,216 @@
+"""The on-disk layout of a capture (documented in formats/capture.md), written and read here.
+
+A capture directory holds ``stream.bin`` (source → destination bytes), ``return-path.bin``
+(destination → source bytes), ``index.tsv`` (one line per chunk as it was received) and
+``meta.json``. Data files are written without fsync: a capture is for analysis, and syncing
+per chunk would slow the migration it watches.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from qmig.errors import MalformedError
+
+STREAM_NAME = "stream.bin"
+RETURN_PATH_NAME = "return-path.bin"
+INDEX_NAME = "index.tsv"
+META_NAME = "meta.json"
+FORMAT = "qmig-capture"
+FORMAT_VERSION = 1
+INDEX_HEADER = "direction\toffset\tlength\tt_ns\n"
+
+
+class Direction(enum.Enum):
+    STREAM = "stream"  # source → destination: the migration stream
+    RETURN_PATH = "return-path"  # destination → source
+
+    @property
+    def file_name(self) -> str:
+        return STREAM_NAME if self is Direction.STREAM else RETURN_PATH_NAME
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One read from one side: ``length`` bytes at ``offset`` of that direction's file."""
+
+    direction: Direction
+    offset: int
+    length: int
+    t_ns: int  # monotonic nanoseconds since the capture started
+
+
+class _DirectionFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: BinaryIO = path.open("wb")
+        self.size = 0
+        self.chunks = 0
+        self.sha256 = ""
+
+
+class CaptureWriter:
+    """Appends chunks to the two data files and the index.
+
+    ``record()`` only queues a copy of the chunk; one background thread writes the files. The
+    forwarding threads thus never wait on the disk (page-cache writeback can stall a writer
+    for milliseconds), only on the queue when the disk falls more than ``QUEUED_CHUNKS``
+    behind, which bounds memory.
+    """
+
+    QUEUED_CHUNKS = 64
+
+    def __init__(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.start_ns = time.monotonic_ns()
+        self.start_wall = time.time()
+        self._files = {d: _DirectionFile(out_dir / d.file_name) for d in Direction}
+        self._index = (out_dir / INDEX_NAME).open("w", encoding="ascii")
+        self._index.write(INDEX_HEADER)
+        self._queue: queue.Queue[tuple[Direction, bytes, int, int] | None] = queue.Queue(
+            self.QUEUED_CHUNKS
+        )
+        self._write_error: OSError | None = None
+        self._thread = threading.Thread(target=self._write_loop, name="capture-writer")
+        self._thread.start()
+
+    def restart_clock(self) -> None:
+        """Make t=0 the moment the first connection arrived, not when the files were made."""
+        self.start_ns = time.monotonic_ns()
+        self.start_wall = time.time()
+
+    def record(self, direction: Direction, data: memoryview, received_ns: int) -> None:
+        """Queue one chunk (copied: the caller reuses its buffer). One caller per direction."""
+        file = self._files[direction]
+        offset = file.size
+        file.size += len(data)
+        file.chunks += 1
+        self._queue.put((direction, bytes(data), offset, received_ns - self.start_ns))
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._write_error is not None:
+                continue  # keep draining so the forwarding threads never block on us
+            direction, data, offset, t_ns = item
+            try:
+                self._files[direction].handle.write(data)
+                self._index.write(f"{direction.value}\t{offset}\t{len(data)}\t{t_ns}\n")
+            except OSError as error:
+                self._write_error = error
+
+    def size(self, direction: Direction) -> int:
+        return self._files[direction].size
+
+    def chunks(self, direction: Direction) -> int:
+        return self._files[direction].chunks
+
+    def sha256(self, direction: Direction) -> str:
+        """Digest of the finished file (valid after ``finish()``)."""
+        return self._files[direction].sha256
+
+    def finish(self) -> None:
+        """Write out what is queued, close the data files and hash them.
+
+        Hashing reads the files back once the migration is over: hashing every chunk on the
+        forwarding path would cost about as much CPU as the forwarding itself. A write error
+        (e.g. disk full) is raised here.
+        """
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        for file in self._files.values():
+            if not file.handle.closed:
+                file.handle.close()
+                if self._write_error is None:
+                    file.sha256 = _file_sha256(file.path)
+        if self._write_error is not None:
+            raise self._write_error
+
+    def close(self, meta: dict[str, Any]) -> None:
+        try:
+            self.finish()
+        finally:
+            self._index.close()
+        self._sort_index()
+        document = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
+        (self.out_dir / META_NAME).write_text(json.dumps(document, indent=2) + "\n")
+
+    def _sort_index(self) -> None:
+        # The two pumps queue chunks as they finish forwarding, so lines can be slightly out
+        # of time order; readers want one timeline. Each direction's own lines stay in offset order.
+        path = self.out_dir / INDEX_NAME
+        lines = path.read_text(encoding="ascii").splitlines(keepends=True)[1:]
+        lines.sort(key=lambda line: int(line.rsplit("\t", 1)[1]))
+        path.write_text(INDEX_HEADER + "".join(lines), encoding="ascii")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A capture directory read back: both byte streams, the chunk index and the metadata."""
+
+    stream: bytes
+    return_path: bytes
+    chunks: list[Chunk]
+    meta: dict[str, Any]
+
+
+def read_index(path: Path) -> list[Chunk]:
+    lines = path.read_text(encoding="ascii").splitlines()
+    if not lines or lines[0] + "\n" != INDEX_HEADER:
+        raise MalformedError(str(path), "not a qmig capture index (bad header line)")
+    chunks = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        try:
+            direction = Direction(fields[0])
+            offset, length, t_ns = (int(field) for field in fields[1:])
+        except ValueError:
+            raise MalformedError(str(path), f"bad index line {number}: {line!r}") from None
+        chunks.append(Chunk(direction, offset, length, t_ns))
+    return chunks
+
+
+def read_capture(directory: Path) -> Capture:
+    """Read a capture directory (uncompressed files) and check the index covers both files."""
+    capture = Capture(
+        stream=(directory / STREAM_NAME).read_bytes(),
+        return_path=(directory / RETURN_PATH_NAME).read_bytes(),
+        chunks=read_index(directory / INDEX_NAME),
+        meta=json.loads((directory / META_NAME).read_text()),
+    )
+    for direction, data in (
+        (Direction.STREAM, capture.stream),
+        (Direction.RETURN_PATH, capture.return_path),
+    ):
+        expected_offset = 0
+        for chunk in capture.chunks:
+            if chunk.direction is direction:
+                if chunk.offset != expected_offset:
+                    raise MalformedError(
+                        INDEX_NAME,
+                        f"{direction.value} chunk at {chunk.offset}, expected {expected_offset}",
+                    )
+                expected_offset += chunk.length
+        if expected_offset != len(data):
+            raise MalformedError(
+                INDEX_NAME,
+                f"{direction.value} chunks sum to {expected_offset}, file has {len(data)} bytes",
+            )
+    return capture

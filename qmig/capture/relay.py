@@ -1,0 +1,249 @@
+"""A recording relay between a migration source and destination.
+
+The source connects to the relay; the relay then connects to the destination and pumps each
+direction in its own thread: read into a large buffer, forward, then append to the recording.
+Forwarding first keeps the added latency (which matters for page requests) to one copy. The
+relay ends when both directions have reached end of stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qmig import __version__
+from qmig.capture.recording import CaptureWriter, Direction
+from qmig.errors import QmigError, TransportError
+from qmig.transport import Connection, Listener, connect, listen
+
+CHUNK_SIZE = 1 << 20
+ACCEPT_POLL_SECONDS = 0.2
+
+
+@dataclass
+class DirectionResult:
+    bytes: int = 0
+    chunks: int = 0
+    sha256: str = ""
+    # How the direction ended: "eof" (clean), "stopped" (Relay.stop), or what ended it.
+    end: str = "running"
+
+
+@dataclass
+class CaptureSummary:
+    out_dir: str
+    listen: str
+    connect: str
+    duration_s: float = 0.0
+    stream: DirectionResult = field(default_factory=DirectionResult)
+    return_path: DirectionResult = field(default_factory=DirectionResult)
+
+    @property
+    def clean(self) -> bool:
+        return self.stream.end == "eof" and self.return_path.end == "eof"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "clean": self.clean}
+
+
+class Relay:
+    """Listens at once (so a busy port fails in the constructor); ``start()`` runs it."""
+
+    def __init__(
+        self,
+        connect_uri: str,
+        out_dir: Path,
+        listen_uri: str = "tcp:127.0.0.1:0",
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self.connect_uri = connect_uri
+        self.out_dir = out_dir
+        self.chunk_size = chunk_size
+        self._listener: Listener = listen(listen_uri)
+        self.listen_uri = self._listener.uri
+        self.summary = CaptureSummary(str(out_dir), self.listen_uri, connect_uri)
+        self._stop = threading.Event()
+        self._connections: list[Connection] = []
+        self._thread: threading.Thread | None = None
+        self._error: Exception | None = None
+        self._writer: CaptureWriter | None = None
+
+    @property
+    def port(self) -> int:
+        port = getattr(self._listener.address, "port", None)
+        if port is None:
+            raise TransportError(self.listen_uri, "not a TCP address")
+        return int(port)
+
+    def start(self) -> Relay:
+        self._thread = threading.Thread(target=self._run_guarded, name="relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def progress(self) -> tuple[int, int] | None:
+        """Bytes relayed so far (stream, return path); None until the source has connected."""
+        writer = self._writer
+        if writer is None:
+            return None
+        return writer.size(Direction.STREAM), writer.size(Direction.RETURN_PATH)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> CaptureSummary:
+        """Wait for both directions to end; re-raise whatever stopped the relay early."""
+        if self._thread is None:
+            raise RuntimeError("relay not started")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TransportError(self.listen_uri, f"relay still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self.summary
+
+    def stop(self) -> None:
+        """Abort: stop accepting and cut both connections (the recording is still closed)."""
+        self._stop.set()
+        for connection in list(self._connections):
+            if connection.socket is not None:
+                with contextlib.suppress(OSError):
+                    connection.socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked pumps
+        if self._thread is not None:
+            self._thread.join(10)
+        self._listener.close()
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except (QmigError, OSError) as error:  # OSError: writing the capture failed
+            self._error = error
+        finally:
+            self._listener.close()
+
+    def _accept(self) -> Connection:
+        while not self._stop.is_set():
+            try:
+                return self._listener.accept(timeout=ACCEPT_POLL_SECONDS)
+            except TransportError as error:
+                if error.detail != "timed out":
+                    raise
+        raise TransportError(self.listen_uri, "relay stopped before the source connected")
+
+    def _run(self) -> None:
+        source = self._accept()
+        self._connections.append(source)
+        # One migration per relay: nobody else may connect while it runs.
+        self._listener.close()
+        writer = self._writer = CaptureWriter(self.out_dir)
+        try:
+            destination = connect(self.connect_uri)
+        except TransportError:
+            source.close()
+            writer.close(self._meta(writer))
+            raise
+        self._connections.append(destination)
+        writer.restart_clock()
+        pumps = [
+            threading.Thread(
+                target=self._pump,
+                args=(source, destination, writer, Direction.STREAM),
+                name="relay-stream",
+            ),
+            threading.Thread(
+                target=self._pump,
+                args=(destination, source, writer, Direction.RETURN_PATH),
+                name="relay-return-path",
+            ),
+        ]
+        for pump in pumps:
+            pump.start()
+        for pump in pumps:
+            pump.join()
+        self.summary.duration_s = (time.monotonic_ns() - writer.start_ns) / 1e9
+        source.close()
+        destination.close()
+        writer.finish()
+        for direction, result in self._results():
+            result.bytes = writer.size(direction)
+            result.chunks = writer.chunks(direction)
+            result.sha256 = writer.sha256(direction)
+        writer.close(self._meta(writer))
+
+    def _results(self) -> list[tuple[Direction, DirectionResult]]:
+        return [
+            (Direction.STREAM, self.summary.stream),
+            (Direction.RETURN_PATH, self.summary.return_path),
+        ]
+
+    def _pump(
+        self, reader: Connection, sender: Connection, writer: CaptureWriter, direction: Direction
+    ) -> None:
+        result = self.summary.stream if direction is Direction.STREAM else self.summary.return_path
+        buffer = bytearray(self.chunk_size)
+        view = memoryview(buffer)
+        forward_error: str | None = None
+        while True:
+            try:
+                count = reader.recv_into(view)
+            except TransportError as error:
+                result.end = f"read: {error.detail}"
+                break
+            if count == 0:
+                result.end = "eof"
+                break
+            received_ns = time.monotonic_ns()
+            if forward_error is None:
+                try:
+                    sender.sendall(view[:count])
+                except TransportError as error:
+                    # Keep recording what this side still says; only forwarding stopped.
+                    forward_error = f"forward: {error.detail}"
+            writer.record(direction, view[:count], received_ns)
+        if forward_error is not None:
+            result.end = forward_error
+        elif self._stop.is_set():
+            result.end = "stopped"  # our own shutdown, not the peer's end of stream
+        # Pass the end of this direction on, whatever ended it, so the peer is not left waiting.
+        with contextlib.suppress(TransportError):
+            sender.shutdown_write()
+
+    def _meta(self, writer: CaptureWriter) -> dict[str, Any]:
+        return {
+            "tool": f"qmig {__version__}",
+            "listen": self.listen_uri,
+            "connect": self.connect_uri,
+            "started_unix": writer.start_wall,
+            "duration_s": self.summary.duration_s,
+            "clean": self.summary.clean,
+            "directions": {
+                direction.value: {
+                    "file": direction.file_name,
+                    "bytes": result.bytes,
+                    "chunks": result.chunks,
+                    "sha256": result.sha256,
+                    "end": result.end,
+                }
+                for direction, result in self._results()
+            },
+        }
+
+
+def start_relay(connect_uri: str, out_dir: Path, listen_uri: str = "tcp:127.0.0.1:0") -> Relay:
+    """Listen (default: an ephemeral port on 127.0.0.1) and relay in the background.
+
+    ``relay.port`` is where the source should migrate to; ``relay.join()`` returns the
+    :class:`CaptureSummary` once both directions have closed; ``relay.stop()`` aborts.
+    """
+    return Relay(connect_uri, out_dir, listen_uri).start()

@@ -1,0 +1,86 @@
+"""``qmig capture``: relay one migration between two real QEMUs and record both directions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from qmig.capture import CaptureSummary, Relay
+from qmig.errors import TransportError
+
+MIB = 1 << 20
+PROGRESS_SECONDS = 0.25
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "capture",
+        help="relay a migration between two QEMUs and record both directions",
+        description=(
+            "Listen for a migration source, connect to the destination, forward both "
+            "directions unchanged and record them in OUT (layout: formats/capture.md). "
+            "Point the source's 'migrate' at the --listen address."
+        ),
+    )
+    parser.add_argument("--listen", required=True, metavar="URI", help="e.g. tcp:127.0.0.1:4444")
+    parser.add_argument("--connect", required=True, metavar="URI", help="the destination's URI")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="capture folder")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    relay = Relay(args.connect, args.out, listen_uri=args.listen)
+    # The first stderr line is stable: scripts read the real port from it when they asked for 0.
+    print(f"qmig capture: listening on {relay.listen_uri}", file=sys.stderr, flush=True)
+    try:
+        relay.start()
+        _wait_showing_progress(relay)
+        summary = relay.join()
+    except KeyboardInterrupt:
+        relay.stop()
+        raise
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        _print_summary(summary)
+    if not summary.clean:
+        raise TransportError(
+            "capture",
+            f"migration did not end cleanly (stream: {summary.stream.end}, "
+            f"return path: {summary.return_path.end})",
+        )
+    return 0
+
+
+def _wait_showing_progress(relay: Relay) -> None:
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return
+    with console.status("waiting for the source to connect") as status:
+        while relay.running:
+            progress = relay.progress()
+            if progress is not None:
+                stream, return_path = progress
+                status.update(
+                    f"relaying: stream {stream / MIB:,.1f} MiB, return path {return_path:,} bytes"
+                )
+            time.sleep(PROGRESS_SECONDS)
+
+
+def _print_summary(summary: CaptureSummary) -> None:
+    table = Table(title=f"capture in {summary.out_dir} ({summary.duration_s:.2f} s)")
+    table.add_column("direction")
+    table.add_column("bytes", justify="right")
+    table.add_column("chunks", justify="right")
+    table.add_column("ended")
+    for name, result in (("stream", summary.stream), ("return path", summary.return_path)):
+        table.add_row(name, f"{result.bytes:,}", str(result.chunks), result.end)
+    Console().print(table)

@@ -1,0 +1,70 @@
+"""``qmig doctor``: can this host be a postcopy destination?
+
+Runs the host-support check (:func:`qmig.ram.support.check_host`) and prints one table row per
+check, or with ``--json`` one JSON document. Exits 1, naming the first problem, if postcopy
+would fail here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from qmig.cli import add_json
+
+STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def _page_size(text: str) -> int:
+    from qmig.ram.support import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if size <= 0 or size & (size - 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a power-of-two page size")
+    return size
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "doctor",
+        help="check that this host supports postcopy (userfaultfd, huge pages, mlock, THP)",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
+    parser.add_argument(
+        "--page-size",
+        type=_page_size,
+        action="append",
+        default=[],
+        metavar="SIZE",
+        help="a RAM block page size to check, e.g. 2M (repeatable; default: host pages only)",
+    )
+    add_json(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: every command's module is imported to build the parser.
+    from rich.console import Console
+    from rich.table import Table
+
+    from qmig.ram.support import check_host
+
+    report = check_host(args.page_size)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        table = Table(title="postcopy host support", title_justify="left")
+        table.add_column("check")
+        table.add_column("status")
+        table.add_column("detail", overflow="fold")
+        for check in report.checks:
+            style = STATUS_STYLE[check.status]
+            table.add_row(check.name, f"[{style}]{check.status}[/{style}]", check.detail)
+        Console(soft_wrap=False).print(table)
+    if report.errors:
+        raise report.errors[0]
+    return 0

@@ -1,0 +1,527 @@
+"""RAM blocks and the life of their pages: mapped, registered, received, placed, discarded.
+
+A :class:`RamBlock` is a named area like QEMU's RAMBlock (idstr, used length, page size),
+backed by an anonymous private mapping (hugetlb when its page size is larger than the host's).
+Pages arrive as 4 KiB *target* pages; the kernel can only place whole *host* pages, so a
+block with 2 MiB pages gathers the 512 target pages of a host page in a staging buffer and
+places them with one UFFDIO_COPY. The received bitmap has one bit per target page, set only
+once the host page holding it is in place, and is shared with the C placement loop.
+
+Reading RAM from Python is guarded: touching a page that is not in place would block this
+thread inside the kernel *while it holds the GIL*, and the fault thread, which needs the GIL to
+serve the page, could never run. :meth:`RamBlock.read` and :meth:`RamBlock.digest` therefore
+refuse ranges that are not wholly placed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qmig.errors import HostSupportError
+from qmig.ram._uffd import ffi, lib
+from qmig.ram.errors import RamError
+from qmig.ram.uffd import (
+    FEATURE_MISSING_HUGETLBFS,
+    MAX_RUN_PAGES,
+    REQUIRED_HUGE_RANGE_IOCTLS,
+    REQUIRED_RANGE_IOCTLS,
+    PlaceResult,
+    Userfaultfd,
+    missing,
+    place_pages,
+)
+
+TARGET_PAGE_SIZE = 4096
+HOST_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
+
+# Called after pages are placed (or found already there): block, first host page, count, time.
+PlacementListener = Callable[["RamBlock", int, int, int], None]
+
+
+def size_text(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} B"
+
+
+def huge_page_counts(page_size: int) -> tuple[int, int] | None:
+    """``(total, free)`` huge pages of ``page_size``, or None if the kernel has no such size."""
+    directory = HUGEPAGES_SYSFS / f"hugepages-{page_size // 1024}kB"
+    if not directory.is_dir():
+        return None
+    total = int((directory / "nr_hugepages").read_text())
+    free = int((directory / "free_hugepages").read_text())
+    return total, free
+
+
+class PageBitmap:
+    """A bitmap shared with C code, which flips its bits atomically."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self._bytes = bytearray((bits + 7) // 8)
+        self.cdata: Any = ffi.from_buffer("uint8_t[]", self._bytes)
+
+    def __len__(self) -> int:
+        return self.bits
+
+    def _check(self, start: int, count: int) -> None:
+        if start < 0 or count < 0 or start + count > self.bits:
+            raise IndexError(f"bits {start}+{count} outside a bitmap of {self.bits}")
+
+    def set(self, start: int, count: int = 1) -> None:
+        self._check(start, count)
+        lib.qmig_bitmap_set(self.cdata, start, count)
+
+    def clear(self, start: int, count: int = 1) -> None:
+        self._check(start, count)
+        lib.qmig_bitmap_clear(self.cdata, start, count)
+
+    def count(self, start: int = 0, count: int | None = None) -> int:
+        count = self.bits - start if count is None else count
+        self._check(start, count)
+        return int(lib.qmig_bitmap_count(self.cdata, start, count))
+
+    def test(self, bit: int) -> bool:
+        return bool(self._bytes[bit >> 3] >> (bit & 7) & 1)
+
+    def all_set(self, start: int, count: int) -> bool:
+        self._check(start, count)
+        return int(lib.qmig_bitmap_next_clear(self.cdata, start, start + count)) == start + count
+
+    def next_clear(self, start: int = 0, end: int | None = None) -> int:
+        """The first clear bit in ``[start, end)``, or ``end`` if there is none."""
+        end = self.bits if end is None else end
+        self._check(start, end - start)
+        return int(lib.qmig_bitmap_next_clear(self.cdata, start, end))
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What the stream says about a block: its name, used length and page size in bytes."""
+
+    idstr: str
+    used_length: int
+    page_size: int = HOST_PAGE_SIZE
+
+
+@dataclass
+class BlockStats:
+    placed_pages: int = 0  # host pages this block put in place
+    zero_pages: int = 0  # of which placed as zero pages
+    duplicate_pages: int = 0  # arrivals for host pages already in place (EEXIST)
+    discarded_target_pages: int = 0
+
+
+class _Staging:
+    """A host page being gathered from its target pages."""
+
+    def __init__(self, page_size: int) -> None:
+        self.buffer = ffi.new("char[]", page_size)  # zeroed, so zero target pages need no copy
+        self.address = int(ffi.cast("uintptr_t", self.buffer))
+        self.arrived: set[int] = set()
+
+
+class RamBlock:
+    """One named RAM area with its received bitmap and host-page placement."""
+
+    def __init__(self, idstr: str, used_length: int, page_size: int = HOST_PAGE_SIZE) -> None:
+        if page_size < HOST_PAGE_SIZE or page_size & (page_size - 1):
+            raise RamError(f"block '{idstr}': page size {page_size} is not a host page size")
+        if used_length <= 0 or used_length % page_size:
+            raise RamError(
+                f"block '{idstr}': used length 0x{used_length:x} is not a positive multiple "
+                f"of its page size {size_text(page_size)}"
+            )
+        self.idstr = idstr
+        self.used_length = used_length
+        self.page_size = page_size
+        self.huge = page_size != HOST_PAGE_SIZE
+        self.target_pages = used_length // TARGET_PAGE_SIZE
+        self.host_pages = used_length // page_size
+        self.targets_per_host_page = page_size // TARGET_PAGE_SIZE
+        self.host_address = self._map()
+        self.end_address = self.host_address + used_length
+        self.received = PageBitmap(self.target_pages)
+        self.stats = BlockStats()
+        self.placement_listener: PlacementListener | None = None
+        self.uffd: Userfaultfd | None = None
+        self._staging: dict[int, _Staging] = {}
+        self._lock = threading.Lock()
+        self._zero_source: Any = None
+        self._closed = False
+        if not self.huge:
+            # Guest RAM wants THP, as a VMM asks for it; it is turned off around discards.
+            lib.qmig_madvise(self.host_address, used_length, lib.MADV_HUGEPAGE)
+
+    def __repr__(self) -> str:
+        return (
+            f"RamBlock({self.idstr!r}, 0x{self.used_length:x}, {size_text(self.page_size)}, "
+            f"{self.received.count()}/{self.target_pages} target pages)"
+        )
+
+    def _map(self) -> int:
+        error = ffi.new("int *")
+        huge_size = self.page_size if self.huge else 0
+        if self.huge and huge_page_counts(self.page_size) is None:
+            raise HostSupportError(
+                "huge pages",
+                f"block '{self.idstr}' has {size_text(self.page_size)} pages, a size this "
+                "kernel does not offer (use a host with that huge-page size)",
+            )
+        address = int(lib.qmig_map_anon(self.used_length, huge_size, error))
+        if address:
+            return address
+        if self.huge:
+            counts = huge_page_counts(self.page_size) or (0, 0)
+            need = self.host_pages
+            sysfs = HUGEPAGES_SYSFS / f"hugepages-{self.page_size // 1024}kB" / "nr_hugepages"
+            raise HostSupportError(
+                "huge pages",
+                f"cannot map block '{self.idstr}': it needs {need} free "
+                f"{size_text(self.page_size)} huge pages and {counts[1]} are free "
+                f"({os.strerror(error[0])}; as root: echo {counts[0] + need} > {sysfs})",
+            )
+        raise HostSupportError(
+            "memory", f"cannot map block '{self.idstr}': {os.strerror(error[0])}"
+        )
+
+    # --- registration -------------------------------------------------------------------
+
+    def attach(self, uffd: Userfaultfd) -> None:
+        """Register the block in MISSING mode and check the ioctls postcopy needs on it."""
+        if self.huge and not uffd.offered.features & FEATURE_MISSING_HUGETLBFS:
+            raise HostSupportError(
+                "userfaultfd",
+                f"missing userfault features: MISSING_HUGETLBFS, needed by block "
+                f"'{self.idstr}' with {size_text(self.page_size)} pages (use a newer kernel)",
+            )
+        ioctls = uffd.register(self.host_address, self.used_length)
+        required = REQUIRED_HUGE_RANGE_IOCTLS if self.huge else REQUIRED_RANGE_IOCTLS
+        lacking = missing(required, ioctls)
+        if lacking:
+            uffd.unregister(self.host_address, self.used_length)
+            raise HostSupportError(
+                "userfaultfd",
+                f"missing userfault ioctls on block '{self.idstr}': {', '.join(lacking)} "
+                "(use a newer kernel)",
+            )
+        self.uffd = uffd
+
+    def detach(self) -> None:
+        """Unregister. Threads still waiting on missing pages are woken onto zero pages."""
+        if self.uffd is not None and not self.uffd.closed:
+            self.uffd.unregister(self.host_address, self.used_length)
+        self.uffd = None
+
+    def set_thp(self, enabled: bool) -> None:
+        """THP off before discards (a collapse would fill discarded pages with zeros)."""
+        if not self.huge:
+            advice = lib.MADV_HUGEPAGE if enabled else lib.MADV_NOHUGEPAGE
+            lib.qmig_madvise(self.host_address, self.used_length, advice)
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def contains(self, address: int) -> bool:
+        return self.host_address <= address < self.end_address
+
+    def host_page_received(self, host_page: int) -> bool:
+        return self.received.test(host_page * self.targets_per_host_page)
+
+    @property
+    def complete(self) -> bool:
+        return self.received.next_clear() == self.target_pages
+
+    def missing_host_pages(self) -> Iterator[int]:
+        """Offsets of host pages not yet in place, in order."""
+        step = self.targets_per_host_page
+        bit = self.received.next_clear()
+        while bit < self.target_pages:
+            host_page = bit // step
+            yield host_page * self.page_size
+            bit = self.received.next_clear((host_page + 1) * step)
+
+    def is_received(self, offset: int, length: int = TARGET_PAGE_SIZE) -> bool:
+        first, count = self._target_range(offset, length, "is_received", aligned=False)
+        return self.received.all_set(first, count)
+
+    # --- receiving pages ----------------------------------------------------------------
+
+    def receive_target_page(self, offset: int, data: bytes) -> PlaceResult:
+        return self.receive_target_pages(offset, data)
+
+    def receive_target_pages(self, offset: int, data: Any) -> PlaceResult:
+        """Accept consecutive target pages starting at ``offset``; place every host page they
+        complete. ``data`` is any buffer whose length is a multiple of 4 KiB."""
+        source = ffi.from_buffer(data)
+        length = len(source)
+        if (
+            offset < 0
+            or not 0 < length <= self.used_length - offset
+            or (offset | length) & (TARGET_PAGE_SIZE - 1)
+        ):
+            self._target_range(offset, length, "page data")  # raises the precise error
+        address = int(ffi.cast("uintptr_t", source))
+        if not self.huge:
+            return self._place(offset // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE, address)
+        return self._gather(offset // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE, address)
+
+    def receive_zero(self, offset: int, length: int = TARGET_PAGE_SIZE) -> PlaceResult:
+        """Accept zero target pages (UFFDIO_ZEROPAGE; huge pages copy a zeroed page)."""
+        first, count = self._target_range(offset, length, "zero page")
+        if not self.huge:
+            return self._place(first, count, 0, zero=True)
+        return self._gather(first, count, 0)
+
+    def _target_range(
+        self, offset: int, length: int, what: str, *, aligned: bool = True
+    ) -> tuple[int, int]:
+        if offset < 0 or length <= 0 or offset + length > self.used_length:
+            raise RamError(
+                f"block '{self.idstr}': {what} 0x{offset:x}+0x{length:x} is outside its used "
+                f"length 0x{self.used_length:x}"
+            )
+        if aligned and (offset % TARGET_PAGE_SIZE or length % TARGET_PAGE_SIZE):
+            raise RamError(
+                f"block '{self.idstr}': {what} 0x{offset:x}+0x{length:x} is not whole "
+                f"{size_text(TARGET_PAGE_SIZE)} target pages"
+            )
+        first = offset // TARGET_PAGE_SIZE
+        last = (offset + length - 1) // TARGET_PAGE_SIZE
+        return first, last - first + 1
+
+    def _uffd(self) -> Userfaultfd:
+        if self.uffd is None:
+            raise RamError(f"block '{self.idstr}': pages arrived while it is not registered")
+        return self.uffd
+
+    def _place(self, first: int, count: int, address: int, zero: bool = False) -> PlaceResult:
+        """Place target pages [first, first+count) of a block whose host pages are 4 KiB."""
+        uffd = self._uffd()
+        result = place_pages(
+            uffd.fd, self.host_address + first * TARGET_PAGE_SIZE, address, TARGET_PAGE_SIZE,
+            TARGET_PAGE_SIZE, count, MAX_RUN_PAGES, zero, 0, self.received.cdata, first, 1
+        )  # fmt: skip
+        self._account(result, first, count, zero=zero)
+        return result
+
+    def _gather(self, first: int, count: int, address: int) -> PlaceResult:
+        """Collect target pages of huge host pages; place each host page once it is whole."""
+        per = self.targets_per_host_page
+        placed = existing = 0
+        t_ns = 0
+        bit = first
+        while bit < first + count:
+            host_page = bit // per
+            run_end = min(first + count, (host_page + 1) * per)
+            run = run_end - bit
+            source = address + (bit - first) * TARGET_PAGE_SIZE if address else 0
+            if run == per:
+                # The whole host page is here at once: place it without staging.
+                result = self._place_host_page(host_page, source)
+            else:
+                result = self._stage(host_page, bit % per, run, source)
+            placed += result.placed
+            existing += result.existing
+            t_ns = max(t_ns, result.t_ns)
+            bit = run_end
+        return PlaceResult(placed, existing, t_ns)
+
+    def _stage(self, host_page: int, index: int, run: int, source: int) -> PlaceResult:
+        if self.host_page_received(host_page):
+            with self._lock:
+                self.stats.duplicate_pages += 1
+            return PlaceResult(0, 1, lib.qmig_now_ns())
+        with self._lock:
+            staging = self._staging.get(host_page)
+            if staging is None:
+                staging = self._staging[host_page] = _Staging(self.page_size)
+            if source:
+                lib.qmig_memcpy(
+                    staging.address + index * TARGET_PAGE_SIZE, source, run * TARGET_PAGE_SIZE
+                )
+            else:
+                ffi.memmove(
+                    staging.buffer + index * TARGET_PAGE_SIZE,
+                    bytes(run * TARGET_PAGE_SIZE),
+                    run * TARGET_PAGE_SIZE,
+                )
+            staging.arrived.update(range(index, index + run))
+            if len(staging.arrived) < self.targets_per_host_page:
+                return PlaceResult(0, 0, 0)
+            del self._staging[host_page]
+        # ``staging`` stays referenced until this returns, so its buffer outlives the copy.
+        return self._place_host_page(host_page, staging.address)
+
+    def _place_host_page(self, host_page: int, source: int) -> PlaceResult:
+        zero = source == 0
+        if zero:
+            if self._zero_source is None:
+                self._zero_source = ffi.new("char[]", self.page_size)
+            source = int(ffi.cast("uintptr_t", self._zero_source))
+        per = self.targets_per_host_page
+        result = self._uffd().place(
+            self.host_address + host_page * self.page_size,
+            source,
+            self.page_size,
+            1,
+            bitmap=self.received.cdata,
+            first_bit=host_page * per,
+            bits_per_page=per,
+        )
+        with self._lock:
+            self._staging.pop(host_page, None)
+        self._account(result, host_page * per, per, zero=zero)
+        return result
+
+    def _account(self, result: PlaceResult, first: int, count: int, *, zero: bool) -> None:
+        with self._lock:
+            self.stats.placed_pages += result.placed
+            self.stats.duplicate_pages += result.existing
+            if zero:
+                self.stats.zero_pages += result.placed
+        listener = self.placement_listener
+        if listener is not None:
+            per = self.targets_per_host_page
+            first_host = first // per
+            listener(self, first_host, (first + count - 1) // per - first_host + 1, result.t_ns)
+
+    # --- discard ------------------------------------------------------------------------
+
+    def discard(self, start: int, length: int) -> None:
+        """Drop ``[start, start+length)`` so that it faults again (MADV_DONTNEED). Discards
+        come before LISTEN; they must not race with placing the same pages."""
+        if start < 0 or length <= 0 or start + length > self.used_length:
+            raise RamError(
+                f"block '{self.idstr}': discard 0x{start:x}+0x{length:x} is outside its used "
+                f"length 0x{self.used_length:x}"
+            )
+        if start % self.page_size or length % self.page_size:
+            raise RamError(
+                f"block '{self.idstr}': discard 0x{start:x}+0x{length:x} is not aligned to "
+                f"its {size_text(self.page_size)} host pages"
+            )
+        # Bits first: a fault on a dropped page must never find its bit still set, or the
+        # fault thread would take it for one already served and leave the thread waiting.
+        first, count = start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE
+        self.received.clear(first, count)
+        ret = lib.qmig_madvise(self.host_address + start, length, lib.MADV_DONTNEED)
+        if ret < 0:
+            raise RamError(f"block '{self.idstr}': MADV_DONTNEED failed: {os.strerror(-ret)}")
+        with self._lock:
+            for host_page in range(start // self.page_size, (start + length) // self.page_size):
+                self._staging.pop(host_page, None)
+            self.stats.discarded_target_pages += count
+
+    # --- reading (only what is in place) ------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of placed pages. Unplaced pages are refused: see the module docstring."""
+        first, count = self._target_range(offset, length, "read", aligned=False)
+        if not self.received.all_set(first, count):
+            missing_at = self.received.next_clear(first, first + count) * TARGET_PAGE_SIZE
+            raise RamError(
+                f"block '{self.idstr}': read 0x{offset:x}+0x{length:x} covers page 0x"
+                f"{missing_at:x}, which is not in place yet; reading it from Python would "
+                "block while holding the GIL"
+            )
+        return bytes(ffi.buffer(ffi.cast("char *", self.host_address + offset), length))
+
+    def digest(self) -> str:
+        """SHA-256 of the whole block, once every page is in place."""
+        if not self.complete:
+            raise RamError(
+                f"block '{self.idstr}': {self.target_pages - self.received.count()} target "
+                "pages are not in place yet; the digest needs all of them"
+            )
+        view = ffi.buffer(ffi.cast("char *", self.host_address), self.used_length)
+        return hashlib.sha256(view).hexdigest()
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.detach()
+        lib.qmig_unmap(self.host_address, self.used_length)
+        self._closed = True
+
+
+class RamBlocks:
+    """The blocks of one destination, found by name or by host address."""
+
+    def __init__(self, specs: Iterable[BlockSpec]) -> None:
+        self._by_name: dict[str, RamBlock] = {}
+        try:
+            for spec in specs:
+                if spec.idstr in self._by_name:
+                    raise RamError(f"block '{spec.idstr}' is defined twice")
+                self._by_name[spec.idstr] = RamBlock(spec.idstr, spec.used_length, spec.page_size)
+        except BaseException:
+            self.close()
+            raise
+        self._ordered = sorted(self._by_name.values(), key=lambda block: block.host_address)
+        self._starts = [block.host_address for block in self._ordered]
+
+    def __iter__(self) -> Iterator[RamBlock]:
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __getitem__(self, idstr: str) -> RamBlock:
+        try:
+            return self._by_name[idstr]
+        except KeyError:
+            raise RamError(f"no RAM block named '{idstr}'") from None
+
+    @property
+    def needs_huge_pages(self) -> bool:
+        return any(block.huge for block in self)
+
+    def find(self, address: int) -> RamBlock | None:
+        index = bisect_right(self._starts, address) - 1
+        if index >= 0 and self._ordered[index].contains(address):
+            return self._ordered[index]
+        return None
+
+    def attach(self, uffd: Userfaultfd) -> None:
+        for block in self:
+            block.attach(uffd)
+
+    def detach(self) -> None:
+        for block in self:
+            block.detach()
+
+    def set_thp(self, enabled: bool) -> None:
+        for block in self:
+            block.set_thp(enabled)
+
+    @property
+    def complete(self) -> bool:
+        return all(block.complete for block in self)
+
+    def wait_complete(self, timeout: float) -> bool:
+        """Wait until every page is in place. A vCPU can run on as soon as the kernel placed
+        its page, a moment before the placing thread marks it; verify after this, not after
+        joining vCPUs."""
+        deadline = time.monotonic() + timeout
+        while not self.complete:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def close(self) -> None:
+        for block in self._by_name.values():
+            block.close()

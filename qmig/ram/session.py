@@ -1,0 +1,121 @@
+"""The destination's RAM for one postcopy run, set up and torn down in the one safe order.
+
+Set-up: unlock memory if the process is mlocked (a locked mapping is populated at once, so its
+pages would never fault and postcopy pages would bounce off as EEXIST), map the blocks, open
+and handshake the userfaultfd, register every block.
+
+Tear-down (:meth:`RamSession.close`), which must not leave a thread hanging nor hand one a
+zero page as if it were data: raise the vCPUs' abort flag, stop the fault thread, unregister
+the blocks (which wakes any thread still waiting on a page — onto a fresh zero page, which the
+abort flag marks as not guest data), join the vCPUs, close the descriptor, turn THP back on,
+unmap, and lock memory again if it was locked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from qmig.errors import QmigError
+from qmig.ram.blocks import BlockSpec, RamBlock, RamBlocks
+from qmig.ram.faults import FaultThread, PageRequest, StrayFault
+from qmig.ram.support import lock_memory_again, unlock_memory
+from qmig.ram.uffd import FEATURE_MISSING_HUGETLBFS, FEATURE_THREAD_ID, Userfaultfd
+from qmig.ram.workload import Vcpus, Workload, WorkloadResult
+
+
+class RamSession:
+    """Blocks, userfaultfd, fault thread and vCPUs of one destination."""
+
+    def __init__(self, specs: Iterable[BlockSpec]) -> None:
+        # Unlock before mapping: with MCL_FUTURE in force, new mappings are populated at once.
+        self._relock_flags = unlock_memory()
+        self.uffd: Userfaultfd | None = None
+        try:
+            self.blocks = RamBlocks(specs)
+        except BaseException:
+            self._relock()
+            raise
+        self._thp_off = False
+        try:
+            need = FEATURE_MISSING_HUGETLBFS if self.blocks.needs_huge_pages else 0
+            self.uffd = Userfaultfd(want_features=FEATURE_THREAD_ID, need_features=need)
+            self.blocks.attach(self.uffd)
+        except BaseException:
+            self._release()
+            raise
+        self.vcpus = Vcpus()
+        self.faults: FaultThread | None = None
+        self.results: list[WorkloadResult] = []
+
+    def __enter__(self) -> RamSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def block(self, idstr: str) -> RamBlock:
+        return self.blocks[idstr]
+
+    def start_faults(
+        self,
+        on_request: Callable[[PageRequest], None] | None = None,
+        on_stray: Callable[[StrayFault], None] | None = None,
+    ) -> FaultThread:
+        assert self.uffd is not None
+        self.faults = FaultThread(self.uffd, self.blocks, on_request, on_stray).start()
+        return self.faults
+
+    def start_vcpu(
+        self, idstr: str, workload: Workload, offset: int = 0, length: int | None = None
+    ) -> None:
+        self.vcpus.start(self.blocks[idstr], workload, offset, length)
+
+    def prepare_discard(self) -> None:
+        """Before the discards: THP off on every block (done by the first discard anyway)."""
+        self.blocks.set_thp(False)
+        self._thp_off = True
+
+    def discard(self, idstr: str, start: int, length: int) -> None:
+        """Discard ``[start, start+length)`` of block ``idstr`` (bytes, host-page aligned)."""
+        if not self._thp_off:
+            self.prepare_discard()
+        self.blocks[idstr].discard(start, length)
+
+    def close(self, join_timeout: float = 30.0) -> list[WorkloadResult]:
+        """Tear down in the safe order; returns the vCPUs' results."""
+        if self.uffd is None:
+            return self.results
+        self.vcpus.abort()
+        stuck_faults: BaseException | None = None
+        if self.faults is not None:
+            try:
+                self.faults.stop()
+            except QmigError as error:  # stuck in a callback; release the vCPUs regardless
+                stuck_faults = error
+        try:
+            self.blocks.detach()
+            self.results = self.vcpus.join(join_timeout)
+        except BaseException:
+            # A vCPU may still be running: leak the mappings rather than pull them from
+            # under it.
+            self._release(unmap=False)
+            raise
+        # A fault thread still inside a callback must not find its blocks unmapped.
+        self._release(unmap=stuck_faults is None)
+        if stuck_faults is not None:
+            raise stuck_faults
+        return self.results
+
+    def _release(self, *, unmap: bool = True) -> None:
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
+        if unmap:
+            self.blocks.set_thp(True)
+            self.blocks.close()
+        self._relock()
+
+    def _relock(self) -> None:
+        if self._relock_flags:
+            lock_memory_again(self._relock_flags)
+            self._relock_flags = 0

@@ -1,0 +1,223 @@
+"""Blocking byte streams for migration: TCP and UNIX sockets, and plain files.
+
+A :class:`Connection` is what the protocol runner reads the stream from and writes the return
+path to (both on the same connection, as QEMU does). Every OS failure comes out as a
+:class:`~qmig.errors.TransportError` whose WHAT is the URI, e.g.
+``tcp:127.0.0.1:4444: connection refused``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import socket
+
+from qmig.errors import TransportError
+from qmig.transport.uri import Address, FileAddress, TcpAddress, UnixAddress, parse_uri
+
+_REASONS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset by peer",
+    errno.EPIPE: "peer closed the connection",
+    errno.ENOENT: "no such file or directory",
+    errno.EACCES: "permission denied",
+    errno.EADDRNOTAVAIL: "address not available",
+    errno.ETIMEDOUT: "timed out",
+}
+
+
+def describe(error: OSError) -> str:
+    """A short lowercase reason for an OS error, without the errno number."""
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve host: {error.strerror}"
+    if isinstance(error, TimeoutError) and error.errno is None:
+        return "timed out"
+    if error.errno in _REASONS:
+        return _REASONS[error.errno]
+    return (error.strerror or str(error) or type(error).__name__).lower()
+
+
+class Connection:
+    """One end of a migration byte stream (a socket, or a file for one-way streams)."""
+
+    def __init__(
+        self, name: str, sock: socket.socket | None = None, file: io.BufferedIOBase | None = None
+    ):
+        if (sock is None) == (file is None):
+            raise ValueError("a Connection wraps exactly one socket or one file")
+        self.name = name
+        self.socket = sock
+        self._file = file
+
+    def fileno(self) -> int:
+        if self.socket is not None:
+            return self.socket.fileno()
+        assert self._file is not None
+        return self._file.fileno()
+
+    def recv_into(self, buffer: memoryview | bytearray) -> int:
+        """Read up to ``len(buffer)`` bytes; 0 means the peer finished sending."""
+        try:
+            if self.socket is not None:
+                return self.socket.recv_into(buffer)
+            assert self._file is not None
+            return self._file.readinto(buffer) or 0
+        except OSError as error:
+            raise TransportError(self.name, describe(error)) from None
+
+    def recv_exactly(self, size: int) -> bytes:
+        """Read exactly ``size`` bytes or raise TransportError (peer closed the connection)."""
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            count = self.recv_into(view[got:])
+            if count == 0:
+                raise TransportError(
+                    self.name, f"peer closed the connection ({got} of {size} bytes read)"
+                )
+            got += count
+        return bytes(buffer)
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            if self.socket is not None:
+                self.socket.sendall(data)
+            else:
+                assert self._file is not None
+                self._file.write(data)
+        except OSError as error:
+            raise TransportError(self.name, describe(error)) from None
+
+    def shutdown_write(self) -> None:
+        """Tell the peer nothing more will be sent, keep reading (a file is just flushed)."""
+        try:
+            if self.socket is not None:
+                self.socket.shutdown(socket.SHUT_WR)
+            else:
+                assert self._file is not None
+                self._file.flush()
+        except OSError as error:
+            if error.errno != errno.ENOTCONN:  # the peer is already gone: nothing to tell
+                raise TransportError(self.name, describe(error)) from None
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+        elif self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class Listener:
+    """A bound, listening socket (or, for ``file:``, the file an incoming side reads)."""
+
+    def __init__(self, address: Address, sock: socket.socket | None) -> None:
+        if isinstance(address, TcpAddress) and sock is not None:
+            # For tcp:HOST:0, remember the port the kernel chose (also after close()).
+            address = TcpAddress(address.host, sock.getsockname()[1])
+        self.address = address
+        self.socket = sock
+
+    @property
+    def uri(self) -> str:
+        return str(self.address)
+
+    def accept(self, timeout: float | None = None) -> Connection:
+        if isinstance(self.address, FileAddress):
+            return _open_file(self.address, writing=False)
+        assert self.socket is not None
+        self.socket.settimeout(timeout)
+        try:
+            sock, _peer = self.socket.accept()
+        except OSError as error:
+            raise TransportError(self.uri, describe(error)) from None
+        sock.settimeout(None)
+        _tune(sock)
+        return Connection(self.uri, sock=sock)
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            if isinstance(self.address, UnixAddress):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.address.path)
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _tune(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Return-path messages are small and latency-bound (page requests).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _open_file(address: FileAddress, writing: bool) -> Connection:
+    handle: io.BufferedIOBase
+    try:
+        # Owned by the returned Connection, which closes it.
+        handle = open(address.path, "wb") if writing else open(address.path, "rb")  # noqa: SIM115
+    except OSError as error:
+        raise TransportError(str(address), describe(error)) from None
+    return Connection(str(address), file=handle)
+
+
+def listen(uri: str | Address, backlog: int = 1) -> Listener:
+    """Bind and listen on ``uri`` (``tcp:HOST:0`` picks a free port: see ``Listener.address``)."""
+    address = parse_uri(uri) if isinstance(uri, str) else uri
+    if isinstance(address, FileAddress):
+        return Listener(address, None)
+    if isinstance(address, TcpAddress):
+        try:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            raise TransportError(str(address), describe(error)) from None
+        family, _type, _proto, _name, sockaddr = infos[0]
+        bind_to: str | tuple[object, ...] = sockaddr
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bind_to = str(address.path)
+    try:
+        sock.bind(bind_to)
+        sock.listen(backlog)
+    except OSError as error:
+        sock.close()
+        raise TransportError(str(address), describe(error)) from None
+    return Listener(address, sock)
+
+
+def connect(uri: str | Address, timeout: float | None = 30.0) -> Connection:
+    """Connect to ``uri``; for ``file:PATH``, create the file to write a one-way stream into."""
+    address = parse_uri(uri) if isinstance(uri, str) else uri
+    if isinstance(address, FileAddress):
+        return _open_file(address, writing=True)
+    try:
+        if isinstance(address, TcpAddress):
+            sock = socket.create_connection((address.host, address.port), timeout=timeout)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(str(address.path))
+            except OSError:
+                sock.close()
+                raise
+    except OSError as error:
+        raise TransportError(str(address), describe(error)) from None
+    sock.settimeout(None)
+    _tune(sock)
+    return Connection(str(address), sock=sock)

@@ -1,0 +1,591 @@
+"""userfaultfd scenarios, each run in its own process by ram_uffd_harness.run_scenario.
+
+A scenario that freezes (the failure mode userfaultfd invites) is killed by the harness's
+timeout instead of hanging the test run. Each prints one JSON document with its findings;
+the tests assert on it. ``{"skip": reason}`` means the host genuinely cannot run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qmig.ram._uffd import ffi, lib
+
+from qmig.errors import HostSupportError, QmigError
+from qmig.ram.blocks import TARGET_PAGE_SIZE, BlockSpec, RamBlock
+from qmig.ram.errors import FaultingSideGoneError, RamError
+from qmig.ram.faults import PageRequest
+from qmig.ram.session import RamSession
+from qmig.ram.support import huge_page_sizes, memory_locked_bytes
+from qmig.ram.uffd import Userfaultfd, probe
+from qmig.ram.workload import Pattern, Workload, tagged_pages
+
+MiB = 1 << 20
+HUGE = 2 * MiB
+TAG = 0x0DDC0FFEE0DDF00D
+SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {}
+
+
+def scenario(function: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    SCENARIOS[function.__name__] = function
+    return function
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds ``address`` (hg: THP asked, nh: THP refused)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+            start, end = (int(part, 16) for part in line.split(" ", 1)[0].split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return []
+
+
+def serve_from(session: RamSession, source: bytes | bytearray) -> Callable[[PageRequest], None]:
+    """A page source in the same process: answers each request with the source's bytes."""
+    view = memoryview(source)
+
+    def serve(request: PageRequest) -> None:
+        block = session.block(request.block)
+        block.receive_target_pages(
+            request.offset, view[request.offset : request.offset + request.length]
+        )
+
+    return serve
+
+
+def results_json(session: RamSession) -> list[dict[str, Any]]:
+    return [
+        {"touches": r.touches, "mismatches": r.mismatches, "aborted": r.aborted, "tid": r.thread_id}
+        for r in session.results
+    ]
+
+
+@scenario
+def handshake() -> dict[str, Any]:
+    offered = probe()
+    try:  # a feature no kernel has yet: the missing-feature path, for real
+        Userfaultfd(need_features=1 << 40).close()
+        missing_feature = None
+    except HostSupportError as error:
+        missing_feature = str(error)
+    with Userfaultfd() as uffd:
+        return {
+            "offered": offered.feature_list,
+            "api_ioctls": offered.ioctl_list,
+            "opened_via": uffd.opened_via,
+            "thread_id": uffd.has_thread_id,
+            "missing_feature": missing_feature,
+        }
+
+
+@scenario
+def handshake_refused() -> dict[str, Any]:
+    """Run as a user without access: one clear message, at once."""
+    try:
+        Userfaultfd().close()
+    except HostSupportError as error:
+        return {"message": str(error)}
+    return {"skip": "this user may open a userfaultfd (vm.unprivileged_userfaultfd=1?)"}
+
+
+@scenario
+def raw_faults() -> dict[str, Any]:
+    """Faults read straight from the descriptor, in batches, with addresses and thread ids."""
+    with RamSession([BlockSpec("pc.ram", 1 * MiB)]) as session:
+        block = session.block("pc.ram")
+        assert session.uffd is not None
+        for index in range(3):
+            session.start_vcpu("pc.ram", Workload(), index * 8192, 4096)
+        messages = []
+        deadline = time.monotonic() + 10
+        while len(messages) < 3 and time.monotonic() < deadline:
+            messages += session.uffd.read_faults(timeout_ms=100)
+        for message in messages:
+            block.receive_zero(message.address - block.host_address)
+        results = session.vcpus.join(10)
+        session.close()
+        return {
+            "offsets": sorted(m.address - block.host_address for m in messages),
+            "flags": [m.flags for m in messages],
+            "events": [m.event for m in messages],
+            "message_tids": sorted(m.thread_id for m in messages),
+            "vcpu_tids": sorted(r.thread_id for r in results),
+            "aborted": [r.aborted for r in results],
+        }
+
+
+@scenario
+def copy_modes() -> dict[str, Any]:
+    """COPY with DONTWAKE leaves the waiter asleep until WAKE; duplicates say EEXIST."""
+    with RamSession([BlockSpec("pc.ram", 1 * MiB)]) as session:
+        block = session.block("pc.ram")
+        uffd = session.uffd
+        assert uffd is not None
+        faults = session.start_faults()
+        session.start_vcpu("pc.ram", Workload(tag_xor=TAG), 0, TARGET_PAGE_SIZE)
+        request = faults.requests.get(timeout=10)
+        page = tagged_pages(0, TARGET_PAGE_SIZE, TAG)
+        source = ffi.from_buffer(page)
+        placed = uffd.copy(block.host_address, int(ffi.cast("uintptr_t", source)), 4096, wake=False)
+        time.sleep(0.2)
+        asleep_after_dontwake = session.vcpus.threads[0].alive
+        uffd.wake(block.host_address, TARGET_PAGE_SIZE)
+        woke = session.vcpus.threads[0].join(10)
+        duplicate = uffd.copy(block.host_address, int(ffi.cast("uintptr_t", source)), 4096)
+        # The block-level path: the same page twice, then a zero page twice.
+        first = block.receive_target_page(4096, bytes(tagged_pages(4096, 4096, TAG)))
+        again = block.receive_target_page(4096, bytes(tagged_pages(4096, 4096, TAG)))
+        zero = block.receive_zero(8192)
+        zero_again = block.receive_zero(8192)
+        results = session.close()
+        return {
+            "request": [request.block, request.offset, request.length],
+            "placed": placed,
+            "asleep_after_dontwake": asleep_after_dontwake,
+            "woke_after_wake": woke,
+            "duplicate_copy_placed": duplicate,
+            "block_first": list(first[:2]),
+            "block_again": list(again[:2]),
+            "zero": list(zero[:2]),
+            "zero_again": list(zero_again[:2]),
+            "mismatches": results[0].mismatches,
+            "aborted": results[0].aborted,
+            "stats": vars(block.stats),
+        }
+
+
+@scenario
+def concurrent() -> dict[str, Any]:
+    """Eight vCPUs, four sharing pages and four on their own, against a background stream that
+    pushes every page while the fault thread serves faults out of order."""
+    size = 16 * MiB
+    pages = size // TARGET_PAGE_SIZE
+    source = tagged_pages(0, size, TAG)
+    with RamSession([BlockSpec("pc.ram", size)]) as session:
+        block = session.block("pc.ram")
+        faults = session.start_faults(serve_from(session, source))
+        for seed in range(4):  # the same 4 MiB, random order, so they collide
+            session.start_vcpu(
+                "pc.ram",
+                Workload(Pattern.RANDOM, touches=512, seed=seed + 1, tag_xor=TAG),
+                0,
+                4 * MiB,
+            )
+        for index in range(4):  # each its own 3 MiB, sequential, writing
+            session.start_vcpu(
+                "pc.ram", Workload(write=True, tag_xor=TAG), 4 * MiB + index * 3 * MiB, 3 * MiB
+            )
+        attempts = 0
+        for offset in range(0, size, 64 * TARGET_PAGE_SIZE):  # the background stream
+            block.receive_target_pages(
+                offset, memoryview(source)[offset : offset + 64 * TARGET_PAGE_SIZE]
+            )
+            attempts += 64
+        results = session.vcpus.join(30)
+        # Once the stream has placed everything no new request can start; let the fault
+        # thread finish the ones it is serving.
+        settled = wait_for(lambda: faults.stats().pending == 0)
+        stats = faults.stats()
+        complete = block.complete
+        resent = block.receive_target_pages(0, source)  # the whole block again: all EEXIST
+        session.close()
+        return {
+            "pages": pages,
+            "attempts": attempts,
+            "placed": block.stats.placed_pages,
+            "duplicates": block.stats.duplicate_pages,
+            "resent": list(resent[:2]),
+            "complete": complete,
+            "settled": settled,
+            "requests": stats.requests,
+            "faults": stats.faults,
+            "pending": stats.pending,
+            "strays": stats.stray_faults,
+            "latency_count": stats.latency.count,
+            "results": [
+                {"touches": r.touches, "mismatches": r.mismatches, "aborted": r.aborted}
+                for r in results
+            ],
+            "fault_error": repr(faults.error) if faults.error else None,
+        }
+
+
+@scenario
+def faults_only() -> dict[str, Any]:
+    """Every page arrives through a fault, exactly once, with latency and blocktime."""
+    size = 8 * MiB
+    source = tagged_pages(0, size, TAG)
+    with RamSession([BlockSpec("pc.ram", size)]) as session:
+        block = session.block("pc.ram")
+        faults = session.start_faults(serve_from(session, source))
+        for index in range(2):
+            session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * size // 2, size // 2)
+        results = session.vcpus.join(30)
+        placed_all = session.blocks.wait_complete(10)
+        faults.stop()  # the pages were placed on the fault thread: its accounting is done
+        stats = faults.stats()
+        digest_ok = placed_all and block.digest() is not None
+        session.close()
+        return {
+            "pages": size // TARGET_PAGE_SIZE,
+            "placed": block.stats.placed_pages,
+            "duplicates": block.stats.duplicate_pages,
+            "requests": stats.requests,
+            "faults": stats.faults,
+            "latency": vars(stats.latency),
+            "blocktime": stats.blocktime_ns,
+            "threads": sorted(stats.blocktime_ns_by_thread),
+            "vcpu_tids": sorted(r.thread_id for r in results),
+            "mismatches": sum(r.mismatches for r in results),
+            "digest_ok": digest_ok,
+        }
+
+
+@scenario
+def discard_refault() -> dict[str, Any]:
+    size = 4 * MiB
+    source = tagged_pages(0, size, TAG)
+    with RamSession([BlockSpec("pc.ram", size)]) as session:
+        block = session.block("pc.ram")
+        faults = session.start_faults(serve_from(session, source))
+        block.receive_target_pages(0, source)  # all at once, one C loop
+        session.start_vcpu("pc.ram", Workload(tag_xor=TAG))
+        session.vcpus.join(30)
+        faults_before = faults.stats().faults
+        thp_before = vm_flags(block.host_address)
+        errors = []
+        for start, length in ((size - 4096, 8192), (100, 4096), (0, 0)):
+            try:
+                block.discard(start, length)
+            except RamError as error:
+                errors.append(str(error))
+        session.discard("pc.ram", 1 * MiB, 1 * MiB)
+        thp_after = vm_flags(block.host_address)
+        after_discard = block.received.count()
+        try:
+            block.read(1 * MiB, 8)
+            read_refused = False
+        except RamError:
+            read_refused = True
+        session.vcpus.threads.clear()
+        session.start_vcpu("pc.ram", Workload(tag_xor=TAG))
+        results = session.vcpus.join(30)
+        session.blocks.wait_complete(10)
+        faults.stop()
+        stats = faults.stats()
+        tag = int.from_bytes(block.read(1 * MiB, 8), "little")
+        session.close()
+        return {
+            "pages": size // 4096,
+            "faults_before": faults_before,
+            "after_discard": after_discard,
+            "faults_after": stats.faults,
+            "requests_after": stats.requests,
+            "errors": errors,
+            "read_refused": read_refused,
+            "complete_again": block.complete,
+            "mismatches": results[0].mismatches,
+            "tag_ok": tag == TAG ^ (1 * MiB),
+            "discarded": block.stats.discarded_target_pages,
+            "thp_before": "hg" in thp_before and "nh" not in thp_before,
+            "thp_off_after_discard": "nh" in thp_after and "hg" not in thp_after,
+        }
+
+
+@scenario
+def zero_pages() -> dict[str, Any]:
+    size = 1 * MiB
+    with RamSession([BlockSpec("pc.ram", size)]) as session:
+        block = session.block("pc.ram")
+        faults = session.start_faults(lambda r: block.receive_zero(r.offset, r.length))
+        block.receive_zero(0, size // 2)  # one call, one UFFDIO_ZEROPAGE run
+        session.start_vcpu("pc.ram", Workload(write=True))
+        results = session.vcpus.join(30)
+        session.blocks.wait_complete(10)
+        faults.stop()  # pages are placed on the fault thread: let its accounting finish
+        # The writer dirtied word 1 of each page; word 0 must still be zero.
+        words = [int.from_bytes(block.read(offset, 8), "little") for offset in range(0, size, 4096)]
+        session.close()
+        return {
+            "zero_pages": block.stats.zero_pages,
+            "pages": size // 4096,
+            "checksum": results[0].checksum,
+            "first_words_zero": not any(words),
+            "aborted": results[0].aborted,
+        }
+
+
+@scenario
+def huge_pages() -> dict[str, Any]:
+    free = huge_page_sizes().get(HUGE, (0, 0))[1]
+    if free < 4:
+        reserve = "echo 16 > /proc/sys/vm/nr_hugepages"
+        return {"skip": f"needs 4 free 2 MiB huge pages, {free} free ({reserve})"}
+    size = 2 * HUGE
+    source = tagged_pages(0, size, TAG)
+    with RamSession(
+        [BlockSpec("big.ram", size, HUGE), BlockSpec("lazy.ram", size, HUGE)]
+    ) as session:
+        big, lazy = session.block("big.ram"), session.block("lazy.ram")
+        view = memoryview(source)
+        for offset in range(0, HUGE - 4096, 4096):  # all but the last target page of page 0
+            big.receive_target_page(offset, view[offset : offset + 4096])
+        before_last = big.is_received(0) or big.stats.placed_pages
+        big.receive_target_page(HUGE - 4096, view[HUGE - 4096 : HUGE])
+        after_last = big.is_received(0, HUGE)
+        for offset in range(HUGE, size, 4096):  # host page 1: all zero, no ZEROPAGE on hugetlb
+            big.receive_zero(offset)
+        zero_word = int.from_bytes(big.read(HUGE + 8192, 8), "little")
+        requests: list[list[int]] = []
+
+        def serve(request: PageRequest) -> None:
+            requests.append([request.offset, request.length])
+            lazy.receive_target_pages(
+                request.offset, view[request.offset : request.offset + request.length]
+            )
+
+        faults = session.start_faults(serve)
+        session.start_vcpu("lazy.ram", Workload(Pattern.RANDOM, touches=2000, tag_xor=TAG))
+        results = session.vcpus.join(30)
+        session.blocks.wait_complete(10)
+        faults.stop()
+        stats = faults.stats()
+        tag_ok = int.from_bytes(big.read(4096, 8), "little") == TAG ^ 4096
+        session.close()
+        return {
+            "placed_before_last": bool(before_last),
+            "placed_after_last": after_last,
+            "big_stats": vars(big.stats),
+            "zero_word": zero_word,
+            "tag_ok": tag_ok,
+            "requests": sorted(requests),
+            "lazy_stats": vars(lazy.stats),
+            "mismatches": results[0].mismatches,
+            "faults": stats.faults,
+        }
+
+
+@scenario
+def huge_pages_unavailable() -> dict[str, Any]:
+    """A block whose huge-page size the host lacks fails at once, with a way out."""
+    errors = []
+    for page_size in (HUGE, 1 << 30):
+        try:
+            RamSession(
+                [BlockSpec("big.ram", 4096 * HUGE if page_size == HUGE else 1 << 30, page_size)]
+            ).close()
+            errors.append(None)
+        except HostSupportError as error:
+            errors.append(str(error))
+    return {"errors": errors}
+
+
+@scenario
+def shutdown_pending() -> dict[str, Any]:
+    """vCPUs wait on pages that never come; close() must release every one, as an error."""
+    with RamSession([BlockSpec("pc.ram", 4 * MiB)]) as session:
+        faults = session.start_faults(lambda request: None)  # a source that never answers
+        for index in range(4):
+            session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * MiB, MiB)
+        all_waiting = wait_for(lambda: faults.stats().requests >= 4)
+        started = time.monotonic()
+        results = session.close()
+        return {
+            "all_waiting": all_waiting,
+            "close_seconds": time.monotonic() - started,
+            "results": [
+                {"aborted": r.aborted, "mismatches": r.mismatches, "touches": r.touches}
+                for r in results
+            ],
+            "pending": faults.stats().pending,
+        }
+
+
+@scenario
+def stray_fault() -> dict[str, Any]:
+    """A fault on a registered area that is no block is reported with its address."""
+    with RamSession([BlockSpec("pc.ram", 1 * MiB)]) as session:
+        assert session.uffd is not None
+        outsider = RamBlock("outsider", 1 * MiB)
+        outsider.attach(session.uffd)
+        reported: list[int] = []
+        faults = session.start_faults(on_stray=lambda stray: reported.append(stray.address))
+        session.vcpus.start(outsider, Workload(tag_xor=TAG), 8192, 4096)
+        seen = wait_for(lambda: bool(reported))
+        session.vcpus.abort()
+        outsider.detach()
+        results = session.close()
+        outsider.close()
+        return {
+            "seen": seen,
+            "reported": reported,
+            "expected": outsider.host_address + 8192,
+            "strays": faults.stats().stray_faults,
+            "requests": faults.stats().requests,
+            "aborted": results[0].aborted,
+            "mismatches": results[0].mismatches,
+        }
+
+
+@scenario
+def faulting_side_gone() -> dict[str, Any]:
+    """ESRCH: the process that owned the area exited; ENOENT: the area was unmapped."""
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the faulting side: hands its userfaultfd over, as a vhost-user back end does
+        parent.close()
+        uffd = Userfaultfd()
+        error = ffi.new("int *")
+        address = int(lib.qmig_map_anon(MiB, 0, error))
+        uffd.register(address, MiB)
+        socket.send_fds(child, [address.to_bytes(8, "little")], [uffd.fd])
+        child.recv(1)
+        os._exit(0)
+    child.close()
+    message, fds, _, _ = socket.recv_fds(parent, 8, 1)
+    address = int.from_bytes(message, "little")
+    parent.send(b"x")
+    os.waitpid(pid, 0)
+    page = ffi.new("char[]", 4096)
+    gone = []
+    with Userfaultfd() as mine:
+        mine.fd, foreign = fds[0], mine.fd
+        try:
+            mine.copy(address, int(ffi.cast("uintptr_t", page)), 4096)
+            gone.append(None)
+        except FaultingSideGoneError as error:
+            gone.append(str(error))
+        os.close(mine.fd)
+        mine.fd = foreign
+        block = RamBlock("pc.ram", MiB)
+        block.attach(mine)
+        block.detach()
+        lib.qmig_unmap(block.host_address, MiB)
+        block.uffd = mine
+        try:
+            block.receive_target_page(0, bytes(4096))
+            gone.append(None)
+        except FaultingSideGoneError as error:
+            gone.append(str(error))
+    return {"gone": gone}
+
+
+@scenario
+def gil_trap() -> dict[str, Any]:
+    """What the read guard prevents: Python touching a missing page with the GIL held. The
+    fault thread can never run, so this freezes; the harness must kill it."""
+    with RamSession([BlockSpec("pc.ram", 1 * MiB)]) as session:
+        block = session.block("pc.ram")
+        session.start_faults(lambda request: block.receive_zero(request.offset, request.length))
+        print("touching", flush=True, file=sys.stderr)
+        raw = ffi.buffer(ffi.cast("char *", block.host_address), 4096)
+        return {"byte": raw[0:1].hex()}
+
+
+@scenario
+def read_guard() -> dict[str, Any]:
+    with RamSession([BlockSpec("pc.ram", 1 * MiB)]) as session:
+        block = session.block("pc.ram")
+        refused = []
+        for attempt in (lambda: block.read(0, 8), block.digest, lambda: block.read(4090, 10)):
+            try:
+                attempt()
+                refused.append(None)
+            except RamError as error:
+                refused.append(str(error))
+        block.receive_zero(0, 4096)
+        allowed = block.read(0, 8).hex()
+        return {"refused": refused, "allowed": allowed}
+
+
+@scenario
+def mlocked() -> dict[str, Any]:
+    """A process under mlockall(MCL_CURRENT | MCL_FUTURE) still gets faults: the session
+    unlocks before mapping its blocks and locks again at the end."""
+    if lib.qmig_mlockall(lib.MCL_CURRENT | lib.MCL_FUTURE) < 0:
+        return {"skip": "mlockall is not permitted here (needs CAP_IPC_LOCK or RLIMIT_MEMLOCK)"}
+    locked_before = memory_locked_bytes()
+    size = 2 * MiB
+    source = tagged_pages(0, size, TAG)
+    with RamSession([BlockSpec("pc.ram", size)]) as session:
+        block = session.block("pc.ram")
+        locked_during = memory_locked_bytes()
+        resident = int(lib.qmig_resident_pages(block.host_address, size))
+        faults = session.start_faults(serve_from(session, source))
+        session.start_vcpu("pc.ram", Workload(tag_xor=TAG))
+        results = session.vcpus.join(30)
+        served = faults.stats().faults
+        session.close()
+    return {
+        "locked_before": locked_before,
+        "locked_during": locked_during,
+        "resident_at_start": resident,
+        "faults": served,
+        "pages": size // 4096,
+        "mismatches": results[0].mismatches,
+        "locked_after": memory_locked_bytes(),
+    }
+
+
+@scenario
+def workloads() -> dict[str, Any]:
+    size = 4 * MiB
+    source = tagged_pages(0, size, TAG)
+    with RamSession([BlockSpec("pc.ram", size)]) as session:
+        block = session.block("pc.ram")
+        block.receive_target_pages(0, source)
+        kinds = {
+            "sequential": Workload(tag_xor=TAG, touches=3000),
+            "random": Workload(Pattern.RANDOM, tag_xor=TAG, touches=3000, seed=7),
+            "hotset": Workload(Pattern.HOTSET, tag_xor=TAG, touches=3000, hot_fraction=0.01),
+            "readwrite": Workload(write=True, tag_xor=TAG, touches=1024),
+            "dirtier": Workload.dirtier(rate=2000, touches=200),
+        }
+        out: dict[str, Any] = {}
+        for name, workload in kinds.items():
+            session.vcpus.threads.clear()
+            session.start_vcpu("pc.ram", workload)
+            (result,) = session.vcpus.join(30)
+            out[name] = {
+                "touches": result.touches,
+                "mismatches": result.mismatches,
+                "seconds": result.elapsed_ns / 1e9,
+            }
+        out["dirtied_word"] = int.from_bytes(block.read(4096 + 8, 8), "little")
+        return out
+
+
+def main() -> None:
+    name = sys.argv[1]
+    try:
+        found = SCENARIOS[name]()
+    except HostSupportError as error:
+        found = {"skip": str(error)}
+    except QmigError as error:
+        found = {"error": str(error)}
+    print(json.dumps(found))
+    sys.stdout.flush()
+    os._exit(0)  # do not wait on daemon threads a failed scenario may have left behind
+
+
+if __name__ == "__main__":
+    main()
