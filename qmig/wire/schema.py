@@ -26,14 +26,6 @@ MAX_MACHINE_TYPE_LENGTH = 4096  # qmig's bound on the be32 machine-type length
 CONFIGURATION_PREFIX = "configuration/"
 
 
-def _nonempty_name(what: str) -> cs.Construct:
-    """A counted name that QEMU rejects when empty (its reader returns 0 for both)."""
-    return cs.Struct(
-        "name" / Expect(CountedName, f"failed to read {what}"),
-        Require(lambda ctx: len(ctx.name) > 0, f"empty {what}"),
-    )
-
-
 class Schema:
     """The construct schemas for one QEMU version."""
 
