@@ -31,6 +31,7 @@ the functions that take the time.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import cProfile
 import io
@@ -192,6 +193,18 @@ def walk(path: Path) -> WalkCount:
     return count
 
 
+def cache_bytecode() -> None:
+    """Write qmig's bytecode, as an installed qmig has it.
+
+    Sessions and CI may set PYTHONDONTWRITEBYTECODE; then every ``qmig`` subprocess would
+    compile qmig's sources again (about 40 ms, a fifth of a zero-stream run), which is not
+    what a user's command costs. py_compile writes regardless of that setting.
+    """
+    import qmig
+
+    compileall.compile_dir(Path(qmig.__file__).parent, quiet=1)
+
+
 def run_command(command: list[str]) -> None:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
@@ -294,6 +307,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25, help="profile lines to print")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    cache_bytecode()
 
     random_path = cached(
         args.workdir,

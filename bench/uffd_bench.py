@@ -6,10 +6,14 @@ Run as root (or with userfaultfd access) from the repository::
     .venv/bin/python bench/uffd_bench.py            # full run, about 40 s
     .venv/bin/python bench/uffd_bench.py --quick    # smaller sizes
 
-Fault service: C vCPU threads touch every page of a fresh block once; the fault thread turns
-each fault into a request, and a page source in the same process answers it with
-``receive_target_pages``: the path a destination runner uses, minus the network. Baseline in
-the same run: the same faults served by a loop entirely in C (``qmig_serve_from``).
+Fault service: C vCPU threads touch every page of a fresh block once, served three ways:
+
+* qmig, C-served: the fault thread with an in-process page source (``sources=``), which reads,
+  places and logs faults in C (``qmig_serve_blocks``) — qmig's in-process figure, the headline;
+* qmig, Python requests: the fault thread turns each fault into a request and a Python page
+  source answers it with ``receive_target_pages`` — a destination runner's path, minus the
+  network;
+* bare C loop (``qmig_serve_from``): no bitmap, no statistics — the ceiling of this host.
 
 Each runs twice: with threads spread by the scheduler, and with every thread on one CPU.
 On hosts where waking an idle CPU is expensive (VMs with halt polling), the second can be
@@ -19,8 +23,13 @@ Copy throughput: UFFDIO_COPY of 4 KiB pages one ioctl each, and of larger batche
 many pages), next to memcpy of the same bytes into memory already faulted in, and into fresh
 memory (where memcpy, too, pays for page allocation).
 
-Each figure is the best of ``--repeat`` runs. The last line is the headline: the runner path's
-faults/s with one vCPU, the better of the two placements.
+Stream placement: page records laid out as on the wire (8-byte header, 4 KiB body) placed
+into a fresh block by ``RamBlock.place_records`` — registered (UFFDIO_COPY runs, postcopy) and
+not yet registered (direct writes, precopy before LISTEN) — and page by page with
+``receive_target_pages`` as the runner used to, beside memcpy into fresh memory.
+
+Each figure is the best of ``--repeat`` runs. The last line is the headline: qmig's C-served
+faults/s with one vCPU, the better of the two CPU placements.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import os
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +48,7 @@ from typing import Any
 from qmig.ram._uffd import ffi, lib
 
 from qmig.errors import QmigError
-from qmig.ram.blocks import TARGET_PAGE_SIZE, BlockSpec
+from qmig.ram.blocks import TARGET_PAGE_SIZE, BlockSpec, RamBlock
 from qmig.ram.faults import SPIN_US, FaultThread, LatencySummary, PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.uffd import Userfaultfd
@@ -98,7 +108,32 @@ def python_fault_thread(size: int, vcpus: int, spin_us: float) -> FaultRun:
         stats = faults.stats()
         session.close()
     return FaultRun(
-        "Python fault thread",
+        "qmig, Python requests",
+        vcpus,
+        stats.faults,
+        seconds,
+        stats.latency,
+        sum(result.mismatches for result in results),
+    )
+
+
+def c_served(size: int, vcpus: int, spin_us: float) -> FaultRun:
+    warm_up(2 * size)
+    source = tagged_pages(0, size, TAG)
+    with RamSession([BlockSpec("pc.ram", size)]) as session:
+        faults = session.start_faults(sources={"pc.ram": source})
+        faults.spin_ns = int(spin_us * 1000)
+        share = size // vcpus
+        started = time.perf_counter()
+        for index in range(vcpus):
+            session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * share, share)
+        results = session.vcpus.join(120)
+        seconds = time.perf_counter() - started
+        faults.stop()
+        stats = faults.stats()
+        session.close()
+    return FaultRun(
+        "qmig, C-served",
         vcpus,
         stats.faults,
         seconds,
@@ -149,7 +184,7 @@ def c_fault_loop(size: int, vcpus: int, spin_us: float) -> FaultRun:
         session.close()
     count = max(0, min(served[0], pages))
     return FaultRun(
-        "C fault loop",
+        "bare C loop",
         vcpus,
         served[0],
         seconds,
@@ -199,6 +234,50 @@ def copy_throughput(size: int, batch_pages: int) -> dict[str, float]:
     return figures
 
 
+def stream_placement(size: int) -> dict[str, float]:
+    """GiB/s placing wire-like page records into a fresh block, three ways, and memcpy."""
+    record = 8 + TARGET_PAGE_SIZE
+    run = 256  # records per call, about what one 1 MiB receive buffer holds
+    stream = bytearray(run * record)
+    for index in range(run):
+        stream[index * record + 8 : (index + 1) * record] = tagged_pages(0, TARGET_PAGE_SIZE, index)
+    data = memoryview(stream)
+    bodies = array("Q", range(8, run * record, record))
+    figures: dict[str, float] = {}
+    for label, register, batched in (
+        ("records, registered", True, True),
+        ("records, before LISTEN", False, True),
+        ("page by page", True, False),
+    ):
+        warm_up(size)
+        with RamSession([BlockSpec("pc.ram", size)], register=register) as session:
+            block = session.block("pc.ram")
+            block.set_thp(False)  # as the destination runner does
+
+            def place(block: RamBlock = block, batched: bool = batched) -> None:
+                for first in range(0, size, run * TARGET_PAGE_SIZE):
+                    if batched:
+                        end = first + run * TARGET_PAGE_SIZE
+                        headers = array("Q", range(first | 0x8, end, TARGET_PAGE_SIZE))
+                        block.place_records(headers, bodies, data, 0, 0x8)
+                    else:
+                        for index in range(run):
+                            at = index * record + 8
+                            block.receive_target_pages(
+                                first + index * TARGET_PAGE_SIZE, data[at : at + TARGET_PAGE_SIZE]
+                            )
+
+            figures[label] = size / timed(place) / GiB
+            session.close()
+    warm_up(size)
+    fresh = fresh_area(size)
+    source = tagged_pages(0, size, TAG)
+    src = int(ffi.cast("uintptr_t", ffi.from_buffer(source)))
+    figures["memcpy, fresh"] = size / timed(lambda: lib.qmig_memcpy(fresh, src, size)) / GiB
+    lib.qmig_unmap(fresh, size)
+    return figures
+
+
 def warm_up(size: int) -> None:
     """Touch ``size`` bytes and free them, right before a measurement. On a VM with free page
     reporting (virtio-balloon), memory freed a few seconds ago has been handed back to the host
@@ -235,10 +314,10 @@ def main() -> int:
 
     print(f"fault service: {fault_size // MiB} MiB, every 4 KiB page faulted once")
     print(f"{'':24}{'CPUs':>8}{'vCPUs':>7}{'faults/s':>12}{'p50':>10}{'p99':>10}{'max':>11}")
-    headline = 0.0
+    headline = requests = 0.0
     for one_cpu in (False, True):
         for vcpus in (1, 2):
-            for measure in (python_fault_thread, c_fault_loop):
+            for measure in (c_served, python_fault_thread, c_fault_loop):
                 with pinned(one_cpu):
                     runs = [measure(fault_size, vcpus, args.spin_us) for _ in range(args.repeat)]
                 run = max(runs, key=lambda each: each.rate)
@@ -251,8 +330,10 @@ def main() -> int:
                     f"{micro(run.latency.p50_ns):>10}{micro(run.latency.p99_ns):>10}"
                     f"{micro(run.latency.max_ns):>11}"
                 )
-                if measure is python_fault_thread and vcpus == 1:
+                if measure is c_served and vcpus == 1:
                     headline = max(headline, run.rate)
+                if measure is python_fault_thread and vcpus == 1:
+                    requests = max(requests, run.rate)
 
     print(f"\ncopy throughput: {copy_size // MiB} MiB into fresh anonymous 4 KiB pages, GiB/s")
     for batch in (1, 16, 512):
@@ -260,7 +341,12 @@ def main() -> int:
         figures = {name: max(each[name] for each in repeats) for name in repeats[0]}
         row = "  ".join(f"{name} {value:6.2f}" for name, value in figures.items())
         print(f"  {batch * 4:>5} KiB per ioctl:  {row}")
+    print(f"\nstream placement: {copy_size // MiB} MiB of wire-like page records, GiB/s")
+    repeats = [stream_placement(copy_size) for _ in range(args.repeat)]
+    figures = {name: max(each[name] for each in repeats) for name in repeats[0]}
+    print("  " + "  ".join(f"{name} {value:5.2f}" for name, value in figures.items()))
     print("reference (bare metal, C): CRIU lazy-pages ~3.2 GiB/s; KVM demand paging ~150k faults/s")
+    print(f"request path (Python page source): {requests:.0f} faults/s (1 vCPU)")
     print(f"{headline:.0f} faults/s")
     return 0
 

@@ -10,7 +10,6 @@ compares the dumps with the source's memory, page by page.
 from __future__ import annotations
 
 import json
-import mmap
 import random
 import subprocess
 import sys
@@ -22,13 +21,17 @@ from typing import Any
 
 from qmig.errors import QmigError, VerificationError
 from qmig.protocol.source import DeviceSnapshot, Source
-from qmig.runner.source import SourcePlan, SourceRunner
+from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import Dirtier, GuestRam
-from qmig.transport import connect, listen
+from qmig.transport import connect, limit_buffers, listen
 
 MiB = 1 << 20
 TARGET_PAGE = 4096
 PEER_TIMEOUT = 120.0
+VERIFY_CHUNK = 16 << 20  # below glibc's largest mmap threshold, so the buffer is reused
+# The destination's SO_RCVBUF. Unset, Linux lets a loopback receive buffer grow to
+# net.ipv4.tcp_rmem's maximum (32 MiB here), and a requested page waits behind all of it.
+RECEIVE_BUFFER = 64 << 10
 
 
 @dataclass
@@ -40,11 +43,46 @@ class SimulationConfig:
     vcpus: int = 2
     touches: int | None = None
     dirty_rate: float = 20000.0  # pages per second, on the source, until switchover
+    working_set: int | None = None  # bytes at the start of RAM the source dirties; None: all
     postcopy_after: int | None = 1  # None: precopy only
     bandwidth: float | None = None  # bytes per second
     version: str | None = None
     seed: int = 1
     zero_fraction: float = 0.5
+    # Socket buffers (bytes, doubled by the kernel); None leaves Linux's autotuning on.
+    send_buffer: int | None = SEND_BUFFER
+    receive_buffer: int | None = RECEIVE_BUFFER
+
+    def check(self) -> None:
+        """Refuse, in one line naming the option, what would fail later in the other process."""
+        from qmig.wire.schema import schema_for
+
+        if not self.blocks:
+            raise QmigError("--blocks", "no RAM blocks")
+        seen: set[str] = set()
+        for name, size in self.blocks:
+            if name in seen:
+                raise QmigError("--blocks", f"block {name!r} is given twice")
+            seen.add(name)
+            if not 0 < len(name.encode()) <= 255:
+                raise QmigError("--blocks", f"block name {name!r} must be 1 to 255 bytes")
+            if size <= 0 or size % TARGET_PAGE:
+                raise QmigError(
+                    "--blocks", f"{name}: size {size} is not a positive multiple of 4 KiB"
+                )
+        if self.vcpus < 1:
+            raise QmigError("--vcpus", f"must be at least 1, not {self.vcpus}")
+        if self.touches is not None and self.touches < 0:
+            raise QmigError("--touches", f"must not be negative, not {self.touches}")
+        if self.dirty_rate < 0:
+            raise QmigError("--dirty-rate", f"must not be negative, not {self.dirty_rate:g}")
+        if self.working_set is not None and self.working_set < 0:
+            raise QmigError("--working-set", "must not be negative")
+        if self.postcopy_after is not None and self.postcopy_after < 0:
+            raise QmigError("--postcopy-after", f"must be 0 or more, not {self.postcopy_after}")
+        if self.bandwidth is not None and self.bandwidth <= 0:
+            raise QmigError("--bandwidth", f"must be positive, not {self.bandwidth / MiB:g}")
+        schema_for(self.version)  # an unknown --qemu-version, before a process is started
 
 
 def default_devices(seed: int) -> list[DeviceSnapshot]:
@@ -62,6 +100,7 @@ def run_simulation(
     config: SimulationConfig, on_progress: Callable[[str, int], None] | None = None
 ) -> dict[str, Any]:
     """Run one migration; return the summary (raises on failure or a verification error)."""
+    config.check()
     ram = GuestRam.generate(config.blocks, zero_fraction=config.zero_fraction, seed=config.seed)
     with (
         tempfile.TemporaryDirectory(prefix="qmig-simulate-") as workdir,
@@ -69,6 +108,9 @@ def run_simulation(
     ):
         dump_dir = Path(workdir) / "ram"
         assert listener.socket is not None
+        if config.receive_buffer is not None:
+            # Before the source connects: the accepted socket inherits it, window scale too.
+            limit_buffers(listener.socket, receive=config.receive_buffer)
         command = [
             sys.executable,
             "-m",
@@ -135,8 +177,21 @@ def _run_source(
         postcopy_ram=config.postcopy_after is not None,
         devices=default_devices(config.seed),
     )
-    dirtier = Dirtier(ram, config.dirty_rate, seed=config.seed + 1) if config.dirty_rate else None
-    plan = SourcePlan(postcopy_after=config.postcopy_after, bandwidth=config.bandwidth)
+    dirtier = (
+        Dirtier(
+            ram,
+            config.dirty_rate,
+            seed=config.seed + 1,
+            working_set=None if config.working_set is None else config.working_set // TARGET_PAGE,
+        )
+        if config.dirty_rate
+        else None
+    )
+    plan = SourcePlan(
+        postcopy_after=config.postcopy_after,
+        bandwidth=config.bandwidth,
+        send_buffer=config.send_buffer,
+    )
     with connect(uri) as connection:
         runner = SourceRunner(connection, source, plan, dirtier=dirtier, on_progress=on_progress)
         report = runner.run()
@@ -163,24 +218,34 @@ def _collect(peer: subprocess.Popen[str], kill: bool = False) -> tuple[dict[str,
 def verify(ram: GuestRam, dump_dir: Path) -> list[tuple[str, int]]:
     """Pages that differ between the source's memory and the destination's dump."""
     mismatches: list[tuple[str, int]] = []
+    # The dump is read into one reused buffer and compared with a view of the source's
+    # memory: bytearray == buffer is one memcmp, with no GiB-sized copies to fault in.
+    buffer = bytearray(VERIFY_CHUNK)
     for block, memory in zip(ram.blocks, ram.maps, strict=True):
         path = dump_dir / (block.idstr.replace("/", "_") + ".bin")
         if not path.exists():
             raise VerificationError("verify", f"the destination did not dump {block.idstr!r}")
-        with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as dump:
-            if len(dump) < block.used_length:
-                raise VerificationError(
-                    "verify", f"{block.idstr!r}: dump has {len(dump)} of {block.used_length} bytes"
-                )
-            if dump[: block.used_length] == memory[: block.used_length]:
-                continue
-            step = 256 * TARGET_PAGE
-            for chunk in range(0, block.used_length, step):
-                if dump[chunk : chunk + step] == memory[chunk : chunk + step]:
+        size = path.stat().st_size
+        if size < block.used_length:
+            raise VerificationError(
+                "verify", f"{block.idstr!r}: dump has {size} of {block.used_length} bytes"
+            )
+        # Released on leaving the block, so that the mmap can still be closed afterwards.
+        with memoryview(memory) as source, path.open("rb", buffering=0) as file:
+            for chunk in range(0, block.used_length, VERIFY_CHUNK):
+                length = min(VERIFY_CHUNK, block.used_length - chunk)
+                view = memoryview(buffer)[:length]
+                if file.readinto(view) != length:
+                    raise VerificationError("verify", f"{block.idstr!r}: short read of the dump")
+                data = buffer if length == VERIFY_CHUNK else buffer[:length]
+                if data == source[chunk : chunk + length]:
                     continue
-                for page in range(chunk, min(chunk + step, block.used_length), TARGET_PAGE):
-                    if dump[page : page + TARGET_PAGE] != memory[page : page + TARGET_PAGE]:
-                        mismatches.append((block.idstr, page))
+                for page in range(0, length, TARGET_PAGE):
+                    if (
+                        view[page : page + TARGET_PAGE]
+                        != source[chunk + page : chunk + page + TARGET_PAGE]
+                    ):
+                        mismatches.append((block.idstr, chunk + page))
     return mismatches
 
 
@@ -213,7 +278,11 @@ def _summary(
         "qemu_version": source.profile.name,
         "ram_bytes": sum(size for _, size in config.blocks),
         "blocks": {name: size for name, size in config.blocks},
-        "total_s": round(max(report.finished, destination["finished"]) - report.started, 3),
+        # Migration start → the source has the destination's SHUT, i.e. the destination has
+        # consumed the whole stream (QEMU's source-side total-time ends at the same point).
+        # The destination's own end adds the workload's finish and the dump for verification.
+        "total_s": round(report.finished - report.started, 3),
+        "destination_done_s": round(destination["finished"] - report.started, 3),
         "downtime_ms": None if downtime is None else round(downtime, 2),
         "precopy_passes": report.passes,
         "precopy": {
@@ -237,9 +306,15 @@ def _summary(
             "p99": round(latency.get("p99_ns", 0) / 1000, 1),
             "max": round(latency.get("max_ns", 0) / 1000, 1),
         },
+        # The two ends of a fault's latency: on the destination, fault → REQ_PAGES sent; on
+        # the source, REQ_PAGES read → its pages written into the socket.
         "request_sent_us": {
             "p50": round(_percentile(sent_ns, 0.5) / 1000, 1),
             "p99": round(_percentile(sent_ns, 0.99) / 1000, 1),
+        },
+        "request_served_us": {
+            "p50": round(_percentile(report.served_ns, 0.5) / 1000, 1),
+            "p99": round(_percentile(report.served_ns, 0.99) / 1000, 1),
         },
         "blocktime_ms": round(faults.get("blocktime_ns", 0) / 1e6, 2),
         "pages_total": total_pages,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qmig.capture import INDEX_NAME, RETURN_PATH_NAME, STREAM_NAME, read_capture
-from qmig.capture.inspect import count_return_path, find_discard_commands
+from qmig.inspect import count_return_path, find_discard_commands
 from qmig.qemu.guest import MIB, GuestSpec, boot_sector, known_data, loader_args
 from qmig.qemu.machine import Machine, MachineConfig, qemu_version
 from qmig.qemu.scenario import FilePlan, PostcopyPlan, run_postcopy, run_precopy_to_file
@@ -76,7 +76,6 @@ def stream_observations(stream: bytes) -> dict[str, Any]:
             {"offset": c.offset, "block": c.block, "ranges": c.ranges[:3]} for c in discards[:8]
         ],
         "last_byte": stream[-1:].hex(),
-        "note": "discards found by exact framing search, not a full parse",
     }
 
 

@@ -4,15 +4,19 @@ Each subcommand module defines ``register(subparsers) -> None``, which adds its 
 ``func`` (taking the parsed ``argparse.Namespace`` and returning an exit code). Errors derived
 from :class:`qmig.errors.QmigError` become one line on stderr and exit status 1; nothing ends
 in a traceback.
+
+Start-up time is part of every command's cost (``qmig inspect`` on a stream is measured
+against ``cat``), so only the chosen command's module is imported. :data:`COMMANDS` names
+every subcommand with its one-line help, which is all ``qmig --help`` needs;
+``tests/test_cli.py`` checks that the table matches the modules and their own help.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from qmig import __version__
 from qmig.errors import QmigError
@@ -20,19 +24,52 @@ from qmig.errors import QmigError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
+COMMANDS_PACKAGE = "qmig.cli.commands"
 
-def build_parser() -> argparse.ArgumentParser:
+# name -> the help line its module's register() gives (kept equal by tests/test_cli.py)
+COMMANDS: dict[str, str] = {
+    "capture": "relay a migration between two QEMUs and record both directions",
+    "doctor": "check that this host supports postcopy (userfaultfd, huge pages, mlock, THP)",
+    "fuzz": "fuzz qmig's parsers and destination, or diff its verdicts with a real QEMU's",
+    "inspect": "decode a recorded migration stream (and its return path) record by record",
+    "receive": "be the destination of a real QEMU migration (postcopy or precopy)",
+    "replay": "replay a recorded migration into a real QEMU destination",
+    "simulate": "run a full, verified postcopy migration between a qmig source and destination",
+}
+
+
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported and registers its full parser.
+
+    Every other subcommand gets a placeholder with its help line, enough for ``--help`` and
+    for argparse's "invalid choice" message. ``command=None`` leaves them all placeholders.
+    """
     parser = argparse.ArgumentParser(
         prog="qmig", description="QEMU live-migration stream simulator"
     )
     parser.add_argument("--version", action="version", version=f"qmig {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from qmig.cli import commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        module.register(subparsers)
+    for name, help_line in COMMANDS.items():
+        if name == command:
+            load_command(name).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_line)
     return parser
+
+
+def load_command(name: str) -> ModuleType:
+    """The module of one subcommand (imported on demand)."""
+    import importlib
+
+    return importlib.import_module(f"{COMMANDS_PACKAGE}.{name}")
 
 
 def fail(message: str) -> int:
@@ -41,8 +78,9 @@ def fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(chosen_command(words))
+    args = parser.parse_args(words)
     try:
         return int(args.func(args) or 0)
     except QmigError as error:

@@ -124,10 +124,20 @@ class Destination:
         self._check_usable()
         if self._pending:
             return self._pending.pop(0)
+        if self.phase is Phase.DONE:
+            # QEMU stops reading once the load is complete (the listen thread at a postcopy
+            # EOF, the main thread after VMDESCRIPTION): whatever follows is never looked at.
+            return END
         while True:
             try:
                 record = self.reader.next_record()
             except RemoteProtocolError as error:
+                if self.phase is Phase.AFTER_EOF:
+                    # After a precopy EOF, QEMU only reports a missing, wrong or short
+                    # VMDESCRIPTION ("Expected vmdescription section"): the state is loaded.
+                    self._pending.append(ev.Notice(error.what, error.detail, error.offset))
+                    self._complete(postcopy=False)
+                    return self._pending.pop(0)
                 raise self._failed(error) from None
             if record is NEED_DATA:
                 return NEED_DATA

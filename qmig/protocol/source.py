@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import enum
 import json
+import re
+import sys
 from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -42,6 +44,7 @@ from qmig.wire.schema import schema_for
 RAM_SECTION_ID = 2
 FIRST_DEVICE_SECTION_ID = 3
 DIRTY = 1
+DIRTY_RUNS = re.compile(b"\x01+")  # runs of dirty target pages in a dirty map
 
 
 class SourcePhase(enum.Enum):
@@ -108,6 +111,8 @@ class Source:
         devices: Sequence[DeviceSnapshot] = (),
         pages_per_section: int = 512,
         host_page_size: int = 4096,
+        configuration: m.Configuration | None = None,
+        vmdescription: bytes | None = None,
     ) -> None:
         self.schema = schema_for(version)
         self.profile = self.schema.profile
@@ -115,6 +120,9 @@ class Source:
         self.blocks = list(blocks)
         self.by_name = {block.idstr: block for block in self.blocks}
         self.machine_type = machine_type
+        # A replay passes the captured CONFIGURATION and VMDESCRIPTION, to resend them as is.
+        self.configuration = configuration or m.Configuration(machine_type)
+        self.vmdescription = vmdescription
         self.postcopy_ram = postcopy_ram
         self.return_path = return_path or postcopy_ram
         self.devices = list(devices)
@@ -131,6 +139,13 @@ class Source:
         self._requests: deque[tuple[SourceBlock, int]] = deque()  # (block, target page)
         self._last_request_block: SourceBlock | None = None
         self._ping = 0
+        self._discard_templates: dict[tuple[str, int], bytes] = {}
+        # Every RAM SECTION_PART opens and closes with the same bytes: build them once, not
+        # per section (construct costs more than a section of zero pages).
+        self._part_open = self.schema.build_section(m.SectionPart(RAM_SECTION_ID))
+        self._part_close = self.schema.build_ram_flag("EOS") + self.schema.build_footer(
+            RAM_SECTION_ID
+        )
         self.pass_complete = False
         for block in self.blocks:
             block.dirty = bytearray(b"\x01") * self._pages(block)
@@ -144,7 +159,7 @@ class Source:
         schema = self.schema
         out = self._out
         out += schema.header.build(m.StreamHeader(self.profile.stream_version))
-        out += schema.configuration.build(m.Configuration(self.machine_type))
+        out += schema.configuration.build(self.configuration)
         if self.return_path:
             out += schema.build_command(m.OpenReturnPath())
             self._send_ping()
@@ -187,6 +202,11 @@ class Source:
     def dirty_pages(self) -> int:
         return sum(block.dirty.count(DIRTY) for block in self.blocks)
 
+    @property
+    def pending_requests(self) -> int:
+        """Host pages requested on the return path and not yet put in the stream."""
+        return len(self._requests)
+
     def start_postcopy(self) -> None:
         """Switch over: the guest is stopped; discard what changed, hand over devices and run."""
         self._require(SourcePhase.PRECOPY, "start_postcopy")
@@ -219,7 +239,10 @@ class Source:
         out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
         out += self._device_sections()
         out += schema.eof.build(m.Eof())
-        out += schema.vmdescription.build(m.VmDescription(self._vmdescription()))
+        description = self.vmdescription
+        if description is None:
+            description = self._vmdescription()
+        out += schema.vmdescription.build(m.VmDescription(description))
         self.phase = SourcePhase.COMPLETING if self.return_path else SourcePhase.DONE
 
     # --- output ---------------------------------------------------------------------------
@@ -228,6 +251,12 @@ class Source:
         """Up to about ``budget`` bytes of stream (at least one section while pages remain)."""
         if self.phase is SourcePhase.PRECOPY and not self.pass_complete and len(self._out) < budget:
             self._precopy_section(budget - len(self._out))
+            # More sections while a whole page still fits: a section of zero pages is only a
+            # few hundred bytes, and one per call would make a pass thousands of calls. Each
+            # is sized for a quarter of the budget at least (overshooting it by that at most),
+            # not for what is left, or sections shrink to a page or two.
+            while not self.pass_complete and budget - len(self._out) > self.target_page_size + 8:
+                self._precopy_section(max(budget - len(self._out), budget // 4))
         elif self.phase is SourcePhase.POSTCOPY and len(self._out) < budget:
             self._postcopy_section(budget - len(self._out))
         out = bytes(self._out)
@@ -239,9 +268,9 @@ class Source:
         if batch is None:
             self.pass_complete = True
             return
-        self._out += self.schema.build_section(m.SectionPart(RAM_SECTION_ID))
+        self._out += self._part_open
         self._out += self._page_records(*batch, postcopy=False)
-        self._out += self.schema.build_ram_flag("EOS") + self.schema.build_footer(RAM_SECTION_ID)
+        self._out += self._part_close
 
     def _postcopy_section(self, budget: int) -> None:
         records = bytearray()
@@ -253,15 +282,20 @@ class Source:
             if wanted:
                 records += self._page_records(block, wanted, postcopy=True, requested=True)
                 pages -= len(wanted)
+            # As QEMU's source does, the background sweep goes on after the requested page:
+            # a guest that faulted there is likely to touch the pages that follow next.
+            self._cursor = (self.blocks.index(block), first + per_host)
         if pages > 0 and not self._requests:
             batch = self._next_dirty_batch(pages)
+            if batch is None and self._cursor != (0, 0):
+                self._cursor = (0, 0)  # wrap: a jump may have skipped pages before it
+                batch = self._next_dirty_batch(pages)
             if batch is not None:
                 records += self._page_records(*batch, postcopy=True)
         if records:
-            self._out += self.schema.build_section(m.SectionPart(RAM_SECTION_ID))
+            self._out += self._part_open
             self._out += records
-            self._out += self.schema.build_ram_flag("EOS")
-            self._out += self.schema.build_footer(RAM_SECTION_ID)
+            self._out += self._part_close
         elif not self._requests and self.dirty_pages() == 0:
             self._finish_postcopy()
 
@@ -308,8 +342,12 @@ class Source:
     ) -> bytes:
         # Every page record section starts by naming its block, as QEMU's does.
         data, zeros = self._scanner.emit(block.ram, pages, block.idstr)
-        for page in pages:
-            block.dirty[page] = 0
+        first, last = pages[0], pages[-1]
+        if last - first + 1 == len(pages):  # a contiguous batch, the usual case: one slice
+            block.dirty[first : last + 1] = bytes(len(pages))
+        else:
+            for page in pages:
+                block.dirty[page] = 0
         if postcopy:
             self.stats.postcopy_pages += len(pages)
             self.stats.postcopy_zero_pages += zeros
@@ -344,28 +382,46 @@ class Source:
             at = dirty.find(DIRTY, first + per_host)
 
     def _send_discards(self, block: SourceBlock) -> None:
-        ranges: list[m.DiscardRange] = []
-        dirty = block.dirty
-        at = dirty.find(DIRTY)
-        while at >= 0:
-            end = dirty.find(0, at)
-            end = len(dirty) if end < 0 else end
-            length = (
-                min(end * self.target_page_size, block.used_length) - at * self.target_page_size
-            )
-            ranges.append(m.DiscardRange(at * self.target_page_size, length))
-            self.stats.discarded_pages += end - at
-            at = dirty.find(DIRTY, end)
-        limit = self.profile.max_discard_ranges
-        for first in range(0, len(ranges), limit):
-            chunk = tuple(ranges[first : first + limit])
-            self._out += self.schema.build_command(m.PostcopyRamDiscard(block.idstr, chunk))
+        # Switchover is downtime: a guest dirtying pages at random leaves tens of thousands of
+        # runs, so the runs are found by the regex engine and packed as one big-endian array,
+        # and only each command's prefix comes from the schema (see _discard_command).
+        size = self.target_page_size
+        ranges = array("Q")
+        for run in DIRTY_RUNS.finditer(block.dirty):
+            start, end = run.span()
+            ranges.append(start * size)
+            ranges.append(min(end * size, block.used_length) - start * size)
+            self.stats.discarded_pages += end - start
+        if sys.byteorder == "little":
+            ranges.byteswap()
+        packed = ranges.tobytes()
+        step = 16 * self.profile.max_discard_ranges
+        for first in range(0, len(packed), step):
+            self._out += self._discard_command(block.idstr, packed[first : first + step])
             self.stats.discard_commands += 1
+
+    def _discard_command(self, idstr: str, packed: bytes) -> bytes:
+        """POSTCOPY_RAM_DISCARD for ``packed`` (start, length) pairs, as big-endian u64s.
+
+        The schema builds the command with as many zero ranges (once per block and count);
+        the ranges are its last bytes, so the real ones replace them."""
+        count = len(packed) // 16
+        key = (idstr, count)
+        template = self._discard_templates.get(key)
+        if template is None:
+            zeros = (m.DiscardRange(0, 0),) * count
+            built = self.schema.build_command(m.PostcopyRamDiscard(idstr, zeros))
+            template = self._discard_templates[key] = built[: len(built) - len(packed)]
+        return template + packed
 
     def _device_sections(self) -> bytes:
         out = bytearray()
         for number, device in enumerate(self.devices):
-            section_id = device.section_id or FIRST_DEVICE_SECTION_ID + number
+            section_id = (
+                device.section_id
+                if device.section_id is not None  # 0 is a real id (QEMU's "timer")
+                else FIRST_DEVICE_SECTION_ID + number
+            )
             out += self.schema.build_section(
                 m.SectionFull(section_id, device.idstr, device.instance_id, device.version_id)
             )

@@ -109,6 +109,56 @@ uint64_t qmig_bitmap_count(const uint8_t *map, uint64_t start, uint64_t count);
 uint64_t qmig_bitmap_next_clear(const uint8_t *map, uint64_t start, uint64_t end);
 
 int qmig_workload_run(struct qmig_workload *w);
+
+/* A block as the batched placement sees it. Python owns the memory behind every pointer. */
+struct qmig_block {
+    int32_t fd;               /* the userfaultfd it is registered with; -1: write directly */
+    int32_t zeropage;         /* 1: UFFDIO_ZEROPAGE works here (not on hugetlb) */
+    uint64_t host;            /* first byte of the mapping */
+    uint64_t length;          /* used length */
+    uint64_t page_size;       /* host page size */
+    uint64_t max_run;         /* target pages per placing ioctl, at most QMIG_SCRATCH_PAGES */
+    uint8_t *bitmap;          /* received, one bit per target page */
+    uint64_t *placed_ns;      /* per host page: when it went in (registered only), or NULL */
+    uint8_t *staging;         /* huge pages: the host page being gathered (page_size bytes) */
+    uint8_t *staged;          /* huge pages: one flag per target page of that host page */
+    uint64_t staging_page;    /* the host page being gathered; UINT64_MAX: none */
+    uint64_t staged_count;
+    uint64_t served;          /* host pages placed by qmig_serve_blocks */
+};
+
+/* Outcome of one qmig_place_records call. */
+struct qmig_records_result {
+    uint64_t placed;          /* host pages placed by ioctl */
+    uint64_t zero;            /* of which zero pages */
+    uint64_t written;         /* target pages written directly (not registered yet) */
+    uint64_t existing;        /* records whose page was already in place */
+    uint64_t ioctls;          /* placing ioctls issued */
+    uint64_t first_page;      /* host pages placed by ioctl lie in [first_page, end_page) */
+    uint64_t end_page;
+    uint64_t t_ns;            /* CLOCK_MONOTONIC at the end */
+    uint64_t error_record;    /* the record that failed, when the call returns < 0 */
+};
+
+#define QMIG_SCRATCH_PAGES ...
+
+int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_base,
+                       const uint64_t *headers, const uint64_t *bodies, uint64_t count,
+                       uint64_t page_flag, int replace, struct qmig_records_result *res);
+int qmig_block_sweep(struct qmig_block *b);
+
+/* One fault as qmig_serve_blocks saw it. */
+struct qmig_served {
+    uint64_t read_ns;         /* CLOCK_MONOTONIC right after read() */
+    uint64_t placed_ns;       /* when its page went in; 0: it was in place already (late) */
+    uint64_t address;
+    uint32_t tid;             /* 0 unless UFFD_FEATURE_THREAD_ID */
+    int32_t block;            /* index into blocks; -1: in no block (stray), or not a fault */
+};
+
+int64_t qmig_serve_blocks(int uffd, int quitfd, struct qmig_block **blocks,
+                          uint8_t **sources, int nblocks, uint64_t spin_ns,
+                          struct qmig_served *log, uint64_t log_cap, int *stop);
 """
 
 C_SOURCE = r"""
@@ -116,12 +166,15 @@ C_SOURCE = r"""
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
@@ -489,6 +542,451 @@ void qmig_fill_tags(uint64_t dst, uint64_t len, uint64_t stride, uint64_t tag_ba
 {
     for (uint64_t off = 0; off + sizeof(uint64_t) <= len; off += stride)
         *(uint64_t *)(uintptr_t)(dst + off) = tag_xor ^ (tag_base + off);
+}
+
+/* --- batched placement of stream records ---------------------------------------------- */
+
+#define QMIG_TARGET_PAGE 4096ull
+#define QMIG_SCRATCH_PAGES 512
+#define QMIG_MADV_POPULATE_WRITE 23  /* Linux 5.14; older kernels say EINVAL */
+
+struct qmig_block {
+    int32_t fd, zeropage;
+    uint64_t host, length, page_size, max_run;
+    uint8_t *bitmap;
+    uint64_t *placed_ns;
+    uint8_t *staging, *staged;
+    uint64_t staging_page, staged_count, served;
+};
+
+struct qmig_records_result {
+    uint64_t placed, zero, written, existing, ioctls, first_page, end_page, t_ns, error_record;
+};
+
+/* Pages are gathered into one contiguous buffer so that a run of them costs one ioctl: the
+   records' bodies sit 8+ bytes apart in the stream, and a memcpy (~10 GiB/s) is much cheaper
+   than the per-ioctl cost it saves. One buffer per thread, kept for the thread's life, since
+   several threads may place into 4 KiB blocks at once. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_key_make(void) { pthread_key_create(&scratch_key, free); }
+
+static uint8_t *scratch_buffer(void)
+{
+    pthread_once(&scratch_once, scratch_key_make);
+    uint8_t *buffer = pthread_getspecific(scratch_key);
+    if (!buffer) {
+        if (posix_memalign((void **)&buffer, QMIG_TARGET_PAGE,
+                           QMIG_SCRATCH_PAGES * QMIG_TARGET_PAGE))
+            return NULL;
+        pthread_setspecific(scratch_key, buffer);
+    }
+    return buffer;
+}
+
+static void note_placed(struct qmig_block *b, uint64_t host_page, uint64_t pages, uint64_t now,
+                        struct qmig_records_result *res)
+{
+    if (b->placed_ns)
+        for (uint64_t k = 0; k < pages; k++)
+            b->placed_ns[host_page + k] = now;
+    if (host_page < res->first_page)
+        res->first_page = host_page;
+    if (host_page + pages > res->end_page)
+        res->end_page = host_page + pages;
+}
+
+/* Place `pages` host pages from host page `host_page` on, from src (contiguous) or as zero
+   pages, with as few ioctls as the kernel allows. A page already there (EEXIST: another
+   thread, or a duplicate arrival) is marked and skipped; EAGAIN (the mm is changing) retries.
+   Bits are set after each ioctl, never before: a set bit promises the page is readable. */
+static int place_host_pages(struct qmig_block *b, uint64_t host_page, const uint8_t *src,
+                            uint64_t pages, int zero, struct qmig_records_result *res)
+{
+    uint64_t per = b->page_size / QMIG_TARGET_PAGE;
+    uint64_t i = 0;
+    unsigned retries = 0;
+    while (i < pages) {
+        uint64_t dst = b->host + (host_page + i) * b->page_size;
+        uint64_t len = (pages - i) * b->page_size;
+        int64_t done = 0;
+        int ret = zero ? qmig_uffd_zeropage(b->fd, dst, len, 0, &done)
+                       : qmig_uffd_copy(b->fd, dst, (uint64_t)(uintptr_t)(src + i * b->page_size),
+                                        len, 0, &done);
+        res->ioctls++;
+        uint64_t whole = (uint64_t)done / b->page_size;
+        if (whole) {
+            uint64_t now = qmig_now_ns();
+            qmig_bitmap_set(b->bitmap, (host_page + i) * per, whole * per);
+            note_placed(b, host_page + i, whole, now, res);
+            res->placed += whole;
+            if (zero)
+                res->zero += whole;
+            i += whole;
+            retries = 0;
+        }
+        if (ret == 0)
+            continue;
+        if (ret == -EAGAIN) {
+            if (!whole && ++retries > 100000)
+                return ret;
+            sched_yield();
+            continue;
+        }
+        if (ret == -EEXIST) {
+            qmig_bitmap_set(b->bitmap, (host_page + i) * per, per);
+            res->existing++;
+            i++;
+            continue;
+        }
+        return ret;
+    }
+    return 0;
+}
+
+static inline const uint8_t *record_body(const uint8_t *data, uint64_t data_base,
+                                         const uint64_t *bodies, uint64_t i)
+{
+    return data + (bodies[i] - data_base);
+}
+
+/* Before registration: write straight into the mapping, as QEMU does in precopy. Zero pages
+   are written too, not skipped: the write populates the page, so that after registration it
+   can never fault with its bit set, and a page discarded before LISTEN still holds its old
+   bytes until the sweep (a clear bit says nothing about the contents). */
+static void write_direct(struct qmig_block *b, uint64_t offset, const uint8_t *body, int is_data)
+{
+    uint8_t *dst = (uint8_t *)(uintptr_t)(b->host + offset);
+    if (is_data)
+        memcpy(dst, body, QMIG_TARGET_PAGE);
+    else
+        memset(dst, body[0], QMIG_TARGET_PAGE);
+    qmig_bitmap_set(b->bitmap, offset / QMIG_TARGET_PAGE, 1);
+}
+
+/* Huge host pages: gather target pages in the block's staging page and place the host page
+   with one UFFDIO_COPY once all of them are there. Postcopy sends a host page's target pages
+   together (QEMU checks it), so one staging page per block suffices; another host page
+   arriving while one is incomplete is -EBUSY. */
+static int stage_target_page(struct qmig_block *b, uint64_t offset, const uint8_t *body,
+                             int is_data, struct qmig_records_result *res)
+{
+    uint64_t per = b->page_size / QMIG_TARGET_PAGE;
+    uint64_t host_page = offset / b->page_size;
+    uint64_t index = (offset % b->page_size) / QMIG_TARGET_PAGE;
+    if (bit_test(b->bitmap, host_page * per)) {
+        res->existing++;
+        return 0;
+    }
+    if (b->staging_page != host_page) {
+        if (b->staging_page != UINT64_MAX && b->staged_count)
+            return -EBUSY;
+        b->staging_page = host_page;
+        b->staged_count = 0;
+        memset(b->staged, 0, per);
+    }
+    uint8_t *slot = b->staging + index * QMIG_TARGET_PAGE;
+    if (is_data)
+        memcpy(slot, body, QMIG_TARGET_PAGE);
+    else
+        memset(slot, body[0], QMIG_TARGET_PAGE);
+    if (!b->staged[index]) {
+        b->staged[index] = 1;
+        b->staged_count++;
+    }
+    if (b->staged_count < per)
+        return 0;
+    b->staging_page = UINT64_MAX;
+    b->staged_count = 0;
+    return place_host_pages(b, host_page, b->staging, 1, 0, res);
+}
+
+/* Place a run of ZERO/PAGE records into block b in one call. Record i's header is its target
+   page offset | flags (page_flag set: a data page, else a fill-byte page); its body (4 KiB of
+   data, or the fill byte) is at data + bodies[i] - data_base.
+
+   Registered 4 KiB blocks: consecutive not-yet-received pages are coalesced into one
+   UFFDIO_COPY (data, via the per-thread scratch buffer) or UFFDIO_ZEROPAGE (zero fill), up to
+   max_run pages. With `replace` (precopy re-sends after registration), a page already in
+   place is dropped first (MADV_DONTNEED) and placed again; without it, it is a duplicate.
+   Registered huge blocks: whole-host-page assembly (stage_target_page). Not registered (fd
+   < 0): direct writes. Returns 0, or -errno with res->error_record set (-ERANGE: an offset
+   outside the block; -EBUSY: interleaved huge host pages; ENOENT/ESRCH: faulting side gone). */
+int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_base,
+                       const uint64_t *headers, const uint64_t *bodies, uint64_t count,
+                       uint64_t page_flag, int replace, struct qmig_records_result *res)
+{
+    const uint64_t mask = QMIG_TARGET_PAGE - 1;
+    memset(res, 0, sizeof(*res));
+    res->first_page = UINT64_MAX;
+    int huge = b->page_size != QMIG_TARGET_PAGE;
+    uint64_t max_run = b->max_run && b->max_run < QMIG_SCRATCH_PAGES ? b->max_run
+                                                                      : QMIG_SCRATCH_PAGES;
+    uint8_t *scratch = NULL;
+    int ret = 0;
+    uint64_t i = 0;
+    while (i < count) {
+        uint64_t offset = headers[i] & ~mask;
+        if (offset >= b->length || b->length - offset < QMIG_TARGET_PAGE) {
+            ret = -ERANGE;
+            break;
+        }
+        const uint8_t *body = record_body(data, data_base, bodies, i);
+        int is_data = (headers[i] & page_flag) != 0;
+        if (b->fd < 0) {
+            /* A run of pages not yet here is populated with one madvise first: allocating
+               pages in bulk beats taking a page fault on each first write. */
+            if (!huge && !bit_test(b->bitmap, offset / QMIG_TARGET_PAGE)) {
+                uint64_t run = 1;
+                while (i + run < count && run < QMIG_SCRATCH_PAGES &&
+                       (headers[i + run] & ~mask) == offset + run * QMIG_TARGET_PAGE &&
+                       (headers[i + run] & ~mask) < b->length &&
+                       !bit_test(b->bitmap, offset / QMIG_TARGET_PAGE + run))
+                    run++;
+                if (run >= 16)
+                    madvise((void *)(uintptr_t)(b->host + offset), run * QMIG_TARGET_PAGE,
+                            QMIG_MADV_POPULATE_WRITE);  /* a hint: failure costs nothing */
+                for (uint64_t k = 0; k < run; k++)
+                    write_direct(b, (headers[i + k] & ~mask),
+                                 record_body(data, data_base, bodies, i + k),
+                                 (headers[i + k] & page_flag) != 0);
+                res->written += run;
+                i += run;
+                continue;
+            }
+            write_direct(b, offset, body, is_data);
+            res->written++;
+            i++;
+            continue;
+        }
+        if (huge) {
+            ret = stage_target_page(b, offset, body, is_data, res);
+            if (ret < 0)
+                break;
+            i++;
+            continue;
+        }
+        uint64_t page = offset / QMIG_TARGET_PAGE;
+        if (bit_test(b->bitmap, page)) {
+            if (!replace) {
+                res->existing++;
+                i++;
+                continue;
+            }
+            qmig_bitmap_clear(b->bitmap, page, 1);
+            ret = qmig_madvise(b->host + offset, QMIG_TARGET_PAGE, MADV_DONTNEED);
+            if (ret < 0)
+                break;
+        }
+        int zero = !is_data && body[0] == 0 && b->zeropage;
+        /* Extend the run over following records: the next page, same kind, not yet here. */
+        uint64_t run = 1;
+        while (i + run < count && run < max_run) {
+            uint64_t next = headers[i + run];
+            const uint8_t *next_body = record_body(data, data_base, bodies, i + run);
+            int next_data = (next & page_flag) != 0;
+            int next_zero = !next_data && next_body[0] == 0 && b->zeropage;
+            if ((next & ~mask) != offset + run * QMIG_TARGET_PAGE || next_zero != zero ||
+                (next & ~mask) >= b->length || bit_test(b->bitmap, page + run))
+                break;
+            run++;
+        }
+        const uint8_t *src = NULL;
+        if (run == 1 && is_data) {
+            src = body;  /* a lone page: straight from the stream (COPY takes any alignment) */
+        } else if (!zero) {
+            if (!scratch && !(scratch = scratch_buffer())) {
+                ret = -ENOMEM;
+                break;
+            }
+            for (uint64_t k = 0; k < run; k++) {
+                const uint8_t *from = record_body(data, data_base, bodies, i + k);
+                if (headers[i + k] & page_flag)
+                    memcpy(scratch + k * QMIG_TARGET_PAGE, from, QMIG_TARGET_PAGE);
+                else
+                    memset(scratch + k * QMIG_TARGET_PAGE, from[0], QMIG_TARGET_PAGE);
+            }
+            src = scratch;
+        }
+        ret = place_host_pages(b, page, src, run, zero, res);
+        if (ret < 0)
+            break;
+        i += run;
+    }
+    if (ret < 0)
+        res->error_record = i;
+    if (res->first_page == UINT64_MAX)
+        res->first_page = res->end_page = 0;
+    res->t_ns = qmig_now_ns();
+    return ret;
+}
+
+/* MADV_DONTNEED over many ranges. process_madvise() takes up to 1024 ranges per call and,
+   on recent kernels, flushes the TLB once for all of them instead of once per range: discards
+   come by the tens of thousands, scattered, and each flush interrupts every CPU this process
+   runs on. Falls back to one madvise() per range where process_madvise() is refused. */
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_process_madvise
+#define SYS_process_madvise 440
+#endif
+#define QMIG_IOV_MAX 1024
+
+struct qmig_drop { struct iovec iov[QMIG_IOV_MAX]; int n; };
+
+static int drop_flush(struct qmig_drop *d)
+{
+    static int pidfd = -2;  /* -2: not tried yet; -1: process_madvise unavailable */
+    int n = d->n;
+    d->n = 0;
+    if (!n)
+        return 0;
+    if (pidfd == -2) {
+        long fd = syscall(SYS_pidfd_open, getpid(), 0);
+        pidfd = fd < 0 ? -1 : (int)fd;
+    }
+    if (pidfd >= 0) {
+        size_t total = 0;
+        for (int k = 0; k < n; k++)
+            total += d->iov[k].iov_len;
+        long done = syscall(SYS_process_madvise, pidfd, d->iov, (size_t)n, MADV_DONTNEED, 0);
+        if (done == (long)total)
+            return 0;
+        if (done < 0 && errno != EINVAL && errno != ENOSYS && errno != EPERM)
+            return -errno;
+        /* Refused or partial: madvise() below is idempotent, do them all. */
+    }
+    for (int k = 0; k < n; k++)
+        if (madvise(d->iov[k].iov_base, d->iov[k].iov_len, MADV_DONTNEED) < 0)
+            return -errno;
+    return 0;
+}
+
+static int drop_add(struct qmig_drop *d, uint64_t start, uint64_t len)
+{
+    d->iov[d->n].iov_base = (void *)(uintptr_t)start;
+    d->iov[d->n].iov_len = len;
+    return ++d->n == QMIG_IOV_MAX ? drop_flush(d) : 0;
+}
+
+/* At registration: drop every populated host page that holds no received target page
+   (MADV_DONTNEED), so that it faults. These are the pages discarded before LISTEN (a discard
+   before registration only clears bits and leaves the dropping to this sweep, batched), and
+   neighbours that precopy's direct writes populated (a transparent huge page is filled
+   whole): a populated page never faults, so after registration it would be read as stale
+   data or zeros instead of being requested. mincore() finds them in one call per 64 MiB.
+   Returns host pages dropped, or -errno. */
+int qmig_block_sweep(struct qmig_block *b)
+{
+    enum { CHUNK = 16384 };  /* base pages per mincore() call */
+    static __thread struct qmig_drop drop;
+    unsigned char vec[CHUNK];
+    uint64_t base = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t per = b->page_size / QMIG_TARGET_PAGE;
+    uint64_t base_per_page = b->page_size / base;
+    uint64_t pages = b->length / b->page_size;
+    uint64_t chunk_pages = CHUNK / base_per_page ? CHUNK / base_per_page : 1;
+    uint64_t dropped = 0;
+    int ret = 0;
+    drop.n = 0;
+    for (uint64_t first = 0; first < pages && !ret; first += chunk_pages) {
+        uint64_t n = pages - first < chunk_pages ? pages - first : chunk_pages;
+        if (mincore((void *)(uintptr_t)(b->host + first * b->page_size), n * b->page_size, vec))
+            return -errno;
+        uint64_t run_start = UINT64_MAX;
+        for (uint64_t k = 0; k <= n && !ret; k++) {
+            int drop_it = 0;
+            if (k < n && (vec[k * base_per_page] & 1))
+                drop_it = !qmig_bitmap_count(b->bitmap, (first + k) * per, per);
+            if (drop_it && run_start == UINT64_MAX)
+                run_start = k;
+            if (!drop_it && run_start != UINT64_MAX) {
+                ret = drop_add(&drop, b->host + (first + run_start) * b->page_size,
+                               (k - run_start) * b->page_size);
+                dropped += k - run_start;
+                run_start = UINT64_MAX;
+            }
+        }
+    }
+    if (!ret)
+        ret = drop_flush(&drop);
+    return ret < 0 ? ret : (int)dropped;
+}
+
+struct qmig_served {
+    uint64_t read_ns, placed_ns, address;
+    uint32_t tid;
+    int32_t block;
+};
+
+/* The fault loop of an in-process page source, entirely in C: read faults in batches, place
+   each missing host page from sources[block] (same layout as the block) with UFFDIO_COPY,
+   keep the bitmap, and log every fault with its times for the Python side's statistics.
+   No Python object per fault, no GIL. Stops, returning the faults logged, when quitfd is
+   readable (*stop = 0), the log is full (1), or after a fault in no block (2: the last entry,
+   block -1, for Python to report). Returns -errno on a failed read or placement. */
+int64_t qmig_serve_blocks(int uffd, int quitfd, struct qmig_block **blocks,
+                          uint8_t **sources, int nblocks, uint64_t spin_ns,
+                          struct qmig_served *log, uint64_t log_cap, int *stop)
+{
+    struct qmig_fault faults[64];
+    struct qmig_records_result res;
+    uint64_t n = 0;
+    int got = 0, quit = 0;
+    *stop = 0;
+    while (n < log_cap) {
+        int room = log_cap - n < 64 ? (int)(log_cap - n) : 64;
+        got = (got > 0 && spin_ns) ? qmig_fault_spin(uffd, spin_ns, faults, room) : 0;
+        if (got == 0) {
+            if (quit)
+                return (int64_t)n;
+            got = qmig_fault_wait(uffd, quitfd, -1, faults, room, &quit);
+        }
+        if (got < 0)
+            return got;
+        for (int k = 0; k < got; k++) {
+            struct qmig_served *entry = &log[n++];
+            uint64_t addr = faults[k].address;
+            entry->read_ns = faults[k].t_ns;
+            entry->address = addr;
+            entry->tid = faults[k].tid;
+            entry->placed_ns = 0;
+            entry->block = -1;
+            if (faults[k].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            for (int i = 0; i < nblocks; i++) {
+                struct qmig_block *b = blocks[i];
+                if (addr < b->host || addr >= b->host + b->length)
+                    continue;
+                entry->block = i;
+                uint64_t host_page = (addr - b->host) / b->page_size;
+                uint64_t per = b->page_size / QMIG_TARGET_PAGE;
+                if (bit_test(b->bitmap, host_page * per))
+                    break;  /* placed between the fault and our read: already woken */
+                memset(&res, 0, sizeof(res));
+                res.first_page = UINT64_MAX;
+                int ret = place_host_pages(b, host_page, sources[i] + host_page * b->page_size,
+                                           1, 0, &res);
+                if (ret < 0)
+                    return ret;
+                __atomic_fetch_add(&b->served, res.placed, __ATOMIC_RELAXED);
+                entry->placed_ns = res.placed ? b->placed_ns ? b->placed_ns[host_page]
+                                                             : qmig_now_ns()
+                                              : 0;
+                break;
+            }
+            if (entry->block < 0)
+                *stop = 2;  /* reported after this batch: its messages are read already */
+        }
+        if (*stop == 2)
+            return (int64_t)n;
+        if (quit)
+            return (int64_t)n;
+    }
+    *stop = 1;
+    return (int64_t)n;
 }
 
 static inline uint64_t xorshift(uint64_t *s)

@@ -5,7 +5,13 @@ backed by an anonymous private mapping (hugetlb when its page size is larger tha
 Pages arrive as 4 KiB *target* pages; the kernel can only place whole *host* pages, so a
 block with 2 MiB pages gathers the 512 target pages of a host page in a staging buffer and
 places them with one UFFDIO_COPY. The received bitmap has one bit per target page, set only
-once the host page holding it is in place, and is shared with the C placement loop.
+once the page is in place, and lives in a buffer the C placement code reads and writes.
+
+A block is written in two ways, as QEMU's is. Before it is registered with userfaultfd
+(precopy, up to LISTEN) pages are copied straight into the mapping: nothing can fault yet, and
+a memcpy is several times cheaper than an ioctl. Once registered, every page goes in with
+UFFDIO_COPY/ZEROPAGE, atomically, waking whoever waits on it. :meth:`RamBlock.place_records`
+does either for a whole run of stream records in one C call (``qmig_place_records``).
 
 Reading RAM from Python is guarded: touching a page that is not in place would block this
 thread inside the kernel *while it holds the GIL*, and the fault thread, which needs the GIL to
@@ -15,15 +21,17 @@ refuse ranges that are not wholly placed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
 import time
+from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qmig.errors import HostSupportError
 from qmig.ram._uffd import ffi, lib
@@ -35,6 +43,7 @@ from qmig.ram.uffd import (
     REQUIRED_RANGE_IOCTLS,
     PlaceResult,
     Userfaultfd,
+    _placement_error,
     missing,
     place_pages,
 )
@@ -121,21 +130,40 @@ class BlockStats:
     zero_pages: int = 0  # of which placed as zero pages
     duplicate_pages: int = 0  # arrivals for host pages already in place (EEXIST)
     discarded_target_pages: int = 0
+    written_pages: int = 0  # target pages written directly, before registration
 
 
-class _Staging:
-    """A host page being gathered from its target pages."""
+class RecordsResult(NamedTuple):
+    """What one :meth:`RamBlock.place_records` call did."""
 
-    def __init__(self, page_size: int) -> None:
-        self.buffer = ffi.new("char[]", page_size)  # zeroed, so zero target pages need no copy
-        self.address = int(ffi.cast("uintptr_t", self.buffer))
-        self.arrived: set[int] = set()
+    placed: int  # host pages placed with an ioctl
+    zero: int  # of which zero pages
+    written: int  # target pages written directly (block not registered yet)
+    existing: int  # records for pages already in place (EEXIST or marked)
+    ioctls: int
+    t_ns: int
+
+
+# Record headers are ``offset | flags``; offsets are 4 KiB aligned, so any low bit can mark
+# a data page in the records this module makes up for its per-page entry points.
+_DATA_FLAG = 0x8
+_ZERO_BYTE = b"\0"
 
 
 class RamBlock:
     """One named RAM area with its received bitmap and host-page placement."""
 
-    def __init__(self, idstr: str, used_length: int, page_size: int = HOST_PAGE_SIZE) -> None:
+    def __init__(
+        self,
+        idstr: str,
+        used_length: int,
+        page_size: int = HOST_PAGE_SIZE,
+        *,
+        remote_address: int | None = None,
+    ) -> None:
+        """``remote_address``: the block is another process's memory, at that address in its
+        address space, reachable only through a userfaultfd it handed over (see
+        :mod:`qmig.ram.handoff`). Nothing is mapped here, and nothing here may read it."""
         if page_size < HOST_PAGE_SIZE or page_size & (page_size - 1):
             raise RamError(f"block '{idstr}': page size {page_size} is not a host page size")
         if used_length <= 0 or used_length % page_size:
@@ -150,17 +178,34 @@ class RamBlock:
         self.target_pages = used_length // TARGET_PAGE_SIZE
         self.host_pages = used_length // page_size
         self.targets_per_host_page = page_size // TARGET_PAGE_SIZE
-        self.host_address = self._map()
+        self.remote = remote_address is not None
+        self.host_address = self._map() if remote_address is None else remote_address
         self.end_address = self.host_address + used_length
         self.received = PageBitmap(self.target_pages)
         self.stats = BlockStats()
         self.placement_listener: PlacementListener | None = None
         self.uffd: Userfaultfd | None = None
-        self._staging: dict[int, _Staging] = {}
         self._lock = threading.Lock()
-        self._zero_source: Any = None
+        # The huge-page staging state lives in the C struct; calls that may touch it are
+        # serialised by this lock (4 KiB blocks need none: their scratch is per thread).
+        self._place_lock = threading.Lock()
+        self._detached = False
         self._closed = False
-        if not self.huge:
+        self._c: Any = ffi.new("struct qmig_block *")
+        self._c.fd = -1
+        self._c.zeropage = int(not self.huge)
+        self._c.host = self.host_address
+        self._c.length = used_length
+        self._c.page_size = page_size
+        self._c.max_run = MAX_RUN_PAGES
+        self._c.bitmap = self.received.cdata
+        self._c.staging_page = (1 << 64) - 1
+        self._placed_ns: Any = ffi.NULL
+        self._keep: list[Any] = []  # buffers the C struct points to
+        if self.huge:
+            self._keep += [ffi.new("uint8_t[]", page_size), ffi.new("uint8_t[]", page_size)]
+            self._c.staging, self._c.staged = self._keep
+        if not self.huge and not self.remote:
             # Guest RAM wants THP, as a VMM asks for it; it is turned off around discards.
             lib.qmig_madvise(self.host_address, used_length, lib.MADV_HUGEPAGE)
 
@@ -198,13 +243,32 @@ class RamBlock:
 
     # --- registration -------------------------------------------------------------------
 
+    @property
+    def c_block(self) -> Any:
+        """The ``struct qmig_block *`` C code places through (for the C-served fault loop)."""
+        return self._c
+
+    @property
+    def registered(self) -> bool:
+        return self.uffd is not None
+
     def attach(self, uffd: Userfaultfd) -> None:
-        """Register the block in MISSING mode and check the ioctls postcopy needs on it."""
+        """Register the block in MISSING mode and check the ioctls postcopy needs on it.
+
+        Pages written before (directly, see the module docstring) stay; populated pages that
+        hold nothing received are dropped first, so that they fault (``qmig_block_sweep``)."""
+        if self.remote:
+            raise RamError(f"block '{self.idstr}': another process's block is registered there")
         if self.huge and not uffd.offered.features & FEATURE_MISSING_HUGETLBFS:
             raise HostSupportError(
                 "userfaultfd",
                 f"missing userfault features: MISSING_HUGETLBFS, needed by block "
                 f"'{self.idstr}' with {size_text(self.page_size)} pages (use a newer kernel)",
+            )
+        dropped = lib.qmig_block_sweep(self._c)
+        if dropped < 0:
+            raise RamError(
+                f"block '{self.idstr}': sweep before registering: {os.strerror(-dropped)}"
             )
         ioctls = uffd.register(self.host_address, self.used_length)
         required = REQUIRED_HUGE_RANGE_IOCTLS if self.huge else REQUIRED_RANGE_IOCTLS
@@ -216,17 +280,40 @@ class RamBlock:
                 f"missing userfault ioctls on block '{self.idstr}': {', '.join(lacking)} "
                 "(use a newer kernel)",
             )
+        # When each host page went in: the fault thread's latency, per page, even for pages
+        # placed in the middle of a long run.
+        self._placed_ns = ffi.new("uint64_t[]", self.host_pages)
+        with self._place_lock:
+            self._c.placed_ns = self._placed_ns
+            self._c.fd = uffd.fd
+        self.uffd = uffd
+
+    def attach_handed_over(self, uffd: Userfaultfd) -> None:
+        """Place into another process's block through the descriptor it handed over (it has
+        registered the block already)."""
+        self._placed_ns = ffi.new("uint64_t[]", self.host_pages)
+        with self._place_lock:
+            self._c.placed_ns = self._placed_ns
+            self._c.fd = uffd.fd
         self.uffd = uffd
 
     def detach(self) -> None:
         """Unregister. Threads still waiting on missing pages are woken onto zero pages."""
-        if self.uffd is not None and not self.uffd.closed:
+        with self._place_lock:
+            self._c.fd = -1
+            self._detached = True
+        if self.uffd is not None and not self.uffd.closed and not self.remote:
             self.uffd.unregister(self.host_address, self.used_length)
         self.uffd = None
 
+    def placed_at(self, host_page: int) -> int:
+        """CLOCK_MONOTONIC ns when ``host_page`` was placed by the batched path (0: unknown)."""
+        placed = self._placed_ns
+        return 0 if placed == ffi.NULL else int(placed[host_page])
+
     def set_thp(self, enabled: bool) -> None:
         """THP off before discards (a collapse would fill discarded pages with zeros)."""
-        if not self.huge:
+        if not self.huge and not self.remote:
             advice = lib.MADV_HUGEPAGE if enabled else lib.MADV_NOHUGEPAGE
             lib.qmig_madvise(self.host_address, self.used_length, advice)
 
@@ -271,17 +358,100 @@ class RamBlock:
             or (offset | length) & (TARGET_PAGE_SIZE - 1)
         ):
             self._target_range(offset, length, "page data")  # raises the precise error
+        count = length // TARGET_PAGE_SIZE
+        if self.huge or not self.registered:
+            headers = array("Q", range(offset | _DATA_FLAG, offset + length, TARGET_PAGE_SIZE))
+            bodies = array("Q", range(0, length, TARGET_PAGE_SIZE))
+            return self._as_place_result(self.place_records(headers, bodies, data, 0, _DATA_FLAG))
         address = int(ffi.cast("uintptr_t", source))
-        if not self.huge:
-            return self._place(offset // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE, address)
-        return self._gather(offset // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE, address)
+        return self._place(offset // TARGET_PAGE_SIZE, count, address)
 
     def receive_zero(self, offset: int, length: int = TARGET_PAGE_SIZE) -> PlaceResult:
         """Accept zero target pages (UFFDIO_ZEROPAGE; huge pages copy a zeroed page)."""
         first, count = self._target_range(offset, length, "zero page")
-        if not self.huge:
-            return self._place(first, count, 0, zero=True)
-        return self._gather(first, count, 0)
+        if self.huge or not self.registered:
+            headers = array("Q", range(offset, offset + length, TARGET_PAGE_SIZE))
+            bodies = array("Q", bytes(8 * count))
+            return self._as_place_result(
+                self.place_records(headers, bodies, _ZERO_BYTE, 0, _DATA_FLAG)
+            )
+        return self._place(first, count, 0, zero=True)
+
+    def _as_place_result(self, result: RecordsResult) -> PlaceResult:
+        return PlaceResult(result.placed + result.written, result.existing, result.t_ns)
+
+    def place_records(
+        self,
+        headers: Any,
+        bodies: Any,
+        data: Any,
+        data_base: int,
+        page_flag: int,
+        *,
+        replace: bool = False,
+    ) -> RecordsResult:
+        """Place a run of ZERO/PAGE records in one C call, with no per-page Python.
+
+        ``headers[i]`` (uint64) is record i's target-page offset in the block ORed with
+        flags: ``page_flag`` set means 4 KiB of page data, clear means a page filled with
+        one byte. Its body (the data, or the fill byte) is at ``data[bodies[i] - data_base]``.
+        Registered, consecutive missing pages go in with one ioctl per run (EEXIST: already
+        there; EAGAIN: retried); huge-page blocks gather whole host pages first. ``replace``:
+        a page already in place is dropped and placed again (precopy re-sends after
+        registration); unregistered blocks are simply overwritten.
+        """
+        count = len(headers)
+        if count == 0:
+            return RecordsResult(0, 0, 0, 0, 0, lib.qmig_now_ns())
+        if len(bodies) != count:
+            raise RamError(f"block '{self.idstr}': {count} record headers but {len(bodies)} bodies")
+        result = ffi.new("struct qmig_records_result *")
+        c_headers = ffi.from_buffer("uint64_t[]", headers)
+        c_bodies = ffi.from_buffer("uint64_t[]", bodies)
+        c_data = ffi.from_buffer(data)
+        if self._detached:
+            raise RamError(f"block '{self.idstr}': pages arrived after it was torn down")
+        if self.remote and not self.registered:
+            self._local("direct write")
+        if self.huge and self.registered:
+            with self._place_lock:
+                ret = lib.qmig_place_records(
+                    self._c, c_data, data_base, c_headers, c_bodies, count, page_flag,
+                    int(replace), result
+                )  # fmt: skip
+        else:
+            ret = lib.qmig_place_records(
+                self._c, c_data, data_base, c_headers, c_bodies, count, page_flag, int(replace),
+                result
+            )  # fmt: skip
+        done = RecordsResult(
+            result.placed, result.zero, result.written, result.existing, result.ioctls,
+            result.t_ns
+        )  # fmt: skip
+        with self._lock:
+            self.stats.placed_pages += done.placed
+            self.stats.zero_pages += done.zero
+            self.stats.duplicate_pages += done.existing
+            self.stats.written_pages += done.written
+        listener = self.placement_listener
+        if listener is not None and done.placed:
+            first = int(result.first_page)
+            listener(self, first, int(result.end_page) - first, done.t_ns)
+        if ret < 0:
+            self._records_error(-ret, headers[int(result.error_record)])
+        return done
+
+    def _records_error(self, code: int, header: int) -> None:
+        offset = header & ~(TARGET_PAGE_SIZE - 1)
+        if code == errno.ERANGE:
+            self._target_range(offset, TARGET_PAGE_SIZE, "page")  # raises the precise error
+        if code == errno.EBUSY:
+            raise RamError(
+                f"block '{self.idstr}': target page 0x{offset:x} belongs to another host page "
+                "than the one being gathered, which is incomplete (postcopy sends the target "
+                "pages of a host page together)"
+            )
+        raise _placement_error("COPY", code, self.host_address + offset)
 
     def _target_range(
         self, offset: int, length: int, what: str, *, aligned: bool = True
@@ -315,75 +485,6 @@ class RamBlock:
         self._account(result, first, count, zero=zero)
         return result
 
-    def _gather(self, first: int, count: int, address: int) -> PlaceResult:
-        """Collect target pages of huge host pages; place each host page once it is whole."""
-        per = self.targets_per_host_page
-        placed = existing = 0
-        t_ns = 0
-        bit = first
-        while bit < first + count:
-            host_page = bit // per
-            run_end = min(first + count, (host_page + 1) * per)
-            run = run_end - bit
-            source = address + (bit - first) * TARGET_PAGE_SIZE if address else 0
-            if run == per:
-                # The whole host page is here at once: place it without staging.
-                result = self._place_host_page(host_page, source)
-            else:
-                result = self._stage(host_page, bit % per, run, source)
-            placed += result.placed
-            existing += result.existing
-            t_ns = max(t_ns, result.t_ns)
-            bit = run_end
-        return PlaceResult(placed, existing, t_ns)
-
-    def _stage(self, host_page: int, index: int, run: int, source: int) -> PlaceResult:
-        if self.host_page_received(host_page):
-            with self._lock:
-                self.stats.duplicate_pages += 1
-            return PlaceResult(0, 1, lib.qmig_now_ns())
-        with self._lock:
-            staging = self._staging.get(host_page)
-            if staging is None:
-                staging = self._staging[host_page] = _Staging(self.page_size)
-            if source:
-                lib.qmig_memcpy(
-                    staging.address + index * TARGET_PAGE_SIZE, source, run * TARGET_PAGE_SIZE
-                )
-            else:
-                ffi.memmove(
-                    staging.buffer + index * TARGET_PAGE_SIZE,
-                    bytes(run * TARGET_PAGE_SIZE),
-                    run * TARGET_PAGE_SIZE,
-                )
-            staging.arrived.update(range(index, index + run))
-            if len(staging.arrived) < self.targets_per_host_page:
-                return PlaceResult(0, 0, 0)
-            del self._staging[host_page]
-        # ``staging`` stays referenced until this returns, so its buffer outlives the copy.
-        return self._place_host_page(host_page, staging.address)
-
-    def _place_host_page(self, host_page: int, source: int) -> PlaceResult:
-        zero = source == 0
-        if zero:
-            if self._zero_source is None:
-                self._zero_source = ffi.new("char[]", self.page_size)
-            source = int(ffi.cast("uintptr_t", self._zero_source))
-        per = self.targets_per_host_page
-        result = self._uffd().place(
-            self.host_address + host_page * self.page_size,
-            source,
-            self.page_size,
-            1,
-            bitmap=self.received.cdata,
-            first_bit=host_page * per,
-            bits_per_page=per,
-        )
-        with self._lock:
-            self._staging.pop(host_page, None)
-        self._account(result, host_page * per, per, zero=zero)
-        return result
-
     def _account(self, result: PlaceResult, first: int, count: int, *, zero: bool) -> None:
         with self._lock:
             self.stats.placed_pages += result.placed
@@ -400,7 +501,11 @@ class RamBlock:
 
     def discard(self, start: int, length: int) -> None:
         """Drop ``[start, start+length)`` so that it faults again (MADV_DONTNEED). Discards
-        come before LISTEN; they must not race with placing the same pages."""
+        come before LISTEN; they must not race with placing the same pages.
+
+        Before registration only the bits are cleared: nothing can fault yet and nothing reads
+        a page whose bit is clear, and :meth:`attach` drops every such page in one sweep,
+        with batched MADV_DONTNEED (one TLB flush per 1024 ranges, not one per range)."""
         if start < 0 or length <= 0 or start + length > self.used_length:
             raise RamError(
                 f"block '{self.idstr}': discard 0x{start:x}+0x{length:x} is outside its used "
@@ -415,18 +520,34 @@ class RamBlock:
         # fault thread would take it for one already served and leave the thread waiting.
         first, count = start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE
         self.received.clear(first, count)
-        ret = lib.qmig_madvise(self.host_address + start, length, lib.MADV_DONTNEED)
-        if ret < 0:
-            raise RamError(f"block '{self.idstr}': MADV_DONTNEED failed: {os.strerror(-ret)}")
+        if self.registered or self._detached:
+            ret = lib.qmig_madvise(self.host_address + start, length, lib.MADV_DONTNEED)
+            if ret < 0:
+                raise RamError(f"block '{self.idstr}': MADV_DONTNEED failed: {os.strerror(-ret)}")
+        if self._placed_ns != ffi.NULL:  # their next placement sets a new time
+            host_first = start // self.page_size
+            ffi.memmove(
+                self._placed_ns + host_first,
+                bytes(8 * (length // self.page_size)),
+                8 * (length // self.page_size),
+            )
+        with self._place_lock:  # a host page being gathered there starts over
+            staging = self._c.staging_page
+            if start // self.page_size <= staging < (start + length) // self.page_size:
+                self._c.staging_page = (1 << 64) - 1
+                self._c.staged_count = 0
         with self._lock:
-            for host_page in range(start // self.page_size, (start + length) // self.page_size):
-                self._staging.pop(host_page, None)
             self.stats.discarded_target_pages += count
 
     # --- reading (only what is in place) ------------------------------------------------
 
+    def _local(self, what: str) -> None:
+        if self.remote:
+            raise RamError(f"block '{self.idstr}': {what}: its memory is in another process")
+
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of placed pages. Unplaced pages are refused: see the module docstring."""
+        self._local("read")
         first, count = self._target_range(offset, length, "read", aligned=False)
         if not self.received.all_set(first, count):
             missing_at = self.received.next_clear(first, first + count) * TARGET_PAGE_SIZE
@@ -439,6 +560,7 @@ class RamBlock:
 
     def digest(self) -> str:
         """SHA-256 of the whole block, once every page is in place."""
+        self._local("digest")
         if not self.complete:
             raise RamError(
                 f"block '{self.idstr}': {self.target_pages - self.received.count()} target "
@@ -453,20 +575,31 @@ class RamBlock:
         if self._closed:
             return
         self.detach()
-        lib.qmig_unmap(self.host_address, self.used_length)
+        if not self.remote:
+            lib.qmig_unmap(self.host_address, self.used_length)
         self._closed = True
 
 
 class RamBlocks:
     """The blocks of one destination, found by name or by host address."""
 
-    def __init__(self, specs: Iterable[BlockSpec]) -> None:
+    def __init__(
+        self, specs: Iterable[BlockSpec], remote_addresses: dict[str, int] | None = None
+    ) -> None:
+        """``remote_addresses``: the blocks are another process's, at these addresses."""
         self._by_name: dict[str, RamBlock] = {}
         try:
             for spec in specs:
                 if spec.idstr in self._by_name:
                     raise RamError(f"block '{spec.idstr}' is defined twice")
-                self._by_name[spec.idstr] = RamBlock(spec.idstr, spec.used_length, spec.page_size)
+                address = None
+                if remote_addresses is not None:
+                    address = remote_addresses.get(spec.idstr)
+                    if address is None:
+                        raise RamError(f"block '{spec.idstr}': no address in the other process")
+                self._by_name[spec.idstr] = RamBlock(
+                    spec.idstr, spec.used_length, spec.page_size, remote_address=address
+                )
         except BaseException:
             self.close()
             raise

@@ -6,14 +6,11 @@ thread costs nothing while idle, and the C vCPUs never need the GIL at all. Afte
 busy-reads for up to ``spin_us`` before sleeping again: faults come in bursts, and on virtual
 machines waking a sleeping reader on another CPU costs tens of microseconds.
 
-Why not a C pthread: measured with ``bench/uffd_bench.py`` on the development host (a 2-CPU
-VM, kernel 6.18, shared with other work), a fault loop entirely in C serves 45-95k faults/s
-at a median of 5-15 µs from fault read to page placed; this Python thread, serving from an
-in-process source, 25-49k faults/s at a median of 14-26 µs. The difference, 6-10 µs, is
-Python's share per fault (request, placement call, accounting). A C thread would only win it
-back if it also placed the pages, that is if the page source were C; the runner's source is the
-network, so every request crosses into Python anyway, and a network round trip costs far more
-than 7 µs. The per-page work that matters (batched reads, placement runs, bitmaps) is in C.
+Why the request path stays in Python: a destination's pages come over the network, so every
+request crosses into Python anyway (the protocol machine, the return path), and a network
+round trip costs far more than Python's share per fault, about 6-10 µs on the development host
+(a 2-CPU VM). The per-page work that matters (batched reads, placement runs, bitmaps) is in C.
+Where the source is local memory, the C-served form below removes Python from the fault path.
 
 Every fault gets a timestamp in C right after read(). When its host page is placed (by
 whoever serves it, via the block's placement listener) the interval read → placed is the
@@ -23,24 +20,34 @@ requested are folded into the one request. Faults outside every block are report
 
 Shutdown: :meth:`FaultThread.stop` writes the quit eventfd, which stays readable until read,
 so a stop that races with the thread entering poll() cannot be lost.
+
+Served in C: when the page source is memory in this process (``sources``: per block, a buffer
+laid out like the block), nothing needs to cross into Python per fault, and the thread runs
+``qmig_serve_blocks`` instead: read faults, place from the source, log read/placed times, all
+in C. Python decodes the log only for :meth:`FaultThread.stats`. That is the form for local
+page sources (a snapshot, a test's pattern, the benchmark); a destination whose pages come
+over the network keeps the request path.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.blocks import RamBlock, RamBlocks
-from qmig.ram.errors import UffdCallError
+from qmig.ram.errors import RamError, UffdCallError
 from qmig.ram.uffd import EVENT_PAGEFAULT, FLAG_WRITE, Userfaultfd
 
 BATCH = 64
 SPIN_US = 50.0
+SERVED_LOG = 1 << 16  # faults logged per qmig_serve_blocks call (2 MiB)
+_SERVED = struct.Struct("=QQQIi")  # struct qmig_served
 
 
 class PageRequest(NamedTuple):
@@ -133,6 +140,7 @@ class FaultThread:
         on_request: Callable[[PageRequest], None] | None = None,
         on_stray: Callable[[StrayFault], None] | None = None,
         spin_us: float = SPIN_US,
+        sources: Mapping[str, Any] | None = None,
     ) -> None:
         self.uffd = uffd
         self.spin_ns = int(spin_us * 1000)
@@ -149,7 +157,20 @@ class FaultThread:
         self._intervals: list[tuple[int, int, int]] = []
         self._faults = self._requests = self._repeats = self._late = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="qmig-faults", daemon=True)
+        self._sources: dict[str, Any] | None = None
+        self._served_logs: list[bytes] = []
+        if sources is not None:
+            self._sources = {}
+            for block in blocks:
+                source = sources.get(block.idstr)
+                if source is None or memoryview(source).nbytes < block.used_length:
+                    raise RamError(
+                        f"block '{block.idstr}': a C-served fault thread needs a source of "
+                        f"0x{block.used_length:x} bytes for it"
+                    )
+                self._sources[block.idstr] = source
+        run = self._run if self._sources is None else self._run_served
+        self._thread = threading.Thread(target=run, name="qmig-faults", daemon=True)
         for block in blocks:
             block.placement_listener = self._placed
 
@@ -180,6 +201,10 @@ class FaultThread:
                 raise UffdCallError("fault thread", 0, f"did not stop within {timeout} s")
         for block in self.blocks:
             block.placement_listener = None
+            if self._sources is not None:  # pages the C loop placed count as the block's
+                with block._lock:
+                    block.stats.placed_pages += block.c_block.served
+                block.c_block.served = 0
         os.close(self._quit_fd)
         self._quit_fd = -1
 
@@ -206,6 +231,58 @@ class FaultThread:
                         self.error = error
             if quit_flag[0] or self._stopping:
                 return
+
+    def _run_served(self) -> None:
+        assert self._sources is not None
+        blocks = list(self.blocks)
+        c_blocks = ffi.new("struct qmig_block *[]", [block.c_block for block in blocks])
+        keep = [ffi.from_buffer(self._sources[block.idstr]) for block in blocks]
+        c_sources = ffi.new("uint8_t *[]", keep)
+        log = ffi.new("struct qmig_served[]", SERVED_LOG)
+        entry_size = ffi.sizeof("struct qmig_served")
+        stop = ffi.new("int *")
+        while True:
+            count = lib.qmig_serve_blocks(
+                self.uffd.fd, self._quit_fd, c_blocks, c_sources, len(blocks), self.spin_ns,
+                log, SERVED_LOG, stop
+            )  # fmt: skip
+            if count < 0:
+                self.error = UffdCallError("serve", -count, os.strerror(-count))
+                return
+            if count:
+                chunk = bytes(ffi.buffer(log, count * entry_size))
+                with self._lock:
+                    self._served_logs.append(chunk)
+            if stop[0] == 2:  # faults in no block: report them as the request path does
+                for read_ns, _, address, tid, index in _SERVED.iter_unpack(chunk):
+                    if index < 0:
+                        stray = StrayFault(address, tid, read_ns, EVENT_PAGEFAULT)
+                        self.strays.append(stray)
+                        if self.on_stray is not None:
+                            self.on_stray(stray)
+            elif stop[0] == 0 or self._stopping:
+                return
+
+    def _served(self) -> tuple[int, int, int, list[int], list[tuple[int, int, int]]]:
+        """(faults, pages placed, late faults, latencies, intervals) from the C loop's logs."""
+        with self._lock:
+            logs = list(self._served_logs)
+        faults = placed = late = 0
+        latencies: list[int] = []
+        intervals: list[tuple[int, int, int]] = []
+        for chunk in logs:
+            for read_ns, placed_ns, _, tid, index in _SERVED.iter_unpack(chunk):
+                faults += 1
+                if index < 0:
+                    continue
+                if placed_ns == 0:
+                    late += 1
+                    continue
+                placed += 1
+                end = max(placed_ns, read_ns)
+                latencies.append(end - read_ns)
+                intervals.append((read_ns, end, tid))
+        return faults, placed, late, latencies, intervals
 
     def _handle(self, address: int, flags: int, tid: int, t_ns: int, event: int) -> None:
         self._faults += 1
@@ -243,44 +320,57 @@ class FaultThread:
         )
 
     def _placed(self, block: RamBlock, first: int, count: int, t_ns: int) -> None:
+        """Host pages ``[first, first+count)`` were placed, by ``t_ns`` at the latest. A batch
+        reports the span it covered, which may hold pages it did not place: a pending page
+        counts as served only once its bit is set."""
         with self._lock:
             pending = self._pending[block.idstr]
             if not pending:
                 return
             if count == 1:  # the common case: one page, as requested
-                waiters = pending.pop(first, None)
-                served = [] if waiters is None else [waiters]
-            else:  # walk whichever is shorter: the placed range or the pending pages
-                if count <= len(pending):
-                    pages = [page for page in range(first, first + count) if page in pending]
-                else:
-                    pages = [page for page in pending if first <= page < first + count]
-                served = [pending.pop(page) for page in pages]
-            for waiters in served:
-                for read_ns, tid in waiters:
-                    self._latencies.append(t_ns - read_ns)
-                    self._intervals.append((read_ns, t_ns, tid))
+                pages = [first] if first in pending else []
+            elif count <= len(pending):  # walk the shorter: the range or the pending pages
+                pages = [page for page in range(first, first + count) if page in pending]
+            else:
+                pages = [page for page in pending if first <= page < first + count]
+            for page in pages:
+                if not block.host_page_received(page):
+                    continue
+                # The batched path records when each page went in; a page placed early in a
+                # long run must not be charged for the rest of the run.
+                placed_ns = block.placed_at(page) or t_ns
+                for read_ns, tid in pending.pop(page):
+                    end = max(placed_ns, read_ns)
+                    self._latencies.append(end - read_ns)
+                    self._intervals.append((read_ns, end, tid))
 
     def latencies_ns(self) -> list[int]:
+        served = self._served()[3] if self._sources is not None else []
         with self._lock:
-            return list(self._latencies)
+            return list(self._latencies) + served
 
     def stats(self, vcpu_threads: int | None = None) -> FaultStats:
         """A snapshot. ``vcpu_threads`` is how many vCPUs count for all-blocked time
         (default: the distinct threads seen faulting)."""
+        faults, requests, late = self._faults, self._requests, self._late
+        if self._sources is not None:
+            served_faults, placed, served_late, latencies, intervals = self._served()
+            faults, requests, late = faults + served_faults, requests + placed, late + served_late
+        else:
+            latencies, intervals = [], []
         with self._lock:
-            latencies = list(self._latencies)
-            intervals = list(self._intervals)
+            latencies += self._latencies
+            intervals += self._intervals
             pending = sum(len(pages) for pages in self._pending.values())
         by_thread: dict[int, int] = {}
         for start, end, tid in intervals:
             by_thread[tid] = by_thread.get(tid, 0) + end - start
         threads = len(by_thread) if vcpu_threads is None else vcpu_threads
         return FaultStats(
-            faults=self._faults,
-            requests=self._requests,
+            faults=faults,
+            requests=requests,
             repeat_faults=self._repeats,
-            late_faults=self._late,
+            late_faults=late,
             stray_faults=len(self.strays),
             pending=pending,
             latency=LatencySummary.of(latencies),

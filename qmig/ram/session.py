@@ -2,7 +2,9 @@
 
 Set-up: unlock memory if the process is mlocked (a locked mapping is populated at once, so its
 pages would never fault and postcopy pages would bounce off as EEXIST), map the blocks, open
-and handshake the userfaultfd, register every block.
+and handshake the userfaultfd, register every block. A destination registers later, at
+LISTEN, as QEMU does (``register=False``, then :meth:`RamSession.register`): until then
+precopy pages are written straight into memory, which is much cheaper than UFFDIO_COPY.
 
 Tear-down (:meth:`RamSession.close`), which must not leave a thread hanging nor hand one a
 zero page as if it were data: raise the vCPUs' abort flag, stop the fault thread, unregister
@@ -13,7 +15,8 @@ unmap, and lock memory again if it was locked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from qmig.errors import QmigError
 from qmig.ram.blocks import BlockSpec, RamBlock, RamBlocks
@@ -26,7 +29,7 @@ from qmig.ram.workload import Vcpus, Workload, WorkloadResult
 class RamSession:
     """Blocks, userfaultfd, fault thread and vCPUs of one destination."""
 
-    def __init__(self, specs: Iterable[BlockSpec]) -> None:
+    def __init__(self, specs: Iterable[BlockSpec], *, register: bool = True) -> None:
         # Unlock before mapping: with MCL_FUTURE in force, new mappings are populated at once.
         self._relock_flags = unlock_memory()
         self.uffd: Userfaultfd | None = None
@@ -39,10 +42,12 @@ class RamSession:
         try:
             need = FEATURE_MISSING_HUGETLBFS if self.blocks.needs_huge_pages else 0
             self.uffd = Userfaultfd(want_features=FEATURE_THREAD_ID, need_features=need)
-            self.blocks.attach(self.uffd)
+            if register:
+                self.blocks.attach(self.uffd)
         except BaseException:
             self._release()
             raise
+        self.registered = register
         self.vcpus = Vcpus()
         self.faults: FaultThread | None = None
         self.results: list[WorkloadResult] = []
@@ -60,15 +65,37 @@ class RamSession:
         self,
         on_request: Callable[[PageRequest], None] | None = None,
         on_stray: Callable[[StrayFault], None] | None = None,
+        *,
+        sources: Mapping[str, Any] | None = None,
     ) -> FaultThread:
+        """Start the fault thread: requests go to ``on_request``, or, with ``sources`` (per
+        block, a buffer laid out like it), faults are served from them in C."""
         assert self.uffd is not None
-        self.faults = FaultThread(self.uffd, self.blocks, on_request, on_stray).start()
+        self.faults = FaultThread(
+            self.uffd, self.blocks, on_request, on_stray, sources=sources
+        ).start()
         return self.faults
 
     def start_vcpu(
         self, idstr: str, workload: Workload, offset: int = 0, length: int | None = None
     ) -> None:
         self.vcpus.start(self.blocks[idstr], workload, offset, length)
+
+    def register(self) -> None:
+        """Register every block (at LISTEN). THP goes off first, as around discards: a page
+        that is not in place must stay missing, and a huge page collapsed around it would fill
+        it with zeros. Pages already written stay; see :meth:`RamBlock.attach`."""
+        assert self.uffd is not None
+        if self.registered:
+            return
+        if not self._thp_off:
+            self.prepare_discard()
+        try:
+            self.blocks.attach(self.uffd)
+        except BaseException:
+            self.blocks.detach()
+            raise
+        self.registered = True
 
     def prepare_discard(self) -> None:
         """Before the discards: THP off on every block (done by the first discard anyway)."""

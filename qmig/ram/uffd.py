@@ -205,6 +205,17 @@ class Userfaultfd:
             raise
         self.enabled_features = (want_features & offered.features) | need_features
 
+    @classmethod
+    def adopt(cls, fd: int, enabled_features: int = 0) -> Userfaultfd:
+        """A descriptor another process opened, handshook and registered, then handed over."""
+        uffd = cls.__new__(cls)
+        uffd.fd = fd
+        uffd.opened_via = "handed over"
+        uffd.offered = ApiInfo(enabled_features, 0)
+        uffd.api = ApiInfo(enabled_features, 0)
+        uffd.enabled_features = enabled_features
+        return uffd
+
     @property
     def closed(self) -> bool:
         return self.fd < 0

@@ -1,8 +1,17 @@
 """Running a :class:`~qmig.protocol.source.Source` over a connection.
 
-One thread: it sends the stream in chunks under a bandwidth cap and, between chunks and
-while it waits for the cap, reads the return path, so that page requests jump the queue
-within one chunk's time. The guest dirtier runs in steps of the same loop until switchover.
+One thread: it sends the stream in chunks under a bandwidth cap and, whenever it would wait
+(for the cap, or for room in the socket), reads the return path, so that page requests jump
+the queue. The guest dirtier runs in steps of the same loop until switchover.
+
+A requested page waits behind every byte already queued towards the destination: the
+unsent rest of the current chunk, the source's socket send buffer and the destination's
+receive buffer. Linux autotunes both buffers to megabytes on loopback, which at the
+destination's placement rate is tens of milliseconds per request. So the runner keeps its
+send buffer small (``SourcePlan.send_buffer``; the destination bounds its receive buffer),
+sends postcopy in small chunks, and never blocks in ``sendall``: it selects for room and for
+return-path data together, so a REQ_PAGES is read as soon as it arrives and its pages go
+out in the next chunk.
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ from qmig.runner.source_ram import Dirtier
 from qmig.transport import Connection
 from qmig.wire.reader import NEED_DATA
 
-CHUNK = 256 << 10
+CHUNK = 256 << 10  # precopy: stream bytes per data_to_send
+POSTCOPY_CHUNK = 32 << 10  # postcopy: what a newly requested page may queue behind, at most
+SEND_BUFFER = 32 << 10  # SO_SNDBUF (the kernel doubles it)
+STALL_TIMEOUT = 60.0  # the destination took no bytes and said nothing for this long
 SHUT_TIMEOUT = 60.0
 MAX_PRECOPY_PASSES = 30
 
@@ -32,6 +44,8 @@ class SourceReport:
     finished: float = 0.0
     passes: int = 0
     requests: list[tuple[float, str, int]] = field(default_factory=list)
+    # Per request: read from the return path → its pages written into the socket.
+    served_ns: list[int] = field(default_factory=list)
     pongs: list[int] = field(default_factory=list)
 
 
@@ -42,6 +56,8 @@ class SourcePlan:
     postcopy_after: int | None = 1
     bandwidth: float | None = None  # bytes per second, None: unlimited
     converge_pages: int = 64  # precopy only: stop when at most this many pages are dirty
+    send_buffer: int | None = SEND_BUFFER  # SO_SNDBUF; None: leave the kernel's autotuning
+    postcopy_chunk: int = POSTCOPY_CHUNK
 
 
 class SourceRunner:
@@ -63,9 +79,12 @@ class SourceRunner:
         self._sent = 0
         self._clock = 0.0
         self._rp_buffer = bytearray(64 << 10)
+        self._answered = 0  # requests whose pages are all in the socket
 
     def run(self) -> SourceReport:
         source, plan = self.source, self.plan
+        if plan.send_buffer is not None:
+            self.connection.limit_buffers(send=plan.send_buffer)
         self.report.started = self._clock = time.monotonic()
         source.start()
         if plan.postcopy_after == 0:
@@ -75,7 +94,10 @@ class SourceRunner:
             if source.pass_complete:
                 self._end_of_pass()
         while source.phase is SourcePhase.POSTCOPY:
-            self._send(source.data_to_send(CHUNK))
+            known = len(self.report.requests)
+            self._send(source.data_to_send(plan.postcopy_chunk))
+            if known > self._answered and source.pending_requests == 0:
+                self._served(known)
         self._send(source.data_to_send(CHUNK))
         deadline = time.monotonic() + SHUT_TIMEOUT
         while source.phase is SourcePhase.COMPLETING:
@@ -89,6 +111,13 @@ class SourceRunner:
         self.report.passes = source.stats.passes
         self.report.pongs = list(source.pongs)
         return self.report
+
+    def _served(self, upto: int) -> None:
+        """Every request before ``upto`` has its pages in the socket (or had them already)."""
+        now = time.monotonic()
+        for received, _block, _start in self.report.requests[self._answered : upto]:
+            self.report.served_ns.append(int((now - received) * 1e9))
+        self._answered = upto
 
     def _end_of_pass(self) -> None:
         source, plan = self.source, self.plan
@@ -129,14 +158,32 @@ class SourceRunner:
     def _send(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            piece, view = view[:CHUNK], view[CHUNK:]
+            piece = view[:CHUNK]
             self._throttle(len(piece))
-            self.connection.sendall(piece)
-            self._sent += len(piece)
+            sent = self._write(piece)
+            view = view[sent:]
+            self._sent += sent
             if self.on_progress is not None:
-                self.on_progress(self.source.phase.value, len(piece))
-            self._poll_return_path(0)
+                self.on_progress(self.source.phase.value, sent)
             self._advance_dirtier()
+
+    def _write(self, piece: memoryview) -> int:
+        """Send some of ``piece`` once the socket has room; read the return path first
+        whenever it has data, so requests are taken in while the stream is backed up."""
+        connection = self.connection
+        deadline = time.monotonic() + STALL_TIMEOUT
+        while True:
+            readable, writable, _ = select.select([connection], [connection], [], 1.0)
+            if readable:
+                self._read_return_path()
+            if writable and (sent := connection.send_some(piece)):
+                return sent
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    connection.name,
+                    f"the destination took no data for {STALL_TIMEOUT:.0f} s during "
+                    f"{self.source.phase.value}",
+                )
 
     def _throttle(self, size: int) -> None:
         """Wait until the cap allows ``size`` more bytes, serving the return path meanwhile."""
@@ -152,8 +199,10 @@ class SourceRunner:
 
     def _poll_return_path(self, timeout: float) -> None:
         ready, _, _ = select.select([self.connection], [], [], timeout)
-        if not ready:
-            return
+        if ready:
+            self._read_return_path()
+
+    def _read_return_path(self) -> None:
         count = self.connection.recv_into(self._rp_buffer)
         if count == 0:
             self.source.receive_eof()

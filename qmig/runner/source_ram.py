@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import random
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from qmig.protocol.source import SourceBlock
@@ -65,6 +66,9 @@ class Dirtier:
     ram: GuestRam
     rate: float
     seed: int = 2
+    # Dirty only the first this-many target pages of RAM (blocks in order), the guest's
+    # working set, as a real guest rewrites the same pages; None: anywhere.
+    working_set: int | None = None
     _rng: random.Random = field(init=False, repr=False)
     _carry: float = 0.0
     _pending: dict[str, set[int]] = field(default_factory=dict)
@@ -72,23 +76,35 @@ class Dirtier:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+        # Where each block's pages start in one numbering of all pages, for bisect.
+        self._firsts: list[int] = []
+        total = 0
+        for block in self.ram.blocks:
+            self._firsts.append(total)
+            total += block.used_length // TARGET_PAGE
+        self._total = total
 
     def step(self, seconds: float) -> None:
         self._carry += self.rate * seconds
         count = int(self._carry)
         self._carry -= count
-        blocks = self.ram.blocks
-        total = sum(block.used_length for block in blocks) // TARGET_PAGE
-        for _ in range(count):
-            pick = self._rng.randrange(total)
-            for block, memory in zip(blocks, self.ram.maps, strict=True):
-                pages = block.used_length // TARGET_PAGE
-                if pick < pages:
-                    at = pick * TARGET_PAGE + 8 + self._rng.randrange(TARGET_PAGE - 8)
-                    memory[at] = (memory[at] + 1) & 0xFF
-                    self._pending.setdefault(block.idstr, set()).add(pick)
-                    break
-                pick -= pages
+        if not count or not self._total or self.working_set == 0:
+            return
+        # This runs on the source's sending thread, so every page costs stream time: draw
+        # all the picks at once and keep the per-page loop to an index and one byte.
+        rng = self._rng
+        limit = self._total if self.working_set is None else min(self.working_set, self._total)
+        picks = rng.choices(range(limit), k=count)
+        bytes_at = rng.choices(range(8, TARGET_PAGE), k=count)  # keep the page's tag intact
+        firsts, maps, blocks = self._firsts, self.ram.maps, self.ram.blocks
+        pending = [self._pending.setdefault(block.idstr, set()) for block in blocks]
+        for pick, byte in zip(picks, bytes_at, strict=True):
+            index = bisect_right(firsts, pick) - 1
+            page = pick - firsts[index]
+            at = page * TARGET_PAGE + byte
+            memory = maps[index]
+            memory[at] = (memory[at] + 1) & 0xFF
+            pending[index].add(page)
         self.pages_dirtied += count
 
     def collect(self) -> dict[str, set[int]]:

@@ -92,6 +92,31 @@ class Connection:
         except OSError as error:
             raise TransportError(self.name, describe(error)) from None
 
+    def send_some(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the socket takes now, without blocking; 0 when its buffer is full.
+
+        A writer that must keep reading (the return path) selects for writability and sends
+        with this, instead of blocking in sendall with the peer's requests unread.
+        """
+        try:
+            if self.socket is not None:
+                return self.socket.send(data, socket.MSG_DONTWAIT)
+            assert self._file is not None
+            return self._file.write(data)
+        except BlockingIOError:
+            return 0
+        except OSError as error:
+            raise TransportError(self.name, describe(error)) from None
+
+    def limit_buffers(self, send: int | None = None, receive: int | None = None) -> None:
+        """Cap the kernel's socket buffers (SO_SNDBUF / SO_RCVBUF); no-op for files.
+
+        Bytes queued in socket buffers are bytes a requested page waits behind: with Linux's
+        autotuning a loopback connection queues megabytes. See :func:`limit_buffers`.
+        """
+        if self.socket is not None:
+            limit_buffers(self.socket, send=send, receive=receive)
+
     def shutdown_write(self) -> None:
         """Tell the peer nothing more will be sent, keep reading (a file is just flushed)."""
         try:
@@ -156,6 +181,22 @@ class Listener:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def limit_buffers(sock: socket.socket, send: int | None = None, receive: int | None = None) -> None:
+    """Set SO_SNDBUF / SO_RCVBUF, which also turns the kernel's autotuning off for them.
+
+    Linux doubles the value for its bookkeeping. A receive buffer must be set before the
+    connection is made (on a listening socket: inherited by the accepted one) to bound the
+    window scale it advertises.
+    """
+    try:
+        if send is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send)
+        if receive is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive)
+    except OSError as error:
+        raise TransportError("socket buffers", describe(error)) from None
 
 
 def _tune(sock: socket.socket) -> None:

@@ -58,6 +58,53 @@ class Expect(cs.Subconstruct):
             raise FieldError(_render(self.message, context), position) from error
 
 
+class Valid(Expect):
+    """Parse ``subcon`` and check its value; ``message`` on a failed parse, ``invalid`` (a text,
+    or a function of the value) when ``predicate`` refuses the value.
+
+    Either way the error points at the field's first byte, where the fault is, not at whatever
+    follows it (which may be past the end of the record).
+    """
+
+    def __init__(
+        self,
+        subcon: cs.Construct,
+        message: Message,
+        predicate: Callable[[Any], bool],
+        invalid: str | Callable[[Any], str],
+    ) -> None:
+        super().__init__(subcon, message)
+        self.predicate = predicate
+        self.invalid = invalid
+
+    def _parse(self, stream: Any, context: Any, path: str) -> Any:
+        position = stream_tell(stream, path)
+        value = super()._parse(stream, context, path)
+        if not self.predicate(value):
+            detail = self.invalid(value) if callable(self.invalid) else self.invalid
+            raise FieldError(detail, position)
+        return value
+
+
+class NonEmpty(Expect):
+    """A name QEMU refuses when empty: ``message`` on a failed parse, ``empty`` (by default
+    the same) on an empty value, both at the name's length byte: an empty name may be the
+    last byte of its record."""
+
+    def __init__(
+        self, subcon: cs.Construct, message: Message, empty: Message | None = None
+    ) -> None:
+        super().__init__(subcon, message)
+        self.empty = message if empty is None else empty
+
+    def _parse(self, stream: Any, context: Any, path: str) -> Any:
+        position = stream_tell(stream, path)
+        value = super()._parse(stream, context, path)
+        if not value:
+            raise FieldError(_render(self.empty, context), position)
+        return value
+
+
 class Require(cs.Construct):
     """A parse-time rule over fields already read; consumes nothing.
 
@@ -125,6 +172,8 @@ class As(cs.Adapter):
     def _decode(self, obj: Any, context: Any, path: str) -> Any:
         values = {}
         for name in self.names:
+            if name not in obj:
+                continue  # a field carried elsewhere (RECV_BITMAP's bitmap): its default
             value = obj[name]
             values[name] = tuple(value) if isinstance(value, list) else value
         return self.cls(**values)

@@ -1,4 +1,4 @@
-"""Every message on the wire, as a plain frozen dataclass.
+"""Every message on the wire, as a plain frozen dataclass (see :func:`message`).
 
 These are the values that :mod:`qmig.wire.schema` parses bytes into and builds bytes from;
 the field names are the schema's field names. The byte layouts live only in the schema.
@@ -8,19 +8,111 @@ the field names are the schema's field names. The byte layouts live only in the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
+from typing import Any, ClassVar, TypeVar, cast, dataclass_transform
+
+T = TypeVar("T")
+
+
+# --- frozen value classes, cheaply --------------------------------------------------------
+# @dataclass(frozen=True) compiles six methods per class when the module is imported; for
+# the forty-odd classes here that was about 25 ms, a sixth of `qmig inspect`'s whole run on
+# a 300 000-record stream. ``message`` gives the same behaviour (fields(), replace(),
+# asdict(), match, equality, hashing, immutability) from methods shared by every class.
+
+
+class _Message:
+    __slots__ = ()
+    _names: ClassVar[tuple[str, ...]]
+    _compared: ClassVar[tuple[str, ...]]
+    _defaults: ClassVar[dict[str, Any]]
+    _factories: ClassVar[dict[str, Callable[[], Any]]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self._names
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}() takes {len(names)} arguments")
+        values = dict(zip(names, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in names or name in values:
+                raise TypeError(f"{type(self).__name__}() got a bad argument {name!r}")
+            values[name] = value
+        for name in names:
+            if name not in values:
+                if name in self._defaults:
+                    values[name] = self._defaults[name]
+                elif name in self._factories:
+                    values[name] = self._factories[name]()
+                else:
+                    raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
+            object.__setattr__(self, name, values[name])
+
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._compared)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._names)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def message(cls: type[T]) -> type[T]:
+    """A frozen dataclass whose methods come from :class:`_Message` (see above)."""
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    doc = namespace.get("__doc__")
+    namespace["__doc__"] = doc or "-"  # spares dataclass() computing a signature for it
+    built: Any = dataclass(init=False, repr=False, eq=False)(
+        type(cls.__name__, (_Message,), namespace)
+    )
+    fields = dataclasses.fields(built)
+    built._names = tuple(f.name for f in fields)
+    built._compared = tuple(f.name for f in fields if f.compare)
+    built._defaults = {f.name: f.default for f in fields if f.default is not MISSING}
+    built._factories = {
+        f.name: f.default_factory for f in fields if f.default_factory is not MISSING
+    }
+    # What inspect.signature() and hypothesis's builds() read, as a dataclass's __init__ has.
+    built.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=f.default if f.default is not MISSING else inspect.Parameter.empty,
+            )
+            for f in fields
+        ]
+    )
+    built.__doc__ = doc or f"{cls.__name__}{built.__signature__}"
+    return cast("type[T]", built)
+
 
 # --- stream framing ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@message
 class StreamHeader:
     NAME: ClassVar[str] = "HEADER"
     version: int = 3
 
 
-@dataclass(frozen=True)
+@message
 class Configuration:
     """The CONFIGURATION section: the machine type and the checks the destination makes."""
 
@@ -31,7 +123,7 @@ class Configuration:
     uuid: bytes | None = None
 
 
-@dataclass(frozen=True)
+@message
 class SectionStart:
     NAME: ClassVar[str] = "SECTION_START"
     section_id: int
@@ -40,7 +132,7 @@ class SectionStart:
     version_id: int
 
 
-@dataclass(frozen=True)
+@message
 class SectionFull:
     NAME: ClassVar[str] = "SECTION_FULL"
     section_id: int
@@ -49,30 +141,30 @@ class SectionFull:
     version_id: int
 
 
-@dataclass(frozen=True)
+@message
 class SectionPart:
     NAME: ClassVar[str] = "SECTION_PART"
     section_id: int
 
 
-@dataclass(frozen=True)
+@message
 class SectionEnd:
     NAME: ClassVar[str] = "SECTION_END"
     section_id: int
 
 
-@dataclass(frozen=True)
+@message
 class SectionFooter:
     NAME: ClassVar[str] = "SECTION_FOOTER"
     section_id: int
 
 
-@dataclass(frozen=True)
+@message
 class Eof:
     NAME: ClassVar[str] = "EOF"
 
 
-@dataclass(frozen=True)
+@message
 class VmDescription:
     """The JSON that follows EOF in a precopy stream and describes every device section."""
 
@@ -80,7 +172,7 @@ class VmDescription:
     json: bytes
 
 
-@dataclass(frozen=True)
+@message
 class DeviceState:
     """A device section's payload, delimited but opaque unless a VMDESCRIPTION decodes it."""
 
@@ -96,18 +188,18 @@ SectionHeader = SectionStart | SectionFull | SectionPart | SectionEnd
 # --- QEMU_VM_COMMAND ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@message
 class OpenReturnPath:
     NAME: ClassVar[str] = "OPEN_RETURN_PATH"
 
 
-@dataclass(frozen=True)
+@message
 class Ping:
     NAME: ClassVar[str] = "PING"
     value: int
 
 
-@dataclass(frozen=True)
+@message
 class PostcopyAdvise:
     """ADVISE: 16 bytes when RAM postcopy is on, 0 bytes (both fields ``None``) otherwise."""
 
@@ -120,23 +212,23 @@ class PostcopyAdvise:
         return self.page_size_summary is not None
 
 
-@dataclass(frozen=True)
+@message
 class PostcopyListen:
     NAME: ClassVar[str] = "POSTCOPY_LISTEN"
 
 
-@dataclass(frozen=True)
+@message
 class PostcopyRun:
     NAME: ClassVar[str] = "POSTCOPY_RUN"
 
 
-@dataclass(frozen=True)
+@message
 class DiscardRange:
     start: int
     length: int
 
 
-@dataclass(frozen=True)
+@message
 class PostcopyRamDiscard:
     """Byte ranges of one RAMBlock that the destination must drop before LISTEN."""
 
@@ -146,7 +238,7 @@ class PostcopyRamDiscard:
     version: int = 0
 
 
-@dataclass(frozen=True)
+@message
 class Packaged:
     """PACKAGED announces ``length`` bytes of nested stream that follow the command."""
 
@@ -154,30 +246,30 @@ class Packaged:
     length: int
 
 
-@dataclass(frozen=True)
+@message
 class PackageEnd:
     """Not on the wire: the reader's marker for the end of a PACKAGED blob."""
 
     NAME: ClassVar[str] = "PACKAGE_END"
 
 
-@dataclass(frozen=True)
+@message
 class EnableColo:
     NAME: ClassVar[str] = "ENABLE_COLO"
 
 
-@dataclass(frozen=True)
+@message
 class PostcopyResume:
     NAME: ClassVar[str] = "POSTCOPY_RESUME"
 
 
-@dataclass(frozen=True)
+@message
 class RecvBitmap:
     NAME: ClassVar[str] = "RECV_BITMAP"
     block: str
 
 
-@dataclass(frozen=True)
+@message
 class SwitchoverStart:
     NAME: ClassVar[str] = "SWITCHOVER_START"
 
@@ -212,19 +304,19 @@ COMMANDS: tuple[type[Command], ...] = (
 # --- return path (destination -> source) ------------------------------------------------
 
 
-@dataclass(frozen=True)
+@message
 class Shut:
     NAME: ClassVar[str] = "SHUT"
     status: int
 
 
-@dataclass(frozen=True)
+@message
 class Pong:
     NAME: ClassVar[str] = "PONG"
     value: int
 
 
-@dataclass(frozen=True)
+@message
 class ReqPagesId:
     """A page request naming its RAMBlock; later REQ_PAGES reuse that block."""
 
@@ -234,26 +326,39 @@ class ReqPagesId:
     block: str
 
 
-@dataclass(frozen=True)
+@message
 class ReqPages:
     NAME: ClassVar[str] = "REQ_PAGES"
     start: int
     length: int
 
 
-@dataclass(frozen=True)
+@message
 class RpRecvBitmap:
+    """The destination's received bitmap of one block, its answer to CMD RECV_BITMAP.
+
+    The message itself names the block; the bitmap follows it on the return path, outside
+    the message's length. ``bitmap`` holds its bytes: little-endian 64-bit words, bit i set
+    when target page i of the block was received.
+    """
+
     NAME: ClassVar[str] = "RECV_BITMAP"
     block: str
+    bitmap: bytes = b""
+
+    def received_pages(self) -> list[int]:
+        """Indices of the target pages whose bit is set."""
+        bits = int.from_bytes(self.bitmap, "little")
+        return [index for index in range(bits.bit_length()) if bits >> index & 1]
 
 
-@dataclass(frozen=True)
+@message
 class ResumeAck:
     NAME: ClassVar[str] = "RESUME_ACK"
     value: int
 
 
-@dataclass(frozen=True)
+@message
 class SwitchoverAck:
     NAME: ClassVar[str] = "SWITCHOVER_ACK"
 
@@ -272,7 +377,7 @@ RETURN_PATH_MESSAGES: tuple[type[ReturnPathMessage], ...] = (
 # --- the "ram" section -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@message
 class RamBlockInfo:
     """One entry of the MEM_SIZE block list."""
 
@@ -282,14 +387,14 @@ class RamBlockInfo:
     mr_addr: int | None = None
 
 
-@dataclass(frozen=True)
+@message
 class MemSize:
     NAME: ClassVar[str] = "MEM_SIZE"
     total: int
     blocks: tuple[RamBlockInfo, ...]
 
 
-@dataclass(frozen=True)
+@message
 class RamPage:
     """One target page (PAGE) or a same-byte page (ZERO, ``data`` is the fill byte)."""
 
@@ -300,7 +405,7 @@ class RamPage:
     data: bytes  # PAGE: one target page; ZERO: the single fill byte
 
 
-@dataclass(frozen=True)
+@message
 class RamXbzrle:
     NAME: ClassVar[str] = "RAM"
     block: str | None
@@ -308,7 +413,7 @@ class RamXbzrle:
     encoded: bytes
 
 
-@dataclass(frozen=True)
+@message
 class RamCompressed:
     NAME: ClassVar[str] = "RAM"
     block: str | None
@@ -316,17 +421,17 @@ class RamCompressed:
     compressed: bytes
 
 
-@dataclass(frozen=True)
+@message
 class RamEos:
     NAME: ClassVar[str] = "EOS"
 
 
-@dataclass(frozen=True)
+@message
 class RamMultifdFlush:
     NAME: ClassVar[str] = "MULTIFD_FLUSH"
 
 
-@dataclass(frozen=True)
+@message
 class RamHook:
     NAME: ClassVar[str] = "HOOK"
     offset: int

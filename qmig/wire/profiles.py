@@ -6,6 +6,7 @@ hard-codes a command number, a message number or a RAM flag.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import tomllib
@@ -83,6 +84,10 @@ class Profile:
     run_sets_state_before_check: bool
     reject_second_listen: bool
     package_loaded_ping: int | None
+    # Where this QEMU misbehaves on hostile input and qmig deliberately does not follow it:
+    # name -> {tag, qemu, qmig, summary} (formats/quirks.md explains each; the differential
+    # fuzzer reads it to tell a known difference from a finding).
+    quirks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def command_names(self) -> dict[int, str]:
@@ -138,6 +143,7 @@ class Profile:
             run_sets_state_before_check=postcopy.get("run_sets_state_before_check", False),
             reject_second_listen=postcopy.get("reject_second_listen", False),
             package_loaded_ping=postcopy.get("package_loaded_ping"),
+            quirks=dict(data.get("quirks", {})),
         )
 
 

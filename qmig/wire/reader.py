@@ -15,6 +15,7 @@ record, never allocated, and no single record may need more than ``max_record`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from array import array
 from collections.abc import Callable, Iterator
@@ -32,6 +33,10 @@ from qmig.wire.schema import Schema, mem_size_params, schema_for
 MAX_RECORD = 8 << 20  # the largest single record qmig buffers (bytes)
 MAX_DESCRIPTION = 64 << 20  # the largest VMDESCRIPTION, and deferred device state, it buffers
 MAX_RAM_BLOCKS = 4096
+MAX_BITMAP = 32 << 20  # the largest RECV_BITMAP bitmap: 1 TiB of 4 KiB pages
+# MEM_SIZE lists longer than this (QEMU sends a handful) are not searched for their layout:
+# the search recurses once per entry.
+MAX_INFERRED_BLOCKS = 256
 MIN_BUFFER = 1 << 16
 RAM_IDSTR = "ram"
 
@@ -650,16 +655,20 @@ class StreamReader(_InputMixin):
         pos = 8
         blocks: list[m.RamBlockInfo] = []
         remaining = total
+        # QEMU's rule on both sides: the region address follows each entry exactly when
+        # x-ignore-shared is on, which the CONFIGURATION's capabilities subsection says.
         mr_addr = (
             self.profile.mem_size_mr_addr == "x-ignore-shared"
             and "x-ignore-shared" in self.context.capabilities
         )
+        page_sizes = self._page_size_presence(mr_addr, total)
         while remaining > 0:
             if len(blocks) >= MAX_RAM_BLOCKS:
                 raise MalformedError("MEM_SIZE", f"more than {MAX_RAM_BLOCKS} RAMBlocks", offset)
             self._pos += pos
             try:
-                rules = mem_size_params(self._page_size_rule(), mr_addr)
+                entry = len(blocks)
+                rules = mem_size_params(lambda ctx, i=entry: page_sizes(i, ctx), mr_addr)
                 info, used = self._parse("MEM_SIZE", self.schema.mem_size_block, rules=rules)
             finally:
                 self._pos -= pos
@@ -677,38 +686,114 @@ class StreamReader(_InputMixin):
             self.context.ram_blocks[info.idstr] = info
         return self._emit(m.MemSize(total, tuple(blocks)), pos, RAM_IDSTR)
 
-    def _page_size_rule(self) -> Callable[[Any], bool]:
-        """Whether a MEM_SIZE entry carries a page size: QEMU's rule, or read off the bytes.
+    def _page_size_presence(self, mr_addr: bool, total: int) -> Callable[[int, Any], bool]:
+        """Whether MEM_SIZE entry ``i`` carries a page size: QEMU's rule, or read off the bytes.
 
-        The source writes it when RAM postcopy is on and the block's page size differs
-        from the host's. A destination with its own blocks decides from those; without
-        them, a be64 that follows is a page size exactly when it is one of the sizes the
-        ADVISE summary announced (a following name or EOS cannot look like one).
+        The source writes it when RAM postcopy is on and the block's page size differs from
+        the host's; the destination reads it when postcopy was advised and its own block's
+        page size differs from the host's. A reader given its blocks (``local_page_sizes``)
+        decides as QEMU's destination does. Without them, the one layout of the whole list
+        that the bytes admit is found by :meth:`_infer_page_sizes`.
         """
         advise = self.context.advise
         if advise is None or not advise.ram_postcopy:
-            return lambda ctx: False
-        summary = advise.page_size_summary or 0
-        if summary == self.host_page_size:
-            return lambda ctx: False
+            return lambda i, ctx: False
         local = self.local_page_sizes
         if local is not None:
-            return lambda ctx: local.get(ctx.idstr, self.host_page_size) != self.host_page_size
-        reader = self
+            host = self.host_page_size
+            return lambda i, ctx: local.get(ctx.idstr, host) != host
+        summary = advise.page_size_summary or 0
+        if summary == self.host_page_size:
+            return lambda i, ctx: False  # the summary ORs every block's size: all are host's
+        layout = self._infer_page_sizes(mr_addr, total, summary)
+        return lambda i, ctx: i < len(layout) and layout[i]
 
-        def looks_like_page_size(ctx: Any) -> bool:
-            # Called between used_length and the optional fields of the entry at _pos.
-            at = reader._pos + 1 + len(ctx.idstr.encode("latin-1")) + 8
-            if at + 8 > len(reader._buf):
-                raise _NeedMore("MEM_SIZE", reader.offset)
-            candidate = int.from_bytes(reader._buf[at : at + 8], "big")
-            return (
-                candidate != reader.host_page_size
-                and candidate & (candidate - 1) == 0
-                and bool(candidate & summary)
-            )
+    def _infer_page_sizes(self, mr_addr: bool, total: int, summary: int) -> tuple[bool, ...]:
+        """Which MEM_SIZE entries carry a page size, found by walking the list's bytes.
 
-        return looks_like_page_size
+        An entry is ``cstr8 idstr, be64 used_length, [be64 page_size], [be64 mr_addr]``. A
+        page size is a power of two other than the host's that the ADVISE summary announced;
+        but a region address may look like one. So both layouts of each entry are tried, and
+        one is kept only if the rest of the list then reads: every name non-empty, the lengths
+        summing exactly to ``total``, and a RAM record header (EOS in practice) after the
+        last entry. A layout that puts the 8 bytes in the wrong place meets a zero name
+        length or a flag-less header almost at once. When no layout fits, the plausible-size
+        guess stands and the schema reports what is wrong.
+        """
+        buf, start = self._buf, self._pos + 8
+        limit = self._limit()
+        flag_mask, known = self.schema.flag_mask, self.profile.known_ram_flags
+        host = self.host_page_size
+        extra = 8 if mr_addr else 0
+
+        def available(end: int) -> bool:
+            if end <= limit:
+                return True
+            if end > len(buf) and not self._eof and not self._bounded_by_package():
+                raise _NeedMore("MEM_SIZE", self.offset)
+            return False
+
+        def be64(at: int) -> int:
+            return int.from_bytes(buf[at : at + 8], "big")
+
+        def plausible(at: int) -> bool:
+            size = be64(at)
+            return size != host and size & (size - 1) == 0 and bool(size & summary)
+
+        def follows(at: int) -> bool:
+            """A RAM record header can start at ``at``: offset bits clear, known flags."""
+            if not available(at + 8):
+                return False
+            flags = be64(at)
+            return flags == flags & flag_mask and flags != 0 and not flags & ~known
+
+        failed: set[tuple[int, int]] = set()
+
+        def walk(at: int, remaining: int, depth: int = 0) -> tuple[bool, ...] | None:
+            if remaining == 0:
+                return () if follows(at) else None
+            if (at, remaining) in failed or depth >= MAX_INFERRED_BLOCKS:
+                return None
+            if not available(at + 1) or buf[at] == 0:
+                return None
+            after_length = at + 1 + buf[at] + 8
+            if not available(after_length + extra) or be64(after_length - 8) > remaining:
+                return None
+            left = remaining - be64(after_length - 8)
+            if available(after_length + 8 + extra) and plausible(after_length):
+                rest = walk(after_length + 8 + extra, left, depth + 1)
+                if rest is not None:
+                    return (True, *rest)
+            rest = walk(after_length + extra, left, depth + 1)
+            if rest is not None:
+                return (False, *rest)
+            failed.add((at, remaining))
+            return None
+
+        layout = walk(start, total)
+        if layout is not None:
+            return layout
+        return self._guess_page_sizes(start, total, extra, plausible)
+
+    def _guess_page_sizes(
+        self, start: int, total: int, extra: int, plausible: Callable[[int], bool]
+    ) -> tuple[bool, ...]:
+        """A list no layout fits: take every plausible size, so that the schema's parse goes
+        as far as the bytes allow and reports the first field that is wrong."""
+        buf, limit = self._buf, self._limit()
+        layout: list[bool] = []
+        at, remaining = start, total
+        while remaining > 0 and at < limit and len(layout) < MAX_RAM_BLOCKS:
+            after_length = at + 1 + buf[at] + 8
+            if after_length + 8 > limit:
+                if self._bounded_by_package():
+                    break  # the schema's parse says it runs past the package
+                raise _NeedMore("MEM_SIZE", self.offset)  # at EOF: a truncated list
+            present = plausible(after_length)
+            layout.append(present)
+            remaining -= min(remaining, int.from_bytes(buf[after_length - 8 : after_length], "big"))
+            at = after_length + extra + (8 if present else 0)
+        return tuple(layout)
 
     # --- device state ---------------------------------------------------------------------
 
@@ -978,8 +1063,33 @@ class ReturnPathReader(_InputMixin):
             return self._short(name, offset)
         payload = self._buf[self._pos + 4 : self._pos + 4 + header.len]
         message = _parse_payload(name, "message", self.schema.rp_payloads[name], payload, offset, 4)
-        self._pos += 4 + header.len
-        return Record(offset, 4 + header.len, message)
+        size = 4 + header.len
+        if name in self.schema.rp_trailers:
+            trailer = self._read_trailer(name, offset, size)
+            if trailer is None:
+                return self._short(name, offset)
+            message = dataclasses.replace(message, bitmap=trailer.bitmap)
+            size += 16 + trailer.size
+        self._pos += size
+        return Record(offset, size, message)
+
+    def _read_trailer(self, name: str, offset: int, at: int) -> Any:
+        """The bitmap after RP RECV_BITMAP, ``at`` bytes into the record; None: not all here."""
+        start = self._pos + at
+        if len(self._buf) < start + 8:
+            return None
+        size = int.from_bytes(self._buf[start : start + 8], "big")
+        if size > MAX_BITMAP:
+            raise MalformedError(
+                name, f"bitmap of {size} bytes is more than qmig's {MAX_BITMAP} limit", offset + at
+            )
+        if len(self._buf) < start + 16 + size:
+            return None
+        with _Stream(self._buf[start : start + 16 + size]) as stream:
+            try:
+                return self.schema.rp_trailers[name].parse_stream(stream)
+            except FieldError as error:
+                raise MalformedError(name, error.detail, offset + at + error.position) from None
 
     def _short(self, what: str, offset: int) -> _Sentinel:
         if self._eof:

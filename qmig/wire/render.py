@@ -66,8 +66,11 @@ def describe(message: Any) -> str:
             return f"{message.block}: {len(message.ranges)} ranges: {ranges}"
         case m.Packaged(length=length):
             return f"{length} bytes follow"
-        case m.RecvBitmap(block=block) | m.RpRecvBitmap(block=block):
+        case m.RecvBitmap(block=block):
             return block
+        case m.RpRecvBitmap(block=block, bitmap=bitmap):
+            received = len(message.received_pages())
+            return f"{block}: {len(bitmap)}-byte bitmap, {received} pages received"
         case m.Shut(status=status):
             return "clean" if status == 0 else f"error {status}"
         case m.ReqPagesId():

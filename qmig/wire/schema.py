@@ -19,10 +19,20 @@ import construct as cs
 from construct import this
 
 from qmig.wire import messages as m
-from qmig.wire.fields import As, CountedName, Expect, Require, counted_string, empty
+from qmig.wire.fields import (
+    As,
+    CountedName,
+    Expect,
+    NonEmpty,
+    Require,
+    Valid,
+    counted_string,
+    empty,
+)
 from qmig.wire.profiles import Profile, load_profile
 
 MAX_MACHINE_TYPE_LENGTH = 4096  # qmig's bound on the be32 machine-type length
+RECV_BITMAP_END_MARK = 0x0123456789ABCDEF  # QEMU's RAMBLOCK_RECV_BITMAP_ENDING
 CONFIGURATION_PREFIX = "configuration/"
 
 
@@ -102,12 +112,8 @@ class Schema:
                     "section_type" / cs.Const(section[kind], cs.Int8ub),
                     "section_id" / cs.Int32ub,
                     "idstr"
-                    / Expect(
+                    / NonEmpty(
                         CountedName,
-                        lambda ctx: f"unable to read ID string for section {ctx.section_id}",
-                    ),
-                    Require(
-                        lambda ctx: len(ctx.idstr) > 0,
                         lambda ctx: f"unable to read ID string for section {ctx.section_id}",
                     ),
                     "instance_id" / cs.Int32ub,
@@ -189,8 +195,7 @@ class Schema:
                         lambda ctx: ctx.version == profile.discard_version,
                         lambda ctx: f"invalid version {ctx.version}",
                     ),
-                    "block" / Expect(CountedName, "failed to read RAMBlock ID"),
-                    Require(lambda ctx: len(ctx.block) > 0, "failed to read RAMBlock ID"),
+                    "block" / NonEmpty(CountedName, "failed to read RAMBlock ID"),
                     "terminator"
                     / Expect(cs.Const(0, cs.Int8ub), "missing 0x00 terminator after block name"),
                     Require(
@@ -209,8 +214,7 @@ class Schema:
             "RECV_BITMAP": As(
                 m.RecvBitmap,
                 cs.Struct(
-                    "block" / Expect(CountedName, "failed to read block name"),
-                    Require(lambda ctx: len(ctx.block) > 0, "failed to read block name"),
+                    "block" / NonEmpty(CountedName, "failed to read block name"),
                 ),
             ),
             "SWITCHOVER_START": empty(m.SwitchoverStart),
@@ -246,6 +250,25 @@ class Schema:
         self.rp_payloads = {
             name: rp_payloads[name] for name in profile.rp_messages if name in rp_payloads
         }
+        # What follows a message on the return path outside its length. Only RP RECV_BITMAP
+        # has it: the block's received bitmap, which the source reads straight off the stream.
+        rp_trailers: dict[str, cs.Construct] = {
+            "RECV_BITMAP": cs.Struct(
+                "size"  # bytes: the page count rounded up to whole 64-bit words
+                / Valid(
+                    cs.Int64ub,
+                    "missing bitmap size",
+                    lambda size: size % 8 == 0,
+                    lambda size: f"bitmap size {size:#x} is not a whole number of 64-bit words",
+                ),
+                "bitmap" / cs.Bytes(this.size),  # little-endian 64-bit words
+                "end_mark"
+                / Expect(cs.Const(RECV_BITMAP_END_MARK, cs.Int64ub), "bitmap end mark incorrect"),
+            ),
+        }
+        self.rp_trailers = {
+            name: rp_trailers[name] for name in self.rp_payloads if name in rp_trailers
+        }
         self.rp_classes = {cls.NAME: cls for cls in m.RETURN_PATH_MESSAGES}
 
         # --- the "ram" section: be64 (offset | flags), then a body chosen by the flags -----
@@ -254,8 +277,8 @@ class Schema:
         self.mem_size_block = As(
             m.RamBlockInfo,
             cs.Struct(
-                "idstr" / Expect(CountedName, "failed to read RAMBlock name"),
-                Require(lambda ctx: len(ctx.idstr) > 0, "empty RAMBlock name"),
+                "idstr"
+                / NonEmpty(CountedName, "failed to read RAMBlock name", "empty RAMBlock name"),
                 "used_length" / cs.Int64ub,
                 "page_size" / cs.If(lambda ctx: ctx._params.rules.page_size_field(ctx), cs.Int64ub),
                 "mr_addr" / cs.If(lambda ctx: ctx._params.rules.mr_addr_field, cs.Int64ub),
@@ -317,12 +340,16 @@ class Schema:
         return self.build_command(m.Packaged(len(inner)), blob=inner)
 
     def build_rp(self, message: m.ReturnPathMessage) -> bytes:
+        """One return-path message, with what follows it outside its length (a bitmap)."""
         name = message.NAME
         payload = self.rp_payloads[name].build(message)
-        return (
-            self.rp_header.build({"type": self.profile.rp_messages[name], "len": len(payload)})
-            + payload
-        )
+        header = self.rp_header.build({"type": self.profile.rp_messages[name], "len": len(payload)})
+        trailer = b""
+        if isinstance(message, m.RpRecvBitmap):
+            trailer = self.rp_trailers[name].build(
+                {"size": len(message.bitmap), "bitmap": message.bitmap}
+            )
+        return header + payload + trailer
 
     def build_ram_page(self, page: m.RamPage) -> bytes:
         flags = self.profile.ram_flags

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from qmig.capture import read_capture
-from qmig.capture.inspect import count_return_path, find_discard_commands
+from qmig.inspect import count_return_path, find_discard_commands
 from qmig.qemu.guest import known_data
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"

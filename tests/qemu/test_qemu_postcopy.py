@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from qmig.capture import read_capture
-from qmig.capture.inspect import find_discard_commands, return_path_messages
 from qmig.errors import VerificationError
+from qmig.inspect import find_discard_commands, return_path_records
 from qmig.qemu.guest import MIB, GuestSpec
 from qmig.qemu.oracle import verify_counters
 from qmig.qemu.scenario import PostcopyPlan, PostcopyResult, run_postcopy
@@ -46,7 +46,7 @@ def test_destination_pages_request_what_the_source_served(
     migration: tuple[PostcopyResult, Path],
 ) -> None:
     result, capture_dir = migration
-    messages = return_path_messages(read_capture(capture_dir).return_path)
+    messages = return_path_records(read_capture(capture_dir).return_path)
     requests = [m for m in messages if m.name in ("REQ_PAGES", "REQ_PAGES_ID")]
     assert any(m.name == "REQ_PAGES" for m in requests)
     # The first request of a block names it; later ones for the same block are short.
@@ -54,9 +54,9 @@ def test_destination_pages_request_what_the_source_served(
     assert first_request.name == "REQ_PAGES_ID"
     # The source counts every request it received: all of them went through the relay.
     assert result.source_info["ram"]["postcopy-requests"] == len(requests)
-    pongs = sorted(int.from_bytes(m.payload, "big") for m in messages if m.name == "PONG")
+    pongs = sorted(m.message.value for m in messages if m.name == "PONG")
     assert pongs == [1, 2, 3, 4]
-    assert messages[-1].name == "SHUT" and messages[-1].payload == bytes(4)
+    assert messages[-1].name == "SHUT" and messages[-1].message.status == 0
 
 
 @pytest.mark.qemu

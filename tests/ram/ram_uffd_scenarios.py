@@ -12,7 +12,8 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from qmig.errors import HostSupportError, QmigError
 from qmig.ram.blocks import TARGET_PAGE_SIZE, BlockSpec, RamBlock
 from qmig.ram.errors import FaultingSideGoneError, RamError
 from qmig.ram.faults import PageRequest
+from qmig.ram.handoff import HandedOver, send_userfaultfd
 from qmig.ram.session import RamSession
 from qmig.ram.support import huge_page_sizes, memory_locked_bytes
 from qmig.ram.uffd import Userfaultfd, probe
@@ -572,6 +574,366 @@ def workloads() -> dict[str, Any]:
             }
         out["dirtied_word"] = int.from_bytes(block.read(4096 + 8, 8), "little")
         return out
+
+
+# --- batched placement (RamBlock.place_records) ------------------------------------------
+
+PAGE_FLAG = 0x08  # QEMU's RAM_SAVE_FLAG_PAGE
+ZERO_FLAG = 0x02  # RAM_SAVE_FLAG_ZERO: a page filled with one byte
+CONTINUE = 0x20
+Body = bytes | int  # 4 KiB of data, or a fill byte
+
+
+class Records:
+    """Records laid out as on the wire (be64 header, then the body), with their header and
+    body-offset arrays, as the stream reader hands them over; offsets absolute from ``base``."""
+
+    def __init__(self, records: Sequence[tuple[int, Body]], base: int = 12345) -> None:
+        buffer = bytearray()
+        self.headers = array("Q")
+        self.bodies = array("Q")
+        for offset, body in records:
+            header = offset | CONTINUE | (ZERO_FLAG if isinstance(body, int) else PAGE_FLAG)
+            buffer += header.to_bytes(8, "big")
+            self.headers.append(header)
+            self.bodies.append(base + len(buffer))
+            buffer += bytes([body]) if isinstance(body, int) else body
+        self.data = memoryview(buffer)
+        self.base = base
+
+    def place(self, block: RamBlock, *, replace: bool = False) -> Any:
+        return block.place_records(
+            self.headers, self.bodies, self.data, self.base, PAGE_FLAG, replace=replace
+        )
+
+
+def place_one_by_one(block: RamBlock, records: Sequence[tuple[int, Body]], replace: bool) -> None:
+    """The per-page path the destination runner used before the batched one."""
+    for offset, body in records:
+        if replace and block.is_received(offset):
+            block.discard(offset, TARGET_PAGE_SIZE)
+        if body == 0:
+            block.receive_zero(offset)
+        elif isinstance(body, int):
+            block.receive_target_pages(offset, bytes([body]) * TARGET_PAGE_SIZE)
+        else:
+            block.receive_target_pages(offset, body)
+
+
+def page_of(value: int) -> bytes:
+    return value.to_bytes(8, "little") * (TARGET_PAGE_SIZE // 8)
+
+
+def apply_model(
+    model: dict[int, bytes], records: Sequence[tuple[int, Body]], replace: bool, per: int = 1
+) -> None:
+    """What memory must hold: a page already in place stays unless replaced (host pages of
+    ``per`` target pages count as in place once all their target pages are)."""
+    for offset, body in records:
+        data = bytes([body]) * TARGET_PAGE_SIZE if isinstance(body, int) else bytes(body)
+        host = offset - offset % (per * TARGET_PAGE_SIZE)
+        in_place = all(host + k * TARGET_PAGE_SIZE in model for k in range(per))
+        if replace or not in_place:
+            model[offset] = data
+
+
+def compare(blocks: list[RamBlock], model: dict[int, bytes]) -> dict[str, Any]:
+    bitmaps = [bytes(block.received._bytes) for block in blocks]
+    received = [
+        [bit * TARGET_PAGE_SIZE for bit in range(block.target_pages) if block.received.test(bit)]
+        for block in blocks
+    ]
+    wrong = [
+        [off for off in received[index] if block.read(off, TARGET_PAGE_SIZE) != model.get(off)]
+        for index, block in enumerate(blocks)
+    ]
+    return {
+        "bitmaps_equal": all(bitmap == bitmaps[0] for bitmap in bitmaps),
+        "received_is_model": all(sorted(model) == pages for pages in received),
+        "wrong_pages": wrong,
+    }
+
+
+@scenario
+def batched_agrees() -> dict[str, Any]:
+    """The batched path and the per-page path, fed the same records, end with the same bitmap
+    and memory, and both match a model: coalesced runs, zero and fill pages, duplicates
+    within a run and across runs, EEXIST from a page placed behind the bitmap's back,
+    discard then re-send, and precopy-style replacement."""
+    size = 2 * MiB
+    with RamSession([BlockSpec("a.ram", size), BlockSpec("b.ram", size)]) as session:
+        one, batched = session.block("a.ram"), session.block("b.ram")
+        uffd = session.uffd
+        assert uffd is not None
+        model: dict[int, bytes] = {}
+        ioctls = []
+
+        def both(records: Sequence[tuple[int, Body]], replace: bool = False) -> None:
+            place_one_by_one(one, records, replace)
+            ioctls.append(Records(records).place(batched, replace=replace).ioctls)
+            apply_model(model, records, replace)
+
+        P = TARGET_PAGE_SIZE
+        both(
+            [(k * P, page_of(k + 1)) for k in range(64)]  # one run: one UFFDIO_COPY
+            + [(k * P, 0) for k in range(64, 96)]  # one UFFDIO_ZEROPAGE
+            + [(k * P, 0x5A) for k in range(96, 100)]  # fill pages join a copy run
+            + [(200 * P, page_of(200)), (202 * P, page_of(202)), (201 * P, page_of(201))]
+            + [(5 * P, page_of(0xBAD))]  # a duplicate of a page placed above
+            + [(400 * P, page_of(400)), (400 * P, page_of(0xBAD))]  # twice in one run
+        )
+        # EEXIST: page 450 is put in place behind the bitmap's back (as by another placer).
+        behind = page_of(0xE1)
+        source = ffi.from_buffer(behind)
+        for block in (one, batched):
+            uffd.copy(block.host_address + 450 * P, int(ffi.cast("uintptr_t", source)), P)
+        model[450 * P] = behind
+        both([(k * P, page_of(0xE2)) for k in range(449, 452)])
+        # Discarded pages come again and are placed again.
+        for block in (one, batched):
+            block.discard(0, 16 * P)
+        for k in range(16):
+            del model[k * P]
+        both([(k * P, page_of(0xD0 + k)) for k in range(16)])
+        # Precopy re-sends after registration: the new contents replace the old.
+        both([(k * P, page_of(0xF0)) for k in range(62, 68)], replace=True)
+        found = compare([one, batched], model)
+        try:
+            Records([(size, page_of(1))]).place(batched)
+            range_error = None
+        except RamError as error:
+            range_error = str(error)
+        return {
+            **found,
+            "ioctls": ioctls,
+            "stats": vars(batched.stats),
+            "range_error": range_error,
+        }
+
+
+@scenario
+def batched_huge() -> dict[str, Any]:
+    """Huge-page blocks: target pages are gathered, across calls, into whole host pages."""
+    free = huge_page_sizes().get(HUGE, (0, 0))[1]
+    if free < 4:
+        return {"skip": f"needs 4 free 2 MiB huge pages, {free} free"}
+    P, per = TARGET_PAGE_SIZE, HUGE // TARGET_PAGE_SIZE
+    with RamSession([BlockSpec("a.ram", 2 * HUGE, HUGE), BlockSpec("b.ram", 2 * HUGE, HUGE)]) as s:
+        one, batched = s.block("a.ram"), s.block("b.ram")
+        model: dict[int, bytes] = {}
+        steps: list[bool] = []
+
+        def both(records: Sequence[tuple[int, Body]]) -> None:
+            place_one_by_one(one, records, False)
+            Records(records).place(batched)
+            apply_model(model, records, False, per)
+
+        page0: list[tuple[int, Body]] = [(k * P, page_of(k + 7)) for k in range(per)]
+        page0[300:310] = [(k * P, 0) for k in range(300, 310)]
+        page0[400:402] = [(k * P, 0x11) for k in range(400, 402)]
+        both(page0[:299])  # most of host page 0: nothing is placed yet
+        steps.append(batched.is_received(0) or bool(batched.stats.placed_pages))
+        both(page0[299:])  # the rest, in another call: placed whole
+        steps.append(batched.is_received(0, HUGE))
+        both([(HUGE + k * P, 0) for k in range(per)])  # host page 1, all zero: copied zeros
+        both([(k * P, page_of(0xBAD)) for k in range(3)])  # host page 0 again: duplicates
+        # Interleaved host pages are refused, as QEMU refuses them; the first carries on.
+        for block in (one, batched):
+            block.discard(0, 2 * HUGE)
+        model.clear()
+        errors = []
+        for block in (one, batched):
+            block.receive_target_pages(HUGE, page_of(1))
+            try:
+                block.receive_target_pages(0, page_of(2))
+            except RamError as error:
+                errors.append(str(error))
+        model[HUGE] = page_of(1)
+        both([(HUGE + k * P, page_of(k)) for k in range(1, per)])
+        both([(k * P, page_of(k + 3)) for k in range(per)])
+        found = compare([one, batched], model)
+        return {**found, "steps": steps, "errors": errors, "stats": vars(batched.stats)}
+
+
+@scenario
+def listen_registration() -> dict[str, Any]:
+    """Registered at LISTEN: precopy pages are written directly (re-sends overwrite), a
+    discard drops pages, registration drops populated pages that hold nothing received, and
+    from then on exactly the pages not received fault, and are served."""
+    size = 8 * MiB
+    P = TARGET_PAGE_SIZE
+    source = tagged_pages(0, size, TAG)
+    view = memoryview(source)
+    never = set(range(256, 384)) | set(range(1000, 2048, 37))  # never sent in precopy
+    zeros = set(range(600, 640))
+    with RamSession([BlockSpec("pc.ram", size)], register=False) as session:
+        block = session.block("pc.ram")
+        block.set_thp(True)  # THP may fill whole 2 MiB areas around the pages written
+        discarded = set(range(3 * MiB // P, (3 * MiB + 256 * 1024) // P))
+        precopy: list[tuple[int, Body]] = [
+            (
+                k * P,
+                0
+                if k in zeros
+                else page_of(0xBAD)
+                if k in discarded
+                else view[k * P : (k + 1) * P],
+            )
+            for k in range(size // P)
+            if k not in never
+        ]
+        Records([(10 * P, page_of(0xBAD))]).place(block)  # sent once, then changed
+        Records(precopy).place(block)
+        overwritten = block.read(10 * P, 8) == bytes(view[10 * P : 10 * P + 8])
+        written = block.stats.written_pages
+        registered_before = block.registered
+        session.discard("pc.ram", 3 * MiB, 256 * 1024)  # changed after it was sent
+        resident_never = sum(lib.qmig_resident_pages(block.host_address + k * P, P) for k in never)
+        session.register()
+        resident_after = sum(lib.qmig_resident_pages(block.host_address + k * P, P) for k in never)
+        faults = session.start_faults(serve_from(session, source))
+        session.start_vcpu("pc.ram", Workload())
+        results = session.vcpus.join(30)
+        complete = session.blocks.wait_complete(10)
+        faults.stop()
+        stats = faults.stats()
+        expected = {k * P: bytes(view[k * P : (k + 1) * P]) for k in range(size // P)}
+        for k in zeros - discarded:
+            expected[k * P] = bytes(P)
+        wrong = [off for off in range(0, size, P) if block.read(off, P) != expected[off]]
+        session.close()
+        return {
+            "registered_before": registered_before,
+            "written": written,
+            "precopy_records": len(precopy) + 1,
+            "overwritten": overwritten,
+            "resident_never_before": resident_never,
+            "resident_never_after": resident_after,
+            "faults": stats.faults,
+            "requests": stats.requests,
+            "expected_faults": len(never | discarded),
+            "complete": complete,
+            "wrong": wrong[:10],
+            "aborted": results[0].aborted,
+            "touches": results[0].touches,
+        }
+
+
+@scenario
+def c_served() -> dict[str, Any]:
+    """The fault thread serving from in-process sources in C: vCPUs on a 4 KiB and a huge-page
+    block, a background stream placing pages at the same time, then a stray fault."""
+    size = 8 * MiB
+    source = tagged_pages(0, size, TAG)
+    specs = [BlockSpec("pc.ram", size)]
+    huge = huge_page_sizes().get(HUGE, (0, 0))[1] >= 2
+    if huge:
+        specs.append(BlockSpec("big.ram", 2 * HUGE, HUGE))
+    with RamSession(specs) as session:
+        block = session.block("pc.ram")
+        assert session.uffd is not None
+        sources = {"pc.ram": source, "big.ram": tagged_pages(0, 2 * HUGE, TAG)}
+        reported: list[int] = []
+        faults = session.start_faults(
+            on_stray=lambda stray: reported.append(stray.address),
+            sources={spec.idstr: sources[spec.idstr] for spec in specs},
+        )
+        for index in range(2):
+            session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * size // 2, size // 2)
+        if huge:
+            session.start_vcpu("big.ram", Workload(Pattern.RANDOM, touches=3000, tag_xor=TAG))
+        stream = 0
+        for offset in range(size - 2 * MiB, size, 64 * TARGET_PAGE_SIZE):  # meanwhile
+            stream += block.receive_target_pages(
+                offset, memoryview(source)[offset : offset + 64 * TARGET_PAGE_SIZE]
+            ).placed
+        results = session.vcpus.join(30)
+        complete = session.blocks.wait_complete(10)
+        outsider = RamBlock("outsider", 1 * MiB)
+        outsider.attach(session.uffd)
+        session.vcpus.threads.clear()
+        session.vcpus.start(outsider, Workload(), 8192, 4096)
+        seen = wait_for(lambda: bool(reported))
+        session.vcpus.abort()
+        outsider.detach()
+        faults.stop()
+        stats = faults.stats()
+        placed = {spec.idstr: session.block(spec.idstr).stats.placed_pages for spec in specs}
+        session.close()
+        outsider.close()
+        return {
+            "pages": size // TARGET_PAGE_SIZE,
+            "huge": huge,
+            "complete": complete,
+            "stream": stream,
+            "placed": placed,
+            "faults": stats.faults,
+            "requests": stats.requests,
+            "late": stats.late_faults,
+            "strays": stats.stray_faults,
+            "latencies": stats.latency.count,
+            "p50": stats.latency.p50_ns,
+            "threads": len(stats.blocktime_ns_by_thread),
+            "mismatches": sum(r.mismatches for r in results),
+            "aborted": sum(r.aborted for r in results),
+            "stray_seen": seen and reported == [outsider.host_address + 8192],
+        }
+
+
+@scenario
+def separate_process() -> dict[str, Any]:
+    """The fault handler in another process: the owner registers its block and hands the
+    userfaultfd over a UNIX socket (SCM_RIGHTS); the handler serves every fault from there."""
+    size = 8 * MiB
+    owner, handler = socket.socketpair()
+    pid = os.fork()  # before the owner opens its userfaultfd: the child has no copy of it
+    if pid == 0:
+        owner.close()
+        try:
+            handed = HandedOver.receive(handler)
+            faults = handed.serve({"pc.ram": tagged_pages(0, size, TAG)})
+            handler.recv(1)  # the owner's vCPUs are done
+            faults.stop()
+            stats = faults.stats()
+            block = handed.blocks["pc.ram"]
+            try:
+                block.read(0, 8)
+                refused = None
+            except RamError as error:
+                refused = str(error)
+            report = {
+                "faults": stats.faults,
+                "requests": stats.requests,
+                "placed": block.stats.placed_pages,
+                "complete": block.complete,
+                "p50": stats.latency.p50_ns,
+                "threads": sorted(stats.blocktime_ns_by_thread),
+                "read_refused": refused,
+                "opened_via": handed.uffd.opened_via,
+            }
+            handed.close()
+            handler.sendall(json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    handler.close()
+    with RamSession([BlockSpec("pc.ram", size)]) as session:
+        assert session.uffd is not None
+        send_userfaultfd(owner, session.uffd, session.blocks)
+        for index in range(2):
+            session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * size // 2, size // 2)
+        results = session.vcpus.join(30)
+        owner.sendall(b"x")
+        found = json.loads(owner.recv(1 << 16))
+        os.waitpid(pid, 0)
+        session.close()
+    return {
+        "handler": found,
+        "pages": size // TARGET_PAGE_SIZE,
+        "vcpu_tids": sorted(r.thread_id for r in results),
+        "mismatches": sum(r.mismatches for r in results),
+        "aborted": sum(r.aborted for r in results),
+        "touches": sum(r.touches for r in results),
+    }
 
 
 def main() -> None:

@@ -67,3 +67,32 @@ def test_an_mlocked_process_is_unlocked_for_postcopy_and_locked_again() -> None:
     assert found["locked_during"] == 0 and found["resident_at_start"] == 0
     assert found["faults"] == found["pages"] and found["mismatches"] == 0
     assert found["locked_after"] > 0
+
+
+def test_batched_placement_agrees_with_the_per_page_path() -> None:
+    found = run_scenario("batched_agrees")
+    assert found["bitmaps_equal"] and found["received_is_model"]
+    assert found["wrong_pages"] == [[], []]
+    # 64 data pages, 32 zero pages, then 4 fill pages: three ioctls, not a hundred.
+    assert found["ioctls"][0] <= 10
+    assert found["stats"]["duplicate_pages"] >= 3  # page 5, page 400 again, EEXIST on 450
+    assert found["range_error"].startswith("RAM: block 'b.ram': page 0x200000+0x1000 is outside")
+
+
+def test_batched_placement_gathers_whole_huge_pages() -> None:
+    found = run_scenario("batched_huge")
+    assert found["steps"] == [False, True]
+    assert found["bitmaps_equal"] and found["received_is_model"]
+    assert found["wrong_pages"] == [[], []]
+    assert len(found["errors"]) == 2 and all("another host page" in e for e in found["errors"])
+
+
+def test_blocks_registered_at_listen_fault_on_exactly_the_pages_not_received() -> None:
+    found = run_scenario("listen_registration")
+    assert found["registered_before"] is False
+    assert found["written"] == found["precopy_records"]  # memcpy, no ioctl
+    assert found["overwritten"] is True  # a re-sent precopy page replaces the old one
+    assert found["resident_never_after"] == 0  # populated but never received: dropped
+    assert found["faults"] == found["requests"] == found["expected_faults"]
+    assert found["complete"] and found["wrong"] == []
+    assert not found["aborted"] and found["touches"] == 2048

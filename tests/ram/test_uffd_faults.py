@@ -63,3 +63,30 @@ def test_workload_patterns_touch_what_they_promise() -> None:
     assert found["dirtied_word"] != 0  # the writer left its mark beside the tag
     # 200 touches at 2000/s cannot take less than the 199 gaps between them.
     assert found["dirtier"]["touches"] == 200 and found["dirtier"]["seconds"] >= 0.099
+
+
+def test_faults_served_in_c_from_in_process_sources() -> None:
+    found = run_scenario("c_served")
+    assert found["complete"] and found["mismatches"] == 0 and found["aborted"] == 0
+    pages = found["pages"]
+    # Every 4 KiB page went in once: by the C loop after a fault, or by the stream.
+    assert found["placed"]["pc.ram"] == pages
+    served = found["requests"]
+    assert served == found["latencies"] > 0 and found["p50"] > 0
+    assert found["faults"] == served + found["late"] + found["strays"]
+    assert found["stray_seen"] and found["strays"] == 1
+    if found["huge"]:
+        assert found["placed"]["big.ram"] == 2
+        assert found["threads"] == 3
+
+
+def test_a_separate_process_serves_faults_through_a_handed_over_userfaultfd() -> None:
+    found = run_scenario("separate_process")
+    handler = found["handler"]
+    assert handler["opened_via"] == "handed over"
+    assert handler["faults"] == handler["requests"] == handler["placed"] == found["pages"]
+    assert handler["complete"] and handler["p50"] > 0
+    assert found["mismatches"] == 0 and found["aborted"] == 0 and found["touches"] == found["pages"]
+    assert "another process" in handler["read_refused"]
+    if handler["threads"] != [0]:  # UFFD_FEATURE_THREAD_ID: the owner's vCPU threads
+        assert handler["threads"] == found["vcpu_tids"]

@@ -5,9 +5,6 @@ a record list or a :class:`~qmig.errors.QmigError` (never another exception, nev
 hang). Length fields that claim gigabytes must be refused or streamed, not allocated. Each
 targeted invalid variant of :mod:`qmig.strategies` must raise ``MalformedError`` naming
 the faulty record, at an offset inside it.
-
-Tests marked ``xfail(strict=True)`` pin wire-layer bugs and gaps found while writing these;
-each reason says what is wrong. They start passing, and so fail, once the bug is fixed.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmig import strategies as qs
@@ -367,23 +364,13 @@ def test_invalid_variants_are_refused_where_they_are(
     check_invalid(data.draw(qs.INVALID_STRATEGIES[variant](version)), version)
 
 
-# An empty RECV_BITMAP name is reported past its command; that bug is pinned below.
-EMPTY_NAMES_REPORTED_INSIDE = [name for name in qs.EMPTY_NAME_RECORDS if name != "RECV_BITMAP"]
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 @given(data=st.data())
 @settings(max_examples=40, deadline=SLOW)
 def test_empty_names_are_refused_where_they_are(version: str, data: st.DataObject) -> None:
-    bad = data.draw(qs.invalid_empty_names(version, EMPTY_NAMES_REPORTED_INSIDE))
-    check_invalid(bad, version)
-
-
-# --- wire-layer bugs and gaps, pinned ------------------------------------------------------
-
-# A few examples suffice to show a gap that every example hits; shrinking would only cost
-# time.
-GAP = settings(max_examples=5, deadline=None, phases=[Phase.generate], database=None)
+    # The error points at the empty name's length byte, inside the record even when that
+    # byte is the record's last (a RECV_BITMAP command of length 1).
+    check_invalid(data.draw(qs.invalid_empty_names(version)), version)
 
 
 # --- variants only the protocol layer can refuse ---------------------------------------------
@@ -464,38 +451,24 @@ def test_an_empty_requested_block_is_refused_by_the_source(
     check_refused(source_error(bad, version), bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an empty name is checked after it is read, and the error carries the position "
-    "after the name: for CMD RECV_BITMAP (len 1) that is the byte after the command",
-)
-@pytest.mark.parametrize("version", ["7.2", "10.0"])
-@GAP
-@given(data=st.data())
-def test_an_empty_recv_bitmap_name_is_reported_inside_the_command(
-    version: str, data: st.DataObject
-) -> None:
-    check_invalid(data.draw(qs.invalid_empty_names(version, ["RECV_BITMAP"])), version)
+# --- the bitmap after RP RECV_BITMAP: outside the message's length, so bounded by qmig ---------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="without local page sizes, StreamReader takes any be64 after a MEM_SIZE entry's "
-    "length that is a power of two in the ADVISE summary for a page size; with "
-    "x-ignore-shared that be64 may be the block's memory-region address (here 0x200000)",
-)
-def test_a_region_address_that_looks_like_a_page_size_is_read_as_an_address() -> None:
+def test_a_recv_bitmap_claiming_a_huge_bitmap_is_refused_at_its_size() -> None:
     schema = schema_for("7.2")
-    configuration = m.Configuration("pc", capabilities=("x-ignore-shared",))
-    blocks = (
-        m.RamBlockInfo("pc.ram", 0x10000, None, 0x200000),
-        m.RamBlockInfo("mem", 0x200000, 0x200000, 0x40000000),
-    )
-    mem_size = m.MemSize(0x210000, blocks)
-    data = bytes(schema.header.build(m.StreamHeader(3)))
-    data += bytes(schema.configuration.build(configuration))
-    data += schema.build_command(m.PostcopyAdvise(0x201000, 4096))
-    data += schema.build_section(m.SectionStart(2, "ram", 0, 4)) + schema.build_mem_size(mem_size)
-    data += schema.build_ram_flag("EOS") + schema.build_footer(2) + b"\x00"
-    messages = [record.message for record in read(StreamReader("7.2"), data)]
-    assert mem_size in messages
+    message = schema.build_rp(m.RpRecvBitmap("pc.ram"))[:11]  # the message, without a bitmap
+    data = message + (0xFFFF_FFFF_FFFF_FFF8).to_bytes(8, "big")
+    error = outcome(ReturnPathReader("7.2"), data)
+    assert isinstance(error, MalformedError) and error.what == "RECV_BITMAP"
+    assert error.offset == len(message) and "limit" in error.detail
+
+
+def test_a_recv_bitmap_cut_short_is_truncated_not_malformed() -> None:
+    schema = schema_for("7.2")
+    whole = schema.build_rp(m.RpRecvBitmap("pc.ram", bytes(16)))
+    for cut in range(4, len(whole)):  # from the first byte past the message header
+        error = outcome(ReturnPathReader("7.2"), whole[:cut])
+        assert isinstance(error, TruncatedError) and error.what == "RECV_BITMAP", (cut, error)
+    assert [r.message for r in read(ReturnPathReader("7.2"), whole, chunk=3)] == [
+        m.RpRecvBitmap("pc.ram", bytes(16))
+    ]

@@ -8,6 +8,7 @@ is described in §1 of the document.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from dataclasses import dataclass
@@ -213,9 +214,14 @@ def decode(schema: Schema, example: Example) -> Any:
         return _parse_exact(schema.command_payloads[name], data[5:], len=header.len)
     if kind == "rp":
         header = schema.rp_header.parse(data[:4])
-        assert len(data) == 4 + header.len, "message length does not match its bytes"
         name = schema.profile.rp_names[header.type]
-        return _parse_exact(schema.rp_payloads[name], data[4:], len=header.len)
+        end = 4 + header.len
+        message = _parse_exact(schema.rp_payloads[name], data[4:end], len=header.len)
+        if name in schema.rp_trailers:  # the bitmap after RECV_BITMAP, outside its length
+            trailer = _parse_exact(schema.rp_trailers[name], data[end:])
+            return dataclasses.replace(message, bitmap=trailer.bitmap)
+        assert len(data) == end, "message length does not match its bytes"
+        return message
     if kind == "ram":
         return decode_ram(schema, data, example.fields)
     if kind == "commands":

@@ -8,6 +8,7 @@ message and page the generator put in, whatever the chunk sizes they are fed in.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 from collections import Counter
@@ -22,7 +23,7 @@ from qmig import strategies as qs
 from qmig.inspect import StreamInspection
 from qmig.wire import messages as m
 from qmig.wire.profiles import available_versions
-from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
+from qmig.wire.reader import END, NEED_DATA, Record, ReturnPathReader, StreamReader
 from qmig.wire.schema import Schema, mem_size_params, schema_for
 
 VERSIONS = available_versions()
@@ -46,10 +47,16 @@ def parse_command(schema: Schema, data: bytes) -> Any:
 
 
 def parse_rp(schema: Schema, data: bytes) -> Any:
+    """A return-path message, with the bitmap that follows RECV_BITMAP outside its length."""
     header = schema.rp_header.parse(data)
-    assert header.len == len(data) - 4
     name = schema.profile.rp_names[header.type]
-    return parse_exact(schema.rp_payloads[name], data[4:], len=header.len)
+    end = 4 + header.len
+    message = parse_exact(schema.rp_payloads[name], data[4:end], len=header.len)
+    if name in schema.rp_trailers:
+        trailer = parse_exact(schema.rp_trailers[name], data[end:])
+        return dataclasses.replace(message, bitmap=trailer.bitmap)
+    assert end == len(data)
+    return message
 
 
 def parse_ram(schema: Schema, data: bytes, page_size: bool, mr_addr: bool) -> Any:
@@ -107,6 +114,35 @@ def test_return_path_messages_round_trip(version: str, data: st.DataObject) -> N
     parsed = parse_rp(schema, wire)
     assert parsed == message
     assert schema.build_rp(parsed) == wire
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+@given(
+    block=qs.names(),
+    words=st.lists(st.integers(0, (1 << 64) - 1), max_size=40),
+    chunk=st.integers(1, 64),
+)
+def test_recv_bitmap_round_trips_with_its_bitmap(
+    version: str, block: str, words: list[int], chunk: int
+) -> None:
+    schema = schema_for(version)
+    bitmap = b"".join(word.to_bytes(8, "little") for word in words)
+    message = m.RpRecvBitmap(block, bitmap)
+    wire = schema.build_rp(message) + schema.build_rp(m.Pong(7))
+    assert parse_rp(schema, schema.build_rp(message)) == message
+    reader = ReturnPathReader(version)
+    records: list[Record] = []
+    for at in range(0, len(wire), chunk):
+        reader.feed(wire[at : at + chunk])
+        records.extend(reader)
+    reader.feed_eof()
+    records.extend(reader)
+    assert [record.message for record in records] == [message, m.Pong(7)]
+    assert records[0].size == len(wire) - 8  # the bitmap is part of the RECV_BITMAP record
+    expected = [
+        64 * i + bit for i, word in enumerate(words) for bit in range(64) if word >> bit & 1
+    ]
+    assert message.received_pages() == expected
 
 
 @pytest.mark.parametrize("version", VERSIONS)

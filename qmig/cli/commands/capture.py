@@ -7,13 +7,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
-from qmig.capture import CaptureSummary, Relay
-from qmig.errors import TransportError
+if TYPE_CHECKING:
+    from qmig.capture import CaptureSummary, Relay
 
 MIB = 1 << 20
 PROGRESS_SECONDS = 0.25
@@ -37,6 +34,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at module level: the relay and rich are capture's alone.
+    from qmig.capture import Relay
+    from qmig.errors import TransportError
+
     relay = Relay(args.connect, args.out, listen_uri=args.listen)
     # The first stderr line is stable: scripts read the real port from it when they asked for 0.
     print(f"qmig capture: listening on {relay.listen_uri}", file=sys.stderr, flush=True)
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _wait_showing_progress(relay: Relay) -> None:
+    from rich.console import Console
+
     console = Console(stderr=True)
     if not console.is_terminal:
         return
@@ -76,6 +79,9 @@ def _wait_showing_progress(relay: Relay) -> None:
 
 
 def _print_summary(summary: CaptureSummary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"capture in {summary.out_dir} ({summary.duration_s:.2f} s)")
     table.add_column("direction")
     table.add_column("bytes", justify="right")

@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: every command's module is imported to build the parser.
+    # Imported when the check runs, not when the parser is built: `qmig doctor --help` and
+    # argument errors should not pay for rich and the cffi userfaultfd module.
     from rich.console import Console
     from rich.table import Table
 

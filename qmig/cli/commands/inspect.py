@@ -9,12 +9,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 
+if TYPE_CHECKING:
+    from qmig.inspect import Timeline
+    from qmig.wire.reader import Record
+
 CAPTURE_STREAM = "stream.bin"
 CAPTURE_RETURN_PATH = "return-path.bin"
+CAPTURE_INDEX = "index.tsv"
+ANSWER_INDENT = " " * 48  # under a listing line's name column
 PROGRESS_THRESHOLD = 64 << 20
 
 
@@ -43,23 +49,28 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _inputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+def _inputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
+    """(stream, return path, capture index): a capture directory names all three."""
     stream, return_path = args.stream, args.return_path
+    index = None
     if stream.is_dir():
         if return_path is None and (stream / CAPTURE_RETURN_PATH).exists():
             return_path = stream / CAPTURE_RETURN_PATH
+        if (stream / CAPTURE_INDEX).exists() and return_path == stream / CAPTURE_RETURN_PATH:
+            index = stream / CAPTURE_INDEX
         stream = stream / CAPTURE_STREAM
-    return stream, return_path
+    return stream, return_path, index
 
 
 class Listing:
     """The human-readable listing: one line per record, page records summed per section."""
 
-    def __init__(self, show_runs: bool) -> None:
+    def __init__(self, show_runs: bool, timed: Timed | None = None) -> None:
         from rich.console import Console
 
         self.console = Console(highlight=False, soft_wrap=True)
         self.show_runs = show_runs
+        self.timed = timed
         self.pages: Counter[str] = Counter()
         self.zeros: Counter[str] = Counter()
 
@@ -68,6 +79,9 @@ class Listing:
         from qmig.wire.render import describe
 
         message = record.message
+        if self.timed is not None:
+            # Return-path messages that reached the relay before this record go first.
+            self.timed.before(self, record)
         if isinstance(message, m.RamPageRun):
             self.pages[message.block] += message.count
             self.zeros[message.block] += message.zero_count
@@ -87,11 +101,20 @@ class Listing:
             return
         self.line(record, describe(message))
 
-    def line(self, record: Any, detail: str, name: str | None = None) -> None:
+    def line(
+        self, record: Any, detail: str, name: str | None = None, where: str | None = None
+    ) -> None:
         indent = "  " * record.depth
         label = name or record.name
+        prefix = ""
+        if self.timed is not None:
+            where = where or "stream"
+            t_ns = self.timed.stream.arrival(record.offset, record.size)
+            if where != "stream":
+                t_ns = self.timed.return_path.arrival(record.offset, record.size)
+            prefix = f"{t_ns / 1e6:>11.3f} ms  {where:<11} "
         self.console.print(
-            f"{record.offset:>12}  {indent}[bold]{label:<22}[/bold] {detail}".rstrip()
+            f"{prefix}{record.offset:>12}  {indent}[bold]{label:<22}[/bold] {detail}".rstrip()
         )
 
     def heading(self, text: str) -> None:
@@ -124,6 +147,58 @@ class Listing:
             rp = report["return_path"]
             counts_text = ", ".join(f"{name} {count}" for name, count in rp["counts"].items())
             self.console.print(f"return path: {rp['bytes']} bytes: {counts_text}")
+        if "request_latency_us" in report:
+            figures = report["request_latency_us"]
+            self.console.print(
+                f"page requests: {figures['count']}: answered {figures['answered']}, "
+                f"already in flight {figures['in_flight']}, unanswered "
+                f"{figures['unanswered']}; latency at the relay p50 {figures['p50']} µs, "
+                f"p99 {figures['p99']} µs, max {figures['max']} µs"
+            )
+
+
+class Timed:
+    """The return path merged into a capture's listing by time, requests with their answers."""
+
+    def __init__(
+        self, stream: Timeline, return_path: Timeline, records: list[Record], answers: Any
+    ) -> None:
+        self.stream = stream
+        self.return_path = return_path
+        self.records = records
+        self.answers = answers  # return-path offset -> PageRequest
+        self._next = 0
+
+    def before(self, listing: Listing, record: Record | None) -> None:
+        """List the return-path records that arrived before ``record`` (None: all the rest)."""
+        limit = None if record is None else self.stream.arrival(record.offset, record.size)
+        while self._next < len(self.records):
+            pending = self.records[self._next]
+            if limit is not None and self.return_path.arrival(pending.offset, pending.size) > limit:
+                return
+            self._next += 1
+            self._show(listing, pending)
+
+    def _show(self, listing: Listing, record: Record) -> None:
+        from qmig.wire.render import describe
+
+        listing.line(record, describe(record.message), where="return-path")
+        request = self.answers.get(record.offset)
+        if request is None:
+            return
+        if request.answered_at_byte is None:
+            detail = "not answered in the stream"
+        elif request.in_flight:
+            detail = (
+                f"answered by the RAM record at stream byte {request.answered_at_byte}, "
+                f"already in flight {-request.latency_us} µs before"
+            )
+        else:
+            detail = (
+                f"answered by the RAM record at stream byte {request.answered_at_byte}, "
+                f"{request.latency_us} µs later"
+            )
+        listing.console.print(f"{ANSWER_INDENT}-> {detail}")
 
 
 @contextmanager
@@ -148,27 +223,56 @@ def run(args: argparse.Namespace) -> int:
     from qmig.wire.reader import ReturnPathReader, StreamReader
     from qmig.wire.render import to_json
 
-    stream_path, rp_path = _inputs(args)
-    listing = None if args.json else Listing(args.pages)
-    inspection = StreamInspection(StreamReader(args.qemu_version), args.extract)
-    commands: list[dict[str, Any]] = []
-    try:
-        with stream_path.open("rb") as file, _progress(stream_path) as advance:
-            for record in read_records(file, inspection.reader, advance):
-                inspection.add(record)
-                if isinstance(record.message, m.COMMANDS):
-                    commands.append(
-                        {
-                            "offset": record.offset,
-                            "depth": record.depth,
-                            "name": record.name,
-                            **to_json(record.message),
-                        }
-                    )
-                if listing is not None:
-                    listing.record(record)
-    finally:
-        inspection.close()
+    stream_path, rp_path, index_path = _inputs(args)
+    rp_records: list[Record] = []
+    if rp_path is not None:
+        with rp_path.open("rb") as file:
+            rp_records = list(read_records(file, ReturnPathReader(args.qemu_version)))
+    capture = None if index_path is None else _capture(index_path, stream_path, rp_path, rp_records)
+
+    def read_stream(
+        listing: Listing | None, matcher: Any, extract: Path | None
+    ) -> tuple[StreamInspection, list[Any]]:
+        inspection = StreamInspection(StreamReader(args.qemu_version), extract)
+        commands: list[dict[str, Any]] = []
+        try:
+            with stream_path.open("rb") as file, _progress(stream_path) as advance:
+                for record in read_records(file, inspection.reader, advance):
+                    inspection.add(record)
+                    message = record.message
+                    if matcher is not None:
+                        if isinstance(message, m.RamPageRun):
+                            matcher.add(message)
+                        elif isinstance(message, m.Packaged):
+                            matcher.postcopy_started()
+                    if isinstance(message, m.COMMANDS):
+                        commands.append(
+                            {
+                                "offset": record.offset,
+                                "depth": record.depth,
+                                "name": record.name,
+                                **to_json(message),
+                            }
+                        )
+                    if listing is not None:
+                        listing.record(record)
+        finally:
+            inspection.close()
+        return inspection, commands
+
+    if capture is None:
+        listing = None if args.json else Listing(args.pages)
+        inspection, commands = read_stream(listing, None, args.extract)
+    else:
+        # The requests' answers are found in a first pass, so that the listing can show each
+        # request beside its answer although the answer comes later in the stream.
+        matcher = capture.matcher(inspection_schema(args))
+        inspection, commands = read_stream(None, matcher, args.extract)
+        matcher.finish()
+        listing = None
+        if not args.json:
+            listing = Listing(args.pages, capture.timed())
+            read_stream(listing, None, None)
 
     report = inspection.as_json()
     report["stream"] = str(stream_path)
@@ -177,20 +281,85 @@ def run(args: argparse.Namespace) -> int:
     if rp_path is not None:
         rp_inspection = ReturnPathInspection()
         messages = []
-        if listing is not None:
+        if listing is not None and capture is None:
             listing.heading(f"return path {rp_path}")
-        with rp_path.open("rb") as file:
-            for record in read_records(file, ReturnPathReader(args.qemu_version)):
-                rp_inspection.add(record)
-                messages.append(
-                    {"offset": record.offset, "name": record.name, **to_json(record.message)}
-                )
-                if listing is not None:
-                    listing.record(record)
+        for record in rp_records:
+            rp_inspection.add(record)
+            messages.append(
+                {"offset": record.offset, "name": record.name, **to_json(record.message)}
+            )
+            if listing is not None and capture is None:
+                listing.record(record)
         report["return_path"] = {**rp_inspection.as_json(), "messages": messages}
+    if capture is not None:
+        from qmig.inspect import latency_summary
+
+        if listing is not None and listing.timed is not None:
+            listing.timed.before(listing, None)
+        report["requests"] = [request.as_json() for request in capture.requests]
+        report["request_latency_us"] = latency_summary(capture.requests)
     if listing is not None:
         listing.summary(report)
     else:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
     return 0
+
+
+def inspection_schema(args: argparse.Namespace) -> Any:
+    from qmig.wire.schema import schema_for
+
+    return schema_for(args.qemu_version)
+
+
+class _Capture:
+    """A capture directory's timelines and page requests (layout: formats/capture.md)."""
+
+    def __init__(self, stream: Timeline, return_path: Timeline, rp_records: list[Record]) -> None:
+        from qmig.inspect import page_requests
+
+        self.stream = stream
+        self.return_path = return_path
+        self.rp_records = rp_records
+        self.requests = page_requests(rp_records, return_path)
+
+    def matcher(self, schema: Any) -> Any:
+        from qmig.inspect import RequestMatcher
+
+        flags = schema.profile.ram_flags
+        return RequestMatcher(
+            self.requests, self.stream, schema.target_page_size, flags["CONTINUE"]
+        )
+
+    def timed(self) -> Timed:
+        answers = {request.offset: request for request in self.requests}
+        return Timed(self.stream, self.return_path, self.rp_records, answers)
+
+
+def _capture(
+    index_path: Path, stream_path: Path, rp_path: Path | None, rp_records: list[Record]
+) -> _Capture:
+    from qmig.capture.recording import Direction, read_index
+    from qmig.errors import MalformedError
+    from qmig.inspect import Timeline
+
+    chunks = read_index(index_path)
+    timelines = {}
+    for direction, path in ((Direction.STREAM, stream_path), (Direction.RETURN_PATH, rp_path)):
+        mine = [(c.offset, c.length, c.t_ns) for c in chunks if c.direction is direction]
+        size = path.stat().st_size if path is not None else 0
+        covered = 0
+        for offset, length, _ in mine:
+            if offset != covered:
+                raise MalformedError(
+                    CAPTURE_INDEX,
+                    f"{direction.value} chunk at {offset}, expected {covered}",
+                )
+            covered += length
+        if covered != size:
+            raise MalformedError(
+                CAPTURE_INDEX,
+                f"{direction.value} chunks sum to {covered}, the file has {size} bytes",
+            )
+        timelines[direction] = Timeline(mine)
+    return _Capture(timelines[Direction.STREAM], timelines[Direction.RETURN_PATH], rp_records)

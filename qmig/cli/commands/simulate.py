@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.errors import QmigError
 from qmig.sizes import parse_size
 
 if TYPE_CHECKING:
@@ -65,11 +66,19 @@ def register(subparsers: Any) -> None:
         metavar="PAGES/S",
         help="pages the source guest dirties per second until switchover (default 20000)",
     )
+    parser.add_argument(
+        "--working-set",
+        type=parse_size,
+        metavar="SIZE",
+        help="the source guest dirties only the first SIZE of its RAM (default: all of it)",
+    )
     switch = parser.add_mutually_exclusive_group()
     switch.add_argument(
         "--postcopy-after",
         type=int,
-        default=1,
+        # None, not 1: argparse only sees a clash with --precopy-only when the value given
+        # is not the default object itself, and a parsed 1 is the cached int 1.
+        default=None,
         metavar="N",
         help="precopy passes before switching to postcopy; 0 switches before any (default 1)",
     )
@@ -91,14 +100,19 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         vcpus=args.vcpus,
         touches=args.touches,
         dirty_rate=args.dirty_rate,
-        postcopy_after=None if args.precopy_only else args.postcopy_after,
+        working_set=args.working_set,
+        postcopy_after=None
+        if args.precopy_only
+        else (1 if args.postcopy_after is None else args.postcopy_after),
         bandwidth=None if args.bandwidth is None else args.bandwidth * MiB,
         version=args.qemu_version,
         seed=args.seed,
     )
     if args.blocks:
         config.blocks = args.blocks
-    elif args.ram:
+    elif args.ram is not None:
+        if args.ram < 2 * 4096 or args.ram % 4096:
+            raise QmigError("--ram", f"{args.ram} bytes: need a multiple of 4 KiB, at least 8K")
         main = args.ram // 8 * 7 // 4096 * 4096
         config.blocks = [("pc.ram", main), ("vga.vram", args.ram - main)]
     return config
@@ -111,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from qmig.simulate import environment_check, run_simulation
 
     config = config_from(args)
+    config.check()
     environment_check()
     total = sum(size for _, size in config.blocks)
     console = Console(stderr=True)
@@ -183,6 +198,12 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         (
             "fault latency",
             f"p50 {latency['p50']} µs, p99 {latency['p99']} µs, max {latency['max']} µs",
+        ),
+        (
+            "request path",
+            f"fault → REQ_PAGES sent p50 {s['request_sent_us']['p50']} µs; "
+            f"REQ_PAGES read → pages sent p50 {s['request_served_us']['p50']} µs, "
+            f"p99 {s['request_served_us']['p99']} µs",
         ),
         ("blocktime", f"{s['blocktime_ms']:.1f} ms"),
     ]

@@ -1,0 +1,419 @@
+#!/usr/bin/env python3
+"""``qmig simulate`` at 1 GiB next to a real QEMU 7.2 → QEMU 7.2 postcopy migration.
+
+Run as root (userfaultfd) from the repository::
+
+    .venv/bin/python bench/simulate_bench.py                  # 1 GiB each side, ~1 minute
+    .venv/bin/python bench/simulate_bench.py --ram 64M --json # a quick run, one JSON document
+
+Both sides migrate a guest of ``--ram`` bytes over TCP on 127.0.0.1 under the same cap,
+``--bandwidth`` MiB/s for precopy and for postcopy (QEMU 7.2's default max-bandwidth is
+128 MiB/s), and switch to postcopy after one complete precopy pass.
+
+* QEMU: qmig's test guest (:mod:`qmig.qemu.guest`) runs in the source and keeps adding one to
+  the first byte of every page of ``[1 MiB, 1 MiB + --guest-mib)``; the rest of RAM stays zero.
+  The benchmark polls ``query-migrate`` and issues ``migrate-start-postcopy`` once
+  ``dirty-sync-count`` says the first pass is over. The destination's guest runs on in
+  postcopy, faulting on the pages it had not received. Its counters are checked afterwards.
+* qmig: ``qmig simulate`` with one ``pc.ram`` block of the same size, holding as many non-zero
+  pages as the QEMU guest writes (scattered; the rest zero), a source dirtying
+  ``--dirty-rate`` pages/s at random within the first ``--guest-mib`` MiB (its working set,
+  like the QEMU guest's range), and on the destination one read-only vCPU reading RAM in
+  address order (``--workload``, ``--vcpus``), as the QEMU guest's loop does; every page is
+  verified.
+
+The workloads are alike in volume, not identical: the QEMU guest rewrites its whole range
+sequentially, qmig's dirtier picks pages at random. Figures per side:
+
+* total time: migrate command → completion (QEMU: the source's ``total-time``);
+* downtime: source stop → destination RUN on both sides. qmig measures it across its two
+  processes; for QEMU it comes from trace events (source ``postcopy_start_set_run``, right
+  before the stop; destination ``loadvm_postcopy_handle_run_bh return``, after vm_start).
+  QEMU's own ``downtime`` (stop → switchover sent, on the source) is in the JSON too;
+* pages/s: pages sent (zero pages included) over total time;
+* postcopy requests, and fault latency (fault → page placed) p50/p99/max. For QEMU these come
+  from the destination's trace events ``postcopy_ram_fault_thread_request`` and
+  ``postcopy_place_page`` (``-msg timestamp=on``, microsecond wall clock), matched by host
+  address; tracing costs QEMU a little. QEMU 7.2's ``postcopy-blocktime`` is shown too.
+
+Nothing is asserted: the figures are printed. On a shared host they are noisy; run twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qmig.errors import QmigError
+from qmig.qemu.guest import GuestSpec, highest_safe_end
+from qmig.qemu.machine import Machine, MachineConfig
+from qmig.qemu.oracle import verify_counters
+from qmig.qemu.qmp import QemuError
+from qmig.simulate import SimulationConfig, environment_check, run_simulation
+from qmig.sizes import parse_size
+
+MiB = 1 << 20
+PAGE = 4096
+LOOPBACK = "127.0.0.1"
+QEMU_DEFAULT_BANDWIDTH_MIB = 128  # QEMU 7.2's max-bandwidth default
+# On the destination: faults and placements (latency), and the end of the RUN handler.
+TRACE_EVENTS = (
+    "postcopy_ram_fault_thread_request",
+    "postcopy_place_page",
+    "loadvm_postcopy_handle_run_bh",
+)
+# On the source: postcopy_start, right before it stops the guest.
+SOURCE_TRACE_EVENTS = ("postcopy_start_set_run",)
+# "1234@1700000000.123456:postcopy_place_page host=0x7f..." (log backend, -msg timestamp=on)
+TRACE_LINE = re.compile(rb"^\d+@(\d+)\.(\d{6}):(\w+) (.*)$", re.MULTILINE)
+REQUEST_HVA = re.compile(rb"HVA=0x([0-9a-f]+)")
+PLACE_HOST = re.compile(rb"host=0x([0-9a-f]+)")
+
+
+@dataclass(frozen=True)
+class Plan:
+    ram: int
+    bandwidth: int  # bytes per second, precopy and postcopy
+    guest_bytes: int  # how much of RAM the guest writes (QEMU) / holds non-zero (qmig)
+    dirty_rate: float
+    timeout: float
+    workload: str = "sequential"  # qmig's destination vCPUs: like the QEMU guest's loop
+    vcpus: int = 1  # the QEMU guest has one vCPU
+
+
+# --- qmig ------------------------------------------------------------------------------------
+
+
+def run_qmig(plan: Plan) -> dict[str, Any]:
+    environment_check()
+    pages = plan.ram // PAGE
+    config = SimulationConfig(
+        blocks=[("pc.ram", plan.ram)],
+        postcopy_after=1,
+        bandwidth=float(plan.bandwidth),
+        dirty_rate=plan.dirty_rate,
+        version="7.2",
+        zero_fraction=max(0.0, 1.0 - plan.guest_bytes / plan.ram),
+        working_set=plan.guest_bytes,
+        pattern=plan.workload,
+        vcpus=plan.vcpus,
+    )
+    phases: dict[str, list[float]] = {}
+    started = time.monotonic()
+
+    def progress(phase: str, _size: int) -> None:
+        now = time.monotonic() - started
+        phases.setdefault(phase, [now, now])[1] = now
+
+    s = run_simulation(config, progress)
+    sent = s["precopy"]["pages"] + s["postcopy"]["pages"]
+    return {
+        "verified": s["verified"],
+        "total_s": s["total_s"],
+        "downtime_ms": s["downtime_ms"],
+        "pages_sent": sent,
+        "pages_per_s": round(sent / s["total_s"]) if s["total_s"] else None,
+        "precopy_pages": s["precopy"]["pages"],
+        "postcopy_pages": s["postcopy"]["pages"],
+        "postcopy_requests": s["postcopy_requests"],
+        "faults": s["faults"],
+        "fault_latency_us": s["fault_latency_us"],
+        "blocktime_ms": s["blocktime_ms"],
+        "ram_pages": pages,
+        "discarded_pages": s["discarded_pages"],
+        "request_sent_us": s["request_sent_us"],
+        "request_served_us": s["request_served_us"],
+        # When the source sent each phase's first and last bytes, from just before the
+        # guest RAM is generated (seconds).
+        "phases_s": {name: [round(a, 3), round(b, 3)] for name, (a, b) in phases.items()},
+    }
+
+
+# --- QEMU ------------------------------------------------------------------------------------
+
+
+def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
+    memory_mib = plan.ram // MiB
+    end = min(MiB + plan.guest_bytes, highest_safe_end(memory_mib))
+    spec = GuestSpec(end=end // PAGE * PAGE)
+    trace_path = workdir / "destination.trace"
+    source_trace_path = workdir / "source.trace"
+    destination = Machine(
+        MachineConfig(
+            "destination",
+            memory_mib,
+            spec,
+            incoming="defer",
+            extra_args=_trace_args(trace_path, TRACE_EVENTS),
+        ),
+        workdir,
+    )
+    source = Machine(
+        MachineConfig(
+            "source",
+            memory_mib,
+            spec,
+            extra_args=_trace_args(source_trace_path, SOURCE_TRACE_EVENTS),
+        ),
+        workdir,
+    )
+    capabilities = {"postcopy_ram": True, "postcopy_blocktime": True}
+    with destination.start(), source.start():
+        destination.set_capabilities(**capabilities)
+        destination.migrate_incoming(f"tcp:{LOOPBACK}:0")
+        target = f"tcp:{LOOPBACK}:{destination.incoming_port()}"
+        source.wait_serial(1)  # the guest is up and dirtying
+        source.set_capabilities(**capabilities)
+        source.set_parameters(
+            max_bandwidth=plan.bandwidth,
+            max_postcopy_bandwidth=plan.bandwidth,
+            downtime_limit=1,  # keep precopy from completing on its own
+        )
+        source.migrate(target)
+        _switch_after_first_pass(source, plan.timeout)
+        source_info = source.wait_migration(timeout=plan.timeout)
+        destination_info = destination.wait_migration(timeout=plan.timeout)
+        destination.wait_runstate("running")
+        destination.stop()
+        dump = destination.pmemsave(spec.start, spec.end - spec.start, workdir / "dest.ram")
+        verify_counters(dump, spec.start, spec)  # raises VerificationError
+    ram = source_info.get("ram", {})
+    total_s = source_info.get("total-time", 0) / 1000
+    sent = ram.get("normal", 0) + ram.get("duplicate", 0)
+    trace = trace_path.read_bytes() if trace_path.exists() else b""
+    source_trace = source_trace_path.read_bytes() if source_trace_path.exists() else b""
+    latencies = fault_latencies_us(trace)
+    return {
+        "verified": True,
+        "total_s": round(total_s, 3),
+        "downtime_ms": stop_to_run_ms(source_trace, trace),
+        "qemu_downtime_ms": source_info.get("downtime"),  # its own: stop → package sent
+        "pages_sent": sent,
+        "pages_per_s": round(sent / total_s) if total_s else None,
+        "precopy_bytes": ram.get("precopy-bytes"),
+        "postcopy_bytes": ram.get("postcopy-bytes"),
+        "postcopy_requests": ram.get("postcopy-requests"),
+        "faults": len(latencies),
+        "fault_latency_us": summary_us(latencies),
+        "blocktime_ms": destination_info.get("postcopy-blocktime"),
+        "vcpu_blocktime_ms": destination_info.get("postcopy-vcpu-blocktime"),
+        "dirty_sync_count": ram.get("dirty-sync-count"),
+        "guest_range": [spec.start, spec.end],
+    }
+
+
+def _switch_after_first_pass(source: Machine, timeout: float) -> None:
+    """QEMU syncs the dirty bitmap once at setup and once after every pass: switch at 2."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = source.query_migrate()
+        status = info.get("status")
+        if status not in ("setup", "active"):
+            raise QemuError("source: migration", f"{status} before postcopy could start")
+        if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+            source.start_postcopy()
+            return
+        if time.monotonic() > deadline:
+            raise QemuError("source: migration", "the first precopy pass did not end")
+        time.sleep(0.01)
+
+
+def _trace_args(path: Path, events: tuple[str, ...]) -> tuple[str, ...]:
+    """QEMU's log trace backend into ``path``, each line stamped with the wall clock (µs)."""
+    args = ["-msg", "timestamp=on", "-D", str(path)]
+    for event in events:
+        args += ["-trace", f"enable={event}"]
+    return tuple(args)
+
+
+def _events(trace: bytes) -> list[tuple[float, bytes, bytes]]:
+    return [
+        (int(seconds) + int(micros) / 1e6, event, rest)
+        for seconds, micros, event, rest in TRACE_LINE.findall(trace)
+    ]
+
+
+def stop_to_run_ms(source_trace: bytes, destination_trace: bytes) -> float | None:
+    """Source stop → destination RUN, as qmig measures it: from the source's
+    postcopy_start_set_run (right before vm_stop) to the end of the destination's RUN
+    handler (after vm_start). Both traces use the same host's wall clock."""
+    stops = [at for at, event, _ in _events(source_trace) if event == b"postcopy_start_set_run"]
+    runs = [
+        at
+        for at, event, rest in _events(destination_trace)
+        if event == b"loadvm_postcopy_handle_run_bh" and rest.strip() == b"return"
+    ]
+    if not stops or not runs:
+        return None
+    return round((runs[0] - stops[0]) * 1000, 2)
+
+
+def fault_latencies_us(trace: bytes) -> list[float]:
+    """Fault → placed, per requested page, from the destination's trace log."""
+    requested: dict[int, float] = {}
+    placed: dict[int, float] = {}
+    for at, event, rest in _events(trace):
+        if event == b"postcopy_ram_fault_thread_request":
+            match = REQUEST_HVA.search(rest)
+            if match:
+                # Only the first request of a page counts: a repeat waits for the same page.
+                requested.setdefault(int(match.group(1), 16) & ~(PAGE - 1), at)
+        elif event == b"postcopy_place_page":
+            match = PLACE_HOST.search(rest)
+            if match:
+                placed.setdefault(int(match.group(1), 16), at)
+    return [
+        max(0.0, (placed[address] - at) * 1e6)
+        for address, at in requested.items()
+        if address in placed
+    ]
+
+
+def summary_us(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {"p50": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(samples)
+
+    def at(fraction: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 1)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1], 1)}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+Key = str | tuple[str, str]  # a field, or a field of a sub-dict
+ROWS: list[tuple[str, Key]] = [
+    ("total time (s)", "total_s"),
+    ("downtime (ms)", "downtime_ms"),
+    ("pages sent", "pages_sent"),
+    ("pages/s", "pages_per_s"),
+    ("postcopy requests", "postcopy_requests"),
+    ("faults measured", "faults"),
+    ("fault latency p50 (µs)", ("fault_latency_us", "p50")),
+    ("fault latency p99 (µs)", ("fault_latency_us", "p99")),
+    ("fault latency max (µs)", ("fault_latency_us", "max")),
+    ("blocktime (ms)", "blocktime_ms"),
+]
+
+
+def _value(side: dict[str, Any], key: Key) -> Any:
+    if isinstance(key, tuple):
+        return (side.get(key[0]) or {}).get(key[1])
+    return side.get(key)
+
+
+def ratios(qmig: dict[str, Any], qemu: dict[str, Any]) -> dict[str, float | None]:
+    """qmig / QEMU for every figure both have (above 1: qmig more; for pages/s, better)."""
+    out: dict[str, float | None] = {}
+    for _label, key in ROWS:
+        name = key if isinstance(key, str) else f"{key[0]}.{key[1]}"
+        ours, theirs = _value(qmig, key), _value(qemu, key)
+        if isinstance(ours, int | float) and isinstance(theirs, int | float) and theirs:
+            out[name] = round(ours / theirs, 3)
+        else:
+            out[name] = None
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    plan = result["plan"]
+    qmig, qemu, ratio = result["qmig"], result["qemu"], result["ratio"]
+    print(
+        f"{plan['ram'] // MiB} MiB guest, {plan['guest_bytes'] // MiB} MiB of it written, "
+        f"{plan['bandwidth'] // MiB} MiB/s precopy and postcopy, postcopy after one pass"
+    )
+    print(f"{'':26}{'qmig':>14}{'QEMU 7.2':>14}{'qmig/QEMU':>12}")
+    for label, key in ROWS:
+        name = key if isinstance(key, str) else f"{key[0]}.{key[1]}"
+        cells = [_cell(qmig and _value(qmig, key)), _cell(qemu and _value(qemu, key))]
+        print(f"{label:26}{cells[0]:>14}{cells[1]:>14}{_cell(ratio.get(name)):>12}")
+    for side, name in ((qmig, "qmig"), (qemu, "QEMU")):
+        if side and not side.get("verified"):
+            print(f"{name}: NOT verified")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--ram", type=parse_size, default=1 << 30, help="guest RAM (default 1G)")
+    parser.add_argument(
+        "--bandwidth",
+        type=int,
+        default=QEMU_DEFAULT_BANDWIDTH_MIB,
+        metavar="MIB/S",
+        help=f"cap for precopy and postcopy, both sides (default {QEMU_DEFAULT_BANDWIDTH_MIB})",
+    )
+    parser.add_argument(
+        "--guest-mib",
+        type=int,
+        default=99,
+        help="MiB the QEMU guest writes, and qmig's non-zero share (default 99)",
+    )
+    parser.add_argument(
+        "--dirty-rate",
+        type=float,
+        default=50000.0,
+        help="qmig source: pages/s dirtied within the working set (default 50000)",
+    )
+    parser.add_argument(
+        "--workload",
+        choices=["sequential", "random", "hotset"],
+        default="sequential",
+        help="qmig destination vCPUs' pattern (default sequential, like the QEMU guest)",
+    )
+    parser.add_argument("--vcpus", type=int, default=1, help="qmig destination vCPUs (1)")
+    parser.add_argument("--only", choices=["qmig", "qemu"], help="run one side only")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    args = parser.parse_args()
+    if args.ram % MiB or args.ram < 64 * MiB:
+        print("simulate_bench: error: --ram must be whole MiB, at least 64M", file=sys.stderr)
+        return 1
+    plan = Plan(
+        ram=args.ram,
+        bandwidth=args.bandwidth * MiB,
+        guest_bytes=min(args.guest_mib * MiB, highest_safe_end(args.ram // MiB) - MiB),
+        dirty_rate=args.dirty_rate,
+        timeout=args.timeout,
+        workload=args.workload,
+        vcpus=args.vcpus,
+    )
+    result: dict[str, Any] = {"plan": vars(plan), "qmig": None, "qemu": None}
+    try:
+        if args.only != "qemu":
+            result["qmig"] = run_qmig(plan)
+        if args.only != "qmig":
+            with tempfile.TemporaryDirectory(prefix="qmig-simbench-") as workdir:
+                result["qemu"] = run_qemu(plan, Path(workdir))
+    except QmigError as error:
+        print(f"simulate_bench: error: {error.one_line()}", file=sys.stderr)
+        return 1
+    result["ratio"] = ratios(result["qmig"] or {}, result["qemu"] or {})
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

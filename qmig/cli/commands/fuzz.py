@@ -1,0 +1,186 @@
+"""``qmig fuzz TARGET``: fuzz a parser or machine, or diff qmig against a real QEMU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from qmig.cli import add_json, add_qemu_version
+
+TARGET_NAMES = ("stream", "return-path", "destination", "differential")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "fuzz",
+        help="fuzz qmig's parsers and destination, or diff its verdicts with a real QEMU's",
+        description="Coverage-guided mutation fuzzing seeded from the real captures in "
+        "fixtures/ and from qmig.strategies. Each failure (an exception that is not one of "
+        "qmig's errors, a verdict that depends on how the bytes were chunked, a hang, "
+        "MemoryError) is minimised and written to OUT as a reproducer file for "
+        "'qmig inspect', with one line in OUT/failures.txt. 'differential' sends generated "
+        "command sequences to fresh qemu-system-x86_64 -incoming processes and compares "
+        "their verdicts with qmig's.",
+    )
+    parser.add_argument(
+        "target", choices=TARGET_NAMES, metavar="TARGET", help=", ".join(TARGET_NAMES)
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--runs", type=int, metavar="N", help="inputs to try")
+    budget.add_argument("--seconds", type=float, metavar="T", help="how long to fuzz")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="DIR/FILES",
+        help="more seed inputs: files, or directories of files (a directory also receives "
+        "the inputs that found new coverage)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("fuzz-out"),
+        metavar="DIR",
+        help="reproducers (default fuzz-out)",
+    )
+    parser.add_argument(
+        "--time-limit", type=float, default=2.0, metavar="S", help="per-input time limit"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=2, metavar="J", help="differential: QEMUs run at once"
+    )
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="run these inputs (reproducers) once each through TARGET and print the verdict",
+    )
+    add_qemu_version(parser)
+    add_json(parser)
+    parser.set_defaults(func=run)
+
+
+def replay(args: argparse.Namespace) -> int:
+    """Each file through the target once: its verdict, or the finding it still triggers."""
+    from qmig.fuzz.engine import execute
+    from qmig.fuzz.targets import TARGETS
+
+    target = TARGETS[args.target]
+    results = []
+    for path in args.replay:
+        data = (path / "return-path.bin").read_bytes() if path.is_dir() else path.read_bytes()
+        outcome = execute(target, data, args.qemu_version, limit=args.time_limit)
+        line = (
+            f"{outcome.finding.kind}: {outcome.finding.summary}"
+            if outcome.finding is not None
+            else outcome.verdict.line()
+            if outcome.verdict is not None
+            else "no verdict"
+        )
+        results.append({"file": str(path), "finding": outcome.finding is not None, "verdict": line})
+    if args.json:
+        json.dump(results, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for result in results:
+            print(f"{result['file']}: {result['verdict']}")
+    return 1 if any(result["finding"] for result in results) else 0
+
+
+def _corpus_files(paths: list[Path]) -> tuple[list[bytes], Path | None]:
+    data: list[bytes] = []
+    directory = None
+    for path in paths:
+        if path.is_dir():
+            directory = directory or path
+            data += [file.read_bytes() for file in sorted(path.iterdir()) if file.is_file()]
+        else:
+            data.append(path.read_bytes())
+    return data, directory
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.replay and args.target != "differential":
+        return replay(args)
+    if args.target == "differential":
+        from qmig.fuzz.differential import run_cli
+
+        return run_cli(args)
+    import random
+
+    from rich.console import Console
+
+    from qmig.fuzz import seeds as sd
+    from qmig.fuzz.engine import Campaign, CampaignReport
+    from qmig.fuzz.targets import TARGETS
+
+    target = TARGETS[args.target]
+    version = args.qemu_version
+    console = Console(stderr=True, highlight=False)
+    rng = random.Random(args.seed)
+    inputs: list[bytes] = []
+    for _name, stream, rp in sd.capture_seeds(version):
+        if target.channel == "return_path":
+            if rp is not None:
+                inputs.append(rp)
+        else:
+            inputs.append(stream)
+    inputs += sd.strategy_seeds(target.channel, version, rng)
+    extra, corpus_dir = _corpus_files(args.corpus)
+    inputs += extra
+    runs = args.runs if args.runs is not None or args.seconds is not None else 1000
+    campaign = Campaign(
+        target,
+        inputs,
+        version=version,
+        seed=args.seed,
+        dictionary=sd.dictionary(target.channel, version),
+        out=args.out,
+        corpus_dir=corpus_dir,
+        limit=args.time_limit,
+    )
+    if args.json or not sys.stderr.isatty():
+        report = campaign.run(runs=runs, seconds=args.seconds)
+    else:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        total = runs if runs is not None else args.seconds
+        with Progress(
+            TextColumn(f"fuzz {target.name}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("fuzz", total=total, status="")
+
+            def show(report: CampaignReport) -> None:
+                done = report.runs if runs is not None else report.seconds
+                bar.update(
+                    task,
+                    completed=done,
+                    status=f"{report.runs} runs, {report.corpus} in corpus, "
+                    f"{report.edges} edges, {len(report.findings)} findings",
+                )
+
+            report = campaign.run(runs=runs, seconds=args.seconds, progress=show)
+    if args.json:
+        json.dump(report.as_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        console.print(
+            f"{report.target}: {report.runs} inputs in {report.seconds:.1f} s "
+            f"({report.seeds} seeds, corpus {report.corpus}, {report.edges} edges, "
+            f"{report.accepted} accepted, {report.rejected} rejected), "
+            f"{len(report.findings)} findings"
+        )
+        for finding in report.findings:
+            console.print(f"  {finding.path}: {finding.kind}: {finding.summary}")
+    return 1 if report.findings else 0

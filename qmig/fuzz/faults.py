@@ -1,0 +1,380 @@
+"""Fault injection: a TCP proxy between a migration source and its destination.
+
+:class:`FaultProxy` relays both directions and reads the stream as it passes (a
+:class:`~qmig.wire.reader.StreamReader` watches it), so a fault can be aimed at a record:
+cut the connection inside the N-th record of a kind (a precopy page section, a discard,
+PACKAGED, a postcopy page), stop forwarding the stream and drop the page requests (a source
+that never answers), or delay and re-chunk both directions (legal: the migration must still
+complete). :func:`run_faulted` runs a ``qmig simulate``-style migration through it: a qmig
+source in this process, a qmig destination with userfaultfd RAM in a child process, and
+reports how each side ended.
+
+Run as ``python -m qmig.fuzz.faults --fd N ...`` it is that child: the destination of
+:mod:`qmig.runner.peer`, with a short idle timeout so that a stalled source fails it fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qmig.errors import QmigError
+from qmig.wire import messages as m
+from qmig.wire.reader import NEED_DATA, Record, ReturnPathReader, StreamReader
+
+RELAY_CHUNK = 64 << 10
+IDLE_TIMEOUT = 3.0
+RUN_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What to do to a migration, and where.
+
+    ``kind``: ``cut`` (close both directions inside the target record), ``stall`` (from the
+    target record on, forward no stream and drop every page request: a source that never
+    answers), ``delay`` (hold each return-path message ``delay`` seconds and re-chunk the
+    stream: nothing is lost, the migration must complete), or ``none``.
+    ``record``: the record NAME to aim at (``RAM``, ``POSTCOPY_RAM_DISCARD``,
+    ``PACKAGED``...), its ``nth`` occurrence, only after POSTCOPY_RUN if ``postcopy``.
+    ``into``: how far into the record to cut (a fraction of its size).
+    """
+
+    kind: str
+    record: str = "RAM"
+    nth: int = 1
+    postcopy: bool = False
+    into: float = 0.5
+    delay: float = 0.0
+    seed: int = 1
+
+
+@dataclass
+class ProxyLog:
+    """What the proxy saw and did."""
+
+    forwarded: int = 0  # stream bytes that reached the destination
+    cut_at: int | None = None  # absolute stream offset of the cut
+    target_offset: int | None = None  # where the aimed-at record starts
+    phase: str = "precopy"
+    dropped_requests: int = 0
+    return_path_bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class FaultProxy:
+    """Relays one migration between ``listener`` (the source connects) and ``target``."""
+
+    def __init__(self, target: tuple[str, int], fault: Fault, version: str | None = None):
+        self.target = target
+        self.fault = fault
+        self.version = version
+        self.log = ProxyLog()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._stalled = threading.Event()
+        self._rng = random.Random(fault.seed)
+        self._source: socket.socket | None = None
+        self._destination: socket.socket | None = None
+
+    def start(self) -> FaultProxy:
+        thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        for sock in (self._source, self._destination, self.listener):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # --- relaying ------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        self.listener.settimeout(RUN_TIMEOUT)
+        try:
+            self._source, _ = self.listener.accept()
+            self._destination = socket.create_connection(self.target, timeout=10.0)
+        except OSError as error:
+            self.log.errors.append(f"proxy: {error}")
+            return
+        for sock in (self._source, self._destination):
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        back = threading.Thread(target=self._return_path, name="fault-rp", daemon=True)
+        back.start()
+        self._threads.append(back)
+        self._stream()
+
+    def _cut(self) -> None:
+        """Both directions end now, as when a cable is pulled or a process dies."""
+        for sock in (self._source, self._destination):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _stream(self) -> None:
+        assert self._source is not None and self._destination is not None
+        watcher = StreamReader(self.version)
+        seen = 0
+        aim: int | None = None  # absolute offset where the fault starts
+        fault = self.fault
+        while not self._stop.is_set():
+            try:
+                chunk = self._source.recv(RELAY_CHUNK)
+            except OSError:
+                break
+            if not chunk:
+                with contextlib.suppress(OSError):
+                    self._destination.shutdown(socket.SHUT_WR)
+                break
+            start = self.log.forwarded if not self._stalled.is_set() else None
+            watcher.feed(chunk)
+            if aim is None and fault.kind in ("cut", "stall"):
+                aim, seen = self._find_target(watcher, seen)
+            end = (start or 0) + len(chunk)
+            if self._stalled.is_set():
+                continue  # a stalled source: its bytes go nowhere
+            assert start is not None
+            if aim is not None and aim < end:
+                keep = max(0, aim - start)
+                self._forward(chunk[:keep])
+                if fault.kind == "cut":
+                    self.log.cut_at = aim
+                    time.sleep(0.05)  # let the bytes before the cut arrive first
+                    self._cut()
+                    return
+                self._stalled.set()
+                continue
+            if fault.kind == "delay":
+                self._forward_in_pieces(chunk)
+            else:
+                self._forward(chunk)
+
+    def _find_target(self, watcher: StreamReader, seen: int) -> tuple[int | None, int]:
+        fault = self.fault
+        try:
+            while (record := watcher.next_record()) is not NEED_DATA:
+                assert isinstance(record, Record)
+                name = record.name
+                if name == "POSTCOPY_RUN":
+                    self.log.phase = "postcopy"
+                if name == fault.record and (self.log.phase == "postcopy" or not fault.postcopy):
+                    seen += 1
+                    if seen == fault.nth:
+                        self.log.target_offset = record.offset
+                        size = record.size
+                        if isinstance(record.message, m.Packaged):
+                            size += record.message.length  # aim inside the blob
+                        return record.offset + max(1, int(size * fault.into)), seen
+        except QmigError as error:
+            self.log.errors.append(f"watcher: {error.one_line()}")
+        return None, seen
+
+    def _forward(self, data: bytes) -> None:
+        assert self._destination is not None
+        if not data:
+            return
+        with contextlib.suppress(OSError):
+            self._destination.sendall(data)
+            self.log.forwarded += len(data)
+
+    def _forward_in_pieces(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            size = self._rng.choice([1, 7, 512, 4099, 1 << 16])
+            self._forward(bytes(view[:size]))
+            view = view[size:]
+            if self._rng.random() < 0.05:
+                time.sleep(self.fault.delay / 4)
+
+    def _return_path(self) -> None:
+        assert self._source is not None and self._destination is not None
+        reader = ReturnPathReader(self.version)
+        while not self._stop.is_set():
+            try:
+                chunk = self._destination.recv(RELAY_CHUNK)
+            except OSError:
+                break
+            if not chunk:
+                with contextlib.suppress(OSError):
+                    self._source.shutdown(socket.SHUT_WR)
+                break
+            self.log.return_path_bytes += len(chunk)
+            reader.feed(chunk)
+            out = bytearray()
+            try:
+                while (record := reader.next_record()) is not NEED_DATA:
+                    assert isinstance(record, Record)
+                    if self._stalled.is_set() and record.name in ("REQ_PAGES", "REQ_PAGES_ID"):
+                        self.log.dropped_requests += 1
+                        continue
+                    out += reader.schema.build_rp(record.message)  # byte-identical
+            except QmigError as error:
+                self.log.errors.append(f"return path: {error.one_line()}")
+                out += chunk
+            if self.fault.kind == "delay" and out:
+                time.sleep(self.fault.delay)  # legal: the source must not depend on timing
+            with contextlib.suppress(OSError):
+                self._source.sendall(bytes(out))
+
+
+# --- a migration through the proxy ---------------------------------------------------------
+
+
+@dataclass
+class FaultResult:
+    fault: Fault
+    seconds: float
+    source_error: str | None
+    destination_error: str | None
+    destination_report: dict[str, Any] | None
+    proxy: ProxyLog
+    mismatches: int | None = None  # pages that differ after a completed migration
+
+
+def run_faulted(
+    fault: Fault,
+    *,
+    blocks: list[tuple[str, int]] | None = None,
+    version: str | None = "7.2",
+    postcopy_after: int = 1,
+    bandwidth: float | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
+    seed: int = 1,
+) -> FaultResult:
+    """One migration, qmig source to qmig destination, through a :class:`FaultProxy`."""
+    from qmig.protocol.source import Source
+    from qmig.runner.source import SourcePlan, SourceRunner
+    from qmig.runner.source_ram import Dirtier, GuestRam
+    from qmig.simulate import default_devices, verify
+    from qmig.transport import connect
+
+    layout = blocks or [("pc.ram", 8 << 20), ("vga.vram", 1 << 20)]
+    ram = GuestRam.generate(layout, seed=seed)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="qmig-faults-") as workdir:
+        dump_dir = Path(workdir) / "ram"
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        command = [
+            sys.executable, "-m", "qmig.fuzz.faults",
+            "--fd", str(listener.fileno()),
+            "--dump-dir", str(dump_dir),
+            "--idle-timeout", str(idle_timeout),
+        ]  # fmt: skip
+        if version:
+            command += ["--qemu-version", version]
+        peer = subprocess.Popen(
+            command,
+            pass_fds=(listener.fileno(),),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        listener.close()
+        source_error = None
+        with FaultProxy(("127.0.0.1", port), fault, version) as proxy:
+            try:
+                source = Source(ram.blocks, version=version, devices=default_devices(seed))
+                dirtier = Dirtier(ram, 2000.0, seed=seed + 1)
+                plan = SourcePlan(postcopy_after=postcopy_after, bandwidth=bandwidth)
+                with connect(f"tcp:127.0.0.1:{proxy.port}") as connection:
+                    SourceRunner(connection, source, plan, dirtier=dirtier).run()
+            except QmigError as error:
+                source_error = error.one_line()
+            try:
+                stdout, stderr = peer.communicate(timeout=RUN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                peer.kill()
+                stdout, stderr = peer.communicate()
+                stderr += "qmig: error: destination: did not finish in time\n"
+            log = proxy.log
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        destination_error = lines[-1] if peer.returncode else None
+        report = None
+        mismatches = None
+        if peer.returncode == 0:
+            report = json.loads(stdout)
+            mismatches = len(verify(ram, dump_dir))
+    return FaultResult(
+        fault,
+        time.monotonic() - started,
+        source_error,
+        destination_error,
+        report,
+        log,
+        mismatches,
+    )
+
+
+# --- the destination child -----------------------------------------------------------------
+
+
+def peer_main(argv: list[str] | None = None) -> int:
+    """The destination of :func:`run_faulted` (see :mod:`qmig.runner.peer`)."""
+    from qmig.protocol.destination import Destination
+    from qmig.ram.blocks import HOST_PAGE_SIZE
+    from qmig.ram.workload import Pattern, Workload
+    from qmig.runner.destination import DestinationRunner
+    from qmig.runner.peer import report_json
+    from qmig.transport import Connection
+
+    parser = argparse.ArgumentParser(prog="qmig-fault-destination")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--qemu-version")
+    parser.add_argument("--dump-dir", type=Path)
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT)
+    args = parser.parse_args(argv)
+    listener = socket.socket(fileno=args.fd)
+    try:
+        listener.settimeout(RUN_TIMEOUT)
+        sock, _ = listener.accept()
+        listener.close()
+        sock.settimeout(None)
+        destination = Destination(args.qemu_version, supported_page_sizes=(HOST_PAGE_SIZE,))
+        with Connection("fault proxy", sock=sock) as connection:
+            runner = DestinationRunner(
+                connection,
+                destination,
+                workload=Workload(Pattern.RANDOM, touches=2000),
+                vcpus=2,
+                dump_dir=args.dump_dir,
+                idle_timeout=args.idle_timeout,
+            )
+            runner.run()
+    except QmigError as error:
+        print(f"qmig: error: {error.one_line()}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"qmig: error: destination: {error.strerror or error}", file=sys.stderr)
+        return 1
+    json.dump(report_json(runner), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(peer_main())
