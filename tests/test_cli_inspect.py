@@ -195,3 +195,30 @@ def test_helpers_read_whole_recordings_with_the_wire_readers(capture: Path) -> N
     )
     first = next(stream_records((capture / "stream.bin").read_bytes(), "7.2"))
     assert first.message == m.StreamHeader(3)
+
+
+def test_the_shipped_compressed_capture_inspects_as_it_is(report: dict[str, Any]) -> None:
+    """The README points at fixtures/postcopy-tcp itself: its .xz files are read as they are,
+    with the same result as the unpacked copy."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    folder = FIXTURES / "postcopy-tcp"
+    with contextlib.redirect_stdout(out):
+        assert main(["inspect", "--qemu-version", "7.2", "--json", str(folder)]) == 0
+    packed: dict[str, Any] = json.loads(out.getvalue())
+    assert packed["bytes"] == report["bytes"] > 0
+    assert packed["counts"] == report["counts"]
+    assert packed["return_path"]["counts"] == report["return_path"]["counts"]
+    assert packed["requests"] == report["requests"]
+    assert len(packed["requests"]) == 177
+
+
+def test_a_folder_without_a_stream_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"qmig: error: {tmp_path}: not a capture folder: no stream.bin"
+    )

@@ -3,7 +3,9 @@
 A capture directory holds ``stream.bin`` (source → destination bytes), ``return-path.bin``
 (destination → source bytes), ``index.tsv`` (one line per chunk as it was received) and
 ``meta.json``. Data files are written without fsync: a capture is for analysis, and syncing
-per chunk would slow the migration it watches.
+per chunk would slow the migration it watches. Every reader also accepts each file
+xz-compressed (``stream.bin.xz``...), as the fixtures are shipped, and decompresses it as it
+reads, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import lzma
 import queue
 import threading
 import time
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from qmig.errors import MalformedError
+from qmig.errors import MalformedError, QmigError
 
 STREAM_NAME = "stream.bin"
 RETURN_PATH_NAME = "return-path.bin"
@@ -171,8 +174,56 @@ class Capture:
     meta: dict[str, Any]
 
 
+def capture_file(directory: Path, name: str) -> Path | None:
+    """``directory/name``, or its xz-compressed ``name.xz``; None when neither exists."""
+    for candidate in (directory / name, directory / f"{name}.xz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def open_capture_file(path: Path) -> BinaryIO:
+    """Open a capture file for reading, decompressing a ``.xz`` one on the fly."""
+    try:
+        if path.suffix == ".xz":
+            return lzma.open(path, "rb")  # type: ignore[return-value]
+        return path.open("rb")
+    except OSError as error:
+        raise QmigError(str(path), error.strerror or str(error)) from None
+
+
+def read_capture_file(path: Path) -> bytes:
+    """A whole capture file (decompressed); for small files such as the index."""
+    with open_capture_file(path) as handle:
+        try:
+            return handle.read()
+        except lzma.LZMAError as error:
+            raise MalformedError(str(path), f"cannot decompress: {error}") from None
+
+
+def capture_file_size(path: Path) -> int:
+    """The number of bytes the file holds once decompressed (read through for ``.xz``)."""
+    if path.suffix != ".xz":
+        return path.stat().st_size
+    size = 0
+    with open_capture_file(path) as handle:
+        try:
+            while block := handle.read(1 << 20):
+                size += len(block)
+        except lzma.LZMAError as error:
+            raise MalformedError(str(path), f"cannot decompress: {error}") from None
+    return size
+
+
+def _required(directory: Path, name: str) -> Path:
+    path = capture_file(directory, name)
+    if path is None:
+        raise QmigError(str(directory), f"not a capture folder: no {name} or {name}.xz")
+    return path
+
+
 def read_index(path: Path) -> list[Chunk]:
-    lines = path.read_text(encoding="ascii").splitlines()
+    lines = read_capture_file(path).decode("ascii", "replace").splitlines()
     if not lines or lines[0] + "\n" != INDEX_HEADER:
         raise MalformedError(str(path), "not a qmig capture index (bad header line)")
     chunks = []
@@ -188,11 +239,11 @@ def read_index(path: Path) -> list[Chunk]:
 
 
 def read_capture(directory: Path) -> Capture:
-    """Read a capture directory (uncompressed files) and check the index covers both files."""
+    """Read a capture directory into memory and check the index covers both files."""
     capture = Capture(
-        stream=(directory / STREAM_NAME).read_bytes(),
-        return_path=(directory / RETURN_PATH_NAME).read_bytes(),
-        chunks=read_index(directory / INDEX_NAME),
+        stream=read_capture_file(_required(directory, STREAM_NAME)),
+        return_path=read_capture_file(_required(directory, RETURN_PATH_NAME)),
+        chunks=read_index(_required(directory, INDEX_NAME)),
         meta=json.loads((directory / META_NAME).read_text()),
     )
     for direction, data in (

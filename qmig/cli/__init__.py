@@ -14,6 +14,7 @@ every subcommand with its one-line help, which is all ``qmig --help`` needs;
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -91,6 +92,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except OSError as error:
         return fail(f"{error.filename or 'I/O'}: {error.strerror or error}")
+    except Exception as error:
+        # A bug in qmig, not bad input: still one line and a non-zero exit, as promised to
+        # scripts, with the traceback one environment variable away.
+        if os.environ.get("QMIG_TRACEBACK"):
+            raise
+        where = _innermost_frame(error)
+        return fail(
+            f"internal error: {type(error).__name__}: {error} ({where}; "
+            "set QMIG_TRACEBACK=1 for the traceback)"
+        )
+
+
+def _innermost_frame(error: BaseException) -> str:
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    if traceback is None:
+        return "unknown place"
+    code = traceback.tb_frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{traceback.tb_lineno} in {code.co_name}"
 
 
 def add_qemu_version(parser: argparse.ArgumentParser) -> None:

@@ -137,10 +137,11 @@ def _drain_destination(dest: Destination, budget: int) -> int:
 
 def _check_bounds(dest: Destination, event: Any) -> None:
     """The runner writes what these events say into mapped blocks: they must fit."""
-    if isinstance(event, ev.RangeDiscarded):
+    if isinstance(event, ev.RangesDiscarded):
         tracker = dest.blocks.get(event.block)
-        if tracker is None or event.start + event.length > tracker.info.used_length:
-            raise OracleError(f"discard outside block {event.block!r}: {event}")
+        for span in event.ranges:
+            if tracker is None or span.start + span.length > tracker.info.used_length:
+                raise OracleError(f"discard outside block {event.block!r}: {span}")
     elif isinstance(event, ev.PagesReceived):
         run: m.RamPageRun = event.run
         tracker = dest.blocks.get(run.block)

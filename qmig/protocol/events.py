@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmig.wire import messages as m
+from qmig.wire.discard import DiscardRanges
 
 # --- destination -> runner -------------------------------------------------------------
 
@@ -29,12 +30,15 @@ class PostcopyAdvised:
 
 
 @dataclass(frozen=True)
-class RangeDiscarded:
-    """Drop these bytes of a block before LISTEN: they changed after they were sent."""
+class RangesDiscarded:
+    """Drop these byte ranges of a block before LISTEN: they changed after they were sent.
+
+    One event per POSTCOPY_RAM_DISCARD command; ``ranges.packed`` is the command's
+    (start, length) pairs as on the wire, ready for ``RamBlock.discard_ranges``.
+    """
 
     block: str
-    start: int
-    length: int
+    ranges: DiscardRanges
 
 
 @dataclass(frozen=True)

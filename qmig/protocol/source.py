@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
-import sys
 from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -44,7 +42,6 @@ from qmig.wire.schema import schema_for
 RAM_SECTION_ID = 2
 FIRST_DEVICE_SECTION_ID = 3
 DIRTY = 1
-DIRTY_RUNS = re.compile(b"\x01+")  # runs of dirty target pages in a dirty map
 
 
 class SourcePhase(enum.Enum):
@@ -383,18 +380,10 @@ class Source:
 
     def _send_discards(self, block: SourceBlock) -> None:
         # Switchover is downtime: a guest dirtying pages at random leaves tens of thousands of
-        # runs, so the runs are found by the regex engine and packed as one big-endian array,
-        # and only each command's prefix comes from the schema (see _discard_command).
-        size = self.target_page_size
-        ranges = array("Q")
-        for run in DIRTY_RUNS.finditer(block.dirty):
-            start, end = run.span()
-            ranges.append(start * size)
-            ranges.append(min(end * size, block.used_length) - start * size)
-            self.stats.discarded_pages += end - start
-        if sys.byteorder == "little":
-            ranges.byteswap()
-        packed = ranges.tobytes()
+        # runs, so the runs are found and packed as big-endian (start, length) pairs in C, and
+        # only each command's prefix comes from the schema (see _discard_command).
+        packed, pages = self._scanner.dirty_ranges(block.dirty, block.used_length)
+        self.stats.discarded_pages += pages
         step = 16 * self.profile.max_discard_ranges
         for first in range(0, len(packed), step):
             self._out += self._discard_command(block.idstr, packed[first : first + step])

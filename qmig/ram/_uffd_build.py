@@ -146,6 +146,8 @@ int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_
                        const uint64_t *headers, const uint64_t *bodies, uint64_t count,
                        uint64_t page_flag, int replace, struct qmig_records_result *res);
 int qmig_block_sweep(struct qmig_block *b);
+int64_t qmig_block_discard(struct qmig_block *b, const uint8_t *ranges, uint64_t n, int drop,
+                           uint64_t *bad);
 
 /* One fault as qmig_serve_blocks saw it. */
 struct qmig_served {
@@ -871,48 +873,107 @@ static int drop_add(struct qmig_drop *d, uint64_t start, uint64_t len)
     return ++d->n == QMIG_IOV_MAX ? drop_flush(d) : 0;
 }
 
-/* At registration: drop every populated host page that holds no received target page
+/* At registration: drop every host page that holds no received target page
    (MADV_DONTNEED), so that it faults. These are the pages discarded before LISTEN (a discard
    before registration only clears bits and leaves the dropping to this sweep, batched), and
    neighbours that precopy's direct writes populated (a transparent huge page is filled
    whole): a populated page never faults, so after registration it would be read as stale
-   data or zeros instead of being requested. mincore() finds them in one call per 64 MiB.
-   Returns host pages dropped, or -errno. */
+   data or zeros instead of being requested. The sweep walks the bitmap's clear bits, not the
+   whole mapping: after a precopy pass they are few, and dropping a page that is not populated
+   costs next to nothing (mincore() over every page cost 25 ms per GiB of downtime). Runs of
+   such host pages are dropped whole, batched. Returns host pages dropped, or -errno. */
 int qmig_block_sweep(struct qmig_block *b)
 {
-    enum { CHUNK = 16384 };  /* base pages per mincore() call */
     static __thread struct qmig_drop drop;
-    unsigned char vec[CHUNK];
-    uint64_t base = (uint64_t)sysconf(_SC_PAGESIZE);
     uint64_t per = b->page_size / QMIG_TARGET_PAGE;
-    uint64_t base_per_page = b->page_size / base;
     uint64_t pages = b->length / b->page_size;
-    uint64_t chunk_pages = CHUNK / base_per_page ? CHUNK / base_per_page : 1;
-    uint64_t dropped = 0;
+    uint64_t bits = pages * per;
+    uint64_t dropped = 0, page = 0;
     int ret = 0;
     drop.n = 0;
-    for (uint64_t first = 0; first < pages && !ret; first += chunk_pages) {
-        uint64_t n = pages - first < chunk_pages ? pages - first : chunk_pages;
-        if (mincore((void *)(uintptr_t)(b->host + first * b->page_size), n * b->page_size, vec))
-            return -errno;
-        uint64_t run_start = UINT64_MAX;
-        for (uint64_t k = 0; k <= n && !ret; k++) {
-            int drop_it = 0;
-            if (k < n && (vec[k * base_per_page] & 1))
-                drop_it = !qmig_bitmap_count(b->bitmap, (first + k) * per, per);
-            if (drop_it && run_start == UINT64_MAX)
-                run_start = k;
-            if (!drop_it && run_start != UINT64_MAX) {
-                ret = drop_add(&drop, b->host + (first + run_start) * b->page_size,
-                               (k - run_start) * b->page_size);
-                dropped += k - run_start;
-                run_start = UINT64_MAX;
-            }
+    while (page < pages && !ret) {
+        uint64_t bit = qmig_bitmap_next_clear(b->bitmap, page * per, bits);
+        if (bit >= bits)
+            break;
+        page = bit / per;
+        uint64_t end = page;
+        while (end < pages && !qmig_bitmap_count(b->bitmap, end * per, per))
+            end++;
+        if (end == page) {  /* partly received: a huge page whose other parts arrived */
+            page++;
+            continue;
         }
+        ret = drop_add(&drop, b->host + page * b->page_size, (end - page) * b->page_size);
+        dropped += end - page;
+        page = end;
     }
     if (!ret)
         ret = drop_flush(&drop);
     return ret < 0 ? ret : (int)dropped;
+}
+
+static inline uint64_t load_be64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return __builtin_bswap64(v);
+}
+
+/* Discard n ranges of a block in one call: ranges holds (be64 start, be64 length) byte
+   pairs, as POSTCOPY_RAM_DISCARD carries them. Each range's received bits are cleared, its
+   placement times reset and a host page being gathered in it starts over; with drop (the
+   block is or was registered) its pages are then dropped so that they fault, adjacent
+   ranges coalesced and the MADV_DONTNEEDs batched. Before registration only bits change:
+   the sweep at registration drops the memory. A range not aligned to the block's pages or
+   not inside it: nothing is changed, *bad is its index, -EINVAL. Returns target pages
+   discarded, or -errno. */
+int64_t qmig_block_discard(struct qmig_block *b, const uint8_t *ranges, uint64_t n, int drop,
+                           uint64_t *bad)
+{
+    static __thread struct qmig_drop batch;
+    uint64_t per = b->page_size / QMIG_TARGET_PAGE;
+    uint64_t run_start = 0, run_end = 0, total = 0;
+    int ret = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t start = load_be64(ranges + 16 * i), length = load_be64(ranges + 16 * i + 8);
+        if (start % b->page_size || length % b->page_size || length > b->length ||
+            start > b->length - length) {
+            *bad = i;
+            return -EINVAL;
+        }
+    }
+    batch.n = 0;
+    for (uint64_t i = 0; i < n && !ret; i++) {
+        uint64_t start = load_be64(ranges + 16 * i), length = load_be64(ranges + 16 * i + 8);
+        if (!length)
+            continue;
+        uint64_t first = start / b->page_size, pages = length / b->page_size;
+        /* Bits first: a fault on a dropped page must never find its bit still set. */
+        qmig_bitmap_clear(b->bitmap, first * per, pages * per);
+        total += pages * per;
+        if (b->placed_ns)
+            memset(b->placed_ns + first, 0, pages * sizeof *b->placed_ns);
+        if (b->staging_page != UINT64_MAX && first <= b->staging_page &&
+            b->staging_page < first + pages) {
+            b->staging_page = UINT64_MAX;
+            b->staged_count = 0;
+        }
+        if (!drop)
+            continue;
+        if (run_end == start && run_end != run_start) {
+            run_end += length;
+            continue;
+        }
+        if (run_end != run_start)
+            ret = drop_add(&batch, b->host + run_start, run_end - run_start);
+        run_start = start;
+        run_end = start + length;
+    }
+    if (!ret && run_end != run_start)
+        ret = drop_add(&batch, b->host + run_start, run_end - run_start);
+    if (!ret)
+        ret = drop_flush(&batch);
+    return ret < 0 ? ret : (int64_t)total;
 }
 
 struct qmig_served {

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import struct
 import threading
 import time
 from array import array
@@ -148,6 +149,7 @@ class RecordsResult(NamedTuple):
 # a data page in the records this module makes up for its per-page entry points.
 _DATA_FLAG = 0x8
 _ZERO_BYTE = b"\0"
+_RANGE = struct.Struct(">QQ")  # a discard range: start, length (bytes)
 
 
 class RamBlock:
@@ -516,28 +518,37 @@ class RamBlock:
                 f"block '{self.idstr}': discard 0x{start:x}+0x{length:x} is not aligned to "
                 f"its {size_text(self.page_size)} host pages"
             )
-        # Bits first: a fault on a dropped page must never find its bit still set, or the
-        # fault thread would take it for one already served and leave the thread waiting.
-        first, count = start // TARGET_PAGE_SIZE, length // TARGET_PAGE_SIZE
-        self.received.clear(first, count)
-        if self.registered or self._detached:
-            ret = lib.qmig_madvise(self.host_address + start, length, lib.MADV_DONTNEED)
-            if ret < 0:
-                raise RamError(f"block '{self.idstr}': MADV_DONTNEED failed: {os.strerror(-ret)}")
-        if self._placed_ns != ffi.NULL:  # their next placement sets a new time
-            host_first = start // self.page_size
-            ffi.memmove(
-                self._placed_ns + host_first,
-                bytes(8 * (length // self.page_size)),
-                8 * (length // self.page_size),
-            )
+        self.discard_ranges(_RANGE.pack(start, length))
+
+    def discard_ranges(self, ranges: bytes) -> int:
+        """Discard many ranges in one C call (``qmig_block_discard``): ``ranges`` holds
+        (start, length) byte pairs as big-endian u64s, as POSTCOPY_RAM_DISCARD carries them.
+        Returns the target pages discarded.
+
+        As :meth:`discard` does for one: bits are cleared first (a fault on a dropped page
+        must never find its bit still set, or the fault thread would take it for one already
+        served and leave the thread waiting), then, once the block is registered, the pages
+        are dropped: adjacent ranges coalesced, the MADV_DONTNEEDs batched. Before that only
+        the bits change, and :meth:`attach`'s sweep drops the memory."""
+        count = len(ranges) // _RANGE.size
+        if not count:
+            return 0
+        bad = ffi.new("uint64_t *")
+        drop = int(self.registered or self._detached)
         with self._place_lock:  # a host page being gathered there starts over
-            staging = self._c.staging_page
-            if start // self.page_size <= staging < (start + length) // self.page_size:
-                self._c.staging_page = (1 << 64) - 1
-                self._c.staged_count = 0
+            ret = int(lib.qmig_block_discard(self._c, ffi.from_buffer(ranges), count, drop, bad))
+        if ret == -errno.EINVAL:
+            start, length = _RANGE.unpack_from(ranges, _RANGE.size * bad[0])
+            raise RamError(
+                f"block '{self.idstr}': discard 0x{start:x}+0x{length:x} is not aligned to its "
+                f"{size_text(self.page_size)} host pages or not inside its used length "
+                f"0x{self.used_length:x}"
+            )
+        if ret < 0:
+            raise RamError(f"block '{self.idstr}': MADV_DONTNEED failed: {os.strerror(-ret)}")
         with self._lock:
-            self.stats.discarded_target_pages += count
+            self.stats.discarded_target_pages += ret
+        return ret
 
     # --- reading (only what is in place) ------------------------------------------------
 

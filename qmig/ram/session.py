@@ -108,6 +108,13 @@ class RamSession:
             self.prepare_discard()
         self.blocks[idstr].discard(start, length)
 
+    def discard_ranges(self, idstr: str, ranges: bytes) -> int:
+        """Discard many ranges of block ``idstr`` at once; ``ranges``: (start, length) byte
+        pairs as big-endian u64s (see :meth:`RamBlock.discard_ranges`). Returns target pages."""
+        if not self._thp_off:
+            self.prepare_discard()
+        return self.blocks[idstr].discard_ranges(ranges)
+
     def close(self, join_timeout: float = 30.0) -> list[WorkloadResult]:
         """Tear down in the safe order; returns the vCPUs' results."""
         if self.uffd is None:

@@ -18,7 +18,7 @@ from typing import Any
 from qmig.errors import QmigError, RemoteProtocolError, TransportError
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination, Phase
-from qmig.ram.blocks import HOST_PAGE_SIZE, TARGET_PAGE_SIZE, BlockSpec
+from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
@@ -48,6 +48,13 @@ class DestinationReport:
     workload: list[dict[str, Any]] = field(default_factory=list)
     discarded_pages: int = 0
     notices: list[str] = field(default_factory=list)
+    # Switchover (monotonic): the first POSTCOPY_RAM_DISCARD applied, and LISTEN (whose
+    # registration sweeps the blocks); running_at is RUN.
+    first_discard_at: float | None = None
+    listen_at: float | None = None
+    # Target pages placed, and the time spent placing them, before and after RUN.
+    placed_pages: dict[str, int] = field(default_factory=lambda: {"precopy": 0, "postcopy": 0})
+    placing_ns: dict[str, int] = field(default_factory=lambda: {"precopy": 0, "postcopy": 0})
 
 
 class DestinationRunner:
@@ -125,15 +132,40 @@ class DestinationRunner:
         the fault thread must be able to turn a fault into a request meanwhile. That is safe
         because the machine marks pages received before it hands them out, so a fault on a
         page being placed asks for nothing and simply waits for the placement.
+
+        Discards are gathered while they come in a row (a switchover sends them by the
+        thousand, one event per command) and applied per block with one C call.
         """
+        discards: list[ev.RangesDiscarded] = []
         while True:
             with self._machine_lock:
                 event = self.dest.next_event()
                 data = self.dest.data_to_send()
             self._send_return_path(data)
+            if isinstance(event, ev.RangesDiscarded):
+                discards.append(event)
+                continue
+            if discards:
+                self._discard(discards)
+                discards = []
             if event is NEED_DATA or event is END:
                 return
             self._apply(event)
+
+    def _discard(self, events: list[ev.RangesDiscarded]) -> None:
+        """Apply discards in order, consecutive ones of a block together."""
+        session = self._session()
+        if not self._discard_prepared:
+            session.prepare_discard()
+            self._discard_prepared = True
+        if self.report.first_discard_at is None:
+            self.report.first_discard_at = time.monotonic()
+        start = 0
+        for end in range(1, len(events) + 1):
+            if end == len(events) or events[end].block != events[start].block:
+                ranges = b"".join(event.ranges.packed for event in events[start:end])
+                self.report.discarded_pages += session.discard_ranges(events[start].block, ranges)
+                start = end
 
     def _send_return_path(self, data: bytes) -> None:
         if data:
@@ -151,14 +183,10 @@ class DestinationRunner:
             case ev.ListenStarted():
                 # From here on a missing page faults: discards are done, and every page not
                 # received must be requested. Until now pages went straight into memory.
+                self.report.listen_at = time.monotonic()
                 self._session().register()
-            case ev.RangeDiscarded(block=block, start=start, length=length):
-                session = self._session()
-                if not self._discard_prepared:
-                    session.prepare_discard()
-                    self._discard_prepared = True
-                session.discard(block, start, length)
-                self.report.discarded_pages += length // TARGET_PAGE_SIZE
+            case ev.RangesDiscarded():
+                self._discard([event])
             case ev.DeviceStateLoaded():
                 self.report.devices.append(
                     m.DeviceState(event.idstr, event.instance_id, event.data)
@@ -202,9 +230,13 @@ class DestinationRunner:
         comes again (the guest changed it) simply overwrites the old one, as in QEMU. After
         LISTEN each run of missing pages goes in with one UFFDIO_COPY or ZEROPAGE."""
         block = self._session().block(run.block)
+        began = time.perf_counter_ns()
         block.place_records(
             run.headers, run.bodies, run.data, run.data_base, run.page_flag, replace=replace
         )
+        phase = "precopy" if replace else "postcopy"
+        self.report.placing_ns[phase] += time.perf_counter_ns() - began
+        self.report.placed_pages[phase] += run.count
         if self._awaiting and not replace:
             # A requested page that is now in place has been answered. list() copies the
             # keys in one step: the fault thread adds requests meanwhile.

@@ -8,10 +8,11 @@ A requested page waits behind every byte already queued towards the destination:
 unsent rest of the current chunk, the source's socket send buffer and the destination's
 receive buffer. Linux autotunes both buffers to megabytes on loopback, which at the
 destination's placement rate is tens of milliseconds per request. So the runner keeps its
-send buffer small (``SourcePlan.send_buffer``; the destination bounds its receive buffer),
-sends postcopy in small chunks, and never blocks in ``sendall``: it selects for room and for
-return-path data together, so a REQ_PAGES is read as soon as it arrives and its pages go
-out in the next chunk.
+send buffer small in postcopy (``SourcePlan.send_buffer``, set once the switchover is out;
+precopy keeps the kernel's autotuning, which streams fastest, into a real QEMU by far; the
+destination bounds its receive buffer), sends postcopy in small chunks, and never blocks in
+``sendall``: it selects for room and for return-path data together, so a REQ_PAGES is read
+as soon as it arrives and its pages go out in the next chunk.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class SourcePlan:
     postcopy_after: int | None = 1
     bandwidth: float | None = None  # bytes per second, None: unlimited
     converge_pages: int = 64  # precopy only: stop when at most this many pages are dirty
-    send_buffer: int | None = SEND_BUFFER  # SO_SNDBUF; None: leave the kernel's autotuning
+    # SO_SNDBUF from the switch to postcopy on; None: leave the kernel's autotuning.
+    send_buffer: int | None = SEND_BUFFER
     postcopy_chunk: int = POSTCOPY_CHUNK
 
 
@@ -83,8 +85,6 @@ class SourceRunner:
 
     def run(self) -> SourceReport:
         source, plan = self.source, self.plan
-        if plan.send_buffer is not None:
-            self.connection.limit_buffers(send=plan.send_buffer)
         self.report.started = self._clock = time.monotonic()
         source.start()
         if plan.postcopy_after == 0:
@@ -136,6 +136,12 @@ class SourceRunner:
     def _switch_over(self) -> None:
         self._stop_guest()
         self.source.start_postcopy()
+        # The switchover (discards, then the package that ends in RUN) goes out through the
+        # buffer precopy streamed with. After it, a requested page waits behind whatever is
+        # queued, so the buffer shrinks (the kernel takes nothing more until it drains).
+        self._send(self.source.data_to_send(0))
+        if self.plan.send_buffer is not None:
+            self.connection.limit_buffers(send=self.plan.send_buffer)
 
     def _stop_guest(self) -> None:
         self._advance_dirtier()

@@ -26,6 +26,13 @@ int qmig_ram_account(const uint8_t *buf, uint64_t base, const uint64_t *headers,
 size_t qmig_ram_emit(const uint8_t *ram, const uint64_t *pages, size_t n,
                      const struct qmig_ram_scan *scan, const uint8_t *name, size_t name_len,
                      uint8_t *out, size_t *zero_pages);
+
+size_t qmig_discard_apply(const uint8_t *ranges, size_t n, uint64_t page_size,
+                          uint64_t used_length, uint64_t target_page_size, uint8_t *state,
+                          size_t state_len, uint64_t *cleared);
+
+size_t qmig_dirty_ranges(const uint8_t *dirty, size_t n, uint64_t page_size,
+                         uint64_t used_length, uint8_t *out, uint64_t *pages);
 """
 
 SOURCE = r"""
@@ -211,6 +218,64 @@ size_t qmig_ram_emit(const uint8_t *ram, const uint64_t *pages, size_t n,
     }
     *zero_pages = zeros;
     return (size_t)(p - out);
+}
+
+/* POSTCOPY_RAM_DISCARD's ranges, (be64 start, be64 length) pairs as on the wire, against one
+ * block (see qmig/wire/discard.py). Returns the index of the first range that is not aligned
+ * to page_size or not inside used_length, with nothing changed; or n, once every target page
+ * of every range is marked missing (0) in state, one byte per target page, and *cleared
+ * counts them. */
+size_t qmig_discard_apply(const uint8_t *ranges, size_t n, uint64_t page_size,
+                          uint64_t used_length, uint64_t target_page_size, uint8_t *state,
+                          size_t state_len, uint64_t *cleared)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t start = be64(ranges + 16 * i), length = be64(ranges + 16 * i + 8);
+        if (start % page_size || length % page_size)
+            return i;
+        if (length > used_length || start > used_length - length)
+            return i;
+        if ((start + length + target_page_size - 1) / target_page_size > state_len)
+            return i;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint64_t start = be64(ranges + 16 * i), length = be64(ranges + 16 * i + 8);
+        uint64_t first = start / target_page_size, count = length / target_page_size;
+        memset(state + first, 0, count);
+        total += count;
+    }
+    *cleared = total;
+    return n;
+}
+
+/* The runs of dirty pages (bytes equal to 1) in a dirty map of n target pages, as
+ * POSTCOPY_RAM_DISCARD ranges: (be64 start, be64 length) byte pairs, the last one clipped to
+ * used_length. out must hold 16 * ((n + 1) / 2) bytes. Returns the number of ranges;
+ * *pages counts the dirty pages. */
+size_t qmig_dirty_ranges(const uint8_t *dirty, size_t n, uint64_t page_size,
+                         uint64_t used_length, uint8_t *out, uint64_t *pages)
+{
+    size_t ranges = 0, at = 0;
+    uint64_t total = 0;
+    while (at < n) {
+        const uint8_t *found = memchr(dirty + at, 1, n - at);
+        if (!found)
+            break;
+        size_t start = (size_t)(found - dirty), end = start;
+        while (end < n && dirty[end] == 1)
+            end++;
+        uint64_t stop = (uint64_t)end * page_size;
+        if (stop > used_length)
+            stop = used_length;
+        put_be64(out + 16 * ranges, (uint64_t)start * page_size);
+        put_be64(out + 16 * ranges + 8, stop - (uint64_t)start * page_size);
+        ranges++;
+        total += end - start;
+        at = end;
+    }
+    *pages = total;
+    return ranges;
 }
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar, TypeVar, cast, dataclass_transform
 
@@ -230,11 +230,14 @@ class DiscardRange:
 
 @message
 class PostcopyRamDiscard:
-    """Byte ranges of one RAMBlock that the destination must drop before LISTEN."""
+    """Byte ranges of one RAMBlock that the destination must drop before LISTEN.
+
+    ``ranges``: a tuple from the schema, or, from the reader's fast path, a
+    :class:`qmig.wire.discard.DiscardRanges` (equal to the tuple of the same ranges)."""
 
     NAME: ClassVar[str] = "POSTCOPY_RAM_DISCARD"
     block: str
-    ranges: tuple[DiscardRange, ...]
+    ranges: Sequence[DiscardRange]
     version: int = 0
 
 

@@ -102,6 +102,25 @@ class RamScanner:
         if rc < 0:
             raise OSError(-rc, "writing extracted RAM")
 
+    def dirty_ranges(self, dirty: Any, used_length: int) -> tuple[bytes, int]:
+        """The runs of dirty target pages (bytes equal to 1) of a block's dirty map, as the
+        (start, length) byte pairs of POSTCOPY_RAM_DISCARD, big-endian u64s, the last clipped
+        to ``used_length``; and the number of dirty pages. One C call."""
+        count = len(dirty)
+        if not count:
+            return b"", 0
+        out = bytearray(16 * ((count + 1) // 2))
+        pages: Any = ffi.new("uint64_t *")
+        ranges = lib.qmig_dirty_ranges(
+            ffi.from_buffer(dirty),
+            count,
+            self.schema.target_page_size,
+            used_length,
+            ffi.from_buffer(out),
+            pages,
+        )
+        return bytes(memoryview(out)[: 16 * ranges]), int(pages[0])
+
     def emit(self, ram: Any, pages: Any, name: str | None) -> tuple[bytes, int]:
         """The ZERO/PAGE records of target pages ``pages`` (indices) of one block's ``ram``.
 

@@ -26,6 +26,7 @@ import construct as cs
 
 from qmig.errors import MalformedError, TruncatedError
 from qmig.wire import messages as m
+from qmig.wire.discard import DiscardReader
 from qmig.wire.fields import FieldError
 from qmig.wire.ramscan import RamScanner, Stop
 from qmig.wire.schema import Schema, mem_size_params, schema_for
@@ -226,6 +227,7 @@ class StreamReader(_InputMixin):
         self.vmdesc = vmdesc
         self.max_record = max_record
         self._scanner = RamScanner(self.schema)
+        self._discards = DiscardReader(self.schema)
         self._init_input()
         self._frame = _Frame("header")
         self._packages: list[int] = []  # absolute end offsets of the open PACKAGED blobs
@@ -483,6 +485,10 @@ class StreamReader(_InputMixin):
     # --- commands -------------------------------------------------------------------------
 
     def _read_command(self) -> Record:
+        # Switchover sends discards by the thousand: a well-formed one skips construct.
+        discard = self._discards.read(self._buf, self._pos, self._limit())
+        if discard is not None:
+            return self._emit(*discard)
         offset = self.offset
         header, _ = self._parse("COMMAND", self.schema.command_header, 5)
         name = self.profile.command_names.get(header.cmd)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from qmig.wire import messages as m
+from qmig.wire.discard import DiscardRanges
 
 
 def to_json(message: Any) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def _json_value(value: Any) -> Any:
         return value.hex()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_json(value)
-    if isinstance(value, tuple | list):
+    if isinstance(value, tuple | list | DiscardRanges):
         return [_json_value(item) for item in value]
     if isinstance(value, memoryview):
         return {"length": len(value)}

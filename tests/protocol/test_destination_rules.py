@@ -126,7 +126,7 @@ def test_discard_is_skipped_when_nothing_was_discarded() -> None:
     dest = Destination(VERSION)
     events = drive(dest, opening() + ram_setup() + ADVISE + LISTEN + RUN + b"\x00")
     assert dest.state is PostcopyState.END
-    assert not any(isinstance(event, ev.RangeDiscarded) for event in events)
+    assert not any(isinstance(event, ev.RangesDiscarded) for event in events)
     assert isinstance(events[-1], ev.MigrationCompleted)
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 import pytest
 
 from qmig.errors import RemoteProtocolError
-from qmig.protocol.source import Source
+from qmig.protocol.destination import Destination, Phase
+from qmig.protocol.source import Source, SourcePhase
 from qmig.runner.source import SourcePlan, SourceRunner
-from qmig.runner.source_ram import GuestRam
+from qmig.runner.source_ram import Dirtier, GuestRam
 from qmig.transport import Connection, connect, limit_buffers, listen
 from qmig.wire import messages as m
+from qmig.wire.reader import END, NEED_DATA
 from qmig.wire.schema import schema_for
 
 
@@ -47,5 +50,56 @@ def test_a_destination_that_stops_reading_still_gets_its_shut_read() -> None:
                 runner.run()
             assert time.monotonic() - started < 10
             thread.join()
-            assert sum(sent) < 4 << 20  # it was stuck behind the full buffers, not done
+            assert sum(sent) < 16 << 20  # it was stuck behind the full buffers, not done
             held[0].close()
+
+
+def _sans_io_destination(connection: Connection) -> None:
+    """A destination without RAM: the machine alone, answering PINGs and sending SHUT."""
+    dest = Destination("7.2")
+    buffer = bytearray(1 << 16)
+    while dest.phase is not Phase.DONE:
+        count = connection.recv_into(buffer)
+        if count:
+            dest.receive_data(memoryview(buffer)[:count])
+        else:
+            dest.receive_eof()
+        while (event := dest.next_event()) is not NEED_DATA and event is not END:
+            pass
+        connection.sendall(dest.data_to_send())
+        if not count:
+            return
+
+
+def test_the_send_buffer_is_limited_only_from_the_switch_to_postcopy() -> None:
+    """Precopy streams through the kernel's autotuned buffer; from the switchover on, a
+    requested page must not wait behind megabytes, so SO_SNDBUF is set then, and only then,
+    after the switchover's bytes (discards, the package ending in RUN) are in the socket."""
+    ram = GuestRam.generate([("pc.ram", 4 << 20)], zero_fraction=0.5)
+    source = Source(ram.blocks, version="7.2")
+    calls: list[tuple[SourcePhase, bool, int | None]] = []
+    with listen("tcp:127.0.0.1:0") as listener, connect(listener.uri) as connection:
+        peer = listener.accept(timeout=5)
+        thread = threading.Thread(target=_sans_io_destination, args=(peer,))
+        thread.start()
+        limit = connection.limit_buffers
+
+        def recorded(send: int | None = None, receive: int | None = None) -> None:
+            calls.append((source.phase, bool(source._out), send))  # switchover bytes unsent?
+            limit(send=send, receive=receive)
+
+        connection.limit_buffers = recorded  # type: ignore[method-assign]
+        runner = SourceRunner(
+            connection,
+            source,
+            SourcePlan(postcopy_after=1, send_buffer=16 << 10),
+            dirtier=Dirtier(ram, 50000.0),
+        )
+        runner.run()
+        assert connection.socket is not None
+        assert connection.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 32 << 10
+        thread.join(timeout=10)
+        peer.close()
+    # Once, in postcopy, with nothing of the switchover left unsent.
+    assert calls == [(SourcePhase.POSTCOPY, False, 16 << 10)]
+    assert source.stats.discard_commands > 0

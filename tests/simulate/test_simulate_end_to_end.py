@@ -30,6 +30,13 @@ def simulate(*args: str) -> dict[str, Any]:
         assert key in result
     assert set(result["fault_latency_us"]) >= {"p50", "p99", "max"}
     assert result["total_s"] > 0
+    assert set(result["placement_mib_s"]) == {"precopy", "postcopy"}
+    assert set(result["switchover_ms"]) == {
+        "stop_to_first_discard",
+        "discards_to_listen",
+        "listen_to_run",
+        "first_discard_to_run",
+    }
     return result
 
 
@@ -44,6 +51,29 @@ def test_postcopy_after_one_pass_discards_what_was_dirtied() -> None:
     assert result["downtime_ms"] is not None and result["downtime_ms"] >= 0
     # QEMU 10.x (the default profile) adds PING(0x42) inside the package.
     assert sorted(result["pongs"]) == [1, 2, 3, 4, 0x42]
+
+
+def test_placement_rate_and_switchover_times_are_reported() -> None:
+    result = simulate("--ram", "64M", "--dirty-rate", "20000")
+    rates = result["placement_mib_s"]
+    # Tens of MiB placed each way: rates a real machine gives (bounds far from any timing).
+    assert 1 < rates["precopy"] < 1_000_000
+    assert 1 < rates["postcopy"] < 1_000_000
+    times = result["switchover_ms"]
+    assert all(value is not None and value >= 0 for value in times.values()), times
+    # The parts add up (each is rounded to 0.01 ms), and lie within the downtime.
+    assert times["first_discard_to_run"] == pytest.approx(
+        times["discards_to_listen"] + times["listen_to_run"], abs=0.05
+    )
+    assert times["stop_to_first_discard"] + times["first_discard_to_run"] == pytest.approx(
+        result["downtime_ms"], abs=0.1
+    )
+    assert times["first_discard_to_run"] <= result["downtime_ms"]
+
+    precopy = simulate("--ram", "16M", "--precopy-only")
+    assert precopy["placement_mib_s"]["precopy"] > 1
+    assert precopy["placement_mib_s"]["postcopy"] is None
+    assert all(value is None for value in precopy["switchover_ms"].values())
 
 
 def test_immediate_switchover_serves_the_workload_by_requests() -> None:

@@ -119,8 +119,9 @@ def test_the_destination_machine_consumes_a_real_qemu_source(name: str, tmp_path
             match event:
                 case ev.RamBlocksAnnounced(blocks=blocks):
                     memory = {b.idstr: bytearray(b.used_length) for b in blocks}
-                case ev.RangeDiscarded(block=block, start=offset, length=length):
-                    memory[block][offset : offset + length] = bytes(length)
+                case ev.RangesDiscarded(block=block, ranges=ranges):
+                    for span in ranges:
+                        memory[block][span.start : span.start + span.length] = bytes(span.length)
                 case ev.PagesReceived(run=run):
                     for offset, zero, body in run.pages():
                         page = body * 4096 if zero else body

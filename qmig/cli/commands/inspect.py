@@ -9,9 +9,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.errors import QmigError
 
 if TYPE_CHECKING:
     from qmig.inspect import Timeline
@@ -50,15 +51,23 @@ def register(subparsers: Any) -> None:
 
 
 def _inputs(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
-    """(stream, return path, capture index): a capture directory names all three."""
+    """(stream, return path, capture index): a capture directory names all three, each
+    possibly xz-compressed (as the shipped fixtures are)."""
     stream, return_path = args.stream, args.return_path
     index = None
     if stream.is_dir():
-        if return_path is None and (stream / CAPTURE_RETURN_PATH).exists():
-            return_path = stream / CAPTURE_RETURN_PATH
-        if (stream / CAPTURE_INDEX).exists() and return_path == stream / CAPTURE_RETURN_PATH:
-            index = stream / CAPTURE_INDEX
-        stream = stream / CAPTURE_STREAM
+        from qmig.capture.recording import capture_file
+
+        folder = stream
+        found = capture_file(folder, CAPTURE_STREAM)
+        if found is None:
+            raise QmigError(str(folder), f"not a capture folder: no {CAPTURE_STREAM}")
+        stream = found
+        if return_path is None:
+            return_path = capture_file(folder, CAPTURE_RETURN_PATH)
+        index_file = capture_file(folder, CAPTURE_INDEX)
+        if index_file is not None and return_path is not None and return_path.parent == folder:
+            index = index_file
     return stream, return_path, index
 
 
@@ -217,6 +226,15 @@ def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
         yield lambda count: progress.advance(task, count)
 
 
+def _open(path: Path) -> BinaryIO:
+    """A recording, decompressing a ``.xz`` one as it is read (the fixtures are shipped so)."""
+    if path.suffix == ".xz":
+        from qmig.capture.recording import open_capture_file
+
+        return open_capture_file(path)
+    return path.open("rb")
+
+
 def run(args: argparse.Namespace) -> int:
     from qmig.inspect import ReturnPathInspection, StreamInspection, read_records
     from qmig.wire import messages as m
@@ -226,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     stream_path, rp_path, index_path = _inputs(args)
     rp_records: list[Record] = []
     if rp_path is not None:
-        with rp_path.open("rb") as file:
+        with _open(rp_path) as file:
             rp_records = list(read_records(file, ReturnPathReader(args.qemu_version)))
     capture = None if index_path is None else _capture(index_path, stream_path, rp_path, rp_records)
 
@@ -236,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         inspection = StreamInspection(StreamReader(args.qemu_version), extract)
         commands: list[dict[str, Any]] = []
         try:
-            with stream_path.open("rb") as file, _progress(stream_path) as advance:
+            with _open(stream_path) as file, _progress(stream_path) as advance:
                 for record in read_records(file, inspection.reader, advance):
                     inspection.add(record)
                     message = record.message
@@ -339,7 +357,7 @@ class _Capture:
 def _capture(
     index_path: Path, stream_path: Path, rp_path: Path | None, rp_records: list[Record]
 ) -> _Capture:
-    from qmig.capture.recording import Direction, read_index
+    from qmig.capture.recording import Direction, capture_file_size, read_index
     from qmig.errors import MalformedError
     from qmig.inspect import Timeline
 
@@ -347,7 +365,7 @@ def _capture(
     timelines = {}
     for direction, path in ((Direction.STREAM, stream_path), (Direction.RETURN_PATH, rp_path)):
         mine = [(c.offset, c.length, c.t_ns) for c in chunks if c.direction is direction]
-        size = path.stat().st_size if path is not None else 0
+        size = capture_file_size(path) if path is not None else 0
         covered = 0
         for offset, length, _ in mine:
             if offset != covered:

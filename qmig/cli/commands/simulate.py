@@ -206,7 +206,28 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
             f"p99 {s['request_served_us']['p99']} µs",
         ),
         ("blocktime", f"{s['blocktime_ms']:.1f} ms"),
+        ("placement", _placement(s["placement_mib_s"])),
+        ("switchover", _switchover(s["switchover_ms"])),
     ]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _placement(rates: dict[str, float | None]) -> str:
+    return ", ".join(
+        f"{phase} {'-' if rate is None else f'{rate:.0f} MiB/s'}" for phase, rate in rates.items()
+    )
+
+
+def _switchover(times: dict[str, float | None]) -> str:
+    if times["first_discard_to_run"] is None:
+        if times["listen_to_run"] is None:
+            return "-"
+        return f"no discards; LISTEN → RUN {times['listen_to_run']:.1f} ms"
+    return (
+        f"first discard → RUN {times['first_discard_to_run']:.1f} ms "
+        f"(discards → LISTEN {times['discards_to_listen']:.1f} ms, "
+        f"LISTEN → RUN {times['listen_to_run']:.1f} ms); "
+        f"source stop → first discard {times['stop_to_first_discard']:.1f} ms"
+    )
