@@ -657,12 +657,24 @@ static inline const uint8_t *record_body(const uint8_t *data, uint64_t data_base
    are written too, not skipped: the write populates the page, so that after registration it
    can never fault with its bit set, and a page discarded before LISTEN still holds its old
    bytes until the sweep (a clear bit says nothing about the contents). */
+static int page_is_zero(const uint8_t *page)
+{
+    const uint64_t *word = (const uint64_t *)page;
+    for (size_t i = 0; i < QMIG_TARGET_PAGE / sizeof(uint64_t); i++)
+        if (word[i])
+            return 0;
+    return 1;
+}
+
 static void write_direct(struct qmig_block *b, uint64_t offset, const uint8_t *body, int is_data)
 {
     uint8_t *dst = (uint8_t *)(uintptr_t)(b->host + offset);
     if (is_data)
         memcpy(dst, body, QMIG_TARGET_PAGE);
-    else
+    else if (body[0] != 0 || !page_is_zero(dst))
+        /* A zero page is only written where memory is not zero already, as QEMU does:
+           reading an untouched page maps the kernel's shared zero page, while writing it
+           would allocate and clear a page for nothing (most of a guest's RAM is zero). */
         memset(dst, body[0], QMIG_TARGET_PAGE);
     qmig_bitmap_set(b->bitmap, offset / QMIG_TARGET_PAGE, 1);
 }

@@ -782,7 +782,9 @@ def listen_registration() -> dict[str, Any]:
             for k in range(size // P)
             if k not in never
         ]
-        Records([(10 * P, page_of(0xBAD))]).place(block)  # sent once, then changed
+        # Sent once, then changed: page 10 comes again with data, page 600 as a zero page,
+        # which must clear what is there although zero pages skip memory that is zero.
+        Records([(10 * P, page_of(0xBAD)), (600 * P, page_of(0xBAD))]).place(block)
         Records(precopy).place(block)
         overwritten = block.read(10 * P, 8) == bytes(view[10 * P : 10 * P + 8])
         written = block.stats.written_pages
@@ -805,7 +807,7 @@ def listen_registration() -> dict[str, Any]:
         return {
             "registered_before": registered_before,
             "written": written,
-            "precopy_records": len(precopy) + 1,
+            "precopy_records": len(precopy) + 2,
             "overwritten": overwritten,
             "resident_never_before": resident_never,
             "resident_never_after": resident_after,
