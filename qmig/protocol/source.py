@@ -140,6 +140,7 @@ class Source:
         # Every RAM SECTION_PART opens and closes with the same bytes: build them once, not
         # per section (construct costs more than a section of zero pages).
         self._part_open = self.schema.build_section(m.SectionPart(RAM_SECTION_ID))
+        self._section_bytes = pages_per_section * (self.target_page_size + 8)
         self._part_close = self.schema.build_ram_flag("EOS") + self.schema.build_footer(
             RAM_SECTION_ID
         )
@@ -247,7 +248,10 @@ class Source:
     def data_to_send(self, budget: int = 1 << 20) -> bytes:
         """Up to about ``budget`` bytes of stream (at least one section while pages remain)."""
         if self.phase is SourcePhase.PRECOPY and not self.pass_complete and len(self._out) < budget:
-            self._precopy_section(budget - len(self._out))
+            # A precopy section holds up to pages_per_section pages whatever the budget (which
+            # it may overshoot by that much): QEMU's are larger still, and each section costs
+            # the destination a header, a named first record and a footer to parse.
+            self._precopy_section(max(budget - len(self._out), self._section_bytes))
             # More sections while a whole page still fits: a section of zero pages is only a
             # few hundred bytes, and one per call would make a pass thousands of calls. Each
             # is sized for a quarter of the budget at least (overshooting it by that at most),
