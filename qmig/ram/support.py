@@ -345,7 +345,8 @@ def _check_thp(report: SupportReport) -> None:
     report.add(
         "transparent huge pages",
         "ok",
-        f"mode {mode}; qmig turns THP off on RAM blocks before discards and back on at the end",
+        f"mode {mode}; qmig turns THP off on RAM blocks from mapping until the end "
+        "(QEMU: from the first discard)",
         mode=mode,
     )
 
