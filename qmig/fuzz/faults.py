@@ -7,15 +7,12 @@ PACKAGED, a postcopy page), stop forwarding the stream and drop the page request
 that never answers), or delay and re-chunk both directions (legal: the migration must still
 complete). :func:`run_faulted` runs a ``qmig simulate``-style migration through it: a qmig
 source in this process, a qmig destination with userfaultfd RAM in a child process, and
-reports how each side ended.
-
-Run as ``python -m qmig.fuzz.faults --fd N ...`` it is that child: the destination of
-:mod:`qmig.runner.peer`, with a short idle timeout so that a stalled source fails it fast.
+reports how each side ended. The child is :mod:`qmig.runner.peer`, the destination of
+``qmig simulate``, with a short idle timeout so that a stalled source fails it fast.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -281,10 +278,12 @@ def run_faulted(
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
         command = [
-            sys.executable, "-m", "qmig.fuzz.faults",
+            sys.executable, "-m", "qmig.runner.peer",
             "--fd", str(listener.fileno()),
             "--dump-dir", str(dump_dir),
             "--idle-timeout", str(idle_timeout),
+            "--accept-timeout", str(RUN_TIMEOUT),
+            "--pattern", "random", "--touches", "2000", "--vcpus", "2",
         ]  # fmt: skip
         if version:
             command += ["--qemu-version", version]
@@ -329,52 +328,3 @@ def run_faulted(
         log,
         mismatches,
     )
-
-
-# --- the destination child -----------------------------------------------------------------
-
-
-def peer_main(argv: list[str] | None = None) -> int:
-    """The destination of :func:`run_faulted` (see :mod:`qmig.runner.peer`)."""
-    from qmig.protocol.destination import Destination
-    from qmig.ram.blocks import HOST_PAGE_SIZE
-    from qmig.ram.workload import Pattern, Workload
-    from qmig.runner.destination import DestinationRunner
-    from qmig.runner.peer import report_json
-    from qmig.transport import Connection
-
-    parser = argparse.ArgumentParser(prog="qmig-fault-destination")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--qemu-version")
-    parser.add_argument("--dump-dir", type=Path)
-    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT)
-    args = parser.parse_args(argv)
-    listener = socket.socket(fileno=args.fd)
-    try:
-        listener.settimeout(RUN_TIMEOUT)
-        sock, _ = listener.accept()
-        listener.close()
-        sock.settimeout(None)
-        destination = Destination(args.qemu_version, supported_page_sizes=(HOST_PAGE_SIZE,))
-        with Connection("fault proxy", sock=sock) as connection:
-            runner = DestinationRunner(
-                connection,
-                destination,
-                workload=Workload(Pattern.RANDOM, touches=2000),
-                vcpus=2,
-                dump_dir=args.dump_dir,
-                idle_timeout=args.idle_timeout,
-            )
-            runner.run()
-    except QmigError as error:
-        print(f"qmig: error: {error.one_line()}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"qmig: error: destination: {error.strerror or error}", file=sys.stderr)
-        return 1
-    json.dump(report_json(runner), sys.stdout)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(peer_main())

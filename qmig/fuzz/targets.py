@@ -78,22 +78,15 @@ def _drain_reader(reader: StreamReader | ReturnPathReader, budget: int) -> int:
 
 def read_stream(data: bytes, version: str | None, chunk: int | None = None) -> Verdict:
     """The stream reader alone: framing, lengths, names, offsets."""
-    reader = StreamReader(version)
-    budget = MAX_EVENTS_PER_BYTE * len(data) + 8
-    try:
-        for piece in _chunks(data, chunk):
-            reader.feed(piece)
-            _drain_reader(reader, budget)
-        reader.feed_eof()
-        _drain_reader(reader, budget)
-    except QmigError as error:
-        return Verdict.of(error)
-    return Verdict(True)
+    return _read_all(StreamReader(version), data, chunk)
 
 
 def read_return_path(data: bytes, version: str | None, chunk: int | None = None) -> Verdict:
     """The return-path reader alone (what a source parses)."""
-    reader = ReturnPathReader(version)
+    return _read_all(ReturnPathReader(version), data, chunk)
+
+
+def _read_all(reader: StreamReader | ReturnPathReader, data: bytes, chunk: int | None) -> Verdict:
     budget = MAX_EVENTS_PER_BYTE * len(data) + 8
     try:
         for piece in _chunks(data, chunk):

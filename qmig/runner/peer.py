@@ -17,7 +17,7 @@ from qmig.errors import QmigError
 from qmig.protocol.destination import Destination
 from qmig.ram.blocks import HOST_PAGE_SIZE
 from qmig.ram.workload import Pattern, Workload
-from qmig.runner.destination import DestinationRunner
+from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
 from qmig.transport import Connection
 
 
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump-dir", type=Path)
     parser.add_argument("--precopy-only", action="store_true")
     parser.add_argument("--accept-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--idle-timeout", type=float, default=IDLE_TIMEOUT, help="fail when the source stalls"
+    )
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.fd)
     try:
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 workload=workload,
                 vcpus=args.vcpus,
                 dump_dir=args.dump_dir,
+                idle_timeout=args.idle_timeout,
             )
             runner.run()
     except QmigError as error:
