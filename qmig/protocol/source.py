@@ -141,6 +141,14 @@ class Source:
         # per section (construct costs more than a section of zero pages).
         self._part_open = self.schema.build_section(m.SectionPart(RAM_SECTION_ID))
         self._section_bytes = pages_per_section * (self.target_page_size + 8)
+        # The block the open section's records last named: later records of the same block
+        # CONTINUE it, as QEMU's do, and only the first of a section or of a new block names.
+        self._named_block: SourceBlock | None = None
+        # Postcopy keeps one SECTION_PART open across sends, closed every pages_per_section
+        # pages: a section per small send would cost the destination a header, a named
+        # record and a footer for every few pages.
+        self._postcopy_section_open = False
+        self._postcopy_section_pages = 0
         self._part_close = self.schema.build_ram_flag("EOS") + self.schema.build_footer(
             RAM_SECTION_ID
         )
@@ -270,10 +278,16 @@ class Source:
             self.pass_complete = True
             return
         self._out += self._part_open
+        self._named_block = None
         self._out += self._page_records(*batch, postcopy=False)
         self._out += self._part_close
 
     def _postcopy_section(self, budget: int) -> None:
+        if not self._postcopy_section_open:
+            self._out += self._part_open
+            self._named_block = None
+            self._postcopy_section_open = True
+            self._postcopy_section_pages = 0
         records = bytearray()
         pages = self._pages_for(budget)
         while self._requests and pages > 0:
@@ -293,14 +307,22 @@ class Source:
                 batch = self._next_dirty_batch(pages)
             if batch is not None:
                 records += self._page_records(*batch, postcopy=True)
+                pages -= len(batch[1])
         if records:
-            self._out += self._part_open
             self._out += records
-            self._out += self._part_close
+            self._postcopy_section_pages += self._pages_for(budget) - pages
+            if self._postcopy_section_pages >= self.pages_per_section:
+                self._close_postcopy_section()
         elif not self._requests and self.dirty_pages() == 0:
             self._finish_postcopy()
 
+    def _close_postcopy_section(self) -> None:
+        self._out += self._part_close
+        self._postcopy_section_open = False
+
     def _finish_postcopy(self) -> None:
+        if self._postcopy_section_open:
+            self._close_postcopy_section()
         schema = self.schema
         self._out += schema.build_section(m.SectionEnd(RAM_SECTION_ID))
         self._out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
@@ -341,8 +363,9 @@ class Source:
     def _page_records(
         self, block: SourceBlock, pages: array[int], *, postcopy: bool, requested: bool = False
     ) -> bytes:
-        # Every page record section starts by naming its block, as QEMU's does.
-        data, zeros = self._scanner.emit(block.ram, pages, block.idstr)
+        name = None if block is self._named_block else block.idstr
+        self._named_block = block
+        data, zeros = self._scanner.emit(block.ram, pages, name)
         first, last = pages[0], pages[-1]
         if last - first + 1 == len(pages):  # a contiguous batch, the usual case: one slice
             block.dirty[first : last + 1] = bytes(len(pages))
