@@ -258,14 +258,12 @@ class Source:
         if self.phase is SourcePhase.PRECOPY and not self.pass_complete and len(self._out) < budget:
             # A precopy section holds up to pages_per_section pages whatever the budget (which
             # it may overshoot by that much): QEMU's are larger still, and each section costs
-            # the destination a header, a named first record and a footer to parse.
-            self._precopy_section(max(budget - len(self._out), self._section_bytes))
-            # More sections while a whole page still fits: a section of zero pages is only a
-            # few hundred bytes, and one per call would make a pass thousands of calls. Each
-            # is sized for a quarter of the budget at least (overshooting it by that at most),
-            # not for what is left, or sections shrink to a page or two.
+            # the destination a header, a named first record and a footer to parse. More
+            # sections follow while a whole page still fits in the budget: a section of zero
+            # pages is only a few kilobytes.
+            self._precopy_section(self._section_bytes)
             while not self.pass_complete and budget - len(self._out) > self.target_page_size + 8:
-                self._precopy_section(max(budget - len(self._out), budget // 4))
+                self._precopy_section(self._section_bytes)
         elif self.phase is SourcePhase.POSTCOPY and len(self._out) < budget:
             self._postcopy_section(budget - len(self._out))
         out = bytes(self._out)
