@@ -125,6 +125,8 @@ struct qmig_block {
     uint64_t staging_page;    /* the host page being gathered; UINT64_MAX: none */
     uint64_t staged_count;
     uint64_t served;          /* host pages placed by qmig_serve_blocks */
+    uint8_t *touched;         /* target pages qmig wrote directly (before registration), or
+                                 NULL; the rest of a fresh mapping is known to be zero */
 };
 
 /* Outcome of one qmig_place_records call. */
@@ -551,6 +553,7 @@ void qmig_fill_tags(uint64_t dst, uint64_t len, uint64_t stride, uint64_t tag_ba
 #define QMIG_TARGET_PAGE 4096ull
 #define QMIG_SCRATCH_PAGES 512
 #define QMIG_MADV_POPULATE_WRITE 23  /* Linux 5.14; older kernels say EINVAL */
+#define QMIG_MADV_POPULATE_READ 22
 
 struct qmig_block {
     int32_t fd, zeropage;
@@ -559,6 +562,7 @@ struct qmig_block {
     uint64_t *placed_ns;
     uint8_t *staging, *staged;
     uint64_t staging_page, staged_count, served;
+    uint8_t *touched;
 };
 
 struct qmig_records_result {
@@ -666,6 +670,19 @@ static int page_is_zero(const uint8_t *page)
     return 1;
 }
 
+/* Zero pages of memory qmig never wrote are not written: they read as zero already. They
+   are mapped, though, to the kernel's shared zero page, in bulk and without allocating:
+   once the block is registered, touching an unmapped page would be a MISSING fault for a
+   page already received. */
+static void map_zero_pages(struct qmig_block *b, uint64_t first, uint64_t count)
+{
+    uint8_t *start = (uint8_t *)(uintptr_t)(b->host + first * QMIG_TARGET_PAGE);
+    if (madvise(start, count * QMIG_TARGET_PAGE, QMIG_MADV_POPULATE_READ) != 0) {
+        for (uint64_t k = 0; k < count; k++)  /* older kernels: a read maps it just the same */
+            (void)*(volatile uint8_t *)(start + k * QMIG_TARGET_PAGE);
+    }
+}
+
 static void write_direct(struct qmig_block *b, uint64_t offset, const uint8_t *body, int is_data)
 {
     uint8_t *dst = (uint8_t *)(uintptr_t)(b->host + offset);
@@ -676,6 +693,8 @@ static void write_direct(struct qmig_block *b, uint64_t offset, const uint8_t *b
            reading an untouched page maps the kernel's shared zero page, while writing it
            would allocate and clear a page for nothing (most of a guest's RAM is zero). */
         memset(dst, body[0], QMIG_TARGET_PAGE);
+    if (b->touched)
+        qmig_bitmap_set(b->touched, offset / QMIG_TARGET_PAGE, 1);
     qmig_bitmap_set(b->bitmap, offset / QMIG_TARGET_PAGE, 1);
 }
 
@@ -749,16 +768,44 @@ int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_
         const uint8_t *body = record_body(data, data_base, bodies, i);
         int is_data = (headers[i] & page_flag) != 0;
         if (b->fd < 0) {
-            /* A run of pages not yet here is populated with one madvise first: allocating
-               pages in bulk beats taking a page fault on each first write. */
+            int zero_fill = !is_data && body[0] == 0;
+            /* A run of pages not yet here is handled together. Zero pages: a page of the
+               fresh mapping that qmig never wrote is zero already, so it needs neither a
+               write nor a read (a read would map the zero page, one fault each). Whether it
+               is resident says nothing (it may be in swap): the touched bitmap does. Pages
+               with content: populated with one madvise first, since allocating pages in bulk
+               beats taking a page fault on each first write. */
             if (!huge && !bit_test(b->bitmap, offset / QMIG_TARGET_PAGE)) {
                 uint64_t run = 1;
                 while (i + run < count && run < QMIG_SCRATCH_PAGES &&
                        (headers[i + run] & ~mask) == offset + run * QMIG_TARGET_PAGE &&
                        (headers[i + run] & ~mask) < b->length &&
-                       !bit_test(b->bitmap, offset / QMIG_TARGET_PAGE + run))
+                       !bit_test(b->bitmap, offset / QMIG_TARGET_PAGE + run) &&
+                       zero_fill == (!(headers[i + run] & page_flag) &&
+                                     record_body(data, data_base, bodies, i + run)[0] == 0))
                     run++;
-                if (run >= 16)
+                if (zero_fill && b->touched) {
+                    uint64_t first = offset / QMIG_TARGET_PAGE, untouched = 0;
+                    for (uint64_t k = 0; k <= run; k++) {
+                        if (k < run && !bit_test(b->touched, first + k)) {
+                            untouched++;
+                            continue;
+                        }
+                        if (untouched) {
+                            uint64_t from = first + k - untouched;
+                            qmig_bitmap_set(b->bitmap, from, untouched);
+                            map_zero_pages(b, from, untouched);
+                            untouched = 0;
+                        }
+                        if (k < run)
+                            write_direct(b, offset + k * QMIG_TARGET_PAGE,
+                                         record_body(data, data_base, bodies, i + k), 0);
+                    }
+                    res->written += run;
+                    i += run;
+                    continue;
+                }
+                if (run >= 16 && !zero_fill)
                     madvise((void *)(uintptr_t)(b->host + offset), run * QMIG_TARGET_PAGE,
                             QMIG_MADV_POPULATE_WRITE);  /* a hint: failure costs nothing */
                 for (uint64_t k = 0; k < run; k++)

@@ -201,6 +201,10 @@ class RamBlock:
         self._c.page_size = page_size
         self._c.max_run = MAX_RUN_PAGES
         self._c.bitmap = self.received.cdata
+        # Pages written directly before registration; a zero page for any other page of the
+        # fresh mapping is known to be there already (nothing else writes the block then).
+        self._touched = PageBitmap(used_length // TARGET_PAGE_SIZE)
+        self._c.touched = self._touched.cdata
         self._c.staging_page = (1 << 64) - 1
         self._placed_ns: Any = ffi.NULL
         self._keep: list[Any] = []  # buffers the C struct points to
