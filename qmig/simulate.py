@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qmig.errors import QmigError, VerificationError
+from qmig.latency import percentile_us
 from qmig.protocol.source import DeviceSnapshot, Source
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import Dirtier, GuestRam
@@ -249,13 +250,6 @@ def verify(ram: GuestRam, dump_dir: Path) -> list[tuple[str, int]]:
     return mismatches
 
 
-def _percentile(samples: list[int], fraction: float) -> int:
-    if not samples:
-        return 0
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
 def _summary(
     config: SimulationConfig,
     source: Source,
@@ -266,7 +260,8 @@ def _summary(
     stats = source.stats
     faults = destination.get("faults") or {}
     latency = faults.get("latency_ns") or {}
-    sent_ns = destination.get("request_sent_ns") or []
+    sent_ns = sorted(destination.get("request_sent_ns") or [])
+    served_ns = sorted(report.served_ns)
     downtime = None
     if report.stopped is not None and destination.get("running_at") is not None:
         downtime = (destination["running_at"] - report.stopped) * 1000
@@ -309,12 +304,12 @@ def _summary(
         # The two ends of a fault's latency: on the destination, fault → REQ_PAGES sent; on
         # the source, REQ_PAGES read → its pages written into the socket.
         "request_sent_us": {
-            "p50": round(_percentile(sent_ns, 0.5) / 1000, 1),
-            "p99": round(_percentile(sent_ns, 0.99) / 1000, 1),
+            "p50": percentile_us(sent_ns, 0.5),
+            "p99": percentile_us(sent_ns, 0.99),
         },
         "request_served_us": {
-            "p50": round(_percentile(report.served_ns, 0.5) / 1000, 1),
-            "p99": round(_percentile(report.served_ns, 0.99) / 1000, 1),
+            "p50": percentile_us(served_ns, 0.5),
+            "p99": percentile_us(served_ns, 0.99),
         },
         "blocktime_ms": round(faults.get("blocktime_ns", 0) / 1e6, 2),
         # The destination's placing rate: target pages placed per second spent placing them,

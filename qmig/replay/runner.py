@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmig.errors import QmigError
+from qmig.latency import percentiles_us
 from qmig.protocol.source import Source, SourcePhase
 from qmig.replay.recording import Recording
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
@@ -53,13 +54,6 @@ class ReplayResult:
 
     def summary(self) -> dict[str, Any]:
         report, stats, recording = self.report, self.source.stats, self.recording
-        served = sorted(report.served_ns)
-
-        def pick(fraction: float) -> float:
-            if not served:
-                return 0.0
-            return round(served[min(len(served) - 1, int(len(served) * fraction))] / 1000, 1)
-
         return {
             "completed": True,
             "mode": "precopy" if self.postcopy_after is None else "postcopy",
@@ -79,12 +73,7 @@ class ReplayResult:
             "requests": stats.requests,
             "requested_pages": stats.requested_pages,
             # Read from the return path → its page written into the socket.
-            "request_to_sent_us": {
-                "count": len(served),
-                "p50": pick(0.5),
-                "p99": pick(0.99),
-                "max": pick(1.0),
-            },
+            "request_to_sent_us": percentiles_us(report.served_ns),
             "pongs": report.pongs,
         }
 

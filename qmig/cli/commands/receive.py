@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.latency import percentiles_us
 
 if TYPE_CHECKING:
     from qmig.protocol.destination import Destination
@@ -112,18 +113,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _percentiles(samples_ns: list[int]) -> dict[str, float]:
-    """p50/p99/max in microseconds (zeros when there are no samples)."""
-    ordered = sorted(samples_ns)
-
-    def pick(fraction: float) -> float:
-        if not ordered:
-            return 0.0
-        return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] / 1000, 1)
-
-    return {"count": len(ordered), "p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}
-
-
 def summarise(report: DestinationReport, destination: Destination) -> dict[str, Any]:
     faults = report.faults
     latency = faults.get("latency_ns", {})
@@ -139,8 +128,8 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
         "requests": report.requests,
         "faults": faults.get("faults", 0),
         # One REQ_PAGES's life: the fault is read, the request goes out, the page is placed.
-        "fault_to_request_us": _percentiles(report.request_sent_ns),
-        "request_to_placed_us": _percentiles(report.request_placed_ns),
+        "fault_to_request_us": percentiles_us(report.request_sent_ns),
+        "request_to_placed_us": percentiles_us(report.request_placed_ns),
         "fault_to_placed_us": {
             "p50": round(latency.get("p50_ns", 0) / 1000, 1),
             "p99": round(latency.get("p99_ns", 0) / 1000, 1),
