@@ -98,17 +98,24 @@ def python_fault_thread(size: int, vcpus: int, spin_us: float) -> FaultRun:
 
         assert session.uffd is not None
         faults = FaultThread(session.uffd, session.blocks, serve, spin_us=spin_us).start()
-        share = size // vcpus
-        started = time.perf_counter()
-        for index in range(vcpus):
-            session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * share, share)
-        results = session.vcpus.join(120)
-        seconds = time.perf_counter() - started
-        faults.stop()
-        stats = faults.stats()
-        session.close()
+        return run_vcpus(session, faults, size, vcpus, "qmig, Python requests")
+
+
+def run_vcpus(
+    session: RamSession, faults: FaultThread, size: int, vcpus: int, label: str
+) -> FaultRun:
+    """Fault every page of pc.ram once from ``vcpus`` C threads, each on its own share."""
+    share = size // vcpus
+    started = time.perf_counter()
+    for index in range(vcpus):
+        session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * share, share)
+    results = session.vcpus.join(120)
+    seconds = time.perf_counter() - started
+    faults.stop()
+    stats = faults.stats()
+    session.close()
     return FaultRun(
-        "qmig, Python requests",
+        label,
         vcpus,
         stats.faults,
         seconds,
@@ -123,23 +130,7 @@ def c_served(size: int, vcpus: int, spin_us: float) -> FaultRun:
     with RamSession([BlockSpec("pc.ram", size)]) as session:
         faults = session.start_faults(sources={"pc.ram": source})
         faults.spin_ns = int(spin_us * 1000)
-        share = size // vcpus
-        started = time.perf_counter()
-        for index in range(vcpus):
-            session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * share, share)
-        results = session.vcpus.join(120)
-        seconds = time.perf_counter() - started
-        faults.stop()
-        stats = faults.stats()
-        session.close()
-    return FaultRun(
-        "qmig, C-served",
-        vcpus,
-        stats.faults,
-        seconds,
-        stats.latency,
-        sum(result.mismatches for result in results),
-    )
+        return run_vcpus(session, faults, size, vcpus, "qmig, C-served")
 
 
 def c_fault_loop(size: int, vcpus: int, spin_us: float) -> FaultRun:

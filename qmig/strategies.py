@@ -986,31 +986,27 @@ def _unaligned(draw: st.DrawFn, block: m.RamBlockInfo, page: int) -> m.DiscardRa
     return m.DiscardRange(start, length)
 
 
-@st.composite
-def invalid_discard_ranges(draw: st.DrawFn, version: str = "7.2") -> InvalidStream:
+def invalid_discard_ranges(version: str = "7.2") -> st.SearchStrategy[InvalidStream]:
     """A discard range beyond its RAMBlock, or one whose ``start + length`` wraps 64 bits."""
-    prefix, command = draw(_discard_against_prefix(version, _beyond))
-    start = len(prefix.data)
-    return InvalidStream(
-        prefix.data + command,
-        "POSTCOPY_RAM_DISCARD",
-        start,
-        start + len(command),
-        "range beyond the block",
-    )
+    return _invalid_discard(version, _beyond, "range beyond the block")
+
+
+def invalid_unaligned_discards(version: str = "7.2") -> st.SearchStrategy[InvalidStream]:
+    """A discard range whose start or length is not a multiple of the block's page size."""
+    return _invalid_discard(version, _unaligned, "unaligned range")
 
 
 @st.composite
-def invalid_unaligned_discards(draw: st.DrawFn, version: str = "7.2") -> InvalidStream:
-    """A discard range whose start or length is not a multiple of the block's page size."""
-    prefix, command = draw(_discard_against_prefix(version, _unaligned))
+def _invalid_discard(
+    draw: st.DrawFn,
+    version: str,
+    bad_range: Callable[[st.DrawFn, m.RamBlockInfo, int], Any],
+    description: str,
+) -> InvalidStream:
+    prefix, command = draw(_discard_against_prefix(version, bad_range))
     start = len(prefix.data)
     return InvalidStream(
-        prefix.data + command,
-        "POSTCOPY_RAM_DISCARD",
-        start,
-        start + len(command),
-        "unaligned range",
+        prefix.data + command, "POSTCOPY_RAM_DISCARD", start, start + len(command), description
     )
 
 
