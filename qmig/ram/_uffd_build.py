@@ -92,6 +92,7 @@ int64_t qmig_serve_from(int uffd, int quitfd, uint64_t base, uint64_t len, uint6
                         uint64_t latency_cap);
 
 uint64_t qmig_map_anon(uint64_t len, uint64_t huge_page_size, int *err);
+int qmig_huge_zero_page_works(void);
 int qmig_unmap(uint64_t addr, uint64_t len);
 int qmig_madvise(uint64_t addr, uint64_t len, int advice);
 int64_t qmig_resident_pages(uint64_t addr, uint64_t len);
@@ -127,6 +128,8 @@ struct qmig_block {
     uint64_t served;          /* host pages placed by qmig_serve_blocks */
     uint8_t *touched;         /* target pages qmig wrote directly (before registration), or
                                  NULL; the rest of a fresh mapping is known to be zero */
+    uint8_t *regions;         /* per 2 MiB of address space from the block's start (rounded
+                                 down), while THP is on: a REGION_* state; NULL: off */
 };
 
 /* Outcome of one qmig_place_records call. */
@@ -493,18 +496,55 @@ int qmig_fault_spin(int uffd, uint64_t spin_ns, struct qmig_fault *out, int max)
     return 0;
 }
 
+#define QMIG_REGION (2ull << 20)  /* what one page-table entry at the PMD level maps */
+
+/* Anonymous memory for a block. 4 KiB blocks start on a 2 MiB boundary, as a VMM aligns guest
+   RAM: only a whole aligned 2 MiB can be mapped by one huge page (or the huge zero page). */
 uint64_t qmig_map_anon(uint64_t len, uint64_t huge_page_size, int *err)
 {
     int flags = MAP_PRIVATE | MAP_ANONYMOUS;
     if (huge_page_size)
         flags |= MAP_HUGETLB | ((__builtin_ctzll(huge_page_size)) << MAP_HUGE_SHIFT);
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+    uint64_t slack = huge_page_size || len < QMIG_REGION ? 0 : QMIG_REGION;
+    void *p = mmap(NULL, len + slack, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (p == MAP_FAILED) {
         *err = errno;
         return 0;
     }
+    uint64_t start = (uint64_t)(uintptr_t)p;
+    if (slack) {
+        uint64_t aligned = (start + QMIG_REGION - 1) & ~(QMIG_REGION - 1);
+        if (aligned > start)
+            munmap(p, aligned - start);
+        if (aligned + len < start + len + slack)
+            munmap((void *)(uintptr_t)(aligned + len), start + len + slack - aligned - len);
+        start = aligned;
+    }
     *err = 0;
-    return (uint64_t)(uintptr_t)p;
+    return start;
+}
+
+/* Whether reading untouched memory under MADV_HUGEPAGE maps the huge zero page here (THP
+   enabled for madvised memory, use_zero_page on): then one read maps 2 MiB of zeros, where
+   mapping them page by page costs ~0.6 us per 4 KiB. */
+int qmig_huge_zero_page_works(void)
+{
+    int err;
+    uint64_t at = qmig_map_anon(QMIG_REGION, 0, &err);
+    if (!at)
+        return 0;
+    unsigned char vec[QMIG_REGION / 4096];
+    int works = 0;
+    if (madvise((void *)(uintptr_t)at, QMIG_REGION, MADV_HUGEPAGE) == 0) {
+        (void)*(volatile uint8_t *)(uintptr_t)at;
+        if (mincore((void *)(uintptr_t)at, QMIG_REGION, vec) == 0) {
+            works = 1;
+            for (size_t k = 0; k < sizeof(vec); k++)
+                works &= vec[k] & 1;
+        }
+    }
+    munmap((void *)(uintptr_t)at, QMIG_REGION);
+    return works;
 }
 
 int qmig_unmap(uint64_t addr, uint64_t len)
@@ -563,6 +603,7 @@ struct qmig_block {
     uint8_t *staging, *staged;
     uint64_t staging_page, staged_count, served;
     uint8_t *touched;
+    uint8_t *regions;
 };
 
 struct qmig_records_result {
@@ -683,16 +724,72 @@ static void map_zero_pages(struct qmig_block *b, uint64_t first, uint64_t count)
     }
 }
 
+/* While THP is on (precopy, before any discard), every 2 MiB of the block is read once before
+   qmig writes into it: untouched, that read maps the huge zero page over all of it, so its zero
+   pages need nothing more. Writing into the huge zero page would allocate and clear a whole
+   huge page (Linux 6.x does, as it does for a write into untouched THP memory), so the first
+   write into such a region drops the page it writes (MADV_DONTNEED on 4 KiB), which splits the
+   mapping into 4 KiB zero pages: the write then allocates one page. Region states: */
+enum { REGION_UNREAD, REGION_HUGE_ZERO, REGION_PARTLY_MAPPED, REGION_SPLIT };
+
+/* Reads the regions over [offset, offset + len) not read yet; returns 1 when every one of
+   them is wholly mapped (mincore says so: a region written before, or in swap, may not be). */
+static int prepare_regions(struct qmig_block *b, uint64_t offset, uint64_t len)
+{
+    if (!b->regions)
+        return 0;
+    uint64_t base = b->host & ~(QMIG_REGION - 1);
+    uint64_t first = (b->host + offset - base) / QMIG_REGION;
+    uint64_t last = (b->host + offset + len - 1 - base) / QMIG_REGION;
+    int all = 1;
+    for (uint64_t r = first; r <= last; r++) {
+        if (b->regions[r] == REGION_UNREAD) {
+            uint64_t from = base + r * QMIG_REGION, to = from + QMIG_REGION;
+            from = from < b->host ? b->host : from;
+            to = to > b->host + b->length ? b->host + b->length : to;
+            (void)*(volatile uint8_t *)(uintptr_t)from;
+            unsigned char vec[QMIG_REGION / QMIG_TARGET_PAGE];
+            int mapped = mincore((void *)(uintptr_t)from, to - from, vec) == 0;
+            for (uint64_t k = 0; mapped && k < (to - from) / QMIG_TARGET_PAGE; k++)
+                mapped = vec[k] & 1;
+            b->regions[r] = mapped ? REGION_HUGE_ZERO : REGION_PARTLY_MAPPED;
+        }
+        all &= b->regions[r] == REGION_HUGE_ZERO || b->regions[r] == REGION_SPLIT;
+    }
+    return all;
+}
+
+/* Before qmig writes [offset, offset + len): split the huge zero page under it (see above). */
+static void split_regions(struct qmig_block *b, uint64_t offset, uint64_t len)
+{
+    if (!b->regions)
+        return;
+    uint64_t base = b->host & ~(QMIG_REGION - 1);
+    uint64_t first = (b->host + offset - base) / QMIG_REGION;
+    uint64_t last = (b->host + offset + len - 1 - base) / QMIG_REGION;
+    for (uint64_t r = first; r <= last; r++) {
+        if (b->regions[r] != REGION_HUGE_ZERO)
+            continue;
+        uint64_t at = base + r * QMIG_REGION;
+        at = at < b->host + offset ? b->host + offset : at;
+        madvise((void *)(uintptr_t)at, QMIG_TARGET_PAGE, MADV_DONTNEED);
+        b->regions[r] = REGION_SPLIT;
+    }
+}
+
 static void write_direct(struct qmig_block *b, uint64_t offset, const uint8_t *body, int is_data)
 {
     uint8_t *dst = (uint8_t *)(uintptr_t)(b->host + offset);
-    if (is_data)
+    if (is_data) {
+        split_regions(b, offset, QMIG_TARGET_PAGE);
         memcpy(dst, body, QMIG_TARGET_PAGE);
-    else if (body[0] != 0 || !page_is_zero(dst))
+    } else if (body[0] != 0 || !page_is_zero(dst)) {
         /* A zero page is only written where memory is not zero already, as QEMU does:
            reading an untouched page maps the kernel's shared zero page, while writing it
            would allocate and clear a page for nothing (most of a guest's RAM is zero). */
+        split_regions(b, offset, QMIG_TARGET_PAGE);
         memset(dst, body[0], QMIG_TARGET_PAGE);
+    }
     if (b->touched)
         qmig_bitmap_set(b->touched, offset / QMIG_TARGET_PAGE, 1);
     qmig_bitmap_set(b->bitmap, offset / QMIG_TARGET_PAGE, 1);
@@ -770,11 +867,11 @@ int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_
         if (b->fd < 0) {
             int zero_fill = !is_data && body[0] == 0;
             /* A run of pages not yet here is handled together. Zero pages: a page of the
-               fresh mapping that qmig never wrote is zero already, so it needs neither a
-               write nor a read (a read would map the zero page, one fault each). Whether it
-               is resident says nothing (it may be in swap): the touched bitmap does. Pages
-               with content: populated with one madvise first, since allocating pages in bulk
-               beats taking a page fault on each first write. */
+               fresh mapping that qmig never wrote is zero already, so it needs no write, only
+               a mapping (the huge zero page over its region, else the zero page, in bulk).
+               Whether it is resident says nothing (it may be in swap): the touched bitmap
+               does. Pages with content: populated with one madvise first, since allocating
+               pages in bulk beats taking a page fault on each first write. */
             if (!huge && !bit_test(b->bitmap, offset / QMIG_TARGET_PAGE)) {
                 uint64_t run = 1;
                 while (i + run < count && run < QMIG_SCRATCH_PAGES &&
@@ -784,6 +881,7 @@ int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_
                        zero_fill == (!(headers[i + run] & page_flag) &&
                                      record_body(data, data_base, bodies, i + run)[0] == 0))
                     run++;
+                int mapped = prepare_regions(b, offset, run * QMIG_TARGET_PAGE);
                 if (zero_fill && b->touched) {
                     uint64_t first = offset / QMIG_TARGET_PAGE, untouched = 0;
                     for (uint64_t k = 0; k <= run; k++) {
@@ -794,7 +892,8 @@ int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_
                         if (untouched) {
                             uint64_t from = first + k - untouched;
                             qmig_bitmap_set(b->bitmap, from, untouched);
-                            map_zero_pages(b, from, untouched);
+                            if (!mapped)
+                                map_zero_pages(b, from, untouched);
                             untouched = 0;
                         }
                         if (k < run)
@@ -805,9 +904,11 @@ int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_
                     i += run;
                     continue;
                 }
-                if (run >= 16 && !zero_fill)
+                if (run >= 16 && !zero_fill) {
+                    split_regions(b, offset, run * QMIG_TARGET_PAGE);
                     madvise((void *)(uintptr_t)(b->host + offset), run * QMIG_TARGET_PAGE,
                             QMIG_MADV_POPULATE_WRITE);  /* a hint: failure costs nothing */
+                }
                 for (uint64_t k = 0; k < run; k++)
                     write_direct(b, (headers[i + k] & ~mask),
                                  record_body(data, data_base, bodies, i + k),
@@ -816,6 +917,7 @@ int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_
                 i += run;
                 continue;
             }
+            prepare_regions(b, offset, QMIG_TARGET_PAGE);
             write_direct(b, offset, body, is_data);
             res->written++;
             i++;

@@ -22,6 +22,7 @@ refuse ranges that are not wholly placed.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import struct
@@ -52,9 +53,16 @@ from qmig.ram.uffd import (
 TARGET_PAGE_SIZE = 4096
 HOST_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
+REGION = 2 << 20  # what one huge page (or the huge zero page) maps on x86-64
 
 # Called after pages are placed (or found already there): block, first host page, count, time.
 PlacementListener = Callable[["RamBlock", int, int, int], None]
+
+
+@functools.cache
+def maps_huge_zero_page() -> bool:
+    """Whether reading untouched THP-advised memory maps the kernel's huge zero page here."""
+    return bool(lib.qmig_huge_zero_page_works())
 
 
 def size_text(size: int) -> str:
@@ -206,14 +214,15 @@ class RamBlock:
         self._touched = PageBitmap(used_length // TARGET_PAGE_SIZE)
         self._c.touched = self._touched.cdata
         self._c.staging_page = (1 << 64) - 1
+        self._c.regions = ffi.NULL
+        self._regions: Any = ffi.NULL
         self._placed_ns: Any = ffi.NULL
         self._keep: list[Any] = []  # buffers the C struct points to
         if self.huge:
             self._keep += [ffi.new("uint8_t[]", page_size), ffi.new("uint8_t[]", page_size)]
             self._c.staging, self._c.staged = self._keep
-        if not self.huge and not self.remote:
-            # Guest RAM wants THP, as a VMM asks for it; it is turned off around discards.
-            lib.qmig_madvise(self.host_address, used_length, lib.MADV_HUGEPAGE)
+        # Guest RAM wants THP, as a VMM asks for it; it is turned off around discards.
+        self.set_thp(True)
 
     def __repr__(self) -> str:
         return (
@@ -292,6 +301,7 @@ class RamBlock:
         with self._place_lock:
             self._c.placed_ns = self._placed_ns
             self._c.fd = uffd.fd
+            self._c.regions = ffi.NULL  # from here on pages are dropped and placed singly
         self.uffd = uffd
 
     def attach_handed_over(self, uffd: Userfaultfd) -> None:
@@ -318,10 +328,26 @@ class RamBlock:
         return 0 if placed == ffi.NULL else int(placed[host_page])
 
     def set_thp(self, enabled: bool) -> None:
-        """THP off before discards (a collapse would fill discarded pages with zeros)."""
-        if not self.huge and not self.remote:
-            advice = lib.MADV_HUGEPAGE if enabled else lib.MADV_NOHUGEPAGE
-            lib.qmig_madvise(self.host_address, self.used_length, advice)
+        """THP off before discards (a collapse would fill discarded pages with zeros).
+
+        While it is on and the block is written directly, zero memory is mapped 2 MiB at a
+        time by the huge zero page (``prepare_regions`` in C), where the kernel offers it."""
+        if self.huge or self.remote:
+            return
+        advice = lib.MADV_HUGEPAGE if enabled else lib.MADV_NOHUGEPAGE
+        lib.qmig_madvise(self.host_address, self.used_length, advice)
+        regions: Any = ffi.NULL
+        if enabled and self.uffd is None and not self._detached and maps_huge_zero_page():
+            first = self.host_address & ~(REGION - 1)
+            regions = ffi.new("uint8_t[]", (self.end_address - 1 - first) // REGION + 1)
+        with self._place_lock:
+            self._c.regions = regions
+            self._regions = regions  # kept alive while C points to it
+
+    @property
+    def maps_huge_zero_page(self) -> bool:
+        """Whether zero memory written directly is mapped by the huge zero page now."""
+        return self._c.regions != ffi.NULL
 
     # --- lookups ------------------------------------------------------------------------
 

@@ -821,6 +821,77 @@ def listen_registration() -> dict[str, Any]:
         }
 
 
+def smaps_kib(address: int, field: str) -> int:
+    """A field of /proc/self/smaps (in KiB) for the mapping that holds ``address``."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return -1
+
+
+@scenario
+def huge_zero_precopy() -> dict[str, Any]:
+    """Precopy with THP on, as the destination runner leaves it until the first discard: zero
+    pages cost no memory (the huge zero page maps them, 2 MiB at a time), data pages cost one
+    4 KiB page each and never a huge page, and after registration only the pages never
+    received fault."""
+    size = 16 * HUGE
+    P = TARGET_PAGE_SIZE
+    per = HUGE // P
+    data_pages = {per * 1 + 5, per * 1 + 300, per * 2 + 17, per * 3 + 511} | {
+        per * 4 + k for k in range(0, per, 64)
+    }
+    never = {per * 15 + k for k in range(per)}  # one region never sent
+    source = tagged_pages(0, size, TAG)
+    view = memoryview(source)
+    records: list[tuple[int, Body]] = [
+        (k * P, view[k * P : (k + 1) * P] if k in data_pages else 0)
+        for k in range(size // P)
+        if k not in never
+    ]
+    with RamSession([BlockSpec("pc.ram", size)], register=False) as session:
+        block = session.block("pc.ram")
+        block.set_thp(True)
+        huge_zero = block.maps_huge_zero_page
+        for at in range(0, len(records), 100):  # in pieces, as sections come
+            Records(records[at : at + 100]).place(block)
+        rss_kib = smaps_kib(block.host_address, "Rss")
+        anon_huge_kib = smaps_kib(block.host_address, "AnonHugePages")
+        received = [k for k in range(size // P) if k not in never]
+        mapped = sum(lib.qmig_resident_pages(block.host_address + k * P, P) for k in received)
+        session.register()
+        faults = session.start_faults(serve_from(session, source))
+        session.start_vcpu("pc.ram", Workload())
+        results = session.vcpus.join(30)
+        complete = session.blocks.wait_complete(10)
+        faults.stop()
+        stats = faults.stats()
+        expected = {
+            k * P: bytes(view[k * P : (k + 1) * P]) if k in data_pages | never else bytes(P)
+            for k in range(size // P)
+        }
+        wrong = [off for off in range(0, size, P) if block.read(off, P) != expected[off]]
+        session.close()
+        return {
+            "huge_zero": huge_zero,
+            "data_pages": len(data_pages),
+            "rss_kib": rss_kib,
+            "anon_huge_kib": anon_huge_kib,
+            "received": len(received),
+            "mapped": mapped,
+            "requests": stats.requests,
+            "never": len(never),
+            "complete": complete,
+            "wrong": wrong[:10],
+            "aborted": results[0].aborted,
+        }
+
+
 @scenario
 def c_served() -> dict[str, Any]:
     """The fault thread serving from in-process sources in C: vCPUs on a 4 KiB and a huge-page

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from ram_uffd_harness import Frozen, run_scenario
 
@@ -96,3 +98,26 @@ def test_blocks_registered_at_listen_fault_on_exactly_the_pages_not_received() -
     assert found["faults"] == found["requests"] == found["expected_faults"]
     assert found["complete"] and found["wrong"] == []
     assert not found["aborted"] and found["touches"] == 2048
+
+
+def _kernel_offers_huge_zero_page() -> bool:
+    thp = Path("/sys/kernel/mm/transparent_hugepage")
+    try:
+        enabled = (thp / "enabled").read_text()
+        zero = (thp / "use_zero_page").read_text().strip()
+    except OSError:
+        return False
+    return "[never]" not in enabled and zero == "1"
+
+
+def test_precopy_zero_pages_cost_no_memory_and_writes_no_huge_pages() -> None:
+    found = run_scenario("huge_zero_precopy")
+    assert found["huge_zero"] is _kernel_offers_huge_zero_page()
+    assert found["mapped"] == found["received"]  # every received page is in place
+    assert found["anon_huge_kib"] == 0  # no write allocated a huge page
+    if found["huge_zero"]:
+        # The zero pages allocate nothing: what is resident is the data pages' 4 KiB each.
+        assert found["rss_kib"] <= 4 * found["data_pages"] + 64
+    # After registration exactly the pages never sent fault, and are served.
+    assert found["requests"] == found["never"]
+    assert found["complete"] and found["wrong"] == [] and not found["aborted"]
