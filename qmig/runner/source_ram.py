@@ -6,6 +6,7 @@ that a misplaced page is caught by verification, followed by random filler.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import random
 from bisect import bisect_right
@@ -14,7 +15,39 @@ from dataclasses import dataclass, field
 from qmig.protocol.source import SourceBlock
 
 TARGET_PAGE = 4096
+REGION = 2 << 20
 FILLER = 1 << 16
+
+
+class GuestMemory:
+    """One block's anonymous memory, mapped as a VMM maps guest RAM: THP-advised.
+
+    Each 2 MiB is read once at the start, which maps the kernel's huge zero page over it where
+    the kernel offers one, so that reading zero memory (most of a guest's, and every page
+    precopy checks) costs no page fault; page by page it costs one per 4 KiB. Writing into the
+    huge zero page would allocate and clear a whole huge page, so a region's first write drops
+    the 4 KiB page it writes first (:meth:`will_write`), which splits the mapping into 4 KiB
+    zero pages and the write allocates one. Every writer calls :meth:`will_write` first: a
+    page it drops must still be zero.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.map.madvise(mmap.MADV_HUGEPAGE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        # Offsets of the huge-page boundaries: (offset + self._skew) // REGION is a region.
+        self._skew = base % REGION
+        regions = (size - 1 + self._skew) // REGION + 1
+        self._split = bytearray(regions)
+        for region in range(regions):
+            self.map[max(0, region * REGION - self._skew)]
+
+    def will_write(self, offset: int) -> None:
+        """Call before the first write at ``offset`` (a page-aligned byte offset) of a page."""
+        region = (offset + self._skew) // REGION
+        if not self._split[region]:
+            self._split[region] = 1
+            self.map.madvise(mmap.MADV_DONTNEED, offset, TARGET_PAGE)
 
 
 @dataclass
@@ -23,6 +56,8 @@ class GuestRam:
 
     blocks: list[SourceBlock]
     maps: list[mmap.mmap] = field(repr=False)
+    # Per block, for writers (None: an ordinary mapping, written anywhere freely).
+    memories: list[GuestMemory | None] = field(default_factory=list, repr=False)
 
     @classmethod
     def generate(
@@ -31,19 +66,23 @@ class GuestRam:
         rng = random.Random(seed)
         filler = rng.randbytes(FILLER + TARGET_PAGE)
         blocks, maps = [], []
+        memories: list[GuestMemory | None] = []
         for number, (idstr, size) in enumerate(layout):
-            memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            guest = GuestMemory(size)
+            memory = guest.map
             pages = size // TARGET_PAGE
             for index in range(pages):
                 if rng.random() < zero_fraction:
                     continue
                 offset = index * TARGET_PAGE
+                guest.will_write(offset)
                 start = rng.randrange(0, FILLER, 8)
                 memory[offset : offset + TARGET_PAGE] = filler[start : start + TARGET_PAGE]
                 memory[offset : offset + 8] = (number << 48 | index).to_bytes(8, "big")
             blocks.append(SourceBlock(idstr, size, memory))
             maps.append(memory)
-        return cls(blocks, maps)
+            memories.append(guest)
+        return cls(blocks, maps, memories)
 
     @classmethod
     def from_image(cls, idstr: str, path: str) -> GuestRam:
@@ -52,7 +91,7 @@ class GuestRam:
         size = -(-len(data) // TARGET_PAGE) * TARGET_PAGE
         memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         memory[: len(data)] = data
-        return cls([SourceBlock(idstr, size, memory)], [memory])
+        return cls([SourceBlock(idstr, size, memory)], [memory], [None])
 
 
 @dataclass
@@ -97,10 +136,14 @@ class Dirtier:
         picks = rng.choices(range(limit), k=count)
         bytes_at = rng.choices(range(8, TARGET_PAGE), k=count)  # keep the page's tag intact
         firsts, maps, blocks = self._firsts, self.ram.maps, self.ram.blocks
+        guests = self.ram.memories or [None] * len(maps)
         pending = [self._pending.setdefault(block.idstr, set()) for block in blocks]
         for pick, byte in zip(picks, bytes_at, strict=True):
             index = bisect_right(firsts, pick) - 1
             page = pick - firsts[index]
+            guest = guests[index]
+            if guest is not None:
+                guest.will_write(page * TARGET_PAGE)
             at = page * TARGET_PAGE + byte
             memory = maps[index]
             memory[at] = (memory[at] + 1) & 0xFF
