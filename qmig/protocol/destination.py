@@ -33,6 +33,7 @@ from qmig.protocol import events as ev
 from qmig.protocol.states import PostcopyState, is_postcopy_running, transitions
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges, apply_to_state
+from qmig.wire.page_requests import PageRequests
 from qmig.wire.ramscan import RamScanner
 from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
 
@@ -97,6 +98,7 @@ class Destination:
         self.requests_sent = 0
         self.error: RemoteProtocolError | None = None
         self._scanner = RamScanner(self.reader.schema)
+        self._page_requests = PageRequests(self.reader.schema)
         self._rp_out = bytearray()
         self._last_requested_block: str | None = None
         self._pending: list[Any] = []
@@ -165,7 +167,7 @@ class Destination:
         else:
             message = m.ReqPagesId(host_offset, tracker.page_size, block)
             self._last_requested_block = block
-        self._rp_out += self.reader.schema.build_rp(message)
+        self._rp_out += self._page_requests.build(message)
         self.requests_sent += 1
         return ev.PageRequested(block, host_offset, tracker.page_size, message)
 

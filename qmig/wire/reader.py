@@ -28,6 +28,7 @@ from qmig.errors import MalformedError, TruncatedError
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardReader
 from qmig.wire.fields import FieldError
+from qmig.wire.page_requests import PageRequests
 from qmig.wire.ramscan import RamScanner, Stop
 from qmig.wire.schema import Schema, mem_size_params, schema_for
 
@@ -1032,6 +1033,7 @@ class ReturnPathReader(_InputMixin):
     def __init__(self, version: str | None = None) -> None:
         self.schema: Schema = schema_for(version)
         self.profile = self.schema.profile
+        self._page_requests = PageRequests(self.schema)
         self._init_input()
 
     def __iter__(self) -> Iterator[Record]:
@@ -1049,6 +1051,11 @@ class ReturnPathReader(_InputMixin):
             return END if self._eof else NEED_DATA
         if available < 4:
             return self._short("return path", offset)
+        request = self._page_requests.read(self._buf, self._pos, len(self._buf))
+        if request is not None:  # well formed: the schema would read the same (see its module)
+            message, size = request
+            self._pos += size
+            return Record(offset, size, message)
         header = self.schema.rp_header.parse(bytes(self._buf[self._pos : self._pos + 4]))
         name = self.profile.rp_names.get(header.type)
         if name is None or name not in self.schema.rp_payloads:
