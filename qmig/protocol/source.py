@@ -270,6 +270,19 @@ class Source:
         self._out.clear()
         return out
 
+    def requested_data(self) -> bytes:
+        """Postcopy: the pages asked for on the return path and not yet in the stream, and
+        nothing else. A runner sends them as soon as they are asked for, ahead of the
+        background sweep and outside its bandwidth cap, as QEMU's source does (its RAM loop
+        goes on past the rate limit while requests are queued). Stream bytes still queued
+        (the switchover, if not taken yet) come first; with no request, nothing is taken."""
+        if self.phase is not SourcePhase.POSTCOPY or not self._requests:
+            return b""
+        self._postcopy_section(0, sweep=False)
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
     def _precopy_section(self, budget: int) -> None:
         batch = self._next_dirty_batch(self._pages_for(budget))
         if batch is None:
@@ -280,14 +293,19 @@ class Source:
         self._out += self._page_records(*batch, postcopy=False)
         self._out += self._part_close
 
-    def _postcopy_section(self, budget: int) -> None:
+    def _postcopy_section(self, budget: int, *, sweep: bool = True) -> None:
         if not self._postcopy_section_open:
             self._out += self._part_open
             self._named_block = None
             self._postcopy_section_open = True
             self._postcopy_section_pages = 0
         records = bytearray()
-        pages = self._pages_for(budget)
+        allowed = pages = (
+            self._pages_for(budget)
+            if sweep
+            else len(self._requests)
+            * max(block.page_size // self.target_page_size for block in self.blocks)
+        )
         while self._requests and pages > 0:
             block, first = self._requests.popleft()
             per_host = block.page_size // self.target_page_size
@@ -298,7 +316,7 @@ class Source:
             # As QEMU's source does, the background sweep goes on after the requested page:
             # a guest that faulted there is likely to touch the pages that follow next.
             self._cursor = (self.blocks.index(block), first + per_host)
-        if pages > 0 and not self._requests:
+        if sweep and pages > 0 and not self._requests:
             batch = self._next_dirty_batch(pages)
             if batch is None and self._cursor != (0, 0):
                 self._cursor = (0, 0)  # wrap: a jump may have skipped pages before it
@@ -308,10 +326,10 @@ class Source:
                 pages -= len(batch[1])
         if records:
             self._out += records
-            self._postcopy_section_pages += self._pages_for(budget) - pages
+            self._postcopy_section_pages += allowed - pages
             if self._postcopy_section_pages >= self.pages_per_section:
                 self._close_postcopy_section()
-        elif not self._requests and self.dirty_pages() == 0:
+        elif sweep and not self._requests and self.dirty_pages() == 0:
             self._finish_postcopy()
 
     def _close_postcopy_section(self) -> None:

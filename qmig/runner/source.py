@@ -4,6 +4,10 @@ One thread: it sends the stream in chunks under a bandwidth cap and, whenever it
 (for the cap, or for room in the socket), reads the return path, so that page requests jump
 the queue. The guest dirtier runs in steps of the same loop until switchover.
 
+The cap is applied as QEMU applies its own: precopy and the postcopy sweep wait for it, with
+at most 100 ms of unused bandwidth saved up; requested pages, the switchover (sent while the
+guest is stopped) and a precopy migration's completion do not wait, though their bytes count.
+
 A requested page waits behind every byte already queued towards the destination: the
 unsent rest of the current chunk, the source's socket send buffer and the destination's
 receive buffer. Linux autotunes both buffers to megabytes on loopback, which at the
@@ -35,6 +39,7 @@ POSTCOPY_CHUNK = 32 << 10  # postcopy: what a newly requested page may queue beh
 SEND_BUFFER = 32 << 10  # SO_SNDBUF (the kernel doubles it)
 STALL_TIMEOUT = 60.0  # the destination took no bytes and said nothing for this long
 SHUT_TIMEOUT = 60.0
+CAP_WINDOW = 0.1  # seconds of unused bandwidth the cap lets accrue (QEMU: BUFFER_DELAY)
 MAX_PRECOPY_PASSES = 30
 
 
@@ -82,10 +87,13 @@ class SourceRunner:
         self._clock = 0.0
         self._rp_buffer = bytearray(64 << 10)
         self._answered = 0  # requests whose pages are all in the socket
+        # The bandwidth cap's credit, in bytes, as of _credit_at (see _wait_for_credit).
+        self._credit = (plan.bandwidth or 0.0) * CAP_WINDOW
+        self._credit_at = 0.0
 
     def run(self) -> SourceReport:
         source, plan = self.source, self.plan
-        self.report.started = self._clock = time.monotonic()
+        self.report.started = self._clock = self._credit_at = time.monotonic()
         source.start()
         if plan.postcopy_after == 0:
             self._switch_over()
@@ -95,10 +103,18 @@ class SourceRunner:
                 self._end_of_pass()
         while source.phase is SourcePhase.POSTCOPY:
             known = len(self.report.requests)
-            self._send(source.data_to_send(plan.postcopy_chunk))
+            # Requested pages go out at once, past the cap, as in QEMU; the background sweep
+            # waits for the cap, and a request that arrives meanwhile goes ahead of it.
+            requested = source.requested_data()
+            if requested:
+                self._send(requested, capped=False)
+            elif self._wait_for_credit(stop_on_request=True):
+                self._send(source.data_to_send(plan.postcopy_chunk), capped=False)
             if known > self._answered and source.pending_requests == 0:
                 self._served(known)
-        self._send(source.data_to_send(CHUNK))
+        # The end of the stream; after precopy, the last pages, sent with the guest stopped:
+        # QEMU's completion does not wait for the cap either.
+        self._send(source.data_to_send(CHUNK), capped=False)
         deadline = time.monotonic() + SHUT_TIMEOUT
         while source.phase is SourcePhase.COMPLETING:
             if time.monotonic() > deadline:
@@ -139,7 +155,8 @@ class SourceRunner:
         # The switchover (discards, then the package that ends in RUN) goes out through the
         # buffer precopy streamed with. After it, a requested page waits behind whatever is
         # queued, so the buffer shrinks (the kernel takes nothing more until it drains).
-        self._send(self.source.data_to_send(0))
+        # Sent during the downtime, so not held to the cap (nor is QEMU's).
+        self._send(self.source.data_to_send(0), capped=False)
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
 
@@ -161,14 +178,17 @@ class SourceRunner:
             self.dirtier.step(now - self._clock)
         self._clock = now
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, *, capped: bool = True) -> None:
+        """Write ``data`` whole; ``capped``: each piece waits for the cap first."""
         view = memoryview(data)
         while view:
             piece = view[:CHUNK]
-            self._throttle(len(piece))
+            if capped:
+                self._wait_for_credit()
             sent = self._write(piece)
             view = view[sent:]
             self._sent += sent
+            self._credit -= sent
             if self.on_progress is not None:
                 self.on_progress(self.source.phase.value, sent)
             self._advance_dirtier()
@@ -191,17 +211,25 @@ class SourceRunner:
                     f"{self.source.phase.value}",
                 )
 
-    def _throttle(self, size: int) -> None:
-        """Wait until the cap allows ``size`` more bytes, serving the return path meanwhile."""
+    def _wait_for_credit(self, *, stop_on_request: bool = False) -> bool:
+        """Wait until the cap allows more bytes, serving the return path meanwhile.
+
+        The cap works as QEMU's does: credit accrues at the cap's rate up to one window's
+        worth (QEMU's rate limit starts afresh every 100 ms) and every byte sent spends it,
+        even past zero, so time spent not sending is not made up later with a burst above
+        the cap. With ``stop_on_request``, returns False as soon as pages are requested."""
         cap = self.plan.bandwidth
         if cap is None:
-            return
+            return True
         while True:
-            elapsed = time.monotonic() - self.report.started
-            ahead = (self._sent + size) / cap - elapsed
-            if ahead <= 0:
-                return
-            self._poll_return_path(ahead)
+            now = time.monotonic()
+            self._credit = min(cap * CAP_WINDOW, self._credit + (now - self._credit_at) * cap)
+            self._credit_at = now
+            if self._credit > 0:
+                return True
+            if stop_on_request and self.source.pending_requests:
+                return False
+            self._poll_return_path(-self._credit / cap)
 
     def _poll_return_path(self, timeout: float) -> None:
         ready, _, _ = select.select([self.connection], [], [], timeout)

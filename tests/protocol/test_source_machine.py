@@ -141,6 +141,29 @@ def test_requested_pages_jump_the_queue_and_are_not_sent_twice() -> None:
     assert [r.name for r in records(stream)][-4:] == ["SECTION_END", "EOS", "SECTION_FOOTER", "EOF"]
 
 
+def test_requested_data_holds_the_requested_pages_and_nothing_of_the_sweep() -> None:
+    source = make_source(pages=256)
+    source.start()
+    assert source.requested_data() == b""  # precopy: nothing is requested yet
+    source.start_postcopy()
+    stream = source.data_to_send(0)
+    assert source.requested_data() == b""  # postcopy, nothing asked: no sweep either
+    source.receive_data(
+        S.build_rp(m.ReqPagesId(7 * PAGE, PAGE, "pc.ram")) + S.build_rp(m.ReqPages(90 * PAGE, PAGE))
+    )
+    mark = len(stream)
+    stream += source.requested_data()
+    assert pages_sent(stream, mark) == [7 * PAGE, 90 * PAGE]
+    assert source.pending_requests == 0 and source.stats.requested_pages == 2
+    # Asked again once sent: nothing goes out; the sweep then sends the rest, once each.
+    source.receive_data(S.build_rp(m.ReqPages(7 * PAGE, PAGE)))
+    assert pages_sent(stream + source.requested_data(), len(stream)) == []
+    mark = len(stream)
+    while source.phase is SourcePhase.POSTCOPY:
+        stream += source.data_to_send(1 << 20)
+    assert sorted(pages_sent(stream, mark)) == [p * PAGE for p in range(256) if p not in (7, 90)]
+
+
 @pytest.mark.parametrize(
     ("message", "detail"),
     [

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from qmig.errors import RemoteProtocolError
+from qmig.errors import QmigError, RemoteProtocolError
 from qmig.protocol.destination import Destination, Phase
 from qmig.protocol.source import Source, SourcePhase
 from qmig.runner.source import SourcePlan, SourceRunner
 from qmig.runner.source_ram import Dirtier, GuestRam
 from qmig.transport import Connection, connect, limit_buffers, listen
 from qmig.wire import messages as m
-from qmig.wire.reader import END, NEED_DATA
+from qmig.wire.reader import END, NEED_DATA, StreamReader
 from qmig.wire.schema import schema_for
 
 
@@ -103,3 +103,58 @@ def test_the_send_buffer_is_limited_only_from_the_switch_to_postcopy() -> None:
     # Once, in postcopy, with nothing of the switchover left unsent.
     assert calls == [(SourcePhase.POSTCOPY, False, 16 << 10)]
     assert source.stats.discard_commands > 0
+
+
+def test_requested_pages_go_out_at_once_past_the_cap_and_ahead_of_the_sweep() -> None:
+    """As QEMU's source does, a page asked for on the return path is sent at once, whatever
+    the bandwidth cap, before any more of the background sweep. The cap here (1 byte/s)
+    would hold a capped page for hours: the page arriving at all shows it went past it."""
+    size = 8 << 20
+    ram = GuestRam.generate([("pc.ram", size)], zero_fraction=0.0)
+    source = Source(ram.blocks, version="7.2")
+    schema = schema_for("7.2")
+    wanted = size - 4096
+    seen: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def run_source(connection: Connection) -> None:
+        try:
+            SourceRunner(connection, source, SourcePlan(postcopy_after=0, bandwidth=1.0)).run()
+        except QmigError as error:
+            errors.append(error)
+
+    with listen("tcp:127.0.0.1:0") as listener, connect(listener.uri) as connection:
+        peer = listener.accept(timeout=5)
+        peer.socket.settimeout(10)  # type: ignore[union-attr]
+        thread = threading.Thread(target=run_source, args=(connection,))
+        thread.start()
+        reader = StreamReader("7.2")
+        buffer = bytearray(1 << 16)
+        asked_at = None
+        while "page" not in seen:
+            count = peer.recv_into(buffer)
+            assert count, "the stream ended before the requested page came"
+            reader.feed(bytes(buffer[:count]))
+            while (record := reader.next_record()) is not NEED_DATA and record is not END:
+                message = record.message
+                if isinstance(message, m.PostcopyRun) and asked_at is None:
+                    peer.sendall(schema.build_rp(m.ReqPagesId(wanted, 4096, "pc.ram")))
+                    asked_at = record.offset + record.size
+                elif asked_at is not None and wanted in _page_offsets(message):
+                    seen["page"] = record.offset
+        peer.close()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert asked_at is not None
+    # At most one background chunk was on its way when the request came.
+    assert seen["page"] - asked_at <= 64 << 10
+    assert source.stats.requested_pages == 1
+    assert len(errors) == 1  # the destination hung up; the source says so, and stops
+
+
+def _page_offsets(message: object) -> list[int]:
+    if isinstance(message, m.RamPageRun):
+        return [offset for offset, _zero, _body in message.pages()]
+    if isinstance(message, m.RamPage):
+        return [message.offset]
+    return []
