@@ -22,6 +22,7 @@ from typing import Any
 from qmig.errors import QmigError, VerificationError
 from qmig.latency import percentile_us
 from qmig.protocol.source import DeviceSnapshot, Source
+from qmig.runner.peer import wait_until_ready
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import Dirtier, GuestRam
 from qmig.transport import connect, limit_buffers, listen
@@ -139,6 +140,7 @@ def run_simulation(
             text=True,
         )
         try:
+            wait_until_ready(peer, PEER_TIMEOUT)
             source_report, source = _run_source(config, ram, listener.uri, on_progress)
             destination, peer_error = _collect(peer)
         except QmigError as error:

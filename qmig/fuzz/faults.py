@@ -265,6 +265,7 @@ def run_faulted(
 ) -> FaultResult:
     """One migration, qmig source to qmig destination, through a :class:`FaultProxy`."""
     from qmig.protocol.source import Source
+    from qmig.runner.peer import wait_until_ready
     from qmig.runner.source import SourcePlan, SourceRunner
     from qmig.runner.source_ram import Dirtier, GuestRam
     from qmig.simulate import default_devices, verify
@@ -295,6 +296,7 @@ def run_faulted(
             text=True,
         )
         listener.close()
+        wait_until_ready(peer, RUN_TIMEOUT)
         source_error = None
         with FaultProxy(("127.0.0.1", port), fault, version) as proxy:
             try:

@@ -3,13 +3,19 @@
 It accepts one connection on a listening socket inherited from the parent, runs a
 destination onto userfaultfd RAM with a guest workload, dumps RAM for verification, and
 prints its report as one JSON document on stdout. Errors print one line on stderr.
+
+Before accepting it prints ``ready`` on a line of its own: the parent starts the source only
+then, as a QEMU source is started against a destination already waiting with ``-incoming``,
+so that the migration's time does not include this process starting up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import select
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +25,20 @@ from qmig.ram.blocks import HOST_PAGE_SIZE
 from qmig.ram.workload import Pattern, Workload
 from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
 from qmig.transport import Connection
+
+READY = "ready"
+
+
+def wait_until_ready(peer: subprocess.Popen[str], timeout: float) -> None:
+    """In the parent: wait for the destination's ``ready`` line (it is about to accept)."""
+    assert peer.stdout is not None
+    readable, _, _ = select.select([peer.stdout], [], [], timeout)
+    line = peer.stdout.readline().strip() if readable else ""
+    if line != READY:
+        # It failed to start (its error is on stderr) or said something else: either way the
+        # source has nothing to connect to.
+        said = f" (it said {line!r})" if line else ""
+        raise QmigError("simulate", f"the destination did not start{said}")
 
 
 def report_json(runner: DestinationRunner) -> dict[str, object]:
@@ -61,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.fd)
+    print(READY, flush=True)
     try:
         listener.settimeout(args.accept_timeout)
         sock, _ = listener.accept()
