@@ -3,26 +3,21 @@
 The source runs in this process on generated guest RAM that a dirtier keeps changing during
 precopy. The destination runs in a child process (:mod:`qmig.runner.peer`) onto userfaultfd
 RAM with a read-only guest workload, so every page it holds at the end must equal the
-source's final copy: the child dumps its RAM once every page is in place, and this process
-compares the dumps with the source's memory, page by page.
+source's final copy: once every page is in place the child holds its RAM, and this process
+compares it with the source's memory page by page, reading it out of the child.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from qmig.errors import QmigError, VerificationError
 from qmig.latency import percentile_us
 from qmig.protocol.source import DeviceSnapshot, Source
-from qmig.runner.peer import wait_until_ready
+from qmig.runner.peer import Peer
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import Dirtier, GuestRam
 from qmig.transport import connect, limit_buffers, listen
@@ -30,7 +25,6 @@ from qmig.transport import connect, limit_buffers, listen
 MiB = 1 << 20
 TARGET_PAGE = 4096
 PEER_TIMEOUT = 120.0
-VERIFY_CHUNK = 16 << 20  # below glibc's largest mmap threshold, so the buffer is reused
 # The destination's SO_RCVBUF. Unset, Linux lets a loopback receive buffer grow to
 # net.ipv4.tcp_rmem's maximum (32 MiB here), and a requested page waits behind all of it.
 RECEIVE_BUFFER = 64 << 10
@@ -104,66 +98,47 @@ def run_simulation(
     """Run one migration; return the summary (raises on failure or a verification error)."""
     config.check()
     ram = GuestRam.generate(config.blocks, zero_fraction=config.zero_fraction, seed=config.seed)
-    with (
-        tempfile.TemporaryDirectory(prefix="qmig-simulate-") as workdir,
-        listen("tcp:127.0.0.1:0") as listener,
-    ):
-        dump_dir = Path(workdir) / "ram"
+    with listen("tcp:127.0.0.1:0") as listener:
         assert listener.socket is not None
         if config.receive_buffer is not None:
             # Before the source connects: the accepted socket inherits it, window scale too.
             limit_buffers(listener.socket, receive=config.receive_buffer)
-        command = [
-            sys.executable,
-            "-m",
-            "qmig.runner.peer",
-            "--fd",
-            str(listener.socket.fileno()),
-            "--pattern",
-            config.pattern,
-            "--vcpus",
-            str(config.vcpus),
-            "--dump-dir",
-            str(dump_dir),
-        ]
+        arguments = ["--pattern", config.pattern, "--vcpus", str(config.vcpus), "--hold"]
         if config.version:
-            command += ["--qemu-version", config.version]
+            arguments += ["--qemu-version", config.version]
         if config.touches is not None:
-            command += ["--touches", str(config.touches)]
+            arguments += ["--touches", str(config.touches)]
         if config.postcopy_after is None:
-            command.append("--precopy-only")
-        peer = subprocess.Popen(
-            command,
-            pass_fds=(listener.socket.fileno(),),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+            arguments.append("--precopy-only")
+        peer = Peer(arguments, listener.socket)
         try:
-            wait_until_ready(peer, PEER_TIMEOUT)
+            peer.wait_until_ready(PEER_TIMEOUT)
             source_report, source = _run_source(config, ram, listener.uri, on_progress)
-            destination, peer_error = _collect(peer)
+            destination = peer.report(PEER_TIMEOUT)
+            # Every page the destination holds against the source's final copy, read out of
+            # the destination's memory while it waits (see qmig.runner.peer).
+            blocks = [(block.idstr, block.ram) for block in ram.blocks]
+            differ, first = (0, []) if destination is None else peer.compare(blocks, destination)
+            peer_error = peer.finish(PEER_TIMEOUT).removeprefix("qmig: error: ")
         except QmigError as error:
-            _, peer_error = _collect(peer, kill=True)
+            peer.kill()
+            peer_error = peer.finish(5.0).removeprefix("qmig: error: ")
             if peer_error:
                 raise QmigError(
                     "simulate", f"{error.one_line()}; destination: {peer_error}"
                 ) from None
             raise
         finally:
-            if peer.poll() is None:
-                peer.kill()
-                peer.wait()
+            peer.kill()
         if peer_error or destination is None:
             raise QmigError("simulate", f"destination failed: {peer_error or 'no report'}")
-        mismatches = verify(ram, dump_dir)
-    summary = _summary(config, source, source_report, destination, mismatches)
-    if mismatches:
-        first = mismatches[0]
+    summary = _summary(config, source, source_report, destination, differ)
+    if differ:
+        block, offset = first[0]
         raise VerificationError(
             "verify",
-            f"{len(mismatches)} pages differ between source and destination; first: "
-            f"{first[0]} page {first[1]:#x}",
+            f"{differ} pages differ between source and destination; first: "
+            f"{block} page {offset:#x}",
         )
     return summary
 
@@ -201,63 +176,12 @@ def _run_source(
     return report, source
 
 
-def _collect(peer: subprocess.Popen[str], kill: bool = False) -> tuple[dict[str, Any] | None, str]:
-    """The destination's report, or its one-line error."""
-    try:
-        stdout, stderr = peer.communicate(timeout=5.0 if kill else PEER_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        peer.kill()
-        stdout, stderr = peer.communicate()
-        return None, "did not finish in time"
-    error = " ".join(line.removeprefix("qmig: error: ") for line in stderr.splitlines() if line)
-    if peer.returncode != 0:
-        return None, error or f"exited with status {peer.returncode}"
-    try:
-        return json.loads(stdout), ""
-    except ValueError:
-        return None, f"unreadable report: {stdout[:200]!r}"
-
-
-def verify(ram: GuestRam, dump_dir: Path) -> list[tuple[str, int]]:
-    """Pages that differ between the source's memory and the destination's dump."""
-    mismatches: list[tuple[str, int]] = []
-    # The dump is read into one reused buffer and compared with a view of the source's
-    # memory: bytearray == buffer is one memcmp, with no GiB-sized copies to fault in.
-    buffer = bytearray(VERIFY_CHUNK)
-    for block, memory in zip(ram.blocks, ram.maps, strict=True):
-        path = dump_dir / (block.idstr.replace("/", "_") + ".bin")
-        if not path.exists():
-            raise VerificationError("verify", f"the destination did not dump {block.idstr!r}")
-        size = path.stat().st_size
-        if size < block.used_length:
-            raise VerificationError(
-                "verify", f"{block.idstr!r}: dump has {size} of {block.used_length} bytes"
-            )
-        # Released on leaving the block, so that the mmap can still be closed afterwards.
-        with memoryview(memory) as source, path.open("rb", buffering=0) as file:
-            for chunk in range(0, block.used_length, VERIFY_CHUNK):
-                length = min(VERIFY_CHUNK, block.used_length - chunk)
-                view = memoryview(buffer)[:length]
-                if file.readinto(view) != length:
-                    raise VerificationError("verify", f"{block.idstr!r}: short read of the dump")
-                data = buffer if length == VERIFY_CHUNK else buffer[:length]
-                if data == source[chunk : chunk + length]:
-                    continue
-                for page in range(0, length, TARGET_PAGE):
-                    if (
-                        view[page : page + TARGET_PAGE]
-                        != source[chunk + page : chunk + page + TARGET_PAGE]
-                    ):
-                        mismatches.append((block.idstr, chunk + page))
-    return mismatches
-
-
 def _summary(
     config: SimulationConfig,
     source: Source,
     report: Any,
     destination: dict[str, Any],
-    mismatches: list[tuple[str, int]],
+    mismatches: int,
 ) -> dict[str, Any]:
     stats = source.stats
     faults = destination.get("faults") or {}
@@ -270,7 +194,7 @@ def _summary(
     total_pages = sum(size for _, size in config.blocks) // TARGET_PAGE
     return {
         "verified": not mismatches,
-        "mismatched_pages": len(mismatches),
+        "mismatched_pages": mismatches,
         "mode": "precopy" if config.postcopy_after is None else "postcopy",
         "qemu_version": source.profile.name,
         "ram_bytes": sum(size for _, size in config.blocks),
@@ -365,4 +289,4 @@ def environment_check() -> None:
     probe()
 
 
-__all__ = ["SimulationConfig", "run_simulation", "verify"]
+__all__ = ["SimulationConfig", "run_simulation"]

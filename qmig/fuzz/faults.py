@@ -14,16 +14,11 @@ reports how each side ended. The child is :mod:`qmig.runner.peer`, the destinati
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from qmig.errors import QmigError
@@ -265,38 +260,29 @@ def run_faulted(
 ) -> FaultResult:
     """One migration, qmig source to qmig destination, through a :class:`FaultProxy`."""
     from qmig.protocol.source import Source
-    from qmig.runner.peer import wait_until_ready
+    from qmig.runner.peer import Peer
     from qmig.runner.source import SourcePlan, SourceRunner
     from qmig.runner.source_ram import Dirtier, GuestRam
-    from qmig.simulate import default_devices, verify
+    from qmig.simulate import default_devices
     from qmig.transport import connect
 
     layout = blocks or [("pc.ram", 8 << 20), ("vga.vram", 1 << 20)]
     ram = GuestRam.generate(layout, seed=seed)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="qmig-faults-") as workdir:
-        dump_dir = Path(workdir) / "ram"
-        listener = socket.create_server(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-        command = [
-            sys.executable, "-m", "qmig.runner.peer",
-            "--fd", str(listener.fileno()),
-            "--dump-dir", str(dump_dir),
-            "--idle-timeout", str(idle_timeout),
-            "--accept-timeout", str(RUN_TIMEOUT),
-            "--pattern", "random", "--touches", "2000", "--vcpus", "2",
-        ]  # fmt: skip
-        if version:
-            command += ["--qemu-version", version]
-        peer = subprocess.Popen(
-            command,
-            pass_fds=(listener.fileno(),),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        listener.close()
-        wait_until_ready(peer, RUN_TIMEOUT)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    arguments = [
+        "--hold",
+        "--idle-timeout", str(idle_timeout),
+        "--accept-timeout", str(RUN_TIMEOUT),
+        "--pattern", "random", "--touches", "2000", "--vcpus", "2",
+    ]  # fmt: skip
+    if version:
+        arguments += ["--qemu-version", version]
+    peer = Peer(arguments, listener)
+    listener.close()
+    try:
+        peer.wait_until_ready(RUN_TIMEOUT)
         source_error = None
         with FaultProxy(("127.0.0.1", port), fault, version) as proxy:
             try:
@@ -307,20 +293,16 @@ def run_faulted(
                     SourceRunner(connection, source, plan, dirtier=dirtier).run()
             except QmigError as error:
                 source_error = error.one_line()
-            try:
-                stdout, stderr = peer.communicate(timeout=RUN_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                peer.kill()
-                stdout, stderr = peer.communicate()
-                stderr += "qmig: error: destination: did not finish in time\n"
+            report = peer.report(RUN_TIMEOUT)
+            mismatches = None
+            if report is not None:
+                mismatches, _ = peer.compare([(b.idstr, b.ram) for b in ram.blocks], report)
+            destination_error = peer.finish(RUN_TIMEOUT) or None
             log = proxy.log
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        destination_error = lines[-1] if peer.returncode else None
-        report = None
-        mismatches = None
-        if peer.returncode == 0:
-            report = json.loads(stdout)
-            mismatches = len(verify(ram, dump_dir))
+    finally:
+        peer.kill()
+    if destination_error is not None:
+        report = mismatches = None
     return FaultResult(
         fault,
         time.monotonic() - started,

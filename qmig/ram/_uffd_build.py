@@ -93,6 +93,8 @@ int64_t qmig_serve_from(int uffd, int quitfd, uint64_t base, uint64_t len, uint6
 
 uint64_t qmig_map_anon(uint64_t len, uint64_t huge_page_size, int *err);
 int qmig_huge_zero_page_works(void);
+int64_t qmig_compare_remote(int pid, uint64_t remote, uint64_t local, uint64_t len,
+                            uint64_t *mismatches, uint64_t max_mismatches);
 int qmig_unmap(uint64_t addr, uint64_t len);
 int qmig_madvise(uint64_t addr, uint64_t len, int advice);
 int64_t qmig_resident_pages(uint64_t addr, uint64_t len);
@@ -545,6 +547,45 @@ int qmig_huge_zero_page_works(void)
     }
     munmap((void *)(uintptr_t)at, QMIG_REGION);
     return works;
+}
+
+/* Compare len bytes at remote in process pid with local memory, 4 KiB page by page, reading
+   the other process's memory directly (process_vm_readv) a few MiB at a time: no file, one
+   copy. Offsets of differing pages go to mismatches (up to max_mismatches). Returns how many
+   pages differ, or -errno (ESRCH: no such process; EFAULT: not mapped there). */
+#define QMIG_COMPARE_CHUNK (4ull << 20)
+int64_t qmig_compare_remote(int pid, uint64_t remote, uint64_t local, uint64_t len,
+                            uint64_t *mismatches, uint64_t max_mismatches)
+{
+    uint8_t *buffer = malloc(QMIG_COMPARE_CHUNK);
+    if (!buffer)
+        return -ENOMEM;
+    int64_t differ = 0;
+    for (uint64_t done = 0; done < len;) {
+        uint64_t want = len - done < QMIG_COMPARE_CHUNK ? len - done : QMIG_COMPARE_CHUNK;
+        struct iovec here = { buffer, want };
+        struct iovec there = { (void *)(uintptr_t)(remote + done), want };
+        ssize_t got = process_vm_readv(pid, &here, 1, &there, 1, 0);
+        if (got <= 0) {
+            int error = got < 0 ? errno : EFAULT;
+            free(buffer);
+            return -error;
+        }
+        const uint8_t *mine = (const uint8_t *)(uintptr_t)(local + done);
+        if (memcmp(buffer, mine, (size_t)got) != 0) {
+            for (uint64_t at = 0; at < (uint64_t)got; at += 4096) {
+                uint64_t size = (uint64_t)got - at < 4096 ? (uint64_t)got - at : 4096;
+                if (memcmp(buffer + at, mine + at, size) == 0)
+                    continue;
+                if ((uint64_t)differ < max_mismatches)
+                    mismatches[differ] = done + at;
+                differ++;
+            }
+        }
+        done += (uint64_t)got;
+    }
+    free(buffer);
+    return differ;
 }
 
 int qmig_unmap(uint64_t addr, uint64_t len)

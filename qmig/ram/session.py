@@ -115,6 +115,14 @@ class RamSession:
             self.prepare_discard()
         return self.blocks[idstr].discard_ranges(ranges)
 
+    def stop_serving(self) -> None:
+        """Stop the fault thread and unregister the blocks, keeping them mapped: from here a
+        missing page reads as zero instead of faulting, so that anyone may read the RAM (even
+        another process). The vCPUs must be done. :meth:`close` still ends the session."""
+        if self.faults is not None:
+            self.faults.stop()
+        self.blocks.detach()
+
     def close(self, join_timeout: float = 30.0) -> list[WorkloadResult]:
         """Tear down in the safe order; returns the vCPUs' results."""
         if self.uffd is None:

@@ -67,12 +67,16 @@ class DestinationRunner:
         vcpus: int = 1,
         dump_dir: Path | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
+        keep_ram: bool = False,
     ) -> None:
+        """``keep_ram``: after a migration that completes, leave the RAM mapped (no longer
+        registered) for the caller to read, and to close with ``session.close()``."""
         self.connection = connection
         self.dest = destination
         self.workload = workload
         self.vcpus = vcpus
         self.dump_dir = dump_dir
+        self.keep_ram = keep_ram
         self.idle_timeout = idle_timeout
         self.report = DestinationReport()
         self.session: RamSession | None = None
@@ -110,7 +114,10 @@ class DestinationRunner:
             raise self._with_context(error) from None
         finally:
             self.report.finished = time.monotonic()
-            self._close_session()
+            if not (self.keep_ram and self.dest.phase is Phase.DONE and self.session):
+                self._close_session()
+        if self.session is not None and self.keep_ram:
+            self.session.stop_serving()
         return self.report
 
     def _receive(self, buffer: bytearray) -> int:

@@ -1,25 +1,33 @@
-"""The destination half of ``qmig simulate``, run in its own process.
+"""The destination half of ``qmig simulate``, run in its own process, and its parent's side.
 
-It accepts one connection on a listening socket inherited from the parent, runs a
-destination onto userfaultfd RAM with a guest workload, dumps RAM for verification, and
-prints its report as one JSON document on stdout. Errors print one line on stderr.
+The child accepts one connection on a listening socket inherited from the parent, runs a
+destination onto userfaultfd RAM with a guest workload, and prints its report as one JSON
+line on stdout. Errors print one line on stderr.
 
 Before accepting it prints ``ready`` on a line of its own: the parent starts the source only
 then, as a QEMU source is started against a destination already waiting with ``-incoming``,
 so that the migration's time does not include this process starting up.
+
+With ``--hold``, once the migration is complete the child keeps its RAM mapped (unregistered:
+a missing page now reads as zero), adds where each block lies to its report, and waits for
+its stdin to close. The parent compares that memory with the source's page by page, reading
+it straight out of the child (``process_vm_readv``): no dump file, one copy (:class:`Peer`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import select
 import socket
 import subprocess
 import sys
-from pathlib import Path
+import time
+from collections.abc import Iterable
+from typing import Any
 
-from qmig.errors import QmigError
+from qmig.errors import QmigError, VerificationError
 from qmig.protocol.destination import Destination
 from qmig.ram.blocks import HOST_PAGE_SIZE
 from qmig.ram.workload import Pattern, Workload
@@ -27,18 +35,104 @@ from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
 from qmig.transport import Connection
 
 READY = "ready"
+MAX_LISTED = 4096  # differing pages located per block; more are counted only
 
 
-def wait_until_ready(peer: subprocess.Popen[str], timeout: float) -> None:
-    """In the parent: wait for the destination's ``ready`` line (it is about to accept)."""
-    assert peer.stdout is not None
-    readable, _, _ = select.select([peer.stdout], [], [], timeout)
-    line = peer.stdout.readline().strip() if readable else ""
-    if line != READY:
-        # It failed to start (its error is on stderr) or said something else: either way the
-        # source has nothing to connect to.
-        said = f" (it said {line!r})" if line else ""
-        raise QmigError("simulate", f"the destination did not start{said}")
+class Peer:
+    """The destination child, seen from the parent: started, ready, its report, its RAM
+    compared with the source's, and its end (with its one error line, if it failed)."""
+
+    def __init__(self, arguments: list[str], listener: socket.socket) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "qmig.runner.peer", "--fd", str(listener.fileno()), *arguments],
+            pass_fds=(listener.fileno(),),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
+        self._pending = b""  # stdout read past the last line taken
+
+    def _line(self, timeout: float) -> bytes:
+        """The next line on its stdout (b"" once it ended or the time ran out)."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([stdout], [], [], left)[0]:
+                return b""
+            data = os.read(stdout.fileno(), 1 << 16)
+            if not data:
+                return b""
+            self._pending += data
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line
+
+    def wait_until_ready(self, timeout: float) -> None:
+        """Wait for its ``ready`` line (it is about to accept the connection)."""
+        line = self._line(timeout).strip()
+        if line != READY.encode():
+            # It failed to start (its error is on stderr) or said something else: either way
+            # the source has nothing to connect to.
+            said = f" (it said {line.decode(errors='replace')!r})" if line else ""
+            raise QmigError("simulate", f"the destination did not start{said}")
+
+    def report(self, timeout: float) -> dict[str, Any] | None:
+        """Its report, or None when it failed (:meth:`finish` then says why)."""
+        line = self._line(timeout)
+        try:
+            report = json.loads(line) if line else None
+        except ValueError:
+            return None
+        return report if isinstance(report, dict) else None
+
+    def compare(
+        self, blocks: Iterable[tuple[str, Any]], report: dict[str, Any]
+    ) -> tuple[int, list[tuple[str, int]]]:
+        """How many pages of its RAM differ from ``blocks`` ((idstr, buffer) pairs), and the
+        first of them (block, offset), read straight from its memory (it runs with --hold)."""
+        from qmig.ram._uffd import ffi, lib
+
+        total, located = 0, []
+        for idstr, memory in blocks:
+            address = report["ram"].get(idstr)
+            if address is None:
+                raise VerificationError("verify", f"the destination has no block {idstr!r}")
+            local = ffi.from_buffer(memory)
+            found = ffi.new("uint64_t[]", MAX_LISTED)
+            differ = lib.qmig_compare_remote(
+                report["pid"], address, int(ffi.cast("uintptr_t", local)), len(local), found,
+                MAX_LISTED,
+            )  # fmt: skip
+            if differ < 0:
+                raise VerificationError(
+                    "verify", f"reading the destination's {idstr!r}: {os.strerror(-differ)}"
+                )
+            total += differ
+            located += [(idstr, int(found[k])) for k in range(min(differ, MAX_LISTED))]
+        return total, located
+
+    def finish(self, timeout: float) -> str:
+        """Let it go (close its stdin) and wait. Returns "" when it succeeded, else its error
+        line as it printed it (``qmig: error: ...``)."""
+        process = self.process
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            return "qmig: error: destination: did not finish in time"
+        if process.returncode == 0:
+            return ""
+        lines = [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else f"qmig: error: exited with status {process.returncode}"
+
+    def kill(self) -> None:
+        """End it now, if it still runs (its stderr stays for :meth:`finish`)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def report_json(runner: DestinationRunner) -> dict[str, object]:
@@ -73,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pattern", default="random", choices=[p.name.lower() for p in Pattern])
     parser.add_argument("--vcpus", type=int, default=2)
     parser.add_argument("--touches", type=int)
-    parser.add_argument("--dump-dir", type=Path)
+    parser.add_argument("--hold", action="store_true", help="keep RAM for the parent to read")
     parser.add_argument("--precopy-only", action="store_true")
     parser.add_argument("--accept-timeout", type=float, default=30.0)
     parser.add_argument(
@@ -100,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 destination,
                 workload=workload,
                 vcpus=args.vcpus,
-                dump_dir=args.dump_dir,
                 idle_timeout=args.idle_timeout,
+                keep_ram=args.hold,
             )
             runner.run()
     except QmigError as error:
@@ -110,7 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"qmig: error: destination: {error.strerror or error}", file=sys.stderr)
         return 1
-    json.dump(report_json(runner), sys.stdout)
+    report = report_json(runner)
+    session = runner.session if args.hold else None
+    if session is not None:
+        report["pid"] = os.getpid()
+        report["ram"] = {block.idstr: block.host_address for block in session.blocks}
+    print(json.dumps(report), flush=True)
+    if session is not None:
+        sys.stdin.read()  # until the parent has compared and closes our stdin
+        session.close()
     return 0
 
 
