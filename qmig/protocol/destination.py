@@ -84,6 +84,7 @@ class Destination:
         self.reader = StreamReader(
             version, local_page_sizes=local_page_sizes, host_page_size=host_page_size
         )
+        self.reader.coalesce_discards = True  # a switchover's hundreds of them, as one record
         self.profile = self.reader.profile
         self.rules = transitions(self.profile)
         self.postcopy_ram = postcopy_ram
@@ -288,15 +289,32 @@ class Destination:
         )
 
     def _on_discard(self, message: m.PostcopyRamDiscard, record: Record) -> None:
+        self._discard(message.block, DiscardRanges.of(message.ranges), record, ((0, -1),))
+
+    def _on_discards(self, message: m.PostcopyRamDiscards, record: Record) -> None:
+        """Consecutive commands of one block: as if each came alone, at once (see
+        ``PostcopyRamDiscards``). Commands after the first find the state they leave."""
+        ranges = DiscardRanges.of(message.ranges)
+        self._discard(message.block, ranges, record, message.commands)
+
+    def _discard(
+        self,
+        block: str,
+        ranges: DiscardRanges,
+        record: Record,
+        commands: tuple[tuple[int, int], ...],
+    ) -> None:
+        """Apply the ranges of ``commands`` ((offset in the record, ranges; -1: all)). A bad
+        range is reported where its command is, as if the commands had come one by one
+        (those before it are not applied then: the migration has failed either way)."""
         self._transition("POSTCOPY_RAM_DISCARD", record.offset)
-        tracker = self.blocks.get(message.block)
+        tracker = self.blocks.get(block)
         if tracker is None:
             raise RemoteProtocolError(
-                "POSTCOPY_RAM_DISCARD", f"failed to find block {message.block!r}", record.offset
+                "POSTCOPY_RAM_DISCARD", f"failed to find block {block!r}", record.offset
             )
         # Validated and applied to the tracker in one C call (switchover is downtime, and a
         # randomly dirtying guest makes a thousand commands of 12 ranges each).
-        ranges = DiscardRanges.of(message.ranges)
         bad, cleared = apply_to_state(
             ranges,
             tracker.page_size,
@@ -305,10 +323,16 @@ class Destination:
             tracker.state,
         )
         if bad is not None:
-            raise _bad_range(message.block, tracker, ranges[bad], record.offset, bad)
+            at = before = 0  # the command holding the bad range, and the ranges before it
+            for relative, count in commands:
+                if count < 0 or bad < before + count:
+                    at = relative
+                    break
+                before += count
+            raise _bad_range(block, tracker, ranges[bad], record.offset + at, bad - before)
         tracker.discarded_pages += cleared
         if ranges:
-            self._pending.append(ev.RangesDiscarded(message.block, ranges))
+            self._pending.append(ev.RangesDiscarded(block, ranges))
 
     def _on_listen(self, message: m.PostcopyListen, record: Record) -> None:
         self._transition("POSTCOPY_LISTEN", record.offset)
@@ -477,6 +501,7 @@ _HANDLERS: dict[type, Any] = {
     m.Ping: Destination._on_ping,
     m.PostcopyAdvise: Destination._on_advise,
     m.PostcopyRamDiscard: Destination._on_discard,
+    m.PostcopyRamDiscards: Destination._on_discards,
     m.PostcopyListen: Destination._on_listen,
     m.PostcopyRun: Destination._on_run,
     m.EnableColo: Destination._on_colo,

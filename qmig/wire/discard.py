@@ -94,6 +94,17 @@ class DiscardReader:
 
     def read(self, buf: Any, pos: int, limit: int) -> tuple[m.PostcopyRamDiscard, int] | None:
         """The command at ``buf[pos:limit]`` and its size, or None: the schema's to decode."""
+        found = self._find(buf, pos, limit)
+        if found is None:
+            return None
+        name, version, ranges_at, end = found
+        block = bytes(name).decode(NAME_ENCODING)
+        ranges = DiscardRanges(bytes(buf[ranges_at:end]))
+        return m.PostcopyRamDiscard(block, ranges, version), end - pos
+
+    def _find(self, buf: Any, pos: int, limit: int) -> tuple[Any, int, int, int] | None:
+        """(name bytes, version, where the ranges start, end) of the well-formed command at
+        ``buf[pos:limit]``, or None."""
         if not self.enabled or pos + _HEAD.size > limit:
             return None
         kind, cmd, length, version, name_length = _HEAD.unpack_from(buf, pos)
@@ -112,9 +123,31 @@ class DiscardReader:
             or not self.rule.allows(length)
         ):
             return None
-        block = bytes(buf[name_at : ranges_at - 1]).decode(NAME_ENCODING)
-        ranges = DiscardRanges(bytes(buf[ranges_at:end]))
-        return m.PostcopyRamDiscard(block, ranges, version), 5 + length
+        return buf[name_at : ranges_at - 1], version, ranges_at, end
+
+    def read_run(
+        self, buf: Any, pos: int, limit: int, first: tuple[m.PostcopyRamDiscard, int]
+    ) -> tuple[m.PostcopyRamDiscard | m.PostcopyRamDiscards, int]:
+        """``first`` (the command :meth:`read` found at ``pos``) with the well-formed discard
+        commands of the same block that follow it in ``buf[:limit]``, as one message and
+        its size; ``first`` itself when none follows."""
+        message, size = first
+        name = message.block.encode(NAME_ENCODING)
+        parts = [DiscardRanges.of(message.ranges).packed]
+        commands = [(0, len(parts[0]) // _RANGE.size)]
+        at = pos + size
+        while (found := self._find(buf, at, limit)) is not None:
+            other, version, ranges_at, end = found
+            if other != name or version != message.version:
+                break
+            parts.append(bytes(buf[ranges_at:end]))
+            commands.append((at - pos, (end - ranges_at) // _RANGE.size))
+            at = end
+        if len(parts) == 1:
+            return first
+        ranges = DiscardRanges(b"".join(parts))
+        run = m.PostcopyRamDiscards(message.block, ranges, message.version, tuple(commands))
+        return run, at - pos
 
 
 def apply_to_state(

@@ -242,6 +242,23 @@ class PostcopyRamDiscard:
 
 
 @message
+class PostcopyRamDiscards:
+    """Consecutive POSTCOPY_RAM_DISCARD commands of one RAMBlock, read as one record.
+
+    Not a message of its own on the wire: a reader asked to (``StreamReader(...,
+    coalesce_discards=True)``, as the destination's is) returns a run of well-formed discard
+    commands this way, since a switchover sends them by the hundred. ``ranges`` holds all
+    their ranges in order; ``commands`` gives, per command, its offset from the record's
+    start and how many of the ranges are its own."""
+
+    NAME: ClassVar[str] = "POSTCOPY_RAM_DISCARD"
+    block: str
+    ranges: Sequence[DiscardRange]
+    version: int = 0
+    commands: tuple[tuple[int, int], ...] = ()
+
+
+@message
 class Packaged:
     """PACKAGED announces ``length`` bytes of nested stream that follow the command."""
 

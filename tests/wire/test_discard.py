@@ -271,3 +271,77 @@ def test_destination_discards_as_the_per_range_rules_say(
     for span in nonempty:
         first = span.start // PAGE
         assert tracker.state[first : first + span.length // PAGE] == bytes(span.length // PAGE)
+
+
+# --- a run of commands read as one record, against the commands one by one ---------------
+
+
+def _discard_outcome(
+    version: str, commands: bytes, coalesce: bool, chunk: int
+) -> tuple[list[tuple[str, bytes]], bytes, int, tuple[str, str, int | None] | None]:
+    """What a destination makes of ``commands``: the ranges discarded per block, in order
+    (events merged per block, as the runner merges them), its tracker's state, the pages it
+    counted; or, when one is bad, only its error (what, detail, offset): the migration fails
+    there, whatever came before."""
+    dest, stream = _destination_upto_discards(version)
+    dest.reader.coalesce_discards = coalesce
+    dest.receive_data(stream)
+    while dest.next_event() is not NEED_DATA:
+        pass
+    discarded: list[tuple[str, bytes]] = []
+    error = None
+    try:
+        for at in range(0, len(commands), chunk):
+            dest.receive_data(commands[at : at + chunk])
+            while (event := dest.next_event()) is not NEED_DATA:
+                if isinstance(event, ev.RangesDiscarded):
+                    if discarded and discarded[-1][0] == event.block:
+                        discarded[-1] = (event.block, discarded[-1][1] + event.ranges.packed)
+                    else:
+                        discarded.append((event.block, event.ranges.packed))
+    except QmigError as caught:
+        return [], b"", 0, (caught.what, caught.detail, caught.offset)
+    tracker = dest.blocks["pc.ram"]
+    return discarded, bytes(tracker.state), tracker.discarded_pages, error
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@given(
+    batches=st.lists(st.lists(near_block, min_size=1, max_size=12), min_size=1, max_size=8),
+    other=st.sampled_from(["none", "unknown block", "ping"]),
+    chunk=st.sampled_from([7, 100, 1 << 20]),
+)
+@settings(deadline=SLOW, max_examples=150)
+def test_a_run_of_discards_read_as_one_does_what_each_would(
+    version: str, batches: list[list[m.DiscardRange]], other: str, chunk: int
+) -> None:
+    schema = schema_for(version)
+    rule = schema.profile.command_lengths["POSTCOPY_RAM_DISCARD"]
+    commands = [schema.build_command(m.PostcopyRamDiscard("pc.ram", tuple(b))) for b in batches]
+    if not all(rule.allows(int.from_bytes(c[3:5], "big")) for c in commands):
+        return
+    if other == "unknown block":  # a command of another block ends the run
+        commands.insert(len(commands) // 2, schema.build_command(
+            m.PostcopyRamDiscard("nope", (m.DiscardRange(0, PAGE),))
+        ))  # fmt: skip
+    elif other == "ping":
+        commands.insert(len(commands) // 2, schema.build_command(m.Ping(3)))
+    stream = b"".join(commands)
+    one_by_one = _discard_outcome(version, stream, coalesce=False, chunk=chunk)
+    assert _discard_outcome(version, stream, coalesce=True, chunk=chunk) == one_by_one
+
+
+def test_consecutive_discards_of_a_block_are_one_record() -> None:
+    schema = schema_for("7.2")
+    spans = [(m.DiscardRange(k * PAGE, PAGE),) for k in range(0, 20, 2)]
+    first = [schema.build_command(m.PostcopyRamDiscard("pc.ram", s)) for s in spans[:6]]
+    then = [schema.build_command(m.PostcopyRamDiscard("vga", s)) for s in spans[6:]]
+    data = b"".join(first + then)
+    reader = StreamReader("7.2")
+    reader.coalesce_discards = True
+    found = reader._discards.read(memoryview(data), 0, len(data))
+    assert found is not None
+    run, size = reader._discards.read_run(memoryview(data), 0, len(data), found)
+    assert isinstance(run, m.PostcopyRamDiscards) and size == sum(map(len, first))
+    assert run.block == "pc.ram" and list(run.ranges) == [s[0] for s in spans[:6]]
+    assert run.commands == tuple((sum(map(len, first[:k])), 1) for k in range(6))
