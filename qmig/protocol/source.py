@@ -428,8 +428,17 @@ class Source:
         packed, pages = self._scanner.dirty_ranges(block.dirty, block.used_length)
         self.stats.discarded_pages += pages
         step = 16 * self.profile.max_discard_ranges
+        view = memoryview(packed)
+        full = (  # the prefix of a command with the most ranges, built once
+            self._discard_command(block.idstr, bytes(step))[:-step] if len(packed) >= step else b""
+        )
+        out = self._out
         for first in range(0, len(packed), step):
-            self._out += self._discard_command(block.idstr, packed[first : first + step])
+            if first + step <= len(packed):
+                out += full
+                out += view[first : first + step]
+            else:
+                out += self._discard_command(block.idstr, packed[first:])
             self.stats.discard_commands += 1
 
     def _discard_command(self, idstr: str, packed: bytes) -> bytes:

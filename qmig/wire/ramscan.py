@@ -109,7 +109,8 @@ class RamScanner:
         count = len(dirty)
         if not count:
             return b"", 0
-        out = bytearray(16 * ((count + 1) // 2))
+        # At most one run per dirty page: sized by them, not by the block (MBs to clear).
+        out = bytearray(16 * min(dirty.count(1), (count + 1) // 2))
         pages: Any = ffi.new("uint64_t *")
         ranges = lib.qmig_dirty_ranges(
             ffi.from_buffer(dirty),

@@ -60,3 +60,23 @@ def test_discards_match_the_schema(version: str, seed: int) -> None:
 
 def _runs(dirty: bytearray) -> list[int]:
     return [i for i in range(len(dirty)) if dirty[i] and (i == 0 or not dirty[i - 1])]
+
+
+@pytest.mark.parametrize("version", available_versions())
+@pytest.mark.parametrize("runs", [1, 11, 12, 13, 24, 25])
+def test_discards_match_the_schema_at_each_command_boundary(version: str, runs: int) -> None:
+    """Exactly as many runs as fill whole commands, one more, one fewer."""
+    limit = schema_for(version).profile.max_discard_ranges
+    runs = runs * limit // 12  # the same boundaries whatever the profile's limit
+    pages = 2 * runs + 1
+    block = SourceBlock("pc.ram", pages * PAGE, bytearray(pages * PAGE))
+    source = Source([block], version=version)
+    source.start()
+    source.data_to_send(0)
+    block.dirty[:] = bytes(k % 2 for k in range(pages))  # every other page: one run each
+    dirty = bytearray(block.dirty)
+    source.start_postcopy()
+    out = source.data_to_send(0)
+    want = expected_discards(version, "pc.ram", dirty, pages * PAGE)
+    assert out[: len(want)] == want
+    assert source.stats.discard_commands == -(-runs // limit)
