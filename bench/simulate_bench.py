@@ -17,13 +17,14 @@ Both sides migrate a guest of ``--ram`` bytes over TCP on 127.0.0.1 under the sa
   postcopy, faulting on the pages it had not received. Its counters are checked afterwards.
 * qmig: ``qmig simulate`` with one ``pc.ram`` block of the same size, holding as many non-zero
   pages as the QEMU guest writes (scattered; the rest zero), a source dirtying
-  ``--dirty-rate`` pages/s at random within the first ``--guest-mib`` MiB (its working set,
-  like the QEMU guest's range), and on the destination one read-only vCPU reading RAM in
-  address order (``--workload``, ``--vcpus``), as the QEMU guest's loop does; every page is
-  verified.
+  ``--dirty-rate`` pages/s within the first ``--guest-mib`` MiB (its working set, like the
+  QEMU guest's range), one page after another as the QEMU guest does (``--dirty-pattern
+  random`` picks them at random instead), and on the destination one read-only vCPU reading
+  RAM in address order (``--workload``, ``--vcpus``), as the QEMU guest's loop does; every
+  page is verified.
 
-The workloads are alike in volume, not identical: the QEMU guest rewrites its whole range
-sequentially, qmig's dirtier picks pages at random. Figures per side:
+The workloads are alike, not identical: the QEMU guest rewrites its whole range as fast as
+TCG runs it, qmig's dirtier at a set rate. Figures per side:
 
 * total time: migrate command → completion (QEMU: the source's ``total-time``);
 * downtime: source stop → destination RUN on both sides. qmig measures it across its two
@@ -85,6 +86,7 @@ class Plan:
     dirty_rate: float
     timeout: float
     workload: str = "sequential"  # qmig's destination vCPUs: like the QEMU guest's loop
+    dirty_pattern: str = "sequential"  # qmig's source guest: like the QEMU guest's loop
     vcpus: int = 1  # the QEMU guest has one vCPU
 
 
@@ -102,6 +104,7 @@ def run_qmig(plan: Plan) -> dict[str, Any]:
         version="7.2",
         zero_fraction=max(0.0, 1.0 - plan.guest_bytes / plan.ram),
         working_set=plan.guest_bytes,
+        dirty_pattern=plan.dirty_pattern,
         pattern=plan.workload,
         vcpus=plan.vcpus,
     )
@@ -379,6 +382,13 @@ def main() -> int:
         default="sequential",
         help="qmig destination vCPUs' pattern (default sequential, like the QEMU guest)",
     )
+    parser.add_argument(
+        "--dirty-pattern",
+        choices=["sequential", "random"],
+        default="sequential",
+        help="how qmig's source guest picks the pages it dirties (default sequential, like "
+        "the QEMU guest)",
+    )
     parser.add_argument("--vcpus", type=int, default=1, help="qmig destination vCPUs (1)")
     parser.add_argument("--only", choices=["qmig", "qemu"], help="run one side only")
     parser.add_argument("--timeout", type=float, default=300.0)
@@ -394,6 +404,7 @@ def main() -> int:
         dirty_rate=args.dirty_rate,
         timeout=args.timeout,
         workload=args.workload,
+        dirty_pattern=args.dirty_pattern,
         vcpus=args.vcpus,
     )
     result: dict[str, Any] = {"plan": vars(plan), "qmig": None, "qemu": None}

@@ -19,7 +19,7 @@ from qmig.latency import percentile_us
 from qmig.protocol.source import DeviceSnapshot, Source
 from qmig.runner.peer import Peer
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
-from qmig.runner.source_ram import Dirtier, GuestRam
+from qmig.runner.source_ram import DIRTY_PATTERNS, Dirtier, GuestRam
 from qmig.transport import connect, limit_buffers, listen
 
 MiB = 1 << 20
@@ -40,6 +40,7 @@ class SimulationConfig:
     touches: int | None = None
     dirty_rate: float = 20000.0  # pages per second, on the source, until switchover
     working_set: int | None = None  # bytes at the start of RAM the source dirties; None: all
+    dirty_pattern: str = "random"  # or "sequential" (see qmig.runner.source_ram.Dirtier)
     postcopy_after: int | None = 1  # None: precopy only
     bandwidth: float | None = None  # bytes per second
     version: str | None = None
@@ -74,6 +75,11 @@ class SimulationConfig:
             raise QmigError("--dirty-rate", f"must not be negative, not {self.dirty_rate:g}")
         if self.working_set is not None and self.working_set < 0:
             raise QmigError("--working-set", "must not be negative")
+        if self.dirty_pattern not in DIRTY_PATTERNS:
+            raise QmigError(
+                "--dirty-pattern",
+                f"{self.dirty_pattern!r} is not one of {', '.join(DIRTY_PATTERNS)}",
+            )
         if self.postcopy_after is not None and self.postcopy_after < 0:
             raise QmigError("--postcopy-after", f"must be 0 or more, not {self.postcopy_after}")
         if self.bandwidth is not None and self.bandwidth <= 0:
@@ -161,6 +167,7 @@ def _run_source(
             config.dirty_rate,
             seed=config.seed + 1,
             working_set=None if config.working_set is None else config.working_set // TARGET_PAGE,
+            pattern=config.dirty_pattern,
         )
         if config.dirty_rate
         else None
@@ -251,6 +258,7 @@ def _summary(
         "pages_total": total_pages,
         "pongs": report.pongs,
         "workload": {"pattern": config.pattern, "vcpus": config.vcpus, "writes": False},
+        "source_guest": {"dirty_rate": config.dirty_rate, "dirty_pattern": config.dirty_pattern},
     }
 
 

@@ -17,6 +17,7 @@ from qmig.protocol.source import SourceBlock
 TARGET_PAGE = 4096
 REGION = 2 << 20
 FILLER = 1 << 16
+DIRTY_PATTERNS = ("random", "sequential")
 
 
 class GuestMemory:
@@ -108,12 +109,18 @@ class Dirtier:
     # Dirty only the first this-many target pages of RAM (blocks in order), the guest's
     # working set, as a real guest rewrites the same pages; None: anywhere.
     working_set: int | None = None
+    # "random": pages picked at random; "sequential": one after another through the working
+    # set, over and over, as qmig's QEMU test guest (qmig.qemu.guest) writes its range.
+    pattern: str = "random"
     _rng: random.Random = field(init=False, repr=False)
+    _next: int = 0  # sequential: the next page to write
     _carry: float = 0.0
     _pending: dict[str, set[int]] = field(default_factory=dict)
     pages_dirtied: int = 0
 
     def __post_init__(self) -> None:
+        if self.pattern not in DIRTY_PATTERNS:
+            raise ValueError(f"dirtying pattern {self.pattern!r}: not one of {DIRTY_PATTERNS}")
         self._rng = random.Random(self.seed)
         # Where each block's pages start in one numbering of all pages, for bisect.
         self._firsts: list[int] = []
@@ -133,7 +140,11 @@ class Dirtier:
         # all the picks at once and keep the per-page loop to an index and one byte.
         rng = self._rng
         limit = self._total if self.working_set is None else min(self.working_set, self._total)
-        picks = rng.choices(range(limit), k=count)
+        if self.pattern == "sequential":
+            picks = [(self._next + k) % limit for k in range(count)]
+            self._next = (self._next + count) % limit
+        else:
+            picks = rng.choices(range(limit), k=count)
         bytes_at = rng.choices(range(8, TARGET_PAGE), k=count)  # keep the page's tag intact
         firsts, maps, blocks = self._firsts, self.ram.maps, self.ram.blocks
         guests = self.ram.memories or [None] * len(maps)

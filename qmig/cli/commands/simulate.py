@@ -72,6 +72,13 @@ def register(subparsers: Any) -> None:
         metavar="SIZE",
         help="the source guest dirties only the first SIZE of its RAM (default: all of it)",
     )
+    parser.add_argument(
+        "--dirty-pattern",
+        choices=["random", "sequential"],
+        default="random",
+        help="the source guest dirties pages at random, or one after another through its "
+        "working set, over and over (default random)",
+    )
     switch = parser.add_mutually_exclusive_group()
     switch.add_argument(
         "--postcopy-after",
@@ -101,6 +108,7 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         touches=args.touches,
         dirty_rate=args.dirty_rate,
         working_set=args.working_set,
+        dirty_pattern=args.dirty_pattern,
         postcopy_after=None
         if args.precopy_only
         else (1 if args.postcopy_after is None else args.postcopy_after),
