@@ -342,12 +342,21 @@ def _check_thp(report: SupportReport) -> None:
             mode=mode,
         )
         return
+    from qmig.ram.blocks import maps_huge_zero_page
+
+    huge_zero = maps_huge_zero_page()
+    when = (
+        "from the first discard, as QEMU does; zero memory is mapped by the huge zero page "
+        "until then"
+        if huge_zero
+        else "from mapping (no huge zero page here: writes would allocate huge pages)"
+    )
     report.add(
         "transparent huge pages",
         "ok",
-        f"mode {mode}; qmig turns THP off on RAM blocks from mapping until the end "
-        "(QEMU: from the first discard)",
+        f"mode {mode}; qmig turns THP off on RAM blocks {when}",
         mode=mode,
+        huge_zero_page=huge_zero,
     )
 
 
