@@ -72,6 +72,24 @@ class SupportReport:
         self.add(name, "fail", error.detail, **data)
 
 
+def mapping_fields(address: int) -> dict[str, str]:
+    """What the kernel says of this process's mapping that holds ``address`` (its
+    /proc/self/smaps entry: field name -> text, e.g. "Rss" -> "48 kB"); {} if none does."""
+    fields: dict[str, str] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            if inside:
+                break
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside:
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    return fields
+
+
 def memory_locked_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmLck:"):

@@ -14,7 +14,6 @@ import sys
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from qmig.ram._uffd import ffi, lib
@@ -25,7 +24,7 @@ from qmig.ram.errors import FaultingSideGoneError, RamError
 from qmig.ram.faults import PageRequest
 from qmig.ram.handoff import HandedOver, send_userfaultfd
 from qmig.ram.session import RamSession
-from qmig.ram.support import huge_page_sizes, memory_locked_bytes
+from qmig.ram.support import huge_page_sizes, mapping_fields, memory_locked_bytes
 from qmig.ram.uffd import Userfaultfd, probe
 from qmig.ram.workload import Pattern, Workload, tagged_pages
 
@@ -51,14 +50,12 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 def vm_flags(address: int) -> list[str]:
     """The VmFlags of the mapping that holds ``address`` (hg: THP asked, nh: THP refused)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
-            start, end = (int(part, 16) for part in line.split(" ", 1)[0].split("-"))
-            inside = start <= address < end
-        elif inside and line.startswith("VmFlags:"):
-            return line.split()[1:]
-    return []
+    return mapping_fields(address).get("VmFlags", "").split()
+
+
+def smaps_kib(address: int, field: str) -> int:
+    """A size field of the mapping that holds ``address``, in KiB."""
+    return int(mapping_fields(address)[field].split()[0])
 
 
 def serve_from(session: RamSession, source: bytes | bytearray) -> Callable[[PageRequest], None]:
@@ -72,6 +69,17 @@ def serve_from(session: RamSession, source: bytes | bytearray) -> Callable[[Page
         )
 
     return serve
+
+
+def read_all_served(session: RamSession, source: bytes | bytearray) -> tuple[Any, bool, Any]:
+    """One vCPU reads all of pc.ram while every fault is served from ``source``: its results,
+    whether the block is complete after, and the fault thread's stats."""
+    faults = session.start_faults(serve_from(session, source))
+    session.start_vcpu("pc.ram", Workload())
+    results = session.vcpus.join(30)
+    complete = session.blocks.wait_complete(10)
+    faults.stop()
+    return results, complete, faults.stats()
 
 
 def results_json(session: RamSession) -> list[dict[str, Any]]:
@@ -793,12 +801,7 @@ def listen_registration() -> dict[str, Any]:
         resident_never = sum(lib.qmig_resident_pages(block.host_address + k * P, P) for k in never)
         session.register()
         resident_after = sum(lib.qmig_resident_pages(block.host_address + k * P, P) for k in never)
-        faults = session.start_faults(serve_from(session, source))
-        session.start_vcpu("pc.ram", Workload())
-        results = session.vcpus.join(30)
-        complete = session.blocks.wait_complete(10)
-        faults.stop()
-        stats = faults.stats()
+        results, complete, stats = read_all_served(session, source)
         expected = {k * P: bytes(view[k * P : (k + 1) * P]) for k in range(size // P)}
         for k in zeros - discarded:
             expected[k * P] = bytes(P)
@@ -819,19 +822,6 @@ def listen_registration() -> dict[str, Any]:
             "aborted": results[0].aborted,
             "touches": results[0].touches,
         }
-
-
-def smaps_kib(address: int, field: str) -> int:
-    """A field of /proc/self/smaps (in KiB) for the mapping that holds ``address``."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            start, end = (int(part, 16) for part in head.split("-"))
-            inside = start <= address < end
-        elif inside and line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    return -1
 
 
 @scenario
@@ -865,12 +855,7 @@ def huge_zero_precopy() -> dict[str, Any]:
         received = [k for k in range(size // P) if k not in never]
         mapped = sum(lib.qmig_resident_pages(block.host_address + k * P, P) for k in received)
         session.register()
-        faults = session.start_faults(serve_from(session, source))
-        session.start_vcpu("pc.ram", Workload())
-        results = session.vcpus.join(30)
-        complete = session.blocks.wait_complete(10)
-        faults.stop()
-        stats = faults.stats()
+        results, complete, stats = read_all_served(session, source)
         expected = {
             k * P: bytes(view[k * P : (k + 1) * P]) if k in data_pages | never else bytes(P)
             for k in range(size // P)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import pytest
 
+from qmig.ram.support import mapping_fields
 from qmig.runner.source_ram import Dirtier, GuestMemory, GuestRam
 
 PAGE = 4096
@@ -14,15 +14,7 @@ REGION = 2 << 20
 
 
 def _smaps_kib(address: int, field: str) -> int:
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            start, end = (int(part, 16) for part in head.split("-"))
-            inside = start <= address < end
-        elif inside and line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no mapping at {address:#x}")
+    return int(mapping_fields(address)[field].split()[0])
 
 
 def test_sequential_dirtying_walks_the_working_set_in_order_and_wraps() -> None:

@@ -17,6 +17,7 @@ from datetime import timedelta
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reading import Outcome, assert_same, read_outcome
 
 from qmig.errors import MalformedError, QmigError
 from qmig.protocol import events as ev
@@ -25,7 +26,7 @@ from qmig.protocol.source import Source, SourceBlock
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges, apply_to_state
 from qmig.wire.profiles import available_versions
-from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
+from qmig.wire.reader import NEED_DATA, StreamReader
 from qmig.wire.schema import schema_for
 
 VERSIONS = available_versions()
@@ -44,45 +45,19 @@ def prefix(version: str) -> bytes:
     )
 
 
-Outcome = tuple[list[Record], QmigError | None]
-
-
 def read(data: bytes, *, fast: bool, version: str, chunk: int) -> Outcome:
     """The records of ``data`` up to the error, if any; with the discard fast path on or off."""
     reader = StreamReader(version)
     reader._discards.enabled = fast
-    records: list[Record] = []
-    try:
-        for at in range(0, len(data), chunk):
-            reader.feed(data[at : at + chunk])
-            _drain(reader, records)
-        reader.feed_eof()
-        _drain(reader, records)
-    except QmigError as error:
-        return records, error
-    return records, None
-
-
-def _drain(reader: StreamReader, records: list[Record]) -> None:
-    while (record := reader.next_record()) is not NEED_DATA and record is not END:
-        assert isinstance(record, Record)
-        records.append(record)
+    return read_outcome(reader, data, chunk)
 
 
 def same(a: Outcome, b: Outcome) -> None:
-    (records_a, error_a), (records_b, error_b) = a, b
-    assert records_a == records_b
-    for x, y in zip(records_a, records_b, strict=True):
+    assert_same(a, b)
+    for x, y in zip(a[0], b[0], strict=True):
         if isinstance(x.message, m.PostcopyRamDiscard):
             assert tuple(x.message.ranges) == tuple(y.message.ranges)
             assert hash(x.message) == hash(y.message)
-    assert type(error_a) is type(error_b), (error_a, error_b)
-    if error_a is not None and error_b is not None:
-        assert (error_a.what, error_a.detail, error_a.offset) == (
-            error_b.what,
-            error_b.detail,
-            error_b.offset,
-        )
 
 
 @st.composite

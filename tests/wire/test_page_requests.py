@@ -12,48 +12,23 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reading import Outcome, assert_same, read_outcome
 
 from qmig import strategies as qs
-from qmig.errors import QmigError
 from qmig.wire import messages as m
 from qmig.wire.page_requests import PageRequests
 from qmig.wire.profiles import available_versions
-from qmig.wire.reader import END, NEED_DATA, Record, ReturnPathReader
+from qmig.wire.reader import ReturnPathReader
 from qmig.wire.schema import schema_for
 
 VERSIONS = available_versions()
-
-Outcome = tuple[list[Record], QmigError | None]
 
 
 def read(data: bytes, *, fast: bool, version: str, chunk: int) -> Outcome:
     """The records of ``data`` up to the error, if any; with the fast path on or off."""
     reader = ReturnPathReader(version)
     reader._page_requests.enabled = fast
-    records: list[Record] = []
-    try:
-        for at in range(0, len(data), chunk):
-            reader.feed(data[at : at + chunk])
-            _drain(reader, records)
-        reader.feed_eof()
-        _drain(reader, records)
-    except QmigError as error:
-        return records, error
-    return records, None
-
-
-def _drain(reader: ReturnPathReader, records: list[Record]) -> None:
-    while (record := reader.next_record()) is not NEED_DATA and record is not END:
-        assert isinstance(record, Record)
-        records.append(record)
-
-
-def same(a: Outcome, b: Outcome) -> None:
-    (records_a, error_a), (records_b, error_b) = a, b
-    assert records_a == records_b
-    assert type(error_a) is type(error_b), (error_a, error_b)
-    if error_a is not None and error_b is not None:
-        assert error_a.one_line() == error_b.one_line()
+    return read_outcome(reader, data, chunk)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -86,7 +61,7 @@ def test_reads_what_the_schema_reads(version: str, data: st.DataObject) -> None:
     chunk = data.draw(st.sampled_from([1, 3, 7, 16, len(stream) or 1]))
     fast = read(bytes(stream), fast=True, version=version, chunk=chunk)
     slow = read(bytes(stream), fast=False, version=version, chunk=chunk)
-    same(fast, slow)
+    assert_same(fast, slow)
     if damage == "none":
         assert [record.message for record in fast[0]] == messages
 
