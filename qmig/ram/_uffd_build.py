@@ -132,6 +132,7 @@ struct qmig_block {
                                  NULL; the rest of a fresh mapping is known to be zero */
     uint8_t *regions;         /* per 2 MiB of address space from the block's start (rounded
                                  down), while THP is on: a REGION_* state; NULL: off */
+    uint64_t max_data_run;    /* registered: data pages per UFFDIO_COPY at most; 0: max_run */
 };
 
 /* Outcome of one qmig_place_records call. */
@@ -645,6 +646,7 @@ struct qmig_block {
     uint64_t staging_page, staged_count, served;
     uint8_t *touched;
     uint8_t *regions;
+    uint64_t max_data_run;
 };
 
 struct qmig_records_result {
@@ -986,7 +988,11 @@ int qmig_place_records(struct qmig_block *b, const uint8_t *data, uint64_t data_
         int zero = !is_data && body[0] == 0 && b->zeropage;
         /* Extend the run over following records: the next page, same kind, not yet here. */
         uint64_t run = 1;
-        while (i + run < count && run < max_run) {
+        /* Fewer data pages per copy where the runner asks for it: a vCPU waiting on the
+           first page of a chunk is then woken once that page is in, not the whole chunk. */
+        uint64_t limit = !zero && b->max_data_run && b->max_data_run < max_run ? b->max_data_run
+                                                                              : max_run;
+        while (i + run < count && run < limit) {
             uint64_t next = headers[i + run];
             const uint8_t *next_body = record_body(data, data_base, bodies, i + run);
             int next_data = (next & page_flag) != 0;

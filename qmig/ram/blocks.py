@@ -208,6 +208,7 @@ class RamBlock:
         self._c.length = used_length
         self._c.page_size = page_size
         self._c.max_run = MAX_RUN_PAGES
+        self._c.max_data_run = 0
         self._c.bitmap = self.received.cdata
         # Pages written directly before registration; a zero page for any other page of the
         # fresh mapping is known to be there already (nothing else writes the block then).
@@ -343,6 +344,13 @@ class RamBlock:
         with self._place_lock:
             self._c.regions = regions
             self._regions = regions  # kept alive while C points to it
+
+    def limit_data_runs(self, pages: int) -> None:
+        """Once registered, place at most ``pages`` data pages per UFFDIO_COPY (0: as many as
+        come in a row). One page at a time wakes a vCPU waiting on a page as soon as that page
+        is in, as QEMU places pages; long runs place more per second."""
+        with self._place_lock:
+            self._c.max_data_run = pages
 
     @property
     def maps_huge_zero_page(self) -> bool:

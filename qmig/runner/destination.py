@@ -27,6 +27,7 @@ from qmig.wire import messages as m
 from qmig.wire.reader import END, NEED_DATA
 
 RECV_CHUNK = 1 << 20
+POSTCOPY_DATA_RUN = 1  # data pages per UFFDIO_COPY after LISTEN (see _apply)
 IDLE_TIMEOUT = 60.0
 
 
@@ -191,7 +192,14 @@ class DestinationRunner:
                 # From here on a missing page faults: discards are done, and every page not
                 # received must be requested. Until now pages went straight into memory.
                 self.report.listen_at = time.monotonic()
-                self._session().register()
+                session = self._session()
+                session.register()
+                # Postcopy pages go in one at a time, as QEMU places them: the page a vCPU
+                # waits on is usually the first of what arrives, and no longer waits for the
+                # rest of its chunk (measured at 1 GiB: fault latency p50 ~190 µs instead of
+                # ~245, blocktime a third lower; the cap leaves the copies time enough).
+                for block in session.blocks:
+                    block.limit_data_runs(POSTCOPY_DATA_RUN)
             case ev.RangesDiscarded():
                 self._discard([event])
             case ev.DeviceStateLoaded():

@@ -878,6 +878,27 @@ def huge_zero_precopy() -> dict[str, Any]:
 
 
 @scenario
+def data_runs() -> dict[str, Any]:
+    """Registered, with data runs limited: one UFFDIO_COPY per data page, zero pages still
+    coalesced; unlimited, one ioctl per run of each kind. The pages are the same either way."""
+    P = TARGET_PAGE_SIZE
+    records: list[tuple[int, Body]] = [(k * P, page_of(k + 1)) for k in range(8)]
+    records += [(k * P, 0) for k in range(8, 24)]
+    found: dict[str, Any] = {}
+    for limit in (1, 0):
+        with RamSession([BlockSpec("pc.ram", 1 * MiB)]) as session:
+            block = session.block("pc.ram")
+            block.limit_data_runs(limit)
+            result = Records(records).place(block)
+            found[f"ioctls_{limit}"] = result.ioctls
+            found[f"placed_{limit}"] = result.placed
+            found[f"right_{limit}"] = all(
+                block.read(k * P, P) == (page_of(k + 1) if k < 8 else bytes(P)) for k in range(24)
+            )
+    return found
+
+
+@scenario
 def c_served() -> dict[str, Any]:
     """The fault thread serving from in-process sources in C: vCPUs on a 4 KiB and a huge-page
     block, a background stream placing pages at the same time, then a stray fault."""

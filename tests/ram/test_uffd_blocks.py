@@ -121,3 +121,11 @@ def test_precopy_zero_pages_cost_no_memory_and_writes_no_huge_pages() -> None:
     # After registration exactly the pages never sent fault, and are served.
     assert found["requests"] == found["never"]
     assert found["complete"] and found["wrong"] == [] and not found["aborted"]
+
+
+def test_limited_data_runs_place_one_data_page_per_copy() -> None:
+    found = run_scenario("data_runs")
+    assert found["ioctls_1"] == 8 + 1  # eight copies, one ZEROPAGE for the sixteen zero pages
+    assert found["ioctls_0"] == 1 + 1
+    assert found["placed_1"] == found["placed_0"] == 24
+    assert found["right_1"] and found["right_0"]
