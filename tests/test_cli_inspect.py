@@ -123,16 +123,20 @@ def test_the_listing_interleaves_both_directions_and_pairs_requests(
     assert any("page requests: 177" in line for line in lines)
 
 
+@pytest.mark.parametrize("direction", [Direction.STREAM, Direction.RETURN_PATH])
 def test_a_capture_whose_index_does_not_cover_its_files_is_refused(
-    capture: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    capture: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], direction: Direction
 ) -> None:
     for name in ("stream.bin", "return-path.bin", "meta.json"):
         (tmp_path / name).write_bytes((capture / name).read_bytes())
-    index = (capture / "index.tsv").read_text().splitlines(keepends=True)
-    (tmp_path / "index.tsv").write_text("".join(index[:-1]))  # the last chunk is missing
+    lines = (capture / "index.tsv").read_text().splitlines(keepends=True)
+    last = max(k for k, line in enumerate(lines) if line.startswith(f"{direction.value}\t"))
+    (tmp_path / "index.tsv").write_text("".join(lines[:last] + lines[last + 1 :]))
+    size = (capture / f"{'stream' if direction is Direction.STREAM else 'return-path'}.bin").stat()
     assert main(["inspect", "--qemu-version", "7.2", "--json", str(tmp_path)]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("qmig: error: index.tsv: ") and "\n" not in error
+    assert error.startswith(f"qmig: error: index.tsv: {direction.value} chunks sum to ")
+    assert error.endswith(f", the file has {size.st_size} bytes") and "\n" not in error
 
 
 # --- the matcher on made-up timelines -----------------------------------------------------

@@ -201,20 +201,6 @@ def read_capture_file(path: Path) -> bytes:
             raise MalformedError(str(path), f"cannot decompress: {error}") from None
 
 
-def capture_file_size(path: Path) -> int:
-    """The number of bytes the file holds once decompressed (read through for ``.xz``)."""
-    if path.suffix != ".xz":
-        return path.stat().st_size
-    size = 0
-    with open_capture_file(path) as handle:
-        try:
-            while block := handle.read(1 << 20):
-                size += len(block)
-        except lzma.LZMAError as error:
-            raise MalformedError(str(path), f"cannot decompress: {error}") from None
-    return size
-
-
 def _required(directory: Path, name: str) -> Path:
     path = capture_file(directory, name)
     if path is None:

@@ -15,6 +15,7 @@ from qmig.cli import add_json, add_qemu_version
 from qmig.errors import QmigError
 
 if TYPE_CHECKING:
+    from qmig.capture.recording import Direction
     from qmig.inspect import Timeline
     from qmig.wire.reader import Record
 
@@ -243,10 +244,15 @@ def run(args: argparse.Namespace) -> int:
 
     stream_path, rp_path, index_path = _inputs(args)
     rp_records: list[Record] = []
+    rp_size = 0
     if rp_path is not None:
         with _open(rp_path) as file:
-            rp_records = list(read_records(file, ReturnPathReader(args.qemu_version)))
-    capture = None if index_path is None else _capture(index_path, stream_path, rp_path, rp_records)
+            rp_reader = ReturnPathReader(args.qemu_version)
+            rp_records = list(read_records(file, rp_reader))
+            rp_size = rp_reader.offset  # read to its end: every byte of it
+    capture = None if index_path is None else _capture(index_path, rp_path, rp_records)
+    if capture is not None:
+        capture.check_covers(return_path=rp_size)
 
     def read_stream(
         listing: Listing | None, matcher: Any, extract: Path | None
@@ -286,6 +292,9 @@ def run(args: argparse.Namespace) -> int:
         # request beside its answer although the answer comes later in the stream.
         matcher = capture.matcher(inspection_schema(args))
         inspection, commands = read_stream(None, matcher, args.extract)
+        # The stream was read to its end: the index must account for every byte of it (known
+        # now without reading a compressed capture once more just to count them).
+        capture.check_covers(stream=inspection.reader.offset)
         matcher.finish()
         listing = None
         if not args.json:
@@ -333,13 +342,33 @@ def inspection_schema(args: argparse.Namespace) -> Any:
 class _Capture:
     """A capture directory's timelines and page requests (layout: formats/capture.md)."""
 
-    def __init__(self, stream: Timeline, return_path: Timeline, rp_records: list[Record]) -> None:
+    def __init__(
+        self,
+        stream: Timeline,
+        return_path: Timeline,
+        rp_records: list[Record],
+        covered: dict[Direction, int],
+    ) -> None:
         from qmig.inspect import page_requests
 
         self.stream = stream
         self.return_path = return_path
         self.rp_records = rp_records
+        self.covered = covered  # per direction, the bytes the index accounts for
         self.requests = page_requests(rp_records, return_path)
+
+    def check_covers(self, *, stream: int | None = None, return_path: int | None = None) -> None:
+        """The index must account for exactly the bytes each file was found to hold."""
+        from qmig.capture.recording import Direction
+        from qmig.errors import MalformedError
+
+        for direction, size in ((Direction.STREAM, stream), (Direction.RETURN_PATH, return_path)):
+            if size is not None and self.covered[direction] != size:
+                raise MalformedError(
+                    CAPTURE_INDEX,
+                    f"{direction.value} chunks sum to {self.covered[direction]}, "
+                    f"the file has {size} bytes",
+                )
 
     def matcher(self, schema: Any) -> Any:
         from qmig.inspect import RequestMatcher
@@ -354,30 +383,28 @@ class _Capture:
         return Timed(self.stream, self.return_path, self.rp_records, answers)
 
 
-def _capture(
-    index_path: Path, stream_path: Path, rp_path: Path | None, rp_records: list[Record]
-) -> _Capture:
-    from qmig.capture.recording import Direction, capture_file_size, read_index
+def _capture(index_path: Path, rp_path: Path | None, rp_records: list[Record]) -> _Capture:
+    from qmig.capture.recording import Direction, read_index
     from qmig.errors import MalformedError
     from qmig.inspect import Timeline
 
     chunks = read_index(index_path)
     timelines = {}
-    for direction, path in ((Direction.STREAM, stream_path), (Direction.RETURN_PATH, rp_path)):
+    covered: dict[Direction, int] = {}
+    for direction in (Direction.STREAM, Direction.RETURN_PATH):
         mine = [(c.offset, c.length, c.t_ns) for c in chunks if c.direction is direction]
-        size = capture_file_size(path) if path is not None else 0
-        covered = 0
+        if direction is Direction.RETURN_PATH and rp_path is None:
+            mine = []
+        total = 0
         for offset, length, _ in mine:
-            if offset != covered:
+            if offset != total:
                 raise MalformedError(
                     CAPTURE_INDEX,
-                    f"{direction.value} chunk at {offset}, expected {covered}",
+                    f"{direction.value} chunk at {offset}, expected {total}",
                 )
-            covered += length
-        if covered != size:
-            raise MalformedError(
-                CAPTURE_INDEX,
-                f"{direction.value} chunks sum to {covered}, the file has {size} bytes",
-            )
+            total += length
+        covered[direction] = total
         timelines[direction] = Timeline(mine)
-    return _Capture(timelines[Direction.STREAM], timelines[Direction.RETURN_PATH], rp_records)
+    return _Capture(
+        timelines[Direction.STREAM], timelines[Direction.RETURN_PATH], rp_records, covered
+    )
