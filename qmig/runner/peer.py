@@ -17,6 +17,7 @@ it straight out of the child (``process_vm_readv``): no dump file, one copy (:cl
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import select
@@ -35,7 +36,10 @@ from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
 from qmig.transport import Connection
 
 READY = "ready"
-MAX_LISTED = 4096  # differing pages located per block; more are counted only
+MAX_LISTED = 4096  # differing pages located; more are counted only
+SEND = "send"  # asks a holding destination for its RAM down its stdout
+SEND_CHUNK = 4 << 20
+PAGE = 4096
 
 
 class Peer:
@@ -88,23 +92,31 @@ class Peer:
         return report if isinstance(report, dict) else None
 
     def compare(
-        self, blocks: Iterable[tuple[str, Any]], report: dict[str, Any]
+        self, blocks: Iterable[tuple[str, Any]], report: dict[str, Any], *, direct: bool = True
     ) -> tuple[int, list[tuple[str, int]]]:
         """How many pages of its RAM differ from ``blocks`` ((idstr, buffer) pairs), and the
-        first of them (block, offset), read straight from its memory (it runs with --hold)."""
+        first of them (block, offset). It runs with ``--hold``. Its memory is read straight
+        out of it; where the host refuses that (``process_vm_readv`` needs the right to trace
+        it, which Yama or a sandbox may withhold), or with ``direct=False``, it sends its RAM
+        down its stdout instead."""
         from qmig.ram._uffd import ffi, lib
 
+        mine = dict(blocks)
+        unknown = [idstr for idstr in mine if idstr not in report["ram"]]
+        if unknown:
+            raise VerificationError("verify", f"the destination has no block {unknown[0]!r}")
+        if not direct:
+            return self._compare_sent(mine, report)
         total, located = 0, []
-        for idstr, memory in blocks:
-            address = report["ram"].get(idstr)
-            if address is None:
-                raise VerificationError("verify", f"the destination has no block {idstr!r}")
+        for idstr, memory in mine.items():
             local = ffi.from_buffer(memory)
             found = ffi.new("uint64_t[]", MAX_LISTED)
             differ = lib.qmig_compare_remote(
-                report["pid"], address, int(ffi.cast("uintptr_t", local)), len(local), found,
-                MAX_LISTED,
+                report["pid"], report["ram"][idstr], int(ffi.cast("uintptr_t", local)),
+                len(local), found, MAX_LISTED,
             )  # fmt: skip
+            if differ in (-errno.EPERM, -errno.EACCES, -errno.ENOSYS):
+                return self._compare_sent(mine, report)
             if differ < 0:
                 raise VerificationError(
                     "verify", f"reading the destination's {idstr!r}: {os.strerror(-differ)}"
@@ -112,6 +124,42 @@ class Peer:
             total += differ
             located += [(idstr, int(found[k])) for k in range(min(differ, MAX_LISTED))]
         return total, located
+
+    def _compare_sent(
+        self, mine: dict[str, Any], report: dict[str, Any]
+    ) -> tuple[int, list[tuple[str, int]]]:
+        """The same comparison, with the destination writing its RAM down its stdout (every
+        block of its report, in order)."""
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(SEND.encode() + b"\n")
+        stdin.flush()
+        total, located = 0, []
+        for idstr in report["ram"]:
+            size = report["blocks"][idstr]
+            local = memoryview(mine[idstr]) if idstr in mine else None
+            for at in range(0, size, SEND_CHUNK):
+                chunk = self._exactly(min(SEND_CHUNK, size - at))
+                if local is None or chunk == local[at : at + len(chunk)]:
+                    continue
+                for page in range(0, len(chunk), PAGE):
+                    if chunk[page : page + PAGE] != local[at + page : at + page + PAGE]:
+                        if total < MAX_LISTED:
+                            located.append((idstr, at + page))
+                        total += 1
+        return total, located
+
+    def _exactly(self, size: int) -> bytes:
+        stdout = self.process.stdout
+        assert stdout is not None
+        data = bytearray(self._pending[:size])
+        self._pending = self._pending[size:]
+        while len(data) < size:
+            more = os.read(stdout.fileno(), min(1 << 20, size - len(data)))
+            if not more:
+                raise VerificationError("verify", "the destination stopped sending its RAM")
+            data += more
+        return bytes(data)
 
     def finish(self, timeout: float) -> str:
         """Let it go (close its stdin) and wait. Returns "" when it succeeded, else its error
@@ -211,9 +259,28 @@ def main(argv: list[str] | None = None) -> int:
         report["ram"] = {block.idstr: block.host_address for block in session.blocks}
     print(json.dumps(report), flush=True)
     if session is not None:
-        sys.stdin.read()  # until the parent has compared and closes our stdin
+        # Until the parent has compared and closes our stdin; where it cannot read our
+        # memory itself, it asks for it.
+        for line in sys.stdin:
+            if line.strip() == SEND:
+                send_ram(runner)
         session.close()
     return 0
+
+
+def send_ram(runner: DestinationRunner) -> None:
+    """Every block's bytes down stdout, in the report's order (the blocks are no longer
+    registered: a page that never came reads as zero, and is found to differ)."""
+    from qmig.ram._uffd import ffi
+
+    session = runner.session
+    assert session is not None
+    out = sys.stdout.buffer
+    for idstr, used in runner.report.blocks.items():
+        address = session.block(idstr).host_address
+        for at in range(0, used, SEND_CHUNK):
+            out.write(ffi.buffer(ffi.cast("char *", address + at), min(SEND_CHUNK, used - at)))
+    out.flush()
 
 
 if __name__ == "__main__":
