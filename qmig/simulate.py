@@ -127,7 +127,7 @@ def run_simulation(
             differ, first = (0, []) if destination is None else peer.compare(blocks, destination)
             peer_error = peer.finish(PEER_TIMEOUT).removeprefix("qmig: error: ")
         except QmigError as error:
-            peer.kill()
+            # Its own account of what went wrong, if it gives one within a few seconds.
             peer_error = peer.finish(5.0).removeprefix("qmig: error: ")
             if peer_error:
                 raise QmigError(

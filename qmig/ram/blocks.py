@@ -216,7 +216,6 @@ class RamBlock:
         self._c.touched = self._touched.cdata
         self._c.staging_page = (1 << 64) - 1
         self._c.regions = ffi.NULL
-        self._regions: Any = ffi.NULL
         self._placed_ns: Any = ffi.NULL
         self._keep: list[Any] = []  # buffers the C struct points to
         if self.huge:
@@ -343,7 +342,8 @@ class RamBlock:
             regions = ffi.new("uint8_t[]", (self.end_address - 1 - first) // REGION + 1)
         with self._place_lock:
             self._c.regions = regions
-            self._regions = regions  # kept alive while C points to it
+        # Kept alive while C may point to it: a 4 KiB block's placement takes no lock.
+        self._keep.append(regions)
 
     def limit_data_runs(self, pages: int) -> None:
         """Once registered, place at most ``pages`` data pages per UFFDIO_COPY (0: as many as

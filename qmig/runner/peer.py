@@ -12,6 +12,8 @@ With ``--hold``, once the migration is complete the child keeps its RAM mapped (
 a missing page now reads as zero), adds where each block lies to its report, and waits for
 its stdin to close. The parent compares that memory with the source's page by page, reading
 it straight out of the child (``process_vm_readv``): no dump file, one copy (:class:`Peer`).
+Where the host refuses that, the parent writes ``send`` to the child's stdin and the child
+writes its RAM down its stdout.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ READY = "ready"
 MAX_LISTED = 4096  # differing pages located; more are counted only
 SEND = "send"  # asks a holding destination for its RAM down its stdout
 SEND_CHUNK = 4 << 20
+SEND_TIMEOUT = 30.0
 PAGE = 4096
 
 
@@ -155,6 +158,10 @@ class Peer:
         data = bytearray(self._pending[:size])
         self._pending = self._pending[size:]
         while len(data) < size:
+            if not select.select([stdout], [], [], SEND_TIMEOUT)[0]:
+                raise VerificationError(
+                    "verify", f"the destination sent none of its RAM for {SEND_TIMEOUT:.0f} s"
+                )
             more = os.read(stdout.fileno(), min(1 << 20, size - len(data)))
             if not more:
                 raise VerificationError("verify", "the destination stopped sending its RAM")
