@@ -208,7 +208,7 @@ def _summary(
         "blocks": {name: size for name, size in config.blocks},
         # Migration start → the source has the destination's SHUT, i.e. the destination has
         # consumed the whole stream (QEMU's source-side total-time ends at the same point).
-        # The destination's own end adds the workload's finish and the dump for verification.
+        # The destination's own end adds the workload's finish (its vCPUs joined).
         "total_s": round(report.finished - report.started, 3),
         "destination_done_s": round(destination["finished"] - report.started, 3),
         "downtime_ms": None if downtime is None else round(downtime, 2),
