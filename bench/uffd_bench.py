@@ -101,16 +101,22 @@ def python_fault_thread(size: int, vcpus: int, spin_us: float) -> FaultRun:
         return run_vcpus(session, faults, size, vcpus, "qmig, Python requests")
 
 
-def run_vcpus(
-    session: RamSession, faults: FaultThread, size: int, vcpus: int, label: str
-) -> FaultRun:
-    """Fault every page of pc.ram once from ``vcpus`` C threads, each on its own share."""
+def fault_all_pages(session: RamSession, size: int, vcpus: int) -> tuple[Any, float]:
+    """``vcpus`` C threads touch every page of pc.ram once, each its own share; their
+    results and the seconds it took."""
     share = size // vcpus
     started = time.perf_counter()
     for index in range(vcpus):
         session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * share, share)
     results = session.vcpus.join(120)
-    seconds = time.perf_counter() - started
+    return results, time.perf_counter() - started
+
+
+def run_vcpus(
+    session: RamSession, faults: FaultThread, size: int, vcpus: int, label: str
+) -> FaultRun:
+    """Fault every page of pc.ram once from ``vcpus`` C threads, each on its own share."""
+    results, seconds = fault_all_pages(session, size, vcpus)
     faults.stop()
     stats = faults.stats()
     session.close()
@@ -163,12 +169,7 @@ def c_fault_loop(size: int, vcpus: int, spin_us: float) -> FaultRun:
 
         server = threading.Thread(target=loop)
         server.start()
-        share = size // vcpus
-        started = time.perf_counter()
-        for index in range(vcpus):
-            session.start_vcpu("pc.ram", Workload(tag_xor=TAG), index * share, share)
-        results = session.vcpus.join(120)
-        seconds = time.perf_counter() - started
+        results, seconds = fault_all_pages(session, size, vcpus)
         os.eventfd_write(quit_fd, 1)
         server.join()
         os.close(quit_fd)

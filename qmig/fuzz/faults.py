@@ -65,6 +65,20 @@ class ProxyLog:
     errors: list[str] = field(default_factory=list)
 
 
+def _next_chunk(sock: socket.socket, other: socket.socket) -> bytes | None:
+    """The next bytes from ``sock``; None once it has ended (its end passed on to ``other``,
+    whose write side is shut) or failed."""
+    try:
+        chunk = sock.recv(RELAY_CHUNK)
+    except OSError:
+        return None
+    if not chunk:
+        with contextlib.suppress(OSError):
+            other.shutdown(socket.SHUT_WR)
+        return None
+    return chunk
+
+
 class FaultProxy:
     """Relays one migration between ``listener`` (the source connects) and ``target``."""
 
@@ -135,13 +149,7 @@ class FaultProxy:
         aim: int | None = None  # absolute offset where the fault starts
         fault = self.fault
         while not self._stop.is_set():
-            try:
-                chunk = self._source.recv(RELAY_CHUNK)
-            except OSError:
-                break
-            if not chunk:
-                with contextlib.suppress(OSError):
-                    self._destination.shutdown(socket.SHUT_WR)
+            if (chunk := _next_chunk(self._source, self._destination)) is None:
                 break
             start = self.log.forwarded if not self._stalled.is_set() else None
             watcher.feed(chunk)
@@ -207,13 +215,7 @@ class FaultProxy:
         assert self._source is not None and self._destination is not None
         reader = ReturnPathReader(self.version)
         while not self._stop.is_set():
-            try:
-                chunk = self._destination.recv(RELAY_CHUNK)
-            except OSError:
-                break
-            if not chunk:
-                with contextlib.suppress(OSError):
-                    self._source.shutdown(socket.SHUT_WR)
+            if (chunk := _next_chunk(self._destination, self._source)) is None:
                 break
             self.log.return_path_bytes += len(chunk)
             reader.feed(chunk)
