@@ -81,6 +81,7 @@ class Profile:
     mem_size_mr_addr: str
     request_range_check: str
     postcopy_host_page_order: str
+    max_xbzrle_length: str  # "target-page": an XBZRLE body may not exceed one target page
     run_sets_state_before_check: bool
     reject_second_listen: bool
     package_loaded_ping: int | None
@@ -140,6 +141,7 @@ class Profile:
             mem_size_mr_addr=ram["mem_size_mr_addr"],
             request_range_check=ram["request_range_check"],
             postcopy_host_page_order=ram["postcopy_host_page_order"],
+            max_xbzrle_length=ram["max_xbzrle_length"],
             run_sets_state_before_check=postcopy.get("run_sets_state_before_check", False),
             reject_second_listen=postcopy.get("reject_second_listen", False),
             package_loaded_ping=postcopy.get("package_loaded_ping"),
