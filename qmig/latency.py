@@ -21,3 +21,26 @@ def percentiles_us(samples_ns: Sequence[int]) -> dict[str, float]:
         "p99": percentile_us(ordered, 0.99),
         "max": percentile_us(ordered, 1.0),
     }
+
+
+# QEMU 10.1's `postcopy-latency-dist` (query-migrate): bucket N counts the remote faults that
+# were resolved in [2^N, 2^(N+1)) µs; 0 µs counts in bucket 0 and anything past the last
+# bucket counts in it. Reporting qmig's faults the same way lets a user put qmig's figures
+# beside a QEMU destination's.
+LATENCY_DIST_BUCKETS = 24
+
+
+def latency_dist(samples_ns: Sequence[int]) -> list[int]:
+    """``samples_ns`` counted into QEMU's power-of-two µs buckets."""
+    buckets = [0] * LATENCY_DIST_BUCKETS
+    last = LATENCY_DIST_BUCKETS - 1
+    for sample in samples_ns:
+        micros = max(0, sample) // 1000
+        buckets[min(last, micros.bit_length() - 1) if micros else 0] += 1
+    return buckets
+
+
+def qemu_latency_figures(samples_ns: Sequence[int]) -> dict[str, object]:
+    """The fault-latency figures in the form of QEMU's query-migrate: average in ns, buckets."""
+    average = sum(samples_ns) // len(samples_ns) if samples_ns else 0
+    return {"postcopy_latency_ns": average, "postcopy_latency_dist": latency_dist(samples_ns)}

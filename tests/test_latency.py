@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from qmig.latency import percentile_us, percentiles_us
+from qmig.latency import (
+    LATENCY_DIST_BUCKETS,
+    latency_dist,
+    percentile_us,
+    percentiles_us,
+    qemu_latency_figures,
+)
 
 
 def test_percentiles_of_nanosecond_samples_in_microseconds() -> None:
@@ -14,3 +20,24 @@ def test_percentiles_of_nanosecond_samples_in_microseconds() -> None:
 
 def test_no_samples_give_zeros() -> None:
     assert percentiles_us([]) == {"count": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+
+
+def test_latency_dist_uses_qemus_power_of_two_microsecond_buckets() -> None:
+    # 0 µs and 1 µs share bucket 0; 255 µs is in [128, 256); 256 µs opens [256, 512).
+    samples = [0, 999, 1_000, 255_000, 256_000, 511_999, 2**40 * 1000]
+    dist = latency_dist(samples)
+    assert len(dist) == LATENCY_DIST_BUCKETS == 24
+    assert dist[0] == 3  # 0 µs, 0.999 µs (truncated to 0) and 1 µs
+    assert dist[7] == 1  # 255 µs
+    assert dist[8] == 2  # 256 µs and 511.999 µs
+    assert dist[23] == 1  # far past the last bucket's start
+    assert sum(dist) == len(samples)
+
+
+def test_qemu_latency_figures_average_in_nanoseconds() -> None:
+    figures = qemu_latency_figures([1_000, 3_000])
+    assert figures["postcopy_latency_ns"] == 2_000
+    assert qemu_latency_figures([]) == {
+        "postcopy_latency_ns": 0,
+        "postcopy_latency_dist": [0] * LATENCY_DIST_BUCKETS,
+    }
