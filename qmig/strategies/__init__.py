@@ -61,10 +61,10 @@ record::
 
 Use ``.map(lambda bad: bad.data)`` where only the bytes are wanted. The readers
 (:class:`~qmig.wire.reader.StreamReader`, :class:`~qmig.wire.reader.ReturnPathReader`)
-refuse every variant whose defect is in the bytes alone; discard ranges outside or
-unaligned to their block, REQ_PAGES with no previous block and empty requested block names
-are well-formed bytes that :mod:`qmig.protocol`'s ``Destination`` and ``Source`` refuse,
-since only they know the blocks and the requests so far.
+refuse every variant whose defect is in the bytes alone (a REQ_PAGES with no REQ_PAGES_ID
+before it included); discard ranges outside or unaligned to their block and empty requested
+block names are well-formed bytes that :mod:`qmig.protocol`'s ``Destination`` and ``Source``
+refuse, since only they know the blocks.
 
 **Command orders.** :func:`command_orders` gives well-formed postcopy commands, page
 records and EOF in any order behind a valid opening (a :class:`CommandOrder`): what a

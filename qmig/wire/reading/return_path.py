@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from qmig.errors import MalformedError, TruncatedError
+from qmig.wire import messages as m
 from qmig.wire.fields import FieldError
 from qmig.wire.page_requests import PageRequests
 from qmig.wire.reading.buffer import ByteStream, InputBuffer
@@ -20,13 +21,17 @@ class ReturnPathReader(InputBuffer):
     """Reads the destination-to-source return path into :class:`Record` values.
 
     The source's checks, in its order: a known message type, the fixed length or the
-    512-byte buffer, then the message's own rules.
+    512-byte buffer, then the message's own rules. A REQ_PAGES asks for pages of the block
+    the last REQ_PAGES_ID named, so one with no REQ_PAGES_ID before it cannot be read: the
+    reader keeps whether one came, as the stream reader keeps the block a CONTINUE record
+    continues.
     """
 
     def __init__(self, version: str | None = None) -> None:
         self.schema: Schema = schema_for(version)
         self.profile = self.schema.profile
         self._page_requests = PageRequests(self.schema)
+        self._named_block = False  # a REQ_PAGES_ID came: REQ_PAGES has a block to refer to
         self._init_input()
 
     def __iter__(self) -> Iterator[Record]:
@@ -47,6 +52,7 @@ class ReturnPathReader(InputBuffer):
         request = self._page_requests.read(self._buf, self._pos, len(self._buf))
         if request is not None:  # well formed: the schema would read the same (see its module)
             message, size = request
+            self._note_request(message, offset)
             self._pos += size
             return Record(offset, size, message)
         header = self.schema.rp_header.parse(bytes(self._buf[self._pos : self._pos + 4]))
@@ -76,8 +82,17 @@ class ReturnPathReader(InputBuffer):
                 return self._short(name, offset)
             message = dataclasses.replace(message, bitmap=trailer.bitmap)
             size += 16 + trailer.size
+        self._note_request(message, offset)
         self._pos += size
         return Record(offset, size, message)
+
+    def _note_request(self, message: Any, offset: int) -> None:
+        if isinstance(message, m.ReqPagesId):
+            self._named_block = True
+        elif isinstance(message, m.ReqPages) and not self._named_block:
+            raise MalformedError(
+                "REQ_PAGES", "no previous block: no REQ_PAGES_ID named one before it", offset
+            )
 
     def _read_trailer(self, name: str, offset: int, at: int) -> Any:
         """The bitmap after RP RECV_BITMAP, ``at`` bytes into the record; None: not all here."""

@@ -250,6 +250,16 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
                 f"received with bad length - expecting {rule.expected()}, got {header.len}",
                 offset,
             )
+        if name == "PACKAGED" and self._packages:
+            # QEMU reads a package's length and blob from the outer stream, whichever stream
+            # the command came from: from inside a package it takes the bytes after the
+            # enclosing blob, and its read of that blob fails or parses foreign bytes.
+            raise MalformedError(
+                name,
+                "a package inside a package: QEMU reads its length and blob from the outer "
+                "stream, after the enclosing package",
+                offset,
+            )
         total = 5 + header.len
         if self._pos + total > self._limit():
             if self._bounded_by_package():
@@ -274,10 +284,7 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
             raise MalformedError(
                 "PACKAGED", f"unreasonably large packaged state: {packaged.length}", offset
             )
-        end = self.offset + packaged.length
-        if self._packages and end > self._packages[-1]:
-            raise MalformedError("PACKAGED", "runs past the end of the enclosing package", offset)
-        self._packages.append(end)
+        self._packages.append(self.offset + packaged.length)
 
     def _close_package(self) -> Record:
         if self._frame.mode not in ("top",):
