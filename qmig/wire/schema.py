@@ -36,294 +36,409 @@ RECV_BITMAP_END_MARK = 0x0123456789ABCDEF  # QEMU's RAMBLOCK_RECV_BITMAP_ENDING
 CONFIGURATION_PREFIX = "configuration/"
 
 
+# --- stream header and CONFIGURATION ----------------------------------------------------
+
+
+def stream_header(profile: Profile) -> cs.Construct:
+    """be32 magic "QEVM", be32 version: the one this QEMU reads (older ones are obsolete)."""
+    return As(
+        m.StreamHeader,
+        cs.Struct(
+            "magic" / Expect(cs.Const(profile.magic, cs.Int32ub), "not a migration stream"),
+            "version" / cs.Int32ub,
+            Require(
+                lambda ctx: ctx.version not in profile.obsolete_versions,
+                lambda ctx: f"SaveVM v{ctx.version} format is obsolete",
+            ),
+            Require(
+                lambda ctx: ctx.version == profile.stream_version,
+                lambda ctx: f"unsupported migration stream version {ctx.version}",
+            ),
+        ),
+    )
+
+
+def configuration_subsection(profile: Profile) -> cs.Construct:
+    """SUBSECTION, counted name "configuration/NAME", be32 version, then NAME's body."""
+    bodies = {
+        "target-page-bits": cs.Struct("target_page_bits" / cs.Int32ub),
+        "capabilities": cs.Struct("capabilities" / cs.PrefixedArray(cs.Int32ub, CountedName)),
+        "uuid": cs.Struct("uuid" / cs.Bytes(16)),
+    }
+    return cs.Struct(
+        "marker"
+        / Expect(cs.Const(profile.section_types["SUBSECTION"], cs.Int8ub), "expected a subsection"),
+        "name" / CountedName,
+        Require(
+            lambda ctx: (
+                ctx.name.removeprefix(CONFIGURATION_PREFIX) in profile.configuration_subsections
+            ),
+            lambda ctx: f"unknown subsection {ctx.name!r}",
+        ),
+        "version_id" / cs.Int32ub,
+        "body" / cs.Switch(lambda ctx: ctx.name.removeprefix(CONFIGURATION_PREFIX), bodies),
+    )
+
+
+def configuration(profile: Profile, subsection: cs.Construct) -> cs.Construct:
+    """CONFIGURATION, be32-counted machine type, then subsections while SUBSECTION follows."""
+    marker = profile.section_types["SUBSECTION"]
+    return _ConfigurationAdapter(
+        cs.Struct(
+            "section_type" / cs.Const(profile.section_types["CONFIGURATION"], cs.Int8ub),
+            "machine_type_length" / cs.Int32ub,
+            Require(
+                lambda ctx: ctx.machine_type_length <= MAX_MACHINE_TYPE_LENGTH,
+                lambda ctx: (
+                    f"machine type name length {ctx.machine_type_length} "
+                    f"exceeds {MAX_MACHINE_TYPE_LENGTH}"
+                ),
+            ),
+            "machine_type" / cs.Bytes(this.machine_type_length),
+            "subsections"
+            / cs.GreedyRange(
+                cs.Struct(cs.Peek(cs.Const(marker, cs.Int8ub)), "subsection" / subsection)
+            ),
+        )
+    )
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+def full_section_header(cls: type, section_type: int) -> cs.Construct:
+    """SECTION_START / SECTION_FULL: type, be32 id, counted idstr, be32 instance, be32 version."""
+    return As(
+        cls,
+        cs.Struct(
+            "section_type" / cs.Const(section_type, cs.Int8ub),
+            "section_id" / cs.Int32ub,
+            "idstr"
+            / NonEmpty(
+                CountedName,
+                lambda ctx: f"unable to read ID string for section {ctx.section_id}",
+            ),
+            "instance_id" / cs.Int32ub,
+            "version_id" / cs.Int32ub,
+        ),
+    )
+
+
+def short_section_header(cls: type, section_type: int) -> cs.Construct:
+    """SECTION_PART / SECTION_END: type, be32 id of a section started before."""
+    return As(
+        cls,
+        cs.Struct(
+            "section_type" / cs.Const(section_type, cs.Int8ub),
+            "section_id" / cs.Int32ub,
+        ),
+    )
+
+
+def section_footer(profile: Profile) -> cs.Construct:
+    """SECTION_FOOTER, be32 id of the section it ends."""
+    return As(
+        m.SectionFooter,
+        cs.Struct(
+            "section_type"
+            / Expect(
+                cs.Const(profile.section_types["SECTION_FOOTER"], cs.Int8ub),
+                "missing section footer",
+            ),
+            "section_id" / cs.Int32ub,
+        ),
+    )
+
+
+def eof(profile: Profile) -> cs.Construct:
+    """EOF: one byte."""
+    marker = profile.section_types["EOF"]
+    return cs.ExprAdapter(
+        cs.Const(marker, cs.Int8ub),
+        decoder=lambda obj, ctx: m.Eof(),
+        encoder=lambda obj, ctx: marker,
+    )
+
+
+def vmdescription(profile: Profile) -> cs.Construct:
+    """VMDESCRIPTION, be32-counted JSON."""
+    return As(
+        m.VmDescription,
+        cs.Struct(
+            "section_type" / cs.Const(profile.section_types["VMDESCRIPTION"], cs.Int8ub),
+            "json" / cs.Prefixed(cs.Int32ub, cs.GreedyBytes),
+        ),
+    )
+
+
+# --- QEMU_VM_COMMAND: COMMAND, be16 cmd, be16 len, len bytes -------------------------------
+
+
+def command_header(profile: Profile) -> cs.Construct:
+    return cs.Struct(
+        "section_type" / cs.Const(profile.section_types["COMMAND"], cs.Int8ub),
+        "cmd" / cs.Int16ub,
+        "len" / cs.Int16ub,
+    )
+
+
+def ping() -> cs.Construct:
+    return As(m.Ping, cs.Struct("value" / cs.Int32ub))
+
+
+def postcopy_advise() -> cs.Construct:
+    """Empty without RAM postcopy; else be64 page size summary, be64 target page size."""
+    return cs.ExprAdapter(
+        cs.If(
+            this.len == 16,
+            cs.Struct("page_size_summary" / cs.Int64ub, "target_page_size" / cs.Int64ub),
+        ),
+        decoder=lambda sizes, ctx: (
+            m.PostcopyAdvise()
+            if sizes is None
+            else m.PostcopyAdvise(sizes.page_size_summary, sizes.target_page_size)
+        ),
+        encoder=lambda advise, ctx: (
+            {
+                "page_size_summary": advise.page_size_summary,
+                "target_page_size": advise.target_page_size,
+            }
+            if advise.ram_postcopy
+            else None
+        ),
+    )
+
+
+def discard_range() -> cs.Construct:
+    """be64 start, be64 length: one range of a POSTCOPY_RAM_DISCARD."""
+    return As(m.DiscardRange, cs.Struct("start" / cs.Int64ub, "length" / cs.Int64ub))
+
+
+def postcopy_ram_discard(profile: Profile) -> cs.Construct:
+    """u8 version, counted block name, 0x00, then ranges to the end of the command."""
+    ranges_bytes = this._.len - 3 - cs.len_(this.block)
+    return As(
+        m.PostcopyRamDiscard,
+        cs.Struct(
+            "version" / cs.Int8ub,
+            Require(
+                lambda ctx: ctx.version == profile.discard_version,
+                lambda ctx: f"invalid version {ctx.version}",
+            ),
+            "block" / NonEmpty(CountedName, "failed to read RAMBlock ID"),
+            "terminator"
+            / Expect(cs.Const(0, cs.Int8ub), "missing 0x00 terminator after block name"),
+            Require(
+                lambda ctx: (ctx._.len - 3 - len(ctx.block)) % 16 == 0,
+                lambda ctx: (
+                    f"invalid length {(ctx._.len - 3 - len(ctx.block)) & 0xFFFF}"
+                    " (ranges are 16 bytes each)"
+                ),
+            ),
+            "ranges" / cs.Array(ranges_bytes // 16, discard_range()),
+        ),
+    )
+
+
+def packaged() -> cs.Construct:
+    """be32 length of the blob that follows the command (outside its own length)."""
+    return As(m.Packaged, cs.Struct("length" / cs.Int32ub))
+
+
+def recv_bitmap() -> cs.Construct:
+    return As(m.RecvBitmap, cs.Struct("block" / NonEmpty(CountedName, "failed to read block name")))
+
+
+def command_payloads(profile: Profile) -> dict[str, cs.Construct]:
+    """The payload of every command this QEMU knows, by name."""
+    payloads: dict[str, cs.Construct] = {
+        "OPEN_RETURN_PATH": empty(m.OpenReturnPath),
+        "PING": ping(),
+        "POSTCOPY_ADVISE": postcopy_advise(),
+        "POSTCOPY_LISTEN": empty(m.PostcopyListen),
+        "POSTCOPY_RUN": empty(m.PostcopyRun),
+        "POSTCOPY_RAM_DISCARD": postcopy_ram_discard(profile),
+        "PACKAGED": packaged(),
+        "ENABLE_COLO": empty(m.EnableColo),
+        "POSTCOPY_RESUME": empty(m.PostcopyResume),
+        "RECV_BITMAP": recv_bitmap(),
+        "SWITCHOVER_START": empty(m.SwitchoverStart),
+    }
+    return {name: payloads[name] for name in profile.commands if name in payloads}
+
+
+# --- return path: be16 type, be16 len, len bytes -------------------------------------------
+
+
+def rp_header() -> cs.Construct:
+    return cs.Struct("type" / cs.Int16ub, "len" / cs.Int16ub)
+
+
+def req_pages_id() -> cs.Construct:
+    """be64 start, be32 length, counted block name; the length covers the name exactly."""
+    return As(
+        m.ReqPagesId,
+        cs.Struct(
+            "start" / cs.Int64ub,
+            "length" / cs.Int32ub,
+            "name_length" / cs.Peek(cs.Int8ub),
+            Require(lambda ctx: ctx._.len == 13 + ctx.name_length, _req_pages_id_length),
+            "block" / CountedName,
+        ),
+    )
+
+
+def req_pages() -> cs.Construct:
+    """be64 start, be32 length, in the block the previous REQ_PAGES_ID named."""
+    return As(m.ReqPages, cs.Struct("start" / cs.Int64ub, "length" / cs.Int32ub))
+
+
+def rp_payloads(profile: Profile) -> dict[str, cs.Construct]:
+    """The payload of every return-path message this QEMU knows, by name."""
+    payloads: dict[str, cs.Construct] = {
+        "SHUT": As(m.Shut, cs.Struct("status" / cs.Int32ub)),
+        "PONG": As(m.Pong, cs.Struct("value" / cs.Int32ub)),
+        "REQ_PAGES_ID": req_pages_id(),
+        "REQ_PAGES": req_pages(),
+        "RECV_BITMAP": As(
+            m.RpRecvBitmap, cs.Struct("block" / Expect(CountedName, "missing block name"))
+        ),
+        "RESUME_ACK": As(m.ResumeAck, cs.Struct("value" / cs.Int32ub)),
+        "SWITCHOVER_ACK": empty(m.SwitchoverAck),
+    }
+    return {name: payloads[name] for name in profile.rp_messages if name in payloads}
+
+
+def recv_bitmap_trailer() -> cs.Construct:
+    """What follows RP RECV_BITMAP outside its length: the block's received bitmap, which the
+    source reads straight off the stream."""
+    return cs.Struct(
+        "size"  # bytes: the page count rounded up to whole 64-bit words
+        / Valid(
+            cs.Int64ub,
+            "missing bitmap size",
+            lambda size: size % 8 == 0,
+            lambda size: f"bitmap size {size:#x} is not a whole number of 64-bit words",
+        ),
+        "bitmap" / cs.Bytes(this.size),  # little-endian 64-bit words
+        "end_mark"
+        / Expect(cs.Const(RECV_BITMAP_END_MARK, cs.Int64ub), "bitmap end mark incorrect"),
+    )
+
+
+# --- the "ram" section: be64 (offset | flags), then a body chosen by the flags -------------
+
+
+def mem_size_block() -> cs.Construct:
+    """One MEM_SIZE entry: counted idstr, be64 used length, [be64 page size], [be64 mr addr].
+
+    Whether the optional fields are there is not in the bytes: the parse gets ``rules``.
+    """
+    return As(
+        m.RamBlockInfo,
+        cs.Struct(
+            "idstr" / NonEmpty(CountedName, "failed to read RAMBlock name", "empty RAMBlock name"),
+            "used_length" / cs.Int64ub,
+            "page_size" / cs.If(lambda ctx: ctx._params.rules.page_size_field(ctx), cs.Int64ub),
+            "mr_addr" / cs.If(lambda ctx: ctx._params.rules.mr_addr_field, cs.Int64ub),
+        ),
+    )
+
+
+def xbzrle_body(page_size: int) -> cs.Construct:
+    """u8 encoding (1), be16 length of at most a page, the encoded bytes."""
+    return cs.Struct(
+        "encoding" / cs.Int8ub,
+        Require(
+            lambda ctx: ctx.encoding == 1,
+            lambda ctx: f"unknown XBZRLE encoding {ctx.encoding:#x}",
+        ),
+        "length" / cs.Int16ub,
+        Require(
+            lambda ctx: ctx.length <= page_size,
+            lambda ctx: f"XBZRLE length {ctx.length} overflows a page",
+        ),
+        "data" / cs.Bytes(this.length),
+    )
+
+
+def compressed_body(page_size: int) -> cs.Construct:
+    """be32 length, the zlib bytes; at most what compressing a page can grow to."""
+    return cs.Struct(
+        "length" / cs.Int32ub,
+        Require(
+            lambda ctx: ctx.length <= page_size + page_size // 1000 + 64,
+            lambda ctx: f"invalid compressed data length {ctx.length}",
+        ),
+        "data" / cs.Bytes(this.length),
+    )
+
+
+def ram_bodies(profile: Profile, page_size: int) -> dict[int, cs.Construct]:
+    """What follows a RAM record header (and its block name), by the record's kind flag."""
+    flags = profile.ram_flags
+    bodies: dict[int, cs.Construct] = {
+        flags["ZERO"]: cs.Struct("fill" / cs.Int8ub),
+        flags["PAGE"]: cs.Struct("data" / cs.Bytes(page_size)),
+        flags["XBZRLE"]: xbzrle_body(page_size),
+    }
+    if "COMPRESS_PAGE" in flags:
+        bodies[flags["COMPRESS_PAGE"]] = compressed_body(page_size)
+    return bodies
+
+
+def ram_record(profile: Profile, bodies: dict[int, cs.Construct], flag_mask: int) -> cs.Construct:
+    """be64 offset | flags; the block name unless CONTINUE; the body the kind flag selects."""
+    flags = profile.ram_flags
+    return cs.Struct(
+        "header" / cs.Int64ub,
+        "offset" / cs.Computed(this.header & ~flag_mask),
+        "flags" / cs.Computed(this.header & flag_mask),
+        "kind" / cs.Computed(this.flags & ~flags["CONTINUE"]),
+        "block"
+        / cs.If(
+            lambda ctx: not ctx.flags & flags["CONTINUE"] and ctx.kind in bodies,
+            Expect(CountedName, "failed to read RAMBlock name"),
+        ),
+        "body" / cs.Switch(this.kind, bodies, default=cs.Pass),
+    )
+
+
 class Schema:
     """The construct schemas for one QEMU version."""
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         section = profile.section_types
-        flags = profile.ram_flags
         self.target_page_size = 1 << profile.default_target_page_bits
 
-        # --- stream header and CONFIGURATION -------------------------------------------
-        self.header = As(
-            m.StreamHeader,
-            cs.Struct(
-                "magic" / Expect(cs.Const(profile.magic, cs.Int32ub), "not a migration stream"),
-                "version" / cs.Int32ub,
-                Require(
-                    lambda ctx: ctx.version not in profile.obsolete_versions,
-                    lambda ctx: f"SaveVM v{ctx.version} format is obsolete",
-                ),
-                Require(
-                    lambda ctx: ctx.version == profile.stream_version,
-                    lambda ctx: f"unsupported migration stream version {ctx.version}",
-                ),
-            ),
-        )
+        self.header = stream_header(profile)
+        self.configuration_subsection = configuration_subsection(profile)
+        self.configuration = configuration(profile, self.configuration_subsection)
 
-        subsection_bodies = {
-            "target-page-bits": cs.Struct("target_page_bits" / cs.Int32ub),
-            "capabilities": cs.Struct(
-                "capabilities" / cs.PrefixedArray(cs.Int32ub, CountedName),
-            ),
-            "uuid": cs.Struct("uuid" / cs.Bytes(16)),
-        }
-        self.configuration_subsection = cs.Struct(
-            "marker" / Expect(cs.Const(section["SUBSECTION"], cs.Int8ub), "expected a subsection"),
-            "name" / CountedName,
-            Require(
-                lambda ctx: (
-                    ctx.name.removeprefix(CONFIGURATION_PREFIX) in profile.configuration_subsections
-                ),
-                lambda ctx: f"unknown subsection {ctx.name!r}",
-            ),
-            "version_id" / cs.Int32ub,
-            "body"
-            / cs.Switch(lambda ctx: ctx.name.removeprefix(CONFIGURATION_PREFIX), subsection_bodies),
-        )
-        self.configuration = _ConfigurationAdapter(
-            cs.Struct(
-                "section_type" / cs.Const(section["CONFIGURATION"], cs.Int8ub),
-                "machine_type_length" / cs.Int32ub,
-                Require(
-                    lambda ctx: ctx.machine_type_length <= MAX_MACHINE_TYPE_LENGTH,
-                    lambda ctx: (
-                        f"machine type name length {ctx.machine_type_length} "
-                        f"exceeds {MAX_MACHINE_TYPE_LENGTH}"
-                    ),
-                ),
-                "machine_type" / cs.Bytes(this.machine_type_length),
-                "subsections"
-                / cs.GreedyRange(
-                    cs.Struct(
-                        cs.Peek(cs.Const(section["SUBSECTION"], cs.Int8ub)),
-                        "subsection" / self.configuration_subsection,
-                    )
-                ),
-            )
-        )
+        self.section_start = full_section_header(m.SectionStart, section["SECTION_START"])
+        self.section_full = full_section_header(m.SectionFull, section["SECTION_FULL"])
+        self.section_part = short_section_header(m.SectionPart, section["SECTION_PART"])
+        self.section_end = short_section_header(m.SectionEnd, section["SECTION_END"])
+        self.section_footer = section_footer(profile)
+        self.eof = eof(profile)
+        self.vmdescription = vmdescription(profile)
 
-        # --- sections --------------------------------------------------------------------
-        def full_header(cls: type, kind: str) -> cs.Construct:
-            return As(
-                cls,
-                cs.Struct(
-                    "section_type" / cs.Const(section[kind], cs.Int8ub),
-                    "section_id" / cs.Int32ub,
-                    "idstr"
-                    / NonEmpty(
-                        CountedName,
-                        lambda ctx: f"unable to read ID string for section {ctx.section_id}",
-                    ),
-                    "instance_id" / cs.Int32ub,
-                    "version_id" / cs.Int32ub,
-                ),
-            )
-
-        def short_header(cls: type, kind: str) -> cs.Construct:
-            return As(
-                cls,
-                cs.Struct(
-                    "section_type" / cs.Const(section[kind], cs.Int8ub),
-                    "section_id" / cs.Int32ub,
-                ),
-            )
-
-        self.section_start = full_header(m.SectionStart, "SECTION_START")
-        self.section_full = full_header(m.SectionFull, "SECTION_FULL")
-        self.section_part = short_header(m.SectionPart, "SECTION_PART")
-        self.section_end = short_header(m.SectionEnd, "SECTION_END")
-        self.section_footer = As(
-            m.SectionFooter,
-            cs.Struct(
-                "section_type"
-                / Expect(cs.Const(section["SECTION_FOOTER"], cs.Int8ub), "missing section footer"),
-                "section_id" / cs.Int32ub,
-            ),
-        )
-        self.eof = cs.ExprAdapter(
-            cs.Const(section["EOF"], cs.Int8ub),
-            decoder=lambda obj, ctx: m.Eof(),
-            encoder=lambda obj, ctx: section["EOF"],
-        )
-        self.vmdescription = As(
-            m.VmDescription,
-            cs.Struct(
-                "section_type" / cs.Const(section["VMDESCRIPTION"], cs.Int8ub),
-                "json" / cs.Prefixed(cs.Int32ub, cs.GreedyBytes),
-            ),
-        )
-
-        # --- QEMU_VM_COMMAND: 0x08, be16 cmd, be16 len, len bytes --------------------------
-        self.command_header = cs.Struct(
-            "section_type" / cs.Const(section["COMMAND"], cs.Int8ub),
-            "cmd" / cs.Int16ub,
-            "len" / cs.Int16ub,
-        )
-        discard_range = As(m.DiscardRange, cs.Struct("start" / cs.Int64ub, "length" / cs.Int64ub))
-        ranges_bytes = this._.len - 3 - cs.len_(this.block)
-        payloads: dict[str, cs.Construct] = {
-            "OPEN_RETURN_PATH": empty(m.OpenReturnPath),
-            "PING": As(m.Ping, cs.Struct("value" / cs.Int32ub)),
-            "POSTCOPY_ADVISE": cs.ExprAdapter(
-                cs.If(
-                    this.len == 16,
-                    cs.Struct("page_size_summary" / cs.Int64ub, "target_page_size" / cs.Int64ub),
-                ),
-                decoder=lambda sizes, ctx: (
-                    m.PostcopyAdvise()
-                    if sizes is None
-                    else m.PostcopyAdvise(sizes.page_size_summary, sizes.target_page_size)
-                ),
-                encoder=lambda advise, ctx: (
-                    {
-                        "page_size_summary": advise.page_size_summary,
-                        "target_page_size": advise.target_page_size,
-                    }
-                    if advise.ram_postcopy
-                    else None
-                ),
-            ),
-            "POSTCOPY_LISTEN": empty(m.PostcopyListen),
-            "POSTCOPY_RUN": empty(m.PostcopyRun),
-            "POSTCOPY_RAM_DISCARD": As(
-                m.PostcopyRamDiscard,
-                cs.Struct(
-                    "version" / cs.Int8ub,
-                    Require(
-                        lambda ctx: ctx.version == profile.discard_version,
-                        lambda ctx: f"invalid version {ctx.version}",
-                    ),
-                    "block" / NonEmpty(CountedName, "failed to read RAMBlock ID"),
-                    "terminator"
-                    / Expect(cs.Const(0, cs.Int8ub), "missing 0x00 terminator after block name"),
-                    Require(
-                        lambda ctx: (ctx._.len - 3 - len(ctx.block)) % 16 == 0,
-                        lambda ctx: (
-                            f"invalid length {(ctx._.len - 3 - len(ctx.block)) & 0xFFFF}"
-                            " (ranges are 16 bytes each)"
-                        ),
-                    ),
-                    "ranges" / cs.Array(ranges_bytes // 16, discard_range),
-                ),
-            ),
-            "PACKAGED": As(m.Packaged, cs.Struct("length" / cs.Int32ub)),
-            "ENABLE_COLO": empty(m.EnableColo),
-            "POSTCOPY_RESUME": empty(m.PostcopyResume),
-            "RECV_BITMAP": As(
-                m.RecvBitmap,
-                cs.Struct(
-                    "block" / NonEmpty(CountedName, "failed to read block name"),
-                ),
-            ),
-            "SWITCHOVER_START": empty(m.SwitchoverStart),
-        }
-        self.command_payloads = {
-            name: payloads[name] for name in profile.commands if name in payloads
-        }
+        self.command_header = command_header(profile)
+        self.command_payloads = command_payloads(profile)
         self.command_classes = {cls.NAME: cls for cls in m.COMMANDS}
 
-        # --- return path: be16 type, be16 len, len bytes -----------------------------------
-        self.rp_header = cs.Struct("type" / cs.Int16ub, "len" / cs.Int16ub)
-        rp_payloads: dict[str, cs.Construct] = {
-            "SHUT": As(m.Shut, cs.Struct("status" / cs.Int32ub)),
-            "PONG": As(m.Pong, cs.Struct("value" / cs.Int32ub)),
-            "REQ_PAGES_ID": As(
-                m.ReqPagesId,
-                cs.Struct(
-                    "start" / cs.Int64ub,
-                    "length" / cs.Int32ub,
-                    "name_length" / cs.Peek(cs.Int8ub),
-                    Require(lambda ctx: ctx._.len == 13 + ctx.name_length, _req_pages_id_length),
-                    "block" / CountedName,
-                ),
-            ),
-            "REQ_PAGES": As(m.ReqPages, cs.Struct("start" / cs.Int64ub, "length" / cs.Int32ub)),
-            "RECV_BITMAP": As(
-                m.RpRecvBitmap,
-                cs.Struct("block" / Expect(CountedName, "missing block name")),
-            ),
-            "RESUME_ACK": As(m.ResumeAck, cs.Struct("value" / cs.Int32ub)),
-            "SWITCHOVER_ACK": empty(m.SwitchoverAck),
-        }
-        self.rp_payloads = {
-            name: rp_payloads[name] for name in profile.rp_messages if name in rp_payloads
-        }
-        # What follows a message on the return path outside its length. Only RP RECV_BITMAP
-        # has it: the block's received bitmap, which the source reads straight off the stream.
-        rp_trailers: dict[str, cs.Construct] = {
-            "RECV_BITMAP": cs.Struct(
-                "size"  # bytes: the page count rounded up to whole 64-bit words
-                / Valid(
-                    cs.Int64ub,
-                    "missing bitmap size",
-                    lambda size: size % 8 == 0,
-                    lambda size: f"bitmap size {size:#x} is not a whole number of 64-bit words",
-                ),
-                "bitmap" / cs.Bytes(this.size),  # little-endian 64-bit words
-                "end_mark"
-                / Expect(cs.Const(RECV_BITMAP_END_MARK, cs.Int64ub), "bitmap end mark incorrect"),
-            ),
-        }
-        self.rp_trailers = {
-            name: rp_trailers[name] for name in self.rp_payloads if name in rp_trailers
-        }
+        self.rp_header = rp_header()
+        self.rp_payloads = rp_payloads(profile)
+        trailers = {"RECV_BITMAP": recv_bitmap_trailer()}
+        self.rp_trailers = {name: trailers[name] for name in self.rp_payloads if name in trailers}
         self.rp_classes = {cls.NAME: cls for cls in m.RETURN_PATH_MESSAGES}
 
-        # --- the "ram" section: be64 (offset | flags), then a body chosen by the flags -----
         self.flag_mask = self.target_page_size - 1
         self.ram_record_header = cs.Int64ub
-        self.mem_size_block = As(
-            m.RamBlockInfo,
-            cs.Struct(
-                "idstr"
-                / NonEmpty(CountedName, "failed to read RAMBlock name", "empty RAMBlock name"),
-                "used_length" / cs.Int64ub,
-                "page_size" / cs.If(lambda ctx: ctx._params.rules.page_size_field(ctx), cs.Int64ub),
-                "mr_addr" / cs.If(lambda ctx: ctx._params.rules.mr_addr_field, cs.Int64ub),
-            ),
-        )
-        self.ram_bodies: dict[int, cs.Construct] = {
-            flags["ZERO"]: cs.Struct("fill" / cs.Int8ub),
-            flags["PAGE"]: cs.Struct("data" / cs.Bytes(self.target_page_size)),
-            flags["XBZRLE"]: cs.Struct(
-                "encoding" / cs.Int8ub,
-                Require(
-                    lambda ctx: ctx.encoding == 1,
-                    lambda ctx: f"unknown XBZRLE encoding {ctx.encoding:#x}",
-                ),
-                "length" / cs.Int16ub,
-                Require(
-                    lambda ctx: ctx.length <= self.target_page_size,
-                    lambda ctx: f"XBZRLE length {ctx.length} overflows a page",
-                ),
-                "data" / cs.Bytes(this.length),
-            ),
-        }
-        if "COMPRESS_PAGE" in flags:
-            self.ram_bodies[flags["COMPRESS_PAGE"]] = cs.Struct(
-                "length" / cs.Int32ub,
-                Require(
-                    lambda ctx: (
-                        ctx.length <= self.target_page_size + self.target_page_size // 1000 + 64
-                    ),
-                    lambda ctx: f"invalid compressed data length {ctx.length}",
-                ),
-                "data" / cs.Bytes(this.length),
-            )
-        self.ram_record = cs.Struct(
-            "header" / cs.Int64ub,
-            "offset" / cs.Computed(this.header & ~self.flag_mask),
-            "flags" / cs.Computed(this.header & self.flag_mask),
-            "kind" / cs.Computed(this.flags & ~flags["CONTINUE"]),
-            "block"
-            / cs.If(
-                lambda ctx: not ctx.flags & flags["CONTINUE"] and ctx.kind in self.ram_bodies,
-                Expect(CountedName, "failed to read RAMBlock name"),
-            ),
-            "body" / cs.Switch(this.kind, self.ram_bodies, default=cs.Pass),
-        )
+        self.mem_size_block = mem_size_block()
+        self.ram_bodies = ram_bodies(profile, self.target_page_size)
+        self.ram_record = ram_record(profile, self.ram_bodies, self.flag_mask)
 
     # --- building -----------------------------------------------------------------------
 

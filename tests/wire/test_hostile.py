@@ -110,7 +110,11 @@ def test_arbitrary_return_path_bytes_raise_only_qmig_errors(
 @settings(deadline=SLOW)
 def test_return_path_messages_then_garbage(version: str, data: st.DataObject) -> None:
     schema = schema_for(version)
-    sent = data.draw(st.lists(qs.return_path_messages(version), max_size=6))
+    # A REQ_PAGES_ID first: a REQ_PAGES among the messages then has a block to refer to.
+    sent = [
+        data.draw(qs.req_pages_ids()),
+        *data.draw(st.lists(qs.return_path_messages(version), max_size=5)),
+    ]
     garbage = data.draw(st.binary(max_size=64))
     wire = b"".join(schema.build_rp(message) for message in sent)
     reader = ReturnPathReader(version)
@@ -337,6 +341,7 @@ CAUGHT_VARIANTS = [
     "wrapping_discards",
     "unknown_commands",
     "unknown_rp_messages",
+    "orphan_req_pages",
 ]
 
 
@@ -374,9 +379,10 @@ def test_empty_names_are_refused_where_they_are(version: str, data: st.DataObjec
 
 
 # --- variants only the protocol layer can refuse ---------------------------------------------
-# The readers only delimit records. Whether a discard range fits its block, or a REQ_PAGES
-# has a block to refer to, is decided by qmig.protocol's Destination and Source, which
-# know the blocks and the requests so far.
+# The readers only delimit records. Whether a discard range fits its block, or a requested
+# block exists, is decided by qmig.protocol's Destination and Source, which know the blocks.
+# (A REQ_PAGES with no REQ_PAGES_ID before it is refused by the reader already, and by the
+# source on its own too.)
 
 
 def destination_error(bad: qs.InvalidStream, version: str) -> QmigError:

@@ -1,0 +1,291 @@
+"""The ``ram`` section: page records, the MEM_SIZE block list, and the flags between them.
+
+A ``ram`` section carries no length: its records run until EOS. Runs of ZERO/PAGE records
+that CONTINUE a known block go through the C scanner (:mod:`qmig.wire.ramscan`); every other
+record is read by the schema. The MEM_SIZE list's optional page-size field is decided by
+QEMU's rule where the reader knows the destination's blocks, else read off the bytes.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+from qmig.errors import MalformedError
+from qmig.wire import messages as m
+from qmig.wire.ramscan import RamScanner, Stop
+from qmig.wire.reading.framing import RAM_IDSTR, FramedInput
+from qmig.wire.reading.records import NeedMore, Record
+from qmig.wire.schema import mem_size_params
+
+MAX_RAM_BLOCKS = 4096
+# MEM_SIZE lists longer than this (QEMU sends a handful) are not searched for their layout:
+# the search recurses once per entry.
+MAX_INFERRED_BLOCKS = 256
+
+
+class RamSectionReader(FramedInput):
+    """The records of an open ``ram`` section (a part of :class:`StreamReader`)."""
+
+    local_page_sizes: dict[str, int] | None
+    host_page_size: int
+    _scanner: RamScanner
+
+    def _read_ram(self) -> Record:
+        flags = self.profile.ram_flags
+        offset = self.offset
+        if self._limit() - self._pos < 8:
+            if self._bounded_by_package():
+                raise MalformedError("RAM", "runs past the end of the package", offset)
+            raise NeedMore("RAM", offset)
+        header = int.from_bytes(self._buf[self._pos : self._pos + 8], "big")
+        record_flags = header & self.schema.flag_mask
+        kind = record_flags & ~flags["CONTINUE"]
+        block = self.context.current_block
+        if (
+            record_flags & flags["CONTINUE"]
+            and kind in (flags["ZERO"], flags["PAGE"])
+            and block is not None
+        ):
+            return self._read_page_run(block)
+        if kind == flags["MEM_SIZE"]:
+            return self._read_mem_size(header)
+        if kind == flags["EOS"] and not record_flags & flags["CONTINUE"]:
+            self._after_section()
+            return self._emit(m.RamEos(), 8, RAM_IDSTR)
+        if kind == flags.get("MULTIFD_FLUSH") and not record_flags & flags["CONTINUE"]:
+            return self._emit(m.RamMultifdFlush(), 8, RAM_IDSTR)
+        if kind == flags["HOOK"]:
+            return self._emit(m.RamHook(header & ~self.schema.flag_mask), 8, RAM_IDSTR)
+        if kind not in self.schema.ram_bodies:
+            raise MalformedError(
+                "RAM", f"unknown combination of migration flags {record_flags:#x}", offset
+            )
+        return self._read_one_ram_record()
+
+    def _read_page_run(self, block: str) -> Record:
+        info = self.context.ram_blocks.get(block)
+        length = info.used_length if info else (1 << 64) - 1
+        limit = self._limit()
+        view = self._buf if limit == len(self._buf) else self._buf[:limit]
+        result = self._scanner.scan(view, self._pos, self._base, length)
+        if result.count == 0:
+            offset = self.offset
+            if result.stop is Stop.RANGE:
+                self._raise_offset_range(block, offset)
+            if result.stop is Stop.SHORT:
+                if self._bounded_by_package():
+                    raise MalformedError("RAM", "runs past the end of the package", offset)
+                raise NeedMore("RAM", offset)
+            return self._read_one_ram_record()
+        run = m.RamPageRun(
+            block=block,
+            count=result.count,
+            zero_count=result.zero_count,
+            # Copies: the scanner reuses its arrays, and a run must stay valid on its own.
+            headers=memoryview(result.headers.tobytes()).cast("Q"),
+            bodies=memoryview(result.bodies.tobytes()).cast("Q"),
+            data=self._buf,
+            data_base=self._base,
+            target_page_size=self.schema.target_page_size,
+            page_flag=self.profile.ram_flags["PAGE"],
+        )
+        return self._emit(run, result.next_pos - self._pos, RAM_IDSTR)
+
+    def _raise_offset_range(self, block: str, offset: int) -> None:
+        header = int.from_bytes(self._buf[self._pos : self._pos + 8], "big")
+        info = self.context.ram_blocks[block]
+        raise MalformedError(
+            "RAM",
+            f"illegal RAM offset {header & ~self.schema.flag_mask:#x} in block {block!r} "
+            f"(used length {info.used_length:#x})",
+            offset,
+        )
+
+    def _read_one_ram_record(self) -> Record:
+        """A record the fast path does not take: it names its block, or is XBZRLE/COMPRESS."""
+        flags = self.profile.ram_flags
+        offset = self.offset
+        record, size = self._parse("RAM", self.schema.ram_record)
+        if record.block is None:
+            if self.context.current_block is None:
+                raise MalformedError("RAM", "CONTINUE with no previous block", offset)
+            block = self.context.current_block
+        else:
+            block = record.block
+            if self.context.ram_blocks and block not in self.context.ram_blocks:
+                raise MalformedError("RAM", f"can't find block {block!r}", offset + 8)
+            self.context.current_block = block
+        info = self.context.ram_blocks.get(block)
+        if info is not None and record.offset >= info.used_length:
+            self._raise_offset_range(block, offset)
+        name = None if record.flags & flags["CONTINUE"] else block
+        if record.kind in (flags["ZERO"], flags["PAGE"]):
+            return self._emit(self._single_run(block, record, size), size, RAM_IDSTR)
+        if record.kind == flags["XBZRLE"]:
+            return self._emit(m.RamXbzrle(name, record.offset, record.body.data), size, RAM_IDSTR)
+        return self._emit(m.RamCompressed(name, record.offset, record.body.data), size, RAM_IDSTR)
+
+    def _single_run(self, block: str, record: Any, size: int) -> m.RamPageRun:
+        """A run of one record decoded by the schema, in the fast path's shape."""
+        zero = record.kind == self.profile.ram_flags["ZERO"]
+        body_size = 1 if zero else self.schema.target_page_size
+        body_at = self.offset + size - body_size
+        return m.RamPageRun(
+            block=block,
+            count=1,
+            zero_count=int(zero),
+            headers=memoryview(array("Q", [record.header])),
+            bodies=memoryview(array("Q", [body_at])),
+            data=self._buf,
+            data_base=self._base,
+            target_page_size=self.schema.target_page_size,
+            page_flag=self.profile.ram_flags["PAGE"],
+        )
+
+    def _read_mem_size(self, header: int) -> Record:
+        offset = self.offset
+        total = header & ~self.schema.flag_mask
+        pos = 8
+        blocks: list[m.RamBlockInfo] = []
+        remaining = total
+        # QEMU's rule on both sides: the region address follows each entry exactly when
+        # x-ignore-shared is on, which the CONFIGURATION's capabilities subsection says.
+        mr_addr = (
+            self.profile.mem_size_mr_addr == "x-ignore-shared"
+            and "x-ignore-shared" in self.context.capabilities
+        )
+        page_sizes = self._page_size_presence(mr_addr, total)
+        while remaining > 0:
+            if len(blocks) >= MAX_RAM_BLOCKS:
+                raise MalformedError("MEM_SIZE", f"more than {MAX_RAM_BLOCKS} RAMBlocks", offset)
+            self._pos += pos
+            try:
+                entry = len(blocks)
+                rules = mem_size_params(lambda ctx, i=entry: page_sizes(i, ctx), mr_addr)
+                info, used = self._parse("MEM_SIZE", self.schema.mem_size_block, rules=rules)
+            finally:
+                self._pos -= pos
+            if info.used_length > remaining:
+                raise MalformedError(
+                    "MEM_SIZE",
+                    f"block {info.idstr!r} length {info.used_length:#x} exceeds the "
+                    f"remaining total {remaining:#x}",
+                    offset + pos,
+                )
+            remaining -= info.used_length
+            blocks.append(info)
+            pos += used
+        for info in blocks:
+            self.context.ram_blocks[info.idstr] = info
+        return self._emit(m.MemSize(total, tuple(blocks)), pos, RAM_IDSTR)
+
+    def _page_size_presence(self, mr_addr: bool, total: int) -> Callable[[int, Any], bool]:
+        """Whether MEM_SIZE entry ``i`` carries a page size: QEMU's rule, or read off the bytes.
+
+        The source writes it when RAM postcopy is on and the block's page size differs from
+        the host's; the destination reads it when postcopy was advised and its own block's
+        page size differs from the host's. A reader given its blocks (``local_page_sizes``)
+        decides as QEMU's destination does. Without them, the one layout of the whole list
+        that the bytes admit is found by :meth:`_infer_page_sizes`.
+        """
+        advise = self.context.advise
+        if advise is None or not advise.ram_postcopy:
+            return lambda i, ctx: False
+        local = self.local_page_sizes
+        if local is not None:
+            host = self.host_page_size
+            return lambda i, ctx: local.get(ctx.idstr, host) != host
+        summary = advise.page_size_summary or 0
+        if summary == self.host_page_size:
+            return lambda i, ctx: False  # the summary ORs every block's size: all are host's
+        layout = self._infer_page_sizes(mr_addr, total, summary)
+        return lambda i, ctx: i < len(layout) and layout[i]
+
+    def _infer_page_sizes(self, mr_addr: bool, total: int, summary: int) -> tuple[bool, ...]:
+        """Which MEM_SIZE entries carry a page size, found by walking the list's bytes.
+
+        An entry is ``cstr8 idstr, be64 used_length, [be64 page_size], [be64 mr_addr]``. A
+        page size is a power of two other than the host's that the ADVISE summary announced;
+        but a region address may look like one. So both layouts of each entry are tried, and
+        one is kept only if the rest of the list then reads: every name non-empty, the lengths
+        summing exactly to ``total``, and a RAM record header (EOS in practice) after the
+        last entry. A layout that puts the 8 bytes in the wrong place meets a zero name
+        length or a flag-less header almost at once. When no layout fits, the plausible-size
+        guess stands and the schema reports what is wrong.
+        """
+        buf, start = self._buf, self._pos + 8
+        limit = self._limit()
+        flag_mask, known = self.schema.flag_mask, self.profile.known_ram_flags
+        host = self.host_page_size
+        extra = 8 if mr_addr else 0
+
+        def available(end: int) -> bool:
+            if end <= limit:
+                return True
+            if end > len(buf) and not self._eof and not self._bounded_by_package():
+                raise NeedMore("MEM_SIZE", self.offset)
+            return False
+
+        def be64(at: int) -> int:
+            return int.from_bytes(buf[at : at + 8], "big")
+
+        def plausible(at: int) -> bool:
+            size = be64(at)
+            return size != host and size & (size - 1) == 0 and bool(size & summary)
+
+        def follows(at: int) -> bool:
+            """A RAM record header can start at ``at``: offset bits clear, known flags."""
+            if not available(at + 8):
+                return False
+            flags = be64(at)
+            return flags == flags & flag_mask and flags != 0 and not flags & ~known
+
+        failed: set[tuple[int, int]] = set()
+
+        def walk(at: int, remaining: int, depth: int = 0) -> tuple[bool, ...] | None:
+            if remaining == 0:
+                return () if follows(at) else None
+            if (at, remaining) in failed or depth >= MAX_INFERRED_BLOCKS:
+                return None
+            if not available(at + 1) or buf[at] == 0:
+                return None
+            after_length = at + 1 + buf[at] + 8
+            if not available(after_length + extra) or be64(after_length - 8) > remaining:
+                return None
+            left = remaining - be64(after_length - 8)
+            if available(after_length + 8 + extra) and plausible(after_length):
+                rest = walk(after_length + 8 + extra, left, depth + 1)
+                if rest is not None:
+                    return (True, *rest)
+            rest = walk(after_length + extra, left, depth + 1)
+            if rest is not None:
+                return (False, *rest)
+            failed.add((at, remaining))
+            return None
+
+        layout = walk(start, total)
+        if layout is not None:
+            return layout
+        return self._guess_page_sizes(start, total, extra, plausible)
+
+    def _guess_page_sizes(
+        self, start: int, total: int, extra: int, plausible: Callable[[int], bool]
+    ) -> tuple[bool, ...]:
+        """A list no layout fits: take every plausible size, so that the schema's parse goes
+        as far as the bytes allow and reports the first field that is wrong."""
+        buf, limit = self._buf, self._limit()
+        layout: list[bool] = []
+        at, remaining = start, total
+        while remaining > 0 and at < limit and len(layout) < MAX_RAM_BLOCKS:
+            after_length = at + 1 + buf[at] + 8
+            if after_length + 8 > limit:
+                if self._bounded_by_package():
+                    break  # the schema's parse says it runs past the package
+                raise NeedMore("MEM_SIZE", self.offset)  # at EOF: a truncated list
+            present = plausible(after_length)
+            layout.append(present)
+            remaining -= min(remaining, int.from_bytes(buf[after_length - 8 : after_length], "big"))
+            at = after_length + extra + (8 if present else 0)
+        return tuple(layout)

@@ -1,0 +1,118 @@
+"""The destination-to-source return path, read into :class:`Record` values."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from qmig.errors import MalformedError, TruncatedError
+from qmig.wire import messages as m
+from qmig.wire.fields import FieldError
+from qmig.wire.page_requests import PageRequests
+from qmig.wire.reading.buffer import ByteStream, InputBuffer
+from qmig.wire.reading.records import END, NEED_DATA, Record, Sentinel, parse_payload
+from qmig.wire.schema import Schema, schema_for
+
+MAX_BITMAP = 32 << 20  # the largest RECV_BITMAP bitmap: 1 TiB of 4 KiB pages
+
+
+class ReturnPathReader(InputBuffer):
+    """Reads the destination-to-source return path into :class:`Record` values.
+
+    The source's checks, in its order: a known message type, the fixed length or the
+    512-byte buffer, then the message's own rules. A REQ_PAGES asks for pages of the block
+    the last REQ_PAGES_ID named, so one with no REQ_PAGES_ID before it cannot be read: the
+    reader keeps whether one came, as the stream reader keeps the block a CONTINUE record
+    continues.
+    """
+
+    def __init__(self, version: str | None = None) -> None:
+        self.schema: Schema = schema_for(version)
+        self.profile = self.schema.profile
+        self._page_requests = PageRequests(self.schema)
+        self._named_block = False  # a REQ_PAGES_ID came: REQ_PAGES has a block to refer to
+        self._init_input()
+
+    def __iter__(self) -> Iterator[Record]:
+        while True:
+            record = self.next_record()
+            if record is NEED_DATA or record is END:
+                return
+            assert isinstance(record, Record)
+            yield record
+
+    def next_record(self) -> Record | Sentinel:
+        available = len(self._buf) - self._pos
+        offset = self.offset
+        if available == 0:
+            return END if self._eof else NEED_DATA
+        if available < 4:
+            return self._short("return path", offset)
+        request = self._page_requests.read(self._buf, self._pos, len(self._buf))
+        if request is not None:  # well formed: the schema would read the same (see its module)
+            message, size = request
+            self._note_request(message, offset)
+            self._pos += size
+            return Record(offset, size, message)
+        header = self.schema.rp_header.parse(bytes(self._buf[self._pos : self._pos + 4]))
+        name = self.profile.rp_names.get(header.type)
+        if name is None or name not in self.schema.rp_payloads:
+            raise MalformedError(
+                "unknown message",
+                f"received invalid message {header.type:#06x} length {header.len:#06x}",
+                offset,
+            )
+        rule = self.profile.rp_lengths[name]
+        if not rule.allows(header.len) or header.len > self.profile.rp_max_length:
+            expected = rule.expected()
+            if header.len > self.profile.rp_max_length:
+                expected = f"at most {self.profile.rp_max_length}"
+            raise MalformedError(
+                name, f"incorrect length {header.len} expecting {expected}", offset
+            )
+        if available < 4 + header.len:
+            return self._short(name, offset)
+        payload = self._buf[self._pos + 4 : self._pos + 4 + header.len]
+        message = parse_payload(name, "message", self.schema.rp_payloads[name], payload, offset, 4)
+        size = 4 + header.len
+        if name in self.schema.rp_trailers:
+            trailer = self._read_trailer(name, offset, size)
+            if trailer is None:
+                return self._short(name, offset)
+            message = dataclasses.replace(message, bitmap=trailer.bitmap)
+            size += 16 + trailer.size
+        self._note_request(message, offset)
+        self._pos += size
+        return Record(offset, size, message)
+
+    def _note_request(self, message: Any, offset: int) -> None:
+        if isinstance(message, m.ReqPagesId):
+            self._named_block = True
+        elif isinstance(message, m.ReqPages) and not self._named_block:
+            raise MalformedError(
+                "REQ_PAGES", "no previous block: no REQ_PAGES_ID named one before it", offset
+            )
+
+    def _read_trailer(self, name: str, offset: int, at: int) -> Any:
+        """The bitmap after RP RECV_BITMAP, ``at`` bytes into the record; None: not all here."""
+        start = self._pos + at
+        if len(self._buf) < start + 8:
+            return None
+        size = int.from_bytes(self._buf[start : start + 8], "big")
+        if size > MAX_BITMAP:
+            raise MalformedError(
+                name, f"bitmap of {size} bytes is more than qmig's {MAX_BITMAP} limit", offset + at
+            )
+        if len(self._buf) < start + 16 + size:
+            return None
+        with ByteStream(self._buf[start : start + 16 + size]) as stream:
+            try:
+                return self.schema.rp_trailers[name].parse_stream(stream)
+            except FieldError as error:
+                raise MalformedError(name, error.detail, offset + at + error.position) from None
+
+    def _short(self, what: str, offset: int) -> Sentinel:
+        if self._eof:
+            raise TruncatedError(what, offset)
+        return NEED_DATA
