@@ -8,7 +8,8 @@ import pytest
 
 from qmig.errors import LocalProtocolError, RemoteProtocolError
 from qmig.protocol import events as ev
-from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock, SourcePhase
+from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock
+from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
 from qmig.wire.reader import NEED_DATA, Record, StreamReader
 from qmig.wire.schema import schema_for
@@ -133,7 +134,7 @@ def test_requested_pages_jump_the_queue_and_are_not_sent_twice() -> None:
     # Asked again after it was sent: nothing more goes out for it.
     source.receive_data(S.build_rp(m.ReqPages(200 * PAGE, PAGE)))
     mark = len(stream)
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         stream += source.data_to_send(1 << 20)
     rest = pages_sent(stream, mark)
     assert sorted(rest) == [p * PAGE for p in range(256) if p not in (200, 201)]
@@ -159,7 +160,7 @@ def test_requested_data_holds_the_requested_pages_and_nothing_of_the_sweep() -> 
     source.receive_data(S.build_rp(m.ReqPages(7 * PAGE, PAGE)))
     assert pages_sent(stream + source.requested_data(), len(stream)) == []
     mark = len(stream)
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         stream += source.data_to_send(1 << 20)
     assert sorted(pages_sent(stream, mark)) == [p * PAGE for p in range(256) if p not in (7, 90)]
 
@@ -181,21 +182,24 @@ def test_bad_return_path_messages_fail_the_source(message: object, detail: str) 
     with pytest.raises(RemoteProtocolError) as caught:
         source.receive_data(S.build_rp(message))  # type: ignore[arg-type]
     assert detail in caught.value.detail
-    assert source.phase is SourcePhase.FAILED
+    assert source.state is SourceState.FAILED
 
 
 def test_shut_0_completes_only_after_the_stream_ended() -> None:
     source = make_source(pages=8)
     source.start()
     source.start_postcopy()
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         source.data_to_send(1 << 20)
-    assert source.phase is SourcePhase.COMPLETING
+    assert source.state is SourceState.COMPLETING
+    while source.next_event() is not NEED_DATA:  # the changes of state so far
+        pass
     source.receive_data(S.build_rp(m.Pong(1)) + S.build_rp(m.Shut(0)))
-    assert source.phase is SourcePhase.DONE
-    assert [source.next_event(), source.next_event(), source.next_event()] == [
+    assert source.state is SourceState.DONE
+    assert [source.next_event() for _ in range(4)] == [
         ev.PongReceived(1),
         ev.DestinationShut(0),
+        ev.PhaseChanged(SourceState.COMPLETING, SourceState.DONE),
         NEED_DATA,
     ]
 
@@ -224,7 +228,7 @@ def test_postcopy_sections_span_sends() -> None:
     stream = source.data_to_send(0)
     mark = len(stream)
     sends = 0
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         stream += source.data_to_send(PAGE + 64)
         sends += 1
     found = [r for r in records(stream) if r.offset >= mark]
