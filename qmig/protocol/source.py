@@ -635,8 +635,13 @@ class Source:
 def _range_check(rule: str) -> Callable[[int, int, int], bool]:
     """The profile's REQ_PAGES range rule: does (start, length) overrun a block's used length?"""
     match rule:
-        case "last-byte":  # 7.2 on: the request's last byte must be inside the block
-            return lambda start, length, used: start + length - 1 >= used
+        case "last-byte":
+            # 7.2 on: the request's last byte must be inside the block, computed in u64, so
+            # a zero-length request at 0 (its "last byte" wraps to 2^64 - 1) is refused too.
+            # A range that wraps past 2^64 is refused whatever QEMU's sum says.
+            return lambda start, length, used: (
+                (start + length - 1) % (1 << 64) >= used or start + length > used
+            )
         case "end":  # 2.9: start + length must not pass the block's end
             return lambda start, length, used: start + length > used
         case _:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
-from qmig.errors import LocalProtocolError, RemoteProtocolError
+from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.protocol import events as ev
+from qmig.protocol import source as source_module
 from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock
 from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
@@ -240,3 +242,48 @@ def test_postcopy_sections_span_sends() -> None:
     assert sections == -(-pages // 16)
     assert names[-4:] == ["SECTION_END", "EOS", "SECTION_FOOTER", "EOF"]
     assert names.count("EOS") == sections + 1  # each part closed, then the END's
+
+
+def test_a_first_request_without_a_block_fails_as_qemu_does() -> None:
+    """QEMU's source reuses the last request's block for REQ_PAGES; with none before, it
+    fails ("ram_save_queue_pages no previous block") and marks the return path bad."""
+    source = make_source()
+    source.start()
+    source.start_postcopy()
+    pong = S.build_rp(m.Pong(1))
+    with pytest.raises(RemoteProtocolError) as caught:
+        source.receive_data(pong + S.build_rp(m.ReqPages(2 * PAGE, PAGE)))
+    error = caught.value
+    assert error.one_line() == (
+        "REQ_PAGES: no previous block for the request at 0x2000 (a REQ_PAGES_ID must name "
+        f"the block first) at byte {len(pong)}"
+    )
+    assert error.state == "postcopy"
+    assert source.state is SourceState.FAILED
+    assert source.pending_requests == 0
+
+
+@pytest.mark.parametrize(("version", "refused"), [("2.9", False), ("7.2", True), ("10.0", True)])
+def test_the_profiles_range_rule_decides_a_zero_length_request_at_0(
+    version: str, refused: bool
+) -> None:
+    """7.2 checks the request's last byte in u64: start 0, length 0 wraps and is refused;
+    2.9 checks start + length against the block's end and takes it."""
+    schema = schema_for(version)
+    source = Source([SourceBlock("pc.ram", 8 * PAGE, bytearray(8 * PAGE))], version=version)
+    source.start()
+    source.start_postcopy()
+    data = schema.build_rp(m.ReqPagesId(0, 0, "pc.ram"))
+    if not refused:
+        source.receive_data(data)
+        assert source.state is SourceState.POSTCOPY
+        return
+    with pytest.raises(RemoteProtocolError) as caught:
+        source.receive_data(data)
+    assert caught.value.detail == "request overrun start=0x0 len=0x0 blocklen=0x8000"
+
+
+def test_an_unknown_range_rule_is_an_error() -> None:
+    profile = dataclasses.replace(S.profile, request_range_check="bogus")
+    with pytest.raises(QmigError, match="unknown request_range_check rule 'bogus'"):
+        source_module._range_check(profile.request_range_check)

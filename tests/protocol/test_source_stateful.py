@@ -115,7 +115,7 @@ class SourceModel(RuleBasedStateMachine):
     def _request_verdict(self, block: str, start: int, length: int) -> str | None:
         if start % PAGE or length % PAGE:
             return "misaligned page request"
-        if start + length - 1 >= self.size[block]:  # 7.2's last-byte rule
+        if (start + length - 1) % (1 << 64) >= self.size[block]:  # 7.2's last byte, in u64
             return "request overrun"
         return None
 
