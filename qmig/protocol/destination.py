@@ -8,16 +8,16 @@ Drive it like h11's connection::
     dest.page_fault("pc.ram", 0x5000)   # the guest touched a missing page
     sock.sendall(dest.data_to_send())   # PONGs, page requests, SHUT
 
-Rules come from QEMU's destination: the PostcopyState table in :mod:`qmig.protocol.states`,
-plus the checks that depend on more than the state (PING without a return path, the ADVISE
-length against the postcopy-ram setting, page sizes, discard ranges). A violation raises
+Rules come from QEMU's destination: the state table in :mod:`qmig.protocol.states` (which
+command is legal in which state, where it leads, what EOF means in each state), plus the
+checks that depend on more than the state (PING without a return path, the ADVISE length
+against the postcopy-ram setting, page sizes, discard ranges). A violation raises
 :class:`~qmig.errors.RemoteProtocolError` naming the command and the byte where it starts,
 and queues SHUT(1); calls after that raise :class:`~qmig.errors.LocalProtocolError`.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +30,15 @@ from qmig.errors import (
     TruncatedError,
 )
 from qmig.protocol import events as ev
-from qmig.protocol.states import PostcopyState, is_postcopy_running, transitions
+from qmig.protocol.states import (
+    DESTINATION_STOPS_READING,
+    DestinationInput,
+    DestinationState,
+    Refused,
+    destination_refusal,
+    destination_rules,
+    is_postcopy_running,
+)
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges, apply_to_state
 from qmig.wire.page_requests import PageRequests
@@ -38,15 +46,6 @@ from qmig.wire.ramscan import RamScanner
 from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
 
 HOST_PAGE_SIZE = 4096
-
-
-class Phase(enum.Enum):
-    """Where the destination is, beside PostcopyState (which says nothing of precopy)."""
-
-    LOADING = "loading"
-    AFTER_EOF = "after-eof"  # precopy: waiting for VMDESCRIPTION
-    DONE = "done"
-    FAILED = "failed"
 
 
 @dataclass
@@ -86,13 +85,18 @@ class Destination:
         )
         self.reader.coalesce_discards = True  # a switchover's hundreds of them, as one record
         self.profile = self.reader.profile
-        self.rules = transitions(self.profile)
+        self.rules = destination_rules(self.profile)
         self.postcopy_ram = postcopy_ram
         self.host_page_size = host_page_size
         self.supported_page_sizes = frozenset(supported_page_sizes)
-        self.state = PostcopyState.NONE
-        self.phase = Phase.LOADING
+        self.state = DestinationState.NONE
+        # Where a failed migration stopped: QEMU's state after the refused command (some
+        # commands store their state before they check the old one).
+        self.state_before_failure: DestinationState | None = None
+        # Not a state: OPEN_RETURN_PATH may come in any state, and only decides whether
+        # PONG and SHUT can be sent.
         self.return_path_open = False
+        self.listen_thread_started = False
         self.blocks: dict[str, BlockTracker] = {}
         self.device_sections: dict[int, m.SectionFull | m.SectionStart] = {}
         self.pongs_sent = 0
@@ -102,7 +106,7 @@ class Destination:
         self._page_requests = PageRequests(self.reader.schema)
         self._rp_out = bytearray()
         self._last_requested_block: str | None = None
-        self._pending: list[Any] = []
+        self._pending: list[ev.Event] = []
         self._current_section: m.SectionFull | m.SectionStart | None = None
         self._host_page_fill: dict[str, tuple[int, int]] = {}
 
@@ -117,24 +121,22 @@ class Destination:
         self._check_usable()
         self.reader.feed_eof()
 
-    def next_event(self) -> Any:
+    def next_event(self) -> ev.Event | ev.Sentinel:
         """The next decision for the runner, or NEED_DATA / END."""
         self._check_usable()
         if self._pending:
             return self._pending.pop(0)
-        if self.phase is Phase.DONE:
-            # QEMU stops reading once the load is complete (the listen thread at a postcopy
-            # EOF, the main thread after VMDESCRIPTION): whatever follows is never looked at.
+        if self.state in DESTINATION_STOPS_READING:
             return END
         while True:
             try:
                 record = self.reader.next_record()
             except RemoteProtocolError as error:
-                if self.phase is Phase.AFTER_EOF:
+                if self.state is DestinationState.EOF_READ:
                     # After a precopy EOF, QEMU only reports a missing, wrong or short
                     # VMDESCRIPTION ("Expected vmdescription section"): the state is loaded.
                     self._pending.append(ev.Notice(error.what, error.detail, error.offset))
-                    self._complete(postcopy=False)
+                    self._on_vmdescription(None, None)
                     return self._pending.pop(0)
                 raise self._failed(error) from None
             if record is NEED_DATA:
@@ -180,23 +182,27 @@ class Destination:
 
     def fail(self, reason: str) -> bytes:
         """End the migration on this side (for a local failure): SHUT(1) if the RP is open."""
-        if self.phase not in (Phase.DONE, Phase.FAILED):
-            self.phase = Phase.FAILED
+        if self.state not in (DestinationState.END, DestinationState.FAILED):
+            self.state_before_failure = self.state
+            self.state = DestinationState.FAILED
             self._shut(1)
         return self.data_to_send()
 
     # --- the rules ----------------------------------------------------------------------
 
     def _check_usable(self) -> None:
-        if self.phase is Phase.FAILED:
-            raise LocalProtocolError("destination", "the migration already failed")
+        if self.state is DestinationState.FAILED:
+            raise LocalProtocolError("destination", "the migration already failed (state FAILED)")
 
     @property
     def phase_name(self) -> str:
-        """Where the migration is, in words for error messages."""
-        if self.state in (PostcopyState.NONE, PostcopyState.ADVISE):
+        """Where the migration is (or was, when it failed), in words for error messages."""
+        state = self.state
+        if state is DestinationState.FAILED and self.state_before_failure is not None:
+            state = self.state_before_failure
+        if state in (DestinationState.NONE, DestinationState.ADVISE):
             return "precopy"
-        return self.state.name
+        return state.name
 
     def _failed(self, error: RemoteProtocolError) -> RemoteProtocolError:
         if isinstance(error, TruncatedError):
@@ -204,7 +210,9 @@ class Destination:
         if error.state is None:
             error.state = self.state.name
         self.error = error
-        self.phase = Phase.FAILED
+        if self.state_before_failure is None:
+            self.state_before_failure = self.state
+        self.state = DestinationState.FAILED
         self._shut(1)
         return error
 
@@ -212,16 +220,24 @@ class Destination:
         if self.return_path_open:
             self._rp_out += self.reader.schema.build_rp(m.Shut(status))
 
-    def _transition(self, command: str, offset: int) -> None:
-        rule = self.rules[command]
+    def _transition(self, action: DestinationInput, offset: int) -> DestinationState:
+        """Move as the table says for ``action`` in the current state, or refuse it."""
         old = self.state
-        if rule.sets_before_check:
-            self.state = rule.next_state
-        if old not in rule.allowed:
+        entry = self.rules.table[old].get(action)
+        if not isinstance(entry, DestinationState):
+            stored = self.rules.sets_before_check.get(action)
+            if stored is not None:
+                self.state_before_failure = stored
+            detail = entry.reason if isinstance(entry, Refused) else destination_refusal(old)
+            raise IllegalStateError(action.value, detail, offset, state=old.name)
+        listening = self.listen_thread_started and self.rules.listen_once
+        if action is DestinationInput.LISTEN and listening:
+            self.state_before_failure = entry
             raise IllegalStateError(
-                command, f"wrong postcopy state {old.name}", offset, state=old.name
+                action.value, "already has a listen thread", offset, state=old.name
             )
-        self.state = rule.next_state
+        self.state = entry
+        return entry
 
     def _handle(self, record: Record) -> None:
         message = record.message
@@ -251,7 +267,7 @@ class Destination:
         self.pongs_sent += 1
 
     def _on_advise(self, message: m.PostcopyAdvise, record: Record) -> None:
-        self._transition("POSTCOPY_ADVISE", record.offset)
+        self._transition(DestinationInput.ADVISE, record.offset)
         if not message.ram_postcopy:
             if self.postcopy_ram:
                 raise MalformedError(
@@ -307,7 +323,7 @@ class Destination:
         """Apply the ranges of ``commands`` ((offset in the record, ranges; -1: all)). A bad
         range is reported where its command is, as if the commands had come one by one
         (those before it are not applied then: the migration has failed either way)."""
-        self._transition("POSTCOPY_RAM_DISCARD", record.offset)
+        self._transition(DestinationInput.RAM_DISCARD, record.offset)
         tracker = self.blocks.get(block)
         if tracker is None:
             raise RemoteProtocolError(
@@ -335,11 +351,12 @@ class Destination:
             self._pending.append(ev.RangesDiscarded(block, ranges))
 
     def _on_listen(self, message: m.PostcopyListen, record: Record) -> None:
-        self._transition("POSTCOPY_LISTEN", record.offset)
+        self._transition(DestinationInput.LISTEN, record.offset)
+        self.listen_thread_started = True
         self._pending.append(ev.ListenStarted())
 
     def _on_run(self, message: m.PostcopyRun, record: Record) -> None:
-        self._transition("POSTCOPY_RUN", record.offset)
+        self._transition(DestinationInput.RUN, record.offset)
         self._pending.append(ev.GuestRunning())
 
     def _on_colo(self, message: m.EnableColo, record: Record) -> None:
@@ -443,30 +460,24 @@ class Destination:
 
     def _on_eof(self, message: m.Eof, record: Record) -> None:
         if record.depth:
-            return
-        if self.state is PostcopyState.LISTENING:
-            raise IllegalStateError(
-                "EOF", "stream ended before POSTCOPY_RUN", record.offset, state=self.state.name
-            )
-        if self.state is PostcopyState.RUNNING:
-            self.state = PostcopyState.END
+            return  # a package's own end: the outer stream goes on
+        if self._transition(DestinationInput.EOF, record.offset) is DestinationState.END:
             self._complete(postcopy=True)
-        else:
-            self.phase = Phase.AFTER_EOF
 
-    def _on_vmdescription(self, message: m.VmDescription, record: Record) -> None:
+    def _on_vmdescription(self, message: m.VmDescription | None, record: Record | None) -> None:
+        """The VMDESCRIPTION after a precopy EOF; None: it is missing or damaged, which QEMU
+        only reports."""
+        offset = self.reader.offset if record is None else record.offset
+        self._transition(DestinationInput.VMDESCRIPTION, offset)
         self._complete(postcopy=False)
 
     def _complete(self, *, postcopy: bool) -> None:
-        if self.phase is Phase.DONE:
-            return
-        self.phase = Phase.DONE
         self._shut(0)
         self._pending.append(ev.MigrationCompleted(postcopy))
 
     def _end_of_input(self) -> None:
-        if self.phase is Phase.AFTER_EOF:
-            self._complete(postcopy=False)
+        if self.state is DestinationState.EOF_READ:
+            self._on_vmdescription(None, None)
 
 
 def _bad_range(

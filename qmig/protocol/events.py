@@ -1,36 +1,47 @@
-"""What the state machines tell their runner: plain dataclasses, one per decision."""
+"""What the state machines tell their runner: dataclasses, one per decision, all of them
+:class:`Event`s, so that ``next_event()`` has one type (or the reader's NEED_DATA / END)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges
+from qmig.wire.reader import _Sentinel as Sentinel
+
+__all__ = ["Event", "Sentinel"]  # and every event class below
+
+
+class Event:
+    """Base of every event (a plain class: frozen and mutable dataclasses both derive it)."""
+
+    __slots__ = ()
+
 
 # --- destination -> runner -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class StreamOpened:
+class StreamOpened(Event):
     configuration: m.Configuration | None
 
 
 @dataclass(frozen=True)
-class RamBlocksAnnounced:
+class RamBlocksAnnounced(Event):
     """The source's RAMBlocks (MEM_SIZE): map them."""
 
     blocks: tuple[m.RamBlockInfo, ...]
 
 
 @dataclass(frozen=True)
-class PostcopyAdvised:
+class PostcopyAdvised(Event):
     page_size_summary: int | None
     target_page_size: int | None
 
 
 @dataclass(frozen=True)
-class RangesDiscarded:
+class RangesDiscarded(Event):
     """Drop these byte ranges of a block before LISTEN: they changed after they were sent.
 
     One event per POSTCOPY_RAM_DISCARD command; ``ranges.packed`` is the command's
@@ -42,12 +53,12 @@ class RangesDiscarded:
 
 
 @dataclass(frozen=True)
-class ListenStarted:
+class ListenStarted(Event):
     """From here on, missing pages fault: register RAM with userfaultfd."""
 
 
 @dataclass
-class PagesReceived:
+class PagesReceived(Event):
     """Place these pages: directly during precopy, atomically by host page in postcopy.
 
     ``run`` refers to the machine's receive buffer and is valid until the next call.
@@ -58,7 +69,7 @@ class PagesReceived:
 
 
 @dataclass(frozen=True)
-class DeviceStateLoaded:
+class DeviceStateLoaded(Event):
     idstr: str
     instance_id: int
     version_id: int
@@ -66,19 +77,19 @@ class DeviceStateLoaded:
 
 
 @dataclass(frozen=True)
-class GuestRunning:
+class GuestRunning(Event):
     """POSTCOPY_RUN: the guest runs on the destination now."""
 
 
 @dataclass(frozen=True)
-class MigrationCompleted:
+class MigrationCompleted(Event):
     """The stream ended cleanly; SHUT(0) is queued on the return path."""
 
     postcopy: bool
 
 
 @dataclass(frozen=True)
-class PageRequested:
+class PageRequested(Event):
     """A fault became a request on the return path."""
 
     block: str
@@ -88,7 +99,7 @@ class PageRequested:
 
 
 @dataclass(frozen=True)
-class Notice:
+class Notice(Event):
     """Something QEMU reports but does not fail on."""
 
     what: str
@@ -100,22 +111,33 @@ class Notice:
 
 
 @dataclass(frozen=True)
-class PongReceived:
+class PongReceived(Event):
     value: int
 
 
 @dataclass(frozen=True)
-class RequestReceived:
+class RequestReceived(Event):
     block: str
     start: int
     length: int
 
 
 @dataclass(frozen=True)
-class DestinationShut:
+class DestinationShut(Event):
     status: int
 
 
 @dataclass(frozen=True)
-class PhaseChanged:
-    phase: Any
+class PhaseChanged(Event):
+    """The source moved from one state to another (every change is reported, in order)."""
+
+    old: SourceState
+    new: SourceState
+
+
+@dataclass(frozen=True)
+class PassCompleted(Event):
+    """A precopy pass is out: sync the dirty log, then begin_pass, start_postcopy or
+    complete_precopy. ``passes`` counts the passes so far, this one included."""
+
+    passes: int

@@ -4,12 +4,14 @@ Drive it like this::
 
     src = Source(blocks, devices=devices, version="7.2")
     src.start()
-    while src.phase is SourcePhase.PRECOPY:
-        sock.sendall(src.data_to_send(1 << 20))
-        if src.pass_complete:
-            src.sync_dirty(dirtier.collect()); src.begin_pass()   # or src.start_postcopy()
+    sock.sendall(src.data_to_send(1 << 20))
     src.receive_data(return_path_bytes)   # REQ_PAGES jump the queue
-    event = src.next_event()              # PONG, SHUT, requests
+    while (event := src.next_event()) is not NEED_DATA:
+        ...  # PhaseChanged, PassCompleted (sync the dirty log, then begin_pass() or
+             # start_postcopy()), PONG, SHUT, requests
+
+Its states and what moves them are the table in :mod:`qmig.protocol.states`; every change
+of state is reported as a :class:`~qmig.protocol.events.PhaseChanged` event, in order.
 
 It sends what a QEMU 7.2 source sends, in its order: header, CONFIGURATION,
 OPEN_RETURN_PATH, PING(1), POSTCOPY_ADVISE, the ``ram`` SECTION_START with MEM_SIZE, precopy
@@ -24,16 +26,24 @@ memory) and keeps the dirty map, one byte per target page.
 
 from __future__ import annotations
 
-import enum
 import json
 from array import array
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from qmig.errors import LocalProtocolError, RemoteProtocolError
+from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.protocol import events as ev
+from qmig.protocol.states import (
+    LOCAL_SOURCE_INPUTS,
+    SOURCE_STOPS_READING,
+    Refused,
+    SourceInput,
+    SourceState,
+    source_refusal,
+    source_table,
+)
 from qmig.wire import messages as m
 from qmig.wire.ramscan import RamScanner
 from qmig.wire.reader import END, NEED_DATA, Record, ReturnPathReader
@@ -42,15 +52,6 @@ from qmig.wire.schema import schema_for
 RAM_SECTION_ID = 2
 FIRST_DEVICE_SECTION_ID = 3
 DIRTY = 1
-
-
-class SourcePhase(enum.Enum):
-    IDLE = "idle"
-    PRECOPY = "precopy"
-    POSTCOPY = "postcopy"
-    COMPLETING = "completing"  # everything sent; waiting for SHUT
-    DONE = "done"
-    FAILED = "failed"
 
 
 @dataclass
@@ -125,13 +126,15 @@ class Source:
         self.devices = list(devices)
         self.pages_per_section = pages_per_section
         self.host_page_size = host_page_size
-        self.phase = SourcePhase.IDLE
+        self.state = SourceState.IDLE
+        self._table = source_table()
+        self._overruns = _range_check(self.profile.request_range_check)
         self.stats = SourceStats()
         self.pongs: list[int] = []
         self._scanner = RamScanner(self.schema)
         self._rp = ReturnPathReader(version)
         self._out = bytearray()
-        self._events: deque[Any] = deque()
+        self._events: deque[ev.Event] = deque()
         self._cursor = (0, 0)  # (block index, target page index) of the precopy sweep
         self._requests: deque[tuple[SourceBlock, int]] = deque()  # (block, target page)
         self._last_request_block: SourceBlock | None = None
@@ -152,7 +155,6 @@ class Source:
         self._part_close = self.schema.build_ram_flag("EOS") + self.schema.build_footer(
             RAM_SECTION_ID
         )
-        self.pass_complete = False
         for block in self.blocks:
             block.dirty = bytearray(b"\x01") * self._pages(block)
 
@@ -160,8 +162,7 @@ class Source:
 
     def start(self) -> None:
         """Queue the stream's opening: header, configuration, commands, the ram START."""
-        if self.phase is not SourcePhase.IDLE:
-            raise LocalProtocolError("source", "start() called twice")
+        after = self._next(SourceInput.START)
         schema = self.schema
         out = self._out
         out += schema.header.build(m.StreamHeader(self.profile.stream_version))
@@ -187,20 +188,19 @@ class Source:
         )
         out += schema.build_mem_size(m.MemSize(sum(b.used_length for b in self.blocks), infos))
         out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
-        self.phase = SourcePhase.PRECOPY
         self.stats.passes = 1
+        self._enter(after)
 
     def begin_pass(self) -> None:
         """Start another precopy pass over whatever is dirty now."""
-        self._require(SourcePhase.PRECOPY, "begin_pass")
+        after = self._next(SourceInput.BEGIN_PASS)
         self._cursor = (0, 0)
-        self.pass_complete = False
         self.stats.passes += 1
+        self._enter(after)
 
     def sync_dirty(self, block: str, pages: Iterable[int]) -> None:
         """Target pages of ``block`` the guest wrote since the last sync (QEMU's bitmap sync)."""
-        if self.phase is SourcePhase.POSTCOPY:
-            raise LocalProtocolError("source", "the guest cannot dirty memory after switchover")
+        self._next(SourceInput.SYNC_DIRTY)
         dirty = self.by_name[block].dirty
         for page in pages:
             dirty[page] = DIRTY
@@ -215,7 +215,7 @@ class Source:
 
     def start_postcopy(self) -> None:
         """Switch over: the guest is stopped; discard what changed, hand over devices and run."""
-        self._require(SourcePhase.PRECOPY, "start_postcopy")
+        after = self._next(SourceInput.START_POSTCOPY)
         if not self.postcopy_ram:
             raise LocalProtocolError("source", "postcopy-ram is off: cannot start postcopy")
         for block in self.blocks:
@@ -230,12 +230,12 @@ class Source:
         package += self.schema.build_command(m.PostcopyRun())
         self._out += self.schema.build_packaged(package)
         self._send_ping()
-        self.phase = SourcePhase.POSTCOPY
         self._cursor = (0, 0)
+        self._enter(after)
 
     def complete_precopy(self) -> None:
         """Finish without postcopy: the guest is stopped; send what is dirty, devices, EOF."""
-        self._require(SourcePhase.PRECOPY, "complete_precopy")
+        after = self._next(SourceInput.COMPLETE_PRECOPY)
         schema = self.schema
         out = self._out
         out += schema.build_section(m.SectionEnd(RAM_SECTION_ID))
@@ -249,22 +249,25 @@ class Source:
         if description is None:
             description = self._vmdescription()
         out += schema.vmdescription.build(m.VmDescription(description))
-        self.phase = SourcePhase.COMPLETING if self.return_path else SourcePhase.DONE
+        self._enter(after)
+        if not self.return_path:
+            self._move(SourceInput.NO_RETURN_PATH)
 
     # --- output ---------------------------------------------------------------------------
 
     def data_to_send(self, budget: int = 1 << 20) -> bytes:
         """Up to about ``budget`` bytes of stream (at least one section while pages remain)."""
-        if self.phase is SourcePhase.PRECOPY and not self.pass_complete and len(self._out) < budget:
+        if self.state is SourceState.PRECOPY and len(self._out) < budget:
             # A precopy section holds up to pages_per_section pages whatever the budget (which
             # it may overshoot by that much): QEMU's are larger still, and each section costs
             # the destination a header, a named first record and a footer to parse. More
             # sections follow while a whole page still fits in the budget: a section of zero
             # pages is only a few kilobytes.
             self._precopy_section(self._section_bytes)
-            while not self.pass_complete and budget - len(self._out) > self.target_page_size + 8:
+            room = self.target_page_size + 8
+            while self.state is SourceState.PRECOPY and budget - len(self._out) > room:
                 self._precopy_section(self._section_bytes)
-        elif self.phase is SourcePhase.POSTCOPY and len(self._out) < budget:
+        elif self.state is SourceState.POSTCOPY and len(self._out) < budget:
             self._postcopy_section(budget - len(self._out))
         out = bytes(self._out)
         self._out.clear()
@@ -276,7 +279,7 @@ class Source:
         background sweep and outside its bandwidth cap, as QEMU's source does (its RAM loop
         goes on past the rate limit while requests are queued). Stream bytes still queued
         (the switchover, if not taken yet) come first; with no request, nothing is taken."""
-        if self.phase is not SourcePhase.POSTCOPY or not self._requests:
+        if self.state is not SourceState.POSTCOPY or not self._requests:
             return b""
         self._postcopy_section(0, sweep=False)
         out = bytes(self._out)
@@ -286,7 +289,7 @@ class Source:
     def _precopy_section(self, budget: int) -> None:
         batch = self._next_dirty_batch(self._pages_for(budget))
         if batch is None:
-            self.pass_complete = True
+            self._move(SourceInput.PASS_SENT)
             return
         self._out += self._part_open
         self._named_block = None
@@ -343,7 +346,7 @@ class Source:
         self._out += schema.build_section(m.SectionEnd(RAM_SECTION_ID))
         self._out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
         self._out += schema.eof.build(m.Eof())
-        self.phase = SourcePhase.COMPLETING
+        self._move(SourceInput.STREAM_SENT)
 
     def _pages_for(self, budget: int) -> int:
         return max(1, min(self.pages_per_section, budget // (self.target_page_size + 8)))
@@ -487,28 +490,30 @@ class Source:
     # --- the return path ------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
+        if self.state in SOURCE_STOPS_READING:
+            return
         self._rp.feed(data)
         self._drain_return_path()
 
     def receive_eof(self) -> None:
         self._rp.feed_eof()
         self._drain_return_path()
-        if self.phase not in (SourcePhase.DONE, SourcePhase.FAILED):
-            self._fail(
-                RemoteProtocolError(
-                    "return path",
-                    f"the destination closed the connection during {self.phase.value}",
-                    self._rp.offset,
-                )
-            )
+        self._move(SourceInput.RETURN_PATH_CLOSED, "return path", self._rp.offset)
 
-    def next_event(self) -> Any:
+    @property
+    def pass_complete(self) -> bool:
+        """A precopy pass is out (the state PASS_COMPLETE; runners take PassCompleted)."""
+        return self.state is SourceState.PASS_COMPLETE
+
+    def next_event(self) -> ev.Event | ev.Sentinel:
+        """The next event (state changes, pass completions, return-path messages), or
+        NEED_DATA."""
         if self._events:
             return self._events.popleft()
         return NEED_DATA
 
     def _drain_return_path(self) -> None:
-        while True:
+        while self.state not in SOURCE_STOPS_READING:
             try:
                 record = self._rp.next_record()
             except RemoteProtocolError as error:
@@ -519,7 +524,9 @@ class Source:
             self._on_message(record)
 
     def _fail(self, error: RemoteProtocolError) -> NoReturn:
-        self.phase = SourcePhase.FAILED
+        if error.state is None:
+            error.state = self.state.value
+        self._enter(SourceState.FAILED)
         raise error
 
     def _on_message(self, record: Record) -> None:
@@ -541,30 +548,15 @@ class Source:
                     "SHUT", f"the destination reported an error ({message.status})", record.offset
                 )
             )
-        if self.phase is not SourcePhase.COMPLETING:
-            self._fail(
-                RemoteProtocolError(
-                    "SHUT",
-                    f"the destination shut down during {self.phase.value}, before the stream "
-                    "was complete",
-                    record.offset,
-                )
-            )
-        self.phase = SourcePhase.DONE
+        after = self._next(SourceInput.SHUT, "SHUT", record.offset)
         self._events.append(ev.DestinationShut(message.status))
+        self._enter(after)
 
     def _on_request(self, message: m.ReqPages | m.ReqPagesId, record: Record) -> None:
+        """QEMU's order (migrate_handle_rp_req_pages, ram_save_queue_pages): alignment to
+        the source's host pages, then the block, then the range inside it."""
         name = record.name
-        if isinstance(message, m.ReqPagesId):
-            block = self.by_name.get(message.block)
-            if block is None:
-                self._fail(RemoteProtocolError(name, f"no block {message.block!r}", record.offset))
-            self._last_request_block = block
-        else:
-            block = self._last_request_block
-            if block is None:
-                self._fail(RemoteProtocolError(name, "no previous block", record.offset))
-        assert block is not None
+        self._next(SourceInput.REQUEST, name, record.offset)
         start, length = message.start, message.length
         if start % self.host_page_size or length % self.host_page_size:
             self._fail(
@@ -574,11 +566,24 @@ class Source:
                     record.offset,
                 )
             )
-        if self.profile.request_range_check == "last-byte":
-            overrun = start + length - 1 >= block.used_length
+        if isinstance(message, m.ReqPagesId):
+            block = self.by_name.get(message.block)
+            if block is None:
+                self._fail(RemoteProtocolError(name, f"no block {message.block!r}", record.offset))
+            self._last_request_block = block
         else:
-            overrun = start + length > block.used_length
-        if overrun:
+            block = self._last_request_block
+            if block is None:
+                self._fail(
+                    RemoteProtocolError(
+                        name,
+                        f"no previous block for the request at {start:#x} (a REQ_PAGES_ID must "
+                        "name the block first)",
+                        record.offset,
+                    )
+                )
+        assert block is not None
+        if self._overruns(start, length, block.used_length):
             self._fail(
                 RemoteProtocolError(
                     name,
@@ -600,6 +605,44 @@ class Source:
     def _pages(self, block: SourceBlock) -> int:
         return -(-block.used_length // self.target_page_size)
 
-    def _require(self, phase: SourcePhase, what: str) -> None:
-        if self.phase is not phase:
-            raise LocalProtocolError("source", f"{what}() in phase {self.phase.value}")
+    def _next(
+        self, action: SourceInput, what: str = "source", offset: int | None = None
+    ) -> SourceState:
+        """The state the table gives ``action`` now, or the error for an illegal one: the
+        runner's (LocalProtocolError) or the destination's (RemoteProtocolError)."""
+        entry = self._table[self.state].get(action)
+        if isinstance(entry, SourceState):
+            return entry
+        detail = entry.reason if isinstance(entry, Refused) else source_refusal(self.state, action)
+        if action in LOCAL_SOURCE_INPUTS:
+            raise LocalProtocolError(what, f"{detail} (state {self.state.value})", offset)
+        self._fail(RemoteProtocolError(what, detail, offset, state=self.state.value))
+
+    def _move(self, action: SourceInput, what: str = "source", offset: int | None = None) -> None:
+        self._enter(self._next(action, what, offset))
+
+    def _enter(self, state: SourceState) -> None:
+        """Move to ``state`` and say so (nothing when it is the state already)."""
+        old = self.state
+        if state is old:
+            return
+        self.state = state
+        self._events.append(ev.PhaseChanged(old, state))
+        if state is SourceState.PASS_COMPLETE:
+            self._events.append(ev.PassCompleted(self.stats.passes))
+
+
+def _range_check(rule: str) -> Callable[[int, int, int], bool]:
+    """The profile's REQ_PAGES range rule: does (start, length) overrun a block's used length?"""
+    match rule:
+        case "last-byte":
+            # 7.2 on: the request's last byte must be inside the block, computed in u64, so
+            # a zero-length request at 0 (its "last byte" wraps to 2^64 - 1) is refused too.
+            # A range that wraps past 2^64 is refused whatever QEMU's sum says.
+            return lambda start, length, used: (
+                (start + length - 1) % (1 << 64) >= used or start + length > used
+            )
+        case "end":  # 2.9: start + length must not pass the block's end
+            return lambda start, length, used: start + length > used
+        case _:
+            raise QmigError("profile", f"unknown request_range_check rule {rule!r}")

@@ -1,27 +1,43 @@
-"""The destination's PostcopyState rules, as data.
+"""Both machines' states and legal transitions, as data.
 
-Everything that decides whether a postcopy command is legal, and where it leads, lives in
-this file, so that the destination machine, the tests, the documentation and the
-differential fuzzer all read one table. The rules are QEMU's (``migration/savevm.c``):
+Two rules shape this file (after h11's ``_state.py``). Everything that decides whether an
+input is legal in a state, and which state it leads to, lives here: the machines look their
+transitions up and hold no rule of their own beyond the checks of a message's contents. And
+the tables are plain dicts (state -> input -> next state, or a refusal), so that a test, the
+documentation and the differential fuzzer can all read and walk them.
+
+The destination's rules are QEMU's (``migration/savevm.c``)::
 
     NONE --ADVISE--> ADVISE --RAM_DISCARD--> DISCARD --LISTEN--> LISTENING --RUN--> RUNNING
-                        \\_________________LISTEN_________________/          (EOF) --> END
+                        \\_________________LISTEN_________________/        (EOF) --> END
+    NONE / ADVISE / DISCARD --EOF--> EOF_READ --VMDESCRIPTION (or anything)--> END
 
-DISCARD is skipped when nothing was discarded. Some commands move the state before they
-check the old one (QEMU's atomic exchange), which matters for what a failed command leaves
-behind; the table records that too.
+DISCARD is skipped when nothing was discarded. Some commands move QEMU's state before they
+check the old one (an atomic exchange); the table records that too, as ``sets_before_check``.
+
+The source's rules are qmig's plan of QEMU's outgoing side (``migration/migration.c``)::
+
+    IDLE --start--> PRECOPY --pass sent--> PASS_COMPLETE --begin_pass--> PRECOPY
+    PRECOPY / PASS_COMPLETE --start_postcopy--> POSTCOPY --stream sent--> COMPLETING
+    PRECOPY / PASS_COMPLETE --complete_precopy--> COMPLETING --SHUT--> DONE
+
+Failure is reachable from every state and is not a table entry (like h11's ERROR). PAUSED
+and RECOVER are postcopy recovery's states: they are in the enums and the tables (with no
+rules yet), so that recovery adds rows and inputs, not a new shape.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 from qmig.wire.profiles import Profile
 
 
-class PostcopyState(enum.IntEnum):
-    """QEMU's incoming postcopy state; the values are QEMU's, as its messages print them."""
+class DestinationState(enum.IntEnum):
+    """The destination's state. The first six are QEMU's PostcopyState, with QEMU's values
+    (its messages print them); the others are qmig's, numbered past QEMU's."""
 
     NONE = 0
     ADVISE = 1
@@ -29,44 +45,190 @@ class PostcopyState(enum.IntEnum):
     LISTENING = 3
     RUNNING = 4
     END = 5
+    EOF_READ = 16  # precopy EOF read: the VMDESCRIPTION (or the end of input) follows
+    PAUSED = 17  # postcopy recovery (not implemented: no rule leads here yet)
+    RECOVER = 18
+    FAILED = 19
 
 
-S = PostcopyState
+# QEMU's name, for the states it has.
+PostcopyState = DestinationState
+
+
+class DestinationInput(enum.Enum):
+    """What moves the destination: the stream's commands and end records, by QEMU's names."""
+
+    ADVISE = "POSTCOPY_ADVISE"
+    RAM_DISCARD = "POSTCOPY_RAM_DISCARD"
+    LISTEN = "POSTCOPY_LISTEN"
+    RUN = "POSTCOPY_RUN"
+    EOF = "EOF"
+    VMDESCRIPTION = "VMDESCRIPTION"
+
+
+class SourceState(enum.Enum):
+    IDLE = "idle"
+    PRECOPY = "precopy"
+    PASS_COMPLETE = "pass-complete"  # a precopy pass is out: sync, then decide what next
+    POSTCOPY = "postcopy"
+    COMPLETING = "completing"  # everything sent; waiting for SHUT
+    DONE = "done"
+    PAUSED = "paused"  # postcopy recovery (not implemented: no rule leads here yet)
+    RECOVER = "recover"
+    FAILED = "failed"
+
+
+class SourceInput(enum.Enum):
+    """What moves the source: its runner's calls, its own progress, the return path."""
+
+    START = "start()"
+    SYNC_DIRTY = "sync_dirty()"
+    BEGIN_PASS = "begin_pass()"
+    START_POSTCOPY = "start_postcopy()"
+    COMPLETE_PRECOPY = "complete_precopy()"
+    PASS_SENT = "pass sent"  # the precopy sweep found nothing more to send
+    STREAM_SENT = "stream sent"  # postcopy: every page is out, EOF queued
+    NO_RETURN_PATH = "no return path"  # nothing will answer: done once everything is queued
+    REQUEST = "page request"  # REQ_PAGES / REQ_PAGES_ID
+    SHUT = "SHUT"
+    RETURN_PATH_CLOSED = "return path closed"
+
+
+# Inputs a runner asks for (illegal ones are LocalProtocolError); the rest come from the
+# destination (RemoteProtocolError) or the machine's own progress.
+LOCAL_SOURCE_INPUTS: Final = frozenset(
+    {
+        SourceInput.START,
+        SourceInput.SYNC_DIRTY,
+        SourceInput.BEGIN_PASS,
+        SourceInput.START_POSTCOPY,
+        SourceInput.COMPLETE_PRECOPY,
+        SourceInput.PASS_SENT,
+        SourceInput.STREAM_SENT,
+        SourceInput.NO_RETURN_PATH,
+    }
+)
 
 
 @dataclass(frozen=True)
-class Transition:
-    """A command's rule: the states it is legal in and the state it leads to."""
+class Refused:
+    """A table entry for an input that is illegal in a state for a reason beyond "wrong
+    state" (the reason is the error's detail)."""
 
-    command: str
-    allowed: frozenset[PostcopyState]
-    next_state: PostcopyState
-    sets_before_check: bool  # QEMU moves the state first, then checks the old one
+    reason: str
 
 
-def transitions(profile: Profile) -> dict[str, Transition]:
-    """The PostcopyState transition table of one QEMU version."""
-    return {
-        rule.command: rule
-        for rule in (
-            Transition("POSTCOPY_ADVISE", frozenset({S.NONE}), S.ADVISE, True),
-            Transition("POSTCOPY_RAM_DISCARD", frozenset({S.ADVISE, S.DISCARD}), S.DISCARD, False),
-            Transition("POSTCOPY_LISTEN", frozenset({S.ADVISE, S.DISCARD}), S.LISTENING, True),
-            Transition(
-                "POSTCOPY_RUN",
-                frozenset({S.LISTENING}),
-                S.RUNNING,
-                profile.run_sets_state_before_check,
-            ),
-        )
+D = DestinationState
+DI = DestinationInput
+SS = SourceState
+SI = SourceInput
+
+DestinationTable = dict[DestinationState, dict[DestinationInput, DestinationState | Refused]]
+SourceTable = dict[SourceState, dict[SourceInput, SourceState | Refused]]
+
+
+@dataclass(frozen=True)
+class DestinationRules:
+    """One QEMU version's destination rules: the table and how its commands apply it."""
+
+    table: DestinationTable
+    # QEMU stores the new state first, then checks the old one: a refused command still
+    # leaves the state it leads to (what a failed migration's cleanup then sees).
+    sets_before_check: dict[DestinationInput, DestinationState]
+    # 2.9/2.10 (reject_second_listen): a LISTEN that passes the state check is refused when
+    # a listen thread already runs. The state check refuses a second LISTEN first in a
+    # sequential stream (the listen thread only runs from LISTENING on); it is reached only
+    # when the state went back to ADVISE meanwhile, as a refused ADVISE on the listen thread
+    # stores it while the main thread still reads the package. 7.2 has no such check.
+    listen_once: bool
+
+
+def destination_rules(profile: Profile) -> DestinationRules:
+    """The destination's transition table for one QEMU version."""
+    to_run = {DI.RUN: D.RUNNING}
+    precopy_eof = {DI.EOF: D.EOF_READ}
+    table: DestinationTable = {
+        D.NONE: {DI.ADVISE: D.ADVISE, **precopy_eof},
+        D.ADVISE: {DI.RAM_DISCARD: D.DISCARD, DI.LISTEN: D.LISTENING, **precopy_eof},
+        # qmig completes as precopy here; QEMU hangs (formats/quirks.md: eof-in-discard).
+        D.DISCARD: {DI.RAM_DISCARD: D.DISCARD, DI.LISTEN: D.LISTENING, **precopy_eof},
+        D.LISTENING: {**to_run, DI.EOF: Refused("stream ended before POSTCOPY_RUN")},
+        D.RUNNING: {DI.EOF: D.END},
+        # QEMU reads one record after a precopy EOF, expecting VMDESCRIPTION, and only
+        # reports anything else ("Expected vmdescription section"): the state is loaded.
+        D.EOF_READ: dict.fromkeys(DI, D.END),
+        D.END: {},
+        D.PAUSED: {},
+        D.RECOVER: {},
+        D.FAILED: {},
     }
+    before = {DI.ADVISE: D.ADVISE, DI.LISTEN: D.LISTENING}
+    if profile.run_sets_state_before_check:
+        before[DI.RUN] = D.RUNNING
+    return DestinationRules(table, before, profile.reject_second_listen)
 
 
-def is_advised(state: PostcopyState) -> bool:
+def source_table() -> SourceTable:
+    """The source's transition table (the same for every QEMU version qmig sends as)."""
+    sending = (SS.PRECOPY, SS.PASS_COMPLETE, SS.POSTCOPY, SS.COMPLETING)
+    table: SourceTable = {
+        SS.IDLE: {SI.START: SS.PRECOPY, SI.SYNC_DIRTY: SS.IDLE},
+        SS.PRECOPY: {
+            SI.SYNC_DIRTY: SS.PRECOPY,
+            SI.PASS_SENT: SS.PASS_COMPLETE,
+            SI.START_POSTCOPY: SS.POSTCOPY,
+            SI.COMPLETE_PRECOPY: SS.COMPLETING,
+        },
+        SS.PASS_COMPLETE: {
+            SI.SYNC_DIRTY: SS.PASS_COMPLETE,
+            SI.BEGIN_PASS: SS.PRECOPY,
+            SI.START_POSTCOPY: SS.POSTCOPY,
+            SI.COMPLETE_PRECOPY: SS.COMPLETING,
+        },
+        SS.POSTCOPY: {
+            SI.SYNC_DIRTY: Refused("the guest cannot dirty memory after switchover"),
+            SI.STREAM_SENT: SS.COMPLETING,
+        },
+        SS.COMPLETING: {SI.SHUT: SS.DONE, SI.NO_RETURN_PATH: SS.DONE},
+        SS.DONE: {SI.RETURN_PATH_CLOSED: SS.DONE},
+        SS.PAUSED: {},
+        SS.RECOVER: {},
+        SS.FAILED: {},
+    }
+    for state in sending:
+        # The destination may ask for pages whenever the stream is open (QEMU queues them).
+        table[state][SI.REQUEST] = state
+    return table
+
+
+# After SHUT(0) QEMU's return-path thread exits: nothing more of the return path is read.
+SOURCE_STOPS_READING: Final = frozenset({SS.DONE})
+# Once the load is complete QEMU's destination stops reading (the listen thread at a
+# postcopy EOF, the main thread after VMDESCRIPTION): whatever follows is never looked at.
+DESTINATION_STOPS_READING: Final = frozenset({D.END})
+
+# The error detail for an input a state has no entry for ({state}: the state's value).
+SOURCE_REFUSALS: Final = {
+    SI.SHUT: "the destination shut down during {state}, before the stream was complete",
+    SI.RETURN_PATH_CLOSED: "the destination closed the connection during {state}",
+    SI.REQUEST: "page request during {state}",
+}
+
+
+def source_refusal(state: SourceState, action: SourceInput) -> str:
+    template = SOURCE_REFUSALS.get(action, f"{action.value} in state {{state}}")
+    return template.format(state=state.value)
+
+
+def destination_refusal(state: DestinationState) -> str:
+    return f"wrong postcopy state {state.name}"
+
+
+def is_advised(state: DestinationState) -> bool:
     """QEMU's "advised": ADVISE <= state < END (selects the MEM_SIZE page-size field)."""
-    return S.ADVISE <= state < S.END
+    return D.ADVISE <= state < D.END
 
 
-def is_postcopy_running(state: PostcopyState) -> bool:
+def is_postcopy_running(state: DestinationState) -> bool:
     """QEMU's "running": LISTENING <= state < END (pages are placed with userfaultfd)."""
-    return S.LISTENING <= state < S.END
+    return D.LISTENING <= state < D.END

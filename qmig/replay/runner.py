@@ -17,7 +17,8 @@ from typing import Any
 
 from qmig.errors import QmigError
 from qmig.latency import percentiles_us
-from qmig.protocol.source import Source, SourcePhase
+from qmig.protocol.source import Source
+from qmig.protocol.states import SourceState
 from qmig.replay.recording import Recording
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
 from qmig.transport import connect
@@ -26,6 +27,12 @@ CONNECT_TIMEOUT = 30.0
 # A destination with another machine type or RAM size refuses the stream as soon as it reads
 # CONFIGURATION or the RAM block list: a failure this soon after connecting suggests that.
 EARLY_FAILURE_S = 2.0
+SENDING = (
+    SourceState.PRECOPY,
+    SourceState.PASS_COMPLETE,
+    SourceState.POSTCOPY,
+    SourceState.COMPLETING,
+)
 
 
 @dataclass(frozen=True)
@@ -151,11 +158,12 @@ def _explained(
     clone.__dict__.update(error.__dict__)
     if clone.offset is None:
         clone.offset = sent
-        if source.phase in (SourcePhase.PRECOPY, SourcePhase.POSTCOPY, SourcePhase.COMPLETING):
-            clone.detail = f"{clone.detail} during {source.phase.value}"
+        if source.state in SENDING:
+            phase = "precopy" if source.state is SourceState.PASS_COMPLETE else source.state.value
+            clone.detail = f"{clone.detail} during {phase}"
     early = (
         early
-        and source.phase in (SourcePhase.PRECOPY, SourcePhase.FAILED)
+        and source.state in (SourceState.PRECOPY, SourceState.PASS_COMPLETE, SourceState.FAILED)
         and source.stats.passes <= 1
         and source.stats.discard_commands == 0
     )

@@ -17,14 +17,14 @@ from typing import Any
 
 from qmig.errors import QmigError, RemoteProtocolError, TransportError
 from qmig.protocol import events as ev
-from qmig.protocol.destination import Destination, Phase
+from qmig.protocol.destination import Destination
+from qmig.protocol.states import DestinationState
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.transport import Connection
 from qmig.wire import messages as m
-from qmig.wire.reader import END, NEED_DATA
 
 RECV_CHUNK = 1 << 20
 POSTCOPY_DATA_RUN = 1  # data pages per UFFDIO_COPY after LISTEN (see _apply)
@@ -87,6 +87,7 @@ class DestinationRunner:
         # (block, host offset) -> when its request went out (0 until sent): the page that
         # answers it closes the request's latency.
         self._awaiting: dict[tuple[str, int], list[int]] = {}
+        self.completed = False  # the machine said MigrationCompleted
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -96,7 +97,7 @@ class DestinationRunner:
         if self.connection.socket is not None:
             self.connection.socket.settimeout(self.idle_timeout)
         try:
-            while self.dest.phase is not Phase.DONE:
+            while not self.completed:
                 count = self._receive(buffer)
                 with self._machine_lock:
                     if count:
@@ -104,7 +105,7 @@ class DestinationRunner:
                     else:
                         self.dest.receive_eof()
                 self._drain()
-                if count == 0 and self.dest.phase is not Phase.DONE:
+                if count == 0 and not self.completed:
                     raise TransportError(self.connection.name, "the source closed the stream")
             self._finish()
         except RemoteProtocolError:
@@ -115,7 +116,7 @@ class DestinationRunner:
             raise self._with_context(error) from None
         finally:
             self.report.finished = time.monotonic()
-            if not (self.keep_ram and self.dest.phase is Phase.DONE and self.session):
+            if not (self.keep_ram and self.completed and self.session):
                 self._close_session()
         if self.session is not None and self.keep_ram:
             self.session.stop_serving()
@@ -156,7 +157,7 @@ class DestinationRunner:
             if discards:
                 self._discard(discards)
                 discards = []
-            if event is NEED_DATA or event is END:
+            if not isinstance(event, ev.Event):  # NEED_DATA or END
                 return
             self._apply(event)
 
@@ -182,7 +183,7 @@ class DestinationRunner:
 
     # --- decisions ------------------------------------------------------------------------
 
-    def _apply(self, event: Any) -> None:
+    def _apply(self, event: ev.Event) -> None:
         match event:
             case ev.RamBlocksAnnounced(blocks=blocks):
                 self._map(blocks)
@@ -211,6 +212,7 @@ class DestinationRunner:
                 self.report.postcopy = True
                 self._start_guest()
             case ev.MigrationCompleted(postcopy=postcopy):
+                self.completed = True
                 self.report.postcopy = postcopy
                 if not postcopy:
                     self._start_guest()
@@ -289,7 +291,7 @@ class DestinationRunner:
     def _on_fault(self, request: PageRequest) -> None:
         """Called on the fault thread: ask the source for the page, now."""
         with self._machine_lock:
-            if self.dest.phase is Phase.FAILED:
+            if self.dest.state is DestinationState.FAILED:  # the loop failed meanwhile
                 return
             asked = self.dest.page_fault(request.block, request.offset)
             data = self.dest.data_to_send()

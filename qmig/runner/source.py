@@ -17,19 +17,26 @@ precopy keeps the kernel's autotuning, which streams fastest, into a real QEMU b
 destination bounds its receive buffer), sends postcopy in small chunks, and never blocks in
 ``sendall``: it selects for room and for return-path data together, so a REQ_PAGES is read
 as soon as it arrives and its pages go out in the next chunk.
+
+The runner follows the machine by its events, not by looking at it: PhaseChanged says where
+it is, PassCompleted when to decide what follows a precopy pass. A pass completion is acted
+on once the bytes that ended the pass are written, never from inside a write (which reads
+the return path while it waits), so the stream's bytes stay in the machine's order.
 """
 
 from __future__ import annotations
 
 import select
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qmig.errors import TransportError
 from qmig.protocol import events as ev
-from qmig.protocol.source import Source, SourcePhase
+from qmig.protocol.source import Source
+from qmig.protocol.states import SourceState
 from qmig.runner.source_ram import Dirtier
 from qmig.transport import Connection
 from qmig.wire.reader import NEED_DATA
@@ -90,18 +97,23 @@ class SourceRunner:
         # The bandwidth cap's credit, in bytes, as of _credit_at (see _wait_for_credit).
         self._credit = (plan.bandwidth or 0.0) * CAP_WINDOW
         self._credit_at = 0.0
+        self.phase = source.state  # as the machine's PhaseChanged events last said
+        self._passes_done: deque[ev.PassCompleted] = deque()
 
     def run(self) -> SourceReport:
         source, plan = self.source, self.plan
         self.report.started = self._clock = self._credit_at = time.monotonic()
         source.start()
+        self._take_events()
         if plan.postcopy_after == 0:
             self._switch_over()
-        while source.phase is SourcePhase.PRECOPY:
-            self._send(source.data_to_send(CHUNK))
-            if source.pass_complete:
-                self._end_of_pass()
-        while source.phase is SourcePhase.POSTCOPY:
+        while self.phase in (SourceState.PRECOPY, SourceState.PASS_COMPLETE):
+            data = source.data_to_send(CHUNK)
+            self._take_events()
+            self._send(data)
+            while self._passes_done:
+                self._end_of_pass(self._passes_done.popleft())
+        while self.phase is SourceState.POSTCOPY:
             known = len(self.report.requests)
             # Requested pages go out at once, past the cap, as in QEMU; the background sweep
             # waits for the cap, and a request that arrives meanwhile goes ahead of it.
@@ -109,14 +121,18 @@ class SourceRunner:
             if requested:
                 self._send(requested, capped=False)
             elif self._wait_for_credit(stop_on_request=True):
-                self._send(source.data_to_send(plan.postcopy_chunk), capped=False)
+                data = source.data_to_send(plan.postcopy_chunk)
+                self._take_events()
+                self._send(data, capped=False)
             if known > self._answered and source.pending_requests == 0:
                 self._served(known)
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
         # QEMU's completion does not wait for the cap either.
-        self._send(source.data_to_send(CHUNK), capped=False)
+        data = source.data_to_send(CHUNK)
+        self._take_events()
+        self._send(data, capped=False)
         deadline = time.monotonic() + SHUT_TIMEOUT
-        while source.phase is SourcePhase.COMPLETING:
+        while self.phase is SourceState.COMPLETING:
             if time.monotonic() > deadline:
                 raise TransportError(
                     self.connection.name,
@@ -135,10 +151,10 @@ class SourceRunner:
             self.report.served_ns.append(int((now - received) * 1e9))
         self._answered = upto
 
-    def _end_of_pass(self) -> None:
+    def _end_of_pass(self, event: ev.PassCompleted) -> None:
         source, plan = self.source, self.plan
         self._sync_dirty()
-        passes = source.stats.passes
+        passes = event.passes
         if plan.postcopy_after is not None and passes >= plan.postcopy_after:
             self._switch_over()
         elif plan.postcopy_after is None and (
@@ -148,10 +164,12 @@ class SourceRunner:
             source.complete_precopy()
         else:
             source.begin_pass()
+        self._take_events()
 
     def _switch_over(self) -> None:
         self._stop_guest()
         self.source.start_postcopy()
+        self._take_events()
         # The switchover (discards, then the package that ends in RUN) goes out through the
         # buffer precopy streamed with. After it, a requested page waits behind whatever is
         # queued, so the buffer shrinks (the kernel takes nothing more until it drains).
@@ -190,7 +208,7 @@ class SourceRunner:
             self._sent += sent
             self._credit -= sent
             if self.on_progress is not None:
-                self.on_progress(self.source.phase.value, sent)
+                self.on_progress(self._label(), sent)
             self._advance_dirtier()
 
     def _write(self, piece: memoryview) -> int:
@@ -208,7 +226,7 @@ class SourceRunner:
                 raise TransportError(
                     connection.name,
                     f"the destination took no data for {STALL_TIMEOUT:.0f} s during "
-                    f"{self.source.phase.value}",
+                    f"{self._label()}",
                 )
 
     def _wait_for_credit(self, *, stop_on_request: bool = False) -> bool:
@@ -242,9 +260,24 @@ class SourceRunner:
             self.source.receive_eof()
             return
         self.source.receive_data(bytes(self._rp_buffer[:count]))
+        self._take_events()
+
+    def _take_events(self) -> None:
+        """Everything the machine has said since last time."""
         while (event := self.source.next_event()) is not NEED_DATA:
-            if isinstance(event, ev.RequestReceived):
-                self.report.requests.append((time.monotonic(), event.block, event.start))
+            match event:
+                case ev.PhaseChanged(new=new):
+                    self.phase = new
+                case ev.PassCompleted():
+                    self._passes_done.append(event)
+                case ev.RequestReceived(block=block, start=start):
+                    self.report.requests.append((time.monotonic(), block, start))
+
+    def _label(self) -> str:
+        """The phase as progress reports name it (a finished pass is still precopy)."""
+        if self.phase is SourceState.PASS_COMPLETE:
+            return SourceState.PRECOPY.value
+        return self.phase.value
 
     def stats(self) -> dict[str, Any]:
         return vars(self.source.stats)

@@ -6,7 +6,7 @@ import pytest
 
 from qmig.errors import IllegalStateError, LocalProtocolError, MalformedError, RemoteProtocolError
 from qmig.protocol import events as ev
-from qmig.protocol.destination import Destination, Phase
+from qmig.protocol.destination import Destination
 from qmig.protocol.states import PostcopyState
 from qmig.wire import messages as m
 from qmig.wire.reader import END, NEED_DATA, ReturnPathReader
@@ -91,7 +91,7 @@ def test_illegal_command_orders_are_rejected_naming_the_state(
     assert error.offset is not None
     assert (prefix + tail)[error.offset] == S.profile.section_types["COMMAND"]
     assert error.offset == len(prefix + tail) - record_size
-    assert dest.phase is Phase.FAILED
+    assert dest.state is PostcopyState.FAILED
     assert error.one_line().endswith(f"at byte {error.offset}")
 
 
@@ -119,7 +119,6 @@ def test_the_legal_order_moves_through_every_state() -> None:
         PostcopyState.RUNNING,
         PostcopyState.END,
     ]
-    assert dest.phase is Phase.DONE
 
 
 def test_discard_is_skipped_when_nothing_was_discarded() -> None:
@@ -220,3 +219,56 @@ def test_precopy_only_completes_after_the_vmdescription() -> None:
     events = drive(dest, opening() + ram_setup() + eof_and_description)
     assert isinstance(events[-1], ev.MigrationCompleted)
     assert dest.data_to_send() == S.build_rp(m.Shut(0))
+
+
+@pytest.mark.parametrize("version", ["2.9", "7.2"])
+def test_a_second_listen_is_refused_by_the_state_check_first(version: str) -> None:
+    """Both versions check the state first, so a second LISTEN in a stream is refused as in
+    the wrong state; 2.9's listen-thread check (reject_second_listen) comes after it."""
+    schema = schema_for(version)
+    listen = schema.build_command(m.PostcopyListen())
+    stream = (
+        schema.header.build(m.StreamHeader(schema.profile.stream_version))
+        + schema.configuration.build(m.Configuration("pc-i440fx-2.9"))
+        + schema.build_command(m.OpenReturnPath())
+        + schema.build_command(m.PostcopyAdvise(4096, 4096))
+        + listen
+        + listen
+    )
+    dest = Destination(version)
+    with pytest.raises(IllegalStateError) as caught:
+        drive(dest, stream)
+    assert (caught.value.detail, caught.value.offset) == (
+        "wrong postcopy state LISTENING",
+        len(stream) - len(listen),
+    )
+
+
+@pytest.mark.parametrize(("version", "refused"), [("2.9", True), ("7.2", False)])
+def test_reject_second_listen_refuses_a_listen_while_a_listen_thread_runs(
+    version: str, refused: bool
+) -> None:
+    """The one way past the state check: QEMU's state went back to ADVISE while its listen
+    thread runs (a refused ADVISE on the listen thread stores ADVISE while the main thread
+    still reads the package). 2.9/2.10 refuse the LISTEN then; 7.2 starts another thread."""
+    schema = schema_for(version)
+    dest = Destination(version)
+    drive(
+        dest,
+        schema.header.build(m.StreamHeader(schema.profile.stream_version))
+        + schema.configuration.build(m.Configuration("pc-i440fx-2.9"))
+        + schema.build_command(m.PostcopyAdvise(4096, 4096))
+        + schema.build_command(m.PostcopyListen()),
+    )
+    assert dest.listen_thread_started
+    dest.state = PostcopyState.ADVISE  # where the race leaves QEMU's state
+    at = dest.reader.offset
+    listen = schema.build_command(m.PostcopyListen())
+    if not refused:
+        drive(dest, listen)
+        assert dest.state is PostcopyState.LISTENING
+        return
+    with pytest.raises(IllegalStateError) as caught:
+        drive(dest, listen)
+    assert caught.value.one_line() == (f"POSTCOPY_LISTEN: already has a listen thread at byte {at}")
+    assert caught.value.state == "ADVISE"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
-from qmig.errors import LocalProtocolError, RemoteProtocolError
+from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.protocol import events as ev
-from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock, SourcePhase
+from qmig.protocol import source as source_module
+from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock
+from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
 from qmig.wire.reader import NEED_DATA, Record, StreamReader
 from qmig.wire.schema import schema_for
@@ -133,7 +136,7 @@ def test_requested_pages_jump_the_queue_and_are_not_sent_twice() -> None:
     # Asked again after it was sent: nothing more goes out for it.
     source.receive_data(S.build_rp(m.ReqPages(200 * PAGE, PAGE)))
     mark = len(stream)
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         stream += source.data_to_send(1 << 20)
     rest = pages_sent(stream, mark)
     assert sorted(rest) == [p * PAGE for p in range(256) if p not in (200, 201)]
@@ -159,7 +162,7 @@ def test_requested_data_holds_the_requested_pages_and_nothing_of_the_sweep() -> 
     source.receive_data(S.build_rp(m.ReqPages(7 * PAGE, PAGE)))
     assert pages_sent(stream + source.requested_data(), len(stream)) == []
     mark = len(stream)
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         stream += source.data_to_send(1 << 20)
     assert sorted(pages_sent(stream, mark)) == [p * PAGE for p in range(256) if p not in (7, 90)]
 
@@ -181,21 +184,24 @@ def test_bad_return_path_messages_fail_the_source(message: object, detail: str) 
     with pytest.raises(RemoteProtocolError) as caught:
         source.receive_data(S.build_rp(message))  # type: ignore[arg-type]
     assert detail in caught.value.detail
-    assert source.phase is SourcePhase.FAILED
+    assert source.state is SourceState.FAILED
 
 
 def test_shut_0_completes_only_after_the_stream_ended() -> None:
     source = make_source(pages=8)
     source.start()
     source.start_postcopy()
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         source.data_to_send(1 << 20)
-    assert source.phase is SourcePhase.COMPLETING
+    assert source.state is SourceState.COMPLETING
+    while source.next_event() is not NEED_DATA:  # the changes of state so far
+        pass
     source.receive_data(S.build_rp(m.Pong(1)) + S.build_rp(m.Shut(0)))
-    assert source.phase is SourcePhase.DONE
-    assert [source.next_event(), source.next_event(), source.next_event()] == [
+    assert source.state is SourceState.DONE
+    assert [source.next_event() for _ in range(4)] == [
         ev.PongReceived(1),
         ev.DestinationShut(0),
+        ev.PhaseChanged(SourceState.COMPLETING, SourceState.DONE),
         NEED_DATA,
     ]
 
@@ -224,7 +230,7 @@ def test_postcopy_sections_span_sends() -> None:
     stream = source.data_to_send(0)
     mark = len(stream)
     sends = 0
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         stream += source.data_to_send(PAGE + 64)
         sends += 1
     found = [r for r in records(stream) if r.offset >= mark]
@@ -236,3 +242,48 @@ def test_postcopy_sections_span_sends() -> None:
     assert sections == -(-pages // 16)
     assert names[-4:] == ["SECTION_END", "EOS", "SECTION_FOOTER", "EOF"]
     assert names.count("EOS") == sections + 1  # each part closed, then the END's
+
+
+def test_a_first_request_without_a_block_fails_as_qemu_does() -> None:
+    """QEMU's source reuses the last request's block for REQ_PAGES; with none before, it
+    fails ("ram_save_queue_pages no previous block") and marks the return path bad."""
+    source = make_source()
+    source.start()
+    source.start_postcopy()
+    pong = S.build_rp(m.Pong(1))
+    with pytest.raises(RemoteProtocolError) as caught:
+        source.receive_data(pong + S.build_rp(m.ReqPages(2 * PAGE, PAGE)))
+    error = caught.value
+    assert error.one_line() == (
+        "REQ_PAGES: no previous block for the request at 0x2000 (a REQ_PAGES_ID must name "
+        f"the block first) at byte {len(pong)}"
+    )
+    assert error.state == "postcopy"
+    assert source.state is SourceState.FAILED
+    assert source.pending_requests == 0
+
+
+@pytest.mark.parametrize(("version", "refused"), [("2.9", False), ("7.2", True), ("10.0", True)])
+def test_the_profiles_range_rule_decides_a_zero_length_request_at_0(
+    version: str, refused: bool
+) -> None:
+    """7.2 checks the request's last byte in u64: start 0, length 0 wraps and is refused;
+    2.9 checks start + length against the block's end and takes it."""
+    schema = schema_for(version)
+    source = Source([SourceBlock("pc.ram", 8 * PAGE, bytearray(8 * PAGE))], version=version)
+    source.start()
+    source.start_postcopy()
+    data = schema.build_rp(m.ReqPagesId(0, 0, "pc.ram"))
+    if not refused:
+        source.receive_data(data)
+        assert source.state is SourceState.POSTCOPY
+        return
+    with pytest.raises(RemoteProtocolError) as caught:
+        source.receive_data(data)
+    assert caught.value.detail == "request overrun start=0x0 len=0x0 blocklen=0x8000"
+
+
+def test_an_unknown_range_rule_is_an_error() -> None:
+    profile = dataclasses.replace(S.profile, request_range_check="bogus")
+    with pytest.raises(QmigError, match="unknown request_range_check rule 'bogus'"):
+        source_module._range_check(profile.request_range_check)

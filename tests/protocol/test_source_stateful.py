@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from qmig.errors import RemoteProtocolError
-from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock, SourcePhase
+from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock
+from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
 from qmig.wire.reader import NEED_DATA, Record, StreamReader
 from qmig.wire.schema import schema_for
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.timeout(300)
 
 VERSION = "7.2"
 PAGE = 4096
+PRECOPY = (SourceState.PRECOPY, SourceState.PASS_COMPLETE)
 # (name, target pages, page size): one block with 16 KiB host pages of 4 target pages each.
 BLOCKS = [("pc.ram", 48, PAGE), ("big", 32, 4 * PAGE), ("pc.bios", 4, PAGE)]
 
@@ -94,7 +96,7 @@ class SourceModel(RuleBasedStateMachine):
             message = record.message
             if isinstance(message, m.PostcopyRamDiscard):
                 continue
-            if isinstance(message, m.RamPageRun) and self.source.phase is not SourcePhase.PRECOPY:
+            if isinstance(message, m.RamPageRun) and self.source.state not in PRECOPY:
                 for offset, _, _ in message.pages():
                     self.sent[(message.block, offset // PAGE)] += 1
 
@@ -107,19 +109,19 @@ class SourceModel(RuleBasedStateMachine):
             self.source.receive_data(data)
         assert caught.value.what == message.NAME  # type: ignore[attr-defined]
         assert error in caught.value.detail
-        assert self.source.phase is SourcePhase.FAILED
+        assert self.source.state is SourceState.FAILED
         self.failed = True
 
     def _request_verdict(self, block: str, start: int, length: int) -> str | None:
         if start % PAGE or length % PAGE:
             return "misaligned page request"
-        if start + length - 1 >= self.size[block]:  # 7.2's last-byte rule
+        if (start + length - 1) % (1 << 64) >= self.size[block]:  # 7.2's last byte, in u64
             return "request overrun"
         return None
 
     # --- rules ------------------------------------------------------------------------------
 
-    @precondition(lambda self: not self.failed)
+    @precondition(lambda self: self.listening)
     @rule(
         block=st.sampled_from([b[0] for b in BLOCKS]),
         page=st.integers(0, 50),
@@ -132,7 +134,7 @@ class SourceModel(RuleBasedStateMachine):
         self.last_block = block
         self._feed_rp(m.ReqPagesId(start, length, block), error)
 
-    @precondition(lambda self: not self.failed)
+    @precondition(lambda self: self.listening)
     @rule(page=st.integers(0, 50), pages=st.integers(1, 3))
     def req_pages(self, page: int, pages: int) -> None:
         start, length = page * PAGE, pages * PAGE
@@ -142,12 +144,12 @@ class SourceModel(RuleBasedStateMachine):
         verdict = self._request_verdict(self.last_block, start, length)
         self._feed_rp(m.ReqPages(start, length), verdict)
 
-    @precondition(lambda self: not self.failed)
+    @precondition(lambda self: self.listening)
     @rule()
     def req_unknown_block(self) -> None:
         self._feed_rp(m.ReqPagesId(0, PAGE, "nope"), "no block 'nope'")
 
-    @precondition(lambda self: not self.failed)
+    @precondition(lambda self: self.listening)
     @rule(value=st.integers(0, (1 << 32) - 1))
     def pong(self, value: int) -> None:
         self.pongs.append(value)
@@ -158,33 +160,47 @@ class SourceModel(RuleBasedStateMachine):
     def send(self, budget: int) -> None:
         self._read(self.source.data_to_send(budget))
 
-    @precondition(lambda self: not self.failed)
+    @precondition(lambda self: self.listening)
     @rule(status=st.integers(0, 2))
     def shut(self, status: int) -> None:
         if status:
             self._feed_rp(m.Shut(status), "reported an error")
-        elif self.source.phase is SourcePhase.COMPLETING:
+        elif self.source.state is SourceState.COMPLETING:
             self._feed_rp(m.Shut(0))
-            assert self.source.phase is SourcePhase.DONE
+            assert self.source.state is SourceState.DONE
             self._check_complete()
-        elif self.source.phase is SourcePhase.POSTCOPY:
+        elif self.source.state is SourceState.POSTCOPY:
             self._feed_rp(m.Shut(0), "before the stream was complete")
 
-    @precondition(lambda self: not self.failed and self.source.phase is SourcePhase.POSTCOPY)
+    @precondition(lambda self: not self.failed and self.source.state is SourceState.POSTCOPY)
     @rule()
     def drain(self) -> None:
         """Send everything: the stream must end, having sent every page owed exactly once."""
         for _ in range(10_000):
-            if self.source.phase is not SourcePhase.POSTCOPY:
+            if self.source.state is not SourceState.POSTCOPY:
                 break
             self._read(self.source.data_to_send(1 << 20))
-        assert self.source.phase is SourcePhase.COMPLETING
+        assert self.source.state is SourceState.COMPLETING
         self._check_complete()
+
+    @property
+    def listening(self) -> bool:
+        return not self.failed and self.source.state is not SourceState.DONE
+
+    @precondition(lambda self: self.source.state is SourceState.DONE)
+    @rule()
+    def nothing_is_read_after_shut(self) -> None:
+        """QEMU's return-path thread ends at SHUT: what follows is never looked at."""
+        while self.source.next_event() is not NEED_DATA:
+            pass
+        self.source.receive_data(self.schema.build_rp(m.ReqPagesId(1, 1, "nope")) + b"\xff" * 8)
+        assert self.source.next_event() is NEED_DATA
+        assert self.source.state is SourceState.DONE
 
     @precondition(lambda self: self.failed)
     @rule()
     def stays_failed(self) -> None:
-        assert self.source.phase is SourcePhase.FAILED
+        assert self.source.state is SourceState.FAILED
 
     def _check_complete(self) -> None:
         missing = self.must_send - set(self.sent)

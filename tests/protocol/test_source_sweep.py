@@ -3,7 +3,8 @@ and still sends every other dirty page exactly once (it wraps round to what it s
 
 from __future__ import annotations
 
-from qmig.protocol.source import Source, SourceBlock, SourcePhase
+from qmig.protocol.source import Source, SourceBlock
+from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
 from qmig.wire.reader import StreamReader
 from qmig.wire.schema import schema_for
@@ -35,7 +36,7 @@ def test_the_sweep_follows_the_request_then_wraps() -> None:
     stream = source.data_to_send(0)
     mark = len(stream)
     source.receive_data(S.build_rp(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram")))
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         stream += source.data_to_send(4 * (PAGE + 64))
     order = page_order(stream, mark)
     expected_pc = [("pc.ram", page) for page in range(40, 64)]

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from qmig.protocol.source import Source, SourcePhase
+from qmig.protocol.source import Source
+from qmig.protocol.states import SourceState
 from qmig.runner.source_ram import GuestRam
 from qmig.wire import messages as m
 from qmig.wire.reader import StreamReader
@@ -31,7 +32,7 @@ def postcopy_stream() -> tuple[bytes, int]:
     source.start()
     source.start_postcopy()
     stream = source.data_to_send(0)
-    while source.phase is SourcePhase.POSTCOPY:
+    while source.state is SourceState.POSTCOPY:
         stream += source.data_to_send(1 << 20)
     reader = StreamReader("7.2")
     reader.feed(stream)

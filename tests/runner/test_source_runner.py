@@ -9,8 +9,9 @@ import time
 import pytest
 
 from qmig.errors import QmigError, RemoteProtocolError
-from qmig.protocol.destination import Destination, Phase
-from qmig.protocol.source import Source, SourcePhase
+from qmig.protocol.destination import Destination
+from qmig.protocol.source import Source
+from qmig.protocol.states import DestinationState, SourceState
 from qmig.runner.source import SourcePlan, SourceRunner
 from qmig.runner.source_ram import Dirtier, GuestRam
 from qmig.transport import Connection, connect, limit_buffers, listen
@@ -58,7 +59,7 @@ def _sans_io_destination(connection: Connection) -> None:
     """A destination without RAM: the machine alone, answering PINGs and sending SHUT."""
     dest = Destination("7.2")
     buffer = bytearray(1 << 16)
-    while dest.phase is not Phase.DONE:
+    while dest.state is not DestinationState.END:
         count = connection.recv_into(buffer)
         if count:
             dest.receive_data(memoryview(buffer)[:count])
@@ -77,7 +78,7 @@ def test_the_send_buffer_is_limited_only_from_the_switch_to_postcopy() -> None:
     after the switchover's bytes (discards, the package ending in RUN) are in the socket."""
     ram = GuestRam.generate([("pc.ram", 4 << 20)], zero_fraction=0.5)
     source = Source(ram.blocks, version="7.2")
-    calls: list[tuple[SourcePhase, bool, int | None]] = []
+    calls: list[tuple[SourceState, bool, int | None]] = []
     with listen("tcp:127.0.0.1:0") as listener, connect(listener.uri) as connection:
         peer = listener.accept(timeout=5)
         thread = threading.Thread(target=_sans_io_destination, args=(peer,))
@@ -85,7 +86,7 @@ def test_the_send_buffer_is_limited_only_from_the_switch_to_postcopy() -> None:
         limit = connection.limit_buffers
 
         def recorded(send: int | None = None, receive: int | None = None) -> None:
-            calls.append((source.phase, bool(source._out), send))  # switchover bytes unsent?
+            calls.append((source.state, bool(source._out), send))  # switchover bytes unsent?
             limit(send=send, receive=receive)
 
         connection.limit_buffers = recorded  # type: ignore[method-assign]
@@ -101,7 +102,7 @@ def test_the_send_buffer_is_limited_only_from_the_switch_to_postcopy() -> None:
         thread.join(timeout=10)
         peer.close()
     # Once, in postcopy, with nothing of the switchover left unsent.
-    assert calls == [(SourcePhase.POSTCOPY, False, 16 << 10)]
+    assert calls == [(SourceState.POSTCOPY, False, 16 << 10)]
     assert source.stats.discard_commands > 0
 
 

@@ -1,0 +1,232 @@
+"""The transition tables drive both machines: every (state, input) pair of each table, walked.
+
+Each pair starts a fresh machine in the state (placed there directly: PAUSED and RECOVER have
+no rule leading to them yet), applies the input the way it really arrives (stream bytes, a
+return-path message, a runner's call) and checks what the table says: an allowed input
+leads to its next state; any other is refused with one error naming the state, a
+RemoteProtocolError when the peer sent it and a LocalProtocolError when qmig was asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from qmig.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from qmig.protocol import events as ev
+from qmig.protocol.destination import Destination
+from qmig.protocol.source import Source, SourceBlock
+from qmig.protocol.states import (
+    DESTINATION_STOPS_READING,
+    LOCAL_SOURCE_INPUTS,
+    SOURCE_STOPS_READING,
+    DestinationInput,
+    DestinationState,
+    Refused,
+    SourceInput,
+    SourceState,
+    destination_refusal,
+    destination_rules,
+    source_refusal,
+    source_table,
+)
+from qmig.wire import messages as m
+from qmig.wire.reader import NEED_DATA
+from qmig.wire.schema import schema_for
+
+VERSION = "7.2"
+S = schema_for(VERSION)
+PAGE = 4096
+BLOCK = m.RamBlockInfo("pc.ram", 16 * PAGE)
+TABLE = destination_rules(S.profile).table
+
+# --- the destination --------------------------------------------------------------------
+
+OPENING = (
+    S.header.build(m.StreamHeader(3))
+    + S.configuration.build(m.Configuration("pc-q35-7.2"))
+    + S.build_command(m.OpenReturnPath())
+    + S.build_section(m.SectionStart(2, "ram", 0, 4))
+    + S.build_mem_size(m.MemSize(BLOCK.used_length, (BLOCK,)))
+    + S.build_ram_flag("EOS")
+    + S.build_footer(2)
+)
+INPUT_BYTES = {
+    DestinationInput.ADVISE: S.build_command(m.PostcopyAdvise(PAGE, PAGE)),
+    DestinationInput.RAM_DISCARD: S.build_command(
+        m.PostcopyRamDiscard("pc.ram", (m.DiscardRange(0, 2 * PAGE),))
+    ),
+    DestinationInput.LISTEN: S.build_command(m.PostcopyListen()),
+    DestinationInput.RUN: S.build_command(m.PostcopyRun()),
+    DestinationInput.EOF: S.eof.build(m.Eof()),
+    DestinationInput.VMDESCRIPTION: S.vmdescription.build(m.VmDescription(b"{}")),
+}
+DESTINATION_PAIRS = [(state, action) for state in DestinationState for action in DestinationInput]
+
+
+def destination_in(state: DestinationState) -> Destination:
+    dest = Destination(VERSION)
+    dest.receive_data(OPENING)
+    while dest.next_event() is not NEED_DATA:
+        pass
+    if state is DestinationState.EOF_READ:
+        # The reader, too, must have seen the EOF (it reads a VMDESCRIPTION next).
+        dest.receive_data(INPUT_BYTES[DestinationInput.EOF])
+        while dest.next_event() is not NEED_DATA:
+            pass
+    dest.state = state
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("state", "action"), DESTINATION_PAIRS, ids=[f"{s.name}-{a.name}" for s, a in DESTINATION_PAIRS]
+)
+def test_destination_does_what_its_table_says(
+    state: DestinationState, action: DestinationInput
+) -> None:
+    dest = destination_in(state)
+    data = INPUT_BYTES[action]
+    at = dest.reader.offset
+    entry = TABLE[state].get(action)
+    if state is DestinationState.FAILED:
+        assert entry is None  # nothing is legal after a failure, and the runner is told so
+        with pytest.raises(LocalProtocolError, match="state FAILED"):
+            dest.receive_data(data)
+        return
+    dest.receive_data(data)
+    if state is DestinationState.EOF_READ:
+        dest.receive_eof()  # what follows a precopy EOF is read up to the end of input
+    if state in DESTINATION_STOPS_READING:
+        assert dest.next_event() is not NEED_DATA and dest.state is state  # never read
+        return
+    if isinstance(entry, DestinationState):
+        events = []
+        while isinstance(event := dest.next_event(), ev.Event):
+            events.append(event)
+        assert dest.state is entry
+        assert any(isinstance(e, ev.MigrationCompleted) for e in events) == (
+            entry is DestinationState.END
+        )
+        return
+    with pytest.raises(RemoteProtocolError) as caught:
+        while isinstance(dest.next_event(), ev.Event):
+            pass
+    error = caught.value
+    assert (error.state, error.offset) == (state.name, at)
+    assert dest.state is DestinationState.FAILED
+    if action is not DestinationInput.VMDESCRIPTION:  # elsewhere an unknown section type
+        reason = entry.reason if isinstance(entry, Refused) else destination_refusal(state)
+        assert (error.what, error.detail) == (action.value, reason)
+    assert "\n" not in error.one_line()
+
+
+def test_every_destination_state_has_a_row_and_recovery_has_room() -> None:
+    assert set(TABLE) == set(DestinationState)
+    assert TABLE[DestinationState.PAUSED] == TABLE[DestinationState.RECOVER] == {}
+    # QEMU's PostcopyState values, as its messages print them.
+    assert [int(s) for s in DestinationState][:6] == [0, 1, 2, 3, 4, 5]
+
+
+# --- the source -------------------------------------------------------------------------
+
+SOURCE_TABLE = source_table()
+
+
+def make_source() -> Source:
+    return Source([SourceBlock("pc.ram", 8 * PAGE, bytearray(8 * PAGE))], version=VERSION)
+
+
+def source_in(state: SourceState) -> Source:
+    source = make_source()
+    if state is not SourceState.IDLE:
+        source.start()
+        source.data_to_send()
+    while source.next_event() is not NEED_DATA:
+        pass
+    source.state = state
+    return source
+
+
+SOURCE_ACTIONS: dict[SourceInput, Callable[[Source], object]] = {
+    SourceInput.START: Source.start,
+    SourceInput.SYNC_DIRTY: lambda source: source.sync_dirty("pc.ram", [1]),
+    SourceInput.BEGIN_PASS: Source.begin_pass,
+    SourceInput.START_POSTCOPY: Source.start_postcopy,
+    SourceInput.COMPLETE_PRECOPY: Source.complete_precopy,
+    # The machine's own progress: it makes these inputs itself, through the same gate.
+    SourceInput.PASS_SENT: lambda source: source._move(SourceInput.PASS_SENT),
+    SourceInput.STREAM_SENT: lambda source: source._move(SourceInput.STREAM_SENT),
+    SourceInput.NO_RETURN_PATH: lambda source: source._move(SourceInput.NO_RETURN_PATH),
+    SourceInput.REQUEST: lambda source: source.receive_data(
+        S.build_rp(m.ReqPagesId(0, PAGE, "pc.ram"))
+    ),
+    SourceInput.SHUT: lambda source: source.receive_data(S.build_rp(m.Shut(0))),
+    SourceInput.RETURN_PATH_CLOSED: Source.receive_eof,
+}
+SOURCE_PAIRS = [(state, action) for state in SourceState for action in SourceInput]
+
+
+@pytest.mark.parametrize(
+    ("state", "action"), SOURCE_PAIRS, ids=[f"{s.name}-{a.name}" for s, a in SOURCE_PAIRS]
+)
+def test_source_does_what_its_table_says(state: SourceState, action: SourceInput) -> None:
+    source = source_in(state)
+    entry = SOURCE_TABLE[state].get(action)
+    remote = action not in LOCAL_SOURCE_INPUTS
+    if remote and state in SOURCE_STOPS_READING:
+        if action is SourceInput.RETURN_PATH_CLOSED:
+            assert entry is state
+        SOURCE_ACTIONS[action](source)
+        assert source.state is state and source.next_event() is NEED_DATA  # never read
+        return
+    if isinstance(entry, SourceState):
+        SOURCE_ACTIONS[action](source)
+        assert source.state is entry
+        changes = []
+        while isinstance(event := source.next_event(), ev.Event):
+            if isinstance(event, ev.PhaseChanged):
+                changes.append((event.old, event.new))
+        assert changes == ([] if entry is state else [(state, entry)])
+        return
+    expected: type[ProtocolError] = RemoteProtocolError if remote else LocalProtocolError
+    with pytest.raises(ProtocolError) as caught:
+        SOURCE_ACTIONS[action](source)
+    error = caught.value
+    assert type(error) is expected
+    reason = entry.reason if isinstance(entry, Refused) else source_refusal(state, action)
+    if remote:
+        assert (error.state, error.detail) == (state.value, reason)
+        assert source.state is SourceState.FAILED
+    else:
+        assert error.detail == f"{reason} (state {state.value})"
+        assert source.state is state  # a refused call changes nothing
+    assert "\n" not in error.one_line()
+
+
+def test_every_source_state_has_a_row_and_recovery_has_room() -> None:
+    assert set(SOURCE_TABLE) == set(SourceState)
+    assert SOURCE_TABLE[SourceState.PAUSED] == SOURCE_TABLE[SourceState.RECOVER] == {}
+
+
+def test_source_reports_each_change_of_state_and_each_pass() -> None:
+    source = make_source()
+    source.start()
+    source.data_to_send(1 << 20)
+    source.begin_pass()
+    source.sync_dirty("pc.ram", [3])
+    source.data_to_send(1 << 20)
+    source.start_postcopy()
+    events = []
+    while (event := source.next_event()) is not NEED_DATA:
+        events.append(event)
+    P = SourceState
+    assert events == [
+        ev.PhaseChanged(P.IDLE, P.PRECOPY),
+        ev.PhaseChanged(P.PRECOPY, P.PASS_COMPLETE),
+        ev.PassCompleted(1),
+        ev.PhaseChanged(P.PASS_COMPLETE, P.PRECOPY),
+        ev.PhaseChanged(P.PRECOPY, P.PASS_COMPLETE),
+        ev.PassCompleted(2),
+        ev.PhaseChanged(P.PASS_COMPLETE, P.POSTCOPY),
+    ]
