@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import os
 import tomllib
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from qmig.errors import QmigError
 
 DEFAULT_VERSION = "10.0"
-FORMATS_DIR = Path(os.environ.get("QMIG_FORMATS", Path(__file__).resolve().parents[2] / "formats"))
+# The profiles ship inside the package (formats/ is mapped to qmig.formats at build time);
+# QMIG_FORMATS points qmig at another folder of profiles instead.
+FORMATS_ENV = "QMIG_FORMATS"
 
 VARIABLE = "variable"
 
@@ -149,8 +153,22 @@ class Profile:
         )
 
 
+def formats_dir() -> Traversable:
+    """The folder of ``qemu-*.toml`` profiles: ``$QMIG_FORMATS``, else the shipped ones."""
+    override = os.environ.get(FORMATS_ENV)
+    if override:
+        if not Path(override).is_dir():
+            raise QmigError(FORMATS_ENV, f"{override}: no such folder of profiles")
+        return Path(override)
+    return importlib.resources.files("qmig.formats")
+
+
 def available_versions() -> list[str]:
-    names = [path.stem.removeprefix("qemu-") for path in FORMATS_DIR.glob("qemu-*.toml")]
+    names = [
+        entry.name.removeprefix("qemu-").removesuffix(".toml")
+        for entry in formats_dir().iterdir()
+        if entry.name.startswith("qemu-") and entry.name.endswith(".toml")
+    ]
     return sorted(names, key=lambda name: tuple(int(part) for part in name.split(".")))
 
 
@@ -158,9 +176,9 @@ def available_versions() -> list[str]:
 def load_profile(version: str | None = None) -> Profile:
     """The profile for a QEMU version such as ``"7.2"``; ``None`` means the default."""
     name = version or DEFAULT_VERSION
-    path = FORMATS_DIR / f"qemu-{name}.toml"
-    if not path.is_file():
+    entry = formats_dir() / f"qemu-{name}.toml"
+    if not entry.is_file():
         known = ", ".join(available_versions())
         raise QmigError("--qemu-version", f"unknown QEMU version {name!r} (known: {known})")
-    with path.open("rb") as file:
+    with entry.open("rb") as file:
         return Profile.from_toml(tomllib.load(file))
