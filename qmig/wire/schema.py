@@ -295,7 +295,7 @@ class Schema:
                 ),
                 "length" / cs.Int16ub,
                 Require(
-                    lambda ctx: ctx.length <= self.target_page_size,
+                    lambda ctx: ctx.length <= profile.max_xbzrle_bytes,
                     lambda ctx: f"XBZRLE length {ctx.length} overflows a page",
                 ),
                 "data" / cs.Bytes(this.length),
