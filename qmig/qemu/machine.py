@@ -10,6 +10,7 @@ a Machine in the thread that created it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -25,22 +26,100 @@ from qmig.qemu.qmp import QemuError, QmpConnection
 
 QEMU_BINARY = "qemu-system-x86_64"
 UNIX_PATH_MAX = 108
+# Where scripts/fetch-qemu-VERSION unpacks a QEMU other than the system's, and the variables
+# that point qmig at one: QMIG_QEMU_10_0=<binary or wrapper>, QMIG_QEMU_10_0_DIR=<folder>.
+PRIVATE_QEMU_DIR = "/opt/qmig-qemu-{version}"
+# Inside such a folder (Debian's packages unpacked with dpkg-deb -x): the binary, the firmware
+# folders QEMU must search before its built-in /usr/share/qemu (the system QEMU's), and its
+# modules (accelerators, devices) that must not be the system QEMU's either.
+PRIVATE_BINARY = "usr/bin/qemu-system-x86_64"
+PRIVATE_FIRMWARE = ("usr/share/qemu", "usr/share/seabios")
+PRIVATE_MODULES = "usr/lib/x86_64-linux-gnu/qemu"
+PRIVATE_LIBS = "lib"
 
 # Migration states after which query-migrate will not change any more.
 FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 
 
-def qemu_binary() -> str:
+@dataclass(frozen=True)
+class QemuInstall:
+    """How to run one QEMU: its binary, the arguments that come first, its environment."""
+
+    binary: str
+    prefix_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.binary, *self.prefix_args, *args]
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
+
+def _variable(version: str) -> str:
+    return "QMIG_QEMU_" + version.replace(".", "_")
+
+
+def qemu_install(version: str | None = None) -> QemuInstall:
+    """The QEMU of ``version`` (such as "10.0"): ``$QMIG_QEMU_10_0``, else the folder that
+    scripts/fetch-qemu-10.0 fills, else the system's ``qemu-system-x86_64`` if it is that
+    version (Debian 12's is 7.2). ``None``: the system's, whatever its version."""
+    if version is None:
+        return QemuInstall(_system_binary())
+    variable = _variable(version)
+    if explicit := os.environ.get(variable):
+        if not os.access(explicit, os.X_OK):
+            raise QemuError(variable, f"{explicit} is not an executable QEMU")
+        return QemuInstall(explicit)
+    folder = Path(os.environ.get(f"{variable}_DIR") or PRIVATE_QEMU_DIR.format(version=version))
+    if (folder / PRIVATE_BINARY).is_file():
+        return _private_install(folder)
+    system = _system_binary()
+    if _reported_version(system).startswith(f"{version}."):
+        return QemuInstall(system)
+    raise QemuError(
+        f"QEMU {version}",
+        f"not found: {system} is {_reported_version(system)}, {folder} holds none "
+        f"(scripts/fetch-qemu-{version} fetches it; {variable}=BINARY names one)",
+    )
+
+
+def _system_binary() -> str:
     path = shutil.which(QEMU_BINARY)
     if path is None:
         raise QemuError(QEMU_BINARY, "not found on PATH (Debian: apt-get install qemu-system-x86)")
     return path
 
 
-def qemu_version() -> str:
-    """First line of ``qemu-system-x86_64 --version``."""
+@functools.cache
+def _reported_version(binary: str) -> str:
+    """ "7.2.22" from a binary's ``--version`` ("QEMU emulator version 7.2.22 (Debian ...)")."""
+    result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    words = result.stdout.split()
+    return words[3] if words[:3] == ["QEMU", "emulator", "version"] and len(words) > 3 else "?"
+
+
+def _private_install(folder: Path) -> QemuInstall:
+    prefix: list[str] = []
+    for firmware in PRIVATE_FIRMWARE:
+        prefix += ["-L", str(folder / firmware)]
+    env = {"QEMU_MODULE_DIR": str(folder / PRIVATE_MODULES)}
+    if (folder / PRIVATE_LIBS).is_dir():  # libraries this machine lacked, fetched beside it
+        env["LD_LIBRARY_PATH"] = ":".join(
+            filter(None, [str(folder / PRIVATE_LIBS), os.environ.get("LD_LIBRARY_PATH")])
+        )
+    return QemuInstall(str(folder / PRIVATE_BINARY), tuple(prefix), env)
+
+
+def qemu_binary(version: str | None = None) -> str:
+    return qemu_install(version).binary
+
+
+def qemu_version(version: str | None = None) -> str:
+    """First line of ``qemu-system-x86_64 --version`` for the QEMU :func:`qemu_install` picks."""
+    install = qemu_install(version)
     result = subprocess.run(
-        [qemu_binary(), "--version"], capture_output=True, text=True, check=True
+        install.argv("--version"), capture_output=True, text=True, check=True, env=install.environ()
     )
     return result.stdout.splitlines()[0]
 
@@ -70,6 +149,8 @@ class MachineConfig:
     paused: bool = False
     incoming: str | None = None
     extra_args: Sequence[str] = ()
+    qemu_version: str | None = None  # which QEMU (qemu_install); None: the system's
+    machine_type: str = "pc"
 
 
 class Machine:
@@ -90,17 +171,16 @@ class Machine:
 
     def command_line(self) -> list[str]:
         config = self.config
-        args = [
-            qemu_binary(),
+        args = qemu_install(config.qemu_version).argv(
             "-name", config.name,
-            "-machine", "pc,accel=tcg",
+            "-machine", f"{config.machine_type},accel=tcg",
             "-m", f"{config.memory_mib}M",
             "-display", "none",
             "-nodefaults",
             "-no-user-config",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-serial", f"file:{self.serial_path}",
-        ]  # fmt: skip
+        )  # fmt: skip
         if config.guest is not None:
             args += ["-drive", f"file={self.disk_path},format=raw,if=ide"]
         if config.paused:
@@ -118,6 +198,7 @@ class Machine:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 _die_with_parent_prefix() + self.command_line(),
+                env=qemu_install(self.config.qemu_version).environ(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -345,8 +345,16 @@ def mem_size_block() -> cs.Construct:
     )
 
 
-def xbzrle_body(page_size: int) -> cs.Construct:
-    """u8 encoding (1), be16 length of at most a page, the encoded bytes."""
+def xbzrle_limit(profile: Profile, page_size: int) -> int:
+    """The longest XBZRLE body the profile's rule lets a receiver take (QEMU: "len overflow")."""
+    match profile.max_xbzrle_length:
+        case "target-page":
+            return page_size
+    raise AssertionError(f"unchecked max_xbzrle_length rule {profile.max_xbzrle_length!r}")
+
+
+def xbzrle_body(limit: int) -> cs.Construct:
+    """u8 encoding (1), be16 length of at most ``limit`` (a page), the encoded bytes."""
     return cs.Struct(
         "encoding" / cs.Int8ub,
         Require(
@@ -355,7 +363,7 @@ def xbzrle_body(page_size: int) -> cs.Construct:
         ),
         "length" / cs.Int16ub,
         Require(
-            lambda ctx: ctx.length <= page_size,
+            lambda ctx: ctx.length <= limit,
             lambda ctx: f"XBZRLE length {ctx.length} overflows a page",
         ),
         "data" / cs.Bytes(this.length),
@@ -380,7 +388,7 @@ def ram_bodies(profile: Profile, page_size: int) -> dict[int, cs.Construct]:
     bodies: dict[int, cs.Construct] = {
         flags["ZERO"]: cs.Struct("fill" / cs.Int8ub),
         flags["PAGE"]: cs.Struct("data" / cs.Bytes(page_size)),
-        flags["XBZRLE"]: xbzrle_body(page_size),
+        flags["XBZRLE"]: xbzrle_body(xbzrle_limit(profile, page_size)),
     }
     if "COMPRESS_PAGE" in flags:
         bodies[flags["COMPRESS_PAGE"]] = compressed_body(page_size)
