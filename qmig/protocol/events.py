@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges
-from qmig.wire.reader import _Sentinel as Sentinel
+from qmig.wire.reading.records import Sentinel
 
 __all__ = ["Event", "Sentinel"]  # and every event class below
 
