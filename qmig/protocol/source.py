@@ -572,16 +572,9 @@ class Source:
                 self._fail(RemoteProtocolError(name, f"no block {message.block!r}", record.offset))
             self._last_request_block = block
         else:
+            # The return-path reader refuses a REQ_PAGES with no REQ_PAGES_ID before it
+            # (QEMU's "no previous block"), so a block has been named by now.
             block = self._last_request_block
-            if block is None:
-                self._fail(
-                    RemoteProtocolError(
-                        name,
-                        f"no previous block for the request at {start:#x} (a REQ_PAGES_ID must "
-                        "name the block first)",
-                        record.offset,
-                    )
-                )
         assert block is not None
         if self._overruns(start, length, block.used_length):
             self._fail(

@@ -255,8 +255,7 @@ def test_a_first_request_without_a_block_fails_as_qemu_does() -> None:
         source.receive_data(pong + S.build_rp(m.ReqPages(2 * PAGE, PAGE)))
     error = caught.value
     assert error.one_line() == (
-        "REQ_PAGES: no previous block for the request at 0x2000 (a REQ_PAGES_ID must name "
-        f"the block first) at byte {len(pong)}"
+        f"REQ_PAGES: no previous block: no REQ_PAGES_ID named one before it at byte {len(pong)}"
     )
     assert error.state == "postcopy"
     assert source.state is SourceState.FAILED
