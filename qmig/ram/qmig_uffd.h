@@ -99,8 +99,9 @@ struct qmig_served {
     int32_t block;            /* index into blocks; -1: in no block (stray), or not a fault */
 };
 
-/* Target pages gathered per placing ioctl at most (the per-thread scratch buffer's size). */
-enum { QMIG_SCRATCH_PAGES = 512 };
+/* Target pages gathered per placing ioctl at most (the per-thread scratch buffer's size), and
+   fault messages taken per read() at most. */
+enum { QMIG_SCRATCH_PAGES = 512, QMIG_FAULT_BATCH = 64 };
 
 /* uffd.c: the kernel interface, single placements, fault reading, the bare C fault loop */
 int qmig_uffd_open_syscall(int flags);

@@ -8,8 +8,6 @@
 #include <string.h>
 #include <linux/userfaultfd.h>
 
-enum { FAULT_BATCH = 64 };
-
 /* The fault's block, its host page placed from that block's source unless it is in already;
    entry->block stays -1 for a fault in no block. Returns 0 or -errno. */
 static int serve_fault(const struct qmig_fault *fault, struct qmig_block **blocks,
@@ -50,7 +48,7 @@ int64_t qmig_serve_blocks(int uffd, int quitfd, struct qmig_block **blocks,
                           uint8_t **sources, int nblocks, uint64_t spin_ns,
                           struct qmig_served *log, uint64_t log_cap, int *stop)
 {
-    struct qmig_fault faults[FAULT_BATCH];
+    struct qmig_fault faults[QMIG_FAULT_BATCH];
     uint64_t n = 0;
     int got = 0, quit = 0;
     *stop = 0;
@@ -58,7 +56,7 @@ int64_t qmig_serve_blocks(int uffd, int quitfd, struct qmig_block **blocks,
         if (!block_sizes_valid(blocks[i]))
             return -EINVAL;
     while (n < log_cap) {
-        int room = log_cap - n < FAULT_BATCH ? (int)(log_cap - n) : FAULT_BATCH;
+        int room = log_cap - n < QMIG_FAULT_BATCH ? (int)(log_cap - n) : QMIG_FAULT_BATCH;
         got = (got > 0 && spin_ns) ? qmig_fault_spin(uffd, spin_ns, faults, room) : 0;
         if (got == 0) {
             if (quit)

@@ -189,9 +189,9 @@ int qmig_place(int fd, uint64_t dst, uint64_t src, uint64_t src_stride, uint64_t
 /* Read up to `max` messages in one read() (the descriptor is non-blocking). */
 static int read_faults(int uffd, struct qmig_fault *out, int max)
 {
-    struct uffd_msg msgs[64];
-    if (max > 64)
-        max = 64;
+    struct uffd_msg msgs[QMIG_FAULT_BATCH];
+    if (max > QMIG_FAULT_BATCH)
+        max = QMIG_FAULT_BATCH;
     ssize_t got = read(uffd, msgs, sizeof(msgs[0]) * (size_t)max);
     uint64_t now = qmig_now_ns();
     if (got < 0)
@@ -245,15 +245,15 @@ int64_t qmig_serve_from(int uffd, int quitfd, uint64_t base, uint64_t len, uint6
                         uint64_t page_size, uint64_t spin_ns, uint64_t *latency_ns,
                         uint64_t latency_cap)
 {
-    struct qmig_fault faults[64];
+    struct qmig_fault faults[QMIG_FAULT_BATCH];
     struct qmig_place_result res;
     int quit = 0;
     int64_t served = 0;
     int n = 0;
     while (!quit) {
-        n = (n > 0 && spin_ns) ? qmig_fault_spin(uffd, spin_ns, faults, 64) : 0;
+        n = (n > 0 && spin_ns) ? qmig_fault_spin(uffd, spin_ns, faults, QMIG_FAULT_BATCH) : 0;
         if (n == 0)
-            n = qmig_fault_wait(uffd, quitfd, -1, faults, 64, &quit);
+            n = qmig_fault_wait(uffd, quitfd, -1, faults, QMIG_FAULT_BATCH, &quit);
         if (n < 0)
             return n;
         for (int k = 0; k < n; k++) {
