@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -57,3 +58,20 @@ def test_sources_compile_without_a_warning_under_the_strict_flags(source: Path) 
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_block_without_its_target_page_size_is_refused() -> None:
+    """The C takes the target page size from struct qmig_block, never from a constant of its
+    own: a block whose size was not set is refused, not divided by."""
+    block = uffd_ffi.new("struct qmig_block *")
+    block.fd = -1
+    block.page_size = block.length = 1 << 12
+    result = uffd_ffi.new("struct qmig_records_result *")
+    headers = uffd_ffi.new("uint64_t[]", [0])
+    data = uffd_ffi.new("uint8_t[]", 1)
+    assert uffd_lib.qmig_place_records(block, data, 0, headers, headers, 1, 0, 0, result) == (
+        -errno.EINVAL
+    )
+    assert uffd_lib.qmig_block_sweep(block) == -errno.EINVAL
+    bad = uffd_ffi.new("uint64_t *")
+    assert uffd_lib.qmig_block_discard(block, data, 0, 0, bad) == -errno.EINVAL
