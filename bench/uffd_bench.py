@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import struct
 import sys
 import threading
 import time
@@ -53,10 +54,13 @@ from qmig.ram.faults import SPIN_US, FaultThread, LatencySummary, PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.uffd import Userfaultfd
 from qmig.ram.workload import Workload, tagged_pages
+from qmig.wire.profiles import load_profile
 
 MiB = 1 << 20
 GiB = 1 << 30
 TAG = 0xB0B0CAFE
+RECORD_HEADER = struct.calcsize(">Q")  # a RAM record starts with be64 offset | flags
+PAGE_FLAG = load_profile().ram_flags["PAGE"]
 
 
 @dataclass
@@ -160,7 +164,7 @@ def c_fault_loop(size: int, vcpus: int, spin_us: float) -> FaultRun:
                     block.host_address,
                     size,
                     source_address,
-                    4096,
+                    block.page_size,
                     int(spin_us * 1000),
                     latencies,
                     pages,
@@ -228,13 +232,14 @@ def copy_throughput(size: int, batch_pages: int) -> dict[str, float]:
 
 def stream_placement(size: int) -> dict[str, float]:
     """GiB/s placing wire-like page records into a fresh block, three ways, and memcpy."""
-    record = 8 + TARGET_PAGE_SIZE
+    record = RECORD_HEADER + TARGET_PAGE_SIZE
     run = 256  # records per call, about what one 1 MiB receive buffer holds
     stream = bytearray(run * record)
     for index in range(run):
-        stream[index * record + 8 : (index + 1) * record] = tagged_pages(0, TARGET_PAGE_SIZE, index)
+        body = index * record + RECORD_HEADER
+        stream[body : body + TARGET_PAGE_SIZE] = tagged_pages(0, TARGET_PAGE_SIZE, index)
     data = memoryview(stream)
-    bodies = array("Q", range(8, run * record, record))
+    bodies = array("Q", range(RECORD_HEADER, run * record, record))
     figures: dict[str, float] = {}
     for label, register, batched in (
         ("records, registered", True, True),
@@ -250,11 +255,11 @@ def stream_placement(size: int) -> dict[str, float]:
                 for first in range(0, size, run * TARGET_PAGE_SIZE):
                     if batched:
                         end = first + run * TARGET_PAGE_SIZE
-                        headers = array("Q", range(first | 0x8, end, TARGET_PAGE_SIZE))
-                        block.place_records(headers, bodies, data, 0, 0x8)
+                        headers = array("Q", range(first | PAGE_FLAG, end, TARGET_PAGE_SIZE))
+                        block.place_records(headers, bodies, data, 0, PAGE_FLAG)
                     else:
                         for index in range(run):
-                            at = index * record + 8
+                            at = index * record + RECORD_HEADER
                             block.receive_target_pages(
                                 first + index * TARGET_PAGE_SIZE, data[at : at + TARGET_PAGE_SIZE]
                             )
@@ -304,7 +309,8 @@ def main() -> int:
     fault_size = 32 * MiB if args.quick else 128 * MiB
     copy_size = 64 * MiB if args.quick else 256 * MiB
 
-    print(f"fault service: {fault_size // MiB} MiB, every 4 KiB page faulted once")
+    kib = TARGET_PAGE_SIZE // 1024
+    print(f"fault service: {fault_size // MiB} MiB, every {kib} KiB page faulted once")
     print(f"{'':24}{'CPUs':>8}{'vCPUs':>7}{'faults/s':>12}{'p50':>10}{'p99':>10}{'max':>11}")
     headline = requests = 0.0
     for one_cpu in (False, True):
@@ -327,12 +333,12 @@ def main() -> int:
                 if measure is python_fault_thread and vcpus == 1:
                     requests = max(requests, run.rate)
 
-    print(f"\ncopy throughput: {copy_size // MiB} MiB into fresh anonymous 4 KiB pages, GiB/s")
+    print(f"\ncopy throughput: {copy_size // MiB} MiB into fresh anonymous {kib} KiB pages, GiB/s")
     for batch in (1, 16, 512):
         repeats = [copy_throughput(copy_size, batch) for _ in range(args.repeat)]
         figures = {name: max(each[name] for each in repeats) for name in repeats[0]}
         row = "  ".join(f"{name} {value:6.2f}" for name, value in figures.items())
-        print(f"  {batch * 4:>5} KiB per ioctl:  {row}")
+        print(f"  {batch * kib:>5} KiB per ioctl:  {row}")
     print(f"\nstream placement: {copy_size // MiB} MiB of wire-like page records, GiB/s")
     repeats = [stream_placement(copy_size) for _ in range(args.repeat)]
     figures = {name: max(each[name] for each in repeats) for name in repeats[0]}

@@ -43,6 +43,7 @@ from qmig.ram.uffd import (
     MAX_RUN_PAGES,
     REQUIRED_HUGE_RANGE_IOCTLS,
     REQUIRED_RANGE_IOCTLS,
+    TARGET_PAGE_SIZE,
     PlaceResult,
     Userfaultfd,
     _placement_error,
@@ -50,7 +51,6 @@ from qmig.ram.uffd import (
     place_pages,
 )
 
-TARGET_PAGE_SIZE = 4096
 HOST_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
 REGION = 2 << 20  # what one huge page (or the huge zero page) maps on x86-64
@@ -207,6 +207,7 @@ class RamBlock:
         self._c.host = self.host_address
         self._c.length = used_length
         self._c.page_size = page_size
+        self._c.target_page = TARGET_PAGE_SIZE
         self._c.max_run = MAX_RUN_PAGES
         self._c.max_data_run = 0
         self._c.bitmap = self.received.cdata

@@ -44,10 +44,23 @@ from qmig.ram.blocks import RamBlock, RamBlocks
 from qmig.ram.errors import RamError, UffdCallError
 from qmig.ram.uffd import EVENT_PAGEFAULT, FLAG_WRITE, Userfaultfd
 
-BATCH = 64
+BATCH = int(lib.QMIG_FAULT_BATCH)  # fault messages per read(), as the C reads them
 SPIN_US = 50.0
 SERVED_LOG = 1 << 16  # faults logged per qmig_serve_blocks call (2 MiB)
-_SERVED = struct.Struct("=QQQIi")  # struct qmig_served
+_FORMAT_CODES = {"uint64_t": "Q", "uint32_t": "I", "int32_t": "i"}
+
+
+def _unpacker(ctype: str) -> struct.Struct:
+    """Unpacks the C struct's fields in order, laid out as cffi sees the compiled struct
+    (padding included), so that qmig_uffd.h stays the one place that declares it."""
+    layout, at = "=", 0
+    for _, member in ffi.typeof(ctype).fields:
+        layout += "x" * (member.offset - at) + _FORMAT_CODES[member.type.cname]
+        at = member.offset + ffi.sizeof(member.type)
+    return struct.Struct(layout + "x" * (ffi.sizeof(ctype) - at))
+
+
+_SERVED = _unpacker("struct qmig_served")  # read_ns, placed_ns, address, tid, block
 
 
 class PageRequest(NamedTuple):

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from qmig.errors import HostSupportError
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.errors import FaultingSideGoneError, UffdCallError
+from qmig.wire.profiles import load_profile
 
 FEATURE_NAMES = {
     1 << 0: "PAGEFAULT_FLAG_WP",
@@ -69,9 +70,12 @@ EVENT_PAGEFAULT = lib.UFFD_EVENT_PAGEFAULT
 FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
-# Pages per placing ioctl: 2 MiB of 4 KiB pages. Larger runs gain little throughput and hold
-# the mm's lock longer, which is time a faulting vCPU waits.
-MAX_RUN_PAGES = 512
+# The size of the pages a stream carries, as QEMU's targets define it: the C code takes it from
+# here (struct qmig_block's target_page), never builds it in.
+TARGET_PAGE_SIZE = 1 << load_profile().default_target_page_bits
+# Pages per placing ioctl (the C scratch buffer's size): 2 MiB of 4 KiB pages. Larger runs gain
+# little throughput and hold the mm's lock longer, which is time a faulting vCPU waits.
+MAX_RUN_PAGES = int(lib.QMIG_SCRATCH_PAGES)
 _GONE = (errno.ENOENT, errno.ESRCH)
 ACCESS_HINT = "run as root, grant access to /dev/userfaultfd, or set vm.unprivileged_userfaultfd=1"
 

@@ -116,7 +116,7 @@ class Peer:
             found = ffi.new("uint64_t[]", MAX_LISTED)
             differ = lib.qmig_compare_remote(
                 report["pid"], report["ram"][idstr], int(ffi.cast("uintptr_t", local)),
-                len(local), found, MAX_LISTED,
+                len(local), PAGE, found, MAX_LISTED,
             )  # fmt: skip
             if differ in (-errno.EPERM, -errno.EACCES, -errno.ENOSYS):
                 return self._compare_sent(mine, report)

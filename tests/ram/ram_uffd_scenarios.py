@@ -30,6 +30,7 @@ from qmig.ram.workload import Pattern, Workload, tagged_pages
 
 MiB = 1 << 20
 HUGE = 2 * MiB
+P = TARGET_PAGE_SIZE
 TAG = 0x0DDC0FFEE0DDF00D
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {}
 
@@ -124,7 +125,7 @@ def raw_faults() -> dict[str, Any]:
         block = session.block("pc.ram")
         assert session.uffd is not None
         for index in range(3):
-            session.start_vcpu("pc.ram", Workload(), index * 8192, 4096)
+            session.start_vcpu("pc.ram", Workload(), index * 2 * P, P)
         messages = []
         deadline = time.monotonic() + 10
         while len(messages) < 3 and time.monotonic() < deadline:
@@ -155,17 +156,17 @@ def copy_modes() -> dict[str, Any]:
         request = faults.requests.get(timeout=10)
         page = tagged_pages(0, TARGET_PAGE_SIZE, TAG)
         source = ffi.from_buffer(page)
-        placed = uffd.copy(block.host_address, int(ffi.cast("uintptr_t", source)), 4096, wake=False)
+        placed = uffd.copy(block.host_address, int(ffi.cast("uintptr_t", source)), P, wake=False)
         time.sleep(0.2)
         asleep_after_dontwake = session.vcpus.threads[0].alive
         uffd.wake(block.host_address, TARGET_PAGE_SIZE)
         woke = session.vcpus.threads[0].join(10)
-        duplicate = uffd.copy(block.host_address, int(ffi.cast("uintptr_t", source)), 4096)
+        duplicate = uffd.copy(block.host_address, int(ffi.cast("uintptr_t", source)), P)
         # The block-level path: the same page twice, then a zero page twice.
-        first = block.receive_target_page(4096, bytes(tagged_pages(4096, 4096, TAG)))
-        again = block.receive_target_page(4096, bytes(tagged_pages(4096, 4096, TAG)))
-        zero = block.receive_zero(8192)
-        zero_again = block.receive_zero(8192)
+        first = block.receive_target_page(P, bytes(tagged_pages(P, P, TAG)))
+        again = block.receive_target_page(P, bytes(tagged_pages(P, P, TAG)))
+        zero = block.receive_zero(2 * P)
+        zero_again = block.receive_zero(2 * P)
         results = session.close()
         return {
             "request": [request.block, request.offset, request.length],
@@ -283,7 +284,7 @@ def discard_refault() -> dict[str, Any]:
         faults_before = faults.stats().faults
         thp_before = vm_flags(block.host_address)
         errors = []
-        for start, length in ((size - 4096, 8192), (100, 4096), (0, 0)):
+        for start, length in ((size - P, 2 * P), (100, P), (0, 0)):
             try:
                 block.discard(start, length)
             except RamError as error:
@@ -305,7 +306,7 @@ def discard_refault() -> dict[str, Any]:
         tag = int.from_bytes(block.read(1 * MiB, 8), "little")
         session.close()
         return {
-            "pages": size // 4096,
+            "pages": size // P,
             "faults_before": faults_before,
             "after_discard": after_discard,
             "faults_after": stats.faults,
@@ -333,11 +334,11 @@ def zero_pages() -> dict[str, Any]:
         session.blocks.wait_complete(10)
         faults.stop()  # pages are placed on the fault thread: let its accounting finish
         # The writer dirtied word 1 of each page; word 0 must still be zero.
-        words = [int.from_bytes(block.read(offset, 8), "little") for offset in range(0, size, 4096)]
+        words = [int.from_bytes(block.read(offset, 8), "little") for offset in range(0, size, P)]
         session.close()
         return {
             "zero_pages": block.stats.zero_pages,
-            "pages": size // 4096,
+            "pages": size // P,
             "checksum": results[0].checksum,
             "first_words_zero": not any(words),
             "aborted": results[0].aborted,
@@ -357,14 +358,14 @@ def huge_pages() -> dict[str, Any]:
     ) as session:
         big, lazy = session.block("big.ram"), session.block("lazy.ram")
         view = memoryview(source)
-        for offset in range(0, HUGE - 4096, 4096):  # all but the last target page of page 0
-            big.receive_target_page(offset, view[offset : offset + 4096])
+        for offset in range(0, HUGE - P, P):  # all but the last target page of page 0
+            big.receive_target_page(offset, view[offset : offset + P])
         before_last = big.is_received(0) or big.stats.placed_pages
-        big.receive_target_page(HUGE - 4096, view[HUGE - 4096 : HUGE])
+        big.receive_target_page(HUGE - P, view[HUGE - P : HUGE])
         after_last = big.is_received(0, HUGE)
-        for offset in range(HUGE, size, 4096):  # host page 1: all zero, no ZEROPAGE on hugetlb
+        for offset in range(HUGE, size, P):  # host page 1: all zero, no ZEROPAGE on hugetlb
             big.receive_zero(offset)
-        zero_word = int.from_bytes(big.read(HUGE + 8192, 8), "little")
+        zero_word = int.from_bytes(big.read(HUGE + 2 * P, 8), "little")
         requests: list[list[int]] = []
 
         def serve(request: PageRequest) -> None:
@@ -379,7 +380,7 @@ def huge_pages() -> dict[str, Any]:
         session.blocks.wait_complete(10)
         faults.stop()
         stats = faults.stats()
-        tag_ok = int.from_bytes(big.read(4096, 8), "little") == TAG ^ 4096
+        tag_ok = int.from_bytes(big.read(P, 8), "little") == TAG ^ P
         session.close()
         return {
             "placed_before_last": bool(before_last),
@@ -439,7 +440,7 @@ def stray_fault() -> dict[str, Any]:
         outsider.attach(session.uffd)
         reported: list[int] = []
         faults = session.start_faults(on_stray=lambda stray: reported.append(stray.address))
-        session.vcpus.start(outsider, Workload(tag_xor=TAG), 8192, 4096)
+        session.vcpus.start(outsider, Workload(tag_xor=TAG), 2 * P, P)
         seen = wait_for(lambda: bool(reported))
         session.vcpus.abort()
         outsider.detach()
@@ -448,7 +449,7 @@ def stray_fault() -> dict[str, Any]:
         return {
             "seen": seen,
             "reported": reported,
-            "expected": outsider.host_address + 8192,
+            "expected": outsider.host_address + 2 * P,
             "strays": faults.stats().stray_faults,
             "requests": faults.stats().requests,
             "aborted": results[0].aborted,
@@ -475,12 +476,12 @@ def faulting_side_gone() -> dict[str, Any]:
     address = int.from_bytes(message, "little")
     parent.send(b"x")
     os.waitpid(pid, 0)
-    page = ffi.new("char[]", 4096)
+    page = ffi.new("char[]", P)
     gone = []
     with Userfaultfd() as mine:
         mine.fd, foreign = fds[0], mine.fd
         try:
-            mine.copy(address, int(ffi.cast("uintptr_t", page)), 4096)
+            mine.copy(address, int(ffi.cast("uintptr_t", page)), P)
             gone.append(None)
         except FaultingSideGoneError as error:
             gone.append(str(error))
@@ -492,7 +493,7 @@ def faulting_side_gone() -> dict[str, Any]:
         lib.qmig_unmap(block.host_address, MiB)
         block.uffd = mine
         try:
-            block.receive_target_page(0, bytes(4096))
+            block.receive_target_page(0, bytes(P))
             gone.append(None)
         except FaultingSideGoneError as error:
             gone.append(str(error))
@@ -507,7 +508,7 @@ def gil_trap() -> dict[str, Any]:
         block = session.block("pc.ram")
         session.start_faults(lambda request: block.receive_zero(request.offset, request.length))
         print("touching", flush=True, file=sys.stderr)
-        raw = ffi.buffer(ffi.cast("char *", block.host_address), 4096)
+        raw = ffi.buffer(ffi.cast("char *", block.host_address), P)
         return {"byte": raw[0:1].hex()}
 
 
@@ -522,7 +523,7 @@ def read_guard() -> dict[str, Any]:
                 refused.append(None)
             except RamError as error:
                 refused.append(str(error))
-        block.receive_zero(0, 4096)
+        block.receive_zero(0, P)
         allowed = block.read(0, 8).hex()
         return {"refused": refused, "allowed": allowed}
 
@@ -550,7 +551,7 @@ def mlocked() -> dict[str, Any]:
         "locked_during": locked_during,
         "resident_at_start": resident,
         "faults": served,
-        "pages": size // 4096,
+        "pages": size // P,
         "mismatches": results[0].mismatches,
         "locked_after": memory_locked_bytes(),
     }
@@ -580,7 +581,7 @@ def workloads() -> dict[str, Any]:
                 "mismatches": result.mismatches,
                 "seconds": result.elapsed_ns / 1e9,
             }
-        out["dirtied_word"] = int.from_bytes(block.read(4096 + 8, 8), "little")
+        out["dirtied_word"] = int.from_bytes(block.read(P + 8, 8), "little")
         return out
 
 
@@ -825,6 +826,45 @@ def listen_registration() -> dict[str, Any]:
 
 
 @scenario
+def huge_precopy() -> dict[str, Any]:
+    """Huge-page blocks before registration: each record is written directly, one target page
+    at a time (a re-send overwrites); after registration only the host page never sent
+    faults, and is served whole."""
+    free = huge_page_sizes().get(HUGE, (0, 0))[1]
+    if free < 2:
+        return {"skip": f"needs 2 free 2 MiB huge pages, {free} free"}
+    P, per = TARGET_PAGE_SIZE, HUGE // TARGET_PAGE_SIZE
+    size = 2 * HUGE
+    source = tagged_pages(0, size, TAG)
+    view = memoryview(source)
+    fills = {k: 0 for k in range(100, 110)} | {200: 0x11}
+    records: list[tuple[int, Body]] = [
+        (k * P, fills[k] if k in fills else view[k * P : (k + 1) * P]) for k in range(per)
+    ]
+    with RamSession([BlockSpec("pc.ram", size, HUGE)], register=False) as session:
+        block = session.block("pc.ram")
+        Records([(5 * P, page_of(0xBAD)), (101 * P, page_of(0xBAD))]).place(block)
+        Records(records).place(block)
+        written = block.stats.written_pages
+        received_before = block.is_received(0, HUGE)
+        session.register()
+        results, complete, stats = read_all_served(session, source)
+        expected = {k * P: bytes(view[k * P : (k + 1) * P]) for k in range(size // P)}
+        expected |= {k * P: bytes([fill]) * P for k, fill in fills.items()}
+        wrong = [off for off in range(0, size, P) if block.read(off, P) != expected[off]]
+        session.close()
+        return {
+            "written": written,
+            "records": len(records) + 2,
+            "received_before": received_before,
+            "requests": stats.requests,
+            "complete": complete,
+            "wrong": wrong[:10],
+            "aborted": results[0].aborted,
+        }
+
+
+@scenario
 def huge_zero_precopy() -> dict[str, Any]:
     """Precopy with THP on, as the destination runner leaves it until the first discard: zero
     pages cost no memory (the huge zero page maps them, 2 MiB at a time), data pages cost one
@@ -931,7 +971,7 @@ def c_served() -> dict[str, Any]:
         outsider = RamBlock("outsider", 1 * MiB)
         outsider.attach(session.uffd)
         session.vcpus.threads.clear()
-        session.vcpus.start(outsider, Workload(), 8192, 4096)
+        session.vcpus.start(outsider, Workload(), 2 * P, P)
         seen = wait_for(lambda: bool(reported))
         session.vcpus.abort()
         outsider.detach()
@@ -955,7 +995,7 @@ def c_served() -> dict[str, Any]:
             "threads": len(stats.blocktime_ns_by_thread),
             "mismatches": sum(r.mismatches for r in results),
             "aborted": sum(r.aborted for r in results),
-            "stray_seen": seen and reported == [outsider.host_address + 8192],
+            "stray_seen": seen and reported == [outsider.host_address + 2 * P],
         }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from ram_uffd_harness import run_scenario
 
+from qmig.ram.blocks import TARGET_PAGE_SIZE
+
 pytestmark = pytest.mark.uffd
 
 NOBODY = 65534
@@ -23,7 +25,7 @@ def test_handshake_reports_offered_features_and_enables_thread_ids() -> None:
 
 def test_fault_messages_carry_address_flags_and_thread_id() -> None:
     found = run_scenario("raw_faults")
-    assert found["offsets"] == [0, 8192, 16384]
+    assert found["offsets"] == [0, 2 * TARGET_PAGE_SIZE, 4 * TARGET_PAGE_SIZE]
     assert found["flags"] == [0, 0, 0]  # read faults
     assert found["events"] == [0x12] * 3  # UFFD_EVENT_PAGEFAULT
     assert found["message_tids"] == found["vcpu_tids"]
@@ -32,7 +34,7 @@ def test_fault_messages_carry_address_flags_and_thread_id() -> None:
 
 def test_dontwake_copy_leaves_the_waiter_asleep_until_wake_and_duplicates_say_eexist() -> None:
     found = run_scenario("copy_modes")
-    assert found["request"] == ["pc.ram", 0, 4096]
+    assert found["request"] == ["pc.ram", 0, TARGET_PAGE_SIZE]
     assert found["placed"] is True
     assert found["asleep_after_dontwake"] is True
     assert found["woke_after_wake"] is True

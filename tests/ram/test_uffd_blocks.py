@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from ram_uffd_harness import Frozen, run_scenario
 
+from qmig.ram.blocks import TARGET_PAGE_SIZE
+
 pytestmark = pytest.mark.uffd
 
 MiB = 1 << 20
@@ -78,7 +80,9 @@ def test_batched_placement_agrees_with_the_per_page_path() -> None:
     # 64 data pages, 32 zero pages, then 4 fill pages: three ioctls, not a hundred.
     assert found["ioctls"][0] <= 10
     assert found["stats"]["duplicate_pages"] >= 3  # page 5, page 400 again, EEXIST on 450
-    assert found["range_error"].startswith("RAM: block 'b.ram': page 0x200000+0x1000 is outside")
+    assert found["range_error"].startswith(
+        f"RAM: block 'b.ram': page 0x200000+0x{TARGET_PAGE_SIZE:x} is outside"
+    )
 
 
 def test_batched_placement_gathers_whole_huge_pages() -> None:
@@ -87,6 +91,15 @@ def test_batched_placement_gathers_whole_huge_pages() -> None:
     assert found["bitmaps_equal"] and found["received_is_model"]
     assert found["wrong_pages"] == [[], []]
     assert len(found["errors"]) == 2 and all("another host page" in e for e in found["errors"])
+
+
+def test_huge_blocks_before_listen_take_records_one_target_page_at_a_time() -> None:
+    found = run_scenario("huge_precopy")
+    assert found["written"] == found["records"]  # direct writes, re-sends included
+    assert found["received_before"] is True
+    assert found["requests"] == 1  # the host page never sent, and only it
+    assert found["complete"] and found["wrong"] == []
+    assert not found["aborted"]
 
 
 def test_blocks_registered_at_listen_fault_on_exactly_the_pages_not_received() -> None:
