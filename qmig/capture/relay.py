@@ -62,8 +62,11 @@ class Relay:
         out_dir: Path,
         listen_uri: str = "tcp:127.0.0.1:0",
         chunk_size: int = CHUNK_SIZE,
+        qemu_version: str | None = None,
     ) -> None:
+        """``qemu_version``: the wire profile that reads this migration, kept in meta.json."""
         self.connect_uri = connect_uri
+        self.qemu_version = qemu_version
         self.out_dir = out_dir
         self.chunk_size = chunk_size
         self._listener: Listener = listen(listen_uri)
@@ -227,6 +230,7 @@ class Relay:
             "tool": f"qmig {__version__}",
             "listen": self.listen_uri,
             "connect": self.connect_uri,
+            "qemu_version": self.qemu_version,
             "started_unix": writer.start_wall,
             "duration_s": self.summary.duration_s,
             "clean": self.summary.clean,

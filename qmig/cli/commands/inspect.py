@@ -1,4 +1,4 @@
-"""``qmig inspect STREAM [--return-path RP] [--json] [--extract DIR]``."""
+"""``qmig inspect STREAM [--return-path RP] [--json] [--dump-ram DIR]``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import add_alias
+from qmig.cli.text import plural
 from qmig.errors import QmigError
 
 if TYPE_CHECKING:
@@ -34,15 +36,26 @@ def register(subparsers: Any) -> None:
         "destination-to-source return path of the same migration. STREAM may be a file or "
         "a capture directory written by 'qmig capture'.",
     )
-    parser.add_argument("stream", type=Path, metavar="STREAM")
-    parser.add_argument("--return-path", type=Path, metavar="RP", help="return-path bytes")
     parser.add_argument(
-        "--extract",
+        "stream",
+        type=Path,
+        metavar="STREAM",
+        help="a stream file (.xz too), a capture folder, a FIFO or a character device",
+    )
+    parser.add_argument(
+        "--return-path",
+        type=Path,
+        metavar="FILE",
+        help="the same migration's return-path bytes (default: a capture folder's own)",
+    )
+    dump = parser.add_argument(
+        "--dump-ram",
         type=Path,
         metavar="DIR",
         help="write each RAMBlock's final contents to DIR/<idstr>.bin and device state "
-        "to DIR/devices.json",
+        "to DIR/devices.json (default: none)",
     )
+    add_alias(parser, "--extract", dump)
     parser.add_argument(
         "--pages", action="store_true", help="list every run of page records, not only totals"
     )
@@ -133,7 +146,7 @@ class Listing:
     def summary(self, report: dict[str, Any]) -> None:
         from rich.table import Table
 
-        self.console.print(f"\n{report['bytes']} bytes of stream")
+        self.console.print(f"\n{plural(report['bytes'], 'byte')} of stream")
         counts = Table(title="records", show_edge=False)
         counts.add_column("name")
         counts.add_column("count", justify="right")
@@ -156,7 +169,7 @@ class Listing:
         if "return_path" in report:
             rp = report["return_path"]
             counts_text = ", ".join(f"{name} {count}" for name, count in rp["counts"].items())
-            self.console.print(f"return path: {rp['bytes']} bytes: {counts_text}")
+            self.console.print(f"return path: {plural(rp['bytes'], 'byte')}: {counts_text}")
         if "request_latency_us" in report:
             figures = report["request_latency_us"]
             self.console.print(
@@ -219,9 +232,11 @@ def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress
 
-    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    from qmig.cli.text import transfer_columns
+
+    columns = ("{task.description}", BarColumn(), *transfer_columns())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(path.name, total=size)
         yield lambda count: progress.advance(task, count)
@@ -286,12 +301,12 @@ def run(args: argparse.Namespace) -> int:
 
     if capture is None:
         listing = None if args.json else Listing(args.pages)
-        inspection, commands = read_stream(listing, None, args.extract)
+        inspection, commands = read_stream(listing, None, args.dump_ram)
     else:
         # The requests' answers are found in a first pass, so that the listing can show each
         # request beside its answer although the answer comes later in the stream.
         matcher = capture.matcher(inspection_schema(args))
-        inspection, commands = read_stream(None, matcher, args.extract)
+        inspection, commands = read_stream(None, matcher, args.dump_ram)
         # The stream was read to its end: the index must account for every byte of it (known
         # now without reading a compressed capture once more just to count them).
         capture.check_covers(stream=inspection.reader.offset)

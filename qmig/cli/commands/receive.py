@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import positive_count, seconds
 from qmig.latency import percentiles_us
 
 if TYPE_CHECKING:
@@ -33,34 +34,52 @@ def register(subparsers: Any) -> None:
         "faults become page requests to the real source. The first line on stderr is "
         "'qmig receive: listening on URI' (with the real port when 0 was asked for).",
     )
-    parser.add_argument("--listen", required=True, metavar="URI", help="e.g. tcp:127.0.0.1:4444")
-    parser.add_argument("--dump-ram", type=Path, metavar="DIR", help="write DIR/<idstr>.bin")
+    parser.add_argument(
+        "--listen",
+        required=True,
+        metavar="URI",
+        help="where the source connects, e.g. "
+        "tcp:127.0.0.1:4444 (port 0: any free port, named on the first stderr line)",
+    )
+    parser.add_argument(
+        "--dump-ram",
+        type=Path,
+        metavar="DIR",
+        help="write each RAMBlock's final contents to DIR/<idstr>.bin (default: none)",
+    )
     parser.add_argument(
         "--workload",
         choices=["sequential", "random", "hotset", "none"],
         default="random",
-        help="how the guest's vCPUs touch memory after RUN (default random)",
+        help="how the guest's vCPUs touch memory after RUN",
     )
-    parser.add_argument("--vcpus", type=int, default=1)
+    parser.add_argument(
+        "--vcpus",
+        type=positive_count,
+        default=1,
+        metavar="N",
+        help="guest workload threads touching memory after RUN",
+    )
     parser.add_argument(
         "--no-postcopy-ram",
         action="store_true",
         help="the source has postcopy-ram off but still sends POSTCOPY_ADVISE (0 bytes, as "
-        "with dirty-bitmaps): accept that; a source without ADVISE needs no option",
+        "with dirty-bitmaps): accept that; a source without ADVISE needs no option "
+        "(default: postcopy-ram on)",
     )
     parser.add_argument(
         "--accept-timeout",
-        type=float,
+        type=seconds,
         default=300.0,
-        metavar="S",
-        help="how long to wait for the source to connect (default 300)",
+        metavar="SECONDS",
+        help="how long to wait for the source to connect",
     )
     parser.add_argument(
         "--idle-timeout",
-        type=float,
+        type=seconds,
         default=60.0,
-        metavar="S",
-        help="give up when the source sends nothing for this long (default 60)",
+        metavar="SECONDS",
+        help="give up when the source sends nothing for this long",
     )
     add_qemu_version(parser)
     add_json(parser)

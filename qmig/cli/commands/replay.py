@@ -1,4 +1,4 @@
-"""``qmig replay CAPTURE --to tcp:HOST:PORT``: a recorded migration, into a real QEMU."""
+"""``qmig replay CAPTURE --connect tcp:HOST:PORT``: a recorded migration, into a real QEMU."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import add_alias, add_bandwidth, count
+from qmig.cli.text import plural
+from qmig.sizes import format_size
 
 MIB = 1 << 20
 PROGRESS_SECONDS = 0.2
@@ -24,32 +27,32 @@ def register(subparsers: Any) -> None:
         "then migrate them into a QEMU started with -incoming and the same machine type and "
         "memory size, serving its page requests in postcopy.",
     )
-    parser.add_argument("capture", type=Path, metavar="CAPTURE", help="capture folder or stream")
-    parser.add_argument("--to", required=True, metavar="URI", help="e.g. tcp:127.0.0.1:4444")
+    parser.add_argument(
+        "capture", type=Path, metavar="CAPTURE", help="a capture folder or a stream file"
+    )
+    peer = parser.add_argument(
+        "--connect",
+        required=True,
+        metavar="URI",
+        help="the destination QEMU's -incoming URI, e.g. tcp:127.0.0.1:4445",
+    )
+    add_alias(parser, "--to", peer)
     parser.add_argument(
         "--postcopy-after",
-        type=int,
+        type=count,
         metavar="N",
         help="precopy passes before switching to postcopy (0: right after setup); default: "
         "where the captured source switched, and a precopy capture stays precopy",
     )
-    parser.add_argument(
-        "--bandwidth",
-        type=float,
-        metavar="MIB_S",
-        help="cap the stream at this many MiB/s (default: unlimited)",
-    )
+    add_bandwidth(parser)
     add_qemu_version(parser)
     add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from qmig.errors import QmigError
     from qmig.replay import ReplayPlan, load_recording, replay
 
-    if args.postcopy_after is not None and args.postcopy_after < 0:
-        raise QmigError("--postcopy-after", f"must be 0 or more, not {args.postcopy_after}")
     recording = load_recording(args.capture, args.qemu_version)
     try:
         plan = ReplayPlan(
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = replay(
                 recording,
-                args.to,
+                args.connect,
                 plan,
                 on_progress=None if progress is None else progress.update,
             )
@@ -98,7 +101,7 @@ class _Progress:
         if self.status is None or now - self.shown < PROGRESS_SECONDS:
             return
         self.shown = now
-        parts = ", ".join(f"{name} {value / MIB:,.1f} MiB" for name, value in self.sent.items())
+        parts = ", ".join(f"{name} {format_size(value)}" for name, value in self.sent.items())
         self.status.update(f"replaying ({phase}): {parts}")
 
     def close(self) -> None:
@@ -118,12 +121,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     table.add_row("devices", str(summary["devices"]))
     table.add_row("precopy passes", str(summary["passes"]))
-    table.add_row("precopy", f"{summary['precopy_pages']:,} pages, {summary['precopy_bytes']:,} B")
+    for phase in ("precopy", "postcopy"):
+        table.add_row(
+            phase,
+            f"{plural(summary[f'{phase}_pages'], 'page')}, "
+            f"{format_size(summary[f'{phase}_bytes'])}",
+        )
     table.add_row(
-        "postcopy", f"{summary['postcopy_pages']:,} pages, {summary['postcopy_bytes']:,} B"
-    )
-    table.add_row(
-        "discards", f"{summary['discarded_pages']:,} pages in {summary['discard_commands']} cmds"
+        "discards",
+        f"{plural(summary['discarded_pages'], 'page')} in "
+        f"{plural(summary['discard_commands'], 'command')}",
     )
     table.add_row("page requests", f"{summary['requests']:,}")
     latency = summary["request_to_sent_us"]
