@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except QmigError as error:
-        return fail(error.one_line())
+        hint = getattr(error, "hint", None)
+        return fail(error.one_line() + (f"; {hint}" if hint else ""))
     except KeyboardInterrupt:
         return fail("interrupted")
     except BrokenPipeError:
@@ -138,11 +139,16 @@ def _innermost_frame(error: BaseException) -> str:
     return f"{os.path.basename(code.co_filename)}:{traceback.tb_lineno} in {code.co_name}"
 
 
-def add_qemu_version(parser: argparse.ArgumentParser) -> None:
-    """``--qemu-version``: the wire profile of every command that reads or writes the wire."""
-    from qmig.wire.profiles import DEFAULT_VERSION, available_versions
+def add_qemu_version(
+    parser: argparse.ArgumentParser, auto: str = "detect it from the stream"
+) -> None:
+    """``--qemu-version``: the wire profile of every command that reads or writes the wire.
 
-    known = available_versions()
+    ``auto`` says what ``auto`` (the default) means for this command.
+    """
+    from qmig.wire.profiles import available_versions
+
+    known = ["auto", *available_versions()]
 
     def version(text: str) -> str:
         if text not in known:
@@ -155,6 +161,6 @@ def add_qemu_version(parser: argparse.ArgumentParser) -> None:
         "--qemu-version",
         type=version,
         metavar="V",
-        default=None,
-        help=f"QEMU wire profile: {', '.join(known)} (default: {DEFAULT_VERSION})",
+        default="auto",
+        help=f"QEMU wire profile: {', '.join(known)}; auto: {auto}",
     )

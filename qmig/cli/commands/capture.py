@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="the capture folder to write"
     )
-    add_qemu_version(parser)
+    add_qemu_version(parser, auto="detect it from the recorded stream (kept in meta.json)")
     add_json(parser)
     parser.set_defaults(func=run)
 
@@ -99,7 +99,8 @@ def _print_summary(summary: CaptureSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"capture in {summary.out_dir} ({summary.duration_s:.2f} s)")
+    version = f", QEMU {summary.qemu_version} wire" if summary.qemu_version else ""
+    table = Table(title=f"capture in {summary.out_dir} ({summary.duration_s:.2f} s{version})")
     table.add_column("direction")
     table.add_column("bytes", justify="right")
     table.add_column("chunks", justify="right")

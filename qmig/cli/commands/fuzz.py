@@ -79,7 +79,7 @@ def register(subparsers: Any) -> None:
         help="run these inputs (reproducers) once each through TARGET and print the verdict "
         "(default: fuzz)",
     )
-    add_qemu_version(parser)
+    add_qemu_version(parser, auto="the default profile")
     add_json(parser)
     parser.set_defaults(func=run)
 
@@ -124,6 +124,9 @@ def _corpus_files(paths: list[Path]) -> tuple[list[bytes], Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmig.cli.versions import default_choice
+
+    args.qemu_version = default_choice(args.qemu_version).version
     if args.replay and args.target != "differential":
         return replay(args)
     if args.target == "differential":

@@ -147,6 +147,9 @@ class Listing:
         from rich.table import Table
 
         self.console.print(f"\n{plural(report['bytes'], 'byte')} of stream")
+        self.console.print(
+            f"QEMU {report['qemu_version']} wire ({report['qemu_version_evidence']})"
+        )
         counts = Table(title="records", show_edge=False)
         counts.add_column("name")
         counts.add_column("count", justify="right")
@@ -242,6 +245,37 @@ def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
         yield lambda count: progress.advance(task, count)
 
 
+class StreamSource:
+    """The stream, opened once per pass; its first bytes read once, to detect its version."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._prefix: bytes | None = None
+        self.version: str | None = None  # the profile it is read with (set by hinted())
+
+    def prefix(self) -> tuple[bytes, bool]:
+        """The first bytes, and whether they are the whole stream."""
+        from qmig.cli.versions import read_prefix
+        from qmig.wire.detect import PREFIX_BYTES
+
+        if self._prefix is None:
+            with _open(self.path) as file:
+                self._prefix = read_prefix(file)
+        return self._prefix, len(self._prefix) < PREFIX_BYTES
+
+    def open(self) -> BinaryIO:
+        return _open(self.path)
+
+    def hinted(self, records: Iterator[Record]) -> Iterator[Record]:
+        """``records``, where a parse error gains the profile that would read on."""
+        from qmig.cli.versions import add_hint, hint_from_file
+
+        try:
+            yield from records
+        except QmigError as error:
+            raise add_hint(error, hint_from_file(error, self.version, self.open)) from None
+
+
 def _open(path: Path) -> BinaryIO:
     """A recording, decompressing a ``.xz`` one as it is read (the fixtures are shipped so)."""
     if path.suffix == ".xz":
@@ -252,12 +286,16 @@ def _open(path: Path) -> BinaryIO:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmig.cli.versions import choose
     from qmig.inspect import ReturnPathInspection, StreamInspection, read_records
     from qmig.wire import messages as m
     from qmig.wire.reader import ReturnPathReader, StreamReader
     from qmig.wire.render import to_json
 
     stream_path, rp_path, index_path = _inputs(args)
+    source = StreamSource(stream_path)
+    choice = choose(args.qemu_version, source.prefix)
+    args.qemu_version = source.version = choice.version
     rp_records: list[Record] = []
     rp_size = 0
     if rp_path is not None:
@@ -275,8 +313,8 @@ def run(args: argparse.Namespace) -> int:
         inspection = StreamInspection(StreamReader(args.qemu_version), extract)
         commands: list[dict[str, Any]] = []
         try:
-            with _open(stream_path) as file, _progress(stream_path) as advance:
-                for record in read_records(file, inspection.reader, advance):
+            with source.open() as file, _progress(stream_path) as advance:
+                for record in source.hinted(read_records(file, inspection.reader, advance)):
                     inspection.add(record)
                     message = record.message
                     if matcher is not None:
@@ -319,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
     report = inspection.as_json()
     report["stream"] = str(stream_path)
     report["qemu_version"] = inspection.reader.profile.name
+    report["qemu_version_evidence"] = choice.evidence
     report["commands"] = commands
     if rp_path is not None:
         rp_inspection = ReturnPathInspection()

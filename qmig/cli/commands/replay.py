@@ -7,12 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import add_alias, add_bandwidth, count
 from qmig.cli.text import plural
 from qmig.sizes import format_size
+
+if TYPE_CHECKING:
+    from qmig.cli.versions import Choice
 
 MIB = 1 << 20
 PROGRESS_SECONDS = 0.2
@@ -45,20 +48,31 @@ def register(subparsers: Any) -> None:
         "where the captured source switched, and a precopy capture stays precopy",
     )
     add_bandwidth(parser)
-    add_qemu_version(parser)
+    add_qemu_version(parser, auto="detect it from the capture's stream")
     add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmig.capture.recording import open_capture_file
+    from qmig.cli.versions import add_hint, hint_from_file
+    from qmig.errors import QmigError
     from qmig.replay import ReplayPlan, load_recording, replay
+    from qmig.replay.recording import stream_path
 
-    recording = load_recording(args.capture, args.qemu_version)
+    choice = recorded_version(args)
+    try:
+        recording = load_recording(args.capture, choice.version)
+    except QmigError as error:
+        path = stream_path(args.capture)
+        raise add_hint(
+            error, hint_from_file(error, choice.version, lambda: open_capture_file(path))
+        ) from None
     try:
         plan = ReplayPlan(
             postcopy_after=args.postcopy_after,
             bandwidth=None if args.bandwidth is None else args.bandwidth * MIB,
-            version=args.qemu_version,
+            version=choice.version,
         )
         progress = None if args.json else _Progress()
         try:
@@ -71,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if progress is not None:
                 progress.close()
-        summary = result.summary()
+        summary = {
+            **result.summary(),
+            "qemu_version": choice.version,
+            "qemu_version_evidence": choice.evidence,
+        }
     finally:
         recording.close()
     if args.json:
@@ -80,6 +98,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     return 0
+
+
+def recorded_version(args: argparse.Namespace) -> Choice:
+    """The profile the capture is read and replayed with: as given, or its stream's."""
+    from qmig.capture.recording import open_capture_file
+    from qmig.cli.versions import choose, read_prefix
+    from qmig.replay.recording import stream_path
+
+    def prefix() -> tuple[bytes, bool]:
+        from qmig.wire.detect import PREFIX_BYTES
+
+        with open_capture_file(stream_path(args.capture)) as file:
+            data = read_prefix(file)
+        return data, len(data) < PREFIX_BYTES
+
+    return choose(args.qemu_version, prefix)
 
 
 class _Progress:
@@ -119,6 +153,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     table.add_column("what")
     table.add_column("value", justify="right")
+    table.add_row("QEMU wire", f"{summary['qemu_version']} ({summary['qemu_version_evidence']})")
     table.add_row("devices", str(summary["devices"]))
     table.add_row("precopy passes", str(summary["passes"]))
     for phase in ("precopy", "postcopy"):

@@ -108,12 +108,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--seed", type=integer, default=1, metavar="N", help="seed of RAM contents and dirtying"
     )
-    add_qemu_version(parser)
+    add_qemu_version(parser, auto="the default profile")
     add_json(parser)
     parser.set_defaults(func=run)
 
 
 def config_from(args: argparse.Namespace) -> SimulationConfig:
+    from qmig.cli.versions import default_choice
     from qmig.simulate import SimulationConfig
 
     config = SimulationConfig(
@@ -127,7 +128,7 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         if args.precopy_only
         else (1 if args.postcopy_after is None else args.postcopy_after),
         bandwidth=None if args.bandwidth is None else args.bandwidth * MiB,
-        version=args.qemu_version,
+        version=default_choice(args.qemu_version).version,
         seed=args.seed,
     )
     if args.blocks:
