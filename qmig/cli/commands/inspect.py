@@ -9,10 +9,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.cli.options import add_alias
+from qmig.cli.options import add_alias, seconds
 from qmig.cli.text import plural
 from qmig.errors import QmigError
 
@@ -56,6 +56,13 @@ def register(subparsers: Any) -> None:
         "to DIR/devices.json (default: none)",
     )
     add_alias(parser, "--extract", dump)
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="for a FIFO or character device: the longest wait for its first byte and "
+        "between reads (default: 30; a regular file needs none)",
+    )
     parser.add_argument(
         "--pages", action="store_true", help="list every run of page records, not only totals"
     )
@@ -246,12 +253,21 @@ def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
 
 
 class StreamSource:
-    """The stream, opened once per pass; its first bytes read once, to detect its version."""
+    """The stream, opened once per pass; its first bytes read once, to detect its version.
 
-    def __init__(self, path: Path) -> None:
+    A FIFO or character device can be read only once: its detected prefix is handed back
+    in front of the rest (:class:`qmig.cli.versions.Prefixed`), and a command that needs
+    two passes first copies it to a temporary file (:meth:`keep`).
+    """
+
+    def __init__(self, path: Path, timeout: float | None) -> None:
         self.path = path
+        self.timeout = timeout
+        self.version: str | None = None  # the profile it is read with
+        self.rereadable = path.is_file()
         self._prefix: bytes | None = None
-        self.version: str | None = None  # the profile it is read with (set by hinted())
+        self._pending: BinaryIO | None = None  # a live stream, its prefix already read
+        self._kept: Any = None  # a live stream's bytes, copied for more passes
 
     def prefix(self) -> tuple[bytes, bool]:
         """The first bytes, and whether they are the whole stream."""
@@ -259,30 +275,66 @@ class StreamSource:
         from qmig.wire.detect import PREFIX_BYTES
 
         if self._prefix is None:
-            with _open(self.path) as file:
-                self._prefix = read_prefix(file)
+            file = _open(self.path, self.timeout)
+            self._prefix = read_prefix(file)
+            if self.rereadable:
+                file.close()
+            else:
+                self._pending = file
         return self._prefix, len(self._prefix) < PREFIX_BYTES
 
     def open(self) -> BinaryIO:
-        return _open(self.path)
+        if self._kept is not None:
+            # A fresh description of the same file: each pass has its own offset.
+            return open(f"/proc/self/fd/{self._kept.fileno()}", "rb")
+        if self.rereadable:
+            return _open(self.path, self.timeout)
+        if self._prefix is None:
+            self.prefix()  # kept: a parse error's hint reads it again
+        if self._pending is not None:
+            from qmig.cli.versions import Prefixed
+
+            file, self._pending = self._pending, None
+            return cast(BinaryIO, Prefixed(self._prefix or b"", file))
+        raise QmigError(str(self.path), "a FIFO or device can be read only once")
+
+    def keep(self) -> None:
+        """Copy a live stream to a temporary file, so that it can be read more than once."""
+        import shutil
+        import tempfile
+
+        if self.rereadable:
+            return
+        kept = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the later passes)
+        with self.open() as file:
+            shutil.copyfileobj(file, kept, 1 << 20)
+        kept.flush()
+        self._kept = kept
+        self.rereadable = True
 
     def hinted(self, records: Iterator[Record]) -> Iterator[Record]:
         """``records``, where a parse error gains the profile that would read on."""
-        from qmig.cli.versions import add_hint, hint_from_file
+        from qmig.cli.versions import add_hint, hint_from_file, hint_from_prefix
 
         try:
             yield from records
         except QmigError as error:
-            raise add_hint(error, hint_from_file(error, self.version, self.open)) from None
+            if self.rereadable:
+                hint = hint_from_file(error, self.version, self.open)
+            else:
+                hint = hint_from_prefix(error, self.version, self._prefix or b"")
+            raise add_hint(error, hint) from None
 
 
-def _open(path: Path) -> BinaryIO:
-    """A recording, decompressing a ``.xz`` one as it is read (the fixtures are shipped so)."""
-    if path.suffix == ".xz":
-        from qmig.capture.recording import open_capture_file
+def _open(path: Path, timeout: float | None = None) -> BinaryIO:
+    """A recording: a file, a FIFO or device (read with ``timeout`` as the limit), each
+    possibly xz-compressed (as the fixtures are shipped)."""
+    if path.suffix != ".xz" and path.is_file():
+        return path.open("rb")  # the common case needs none of the capture machinery
+    from qmig.capture.live import DEFAULT_TIMEOUT_S
+    from qmig.capture.recording import open_capture_file
 
-        return open_capture_file(path)
-    return path.open("rb")
+    return open_capture_file(path, DEFAULT_TIMEOUT_S if timeout is None else timeout)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,19 +345,21 @@ def run(args: argparse.Namespace) -> int:
     from qmig.wire.render import to_json
 
     stream_path, rp_path, index_path = _inputs(args)
-    source = StreamSource(stream_path)
+    source = StreamSource(stream_path, args.timeout)
     choice = choose(args.qemu_version, source.prefix)
     args.qemu_version = source.version = choice.version
     rp_records: list[Record] = []
     rp_size = 0
     if rp_path is not None:
-        with _open(rp_path) as file:
+        with _open(rp_path, args.timeout) as file:
             rp_reader = ReturnPathReader(args.qemu_version)
             rp_records = list(read_records(file, rp_reader))
             rp_size = rp_reader.offset  # read to its end: every byte of it
     capture = None if index_path is None else _capture(index_path, rp_path, rp_records)
     if capture is not None:
         capture.check_covers(return_path=rp_size)
+        if not args.json:
+            source.keep()  # the listing below reads the stream a second time
 
     def read_stream(
         listing: Listing | None, matcher: Any, extract: Path | None
