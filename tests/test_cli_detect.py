@@ -221,3 +221,33 @@ def test_commands_that_write_use_the_default() -> None:
 
     assert default_choice("auto").version is None
     assert default_choice("7.2").version == "7.2"
+
+
+def test_capture_records_the_detected_version_in_meta_json(tmp_path: Path) -> None:
+    import threading
+
+    from qmig.capture import Relay
+
+    destination = socket.create_server(("127.0.0.1", 0))
+
+    def sink() -> None:
+        peer, _ = destination.accept()
+        with peer:
+            while peer.recv(1 << 20):
+                pass
+
+    threading.Thread(target=sink, daemon=True).start()
+    folder = FIXTURES[0]
+    stream = lzma.decompress((folder / "stream.bin.xz").read_bytes())
+    out = tmp_path / "capture"
+    with destination, Relay(f"tcp:127.0.0.1:{destination.getsockname()[1]}", out) as relay:
+        relay.start()
+        with socket.create_connection(("127.0.0.1", relay.port)) as source:
+            source.sendall(stream)
+            source.shutdown(socket.SHUT_WR)
+            while source.recv(1 << 16):
+                pass
+        summary = relay.join(60)
+    meta = json.loads((out / "meta.json").read_text())
+    assert summary.qemu_version == meta["qemu_version"] == fixture_version(folder)
+    assert meta["qemu_version_evidence"].startswith("machine type pc-i440fx-")

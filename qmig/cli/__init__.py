@@ -140,15 +140,17 @@ def _innermost_frame(error: BaseException) -> str:
 
 
 def add_qemu_version(
-    parser: argparse.ArgumentParser, auto: str = "detect it from the stream"
+    parser: argparse.ArgumentParser, auto: str | None = "detect it from the stream"
 ) -> None:
     """``--qemu-version``: the wire profile of every command that reads or writes the wire.
 
-    ``auto`` says what ``auto`` (the default) means for this command.
+    ``auto`` says what ``auto`` (the default) means for this command; None: the default
+    profile (for commands that only write).
     """
-    from qmig.wire.profiles import available_versions
+    from qmig.wire.profiles import DEFAULT_VERSION, available_versions
 
     known = ["auto", *available_versions()]
+    auto = auto or f"the default profile, {DEFAULT_VERSION}"
 
     def version(text: str) -> str:
         if text not in known:
@@ -162,5 +164,5 @@ def add_qemu_version(
         type=version,
         metavar="V",
         default="auto",
-        help=f"QEMU wire profile: {', '.join(known)}; auto: {auto}",
+        help=f"QEMU wire profile: {', '.join(known)}; auto: {auto} (default: auto)",
     )

@@ -38,7 +38,9 @@ class HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if default is None or default is False or default == [] or action.nargs == 0:
             return text
-        return f"{text} (default: %(default)s)"
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        # argparse formats help with %: a literal % in the value must be doubled.
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 class Parser(argparse.ArgumentParser):

@@ -79,7 +79,7 @@ def register(subparsers: Any) -> None:
         help="run these inputs (reproducers) once each through TARGET and print the verdict "
         "(default: fuzz)",
     )
-    add_qemu_version(parser, auto="the default profile")
+    add_qemu_version(parser, auto=None)
     add_json(parser)
     parser.set_defaults(func=run)
 

@@ -108,7 +108,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--seed", type=integer, default=1, metavar="N", help="seed of RAM contents and dirtying"
     )
-    add_qemu_version(parser, auto="the default profile")
+    add_qemu_version(parser, auto=None)
     add_json(parser)
     parser.set_defaults(func=run)
 
