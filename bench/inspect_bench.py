@@ -253,7 +253,7 @@ def measure(path: Path, workdir: Path, repeat: int) -> tuple[list[Row], WalkCoun
 
     def with_extract() -> None:
         with extract_dir(workdir) as target:
-            run_command([*qmig, "--extract", str(target), str(path)])
+            run_command([*qmig, "--dump-ram", str(target), str(path)])
 
     rows.append(Row("qmig inspect --json --extract", best_of(repeat, with_extract)))
     rows.append(Row("inspect --json, in this process", best_of(repeat, lambda: inspect_here(path))))

@@ -19,8 +19,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
+from qmig.capture.live import DEFAULT_TIMEOUT_S, LiveFile, is_live
 from qmig.errors import MalformedError, QmigError
 
 STREAM_NAME = "stream.bin"
@@ -175,19 +176,29 @@ class Capture:
 
 
 def capture_file(directory: Path, name: str) -> Path | None:
-    """``directory/name``, or its xz-compressed ``name.xz``; None when neither exists."""
+    """``directory/name``, or its xz-compressed ``name.xz``; None when neither exists.
+
+    A FIFO or character device counts (its bytes are read as they come, see
+    :mod:`qmig.capture.live`); a directory does not.
+    """
     for candidate in (directory / name, directory / f"{name}.xz"):
-        if candidate.is_file():
+        if candidate.exists() and not candidate.is_dir():
             return candidate
     return None
 
 
-def open_capture_file(path: Path) -> BinaryIO:
-    """Open a capture file for reading, decompressing a ``.xz`` one on the fly."""
+def open_capture_file(path: Path, timeout: float = DEFAULT_TIMEOUT_S) -> BinaryIO:
+    """Open a capture file for reading, decompressing a ``.xz`` one on the fly.
+
+    A FIFO or character device is read with ``timeout`` seconds as the limit for its
+    first byte and between reads; a regular file needs none.
+    """
     try:
-        if path.suffix == ".xz":
-            return lzma.open(path, "rb")  # type: ignore[return-value]
-        return path.open("rb")
+        compressed = path.suffix == ".xz"
+        if not is_live(path):
+            return lzma.open(path, "rb") if compressed else path.open("rb")  # type: ignore[return-value]
+        live = cast(BinaryIO, LiveFile(path, timeout))
+        return cast(BinaryIO, lzma.open(live, "rb")) if compressed else live
     except OSError as error:
         raise QmigError(str(path), error.strerror or str(error)) from None
 

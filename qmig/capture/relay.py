@@ -42,6 +42,7 @@ class CaptureSummary:
     listen: str
     connect: str
     duration_s: float = 0.0
+    qemu_version: str | None = None  # the wire profile that reads the recorded stream
     stream: DirectionResult = field(default_factory=DirectionResult)
     return_path: DirectionResult = field(default_factory=DirectionResult)
 
@@ -62,8 +63,12 @@ class Relay:
         out_dir: Path,
         listen_uri: str = "tcp:127.0.0.1:0",
         chunk_size: int = CHUNK_SIZE,
+        qemu_version: str | None = None,
     ) -> None:
+        """``qemu_version``: the wire profile that reads this migration, kept in meta.json;
+        None or ``auto``: detected from the recorded stream's first bytes."""
         self.connect_uri = connect_uri
+        self.qemu_version = qemu_version
         self.out_dir = out_dir
         self.chunk_size = chunk_size
         self._listener: Listener = listen(listen_uri)
@@ -227,6 +232,7 @@ class Relay:
             "tool": f"qmig {__version__}",
             "listen": self.listen_uri,
             "connect": self.connect_uri,
+            **self._version(writer),
             "started_unix": writer.start_wall,
             "duration_s": self.summary.duration_s,
             "clean": self.summary.clean,
@@ -241,6 +247,26 @@ class Relay:
                 for direction, result in self._results()
             },
         }
+
+    def _version(self, writer: CaptureWriter) -> dict[str, str | None]:
+        found = self._find_version(writer)
+        self.summary.qemu_version = found["qemu_version"]
+        return found
+
+    def _find_version(self, writer: CaptureWriter) -> dict[str, str | None]:
+        if self.qemu_version not in (None, "auto"):
+            return {"qemu_version": self.qemu_version, "qemu_version_evidence": "given"}
+        from qmig.wire.detect import PREFIX_BYTES, detect
+
+        try:
+            with (self.out_dir / Direction.STREAM.file_name).open("rb") as file:
+                prefix = file.read(PREFIX_BYTES)
+        except OSError:
+            prefix = b""
+        if not prefix or writer.size(Direction.STREAM) == 0:
+            return {"qemu_version": None, "qemu_version_evidence": "no stream recorded"}
+        detection = detect(prefix, complete=len(prefix) < PREFIX_BYTES)
+        return {"qemu_version": detection.version, "qemu_version_evidence": detection.evidence}
 
 
 def _raise_priority() -> None:

@@ -20,12 +20,14 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from qmig import __version__
+from qmig.cli.options import EXIT_ERROR, Parser, add_json, print_error
 from qmig.errors import QmigError
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+__all__ = ["COMMANDS", "EXIT_ERROR", "add_json", "add_qemu_version", "build_parser", "main"]
 
 COMMANDS_PACKAGE = "qmig.cli.commands"
+PROG = "qmig"
+DESCRIPTION = "QEMU live-migration stream simulator"
 
 # name -> the help line its module's register() gives (kept equal by tests/test_cli.py)
 COMMANDS: dict[str, str] = {
@@ -53,9 +55,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     Every other subcommand gets a placeholder with its help line, enough for ``--help`` and
     for argparse's "invalid choice" message. ``command=None`` leaves them all placeholders.
     """
-    parser = argparse.ArgumentParser(
-        prog="qmig", description="QEMU live-migration stream simulator"
-    )
+    parser = Parser(prog=PROG, description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"qmig {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_line in COMMANDS.items():
@@ -66,6 +66,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def overview() -> str:
+    """What ``qmig`` alone and ``qmig --help`` print: every command, one line each."""
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        f"usage: {PROG} COMMAND [OPTIONS]",
+        "",
+        DESCRIPTION,
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {help_line}" for name, help_line in COMMANDS.items()),
+        "",
+        f"'{PROG} COMMAND --help' shows a command's options; '{PROG} --version' qmig's version.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def load_command(name: str) -> ModuleType:
     """The module of one subcommand (imported on demand)."""
     import importlib
@@ -74,18 +90,27 @@ def load_command(name: str) -> ModuleType:
 
 
 def fail(message: str) -> int:
-    print(f"qmig: error: {message}", file=sys.stderr)
-    return EXIT_ERROR
+    return print_error(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
+    if not words or words[0] in ("-h", "--help"):
+        sys.stdout.write(overview())
+        return 0
+    first = next((word for word in words if not word.startswith("-")), None)
+    if first is not None and first not in COMMANDS:
+        return fail(f"{first}: no such command (commands: {', '.join(COMMANDS)})")
     parser = build_parser(chosen_command(words))
-    args = parser.parse_args(words)
+    try:
+        args = parser.parse_args(words)
+    except SystemExit as stop:
+        return int(stop.code or 0) if not isinstance(stop.code, str) else EXIT_ERROR
     try:
         return int(args.func(args) or 0)
     except QmigError as error:
-        return fail(error.one_line())
+        hint = getattr(error, "hint", None)
+        return fail(error.one_line() + (f"; {hint}" if hint else ""))
     except KeyboardInterrupt:
         return fail("interrupted")
     except BrokenPipeError:
@@ -114,19 +139,30 @@ def _innermost_frame(error: BaseException) -> str:
     return f"{os.path.basename(code.co_filename)}:{traceback.tb_lineno} in {code.co_name}"
 
 
-def add_qemu_version(parser: argparse.ArgumentParser) -> None:
-    """``--qemu-version``: the wire profile of every command that reads or writes the wire."""
+def add_qemu_version(
+    parser: argparse.ArgumentParser, auto: str | None = "detect it from the stream"
+) -> None:
+    """``--qemu-version``: the wire profile of every command that reads or writes the wire.
+
+    ``auto`` says what ``auto`` (the default) means for this command; None: the default
+    profile (for commands that only write).
+    """
     from qmig.wire.profiles import DEFAULT_VERSION, available_versions
+
+    known = ["auto", *available_versions()]
+    auto = auto or f"the default profile, {DEFAULT_VERSION}"
+
+    def version(text: str) -> str:
+        if text not in known:
+            raise argparse.ArgumentTypeError(
+                f"unknown QEMU version {text!r} (known: {', '.join(known)})"
+            )
+        return text
 
     parser.add_argument(
         "--qemu-version",
+        type=version,
         metavar="V",
-        default=None,
-        help=f"QEMU wire profile: {', '.join(available_versions())} (default {DEFAULT_VERSION})",
-    )
-
-
-def add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON document on stdout instead"
+        default="auto",
+        help=f"QEMU wire profile: {', '.join(known)}; auto: {auto} (default: auto)",
     )

@@ -33,6 +33,7 @@ from qmig.ram.uffd import (
     open_descriptor,
     probe,
 )
+from qmig.sizes import parse_size as parse_size  # the one size parser, for old callers
 
 Status = Literal["ok", "warn", "fail", "skip"]
 HOST_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -112,17 +113,6 @@ def lock_memory_again(flags: int) -> None:
     ret = lib.qmig_mlockall(flags)
     if ret < 0:
         raise HostSupportError("mlock", f"mlockall failed again: {os.strerror(-ret)}")
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``4k``, ``2M``, ``2MiB``, ``1G``: sizes as people write them."""
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    value = text.strip().lower().removesuffix("ib").removesuffix("b")
-    suffix = value[-1:] if value[-1:] in units and value[-1:] else ""
-    number = value[: len(value) - len(suffix)]
-    if not number.isdigit():
-        raise ValueError(f"not a size: {text!r}")
-    return int(number) * units[suffix]
 
 
 class _TestArea:

@@ -55,4 +55,4 @@ def test_doctor_table_names_its_checks() -> None:
 
 def test_doctor_rejects_a_page_size_that_is_no_power_of_two() -> None:
     done = doctor("--page-size", "3M")
-    assert done.returncode == 2 and "power-of-two" in done.stderr
+    assert done.returncode == 1 and "power-of-two" in done.stderr

@@ -162,5 +162,5 @@ def test_precopy_only_and_postcopy_after_exclude_each_other() -> None:
         text=True,
         timeout=30,
     )
-    assert done.returncode == 2
+    assert done.returncode == 1
     assert "not allowed with" in done.stderr

@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qmig.cli import add_json, add_qemu_version
+from qmig.sizes import format_size
+
 if TYPE_CHECKING:
     from qmig.capture import CaptureSummary, Relay
 
-MIB = 1 << 20
 PROGRESS_SECONDS = 0.25
 
 
@@ -26,10 +28,24 @@ def register(subparsers: Any) -> None:
             "Point the source's 'migrate' at the --listen address."
         ),
     )
-    parser.add_argument("--listen", required=True, metavar="URI", help="e.g. tcp:127.0.0.1:4444")
-    parser.add_argument("--connect", required=True, metavar="URI", help="the destination's URI")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="capture folder")
-    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument(
+        "--listen",
+        required=True,
+        metavar="URI",
+        help="where the source connects, e.g. "
+        "tcp:127.0.0.1:4444 (port 0: any free port, named on the first stderr line)",
+    )
+    parser.add_argument(
+        "--connect",
+        required=True,
+        metavar="URI",
+        help="the destination's URI, e.g. tcp:127.0.0.1:4445",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="the capture folder to write"
+    )
+    add_qemu_version(parser, auto="detect it from the recorded stream (kept in meta.json)")
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -38,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from qmig.capture import Relay
     from qmig.errors import TransportError
 
-    relay = Relay(args.connect, args.out, listen_uri=args.listen)
+    relay = Relay(args.connect, args.out, listen_uri=args.listen, qemu_version=args.qemu_version)
     # The first stderr line is stable: scripts read the real port from it when they asked for 0.
     print(f"qmig capture: listening on {relay.listen_uri}", file=sys.stderr, flush=True)
     try:
@@ -73,7 +89,8 @@ def _wait_showing_progress(relay: Relay) -> None:
             if progress is not None:
                 stream, return_path = progress
                 status.update(
-                    f"relaying: stream {stream / MIB:,.1f} MiB, return path {return_path:,} bytes"
+                    f"relaying: stream {format_size(stream)}, "
+                    f"return path {format_size(return_path)}"
                 )
             time.sleep(PROGRESS_SECONDS)
 
@@ -82,7 +99,8 @@ def _print_summary(summary: CaptureSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"capture in {summary.out_dir} ({summary.duration_s:.2f} s)")
+    version = f", QEMU {summary.qemu_version} wire" if summary.qemu_version else ""
+    table = Table(title=f"capture in {summary.out_dir} ({summary.duration_s:.2f} s{version})")
     table.add_column("direction")
     table.add_column("bytes", justify="right")
     table.add_column("chunks", justify="right")

@@ -12,27 +12,29 @@ import json
 from typing import Any
 
 from qmig.cli import add_json
+from qmig.cli.options import size
 
 STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+DESCRIPTION = (
+    "Check that this host can be a postcopy destination: userfaultfd (the syscall or "
+    "/dev/userfaultfd, and the features qmig uses), huge pages of each --page-size, locked "
+    "memory and transparent huge pages. Prints one row per check; exits 1 naming the first "
+    "problem if postcopy would fail here."
+)
 
 
 def _page_size(text: str) -> int:
-    from qmig.ram.support import parse_size
-
-    try:
-        size = parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    if size <= 0 or size & (size - 1):
+    value = size(text)
+    if value & (value - 1):
         raise argparse.ArgumentTypeError(f"{text!r} is not a power-of-two page size")
-    return size
+    return int(value)
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "doctor",
         help="check that this host supports postcopy (userfaultfd, huge pages, mlock, THP)",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=DESCRIPTION,
     )
     parser.add_argument(
         "--page-size",
@@ -40,7 +42,7 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="SIZE",
-        help="a RAM block page size to check, e.g. 2M (repeatable; default: host pages only)",
+        help="a RAM block page size to check, e.g. 2M; repeatable (default: host pages only)",
     )
     add_json(parser)
     parser.set_defaults(func=run)

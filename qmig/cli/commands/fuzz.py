@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import integer, positive_count, seconds
+from qmig.cli.text import plural
 
 TARGET_NAMES = ("stream", "return-path", "destination", "differential")
 
@@ -29,9 +31,16 @@ def register(subparsers: Any) -> None:
         "target", choices=TARGET_NAMES, metavar="TARGET", help=", ".join(TARGET_NAMES)
     )
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--runs", type=int, metavar="N", help="inputs to try")
-    budget.add_argument("--seconds", type=float, metavar="T", help="how long to fuzz")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    budget.add_argument(
+        "--runs",
+        type=positive_count,
+        metavar="N",
+        help="inputs to try (default: 1000 unless --seconds is given)",
+    )
+    budget.add_argument(
+        "--seconds", type=seconds, metavar="SECONDS", help="how long to fuzz (default: --runs)"
+    )
+    parser.add_argument("--seed", type=integer, default=0, metavar="N", help="random seed")
     parser.add_argument(
         "--corpus",
         type=Path,
@@ -39,29 +48,38 @@ def register(subparsers: Any) -> None:
         default=[],
         metavar="DIR/FILES",
         help="more seed inputs: files, or directories of files (a directory also receives "
-        "the inputs that found new coverage)",
+        "the inputs that found new coverage) (default: none)",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("fuzz-out"),
         metavar="DIR",
-        help="reproducers (default fuzz-out)",
+        help="where reproducers and failures.txt are written",
     )
     parser.add_argument(
-        "--time-limit", type=float, default=2.0, metavar="S", help="per-input time limit"
+        "--time-limit",
+        type=seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="an input running longer than this is a hang (a finding)",
     )
     parser.add_argument(
-        "--jobs", type=int, default=2, metavar="J", help="differential: QEMUs run at once"
+        "--jobs",
+        type=positive_count,
+        default=2,
+        metavar="N",
+        help="differential: how many QEMUs run at once",
     )
     parser.add_argument(
         "--replay",
         type=Path,
         nargs="+",
         metavar="FILE",
-        help="run these inputs (reproducers) once each through TARGET and print the verdict",
+        help="run these inputs (reproducers) once each through TARGET and print the verdict "
+        "(default: fuzz)",
     )
-    add_qemu_version(parser)
+    add_qemu_version(parser, auto=None)
     add_json(parser)
     parser.set_defaults(func=run)
 
@@ -106,6 +124,9 @@ def _corpus_files(paths: list[Path]) -> tuple[list[bytes], Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmig.cli.versions import default_choice
+
+    args.qemu_version = default_choice(args.qemu_version).version
     if args.replay and args.target != "differential":
         return replay(args)
     if args.target == "differential":
@@ -166,8 +187,9 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(
                     task,
                     completed=done,
-                    status=f"{report.runs} runs, {report.corpus} in corpus, "
-                    f"{report.edges} edges, {len(report.findings)} findings",
+                    status=f"{plural(report.runs, 'run')}, {report.corpus} in corpus, "
+                    f"{plural(report.edges, 'edge')}, "
+                    f"{plural(len(report.findings), 'finding')}",
                 )
 
             report = campaign.run(runs=runs, seconds=args.seconds, progress=show)
@@ -176,10 +198,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         console.print(
-            f"{report.target}: {report.runs} inputs in {report.seconds:.1f} s "
-            f"({report.seeds} seeds, corpus {report.corpus}, {report.edges} edges, "
-            f"{report.accepted} accepted, {report.rejected} rejected), "
-            f"{len(report.findings)} findings"
+            f"{report.target}: {plural(report.runs, 'input')} in {report.seconds:.1f} s "
+            f"({plural(report.seeds, 'seed')}, corpus {report.corpus}, "
+            f"{plural(report.edges, 'edge')}, {report.accepted} accepted, "
+            f"{report.rejected} rejected), {plural(len(report.findings), 'finding')}"
         )
         for finding in report.findings:
             console.print(f"  {finding.path}: {finding.kind}: {finding.summary}")

@@ -1,4 +1,4 @@
-"""``qmig inspect STREAM [--return-path RP] [--json] [--extract DIR]``."""
+"""``qmig inspect STREAM [--return-path RP] [--json] [--dump-ram DIR]``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import add_alias, seconds
+from qmig.cli.text import plural
 from qmig.errors import QmigError
 
 if TYPE_CHECKING:
@@ -34,14 +36,32 @@ def register(subparsers: Any) -> None:
         "destination-to-source return path of the same migration. STREAM may be a file or "
         "a capture directory written by 'qmig capture'.",
     )
-    parser.add_argument("stream", type=Path, metavar="STREAM")
-    parser.add_argument("--return-path", type=Path, metavar="RP", help="return-path bytes")
     parser.add_argument(
-        "--extract",
+        "stream",
+        type=Path,
+        metavar="STREAM",
+        help="a stream file (.xz too), a capture folder, a FIFO or a character device",
+    )
+    parser.add_argument(
+        "--return-path",
+        type=Path,
+        metavar="FILE",
+        help="the same migration's return-path bytes (default: a capture folder's own)",
+    )
+    dump = parser.add_argument(
+        "--dump-ram",
         type=Path,
         metavar="DIR",
         help="write each RAMBlock's final contents to DIR/<idstr>.bin and device state "
-        "to DIR/devices.json",
+        "to DIR/devices.json (default: none)",
+    )
+    add_alias(parser, "--extract", dump)
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="for a FIFO or character device: the longest wait for its first byte and "
+        "between reads (default: 30; a regular file needs none)",
     )
     parser.add_argument(
         "--pages", action="store_true", help="list every run of page records, not only totals"
@@ -133,7 +153,10 @@ class Listing:
     def summary(self, report: dict[str, Any]) -> None:
         from rich.table import Table
 
-        self.console.print(f"\n{report['bytes']} bytes of stream")
+        self.console.print(f"\n{plural(report['bytes'], 'byte')} of stream")
+        self.console.print(
+            f"QEMU {report['qemu_version']} wire ({report['qemu_version_evidence']})"
+        )
         counts = Table(title="records", show_edge=False)
         counts.add_column("name")
         counts.add_column("count", justify="right")
@@ -156,7 +179,7 @@ class Listing:
         if "return_path" in report:
             rp = report["return_path"]
             counts_text = ", ".join(f"{name} {count}" for name, count in rp["counts"].items())
-            self.console.print(f"return path: {rp['bytes']} bytes: {counts_text}")
+            self.console.print(f"return path: {plural(rp['bytes'], 'byte')}: {counts_text}")
         if "request_latency_us" in report:
             figures = report["request_latency_us"]
             self.console.print(
@@ -219,40 +242,124 @@ def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress
 
-    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    from qmig.cli.text import transfer_columns
+
+    columns = ("{task.description}", BarColumn(), *transfer_columns())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(path.name, total=size)
         yield lambda count: progress.advance(task, count)
 
 
-def _open(path: Path) -> BinaryIO:
-    """A recording, decompressing a ``.xz`` one as it is read (the fixtures are shipped so)."""
-    if path.suffix == ".xz":
-        from qmig.capture.recording import open_capture_file
+class StreamSource:
+    """The stream, opened once per pass; its first bytes read once, to detect its version.
 
-        return open_capture_file(path)
-    return path.open("rb")
+    A FIFO or character device can be read only once: its detected prefix is handed back
+    in front of the rest (:class:`qmig.cli.versions.Prefixed`), and a command that needs
+    two passes first copies it to a temporary file (:meth:`keep`).
+    """
+
+    def __init__(self, path: Path, timeout: float | None) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.version: str | None = None  # the profile it is read with
+        self.rereadable = path.is_file()
+        self._prefix: bytes | None = None
+        self._pending: BinaryIO | None = None  # a live stream, its prefix already read
+        self._kept: Any = None  # a live stream's bytes, copied for more passes
+
+    def prefix(self) -> tuple[bytes, bool]:
+        """The first bytes, and whether they are the whole stream."""
+        from qmig.cli.versions import read_prefix
+        from qmig.wire.detect import PREFIX_BYTES
+
+        if self._prefix is None:
+            file = _open(self.path, self.timeout)
+            self._prefix = read_prefix(file)
+            if self.rereadable:
+                file.close()
+            else:
+                self._pending = file
+        return self._prefix, len(self._prefix) < PREFIX_BYTES
+
+    def open(self) -> BinaryIO:
+        if self._kept is not None:
+            # A fresh description of the same file: each pass has its own offset.
+            return open(f"/proc/self/fd/{self._kept.fileno()}", "rb")
+        if self.rereadable:
+            return _open(self.path, self.timeout)
+        if self._prefix is None:
+            self.prefix()  # kept: a parse error's hint reads it again
+        if self._pending is not None:
+            from qmig.cli.versions import Prefixed
+
+            file, self._pending = self._pending, None
+            return cast(BinaryIO, Prefixed(self._prefix or b"", file))
+        raise QmigError(str(self.path), "a FIFO or device can be read only once")
+
+    def keep(self) -> None:
+        """Copy a live stream to a temporary file, so that it can be read more than once."""
+        import shutil
+        import tempfile
+
+        if self.rereadable:
+            return
+        kept = tempfile.TemporaryFile()  # noqa: SIM115 (kept open for the later passes)
+        with self.open() as file:
+            shutil.copyfileobj(file, kept, 1 << 20)
+        kept.flush()
+        self._kept = kept
+        self.rereadable = True
+
+    def hinted(self, records: Iterator[Record]) -> Iterator[Record]:
+        """``records``, where a parse error gains the profile that would read on."""
+        from qmig.cli.versions import add_hint, hint_from_file, hint_from_prefix
+
+        try:
+            yield from records
+        except QmigError as error:
+            if self.rereadable:
+                hint = hint_from_file(error, self.version, self.open)
+            else:
+                hint = hint_from_prefix(error, self.version, self._prefix or b"")
+            raise add_hint(error, hint) from None
+
+
+def _open(path: Path, timeout: float | None = None) -> BinaryIO:
+    """A recording: a file, a FIFO or device (read with ``timeout`` as the limit), each
+    possibly xz-compressed (as the fixtures are shipped)."""
+    if path.suffix != ".xz" and path.is_file():
+        return path.open("rb")  # the common case needs none of the capture machinery
+    from qmig.capture.live import DEFAULT_TIMEOUT_S
+    from qmig.capture.recording import open_capture_file
+
+    return open_capture_file(path, DEFAULT_TIMEOUT_S if timeout is None else timeout)
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmig.cli.versions import choose
     from qmig.inspect import ReturnPathInspection, StreamInspection, read_records
     from qmig.wire import messages as m
     from qmig.wire.reader import ReturnPathReader, StreamReader
     from qmig.wire.render import to_json
 
     stream_path, rp_path, index_path = _inputs(args)
+    source = StreamSource(stream_path, args.timeout)
+    choice = choose(args.qemu_version, source.prefix)
+    args.qemu_version = source.version = choice.version
     rp_records: list[Record] = []
     rp_size = 0
     if rp_path is not None:
-        with _open(rp_path) as file:
+        with _open(rp_path, args.timeout) as file:
             rp_reader = ReturnPathReader(args.qemu_version)
             rp_records = list(read_records(file, rp_reader))
             rp_size = rp_reader.offset  # read to its end: every byte of it
     capture = None if index_path is None else _capture(index_path, rp_path, rp_records)
     if capture is not None:
         capture.check_covers(return_path=rp_size)
+        if not args.json:
+            source.keep()  # the listing below reads the stream a second time
 
     def read_stream(
         listing: Listing | None, matcher: Any, extract: Path | None
@@ -260,8 +367,8 @@ def run(args: argparse.Namespace) -> int:
         inspection = StreamInspection(StreamReader(args.qemu_version), extract)
         commands: list[dict[str, Any]] = []
         try:
-            with _open(stream_path) as file, _progress(stream_path) as advance:
-                for record in read_records(file, inspection.reader, advance):
+            with source.open() as file, _progress(stream_path) as advance:
+                for record in source.hinted(read_records(file, inspection.reader, advance)):
                     inspection.add(record)
                     message = record.message
                     if matcher is not None:
@@ -286,12 +393,12 @@ def run(args: argparse.Namespace) -> int:
 
     if capture is None:
         listing = None if args.json else Listing(args.pages)
-        inspection, commands = read_stream(listing, None, args.extract)
+        inspection, commands = read_stream(listing, None, args.dump_ram)
     else:
         # The requests' answers are found in a first pass, so that the listing can show each
         # request beside its answer although the answer comes later in the stream.
         matcher = capture.matcher(inspection_schema(args))
-        inspection, commands = read_stream(None, matcher, args.extract)
+        inspection, commands = read_stream(None, matcher, args.dump_ram)
         # The stream was read to its end: the index must account for every byte of it (known
         # now without reading a compressed capture once more just to count them).
         capture.check_covers(stream=inspection.reader.offset)
@@ -304,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
     report = inspection.as_json()
     report["stream"] = str(stream_path)
     report["qemu_version"] = inspection.reader.profile.name
+    report["qemu_version_evidence"] = choice.evidence
     report["commands"] = commands
     if rp_path is not None:
         rp_inspection = ReturnPathInspection()

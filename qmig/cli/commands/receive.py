@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import positive_count, seconds
 from qmig.latency import percentiles_us
 
 if TYPE_CHECKING:
@@ -33,34 +34,52 @@ def register(subparsers: Any) -> None:
         "faults become page requests to the real source. The first line on stderr is "
         "'qmig receive: listening on URI' (with the real port when 0 was asked for).",
     )
-    parser.add_argument("--listen", required=True, metavar="URI", help="e.g. tcp:127.0.0.1:4444")
-    parser.add_argument("--dump-ram", type=Path, metavar="DIR", help="write DIR/<idstr>.bin")
+    parser.add_argument(
+        "--listen",
+        required=True,
+        metavar="URI",
+        help="where the source connects, e.g. "
+        "tcp:127.0.0.1:4444 (port 0: any free port, named on the first stderr line)",
+    )
+    parser.add_argument(
+        "--dump-ram",
+        type=Path,
+        metavar="DIR",
+        help="write each RAMBlock's final contents to DIR/<idstr>.bin (default: none)",
+    )
     parser.add_argument(
         "--workload",
         choices=["sequential", "random", "hotset", "none"],
         default="random",
-        help="how the guest's vCPUs touch memory after RUN (default random)",
+        help="how the guest's vCPUs touch memory after RUN",
     )
-    parser.add_argument("--vcpus", type=int, default=1)
+    parser.add_argument(
+        "--vcpus",
+        type=positive_count,
+        default=1,
+        metavar="N",
+        help="guest workload threads touching memory after RUN",
+    )
     parser.add_argument(
         "--no-postcopy-ram",
         action="store_true",
         help="the source has postcopy-ram off but still sends POSTCOPY_ADVISE (0 bytes, as "
-        "with dirty-bitmaps): accept that; a source without ADVISE needs no option",
+        "with dirty-bitmaps): accept that; a source without ADVISE needs no option "
+        "(default: postcopy-ram on)",
     )
     parser.add_argument(
         "--accept-timeout",
-        type=float,
+        type=seconds,
         default=300.0,
-        metavar="S",
-        help="how long to wait for the source to connect (default 300)",
+        metavar="SECONDS",
+        help="how long to wait for the source to connect",
     )
     parser.add_argument(
         "--idle-timeout",
-        type=float,
+        type=seconds,
         default=60.0,
-        metavar="S",
-        help="give up when the source sends nothing for this long (default 60)",
+        metavar="SECONDS",
+        help="give up when the source sends nothing for this long",
     )
     add_qemu_version(parser)
     add_json(parser)
@@ -70,6 +89,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from qmig.cli.versions import add_hint, choose, hint_from_prefix, peek_connection
+    from qmig.errors import RemoteProtocolError
     from qmig.protocol.destination import Destination
     from qmig.ram.blocks import HOST_PAGE_SIZE
     from qmig.ram.support import huge_page_sizes
@@ -80,17 +101,20 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     workload = None if args.workload == "none" else Workload(Pattern[args.workload.upper()])
     sizes = (HOST_PAGE_SIZE, *huge_page_sizes())
-    destination = Destination(
-        args.qemu_version,
-        postcopy_ram=not args.no_postcopy_ram,
-        supported_page_sizes=sizes,
-    )
     console = Console(stderr=True, highlight=False)
     with listen(args.listen) as listener:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
         print(f"qmig receive: listening on {listener.uri}", file=sys.stderr, flush=True)
         connection = listener.accept(timeout=args.accept_timeout)
     with connection:
+        # auto: the profile the source's first bytes (peeked, left in the socket) call for.
+        prefix = peek_connection(connection, args.idle_timeout)
+        choice = choose(args.qemu_version, lambda: (prefix, False))
+        destination = Destination(
+            choice.version,
+            postcopy_ram=not args.no_postcopy_ram,
+            supported_page_sizes=sizes,
+        )
         runner = DestinationRunner(
             connection,
             destination,
@@ -99,12 +123,17 @@ def run(args: argparse.Namespace) -> int:
             dump_dir=args.dump_ram,
             idle_timeout=args.idle_timeout,
         )
-        if args.json or not console.is_terminal:
-            report = runner.run()
-        else:
-            with console.status("receiving"):
+        try:
+            if args.json or not console.is_terminal:
                 report = runner.run()
+            else:
+                with console.status("receiving"):
+                    report = runner.run()
+        except RemoteProtocolError as error:
+            raise add_hint(error, hint_from_prefix(error, choice.version, prefix)) from None
     summary = summarise(report, destination)
+    summary["qemu_version"] = destination.profile.name
+    summary["qemu_version_evidence"] = choice.evidence
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -148,6 +177,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"received a {summary['mode']} migration in {summary['total_s']} s")
     table.add_column("what")
     table.add_column("value", justify="right")
+    table.add_row("QEMU wire", f"{summary['qemu_version']} ({summary['qemu_version_evidence']})")
     table.add_row("bytes", f"{summary['bytes']:,}")
     for name, size in summary["blocks"].items():
         table.add_row(f"block {name}", f"{size:,}")

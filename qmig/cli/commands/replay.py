@@ -1,4 +1,4 @@
-"""``qmig replay CAPTURE --to tcp:HOST:PORT``: a recorded migration, into a real QEMU."""
+"""``qmig replay CAPTURE --connect tcp:HOST:PORT``: a recorded migration, into a real QEMU."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import add_alias, add_bandwidth, count
+from qmig.cli.text import plural
+from qmig.sizes import format_size
+
+if TYPE_CHECKING:
+    from qmig.cli.versions import Choice
 
 MIB = 1 << 20
 PROGRESS_SECONDS = 0.2
@@ -24,51 +30,66 @@ def register(subparsers: Any) -> None:
         "then migrate them into a QEMU started with -incoming and the same machine type and "
         "memory size, serving its page requests in postcopy.",
     )
-    parser.add_argument("capture", type=Path, metavar="CAPTURE", help="capture folder or stream")
-    parser.add_argument("--to", required=True, metavar="URI", help="e.g. tcp:127.0.0.1:4444")
+    parser.add_argument(
+        "capture", type=Path, metavar="CAPTURE", help="a capture folder or a stream file"
+    )
+    peer = parser.add_argument(
+        "--connect",
+        required=True,
+        metavar="URI",
+        help="the destination QEMU's -incoming URI, e.g. tcp:127.0.0.1:4445",
+    )
+    add_alias(parser, "--to", peer)
     parser.add_argument(
         "--postcopy-after",
-        type=int,
+        type=count,
         metavar="N",
         help="precopy passes before switching to postcopy (0: right after setup); default: "
         "where the captured source switched, and a precopy capture stays precopy",
     )
-    parser.add_argument(
-        "--bandwidth",
-        type=float,
-        metavar="MIB_S",
-        help="cap the stream at this many MiB/s (default: unlimited)",
-    )
-    add_qemu_version(parser)
+    add_bandwidth(parser)
+    add_qemu_version(parser, auto="detect it from the capture's stream")
     add_json(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmig.capture.recording import open_capture_file
+    from qmig.cli.versions import add_hint, hint_from_file
     from qmig.errors import QmigError
     from qmig.replay import ReplayPlan, load_recording, replay
+    from qmig.replay.recording import stream_path
 
-    if args.postcopy_after is not None and args.postcopy_after < 0:
-        raise QmigError("--postcopy-after", f"must be 0 or more, not {args.postcopy_after}")
-    recording = load_recording(args.capture, args.qemu_version)
+    choice = recorded_version(args)
+    try:
+        recording = load_recording(args.capture, choice.version)
+    except QmigError as error:
+        path = stream_path(args.capture)
+        raise add_hint(
+            error, hint_from_file(error, choice.version, lambda: open_capture_file(path))
+        ) from None
     try:
         plan = ReplayPlan(
             postcopy_after=args.postcopy_after,
             bandwidth=None if args.bandwidth is None else args.bandwidth * MIB,
-            version=args.qemu_version,
+            version=choice.version,
         )
         progress = None if args.json else _Progress()
         try:
             result = replay(
                 recording,
-                args.to,
+                args.connect,
                 plan,
                 on_progress=None if progress is None else progress.update,
             )
         finally:
             if progress is not None:
                 progress.close()
-        summary = result.summary()
+        summary = {
+            **result.summary(),
+            "qemu_version": choice.version,
+            "qemu_version_evidence": choice.evidence,
+        }
     finally:
         recording.close()
     if args.json:
@@ -77,6 +98,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     return 0
+
+
+def recorded_version(args: argparse.Namespace) -> Choice:
+    """The profile the capture is read and replayed with: as given, or its stream's."""
+    from qmig.capture.recording import open_capture_file
+    from qmig.cli.versions import choose, read_prefix
+    from qmig.replay.recording import stream_path
+
+    def prefix() -> tuple[bytes, bool]:
+        from qmig.wire.detect import PREFIX_BYTES
+
+        with open_capture_file(stream_path(args.capture)) as file:
+            data = read_prefix(file)
+        return data, len(data) < PREFIX_BYTES
+
+    return choose(args.qemu_version, prefix)
 
 
 class _Progress:
@@ -98,7 +135,7 @@ class _Progress:
         if self.status is None or now - self.shown < PROGRESS_SECONDS:
             return
         self.shown = now
-        parts = ", ".join(f"{name} {value / MIB:,.1f} MiB" for name, value in self.sent.items())
+        parts = ", ".join(f"{name} {format_size(value)}" for name, value in self.sent.items())
         self.status.update(f"replaying ({phase}): {parts}")
 
     def close(self) -> None:
@@ -116,14 +153,19 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     table.add_column("what")
     table.add_column("value", justify="right")
+    table.add_row("QEMU wire", f"{summary['qemu_version']} ({summary['qemu_version_evidence']})")
     table.add_row("devices", str(summary["devices"]))
     table.add_row("precopy passes", str(summary["passes"]))
-    table.add_row("precopy", f"{summary['precopy_pages']:,} pages, {summary['precopy_bytes']:,} B")
+    for phase in ("precopy", "postcopy"):
+        table.add_row(
+            phase,
+            f"{plural(summary[f'{phase}_pages'], 'page')}, "
+            f"{format_size(summary[f'{phase}_bytes'])}",
+        )
     table.add_row(
-        "postcopy", f"{summary['postcopy_pages']:,} pages, {summary['postcopy_bytes']:,} B"
-    )
-    table.add_row(
-        "discards", f"{summary['discarded_pages']:,} pages in {summary['discard_commands']} cmds"
+        "discards",
+        f"{plural(summary['discarded_pages'], 'page')} in "
+        f"{plural(summary['discard_commands'], 'command')}",
     )
     table.add_row("page requests", f"{summary['requests']:,}")
     latency = summary["request_to_sent_us"]

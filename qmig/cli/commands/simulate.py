@@ -8,8 +8,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import add_bandwidth, count, integer, positive_count, rate, size
+from qmig.cli.text import plural
 from qmig.errors import QmigError
-from qmig.sizes import parse_size
+from qmig.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -22,10 +24,13 @@ MiB = 1 << 20
 def _blocks(text: str) -> list[tuple[str, int]]:
     blocks = []
     for item in text.split(","):
-        name, _, size = item.partition(":")
-        if not name or not size:
+        name, _, text = item.partition(":")
+        if not name or not text:
             raise argparse.ArgumentTypeError(f"{item!r}: expected NAME:SIZE, e.g. pc.ram:224M")
-        blocks.append((name, parse_size(size)))
+        try:
+            blocks.append((name, parse_size(text)))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{name}: {error}") from None
     return blocks
 
 
@@ -39,36 +44,45 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--ram",
-        type=parse_size,
+        type=size,
         metavar="SIZE",
-        help="total guest RAM, split 7:1 between pc.ram and vga.vram (default 256M)",
+        help="total guest RAM, split 7:1 between pc.ram and vga.vram (default: 256M)",
     )
     parser.add_argument(
         "--blocks",
         type=_blocks,
         metavar="NAME:SIZE,...",
-        help="the RAM blocks, e.g. pc.ram:224M,vga.vram:32M (overrides --ram)",
+        help="the RAM blocks, e.g. pc.ram:224M,vga.vram:32M; overrides --ram (default: --ram)",
     )
     parser.add_argument(
         "--workload",
         choices=["sequential", "random", "hotset"],
         default="random",
-        help="how the destination's vCPUs touch memory (read-only; default random)",
+        help="how the destination's vCPUs touch memory (read-only)",
     )
-    parser.add_argument("--vcpus", type=int, default=2, help="workload threads (default 2)")
     parser.add_argument(
-        "--touches", type=int, help="page touches per vCPU (default: one per page of its share)"
+        "--vcpus",
+        type=positive_count,
+        default=2,
+        metavar="N",
+        help="guest workload threads touching memory after RUN",
+    )
+    parser.add_argument(
+        "--touches",
+        type=positive_count,
+        metavar="N",
+        help="page touches per vCPU (default: one per page of its share)",
     )
     parser.add_argument(
         "--dirty-rate",
-        type=float,
+        type=rate,
         default=20000.0,
         metavar="PAGES/S",
-        help="pages the source guest dirties per second until switchover (default 20000)",
+        help="pages the source guest dirties per second until switchover",
     )
     parser.add_argument(
         "--working-set",
-        type=parse_size,
+        type=size,
         metavar="SIZE",
         help="the source guest dirties only the first SIZE of its RAM (default: all of it)",
     )
@@ -77,29 +91,30 @@ def register(subparsers: Any) -> None:
         choices=["random", "sequential"],
         default="random",
         help="the source guest dirties pages at random, or one after another through its "
-        "working set, over and over (default random)",
+        "working set, over and over",
     )
     switch = parser.add_mutually_exclusive_group()
     switch.add_argument(
         "--postcopy-after",
-        type=int,
+        type=count,
         # None, not 1: argparse only sees a clash with --precopy-only when the value given
         # is not the default object itself, and a parsed 1 is the cached int 1.
         default=None,
         metavar="N",
-        help="precopy passes before switching to postcopy; 0 switches before any (default 1)",
+        help="precopy passes before switching to postcopy; 0 switches before any (default: 1)",
     )
     switch.add_argument("--precopy-only", action="store_true", help="never switch to postcopy")
+    add_bandwidth(parser)
     parser.add_argument(
-        "--bandwidth", type=float, metavar="MIB/S", help="cap on the stream (default: none)"
+        "--seed", type=integer, default=1, metavar="N", help="seed of RAM contents and dirtying"
     )
-    parser.add_argument("--seed", type=int, default=1, help="seed of RAM contents and dirtying")
-    add_qemu_version(parser)
+    add_qemu_version(parser, auto=None)
     add_json(parser)
     parser.set_defaults(func=run)
 
 
 def config_from(args: argparse.Namespace) -> SimulationConfig:
+    from qmig.cli.versions import default_choice
     from qmig.simulate import SimulationConfig
 
     config = SimulationConfig(
@@ -113,14 +128,16 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         if args.precopy_only
         else (1 if args.postcopy_after is None else args.postcopy_after),
         bandwidth=None if args.bandwidth is None else args.bandwidth * MiB,
-        version=args.qemu_version,
+        version=default_choice(args.qemu_version).version,
         seed=args.seed,
     )
     if args.blocks:
         config.blocks = args.blocks
     elif args.ram is not None:
         if args.ram < 2 * 4096 or args.ram % 4096:
-            raise QmigError("--ram", f"{args.ram} bytes: need a multiple of 4 KiB, at least 8K")
+            raise QmigError(
+                "--ram", f"{plural(args.ram, 'byte')}: need a multiple of 4 KiB, at least 8 KiB"
+            )
         main = args.ram // 8 * 7 // 4096 * 4096
         config.blocks = [("pc.ram", main), ("vga.vram", args.ram - main)]
     return config
@@ -128,8 +145,9 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress, TextColumn
 
+    from qmig.cli.text import transfer_columns
     from qmig.simulate import environment_check, run_simulation
 
     config = config_from(args)
@@ -140,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(
         TextColumn("[bold]{task.description:<9}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        *transfer_columns(),
         console=console,
         transient=True,
         disable=args.json or not console.is_terminal,
@@ -169,7 +186,6 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
     table = Table(show_header=False, show_edge=False, box=None)
     table.add_column(style="bold")
     table.add_column()
-    mib = 1 << 20
     latency = s["fault_latency_us"]
     rows = [
         (
@@ -180,7 +196,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         ),
         (
             "mode",
-            f"{s['mode']} (QEMU {s['qemu_version']} wire), {s['ram_bytes'] // mib} MiB "
+            f"{s['mode']} (QEMU {s['qemu_version']} wire), {format_size(s['ram_bytes'])} "
             f"in {', '.join(s['blocks'])}",
         ),
         ("total time", f"{s['total_s']:.2f} s"),
@@ -192,17 +208,24 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         ),
         (
             "precopy",
-            f"{s['precopy_passes']} passes, {s['precopy']['pages']} pages "
-            f"({s['precopy']['zero_pages']} zero), {s['precopy']['bytes'] / mib:.1f} MiB",
+            f"{plural(s['precopy_passes'], 'pass', 'passes')}, "
+            f"{plural(s['precopy']['pages'], 'page')} ({s['precopy']['zero_pages']:,} zero), "
+            f"{format_size(s['precopy']['bytes'])}",
         ),
-        ("discards", f"{s['discard_commands']} commands, {s['discarded_pages']} pages"),
+        (
+            "discards",
+            f"{plural(s['discard_commands'], 'command')}, {plural(s['discarded_pages'], 'page')}",
+        ),
         (
             "postcopy",
-            f"{s['postcopy']['pages']} pages ({s['postcopy']['zero_pages']} zero), "
-            f"{s['postcopy']['bytes'] / mib:.1f} MiB, "
-            f"{s['postcopy']['requested_pages']} on request",
+            f"{plural(s['postcopy']['pages'], 'page')} ({s['postcopy']['zero_pages']:,} zero), "
+            f"{format_size(s['postcopy']['bytes'])}, "
+            f"{s['postcopy']['requested_pages']:,} on request",
         ),
-        ("requests", f"{s['postcopy_requests']} REQ_PAGES sent for {s['faults']} faults"),
+        (
+            "requests",
+            f"{s['postcopy_requests']:,} REQ_PAGES sent for {plural(s['faults'], 'fault')}",
+        ),
         (
             "fault latency",
             f"p50 {latency['p50']} µs, p99 {latency['p99']} µs, max {latency['max']} µs",
@@ -224,7 +247,8 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
 
 def _placement(rates: dict[str, float | None]) -> str:
     return ", ".join(
-        f"{phase} {'-' if rate is None else f'{rate:.0f} MiB/s'}" for phase, rate in rates.items()
+        f"{phase} {'-' if speed is None else f'{speed:.0f} MiB/s'}"
+        for phase, speed in rates.items()
     )
 
 

@@ -1,0 +1,31 @@
+"""Words and numbers as the commands print them: correct plurals and IEC units.
+
+The progress columns here replace rich's decimal ones (``2.1 GB``, ``35 MB/s``) so that a
+progress bar and the summary under it use the same units (GiB, MiB/s).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmig.sizes import format_size
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 pass``, ``2 passes``: ``many`` when the plural is not ``word + "s"``."""
+    return f"{count:,} {word if count == 1 else many or word + 's'}"
+
+
+def transfer_columns() -> tuple[Any, Any]:
+    """Rich progress columns: ``done/total`` and speed, both in IEC units."""
+    from rich.progress import DownloadColumn, ProgressColumn
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            if speed is None:
+                return Text("?", style="progress.data.speed")
+            return Text(f"{format_size(speed)}/s", style="progress.data.speed")
+
+    return DownloadColumn(binary_units=True), Speed()
