@@ -158,7 +158,9 @@ def hint(error: QmigError, used: str, chunks: Chunks) -> str | None:
 
     ``chunks`` reads the stream again from its start (called once per other profile).
     """
-    if error.offset is None:
+    if error.offset is None or reads_past(chunks(), used, error.offset):
+        # ``used``'s own reader gets past the byte: the stream is well-formed for it and the
+        # error is one of state or contents, which another profile would not change.
         return None
     others = sorted((v for v in available_versions() if v != used), key=version_key, reverse=True)
     for version in others:
