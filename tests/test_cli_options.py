@@ -112,6 +112,7 @@ def test_a_required_option_missing_under_both_spellings_is_one_line() -> None:
         (["simulate", "--ram", "0"], "--ram: must be positive, not 0"),
         (["simulate", "--ram", "1.3"], "--ram: not a whole number of bytes: '1.3'"),
         (["simulate", "--vcpus", "two"], "--vcpus: not a whole number: 'two'"),
+        (["simulate", "--dirty-rate", "-1"], "--dirty-rate: must be 0 or more, not -1"),
         (["simulate", "--workload", "x"], "--workload: invalid choice: 'x'"),
         (["receive", "--listen", "tcp::0", "--idle-timeout", "-1"], "--idle-timeout: must be"),
         (["doctor", "--page-size", "3M"], "--page-size: '3M' is not a power-of-two page size"),

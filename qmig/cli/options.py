@@ -173,6 +173,16 @@ def _rate(text: str) -> float:
     return value
 
 
+def _rate_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"must be 0 or more, not {text}")
+    return value
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)
@@ -185,6 +195,7 @@ count = _type("count", _count)  # a whole number, 0 or more
 positive_count = _type("positive_count", _positive_count)  # a whole number, 1 or more
 seconds = _type("seconds", _seconds)  # a positive number of seconds
 rate = _type("rate", _rate)  # a positive number (per second)
+rate_or_zero = _type("rate_or_zero", _rate_or_zero)  # 0 or more per second (0: none at all)
 integer = _type("integer", _integer)  # any whole number (seeds)
 
 

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.cli.options import add_bandwidth, count, integer, positive_count, rate, size
+from qmig.cli.options import add_bandwidth, count, integer, positive_count, rate_or_zero, size
 from qmig.cli.text import plural
 from qmig.errors import QmigError
 from qmig.sizes import format_size, parse_size
@@ -75,10 +75,10 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--dirty-rate",
-        type=rate,
+        type=rate_or_zero,
         default=20000.0,
         metavar="PAGES/S",
-        help="pages the source guest dirties per second until switchover",
+        help="pages the source guest dirties per second until switchover (0: a quiet guest)",
     )
     parser.add_argument(
         "--working-set",
