@@ -49,6 +49,29 @@ def register(subparsers: Any) -> None:
         "with dirty-bitmaps): accept that; a source without ADVISE needs no option",
     )
     parser.add_argument(
+        "--ram-page-size",
+        type=_size,
+        default=4096,
+        metavar="SIZE",
+        help="what this destination's guest RAM is backed with: 4K, ordinary RAM (default), "
+        "or a huge page size such as 2M (hugetlbfs); POSTCOPY_ADVISE's page-size summary must "
+        "match it, as in QEMU",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=_blocks,
+        metavar="NAME:SIZE,...",
+        help="this destination's RAM blocks (NAME:SIZE/MAX for a resizeable one); MEM_SIZE "
+        "must then name only these, with their sizes, as in QEMU (default: take MEM_SIZE's)",
+    )
+    parser.add_argument(
+        "--max-ram",
+        type=_size,
+        metavar="SIZE",
+        help="refuse a MEM_SIZE claiming more RAM than this, before mapping anything "
+        "(default: the host's memory, MemTotal in /proc/meminfo)",
+    )
+    parser.add_argument(
         "--accept-timeout",
         type=float,
         default=300.0,
@@ -67,24 +90,39 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _size(text: str) -> int:
+    from qmig.sizes import parse_size
+
+    return parse_size(text)
+
+
+def _blocks(text: str) -> Any:
+    from qmig.errors import QmigError
+    from qmig.protocol.ram_config import parse_blocks
+
+    try:
+        return parse_blocks(text)
+    except QmigError as error:
+        raise argparse.ArgumentTypeError(error.detail) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qmig.protocol.destination import Destination
-    from qmig.ram.blocks import HOST_PAGE_SIZE
-    from qmig.ram.support import huge_page_sizes
+    from qmig.protocol.ram_config import RamConfig
     from qmig.ram.workload import Pattern, Workload
-    from qmig.runner.destination import DestinationRunner
+    from qmig.runner.destination import DestinationRunner, host_memory
     from qmig.transport import listen
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     workload = None if args.workload == "none" else Workload(Pattern[args.workload.upper()])
-    sizes = (HOST_PAGE_SIZE, *huge_page_sizes())
-    destination = Destination(
-        args.qemu_version,
-        postcopy_ram=not args.no_postcopy_ram,
-        supported_page_sizes=sizes,
+    ram = RamConfig(
+        page_size=args.ram_page_size,
+        blocks=args.blocks,
+        max_ram=args.max_ram if args.max_ram is not None else host_memory(),
     )
+    destination = Destination(args.qemu_version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
     console = Console(stderr=True, highlight=False)
     with listen(args.listen) as listener:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
