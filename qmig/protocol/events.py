@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges
-from qmig.wire.reader import _Sentinel as Sentinel
+from qmig.wire.reader import _Sentinel
 
-__all__ = ["Event", "Sentinel"]  # and every event class below
+# The type of NEED_DATA and END, next_event()'s answers when there is no event.
+Sentinel = _Sentinel
 
 
 class Event:
