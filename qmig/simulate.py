@@ -116,6 +116,8 @@ def run_simulation(
             arguments += ["--touches", str(config.touches)]
         if config.postcopy_after is None:
             arguments.append("--precopy-only")
+        # The destination has the same RAM as the source, as two QEMUs started alike.
+        arguments += ["--blocks", ",".join(f"{name}:{size}" for name, size in config.blocks)]
         peer = Peer(arguments, listener.socket)
         try:
             peer.wait_until_ready(PEER_TIMEOUT)

@@ -39,6 +39,7 @@ from typing import Any
 
 from qmig.errors import QmigError, TruncatedError
 from qmig.protocol.destination import BlockTracker, Destination
+from qmig.protocol.ram_config import HOST_PAGE_SIZE, RamConfig
 from qmig.wire import messages as m
 from qmig.wire.profiles import load_profile
 from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
@@ -322,7 +323,8 @@ def qmig_verdict(data: bytes, version: str, blocks: Sequence[m.RamBlockInfo] = (
 
     ``blocks`` are the destination's own RAMBlocks, as QEMU's come from its command line:
     a discard before (or without) the MEM_SIZE list refers to them."""
-    dest = Destination(version)
+    # The QEMU compared with runs on ordinary RAM: its page-size summary is the host's.
+    dest = Destination(version, ram=RamConfig(page_size=HOST_PAGE_SIZE))
     for info in blocks:
         dest.blocks[info.idstr] = BlockTracker(info, PAGE, dest.reader.schema.target_page_size)
     try:

@@ -18,9 +18,9 @@ and queues SHUT(1); calls after that raise :class:`~qmig.errors.LocalProtocolErr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import mmap
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from qmig.errors import (
     IllegalStateError,
@@ -30,6 +30,7 @@ from qmig.errors import (
     TruncatedError,
 )
 from qmig.protocol import events as ev
+from qmig.protocol.ram_config import HOST_PAGE_SIZE, RamConfig
 from qmig.protocol.states import (
     DESTINATION_STOPS_READING,
     DestinationInput,
@@ -45,8 +46,6 @@ from qmig.wire.page_requests import PageRequests
 from qmig.wire.ramscan import RamScanner
 from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
 
-HOST_PAGE_SIZE = 4096
-
 
 @dataclass
 class BlockTracker:
@@ -60,12 +59,23 @@ class BlockTracker:
     discarded_pages: int = 0
 
     def __post_init__(self) -> None:
-        self.state = bytearray(-(-self.info.used_length // self.target_page_size))
+        self.state = _page_states(-(-self.info.used_length // self.target_page_size))
 
     def host_page_present(self, host_offset: int) -> bool:
         first = host_offset // self.target_page_size
         count = self.page_size // self.target_page_size
-        return self.state.find(0, first, first + count) < 0
+        return self.state.find(b"\0", first, first + count) < 0
+
+
+def _page_states(count: int) -> bytearray:
+    """``count`` zero bytes in an anonymous mapping, not a bytearray: the kernel provides its
+    pages as they are first written, so a block announced large costs address space, not
+    memory, until its pages arrive (a bytearray is zero-filled at once). The C helpers take
+    any writable buffer; a mapping has the bytearray methods the machine uses."""
+    if count == 0:
+        return bytearray()
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    return cast(bytearray, mmap.mmap(-1, count, flags=flags))
 
 
 class Destination:
@@ -77,9 +87,11 @@ class Destination:
         *,
         postcopy_ram: bool = True,
         host_page_size: int = HOST_PAGE_SIZE,
-        supported_page_sizes: Iterable[int] = (HOST_PAGE_SIZE,),
+        ram: RamConfig | None = None,
         local_page_sizes: dict[str, int] | None = None,
     ) -> None:
+        """``ram``: the destination's own RAM (page size, blocks, limit); by default ordinary
+        RAM of the host's pages, the blocks MEM_SIZE announces, no limit."""
         self.reader = StreamReader(
             version, local_page_sizes=local_page_sizes, host_page_size=host_page_size
         )
@@ -88,7 +100,8 @@ class Destination:
         self.rules = destination_rules(self.profile)
         self.postcopy_ram = postcopy_ram
         self.host_page_size = host_page_size
-        self.supported_page_sizes = frozenset(supported_page_sizes)
+        self.ram = ram or RamConfig(page_size=host_page_size)
+        self.page_sizes = self.ram.page_sizes(host_page_size)
         self.state = DestinationState.NONE
         # Where a failed migration stopped: QEMU's state after the refused command (some
         # commands store their state before they check the old one).
@@ -282,22 +295,23 @@ class Destination:
                 "RAM postcopy is disabled but have 16 byte advise",
                 record.offset,
             )
+        # QEMU's order: the summary of page sizes, then the target page size. The summary
+        # must equal the destination's own (its RAM's page sizes are its configuration, not
+        # the source's to choose); QEMU prints both in hex without a prefix.
+        summary = message.page_size_summary or 0
+        local = self.ram.page_size_summary(self.host_page_size)
+        if summary != local:
+            raise RemoteProtocolError(
+                "POSTCOPY_ADVISE",
+                f"Postcopy needs matching RAM page sizes (s={summary:x} d={local:x})",
+                record.offset,
+            )
         target = self.reader.schema.target_page_size
         if message.target_page_size != target:
             raise RemoteProtocolError(
                 "POSTCOPY_ADVISE",
-                f"postcopy needs matching target page sizes (s={message.target_page_size} "
+                f"Postcopy needs matching target page sizes (s={message.target_page_size} "
                 f"d={target})",
-                record.offset,
-            )
-        summary = message.page_size_summary or 0
-        unsupported = [size for size in _bits(summary) if size not in self.supported_page_sizes]
-        if unsupported:
-            sizes = ", ".join(f"{size:#x}" for size in unsupported)
-            raise RemoteProtocolError(
-                "POSTCOPY_ADVISE",
-                f"postcopy needs matching RAM page sizes (s={summary:#x}): this host cannot "
-                f"back pages of {sizes}",
                 record.offset,
             )
         self._pending.append(
@@ -386,6 +400,9 @@ class Destination:
         )
 
     def _on_mem_size(self, message: m.MemSize, record: Record) -> None:
+        """The source's RAMBlocks: checked against the destination's own RAM (its limit,
+        then, with a declared list, each block as QEMU's ram_load does), all before any
+        block is tracked or mapped."""
         if is_postcopy_running(self.state):
             raise MalformedError(
                 "RAM",
@@ -393,19 +410,66 @@ class Destination:
                 " (postcopy mode)",
                 record.offset,
             )
+        limit = self.ram.max_ram
+        claimed = message.total  # the reader has checked that the blocks add up to it
+        if limit is not None and claimed > limit:
+            raise RemoteProtocolError(
+                "RAM",
+                f"MEM_SIZE claims {claimed:#x} bytes of RAM, more than this destination's "
+                f"limit of {limit:#x}",
+                record.offset,
+            )
         for info in message.blocks:
-            page_size = info.page_size or self.host_page_size
-            if page_size not in self.supported_page_sizes:
+            self._check_block(info, record)
+        trackers = {}
+        for info in message.blocks:
+            try:
+                trackers[info.idstr] = BlockTracker(
+                    info, info.page_size or self.host_page_size, self.reader.schema.target_page_size
+                )
+            except (OSError, OverflowError, ValueError):
                 raise RemoteProtocolError(
                     "RAM",
-                    f"block {info.idstr!r} needs {page_size:#x} byte pages, which this "
-                    "host cannot back",
+                    f"block {info.idstr!r} of {info.used_length:#x} bytes is more than this "
+                    "host can track",
                     record.offset,
-                )
-            self.blocks[info.idstr] = BlockTracker(
-                info, page_size, self.reader.schema.target_page_size
-            )
+                ) from None
+        self.blocks.update(trackers)
         self._pending.append(ev.RamBlocksAnnounced(message.blocks))
+
+    def _check_block(self, info: m.RamBlockInfo, record: Record) -> None:
+        page_size = info.page_size or self.host_page_size
+        if page_size not in self.page_sizes:
+            raise RemoteProtocolError(
+                "RAM",
+                f"block {info.idstr!r} needs {page_size:#x} byte pages, which this "
+                "destination's RAM does not have",
+                record.offset,
+            )
+        if self.ram.blocks is None:
+            return  # the blocks are whatever the source says
+        own = self.ram.declared(info.idstr)
+        if own is None:
+            raise RemoteProtocolError(
+                "RAM", f'Unknown ramblock "{info.idstr}", cannot accept migration', record.offset
+            )
+        # qemu_ram_resize: the length is rounded up to host pages; a block that is not
+        # resizeable must have that size, a resizeable one may grow up to its maximum.
+        wanted = -(-info.used_length // self.host_page_size) * self.host_page_size
+        if wanted == own.size:
+            return
+        if own.max_size is None:
+            raise RemoteProtocolError(
+                "RAM",
+                f"Size mismatch: {own.idstr}: {wanted:#x} != {own.size:#x}",
+                record.offset,
+            )
+        if wanted > own.max_size:
+            raise RemoteProtocolError(
+                "RAM",
+                f"Size too large: {own.idstr}: {wanted:#x} > {own.max_size:#x}",
+                record.offset,
+            )
 
     def _on_pages(self, run: m.RamPageRun, record: Record) -> None:
         tracker = self.blocks.get(run.block)
@@ -499,10 +563,6 @@ def _bad_range(
         f"{block!r} (used length {used:#x})",
         at,
     )
-
-
-def _bits(value: int) -> list[int]:
-    return [1 << bit for bit in range(value.bit_length()) if value >> bit & 1]
 
 
 _HANDLERS: dict[type, Any] = {

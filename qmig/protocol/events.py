@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges
-from qmig.wire.reading.records import Sentinel
-
-__all__ = ["Event", "Sentinel"]  # and every event class below
+from qmig.wire.reading.records import Sentinel as Sentinel  # next_event()'s "no event" type
 
 
 class Event:

@@ -374,5 +374,17 @@ class DestinationRunner:
         return self.session
 
 
+def host_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's RAM in bytes (MemTotal), or None where the kernel does not say."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == "MemTotal":
+                return int(value.split()[0]) * 1024  # the kernel's kB are KiB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit

@@ -32,9 +32,11 @@ from typing import Any
 
 from qmig.errors import QmigError, VerificationError
 from qmig.protocol.destination import Destination
+from qmig.protocol.ram_config import RamConfig, parse_blocks
 from qmig.ram.blocks import HOST_PAGE_SIZE
 from qmig.ram.workload import Pattern, Workload
 from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
+from qmig.sizes import parse_size
 from qmig.transport import Connection
 
 READY = "ready"
@@ -224,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--touches", type=int)
     parser.add_argument("--hold", action="store_true", help="keep RAM for the parent to read")
     parser.add_argument("--precopy-only", action="store_true")
+    # The destination's own RAM, as a QEMU destination has it from its command line.
+    parser.add_argument("--blocks", type=parse_blocks, help="NAME:SIZE,... (default: MEM_SIZE's)")
+    parser.add_argument("--ram-page-size", type=parse_size, default=HOST_PAGE_SIZE)
     parser.add_argument("--accept-timeout", type=float, default=30.0)
     parser.add_argument(
         "--idle-timeout", type=float, default=IDLE_TIMEOUT, help="fail when the source stalls"
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         destination = Destination(
             args.qemu_version,
             postcopy_ram=not args.precopy_only,
-            supported_page_sizes=(HOST_PAGE_SIZE,),
+            ram=RamConfig(page_size=args.ram_page_size, blocks=args.blocks),
         )
         workload = Workload(Pattern[args.pattern.upper()], touches=args.touches)
         with Connection("simulation source", sock=sock) as connection:

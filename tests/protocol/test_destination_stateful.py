@@ -315,7 +315,7 @@ class DestinationModel(RuleBasedStateMachine):
         if self.failed:
             return
         for name, tracker in self.dest.blocks.items():
-            held = {index * PAGE for index, byte in enumerate(tracker.state) if byte}
+            held = {index * PAGE for index, byte in enumerate(bytes(tracker.state)) if byte}
             assert held == self.received[name], name
 
 

@@ -33,46 +33,64 @@ from qmig.protocol.states import (
 )
 from qmig.wire import messages as m
 from qmig.wire.reader import NEED_DATA
-from qmig.wire.schema import schema_for
+from qmig.wire.schema import Schema, schema_for
 
 VERSION = "7.2"
 S = schema_for(VERSION)
 PAGE = 4096
 BLOCK = m.RamBlockInfo("pc.ram", 16 * PAGE)
 TABLE = destination_rules(S.profile).table
+VERSIONS = ("2.9", "7.2", "10.0")
 
 # --- the destination --------------------------------------------------------------------
 
-OPENING = (
-    S.header.build(m.StreamHeader(3))
-    + S.configuration.build(m.Configuration("pc-q35-7.2"))
-    + S.build_command(m.OpenReturnPath())
-    + S.build_section(m.SectionStart(2, "ram", 0, 4))
-    + S.build_mem_size(m.MemSize(BLOCK.used_length, (BLOCK,)))
-    + S.build_ram_flag("EOS")
-    + S.build_footer(2)
-)
-INPUT_BYTES = {
-    DestinationInput.ADVISE: S.build_command(m.PostcopyAdvise(PAGE, PAGE)),
-    DestinationInput.RAM_DISCARD: S.build_command(
-        m.PostcopyRamDiscard("pc.ram", (m.DiscardRange(0, 2 * PAGE),))
-    ),
-    DestinationInput.LISTEN: S.build_command(m.PostcopyListen()),
-    DestinationInput.RUN: S.build_command(m.PostcopyRun()),
-    DestinationInput.EOF: S.eof.build(m.Eof()),
-    DestinationInput.VMDESCRIPTION: S.vmdescription.build(m.VmDescription(b"{}")),
-}
-DESTINATION_PAIRS = [(state, action) for state in DestinationState for action in DestinationInput]
+
+def opening(schema: Schema) -> bytes:
+    return (
+        schema.header.build(m.StreamHeader(schema.profile.stream_version))
+        + schema.configuration.build(m.Configuration("pc-i440fx-2.9"))
+        + schema.build_command(m.OpenReturnPath())
+        + schema.build_section(m.SectionStart(2, "ram", 0, 4))
+        + schema.build_mem_size(m.MemSize(BLOCK.used_length, (BLOCK,)))
+        + schema.build_ram_flag("EOS")
+        + schema.build_footer(2)
+    )
 
 
-def destination_in(state: DestinationState) -> Destination:
-    dest = Destination(VERSION)
-    dest.receive_data(OPENING)
+def input_bytes(schema: Schema, action: DestinationInput) -> bytes:
+    match action:
+        case DestinationInput.ADVISE:
+            return schema.build_command(m.PostcopyAdvise(PAGE, PAGE))
+        case DestinationInput.RAM_DISCARD:
+            ranges = (m.DiscardRange(0, 2 * PAGE),)
+            return schema.build_command(m.PostcopyRamDiscard("pc.ram", ranges))
+        case DestinationInput.LISTEN:
+            return schema.build_command(m.PostcopyListen())
+        case DestinationInput.RUN:
+            return schema.build_command(m.PostcopyRun())
+        case DestinationInput.EOF:
+            return schema.eof.build(m.Eof())
+        case DestinationInput.VMDESCRIPTION:
+            return schema.vmdescription.build(m.VmDescription(b"{}"))
+
+
+DESTINATION_PAIRS = [
+    (version, state, action)
+    for version in VERSIONS
+    for state in DestinationState
+    for action in DestinationInput
+]
+
+
+def destination_in(version: str, state: DestinationState) -> Destination:
+    dest = Destination(version)
+    schema = dest.reader.schema
+    dest.receive_data(opening(schema))
     while dest.next_event() is not NEED_DATA:
         pass
     if state is DestinationState.EOF_READ:
         # The reader, too, must have seen the EOF (it reads a VMDESCRIPTION next).
-        dest.receive_data(INPUT_BYTES[DestinationInput.EOF])
+        dest.receive_data(input_bytes(schema, DestinationInput.EOF))
         while dest.next_event() is not NEED_DATA:
             pass
     dest.state = state
@@ -80,15 +98,17 @@ def destination_in(state: DestinationState) -> Destination:
 
 
 @pytest.mark.parametrize(
-    ("state", "action"), DESTINATION_PAIRS, ids=[f"{s.name}-{a.name}" for s, a in DESTINATION_PAIRS]
+    ("version", "state", "action"),
+    DESTINATION_PAIRS,
+    ids=[f"{v}-{s.name}-{a.name}" for v, s, a in DESTINATION_PAIRS],
 )
 def test_destination_does_what_its_table_says(
-    state: DestinationState, action: DestinationInput
+    version: str, state: DestinationState, action: DestinationInput
 ) -> None:
-    dest = destination_in(state)
-    data = INPUT_BYTES[action]
+    dest = destination_in(version, state)
+    data = input_bytes(dest.reader.schema, action)
     at = dest.reader.offset
-    entry = TABLE[state].get(action)
+    entry = dest.rules.table[state].get(action)
     if state is DestinationState.FAILED:
         assert entry is None  # nothing is legal after a failure, and the runner is told so
         with pytest.raises(LocalProtocolError, match="state FAILED"):
@@ -115,6 +135,8 @@ def test_destination_does_what_its_table_says(
     error = caught.value
     assert (error.state, error.offset) == (state.name, at)
     assert dest.state is DestinationState.FAILED
+    # What QEMU's state is left at: commands that store theirs before the check leave it.
+    assert dest.state_before_failure is dest.rules.sets_before_check.get(action, state)
     if action is not DestinationInput.VMDESCRIPTION:  # elsewhere an unknown section type
         reason = entry.reason if isinstance(entry, Refused) else destination_refusal(state)
         assert (error.what, error.detail) == (action.value, reason)
@@ -195,7 +217,7 @@ def test_source_does_what_its_table_says(state: SourceState, action: SourceInput
     error = caught.value
     assert type(error) is expected
     reason = entry.reason if isinstance(entry, Refused) else source_refusal(state, action)
-    if remote:
+    if isinstance(error, RemoteProtocolError):
         assert (error.state, error.detail) == (state.value, reason)
         assert source.state is SourceState.FAILED
     else:

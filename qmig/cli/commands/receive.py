@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.cli.options import positive_count, seconds
+from qmig.cli.options import positive_count, seconds, size
 from qmig.latency import percentiles_us
 
 if TYPE_CHECKING:
@@ -68,6 +68,29 @@ def register(subparsers: Any) -> None:
         "(default: postcopy-ram on)",
     )
     parser.add_argument(
+        "--ram-page-size",
+        type=size,
+        default=4096,
+        metavar="SIZE",
+        help="what this destination's guest RAM is backed with: 4K, ordinary RAM (default), "
+        "or a huge page size such as 2M (hugetlbfs); POSTCOPY_ADVISE's page-size summary must "
+        "match it, as in QEMU",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=_blocks,
+        metavar="NAME:SIZE,...",
+        help="this destination's RAM blocks (NAME:SIZE/MAX for a resizeable one); MEM_SIZE "
+        "must then name only these, with their sizes, as in QEMU (default: take MEM_SIZE's)",
+    )
+    parser.add_argument(
+        "--max-ram",
+        type=size,
+        metavar="SIZE",
+        help="refuse a MEM_SIZE claiming more RAM than this, before mapping anything "
+        "(default: the host's memory, MemTotal in /proc/meminfo)",
+    )
+    parser.add_argument(
         "--accept-timeout",
         type=seconds,
         default=300.0,
@@ -86,21 +109,34 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _blocks(text: str) -> Any:
+    from qmig.errors import QmigError
+    from qmig.protocol.ram_config import parse_blocks
+
+    try:
+        return parse_blocks(text)
+    except QmigError as error:
+        raise argparse.ArgumentTypeError(error.detail) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qmig.cli.versions import add_hint, choose, hint_from_prefix, peek_connection
     from qmig.errors import RemoteProtocolError
     from qmig.protocol.destination import Destination
-    from qmig.ram.blocks import HOST_PAGE_SIZE
-    from qmig.ram.support import huge_page_sizes
+    from qmig.protocol.ram_config import RamConfig
     from qmig.ram.workload import Pattern, Workload
-    from qmig.runner.destination import DestinationRunner
+    from qmig.runner.destination import DestinationRunner, host_memory
     from qmig.transport import listen
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     workload = None if args.workload == "none" else Workload(Pattern[args.workload.upper()])
-    sizes = (HOST_PAGE_SIZE, *huge_page_sizes())
+    ram = RamConfig(
+        page_size=args.ram_page_size,
+        blocks=args.blocks,
+        max_ram=args.max_ram if args.max_ram is not None else host_memory(),
+    )
     console = Console(stderr=True, highlight=False)
     with listen(args.listen) as listener:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
@@ -110,11 +146,7 @@ def run(args: argparse.Namespace) -> int:
         # auto: the profile the source's first bytes (peeked, left in the socket) call for.
         prefix = peek_connection(connection, args.idle_timeout)
         choice = choose(args.qemu_version, lambda: (prefix, False))
-        destination = Destination(
-            choice.version,
-            postcopy_ram=not args.no_postcopy_ram,
-            supported_page_sizes=sizes,
-        )
+        destination = Destination(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
         runner = DestinationRunner(
             connection,
             destination,
@@ -179,8 +211,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     table.add_row("QEMU wire", f"{summary['qemu_version']} ({summary['qemu_version_evidence']})")
     table.add_row("bytes", f"{summary['bytes']:,}")
-    for name, size in summary["blocks"].items():
-        table.add_row(f"block {name}", f"{size:,}")
+    for name, length in summary["blocks"].items():
+        table.add_row(f"block {name}", f"{length:,}")
     table.add_row("devices", str(summary["devices"]))
     table.add_row("discarded pages", f"{summary['discarded_pages']:,}")
     table.add_row("page requests", f"{summary['requests']:,}")
