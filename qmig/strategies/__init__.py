@@ -22,7 +22,8 @@ pairs a message with its bytes::
         schema = schema_for("7.2")
         data = schema.build_command(command)
         payload = schema.command_payloads[command.NAME]
-        assert payload.parse(data[5:], len=len(data) - 5) == command
+        head = schema.command_header_size
+        assert payload.parse(data[head:], len=len(data) - head) == command
 
 **Whole streams.** :func:`postcopy_streams` composes them into the stream a QEMU source
 sends for a postcopy migration (header, CONFIGURATION, OPEN_RETURN_PATH, PING, ADVISE, the
@@ -77,7 +78,6 @@ section) so that a property runs in milliseconds; the keyword arguments raise th
 from __future__ import annotations
 
 from qmig.strategies.basics import (
-    FOOTER_BYTE,
     HUGE_PAGE,
     LARGE_PAGE,
     MAX_NAME,
@@ -173,7 +173,6 @@ from qmig.strategies.streams import (
 __all__ = [
     "COMMAND_STRATEGIES",
     "EMPTY_NAME_RECORDS",
-    "FOOTER_BYTE",
     "HUGE_PAGE",
     "INVALID_STRATEGIES",
     "LARGE_PAGE",

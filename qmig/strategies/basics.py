@@ -21,7 +21,6 @@ HUGE_PAGE = 2 << 20
 LARGE_PAGE = 64 << 10
 # Characters QEMU uses in section idstrs and RAMBlock names ("pc.ram", "0000:00:02.0/vga.vram").
 NAME_ALPHABET = string.ascii_letters + string.digits + "._-/:@"
-FOOTER_BYTE = 0x7E
 
 
 def _schema(version: str | None) -> Schema:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from qmig.strategies.basics import U16_MAX, U32_MAX, _profile, names, uints
 from qmig.wire import messages as m
+from qmig.wire.schema import discard_range, discard_range_offset
 
 
 def open_return_paths() -> st.SearchStrategy[m.OpenReturnPath]:
@@ -49,7 +50,7 @@ def postcopy_ram_discards(
 ) -> m.PostcopyRamDiscard:
     """A discard command; at most ``max_ranges`` ranges (and what a be16 length allows)."""
     block = draw(blocks or names())
-    room = (U16_MAX - 3 - len(block)) // 16
+    room = (U16_MAX - discard_range_offset(block, 0)) // discard_range().sizeof()
     ranges = draw(st.lists(discard_ranges(), min_size=1, max_size=min(max_ranges, room)))
     return m.PostcopyRamDiscard(block, tuple(ranges))
 

@@ -10,8 +10,8 @@ from qmig.strategies.basics import _profile, names, uints
 from qmig.wire import messages as m
 
 
-def stream_headers() -> st.SearchStrategy[m.StreamHeader]:
-    return st.just(m.StreamHeader(3))
+def stream_headers(version: str | None = None) -> st.SearchStrategy[m.StreamHeader]:
+    return st.just(m.StreamHeader(_profile(version).stream_version))
 
 
 def machine_types() -> st.SearchStrategy[str]:

@@ -9,11 +9,12 @@ from typing import Any, Literal
 from hypothesis import strategies as st
 
 from qmig.strategies.basics import MAX_NAME, U16_MAX, U64_MAX, _profile, _schema, names, uints
+from qmig.strategies.commands import discard_ranges
 from qmig.strategies.framing import configurations
 from qmig.strategies.return_path import pongs, req_pages
 from qmig.wire import messages as m
 from qmig.wire.profiles import available_versions, load_profile
-from qmig.wire.schema import Schema
+from qmig.wire.schema import DISCARD_TERMINATOR, Schema, discard_range_offset
 
 Channel = Literal["stream", "return_path"]
 
@@ -43,7 +44,7 @@ def _valid_prefix(draw: st.DrawFn, version: str | None) -> _Prefix:
     page = schema.target_page_size
     idstrs = draw(st.lists(names(1, 24), min_size=1, max_size=3, unique=True))
     blocks = tuple(m.RamBlockInfo(i, draw(st.integers(1, 64)) * page) for i in idstrs)
-    data = bytes(schema.header.build(m.StreamHeader(3)))
+    data = bytes(schema.header.build(m.StreamHeader(schema.profile.stream_version)))
     data += bytes(schema.configuration.build(draw(configurations(version).map(_no_caps))))
     data += schema.build_command(m.OpenReturnPath()) + schema.build_command(m.Ping(1))
     data += schema.build_command(m.PostcopyAdvise(page, page))
@@ -132,7 +133,7 @@ def invalid_rp_lengths(draw: st.DrawFn, version: str = "7.2") -> InvalidStream:
     lead = draw(st.lists(pongs(), max_size=2))
     prefix = b"".join(schema.build_rp(pong) for pong in lead)
     data = prefix + header + payload
-    end = len(prefix) + 4 + length
+    end = len(prefix) + schema.rp_header_size + length
     return InvalidStream(
         data, name, len(prefix), end, f"{name} with length {length}", "return_path"
     )
@@ -148,9 +149,10 @@ def invalid_overlong_names(draw: st.DrawFn, version: str = "7.2") -> InvalidStre
         choices.append("RECV_BITMAP")
     which = draw(st.sampled_from(choices))
     if which == "POSTCOPY_RAM_DISCARD":
-        length = draw(st.integers(20, 200))
+        length = draw(st.integers(profile.command_lengths[which].min_length, 200))
         name_length = draw(st.integers(length - 1, MAX_NAME))
-        payload = bytes([0, name_length]) + draw(names(length - 2, length - 2)).encode()
+        head = bytes([profile.discard_version, name_length])
+        payload = head + draw(names(length - len(head), length - len(head))).encode()
         bad = _raw_command(schema, which, payload, length)
         trailer = draw(st.binary(max_size=300))
         return draw(_placed(version, bad, which, "discard name longer than the command", trailer))
@@ -161,15 +163,18 @@ def invalid_overlong_names(draw: st.DrawFn, version: str = "7.2") -> InvalidStre
         bad = _raw_command(schema, which, payload, length)
         trailer = draw(st.binary(max_size=300))
         return draw(_placed(version, bad, which, "bitmap name longer than the command", trailer))
+    # The message's length stops short of its name: the message cut after ``length`` bytes.
     name_length = draw(st.integers(1, MAX_NAME))
-    length = draw(st.integers(13, 13 + name_length - 1))
-    body = draw(uints(64)).to_bytes(8, "big") + draw(uints(32)).to_bytes(4, "big")
-    body += bytes([name_length]) + draw(names(length - 13, length - 13)).encode()
+    fixed = profile.rp_lengths[which].min_length  # start, length and the name's length byte
+    length = draw(st.integers(fixed, fixed + name_length - 1))
+    request = m.ReqPagesId(draw(uints(64)), draw(uints(32)), draw(names(name_length, name_length)))
+    head = schema.rp_header_size
+    body = schema.build_rp(request)[head : head + length]
     header = bytes(schema.rp_header.build({"type": profile.rp_messages[which], "len": length}))
     trailer = draw(st.binary(max_size=300))
     data = header + body + trailer
     return InvalidStream(
-        data, which, 0, 4 + length, "request name longer than the message", "return_path"
+        data, which, 0, head + length, "request name longer than the message", "return_path"
     )
 
 
@@ -182,13 +187,20 @@ def invalid_wrapping_discards(draw: st.DrawFn, version: str = "7.2") -> InvalidS
     command. The bytes after the command continue the name, as such an attack would.
     """
     schema = _schema(version)
-    name_length = draw(st.integers(33, MAX_NAME))
-    wraps = draw(st.integers(1, (name_length + 3 - 20) // 16))
-    length = name_length + 3 - 16 * wraps  # (length - 3 - name_length) % 65536 = 65536 - 16 wraps
+    profile = schema.profile
+    fixed = discard_range_offset("", 0)  # version, the name's length byte, the terminator
+    span = discard_range_offset("", 1) - fixed  # one range
+    least = profile.command_lengths["POSTCOPY_RAM_DISCARD"].min_length
+    name_length = draw(st.integers(least - fixed + span, MAX_NAME))
+    wraps = draw(st.integers(1, (name_length + fixed - least) // span))
+    # (length - fixed - name_length) % 65536 = 65536 - span * wraps
+    length = name_length + fixed - span * wraps
     name = draw(names(name_length, name_length)).encode()
-    payload = bytes([0, name_length]) + name[: length - 2]
+    head = bytes([profile.discard_version, name_length])
+    payload = head + name[: length - len(head)]
     bad = _raw_command(schema, "POSTCOPY_RAM_DISCARD", payload, length)
-    trailer = name[length - 2 :] + b"\x00" + draw(st.binary(min_size=16, max_size=64))
+    terminator = DISCARD_TERMINATOR.build(None)
+    trailer = name[length - len(head) :] + terminator + draw(st.binary(min_size=span, max_size=64))
     return draw(
         _placed(version, bad, "POSTCOPY_RAM_DISCARD", "16-bit length wraps", trailer, False)
     )
@@ -307,12 +319,12 @@ def invalid_empty_names(
     which = draw(st.sampled_from(choices))
     page = schema.target_page_size
     if which == "POSTCOPY_RAM_DISCARD":
-        ranges = draw(st.integers(2, 4)) * 16  # keeps the command at its minimum length or more
-        payload = bytes([0, 0, 0]) + draw(st.binary(min_size=ranges, max_size=ranges))
-        bad = _raw_command(schema, which, payload, len(payload))
+        # Two ranges or more keep the command at its minimum length or more.
+        ranges = tuple(draw(st.lists(discard_ranges(), min_size=2, max_size=4)))
+        bad = schema.build_command(m.PostcopyRamDiscard("", ranges, schema.profile.discard_version))
         return draw(_placed(version, bad, which, "empty RAMBlock name"))
     if which == "RECV_BITMAP":
-        bad = _raw_command(schema, which, b"\x00", 1)
+        bad = schema.build_command(m.RecvBitmap(""))
         return draw(_placed(version, bad, which, "empty block name"))
     if which in ("SECTION_START", "SECTION_FULL"):
         cls = m.SectionStart if which == "SECTION_START" else m.SectionFull
@@ -321,9 +333,12 @@ def invalid_empty_names(
     prefix = draw(_valid_prefix(version))
     start = len(prefix.data)
     if which == "MEM_SIZE":
-        section = schema.build_section(m.SectionStart(7, "ram", 0, 4))
+        section = schema.build_section(
+            m.SectionStart(7, "ram", 0, schema.profile.ram_section_version)
+        )
         others = tuple(draw(st.lists(st.builds(m.RamBlockInfo, names(1, 8), st.just(page)))))
-        bad = schema.build_mem_size(m.MemSize(page * (len(others) + 1), (*others, _EMPTY_BLOCK)))
+        empty = m.RamBlockInfo("", page)
+        bad = schema.build_mem_size(m.MemSize(page * (len(others) + 1), (*others, empty)))
         start += len(section)
         return InvalidStream(
             prefix.data + section + bad, which, start, start + len(bad), "empty RAMBlock name"
@@ -334,9 +349,6 @@ def invalid_empty_names(
     return InvalidStream(
         prefix.data + section + bad, which, start, start + len(bad), "empty block name"
     )
-
-
-_EMPTY_BLOCK = m.RamBlockInfo("", 4096)
 
 
 @st.composite

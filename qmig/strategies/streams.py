@@ -197,9 +197,11 @@ def _host_page_sends(
     return sends
 
 
-def _device_payloads(max_size: int) -> st.SearchStrategy[bytes]:
-    # No 0x7e: qmig finds the end of a device's state inside PACKAGED by its footer.
-    return st.binary(max_size=max_size).map(lambda data: data.replace(b"\x7e", b"\x7d"))
+def _device_payloads(schema: Schema, max_size: int) -> st.SearchStrategy[bytes]:
+    # No footer byte: qmig finds the end of a device's state inside PACKAGED by its footer.
+    footer = bytes([schema.profile.section_types["SECTION_FOOTER"]])
+    other = bytes([footer[0] ^ 1])
+    return st.binary(max_size=max_size).map(lambda data: data.replace(footer, other))
 
 
 @st.composite
@@ -225,7 +227,8 @@ def postcopy_streams(
     schema = _schema(version)
     profile = schema.profile
     out = _Writer(schema)
-    out.add(m.StreamHeader(3), bytes(schema.header.build(m.StreamHeader(3))))
+    opening = m.StreamHeader(profile.stream_version)
+    out.add(opening, bytes(schema.header.build(opening)))
     configuration = draw(configurations(version))
     out.add(configuration, bytes(schema.configuration.build(configuration)))
     ignore_shared = profile.mem_size_mr_addr == "x-ignore-shared" and "x-ignore-shared" in (
@@ -280,7 +283,7 @@ def postcopy_streams(
     for section_id in device_ids:
         header = m.SectionFull(section_id, draw(names(1, 24)), draw(uints(32)), draw(uints(32)))
         package.section(header)
-        state = draw(_device_payloads(max_device_size))
+        state = draw(_device_payloads(schema, max_device_size))
         package.add(m.DeviceState(header.idstr, header.instance_id, state), state)
         package.footer(section_id)
     package.command(m.Ping(3))

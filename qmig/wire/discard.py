@@ -22,10 +22,13 @@ from typing import Any, overload
 from qmig.wire import messages as m
 from qmig.wire._ramscan import ffi, lib
 from qmig.wire.fields import NAME_ENCODING
-from qmig.wire.schema import Schema
+from qmig.wire.schema import DISCARD_TERMINATOR, Schema
 
 _HEAD = struct.Struct(">BHHBB")  # section type, cmd, len; then the payload's version, name length
 _RANGE = struct.Struct(">QQ")  # start, length
+
+
+_TERMINATOR = DISCARD_TERMINATOR.sizeof()
 
 
 class DiscardRanges(Sequence[m.DiscardRange]):
@@ -90,6 +93,7 @@ class DiscardReader:
         self.cmd = profile.commands.get("POSTCOPY_RAM_DISCARD", -1)
         self.rule = profile.command_lengths.get("POSTCOPY_RAM_DISCARD")
         self.version = profile.discard_version
+        self.command_header_size = schema.command_header_size
         self.enabled = self.rule is not None and "POSTCOPY_RAM_DISCARD" in schema.command_payloads
 
     def read(self, buf: Any, pos: int, limit: int) -> tuple[m.PostcopyRamDiscard, int] | None:
@@ -110,9 +114,9 @@ class DiscardReader:
         kind, cmd, length, version, name_length = _HEAD.unpack_from(buf, pos)
         if kind != self.section_type or cmd != self.cmd or version != self.version:
             return None
-        end = pos + 5 + length
+        end = pos + self.command_header_size + length
         name_at = pos + _HEAD.size
-        ranges_at = name_at + name_length + 1  # after the name's 0x00 terminator
+        ranges_at = name_at + name_length + _TERMINATOR  # after the name's terminator
         if (
             name_length == 0
             or end > limit

@@ -18,6 +18,7 @@ from typing import Any
 import construct as cs
 from construct import this
 
+from qmig.errors import QmigError
 from qmig.wire import messages as m
 from qmig.wire.fields import (
     As,
@@ -34,6 +35,31 @@ from qmig.wire.profiles import Profile, load_profile
 MAX_MACHINE_TYPE_LENGTH = 4096  # qmig's bound on the be32 machine-type length
 RECV_BITMAP_END_MARK = 0x0123456789ABCDEF  # QEMU's RAMBLOCK_RECV_BITMAP_ENDING
 CONFIGURATION_PREFIX = "configuration/"
+
+# Fields whose sizes the readers and the fast paths need, named once.
+SECTION_TYPE = cs.Int8ub  # the byte that opens every section, command and EOF
+VMDESCRIPTION_LENGTH = cs.Int32ub  # the JSON's length after VMDESCRIPTION
+DISCARD_VERSION = cs.Int8ub
+DISCARD_TERMINATOR = cs.Const(0, cs.Int8ub)  # after the block name
+RAM_RECORD_HEADER = cs.Int64ub  # offset | flags, before every RAM record
+MEM_SIZE_FIELD = cs.Int64ub  # used length, page size and region address of a MEM_SIZE entry
+RECV_BITMAP_SIZE = cs.Int64ub
+RECV_BITMAP_END = cs.Const(RECV_BITMAP_END_MARK, cs.Int64ub)
+
+
+def field_offset(struct: cs.Struct, name: str) -> int:
+    """Where field ``name`` of a fixed-size Struct starts (the fields before it, sized)."""
+    offset = 0
+    for sub in struct.subcons:
+        if sub.name == name:
+            return offset
+        offset += sub.sizeof()
+    raise KeyError(name)
+
+
+def counted_size(name: str) -> int:
+    """Bytes a counted name takes on the wire: its length byte and the name."""
+    return len(CountedName.build(name))
 
 
 # --- stream header and CONFIGURATION ----------------------------------------------------
@@ -67,7 +93,9 @@ def configuration_subsection(profile: Profile) -> cs.Construct:
     }
     return cs.Struct(
         "marker"
-        / Expect(cs.Const(profile.section_types["SUBSECTION"], cs.Int8ub), "expected a subsection"),
+        / Expect(
+            cs.Const(profile.section_types["SUBSECTION"], SECTION_TYPE), "expected a subsection"
+        ),
         "name" / CountedName,
         Require(
             lambda ctx: (
@@ -85,7 +113,7 @@ def configuration(profile: Profile, subsection: cs.Construct) -> cs.Construct:
     marker = profile.section_types["SUBSECTION"]
     return _ConfigurationAdapter(
         cs.Struct(
-            "section_type" / cs.Const(profile.section_types["CONFIGURATION"], cs.Int8ub),
+            "section_type" / cs.Const(profile.section_types["CONFIGURATION"], SECTION_TYPE),
             "machine_type_length" / cs.Int32ub,
             Require(
                 lambda ctx: ctx.machine_type_length <= MAX_MACHINE_TYPE_LENGTH,
@@ -97,7 +125,7 @@ def configuration(profile: Profile, subsection: cs.Construct) -> cs.Construct:
             "machine_type" / cs.Bytes(this.machine_type_length),
             "subsections"
             / cs.GreedyRange(
-                cs.Struct(cs.Peek(cs.Const(marker, cs.Int8ub)), "subsection" / subsection)
+                cs.Struct(cs.Peek(cs.Const(marker, SECTION_TYPE)), "subsection" / subsection)
             ),
         )
     )
@@ -111,7 +139,7 @@ def full_section_header(cls: type, section_type: int) -> cs.Construct:
     return As(
         cls,
         cs.Struct(
-            "section_type" / cs.Const(section_type, cs.Int8ub),
+            "section_type" / cs.Const(section_type, SECTION_TYPE),
             "section_id" / cs.Int32ub,
             "idstr"
             / NonEmpty(
@@ -129,7 +157,7 @@ def short_section_header(cls: type, section_type: int) -> cs.Construct:
     return As(
         cls,
         cs.Struct(
-            "section_type" / cs.Const(section_type, cs.Int8ub),
+            "section_type" / cs.Const(section_type, SECTION_TYPE),
             "section_id" / cs.Int32ub,
         ),
     )
@@ -142,7 +170,7 @@ def section_footer(profile: Profile) -> cs.Construct:
         cs.Struct(
             "section_type"
             / Expect(
-                cs.Const(profile.section_types["SECTION_FOOTER"], cs.Int8ub),
+                cs.Const(profile.section_types["SECTION_FOOTER"], SECTION_TYPE),
                 "missing section footer",
             ),
             "section_id" / cs.Int32ub,
@@ -154,7 +182,7 @@ def eof(profile: Profile) -> cs.Construct:
     """EOF: one byte."""
     marker = profile.section_types["EOF"]
     return cs.ExprAdapter(
-        cs.Const(marker, cs.Int8ub),
+        cs.Const(marker, SECTION_TYPE),
         decoder=lambda obj, ctx: m.Eof(),
         encoder=lambda obj, ctx: marker,
     )
@@ -165,8 +193,8 @@ def vmdescription(profile: Profile) -> cs.Construct:
     return As(
         m.VmDescription,
         cs.Struct(
-            "section_type" / cs.Const(profile.section_types["VMDESCRIPTION"], cs.Int8ub),
-            "json" / cs.Prefixed(cs.Int32ub, cs.GreedyBytes),
+            "section_type" / cs.Const(profile.section_types["VMDESCRIPTION"], SECTION_TYPE),
+            "json" / cs.Prefixed(VMDESCRIPTION_LENGTH, cs.GreedyBytes),
         ),
     )
 
@@ -176,7 +204,7 @@ def vmdescription(profile: Profile) -> cs.Construct:
 
 def command_header(profile: Profile) -> cs.Construct:
     return cs.Struct(
-        "section_type" / cs.Const(profile.section_types["COMMAND"], cs.Int8ub),
+        "section_type" / cs.Const(profile.section_types["COMMAND"], SECTION_TYPE),
         "cmd" / cs.Int16ub,
         "len" / cs.Int16ub,
     )
@@ -220,14 +248,13 @@ def postcopy_ram_discard(profile: Profile) -> cs.Construct:
     return As(
         m.PostcopyRamDiscard,
         cs.Struct(
-            "version" / cs.Int8ub,
+            "version" / DISCARD_VERSION,
             Require(
                 lambda ctx: ctx.version == profile.discard_version,
                 lambda ctx: f"invalid version {ctx.version}",
             ),
             "block" / NonEmpty(CountedName, "failed to read RAMBlock ID"),
-            "terminator"
-            / Expect(cs.Const(0, cs.Int8ub), "missing 0x00 terminator after block name"),
+            "terminator" / Expect(DISCARD_TERMINATOR, "missing 0x00 terminator after block name"),
             Require(
                 lambda ctx: (ctx._.len - 3 - len(ctx.block)) % 16 == 0,
                 lambda ctx: (
@@ -315,14 +342,13 @@ def recv_bitmap_trailer() -> cs.Construct:
     return cs.Struct(
         "size"  # bytes: the page count rounded up to whole 64-bit words
         / Valid(
-            cs.Int64ub,
+            RECV_BITMAP_SIZE,
             "missing bitmap size",
             lambda size: size % 8 == 0,
             lambda size: f"bitmap size {size:#x} is not a whole number of 64-bit words",
         ),
         "bitmap" / cs.Bytes(this.size),  # little-endian 64-bit words
-        "end_mark"
-        / Expect(cs.Const(RECV_BITMAP_END_MARK, cs.Int64ub), "bitmap end mark incorrect"),
+        "end_mark" / Expect(RECV_BITMAP_END, "bitmap end mark incorrect"),
     )
 
 
@@ -338,9 +364,9 @@ def mem_size_block() -> cs.Construct:
         m.RamBlockInfo,
         cs.Struct(
             "idstr" / NonEmpty(CountedName, "failed to read RAMBlock name", "empty RAMBlock name"),
-            "used_length" / cs.Int64ub,
-            "page_size" / cs.If(lambda ctx: ctx._params.rules.page_size_field(ctx), cs.Int64ub),
-            "mr_addr" / cs.If(lambda ctx: ctx._params.rules.mr_addr_field, cs.Int64ub),
+            "used_length" / MEM_SIZE_FIELD,
+            "page_size" / cs.If(lambda ctx: ctx._params.rules.page_size_field(ctx), MEM_SIZE_FIELD),
+            "mr_addr" / cs.If(lambda ctx: ctx._params.rules.mr_addr_field, MEM_SIZE_FIELD),
         ),
     )
 
@@ -399,7 +425,7 @@ def ram_record(profile: Profile, bodies: dict[int, cs.Construct], flag_mask: int
     """be64 offset | flags; the block name unless CONTINUE; the body the kind flag selects."""
     flags = profile.ram_flags
     return cs.Struct(
-        "header" / cs.Int64ub,
+        "header" / RAM_RECORD_HEADER,
         "offset" / cs.Computed(this.header & ~flag_mask),
         "flags" / cs.Computed(this.header & flag_mask),
         "kind" / cs.Computed(this.flags & ~flags["CONTINUE"]),
@@ -443,10 +469,39 @@ class Schema:
         self.rp_classes = {cls.NAME: cls for cls in m.RETURN_PATH_MESSAGES}
 
         self.flag_mask = self.target_page_size - 1
-        self.ram_record_header = cs.Int64ub
+        self.ram_record_header = RAM_RECORD_HEADER
         self.mem_size_block = mem_size_block()
         self.ram_bodies = ram_bodies(profile, self.target_page_size)
         self.ram_record = ram_record(profile, self.ram_bodies, self.flag_mask)
+        self.ram_body_sizes = {
+            kind: self.ram_bodies[kind].sizeof()
+            for kind in (profile.ram_flags["ZERO"], profile.ram_flags["PAGE"])
+        }
+
+        # The fixed parts' sizes, from the layouts above: the readers delimit records by them.
+        self.header_size = self.header.sizeof()
+        self.command_header_size = self.command_header.sizeof()
+        self.command_length_at = field_offset(self.command_header, "len")
+        self.footer_size = self.section_footer.sizeof()
+        self.short_section_header_size = self.section_part.sizeof()  # then a full one's name
+        self.full_section_header_size = len(self.section_full.build(m.SectionFull(0, "", 0, 0)))
+        self.section_type_size = SECTION_TYPE.sizeof()
+        self.name_length_size = counted_size("")  # the length byte before every name
+        self.vmdescription_length_size = VMDESCRIPTION_LENGTH.sizeof()
+        self.vmdescription_head_size = self.section_type_size + self.vmdescription_length_size
+        self.rp_header_size = self.rp_header.sizeof()
+        self.ram_header_size = self.ram_record_header.sizeof()
+        self.mem_size_field_size = MEM_SIZE_FIELD.sizeof()
+        self.recv_bitmap_size_size = RECV_BITMAP_SIZE.sizeof()
+        self.recv_bitmap_fixed_size = self.recv_bitmap_size_size + RECV_BITMAP_END.sizeof()
+        # EOF then VMDESCRIPTION: how the JSON that ends a precopy stream begins.
+        self.vmdescription_marker = bytes(
+            [profile.section_types["EOF"], profile.section_types["VMDESCRIPTION"]]
+        )
+
+    def discard_range_offset(self, block: str, index: int) -> int:
+        """Bytes from a POSTCOPY_RAM_DISCARD command's first byte to its range ``index``."""
+        return self.command_header_size + discard_range_offset(block, index)
 
     # --- building -----------------------------------------------------------------------
 
@@ -532,12 +587,18 @@ def mem_size_params(page_size_field: Any, mr_addr_field: bool) -> _MemSizeParams
     return _MemSizeParams(page_size_field, mr_addr_field)
 
 
+def discard_range_offset(block: str, index: int) -> int:
+    """Bytes from a POSTCOPY_RAM_DISCARD payload's first byte to its range ``index``."""
+    head = DISCARD_VERSION.sizeof() + counted_size(block) + DISCARD_TERMINATOR.sizeof()
+    return head + index * discard_range().sizeof()
+
+
 def _payload_length(message: Any) -> int:
     """The length a payload's own fields need to know while building (ADVISE, DISCARD)."""
     if isinstance(message, m.PostcopyAdvise):
         return 16 if message.ram_postcopy else 0
     if isinstance(message, m.PostcopyRamDiscard):
-        return 3 + len(message.block.encode("latin-1")) + 16 * len(message.ranges)
+        return discard_range_offset(message.block, len(message.ranges))
     return 0
 
 
@@ -584,4 +645,12 @@ def schema_for(version: str | None = None) -> Schema:
     return Schema(load_profile(version))
 
 
-__all__ = ["Schema", "counted_string", "mem_size_params", "schema_for"]
+__all__ = [
+    "Schema",
+    "counted_size",
+    "counted_string",
+    "discard_range_offset",
+    "field_offset",
+    "mem_size_params",
+    "schema_for",
+]

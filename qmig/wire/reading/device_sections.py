@@ -12,8 +12,9 @@ from typing import Any
 
 from qmig.errors import MalformedError
 from qmig.wire import messages as m
-from qmig.wire.reading.framing import Frame, FramedInput, Section
+from qmig.wire.reading.framing import Frame, FramedInput, Mode, Section
 from qmig.wire.reading.records import NeedMore, Record
+from qmig.wire.schema import Schema
 
 MAX_DESCRIPTION = 64 << 20  # the largest VMDESCRIPTION, and deferred device state, it buffers
 
@@ -48,9 +49,7 @@ class DeviceSectionsReader(FramedInput):
         limit = min(package_end, self._pos + self.max_record)
         if limit > len(self._buf):
             raise NeedMore(f"SECTION_FULL {section.idstr!r}", offset)
-        footer = bytes(
-            [self.profile.section_types["SECTION_FOOTER"]]
-        ) + section.section_id.to_bytes(4, "big")
+        footer = self.schema.build_footer(section.section_id)
         at = self._pos
         while True:
             at = self._storage.find(footer, at, limit)
@@ -61,33 +60,35 @@ class DeviceSectionsReader(FramedInput):
                     "before the end of the package",
                     offset,
                 )
-            if self._starts_record(at + 5, package_end):
+            if self._starts_record(at + len(footer), package_end):
                 return at - self._pos
             at += 1
 
     def _starts_record(self, at: int, package_end: int) -> bool:
         if at == package_end:
             return True
-        types = self.profile.section_types
+        schema, types = self.schema, self.profile.section_types
         kind = self._buf[at]
-        if kind == types["COMMAND"] and at + 5 <= package_end:
-            cmd = int.from_bytes(self._buf[at + 1 : at + 3], "big")
-            length = int.from_bytes(self._buf[at + 3 : at + 5], "big")
-            name = self.profile.command_names.get(cmd)
+        head = schema.command_header_size
+        if kind == types["COMMAND"] and at + head <= package_end:
+            header = schema.command_header.parse(bytes(self._buf[at : at + head]))
+            name = self.profile.command_names.get(header.cmd)
             return (
                 name is not None
-                and self.profile.command_lengths[name].allows(length)
-                and at + 5 + length <= package_end
+                and self.profile.command_lengths[name].allows(header.len)
+                and at + head + header.len <= package_end
             )
-        if kind in (types["SECTION_FULL"], types["SECTION_START"]) and at + 6 <= package_end:
-            name_len = self._buf[at + 5]
-            end = at + 6 + name_len + 8
+        # A full section header: its id, then a counted idstr of printable ASCII.
+        name_at = at + schema.short_section_header_size
+        if kind in (types["SECTION_FULL"], types["SECTION_START"]) and name_at < package_end:
+            name_len = self._buf[name_at]
+            end = at + schema.full_section_header_size + name_len
             if name_len == 0 or end > package_end:
                 return False
-            idstr = self._buf[at + 6 : at + 6 + name_len]
-            return all(0x20 < byte < 0x7F for byte in idstr)
+            idstr_at = name_at + schema.name_length_size
+            return all(0x20 < byte < 0x7F for byte in self._buf[idstr_at : idstr_at + name_len])
         if kind == types["EOF"]:
-            return at + 1 == package_end
+            return at + schema.section_type_size == package_end
         return False
 
     def _read_described_device(self, section: Section) -> Record:
@@ -113,7 +114,7 @@ class DeviceSectionsReader(FramedInput):
 
         offset = self.offset
         if self.vmdesc is None:
-            found = find_trailing_vmdesc(self._storage, self._pos, len(self._buf))
+            found = find_trailing_vmdesc(self._storage, self._pos, len(self._buf), self.schema)
             if found is None:
                 if self._eof:
                     raise MalformedError(
@@ -145,36 +146,42 @@ class DeviceSectionsReader(FramedInput):
             raise MalformedError(
                 "stream", f"expected VMDESCRIPTION after EOF, got {kind:#04x}", self.offset
             )
-        if self._pos + 5 > len(self._buf):
+        head = self.schema.vmdescription_head_size
+        if self._pos + head > len(self._buf):
             raise NeedMore("VMDESCRIPTION", self.offset)
-        length = int.from_bytes(self._buf[self._pos + 1 : self._pos + 5], "big")
+        length_at = self._pos + self.schema.section_type_size
+        length = int.from_bytes(self._buf[length_at : self._pos + head], "big")
         if length > MAX_DESCRIPTION:
             raise MalformedError(
                 "VMDESCRIPTION",
                 f"{length} bytes is more than qmig's {MAX_DESCRIPTION} limit",
                 self.offset,
             )
-        if self._pos + 5 + length > len(self._buf):
-            raise NeedMore("VMDESCRIPTION", self.offset, MAX_DESCRIPTION + 5)
-        description, size = self._parse("VMDESCRIPTION", self.schema.vmdescription, 5 + length)
-        self._frame = Frame("end")
+        if self._pos + head + length > len(self._buf):
+            raise NeedMore("VMDESCRIPTION", self.offset, MAX_DESCRIPTION + head)
+        description, size = self._parse("VMDESCRIPTION", self.schema.vmdescription, head + length)
+        self._frame = Frame(Mode.END)
         return self._emit(description, size)
 
 
-def find_trailing_vmdesc(buf: bytes | bytearray, start: int, end: int) -> bytes | None:
+def find_trailing_vmdesc(
+    buf: bytes | bytearray, start: int, end: int, schema: Schema
+) -> bytes | None:
     """The JSON of a complete ``EOF, VMDESCRIPTION`` ending exactly at ``buf[end]``."""
-    if end - start < 7 or buf[end - 1] != ord("}"):
+    marker = schema.vmdescription_marker
+    head = len(marker) + schema.vmdescription_length_size  # then the JSON
+    if end - start <= head or buf[end - 1] != ord("}"):
         return None
-    lowest = max(start + 1, end - MAX_DESCRIPTION - 5)
-    at = buf.rfind(b"\x00\x06", lowest - 1, end)
-    while at >= lowest - 1 and at >= start:
-        length = int.from_bytes(buf[at + 2 : at + 6], "big")
-        if at + 6 + length == end:
-            text = bytes(buf[at + 6 : end])
+    lowest = max(start, end - MAX_DESCRIPTION - head)
+    at = buf.rfind(marker, lowest, end)
+    while at >= lowest:
+        length = int.from_bytes(buf[at + len(marker) : at + head], "big")
+        if at + head + length == end:
+            text = bytes(buf[at + head : end])
             try:
                 json.loads(text)
             except ValueError:
                 return None
             return text
-        at = buf.rfind(b"\x00\x06", lowest - 1, at)
+        at = buf.rfind(marker, lowest, at)
     return None

@@ -8,6 +8,7 @@ way to run a schema over the buffer that tells "malformed" from "not all here ye
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +37,24 @@ class Section:
         return self.idstr == RAM_IDSTR
 
 
+class Mode(enum.Enum):
+    """What the stream reader expects next."""
+
+    HEADER = enum.auto()  # the stream header
+    CONFIGURATION = enum.auto()  # the CONFIGURATION section, where the profile has one
+    TOP = enum.auto()  # a section header, a command or EOF
+    RAM = enum.auto()  # a record of the open ram section
+    FOOTER = enum.auto()  # the open section's footer
+    DEVICE = enum.auto()  # the open device section's state
+    AFTER_EOF = enum.auto()  # the VMDESCRIPTION after the outer EOF
+    END = enum.auto()  # nothing: the stream is complete
+
+
 @dataclass
 class Frame:
     """The reader's position in the grammar."""
 
-    mode: str  # header | configuration | top | ram | footer | device | after_eof | end
+    mode: Mode
     section: Section | None = None
 
 
@@ -138,6 +152,7 @@ class FramedInput(InputBuffer):
         return self._buf[self._pos]
 
     def _after_section(self) -> None:
-        self._frame = (
-            Frame("footer", self._frame.section) if self.profile.section_footer else Frame("top")
-        )
+        if self.profile.section_footer:
+            self._frame = Frame(Mode.FOOTER, self._frame.section)
+        else:
+            self._frame = Frame(Mode.TOP)

@@ -12,8 +12,9 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from qmig.errors import MalformedError
+from qmig.errors import MalformedError, QmigError
 from qmig.wire import messages as m
+from qmig.wire.profiles import Profile
 from qmig.wire.ramscan import RamScanner, Stop
 from qmig.wire.reading.framing import RAM_IDSTR, FramedInput
 from qmig.wire.reading.records import NeedMore, Record
@@ -31,15 +32,19 @@ class RamSectionReader(FramedInput):
     local_page_sizes: dict[str, int] | None
     host_page_size: int
     _scanner: RamScanner
+    # The profile's MEM_SIZE rules, chosen once by _mem_size_rules().
+    _mr_addr_rule: Callable[[], bool]
+    _page_size_rule: Callable[[bool, int], Callable[[int, Any], bool]]
 
     def _read_ram(self) -> Record:
         flags = self.profile.ram_flags
         offset = self.offset
-        if self._limit() - self._pos < 8:
+        head = self.schema.ram_header_size
+        if self._limit() - self._pos < head:
             if self._bounded_by_package():
                 raise MalformedError("RAM", "runs past the end of the package", offset)
             raise NeedMore("RAM", offset)
-        header = int.from_bytes(self._buf[self._pos : self._pos + 8], "big")
+        header = int.from_bytes(self._buf[self._pos : self._pos + head], "big")
         record_flags = header & self.schema.flag_mask
         kind = record_flags & ~flags["CONTINUE"]
         block = self.context.current_block
@@ -53,11 +58,11 @@ class RamSectionReader(FramedInput):
             return self._read_mem_size(header)
         if kind == flags["EOS"] and not record_flags & flags["CONTINUE"]:
             self._after_section()
-            return self._emit(m.RamEos(), 8, RAM_IDSTR)
+            return self._emit(m.RamEos(), head, RAM_IDSTR)
         if kind == flags.get("MULTIFD_FLUSH") and not record_flags & flags["CONTINUE"]:
-            return self._emit(m.RamMultifdFlush(), 8, RAM_IDSTR)
+            return self._emit(m.RamMultifdFlush(), head, RAM_IDSTR)
         if kind == flags["HOOK"]:
-            return self._emit(m.RamHook(header & ~self.schema.flag_mask), 8, RAM_IDSTR)
+            return self._emit(m.RamHook(header & ~self.schema.flag_mask), head, RAM_IDSTR)
         if kind not in self.schema.ram_bodies:
             raise MalformedError(
                 "RAM", f"unknown combination of migration flags {record_flags:#x}", offset
@@ -94,7 +99,9 @@ class RamSectionReader(FramedInput):
         return self._emit(run, result.next_pos - self._pos, RAM_IDSTR)
 
     def _raise_offset_range(self, block: str, offset: int) -> None:
-        header = int.from_bytes(self._buf[self._pos : self._pos + 8], "big")
+        header = int.from_bytes(
+            self._buf[self._pos : self._pos + self.schema.ram_header_size], "big"
+        )
         info = self.context.ram_blocks[block]
         raise MalformedError(
             "RAM",
@@ -115,7 +122,9 @@ class RamSectionReader(FramedInput):
         else:
             block = record.block
             if self.context.ram_blocks and block not in self.context.ram_blocks:
-                raise MalformedError("RAM", f"can't find block {block!r}", offset + 8)
+                raise MalformedError(
+                    "RAM", f"can't find block {block!r}", offset + self.schema.ram_header_size
+                )
             self.context.current_block = block
         info = self.context.ram_blocks.get(block)
         if info is not None and record.offset >= info.used_length:
@@ -130,7 +139,7 @@ class RamSectionReader(FramedInput):
     def _single_run(self, block: str, record: Any, size: int) -> m.RamPageRun:
         """A run of one record decoded by the schema, in the fast path's shape."""
         zero = record.kind == self.profile.ram_flags["ZERO"]
-        body_size = 1 if zero else self.schema.target_page_size
+        body_size = self.schema.ram_body_sizes[record.kind]
         body_at = self.offset + size - body_size
         return m.RamPageRun(
             block=block,
@@ -147,16 +156,11 @@ class RamSectionReader(FramedInput):
     def _read_mem_size(self, header: int) -> Record:
         offset = self.offset
         total = header & ~self.schema.flag_mask
-        pos = 8
+        pos = self.schema.ram_header_size
         blocks: list[m.RamBlockInfo] = []
         remaining = total
-        # QEMU's rule on both sides: the region address follows each entry exactly when
-        # x-ignore-shared is on, which the CONFIGURATION's capabilities subsection says.
-        mr_addr = (
-            self.profile.mem_size_mr_addr == "x-ignore-shared"
-            and "x-ignore-shared" in self.context.capabilities
-        )
-        page_sizes = self._page_size_presence(mr_addr, total)
+        mr_addr = self._mr_addr_rule()
+        page_sizes = self._page_size_rule(mr_addr, total)
         while remaining > 0:
             if len(blocks) >= MAX_RAM_BLOCKS:
                 raise MalformedError("MEM_SIZE", f"more than {MAX_RAM_BLOCKS} RAMBlocks", offset)
@@ -181,7 +185,29 @@ class RamSectionReader(FramedInput):
             self.context.ram_blocks[info.idstr] = info
         return self._emit(m.MemSize(total, tuple(blocks)), pos, RAM_IDSTR)
 
-    def _page_size_presence(self, mr_addr: bool, total: int) -> Callable[[int, Any], bool]:
+    def _mem_size_rules(self) -> None:
+        """Take the profile's MEM_SIZE rules (every value it may hold has a case here)."""
+        match self.profile.mem_size_mr_addr:
+            case "x-ignore-shared":
+                self._mr_addr_rule = self._mr_addr_with_ignore_shared
+            case "never":
+                self._mr_addr_rule = lambda: False
+            case rule:
+                raise _unknown_rule(self.profile, "mem_size_mr_addr", rule)
+        match self.profile.mem_size_page_size:
+            case "postcopy-advised-and-differs":
+                self._page_size_rule = self._page_size_if_advised_and_differs
+            case rule:
+                raise _unknown_rule(self.profile, "mem_size_page_size", rule)
+
+    def _mr_addr_with_ignore_shared(self) -> bool:
+        # QEMU's rule on both sides: the region address follows each entry exactly when
+        # x-ignore-shared is on, which the CONFIGURATION's capabilities subsection says.
+        return "x-ignore-shared" in self.context.capabilities
+
+    def _page_size_if_advised_and_differs(
+        self, mr_addr: bool, total: int
+    ) -> Callable[[int, Any], bool]:
         """Whether MEM_SIZE entry ``i`` carries a page size: QEMU's rule, or read off the bytes.
 
         The source writes it when RAM postcopy is on and the block's page size differs from
@@ -215,11 +241,13 @@ class RamSectionReader(FramedInput):
         length or a flag-less header almost at once. When no layout fits, the plausible-size
         guess stands and the schema reports what is wrong.
         """
-        buf, start = self._buf, self._pos + 8
+        head, word = self.schema.ram_header_size, self.schema.mem_size_field_size
+        name_length = self.schema.name_length_size
+        buf, start = self._buf, self._pos + head
         limit = self._limit()
         flag_mask, known = self.schema.flag_mask, self.profile.known_ram_flags
         host = self.host_page_size
-        extra = 8 if mr_addr else 0
+        extra = word if mr_addr else 0
 
         def available(end: int) -> bool:
             if end <= limit:
@@ -228,18 +256,18 @@ class RamSectionReader(FramedInput):
                 raise NeedMore("MEM_SIZE", self.offset)
             return False
 
-        def be64(at: int) -> int:
-            return int.from_bytes(buf[at : at + 8], "big")
+        def field(at: int) -> int:
+            return int.from_bytes(buf[at : at + word], "big")
 
         def plausible(at: int) -> bool:
-            size = be64(at)
+            size = field(at)
             return size != host and size & (size - 1) == 0 and bool(size & summary)
 
         def follows(at: int) -> bool:
             """A RAM record header can start at ``at``: offset bits clear, known flags."""
-            if not available(at + 8):
+            if not available(at + head):
                 return False
-            flags = be64(at)
+            flags = int.from_bytes(buf[at : at + head], "big")
             return flags == flags & flag_mask and flags != 0 and not flags & ~known
 
         failed: set[tuple[int, int]] = set()
@@ -249,14 +277,14 @@ class RamSectionReader(FramedInput):
                 return () if follows(at) else None
             if (at, remaining) in failed or depth >= MAX_INFERRED_BLOCKS:
                 return None
-            if not available(at + 1) or buf[at] == 0:
+            if not available(at + name_length) or buf[at] == 0:
                 return None
-            after_length = at + 1 + buf[at] + 8
-            if not available(after_length + extra) or be64(after_length - 8) > remaining:
+            after_length = at + name_length + buf[at] + word
+            if not available(after_length + extra) or field(after_length - word) > remaining:
                 return None
-            left = remaining - be64(after_length - 8)
-            if available(after_length + 8 + extra) and plausible(after_length):
-                rest = walk(after_length + 8 + extra, left, depth + 1)
+            left = remaining - field(after_length - word)
+            if available(after_length + word + extra) and plausible(after_length):
+                rest = walk(after_length + word + extra, left, depth + 1)
                 if rest is not None:
                     return (True, *rest)
             rest = walk(after_length + extra, left, depth + 1)
@@ -276,16 +304,22 @@ class RamSectionReader(FramedInput):
         """A list no layout fits: take every plausible size, so that the schema's parse goes
         as far as the bytes allow and reports the first field that is wrong."""
         buf, limit = self._buf, self._limit()
+        word, name_length = self.schema.mem_size_field_size, self.schema.name_length_size
         layout: list[bool] = []
         at, remaining = start, total
         while remaining > 0 and at < limit and len(layout) < MAX_RAM_BLOCKS:
-            after_length = at + 1 + buf[at] + 8
-            if after_length + 8 > limit:
+            after_length = at + name_length + buf[at] + word
+            if after_length + word > limit:
                 if self._bounded_by_package():
                     break  # the schema's parse says it runs past the package
                 raise NeedMore("MEM_SIZE", self.offset)  # at EOF: a truncated list
             present = plausible(after_length)
             layout.append(present)
-            remaining -= min(remaining, int.from_bytes(buf[after_length - 8 : after_length], "big"))
-            at = after_length + extra + (8 if present else 0)
+            used_length = int.from_bytes(buf[after_length - word : after_length], "big")
+            remaining -= min(remaining, used_length)
+            at = after_length + extra + (word if present else 0)
         return tuple(layout)
+
+
+def _unknown_rule(profile: Profile, name: str, rule: object) -> QmigError:
+    return QmigError("profile", f"QEMU {profile.name}: unknown {name} rule {rule!r}")

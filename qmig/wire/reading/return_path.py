@@ -47,7 +47,8 @@ class ReturnPathReader(InputBuffer):
         offset = self.offset
         if available == 0:
             return END if self._eof else NEED_DATA
-        if available < 4:
+        head = self.schema.rp_header_size
+        if available < head:
             return self._short("return path", offset)
         request = self._page_requests.read(self._buf, self._pos, len(self._buf))
         if request is not None:  # well formed: the schema would read the same (see its module)
@@ -55,7 +56,7 @@ class ReturnPathReader(InputBuffer):
             self._note_request(message, offset)
             self._pos += size
             return Record(offset, size, message)
-        header = self.schema.rp_header.parse(bytes(self._buf[self._pos : self._pos + 4]))
+        header = self.schema.rp_header.parse(bytes(self._buf[self._pos : self._pos + head]))
         name = self.profile.rp_names.get(header.type)
         if name is None or name not in self.schema.rp_payloads:
             raise MalformedError(
@@ -71,17 +72,19 @@ class ReturnPathReader(InputBuffer):
             raise MalformedError(
                 name, f"incorrect length {header.len} expecting {expected}", offset
             )
-        if available < 4 + header.len:
+        size = head + header.len
+        if available < size:
             return self._short(name, offset)
-        payload = self._buf[self._pos + 4 : self._pos + 4 + header.len]
-        message = parse_payload(name, "message", self.schema.rp_payloads[name], payload, offset, 4)
-        size = 4 + header.len
+        payload = self._buf[self._pos + head : self._pos + size]
+        message = parse_payload(
+            name, "message", self.schema.rp_payloads[name], payload, offset, head
+        )
         if name in self.schema.rp_trailers:
             trailer = self._read_trailer(name, offset, size)
             if trailer is None:
                 return self._short(name, offset)
             message = dataclasses.replace(message, bitmap=trailer.bitmap)
-            size += 16 + trailer.size
+            size += self.schema.recv_bitmap_fixed_size + trailer.size
         self._note_request(message, offset)
         self._pos += size
         return Record(offset, size, message)
@@ -97,16 +100,18 @@ class ReturnPathReader(InputBuffer):
     def _read_trailer(self, name: str, offset: int, at: int) -> Any:
         """The bitmap after RP RECV_BITMAP, ``at`` bytes into the record; None: not all here."""
         start = self._pos + at
-        if len(self._buf) < start + 8:
+        size_end = start + self.schema.recv_bitmap_size_size
+        if len(self._buf) < size_end:
             return None
-        size = int.from_bytes(self._buf[start : start + 8], "big")
+        size = int.from_bytes(self._buf[start:size_end], "big")
         if size > MAX_BITMAP:
             raise MalformedError(
                 name, f"bitmap of {size} bytes is more than qmig's {MAX_BITMAP} limit", offset + at
             )
-        if len(self._buf) < start + 16 + size:
+        end = start + self.schema.recv_bitmap_fixed_size + size
+        if len(self._buf) < end:
             return None
-        with ByteStream(self._buf[start : start + 16 + size]) as stream:
+        with ByteStream(self._buf[start:end]) as stream:
             try:
                 return self.schema.rp_trailers[name].parse_stream(stream)
             except FieldError as error:

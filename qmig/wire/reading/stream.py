@@ -9,14 +9,14 @@ the VMDESCRIPTION after EOF).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, assert_never
 
 from qmig.errors import MalformedError, TruncatedError
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardReader
 from qmig.wire.ramscan import RamScanner
 from qmig.wire.reading.device_sections import DeviceSectionsReader
-from qmig.wire.reading.framing import Frame, FramingContext, Section
+from qmig.wire.reading.framing import Frame, FramingContext, Mode, Section
 from qmig.wire.reading.ram_section import RamSectionReader
 from qmig.wire.reading.records import END, NEED_DATA, NeedMore, Record, Sentinel, parse_payload
 from qmig.wire.schema import Schema, schema_for
@@ -35,8 +35,10 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
         host_page_size: int | None = None,
         vmdesc: Any = None,
         max_record: int = MAX_RECORD,
+        schema: Schema | None = None,
     ) -> None:
-        self.schema: Schema = schema_for(version)
+        """``schema``: read with it instead of ``version``'s (one built from another profile)."""
+        self.schema: Schema = schema or schema_for(version)
         self.profile = self.schema.profile
         self.context = FramingContext(target_page_size=self.schema.target_page_size)
         self.local_page_sizes = local_page_sizes
@@ -49,9 +51,10 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
         # destination, whose switchover (downtime) they would otherwise cost ~20 us each.
         self.coalesce_discards = False
         self._init_input()
-        self._frame = Frame("header")
+        self._frame = Frame(Mode.HEADER)
         self._packages: list[int] = []  # absolute end offsets of the open PACKAGED blobs
         self._section_types = self.profile.section_type_names
+        self._mem_size_rules()
 
     # --- feeding ----------------------------------------------------------------------
 
@@ -87,31 +90,35 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
         if self._pos >= len(self._buf):
             if not self._eof:
                 return NEED_DATA
-            if self._frame.mode in ("after_eof", "end"):
-                self._frame = Frame("end")
+            if self._frame.mode in (Mode.AFTER_EOF, Mode.END):
+                self._frame = Frame(Mode.END)
                 return END
             raise TruncatedError(self._expected_what(), self.offset)
         mode = self._frame.mode
-        if mode == "header":
-            return self._read_header()
-        if mode == "configuration":
-            return self._read_configuration()
-        if mode == "ram":
-            return self._read_ram()
-        if mode == "footer":
-            return self._read_footer()
-        if mode == "device":
-            return self._read_device()
-        if mode == "after_eof":
-            return self._read_after_eof()
-        if mode == "end":
-            raise MalformedError(
-                "stream", "trailing bytes after the end of the stream", self.offset
-            )
-        return self._read_top()
+        match mode:
+            case Mode.TOP:
+                return self._read_top()
+            case Mode.RAM:
+                return self._read_ram()
+            case Mode.FOOTER:
+                return self._read_footer()
+            case Mode.DEVICE:
+                return self._read_device()
+            case Mode.HEADER:
+                return self._read_header()
+            case Mode.CONFIGURATION:
+                return self._read_configuration()
+            case Mode.AFTER_EOF:
+                return self._read_after_eof()
+            case Mode.END:
+                raise MalformedError(
+                    "stream", "trailing bytes after the end of the stream", self.offset
+                )
+            case _:
+                assert_never(mode)
 
     def _expected_what(self) -> str:
-        if self._frame.mode == "ram":
+        if self._frame.mode is Mode.RAM:
             return "RAM"
         if self._packages:
             return "PACKAGED"
@@ -120,15 +127,15 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
     # --- stream header and configuration ------------------------------------------------
 
     def _read_header(self) -> Record:
-        header, size = self._parse("HEADER", self.schema.header, 8)
-        self._frame = Frame("configuration")
+        header, size = self._parse("HEADER", self.schema.header, self.schema.header_size)
+        self._frame = Frame(Mode.CONFIGURATION)
         return self._emit(header, size)
 
     def _read_configuration(self) -> Record | Sentinel:
         if self._peek_byte() != self.profile.section_types["CONFIGURATION"]:
             if self.profile.configuration == "required":
                 raise MalformedError("CONFIGURATION", "configuration section missing", self.offset)
-            self._frame = Frame("top")
+            self._frame = Frame(Mode.TOP)
             return self._next()
         config, size = self._parse(
             "CONFIGURATION", self.schema.configuration, window=self.max_record
@@ -153,7 +160,7 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
                 self.offset,
             )
         self.context.capabilities = config.capabilities or ()
-        self._frame = Frame("top")
+        self._frame = Frame(Mode.TOP)
         return self._emit(config, size)
 
     # --- top level: sections and commands -----------------------------------------------
@@ -168,9 +175,9 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
         if name in ("SECTION_PART", "SECTION_END"):
             return self._read_short_header(name)
         if name == "EOF":
-            record = self._emit(m.Eof(), 1)
+            record = self._emit(m.Eof(), self.schema.section_type_size)
             if not self._packages:
-                self._frame = Frame("after_eof")
+                self._frame = Frame(Mode.AFTER_EOF)
             return record
         raise MalformedError("stream", f"unknown section type {kind:#04x}", self.offset)
 
@@ -200,9 +207,9 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
 
     def _enter_section(self, name: str, section: Section) -> None:
         if section.is_ram:
-            self._frame = Frame("ram", section)
+            self._frame = Frame(Mode.RAM, section)
         elif name == "SECTION_FULL":
-            self._frame = Frame("device", section)
+            self._frame = Frame(Mode.DEVICE, section)
         else:
             raise MalformedError(
                 name,
@@ -214,7 +221,9 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
     def _read_footer(self) -> Record:
         section = self._frame.section
         assert section is not None
-        footer, size = self._parse("SECTION_FOOTER", self.schema.section_footer, 5)
+        footer, size = self._parse(
+            "SECTION_FOOTER", self.schema.section_footer, self.schema.footer_size
+        )
         if footer.section_id != section.section_id:
             raise MalformedError(
                 "SECTION_FOOTER",
@@ -222,7 +231,7 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
                 f"{footer.section_id:#x} expected {section.section_id:#x}",
                 self.offset,
             )
-        self._frame = Frame("top")
+        self._frame = Frame(Mode.TOP)
         return self._emit(footer, size, section.idstr)
 
     # --- commands -------------------------------------------------------------------------
@@ -237,7 +246,8 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
                 )
             return self._emit(*discard)
         offset = self.offset
-        header, _ = self._parse("COMMAND", self.schema.command_header, 5)
+        head = self.schema.command_header_size
+        header, _ = self._parse("COMMAND", self.schema.command_header, head)
         name = self.profile.command_names.get(header.cmd)
         if name is None or name not in self.schema.command_payloads:
             raise MalformedError(
@@ -260,14 +270,14 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
                 "stream, after the enclosing package",
                 offset,
             )
-        total = 5 + header.len
+        total = head + header.len
         if self._pos + total > self._limit():
             if self._bounded_by_package():
                 raise MalformedError(name, "runs past the end of the package", offset)
             raise NeedMore(name, offset)
-        payload = self._buf[self._pos + 5 : self._pos + total]
+        payload = self._buf[self._pos + head : self._pos + total]
         message = parse_payload(
-            name, "command", self.schema.command_payloads[name], payload, offset, 5
+            name, "command", self.schema.command_payloads[name], payload, offset, head
         )
         self._note_command(message, offset)
         record = self._emit(message, total)
@@ -287,9 +297,9 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
         self._packages.append(self.offset + packaged.length)
 
     def _close_package(self) -> Record:
-        if self._frame.mode not in ("top",):
+        if self._frame.mode is not Mode.TOP:
             section = self._frame.section
-            what = "RAM" if self._frame.mode == "ram" else "PACKAGED"
+            what = "RAM" if self._frame.mode is Mode.RAM else "PACKAGED"
             where = f" inside section {section.idstr!r}" if section else ""
             raise MalformedError(what, f"package ends{where}", self.offset)
         self._packages.pop()
