@@ -18,7 +18,6 @@ from typing import Any
 import construct as cs
 from construct import this
 
-from qmig.errors import QmigError
 from qmig.wire import messages as m
 from qmig.wire.fields import (
     As,

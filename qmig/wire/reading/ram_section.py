@@ -197,8 +197,8 @@ class RamSectionReader(FramedInput):
         match self.profile.mem_size_page_size:
             case "postcopy-advised-and-differs":
                 self._page_size_rule = self._page_size_if_advised_and_differs
-            case rule:
-                raise _unknown_rule(self.profile, "mem_size_page_size", rule)
+            case page_size_rule:
+                raise _unknown_rule(self.profile, "mem_size_page_size", page_size_rule)
 
     def _mr_addr_with_ignore_shared(self) -> bool:
         # QEMU's rule on both sides: the region address follows each entry exactly when
