@@ -144,10 +144,13 @@ local function reader(tvb, limit, bounded, st, tree, depth, base)
                         depth = depth, base = base }, Reader)
 end
 
-function Reader:need(o, size)
+-- `final`: `size` covers the whole record. Only then is the missing count exact; for a prefix
+-- (a header that says how long the rest is) one more segment is asked for instead, because
+-- TCP cannot extend a reassembly a second time within the frame that completed the first.
+function Reader:need(o, size, final)
   if o + size <= self.limit then return nil end
   if self.bounded then return "bad", "runs past the end of the package" end
-  return "more", o + size - self.limit
+  return "more", final and o + size - self.limit or -1
 end
 
 function Reader:item(o, size, name, text)
@@ -161,7 +164,7 @@ end
 -- --- header and configuration ------------------------------------------------------------
 
 function Reader:header(o)
-  local s, v = self:need(o, 8)
+  local s, v = self:need(o, 8, true)
   if s then return s, v end
   local tvb = self.tvb
   if u32(tvb, o) ~= PROFILE.magic then return "bad", "not a migration stream (no QEVM magic)" end
@@ -185,8 +188,8 @@ function Reader:configuration_size(o)
   local at = o + 5 + u32(tvb, o + 1)
   while true do
     if at >= self.limit then
-      if self.bounded then return "ok", at - o end
-      return "more", 1
+      if self.bounded or self.revisit then return "ok", at - o end
+      return "more", -1
     end
     if u8(tvb, at) ~= ST.SUBSECTION then return "ok", at - o end
     s, v = self:need(at, 2)
@@ -273,7 +276,7 @@ function Reader:section_full(o, name)
   local s, v = self:need(o, 6)
   if s then return s, v end
   local n = u8(tvb, o + 5)
-  s, v = self:need(o, 6 + n + 8)
+  s, v = self:need(o, 6 + n + 8, true)
   if s then return s, v end
   if n == 0 then return "bad", name .. ": empty idstr" end
   local id = u32(tvb, o + 1)
@@ -293,7 +296,7 @@ end
 
 function Reader:section_short(o, name)
   local tvb = self.tvb
-  local s, v = self:need(o, 5)
+  local s, v = self:need(o, 5, true)
   if s then return s, v end
   local id = u32(tvb, o + 1)
   local section = self.st.sections[id]
@@ -310,7 +313,7 @@ function Reader:after_section()
 end
 
 function Reader:footer(o)
-  local s, v = self:need(o, 5)
+  local s, v = self:need(o, 5, true)
   if s then return s, v end
   local tvb = self.tvb
   local section = self.st.section
@@ -384,7 +387,7 @@ function Reader:command(o)
   if not allows(spec, length) then
     return "bad", name .. ": received with bad length " .. length
   end
-  s, v = self:need(o, 5 + length)
+  s, v = self:need(o, 5 + length, PROFILE.commands[number].name ~= "PACKAGED")
   if s then return s, v end
   local size = 5 + length
   local package_length
@@ -393,7 +396,7 @@ function Reader:command(o)
     if package_length > PROFILE.packaged_max then
       return "bad", "PACKAGED: unreasonably large packaged state: " .. package_length
     end
-    s, v = self:need(o, size + package_length)
+    s, v = self:need(o, size + package_length, true)
     if s then return s, v end
   end
   local item = self:item(o, size + (package_length or 0), name)
@@ -553,7 +556,7 @@ function Reader:ram(o)
     if s then return s, v end
     body_length = 4 + u32(tvb, at)
   end
-  s, v = self:need(at, body_length)
+  s, v = self:need(at, body_length, true)
   if s then return s, v end
   local block = name_at and tvb(name_at, name_length):string() or self.st.block
   self.st.block = block
@@ -585,18 +588,21 @@ end
 function Reader:starts_record(at)
   local tvb, limit = self.tvb, self.limit
   if at == limit then
-    if self.bounded then return true end
+    -- On a second pass TCP ends the tvb where the first pass's records ended: the next
+    -- record was seen then.
+    if self.bounded or self.revisit then return true end
     return nil
   end
   local kind = u8(tvb, at)
   local function here(size)
     if at + size <= limit then return true end
     if self.bounded then return false end
+    if self.revisit then return "seen" end
     return nil
   end
   if kind == ST.COMMAND then
     local ok = here(5)
-    if not ok then return ok end
+    if ok ~= true then return ok and true end
     local spec = PROFILE.commands[u16(tvb, at + 1)]
     if not spec or not allows(spec, u16(tvb, at + 3)) then return false end
     if self.bounded then return at + 5 + u16(tvb, at + 3) <= limit end
@@ -604,24 +610,24 @@ function Reader:starts_record(at)
   end
   if kind == ST.SECTION_FULL or kind == ST.SECTION_START then
     local ok = here(6)
-    if not ok then return ok end
+    if ok ~= true then return ok and true end
     local n = u8(tvb, at + 5)
     if n == 0 then return false end
     ok = here(6 + n + 8)
-    if not ok then return ok end
+    if ok ~= true then return ok and true end
     local idstr = tvb(at + 6, n):raw()
     return not idstr:find("[^\33-\126]")
   end
   if kind == ST.SECTION_PART or kind == ST.SECTION_END then
     local ok = here(5)
-    if not ok then return ok end
+    if ok ~= true then return ok and true end
     local section = self.st.sections[u32(tvb, at + 1)]
     return section ~= nil and section.idstr == "ram"
   end
   if kind == ST.EOF then
     if self.bounded then return at + 1 == limit end
     local ok = here(2)
-    if not ok then return ok end
+    if ok ~= true then return ok and true end
     return u8(tvb, at + 1) == ST.VMDESCRIPTION
   end
   return false
@@ -686,7 +692,7 @@ function Reader:after_eof(o)
   local s, v = self:need(o, 5)
   if s then return s, v end
   local length = u32(tvb, o + 1)
-  s, v = self:need(o, 5 + length)
+  s, v = self:need(o, 5 + length, true)
   if s then return s, v end
   local item = self:item(o, 5 + length, "VMDESCRIPTION", "VMDESCRIPTION, " .. length .. " bytes")
   item:add(f.vmdesc, tvb(o + 5, length))
@@ -758,7 +764,7 @@ function RP_BODY.RECV_BITMAP(tvb, item, o, length)
 end
 
 local function rp_message(tvb, o, limit, tree, base)
-  if o + 4 > limit then return "more", o + 4 - limit end
+  if o + 4 > limit then return "more", -1 end
   local number, length = u16(tvb, o), u16(tvb, o + 2)
   local spec = PROFILE.rp_messages[number]
   if not spec then
@@ -769,11 +775,11 @@ local function rp_message(tvb, o, limit, tree, base)
     return "bad", name .. ": incorrect length " .. length
   end
   local size = 4 + length
-  if o + size > limit then return "more", o + size - limit end
+  if o + size > limit then return "more", name == "RECV_BITMAP" and -1 or o + size - limit end
   local bitmap_size
   if name == "RECV_BITMAP" then
     -- A bitmap follows outside the message's length: be64 size, the bitmap, an end mark.
-    if o + size + 8 > limit then return "more", o + size + 8 - limit end
+    if o + size + 8 > limit then return "more", -1 end
     bitmap_size = u64(tvb, o + size)
     if o + size + 16 + bitmap_size > limit then
       return "more", o + size + 16 + bitmap_size - limit
@@ -827,12 +833,15 @@ end
 
 -- --- connections -----------------------------------------------------------------------
 
--- Per direction: the state where the next unseen byte starts. Per dissection call (frame and
--- tvb): a copy of the state it started with, so that a frame dissected again later (the GUI
--- revisits frames in any order) shows the same records.
+-- Per direction: the state where the next unseen byte starts. A frame dissected again later
+-- (the GUI revisits frames in any order; tshark -2 makes a second pass) starts from a copy of
+-- the state it started with the first time. TCP calls again with the same tvbs, or with a
+-- reassembled one cut shorter at the end, so a call is known by its frame and where its tvb
+-- starts in the frame (0 for a reassembled tvb, which starts where its reassembly did).
+-- (TCP's sequence numbers would say more, but fields are not filled in without a tree.)
 local directions = {}
 local sources = {}  -- conversation -> the direction that carries the stream
-local snapshots = {}
+local snapshots = {}  -- direction/frame/offset -> state
 
 local function endpoint(address, port) return tostring(address) .. ":" .. port end
 
@@ -858,10 +867,14 @@ function qmig.dissector(tvb, pinfo, tree)
   end
   local is_stream = sources[conversation] == direction
 
-  local key = pinfo.number .. "/" .. direction .. "/" .. tvb:len()
+  local key = direction .. "/" .. pinfo.number .. "/" .. tvb:offset()
   local st
-  if pinfo.visited and snapshots[key] then
+  if pinfo.visited then
     st = copy(snapshots[key])
+    if not st then  -- not a call the first pass saw: its bytes were dissected elsewhere
+      st = new_state()
+      st.mode = "lost"
+    end
   else
     st = directions[direction]
     if not st then
@@ -878,6 +891,7 @@ function qmig.dissector(tvb, pinfo, tree)
   local incomplete, missing
   if is_stream then
     local r = reader(tvb, tvb:len(), false, st, root, 0, st.pos)
+    r.revisit = pinfo.visited
     incomplete, missing = r:run(0)
   else
     incomplete, missing = run_return_path(tvb, root, st)
