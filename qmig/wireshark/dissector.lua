@@ -342,7 +342,7 @@ function COMMAND_BODY.POSTCOPY_ADVISE(r, item, o, length)
     item:add(f.advise_summary, r.tvb(o, 8))
     item:add(f.advise_target, r.tvb(o + 8, 8))
     r.st.advise_sizes = { summary = u64(r.tvb, o), target = u64(r.tvb, o + 8) }
-    return string.format(" page sizes %#x, target %d", u64(r.tvb, o), u64(r.tvb, o + 8))
+    return string.format(" page sizes 0x%x, target %d", u64(r.tvb, o), u64(r.tvb, o + 8))
   end
   r.st.advise_sizes = nil
   return " (no RAM postcopy)"
@@ -360,7 +360,7 @@ function COMMAND_BODY.POSTCOPY_RAM_DISCARD(r, item, o, length)
   local count = (length - 3 - n) / 16
   local at = o + 3 + n
   for _ = 1, count do
-    local range = item:add(tvb(at, 16), string.format("Range %#x + %#x", u64(tvb, at),
+    local range = item:add(tvb(at, 16), string.format("Range 0x%x + 0x%x", u64(tvb, at),
       u64(tvb, at + 8)))
     range:add(f.discard_start, tvb(at, 8))
     range:add(f.discard_length, tvb(at + 8, 8))
@@ -382,7 +382,7 @@ function Reader:command(o)
   if s then return s, v end
   local number, length = u16(tvb, o + 1), u16(tvb, o + 3)
   local spec = PROFILE.commands[number]
-  if not spec then return "bad", string.format("unknown command %#x (len %#x)", number, length) end
+  if not spec then return "bad", string.format("unknown command: MIG_CMD 0x%x (len 0x%x)", number, length) end
   local name = spec.name
   if not allows(spec, length) then
     return "bad", name .. ": received with bad length " .. length
@@ -496,7 +496,7 @@ function Reader:ram(o)
   if kind == FLAGS.MEM_SIZE and not continue then
     local status, size, entries = self:mem_size_entries(o, header_value)
     if status ~= "ok" then return status, size end
-    local item = self:item(o, size, "MEM_SIZE", string.format("MEM_SIZE %#x, %d block%s",
+    local item = self:item(o, size, "MEM_SIZE", string.format("MEM_SIZE 0x%x, %d block%s",
       header_value, #entries, #entries == 1 and "" or "s"))
     item:add(f.ram_header, tvb(o, 8))
     item:add(f.mem_total, tvb(o, 8), offset)
@@ -529,7 +529,7 @@ function Reader:ram(o)
   elseif kind == FLAGS.XBZRLE then body_kind = "XBZRLE"
   elseif FLAGS.COMPRESS_PAGE and kind == FLAGS.COMPRESS_PAGE then body_kind = "COMPRESS_PAGE"
   else
-    return "bad", string.format("RAM: unknown combination of migration flags %#x", flags)
+    return "bad", string.format("RAM: unknown combination of migration flags 0x%x", flags)
   end
   local at = o + 8
   local name_at, name_length
@@ -561,7 +561,7 @@ function Reader:ram(o)
   local block = name_at and tvb(name_at, name_length):string() or self.st.block
   self.st.block = block
   local size = at + body_length - o
-  local item = self:item(o, size, "RAM", string.format("RAM %s %s %#x%s", body_kind, block,
+  local item = self:item(o, size, "RAM", string.format("RAM %s %s 0x%x%s", body_kind, block,
     header_value, continue and "" or " (names its block)"))
   item:add(f.ram_header, tvb(o, 8))
   item:add(f.ram_offset, tvb(o, 8), offset)
@@ -681,13 +681,13 @@ function Reader:top(o)
     if not self.bounded then self.st.mode = "after_eof" end
     return "ok", 1
   end
-  return "bad", string.format("unknown section type %#04x", kind)
+  return "bad", string.format("unknown section type 0x%02x", kind)
 end
 
 function Reader:after_eof(o)
   local tvb = self.tvb
   if u8(tvb, o) ~= ST.VMDESCRIPTION then
-    return "bad", string.format("expected VMDESCRIPTION after EOF, got %#04x", u8(tvb, o))
+    return "bad", string.format("expected VMDESCRIPTION after EOF, got 0x%02x", u8(tvb, o))
   end
   local s, v = self:need(o, 5)
   if s then return s, v end
@@ -741,13 +741,13 @@ local RP_BODY = {}
 function RP_BODY.SHUT(tvb, item, o) item:add(f.rp_status, tvb(o, 4)); return " " .. u32(tvb, o) end
 function RP_BODY.PONG(tvb, item, o)
   item:add(f.rp_value, tvb(o, 4))
-  return string.format(" %#x", u32(tvb, o))
+  return string.format(" 0x%x", u32(tvb, o))
 end
 RP_BODY.RESUME_ACK = RP_BODY.PONG
 function RP_BODY.REQ_PAGES(tvb, item, o)
   item:add(f.rp_start, tvb(o, 8))
   item:add(f.rp_length, tvb(o + 8, 4))
-  return string.format(" %#x+%#x", u64(tvb, o), u32(tvb, o + 8))
+  return string.format(" 0x%x+0x%x", u64(tvb, o), u32(tvb, o + 8))
 end
 function RP_BODY.REQ_PAGES_ID(tvb, item, o, length)
   local text = RP_BODY.REQ_PAGES(tvb, item, o)
@@ -768,7 +768,7 @@ local function rp_message(tvb, o, limit, tree, base)
   local number, length = u16(tvb, o), u16(tvb, o + 2)
   local spec = PROFILE.rp_messages[number]
   if not spec then
-    return "bad", string.format("received invalid message %#06x length %#06x", number, length)
+    return "bad", string.format("received invalid message 0x%04x length 0x%04x", number, length)
   end
   local name = spec.name
   if not allows(spec, length) or length > PROFILE.rp_max_length then
