@@ -154,6 +154,15 @@ function Reader:need(o, size, final)
 end
 
 function Reader:item(o, size, name, text)
+  local names = self.names
+  if names then
+    if names[#names] == name and name == "RAM" then
+      names.ram = (names.ram or 1) + 1
+    else
+      if names.ram then names[#names] = "RAM x" .. names.ram; names.ram = nil end
+      names[#names + 1] = name
+    end
+  end
   local item = self.tree:add(f.record, self.tvb(o, size), name)
   item:set_text(text or name)
   item:add(f.offset, self.tvb(o, size), UInt64(self.base + o))
@@ -806,18 +815,19 @@ local function rp_message(tvb, o, limit, tree, base)
     if bitmap_size > 0 then item:add(f.rp_bitmap, tvb(o + size + 8, bitmap_size)) end
   end
   item:set_text("Return path: " .. name .. text)
-  return "ok", total
+  return "ok", total, name .. text
 end
 
-local function run_return_path(tvb, tree, st)
+local function run_return_path(tvb, tree, st, names)
   local o, limit = 0, tvb:len()
   while o < limit do
     if st.mode == "lost" then
       tree:add(f.undecoded, tvb(o, limit - o))
       return nil
     end
-    local status, value = rp_message(tvb, o, limit, tree, st.pos)
+    local status, value, name = rp_message(tvb, o, limit, tree, st.pos)
     if status == "ok" then
+      names[#names + 1] = name
       o = o + value
     elseif status == "more" then
       return o, value
@@ -842,6 +852,7 @@ end
 local directions = {}
 local sources = {}  -- conversation -> the direction that carries the stream
 local snapshots = {}  -- direction/frame/offset -> state
+local info_frame = nil  -- the frame whose Info column was last set
 
 local function endpoint(address, port) return tostring(address) .. ":" .. port end
 
@@ -850,7 +861,7 @@ local function starts_with_magic(tvb)
 end
 
 function qmig.init()
-  directions, sources, snapshots = {}, {}, {}
+  directions, sources, snapshots, info_frame = {}, {}, {}, nil
 end
 
 function qmig.dissector(tvb, pinfo, tree)
@@ -889,12 +900,27 @@ function qmig.dissector(tvb, pinfo, tree)
   local root = tree:add(qmig, tvb(), is_stream and "QEMU migration stream"
     or "QEMU migration return path")
   local incomplete, missing
+  local names = {}
   if is_stream then
     local r = reader(tvb, tvb:len(), false, st, root, 0, st.pos)
     r.revisit = pinfo.visited
+    r.names = {}
     incomplete, missing = r:run(0)
+    names = r.names
+    if names.ram then names[#names] = "RAM x" .. names.ram end
   else
-    incomplete, missing = run_return_path(tvb, root, st)
+    incomplete, missing = run_return_path(tvb, root, st, names)
+  end
+  if #names > 0 then
+    -- The first call for a frame replaces TCP's text; later ones (one frame may end one
+    -- reassembled record and hold more) add to it.
+    local text = table.concat(names, ", ")
+    if info_frame ~= pinfo.number then
+      pinfo.cols.info:set(text)
+      info_frame = pinfo.number
+    else
+      pinfo.cols.info:append(", " .. text)
+    end
   end
   local used = incomplete or tvb:len()
   st.pos = st.pos + used

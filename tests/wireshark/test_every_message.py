@@ -51,7 +51,8 @@ def build_stream(schema: Schema, multifd_flush: bool = True) -> bytes:
         + bytes(range(40))
         + schema.build_footer(9)
     )
-    package = cmd(m.PostcopyListen()) + device + cmd(m.Ping(3)) + cmd(m.PostcopyRun())
+    empty = schema.build_section(m.SectionFull(10, "empty", 0, 1)) + schema.build_footer(10)
+    package = cmd(m.PostcopyListen()) + device + empty + cmd(m.Ping(3)) + cmd(m.PostcopyRun())
     return b"".join(
         [
             schema.header.build(m.StreamHeader()),
@@ -141,7 +142,7 @@ def test_the_newest_profile_s_dissector_decodes_every_message(
     assert [int(v, 16) for v in column(rows, 0)] == [0x200000]
     assert [int(v, 16) for v in column(rows, 1)] == [0x1000000, 0x2000000]
     assert column(rows, 2) == ["PAGE", "ZERO", "XBZRLE", "ZERO"]
-    assert len(column(rows, 3)) == 6  # LISTEN, the device's three records, PING, RUN
+    assert len(column(rows, 3)) == 9  # LISTEN, two devices' three records each, PING, RUN
 
 
 @pytest.mark.parametrize(
