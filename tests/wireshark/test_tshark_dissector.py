@@ -127,7 +127,10 @@ def test_return_path_fields_equal_qmig_s_decoding(
         pcapng,
         ["qmig.rp.message", "qmig.rp.start", "qmig.rp.length", "qmig.rp.block", "qmig.rp.value"],
     )
-    requests = inspect_json(FIXTURES / "postcopy-tcp")["requests"]
+    document = inspect_json(FIXTURES / "postcopy-tcp")
+    requests = document["requests"]
+    pongs = [m["value"] for m in document["return_path"]["messages"] if m["name"] == "PONG"]
+    assert [int(v, 16) for v in column(rows, 4)] == pongs  # 1, 2, 4, 3: as they came back
     assert [int(v, 16) for v in column(rows, 1)] == [r["start"] for r in requests]
     assert [int(v, 16) for v in column(rows, 2)] == [r["len"] for r in requests]
     ids = [r["block"] for r in requests if r["name"] == "REQ_PAGES_ID"]
