@@ -932,8 +932,10 @@ function qmig.dissector(tvb, pinfo, tree)
   return tvb:len()
 end
 
+-- A TCP stream whose first bytes are the header: the magic and this profile's version.
 local function heuristic(tvb, pinfo, tree)
-  if not starts_with_magic(tvb) then return false end
+  if tvb:len() < 8 or not starts_with_magic(tvb) then return false end
+  if tvb(4, 4):uint() ~= PROFILE.stream_version then return false end
   pinfo.conversation = qmig
   qmig.dissector(tvb, pinfo, tree)
   return true

@@ -136,3 +136,15 @@ def test_return_path_fields_equal_qmig_s_decoding(
     ids = [r["block"] for r in requests if r["name"] == "REQ_PAGES_ID"]
     assert column(rows, 3) == ids
     assert column(rows, 0)[-1] == "SHUT"
+
+
+def test_other_tcp_traffic_on_another_port_is_left_alone(
+    tshark: str, lua_for: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The heuristic wants the whole header: the magic and the stream version."""
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"QEVM\x00\x00\x00\x09" + bytes(range(256)) * 64)
+    pcapng = export(other, tmp_path / "other.pcapng", "--port", "5999")
+    rows = run_tshark(tshark, lua_for(FIXTURE_QEMU), pcapng, ["qmig.record", "tcp.len"])
+    assert column(rows, 0) == []
+    assert sum(int(v) for v in column(rows, 1)) == 8 + 256 * 64
