@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import column, dissected_counts, export, inspect_json, qmig, run_tshark
+from dissecting import column, dissected_counts, export, inspect_json, qmig, run_tshark
 
 from qmig.wire import messages as m
 from qmig.wire.schema import Schema, schema_for

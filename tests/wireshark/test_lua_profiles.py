@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, dissected_counts, export, inspect_json, qmig, qmig_ok
+from dissecting import FIXTURES, dissected_counts, export, inspect_json, qmig, qmig_ok
 
 from qmig.wire.profiles import available_versions, load_profile
 from qmig.wireshark.dissector import profile_table, render

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, export, qmig
+from dissecting import FIXTURES, export, qmig
 
 from qmig.capture.recording import (
     INDEX_NAME,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import (
+from dissecting import (
     CAPTURES,
     FIXTURE_QEMU,
     FIXTURES,
