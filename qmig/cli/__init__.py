@@ -33,6 +33,7 @@ DESCRIPTION = "QEMU live-migration stream simulator"
 COMMANDS: dict[str, str] = {
     "capture": "relay a migration between two QEMUs and record both directions",
     "doctor": "check that this host supports postcopy (userfaultfd, huge pages, mlock, THP)",
+    "export-pcap": "write a capture as pcapng for Wireshark, and the Lua dissector that decodes it",
     "fuzz": "fuzz qmig's parsers and destination, or diff its verdicts with a real QEMU's",
     "inspect": "decode a recorded migration stream (and its return path) record by record",
     "receive": "be the destination of a real QEMU migration (postcopy or precopy)",
@@ -86,7 +87,7 @@ def load_command(name: str) -> ModuleType:
     """The module of one subcommand (imported on demand)."""
     import importlib
 
-    return importlib.import_module(f"{COMMANDS_PACKAGE}.{name}")
+    return importlib.import_module(f"{COMMANDS_PACKAGE}.{name.replace('-', '_')}")
 
 
 def fail(message: str) -> int:

@@ -1,0 +1,1 @@
+"""Wireshark support: a Lua dissector generated from a wire profile."""
