@@ -24,10 +24,21 @@ def register(subparsers: Any) -> None:
         "synthetic TCP connection carrying both directions at their recorded times, and/or "
         "the Lua dissector of the chosen QEMU version's wire format.",
     )
-    parser.add_argument("capture", type=Path, nargs="?", metavar="DIR", help="capture folder")
-    parser.add_argument("out", type=Path, nargs="?", metavar="FILE.pcapng")
     parser.add_argument(
-        "--lua", type=Path, metavar="FILE.lua", help="also write the Wireshark dissector here"
+        "capture",
+        type=Path,
+        nargs="?",
+        metavar="DIR",
+        help="the capture folder (or a bare stream file) to export",
+    )
+    parser.add_argument(
+        "out", type=Path, nargs="?", metavar="FILE.pcapng", help="the pcapng file to write"
+    )
+    parser.add_argument(
+        "--lua",
+        type=Path,
+        metavar="FILE.lua",
+        help="also write the Wireshark dissector here (default: no dissector)",
     )
     parser.add_argument(
         "--port",
