@@ -31,6 +31,7 @@ from qmig.errors import (
 )
 from qmig.protocol import events as ev
 from qmig.protocol.states import PostcopyState, is_postcopy_running, transitions
+from qmig.sparse import zeroed
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges, apply_to_state
 from qmig.wire.page_requests import PageRequests
@@ -56,12 +57,14 @@ class BlockTracker:
     info: m.RamBlockInfo
     page_size: int
     target_page_size: int
-    state: bytearray = field(repr=False, default_factory=bytearray)  # per target page: 0 = missing
+    # Per target page: 0 = missing.
+    state: bytearray = field(repr=False, default_factory=bytearray)
     requested: set[int] = field(default_factory=set)  # host-page offsets asked for
     discarded_pages: int = 0
 
     def __post_init__(self) -> None:
-        self.state = bytearray(-(-self.info.used_length // self.target_page_size))
+        # Resident only where pages arrive: MEM_SIZE may claim terabytes (qmig.sparse).
+        self.state = zeroed(-(-self.info.used_length // self.target_page_size))
 
     def host_page_present(self, host_offset: int) -> bool:
         first = host_offset // self.target_page_size

@@ -1,0 +1,61 @@
+"""MEM_SIZE claims: a few bytes that claim terabytes cost address space, not memory.
+
+Every per-page structure (the machine's page states, received and touched bitmaps, placement
+times, inspect's page kinds) is sized by the claim, and all of them are mapped lazily
+(``qmig.sparse``): resident memory follows the pages that arrived.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hostile_run import inspect, receive, sender
+from hostile_streams import GIB, PAGE, many_blocks, opening, pages_section
+
+from qmig.sparse import ZeroedBuffer, zeroed
+from qmig.wire import messages as m
+
+pytestmark = [pytest.mark.uffd, pytest.mark.timeout(120)]
+
+TIB = 1 << 40
+ONE_TIB_BLOCK = (m.RamBlockInfo("pc.ram", TIB),)
+# Pages at the start, the middle and the end of the 1 TiB block.
+SPREAD = pages_section("pc.ram", [0, TIB // 2, TIB - PAGE])
+
+
+def test_thousand_4_gib_blocks_cost_no_memory() -> None:
+    outcome = receive(sender(many_blocks(1000, 4 * GIB)))
+    outcome.check_error("stream", "unexpected end of stream during precopy")
+    outcome.check_bounded()
+
+
+def test_4096_1_gib_blocks_cost_no_memory() -> None:
+    outcome = receive(sender(many_blocks(4096, GIB)))
+    outcome.check_error("stream", "unexpected end of stream during precopy")
+    outcome.check_bounded()
+
+
+def test_one_tib_block_is_mapped_and_pages_land_anywhere_in_it() -> None:
+    outcome = receive(sender(opening(ONE_TIB_BLOCK) + SPREAD))
+    match = outcome.check_error("stream", "unexpected end of stream during precopy")
+    assert int(match["offset"]) == len(opening(ONE_TIB_BLOCK) + SPREAD)
+    outcome.check_bounded()
+
+
+def test_inspect_of_a_tib_claim_counts_pages_without_sizing_by_it(tmp_path: Path) -> None:
+    path = tmp_path / "claim.mig"
+    path.write_bytes(opening(ONE_TIB_BLOCK) + SPREAD)
+    outcome = inspect(path, "--json")
+    outcome.check_error("stream", "unexpected end of stream")
+    outcome.check_bounded()
+
+
+def test_zeroed_buffers_behave_like_bytearrays() -> None:
+    small, large = zeroed(100), zeroed(1 << 30)
+    assert isinstance(small, bytearray) and isinstance(large, ZeroedBuffer)
+    for buffer in (small, large):
+        assert buffer.find(1) == -1 and buffer.find(0, 5, 10) == 5
+        buffer[77] = 2
+        assert buffer.find(2) == 77 and buffer.count(2) == 1 and buffer[77] == 2
+        assert buffer.count(0) == len(buffer) - 1
