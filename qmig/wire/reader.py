@@ -16,7 +16,6 @@ record, never allocated, and no single record may need more than ``max_record`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,13 +32,17 @@ from qmig.wire.ramscan import RamScanner, Stop
 from qmig.wire.schema import Schema, mem_size_params, schema_for
 
 MAX_RECORD = 8 << 20  # the largest single record qmig buffers (bytes)
-MAX_DESCRIPTION = 64 << 20  # the largest VMDESCRIPTION, and deferred device state, it buffers
+# The largest VMDESCRIPTION, and device state waiting for it, that qmig buffers: QEMU 7.2's
+# pc machine sends 12 KiB of device state and 99 KiB of JSON. The unread tail is copied as it
+# grows, so memory peaks near twice this (64 MiB let a stream cost 424 MB before refusal).
+MAX_DESCRIPTION = 8 << 20
 MAX_RAM_BLOCKS = 4096
 MAX_BITMAP = 32 << 20  # the largest RECV_BITMAP bitmap: 1 TiB of 4 KiB pages
 # MEM_SIZE lists longer than this (QEMU sends a handful) are not searched for their layout:
 # the search recurses once per entry.
 MAX_INFERRED_BLOCKS = 256
 MIN_BUFFER = 1 << 16
+MAX_KEPT_BUFFER = 4 << 20
 RAM_IDSTR = "ram"
 
 
@@ -54,14 +57,23 @@ class _Storage:
         self._retired: list[bytearray] = []
         self._keep = keep
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int, *, growing: bool = False) -> bytearray:
         for index, buffer in enumerate(self._retired):
             if size <= len(buffer) <= 4 * max(size, MIN_BUFFER) and _unshared(buffer):
                 return self._retired.pop(index)
-        # Headroom: the next chunk's tail differs by a few bytes and must still fit.
-        return bytearray(max(size + (size >> 4), MIN_BUFFER))
+        # Headroom: the next chunk's tail differs by a few bytes and must still fit. A tail
+        # that keeps growing (a record not complete yet) gets twice its size, and the chunks
+        # after it are read into that room in place: copied log(n) times, not once per chunk.
+        # Never much beyond the largest tail qmig holds: a bytearray is cleared, so all of it
+        # is resident.
+        room = size + (size >> 4)
+        if growing:
+            room = max(room, min(2 * size, MAX_DESCRIPTION + MIN_BUFFER))
+        return bytearray(max(room, MIN_BUFFER))
 
     def give(self, buffer: bytearray) -> None:
+        if len(buffer) > MAX_KEPT_BUFFER:
+            return  # a long unread tail's buffer: freed, not kept for reuse
         self._retired.append(buffer)
         if len(self._retired) > self._keep:
             self._retired.pop(0)
@@ -110,7 +122,11 @@ class _InputMixin:
         if self._eof:
             raise ValueError("get_buffer() after feed_eof()")
         tail = len(self._buf) - self._pos
-        storage = self._pool.take(tail + size)
+        end = len(self._buf)
+        if tail > size and end + size <= len(self._storage):
+            self._incoming = (self._storage, -1)  # appended in place, after the unread tail
+            return memoryview(self._storage)[end : end + size]
+        storage = self._pool.take(tail + size, growing=tail > size)
         storage[:tail] = self._buf[self._pos :]
         self._incoming = (storage, tail)
         return memoryview(storage)[tail : tail + size]
@@ -120,6 +136,9 @@ class _InputMixin:
         assert self._incoming is not None, "commit() without get_buffer()"
         storage, tail = self._incoming
         self._incoming = None
+        if tail < 0:
+            self._buf = memoryview(storage)[: len(self._buf) + count]
+            return
         old = self._storage
         self._base += self._pos
         self._pos = 0
@@ -901,7 +920,11 @@ class StreamReader(_InputMixin):
 
         offset = self.offset
         if self.vmdesc is None:
-            found = find_trailing_vmdesc(self._storage, self._pos, len(self._buf))
+            types = self.profile.section_types
+            found = vmstate.find_trailing_description(
+                self._storage, self._pos, len(self._buf), eof=types["EOF"],
+                kind=types["VMDESCRIPTION"], limit=MAX_DESCRIPTION
+            )  # fmt: skip
             if found is None:
                 if self._eof:
                     raise MalformedError(
@@ -947,25 +970,6 @@ class StreamReader(_InputMixin):
         description, size = self._parse("VMDESCRIPTION", self.schema.vmdescription, 5 + length)
         self._frame = _Frame("end")
         return self._emit(description, size)
-
-
-def find_trailing_vmdesc(buf: bytes | bytearray, start: int, end: int) -> bytes | None:
-    """The JSON of a complete ``EOF, VMDESCRIPTION`` ending exactly at ``buf[end]``."""
-    if end - start < 7 or buf[end - 1] != ord("}"):
-        return None
-    lowest = max(start + 1, end - MAX_DESCRIPTION - 5)
-    at = buf.rfind(b"\x00\x06", lowest - 1, end)
-    while at >= lowest - 1 and at >= start:
-        length = int.from_bytes(buf[at + 2 : at + 6], "big")
-        if at + 6 + length == end:
-            text = bytes(buf[at + 6 : end])
-            try:
-                json.loads(text)
-            except ValueError:
-                return None
-            return text
-        at = buf.rfind(b"\x00\x06", lowest - 1, at)
-    return None
 
 
 class _Stream:

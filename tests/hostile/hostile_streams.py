@@ -65,13 +65,17 @@ def described_device(fields: list[dict[str, Any]], payload: bytes) -> bytes:
     return small_opening() + device_section(payload) + precopy_end(description(fields))
 
 
-def nested_structs(depth: int) -> list[dict[str, Any]]:
-    """A field that is a struct holding a struct ... ``depth`` deep, with one byte inside."""
-    inner: dict[str, Any] = field("leaf", "uint8", 1)
-    for level in range(depth):
-        layout = {"vmsd_name": f"s{level}", "fields": [inner]}
-        inner = field(f"s{level}", "struct", 1, struct=layout)
-    return [inner]
+def nested_structs_description(depth: int) -> bytes:
+    """A VMDESCRIPTION whose device has a struct holding a struct ... ``depth`` deep, with
+    one uint8 inside (written out by hand: json.dumps itself recurses per level)."""
+    leaf = json.dumps(field("leaf", "uint8", 1))
+    opening = '{"name": "s", "type": "struct", "size": 1, "struct": {"vmsd_name": "s", "fields": ['
+    inner = opening * depth + leaf + "]}}" * depth
+    device = (
+        '{"name": "dev", "instance_id": 0, "vmsd_name": "dev", "version": 1, '
+        f'"fields": [{inner}]}}'
+    )
+    return f'{{"page_size": {PAGE}, "devices": [{device}]}}'.encode()
 
 
 def pages_section(block: str, offsets: list[int], fill: int = 1) -> bytes:
