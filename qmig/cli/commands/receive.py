@@ -60,7 +60,32 @@ def register(subparsers: Any) -> None:
         type=float,
         default=60.0,
         metavar="S",
-        help="give up when the source sends nothing for this long (default 60)",
+        help="give up when the source sends nothing, or takes nothing of the return path, for "
+        "this long (default 60)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        metavar="S",
+        help="give up when the migration takes longer than this, from the stream header on "
+        "(default: no deadline)",
+    )
+    parser.add_argument(
+        "--min-rate",
+        type=float,
+        default=1024.0,
+        metavar="BYTES_S",
+        help="give up when the source sends fewer bytes per second than this over a whole "
+        "--rate-window (default 1024; 0: no minimum)",
+    )
+    parser.add_argument("--rate-window", type=float, default=60.0, metavar="S")
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="close a connection that has not sent a migration stream header within this "
+        "long (default 5); other connections are examined meanwhile",
     )
     add_qemu_version(parser)
     add_json(parser)
@@ -75,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     from qmig.ram.support import huge_page_sizes
     from qmig.ram.workload import Pattern, Workload
     from qmig.runner.destination import DestinationRunner
-    from qmig.transport import listen
+    from qmig.transport import Limits, accept_migration, listen
+    from qmig.wire import messages as m
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     workload = None if args.workload == "none" else Workload(Pattern[args.workload.upper()])
@@ -89,7 +115,16 @@ def run(args: argparse.Namespace) -> int:
     with listen(args.listen) as listener:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
         print(f"qmig receive: listening on {listener.uri}", file=sys.stderr, flush=True)
-        connection = listener.accept(timeout=args.accept_timeout)
+        header = bytes(destination.reader.schema.header.build(m.StreamHeader(
+            destination.profile.stream_version
+        )))  # fmt: skip
+        connection = accept_migration(
+            listener, header, args.accept_timeout, handshake_timeout=args.handshake_timeout
+        )
+    connection.set_limits(
+        Limits(args.idle_timeout, args.deadline, args.min_rate or None, args.rate_window,
+               peer="the source")
+    )  # fmt: skip
     with connection:
         runner = DestinationRunner(
             connection,
