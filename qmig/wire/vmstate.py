@@ -457,7 +457,7 @@ def decode_device(
         raise VmstateError(
             f"device {desc.name!r}: payload start {pos} outside 0..{end}", pos, what="SECTION_FULL"
         )
-    budget = _Budget(min(MAX_VALUES, 4 * (end - pos) + ZERO_SIZE_ALLOWANCE))
+    budget = _Budget(end - pos)
     try:
         next_pos, tree = _decode_struct(desc.state, data, pos, end, budget)
         if desc.size is not None and next_pos - pos != desc.size:
@@ -475,9 +475,10 @@ def decode_device(
 class _Budget:
     """What is left of one device's decoding bounds: values to produce, levels to enter."""
 
-    def __init__(self, values: int) -> None:
-        self.limit = values
-        self.values = values
+    def __init__(self, payload: int) -> None:
+        self.payload = payload  # bytes the payload can hold at most
+        self.limit = min(MAX_VALUES, 4 * payload + ZERO_SIZE_ALLOWANCE)
+        self.values = self.limit
         self.depth = -1  # the device itself is level 0, as in the description
 
     def spend(self, entry: FieldDescription, pos: int) -> None:
@@ -487,9 +488,8 @@ class _Budget:
         cost = entry.count * per_element
         if cost > self.values:
             raise _Failure(
-                f"{entry.count} elements of {entry.size} bytes: more values than the "
-                f"{self.limit} qmig decodes from a payload of this size (the stream holds "
-                "nothing that could fill them)",
+                f"{entry.count} elements of {entry.size} bytes: more than the {self.limit} "
+                f"values qmig decodes from a payload of at most {self.payload} bytes",
                 pos,
             )
         self.values -= cost

@@ -108,6 +108,14 @@ def inspect(path: Path, *extra: str, timeout: float = 30.0) -> Outcome:
     return _wait(process, started, timeout)
 
 
+def machine(path: Path, timeout: float = 30.0) -> Outcome:
+    """The destination machine alone, in a process of its own (see hostile_machine.py)."""
+    started = time.monotonic()
+    script = Path(__file__).with_name("hostile_machine.py")
+    process = _popen([sys.executable, str(script), str(path), VERSION])
+    return _wait(process, started, timeout)
+
+
 Client = Callable[[tuple[str, int]], None]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hostile_run import inspect, receive, sender
+from hostile_run import inspect, machine, receive, sender
 from hostile_streams import GIB, PAGE, many_blocks, opening, pages_section
 
 from qmig.sparse import ZeroedBuffer, zeroed
@@ -47,6 +47,14 @@ def test_inspect_of_a_tib_claim_counts_pages_without_sizing_by_it(tmp_path: Path
     path = tmp_path / "claim.mig"
     path.write_bytes(opening(ONE_TIB_BLOCK) + SPREAD)
     outcome = inspect(path, "--json")
+    outcome.check_error("stream", "unexpected end of stream")
+    outcome.check_bounded()
+
+
+def test_the_machine_tracks_a_tib_claim_by_the_pages_that_came(tmp_path: Path) -> None:
+    path = tmp_path / "claim.mig"
+    path.write_bytes(many_blocks(4096, GIB) + pages_section("ram7", [0, GIB - PAGE]))
+    outcome = machine(path)
     outcome.check_error("stream", "unexpected end of stream")
     outcome.check_bounded()
 
