@@ -12,18 +12,27 @@ what has arrived.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any, cast
 
+from qmig.errors import HostSupportError
+
+# The mmap module names it from Python 3.12 on; 0x4000 on Linux's common architectures.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
 SMALL = 4096  # below one page, a plain bytearray (a mapping takes whole pages)
-_COUNT_CHUNK = 1 << 20
+_COUNT_CHUNK = 4 << 20
 
 
 class ZeroedBuffer(mmap.mmap):
     """An anonymous mapping with the bytearray methods qmig's per-page maps use."""
 
     def __new__(cls, size: int) -> ZeroedBuffer:
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+        flags = mmap.MAP_PRIVATE | MAP_NORESERVE
         return super().__new__(cls, -1, size, flags=flags)
 
     def find(self, sub: Any, start: int | None = None, end: int | None = None) -> int:
@@ -31,12 +40,52 @@ class ZeroedBuffer(mmap.mmap):
         return super().find(needle, *_bounds(self, start, end))
 
     def count(self, value: int) -> int:
-        """How many bytes equal ``value`` (read chunk by chunk: nothing becomes resident)."""
+        """How many bytes equal ``value``. Only chunks with a page in memory are read (see
+        :func:`_mapped_chunks`): the rest were never written, so they hold zeros, and a
+        claim of terabytes is counted in moments."""
         needle = bytes((value,))
-        total = 0
-        for at in range(0, len(self), _COUNT_CHUNK):
-            total += self[at : at + _COUNT_CHUNK].count(needle)
-        return total
+        total, unread = 0, 0
+        for at, mapped in _mapped_chunks(self):
+            end = min(at + _COUNT_CHUNK, len(self))
+            if mapped:
+                total += self[at:end].count(needle)
+            else:
+                unread += end - at
+        return total + (unread if value == 0 else 0)
+
+
+def _mapped_chunks(buffer: ZeroedBuffer) -> Iterator[tuple[int, bool]]:
+    """(offset, whether any page of it is mapped) for each _COUNT_CHUNK of ``buffer``, from
+    mincore(2); without it, every chunk is said to be mapped."""
+    size, page = len(buffer), mmap.PAGESIZE
+    if _libc is None:
+        yield from ((at, True) for at in range(0, size, _COUNT_CHUNK))
+        return
+    anchor = ctypes.c_char.from_buffer(buffer)
+    base = ctypes.addressof(anchor)
+    vector = (ctypes.c_ubyte * (_COUNT_CHUNK // page))()
+    try:
+        for at in range(0, size, _COUNT_CHUNK):
+            length = min(_COUNT_CHUNK, size - at)
+            if _libc.mincore(ctypes.c_void_p(base + at), ctypes.c_size_t(length), vector):
+                yield at, True
+            else:
+                pages = -(-length // page)
+                yield at, bytes(vector)[:pages].count(0) != pages
+    finally:
+        del anchor  # releases the buffer export, so that the mapping can close
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()
 
 
 def _bounds(buffer: mmap.mmap, start: int | None, end: int | None) -> tuple[int, int]:
@@ -52,4 +101,12 @@ def zeroed(size: int) -> bytearray:
     ``find``, ``count``, ``len`` and the writable buffer protocol), not resizing."""
     if size < SMALL:
         return bytearray(size)
-    return cast(bytearray, ZeroedBuffer(size))
+    try:
+        return cast(bytearray, ZeroedBuffer(size))
+    except (OSError, OverflowError) as error:
+        # Even address space runs out: a claim beyond what the host can map at all.
+        code = error.errno if isinstance(error, OSError) else None
+        reason = os.strerror(code) if code else "too large"
+        raise HostSupportError(
+            "memory", f"cannot map {size} bytes of per-page state ({reason})"
+        ) from None

@@ -7,11 +7,12 @@ times, inspect's page kinds) is sized by the claim, and all of them are mapped l
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from hostile_run import inspect, machine, receive, sender
-from hostile_streams import GIB, PAGE, many_blocks, opening, pages_section
+from hostile_streams import GIB, PAGE, S, many_blocks, opening, pages_section
 
 from qmig.sparse import ZeroedBuffer, zeroed
 from qmig.wire import messages as m
@@ -22,6 +23,7 @@ TIB = 1 << 40
 ONE_TIB_BLOCK = (m.RamBlockInfo("pc.ram", TIB),)
 # Pages at the start, the middle and the end of the 1 TiB block.
 SPREAD = pages_section("pc.ram", [0, TIB // 2, TIB - PAGE])
+EOF = bytes(S.eof.build(m.Eof()))
 
 
 def test_thousand_4_gib_blocks_cost_no_memory() -> None:
@@ -51,6 +53,23 @@ def test_inspect_of_a_tib_claim_counts_pages_without_sizing_by_it(tmp_path: Path
     outcome.check_bounded()
 
 
+def test_a_claim_beyond_the_address_space_is_one_line() -> None:
+    outcome = receive(sender(opening((m.RamBlockInfo("pc.ram", 1 << 60),))))
+    outcome.check_error("memory", r"cannot map \d+ bytes of per-page state")
+    outcome.check_bounded()
+
+
+def test_inspect_counts_a_64_tib_claim_in_moments(tmp_path: Path) -> None:
+    """A byte per page of 64 TiB is 16 GiB of page kinds: only the pages written are read."""
+    path = tmp_path / "claim.mig"
+    path.write_bytes(opening((m.RamBlockInfo("pc.ram", 64 * TIB),)) + SPREAD + EOF)
+    outcome = inspect(path, "--json")
+    assert outcome.status == 0, outcome.stderr
+    figures = json.loads(outcome.stdout)["ram_blocks"]["pc.ram"]
+    assert figures["distinct_pages"] == 3 and figures["used_length"] == 64 * TIB
+    outcome.check_bounded()
+
+
 def test_the_machine_tracks_a_tib_claim_by_the_pages_that_came(tmp_path: Path) -> None:
     path = tmp_path / "claim.mig"
     path.write_bytes(many_blocks(4096, GIB) + pages_section("ram7", [0, GIB - PAGE]))
@@ -64,6 +83,7 @@ def test_zeroed_buffers_behave_like_bytearrays() -> None:
     assert isinstance(small, bytearray) and isinstance(large, ZeroedBuffer)
     for buffer in (small, large):
         assert buffer.find(1) == -1 and buffer.find(0, 5, 10) == 5
+        assert buffer.count(0) == len(buffer)
         buffer[77] = 2
         assert buffer.find(2) == 77 and buffer.count(2) == 1 and buffer[77] == 2
         assert buffer.count(0) == len(buffer) - 1
