@@ -342,6 +342,10 @@ def connect(uri: str | Address, timeout: float | None = 30.0) -> Connection:
                 sock.close()
                 raise
     except OSError as error:
+        if isinstance(error, TimeoutError) and error.errno is None and timeout is not None:
+            raise TransportError(
+                str(address), f"connect timeout {timeout:g} s: no answer from the other side"
+            ) from None
         raise TransportError(str(address), describe(error)) from None
     sock.settimeout(None)
     _tune(sock)
