@@ -38,6 +38,16 @@ def test_4096_1_gib_blocks_cost_no_memory() -> None:
     outcome.check_bounded()
 
 
+def test_listen_registers_4_tib_of_claimed_blocks_without_memory() -> None:
+    """At LISTEN every block is swept, registered with userfaultfd and given its per-page
+    placement times: all sized by the claim, none of it resident."""
+    advise = S.build_command(m.PostcopyAdvise(PAGE, PAGE))
+    listen = S.build_packaged(S.build_command(m.PostcopyListen()))
+    outcome = receive(sender(many_blocks(1000, 4 * GIB) + advise + listen, hold=0.5))
+    outcome.check_error("stream", "unexpected end of stream during LISTENING")
+    outcome.check_bounded()
+
+
 def test_one_tib_block_is_mapped_and_pages_land_anywhere_in_it() -> None:
     outcome = receive(sender(opening(ONE_TIB_BLOCK) + SPREAD))
     match = outcome.check_error("stream", "unexpected end of stream during precopy")
