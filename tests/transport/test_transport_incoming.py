@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,17 @@ def test_other_channel_kinds_are_kept_for_later(listener: Listener) -> None:
         acceptor.close()
         other.close()
         main.close()
+
+
+def test_unix_sockets_are_sorted_the_same_way(tmp_path: Path) -> None:
+    with listen(f"unix:{tmp_path / 'mig.sock'}") as bound:
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(str(tmp_path / "mig.sock"))
+        real = socket.socket(socket.AF_UNIX)
+        real.connect(str(tmp_path / "mig.sock"))
+        real.sendall(HEADER + b"x")
+        with accept_migration(bound, HEADER, 5, handshake_timeout=3) as connection:
+            assert connection.recv_exactly(len(HEADER) + 1) == HEADER + b"x"
+        assert closed_by_qmig(silent, 1)
+        silent.close()
+        real.close()
