@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from qmig.sparse import zeroed
 from qmig.wire import messages as m
 from qmig.wire.ramscan import RamScanner
 from qmig.wire.reader import END, NEED_DATA, Record, ReturnPathReader, StreamReader
@@ -48,7 +49,10 @@ class BlockFigures:
 
     def ensure_pages(self, pages: int) -> None:
         if len(self.state) < pages:
-            self.state.extend(bytes(pages - len(self.state)))
+            # Resident only where pages arrive: MEM_SIZE may claim terabytes (qmig.sparse).
+            grown = zeroed(pages)
+            grown[: len(self.state)] = self.state
+            self.state = grown
 
     def as_json(self) -> dict[str, Any]:
         distinct = len(self.state) - self.state.count(0)

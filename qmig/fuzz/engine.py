@@ -7,6 +7,13 @@ MemoryError instead of taking the machine). A finding is anything but a verdict:
 exception other than :class:`~qmig.errors.QmigError`, an oracle's assertion, a hang or
 MemoryError. Each distinct finding (by exception type and the innermost qmig frame) is
 minimised by delta debugging and written as a reproducer file plus one summary line.
+
+A verdict can be a finding too, by what it cost (:class:`Budgets`, the resource oracle): an
+input that made the process's peak memory grow by more than the memory budget (the
+kernel's high-water mark, reset before each run), or whose untraced run took longer than
+the time budget, is reported like a crash, as ``memory`` or ``slow``: a stream of a few
+bytes must not cost what its claims say. Memory findings are minimised; slow ones are not
+(every attempt would take the budget's time).
 """
 
 from __future__ import annotations
@@ -34,6 +41,19 @@ TIME_LIMIT = 2.0  # seconds per input (the slowest real input runs in millisecon
 MEMORY_BOUND = 1 << 30  # address space a campaign may add (bytes)
 MINIMISE_SECONDS = 20.0
 MAX_CORPUS = 4096
+MEMORY_BUDGET = 64 << 20  # peak memory one input may add (bytes): ~8x the largest record
+TIME_BUDGET = 1.0  # wall seconds one untraced run may take (real inputs: milliseconds)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What one input may cost before it is a finding; None: not checked."""
+
+    memory: int | None = MEMORY_BUDGET
+    seconds: float | None = TIME_BUDGET
+
+
+NO_BUDGETS = Budgets(None, None)
 
 
 class Hang(BaseException):
@@ -44,7 +64,7 @@ class Hang(BaseException):
 
 @dataclass
 class Finding:
-    kind: str  # crash | oracle | hang | memory
+    kind: str  # crash | oracle | hang | memory | slow
     signature: str
     summary: str  # one line
     data: bytes = field(repr=False)
@@ -146,6 +166,40 @@ def memory_bound(extra: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+class PeakMemory:
+    """How much a block of code raised this process's resident memory at its peak.
+
+    Linux keeps a high-water mark of resident memory (VmHWM) and resets it to the current
+    size when ``5`` is written to /proc/self/clear_refs; where that is refused, the growth
+    seen is only what went past the process's earlier peak (never more than the truth)."""
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            reset = True
+        except OSError:
+            reset = False
+        before = _status_kib("VmRSS")
+        self.floor = before if reset else max(before, _status_kib("VmHWM"))
+        self.growth = 0  # bytes
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.growth = max(0, _status_kib("VmHWM") - self.floor) * 1024
+
+
+def _status_kib(field_name: str) -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def signature(error: BaseException) -> str:
     """What makes two failures the same bug: the exception type and the innermost qmig frame."""
     frames = [
@@ -170,19 +224,24 @@ def execute(
     *,
     limit: float = TIME_LIMIT,
     coverage: Coverage | None = None,
+    budgets: Budgets = Budgets(),
 ) -> Outcome:
-    """Run one input under the time limit; a finding instead of a verdict if it fails."""
+    """Run one input under the time limit; a finding instead of a verdict if it fails, or
+    if it cost more than ``budgets`` allow."""
     try:
-        with time_limit(limit):
+        with time_limit(limit), PeakMemory() as memory:
+            started = time.monotonic()
             if coverage is None:
-                return Outcome(target.check(data, version), None)
-            verdict, new = coverage.run(target.check, data, version)
-            return Outcome(verdict, None, new)
+                outcome = Outcome(target.check(data, version), None)
+            else:
+                verdict, new = coverage.run(target.check, data, version)
+                outcome = Outcome(verdict, None, new)
+            took = time.monotonic() - started
     except Hang:
         if coverage is not None:
             # Tracing slows a run several times over: only an untraced run that also takes
             # too long (with room for a busy machine) is a hang.
-            again = execute(target, data, version, limit=3 * limit)
+            again = execute(target, data, version, limit=3 * limit, budgets=NO_BUDGETS)
             if again.finding is None or again.finding.kind != "hang":
                 return again
         return Outcome(
@@ -196,6 +255,40 @@ def execute(
         detail = str(error).splitlines()[0] if str(error) else ""
         summary = f"{signature(error)}: {type(error).__name__}: {detail}"
         return Outcome(None, Finding("crash", signature(error), summary, data))
+    return _within_budgets(outcome, memory.growth, took, target, data, version, limit, budgets)
+
+
+def _within_budgets(
+    outcome: Outcome,
+    growth: int,
+    took: float,
+    target: Target,
+    data: bytes,
+    version: str | None,
+    limit: float,
+    budgets: Budgets,
+) -> Outcome:
+    """The resource oracle: the verdict, or a finding if the run cost too much."""
+    verdict = outcome.verdict
+    assert verdict is not None
+    how = verdict.what or "accepted"
+    if budgets.memory is not None and growth > budgets.memory:
+        summary = (
+            f"peak memory grew by {growth >> 20} MiB, over the {budgets.memory >> 20} MiB "
+            f"budget: {verdict.line()}"
+        )
+        return Outcome(None, Finding("memory", f"memory {how}", summary, data))
+    if budgets.seconds is not None and took > budgets.seconds:
+        # Coverage tracing slows a run several times over: time an untraced run.
+        again = time.monotonic()
+        rerun = execute(target, data, version, limit=limit, budgets=NO_BUDGETS)
+        took = time.monotonic() - again
+        if rerun.finding is not None:
+            return rerun
+        if took > budgets.seconds:
+            summary = f"took {took:.2f} s, over the {budgets.seconds:g} s budget: {verdict.line()}"
+            return Outcome(None, Finding("slow", f"slow {how}", summary, data))
+    return outcome
 
 
 # --- minimising --------------------------------------------------------------------------
@@ -282,8 +375,11 @@ class Campaign:
         limit: float = TIME_LIMIT,
         memory: int = MEMORY_BOUND,
         guided: bool = True,
+        budgets: Budgets = Budgets(),
+        minimise_seconds: float = MINIMISE_SECONDS,
     ) -> None:
         self.target = target
+        self.minimise_seconds = minimise_seconds
         self.version = version
         self.rng = random.Random(seed)
         self.mutator = Mutator(self.rng, dictionary, target.channel)
@@ -293,6 +389,7 @@ class Campaign:
         self.corpus_dir = corpus_dir
         self.limit = limit
         self.memory = memory
+        self.budgets = budgets
         self.coverage = Coverage() if guided else None
         self.report = CampaignReport(target.name, schema_for(version).profile.name, seed)
         self.report.seeds = len(self.corpus)
@@ -339,7 +436,10 @@ class Campaign:
         return self.mutator.mutate(parent, self.corpus)
 
     def _one(self, data: bytes, keep: bool) -> None:
-        outcome = execute(self.target, data, self.version, limit=self.limit, coverage=self.coverage)
+        outcome = execute(
+            self.target, data, self.version, limit=self.limit, coverage=self.coverage,
+            budgets=self.budgets,
+        )  # fmt: skip
         self.report.runs += 1
         if self.coverage is not None:
             self.report.edges = len(self.coverage.edges)
@@ -370,12 +470,20 @@ class Campaign:
             return
         self._seen.add(finding.signature)
 
+        def run(candidate: bytes) -> Outcome:
+            return execute(
+                self.target, candidate, self.version, limit=self.limit, budgets=self.budgets
+            )
+
         def still_fails(candidate: bytes) -> bool:
-            again = execute(self.target, candidate, self.version, limit=self.limit)
+            again = run(candidate)
             return again.finding is not None and again.finding.signature == finding.signature
 
-        small = minimise(finding.data, still_fails)
-        final = execute(self.target, small, self.version, limit=self.limit).finding or finding
+        cheap = finding.kind != "slow"  # each attempt at a slow one takes its budget's time
+        small = (
+            minimise(finding.data, still_fails, self.minimise_seconds) if cheap else finding.data
+        )
+        final = (run(small).finding if cheap else None) or finding
         final.data = small
         if self.out is not None:
             final.path = write_reproducer(self.out, self.target, final, self.version)

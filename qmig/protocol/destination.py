@@ -18,9 +18,8 @@ and queues SHUT(1); calls after that raise :class:`~qmig.errors.LocalProtocolErr
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from qmig.errors import (
     IllegalStateError,
@@ -40,6 +39,7 @@ from qmig.protocol.states import (
     destination_rules,
     is_postcopy_running,
 )
+from qmig.sparse import zeroed
 from qmig.wire import messages as m
 from qmig.wire.discard import DiscardRanges, apply_to_state
 from qmig.wire.page_requests import PageRequests
@@ -54,28 +54,19 @@ class BlockTracker:
     info: m.RamBlockInfo
     page_size: int
     target_page_size: int
-    state: bytearray = field(repr=False, default_factory=bytearray)  # per target page: 0 = missing
+    # Per target page: 0 = missing.
+    state: bytearray = field(repr=False, default_factory=bytearray)
     requested: set[int] = field(default_factory=set)  # host-page offsets asked for
     discarded_pages: int = 0
 
     def __post_init__(self) -> None:
-        self.state = _page_states(-(-self.info.used_length // self.target_page_size))
+        # Resident only where pages arrive: MEM_SIZE may claim terabytes (qmig.sparse).
+        self.state = zeroed(-(-self.info.used_length // self.target_page_size))
 
     def host_page_present(self, host_offset: int) -> bool:
         first = host_offset // self.target_page_size
         count = self.page_size // self.target_page_size
         return self.state.find(b"\0", first, first + count) < 0
-
-
-def _page_states(count: int) -> bytearray:
-    """``count`` zero bytes in an anonymous mapping, not a bytearray: the kernel provides its
-    pages as they are first written, so a block announced large costs address space, not
-    memory, until its pages arrive (a bytearray is zero-filled at once). The C helpers take
-    any writable buffer; a mapping has the bytearray methods the machine uses."""
-    if count == 0:
-        return bytearray()
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-    return cast(bytearray, mmap.mmap(-1, count, flags=flags))
 
 
 class Destination:

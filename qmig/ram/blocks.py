@@ -50,6 +50,7 @@ from qmig.ram.uffd import (
     missing,
     place_pages,
 )
+from qmig.sparse import zeroed
 
 HOST_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
@@ -87,7 +88,8 @@ class PageBitmap:
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
-        self._bytes = bytearray((bits + 7) // 8)
+        # Sized by the block's claimed length: memory only where bits are set (qmig.sparse).
+        self._bytes = zeroed((bits + 7) // 8)
         self.cdata: Any = ffi.from_buffer("uint8_t[]", self._bytes)
 
     def __len__(self) -> int:
@@ -298,7 +300,7 @@ class RamBlock:
             )
         # When each host page went in: the fault thread's latency, per page, even for pages
         # placed in the middle of a long run.
-        self._placed_ns = ffi.new("uint64_t[]", self.host_pages)
+        self._placed_ns = self._zeroed_times()
         with self._place_lock:
             self._c.placed_ns = self._placed_ns
             self._c.fd = uffd.fd
@@ -308,11 +310,17 @@ class RamBlock:
     def attach_handed_over(self, uffd: Userfaultfd) -> None:
         """Place into another process's block through the descriptor it handed over (it has
         registered the block already)."""
-        self._placed_ns = ffi.new("uint64_t[]", self.host_pages)
+        self._placed_ns = self._zeroed_times()
         with self._place_lock:
             self._c.placed_ns = self._placed_ns
             self._c.fd = uffd.fd
         self.uffd = uffd
+
+    def _zeroed_times(self) -> Any:
+        """One uint64 per host page, resident only where a page was placed (qmig.sparse)."""
+        times = zeroed(8 * self.host_pages)
+        self._keep.append(times)  # C points into it
+        return ffi.from_buffer("uint64_t[]", times)
 
     def detach(self) -> None:
         """Unregister. Threads still waiting on missing pages are woken onto zero pages."""
@@ -340,7 +348,9 @@ class RamBlock:
         regions: Any = ffi.NULL
         if enabled and self.uffd is None and not self._detached and maps_huge_zero_page():
             first = self.host_address & ~(REGION - 1)
-            regions = ffi.new("uint8_t[]", (self.end_address - 1 - first) // REGION + 1)
+            regions = ffi.from_buffer(
+                "uint8_t[]", zeroed((self.end_address - 1 - first) // REGION + 1)
+            )
         with self._place_lock:
             self._c.regions = regions
         # Kept alive while C may point to it: a 4 KiB block's placement takes no lock.

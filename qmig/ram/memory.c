@@ -23,7 +23,9 @@
    zero page). */
 uint64_t qmig_map_anon(uint64_t len, uint64_t huge_page_size, int *err)
 {
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+    /* NORESERVE: a claimed block costs address space, not commit; memory follows pages.
+     * Huge pages keep their reservation, so that too few of them fail here, not by SIGBUS. */
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS | (huge_page_size ? 0 : MAP_NORESERVE);
     if (huge_page_size)
         flags |= MAP_HUGETLB | ((__builtin_ctzll(huge_page_size)) << MAP_HUGE_SHIFT);
     uint64_t slack = huge_page_size || len < QMIG_REGION ? 0 : QMIG_REGION;

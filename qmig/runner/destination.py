@@ -23,7 +23,7 @@ from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
-from qmig.transport import Connection
+from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
 
 RECV_CHUNK = 1 << 20
@@ -94,8 +94,8 @@ class DestinationRunner:
     def run(self) -> DestinationReport:
         self.report.started = time.monotonic()
         buffer = bytearray(RECV_CHUNK)
-        if self.connection.socket is not None:
-            self.connection.socket.settimeout(self.idle_timeout)
+        if self.connection.meter is None:  # the caller's limits, or at least the idle one
+            self.connection.set_limits(Limits(self.idle_timeout, peer="the source"))
         try:
             while not self.completed:
                 count = self._receive(buffer)

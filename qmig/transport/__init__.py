@@ -1,15 +1,22 @@
 """Byte transports for migration streams: URI parsing, listening and connecting."""
 
 from qmig.transport.connection import Connection, Listener, connect, limit_buffers, listen
+from qmig.transport.incoming import Acceptor, ChannelRule, accept_migration
+from qmig.transport.limits import LimitExceeded, Limits
 from qmig.transport.uri import Address, FileAddress, TcpAddress, UnixAddress, parse_uri
 
 __all__ = [
+    "Acceptor",
     "Address",
+    "ChannelRule",
     "Connection",
     "FileAddress",
+    "LimitExceeded",
+    "Limits",
     "Listener",
     "TcpAddress",
     "UnixAddress",
+    "accept_migration",
     "connect",
     "limit_buffers",
     "listen",

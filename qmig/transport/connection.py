@@ -12,10 +12,14 @@ import contextlib
 import errno
 import io
 import os
+import select
 import socket
 
 from qmig.errors import TransportError
+from qmig.transport.limits import Limits, Meter
 from qmig.transport.uri import Address, FileAddress, TcpAddress, UnixAddress, parse_uri
+
+BEHIND_READ = 1 << 16
 
 _REASONS = {
     errno.EADDRINUSE: "address already in use",
@@ -44,13 +48,28 @@ class Connection:
     """One end of a migration byte stream (a socket, or a file for one-way streams)."""
 
     def __init__(
-        self, name: str, sock: socket.socket | None = None, file: io.BufferedIOBase | None = None
+        self,
+        name: str,
+        sock: socket.socket | None = None,
+        file: io.BufferedIOBase | None = None,
+        *,
+        prefix: bytes = b"",
     ):
+        """``prefix``: bytes already read from the socket (a listener examined them), which
+        reads return first."""
         if (sock is None) == (file is None):
             raise ValueError("a Connection wraps exactly one socket or one file")
         self.name = name
         self.socket = sock
         self._file = file
+        self._prefix = prefix
+        self.meter: Meter | None = None
+
+    def set_limits(self, limits: Limits) -> Meter:
+        """Bound every read and blocked write from now on (see :mod:`qmig.transport.limits`);
+        the returned meter's ``start()`` begins a new phase. Files are not bounded."""
+        self.meter = Meter(self.name, limits, self.socket)
+        return self.meter
 
     def fileno(self) -> int:
         if self.socket is not None:
@@ -60,6 +79,16 @@ class Connection:
 
     def recv_into(self, buffer: memoryview | bytearray) -> int:
         """Read up to ``len(buffer)`` bytes; 0 means the peer finished sending."""
+        if self._prefix:
+            count = min(len(buffer), len(self._prefix))
+            buffer[:count] = self._prefix[:count]
+            self._prefix = self._prefix[count:]
+            if self.meter is not None:
+                self.meter.got(count)
+            return count
+        meter = self.meter
+        if meter is not None and self.socket is not None:
+            return self._recv_bounded(buffer, meter)
         try:
             if self.socket is not None:
                 return self.socket.recv_into(buffer)
@@ -67,6 +96,36 @@ class Connection:
             return self._file.readinto(buffer) or 0
         except OSError as error:
             raise TransportError(self.name, describe(error)) from None
+
+    def _recv_bounded(self, buffer: memoryview | bytearray, meter: Meter) -> int:
+        """recv_into, looking at every limit at least every WAIT_SLICE while it waits.
+
+        The socket is polled first and read only once readable: a socket in timeout mode
+        (``settimeout``) would otherwise wait inside Python for its own timeout."""
+        assert self.socket is not None
+        poller = select.poll()
+        poller.register(self.socket, select.POLLIN)
+        meter.begin_wait()
+        try:
+            while True:
+                meter.check(reading=True)
+                if not poller.poll(meter.wait_slice() * 1000):
+                    continue
+                # While the peer lags behind what it was sent, read in small pieces, so that
+                # the limits are looked at again soon (a flood of tiny records takes seconds
+                # per MiB to handle).
+                size = min(len(buffer), BEHIND_READ) if meter.behind else len(buffer)
+                try:
+                    count = self.socket.recv_into(buffer, size, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError as error:
+                    raise TransportError(self.name, describe(error)) from None
+                meter.end_wait()
+                meter.got(count)
+                return count
+        finally:
+            meter.end_wait()
 
     def recv_exactly(self, size: int) -> bytes:
         """Read exactly ``size`` bytes or raise TransportError (peer closed the connection)."""
@@ -83,6 +142,9 @@ class Connection:
         return bytes(buffer)
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        if self.meter is not None and self.socket is not None:
+            self._send_bounded(memoryview(data).cast("B"), self.meter)
+            return
         try:
             if self.socket is not None:
                 self.socket.sendall(data)
@@ -91,6 +153,25 @@ class Connection:
                 self._file.write(data)
         except OSError as error:
             raise TransportError(self.name, describe(error)) from None
+
+    def _send_bounded(self, data: memoryview, meter: Meter) -> None:
+        """sendall, where a peer that takes nothing is noticed within the idle limit."""
+        assert self.socket is not None
+        poller = select.poll()
+        poller.register(self.socket, select.POLLOUT)
+        while data:
+            sent = 0
+            if poller.poll(0) or poller.poll(meter.wait_slice() * 1000):
+                try:
+                    sent = self.socket.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+                except OSError as error:
+                    raise TransportError(self.name, describe(error)) from None
+            meter.put(sent)
+            data = data[sent:]
+            if data:
+                meter.check(reading=False)
 
     def send_some(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the socket takes now, without blocking; 0 when its buffer is full.
@@ -215,8 +296,11 @@ def _open_file(address: FileAddress, writing: bool) -> Connection:
     return Connection(str(address), file=handle)
 
 
-def listen(uri: str | Address, backlog: int = 1) -> Listener:
-    """Bind and listen on ``uri`` (``tcp:HOST:0`` picks a free port: see ``Listener.address``)."""
+def listen(uri: str | Address, backlog: int = 16) -> Listener:
+    """Bind and listen on ``uri`` (``tcp:HOST:0`` picks a free port: see ``Listener.address``).
+
+    The backlog leaves room for connections that are not the migration (see
+    :mod:`qmig.transport.incoming`): they wait their turn in the kernel, not in front of it."""
     address = parse_uri(uri) if isinstance(uri, str) else uri
     if isinstance(address, FileAddress):
         return Listener(address, None)
@@ -258,6 +342,10 @@ def connect(uri: str | Address, timeout: float | None = 30.0) -> Connection:
                 sock.close()
                 raise
     except OSError as error:
+        if isinstance(error, TimeoutError) and error.errno is None and timeout is not None:
+            raise TransportError(
+                str(address), f"connect timeout {timeout:g} s: no answer from the other side"
+            ) from None
         raise TransportError(str(address), describe(error)) from None
     sock.settimeout(None)
     _tune(sock)

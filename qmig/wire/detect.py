@@ -176,6 +176,8 @@ def prefix_hint(error: QmigError, used: str, prefix: bytes) -> str | None:
         if found is not None:
             return found
     detection = detect(prefix)
+    if not detection.readers:
+        return None  # no profile reads these bytes: no other version would do better
     if detection.version != used and used not in detection.readers:
         return f"its first bytes read as QEMU {detection.version} ({detection.evidence})"
     if detection.version != used and detection.evidence.startswith(("machine", "the PING")):

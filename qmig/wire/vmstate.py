@@ -41,6 +41,15 @@ LeafDecoder: TypeAlias = Callable[[Buffer, int, int], object]
 SUBSECTION_MARKER = 0x05
 NULL_POINTER_PLACEHOLDER = 0x30  # QEMU writes the character '0' in place of a NULL element
 
+# Bounds on what a VMDESCRIPTION can make qmig do. A description is sent by the peer: a field
+# of 0 bytes repeated 2^40 times holds nothing but would take 2^40 values to decode, and
+# nesting would take as many stack frames. QEMU's own descriptions nest a handful of levels
+# and a pc machine's devices decode to a few thousand values.
+MAX_DEPTH = 32  # structs and subsections inside one another
+MAX_VALUES = 1 << 20  # decoded values per device (each element of each array counts one)
+ZERO_SIZE_ALLOWANCE = 1 << 12  # values beyond the payload's bytes (elements of 0 bytes)
+RAW_BYTES_PER_VALUE = 16  # an undecoded field counts one value per this many bytes
+
 __all__ = [
     "DeviceDescription",
     "FieldDescription",
@@ -162,6 +171,8 @@ class VmDescription:
             document = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise VmstateError(f"JSON does not parse: {error}") from error
+        except RecursionError:
+            raise VmstateError("JSON nested too deeply to parse") from None
         if not isinstance(document, dict):
             raise VmstateError("JSON is not an object")
         page_size = _optional_int(document, "page_size", "JSON")
@@ -219,17 +230,19 @@ def _parse_device(raw: object, number: int) -> DeviceDescription:
     where = f"device #{number} ({name!r})"
     instance_id = _require_count(raw, "instance_id", where)
     size = _optional_int(raw, "size", where)
-    return DeviceDescription(name, instance_id, _parse_struct(raw, where), size)
+    return DeviceDescription(name, instance_id, _parse_struct(raw, where, 0), size)
 
 
 def _parse_configuration(raw: object) -> StructDescription | None:
     # Only newer QEMUs describe the CONFIGURATION section; its absence is normal.
     if not isinstance(raw, dict) or "fields" not in raw:
         return None
-    return _parse_struct(raw, "configuration")
+    return _parse_struct(raw, "configuration", 0)
 
 
-def _parse_struct(raw: Mapping[str, object], where: str) -> StructDescription:
+def _parse_struct(raw: Mapping[str, object], where: str, depth: int) -> StructDescription:
+    if depth > MAX_DEPTH:
+        raise VmstateError(f"{where}: structs nested more than {MAX_DEPTH} deep")
     vmsd_name = raw.get("vmsd_name", "")
     if not isinstance(vmsd_name, str):
         raise VmstateError(f"{where}: 'vmsd_name' must be a string, got {vmsd_name!r}")
@@ -239,21 +252,21 @@ def _parse_struct(raw: Mapping[str, object], where: str) -> StructDescription:
     return StructDescription(
         vmsd_name,
         version,
-        tuple(_parse_field(entry, where) for entry in fields),
-        tuple(_parse_subsection(entry, where) for entry in subsections),
+        tuple(_parse_field(entry, where, depth) for entry in fields),
+        tuple(_parse_subsection(entry, where, depth) for entry in subsections),
     )
 
 
-def _parse_subsection(raw: object, where: str) -> StructDescription:
+def _parse_subsection(raw: object, where: str, depth: int) -> StructDescription:
     if not isinstance(raw, dict):
         raise VmstateError(f"{where}: a subsection is not an object: {raw!r}")
     name = raw.get("vmsd_name")
     if not isinstance(name, str) or not name:
         raise VmstateError(f"{where}: a subsection has no 'vmsd_name'")
-    return _parse_struct(raw, f"{where} subsection {name!r}")
+    return _parse_struct(raw, f"{where} subsection {name!r}", depth + 1)
 
 
-def _parse_field(raw: object, parent: str) -> FieldDescription:
+def _parse_field(raw: object, parent: str, depth: int) -> FieldDescription:
     if not isinstance(raw, dict):
         raise VmstateError(f"{parent}: a field is not an object: {raw!r}")
     name = _require_str(raw, "name", parent)
@@ -264,23 +277,25 @@ def _parse_field(raw: object, parent: str) -> FieldDescription:
     index = _optional_int(raw, "index", where)
     if array_len is not None and index is not None:
         raise VmstateError(f"{where}: has both 'array_len' and 'index'")
-    layout = _nested_layout(raw, where, size)
+    layout = _nested_layout(raw, where, size, depth)
     try:
         return FieldDescription(name, kind, size, array_len, index, layout)
     except ValueError as error:
         raise VmstateError(f"{where}: {error}") from None
 
 
-def _nested_layout(raw: Mapping[str, object], where: str, size: int) -> StructDescription | None:
+def _nested_layout(
+    raw: Mapping[str, object], where: str, size: int, depth: int
+) -> StructDescription | None:
     nested = raw.get("struct")
     if nested is not None:
         if not isinstance(nested, dict):
             raise VmstateError(f"{where}: 'struct' must be an object, got {nested!r}")
         if "fields" not in nested and size == 1:
             return None  # a NULL element of a pointer array: QEMU opened the struct, wrote '0'
-        return _parse_struct(nested, where)
+        return _parse_struct(nested, where, depth + 1)
     if "fields" in raw:
-        return _parse_struct(raw, where)  # types like "tmp" inline their vmsd in the field
+        return _parse_struct(raw, where, depth + 1)  # "tmp" and others inline their vmsd
     return None
 
 
@@ -421,8 +436,9 @@ def decode_device(
         raise VmstateError(
             f"device {desc.name!r}: payload start {pos} outside 0..{end}", pos, what="SECTION_FULL"
         )
+    budget = _Budget(end - pos)
     try:
-        next_pos, tree = _decode_struct(desc.state, data, pos, end)
+        next_pos, tree = _decode_struct(desc.state, data, pos, end, budget)
         if desc.size is not None and next_pos - pos != desc.size:
             raise _Failure(f"payload is {next_pos - pos} bytes, description says {desc.size}", pos)
     except _Failure as failure:
@@ -435,34 +451,70 @@ def decode_device(
     return next_pos - pos, tree
 
 
+class _Budget:
+    """What is left of one device's decoding bounds: values to produce, levels to enter."""
+
+    def __init__(self, payload: int) -> None:
+        self.payload = payload  # bytes the payload can hold at most
+        self.limit = min(MAX_VALUES, 4 * payload + ZERO_SIZE_ALLOWANCE)
+        self.values = self.limit
+        self.depth = -1  # the device itself is level 0, as in the description
+
+    def spend(self, entry: FieldDescription, pos: int) -> None:
+        per_element = 1
+        if entry.layout is None and entry._array_code is None:
+            per_element += entry.size // RAW_BYTES_PER_VALUE
+        cost = entry.count * per_element
+        if cost > self.values:
+            raise _Failure(
+                f"{entry.count} elements of {entry.size} bytes: more than the {self.limit} "
+                f"values qmig decodes from a payload of at most {self.payload} bytes",
+                pos,
+            )
+        self.values -= cost
+
+    def enter(self, pos: int) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Failure(f"structs nested more than {MAX_DEPTH} deep", pos)
+
+
 def _decode_struct(
-    desc: StructDescription, data: Buffer, pos: int, end: int
+    desc: StructDescription, data: Buffer, pos: int, end: int, budget: _Budget
 ) -> tuple[int, dict[str, object]]:
+    budget.enter(pos)
     tree: dict[str, object] = {}
     for entry in desc.fields:
         try:
-            pos = _decode_field(entry, data, pos, end, tree)
+            pos = _decode_field(entry, data, pos, end, tree, budget)
         except _Failure as failure:
             raise failure.within("field", entry.name) from None
     for subsection in desc.subsections:
         try:
-            pos, value = _decode_subsection(subsection, data, pos, end)
+            pos, value = _decode_subsection(subsection, data, pos, end, budget)
         except _Failure as failure:
             raise failure.within("subsection", subsection.vmsd_name) from None
         key = subsection.vmsd_name
         tree[key if key not in tree else f"{key} (subsection)"] = value
+    budget.depth -= 1
     return pos, tree
 
 
 def _decode_field(
-    entry: FieldDescription, data: Buffer, pos: int, end: int, tree: dict[str, object]
+    entry: FieldDescription,
+    data: Buffer,
+    pos: int,
+    end: int,
+    tree: dict[str, object],
+    budget: _Budget,
 ) -> int:
     needed = entry.wire_size
     if needed > end - pos:
         failure = _Failure(f"needs {needed} bytes, {end - pos} left", pos, short=True)
         raise failure if entry.index is None else failure.within("element", entry.index)
+    budget.spend(entry, pos)
     if entry.layout is not None:
-        value = _decode_struct_elements(entry, entry.layout, data, pos, end)
+        value = _decode_struct_elements(entry, entry.layout, data, pos, end, budget)
     else:
         value = _decode_leaf_elements(entry, data, pos)
     _store(tree, entry, value)
@@ -481,12 +533,17 @@ def _decode_leaf_elements(entry: FieldDescription, data: Buffer, pos: int) -> ob
 
 
 def _decode_struct_elements(
-    entry: FieldDescription, layout: StructDescription, data: Buffer, pos: int, end: int
+    entry: FieldDescription,
+    layout: StructDescription,
+    data: Buffer,
+    pos: int,
+    end: int,
+    budget: _Budget,
 ) -> object:
     elements: list[object] = []
     for number in range(entry.count):
         try:
-            next_pos, value = _decode_struct(layout, data, pos, end)
+            next_pos, value = _decode_struct(layout, data, pos, end, budget)
             if next_pos - pos != entry.size:
                 raise _Failure(
                     f"struct {layout.vmsd_name!r} took {next_pos - pos} bytes,"
@@ -505,7 +562,7 @@ def _decode_struct_elements(
 
 
 def _decode_subsection(
-    desc: StructDescription, data: Buffer, pos: int, end: int
+    desc: StructDescription, data: Buffer, pos: int, end: int, budget: _Budget
 ) -> tuple[int, dict[str, object]]:
     if pos < end and data[pos] != SUBSECTION_MARKER:
         raise _Failure(f"expected a subsection (0x05), found 0x{data[pos]:02x}", pos)
@@ -521,7 +578,7 @@ def _decode_subsection(
     version = int.from_bytes(data[header_end - 4 : header_end], "big")
     if desc.version is not None and version != desc.version:
         raise _Failure(f"version {version} on the wire, description says {desc.version}", pos)
-    return _decode_struct(desc, data, header_end, end)
+    return _decode_struct(desc, data, header_end, end, budget)
 
 
 def _store(tree: dict[str, object], entry: FieldDescription, value: object) -> None:

@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmig.wire.vmstate import DeviceDescription, VmDescription, VmstateError, decode_device
+from qmig.wire.reader import MAX_DESCRIPTION, find_trailing_vmdesc
+from qmig.wire.schema import schema_for
+from qmig.wire.vmstate import (
+    MAX_DEPTH,
+    ZERO_SIZE_ALLOWANCE,
+    DeviceDescription,
+    VmDescription,
+    VmstateError,
+    decode_device,
+)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "vmstate"
 PRECOPY_FIXTURE = FIXTURES / "precopy-16M.mig.xz"
@@ -592,6 +602,87 @@ def test_device_saved_without_a_vmsd() -> None:
     }
     device = VmDescription.from_json(json.dumps(document).encode()).require("legacy", 0)
     assert decode_device(device, b"\x01\x02\x03\x7e", 0, 4) == (3, {"data": "010203"})
+
+
+# --- bounds: what a description can make the decoder do -----------------------------------
+
+
+def one_device(fields: list[dict[str, Any]]) -> DeviceDescription:
+    document = {"devices": [{"name": "d", "instance_id": 0, "fields": fields}]}
+    return VmDescription.from_json(json.dumps(document).encode()).require("d", 0)
+
+
+def nested(depth: int) -> dict[str, Any]:
+    entry = leaf("x", "uint8", 1)
+    for level in range(depth):
+        entry = leaf(f"s{level}", "struct", 1, struct={"vmsd_name": "s", "fields": [entry]})
+    return entry
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        leaf("buf", "buffer", 0, array_len=1 << 40),
+        leaf("s", "struct", 0, array_len=1 << 40, struct={"vmsd_name": "e", "fields": []}),
+        leaf("u", "uint8", 1, array_len=1 << 40),  # too long for the bytes given, as before
+    ],
+    ids=["zero-size buffer", "empty struct", "uint8"],
+)
+def test_arrays_longer_than_the_payload_can_fill_are_refused_at_once(entry: dict[str, Any]) -> None:
+    payload = b"\x05" * 64
+    started = time.monotonic()
+    with pytest.raises(VmstateError) as caught:
+        decode_device(one_device([entry]), payload, 0, len(payload))
+    assert time.monotonic() - started < 0.5
+    assert caught.value.offset == 0
+    assert f"field '{entry['name']}'" in caught.value.detail
+
+
+def test_zero_size_elements_within_the_allowance_decode() -> None:
+    count = ZERO_SIZE_ALLOWANCE // 2
+    used, tree = decode_device(one_device([leaf("pad", "buffer", 0, array_len=count)]), b"", 0, 0)
+    assert used == 0 and tree == {"pad": [""] * count}
+
+
+def test_values_are_bounded_by_the_payload_size() -> None:
+    # 4 KiB of payload holds at most 4 Ki one-byte values; a million elements of nothing
+    # beside them would be decoded from nothing.
+    entries = [leaf("a", "uint8", 1, array_len=4096), leaf("z", "buffer", 0, array_len=1 << 20)]
+    with pytest.raises(VmstateError) as caught:
+        decode_device(one_device(entries), bytes(4096), 0, 4096)
+    assert "field 'z': 1048576 elements of 0 bytes" in caught.value.detail
+    assert caught.value.offset == 4096
+
+
+def test_nesting_deeper_than_the_limit_is_a_bad_description() -> None:
+    one_device([nested(MAX_DEPTH)])
+    with pytest.raises(VmstateError, match=f"nested more than {MAX_DEPTH} deep"):
+        one_device([nested(MAX_DEPTH + 1)])
+    assert decode_device(one_device([nested(MAX_DEPTH)]), b"\x09", 0, 1)[0] == 1
+
+
+def test_json_too_deep_to_parse_is_a_bad_description() -> None:
+    with pytest.raises(VmstateError, match="JSON nested too deeply"):
+        VmDescription.from_json(b"[" * 100_000)
+
+
+def framed(json_text: bytes) -> bytes:
+    return b"\x00\x06" + len(json_text).to_bytes(4, "big") + json_text
+
+
+@pytest.mark.parametrize(
+    "text", [b'{"devices": []}', b"[" * 100_000, b"x" * (1 << 22), b"\x06" * 300]
+)
+def test_trailing_description_is_found_by_its_framing_alone(text: bytes) -> None:
+    schema = schema_for("7.2")
+    data = b"\x04device\x00\x06\x00" + framed(text)
+    assert find_trailing_vmdesc(data, 0, len(data), schema) == text
+    assert find_trailing_vmdesc(data, 0, len(data) - 1, schema) is None
+
+
+def test_a_trailing_description_past_the_limit_is_not_taken() -> None:
+    data = b"\x04device" + framed(b"x" * (MAX_DESCRIPTION + 1))
+    assert find_trailing_vmdesc(data, 0, len(data), schema_for("7.2")) is None
 
 
 # --- generated layouts -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.cli.options import positive_count, seconds, size
+from qmig.cli.options import positive_count, rate_or_zero, seconds, size
 from qmig.latency import percentiles_us
 
 if TYPE_CHECKING:
@@ -102,7 +102,38 @@ def register(subparsers: Any) -> None:
         type=seconds,
         default=60.0,
         metavar="SECONDS",
-        help="give up when the source sends nothing for this long",
+        help="give up when the source sends nothing, or takes nothing of the return path, for "
+        "this long",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=seconds,
+        metavar="SECONDS",
+        help="give up when the migration takes longer than this, from the stream header on "
+        "(default: no deadline)",
+    )
+    parser.add_argument(
+        "--min-rate",
+        type=rate_or_zero,
+        default=1024.0,
+        metavar="BYTES/S",
+        help="give up when the source sends fewer bytes per second than this over a whole "
+        "--rate-window (0: no minimum)",
+    )
+    parser.add_argument(
+        "--rate-window",
+        type=seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="the window --min-rate is measured over",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="close a connection that has not sent a migration stream header within this "
+        "long; other connections are examined meanwhile",
     )
     add_qemu_version(parser)
     add_json(parser)
@@ -119,6 +150,21 @@ def _blocks(text: str) -> Any:
         raise argparse.ArgumentTypeError(error.detail) from None
 
 
+def stream_headers(version: str) -> list[bytes]:
+    """The stream headers a source may open with: the given version's, or with ``auto`` those
+    of every profile (the connection is chosen before its bytes choose the profile)."""
+    from qmig.cli.versions import AUTO
+    from qmig.wire import messages as m
+    from qmig.wire.profiles import available_versions, load_profile
+    from qmig.wire.schema import schema_for
+
+    versions = available_versions() if version == AUTO else [version]
+    return [
+        bytes(schema_for(v).header.build(m.StreamHeader(load_profile(v).stream_version)))
+        for v in versions
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -128,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     from qmig.protocol.ram_config import RamConfig
     from qmig.ram.workload import Pattern, Workload
     from qmig.runner.destination import DestinationRunner, host_memory
-    from qmig.transport import listen
+    from qmig.transport import Limits, accept_migration, listen
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     workload = None if args.workload == "none" else Workload(Pattern[args.workload.upper()])
@@ -141,7 +187,16 @@ def run(args: argparse.Namespace) -> int:
     with listen(args.listen) as listener:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
         print(f"qmig receive: listening on {listener.uri}", file=sys.stderr, flush=True)
-        connection = listener.accept(timeout=args.accept_timeout)
+        connection = accept_migration(
+            listener,
+            stream_headers(args.qemu_version),
+            args.accept_timeout,
+            handshake_timeout=args.handshake_timeout,
+        )
+    connection.set_limits(
+        Limits(args.idle_timeout, args.deadline, args.min_rate or None, args.rate_window,
+               peer="the source")
+    )  # fmt: skip
     with connection:
         # auto: the profile the source's first bytes (peeked, left in the socket) call for.
         prefix = peek_connection(connection, args.idle_timeout)

@@ -7,6 +7,11 @@ straight into :meth:`InputBuffer.get_buffer` and calls :meth:`InputBuffer.commit
 from __future__ import annotations
 
 MIN_BUFFER = 1 << 16
+MAX_KEPT_BUFFER = 4 << 20  # a retired buffer larger than this is freed, not kept for reuse
+# The largest unread tail a growing buffer doubles towards (device state waiting for its
+# VMDESCRIPTION, which qmig holds up to 8 MiB): a bytearray is cleared, so all of it is
+# resident.
+MAX_GROWTH = (8 << 20) + MIN_BUFFER
 
 
 class BufferPool:
@@ -20,14 +25,21 @@ class BufferPool:
         self._retired: list[bytearray] = []
         self._keep = keep
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int, *, growing: bool = False) -> bytearray:
         for index, buffer in enumerate(self._retired):
             if size <= len(buffer) <= 4 * max(size, MIN_BUFFER) and _unshared(buffer):
                 return self._retired.pop(index)
-        # Headroom: the next chunk's tail differs by a few bytes and must still fit.
-        return bytearray(max(size + (size >> 4), MIN_BUFFER))
+        # Headroom: the next chunk's tail differs by a few bytes and must still fit. A tail
+        # that keeps growing (a record not complete yet) gets twice its size, and the chunks
+        # after it are read into that room in place: copied log(n) times, not once per chunk.
+        room = size + (size >> 4)
+        if growing:
+            room = max(room, min(2 * size, MAX_GROWTH))
+        return bytearray(max(room, MIN_BUFFER))
 
     def give(self, buffer: bytearray) -> None:
+        if len(buffer) > MAX_KEPT_BUFFER:
+            return  # a long unread tail's buffer: freed, not kept for reuse
         self._retired.append(buffer)
         if len(self._retired) > self._keep:
             self._retired.pop(0)
@@ -76,7 +88,11 @@ class InputBuffer:
         if self._eof:
             raise ValueError("get_buffer() after feed_eof()")
         tail = len(self._buf) - self._pos
-        storage = self._pool.take(tail + size)
+        end = len(self._buf)
+        if tail > size and end + size <= len(self._storage):
+            self._incoming = (self._storage, -1)  # appended in place, after the unread tail
+            return memoryview(self._storage)[end : end + size]
+        storage = self._pool.take(tail + size, growing=tail > size)
         storage[:tail] = self._buf[self._pos :]
         self._incoming = (storage, tail)
         return memoryview(storage)[tail : tail + size]
@@ -86,6 +102,9 @@ class InputBuffer:
         assert self._incoming is not None, "commit() without get_buffer()"
         storage, tail = self._incoming
         self._incoming = None
+        if tail < 0:
+            self._buf = memoryview(storage)[: len(self._buf) + count]
+            return
         old = self._storage
         self._base += self._pos
         self._pos = 0

@@ -7,7 +7,6 @@ inside PACKAGED the blob's length bounds it, and its footer delimits it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from qmig.errors import MalformedError
@@ -16,7 +15,10 @@ from qmig.wire.reading.framing import Frame, FramedInput, Mode, Section
 from qmig.wire.reading.records import NeedMore, Record
 from qmig.wire.schema import Schema
 
-MAX_DESCRIPTION = 64 << 20  # the largest VMDESCRIPTION, and deferred device state, it buffers
+# The largest VMDESCRIPTION, and device state waiting for it, that qmig buffers: QEMU 7.2's
+# pc machine sends 12 KiB of device state and 99 KiB of JSON. The unread tail is copied as it
+# grows, so memory peaks near twice this (64 MiB let a stream cost 424 MB before refusal).
+MAX_DESCRIPTION = 8 << 20
 
 
 class DeviceSectionsReader(FramedInput):
@@ -167,21 +169,21 @@ class DeviceSectionsReader(FramedInput):
 def find_trailing_vmdesc(
     buf: bytes | bytearray, start: int, end: int, schema: Schema
 ) -> bytes | None:
-    """The JSON of a complete ``EOF, VMDESCRIPTION`` ending exactly at ``buf[end]``."""
-    marker = schema.vmdescription_marker
+    """The JSON of a complete ``EOF, VMDESCRIPTION`` ending exactly at ``buf[end]``, found by
+    its framing alone: whether the JSON is good is :meth:`VmDescription.from_json`'s to say,
+    so that a bad one is reported as a bad one, not as a missing one.
+
+    JSON text never holds the EOF byte (0x00 in every profile), so the last such byte before
+    ``end`` is the EOF itself or one of the length bytes after it: only a few positions can
+    start the record, and finding them costs one backward scan, however the JSON is made.
+    """
+    marker = schema.vmdescription_marker  # EOF, VMDESCRIPTION
     head = len(marker) + schema.vmdescription_length_size  # then the JSON
-    if end - start <= head or buf[end - 1] != ord("}"):
-        return None
-    lowest = max(start, end - MAX_DESCRIPTION - head)
-    at = buf.rfind(marker, lowest, end)
-    while at >= lowest:
+    last = buf.rfind(marker[:1], start, end)
+    for at in range(last, max(start, last - head + 1) - 1, -1):
+        if at < 0 or at + head > end or buf[at : at + len(marker)] != marker:
+            continue
         length = int.from_bytes(buf[at + len(marker) : at + head], "big")
-        if at + head + length == end:
-            text = bytes(buf[at + head : end])
-            try:
-                json.loads(text)
-            except ValueError:
-                return None
-            return text
-        at = buf.rfind(marker, lowest, at)
+        if at + head + length == end and length <= MAX_DESCRIPTION:
+            return bytes(buf[at + head : end])
     return None

@@ -1,0 +1,55 @@
+"""The fuzzers' resource oracle: an input that costs too much memory or time is a finding,
+reported (and for memory, minimised) like a crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hostile_streams import S, described_device, device_section, field, small_opening
+
+from qmig.fuzz.engine import NO_BUDGETS, Budgets, Campaign, execute
+from qmig.fuzz.targets import TARGETS
+from qmig.wire import messages as m
+
+VERSION = "7.2"
+# Device state that waits for a description that never comes: the reader holds 8 MiB of it.
+WAITING = small_opening() + device_section(bytes(9 << 20))
+
+
+def test_an_input_over_the_memory_budget_is_a_finding() -> None:
+    outcome = execute(TARGETS["stream"], WAITING, VERSION, budgets=Budgets(memory=4 << 20))
+    assert outcome.finding is not None, outcome.verdict
+    assert outcome.finding.kind == "memory"
+    assert outcome.finding.signature == "memory SECTION_FULL"
+    assert "over the 4 MiB budget: rejected SECTION_FULL: record larger" in outcome.finding.summary
+
+
+def test_the_same_input_within_the_budget_is_a_verdict() -> None:
+    outcome = execute(TARGETS["stream"], WAITING, VERSION, budgets=Budgets(memory=256 << 20))
+    assert outcome.finding is None and outcome.verdict is not None
+    assert outcome.verdict.what == "SECTION_FULL"
+
+
+def test_an_input_over_the_time_budget_is_a_finding() -> None:
+    flood = small_opening() + S.build_command(m.Ping(1)) * 20_000
+    outcome = execute(TARGETS["destination"], flood, VERSION, budgets=Budgets(seconds=0.01))
+    assert outcome.finding is not None and outcome.finding.kind == "slow"
+    assert outcome.finding.summary.startswith("took ")
+    assert "over the 0.01 s budget" in outcome.finding.summary
+    assert execute(TARGETS["destination"], flood, VERSION, budgets=NO_BUDGETS).finding is None
+
+
+def test_a_campaign_reports_and_writes_a_memory_finding(tmp_path: Path) -> None:
+    small = described_device([field("a", "uint8", 1)], b"\x01")
+    waiting = small_opening() + device_section(bytes(5 << 20))  # and then the stream ends
+    campaign = Campaign(
+        TARGETS["stream"], [small, waiting], version=VERSION, out=tmp_path, guided=False,
+        budgets=Budgets(memory=4 << 20, seconds=None), minimise_seconds=3,
+    )  # fmt: skip
+    report = campaign.run(runs=2)
+    (finding,) = report.findings
+    assert finding.kind == "memory" and finding.path is not None
+    assert finding.signature == "memory SECTION_FULL"
+    assert len(finding.data) < len(waiting)  # minimised while it still costs that much
+    line = (tmp_path / "failures.txt").read_text().strip()
+    assert "\tstream\tmemory\tpeak memory grew by" in line
