@@ -152,17 +152,24 @@ def peek_connection(connection: Connection, timeout: float) -> bytes:
     sock = connection.socket
     if sock is None:
         return b""
-    readable, _, _ = select.select([sock], [], [], timeout)
-    if not readable:
-        return b""
+    # What the listener read to pick this connection (its stream header) comes first.
+    head = connection.unread_prefix
+    if not head:
+        readable, _, _ = select.select([sock], [], [], timeout)
+        if not readable:
+            return b""
     deadline = time.monotonic() + PEEK_SETTLE_SECONDS
     previous = -1
     while True:
         try:
-            data = sock.recv(PREFIX_BYTES, socket.MSG_PEEK)
+            more = sock.recv(PREFIX_BYTES - len(head), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            closed = not more
+        except BlockingIOError:
+            more, closed = b"", False
         except OSError:
-            return b""  # the runner's own read reports it
-        if not data or len(data) >= PREFIX_BYTES or time.monotonic() > deadline:
+            return head  # the runner's own read reports it
+        data = head + more
+        if closed or len(data) >= PREFIX_BYTES or time.monotonic() > deadline:
             return data
         if len(data) != previous:
             previous = len(data)

@@ -77,6 +77,12 @@ class Connection:
         assert self._file is not None
         return self._file.fileno()
 
+    @property
+    def unread_prefix(self) -> bytes:
+        """Bytes a listener already read from the socket to examine the connection, not yet
+        handed out by :meth:`recv_into`: they come before anything still in the socket."""
+        return self._prefix
+
     def recv_into(self, buffer: memoryview | bytearray) -> int:
         """Read up to ``len(buffer)`` bytes; 0 means the peer finished sending."""
         if self._prefix:
