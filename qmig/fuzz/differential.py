@@ -562,10 +562,12 @@ def explain(result: Result, version: str) -> str | None:
     at = result.qmig_offset
     for tag in list(tags):
         if tag.startswith("listen-span:") and at is not None:
-            # qmig failed inside the package after LISTEN: QEMU's listen thread may have
-            # failed first on the outer stream.
-            start, end = (int(part) for part in tag.split(":")[1:])
-            if start < at < end:
+            # qmig failed after a LISTEN inside a package: in the rest of the package (QEMU's
+            # main thread) or in the outer stream after it (QEMU's listen thread, at the same
+            # time). The two threads share the postcopy state, so a command on one can fail
+            # the other, and QEMU may report either failure.
+            start = int(tag.split(":")[1])
+            if start < at:
                 tags.add("listen-thread-race")
     for name, quirk in quirks.items():
         if quirk.get("tag") not in tags:

@@ -230,3 +230,33 @@ def test_qemu_error_lines_name_the_command() -> None:
     listen = "qemu-system-x86_64: CMD_POSTCOPY_LISTEN in wrong postcopy state (3)\n"
     assert d.classify_qemu_log(listen, False, 11)[0] == "rejected POSTCOPY_LISTEN"
     assert d.classify_qemu_log("", True, None)[0] == "accepted"
+
+
+@pytest.mark.parametrize("profile_version", VERSIONS)
+def test_a_state_change_from_the_listen_thread_is_a_race_not_a_finding(
+    profile_version: str,
+) -> None:
+    """Seen on 7.2: an ADVISE after the package, read by QEMU's listen thread, sets the shared
+    postcopy state to ADVISE before the main thread reaches the package's RUN, which then
+    fails in state 1; qmig runs RUN first and rejects the ADVISE (quirks.md)."""
+    b = builder(profile_version)
+    parts = [
+        *(b.step(name) for name in ["OPEN_RETURN_PATH", "PING", "ADVISE"]),
+        ("RAM setup", b.ram_setup(), set()),
+        b.step("DISCARD"),
+        b.packaged([b.step(name) for name in ["LISTEN", "PING", "RUN"]]),
+        b.step("ADVISE0"),
+        ("RAM end", b.ram_end(), set()),
+        b.step("EOF"),
+    ]
+    case = b._assemble(0, parts, None)
+    ours = d.qmig_verdict(case.data, profile_version, d.fixture_blocks())
+    assert ours.verdict == "rejected POSTCOPY_ADVISE"
+    result = d.Result(case, "rejected POSTCOPY_RUN", ours.verdict, qmig_offset=ours.offset)
+    assert d.explain(result, profile_version) == "listen-thread-race"
+    # Without a LISTEN inside the package there are no two threads: a finding.
+    parts[5] = b.packaged([b.step("PING")])
+    case = b._assemble(0, parts, None)
+    ours = d.qmig_verdict(case.data, profile_version, d.fixture_blocks())
+    result = d.Result(case, "rejected POSTCOPY_RUN", ours.verdict, qmig_offset=ours.offset)
+    assert d.explain(result, profile_version) is None
