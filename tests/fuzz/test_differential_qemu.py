@@ -260,3 +260,24 @@ def test_a_state_change_from_the_listen_thread_is_a_race_not_a_finding(
     ours = d.qmig_verdict(case.data, profile_version, d.fixture_blocks())
     result = d.Result(case, "rejected POSTCOPY_RUN", ours.verdict, qmig_offset=ours.offset)
     assert d.explain(result, profile_version) is None
+
+
+PACKAGE_WITHOUT_RUN = [*NORMAL, "DISCARD", "PING", ("PACKAGED", ["PING"]), "RUN", "PING", "RAM end"]
+
+
+def test_qemu_fails_a_package_that_ends_without_run(version: str) -> None:
+    # Only RUN (LOADVM_QUIT) or an EOF ends the load of a package: past its last command QEMU
+    # reads beyond the blob and the load fails with an I/O error (10.0, seed 23, case 277).
+    result = run_one(version, [*PACKAGE_WITHOUT_RUN, "EOF"])
+    assert result.qemu == "end of stream", result
+    assert "Input/output error" in result.qemu_detail
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="qmig bug: qmig goes on after a package that ends without RUN or EOF (here to reject "
+    "the outer RUN in state DISCARD) where QEMU fails at the package's end",
+)
+def test_qmig_fails_a_package_that_ends_without_run_as_qemu_does(version: str) -> None:
+    result = run_one(version, [*PACKAGE_WITHOUT_RUN, "EOF"])
+    assert result.qmig == result.qemu, result
