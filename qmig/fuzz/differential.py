@@ -3,9 +3,11 @@
 Each case is a command sequence behind the stream opening a QEMU 7.2 ``pc-i440fx-7.2``
 source sends (header, CONFIGURATION, the ``ram`` SECTION_START whose MEM_SIZE list names the
 RAMBlocks of a 64 MiB ``-nodefaults`` pc guest, as in ``fixtures/postcopy-tcp``). Each case
-goes to a fresh ``qemu-system-x86_64 -incoming`` (postcopy-ram on; a QEMU destination exits
-when an incoming load fails) and to :class:`~qmig.protocol.destination.Destination` with
-the same ``--qemu-version``. The verdicts are classified alike:
+goes to a fresh ``qemu-system-x86_64 -incoming`` of the ``--qemu-version`` asked for
+(:func:`qmig.qemu.machine.qemu_install`), started with the machine type the stream's
+CONFIGURATION names (postcopy-ram on; a QEMU destination exits when an incoming load fails),
+and to :class:`~qmig.protocol.destination.Destination` with the same ``--qemu-version``.
+The verdicts are classified alike:
 
 * ``accepted``: the load went through (QEMU: query-migrate ``completed``);
 * ``rejected NAME``: the load failed at a command (or ``RAM``, or ``unknown command``),
@@ -417,11 +419,39 @@ def classify_qemu_log(log: str, completed: bool, signal_number: int | None) -> t
     return END_OF_STREAM, (errors[0] if errors else "no error line") + crash
 
 
-def qemu_verdict(data: bytes, workdir: Path, name: str) -> tuple[str, str]:
-    """Send ``data`` to a fresh QEMU destination and classify how its load ended."""
+def configured_machine_type(data: bytes, version: str) -> str:
+    """The machine type a stream's CONFIGURATION names: the destination must be started with
+    it (QEMU refuses a stream made for another machine type), "pc" if there is none."""
+    reader = StreamReader(version)
+    reader.feed(data[: 1 << 12])
+    try:
+        for record in reader:
+            assert isinstance(record, Record)
+            if isinstance(record.message, m.Configuration):
+                return record.message.machine_type
+            if record.name not in ("HEADER", "CONFIGURATION"):
+                break
+    except QmigError:
+        pass
+    return "pc"
+
+
+def qemu_verdict(
+    data: bytes, workdir: Path, name: str, version: str | None = None
+) -> tuple[str, str]:
+    """Send ``data`` to a fresh QEMU destination (the QEMU of ``version``, started with the
+    machine type the stream names) and classify how its load ended."""
     from qmig.qemu.machine import FINAL_STATES, Machine, MachineConfig
 
-    config = MachineConfig(name, MEMORY_MIB, guest=None, incoming="defer")
+    machine_type = configured_machine_type(data, version or "7.2")
+    config = MachineConfig(
+        name,
+        MEMORY_MIB,
+        guest=None,
+        incoming="defer",
+        qemu_version=version,
+        machine_type=machine_type,
+    )
     machine = Machine(config, workdir)
     machine.start()
     try:
@@ -534,10 +564,12 @@ def explain(result: Result, version: str) -> str | None:
     at = result.qmig_offset
     for tag in list(tags):
         if tag.startswith("listen-span:") and at is not None:
-            # qmig failed inside the package after LISTEN: QEMU's listen thread may have
-            # failed first on the outer stream.
-            start, end = (int(part) for part in tag.split(":")[1:])
-            if start < at < end:
+            # qmig failed after a LISTEN inside a package: in the rest of the package (QEMU's
+            # main thread) or in the outer stream after it (QEMU's listen thread, at the same
+            # time). The two threads share the postcopy state, so a command on one can fail
+            # the other, and QEMU may report either failure.
+            start = int(tag.split(":")[1])
+            if start < at:
                 tags.add("listen-thread-race")
     for name, quirk in quirks.items():
         if quirk.get("tag") not in tags:
@@ -592,7 +624,8 @@ def run_cases(
         root = Path(tmp)
 
         def one(case: Case) -> Result:
-            qemu, qemu_line = qemu_verdict(case.data, root / f"case{case.number}", "dest")
+            workdir = root / f"case{case.number}"
+            qemu, qemu_line = qemu_verdict(case.data, workdir, "dest", version)
             ours = qmig_verdict(case.data, version, blocks)
             result = Result(
                 case, qemu, ours.verdict, qemu_line, ours.line, None, ours.offset, ours.also
