@@ -1,0 +1,138 @@
+"""Rendering a report in headless Chromium, and reading the drawn page back.
+
+Chromium (Debian's ``chromium``, installed by scripts/setup) loads the file with every
+network path closed (a proxy on a port nothing listens on, no background fetches), runs
+plotly.js, and dumps the DOM once it has drawn. The tests then count what was drawn: the
+SVG points, bars, line vertices and shapes, against the data document in the same page.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, ClassVar
+
+CHROMIUM_TIMEOUT = 120
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # Anything the page tried to fetch would go to a port nothing listens on and fail.
+    "--proxy-server=127.0.0.1:9",
+    "--virtual-time-budget=10000",
+]
+
+
+@dataclass
+class Node:
+    tag: str
+    attrs: dict[str, str]
+    children: list[Node] = field(default_factory=list)
+    text: str = ""
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    def walk(self) -> Any:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    def find(self, tag: str | None = None, *classes: str, **attrs: str) -> list[Node]:
+        """Every descendant (self included) with ``tag``, all of ``classes`` and ``attrs``."""
+        return [
+            node
+            for node in self.walk()
+            if (tag is None or node.tag == tag)
+            and set(classes) <= node.classes
+            and all(node.attrs.get(name) == value for name, value in attrs.items())
+        ]
+
+    def one(self, tag: str | None = None, *classes: str, **attrs: str) -> Node:
+        found = self.find(tag, *classes, **attrs)
+        assert len(found) == 1, (tag, classes, attrs, len(found))
+        return found[0]
+
+
+class _Builder(HTMLParser):
+    VOID: ClassVar[set[str]] = {
+        "meta",
+        "br",
+        "img",
+        "input",
+        "link",
+        "hr",
+        "col",
+        "wbr",
+        "source",
+        "area",
+        "base",
+    }
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {name: value or "" for name, value in attrs})
+        self.stack[-1].children.append(node)
+        if tag not in self.VOID:
+            self.stack.append(node)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.stack[-1].children.append(Node(tag, {name: value or "" for name, value in attrs}))
+
+    def handle_endtag(self, tag: str) -> None:
+        for depth in range(len(self.stack) - 1, 0, -1):
+            if self.stack[depth].tag == tag:
+                del self.stack[depth:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].text += data
+
+
+@dataclass
+class Rendered:
+    dom: Node
+    document: dict[str, Any]  # the report's own data, as the page carries it
+
+
+def render(chromium: str, page: Path, profile: Path) -> Rendered:
+    """The DOM of ``page`` once Chromium has run its scripts."""
+    done = subprocess.run(
+        [chromium, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=CHROMIUM_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    builder = _Builder()
+    builder.feed(done.stdout)
+    data = builder.root.one("script", id="qmig-report-data")
+    return Rendered(builder.root, json.loads(data.text))
+
+
+def line_vertices(path_d: str) -> int:
+    """Vertices of an SVG line path as plotly writes it (M x,y L x,y L ...)."""
+    return path_d.count("L") + path_d.count("M")
+
+
+def bar_height(path_d: str) -> float:
+    """The drawn height of a plotly bar path (M x0,y0 V y1 H x1 V y0 Z); 0 when empty."""
+    if "V" not in path_d:
+        return 0.0
+    start = float(path_d[1:].split("V")[0].split(",")[1])
+    top = float(path_d.split("V")[1].split("H")[0])
+    return abs(start - top)
