@@ -237,10 +237,11 @@ class Timed:
 
 
 @contextmanager
-def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
-    """A transient rich progress bar on stderr for big inputs on a terminal."""
+def _progress(path: Path, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    """A transient rich progress bar on stderr for big inputs on a terminal, unless
+    ``quiet`` (--json). An xz file's bar has no end: its bytes are counted decompressed."""
     size = path.stat().st_size
-    if not sys.stderr.isatty() or size < PROGRESS_THRESHOLD:
+    if quiet or not sys.stderr.isatty() or size < PROGRESS_THRESHOLD:
         yield None
         return
     from rich.console import Console
@@ -250,7 +251,7 @@ def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
 
     columns = ("{task.description}", BarColumn(), *transfer_columns())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(path.name, total=size)
+        task = progress.add_task(path.name, total=None if path.suffix == ".xz" else size)
         yield lambda count: progress.advance(task, count)
 
 
@@ -372,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
         inspection = StreamInspection(StreamReader(args.qemu_version), extract)
         commands: list[dict[str, Any]] = []
         try:
-            with source.open() as file, _progress(stream_path) as advance:
+            with source.open() as file, _progress(stream_path, args.json) as advance:
                 for record in source.hinted(read_records(file, inspection.reader, advance)):
                     inspection.add(record)
                     message = record.message
