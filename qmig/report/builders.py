@@ -164,7 +164,16 @@ def inspection(
         "inspect",
         f"qmig inspect {report.get('stream', '')}: QEMU {report.get('qemu_version')} wire",
         bucket_s=BUCKET_S,
-        summary={key: value for key, value in report.items() if key not in ("commands",)},
+        # The summary without the long lists (commands, messages, requests): those are in
+        # the plots, or in inspect --json.
+        summary={key: value for key, value in report.items() if key not in ("commands", "requests")}
+        | {
+            "return_path": {
+                key: value
+                for key, value in (report.get("return_path") or {}).items()
+                if key != "messages"
+            }
+        },
         summary_text=summary_text,
     )
     for name, timeline in (("stream", capture.stream), ("return path", capture.return_path)):
