@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from report_page import Rendered, bar_height, line_vertices, render
-
-from qmig.latency import LATENCY_DIST_BUCKETS
+from report_page import check_drawn, no_fetches, render
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp"
 
@@ -33,56 +31,6 @@ def qmig(*args: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result
-
-
-def check_drawn(page: Rendered) -> None:
-    """What every report must show, checked against its own data document."""
-    document, dom = page.document, page.dom
-    timeline = dom.one("div", id="timeline")
-    for index, series in enumerate(document["series"]):
-        trace = timeline.one("g", "trace", "scatter", f"traceseries{index}")
-        (line,) = trace.find("path", "js-line")
-        assert line_vertices(line.attrs["d"]) == len(series["t"]), series["name"]
-    answered = [r for r in document["requests"] if not r["in_flight"]]
-    in_flight = [r for r in document["requests"] if r["in_flight"]]
-    markers = timeline.one("g", "trace", "scatter", "tracerequests").find("path", "point")
-    assert len(markers) == len(answered)
-    if in_flight:
-        crosses = timeline.one("g", "tracerequestsinflight").find("path", "point")
-        assert len(crosses) == len(in_flight)
-    # One vertical line per migration step, with its label.
-    shapes = timeline.one("g", "layer-above").one("g", "shapelayer").find("path")
-    assert len(shapes) == len(document["events"])
-    labels = [node.text for node in timeline.find("text", "annotation-text")]
-    assert labels == [event["name"] for event in document["events"]]
-
-    latency = dom.one("div", id="latency")
-    bars = latency.one("g", "trace", "bars").find("g", "point")
-    assert len(bars) == LATENCY_DIST_BUCKETS
-    heights = [bar_height(bar.one("path").attrs["d"]) for bar in bars]
-    dist = document["latency"]["dist"]
-    assert [height > 0 for height in heights] == [count > 0 for count in dist]
-    # Heights are in the order of the counts (the tallest bar is the largest bucket).
-    assert heights.index(max(heights)) == dist.index(max(dist))
-    percentiles = [k for k in ("p50", "p99", "max") if document["latency"].get(f"{k}_us")]
-    assert len(latency.one("g", "layer-above").one("g", "shapelayer").find("path")) == len(
-        percentiles
-    )
-
-    tables = dom.find("table", "qmig-table")
-    assert [table.attrs["data-title"] for table in tables] == [
-        table["title"] for table in document["tables"]
-    ]
-    for drawn, table in zip(tables, document["tables"], strict=True):
-        assert len(drawn.one("tbody").find("tr")) == max(1, len(table["rows"]))
-    summary = dom.find("pre")[-1].text
-    assert summary.strip() and summary.strip() == document["summary_text"].strip()
-
-
-def no_fetches(page: Path) -> None:
-    """Everything inlined: no script, stylesheet or image from anywhere else."""
-    text = page.read_text()
-    assert "<script src" not in text and "<link" not in text and "<img" not in text
 
 
 def test_report_of_a_real_capture(tmp_path: Path, chromium: str) -> None:
