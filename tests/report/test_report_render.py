@@ -74,3 +74,17 @@ def test_report_of_a_simulation(tmp_path: Path, chromium: str) -> None:
     assert sent["bytes"] >= result["precopy"]["bytes"] + result["postcopy"]["bytes"]
     vcpus = document["tables"][1]
     assert [row[4] for row in vcpus["rows"]] == result["postcopy_vcpu_blocktime_ms"]
+
+
+@pytest.mark.uffd
+def test_report_of_a_precopy_simulation(tmp_path: Path, chromium: str) -> None:
+    """No postcopy: no requests and an empty distribution, drawn as such."""
+    page = tmp_path / "precopy.html"
+    result = qmig("simulate", "--ram", "32M", "--precopy-only", "--report", str(page))
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)
+    document = drawn.document
+    assert result["mode"] == "precopy" and document["requests"] == []
+    assert document["latency"]["dist"] == result["postcopy_latency_dist"] == [0] * 24
+    names = [event["name"] for event in document["events"]]
+    assert "pass 1" in names and "stop" in names and "RUN" not in names
