@@ -13,7 +13,8 @@ def add_report(parser: argparse.ArgumentParser, what: str = "the migration") -> 
         type=Path,
         metavar="FILE.html",
         help=f"write a self-contained HTML report of {what} (timeline, fault-latency "
-        "distribution, per-block and per-vCPU tables, summary); needs qmig[report]",
+        "distribution, per-block and per-vCPU tables, summary); needs qmig[report] "
+        "(default: none)",
     )
 
 
