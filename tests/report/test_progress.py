@@ -21,11 +21,16 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 def simulate_on_a_terminal(*args: str) -> tuple[int, str, str]:
     """``qmig simulate ARGS`` with stderr on a terminal: (exit status, stdout, stderr text)."""
+    return on_a_terminal("-m", "qmig", "simulate", "--ram", "64M", *args)
+
+
+def on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """``python ARGS`` with stderr on a terminal: (exit status, stdout, stderr text)."""
     leader, follower = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
     env.pop("CI", None)  # rich turns animations off on CI
     process = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "simulate", "--ram", "64M", *args],
+        [sys.executable, *args],
         stdout=subprocess.PIPE,
         stderr=follower,
         env=env,
@@ -36,7 +41,7 @@ def simulate_on_a_terminal(*args: str) -> tuple[int, str, str]:
         ready, _, _ = select.select([leader], [], [], 120)
         if not ready:
             process.kill()
-            pytest.fail("simulate did not finish")
+            pytest.fail(f"{args} did not finish")
         try:
             data = os.read(leader, 65536)
         except OSError:  # EIO: every writer closed the terminal
@@ -74,3 +79,27 @@ def test_a_pipe_gets_no_progress() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+# Work that does not report its own progress (receive's runner, capture's relay) is polled:
+# each phase's bytes so far, every 0.2 s, drawn as one line per phase.
+POLLED = """
+import sys, time
+from qmig.cli.progress import PhaseProgress
+done = {"stream": 0, "return path": 0}
+def poll():
+    return dict(done)
+with PhaseProgress(quiet=sys.argv[1] == "quiet").shown(poll):
+    for step in range(8):
+        done["stream"] += 3 << 20
+        done["return path"] += 512
+        time.sleep(0.1)
+"""
+
+
+def test_polled_progress_shows_each_phase_on_a_terminal() -> None:
+    code, _, stderr = on_a_terminal("-c", POLLED, "show")
+    assert code == 0
+    assert "stream" in stderr and "return path" in stderr and "MiB" in stderr
+    code, _, stderr = on_a_terminal("-c", POLLED, "quiet")
+    assert code == 0 and stderr.strip() == ""
