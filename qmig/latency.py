@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 def percentile_us(ordered_ns: Sequence[int], fraction: float) -> float:
@@ -44,3 +45,12 @@ def qemu_latency_figures(samples_ns: Sequence[int]) -> dict[str, object]:
     """The fault-latency figures in the form of QEMU's query-migrate: average in ns, buckets."""
     average = sum(samples_ns) // len(samples_ns) if samples_ns else 0
     return {"postcopy_latency_ns": average, "postcopy_latency_dist": latency_dist(samples_ns)}
+
+
+def vcpu_blocktime_ms(faults: dict[str, Any], workload: Sequence[dict[str, Any]]) -> list[float]:
+    """Per vCPU (in the order the workload lists its threads), the time it spent blocked on
+    faults, in ms: QEMU's ``postcopy-vcpu-blocktime`` list. ``faults``: a destination
+    report's fault figures, whose ``blocktime_ns_by_thread`` keys are thread ids (as text
+    once they have been through JSON)."""
+    by_thread = {int(tid): ns for tid, ns in (faults.get("blocktime_ns_by_thread") or {}).items()}
+    return [round(by_thread.get(vcpu.get("thread_id", 0), 0) / 1e6, 2) for vcpu in workload]

@@ -10,13 +10,15 @@ compares it with the source's memory page by page, reading it out of the child.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qmig.errors import QmigError, VerificationError
-from qmig.latency import percentile_us
+from qmig.latency import percentile_us, vcpu_blocktime_ms
 from qmig.protocol.source import DeviceSnapshot, Source
+from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
 from qmig.runner.peer import Peer
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import DIRTY_PATTERNS, Dirtier, GuestRam
@@ -99,9 +101,12 @@ def default_devices(seed: int) -> list[DeviceSnapshot]:
 
 
 def run_simulation(
-    config: SimulationConfig, on_progress: Callable[[str, int], None] | None = None
+    config: SimulationConfig,
+    on_progress: Callable[[str, int], None] | None = None,
+    recorder: Recorder | None = None,
 ) -> dict[str, Any]:
-    """Run one migration; return the summary (raises on failure or a verification error)."""
+    """Run one migration; return the summary (raises on failure or a verification error).
+    ``recorder``: counts the connection's bytes over time, and keeps both sides' reports."""
     config.check()
     ram = GuestRam.generate(config.blocks, zero_fraction=config.zero_fraction, seed=config.seed)
     with listen("tcp:127.0.0.1:0") as listener:
@@ -121,8 +126,10 @@ def run_simulation(
         peer = Peer(arguments, listener.socket)
         try:
             peer.wait_until_ready(PEER_TIMEOUT)
-            source_report, source = _run_source(config, ram, listener.uri, on_progress)
+            source_report, source = _run_source(config, ram, listener.uri, on_progress, recorder)
             destination = peer.report(PEER_TIMEOUT)
+            if recorder is not None:
+                recorder.runs.update(source=source_report, destination=destination)
             # Every page the destination holds against the source's final copy, read out of
             # the destination's memory while it waits (see qmig.runner.peer).
             blocks = [(block.idstr, block.ram) for block in ram.blocks]
@@ -156,6 +163,7 @@ def _run_source(
     ram: GuestRam,
     uri: str,
     on_progress: Callable[[str, int], None] | None,
+    recorder: Recorder | None = None,
 ) -> tuple[Any, Source]:
     source = Source(
         ram.blocks,
@@ -180,6 +188,9 @@ def _run_source(
         send_buffer=config.send_buffer,
     )
     with connect(uri) as connection:
+        if recorder is not None:  # its time starts with the migration, as total_s does
+            recorder.start = time.monotonic()
+            connection = recorder.wrap(connection, sends=STREAM, receives=RETURN_PATH)
         runner = SourceRunner(connection, source, plan, dirtier=dirtier, on_progress=on_progress)
         report = runner.run()
     return report, source
@@ -247,6 +258,11 @@ def _summary(
             "p99": percentile_us(served_ns, 0.99),
         },
         "blocktime_ms": round(faults.get("blocktime_ns", 0) / 1e6, 2),
+        # QEMU 10.1's query-migrate figures: the fault latency's mean and power-of-two
+        # distribution, and each vCPU's blocktime.
+        "postcopy_latency_ns": faults.get("postcopy_latency_ns", 0),
+        "postcopy_latency_dist": faults.get("postcopy_latency_dist", []),
+        "postcopy_vcpu_blocktime_ms": vcpu_blocktime_ms(faults, destination.get("workload") or []),
         # The destination's placing rate: target pages placed per second spent placing them,
         # written straight into memory before RUN, with userfaultfd after.
         "placement_mib_s": {

@@ -20,6 +20,7 @@ from qmig.latency import percentiles_us
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.replay.recording import Recording
+from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
 from qmig.transport import connect
 
@@ -108,8 +109,10 @@ def replay(
     plan: ReplayPlan,
     *,
     on_progress: Callable[[str, int], None] | None = None,
+    recorder: Recorder | None = None,
 ) -> ReplayResult:
-    """Migrate ``recording`` into the QEMU listening at ``to``; raise QmigError on failure."""
+    """Migrate ``recording`` into the QEMU listening at ``to``; raise QmigError on failure.
+    ``recorder``: counts the connection's bytes over time, for a report."""
     postcopy_after = plan.postcopy_after
     if postcopy_after is None and recording.switched:
         postcopy_after = recording.passes_before_switch
@@ -136,6 +139,9 @@ def replay(
 
     connection = connect(to, timeout=CONNECT_TIMEOUT)
     connected = time.monotonic()
+    if recorder is not None:
+        recorder.start = connected
+        connection = recorder.wrap(connection, sends=STREAM, receives=RETURN_PATH)
     with connection:
         runner = ReplayRunner(
             connection, source, source_plan, discards=recording.discards, on_progress=progress

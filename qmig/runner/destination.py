@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qmig.errors import QmigError, RemoteProtocolError, TransportError
+from qmig.latency import qemu_latency_figures
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
 from qmig.protocol.states import DestinationState
@@ -56,6 +57,10 @@ class DestinationReport:
     # Target pages placed, and the time spent placing them, before and after RUN.
     placed_pages: dict[str, int] = field(default_factory=lambda: {"precopy": 0, "postcopy": 0})
     placing_ns: dict[str, int] = field(default_factory=lambda: {"precopy": 0, "postcopy": 0})
+    # For reports: per block [pages, zero pages] placed; per answered request (sent ns,
+    # sent → placed ns, block, host offset).
+    block_pages: dict[str, list[int]] = field(default_factory=dict)
+    request_log: list[tuple[int, int, str, int]] = field(default_factory=list, repr=False)
 
 
 class DestinationRunner:
@@ -257,6 +262,9 @@ class DestinationRunner:
         phase = "precopy" if replace else "postcopy"
         self.report.placing_ns[phase] += time.perf_counter_ns() - began
         self.report.placed_pages[phase] += run.count
+        counts = self.report.block_pages.setdefault(run.block, [0, 0])
+        counts[0] += run.count
+        counts[1] += run.zero_count
         if self._awaiting and not replace:
             # A requested page that is now in place has been answered. list() copies the
             # keys in one step: the fault thread adds requests meanwhile.
@@ -268,7 +276,9 @@ class DestinationRunner:
         """A page arrived: if it was requested, that request's round trip is over."""
         sent = self._awaiting.pop((block, host_offset), None)
         if sent is not None and sent[0]:
-            self.report.request_placed_ns.append(time.monotonic_ns() - sent[0])
+            waited = time.monotonic_ns() - sent[0]
+            self.report.request_placed_ns.append(waited)
+            self.report.request_log.append((sent[0], waited, block, host_offset))
 
     def _start_guest(self) -> None:
         if self.workload is None or self.session is None or self.session.vcpus.threads:
@@ -327,6 +337,9 @@ class DestinationRunner:
                 "latency_ns": vars(stats.latency),
                 "blocktime_ns": stats.blocktime_ns,
                 "all_blocked_ns": stats.all_blocked_ns,
+                "blocktime_ns_by_thread": stats.blocktime_ns_by_thread,
+                # QEMU 10.1's query-migrate form: postcopy_latency_ns, postcopy_latency_dist.
+                **qemu_latency_figures(session.faults.latencies_ns()),
             }
         if self.dump_dir is not None:
             self.dump(self.dump_dir)

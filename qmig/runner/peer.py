@@ -212,6 +212,8 @@ def report_json(runner: DestinationRunner) -> dict[str, object]:
         "placed_pages": report.placed_pages,
         "placing_ns": report.placing_ns,
         "notices": report.notices,
+        "block_pages": report.block_pages,
+        "request_log": report.request_log,
         "pongs": runner.dest.pongs_sent,
         "state": runner.dest.state.name,
     }

@@ -60,6 +60,7 @@ class SourceReport:
     # Per request: read from the return path → its pages written into the socket.
     served_ns: list[int] = field(default_factory=list)
     pongs: list[int] = field(default_factory=list)
+    pass_ends: list[float] = field(default_factory=list)  # each precopy pass's end
 
 
 @dataclass
@@ -270,6 +271,7 @@ class SourceRunner:
                     self.phase = new
                 case ev.PassCompleted():
                     self._passes_done.append(event)
+                    self.report.pass_ends.append(time.monotonic())
                 case ev.RequestReceived(block=block, start=start):
                     self.report.requests.append((time.monotonic(), block, start))
 

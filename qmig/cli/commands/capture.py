@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.sizes import format_size
 
 if TYPE_CHECKING:
     from qmig.capture import CaptureSummary, Relay
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"qmig capture: listening on {relay.listen_uri}", file=sys.stderr, flush=True)
     try:
         relay.start()
-        _wait_showing_progress(relay)
+        _wait_showing_progress(relay, quiet=args.json)
         summary = relay.join()
     except KeyboardInterrupt:
         relay.stop()
@@ -77,21 +76,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_showing_progress(relay: Relay) -> None:
+def _wait_showing_progress(relay: Relay, *, quiet: bool) -> None:
+    """Until the source connects, a status line; then each direction's bytes and rate."""
     from rich.console import Console
 
+    from qmig.cli.progress import PhaseProgress
+
     console = Console(stderr=True)
-    if not console.is_terminal:
+    if quiet or not console.is_terminal:
         return
-    with console.status("waiting for the source to connect") as status:
+    with console.status("waiting for the source to connect"):
+        while relay.running and relay.progress() is None:
+            time.sleep(PROGRESS_SECONDS)
+
+    def directions() -> dict[str, int]:
+        stream, return_path = relay.progress() or (0, 0)
+        return {"stream": stream, "return path": return_path}
+
+    with PhaseProgress(quiet=False).shown(directions):
         while relay.running:
-            progress = relay.progress()
-            if progress is not None:
-                stream, return_path = progress
-                status.update(
-                    f"relaying: stream {format_size(stream)}, "
-                    f"return path {format_size(return_path)}"
-                )
             time.sleep(PROGRESS_SECONDS)
 
 

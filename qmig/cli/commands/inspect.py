@@ -15,6 +15,7 @@ from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import add_alias, seconds
 from qmig.cli.text import plural
 from qmig.errors import QmigError
+from qmig.report.cli import add_report, check_report
 
 if TYPE_CHECKING:
     from qmig.capture.recording import Direction
@@ -66,6 +67,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--pages", action="store_true", help="list every run of page records, not only totals"
     )
+    add_report(parser, "a capture folder's migration")
     add_qemu_version(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -235,10 +237,11 @@ class Timed:
 
 
 @contextmanager
-def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
-    """A transient rich progress bar on stderr for big inputs on a terminal."""
+def _progress(path: Path, quiet: bool) -> Iterator[Callable[[int], None] | None]:
+    """A transient rich progress bar on stderr for big inputs on a terminal, unless
+    ``quiet`` (--json). An xz file's bar has no end: its bytes are counted decompressed."""
     size = path.stat().st_size
-    if not sys.stderr.isatty() or size < PROGRESS_THRESHOLD:
+    if quiet or not sys.stderr.isatty() or size < PROGRESS_THRESHOLD:
         yield None
         return
     from rich.console import Console
@@ -248,7 +251,7 @@ def _progress(path: Path) -> Iterator[Callable[[int], None] | None]:
 
     columns = ("{task.description}", BarColumn(), *transfer_columns())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(path.name, total=size)
+        task = progress.add_task(path.name, total=None if path.suffix == ".xz" else size)
         yield lambda count: progress.advance(task, count)
 
 
@@ -345,6 +348,9 @@ def run(args: argparse.Namespace) -> int:
     from qmig.wire.render import to_json
 
     stream_path, rp_path, index_path = _inputs(args)
+    check_report(args)
+    if args.report is not None and index_path is None:
+        raise QmigError("--report", "needs a capture folder: its index.tsv times the chunks")
     source = StreamSource(stream_path, args.timeout)
     choice = choose(args.qemu_version, source.prefix)
     args.qemu_version = source.version = choice.version
@@ -367,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
         inspection = StreamInspection(StreamReader(args.qemu_version), extract)
         commands: list[dict[str, Any]] = []
         try:
-            with source.open() as file, _progress(stream_path) as advance:
+            with source.open() as file, _progress(stream_path, args.json) as advance:
                 for record in source.hinted(read_records(file, inspection.reader, advance)):
                     inspection.add(record)
                     message = record.message
@@ -433,12 +439,27 @@ def run(args: argparse.Namespace) -> int:
             listing.timed.before(listing, None)
         report["requests"] = [request.as_json() for request in capture.requests]
         report["request_latency_us"] = latency_summary(capture.requests)
+    if args.report is not None:
+        _write_report(args, report, capture)
     if listing is not None:
         listing.summary(report)
     else:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
     return 0
+
+
+def _write_report(args: argparse.Namespace, report: dict[str, Any], capture: Any) -> None:
+    from qmig.report import builders
+    from qmig.report.cli import write
+    from qmig.report.document import printed
+
+    def draw(console: Any) -> None:
+        listing = Listing(False)
+        listing.console = console
+        listing.summary(report)
+
+    write(args, builders.inspection(report, capture, capture.requests, printed(draw)))
 
 
 def inspection_schema(args: argparse.Namespace) -> Any:

@@ -10,9 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import positive_count, rate_or_zero, seconds, size
-from qmig.latency import percentiles_us
+from qmig.latency import percentiles_us, vcpu_blocktime_ms
+from qmig.report.cli import add_report, check_report
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import Console
+
     from qmig.protocol.destination import Destination
     from qmig.runner.destination import DestinationReport
 
@@ -135,6 +140,7 @@ def register(subparsers: Any) -> None:
         help="close a connection that has not sent a migration stream header within this "
         "long; other connections are examined meanwhile",
     )
+    add_report(parser)
     add_qemu_version(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -166,8 +172,7 @@ def stream_headers(version: str) -> list[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from qmig.cli.progress import PhaseProgress, quiet
     from qmig.cli.versions import add_hint, choose, hint_from_prefix, peek_connection
     from qmig.errors import RemoteProtocolError
     from qmig.protocol.destination import Destination
@@ -176,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     from qmig.runner.destination import DestinationRunner, host_memory
     from qmig.transport import Limits, accept_migration, listen
 
+    check_report(args)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     workload = None if args.workload == "none" else Workload(Pattern[args.workload.upper()])
     ram = RamConfig(
@@ -183,7 +189,6 @@ def run(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         max_ram=args.max_ram if args.max_ram is not None else host_memory(),
     )
-    console = Console(stderr=True, highlight=False)
     with listen(args.listen) as listener:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
         print(f"qmig receive: listening on {listener.uri}", file=sys.stderr, flush=True)
@@ -201,6 +206,12 @@ def run(args: argparse.Namespace) -> int:
         # auto: the profile the source's first bytes (peeked, left in the socket) call for.
         prefix = peek_connection(connection, args.idle_timeout)
         choice = choose(args.qemu_version, lambda: (prefix, False))
+        recorder = None
+        if args.report is not None:
+            from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
+
+            recorder = Recorder()
+            connection = recorder.wrap(connection, sends=RETURN_PATH, receives=STREAM)
         destination = Destination(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
         runner = DestinationRunner(
             connection,
@@ -211,22 +222,50 @@ def run(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
         )
         try:
-            if args.json or not console.is_terminal:
+            with PhaseProgress(quiet(args)).shown(_bytes_per_phase(runner, destination)):
                 report = runner.run()
-            else:
-                with console.status("receiving"):
-                    report = runner.run()
         except RemoteProtocolError as error:
             raise add_hint(error, hint_from_prefix(error, choice.version, prefix)) from None
     summary = summarise(report, destination)
     summary["qemu_version"] = destination.profile.name
     summary["qemu_version_evidence"] = choice.evidence
+    if recorder is not None:
+        _write_report(args, summary, recorder, runner)
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         _print_summary(summary)
     return 0
+
+
+def _bytes_per_phase(runner: Any, destination: Destination) -> Callable[[], dict[str, int]]:
+    """For the progress lines: the bytes received so far, split by where the migration was
+    when they arrived (as seen every 0.2 s)."""
+    phases: dict[str, int] = {}
+    counted = 0
+
+    def poll() -> dict[str, int]:
+        nonlocal counted
+        received = runner.report.bytes_received
+        phase = "precopy" if destination.phase_name == "precopy" else "postcopy"
+        phases[phase] = phases.get(phase, 0) + received - counted
+        counted = received
+        return phases
+
+    return poll
+
+
+def _write_report(
+    args: argparse.Namespace, summary: dict[str, Any], recorder: Any, runner: Any
+) -> None:
+    from qmig.report import builders
+    from qmig.report.cli import write
+    from qmig.report.document import printed
+    from qmig.runner.peer import report_json
+
+    text = printed(lambda console: _print_summary(summary, console))
+    write(args, builders.receive(summary, recorder, report_json(runner), text))
 
 
 def summarise(report: DestinationReport, destination: Destination) -> dict[str, Any]:
@@ -252,12 +291,17 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
             "max": round(latency.get("max_ns", 0) / 1000, 1),
         },
         "blocktime_ms": round(faults.get("blocktime_ns", 0) / 1e6, 2),
+        # QEMU 10.1's query-migrate figures: the fault latency's mean and power-of-two
+        # distribution, and each vCPU's blocktime.
+        "postcopy_latency_ns": faults.get("postcopy_latency_ns", 0),
+        "postcopy_latency_dist": faults.get("postcopy_latency_dist", []),
+        "postcopy_vcpu_blocktime_ms": vcpu_blocktime_ms(faults, report.workload),
         "pongs": destination.pongs_sent,
         "notices": report.notices,
     }
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -285,4 +329,4 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_row("pongs", str(summary["pongs"]))
     for notice in summary["notices"]:
         table.add_row("notice", notice)
-    Console().print(table)
+    (console or Console()).print(table)

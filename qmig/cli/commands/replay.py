@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Any
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import add_alias, add_bandwidth, count
 from qmig.cli.text import plural
+from qmig.report.cli import add_report, check_report
 from qmig.sizes import format_size
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from qmig.cli.versions import Choice
 
 MIB = 1 << 20
@@ -49,6 +52,7 @@ def register(subparsers: Any) -> None:
     )
     add_bandwidth(parser)
     add_qemu_version(parser, auto="detect it from the capture's stream")
+    add_report(parser, "the replay")
     add_json(parser)
     parser.set_defaults(func=run)
 
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from qmig.replay import ReplayPlan, load_recording, replay
     from qmig.replay.recording import stream_path
 
+    check_report(args)
     choice = recorded_version(args)
     try:
         recording = load_recording(args.capture, choice.version)
@@ -75,12 +80,18 @@ def run(args: argparse.Namespace) -> int:
             version=choice.version,
         )
         progress = None if args.json else _Progress()
+        recorder = None
+        if args.report is not None:
+            from qmig.report.recorder import Recorder
+
+            recorder = Recorder()
         try:
             result = replay(
                 recording,
                 args.connect,
                 plan,
                 on_progress=None if progress is None else progress.update,
+                recorder=recorder,
             )
         finally:
             if progress is not None:
@@ -92,12 +103,26 @@ def run(args: argparse.Namespace) -> int:
         }
     finally:
         recording.close()
+    if recorder is not None:
+        _write_report(args, summary, recorder, result.report)
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         _print_summary(summary)
     return 0
+
+
+def _write_report(
+    args: argparse.Namespace, summary: dict[str, Any], recorder: Any, report: Any
+) -> None:
+    from qmig.report import builders
+    from qmig.report.cli import write
+    from qmig.report.document import printed
+
+    summary = {**summary, "to": args.connect}
+    text = printed(lambda console: _print_summary(summary, console))
+    write(args, builders.replay(summary, recorder, report, text))
 
 
 def recorded_version(args: argparse.Namespace) -> Choice:
@@ -143,7 +168,7 @@ class _Progress:
             self.status.stop()
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -173,4 +198,4 @@ def _print_summary(summary: dict[str, Any]) -> None:
         "request → page sent (µs)",
         f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']}",
     )
-    Console().print(table)
+    (console or Console()).print(table)

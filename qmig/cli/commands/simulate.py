@@ -11,6 +11,7 @@ from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import add_bandwidth, count, integer, positive_count, rate_or_zero, size
 from qmig.cli.text import plural
 from qmig.errors import QmigError
+from qmig.report.cli import add_report, check_report
 from qmig.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--seed", type=integer, default=1, metavar="N", help="seed of RAM contents and dirtying"
     )
+    add_report(parser)
     add_qemu_version(parser, auto=None)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -152,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     config.check()
+    check_report(args)
     environment_check()
     total = sum(size for _, size in config.blocks)
     console = Console(stderr=True)
@@ -170,14 +173,31 @@ def run(args: argparse.Namespace) -> int:
             tasks[phase] = progress.add_task(phase, total=total if phase == "precopy" else None)
         progress.advance(tasks[phase], size)
 
+    recorder = None
+    if args.report is not None:
+        from qmig.report.recorder import Recorder
+
+        recorder = Recorder()
     with progress:
-        summary = run_simulation(config, advance)
+        summary = run_simulation(config, advance, recorder)
+    if recorder is not None:
+        _write_report(args, summary, recorder)
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print_summary(Console(highlight=False), summary)
     return 0
+
+
+def _write_report(args: argparse.Namespace, summary: dict[str, Any], recorder: Any) -> None:
+    from qmig.report import builders
+    from qmig.report.cli import write
+    from qmig.report.document import printed
+
+    text = printed(lambda console: print_summary(console, summary))
+    runs = recorder.runs
+    write(args, builders.simulation(summary, recorder, runs["source"], runs["destination"], text))
 
 
 def print_summary(console: Console, s: dict[str, Any]) -> None:

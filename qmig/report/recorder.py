@@ -1,0 +1,88 @@
+"""A cheap time series of a migration while it runs: bytes per 10 ms, per channel.
+
+A runner's connection is wrapped in :class:`CountingConnection`, which counts each read and
+write (a chunk of up to a few hundred KiB, never a page) into the bucket of the moment it
+happened. Events (a precopy pass ending, the switchover's steps) are kept with their
+monotonic time. Nothing here is per page.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from qmig.transport import Connection
+
+BUCKET_S = 0.01
+STREAM = "stream"  # source → destination
+RETURN_PATH = "return path"  # destination → source
+
+
+class Recorder:
+    """Bytes per ``BUCKET_S`` for each series, and named events, all on time.monotonic()."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = time.monotonic() if start is None else start
+        self.series: dict[str, dict[int, int]] = {}
+        self.events: list[tuple[float, str]] = []
+        self._lock = threading.Lock()  # the destination's fault thread writes too
+        self.runs: dict[str, Any] = {}  # the runners' own reports, for the document
+
+    def count(self, series: str, size: int) -> None:
+        bucket = int((time.monotonic() - self.start) / BUCKET_S)
+        with self._lock:
+            buckets = self.series.setdefault(series, {})
+            buckets[bucket] = buckets.get(bucket, 0) + size
+
+    def event(self, name: str, at: float | None) -> None:
+        """``at``: monotonic seconds (None: it did not happen, nothing is kept)."""
+        if at is not None:
+            self.events.append((at, name))
+
+    def wrap(self, connection: Connection, *, sends: str, receives: str) -> Connection:
+        """``connection``, counting what it sends into ``sends`` and receives into ``receives``
+        (it stands in for the connection: the runners need no change)."""
+        return cast(
+            "Connection", CountingConnection(connection, self, sends=sends, receives=receives)
+        )
+
+
+class CountingConnection:
+    """A connection that counts what crosses it; everything else goes to the connection."""
+
+    def __init__(self, connection: Any, recorder: Recorder, *, sends: str, receives: str) -> None:
+        self._connection = connection
+        self._recorder = recorder
+        self._sends = sends
+        self._receives = receives
+
+    def recv_into(self, buffer: Any, *args: Any) -> int:
+        count: int = self._connection.recv_into(buffer, *args)
+        if count:
+            self._recorder.count(self._receives, count)
+        return count
+
+    def send_some(self, data: Any) -> int:
+        sent: int = self._connection.send_some(data)
+        if sent:
+            self._recorder.count(self._sends, sent)
+        return sent
+
+    def sendall(self, data: Any) -> None:
+        self._connection.sendall(data)
+        self._recorder.count(self._sends, len(data))
+
+    def fileno(self) -> int:  # select() asks for it directly
+        fd: int = self._connection.fileno()
+        return fd
+
+    def __enter__(self) -> CountingConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._connection.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)

@@ -1,0 +1,119 @@
+"""``receive --report`` and ``replay --report`` against real QEMU 7.2, rendered in Chromium.
+
+receive: a real QEMU source migrates a counting guest into ``qmig receive`` (postcopy, capped
+so that qmig's workload must request pages). replay: ``fixtures/postcopy-tcp`` into a real
+QEMU destination. Each page must have drawn its data (see report_page.check_drawn), and hold
+what the command's --json says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from report_page import check_drawn, no_fetches, render
+
+from qmig.qemu.guest import MIB, GuestSpec
+from qmig.qemu.machine import QEMU_BINARY, Machine, MachineConfig
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        shutil.which(QEMU_BINARY) is None and not os.environ.get("CI"),
+        reason=f"{QEMU_BINARY} is not installed",
+    ),
+]
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp"
+TIMEOUT = 60.0
+
+
+@pytest.fixture
+def machines(tmp_path: Path) -> Iterator[Callable[..., Machine]]:
+    started: list[Machine] = []
+
+    def start(name: str, **config: object) -> Machine:
+        machine = Machine(MachineConfig(name, **config), tmp_path)  # type: ignore[arg-type]
+        started.append(machine)
+        return machine.start()
+
+    yield start
+    for machine in started:
+        machine.shutdown()
+
+
+def qmig(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qmig", *args]
+
+
+def test_receive_report(machines: Callable[..., Machine], tmp_path: Path, chromium: str) -> None:
+    page = tmp_path / "receive.html"
+    process = subprocess.Popen(
+        qmig("receive", "--listen", "tcp:127.0.0.1:0", "--accept-timeout", "30",
+             "--idle-timeout", "20", "--json", "--report", str(page)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        uri = process.stderr.readline().split()[-1]
+        source = machines("source", memory_mib=128, guest=GuestSpec(end=32 * MIB))
+        source.wait_serial(1)
+        source.set_capabilities(postcopy_ram=True)
+        source.set_parameters(
+            max_bandwidth=32 * MIB, max_postcopy_bandwidth=16 * MIB, downtime_limit=1
+        )
+        source.migrate(uri)
+        time.sleep(0.5)
+        source.start_postcopy()
+        source.wait_migration(timeout=TIMEOUT)
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, stderr
+    summary = json.loads(stdout)
+    no_fetches(page)
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)
+    document = drawn.document
+    assert summary["requests"] > 0
+    assert len(document["requests"]) == summary["request_to_placed_us"]["count"]
+    assert document["latency"]["dist"] == summary["postcopy_latency_dist"]
+    names = [event["name"] for event in document["events"]]
+    assert names.index("LISTEN") < names.index("RUN") < names.index("end")
+    received = next(s for s in document["series"] if s["name"] == "stream")
+    assert received["bytes"] == summary["bytes"]
+    vcpus = document["tables"][1]
+    assert [row[4] for row in vcpus["rows"]] == summary["postcopy_vcpu_blocktime_ms"]
+
+
+def test_replay_report(machines: Callable[..., Machine], tmp_path: Path, chromium: str) -> None:
+    destination = machines(
+        "destination", memory_mib=64, guest=GuestSpec(end=40 * MIB), incoming="defer"
+    )
+    destination.set_capabilities(postcopy_ram=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    uri = f"tcp:127.0.0.1:{destination.incoming_port()}"
+    page = tmp_path / "replay.html"
+    done = subprocess.run(
+        qmig("replay", str(FIXTURE), "--to", uri, "--qemu-version", "7.2", "--bandwidth", "32",
+             "--json", "--report", str(page)),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    destination.wait_migration(timeout=TIMEOUT)
+    no_fetches(page)
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)
+    document = drawn.document
+    assert len(document["requests"]) == summary["requests"] > 0
+    assert document["latency"]["count"] == summary["request_to_sent_us"]["count"]
+    names = [event["name"] for event in document["events"]]
+    assert names[:2] == ["pass 1", "stop"] and names[-1] == "end"

@@ -1,0 +1,90 @@
+"""``--report FILE.html`` rendered in headless Chromium: each plot drew its own data.
+
+One real capture (fixtures/postcopy-tcp, QEMU 7.2 → 7.2 through the relay) read by
+``qmig inspect DIR``, and one ``qmig simulate`` run. From the drawn page: one marker per page
+request, one bar per latency bucket with the bucket's height order, one vertex per time
+bucket on each channel's line, one line per migration step, the tables' rows, the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from report_page import check_drawn, no_fetches, render
+
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp"
+
+
+def qmig(*args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "qmig", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_report_of_a_real_capture(tmp_path: Path, chromium: str) -> None:
+    page = tmp_path / "capture.html"
+    result = qmig("inspect", str(FIXTURE), "--qemu-version", "7.2", "--report", str(page))
+    no_fetches(page)
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)
+    document = drawn.document
+    # The page holds what inspect found: every request, and the switchover's steps.
+    assert len(document["requests"]) == len(result["requests"]) == 177
+    names = [event["name"] for event in document["events"]]
+    for step in ("ADVISE", "discards", "LISTEN", "RUN"):
+        assert step in names
+    assert names.index("discards") < names.index("LISTEN") < names.index("RUN")
+    answered = [r for r in result["requests"] if not r["in_flight"]]
+    assert document["latency"]["count"] == len(answered) == sum(document["latency"]["dist"])
+    assert document["latency"]["p50_us"] == result["request_latency_us"]["p50"]
+    # Both directions were drawn, with the bytes the capture holds.
+    assert [s["name"] for s in document["series"]] == ["stream", "return path"]
+    assert document["series"][0]["bytes"] == result["bytes"]
+    assert document["series"][1]["bytes"] == result["return_path"]["bytes"]
+    blocks = document["tables"][0]
+    assert {row[0] for row in blocks["rows"]} == set(result["ram_blocks"])
+
+
+@pytest.mark.uffd
+def test_report_of_a_simulation(tmp_path: Path, chromium: str) -> None:
+    page = tmp_path / "simulate.html"
+    result = qmig("simulate", "--ram", "32M", "--postcopy-after", "0", "--report", str(page))
+    no_fetches(page)
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)
+    document = drawn.document
+    assert result["verified"]
+    assert len(document["requests"]) == result["postcopy_requests"] > 0
+    assert document["latency"]["dist"] == result["postcopy_latency_dist"]
+    names = [event["name"] for event in document["events"]]
+    assert names.index("stop") < names.index("LISTEN") < names.index("RUN") < names.index("end")
+    sent = next(s for s in document["series"] if s["name"] == "stream")
+    assert sent["bytes"] >= result["precopy"]["bytes"] + result["postcopy"]["bytes"]
+    vcpus = document["tables"][1]
+    assert [row[4] for row in vcpus["rows"]] == result["postcopy_vcpu_blocktime_ms"]
+
+
+@pytest.mark.uffd
+def test_report_of_a_precopy_simulation(tmp_path: Path, chromium: str) -> None:
+    """No postcopy: no requests and an empty distribution, drawn as such."""
+    page = tmp_path / "precopy.html"
+    result = qmig("simulate", "--ram", "32M", "--precopy-only", "--report", str(page))
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)
+    document = drawn.document
+    assert result["mode"] == "precopy" and document["requests"] == []
+    assert document["latency"]["dist"] == result["postcopy_latency_dist"] == [0] * 24
+    names = [event["name"] for event in document["events"]]
+    assert "pass 1" in names and "stop" in names and "RUN" not in names
