@@ -21,6 +21,7 @@ import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from qmig.errors import MalformedError, QmigError
 from qmig.protocol.source import DeviceSnapshot, SourceBlock
@@ -99,6 +100,10 @@ def _chunks(path: Path) -> Iterator[bytes]:
 
 
 def _open(path: Path) -> io.BufferedIOBase:
+    from qmig.libvirt import open_if_save_image
+
+    if (inner := open_if_save_image(path)) is not None:  # a libvirt save image's QEMU stream
+        return cast(io.BufferedIOBase, inner)
     if path.suffix == ".xz":
         return lzma.open(path, "rb")
     return path.open("rb")

@@ -330,7 +330,10 @@ def _open(path: Path, timeout: float | None = None) -> BinaryIO:
     """A recording: a file, a FIFO or device (read with ``timeout`` as the limit), each
     possibly xz-compressed (as the fixtures are shipped)."""
     if path.suffix != ".xz" and path.is_file():
-        return path.open("rb")  # the common case needs none of the capture machinery
+        from qmig.libvirt import open_if_save_image
+
+        # A libvirt save image: the QEMU stream inside it, after libvirt's header.
+        return open_if_save_image(path) or path.open("rb")
     from qmig.capture.live import DEFAULT_TIMEOUT_S
     from qmig.capture.recording import open_capture_file
 
@@ -338,6 +341,16 @@ def _open(path: Path, timeout: float | None = None) -> BinaryIO:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmig.libvirt import is_save_image
+
+    if args.stream.is_dir() or not is_save_image(args.stream):
+        return _run(args, None)
+    from qmig.libvirt.cli import run_save_image
+
+    return run_save_image(args, _run)
+
+
+def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
     from qmig.cli.versions import choose
     from qmig.inspect import ReturnPathInspection, StreamInspection, read_records
     from qmig.wire import messages as m
@@ -410,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = inspection.as_json()
     report["stream"] = str(stream_path)
+    if libvirt is not None:
+        report["libvirt"] = libvirt
     report["qemu_version"] = inspection.reader.profile.name
     report["qemu_version_evidence"] = choice.evidence
     report["commands"] = commands

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from qmig.capture.recording import open_capture_file
     from qmig.cli.versions import add_hint, hint_from_file
     from qmig.errors import QmigError
+    from qmig.libvirt import is_save_image, read_image, relocate
     from qmig.replay import ReplayPlan, load_recording, replay
     from qmig.replay.recording import stream_path
 
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         recording = load_recording(args.capture, choice.version)
     except QmigError as error:
         path = stream_path(args.capture)
+        if is_save_image(path):
+            raise relocate(error, read_image(path)) from None
         raise add_hint(
             error, hint_from_file(error, choice.version, lambda: open_capture_file(path))
         ) from None
@@ -107,9 +110,11 @@ def recorded_version(args: argparse.Namespace) -> Choice:
     from qmig.replay.recording import stream_path
 
     def prefix() -> tuple[bytes, bool]:
+        from qmig.libvirt import open_if_save_image
         from qmig.wire.detect import PREFIX_BYTES
 
-        with open_capture_file(stream_path(args.capture)) as file:
+        path = stream_path(args.capture)
+        with open_if_save_image(path) or open_capture_file(path) as file:
             data = read_prefix(file)
         return data, len(data) < PREFIX_BYTES
 
