@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from libvirt_images import COOKIE, DOMAIN_XML, build_image, compress, header
 
 from qmig.cli import main
 from qmig.libvirt import open_stream, read_image
 from qmig.libvirt.layout import header_size, load_layout
-from libvirt_images import COOKIE, DOMAIN_XML, build_image, compress, header
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "precopy-file" / "stream.bin.xz"
 COMPRESSIONS = ["raw", "gzip", "bzip2", "xz", "zstd", "lzop"]
