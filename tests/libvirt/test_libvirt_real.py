@@ -1,5 +1,6 @@
-"""Real save images from Debian's libvirt: ``virsh save`` of a TCG domain running qmig's test
-guest, raw and xz-compressed (``save_image_format`` in the session's qemu.conf).
+"""Real save images from Debian's libvirt: ``virsh managedsave`` and ``virsh save`` of a TCG
+domain running qmig's test guest, raw and xz-compressed (``save_image_format`` in the
+session's qemu.conf).
 
 Before saving, the paused guest's RAM is dumped with QEMU's pmemsave (through ``virsh
 qemu-monitor-command``); ``qmig inspect --dump-ram`` of the image must give the same bytes.
@@ -55,11 +56,16 @@ def domain_xml(disk: Path, serial: Path) -> str:
 """
 
 
-@pytest.fixture(params=["raw", "xz"])
-def session(request: pytest.FixtureRequest) -> Iterator[LibvirtSession]:
-    libvirt = LibvirtSession(request.param)
+# (save_image_format, how the image is made): `virsh save` of a transient domain, and
+# `virsh managedsave` of a defined one (libvirt keeps that image in its own folder).
+CASES = [("raw", "managedsave"), ("xz", "save")]
+
+
+@pytest.fixture(params=CASES, ids=["-".join(case) for case in CASES])
+def session(request: pytest.FixtureRequest) -> Iterator[tuple[LibvirtSession, str]]:
+    libvirt = LibvirtSession(request.param[0])
     try:
-        yield libvirt.start()
+        yield libvirt.start(), request.param[1]
     finally:
         libvirt.close()
 
@@ -73,13 +79,18 @@ def wait_markers(path: Path, count: int) -> None:
         time.sleep(0.1)
 
 
-def save_guest(libvirt: LibvirtSession) -> tuple[Path, bytes, str]:
+def save_guest(libvirt: LibvirtSession, how: str) -> tuple[Path, bytes, str]:
     """Run the guest for a few passes, pause it, dump its RAM, save it: (image, RAM, uuid)."""
     root = libvirt.root
     disk = libvirt.give(write_disk_image(root / "guest.img", SPEC))
     xml = root / "domain.xml"
     xml.write_text(domain_xml(disk, root / "serial.log"))
-    libvirt.virsh("create", str(xml))
+    managed = how == "managedsave"
+    if managed:
+        libvirt.virsh("define", str(xml))
+        libvirt.virsh("start", NAME)
+    else:
+        libvirt.virsh("create", str(xml))
     wait_markers(root / "serial.log", 3)  # a few passes over the counters' range
     libvirt.virsh("suspend", NAME)
     dump = root / "ram.dump"
@@ -89,8 +100,12 @@ def save_guest(libvirt: LibvirtSession) -> tuple[Path, bytes, str]:
     }
     libvirt.virsh("qemu-monitor-command", NAME, json.dumps(command))
     uuid = libvirt.virsh("domuuid", NAME).strip()
-    image = root / "guest.save"
-    libvirt.virsh("save", NAME, str(image))
+    if managed:
+        libvirt.virsh("managedsave", NAME)
+        image = libvirt.config / "libvirt" / "qemu" / "save" / f"{NAME}.save"
+    else:
+        image = root / "guest.save"
+        libvirt.virsh("save", NAME, str(image))
     return image, dump.read_bytes(), uuid
 
 
@@ -108,10 +123,11 @@ def assert_same_ram(ram: bytes, dump: bytes) -> None:
         assert ram[start : start + MIB] == dump[start : start + MIB], f"differs in {start:#x}+1M"
 
 
-def test_virsh_save_image(session: LibvirtSession, tmp_path: Path) -> None:
-    image, dump, uuid = save_guest(session)
+def test_virsh_save_image(session: tuple[LibvirtSession, str], tmp_path: Path) -> None:
+    libvirt_session, how = session
+    image, dump, uuid = save_guest(libvirt_session, how)
     verify_counters(dump[SPEC.start : SPEC.end], SPEC.start, SPEC)  # a consistent guest
-    fmt = (session.config / "libvirt" / "qemu.conf").read_text().split('"')[1]
+    fmt = (libvirt_session.config / "libvirt" / "qemu.conf").read_text().split('"')[1]
 
     inspected = qmig("inspect", str(image), "--json", "--dump-ram", str(tmp_path / "ram"))
     assert inspected.returncode == 0, inspected.stderr
