@@ -160,6 +160,7 @@ def test_virsh_save_image(session: tuple[LibvirtSession, str], tmp_path: Path) -
         assert replayed.returncode == 0, replayed.stderr
         summary = json.loads(replayed.stdout)
         assert summary["machine_type"] == machine_type and summary["ram_mib"] == MEMORY_MIB
+        assert summary["libvirt"]["domain"]["uuid"] == uuid and summary["mode"] == "precopy"
         destination.wait_migration(timeout=TIMEOUT)
         destination.wait_runstate("paused")  # the saved guest was paused
         restored = destination.pmemsave(0, MEMORY_MIB * MIB, tmp_path / "restored.ram")

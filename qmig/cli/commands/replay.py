@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             "qemu_version": choice.version,
             "qemu_version_evidence": choice.evidence,
         }
+        if is_save_image(recording.path):
+            summary["libvirt"] = read_image(recording.path).as_json()
     finally:
         recording.close()
     if args.json:
@@ -179,3 +181,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']}",
     )
     Console().print(table)
+    if "libvirt" in summary:
+        # libvirt stops the vCPUs before it saves: the stream's run state is paused, and its
+        # restore resumes the guest only afterwards, when the header's was_running says so.
+        ran = "was" if summary["libvirt"]["was_running"] else "was not"
+        Console().print(
+            f"libvirt save image: the guest {ran} running when saved; the destination stays "
+            "paused until 'cont', as libvirt's restore does"
+        )
