@@ -1,16 +1,6 @@
 """libvirt's QEMU save images (``virsh save``, ``virsh managedsave``): a header, the domain XML,
 then QEMU's migration stream, raw or compressed. The layout is ``formats/libvirt-save.toml``.
+
+``detect`` is all a command needs to tell an image from a bare stream (cheap to import);
+``image`` reads the header and XML, ``streams`` the QEMU stream inside.
 """
-
-from qmig.libvirt.image import DomainFacts, SaveImage, is_save_image, read_image
-from qmig.libvirt.streams import open_if_save_image, open_stream, relocate
-
-__all__ = [
-    "DomainFacts",
-    "SaveImage",
-    "is_save_image",
-    "open_if_save_image",
-    "open_stream",
-    "read_image",
-    "relocate",
-]

@@ -78,16 +78,6 @@ class SaveImage:
         }
 
 
-def is_save_image(path: Path) -> bool:
-    """A regular file that opens with libvirt's magic, finished or partial."""
-    if not path.is_file():
-        return False
-    layout = load_layout()
-    with path.open("rb") as file:
-        magic = file.read(layout.magic_length)
-    return magic in (layout.magic, layout.partial_magic)
-
-
 def read_image(path: Path) -> SaveImage:
     layout = load_layout()
     with path.open("rb") as file:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 from qmig.errors import MalformedError, QmigError, TruncatedError
-from qmig.libvirt.image import SaveImage, is_save_image, read_image
+from qmig.libvirt.image import SaveImage, read_image
 from qmig.libvirt.layout import load_layout
 
 BUFFER = 1 << 20
@@ -31,10 +31,8 @@ SPARSE_DETAIL = (
 )
 
 
-def open_if_save_image(path: Path) -> BinaryIO | None:
-    """The QEMU stream inside ``path`` if it is a libvirt save image, else None."""
-    if not is_save_image(path):
-        return None
+def open_save_image(path: Path) -> BinaryIO:
+    """The QEMU stream inside the libvirt save image ``path``."""
     return open_stream(read_image(path))
 
 

@@ -100,10 +100,12 @@ def _chunks(path: Path) -> Iterator[bytes]:
 
 
 def _open(path: Path) -> io.BufferedIOBase:
-    from qmig.libvirt import open_if_save_image
+    from qmig.libvirt.detect import is_save_image
 
-    if (inner := open_if_save_image(path)) is not None:  # a libvirt save image's QEMU stream
-        return cast(io.BufferedIOBase, inner)
+    if is_save_image(path):  # the QEMU stream inside a libvirt save image
+        from qmig.libvirt.streams import open_save_image
+
+        return cast(io.BufferedIOBase, open_save_image(path))
     if path.suffix == ".xz":
         return lzma.open(path, "rb")
     return path.open("rb")

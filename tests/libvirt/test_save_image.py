@@ -17,8 +17,9 @@ import pytest
 from libvirt_images import COOKIE, DOMAIN_XML, build_image, compress, header
 
 from qmig.cli import main
-from qmig.libvirt import open_stream, read_image
+from qmig.libvirt.image import read_image
 from qmig.libvirt.layout import header_size, load_layout
+from qmig.libvirt.streams import open_stream
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "precopy-file" / "stream.bin.xz"
 COMPRESSIONS = ["raw", "gzip", "bzip2", "xz", "zstd", "lzop"]

@@ -330,10 +330,13 @@ def _open(path: Path, timeout: float | None = None) -> BinaryIO:
     """A recording: a file, a FIFO or device (read with ``timeout`` as the limit), each
     possibly xz-compressed (as the fixtures are shipped)."""
     if path.suffix != ".xz" and path.is_file():
-        from qmig.libvirt import open_if_save_image
+        from qmig.libvirt.detect import is_save_image
 
-        # A libvirt save image: the QEMU stream inside it, after libvirt's header.
-        return open_if_save_image(path) or path.open("rb")
+        if is_save_image(path):  # the QEMU stream inside it, after libvirt's header
+            from qmig.libvirt.streams import open_save_image
+
+            return open_save_image(path)
+        return path.open("rb")  # the common case needs none of the capture machinery
     from qmig.capture.live import DEFAULT_TIMEOUT_S
     from qmig.capture.recording import open_capture_file
 
@@ -341,7 +344,7 @@ def _open(path: Path, timeout: float | None = None) -> BinaryIO:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qmig.libvirt import is_save_image
+    from qmig.libvirt.detect import is_save_image
 
     if args.stream.is_dir() or not is_save_image(args.stream):
         return _run(args, None)

@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from qmig.capture.recording import open_capture_file
     from qmig.cli.versions import add_hint, hint_from_file
     from qmig.errors import QmigError
-    from qmig.libvirt import is_save_image, read_image, relocate
+    from qmig.libvirt.detect import is_save_image
+    from qmig.libvirt.image import read_image
+    from qmig.libvirt.streams import relocate
     from qmig.replay import ReplayPlan, load_recording, replay
     from qmig.replay.recording import stream_path
 
@@ -112,11 +114,13 @@ def recorded_version(args: argparse.Namespace) -> Choice:
     from qmig.replay.recording import stream_path
 
     def prefix() -> tuple[bytes, bool]:
-        from qmig.libvirt import open_if_save_image
+        from qmig.libvirt.detect import is_save_image
+        from qmig.libvirt.streams import open_save_image
         from qmig.wire.detect import PREFIX_BYTES
 
         path = stream_path(args.capture)
-        with open_if_save_image(path) or open_capture_file(path) as file:
+        opened = open_save_image(path) if is_save_image(path) else open_capture_file(path)
+        with opened as file:
             data = read_prefix(file)
         return data, len(data) < PREFIX_BYTES
 
