@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
         "stream",
         type=Path,
         metavar="STREAM",
-        help="a stream file (.xz too), a capture folder, a FIFO or a character device",
+        help="a stream file (.xz too), a libvirt save image (virsh save, managedsave), a "
+        "capture folder, a FIFO or a character device",
     )
     parser.add_argument(
         "--return-path",

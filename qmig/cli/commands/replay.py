@@ -26,12 +26,16 @@ def register(subparsers: Any) -> None:
         "replay",
         help="replay a recorded migration into a real QEMU destination",
         description="Rebuild the guest RAM as at switchover and the device state from CAPTURE "
-        "(a folder written by 'qmig capture', or a raw source-to-destination stream file), "
+        "(a folder written by 'qmig capture', a raw source-to-destination stream file, or a "
+        "libvirt save image), "
         "then migrate them into a QEMU started with -incoming and the same machine type and "
         "memory size, serving its page requests in postcopy.",
     )
     parser.add_argument(
-        "capture", type=Path, metavar="CAPTURE", help="a capture folder or a stream file"
+        "capture",
+        type=Path,
+        metavar="CAPTURE",
+        help="a capture folder, a stream file or a libvirt save image",
     )
     peer = parser.add_argument(
         "--connect",
