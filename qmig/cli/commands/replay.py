@@ -189,9 +189,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']}",
     )
     Console().print(table)
-    if "libvirt" in summary:
+    if "libvirt" in summary and summary["mode"] == "precopy":
         # libvirt stops the vCPUs before it saves: the stream's run state is paused, and its
         # restore resumes the guest only afterwards, when the header's was_running says so.
+        # (A postcopy destination runs from POSTCOPY_RUN on, whatever the saved state.)
         ran = "was" if summary["libvirt"]["was_running"] else "was not"
         Console().print(
             f"libvirt save image: the guest {ran} running when saved; the destination stays "
