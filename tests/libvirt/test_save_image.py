@@ -258,3 +258,19 @@ def test_decompression_streams_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert total == size
     assert peak < 16 << 20, peak
+
+
+def test_the_documented_real_header() -> None:
+    """formats/libvirt-save.md's example (a libvirt 9.0 header) is what the Struct builds."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "formats" / "libvirt-save.md").read_text()
+    words = {
+        int(offset, 16): bytes.fromhex(hexes.replace(" ", ""))
+        for offset, hexes in re.findall(r"^(00[0-9a-f]{2}): ((?:[0-9a-f]{8} ?)+)", doc, re.M)
+    }
+    built = header({"data_len": 67224, "format": 3, "cookie_offset": 1452, "was_running": 0})
+    assert set(words) == {0x00, 0x10, 0x20, 0x5C}
+    for offset in (0x00, 0x10, 0x20):
+        assert built[offset : offset + len(words[offset])] == words[offset], hex(offset)
+    assert words[0x5C] == b"<domain "
