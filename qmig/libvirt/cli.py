@@ -58,7 +58,7 @@ def _show(image: SaveImage) -> None:
         f"{image.format_number} {compression}, was running: {'yes' if image.was_running else 'no'}"
     )
     console.print(
-        f"  data: {image.data_len} bytes (domain XML {len(image.xml)} bytes"
+        f"  data: {image.data_len} bytes (domain XML {len(image.xml.encode())} bytes"
         + ("" if image.cookie is None else f", cookie at {image.cookie_offset}")
         + f"); QEMU stream from file byte {image.stream_offset}"
     )
