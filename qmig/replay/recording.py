@@ -21,6 +21,7 @@ import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from qmig.errors import MalformedError, QmigError
 from qmig.protocol.source import DeviceSnapshot, SourceBlock
@@ -99,6 +100,12 @@ def _chunks(path: Path) -> Iterator[bytes]:
 
 
 def _open(path: Path) -> io.BufferedIOBase:
+    from qmig.libvirt.detect import is_save_image
+
+    if is_save_image(path):  # the QEMU stream inside a libvirt save image
+        from qmig.libvirt.streams import open_save_image
+
+        return cast(io.BufferedIOBase, open_save_image(path))
     if path.suffix == ".xz":
         return lzma.open(path, "rb")
     return path.open("rb")

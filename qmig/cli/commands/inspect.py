@@ -41,7 +41,8 @@ def register(subparsers: Any) -> None:
         "stream",
         type=Path,
         metavar="STREAM",
-        help="a stream file (.xz too), a capture folder, a FIFO or a character device",
+        help="a stream file (.xz too), a libvirt save image (virsh save, managedsave), a "
+        "capture folder, a FIFO or a character device",
     )
     parser.add_argument(
         "--return-path",
@@ -333,6 +334,12 @@ def _open(path: Path, timeout: float | None = None) -> BinaryIO:
     """A recording: a file, a FIFO or device (read with ``timeout`` as the limit), each
     possibly xz-compressed (as the fixtures are shipped)."""
     if path.suffix != ".xz" and path.is_file():
+        from qmig.libvirt.detect import is_save_image
+
+        if is_save_image(path):  # the QEMU stream inside it, after libvirt's header
+            from qmig.libvirt.streams import open_save_image
+
+            return open_save_image(path)
         return path.open("rb")  # the common case needs none of the capture machinery
     from qmig.capture.live import DEFAULT_TIMEOUT_S
     from qmig.capture.recording import open_capture_file
@@ -341,6 +348,16 @@ def _open(path: Path, timeout: float | None = None) -> BinaryIO:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmig.libvirt.detect import is_save_image
+
+    if args.stream.is_dir() or not is_save_image(args.stream):
+        return _run(args, None)
+    from qmig.libvirt.cli import run_save_image
+
+    return run_save_image(args, _run)
+
+
+def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
     from qmig.cli.versions import choose
     from qmig.inspect import ReturnPathInspection, StreamInspection, read_records
     from qmig.wire import messages as m
@@ -416,6 +433,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = inspection.as_json()
     report["stream"] = str(stream_path)
+    if libvirt is not None:
+        report["libvirt"] = libvirt
     report["qemu_version"] = inspection.reader.profile.name
     report["qemu_version_evidence"] = choice.evidence
     report["commands"] = commands

@@ -29,12 +29,16 @@ def register(subparsers: Any) -> None:
         "replay",
         help="replay a recorded migration into a real QEMU destination",
         description="Rebuild the guest RAM as at switchover and the device state from CAPTURE "
-        "(a folder written by 'qmig capture', or a raw source-to-destination stream file), "
+        "(a folder written by 'qmig capture', a raw source-to-destination stream file, or a "
+        "libvirt save image), "
         "then migrate them into a QEMU started with -incoming and the same machine type and "
         "memory size, serving its page requests in postcopy.",
     )
     parser.add_argument(
-        "capture", type=Path, metavar="CAPTURE", help="a capture folder or a stream file"
+        "capture",
+        type=Path,
+        metavar="CAPTURE",
+        help="a capture folder, a stream file or a libvirt save image",
     )
     peer = parser.add_argument(
         "--connect",
@@ -61,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     from qmig.capture.recording import open_capture_file
     from qmig.cli.versions import add_hint, hint_from_file
     from qmig.errors import QmigError
+    from qmig.libvirt.detect import is_save_image
+    from qmig.libvirt.image import read_image
+    from qmig.libvirt.streams import relocate
     from qmig.replay import ReplayPlan, load_recording, replay
     from qmig.replay.recording import stream_path
 
@@ -70,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         recording = load_recording(args.capture, choice.version)
     except QmigError as error:
         path = stream_path(args.capture)
+        if is_save_image(path):
+            raise relocate(error, read_image(path)) from None
         raise add_hint(
             error, hint_from_file(error, choice.version, lambda: open_capture_file(path))
         ) from None
@@ -101,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
             "qemu_version": choice.version,
             "qemu_version_evidence": choice.evidence,
         }
+        if is_save_image(recording.path):
+            summary["libvirt"] = read_image(recording.path).as_json()
     finally:
         recording.close()
     if recorder is not None:
@@ -132,9 +143,13 @@ def recorded_version(args: argparse.Namespace) -> Choice:
     from qmig.replay.recording import stream_path
 
     def prefix() -> tuple[bytes, bool]:
+        from qmig.libvirt.detect import is_save_image
+        from qmig.libvirt.streams import open_save_image
         from qmig.wire.detect import PREFIX_BYTES
 
-        with open_capture_file(stream_path(args.capture)) as file:
+        path = stream_path(args.capture)
+        opened = open_save_image(path) if is_save_image(path) else open_capture_file(path)
+        with opened as file:
             data = read_prefix(file)
         return data, len(data) < PREFIX_BYTES
 
@@ -198,4 +213,14 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
         "request → page sent (µs)",
         f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']}",
     )
-    (console or Console()).print(table)
+    out = console or Console()
+    out.print(table)
+    if "libvirt" in summary and summary["mode"] == "precopy":
+        # libvirt stops the vCPUs before it saves: the stream's run state is paused, and its
+        # restore resumes the guest only afterwards, when the header's was_running says so.
+        # (A postcopy destination runs from POSTCOPY_RUN on, whatever the saved state.)
+        ran = "was" if summary["libvirt"]["was_running"] else "was not"
+        out.print(
+            f"libvirt save image: the guest {ran} running when saved; the destination stays "
+            "paused until 'cont', as libvirt's restore does"
+        )
