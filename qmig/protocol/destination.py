@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmig.errors import (
+    HostSupportError,
     IllegalStateError,
     LocalProtocolError,
     MalformedError,
@@ -418,7 +419,7 @@ class Destination:
                 trackers[info.idstr] = BlockTracker(
                     info, info.page_size or self.host_page_size, self.reader.schema.target_page_size
                 )
-            except (OSError, OverflowError, ValueError):
+            except (OSError, OverflowError, ValueError, HostSupportError):
                 raise RemoteProtocolError(
                     "RAM",
                     f"block {info.idstr!r} of {info.used_length:#x} bytes is more than this "

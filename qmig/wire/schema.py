@@ -18,6 +18,7 @@ from typing import Any
 import construct as cs
 from construct import this
 
+from qmig.errors import QmigError
 from qmig.wire import messages as m
 from qmig.wire.fields import (
     As,
@@ -375,7 +376,8 @@ def xbzrle_limit(profile: Profile, page_size: int) -> int:
     match profile.max_xbzrle_length:
         case "target-page":
             return page_size
-    raise AssertionError(f"unchecked max_xbzrle_length rule {profile.max_xbzrle_length!r}")
+        case rule:
+            raise QmigError("profile", f"{profile.name}: unknown max_xbzrle_length rule {rule!r}")
 
 
 def xbzrle_body(limit: int) -> cs.Construct:

@@ -80,7 +80,7 @@ def test_a_claim_beyond_the_address_space_is_one_line() -> None:
     outcome = receive(
         sender(opening((m.RamBlockInfo("pc.ram", 1 << 60),))), "--max-ram", str(1 << 62)
     )
-    outcome.check_error("memory", r"cannot map \d+ bytes of per-page state")
+    outcome.check_error("RAM", r"block 'pc.ram' of 0x1000000000000000 bytes is more than this host")
     outcome.check_bounded()
 
 
