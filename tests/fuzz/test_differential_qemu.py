@@ -273,11 +273,6 @@ def test_qemu_fails_a_package_that_ends_without_run(version: str) -> None:
     assert "Input/output error" in result.qemu_detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qmig bug: qmig goes on after a package that ends without RUN or EOF (here to reject "
-    "the outer RUN in state DISCARD) where QEMU fails at the package's end",
-)
 def test_qmig_fails_a_package_that_ends_without_run_as_qemu_does(version: str) -> None:
     result = run_one(version, [*PACKAGE_WITHOUT_RUN, "EOF"])
     assert result.qmig == result.qemu, result

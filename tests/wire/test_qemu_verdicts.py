@@ -68,10 +68,25 @@ def test_a_package_inside_a_package_is_refused_at_the_inner_command(version: str
 
 def test_one_package_after_another_still_reads() -> None:
     schema = schema_for("7.2")
-    package = schema.build_packaged(schema.build_command(m.Ping(1)))
-    data = _opening("7.2") + package + package + bytes(schema.eof.build(m.Eof()))
+    eof = bytes(schema.eof.build(m.Eof()))
+    # An EOF in the package ends its load, as RUN does; then the outer stream goes on.
+    package = schema.build_packaged(schema.build_command(m.Ping(1)) + eof)
+    data = _opening("7.2") + package + package + eof
     names = [record.name for record in read_all(StreamReader("7.2"), data)]
     assert names.count("PACKAGED") == 2 and names.count("PACKAGE_END") == 2
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_package_that_ends_without_run_or_eof_is_refused_at_its_end(version: str) -> None:
+    """QEMU loads a package until RUN or an EOF in it; past the blob's end its read fails."""
+    schema = schema_for(version)
+    package = schema.build_packaged(schema.build_command(m.Ping(1)))
+    data = _opening(version) + package + bytes(schema.eof.build(m.Eof()))
+    with pytest.raises(MalformedError) as caught:
+        read_all(StreamReader(version), data)
+    assert caught.value.what == "PACKAGED"
+    assert caught.value.offset == len(_opening(version) + package)
+    assert "without POSTCOPY_RUN or EOF" in caught.value.detail
 
 
 @pytest.mark.parametrize("version", VERSIONS)

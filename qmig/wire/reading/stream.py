@@ -53,6 +53,9 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
         self._init_input()
         self._frame = Frame(Mode.HEADER)
         self._packages: list[int] = []  # absolute end offsets of the open PACKAGED blobs
+        # Per open package: whether its load has ended (POSTCOPY_RUN or an EOF inside it,
+        # after which QEMU stops reading the blob).
+        self._package_done: list[bool] = []
         self._section_types = self.profile.section_type_names
         self._mem_size_rules()
 
@@ -178,6 +181,8 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
             record = self._emit(m.Eof(), self.schema.section_type_size)
             if not self._packages:
                 self._frame = Frame(Mode.AFTER_EOF)
+            else:
+                self._package_done[-1] = True
             return record
         raise MalformedError("stream", f"unknown section type {kind:#04x}", self.offset)
 
@@ -288,6 +293,8 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
     def _note_command(self, message: Any, offset: int) -> None:
         if isinstance(message, m.PostcopyAdvise):
             self.context.advise = message
+        elif isinstance(message, m.PostcopyRun) and self._packages:
+            self._package_done[-1] = True
 
     def _open_package(self, packaged: m.Packaged, offset: int) -> None:
         if packaged.length > self.profile.packaged_max_length:
@@ -295,6 +302,7 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
                 "PACKAGED", f"unreasonably large packaged state: {packaged.length}", offset
             )
         self._packages.append(self.offset + packaged.length)
+        self._package_done.append(False)
 
     def _close_package(self) -> Record:
         if self._frame.mode is not Mode.TOP:
@@ -302,5 +310,15 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
             what = "RAM" if self._frame.mode is Mode.RAM else "PACKAGED"
             where = f" inside section {section.idstr!r}" if section else ""
             raise MalformedError(what, f"package ends{where}", self.offset)
+        if not self._package_done[-1]:
+            # QEMU loads a package until RUN or an EOF in it; at the blob's end it reads on,
+            # finds nothing, and fails with an I/O error: the end of its input.
+            raise TruncatedError(
+                "PACKAGED",
+                self.offset,
+                during="a package that ends without POSTCOPY_RUN or EOF (QEMU reads on past "
+                "its end)",
+            )
         self._packages.pop()
+        self._package_done.pop()
         return Record(self.offset, 0, m.PackageEnd(), len(self._packages) + 1)
