@@ -58,6 +58,16 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
 
     # --- feeding ----------------------------------------------------------------------
 
+    def new_channel(self) -> None:
+        """Postcopy recovery: the rest of the stream comes on a new connection. It starts at
+        the top level (a command or a section, no header), offsets count from its first
+        byte, the bytes of an unfinished record on the old one are dropped, and the first
+        page record names its block again. What was learnt (sections, blocks) stays."""
+        self._init_input()
+        self._frame = Frame(Mode.TOP)
+        self._packages = []
+        self.context.current_block = None
+
     def __iter__(self) -> Iterator[Record]:
         """Every record of what was fed so far (call after feed_eof() for a whole stream)."""
         while True:
