@@ -143,6 +143,12 @@ class Destination:
 
     # --- postcopy recovery ----------------------------------------------------------------
 
+    @property
+    def can_pause(self) -> bool:
+        """Would a broken channel pause the migration now (rather than fail it)?"""
+        entry = self.rules.table[self.state].get(DestinationInput.CHANNEL_BROKEN)
+        return entry is DestinationState.PAUSED
+
     def channel_broken(self) -> bool:
         """The channel failed (reset, or closed before the stream's end). Once the guest
         runs here this pauses the migration, as QEMU does: every received page, the received
