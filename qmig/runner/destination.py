@@ -23,7 +23,7 @@ from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
-from qmig.runner.channels import Channels
+from qmig.runner.channels import Channels, CutPlan
 from qmig.transport import Connection
 from qmig.wire import messages as m
 
@@ -74,13 +74,16 @@ class DestinationRunner:
         idle_timeout: float = IDLE_TIMEOUT,
         keep_ram: bool = False,
         recover_timeout: float = RECOVER_TIMEOUT,
+        cuts: CutPlan | None = None,
     ) -> None:
         """``keep_ram``: after a migration that completes, leave the RAM mapped (no longer
         registered) for the caller to read, and to close with ``session.close()``.
         ``connection``: the channel, or the migration's :class:`Channels`; when those can
         open a new channel, a channel that breaks once the guest runs here pauses the
         migration (RAM kept, vCPUs blocked on their faults) and the source's new channel,
-        within ``recover_timeout`` seconds, resumes it."""
+        within ``recover_timeout`` seconds, resumes it. ``cuts``: break the channel on
+        purpose after that many postcopy pages were placed (the peer then pauses too)."""
+        self.cuts = cuts
         self.channels = connection if isinstance(connection, Channels) else Channels(connection)
         self.recover_timeout = recover_timeout
         self.dest = destination
@@ -146,6 +149,12 @@ class DestinationRunner:
         self._drain()
         if count == 0 and not self.completed:
             raise TransportError(self.connection.name, "the source closed the stream")
+        cuts = self.cuts
+        postcopy_pages = self.report.placed_pages["postcopy"]
+        if cuts is not None and self.dest.can_pause and cuts.due(postcopy_pages):
+            cuts.done += 1
+            self.channels.cut()
+            raise TransportError(self.connection.name, "channel cut on purpose")
 
     def _pause(self) -> bool:
         """The channel broke: pause and take the source's next channel, if the migration

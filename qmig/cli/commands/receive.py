@@ -9,11 +9,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.cli.options import positive_count, seconds, size
+from qmig.cli.options import positive_count, rate_or_zero, seconds, size
 from qmig.latency import percentiles_us
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from qmig.protocol.destination import Destination
+    from qmig.protocol.ram_config import RamConfig
+    from qmig.ram.workload import Workload
+    from qmig.runner.channels import Channels, CutPlan
     from qmig.runner.destination import DestinationReport
 
 # The fault thread needs the GIL to turn a fault into a request while the main thread parses
@@ -104,6 +109,28 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="give up when the source sends nothing for this long",
     )
+    recovery = parser.add_argument_group("postcopy recovery")
+    recovery.add_argument(
+        "--recover-listen",
+        metavar="URI",
+        help="when the channel breaks after POSTCOPY_RUN, keep RAM and the vCPUs blocked and "
+        "wait for the source's resumed channel here (QEMU's migrate-recover; the source "
+        "resumes with migrate resume=true to this URI) (default: the --listen URI)",
+    )
+    recovery.add_argument(
+        "--recover-timeout",
+        type=rate_or_zero,  # seconds, 0 or more
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait, paused, for the resumed channel; 0: never pause, fail",
+    )
+    recovery.add_argument(
+        "--pause-after",
+        type=positive_count,
+        metavar="PAGES",
+        help="close the channel (a reset) after PAGES postcopy pages were placed, to make the "
+        "source pause (default: never)",
+    )
     add_qemu_version(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -122,13 +149,11 @@ def _blocks(text: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qmig.cli.versions import add_hint, choose, hint_from_prefix, peek_connection
-    from qmig.errors import RemoteProtocolError
-    from qmig.protocol.destination import Destination
     from qmig.protocol.ram_config import RamConfig
     from qmig.ram.workload import Pattern, Workload
-    from qmig.runner.destination import DestinationRunner, host_memory
-    from qmig.transport import listen
+    from qmig.runner.channels import Channels, CutPlan
+    from qmig.runner.destination import host_memory
+    from qmig.transport import Connection, Listener, listen
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     workload = None if args.workload == "none" else Workload(Pattern[args.workload.upper()])
@@ -138,31 +163,84 @@ def run(args: argparse.Namespace) -> int:
         max_ram=args.max_ram if args.max_ram is not None else host_memory(),
     )
     console = Console(stderr=True, highlight=False)
-    with listen(args.listen) as listener:
+    recovers = args.recover_timeout > 0
+    listener = listen(args.listen)
+    # The listener stays open for a resume to the same URI (QEMU's listens again on
+    # migrate-recover): where the source reconnects, it finds it.
+    recovery_listener: Listener | None = None
+    try:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
         print(f"qmig receive: listening on {listener.uri}", file=sys.stderr, flush=True)
         connection = listener.accept(timeout=args.accept_timeout)
-    with connection:
-        # auto: the profile the source's first bytes (peeked, left in the socket) call for.
-        prefix = peek_connection(connection, args.idle_timeout)
-        choice = choose(args.qemu_version, lambda: (prefix, False))
-        destination = Destination(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
-        runner = DestinationRunner(
-            connection,
-            destination,
-            workload=workload,
-            vcpus=args.vcpus,
-            dump_dir=args.dump_ram,
-            idle_timeout=args.idle_timeout,
+        recover_uri = args.recover_listen or listener.uri
+        if recovers and recover_uri == listener.uri:
+            recovery_listener = listener
+        else:
+            listener.close()
+    except BaseException:
+        listener.close()
+        raise
+
+    def reopen(timeout: float) -> Connection:
+        nonlocal recovery_listener
+        if recovery_listener is None:
+            recovery_listener = listen(recover_uri)
+        # A stable line, as the first one: a script resumes the source once it reads it.
+        print(
+            f"qmig receive: postcopy paused; waiting for the resumed source on "
+            f"{recovery_listener.uri}",
+            file=sys.stderr,
+            flush=True,
         )
-        try:
-            if args.json or not console.is_terminal:
+        return recovery_listener.accept(timeout=timeout)
+
+    cuts = CutPlan(args.pause_after) if args.pause_after else None
+    channels = Channels(connection, reopen if recovers else None)
+    try:
+        return _receive(args, console, channels, ram, workload, cuts)
+    finally:
+        channels.close_main()
+        if recovery_listener is not None:
+            recovery_listener.close()
+
+
+def _receive(
+    args: argparse.Namespace,
+    console: Console,
+    channels: Channels,
+    ram: RamConfig,
+    workload: Workload | None,
+    cuts: CutPlan | None,
+) -> int:
+    """Receive one migration on ``channels`` (and its replacements, when it recovers)."""
+    from qmig.cli.versions import add_hint, choose, hint_from_prefix, peek_connection
+    from qmig.errors import RemoteProtocolError
+    from qmig.protocol.destination import Destination
+    from qmig.runner.destination import DestinationRunner
+
+    connection = channels.main
+    # auto: the profile the source's first bytes (peeked, left in the socket) call for.
+    prefix = peek_connection(connection, args.idle_timeout)
+    choice = choose(args.qemu_version, lambda: (prefix, False))
+    destination = Destination(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
+    runner = DestinationRunner(
+        channels,
+        destination,
+        workload=workload,
+        vcpus=args.vcpus,
+        dump_dir=args.dump_ram,
+        idle_timeout=args.idle_timeout,
+        recover_timeout=args.recover_timeout,
+        cuts=cuts,
+    )
+    try:
+        if args.json or not console.is_terminal:
+            report = runner.run()
+        else:
+            with console.status("receiving"):
                 report = runner.run()
-            else:
-                with console.status("receiving"):
-                    report = runner.run()
-        except RemoteProtocolError as error:
-            raise add_hint(error, hint_from_prefix(error, choice.version, prefix)) from None
+    except RemoteProtocolError as error:
+        raise add_hint(error, hint_from_prefix(error, choice.version, prefix)) from None
     summary = summarise(report, destination)
     summary["qemu_version"] = destination.profile.name
     summary["qemu_version_evidence"] = choice.evidence
@@ -198,6 +276,8 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
         },
         "blocktime_ms": round(faults.get("blocktime_ns", 0) / 1e6, 2),
         "pongs": destination.pongs_sent,
+        "recoveries": report.recoveries,
+        "paused_ms": round(report.paused_s * 1000, 2),
         "notices": report.notices,
     }
 
@@ -228,6 +308,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
     table.add_row("blocktime", f"{summary['blocktime_ms']} ms")
     table.add_row("pongs", str(summary["pongs"]))
+    table.add_row("recoveries", f"{summary['recoveries']} (paused {summary['paused_ms']} ms)")
     for notice in summary["notices"]:
         table.add_row("notice", notice)
     Console().print(table)

@@ -111,7 +111,7 @@ def register(subparsers: Any) -> None:
         type=positive_count,
         metavar="PAGES",
         help="cut the link (both directions, abruptly) after the source has sent PAGES "
-        "postcopy pages; both ends pause and recover on a new connection",
+        "postcopy pages; both ends pause and recover on a new connection (default: never)",
     )
     recovery.add_argument(
         "--pauses",
@@ -123,7 +123,7 @@ def register(subparsers: Any) -> None:
     recovery.add_argument(
         "--pause-during-recovery",
         action="store_true",
-        help="also cut the first recovery's new connection during its handshake",
+        help="also cut the first recovery's new connection during its handshake (default: off)",
     )
     parser.add_argument(
         "--seed", type=integer, default=1, metavar="N", help="seed of RAM contents and dirtying"
