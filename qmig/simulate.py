@@ -296,6 +296,7 @@ def _summary(
         "recoveries": report.recoveries,
         "destination_recoveries": destination.get("recoveries", 0),
         "paused_ms": round(report.paused_s * 1000, 2),
+        "channels": report.channels,
         "resent_pages": stats.resent_pages,
         "workload": {"pattern": config.pattern, "vcpus": config.vcpus, "writes": False},
         "source_guest": {"dirty_rate": config.dirty_rate, "dirty_pattern": config.dirty_pattern},

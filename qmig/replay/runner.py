@@ -20,6 +20,7 @@ from qmig.latency import percentiles_us
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.replay.recording import Recording
+from qmig.runner.channels import Channels, CutPlan, connect_with_retries
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
 from qmig.transport import connect
 
@@ -50,6 +51,14 @@ class ReplayPlan:
     # QEMU's postcopy blocktime 113-143 ms against 16-81 ms (the slower stream leaves the
     # guest more pages to fault on); under a 32 MiB/s cap both take the same time.
     send_buffer: int | None = None
+    # Postcopy recovery: cut the channel after this many postcopy pages, then resume on
+    # ``resume_to`` (the destination listens there once told migrate-recover), connecting
+    # again and again for up to ``resume_timeout`` seconds.
+    pause_after: int | None = None
+    resume_to: str | None = None
+    resume_timeout: float = 60.0
+    pauses: int = 1
+    pause_during_recovery: bool = False
 
 
 @dataclass
@@ -82,6 +91,9 @@ class ReplayResult:
             # Read from the return path → its page written into the socket.
             "request_to_sent_us": percentiles_us(report.served_ns),
             "pongs": report.pongs,
+            "recoveries": report.recoveries,
+            "paused_ms": round(report.paused_s * 1000, 2),
+            "channels": report.channels,
         }
 
 
@@ -124,9 +136,22 @@ def replay(
         # QEMU's destination skips it, but tools reading the replayed stream may not.
         vmdescription=recording.vmdescription,
     )
+    cuts = None
+    if plan.pause_after is not None:
+        cuts = CutPlan(plan.pause_after, plan.pauses, plan.pause_during_recovery)
     source_plan = SourcePlan(
-        postcopy_after=postcopy_after, bandwidth=plan.bandwidth, send_buffer=plan.send_buffer
+        postcopy_after=postcopy_after,
+        bandwidth=plan.bandwidth,
+        send_buffer=plan.send_buffer,
+        cuts=cuts,
+        recover_timeout=plan.resume_timeout,
     )
+    reopen = None
+    if plan.resume_to is not None:
+        resume_to = plan.resume_to
+        reopen = connect_with_retries(
+            lambda timeout: connect(resume_to, timeout=timeout), plan.resume_timeout
+        )
     sent = [0]
 
     def progress(phase: str, count: int) -> None:
@@ -134,17 +159,19 @@ def replay(
         if on_progress is not None:
             on_progress(phase, count)
 
-    connection = connect(to, timeout=CONNECT_TIMEOUT)
+    channels = Channels(connect(to, timeout=CONNECT_TIMEOUT), reopen)
     connected = time.monotonic()
-    with connection:
+    try:
         runner = ReplayRunner(
-            connection, source, source_plan, discards=recording.discards, on_progress=progress
+            channels, source, source_plan, discards=recording.discards, on_progress=progress
         )
         try:
             report = runner.run()
         except QmigError as error:
             early = time.monotonic() - connected < EARLY_FAILURE_S
             raise _explained(error, source, recording, sent[0], early) from None
+    finally:
+        channels.close_main()
     return ReplayResult(recording, postcopy_after, report, source)
 
 

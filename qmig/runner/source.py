@@ -66,6 +66,7 @@ class SourceReport:
     pongs: list[int] = field(default_factory=list)
     recoveries: int = 0
     paused_s: float = 0.0  # the channel broke → RESUME_ACK, summed over the recoveries
+    channels: int = 1  # main channels opened: the first, and one per resume attempt
 
 
 @dataclass
@@ -140,6 +141,7 @@ class SourceRunner:
         self.report.passes = source.stats.passes
         self.report.pongs = list(source.pongs)
         self.report.recoveries = source.stats.recoveries
+        self.report.channels = self.channels.opened
         return self.report
 
     def _postcopy_to_the_end(self) -> None:

@@ -1,7 +1,7 @@
 """Postcopy recovery with a real QEMU source and ``qmig receive``: the channel breaks mid-
 postcopy (``migrate-pause`` on the source, or qmig closing it), both ends pause, the source
 is resumed with ``migrate`` ``resume: true`` into qmig, and the migration completes with the
-destination's RAM equal to the source's (pmemsave) while the guest ran on."""
+destination's RAM equal to the source's (pmemsave)."""
 
 from __future__ import annotations
 

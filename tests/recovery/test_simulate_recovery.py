@@ -49,6 +49,7 @@ def test_several_cuts_and_a_cut_during_the_handshake() -> None:
         "--pause-during-recovery",
     )  # fmt: skip
     assert result["recoveries"] == 3
+    assert result["channels"] == 5  # the first, one per recovery, and the cut handshake's
 
 
 def test_after_a_precopy_pass_with_a_dirtying_guest() -> None:
