@@ -150,8 +150,14 @@ class DestinationRunner:
         if count == 0 and not self.completed:
             raise TransportError(self.connection.name, "the source closed the stream")
         cuts = self.cuts
-        postcopy_pages = self.report.placed_pages["postcopy"]
-        if cuts is not None and self.dest.can_pause and cuts.due(postcopy_pages):
+        if cuts is None or not self.dest.can_pause:
+            return
+        if self.dest.state is DestinationState.RECOVER:
+            # Mid-handshake (a RECV_BITMAP was just answered): QEMU's double failure.
+            if cuts.cut_recovery_now():
+                self.channels.cut()
+                raise TransportError(self.connection.name, "channel cut during recovery")
+        elif cuts.due(self.report.placed_pages["postcopy"]):
             cuts.done += 1
             self.channels.cut()
             raise TransportError(self.connection.name, "channel cut on purpose")

@@ -131,6 +131,12 @@ def register(subparsers: Any) -> None:
         help="close the channel (a reset) after PAGES postcopy pages were placed, to make the "
         "source pause (default: never)",
     )
+    recovery.add_argument(
+        "--pause-during-recovery",
+        action="store_true",
+        help="with --pause-after: also close the first resumed channel during its handshake, "
+        "after answering a RECV_BITMAP (default: off)",
+    )
     add_qemu_version(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -194,7 +200,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return recovery_listener.accept(timeout=timeout)
 
-    cuts = CutPlan(args.pause_after) if args.pause_after else None
+    cuts = None
+    if args.pause_after:
+        cuts = CutPlan(args.pause_after, during_recovery=args.pause_during_recovery)
     channels = Channels(connection, reopen if recovers else None)
     try:
         return _receive(args, console, channels, ram, workload, cuts)
