@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from qmig.errors import LocalProtocolError, MalformedError, RemoteProtocolError
+from qmig.errors import LocalProtocolError, MalformedError, RemoteProtocolError, TruncatedError
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
 from qmig.protocol.recv_bitmap import bitmap_size, missing_pages, received_bitmap
@@ -40,6 +40,7 @@ class Pair:
         self.memory: dict[tuple[str, int], bytes] = {}
         self.events: list[ev.Event] = []
         self.rp_sent: list[bytes] = []
+        self.opening = b""  # the stream up to the switchover
 
     def to_dest(self, data: bytes) -> None:
         self.dest.receive_data(data)
@@ -81,6 +82,7 @@ def started_pair() -> Pair:
     source.sync_dirty("pc.ram", range(0, PAGES, 7))  # changed since sent: discarded
     source.start_postcopy()
     opening += source.data_to_send(0)
+    pair.opening = opening
     pair.to_dest(opening)
     pair.to_source()
     assert pair.dest.state is DestinationState.RUNNING
@@ -263,3 +265,35 @@ def test_the_bitmap_is_little_endian_words_and_its_complement_is_dirty() -> None
     # Set padding bits past the block are not pages.
     assert len(missing_pages(b"\xff" * 16, 70)) == 70
     assert received_bitmap(bytearray(), 0) == b""
+
+
+def test_a_recording_of_two_connections_reads_as_the_destination_did() -> None:
+    """The stream bytes of both connections, one after the other (as a capture keeps them,
+    the first ending mid-record), read with the reader starting over at the second."""
+    import io
+
+    from qmig.capture.connections import NewConnection, split_at
+    from qmig.inspect import read_records
+    from qmig.wire.reader import StreamReader
+
+    pair = started_pair()
+    # Everything the destination got before the cut, and half a record more.
+    first = pair.source.data_to_send(4 * PAGE)
+    pair.to_dest(first)
+    more = pair.source.data_to_send(4 * PAGE)
+    cut(pair)
+    pair.dest.new_channel()
+    pair.source.resume()
+    second = pair.source.data_to_send(0)
+    recording = pair.opening + first + more[: len(more) // 2] + second
+    boundary = len(recording) - len(second)
+    names = []
+    records = read_records(io.BytesIO(recording), StreamReader(VERSION), boundaries=[boundary])
+    with pytest.raises(TruncatedError, match=f"at byte {len(recording)}"):  # it stops there
+        for record in records:
+            names.append(record.name)
+    assert names[-2:] == ["RECV_BITMAP", "RECV_BITMAP"]
+    assert "RAM" in names[-6:-2]  # the old connection's last whole records
+    pieces = list(split_at([recording[:100], recording[100:]], [boundary]))
+    assert NewConnection(boundary) in pieces
+    assert b"".join(p for p in pieces if isinstance(p, bytes)) == recording

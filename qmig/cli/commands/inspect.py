@@ -337,6 +337,15 @@ def _open(path: Path, timeout: float | None = None) -> BinaryIO:
     return open_capture_file(path, DEFAULT_TIMEOUT_S if timeout is None else timeout)
 
 
+def _connections(index_path: Path | None) -> tuple[list[int], list[int]]:
+    if index_path is None:
+        return [], []
+    from qmig.capture.connections import return_path_boundaries, stream_boundaries
+
+    folder = index_path.parent
+    return stream_boundaries(folder), return_path_boundaries(folder)
+
+
 def run(args: argparse.Namespace) -> int:
     from qmig.cli.versions import choose
     from qmig.inspect import ReturnPathInspection, StreamInspection, read_records
@@ -350,10 +359,12 @@ def run(args: argparse.Namespace) -> int:
     args.qemu_version = source.version = choice.version
     rp_records: list[Record] = []
     rp_size = 0
+    # A recovered migration's capture: where each resumed connection starts.
+    stream_boundaries, rp_boundaries = _connections(index_path)
     if rp_path is not None:
         with _open(rp_path, args.timeout) as file:
             rp_reader = ReturnPathReader(args.qemu_version)
-            rp_records = list(read_records(file, rp_reader))
+            rp_records = list(read_records(file, rp_reader, boundaries=rp_boundaries))
             rp_size = rp_reader.offset  # read to its end: every byte of it
     capture = None if index_path is None else _capture(index_path, rp_path, rp_records)
     if capture is not None:
@@ -368,7 +379,8 @@ def run(args: argparse.Namespace) -> int:
         commands: list[dict[str, Any]] = []
         try:
             with source.open() as file, _progress(stream_path) as advance:
-                for record in source.hinted(read_records(file, inspection.reader, advance)):
+                records = read_records(file, inspection.reader, advance, stream_boundaries)
+                for record in source.hinted(records):
                     inspection.add(record)
                     message = record.message
                     if matcher is not None:

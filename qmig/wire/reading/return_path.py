@@ -38,10 +38,12 @@ class ReturnPathReader(InputBuffer):
         self.bitmap_sizes: dict[str, int] | None = None
         self._init_input()
 
-    def new_channel(self) -> None:
+    def new_channel(self, offset: int = 0) -> None:
         """Postcopy recovery: the return path of a new connection, read from its first byte
-        (a REQ_PAGES must again follow a REQ_PAGES_ID on it)."""
+        (a REQ_PAGES must again follow a REQ_PAGES_ID on it); its offsets count from
+        ``offset`` (see StreamReader.new_channel)."""
         self._init_input()
+        self._base = offset
         self._named_block = False
 
     def __iter__(self) -> Iterator[Record]:
