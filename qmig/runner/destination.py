@@ -292,7 +292,8 @@ class DestinationRunner:
                     self._broke_at = None
             case ev.PartialHostPageDropped(block=block, host_offset=host_offset):
                 # The RAM places a host page whole, once all of it came: nothing of it is
-                # in memory, and its staging is refilled when it is sent again.
+                # in memory yet; what was gathered of it goes, and the whole page comes again.
+                self._session().block(block).drop_staging()
                 self.report.notices.append(
                     f"RAM: half-received host page {host_offset:#x} of {block!r} dropped"
                 )

@@ -297,3 +297,30 @@ def test_a_recording_of_two_connections_reads_as_the_destination_did() -> None:
     pieces = list(split_at([recording[:100], recording[100:]], [boundary]))
     assert NewConnection(boundary) in pieces
     assert b"".join(p for p in pieces if isinstance(p, bytes)) == recording
+
+
+def test_a_half_received_huge_page_is_dropped_and_asked_for_again() -> None:
+    from qmig.protocol.ram_config import RamConfig
+
+    huge = 2 << 20
+    ram = bytearray(random.Random(9).randbytes(2 * huge))
+    blocks = [
+        SourceBlock("pc.ram", len(ram), ram, page_size=huge),
+        SourceBlock("pc.rom", 4 * PAGE, bytearray(4 * PAGE)),  # the host's own pages too
+    ]
+    source = Source(blocks, version=VERSION)
+    dest = Destination(VERSION, ram=RamConfig(page_size=huge))
+    source.start()
+    source.state = SourceState.PASS_COMPLETE  # nothing sent in precopy: all in postcopy
+    source.start_postcopy()
+    stream = source.data_to_send(0) + source.data_to_send(100 * PAGE)
+    dest.receive_data(stream[: -3 * PAGE])  # the first host page, short of its last pages
+    events = []
+    while isinstance(event := dest.next_event(), ev.Event):
+        events.append(event)
+    tracker = dest.blocks["pc.ram"]
+    assert dest.state is DestinationState.RUNNING and bytes(tracker.state).count(1) > 0
+    assert dest.channel_broken()
+    assert ev.PartialHostPageDropped("pc.ram", 0) in [dest.next_event()]
+    assert bytes(tracker.state).count(1) == 0  # nothing of it counts as received
+    assert received_bitmap(tracker.state, 2 * huge // PAGE) == bytes(2 * huge // PAGE // 8)
