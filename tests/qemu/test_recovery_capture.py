@@ -89,6 +89,12 @@ def test_capture_of_a_recovered_migration_inspects_and_replays(
     assert report["counts"]["RECV_BITMAP"] >= 1
     assert report["counts"]["POSTCOPY_RESUME"] == 1
     assert report["return_path"]["counts"]["RESUME_ACK"] == 1
+    listing = subprocess.run(
+        qmig("inspect", str(out)), capture_output=True, text=True, timeout=TIMEOUT
+    ).stdout.splitlines()
+    boundary = summary["connections"][1]["stream_offset"]
+    heading = listing.index(f"resumed connection from stream byte {boundary}")
+    assert "RECV_BITMAP" in listing[heading + 1]  # the new connection opens with them
 
     # And the capture replays into a fresh destination, whose guest runs on.
     fresh: Machine = start("fresh", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer")

@@ -380,7 +380,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             with source.open() as file, _progress(stream_path) as advance:
                 records = read_records(file, inspection.reader, advance, stream_boundaries)
+                starts = list(stream_boundaries)  # resumed connections, shown where they begin
                 for record in source.hinted(records):
+                    while starts and record.offset >= starts[0] and listing is not None:
+                        if listing.timed is not None:  # what came back before it, first
+                            listing.timed.before(listing, record)
+                        listing.heading(f"resumed connection from stream byte {starts.pop(0)}")
                     inspection.add(record)
                     message = record.message
                     if matcher is not None:
