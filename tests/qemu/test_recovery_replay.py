@@ -118,6 +118,7 @@ def test_a_new_channel_cut_during_the_handshake_pauses_again_and_recovers(
     assert process.returncode == 0, stderr
     assert told >= 1
     summary = json.loads(stdout)
-    # One recovery, over a third channel: the handshake on the second was cut.
-    assert summary["recoveries"] == 1 and summary["channels"] == 3
+    # One recovery, over a third channel at least: the handshake on the second was cut (and
+    # a connection may reach the destination before it listens for the recovery again).
+    assert summary["recoveries"] == 1 and summary["channels"] >= 3
     check_guest_runs_on(dest, POSTCOPY[2], tmp_path)
