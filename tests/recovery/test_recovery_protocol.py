@@ -7,6 +7,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qmig.errors import LocalProtocolError, MalformedError, RemoteProtocolError, TruncatedError
 from qmig.protocol import events as ev
@@ -324,3 +326,47 @@ def test_a_half_received_huge_page_is_dropped_and_asked_for_again() -> None:
     assert ev.PartialHostPageDropped("pc.ram", 0) in [dest.next_event()]
     assert bytes(tracker.state).count(1) == 0  # nothing of it counts as received
     assert received_bitmap(tracker.state, 2 * huge // PAGE) == bytes(2 * huge // PAGE // 8)
+
+
+Action = tuple[str, int]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("pump"), st.integers(1, 6)),
+            st.tuples(st.just("fault"), st.integers(0, PAGES - 1)),
+            st.tuples(st.just("cut"), st.integers(0, 99)),  # % of the next chunk delivered
+            st.tuples(st.just("cut-handshake"), st.integers(0, 30)),  # bytes of it delivered
+        ),
+        max_size=25,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_any_cuts_anywhere_in_postcopy_lose_nothing(actions: list[Action]) -> None:
+    pair = started_pair()
+    for kind, value in actions:
+        if pair.dest.state is DestinationState.END:
+            break
+        if kind == "pump":
+            pair.pump(value * PAGE)
+        elif kind == "fault":
+            pair.dest.page_fault("pc.ram", value * PAGE)
+            pair.to_source()
+        elif kind == "cut":
+            chunk = pair.source.data_to_send(4 * PAGE)
+            pair.to_dest(chunk[: len(chunk) * value // 100])
+            if pair.dest.state is DestinationState.END:
+                break  # the whole stream was in it: nothing left to cut
+            cut(pair)
+            resume(pair)
+        else:
+            cut(pair)
+            pair.dest.new_channel()
+            pair.source.resume()
+            pair.to_dest(pair.source.data_to_send(0)[:value])
+            cut(pair)
+            resume(pair)
+    finish(pair)
+    pair.verify()
+    assert pair.dest.recoveries == pair.source.stats.recoveries
