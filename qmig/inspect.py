@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -168,10 +168,17 @@ def read_records(
     file: BinaryIO,
     reader: StreamReader | ReturnPathReader,
     progress: Callable[[int], None] | None = None,
+    boundaries: Sequence[int] = (),
 ) -> Iterator[Record]:
-    """Every record of ``file``, read in chunks so that memory stays bounded."""
+    """Every record of ``file``, read in chunks so that memory stays bounded. ``boundaries``:
+    where a recording of several connections (postcopy recovery) starts a new one; the
+    reader starts over there, as the destination did."""
+    pending = sorted(boundaries)
     while True:
-        count = cast(Any, file).readinto(reader.get_buffer(CHUNK)) or 0
+        while pending and reader.fed >= pending[0]:
+            reader.new_channel(pending.pop(0))
+        size = min(CHUNK, pending[0] - reader.fed) if pending else CHUNK
+        count = cast(Any, file).readinto(reader.get_buffer(size)) or 0
         reader.commit(count)
         if not count:
             reader.feed_eof()

@@ -19,14 +19,16 @@ from qmig.errors import QmigError, VerificationError
 from qmig.latency import percentile_us, vcpu_blocktime_ms
 from qmig.protocol.source import DeviceSnapshot, Source
 from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
+from qmig.runner.channels import Channels, CutPlan, connect_with_retries
 from qmig.runner.peer import Peer
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import DIRTY_PATTERNS, Dirtier, GuestRam
-from qmig.transport import connect, limit_buffers, listen
+from qmig.transport import Connection, connect, limit_buffers, listen
 
 MiB = 1 << 20
 TARGET_PAGE = 4096
 PEER_TIMEOUT = 120.0
+RECOVER_TIMEOUT = 60.0  # a paused end waits this long for the other's new channel
 # The destination's SO_RCVBUF. Unset, Linux lets a loopback receive buffer grow to
 # net.ipv4.tcp_rmem's maximum (32 MiB here), and a requested page waits behind all of it.
 RECEIVE_BUFFER = 64 << 10
@@ -51,6 +53,14 @@ class SimulationConfig:
     # Socket buffers (bytes, doubled by the kernel); None leaves Linux's autotuning on.
     send_buffer: int | None = SEND_BUFFER
     receive_buffer: int | None = RECEIVE_BUFFER
+    # Postcopy recovery: cut the link after this many postcopy pages, ``pauses`` times.
+    pause_after: int | None = None
+    pauses: int = 1
+    pause_during_recovery: bool = False  # and cut the first recovery's handshake once
+
+    @property
+    def recovers(self) -> bool:
+        return self.pause_after is not None
 
     def check(self) -> None:
         """Refuse, in one line naming the option, what would fail later in the other process."""
@@ -84,6 +94,15 @@ class SimulationConfig:
             )
         if self.postcopy_after is not None and self.postcopy_after < 0:
             raise QmigError("--postcopy-after", f"must be 0 or more, not {self.postcopy_after}")
+        if self.pause_after is not None and self.pause_after < 1:
+            # 0 would cut the switchover itself: before RUN nothing can recover.
+            raise QmigError("--pause-after", f"must be at least 1, not {self.pause_after}")
+        if self.pause_after is not None and self.postcopy_after is None:
+            raise QmigError("--pause-after", "postcopy recovery needs postcopy (not precopy only)")
+        if self.pauses < 1:
+            raise QmigError("--pauses", f"must be at least 1, not {self.pauses}")
+        if self.pause_during_recovery and self.pause_after is None:
+            raise QmigError("--pause-during-recovery", "needs --pause-after")
         if self.bandwidth is not None and self.bandwidth <= 0:
             raise QmigError("--bandwidth", f"must be positive, not {self.bandwidth / MiB:g}")
         schema_for(self.version)  # an unknown --qemu-version, before a process is started
@@ -121,6 +140,8 @@ def run_simulation(
             arguments += ["--touches", str(config.touches)]
         if config.postcopy_after is None:
             arguments.append("--precopy-only")
+        if config.recovers:
+            arguments += ["--recover-timeout", str(RECOVER_TIMEOUT)]
         # The destination has the same RAM as the source, as two QEMUs started alike.
         arguments += ["--blocks", ",".join(f"{name}:{size}" for name, size in config.blocks)]
         peer = Peer(arguments, listener.socket)
@@ -182,17 +203,36 @@ def _run_source(
         if config.dirty_rate
         else None
     )
+    cuts = None
+    if config.pause_after is not None:
+        cuts = CutPlan(config.pause_after, config.pauses, config.pause_during_recovery)
     plan = SourcePlan(
         postcopy_after=config.postcopy_after,
         bandwidth=config.bandwidth,
         send_buffer=config.send_buffer,
+        cuts=cuts,
+        recover_timeout=RECOVER_TIMEOUT,
     )
-    with connect(uri) as connection:
-        if recorder is not None:  # its time starts with the migration, as total_s does
-            recorder.start = time.monotonic()
-            connection = recorder.wrap(connection, sends=STREAM, receives=RETURN_PATH)
-        runner = SourceRunner(connection, source, plan, dirtier=dirtier, on_progress=on_progress)
+
+    def opened(connection: Connection) -> Connection:
+        """A new channel, counted for the report when there is one."""
+        if recorder is None:
+            return connection
+        return recorder.wrap(connection, sends=STREAM, receives=RETURN_PATH)
+
+    reopen = None
+    if config.recovers:
+        reopen = connect_with_retries(
+            lambda timeout: opened(connect(uri, timeout)), RECOVER_TIMEOUT
+        )
+    channels = Channels(opened(connect(uri)), reopen)
+    if recorder is not None:  # its time starts with the migration, as total_s does
+        recorder.start = time.monotonic()
+    try:
+        runner = SourceRunner(channels, source, plan, dirtier=dirtier, on_progress=on_progress)
         report = runner.run()
+    finally:
+        channels.close_main()
     return report, source
 
 
@@ -275,6 +315,13 @@ def _summary(
         "switchover_ms": _switchover(report, destination),
         "pages_total": total_pages,
         "pongs": report.pongs,
+        # Postcopy recovery: completed recoveries, and the time spent paused (the cut →
+        # RESUME_ACK, on the source).
+        "recoveries": report.recoveries,
+        "destination_recoveries": destination.get("recoveries", 0),
+        "paused_ms": round(report.paused_s * 1000, 2),
+        "channels": report.channels,
+        "resent_pages": stats.resent_pages,
         "workload": {"pattern": config.pattern, "vcpus": config.vcpus, "writes": False},
         "source_guest": {"dirty_rate": config.dirty_rate, "dirty_pattern": config.dirty_pattern},
     }

@@ -31,6 +31,7 @@ META_NAME = "meta.json"
 FORMAT = "qmig-capture"
 FORMAT_VERSION = 1
 INDEX_HEADER = "direction\toffset\tlength\tt_ns\n"
+TAIL_BYTES = 16  # kept of each direction: what the return path ended with
 
 
 class Direction(enum.Enum):
@@ -78,6 +79,7 @@ class CaptureWriter:
         self.start_ns = time.monotonic_ns()
         self.start_wall = time.time()
         self._files = {d: _DirectionFile(out_dir / d.file_name) for d in Direction}
+        self._tails = dict.fromkeys(Direction, b"")
         self._index = (out_dir / INDEX_NAME).open("w", encoding="ascii")
         self._index.write(INDEX_HEADER)
         self._queue: queue.Queue[tuple[Direction, bytes, int, int] | None] = queue.Queue(
@@ -97,6 +99,7 @@ class CaptureWriter:
         file = self._files[direction]
         offset = file.size
         file.size += len(data)
+        self._tails[direction] = (self._tails[direction] + bytes(data[-TAIL_BYTES:]))[-TAIL_BYTES:]
         file.chunks += 1
         self._queue.put((direction, bytes(data), offset, received_ns - self.start_ns))
 
@@ -113,6 +116,10 @@ class CaptureWriter:
 
     def size(self, direction: Direction) -> int:
         return self._files[direction].size
+
+    def tail(self, direction: Direction) -> bytes:
+        """The last few bytes recorded in ``direction`` (up to TAIL_BYTES)."""
+        return self._tails[direction]
 
     def chunks(self, direction: Direction) -> int:
         return self._files[direction].chunks

@@ -4,6 +4,12 @@ The source connects to the relay; the relay then connects to the destination and
 direction in its own thread: read into a large buffer, forward, then append to the recording.
 Forwarding first keeps the added latency (which matters for page requests) to one copy. The
 relay ends when both directions have reached end of stream.
+
+Postcopy recovery: when a connection ends without the destination's SHUT(0) and recovery is
+on, the relay waits for the source to resume (it connects to the relay again) and connects
+to the destination's recovery URI (where it listens once told ``migrate-recover``), with
+retries. The new connection's bytes go to the same files, after the old ones; ``meta.json``
+lists where each connection starts (``qmig.capture.connections`` reads them back).
 """
 
 from __future__ import annotations
@@ -21,10 +27,15 @@ from qmig import __version__
 from qmig.capture.recording import CaptureWriter, Direction
 from qmig.errors import QmigError, TransportError
 from qmig.transport import Connection, Listener, connect, listen
+from qmig.wire import messages as m
+from qmig.wire.schema import schema_for
 
 CHUNK_SIZE = 1 << 20
 RELAY_NICE = -10
 ACCEPT_POLL_SECONDS = 0.2
+RETRY_SECONDS = 0.1
+# The return path's last message when the destination completed (the same in every version).
+COMPLETED_SHUT = schema_for(None).build_rp(m.Shut(0))
 
 
 @dataclass
@@ -45,10 +56,14 @@ class CaptureSummary:
     qemu_version: str | None = None  # the wire profile that reads the recorded stream
     stream: DirectionResult = field(default_factory=DirectionResult)
     return_path: DirectionResult = field(default_factory=DirectionResult)
+    # Where each connection starts: {"t_ns", "stream_offset", "return_path_offset"}.
+    connections: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return self.stream.end == "eof" and self.return_path.end == "eof"
+        return self.stream.end == "eof" and self.return_path.end == "eof" and self.completed
+
+    completed: bool = True  # the destination said SHUT(0) (set when recovery is on)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "clean": self.clean}
@@ -64,9 +79,16 @@ class Relay:
         listen_uri: str = "tcp:127.0.0.1:0",
         chunk_size: int = CHUNK_SIZE,
         qemu_version: str | None = None,
+        recover_connect: str | None = None,
+        recover_timeout: float = 0.0,
     ) -> None:
         """``qemu_version``: the wire profile that reads this migration, kept in meta.json;
-        None or ``auto``: detected from the recorded stream's first bytes."""
+        None or ``auto``: detected from the recorded stream's first bytes.
+        ``recover_timeout``: when a connection ends before the destination's SHUT(0), wait
+        this long for the source to connect again, and relay the resumed migration to
+        ``recover_connect`` (default: ``connect_uri``); 0: one connection only."""
+        self.recover_connect = recover_connect or connect_uri
+        self.recover_timeout = recover_timeout
         self.connect_uri = connect_uri
         self.qemu_version = qemu_version
         self.out_dir = out_dir
@@ -152,8 +174,9 @@ class Relay:
         _raise_priority()
         source = self._accept()
         self._connections.append(source)
-        # One migration per relay: nobody else may connect while it runs.
-        self._listener.close()
+        if not self.recover_timeout:
+            # One migration per relay: nobody else may connect while it runs.
+            self._listener.close()
         writer = self._writer = CaptureWriter(self.out_dir)
         try:
             destination = connect(self.connect_uri)
@@ -163,6 +186,66 @@ class Relay:
             raise
         self._connections.append(destination)
         writer.restart_clock()
+        while True:
+            self.summary.connections.append(
+                {
+                    "t_ns": time.monotonic_ns() - writer.start_ns,
+                    "stream_offset": writer.size(Direction.STREAM),
+                    "return_path_offset": writer.size(Direction.RETURN_PATH),
+                }
+            )
+            self._relay_connection(source, destination, writer)
+            if not self.recover_timeout or self._completed(writer):
+                break
+            try:
+                source, destination = self._reconnect()
+            except TransportError as error:
+                self.summary.completed = False
+                self.summary.stream.end = f"not resumed: {error.detail}"
+                break
+        self._listener.close()
+        self.summary.duration_s = (time.monotonic_ns() - writer.start_ns) / 1e9
+        writer.finish()
+        for direction, result in self._results():
+            result.bytes = writer.size(direction)
+            result.chunks = writer.chunks(direction)
+            result.sha256 = writer.sha256(direction)
+        writer.close(self._meta(writer))
+
+    def _completed(self, writer: CaptureWriter) -> bool:
+        """Did the destination end this connection with SHUT(0)? (Its last 8 bytes.)"""
+        self.summary.completed = writer.tail(Direction.RETURN_PATH).endswith(COMPLETED_SHUT)
+        return self.summary.completed
+
+    def _reconnect(self) -> tuple[Connection, Connection]:
+        """The resumed migration: the source connects again, and the relay connects to the
+        destination once it listens for the recovery (retrying until the time is up)."""
+        deadline = time.monotonic() + self.recover_timeout
+        while True:
+            try:
+                source = self._listener.accept(timeout=ACCEPT_POLL_SECONDS)
+                break
+            except TransportError as error:
+                if error.detail != "timed out" or self._stop.is_set():
+                    raise
+                if time.monotonic() > deadline:
+                    raise TransportError(self.listen_uri, "the source did not resume") from None
+        self._connections.append(source)
+        while True:
+            try:
+                destination = connect(self.recover_connect, timeout=1.0)
+                break
+            except TransportError:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    source.close()
+                    raise
+                time.sleep(RETRY_SECONDS)
+        self._connections.append(destination)
+        return source, destination
+
+    def _relay_connection(
+        self, source: Connection, destination: Connection, writer: CaptureWriter
+    ) -> None:
         pumps = [
             threading.Thread(
                 target=self._pump,
@@ -179,15 +262,8 @@ class Relay:
             pump.start()
         for pump in pumps:
             pump.join()
-        self.summary.duration_s = (time.monotonic_ns() - writer.start_ns) / 1e9
         source.close()
         destination.close()
-        writer.finish()
-        for direction, result in self._results():
-            result.bytes = writer.size(direction)
-            result.chunks = writer.chunks(direction)
-            result.sha256 = writer.sha256(direction)
-        writer.close(self._meta(writer))
 
     def _results(self) -> list[tuple[Direction, DirectionResult]]:
         return [
@@ -236,6 +312,7 @@ class Relay:
             "started_unix": writer.start_wall,
             "duration_s": self.summary.duration_s,
             "clean": self.summary.clean,
+            "connections": self.summary.connections,
             "directions": {
                 direction.value: {
                     "file": direction.file_name,

@@ -9,6 +9,11 @@ complete). :func:`run_faulted` runs a ``qmig simulate``-style migration through 
 source in this process, a qmig destination with userfaultfd RAM in a child process, and
 reports how each side ended. The child is :mod:`qmig.runner.peer`, the destination of
 ``qmig simulate``, with a short idle timeout so that a stalled source fails it fast.
+
+With ``recover``, both ends recover from a broken channel as QEMU's postcopy recovery does:
+the proxy then relays every connection the source makes (a resumed migration is a new
+one), and the fault may aim at a record of the recovery handshake (``RECV_BITMAP``,
+``POSTCOPY_RESUME``) as well as anywhere in postcopy.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from qmig.wire.reader import NEED_DATA, Record, ReturnPathReader, StreamReader
 RELAY_CHUNK = 64 << 10
 IDLE_TIMEOUT = 3.0
 RUN_TIMEOUT = 60.0
+RECOVER_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class Fault:
     into: float = 0.5
     delay: float = 0.0
     seed: int = 1
+    # With recovery: once the first cut is made, cut again inside the first ``then`` record
+    # of a later connection (``RECV_BITMAP``: the recovery handshake; a double failure).
+    then: str | None = None
 
 
 @dataclass
@@ -62,6 +71,8 @@ class ProxyLog:
     phase: str = "precopy"
     dropped_requests: int = 0
     return_path_bytes: int = 0
+    connections: int = 0  # relayed: more than one when the migration recovered
+    cuts: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -82,10 +93,20 @@ def _next_chunk(sock: socket.socket, other: socket.socket) -> bytes | None:
 class FaultProxy:
     """Relays one migration between ``listener`` (the source connects) and ``target``."""
 
-    def __init__(self, target: tuple[str, int], fault: Fault, version: str | None = None):
+    def __init__(
+        self,
+        target: tuple[str, int],
+        fault: Fault,
+        version: str | None = None,
+        *,
+        recover: bool = False,
+    ):
+        """``recover``: after a connection ends, relay the source's next one (until
+        :meth:`close`), and aim the fault across all of them (it fires once)."""
         self.target = target
         self.fault = fault
         self.version = version
+        self.recover = recover
         self.log = ProxyLog()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -95,6 +116,8 @@ class FaultProxy:
         self._rng = random.Random(fault.seed)
         self._source: socket.socket | None = None
         self._destination: socket.socket | None = None
+        self._sent = 0  # stream bytes forwarded on the current connection
+        self._aim_at: str | None = None  # the ``then`` record, after the first cut
 
     def start(self) -> FaultProxy:
         thread = threading.Thread(target=self._serve, name="fault-proxy", daemon=True)
@@ -121,19 +144,43 @@ class FaultProxy:
 
     def _serve(self) -> None:
         self.listener.settimeout(RUN_TIMEOUT)
-        try:
-            self._source, _ = self.listener.accept()
-            self._destination = socket.create_connection(self.target, timeout=10.0)
-        except OSError as error:
-            self.log.errors.append(f"proxy: {error}")
-            return
-        for sock in (self._source, self._destination):
-            sock.settimeout(None)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        back = threading.Thread(target=self._return_path, name="fault-rp", daemon=True)
-        back.start()
-        self._threads.append(back)
-        self._stream()
+        self._watcher = StreamReader(self.version)
+        self._seen = 0
+        self._fired = False
+        while not self._stop.is_set():
+            try:
+                self._source, _ = self.listener.accept()
+            except OSError as error:
+                if not self._stop.is_set() and not self.log.connections:
+                    self.log.errors.append(f"proxy: {error}")
+                return
+            try:
+                self._destination = socket.create_connection(self.target, timeout=10.0)
+            except OSError as error:
+                # The destination is gone (it failed): the source's attempt ends at once.
+                self.log.errors.append(f"proxy: {error}")
+                with contextlib.suppress(OSError):
+                    self._source.close()
+                if not self.recover:
+                    return
+                continue
+            self.log.connections += 1
+            self._sent = 0  # offsets count per connection, as the destination counts them
+            if self.log.connections > 1:
+                self._watcher.new_channel()
+            for sock in (self._source, self._destination):
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            back = threading.Thread(target=self._return_path, name="fault-rp", daemon=True)
+            back.start()
+            self._threads.append(back)
+            self._stream()
+            back.join(timeout=RUN_TIMEOUT)
+            for sock in (self._source, self._destination):
+                with contextlib.suppress(OSError):
+                    sock.close()
+            if not self.recover:
+                return
 
     def _cut(self) -> None:
         """Both directions end now, as when a cable is pulled or a process dies."""
@@ -144,17 +191,18 @@ class FaultProxy:
 
     def _stream(self) -> None:
         assert self._source is not None and self._destination is not None
-        watcher = StreamReader(self.version)
-        seen = 0
+        watcher = self._watcher
+        seen = self._seen
         aim: int | None = None  # absolute offset where the fault starts
         fault = self.fault
         while not self._stop.is_set():
             if (chunk := _next_chunk(self._source, self._destination)) is None:
                 break
-            start = self.log.forwarded if not self._stalled.is_set() else None
+            start = self._sent if not self._stalled.is_set() else None
             watcher.feed(chunk)
-            if aim is None and fault.kind in ("cut", "stall"):
+            if aim is None and not self._fired and fault.kind in ("cut", "stall"):
                 aim, seen = self._find_target(watcher, seen)
+                self._seen = seen
             end = (start or 0) + len(chunk)
             if self._stalled.is_set():
                 continue  # a stalled source: its bytes go nowhere
@@ -164,6 +212,11 @@ class FaultProxy:
                 self._forward(chunk[:keep])
                 if fault.kind == "cut":
                     self.log.cut_at = aim
+                    self.log.cuts += 1
+                    self._fired = True
+                    if fault.then is not None and self.log.cuts == 1:
+                        self._fired, self._seen = False, 0
+                        self._aim_at = fault.then
                     time.sleep(0.05)  # let the bytes before the cut arrive first
                     self._cut()
                     return
@@ -176,15 +229,16 @@ class FaultProxy:
 
     def _find_target(self, watcher: StreamReader, seen: int) -> tuple[int | None, int]:
         fault = self.fault
+        record_name, nth = (fault.record, fault.nth) if self._aim_at is None else (self._aim_at, 1)
         try:
             while (record := watcher.next_record()) is not NEED_DATA:
                 assert isinstance(record, Record)
                 name = record.name
                 if name == "POSTCOPY_RUN":
                     self.log.phase = "postcopy"
-                if name == fault.record and (self.log.phase == "postcopy" or not fault.postcopy):
+                if name == record_name and (self.log.phase == "postcopy" or not fault.postcopy):
                     seen += 1
-                    if seen == fault.nth:
+                    if seen == nth:
                         self.log.target_offset = record.offset
                         size = record.size
                         if isinstance(record.message, m.Packaged):
@@ -201,6 +255,7 @@ class FaultProxy:
         with contextlib.suppress(OSError):
             self._destination.sendall(data)
             self.log.forwarded += len(data)
+            self._sent += len(data)
 
     def _forward_in_pieces(self, data: bytes) -> None:
         view = memoryview(data)
@@ -214,6 +269,7 @@ class FaultProxy:
     def _return_path(self) -> None:
         assert self._source is not None and self._destination is not None
         reader = ReturnPathReader(self.version)
+        source = self._source
         while not self._stop.is_set():
             if (chunk := _next_chunk(self._destination, self._source)) is None:
                 break
@@ -233,7 +289,7 @@ class FaultProxy:
             if self.fault.kind == "delay" and out:
                 time.sleep(self.fault.delay)  # legal: the source must not depend on timing
             with contextlib.suppress(OSError):
-                self._source.sendall(bytes(out))
+                source.sendall(bytes(out))
 
 
 # --- a migration through the proxy ---------------------------------------------------------
@@ -248,6 +304,7 @@ class FaultResult:
     destination_report: dict[str, Any] | None
     proxy: ProxyLog
     mismatches: int | None = None  # pages that differ after a completed migration
+    recoveries: int = 0  # completed postcopy recoveries (the source's count)
 
 
 def run_faulted(
@@ -259,9 +316,14 @@ def run_faulted(
     bandwidth: float | None = None,
     idle_timeout: float = IDLE_TIMEOUT,
     seed: int = 1,
+    recover: bool = False,
+    recover_timeout: float = RECOVER_TIMEOUT,
 ) -> FaultResult:
-    """One migration, qmig source to qmig destination, through a :class:`FaultProxy`."""
+    """One migration, qmig source to qmig destination, through a :class:`FaultProxy`.
+    ``recover``: both ends recover from a broken channel in postcopy (each waits at most
+    ``recover_timeout`` seconds for the other's new connection)."""
     from qmig.protocol.source import Source
+    from qmig.runner.channels import Channels, connect_with_retries
     from qmig.runner.peer import Peer
     from qmig.runner.source import SourcePlan, SourceRunner
     from qmig.runner.source_ram import Dirtier, GuestRam
@@ -281,18 +343,33 @@ def run_faulted(
     ]  # fmt: skip
     if version:
         arguments += ["--qemu-version", version]
+    if recover:
+        arguments += ["--recover-timeout", str(recover_timeout)]
     peer = Peer(arguments, listener)
     listener.close()
     try:
         peer.wait_until_ready(RUN_TIMEOUT)
         source_error = None
-        with FaultProxy(("127.0.0.1", port), fault, version) as proxy:
+        recoveries = 0
+        with FaultProxy(("127.0.0.1", port), fault, version, recover=recover) as proxy:
             try:
                 source = Source(ram.blocks, version=version, devices=default_devices(seed))
                 dirtier = Dirtier(ram, 2000.0, seed=seed + 1)
-                plan = SourcePlan(postcopy_after=postcopy_after, bandwidth=bandwidth)
-                with connect(f"tcp:127.0.0.1:{proxy.port}") as connection:
-                    SourceRunner(connection, source, plan, dirtier=dirtier).run()
+                plan = SourcePlan(
+                    postcopy_after=postcopy_after,
+                    bandwidth=bandwidth,
+                    recover_timeout=recover_timeout,
+                )
+                uri = f"tcp:127.0.0.1:{proxy.port}"
+                reopen = None
+                if recover:
+                    reopen = connect_with_retries(lambda t: connect(uri, t), recover_timeout)
+                channels = Channels(connect(uri), reopen)
+                try:
+                    SourceRunner(channels, source, plan, dirtier=dirtier).run()
+                finally:
+                    channels.close_main()
+                    recoveries = source.stats.recoveries
             except QmigError as error:
                 source_error = error.one_line()
             report = peer.report(RUN_TIMEOUT)
@@ -313,4 +390,5 @@ def run_faulted(
         report,
         log,
         mismatches,
+        recoveries,
     )

@@ -31,10 +31,12 @@ from qmig.errors import (
 )
 from qmig.protocol import events as ev
 from qmig.protocol.ram_config import HOST_PAGE_SIZE, RamConfig
+from qmig.protocol.recv_bitmap import received_bitmap
 from qmig.protocol.states import (
     DESTINATION_STOPS_READING,
     DestinationInput,
     DestinationState,
+    Ignored,
     Refused,
     destination_refusal,
     destination_rules,
@@ -46,6 +48,7 @@ from qmig.wire.discard import DiscardRanges, apply_to_state
 from qmig.wire.page_requests import PageRequests
 from qmig.wire.ramscan import RamScanner
 from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
+from qmig.wire.schema import RESUME_ACK_VALUE
 
 
 @dataclass
@@ -106,6 +109,8 @@ class Destination:
         self.device_sections: dict[int, m.SectionFull | m.SectionStart] = {}
         self.pongs_sent = 0
         self.requests_sent = 0
+        self.recoveries = 0  # POSTCOPY_RESUMEs taken
+        self.channels = 1
         self.error: RemoteProtocolError | None = None
         self._scanner = RamScanner(self.reader.schema)
         self._page_requests = PageRequests(self.reader.schema)
@@ -119,12 +124,79 @@ class Destination:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._check_usable()
+        self._check_connected()
         self.reader.feed(data)
 
     def receive_eof(self) -> None:
         """The source closed the stream."""
         self._check_usable()
+        self._check_connected()
         self.reader.feed_eof()
+
+    # --- postcopy recovery ----------------------------------------------------------------
+
+    @property
+    def can_pause(self) -> bool:
+        """Would a broken channel pause the migration now (rather than fail it)?"""
+        entry = self.rules.table[self.state].get(DestinationInput.CHANNEL_BROKEN)
+        return entry is DestinationState.PAUSED
+
+    def channel_broken(self) -> bool:
+        """The channel failed (reset, or closed before the stream's end). Once the guest
+        runs here this pauses the migration, as QEMU does: every received page, the received
+        map and the pending requests are kept. Returns True when paused; False when the
+        migration failed instead (before RUN, as in QEMU). Bytes of an unfinished record
+        are dropped, and with them a half-received host page (it is asked for again)."""
+        self._check_usable()
+        entry = self.rules.table[self.state].get(DestinationInput.CHANNEL_BROKEN)
+        if entry is not DestinationState.PAUSED:
+            if entry is DestinationState.END:
+                return False  # a precopy EOF was read: the state is loaded (see EOF_READ)
+            self.fail("channel broken")
+            return False
+        self.state = DestinationState.PAUSED
+        self._rp_out.clear()  # nothing more goes down the broken return path
+        self._drop_partial_host_pages()
+        self._pending.append(ev.Paused())
+        return True
+
+    def new_channel(self) -> None:
+        """The source reconnected (QEMU's migrate-recover): read the new channel from its
+        first byte. Nothing is resent at its start: no header, no CONFIGURATION."""
+        self._check_usable()
+        if self.rules.table[self.state].get(DestinationInput.NEW_CHANNEL) is None:
+            raise LocalProtocolError(
+                "destination", f"a new channel needs a paused migration (state {self.state.name})"
+            )
+        self.state = DestinationState.RECOVER
+        self.reader.new_channel()
+        self.channels += 1
+        self._pending.clear()
+
+    def _check_connected(self) -> None:
+        if self.state is DestinationState.PAUSED:
+            raise LocalProtocolError(
+                "destination", "the migration is paused: no channel until new_channel()"
+            )
+
+    def _drop_partial_host_pages(self) -> None:
+        for idstr, (host, count) in self._host_page_fill.items():
+            if count:
+                tracker = self.blocks[idstr]
+                first = host // tracker.target_page_size
+                tracker.state[first : first + count] = bytes(count)
+                self._pending.append(ev.PartialHostPageDropped(idstr, host))
+        self._host_page_fill.clear()
+
+    def pending_requests(self) -> list[tuple[str, int]]:
+        """Host pages asked for and not here yet, (block, offset), in block and offset order."""
+        pending = []
+        for idstr, tracker in self.blocks.items():
+            tracker.requested = {
+                at for at in tracker.requested if not tracker.host_page_present(at)
+            }
+            pending += [(idstr, at) for at in sorted(tracker.requested)]
+        return pending
 
     def next_event(self) -> ev.Event | ev.Sentinel:
         """The next decision for the runner, or NEED_DATA / END."""
@@ -169,6 +241,11 @@ class Destination:
         if tracker.host_page_present(host_offset) or host_offset in tracker.requested:
             return None
         tracker.requested.add(host_offset)
+        if self.state in (DestinationState.PAUSED, DestinationState.RECOVER):
+            return None  # kept: sent with every pending request after POSTCOPY_RESUME
+        return self._request(block, host_offset, tracker)
+
+    def _request(self, block: str, host_offset: int, tracker: BlockTracker) -> ev.PageRequested:
         message: m.ReqPages | m.ReqPagesId
         if block == self._last_requested_block:
             message = m.ReqPages(host_offset, tracker.page_size)
@@ -225,10 +302,14 @@ class Destination:
         if self.return_path_open:
             self._rp_out += self.reader.schema.build_rp(m.Shut(status))
 
-    def _transition(self, action: DestinationInput, offset: int) -> DestinationState:
-        """Move as the table says for ``action`` in the current state, or refuse it."""
+    def _transition(self, action: DestinationInput, offset: int) -> DestinationState | None:
+        """Move as the table says for ``action`` in the current state, or refuse it. None:
+        the table ignores it here (reported as a notice)."""
         old = self.state
         entry = self.rules.table[old].get(action)
+        if isinstance(entry, Ignored):
+            self._pending.append(ev.Notice(action.value, entry.reason, offset))
+            return None
         if not isinstance(entry, DestinationState):
             stored = self.rules.sets_before_check.get(action)
             if stored is not None:
@@ -369,16 +450,30 @@ class Destination:
         raise RemoteProtocolError("ENABLE_COLO", "COLO is not supported by qmig", record.offset)
 
     def _on_resume(self, message: m.PostcopyResume, record: Record) -> None:
-        self._pending.append(ev.Notice("POSTCOPY_RESUME", "illegal resume received", record.offset))
+        """QEMU's order: RESUME_ACK(1), then every request still pending, the first naming
+        its block (the source forgot the last one), and only then new faults."""
+        if self._transition(DestinationInput.RESUME, record.offset) is None:
+            return
+        self._rp_out += self.reader.schema.build_rp(m.ResumeAck(RESUME_ACK_VALUE))
+        self._last_requested_block = None
+        resent = 0
+        for idstr, host_offset in self.pending_requests():
+            self._request(idstr, host_offset, self.blocks[idstr])
+            resent += 1
+        self.recoveries += 1
+        self._pending.append(ev.Resumed(self.recoveries, resent))
 
     def _on_recv_bitmap(self, message: m.RecvBitmap, record: Record) -> None:
-        if message.block not in self.blocks:
+        tracker = self.blocks.get(message.block)
+        if tracker is None:
             raise RemoteProtocolError(
                 "RECV_BITMAP", f"block {message.block!r} not found", record.offset
             )
-        self._pending.append(
-            ev.Notice("RECV_BITMAP", "MSG_RP_RECV_BITMAP only used for recovery", record.offset)
-        )
+        if self._transition(DestinationInput.RECV_BITMAP, record.offset) is None:
+            return
+        bits = tracker.info.used_length // tracker.target_page_size
+        bitmap = received_bitmap(tracker.state, bits)
+        self._rp_out += self.reader.schema.build_rp(m.RpRecvBitmap(message.block, bitmap))
 
     def _on_section(self, message: Any, record: Record) -> None:
         if isinstance(message, m.SectionStart | m.SectionFull) and message.idstr != "ram":

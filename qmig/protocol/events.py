@@ -105,6 +105,29 @@ class Notice(Event):
     offset: int | None = None
 
 
+@dataclass(frozen=True)
+class Paused(Event):
+    """The channel broke after RUN: postcopy is paused. Keep RAM and the vCPUs blocked, and
+    wait for a new channel (QEMU's ``postcopy-paused``)."""
+
+
+@dataclass(frozen=True)
+class PartialHostPageDropped(Event):
+    """Part of a host page had arrived when the channel broke: drop what the RAM gathered
+    of it; it is asked for again."""
+
+    block: str
+    host_offset: int
+
+
+@dataclass(frozen=True)
+class Resumed(Event):
+    """POSTCOPY_RESUME: RESUME_ACK and the ``resent`` pending requests are queued."""
+
+    recoveries: int
+    resent: int
+
+
 # --- source -> runner -------------------------------------------------------------------
 
 
@@ -123,6 +146,14 @@ class RequestReceived(Event):
 @dataclass(frozen=True)
 class DestinationShut(Event):
     status: int
+
+
+@dataclass(frozen=True)
+class BitmapReceived(Event):
+    """Recovery: a block's received bitmap came; ``missing`` target pages go out again."""
+
+    block: str
+    missing: int
 
 
 @dataclass(frozen=True)

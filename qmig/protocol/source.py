@@ -35,9 +35,11 @@ from typing import Any, NoReturn
 
 from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.protocol import events as ev
+from qmig.protocol.recv_bitmap import bitmap_size, missing_pages
 from qmig.protocol.states import (
     LOCAL_SOURCE_INPUTS,
     SOURCE_STOPS_READING,
+    Ignored,
     Refused,
     SourceInput,
     SourceState,
@@ -47,7 +49,7 @@ from qmig.protocol.states import (
 from qmig.wire import messages as m
 from qmig.wire.ramscan import RamScanner
 from qmig.wire.reader import END, NEED_DATA, Record, ReturnPathReader
-from qmig.wire.schema import schema_for
+from qmig.wire.schema import RESUME_ACK_VALUE, schema_for
 
 RAM_SECTION_ID = 2
 FIRST_DEVICE_SECTION_ID = 3
@@ -93,6 +95,8 @@ class SourceStats:
     discard_commands: int = 0
     discarded_pages: int = 0
     passes: int = 0
+    recoveries: int = 0  # RESUME_ACKs taken
+    resent_pages: int = 0  # target pages the received bitmaps said were missing
 
 
 class Source:
@@ -152,6 +156,8 @@ class Source:
         # record and a footer for every few pages.
         self._postcopy_section_open = False
         self._postcopy_section_pages = 0
+        self._postcopy_started = False
+        self._bitmaps_awaited: set[str] = set()  # recovery: blocks whose bitmap is to come
         self._part_close = self.schema.build_ram_flag("EOS") + self.schema.build_footer(
             RAM_SECTION_ID
         )
@@ -231,6 +237,82 @@ class Source:
         self._out += self.schema.build_packaged(package)
         self._send_ping()
         self._cursor = (0, 0)
+        self._postcopy_started = True
+        self._enter(after)
+
+    # --- postcopy recovery ----------------------------------------------------------------
+
+    def channel_broken(self) -> None:
+        """The connection to the destination broke. In postcopy this pauses the migration
+        (QEMU's postcopy-paused): what was queued for the old channel is dropped, and so
+        are the queued page requests (the destination asks again after the resume). Any
+        earlier it is a LocalProtocolError: the migration has failed."""
+        if self.state is SourceState.COMPLETING and not self._postcopy_started:
+            raise LocalProtocolError(
+                "source", "the connection broke during precopy completion (state completing)"
+            )
+        after = self._next(SourceInput.CHANNEL_BROKEN)
+        self._out.clear()
+        self._requests.clear()
+        self._postcopy_section_open = False
+        self._named_block = None
+        self._bitmaps_awaited.clear()
+        self._enter(after)
+
+    def resume(self) -> None:
+        """Resume on a new channel (QEMU's ``migrate`` with ``resume: true``): ask for each
+        block's received bitmap. Once all are in, POSTCOPY_RESUME follows; RESUME_ACK
+        brings the migration back to postcopy. Nothing else opens the new channel."""
+        after = self._next(SourceInput.RESUME)
+        self._rp.new_channel()
+        self._rp.bitmap_sizes = {
+            block.idstr: bitmap_size(block.used_length // self.target_page_size)
+            for block in self.blocks
+        }
+        self._last_request_block = None
+        for block in self.blocks:
+            self._out += self.schema.build_command(m.RecvBitmap(block.idstr))
+        self._bitmaps_awaited = {block.idstr for block in self.blocks}
+        self._enter(after)
+
+    def _on_bitmap(self, message: m.RpRecvBitmap, record: Record) -> None:
+        """The complement of a block's received bitmap is its new dirty map: whatever the
+        destination lacks (never sent, or lost with the old channel) goes out again."""
+        self._next(SourceInput.RECV_BITMAP, record.name, record.offset)
+        block = self.by_name.get(message.block)
+        if block is None:  # the reader knows the blocks; this guards a reader without them
+            self._fail(
+                RemoteProtocolError(
+                    record.name, f"invalid block name {message.block!r}", record.offset
+                )
+            )
+        pages = block.used_length // self.target_page_size
+        dirty = missing_pages(message.bitmap, pages)
+        dirty += bytes(self._pages(block) - pages)  # a partial last page: not in the bitmap
+        block.dirty = dirty
+        self._canonicalise_host_pages(block)
+        missing = block.dirty.count(DIRTY)
+        self.stats.resent_pages += missing
+        self._events.append(ev.BitmapReceived(block.idstr, missing))
+        self._bitmaps_awaited.discard(block.idstr)
+        if not self._bitmaps_awaited:
+            self._out += self.schema.build_command(m.PostcopyResume())
+
+    def _on_resume_ack(self, message: m.ResumeAck, record: Record) -> None:
+        if message.value != RESUME_ACK_VALUE:
+            self._fail(
+                RemoteProtocolError(
+                    record.name, f"illegal resume_ack value {message.value}", record.offset
+                )
+            )
+        after = self._next(SourceInput.RESUME_ACK, record.name, record.offset)
+        if after is self.state:
+            return  # outside recovery: QEMU's state change does not apply
+        # The sweep starts over; the first record of the new section names its block.
+        self._cursor = (0, 0)
+        self._named_block = None
+        self._postcopy_section_open = False
+        self.stats.recoveries += 1
         self._enter(after)
 
     def complete_precopy(self) -> None:
@@ -538,6 +620,10 @@ class Source:
             self._on_shut(message, record)
         elif isinstance(message, m.ReqPagesId | m.ReqPages):
             self._on_request(message, record)
+        elif isinstance(message, m.RpRecvBitmap):
+            self._on_bitmap(message, record)
+        elif isinstance(message, m.ResumeAck):
+            self._on_resume_ack(message, record)
         else:
             self._events.append(ev.Notice(record.name, "ignored by qmig's source", record.offset))
 
@@ -606,6 +692,9 @@ class Source:
         entry = self._table[self.state].get(action)
         if isinstance(entry, SourceState):
             return entry
+        if isinstance(entry, Ignored):
+            self._events.append(ev.Notice(what, entry.reason, offset))
+            return self.state
         detail = entry.reason if isinstance(entry, Refused) else source_refusal(self.state, action)
         if action in LOCAL_SOURCE_INPUTS:
             raise LocalProtocolError(what, f"{detail} (state {self.state.value})", offset)

@@ -15,15 +15,32 @@ The destination's rules are QEMU's (``migration/savevm.c``)::
 DISCARD is skipped when nothing was discarded. Some commands move QEMU's state before they
 check the old one (an atomic exchange); the table records that too, as ``sets_before_check``.
 
+Postcopy recovery (QEMU 3.0 on; ``migration/savevm.c``, ``migration.c``): only once the
+guest runs here can a broken channel pause the migration instead of failing it::
+
+    RUNNING --channel broken--> PAUSED --new channel--> RECOVER --POSTCOPY_RESUME--> RUNNING
+                                   ^___channel broken (a double failure)___/
+
+In RECOVER, RECV_BITMAP is answered with the block's received bitmap. POSTCOPY_RESUME out of
+RECOVER is reported and ignored, as QEMU does ("illegal resume received"); so is RECV_BITMAP
+("only used for recovery"), which is then not answered. PAUSED and RECOVER are QEMU's
+incoming migration *status* (its PostcopyState stays RUNNING meanwhile).
+
 The source's rules are qmig's plan of QEMU's outgoing side (``migration/migration.c``)::
 
     IDLE --start--> PRECOPY --pass sent--> PASS_COMPLETE --begin_pass--> PRECOPY
     PRECOPY / PASS_COMPLETE --start_postcopy--> POSTCOPY --stream sent--> COMPLETING
     PRECOPY / PASS_COMPLETE --complete_precopy--> COMPLETING --SHUT--> DONE
+    POSTCOPY / COMPLETING --channel broken--> PAUSED --resume()--> RECOVER
+    RECOVER --RECV_BITMAP (each block)--> RECOVER --RESUME_ACK--> POSTCOPY
+    RECOVER --channel broken--> PAUSED
 
-Failure is reachable from every state and is not a table entry (like h11's ERROR). PAUSED
-and RECOVER are postcopy recovery's states: they are in the enums and the tables (with no
-rules yet), so that recovery adds rows and inputs, not a new shape.
+(QEMU's ``postcopy-paused``, ``postcopy-recover``; a precopy COMPLETING that breaks fails:
+the machine checks that it is in postcopy.) A RESUME_ACK outside RECOVER moves nothing in
+QEMU (its state change is a compare-and-swap from RECOVER) and is ignored; an RP
+RECV_BITMAP outside RECOVER fails the migration.
+
+Failure is reachable from every state and is not a table entry (like h11's ERROR).
 """
 
 from __future__ import annotations
@@ -46,8 +63,8 @@ class DestinationState(enum.IntEnum):
     RUNNING = 4
     END = 5
     EOF_READ = 16  # precopy EOF read: the VMDESCRIPTION (or the end of input) follows
-    PAUSED = 17  # postcopy recovery (not implemented: no rule leads here yet)
-    RECOVER = 18
+    PAUSED = 17  # postcopy recovery: the channel broke after RUN; RAM and requests are kept
+    RECOVER = 18  # a new channel is up: bitmaps are asked for, then POSTCOPY_RESUME
     FAILED = 19
 
 
@@ -64,6 +81,10 @@ class DestinationInput(enum.Enum):
     RUN = "POSTCOPY_RUN"
     EOF = "EOF"
     VMDESCRIPTION = "VMDESCRIPTION"
+    CHANNEL_BROKEN = "channel broken"  # the stream failed or ended early
+    NEW_CHANNEL = "new channel"  # migrate-recover's channel is connected
+    RECV_BITMAP = "RECV_BITMAP"
+    RESUME = "POSTCOPY_RESUME"
 
 
 class SourceState(enum.Enum):
@@ -73,8 +94,8 @@ class SourceState(enum.Enum):
     POSTCOPY = "postcopy"
     COMPLETING = "completing"  # everything sent; waiting for SHUT
     DONE = "done"
-    PAUSED = "paused"  # postcopy recovery (not implemented: no rule leads here yet)
-    RECOVER = "recover"
+    PAUSED = "postcopy-paused"  # the channel broke in postcopy: wait for resume()
+    RECOVER = "postcopy-recover"  # a new channel: bitmaps, POSTCOPY_RESUME, RESUME_ACK
     FAILED = "failed"
 
 
@@ -92,6 +113,10 @@ class SourceInput(enum.Enum):
     REQUEST = "page request"  # REQ_PAGES / REQ_PAGES_ID
     SHUT = "SHUT"
     RETURN_PATH_CLOSED = "return path closed"
+    CHANNEL_BROKEN = "channel broken"  # the runner lost the connection
+    RESUME = "resume()"  # QEMU's migrate with resume: true, on a new channel
+    RECV_BITMAP = "RECV_BITMAP"  # the return path's received bitmap of one block
+    RESUME_ACK = "RESUME_ACK"
 
 
 # Inputs a runner asks for (illegal ones are LocalProtocolError); the rest come from the
@@ -106,8 +131,18 @@ LOCAL_SOURCE_INPUTS: Final = frozenset(
         SourceInput.PASS_SENT,
         SourceInput.STREAM_SENT,
         SourceInput.NO_RETURN_PATH,
+        SourceInput.CHANNEL_BROKEN,
+        SourceInput.RESUME,
     }
 )
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A table entry for an input that QEMU reports and then ignores in a state: nothing
+    moves (the reason is the notice's detail)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -123,8 +158,10 @@ DI = DestinationInput
 SS = SourceState
 SI = SourceInput
 
-DestinationTable = dict[DestinationState, dict[DestinationInput, DestinationState | Refused]]
-SourceTable = dict[SourceState, dict[SourceInput, SourceState | Refused]]
+DestinationEntry = DestinationState | Refused | Ignored
+SourceEntry = SourceState | Refused | Ignored
+DestinationTable = dict[DestinationState, dict[DestinationInput, DestinationEntry]]
+SourceTable = dict[SourceState, dict[SourceInput, SourceEntry]]
 
 
 @dataclass(frozen=True)
@@ -147,19 +184,32 @@ def destination_rules(profile: Profile) -> DestinationRules:
     """The destination's transition table for one QEMU version."""
     to_run = {DI.RUN: D.RUNNING}
     precopy_eof = {DI.EOF: D.EOF_READ}
+    # Outside recovery: reported, not acted on (RECV_BITMAP is then not answered).
+    stray = {
+        DI.RECV_BITMAP: Ignored("MSG_RP_RECV_BITMAP only used for recovery"),
+        DI.RESUME: Ignored("illegal resume received"),
+    }
     table: DestinationTable = {
-        D.NONE: {DI.ADVISE: D.ADVISE, **precopy_eof},
-        D.ADVISE: {DI.RAM_DISCARD: D.DISCARD, DI.LISTEN: D.LISTENING, **precopy_eof},
+        D.NONE: {DI.ADVISE: D.ADVISE, **precopy_eof, **stray},
+        D.ADVISE: {DI.RAM_DISCARD: D.DISCARD, DI.LISTEN: D.LISTENING, **precopy_eof, **stray},
         # qmig completes as precopy here; QEMU hangs (formats/quirks.md: eof-in-discard).
-        D.DISCARD: {DI.RAM_DISCARD: D.DISCARD, DI.LISTEN: D.LISTENING, **precopy_eof},
-        D.LISTENING: {**to_run, DI.EOF: Refused("stream ended before POSTCOPY_RUN")},
-        D.RUNNING: {DI.EOF: D.END},
+        D.DISCARD: {DI.RAM_DISCARD: D.DISCARD, DI.LISTEN: D.LISTENING, **precopy_eof, **stray},
+        D.LISTENING: {**to_run, DI.EOF: Refused("stream ended before POSTCOPY_RUN"), **stray},
+        # Only a running guest pauses: before RUN the device state is not loaded yet.
+        D.RUNNING: {DI.EOF: D.END, DI.CHANNEL_BROKEN: D.PAUSED, **stray},
         # QEMU reads one record after a precopy EOF, expecting VMDESCRIPTION, and only
         # reports anything else ("Expected vmdescription section"): the state is loaded.
-        D.EOF_READ: dict.fromkeys(DI, D.END),
+        D.EOF_READ: {action: D.END for action in DI if action is not DI.NEW_CHANNEL},
         D.END: {},
-        D.PAUSED: {},
-        D.RECOVER: {},
+        D.PAUSED: {DI.NEW_CHANNEL: D.RECOVER, DI.CHANNEL_BROKEN: D.PAUSED},
+        D.RECOVER: {
+            DI.RECV_BITMAP: D.RECOVER,
+            DI.RESUME: D.RUNNING,
+            DI.CHANNEL_BROKEN: D.PAUSED,
+            # QEMU's loader takes any record here; the source sends pages only after
+            # RESUME_ACK, so a stream that ends now ends too early.
+            DI.EOF: Refused("stream ended during postcopy recovery"),
+        },
         D.FAILED: {},
     }
     before = {DI.ADVISE: D.ADVISE, DI.LISTEN: D.LISTENING}
@@ -188,17 +238,35 @@ def source_table() -> SourceTable:
         SS.POSTCOPY: {
             SI.SYNC_DIRTY: Refused("the guest cannot dirty memory after switchover"),
             SI.STREAM_SENT: SS.COMPLETING,
+            SI.CHANNEL_BROKEN: SS.PAUSED,
         },
-        SS.COMPLETING: {SI.SHUT: SS.DONE, SI.NO_RETURN_PATH: SS.DONE},
+        # Postcopy's end is not confirmed until SHUT: the stream's tail may be lost.
+        SS.COMPLETING: {
+            SI.SHUT: SS.DONE,
+            SI.NO_RETURN_PATH: SS.DONE,
+            SI.CHANNEL_BROKEN: SS.PAUSED,
+        },
         SS.DONE: {SI.RETURN_PATH_CLOSED: SS.DONE},
-        SS.PAUSED: {},
-        SS.RECOVER: {},
+        SS.PAUSED: {
+            SI.RESUME: SS.RECOVER,
+            SI.CHANNEL_BROKEN: SS.PAUSED,
+            SI.RETURN_PATH_CLOSED: SS.PAUSED,
+        },
+        SS.RECOVER: {
+            SI.RECV_BITMAP: SS.RECOVER,
+            SI.RESUME_ACK: SS.POSTCOPY,
+            SI.CHANNEL_BROKEN: SS.PAUSED,
+            SI.RETURN_PATH_CLOSED: SS.PAUSED,
+        },
         # The destination hanging up on a failed migration is expected, not a second error.
         SS.FAILED: {SI.RETURN_PATH_CLOSED: SS.FAILED},
     }
-    for state in sending:
+    for state in (*sending, SS.RECOVER):
         # The destination may ask for pages whenever the stream is open (QEMU queues them).
         table[state][SI.REQUEST] = state
+    for state in SS:
+        if state is not SS.RECOVER:
+            table[state].setdefault(SI.RESUME_ACK, Ignored("not in postcopy recovery"))
     return table
 
 
@@ -213,6 +281,9 @@ SOURCE_REFUSALS: Final = {
     SI.SHUT: "the destination shut down during {state}, before the stream was complete",
     SI.RETURN_PATH_CLOSED: "the destination closed the connection during {state}",
     SI.REQUEST: "page request during {state}",
+    SI.RECV_BITMAP: "MSG_RP_RECV_BITMAP only used for recovery (state {state})",
+    SI.CHANNEL_BROKEN: "the connection broke during {state}",
+    SI.RESUME: "cannot resume if there is no paused migration (state {state})",
 }
 
 
@@ -225,11 +296,15 @@ def destination_refusal(state: DestinationState) -> str:
     return f"wrong postcopy state {state.name}"
 
 
+# Recovery's states: QEMU's PostcopyState is RUNNING all through them.
+RECOVERY_STATES: Final = frozenset({D.PAUSED, D.RECOVER})
+
+
 def is_advised(state: DestinationState) -> bool:
     """QEMU's "advised": ADVISE <= state < END (selects the MEM_SIZE page-size field)."""
-    return D.ADVISE <= state < D.END
+    return D.ADVISE <= state < D.END or state in RECOVERY_STATES
 
 
 def is_postcopy_running(state: DestinationState) -> bool:
     """QEMU's "running": LISTENING <= state < END (pages are placed with userfaultfd)."""
-    return D.LISTENING <= state < D.END
+    return D.LISTENING <= state < D.END or state in RECOVERY_STATES

@@ -550,6 +550,13 @@ class RamBlock:
 
     # --- discard ------------------------------------------------------------------------
 
+    def drop_staging(self) -> None:
+        """Forget a host page gathered in part (postcopy recovery: its rest was lost with a
+        broken channel; the whole page comes again)."""
+        with self._place_lock:
+            self._c.staging_page = (1 << 64) - 1
+            self._c.staged_count = 0
+
     def discard(self, start: int, length: int) -> None:
         """Drop ``[start, start+length)`` so that it faults again (MADV_DONTNEED). Discards
         come before LISTEN; they must not race with placing the same pages.

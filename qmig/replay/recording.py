@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+from qmig.capture.connections import NewConnection, split_at, stream_boundaries
 from qmig.errors import MalformedError, QmigError
 from qmig.protocol.source import DeviceSnapshot, SourceBlock
 from qmig.wire import messages as m
@@ -133,8 +134,16 @@ class _Rebuilder:
     def run(self) -> Recording:
         reader = self.reader
         try:
-            for chunk in _chunks(self.path):
-                reader.feed(chunk)
+            # A recovered migration's capture holds several connections, one after another:
+            # the reader starts over where each begins, as the destination did.
+            boundaries = (
+                stream_boundaries(self.path.parent) if self.path.name in STREAM_NAMES else []
+            )
+            for piece in split_at(_chunks(self.path), boundaries):
+                if isinstance(piece, NewConnection):
+                    reader.new_channel(piece.offset)
+                    continue
+                reader.feed(piece)
                 self._drain()
             reader.feed_eof()
             self._drain()

@@ -21,8 +21,9 @@ from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.replay.recording import Recording
 from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
+from qmig.runner.channels import Channels, CutPlan, connect_with_retries
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
-from qmig.transport import connect
+from qmig.transport import Connection, connect
 
 CONNECT_TIMEOUT = 30.0
 # A destination with another machine type or RAM size refuses the stream as soon as it reads
@@ -51,6 +52,14 @@ class ReplayPlan:
     # QEMU's postcopy blocktime 113-143 ms against 16-81 ms (the slower stream leaves the
     # guest more pages to fault on); under a 32 MiB/s cap both take the same time.
     send_buffer: int | None = None
+    # Postcopy recovery: cut the channel after this many postcopy pages, then resume on
+    # ``resume_to`` (the destination listens there once told migrate-recover), connecting
+    # again and again for up to ``resume_timeout`` seconds.
+    pause_after: int | None = None
+    resume_to: str | None = None
+    resume_timeout: float = 60.0
+    pauses: int = 1
+    pause_during_recovery: bool = False
 
 
 @dataclass
@@ -83,6 +92,9 @@ class ReplayResult:
             # Read from the return path → its page written into the socket.
             "request_to_sent_us": percentiles_us(report.served_ns),
             "pongs": report.pongs,
+            "recoveries": report.recoveries,
+            "paused_ms": round(report.paused_s * 1000, 2),
+            "channels": report.channels,
         }
 
 
@@ -127,9 +139,29 @@ def replay(
         # QEMU's destination skips it, but tools reading the replayed stream may not.
         vmdescription=recording.vmdescription,
     )
+    cuts = None
+    if plan.pause_after is not None:
+        cuts = CutPlan(plan.pause_after, plan.pauses, plan.pause_during_recovery)
     source_plan = SourcePlan(
-        postcopy_after=postcopy_after, bandwidth=plan.bandwidth, send_buffer=plan.send_buffer
+        postcopy_after=postcopy_after,
+        bandwidth=plan.bandwidth,
+        send_buffer=plan.send_buffer,
+        cuts=cuts,
+        recover_timeout=plan.resume_timeout,
     )
+
+    def opened(connection: Connection) -> Connection:
+        """A new channel, counted for the report when there is one."""
+        if recorder is None:
+            return connection
+        return recorder.wrap(connection, sends=STREAM, receives=RETURN_PATH)
+
+    reopen = None
+    if plan.resume_to is not None:
+        resume_to = plan.resume_to
+        reopen = connect_with_retries(
+            lambda timeout: opened(connect(resume_to, timeout=timeout)), plan.resume_timeout
+        )
     sent = [0]
 
     def progress(phase: str, count: int) -> None:
@@ -137,20 +169,21 @@ def replay(
         if on_progress is not None:
             on_progress(phase, count)
 
-    connection = connect(to, timeout=CONNECT_TIMEOUT)
+    channels = Channels(opened(connect(to, timeout=CONNECT_TIMEOUT)), reopen)
     connected = time.monotonic()
     if recorder is not None:
         recorder.start = connected
-        connection = recorder.wrap(connection, sends=STREAM, receives=RETURN_PATH)
-    with connection:
+    try:
         runner = ReplayRunner(
-            connection, source, source_plan, discards=recording.discards, on_progress=progress
+            channels, source, source_plan, discards=recording.discards, on_progress=progress
         )
         try:
             report = runner.run()
         except QmigError as error:
             early = time.monotonic() - connected < EARLY_FAILURE_S
             raise _explained(error, source, recording, sent[0], early) from None
+    finally:
+        channels.close_main()
     return ReplayResult(recording, postcopy_after, report, source)
 
 

@@ -24,12 +24,14 @@ from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
+from qmig.runner.channels import Channels, CutPlan
 from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
 
 RECV_CHUNK = 1 << 20
 POSTCOPY_DATA_RUN = 1  # data pages per UFFDIO_COPY after LISTEN (see _apply)
 IDLE_TIMEOUT = 60.0
+RECOVER_TIMEOUT = 600.0  # paused: how long to wait for the source's new channel
 
 
 @dataclass
@@ -61,12 +63,14 @@ class DestinationReport:
     # sent → placed ns, block, host offset).
     block_pages: dict[str, list[int]] = field(default_factory=dict)
     request_log: list[tuple[int, int, str, int]] = field(default_factory=list, repr=False)
+    recoveries: int = 0
+    paused_s: float = 0.0  # the channel broke → POSTCOPY_RESUME, summed
 
 
 class DestinationRunner:
     def __init__(
         self,
-        connection: Connection,
+        connection: Connection | Channels,
         destination: Destination,
         *,
         workload: Workload | None = None,
@@ -74,10 +78,19 @@ class DestinationRunner:
         dump_dir: Path | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
         keep_ram: bool = False,
+        recover_timeout: float = RECOVER_TIMEOUT,
+        cuts: CutPlan | None = None,
     ) -> None:
         """``keep_ram``: after a migration that completes, leave the RAM mapped (no longer
-        registered) for the caller to read, and to close with ``session.close()``."""
-        self.connection = connection
+        registered) for the caller to read, and to close with ``session.close()``.
+        ``connection``: the channel, or the migration's :class:`Channels`; when those can
+        open a new channel, a channel that breaks once the guest runs here pauses the
+        migration (RAM kept, vCPUs blocked on their faults) and the source's new channel,
+        within ``recover_timeout`` seconds, resumes it. ``cuts``: break the channel on
+        purpose after that many postcopy pages were placed (the peer then pauses too)."""
+        self.cuts = cuts
+        self.channels = connection if isinstance(connection, Channels) else Channels(connection)
+        self.recover_timeout = recover_timeout
         self.dest = destination
         self.workload = workload
         self.vcpus = vcpus
@@ -93,6 +106,11 @@ class DestinationRunner:
         # answers it closes the request's latency.
         self._awaiting: dict[tuple[str, int], list[int]] = {}
         self.completed = False  # the machine said MigrationCompleted
+        self._broke_at: float | None = None
+
+    @property
+    def connection(self) -> Connection:
+        return self.channels.main
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -103,15 +121,11 @@ class DestinationRunner:
             self.connection.set_limits(Limits(self.idle_timeout, peer="the source"))
         try:
             while not self.completed:
-                count = self._receive(buffer)
-                with self._machine_lock:
-                    if count:
-                        self.dest.receive_data(memoryview(buffer)[:count])
-                    else:
-                        self.dest.receive_eof()
-                self._drain()
-                if count == 0 and not self.completed:
-                    raise TransportError(self.connection.name, "the source closed the stream")
+                try:
+                    self._step(buffer)
+                except TransportError:
+                    if not self._pause():
+                        raise
             self._finish()
         except RemoteProtocolError:
             self._abandon()
@@ -126,6 +140,59 @@ class DestinationRunner:
         if self.session is not None and self.keep_ram:
             self.session.stop_serving()
         return self.report
+
+    def _step(self, buffer: bytearray) -> None:
+        """Read what the source sent and apply it."""
+        count = self._receive(buffer)
+        if count == 0 and self.channels.can_reopen and self.dest.can_pause:
+            raise TransportError(self.connection.name, "the source closed the channel")
+        with self._machine_lock:
+            if count:
+                self.dest.receive_data(memoryview(buffer)[:count])
+            else:
+                self.dest.receive_eof()
+        self._drain()
+        if count == 0 and not self.completed:
+            raise TransportError(self.connection.name, "the source closed the stream")
+        cuts = self.cuts
+        if cuts is None or not self.dest.can_pause:
+            return
+        if self.dest.state is DestinationState.RECOVER:
+            # Mid-handshake (a RECV_BITMAP was just answered): QEMU's double failure.
+            if cuts.cut_recovery_now():
+                self.channels.cut()
+                raise TransportError(self.connection.name, "channel cut during recovery")
+        elif cuts.due(self.report.placed_pages["postcopy"]):
+            cuts.done += 1
+            self.channels.cut()
+            raise TransportError(self.connection.name, "channel cut on purpose")
+
+    def _pause(self) -> bool:
+        """The channel broke: pause and take the source's next channel, if the migration
+        can recover here (after RUN, with a way to accept one). False: it cannot; the
+        caller fails as without recovery."""
+        if not self.channels.can_reopen:
+            return False
+        with self._machine_lock:
+            if not self.dest.can_pause:
+                return False
+            self.dest.channel_broken()
+        if self._broke_at is None:
+            self._broke_at = time.monotonic()
+        self._drain()
+        try:
+            self.channels.reopen(self.recover_timeout)
+        except TransportError as error:
+            raise TransportError(
+                error.what,
+                f"postcopy paused, and no new channel within {self.recover_timeout:g} s "
+                f"({error.detail})",
+            ) from None
+        if self.connection.socket is not None:
+            self.connection.socket.settimeout(self.idle_timeout)
+        with self._machine_lock:
+            self.dest.new_channel()
+        return True
 
     def _receive(self, buffer: bytearray) -> int:
         try:
@@ -223,6 +290,18 @@ class DestinationRunner:
                     self._start_guest()
             case ev.Notice(what=what, detail=detail):
                 self.report.notices.append(f"{what}: {detail}")
+            case ev.Resumed(recoveries=recoveries):
+                self.report.recoveries = recoveries
+                if self._broke_at is not None:
+                    self.report.paused_s += time.monotonic() - self._broke_at
+                    self._broke_at = None
+            case ev.PartialHostPageDropped(block=block, host_offset=host_offset):
+                # The RAM places a host page whole, once all of it came: nothing of it is
+                # in memory yet; what was gathered of it goes, and the whole page comes again.
+                self._session().block(block).drop_staging()
+                self.report.notices.append(
+                    f"RAM: half-received host page {host_offset:#x} of {block!r} dropped"
+                )
 
     def _map(self, blocks: tuple[m.RamBlockInfo, ...]) -> None:
         if self.session is not None:
@@ -313,7 +392,12 @@ class DestinationRunner:
                 # Stamped before the send: the answer may be placed before this thread runs
                 # again (the page was already on its way).
                 sent[0] = time.monotonic_ns()
-                self.connection.sendall(data)
+                try:
+                    self.connection.sendall(data)
+                except TransportError:
+                    # The channel broke: the main loop pauses; the request stays pending in
+                    # the machine and is sent again after the resume.
+                    return
         if asked is not None:
             self.report.requests += 1
             self.report.request_sent_ns.append(time.monotonic_ns() - request.fault_ns)

@@ -30,11 +30,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from qmig.errors import QmigError, VerificationError
+from qmig.errors import QmigError, TransportError, VerificationError
 from qmig.protocol.destination import Destination
 from qmig.protocol.ram_config import RamConfig, parse_blocks
 from qmig.ram.blocks import HOST_PAGE_SIZE
 from qmig.ram.workload import Pattern, Workload
+from qmig.runner.channels import Channels
 from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
 from qmig.sizes import parse_size
 from qmig.transport import Connection
@@ -215,6 +216,8 @@ def report_json(runner: DestinationRunner) -> dict[str, object]:
         "block_pages": report.block_pages,
         "request_log": report.request_log,
         "pongs": runner.dest.pongs_sent,
+        "recoveries": report.recoveries,
+        "paused_s": report.paused_s,
         "state": runner.dest.state.name,
     }
 
@@ -235,25 +238,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle-timeout", type=float, default=IDLE_TIMEOUT, help="fail when the source stalls"
     )
+    parser.add_argument(
+        "--recover-timeout",
+        type=float,
+        default=0.0,
+        help="paused in postcopy: wait this long for the source's new channel (0: fail)",
+    )
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.fd)
     print(READY, flush=True)
     try:
         listener.settimeout(args.accept_timeout)
-        sock, _ = listener.accept()
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        listener.close()
+        sock = _accept(listener, args.accept_timeout)
+        if not args.recover_timeout:
+            listener.close()
         destination = Destination(
             args.qemu_version,
             postcopy_ram=not args.precopy_only,
             ram=RamConfig(page_size=args.ram_page_size, blocks=args.blocks),
         )
         workload = Workload(Pattern[args.pattern.upper()], touches=args.touches)
-        with Connection("simulation source", sock=sock) as connection:
+        with Connection(SOURCE_NAME, sock=sock) as connection:
+            reopen = None
+            if args.recover_timeout:
+
+                def reopen(timeout: float) -> Connection:
+                    return Connection(SOURCE_NAME, sock=_accept(listener, timeout))
+
             runner = DestinationRunner(
-                connection,
+                Channels(connection, reopen),
                 destination,
+                recover_timeout=args.recover_timeout,
                 workload=workload,
                 vcpus=args.vcpus,
                 idle_timeout=args.idle_timeout,
@@ -280,6 +295,20 @@ def main(argv: list[str] | None = None) -> int:
                 send_ram(runner)
         session.close()
     return 0
+
+
+SOURCE_NAME = "simulation source"
+
+
+def _accept(listener: socket.socket, timeout: float) -> socket.socket:
+    listener.settimeout(timeout)
+    try:
+        sock, _ = listener.accept()
+    except OSError as error:
+        raise TransportError(SOURCE_NAME, f"no connection: {error.strerror or error}") from None
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def send_ram(runner: DestinationRunner) -> None:

@@ -37,6 +37,7 @@ from qmig.errors import TransportError
 from qmig.protocol import events as ev
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
+from qmig.runner.channels import Channels, CutPlan
 from qmig.runner.source_ram import Dirtier
 from qmig.transport import Connection
 from qmig.wire.reader import NEED_DATA
@@ -48,6 +49,9 @@ STALL_TIMEOUT = 60.0  # the destination took no bytes and said nothing for this 
 SHUT_TIMEOUT = 60.0
 CAP_WINDOW = 0.1  # seconds of unused bandwidth the cap lets accrue (QEMU: BUFFER_DELAY)
 MAX_PRECOPY_PASSES = 30
+RECOVER_TIMEOUT = 60.0  # a recovery handshake (or a new channel) that takes longer fails
+# States in which a broken channel pauses the migration instead of failing it.
+RECOVERABLE = frozenset({SourceState.POSTCOPY, SourceState.COMPLETING, SourceState.RECOVER})
 
 
 @dataclass
@@ -61,6 +65,9 @@ class SourceReport:
     served_ns: list[int] = field(default_factory=list)
     pongs: list[int] = field(default_factory=list)
     pass_ends: list[float] = field(default_factory=list)  # each precopy pass's end
+    recoveries: int = 0
+    paused_s: float = 0.0  # the channel broke → RESUME_ACK, summed over the recoveries
+    channels: int = 1  # main channels opened: the first, and one per resume attempt
 
 
 @dataclass
@@ -73,19 +80,24 @@ class SourcePlan:
     # SO_SNDBUF from the switch to postcopy on; None: leave the kernel's autotuning.
     send_buffer: int | None = SEND_BUFFER
     postcopy_chunk: int = POSTCOPY_CHUNK
+    cuts: CutPlan | None = None  # break the channel on purpose (fault injection)
+    recover_timeout: float = RECOVER_TIMEOUT
 
 
 class SourceRunner:
     def __init__(
         self,
-        connection: Connection,
+        connection: Connection | Channels,
         source: Source,
         plan: SourcePlan,
         *,
         dirtier: Dirtier | None = None,
         on_progress: Callable[[str, int], None] | None = None,
     ) -> None:
-        self.connection = connection
+        """``connection``: the channel, or the migration's :class:`Channels` (which can open
+        a new one: a broken channel in postcopy is then recovered, as QEMU's source does
+        when resumed, instead of failing the migration)."""
+        self.channels = connection if isinstance(connection, Channels) else Channels(connection)
         self.source = source
         self.plan = plan
         self.dirtier = dirtier
@@ -101,6 +113,10 @@ class SourceRunner:
         self.phase = source.state  # as the machine's PhaseChanged events last said
         self._passes_done: deque[ev.PassCompleted] = deque()
 
+    @property
+    def connection(self) -> Connection:
+        return self.channels.main
+
     def run(self) -> SourceReport:
         source, plan = self.source, self.plan
         self.report.started = self._clock = self._credit_at = time.monotonic()
@@ -114,6 +130,23 @@ class SourceRunner:
             self._send(data)
             while self._passes_done:
                 self._end_of_pass(self._passes_done.popleft())
+        while True:
+            try:
+                self._postcopy_to_the_end()
+                break
+            except TransportError as error:
+                if not (self.channels.can_reopen and self.phase in RECOVERABLE):
+                    raise
+                self._recover(error)
+        self.report.finished = time.monotonic()
+        self.report.passes = source.stats.passes
+        self.report.pongs = list(source.pongs)
+        self.report.recoveries = source.stats.recoveries
+        self.report.channels = self.channels.opened
+        return self.report
+
+    def _postcopy_to_the_end(self) -> None:
+        source, plan = self.source, self.plan
         while self.phase is SourceState.POSTCOPY:
             known = len(self.report.requests)
             # Requested pages go out at once, past the cap, as in QEMU; the background sweep
@@ -140,10 +173,64 @@ class SourceRunner:
                     f"no SHUT from the destination within {SHUT_TIMEOUT:.0f} s",
                 )
             self._poll_return_path(1.0)
-        self.report.finished = time.monotonic()
-        self.report.passes = source.stats.passes
-        self.report.pongs = list(source.pongs)
-        return self.report
+
+    # --- postcopy recovery ----------------------------------------------------------------
+
+    def _recover(self, error: TransportError) -> None:
+        """Pause, then resume on a new channel until RESUME_ACK (QEMU's postcopy-paused,
+        then ``migrate`` with ``resume: true``). A new channel that breaks during the
+        handshake pauses again and is replaced again, until the recovery timeout."""
+        source = self.source
+        broke = time.monotonic()
+        deadline = broke + self.plan.recover_timeout
+        if source.state is not SourceState.PAUSED:
+            source.channel_broken()
+            self._take_events()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(
+                    self.connection.name,
+                    f"postcopy paused ({error.detail}) and not resumed within "
+                    f"{self.plan.recover_timeout:g} s",
+                )
+            self.channels.reopen(left)
+            source.resume()
+            self._take_events()
+            try:
+                self._handshake(deadline)
+                break
+            except TransportError as again:
+                error = again
+                source.channel_broken()  # a double failure: pause again
+                self._take_events()
+        self.report.paused_s += time.monotonic() - broke
+        if self.plan.send_buffer is not None:
+            self.connection.limit_buffers(send=self.plan.send_buffer)
+
+    def _handshake(self, deadline: float) -> None:
+        """RECV_BITMAPs out, bitmaps in, POSTCOPY_RESUME out, RESUME_ACK in."""
+        cuts = self.plan.cuts
+        while self.phase is SourceState.RECOVER:
+            data = self.source.data_to_send(0)
+            if data:
+                self._send(data, capped=False)
+                if cuts is not None and cuts.cut_recovery_now():
+                    self.channels.cut()
+                    raise TransportError(self.connection.name, "channel cut during recovery")
+            if time.monotonic() > deadline:
+                raise TransportError(self.connection.name, "no RESUME_ACK in time")
+            self._poll_return_path(0.5)
+
+    def _maybe_cut(self) -> None:
+        """Fault injection: break the channel once the plan's page count is reached."""
+        cuts = self.plan.cuts
+        if cuts is None or self.phase is not SourceState.POSTCOPY:
+            return
+        if cuts.due(self.source.stats.postcopy_pages):
+            cuts.done += 1
+            self.channels.cut()
+            raise TransportError(self.connection.name, "channel cut on purpose")
 
     def _served(self, upto: int) -> None:
         """Every request before ``upto`` has its pages in the socket (or had them already)."""
@@ -211,6 +298,7 @@ class SourceRunner:
             if self.on_progress is not None:
                 self.on_progress(self._label(), sent)
             self._advance_dirtier()
+            self._maybe_cut()
 
     def _write(self, piece: memoryview) -> int:
         """Send some of ``piece`` once the socket has room; read the return path first
@@ -258,6 +346,9 @@ class SourceRunner:
     def _read_return_path(self) -> None:
         count = self.connection.recv_into(self._rp_buffer)
         if count == 0:
+            if self.channels.can_reopen and self.phase in RECOVERABLE:
+                # The destination's end of a broken channel: pause, do not fail.
+                raise TransportError(self.connection.name, "the destination closed the channel")
             self.source.receive_eof()
             return
         self.source.receive_data(bytes(self._rp_buffer[:count]))

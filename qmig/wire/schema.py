@@ -34,6 +34,7 @@ from qmig.wire.profiles import Profile, load_profile
 
 MAX_MACHINE_TYPE_LENGTH = 4096  # qmig's bound on the be32 machine-type length
 RECV_BITMAP_END_MARK = 0x0123456789ABCDEF  # QEMU's RAMBLOCK_RECV_BITMAP_ENDING
+RESUME_ACK_VALUE = 1  # QEMU's MIGRATION_RESUME_ACK_VALUE: any other RESUME_ACK is refused
 CONFIGURATION_PREFIX = "configuration/"
 
 # Fields whose sizes the readers and the fast paths need, named once.

@@ -1,9 +1,9 @@
 """The transition tables drive both machines: every (state, input) pair of each table, walked.
 
-Each pair starts a fresh machine in the state (placed there directly: PAUSED and RECOVER have
-no rule leading to them yet), applies the input the way it really arrives (stream bytes, a
-return-path message, a runner's call) and checks what the table says: an allowed input
-leads to its next state; any other is refused with one error naming the state, a
+Each pair starts a fresh machine in the state (placed there directly), applies the input
+the way it really arrives (stream bytes, a return-path message, a runner's call) and checks
+what the table says: an allowed input leads to its next state; an ignored one leaves the
+state and is reported as a notice; any other is refused with one error naming the state, a
 RemoteProtocolError when the peer sent it and a LocalProtocolError when qmig was asked.
 """
 
@@ -23,6 +23,7 @@ from qmig.protocol.states import (
     SOURCE_STOPS_READING,
     DestinationInput,
     DestinationState,
+    Ignored,
     Refused,
     SourceInput,
     SourceState,
@@ -72,13 +73,26 @@ def input_bytes(schema: Schema, action: DestinationInput) -> bytes:
             return schema.eof.build(m.Eof())
         case DestinationInput.VMDESCRIPTION:
             return schema.vmdescription.build(m.VmDescription(b"{}"))
+        case DestinationInput.RECV_BITMAP:
+            return schema.build_command(m.RecvBitmap("pc.ram"))
+        case DestinationInput.RESUME:
+            return schema.build_command(m.PostcopyResume())
+        case _:  # the runner's calls, not bytes
+            raise AssertionError(action)
 
 
+# The runner's calls (the others arrive as stream bytes).
+CALLS = (DestinationInput.CHANNEL_BROKEN, DestinationInput.NEW_CHANNEL)
+
+
+RECOVERY_COMMANDS = (DestinationInput.RECV_BITMAP, DestinationInput.RESUME)
 DESTINATION_PAIRS = [
     (version, state, action)
     for version in VERSIONS
     for state in DestinationState
     for action in DestinationInput
+    # 2.9 has no recovery commands (it reads them as unknown commands)
+    if action not in RECOVERY_COMMANDS or action.value in schema_for(version).profile.commands
 ]
 
 
@@ -106,9 +120,16 @@ def test_destination_does_what_its_table_says(
     version: str, state: DestinationState, action: DestinationInput
 ) -> None:
     dest = destination_in(version, state)
+    entry = dest.rules.table[state].get(action)
+    if action in CALLS:
+        check_call(dest, state, action, entry)
+        return
     data = input_bytes(dest.reader.schema, action)
     at = dest.reader.offset
-    entry = dest.rules.table[state].get(action)
+    if state is DestinationState.PAUSED:
+        with pytest.raises(LocalProtocolError, match="paused"):  # no channel to read
+            dest.receive_data(data)
+        return
     if state is DestinationState.FAILED:
         assert entry is None  # nothing is legal after a failure, and the runner is told so
         with pytest.raises(LocalProtocolError, match="state FAILED"):
@@ -119,6 +140,14 @@ def test_destination_does_what_its_table_says(
         dest.receive_eof()  # what follows a precopy EOF is read up to the end of input
     if state in DESTINATION_STOPS_READING:
         assert dest.next_event() is not NEED_DATA and dest.state is state  # never read
+        return
+    if isinstance(entry, Ignored):
+        events = []
+        while isinstance(event := dest.next_event(), ev.Event):
+            events.append(event)
+        assert dest.state is state
+        assert ev.Notice(action.value, entry.reason, at) in events
+        assert dest.data_to_send() == b""  # not answered
         return
     if isinstance(entry, DestinationState):
         events = []
@@ -143,9 +172,39 @@ def test_destination_does_what_its_table_says(
     assert "\n" not in error.one_line()
 
 
-def test_every_destination_state_has_a_row_and_recovery_has_room() -> None:
+def check_call(
+    dest: Destination, state: DestinationState, action: DestinationInput, entry: object
+) -> None:
+    if state is DestinationState.FAILED:
+        with pytest.raises(LocalProtocolError, match="state FAILED"):
+            dest.channel_broken()
+        return
+    if action is DestinationInput.NEW_CHANNEL:
+        if entry is None:
+            with pytest.raises(LocalProtocolError, match=f"state {state.name}"):
+                dest.new_channel()
+            assert dest.state is state
+        else:
+            dest.new_channel()
+            assert dest.state is entry
+        return
+    paused = dest.channel_broken()
+    assert paused == (entry is DestinationState.PAUSED)
+    if entry is DestinationState.PAUSED:
+        assert dest.state is DestinationState.PAUSED
+    elif entry is None and state is not DestinationState.END:
+        assert dest.state is DestinationState.FAILED  # before RUN a broken channel fails
+
+
+def test_every_destination_state_has_a_row() -> None:
     assert set(TABLE) == set(DestinationState)
-    assert TABLE[DestinationState.PAUSED] == TABLE[DestinationState.RECOVER] == {}
+    # Only a running guest pauses; a recovery's new channel can break again.
+    pausing = {s for s, row in TABLE.items() if row.get(DestinationInput.CHANNEL_BROKEN)}
+    assert pausing - {DestinationState.EOF_READ} == {
+        DestinationState.RUNNING,
+        DestinationState.PAUSED,
+        DestinationState.RECOVER,
+    }
     # QEMU's PostcopyState values, as its messages print them.
     assert [int(s) for s in DestinationState][:6] == [0, 1, 2, 3, 4, 5]
 
@@ -167,6 +226,7 @@ def source_in(state: SourceState) -> Source:
     while source.next_event() is not NEED_DATA:
         pass
     source.state = state
+    source._postcopy_started = state is SourceState.COMPLETING  # a postcopy completion
     return source
 
 
@@ -185,6 +245,12 @@ SOURCE_ACTIONS: dict[SourceInput, Callable[[Source], object]] = {
     ),
     SourceInput.SHUT: lambda source: source.receive_data(S.build_rp(m.Shut(0))),
     SourceInput.RETURN_PATH_CLOSED: Source.receive_eof,
+    SourceInput.CHANNEL_BROKEN: Source.channel_broken,
+    SourceInput.RESUME: Source.resume,
+    SourceInput.RECV_BITMAP: lambda source: source.receive_data(
+        S.build_rp(m.RpRecvBitmap("pc.ram", bytes(8)))
+    ),
+    SourceInput.RESUME_ACK: lambda source: source.receive_data(S.build_rp(m.ResumeAck(1))),
 }
 SOURCE_PAIRS = [(state, action) for state in SourceState for action in SourceInput]
 
@@ -201,6 +267,11 @@ def test_source_does_what_its_table_says(state: SourceState, action: SourceInput
             assert entry is state
         SOURCE_ACTIONS[action](source)
         assert source.state is state and source.next_event() is NEED_DATA  # never read
+        return
+    if isinstance(entry, Ignored):
+        SOURCE_ACTIONS[action](source)
+        assert source.state is state
+        assert source.next_event() == ev.Notice(action.value, entry.reason, 0)
         return
     if isinstance(entry, SourceState):
         SOURCE_ACTIONS[action](source)
@@ -226,9 +297,15 @@ def test_source_does_what_its_table_says(state: SourceState, action: SourceInput
     assert "\n" not in error.one_line()
 
 
-def test_every_source_state_has_a_row_and_recovery_has_room() -> None:
+def test_every_source_state_has_a_row() -> None:
     assert set(SOURCE_TABLE) == set(SourceState)
-    assert SOURCE_TABLE[SourceState.PAUSED] == SOURCE_TABLE[SourceState.RECOVER] == {}
+    pausing = {s for s, row in SOURCE_TABLE.items() if row.get(SourceInput.CHANNEL_BROKEN)}
+    assert pausing == {
+        SourceState.POSTCOPY,
+        SourceState.COMPLETING,
+        SourceState.PAUSED,
+        SourceState.RECOVER,
+    }
 
 
 def test_source_reports_each_change_of_state_and_each_pass() -> None:

@@ -135,7 +135,8 @@ def test_receive_precopy_from_real_qemu(
 def test_receive_reports_a_source_killed_mid_postcopy(
     machines: MachineFactory, tmp_path: Path
 ) -> None:
-    with receiving() as (process, uri):
+    # Without recovery (which would wait for the source to come back), the error at once.
+    with receiving("--recover-timeout", "0") as (process, uri):
         source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC)
         source.wait_serial(1)
         source.set_capabilities(postcopy_ram=True)

@@ -60,8 +60,16 @@ def connect(port: int) -> socket.socket:
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("cut", ["mid-postcopy", "inside-package"])
-def test_the_destination_reports_a_vanished_source_and_exits(cut: str) -> None:
+@pytest.mark.parametrize(
+    ("cut", "recover_timeout"),
+    [("mid-postcopy", "0"), ("inside-package", "600"), ("mid-postcopy", "1")],
+    ids=["mid-postcopy", "inside-package", "mid-postcopy-paused"],
+)
+def test_the_destination_reports_a_vanished_source_and_exits(
+    cut: str, recover_timeout: str
+) -> None:
+    """Without recovery (timeout 0) or before RUN, the end of the stream is the error; after
+    RUN with recovery on, the destination pauses and fails once no new channel comes."""
     stream, after_package = postcopy_stream()
     stop = after_package + 200_000 if cut == "mid-postcopy" else after_package - 20
     port = free_port()
@@ -77,6 +85,8 @@ def test_the_destination_reports_a_vanished_source_and_exits(cut: str) -> None:
             "7.2",
             "--vcpus",
             "2",
+            "--recover-timeout",
+            recover_timeout,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -100,6 +110,11 @@ def test_the_destination_reports_a_vanished_source_and_exits(cut: str) -> None:
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.startswith("qmig: error:")]
     assert len(lines) == 1, stderr
+    if recover_timeout == "1":
+        assert "postcopy paused, and no new channel within 1 s" in lines[0]
+        assert "qmig receive: postcopy paused; waiting for the resumed source on" in stderr
+        assert elapsed < 20
+        return
     if cut == "mid-postcopy":
         assert "unexpected end of stream during RUNNING at byte" in lines[0]
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.options import seconds
 
 if TYPE_CHECKING:
     from qmig.capture import CaptureSummary, Relay
@@ -43,6 +44,22 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="the capture folder to write"
     )
+    recovery = parser.add_argument_group("postcopy recovery")
+    recovery.add_argument(
+        "--recover-connect",
+        metavar="URI",
+        help="record a resumed migration too: when a connection ends without the "
+        "destination's SHUT(0), wait for the source to connect again (migrate resume=true "
+        "to --listen) and relay it to URI, where the destination listens once told "
+        "migrate-recover URI; every connection goes to the same folder (default: off)",
+    )
+    recovery.add_argument(
+        "--recover-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="how long to wait for the resumed connections (default: 600 with "
+        "--recover-connect, else no recovery)",
+    )
     add_qemu_version(parser, auto="detect it from the recorded stream (kept in meta.json)")
     add_json(parser)
     parser.set_defaults(func=run)
@@ -53,7 +70,17 @@ def run(args: argparse.Namespace) -> int:
     from qmig.capture import Relay
     from qmig.errors import TransportError
 
-    relay = Relay(args.connect, args.out, listen_uri=args.listen, qemu_version=args.qemu_version)
+    recover_timeout = args.recover_timeout
+    if recover_timeout is None:
+        recover_timeout = 600.0 if args.recover_connect else 0.0
+    relay = Relay(
+        args.connect,
+        args.out,
+        listen_uri=args.listen,
+        qemu_version=args.qemu_version,
+        recover_connect=args.recover_connect,
+        recover_timeout=recover_timeout,
+    )
     # The first stderr line is stable: scripts read the real port from it when they asked for 0.
     print(f"qmig capture: listening on {relay.listen_uri}", file=sys.stderr, flush=True)
     try:
@@ -110,4 +137,6 @@ def _print_summary(summary: CaptureSummary) -> None:
     table.add_column("ended")
     for name, result in (("stream", summary.stream), ("return path", summary.return_path)):
         table.add_row(name, f"{result.bytes:,}", str(result.chunks), result.end)
+    if len(summary.connections) > 1:
+        table.caption = f"{len(summary.connections)} connections (postcopy recovery)"
     Console().print(table)

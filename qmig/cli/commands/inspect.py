@@ -347,6 +347,15 @@ def _open(path: Path, timeout: float | None = None) -> BinaryIO:
     return open_capture_file(path, DEFAULT_TIMEOUT_S if timeout is None else timeout)
 
 
+def _connections(index_path: Path | None) -> tuple[list[int], list[int]]:
+    if index_path is None:
+        return [], []
+    from qmig.capture.connections import return_path_boundaries, stream_boundaries
+
+    folder = index_path.parent
+    return stream_boundaries(folder), return_path_boundaries(folder)
+
+
 def run(args: argparse.Namespace) -> int:
     from qmig.libvirt.detect import is_save_image
 
@@ -373,10 +382,12 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
     args.qemu_version = source.version = choice.version
     rp_records: list[Record] = []
     rp_size = 0
+    # A recovered migration's capture: where each resumed connection starts.
+    stream_boundaries, rp_boundaries = _connections(index_path)
     if rp_path is not None:
         with _open(rp_path, args.timeout) as file:
             rp_reader = ReturnPathReader(args.qemu_version)
-            rp_records = list(read_records(file, rp_reader))
+            rp_records = list(read_records(file, rp_reader, boundaries=rp_boundaries))
             rp_size = rp_reader.offset  # read to its end: every byte of it
     capture = None if index_path is None else _capture(index_path, rp_path, rp_records)
     if capture is not None:
@@ -391,7 +402,13 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
         commands: list[dict[str, Any]] = []
         try:
             with source.open() as file, _progress(stream_path, args.json) as advance:
-                for record in source.hinted(read_records(file, inspection.reader, advance)):
+                records = read_records(file, inspection.reader, advance, stream_boundaries)
+                starts = list(stream_boundaries)  # resumed connections, shown where they begin
+                for record in source.hinted(records):
+                    while starts and record.offset >= starts[0] and listing is not None:
+                        if listing.timed is not None:  # what came back before it, first
+                            listing.timed.before(listing, record)
+                        listing.heading(f"resumed connection from stream byte {starts.pop(0)}")
                     inspection.add(record)
                     message = record.message
                     if matcher is not None:

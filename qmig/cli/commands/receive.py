@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from qmig.protocol.destination import Destination
+    from qmig.protocol.ram_config import RamConfig
+    from qmig.ram.workload import Workload
+    from qmig.runner.channels import Channels, CutPlan
     from qmig.runner.destination import DestinationReport
 
 # The fault thread needs the GIL to turn a fault into a request while the main thread parses
@@ -141,6 +144,34 @@ def register(subparsers: Any) -> None:
         "long; other connections are examined meanwhile",
     )
     add_report(parser)
+    recovery = parser.add_argument_group("postcopy recovery")
+    recovery.add_argument(
+        "--recover-listen",
+        metavar="URI",
+        help="when the channel breaks after POSTCOPY_RUN, keep RAM and the vCPUs blocked and "
+        "wait for the source's resumed channel here (QEMU's migrate-recover; the source "
+        "resumes with migrate resume=true to this URI) (default: the --listen URI)",
+    )
+    recovery.add_argument(
+        "--recover-timeout",
+        type=rate_or_zero,  # seconds, 0 or more
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait, paused, for the resumed channel; 0: never pause, fail",
+    )
+    recovery.add_argument(
+        "--pause-after",
+        type=positive_count,
+        metavar="PAGES",
+        help="close the channel (a reset) after PAGES postcopy pages were placed, to make the "
+        "source pause (default: never)",
+    )
+    recovery.add_argument(
+        "--pause-during-recovery",
+        action="store_true",
+        help="with --pause-after: also close the first resumed channel during its handshake, "
+        "after answering a RECV_BITMAP (default: off)",
+    )
     add_qemu_version(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -172,14 +203,11 @@ def stream_headers(version: str) -> list[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qmig.cli.progress import PhaseProgress, quiet
-    from qmig.cli.versions import add_hint, choose, hint_from_prefix, peek_connection
-    from qmig.errors import RemoteProtocolError
-    from qmig.protocol.destination import Destination
     from qmig.protocol.ram_config import RamConfig
     from qmig.ram.workload import Pattern, Workload
-    from qmig.runner.destination import DestinationRunner, host_memory
-    from qmig.transport import Limits, accept_migration, listen
+    from qmig.runner.channels import Channels, CutPlan
+    from qmig.runner.destination import host_memory
+    from qmig.transport import Connection, Limits, Listener, accept_migration, listen
 
     check_report(args)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -189,7 +217,17 @@ def run(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         max_ram=args.max_ram if args.max_ram is not None else host_memory(),
     )
-    with listen(args.listen) as listener:
+    recorder = None
+    if args.report is not None:
+        from qmig.report.recorder import Recorder
+
+        recorder = Recorder()
+    recovers = args.recover_timeout > 0
+    listener = listen(args.listen)
+    # The listener stays open for a resume to the same URI (QEMU's listens again on
+    # migrate-recover): where the source reconnects, it finds it.
+    recovery_listener: Listener | None = None
+    try:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
         print(f"qmig receive: listening on {listener.uri}", file=sys.stderr, flush=True)
         connection = accept_migration(
@@ -198,34 +236,87 @@ def run(args: argparse.Namespace) -> int:
             args.accept_timeout,
             handshake_timeout=args.handshake_timeout,
         )
-    connection.set_limits(
-        Limits(args.idle_timeout, args.deadline, args.min_rate or None, args.rate_window,
-               peer="the source")
-    )  # fmt: skip
-    with connection:
-        # auto: the profile the source's first bytes (peeked, left in the socket) call for.
-        prefix = peek_connection(connection, args.idle_timeout)
-        choice = choose(args.qemu_version, lambda: (prefix, False))
-        recorder = None
-        if args.report is not None:
-            from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
+        recover_uri = args.recover_listen or listener.uri
+        if recovers and recover_uri == listener.uri:
+            recovery_listener = listener
+        else:
+            listener.close()
+    except BaseException:
+        listener.close()
+        raise
 
-            recorder = Recorder()
-            connection = recorder.wrap(connection, sends=RETURN_PATH, receives=STREAM)
-        destination = Destination(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
-        runner = DestinationRunner(
-            connection,
-            destination,
-            workload=workload,
-            vcpus=args.vcpus,
-            dump_dir=args.dump_ram,
-            idle_timeout=args.idle_timeout,
+    def limited(connection: Connection) -> Connection:
+        connection.set_limits(
+            Limits(args.idle_timeout, args.deadline, args.min_rate or None, args.rate_window,
+                   peer="the source")
+        )  # fmt: skip
+        if recorder is None:
+            return connection
+        from qmig.report.recorder import RETURN_PATH, STREAM
+
+        return recorder.wrap(connection, sends=RETURN_PATH, receives=STREAM)
+
+    def reopen(timeout: float) -> Connection:
+        nonlocal recovery_listener
+        if recovery_listener is None:
+            recovery_listener = listen(recover_uri)
+        # A stable line, as the first one: a script resumes the source once it reads it.
+        print(
+            f"qmig receive: postcopy paused; waiting for the resumed source on "
+            f"{recovery_listener.uri}",
+            file=sys.stderr,
+            flush=True,
         )
-        try:
-            with PhaseProgress(quiet(args)).shown(_bytes_per_phase(runner, destination)):
-                report = runner.run()
-        except RemoteProtocolError as error:
-            raise add_hint(error, hint_from_prefix(error, choice.version, prefix)) from None
+        # The resumed channel opens with no header: it starts with RECV_BITMAP commands.
+        return limited(recovery_listener.accept(timeout=timeout))
+
+    cuts = None
+    if args.pause_after:
+        cuts = CutPlan(args.pause_after, during_recovery=args.pause_during_recovery)
+    channels = Channels(limited(connection), reopen if recovers else None)
+    try:
+        return _receive(args, channels, ram, workload, cuts, recorder)
+    finally:
+        channels.close_main()
+        if recovery_listener is not None:
+            recovery_listener.close()
+
+
+def _receive(
+    args: argparse.Namespace,
+    channels: Channels,
+    ram: RamConfig,
+    workload: Workload | None,
+    cuts: CutPlan | None,
+    recorder: Any,
+) -> int:
+    """Receive one migration on ``channels`` (and its replacements, when it recovers)."""
+    from qmig.cli.progress import PhaseProgress, quiet
+    from qmig.cli.versions import add_hint, choose, hint_from_prefix, peek_connection
+    from qmig.errors import RemoteProtocolError
+    from qmig.protocol.destination import Destination
+    from qmig.runner.destination import DestinationRunner
+
+    connection = channels.main
+    # auto: the profile the source's first bytes (peeked, left in the socket) call for.
+    prefix = peek_connection(connection, args.idle_timeout)
+    choice = choose(args.qemu_version, lambda: (prefix, False))
+    destination = Destination(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
+    runner = DestinationRunner(
+        channels,
+        destination,
+        workload=workload,
+        vcpus=args.vcpus,
+        dump_dir=args.dump_ram,
+        idle_timeout=args.idle_timeout,
+        recover_timeout=args.recover_timeout,
+        cuts=cuts,
+    )
+    try:
+        with PhaseProgress(quiet(args)).shown(_bytes_per_phase(runner, destination)):
+            report = runner.run()
+    except RemoteProtocolError as error:
+        raise add_hint(error, hint_from_prefix(error, choice.version, prefix)) from None
     summary = summarise(report, destination)
     summary["qemu_version"] = destination.profile.name
     summary["qemu_version_evidence"] = choice.evidence
@@ -297,6 +388,8 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
         "postcopy_latency_dist": faults.get("postcopy_latency_dist", []),
         "postcopy_vcpu_blocktime_ms": vcpu_blocktime_ms(faults, report.workload),
         "pongs": destination.pongs_sent,
+        "recoveries": report.recoveries,
+        "paused_ms": round(report.paused_s * 1000, 2),
         "notices": report.notices,
     }
 
@@ -327,6 +420,7 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
         )
     table.add_row("blocktime", f"{summary['blocktime_ms']} ms")
     table.add_row("pongs", str(summary["pongs"]))
+    table.add_row("recoveries", f"{summary['recoveries']} (paused {summary['paused_ms']} ms)")
     for notice in summary["notices"]:
         table.add_row("notice", notice)
     (console or Console()).print(table)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.cli.options import add_alias, add_bandwidth, count
+from qmig.cli.options import add_alias, add_bandwidth, count, positive_count, seconds
 from qmig.cli.text import plural
 from qmig.report.cli import add_report, check_report
 from qmig.sizes import format_size
@@ -55,6 +55,32 @@ def register(subparsers: Any) -> None:
         "where the captured source switched, and a precopy capture stays precopy",
     )
     add_bandwidth(parser)
+    recovery = parser.add_argument_group("postcopy recovery")
+    recovery.add_argument(
+        "--pause-after",
+        type=positive_count,
+        metavar="PAGES",
+        help="cut the channel after PAGES postcopy pages; the destination pauses "
+        "(postcopy-paused) and the replay resumes on --resume-to (default: never)",
+    )
+    recovery.add_argument(
+        "--resume-to",
+        metavar="URI",
+        help="where the paused destination listens once told 'migrate-recover URI'; the "
+        "replay connects there, with retries, and resumes (default: none, a cut fails)",
+    )
+    recovery.add_argument(
+        "--resume-timeout",
+        type=seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to keep trying to resume",
+    )
+    recovery.add_argument(
+        "--pause-during-recovery",
+        action="store_true",
+        help="also cut the first recovery's new channel during its handshake (default: off)",
+    )
     add_qemu_version(parser, auto="detect it from the capture's stream")
     add_report(parser, "the replay")
     add_json(parser)
@@ -72,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     from qmig.replay.recording import stream_path
 
     check_report(args)
+    if args.pause_after is not None and args.resume_to is None:
+        raise QmigError("--pause-after", "needs --resume-to (where the destination recovers)")
+    if args.pause_during_recovery and args.pause_after is None:
+        raise QmigError("--pause-during-recovery", "needs --pause-after")
     choice = recorded_version(args)
     try:
         recording = load_recording(args.capture, choice.version)
@@ -87,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
             postcopy_after=args.postcopy_after,
             bandwidth=None if args.bandwidth is None else args.bandwidth * MIB,
             version=choice.version,
+            pause_after=args.pause_after,
+            resume_to=args.resume_to,
+            resume_timeout=args.resume_timeout,
+            pause_during_recovery=args.pause_during_recovery,
         )
         progress = None if args.json else _Progress()
         recorder = None

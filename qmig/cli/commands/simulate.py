@@ -106,6 +106,26 @@ def register(subparsers: Any) -> None:
     )
     switch.add_argument("--precopy-only", action="store_true", help="never switch to postcopy")
     add_bandwidth(parser)
+    recovery = parser.add_argument_group("postcopy recovery")
+    recovery.add_argument(
+        "--pause-after",
+        type=positive_count,
+        metavar="PAGES",
+        help="cut the link (both directions, abruptly) after the source has sent PAGES "
+        "postcopy pages; both ends pause and recover on a new connection (default: never)",
+    )
+    recovery.add_argument(
+        "--pauses",
+        type=positive_count,
+        default=1,
+        metavar="K",
+        help="cut it K times, every PAGES postcopy pages (default: 1)",
+    )
+    recovery.add_argument(
+        "--pause-during-recovery",
+        action="store_true",
+        help="also cut the first recovery's new connection during its handshake (default: off)",
+    )
     parser.add_argument(
         "--seed", type=integer, default=1, metavar="N", help="seed of RAM contents and dirtying"
     )
@@ -132,6 +152,9 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         bandwidth=None if args.bandwidth is None else args.bandwidth * MiB,
         version=default_choice(args.qemu_version).version,
         seed=args.seed,
+        pause_after=args.pause_after,
+        pauses=args.pauses,
+        pause_during_recovery=args.pause_during_recovery,
     )
     if args.blocks:
         config.blocks = args.blocks
@@ -257,6 +280,11 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
             f"p99 {s['request_served_us']['p99']} µs",
         ),
         ("blocktime", f"{s['blocktime_ms']:.1f} ms"),
+        (
+            "recovery",
+            f"{plural(s['recoveries'], 'recovery', 'recoveries')}, paused "
+            f"{s['paused_ms']:.1f} ms, {plural(s['resent_pages'], 'page')} missing at resume",
+        ),
         ("placement", _placement(s["placement_mib_s"])),
         ("switchover", _switchover(s["switchover_ms"])),
     ]

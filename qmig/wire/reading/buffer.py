@@ -79,6 +79,11 @@ class InputBuffer:
         """Absolute offset of the next unread byte."""
         return self._base + self._pos
 
+    @property
+    def fed(self) -> int:
+        """Absolute offset just past the last byte fed."""
+        return self._base + len(self._buf)
+
     def get_buffer(self, size: int) -> memoryview:
         """Room for up to ``size`` more bytes: read into it, then call :meth:`commit`.
 

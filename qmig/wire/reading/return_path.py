@@ -32,7 +32,19 @@ class ReturnPathReader(InputBuffer):
         self.profile = self.schema.profile
         self._page_requests = PageRequests(self.schema)
         self._named_block = False  # a REQ_PAGES_ID came: REQ_PAGES has a block to refer to
+        # Each block's received-bitmap size as its used length makes it (the source sets
+        # it from its blocks): a RECV_BITMAP for another block, or of another size, is
+        # refused at its size field, before its bytes are waited for.
+        self.bitmap_sizes: dict[str, int] | None = None
         self._init_input()
+
+    def new_channel(self, offset: int = 0) -> None:
+        """Postcopy recovery: the return path of a new connection, read from its first byte
+        (a REQ_PAGES must again follow a REQ_PAGES_ID on it); its offsets count from
+        ``offset`` (see StreamReader.new_channel)."""
+        self._init_input()
+        self._base = offset
+        self._named_block = False
 
     def __iter__(self) -> Iterator[Record]:
         while True:
@@ -80,7 +92,7 @@ class ReturnPathReader(InputBuffer):
             name, "message", self.schema.rp_payloads[name], payload, offset, head
         )
         if name in self.schema.rp_trailers:
-            trailer = self._read_trailer(name, offset, size)
+            trailer = self._read_trailer(name, offset, size, message.block)
             if trailer is None:
                 return self._short(name, offset)
             message = dataclasses.replace(message, bitmap=trailer.bitmap)
@@ -97,13 +109,24 @@ class ReturnPathReader(InputBuffer):
                 "REQ_PAGES", "no previous block: no REQ_PAGES_ID named one before it", offset
             )
 
-    def _read_trailer(self, name: str, offset: int, at: int) -> Any:
+    def _read_trailer(self, name: str, offset: int, at: int, block: str) -> Any:
         """The bitmap after RP RECV_BITMAP, ``at`` bytes into the record; None: not all here."""
+        expected = None
+        if self.bitmap_sizes is not None:
+            expected = self.bitmap_sizes.get(block)
+            if expected is None:
+                raise MalformedError(name, f"invalid block name {block!r}", offset)
         start = self._pos + at
         size_end = start + self.schema.recv_bitmap_size_size
         if len(self._buf) < size_end:
             return None
         size = int.from_bytes(self._buf[start:size_end], "big")
+        if expected is not None and size != expected:
+            raise MalformedError(
+                name,
+                f"ramblock {block!r} bitmap size mismatch ({size:#x} != {expected:#x})",
+                offset + at,
+            )
         if size > MAX_BITMAP:
             raise MalformedError(
                 name, f"bitmap of {size} bytes is more than qmig's {MAX_BITMAP} limit", offset + at

@@ -61,6 +61,19 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
 
     # --- feeding ----------------------------------------------------------------------
 
+    def new_channel(self, offset: int = 0) -> None:
+        """Postcopy recovery: the rest of the stream comes on a new connection. It starts at
+        the top level (a command or a section, no header), the bytes of an unfinished record
+        on the old one are dropped, and the first page record names its block again. What
+        was learnt (sections, blocks) stays. Offsets count from ``offset`` at its first byte
+        (0: the connection's own; a recording of several connections passes where this one
+        starts in it)."""
+        self._init_input()
+        self._base = offset
+        self._frame = Frame(Mode.TOP)
+        self._packages = []
+        self.context.current_block = None
+
     def __iter__(self) -> Iterator[Record]:
         """Every record of what was fed so far (call after feed_eof() for a whole stream)."""
         while True:

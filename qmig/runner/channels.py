@@ -1,0 +1,108 @@
+"""The connections of one migration, owned in one place.
+
+A migration has a main channel (the stream one way, the return path the other). Postcopy
+recovery replaces it: the broken one is closed and a new one is opened (the source connects
+again, the destination accepts again). Postcopy-preempt and multifd add channels of their
+own; they belong here too, so that a runner asks this object for a channel and never opens
+or closes sockets itself.
+
+It also cuts a channel on purpose, as a broken network would (fault injection for
+``qmig simulate --pause-after`` and the replay's ``--pause-after``): the socket is closed
+with SO_LINGER 0, so the peer sees a reset and whatever was still queued is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qmig.errors import TransportError
+from qmig.transport import Connection
+
+RETRY_INTERVAL = 0.1  # between connection attempts while the peer is not listening yet
+
+
+class Channels:
+    """The main channel of a migration and how to get a new one."""
+
+    def __init__(
+        self, main: Connection, reopen: Callable[[float], Connection] | None = None
+    ) -> None:
+        """``reopen(timeout)`` opens a replacement main channel (connects or accepts) within
+        ``timeout`` seconds or raises TransportError; None: the migration cannot recover."""
+        self.main = main
+        self.reopen_channel = reopen
+        self.opened = 1
+
+    @property
+    def can_reopen(self) -> bool:
+        return self.reopen_channel is not None
+
+    def cut(self) -> None:
+        """Break the main channel abruptly, both directions (the peer sees a reset)."""
+        sock = self.main.socket
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.main.close()
+
+    def close_main(self) -> None:
+        with contextlib.suppress(OSError):
+            self.main.close()
+
+    def reopen(self, timeout: float) -> Connection:
+        """Close the main channel and open its replacement (TransportError on failure)."""
+        if self.reopen_channel is None:
+            raise TransportError(self.main.name, "no way to open a new channel")
+        self.close_main()
+        self.main = self.reopen_channel(timeout)
+        self.opened += 1
+        return self.main
+
+
+def connect_with_retries(
+    connect: Callable[[float], Connection], timeout: float
+) -> Callable[[float], Connection]:
+    """A ``reopen`` that connects again and again until the peer listens (QEMU's destination
+    listens only once it is told ``migrate-recover``), for at most ``timeout`` seconds."""
+
+    def reopen(_timeout: float) -> Connection:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return connect(max(0.1, deadline - time.monotonic()))
+            except TransportError as error:
+                if time.monotonic() + RETRY_INTERVAL >= deadline:
+                    raise TransportError(
+                        error.what, f"{error.detail} (no new channel within {timeout:g} s)"
+                    ) from None
+                time.sleep(RETRY_INTERVAL)
+
+    return reopen
+
+
+@dataclass
+class CutPlan:
+    """When to break the channel on purpose: after ``after_pages`` postcopy pages, then
+    again every ``after_pages`` more, ``pauses`` times in all; ``during_recovery``: also
+    break the first recovery's new channel once, after the bitmaps were asked for (QEMU's
+    double failure)."""
+
+    after_pages: int
+    pauses: int = 1
+    during_recovery: bool = False
+    done: int = 0
+    recovery_cut: bool = False
+
+    def due(self, postcopy_pages: int) -> bool:
+        return self.done < self.pauses and postcopy_pages >= self.after_pages * (self.done + 1)
+
+    def cut_recovery_now(self) -> bool:
+        if self.during_recovery and not self.recovery_cut:
+            self.recovery_cut = True
+            return True
+        return False
