@@ -1,6 +1,14 @@
 #!/bin/bash -eu
 # Builds qmig's three fuzz targets (the ones 'qmig fuzz' runs) as libFuzzer binaries in $OUT,
 # each with the seed corpus and dictionary 'qmig fuzz' starts from.
+#
+# With Docker and a checkout of google/oss-fuzz, from the qmig checkout:
+#   python3 OSS_FUZZ/infra/helper.py build_image --external .
+#   python3 OSS_FUZZ/infra/helper.py build_fuzzers --external . --sanitizer address
+#   python3 OSS_FUZZ/infra/helper.py check_build --external .
+#   python3 OSS_FUZZ/infra/helper.py run_fuzzer --external . stream_fuzzer -- -fork=8
+# In CI, google/clusterfuzzlite's actions/build_fuzzers and actions/run_fuzzers (language:
+# python) build from this directory and fuzz on every pull request or on a schedule.
 cd "$SRC/qmig"
 
 # With the builder's CFLAGS, so that the C fast path the readers call is built with the

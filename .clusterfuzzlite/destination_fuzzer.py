@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""libFuzzer entry point: qmig's 'destination' fuzz target (as 'qmig fuzz destination --engine atheris')."""
+"""libFuzzer entry point of qmig's 'destination' target (qmig fuzz destination --engine atheris)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""libFuzzer entry point: qmig's 'return-path' fuzz target (as 'qmig fuzz return-path --engine atheris')."""
+"""libFuzzer entry point of qmig's 'return-path' target (qmig fuzz return-path --engine atheris)."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""libFuzzer entry point: qmig's 'stream' fuzz target (as 'qmig fuzz stream --engine atheris')."""
+"""libFuzzer entry point of qmig's 'stream' target (qmig fuzz stream --engine atheris)."""
 
 import sys
 
