@@ -87,12 +87,15 @@ def available() -> bool:
 
 
 def seed_corpus(corpus: Path, inputs: Sequence[bytes]) -> int:
-    """Write each input into ``corpus`` under its hash (libFuzzer's naming): idempotent."""
+    """Write each input that ``corpus`` does not hold yet, named by its SHA-1 as libFuzzer
+    names what it adds (a directory shared with the built-in engine names files otherwise)."""
     corpus.mkdir(parents=True, exist_ok=True)
+    held = {hashlib.sha1(path.read_bytes()).digest() for path in corpus.iterdir() if path.is_file()}
     for data in inputs:
-        path = corpus / hashlib.sha1(data).hexdigest()
-        if not path.exists():
-            path.write_bytes(data)
+        digest = hashlib.sha1(data)
+        if digest.digest() not in held:
+            held.add(digest.digest())
+            (corpus / digest.hexdigest()).write_bytes(data)
     return len(inputs)
 
 

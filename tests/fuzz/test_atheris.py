@@ -183,3 +183,15 @@ def test_the_clusterfuzzlite_entry_files_run_under_atheris(name: str, tmp_path: 
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Done 300 runs" in result.stderr
+
+
+def test_seeding_a_shared_corpus_adds_only_what_it_lacks(tmp_path: Path) -> None:
+    """The corpus directory may be the built-in engine's too (its own file names)."""
+    (tmp_path / "0123456789abcdef").write_bytes(b"held")
+    assert atheris_campaign.seed_corpus(tmp_path, [b"held", b"new", b"new"]) == 3
+    assert sorted(path.read_bytes() for path in tmp_path.iterdir()) == [b"held", b"new"]
+
+
+def test_the_dictionary_is_in_libfuzzers_format(tmp_path: Path) -> None:
+    path = atheris_campaign.write_dictionary(tmp_path / "d.dict", [b"\x00A", b"", b'"'])
+    assert path.read_text().splitlines() == ['"\\x00\\x41"', '"\\x22"']
