@@ -173,6 +173,22 @@ class Target:
         return whole
 
 
+def starting_inputs(target: Target, version: str | None, seed: int = 0) -> list[bytes]:
+    """What every engine starts ``target`` from: the real captures in ``fixtures/`` made
+    small, then inputs drawn from qmig.strategies (reproducibly from ``seed``)."""
+    import random
+
+    from qmig.fuzz import seeds
+
+    inputs: list[bytes] = []
+    for _name, stream, return_path in seeds.capture_seeds(version):
+        if target.channel == "stream":
+            inputs.append(stream)
+        elif return_path is not None:
+            inputs.append(return_path)
+    return inputs + seeds.strategy_seeds(target.channel, version, random.Random(seed))
+
+
 def _comparable(verdict: Verdict) -> tuple[Any, ...]:
     # The detail may say how much was buffered; what failed and where must not differ.
     return (verdict.accepted, verdict.what, verdict.offset)

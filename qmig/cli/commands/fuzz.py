@@ -6,13 +6,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import integer, positive_count, seconds
 from qmig.cli.text import plural
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from qmig.fuzz.targets import Target
+
 TARGET_NAMES = ("stream", "return-path", "destination", "differential")
+ENGINES = ("builtin", "atheris")
 
 
 def register(subparsers: Any) -> None:
@@ -65,11 +71,21 @@ def register(subparsers: Any) -> None:
         help="an input running longer than this is a hang (a finding)",
     )
     parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="builtin",
+        help="builtin: qmig's own loop, guided by a line tracer; atheris: libFuzzer through "
+        "atheris (the 'fuzz' extra), in fork mode with --jobs workers sharing one corpus "
+        "directory (the first --corpus DIR, else OUT/corpus-TARGET); each crash-*, timeout-* "
+        "or oom-* file it leaves in OUT replays with --replay",
+    )
+    parser.add_argument(
         "--jobs",
         type=positive_count,
         default=2,
         metavar="N",
-        help="differential: how many QEMUs run at once",
+        help="differential: how many QEMUs run at once; --engine atheris: how many "
+        "libFuzzer workers",
     )
     parser.add_argument(
         "--replay",
@@ -123,6 +139,73 @@ def _corpus_files(paths: list[Path]) -> tuple[list[bytes], Path | None]:
     return data, directory
 
 
+def seed_inputs(
+    target: Target, version: str | None, seed: int, corpus: list[Path]
+) -> tuple[list[bytes], Path | None]:
+    """What every engine starts from: qmig's seeds, then the --corpus files."""
+    from qmig.fuzz.targets import starting_inputs
+
+    inputs = starting_inputs(target, version, seed)
+    extra, corpus_dir = _corpus_files(corpus)
+    return inputs + extra, corpus_dir
+
+
+def run_atheris(
+    args: argparse.Namespace,
+    inputs: list[bytes],
+    corpus_dir: Path | None,
+    runs: int | None,
+    console: Console,
+) -> int:
+    """The same target, seeds and oracle on libFuzzer (see qmig.fuzz.atheris_campaign)."""
+    from qmig.fuzz import atheris_campaign
+    from qmig.fuzz import seeds as sd
+    from qmig.fuzz.targets import TARGETS
+    from qmig.wire.schema import schema_for
+
+    target = TARGETS[args.target]
+    version = args.qemu_version
+    show = None
+    if not args.json and sys.stderr.isatty():
+
+        def show(report: atheris_campaign.AtherisReport) -> None:
+            console.print(
+                f"fuzz {report.target}: {plural(report.runs, 'run')} in "
+                f"{report.seconds:.0f} s ({report.rate:.0f}/s), corpus {report.corpus}, "
+                f"{plural(report.edges, 'edge')}",
+                end="\r",
+            )
+
+    report = atheris_campaign.run(
+        target,
+        inputs,
+        version=version,
+        version_name=schema_for(version).profile.name,
+        out=args.out,
+        corpus=corpus_dir,
+        jobs=args.jobs,
+        seconds=args.seconds,
+        runs=runs if args.seconds is None else None,
+        time_limit=args.time_limit,
+        seed=args.seed,
+        dictionary=sd.dictionary(target.channel, version),
+        progress=show,
+    )
+    if args.json:
+        json.dump(report.as_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        console.print(
+            f"{report.target}: {plural(report.runs, 'input')} in {report.seconds:.1f} s "
+            f"({report.rate:.0f}/s on {plural(report.jobs, 'worker')}, "
+            f"{plural(report.seeds, 'seed')}, corpus {report.corpus}, "
+            f"{plural(report.edges, 'edge')}), {plural(len(report.findings), 'finding')}"
+        )
+        for finding in report.findings:
+            console.print(f"  {finding.path}: {finding.kind}: {finding.summary}")
+    return 1 if report.findings else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from qmig.cli.versions import default_choice
 
@@ -130,11 +213,13 @@ def run(args: argparse.Namespace) -> int:
     if args.replay and args.target != "differential":
         return replay(args)
     if args.target == "differential":
+        if args.engine != "builtin":
+            from qmig.cli import fail
+
+            return fail(f"--engine {args.engine}: fuzzes stream, return-path and destination")
         from qmig.fuzz.differential import run_cli
 
         return run_cli(args)
-    import random
-
     from rich.console import Console
 
     from qmig.fuzz import seeds as sd
@@ -144,18 +229,10 @@ def run(args: argparse.Namespace) -> int:
     target = TARGETS[args.target]
     version = args.qemu_version
     console = Console(stderr=True, highlight=False)
-    rng = random.Random(args.seed)
-    inputs: list[bytes] = []
-    for _name, stream, rp in sd.capture_seeds(version):
-        if target.channel == "return_path":
-            if rp is not None:
-                inputs.append(rp)
-        else:
-            inputs.append(stream)
-    inputs += sd.strategy_seeds(target.channel, version, rng)
-    extra, corpus_dir = _corpus_files(args.corpus)
-    inputs += extra
+    inputs, corpus_dir = seed_inputs(target, version, args.seed, args.corpus)
     runs = args.runs if args.runs is not None or args.seconds is not None else 1000
+    if args.engine == "atheris":
+        return run_atheris(args, inputs, corpus_dir, runs, console)
     campaign = Campaign(
         target,
         inputs,
