@@ -68,7 +68,9 @@ def build_stream(
     out += schema.build_mem_size(m.MemSize(block.used_length, (block,)))
     out += schema.build_ram_flag("EOS") + schema.build_footer(2)
     if package_ping is not None:
-        out += schema.build_packaged(schema.build_command(m.Ping(package_ping)))
+        # As QEMU packages it: ... PING, RUN (RUN ends the package's load).
+        inner = schema.build_command(m.Ping(package_ping)) + schema.build_command(m.PostcopyRun())
+        out += schema.build_packaged(inner)
     if switchover:
         out += schema.build_command(m.SwitchoverStart())
     out += bytes([profile.section_types["EOF"]])

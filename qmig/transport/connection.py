@@ -164,7 +164,10 @@ class Connection:
         """sendall, where a peer that takes nothing is noticed within the idle limit."""
         assert self.socket is not None
         poller = select.poll()
-        poller.register(self.socket, select.POLLOUT)
+        try:
+            poller.register(self.socket, select.POLLOUT)
+        except ValueError:  # closed meanwhile by another thread (a channel given up)
+            raise TransportError(self.name, "the connection was closed") from None
         while data:
             sent = 0
             if poller.poll(0) or poller.poll(meter.wait_slice() * 1000):
