@@ -67,6 +67,11 @@ before it included); discard ranges outside or unaligned to their block and empt
 block names are well-formed bytes that :mod:`qmig.protocol`'s ``Destination`` and ``Source``
 refuse, since only they know the blocks.
 
+**Multifd and mapped-ram.** :func:`multifd_inits`, :func:`multifd_packets` (a
+:class:`MultifdWire`: header, offsets, pages and bytes), :func:`multifd_channels` (a
+handshake and packets) and :func:`mapped_ram_headers` cover the formats of the other
+channels and of mapped-ram files (``"7.2"`` and ``"10.0"``; mapped-ram is 10.0 only).
+
 **Command orders.** :func:`command_orders` gives well-formed postcopy commands, page
 records and EOF in any order behind a valid opening (a :class:`CommandOrder`): what a
 destination refuses there is the order alone, to check against QEMU's PostcopyState rules.
@@ -137,6 +142,14 @@ from qmig.strategies.invalid import (
     invalid_wrapping_discards,
     unknown_command_numbers,
 )
+from qmig.strategies.multifd import (
+    MultifdChannel,
+    MultifdWire,
+    mapped_ram_headers,
+    multifd_channels,
+    multifd_inits,
+    multifd_packets,
+)
 from qmig.strategies.orders import (
     ORDER_STEPS,
     CommandOrder,
@@ -189,6 +202,8 @@ __all__ = [
     "ExpectedRecord",
     "GeneratedStream",
     "InvalidStream",
+    "MultifdChannel",
+    "MultifdWire",
     "build_ram_record",
     "command_orders",
     "commands",
@@ -209,7 +224,11 @@ __all__ = [
     "invalid_unknown_rp_messages",
     "invalid_wrapping_discards",
     "machine_types",
+    "mapped_ram_headers",
     "mem_sizes",
+    "multifd_channels",
+    "multifd_inits",
+    "multifd_packets",
     "names",
     "open_return_paths",
     "packageds",
