@@ -126,7 +126,7 @@ class _Rebuilder:
     def run(self) -> Recording:
         reader = self.reader
         try:
-            for chunk in _chunks(self.path):
+            for chunk in self.chunks():
                 reader.feed(chunk)
                 self._drain()
             reader.feed_eof()
@@ -155,6 +155,9 @@ class _Rebuilder:
             stream_bytes=reader.offset,
             pages=self.pages,
         )
+
+    def chunks(self) -> Iterator[bytes]:
+        return _chunks(self.path)
 
     def _drain(self) -> None:
         while True:
@@ -242,4 +245,9 @@ class _Rebuilder:
 
 def load_recording(capture: Path, version: str | None = None) -> Recording:
     """Read a capture folder (``stream.bin`` or ``stream.bin.xz``) or a raw stream file."""
-    return _Rebuilder(stream_path(capture), version).run()
+    path = stream_path(capture)
+    from qmig.mapped_ram.recording import is_mapped_ram, load_mapped_ram
+
+    if is_mapped_ram(path, version):  # its RAM is in pages and bitmaps, not records
+        return load_mapped_ram(path, version)
+    return _Rebuilder(path, version).run()

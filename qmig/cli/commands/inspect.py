@@ -345,6 +345,10 @@ def run(args: argparse.Namespace) -> int:
     from qmig.wire.render import to_json
 
     stream_path, rp_path, index_path = _inputs(args)
+    from qmig.mapped_ram.inspect import other_form, run_other_form
+
+    if rp_path is None and (form := other_form(stream_path, args.qemu_version)) is not None:
+        return run_other_form(args, stream_path, form)  # a mapped-ram file or multifd channel
     source = StreamSource(stream_path, args.timeout)
     choice = choose(args.qemu_version, source.prefix)
     args.qemu_version = source.version = choice.version
