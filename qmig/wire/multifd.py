@@ -3,7 +3,8 @@
 Each multifd connection opens with a 64-byte handshake (magic, version, the migration UUID,
 the channel id, reserved bytes), then carries packets: a fixed header (flags, page counts, the
 size of the payload, the packet number, the RAMBlock name), the page offsets (normal pages,
-then zero pages where the version lists them), then the payload (the normal pages, or their
+then zero pages where the version lists them, in an array of room for a full packet's pages),
+then the payload (the normal pages, or their
 compressed form). 10.0 adds device-state packets, told apart by a flag. Every number comes
 from the profile's ``[multifd]`` table; checks that need the destination's blocks or the
 negotiated method take them as arguments.
@@ -169,8 +170,20 @@ class MultifdSchema:
         device = self.spec.device_state_flag
         return device is not None and bool(flags & device)
 
-    def build_packet(self, header: MultifdPacketHeader, offsets: list[int]) -> bytes:
-        """The fixed part and the offsets (normal pages, then zero pages); the payload follows."""
+    def page_count(self, page_size: int) -> int:
+        """How many pages a packet holds at most (QEMU's page_count)."""
+        return self.spec.packet_size // page_size
+
+    def packet_len(self, page_size: int) -> int:
+        """A RAM packet's size before its payload: the fixed part and an offset array of
+        page_count entries, whatever the counts (QEMU reads and writes that many bytes)."""
+        return self.packet_size + 8 * self.page_count(page_size)
+
+    def build_packet(
+        self, header: MultifdPacketHeader, offsets: list[int], page_size: int = 4096
+    ) -> bytes:
+        """The fixed part and the offset array (normal pages, then zero pages, then unused
+        entries); the payload follows."""
         if header.zero_pages and self.spec.zero_pages != "packet":
             raise QmigError(WHAT_PACKET, f"QEMU {self.profile.name} lists no zero pages")
         if len(offsets) != header.normal_pages + header.zero_pages:
@@ -189,7 +202,10 @@ class MultifdSchema:
                 ramblock=_name_bytes(header.ramblock),
             )
         )
-        return bytes(head) + b"".join(o.to_bytes(8, "big") for o in offsets)
+        if len(offsets) > self.page_count(page_size):
+            raise QmigError(WHAT_PACKET, f"more than {self.page_count(page_size)} pages")
+        array = b"".join(o.to_bytes(8, "big") for o in offsets)
+        return bytes(head) + array.ljust(self.packet_len(page_size) - self.packet_size, b"\0")
 
     def build_device_state(self, header: MultifdDeviceStateHeader) -> bytes:
         return bytes(
@@ -243,7 +259,7 @@ class MultifdSchema:
         self.parse_hdr(data, offset)
         fields = self.packet.parse(bytes(data[: self.packet_size]))
         flags = fields.flags
-        page_count = self.spec.packet_size // page_size
+        page_count = self.page_count(page_size)
         at = functools.partial(field_at, self.packet, offset)
         if fields.pages_alloc > page_count:
             raise MalformedError(

@@ -187,8 +187,8 @@ class MultifdChannelReader:
         return Handshake(self.init, start, size)
 
     def _read_packet(self) -> Packet | Sentinel:
-        head = self.schema.packet_size
-        if not self._need(head, WHAT_PACKET):
+        fixed, head = self.schema.packet_size, self.schema.packet_len(self.page_size)
+        if not self._need(fixed, WHAT_PACKET):
             return NEED_DATA
         start = self._base
         header = self.schema.parse_packet(self._buf, start, self.page_size)
@@ -202,16 +202,17 @@ class MultifdChannelReader:
                 f"{2 * self.spec.packet_size} for a compressed packet",
                 start + 20,
             )
-        total = head + 8 * count + payload
+        total = head + payload
         if not self._need(total, WHAT_PACKET):
             return NEED_DATA
         offsets = tuple(
-            int.from_bytes(self._buf[head + 8 * i : head + 8 * i + 8], "big") for i in range(count)
+            int.from_bytes(self._buf[fixed + 8 * i : fixed + 8 * i + 8], "big")
+            for i in range(count)
         )
         if count:
-            self._check_block(header, offsets, start + head)
-        data = self._consume(total)[head + 8 * count :]
-        pages = self._pages(header, method, data, start + head + 8 * count)
+            self._check_block(header, offsets, start + fixed)
+        data = self._consume(total)[head:]
+        pages = self._pages(header, method, data, start + head)
         sync = bool(header.flags & self.spec.sync_flag)
         return Packet(header, offsets, start, total, method, sync, pages)
 

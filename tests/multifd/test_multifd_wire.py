@@ -50,6 +50,8 @@ def packet(version: str, **fields: object) -> MultifdPacketHeader:
 def test_sizes_are_qemus(version: str) -> None:
     schema = multifd_schema(version)
     assert (schema.init_size, schema.packet_size) == (64, 320)
+    # the offset array always has room for a full packet: 512 KiB of 4 KiB pages
+    assert schema.packet_len(PAGE) == 320 + 8 * 128
 
 
 def test_no_multifd_in_2_9_is_one_line() -> None:
@@ -113,7 +115,7 @@ def test_10_0_zero_pages_and_sync_and_device_state() -> None:
     events = read_all("10.0", data, 1000, blocks={"pc.ram": 16 * PAGE}, uuid=UUID, channels=2)
     first, second, third = events[1:]
     assert isinstance(first, Packet) and first.zero_offsets == (PAGE, 2 * PAGE)
-    assert isinstance(second, Packet) and second.sync and second.size == 320
+    assert isinstance(second, Packet) and second.sync and second.size == 1344
     assert isinstance(third, DeviceState) and third.data == b"state"
     assert third.header.idstr == "0000:00:02.0/vfio"
 
@@ -192,7 +194,7 @@ def test_compressed_payloads_that_lie() -> None:
     payload = zlib.compress(b"x" * PAGE)[:-8]
     wire = schema.build_packet(packet("10.0", flags=2, next_packet_size=len(payload)), [0])
     bad = error_of("10.0", with_init("10.0", wire + payload))
-    assert "ZLIB payload decodes to" in bad.detail and bad.offset == 64 + 328
+    assert "ZLIB payload decodes to" in bad.detail and bad.offset == 64 + 1344
     huge = schema.build_packet(packet("10.0", flags=4, next_packet_size=2**32 - 1), [0])
     reader = MultifdChannelReader("10.0")
     reader.feed(with_init("10.0", huge))
