@@ -1,7 +1,8 @@
 """Multifd channels as real QEMU sends them (7.2 and 10.0, two channels, TCP): each connection is
 recorded by a plain listener in the test, and every multifd channel must read to its end with
-qmig's channel reader, its pages equal to the source's memory. (Receiving, replaying and
-capturing several connections belong to the runners, not tested here.)"""
+qmig's channel reader, its pages (decompressed where zlib or zstd) equal to the source's
+memory. (Receiving, replaying and capturing several connections belong to the runners, not
+tested here.)"""
 
 from __future__ import annotations
 
@@ -67,9 +68,12 @@ class Recorder:
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("version", ["7.2", "10.0"])
+@pytest.mark.parametrize(
+    ("version", "compression"),
+    [("7.2", "none"), ("7.2", "zlib"), ("10.0", "none"), ("10.0", "zstd")],
+)
 def test_real_multifd_channels_read_to_their_end(
-    machines: MachineFactory, tmp_path: Path, version: str
+    machines: MachineFactory, tmp_path: Path, version: str, compression: str
 ) -> None:
     if version != "7.2":
         try:
@@ -88,7 +92,7 @@ def test_real_multifd_channels_read_to_their_end(
     try:
         source.wait_serial(3)
         source.set_capabilities(multifd=True)
-        source.set_parameters(multifd_channels=2)
+        source.set_parameters(multifd_channels=2, multifd_compression=compression)
         source.stop()
         ram = source.pmemsave(0, MEMORY_MIB * MIB, tmp_path / "source.ram")
         source.migrate(f"tcp:127.0.0.1:{recorder.port}")
@@ -115,6 +119,9 @@ def test_real_multifd_channels_read_to_their_end(
                     ids.add(event.init.channel)
                     continue
                 assert isinstance(event, Packet)
+                if event.header.normal_pages:  # 7.2 flags only packets with pages
+                    method = "NOCOMP" if compression == "none" else compression.upper()
+                    assert event.method == method
                 if event.header.ramblock != "pc.ram":
                     continue
                 for offset, page in zip(event.normal_offsets, event.pages, strict=True):
