@@ -1,0 +1,198 @@
+"""``qmig inspect`` and the replay loader on mapped-ram files and bare multifd channels built by
+qmig's writers: every block from its bitmap, every channel byte in a packet, one error line for
+each hostile field."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qmig import strategies as qs
+from qmig.cli import main
+from qmig.mapped_ram.file import MappedRamFile
+from qmig.mapped_ram.writer import BlockContent, build_mapped_ram_file
+from qmig.replay import load_recording
+from qmig.wire.multifd import MultifdInit, MultifdPacketHeader, multifd_schema
+
+PAGE = 4096
+BLOCKS = [
+    BlockContent("pc.ram", 64 * PAGE, {0: b"a" * PAGE, 5: b"b" * PAGE, 6: b"c" * PAGE}),
+    BlockContent("/rom@etc/acpi/rsdp", 4 * PAGE, {3: b"d" * PAGE}),
+]
+
+
+def inspect_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["inspect", "--json", *args]) == 0
+    document: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return document
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["inspect", *args]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("qmig: error: ")
+    return error
+
+
+@pytest.fixture
+def mapped(tmp_path: Path) -> Path:
+    path = tmp_path / "saved.mr"
+    path.write_bytes(build_mapped_ram_file("10.0", BLOCKS))
+    return path
+
+
+def test_inspect_and_dump_a_mapped_ram_file(
+    mapped: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dump = tmp_path / "dump"
+    report = inspect_json(capsys, str(mapped), "--dump-ram", str(dump))
+    blocks = report["mapped_ram"]["blocks"]
+    assert [(b["block"], b["pages"], b["pages_present"], b["zero_pages"]) for b in blocks] == [
+        ("pc.ram", 64, 3, 61),
+        ("/rom@etc/acpi/rsdp", 4, 1, 3),
+    ]
+    assert report["counts"]["MEM_SIZE"] == 1 and report["counts"]["EOF"] == 1
+    ram = (dump / "pc.ram.bin").read_bytes()
+    assert ram == b"a" * PAGE + bytes(4 * PAGE) + b"b" * PAGE + b"c" * PAGE + bytes(57 * PAGE)
+    assert (dump / "_rom@etc_acpi_rsdp.bin").read_bytes() == bytes(3 * PAGE) + b"d" * PAGE
+    assert os.stat(dump / "pc.ram.bin").st_blocks * 512 < 64 * PAGE, "absent pages are holes"
+
+
+def test_mapped_ram_recording(mapped: Path) -> None:
+    recording = load_recording(mapped, "10.0")
+    try:
+        ram = next(b for b in recording.blocks if b.idstr == "pc.ram").memory
+        assert ram[5 * PAGE : 7 * PAGE] == b"b" * PAGE + b"c" * PAGE
+        assert recording.pages == 4
+        # the replay sends page records: the capability no longer holds
+        assert recording.configuration.capabilities is None
+    finally:
+        recording.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mapped_ram_round_trip(data: st.DataObject) -> None:
+    pages = data.draw(st.integers(1, 200))
+    present = data.draw(st.sets(st.integers(0, pages - 1), max_size=20))
+    contents = {index: bytes([index % 255 + 1]) * PAGE for index in present}
+    raw = build_mapped_ram_file("10.0", [BlockContent("pc.ram", pages * PAGE, contents)])
+    import tempfile
+
+    with tempfile.NamedTemporaryFile() as file:
+        file.write(raw)
+        file.flush()
+        with MappedRamFile(Path(file.name), "10.0") as parsed:
+            (block,) = parsed.blocks
+            found = {
+                index: chunk
+                for first, count in parsed.page_runs(block)
+                for index, chunk in zip(
+                    range(first, first + count),
+                    (
+                        c[i : i + PAGE]
+                        for c in parsed.read_pages(block, first, count)
+                        for i in range(0, len(c), PAGE)
+                    ),
+                    strict=True,
+                )
+            }
+            assert found == contents
+            assert parsed.stream().read(8) == raw[:8]
+
+
+def test_hostile_mapped_ram_files(
+    mapped: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = mapped.read_bytes()
+    with MappedRamFile(mapped, "10.0") as parsed:
+        first = parsed.blocks[0]
+        mem_size_at = parsed.mem_size_offset
+    broken = tmp_path / "broken.mr"
+
+    def error_for(at: int, value: bytes, size: int | None = None) -> str:
+        bad = bytearray(data[:size] if size is not None else data)
+        bad[at : at + len(value)] = value
+        broken.write_bytes(bad)
+        return one_error_line(capsys, str(broken))
+
+    # the first block claims more than the MEM_SIZE total
+    used_at = first.entry_offset + 1 + len("pc.ram")
+    line = error_for(used_at, (1 << 40).to_bytes(8, "big"))
+    assert "overruns the total" in line and line.endswith(f"at byte {used_at}")
+    # the bitmap and pages of a block outside the file
+    line = error_for(first.header_offset + 12, (1 << 50).to_bytes(8, "big"))
+    assert "bitmap_offset" in line and line.endswith(f"at byte {first.header_offset + 12}")
+    line = error_for(first.header_offset + 20, len(data).to_bytes(8, "big"))
+    assert "pages_offset" in line and line.endswith(f"at byte {first.header_offset + 20}")
+    # a newer header version
+    line = error_for(first.header_offset, (2).to_bytes(4, "big"))
+    assert "version: 2 is newer" in line
+    # the MEM_SIZE total claims more blocks than the file holds
+    line = error_for(mem_size_at, ((1 << 50) | 4).to_bytes(8, "big"))
+    assert "MEM_SIZE" in line
+    # a file cut inside its stream part: the error is at the file's offset
+    line = error_for(0, b"", len(data) - 3)
+    at = int(line.rsplit(" ", 1)[1])
+    assert first.header_offset < at < len(data) - 3, line
+
+
+def channel_bytes() -> bytes:
+    schema = multifd_schema("10.0")
+    header = MultifdPacketHeader(0, 128, 1, PAGE, 7, 2, "pc.ram")
+    sync = MultifdPacketHeader(1, 0, 0, 0, 8, 0, "")
+    return (
+        schema.build_init(MultifdInit(bytes(16), 0))
+        + schema.build_packet(header, [0, PAGE, 2 * PAGE])
+        + b"p" * PAGE
+        + schema.build_packet(sync, [])
+    )
+
+
+def test_inspect_a_multifd_channel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "channel.bin"
+    path.write_bytes(channel_bytes())
+    report = inspect_json(capsys, str(path))
+    assert report["handshake"] == {"uuid": "00" * 16, "channel": 0}
+    assert (report["packets"][0]["normal_pages"], report["packets"][0]["zero_pages"]) == (1, 2)
+    assert report["syncs"] == 1 and report["normal_pages"] == 1 and report["zero_pages"] == 2
+    assert 64 + sum(p["size"] for p in report["packets"]) == report["bytes"] == path.stat().st_size
+    assert main(["inspect", str(path)]) == 0
+    listing = capsys.readouterr().out
+    assert "MULTIFD_INIT" in listing and "SYNC" in listing
+
+
+@settings(max_examples=20, deadline=None)
+@given(qs.multifd_channels("10.0"))
+def test_inspect_any_channel(channel: qs.MultifdChannel) -> None:
+    import contextlib
+    import io
+    import tempfile
+
+    with tempfile.NamedTemporaryFile() as file:
+        file.write(channel.data)
+        file.flush()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["inspect", "--json", file.name]) == 0
+    report = json.loads(out.getvalue())
+    assert len(report["packets"]) == len(channel.packets)
+    assert report["bytes"] == len(channel.data)
+
+
+def test_hostile_channels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = channel_bytes()
+    path = tmp_path / "channel.bin"
+    path.write_bytes(data[:-5])
+    assert "MULTIFD_PACKET" in one_error_line(capsys, str(path))
+    bad = bytearray(data)
+    bad[64 + 16 : 64 + 20] = (1000).to_bytes(4, "big")  # normal_pages
+    path.write_bytes(bad)
+    line = one_error_line(capsys, str(path))
+    assert "normal_pages: 1000" in line and line.endswith(f"at byte {64 + 16}")
