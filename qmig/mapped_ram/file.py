@@ -172,6 +172,8 @@ class MappedRamFile:
 
     def page_runs(self, block: MappedBlock) -> Iterator[tuple[int, int]]:
         """(first page, count) of the pages the bitmap marks present."""
+        if block.layout.ignored:
+            return iter(())
         return self.layout_schema.page_runs(self.bitmap(block), block.layout.pages)
 
     def read_pages(self, block: MappedBlock, first: int, count: int) -> Iterator[bytes]:

@@ -70,7 +70,8 @@ refuse, since only they know the blocks.
 **Multifd and mapped-ram.** :func:`multifd_inits`, :func:`multifd_packets` (a
 :class:`MultifdWire`: header, offsets, pages and bytes), :func:`multifd_channels` (a
 handshake and packets) and :func:`mapped_ram_headers` cover the formats of the other
-channels and of mapped-ram files (``"7.2"`` and ``"10.0"``; mapped-ram is 10.0 only).
+channels and of mapped-ram files (``"7.2"`` and ``"10.0"``; mapped-ram is 10.0 only);
+:func:`invalid_multifd_channels` spoils one field of a channel (an :class:`InvalidMultifd`).
 
 **Command orders.** :func:`command_orders` gives well-formed postcopy commands, page
 records and EOF in any order behind a valid opening (a :class:`CommandOrder`): what a
@@ -143,8 +144,10 @@ from qmig.strategies.invalid import (
     unknown_command_numbers,
 )
 from qmig.strategies.multifd import (
+    InvalidMultifd,
     MultifdChannel,
     MultifdWire,
+    invalid_multifd_channels,
     mapped_ram_headers,
     multifd_channels,
     multifd_inits,
@@ -201,6 +204,7 @@ __all__ = [
     "ExpectedPage",
     "ExpectedRecord",
     "GeneratedStream",
+    "InvalidMultifd",
     "InvalidStream",
     "MultifdChannel",
     "MultifdWire",
@@ -215,6 +219,7 @@ __all__ = [
     "invalid_discard_ranges",
     "invalid_empty_names",
     "invalid_empty_rp_names",
+    "invalid_multifd_channels",
     "invalid_orphan_req_pages",
     "invalid_overlong_names",
     "invalid_rp_lengths",

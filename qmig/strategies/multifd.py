@@ -124,3 +124,57 @@ def mapped_ram_headers(
     pages_offset = schema.pages_offset_for(bitmap_offset, size)
     header = MappedRamHeader(schema.spec.version, MULTIFD_PAGE, bitmap_offset, pages_offset)
     return header, pages_offset + used_length
+
+
+@dataclass(frozen=True)
+class InvalidMultifd:
+    """A channel with one defect: the error must name ``what`` and ``field`` at ``offset``."""
+
+    data: bytes
+    what: str
+    field: str
+    offset: int
+
+
+# (field, byte position in the fixed part, width, how to spoil the value)
+_PACKET_DEFECTS = ("magic", "version", "flags", "pages_alloc", "normal_pages", "zero_pages")
+
+
+@st.composite
+def invalid_multifd_channels(draw: Any, version: str | None = None) -> InvalidMultifd:
+    """A valid handshake and packets, then one packet or the handshake spoilt in one field:
+    magic, version, unknown flag bits, a count beyond what a packet holds (2**32-1 included),
+    a wrong handshake magic or version."""
+    schema = multifd_schema(version)
+    spec = schema.spec
+    channel = draw(multifd_channels(version, max_packets=2))
+    data = bytearray(channel.data)
+    fields = [f for f in _PACKET_DEFECTS if f != "zero_pages" or spec.zero_pages == "packet"]
+    target = draw(st.sampled_from(["init.magic", "init.version", *fields]))
+    if target.startswith("init."):
+        name = target.removeprefix("init.")
+        at = 0 if name == "magic" else 4
+        good = spec.magic if name == "magic" else spec.version
+        value = draw(st.integers(0, 2**32 - 1).filter(lambda v: v != good))
+        data[at : at + 4] = value.to_bytes(4, "big")
+        return InvalidMultifd(bytes(data), "MULTIFD_INIT", name, at)
+    start = schema.init_size + sum(len(p.data) for p in channel.packets)
+    header = MultifdPacketHeader(0, 0, 0, 0, len(channel.packets), 0, "")
+    packet = bytearray(schema.build_packet(header, []))
+    at = {"magic": 0, "version": 4, "flags": 8, "pages_alloc": 12, "normal_pages": 16}.get(
+        target, 32
+    )
+    page_count = spec.packet_size // MULTIFD_PAGE
+    if target == "magic":
+        value = draw(st.integers(0, 2**32 - 1).filter(lambda v: v != spec.magic))
+    elif target == "version":
+        value = draw(st.integers(0, 2**32 - 1).filter(lambda v: v != spec.version))
+    elif target == "flags":
+        unknown = ~spec.known_flags & (2**32 - 1)
+        value = draw(st.integers(1, 2**32 - 1).filter(lambda v: bool(v & unknown)))
+    elif target == "pages_alloc":
+        value = draw(st.integers(page_count + 1, 2**32 - 1))
+    else:  # normal or zero pages beyond pages_alloc (0 here)
+        value = draw(st.integers(1, 2**32 - 1))
+    packet[at : at + 4] = value.to_bytes(4, "big")
+    return InvalidMultifd(bytes(data + packet), "MULTIFD_PACKET", target, start + at)

@@ -41,15 +41,14 @@ class BlockLayout:
     used_length: int
     header: MappedRamHeader
     bitmap_size: int
+    stream_resumes_at: int  # where the stream goes on after this block's header
+    # A block the source does not migrate (x-ignore-shared): both offsets 0, no page area,
+    # the stream goes on right after the header.
+    ignored: bool = False
 
     @property
     def pages(self) -> int:
-        return self.used_length // self.header.page_size
-
-    @property
-    def stream_resumes_at(self) -> int:
-        """Where the stream goes on after this block's header."""
-        return self.header.pages_offset + self.used_length
+        return 0 if self.ignored else self.used_length // self.header.page_size
 
 
 class MappedRamSchema:
@@ -113,6 +112,8 @@ class MappedRamSchema:
             raise MalformedError(
                 WHAT, f"block {name!r}: used length {used_length:#x} is not whole pages", offset
             )
+        if header.bitmap_offset == 0 and header.pages_offset == 0:
+            return BlockLayout(name, used_length, header, 0, offset + self.header_size, True)
         size = self.bitmap_size(used_length, header.page_size)
         if header.bitmap_offset + size > file_size:
             raise MalformedError(
@@ -128,7 +129,7 @@ class MappedRamSchema:
                 f"of the {file_size}-byte file (block {name!r})",
                 at + 16,
             )
-        return BlockLayout(name, used_length, header, size)
+        return BlockLayout(name, used_length, header, size, header.pages_offset + used_length)
 
     def page_runs(self, bitmap: bytes, pages: int) -> Iterator[tuple[int, int]]:
         """(first page, count) of each run of pages the bitmap marks present."""

@@ -85,3 +85,11 @@ def test_hostile_headers_are_one_line_with_offset_and_field() -> None:
     assert caught.value.offset == 77
     with pytest.raises(MalformedError, match="runs past the end"):
         schema.parse_header(b"\0" * 27, 0)
+
+
+def test_an_ignored_block_has_no_page_area() -> None:
+    # x-ignore-shared: both offsets 0, the stream goes on right after the header
+    schema = mapped_ram_schema("10.0")
+    layout = schema.layout("mem", 1 << 40, MappedRamHeader(1, PAGE, 0, 0), 1000, 300, PAGE)
+    assert layout.ignored and layout.pages == 0
+    assert layout.stream_resumes_at == 300 + schema.header_size

@@ -213,3 +213,18 @@ def test_reader_waits_without_buffering_claims() -> None:
     reader.feed(b"p" * PAGE)
     event = reader.next_event()
     assert isinstance(event, Packet) and event.pages == (b"p" * PAGE,)
+
+
+@settings(max_examples=100, deadline=None)
+@given(version=st.sampled_from(["7.2", "10.0"]), data=st.data())
+def test_every_spoilt_field_is_one_error_at_its_offset(version: str, data: st.DataObject) -> None:
+    bad = data.draw(qs.invalid_multifd_channels(version))
+    reader = MultifdChannelReader(version)
+    reader.feed(bad.data)
+    reader.feed_eof()
+    with pytest.raises(MalformedError) as caught:
+        list(reader)
+    error = caught.value
+    assert (error.what, error.offset) == (bad.what, bad.offset), str(error)
+    assert error.detail.startswith(bad.field), str(error)
+    assert "\n" not in str(error)
