@@ -114,10 +114,13 @@ class MultifdChannelReader:
         blocks: dict[str, int] | None = None,
         decode: bool = True,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        method: str | None = None,
     ) -> None:
         """``uuid``/``channels``: the destination's checks of the handshake (None: any);
         ``blocks``: name -> used length, to check every page offset; ``decode``: decompress
-        compressed payloads (else ``pages`` is empty for them)."""
+        compressed payloads (else ``pages`` is empty for them); ``method``: the negotiated
+        compression (NOCOMP, ZLIB, ...), which every packet with pages must carry (None:
+        any the version knows)."""
         self.schema = multifd_schema(version)
         self.spec = self.schema.spec
         self.page_size = page_size or 1 << self.schema.profile.default_target_page_bits
@@ -126,6 +129,10 @@ class MultifdChannelReader:
         self.blocks = blocks
         self.decode = decode
         self.max_payload = max_payload
+        if method is not None and method not in self.spec.compression:
+            known = ", ".join(self.spec.compression)
+            raise QmigError("multifd", f"unknown compression {method!r} (known: {known})")
+        self.method = method
         self.init: MultifdInit | None = None
         self._buf = bytearray()
         self._base = 0  # absolute offset of _buf[0]
@@ -194,6 +201,10 @@ class MultifdChannelReader:
         header = self.schema.parse_packet(self._buf, start, self.page_size)
         count = header.normal_pages + header.zero_pages
         method = self.spec.compression_names[header.flags & self.spec.compression_mask]
+        if self.method is not None and header.normal_pages and method != self.method:
+            raise MalformedError(
+                WHAT_PACKET, f"flags: {method} packet where {self.method} was negotiated", start + 8
+            )
         payload = self.schema.payload_size(header, self.page_size)
         if method != "NOCOMP" and payload > 2 * self.spec.packet_size:
             raise MalformedError(

@@ -228,3 +228,24 @@ def test_every_spoilt_field_is_one_error_at_its_offset(version: str, data: st.Da
     assert (error.what, error.offset) == (bad.what, bad.offset), str(error)
     assert error.detail.startswith(bad.field), str(error)
     assert "\n" not in str(error)
+
+
+def test_the_negotiated_method_and_the_device_state_limit() -> None:
+    schema = multifd_schema("10.0")
+    wire = schema.build_packet(packet("10.0"), [0]) + bytes(PAGE)
+    bad = error_of("10.0", with_init("10.0", wire), method="ZSTD")
+    assert bad.offset == 64 + 8 and "NOCOMP packet where ZSTD was negotiated" in bad.detail
+    assert len(read_all("10.0", with_init("10.0", wire), method="NOCOMP")) == 2
+    from qmig.wire.multifd import MultifdDeviceStateHeader
+
+    state = schema.build_device_state(MultifdDeviceStateHeader(0x40, "dev", 0, 2**32 - 1))
+    reader = MultifdChannelReader("10.0", max_payload=1 << 20)
+    reader.feed(with_init("10.0", state))
+    reader.next_event()
+    with pytest.raises(MalformedError, match="next_packet_size: 4294967295") as caught:
+        reader.next_event()
+    assert caught.value.offset == 64 + schema.device_state_size - 4
+    # 7.2 knows no device-state packets: the flag is an unknown bit there
+    raw = bytearray(multifd_schema("7.2").build_packet(packet("7.2"), [0]))
+    raw[8:12] = (0x40).to_bytes(4, "big")
+    assert "unknown bits 0x40" in error_of("7.2", with_init("7.2", bytes(raw))).detail
