@@ -174,7 +174,14 @@ class MappedRamFile:
         """(first page, count) of the pages the bitmap marks present."""
         if block.layout.ignored:
             return iter(())
-        return self.layout_schema.page_runs(self.bitmap(block), block.layout.pages)
+        return self.layout_schema.page_runs_in(self._bitmap_chunks(block), block.layout.pages)
+
+    def _bitmap_chunks(self, block: MappedBlock) -> Iterator[bytes]:
+        layout = block.layout
+        step = COPY_CHUNK - COPY_CHUNK % self.layout_schema.spec.bitmap_word
+        for at in range(0, layout.bitmap_size, step):
+            size = min(step, layout.bitmap_size - at)
+            yield self._pread(size, layout.header.bitmap_offset + at, WHAT)
 
     def read_pages(self, block: MappedBlock, first: int, count: int) -> Iterator[bytes]:
         """The pages [first, first + count) of a block, in chunks of at most COPY_CHUNK."""

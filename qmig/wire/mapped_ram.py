@@ -11,7 +11,7 @@ without record headers, and the stream goes on at ``pages_offset + used_length``
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import construct as cs
@@ -133,29 +133,36 @@ class MappedRamSchema:
 
     def page_runs(self, bitmap: bytes, pages: int) -> Iterator[tuple[int, int]]:
         """(first page, count) of each run of pages the bitmap marks present."""
+        return self.page_runs_in([bitmap], pages)
+
+    def page_runs_in(self, chunks: Iterable[bytes], pages: int) -> Iterator[tuple[int, int]]:
+        """The same, the bitmap read in pieces (each a whole number of words): a block's
+        bitmap need not be in memory at once."""
         word = self.spec.bitmap_word
         order = self.spec.bitmap_byte_order
         bits = word * 8
+        full = (1 << bits) - 1
         start = -1
-        for w in range(0, len(bitmap), word):
-            value = int.from_bytes(bitmap[w : w + word], order)
-            base = w // word * bits
-            if value == 0 and start < 0:
-                continue
-            if value == (1 << bits) - 1 and start >= 0:
-                continue
-            for bit in range(bits):
-                page = base + bit
-                if page >= pages:
-                    break
-                if value >> bit & 1:
-                    if start < 0:
-                        start = page
-                elif start >= 0:
-                    yield start, page - start
-                    start = -1
+        base = 0
+        for chunk in chunks:
+            for w in range(0, len(chunk), word):
+                value = int.from_bytes(chunk[w : w + word], order)
+                if (value == 0 and start < 0) or (value == full and start >= 0):
+                    base += bits
+                    continue
+                for bit in range(bits):
+                    page = base + bit
+                    if page >= pages:
+                        break
+                    if value >> bit & 1:
+                        if start < 0:
+                            start = page
+                    elif start >= 0:
+                        yield start, page - start
+                        start = -1
+                base += bits
         if start >= 0:
-            yield start, pages - start
+            yield start, min(base, pages) - start
 
     def build_bitmap(self, present: set[int] | list[int], pages: int) -> bytes:
         """The bitmap QEMU writes for ``present`` pages of a ``pages``-page block."""

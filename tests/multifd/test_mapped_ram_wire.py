@@ -93,3 +93,14 @@ def test_an_ignored_block_has_no_page_area() -> None:
     layout = schema.layout("mem", 1 << 40, MappedRamHeader(1, PAGE, 0, 0), 1000, 300, PAGE)
     assert layout.ignored and layout.pages == 0
     assert layout.stream_resumes_at == 300 + schema.header_size
+
+
+@settings(max_examples=50, deadline=None)
+@given(pages=st.integers(1, 700), data=st.data())
+def test_bitmap_read_in_pieces_gives_the_same_runs(pages: int, data: st.DataObject) -> None:
+    present = data.draw(st.sets(st.integers(0, pages - 1)))
+    schema = mapped_ram_schema("10.0")
+    bitmap = schema.build_bitmap(present, pages)
+    step = data.draw(st.integers(1, 4)) * 8
+    pieces = [bitmap[i : i + step] for i in range(0, len(bitmap), step)]
+    assert list(schema.page_runs_in(pieces, pages)) == list(schema.page_runs(bitmap, pages))

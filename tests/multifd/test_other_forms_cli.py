@@ -196,3 +196,59 @@ def test_hostile_channels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     path.write_bytes(bad)
     line = one_error_line(capsys, str(path))
     assert "normal_pages: 1000" in line and line.endswith(f"at byte {64 + 16}")
+
+
+def test_a_huge_sparse_block_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """A 64 GiB block with three pages present: its 2 MiB bitmap is read in pieces, its pages
+    copied in chunks, its image left sparse; the inspecting process stays small."""
+    import subprocess
+    import sys
+
+    from qmig.wire.mapped_ram import MappedRamHeader, mapped_ram_schema
+
+    small = tmp_path / "small.mr"
+    small.write_bytes(build_mapped_ram_file("10.0", [BlockContent("pc.ram", PAGE)]))
+    with MappedRamFile(small, "10.0") as parsed:
+        mem_size_at = parsed.mem_size_offset
+        tail_at = parsed.blocks[0].layout.stream_resumes_at
+    data = small.read_bytes()
+    used = 64 << 30
+    layout = mapped_ram_schema("10.0")
+    entry = bytes([6]) + b"pc.ram" + used.to_bytes(8, "big")
+    bitmap_offset = mem_size_at + 8 + len(entry) + layout.header_size
+    size = layout.bitmap_size(used, PAGE)
+    pages_offset = layout.pages_offset_for(bitmap_offset, size)
+    present = {0: b"x" * PAGE, 12345: b"y" * PAGE, used // PAGE - 1: b"z" * PAGE}
+    path = tmp_path / "huge.mr"
+    with path.open("wb") as file:
+        file.write(data[:mem_size_at] + (used | 4).to_bytes(8, "big") + entry)
+        file.write(layout.build_header(MappedRamHeader(1, PAGE, bitmap_offset, pages_offset)))
+        for index, content in present.items():
+            word = index // 64 * 8
+            file.seek(bitmap_offset + word)
+            file.write((1 << index % 64).to_bytes(8, "little"))
+            file.seek(pages_offset + index * PAGE)
+            file.write(content)
+        file.seek(pages_offset + used)
+        file.write(data[tail_at:])
+    dump = tmp_path / "dump"
+    # The process reports its own peak (a child's peak would mix in earlier children's).
+    program = (
+        "import resource, sys\nfrom qmig.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program, "inspect", "--json", str(path), "--dump-ram", str(dump)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    peak_kib = int(result.stderr.split("peak ")[1].split()[0])
+    assert peak_kib < 100 << 10, f"{peak_kib} KiB for a 64 GiB block"
+    (block,) = json.loads(result.stdout)["mapped_ram"]["blocks"]
+    assert (block["pages_present"], block["pages_written"]) == (3, 3)
+    image = dump / "pc.ram.bin"
+    assert image.stat().st_size == used and image.stat().st_blocks * 512 < 1 << 20
+    with image.open("rb") as file:
+        file.seek(12345 * PAGE)
+        assert file.read(PAGE) == b"y" * PAGE
