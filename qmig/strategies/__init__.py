@@ -69,9 +69,10 @@ refuse, since only they know the blocks.
 
 **Multifd and mapped-ram.** :func:`multifd_inits`, :func:`multifd_packets` (a
 :class:`MultifdWire`: header, offsets, pages and bytes), :func:`multifd_channels` (a
-handshake and packets) and :func:`mapped_ram_headers` cover the formats of the other
-channels and of mapped-ram files (``"7.2"`` and ``"10.0"``; mapped-ram is 10.0 only);
-:func:`invalid_multifd_channels` spoils one field of a channel (an :class:`InvalidMultifd`).
+handshake and packets), :func:`mapped_ram_headers` and :func:`mapped_ram_files` cover
+the formats of the other channels and of mapped-ram files (``"7.2"`` and ``"10.0"``;
+mapped-ram is 10.0 only); :func:`invalid_multifd_channels` spoils one field of a channel
+(an :class:`InvalidMultifd`).
 
 **Command orders.** :func:`command_orders` gives well-formed postcopy commands, page
 records and EOF in any order behind a valid opening (a :class:`CommandOrder`): what a
@@ -145,9 +146,11 @@ from qmig.strategies.invalid import (
 )
 from qmig.strategies.multifd import (
     InvalidMultifd,
+    MappedRamFileBytes,
     MultifdChannel,
     MultifdWire,
     invalid_multifd_channels,
+    mapped_ram_files,
     mapped_ram_headers,
     multifd_channels,
     multifd_inits,
@@ -206,6 +209,7 @@ __all__ = [
     "GeneratedStream",
     "InvalidMultifd",
     "InvalidStream",
+    "MappedRamFileBytes",
     "MultifdChannel",
     "MultifdWire",
     "build_ram_record",
@@ -229,6 +233,7 @@ __all__ = [
     "invalid_unknown_rp_messages",
     "invalid_wrapping_discards",
     "machine_types",
+    "mapped_ram_files",
     "mapped_ram_headers",
     "mem_sizes",
     "multifd_channels",

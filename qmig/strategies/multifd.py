@@ -3,7 +3,8 @@
 :func:`multifd_inits` gives handshakes; :func:`multifd_packets` gives a :class:`MultifdWire`
 (the packet's header, its offsets, its decoded pages and its bytes, payload included, for one
 page size); :func:`multifd_channels` a whole channel (handshake, packets, their events);
-:func:`mapped_ram_headers` headers whose layout fits a block and a file.
+:func:`mapped_ram_headers` headers whose layout fits a block and a file; :func:`mapped_ram_files`
+whole files.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from qmig.mapped_ram.writer import BlockContent, build_mapped_ram_file
 from qmig.strategies.basics import names
 from qmig.wire.mapped_ram import MappedRamHeader, mapped_ram_schema
 from qmig.wire.multifd import (
@@ -178,3 +180,29 @@ def invalid_multifd_channels(draw: Any, version: str | None = None) -> InvalidMu
         value = draw(st.integers(1, 2**32 - 1))
     packet[at : at + 4] = value.to_bytes(4, "big")
     return InvalidMultifd(bytes(data + packet), "MULTIFD_PACKET", target, start + at)
+
+
+@dataclass(frozen=True)
+class MappedRamFileBytes:
+    """A mapped-ram file and the blocks (with their present pages) it holds."""
+
+    blocks: tuple[BlockContent, ...]
+    data: bytes
+
+
+@st.composite
+def mapped_ram_files(
+    draw: Any, version: str | None = None, *, max_blocks: int = 3, max_pages: int = 64
+) -> MappedRamFileBytes:
+    """A whole mapped-ram file as QEMU lays it out (each block's page area is a MiB or more:
+    keep the counts small)."""
+    count = draw(st.integers(1, max_blocks))
+    block_names = draw(st.lists(names(), min_size=count, max_size=count, unique=True))
+    blocks = []
+    for name in block_names:
+        pages = draw(st.integers(1, max_pages))
+        present = draw(st.sets(st.integers(0, pages - 1), max_size=8))
+        contents = {index: draw(st.binary(min_size=1, max_size=8)) for index in present}
+        padded = {index: (raw * MULTIFD_PAGE)[:MULTIFD_PAGE] for index, raw in contents.items()}
+        blocks.append(BlockContent(name, pages * MULTIFD_PAGE, padded))
+    return MappedRamFileBytes(tuple(blocks), build_mapped_ram_file(version, blocks))

@@ -252,3 +252,22 @@ def test_a_huge_sparse_block_is_read_in_bounded_memory(tmp_path: Path) -> None:
     with image.open("rb") as file:
         file.seek(12345 * PAGE)
         assert file.read(PAGE) == b"y" * PAGE
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(qs.mapped_ram_files("10.0"))
+def test_any_mapped_ram_file_extracts_its_pages(file: qs.MappedRamFileBytes) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "saved.mr"
+        path.write_bytes(file.data)
+        with MappedRamFile(path, "10.0") as parsed:
+            assert [b.layout.name for b in parsed.blocks] == [b.name for b in file.blocks]
+            for block, content in zip(parsed.blocks, file.blocks, strict=True):
+                target = Path(folder) / "block.bin"
+                assert parsed.dump(block, target) == len(content.pages)
+                image = target.read_bytes()
+                for index in range(block.layout.pages):
+                    expected = content.pages.get(index, bytes(PAGE))
+                    assert image[index * PAGE : (index + 1) * PAGE] == expected
