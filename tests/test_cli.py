@@ -86,6 +86,7 @@ def test_a_command_s_help_imports_only_what_its_parser_needs(name: str) -> None:
         "qmig.wire",
         "qmig.wire.profiles",
         "qmig.wire.profile_spec",
+        "qmig.wire.multifd_profile",
         "qmig.wire.messages",
     }
 

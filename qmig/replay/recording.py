@@ -139,7 +139,7 @@ class _Rebuilder:
             boundaries = (
                 stream_boundaries(self.path.parent) if self.path.name in STREAM_NAMES else []
             )
-            for piece in split_at(_chunks(self.path), boundaries):
+            for piece in split_at(self.chunks(), boundaries):
                 if isinstance(piece, NewConnection):
                     reader.new_channel(piece.offset)
                     continue
@@ -171,6 +171,9 @@ class _Rebuilder:
             stream_bytes=reader.offset,
             pages=self.pages,
         )
+
+    def chunks(self) -> Iterator[bytes]:
+        return _chunks(self.path)
 
     def _drain(self) -> None:
         while True:
@@ -258,4 +261,9 @@ class _Rebuilder:
 
 def load_recording(capture: Path, version: str | None = None) -> Recording:
     """Read a capture folder (``stream.bin`` or ``stream.bin.xz``) or a raw stream file."""
-    return _Rebuilder(stream_path(capture), version).run()
+    path = stream_path(capture)
+    from qmig.mapped_ram.recording import is_mapped_ram, load_mapped_ram
+
+    if is_mapped_ram(path, version):  # its RAM is in pages and bitmaps, not records
+        return load_mapped_ram(path, version)
+    return _Rebuilder(path, version).run()

@@ -67,6 +67,13 @@ before it included); discard ranges outside or unaligned to their block and empt
 block names are well-formed bytes that :mod:`qmig.protocol`'s ``Destination`` and ``Source``
 refuse, since only they know the blocks.
 
+**Multifd and mapped-ram.** :func:`multifd_inits`, :func:`multifd_packets` (a
+:class:`MultifdWire`: header, offsets, pages and bytes), :func:`multifd_channels` (a
+handshake and packets), :func:`mapped_ram_headers` and :func:`mapped_ram_files` cover
+the formats of the other channels and of mapped-ram files (``"7.2"`` and ``"10.0"``;
+mapped-ram is 10.0 only); :func:`invalid_multifd_channels` spoils one field of a channel
+(an :class:`InvalidMultifd`).
+
 **Command orders.** :func:`command_orders` gives well-formed postcopy commands, page
 records and EOF in any order behind a valid opening (a :class:`CommandOrder`): what a
 destination refuses there is the order alone, to check against QEMU's PostcopyState rules.
@@ -137,6 +144,18 @@ from qmig.strategies.invalid import (
     invalid_wrapping_discards,
     unknown_command_numbers,
 )
+from qmig.strategies.multifd import (
+    InvalidMultifd,
+    MappedRamFileBytes,
+    MultifdChannel,
+    MultifdWire,
+    invalid_multifd_channels,
+    mapped_ram_files,
+    mapped_ram_headers,
+    multifd_channels,
+    multifd_inits,
+    multifd_packets,
+)
 from qmig.strategies.orders import (
     ORDER_STEPS,
     CommandOrder,
@@ -188,7 +207,11 @@ __all__ = [
     "ExpectedPage",
     "ExpectedRecord",
     "GeneratedStream",
+    "InvalidMultifd",
     "InvalidStream",
+    "MappedRamFileBytes",
+    "MultifdChannel",
+    "MultifdWire",
     "build_ram_record",
     "command_orders",
     "commands",
@@ -200,6 +223,7 @@ __all__ = [
     "invalid_discard_ranges",
     "invalid_empty_names",
     "invalid_empty_rp_names",
+    "invalid_multifd_channels",
     "invalid_orphan_req_pages",
     "invalid_overlong_names",
     "invalid_rp_lengths",
@@ -209,7 +233,12 @@ __all__ = [
     "invalid_unknown_rp_messages",
     "invalid_wrapping_discards",
     "machine_types",
+    "mapped_ram_files",
+    "mapped_ram_headers",
     "mem_sizes",
+    "multifd_channels",
+    "multifd_inits",
+    "multifd_packets",
     "names",
     "open_return_paths",
     "packageds",

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from qmig.errors import QmigError
 from qmig.wire import messages as m
+from qmig.wire.multifd_profile import MappedRamSpec, MultifdSpec, read_mapped_ram, read_multifd
 from qmig.wire.profile_spec import Table
 
 DEFAULT_VERSION = "10.0"
@@ -141,6 +142,9 @@ class Profile:
     # name -> {tag, qemu, qmig, summary} (formats/quirks.md explains each; the differential
     # fuzzer reads it to tell a known difference from a finding).
     quirks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Multifd channels and the mapped-ram file layout (None: this version has neither).
+    multifd: MultifdSpec | None = None
+    mapped_ram: MappedRamSpec | None = None
 
     @functools.cached_property
     def command_names(self) -> dict[int, str]:
@@ -218,6 +222,9 @@ class Profile:
                 )
             quirks = top.optional_table("quirks")
             fields["quirks"] = {} if quirks is None else _quirks(quirks)
+            multifd, mapped_ram = top.optional_table("multifd"), top.optional_table("mapped_ram")
+            fields["multifd"] = None if multifd is None else read_multifd(multifd)
+            fields["mapped_ram"] = None if mapped_ram is None else read_mapped_ram(mapped_ram)
         return cls(**fields)
 
 

@@ -227,3 +227,43 @@ def test_formats_override_and_its_errors_through_the_cli(tmp_path: Path) -> None
         "'last-bite' is not one of 'last-byte', 'end'"
     ], result.stderr
     assert str(formats_dir()) != str(tmp_path)  # this process still reads the shipped ones
+
+
+# The [multifd] and [mapped_ram] tables (10.0 has both): (old, new, expected).
+MULTIFD_MISTAKES = [
+    ('zero_pages = "packet"', 'zero_pages = "main"', "multifd.zero_pages: 'main' is not one of"),
+    ("sync_flag = 0x01", "sync_flag = 0x03", "multifd.sync_flag: 0x3 is not a single bit"),
+    ("device_state_flag = 0x40", "device_state_flag = 0x02", "multifd.device_state_flag: 0x2"),
+    ("packet_size = 0x80000", "packet_size = 0x80001", "multifd.packet_size: 0x80001 is not"),
+    ("QATZIP = 0x20", "QATZIP = 0x40", "multifd.compression.QATZIP: 0x40 is outside"),
+    ("QATZIP = 0x20", "LZ4 = 0x20", "multifd.compression.LZ4: unknown method"),
+    ("NOCOMP = 0x00\nZLIB = 0x02\nZSTD = 0x04\nQPL", "ZLIB = 0x02\nZSTD = 0x04\nQPL", "NOCOMP"),
+    ("bitmap_word = 8", "bitmap_word = 6", "mapped_ram.bitmap_word: 6 is not 4 or 8"),
+    ('bitmap_byte_order = "little"', 'bitmap_byte_order = "le"', "mapped_ram.bitmap_byte_order"),
+    (
+        "file_offset_alignment = 0x100000",
+        "alignment = 0x100000",
+        "mapped_ram.file_offset_alignment: missing",
+    ),
+    ("version = 1\nfile_offset", "version = -1\nfile_offset", "mapped_ram.version: -1 is out of"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), MULTIFD_MISTAKES)
+def test_a_multifd_or_mapped_ram_mistake_is_one_line(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    path = edited(tmp_path, old, new, "10.0")
+    line = error_line(path, "10.0")
+    assert line.startswith(f"{path}: "), line
+    assert expected in line, line
+
+
+def test_multifd_and_mapped_ram_tables_by_version() -> None:
+    assert load_profile("2.9").multifd is None and load_profile("2.9").mapped_ram is None
+    old, new = load_profile("7.2"), load_profile("10.0")
+    assert old.multifd is not None and new.multifd is not None and new.mapped_ram is not None
+    assert old.mapped_ram is None
+    assert (old.multifd.zero_pages, new.multifd.zero_pages) == ("main-channel", "packet")
+    assert old.multifd.device_state_flag is None and new.multifd.device_state_flag == 0x40
+    assert old.multifd.compression == {"NOCOMP": 0, "ZLIB": 2, "ZSTD": 4}

@@ -377,6 +377,10 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
     check_report(args)
     if args.report is not None and index_path is None:
         raise QmigError("--report", "needs a capture folder: its index.tsv times the chunks")
+    from qmig.mapped_ram.inspect import other_form, run_other_form
+
+    if rp_path is None and (form := other_form(stream_path, args.qemu_version)) is not None:
+        return run_other_form(args, stream_path, form)  # a mapped-ram file or multifd channel
     source = StreamSource(stream_path, args.timeout)
     choice = choose(args.qemu_version, source.prefix)
     args.qemu_version = source.version = choice.version
