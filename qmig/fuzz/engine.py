@@ -19,6 +19,8 @@ bytes must not cost what its claims say. Memory findings are minimised; slow one
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import random
 import resource
@@ -166,6 +168,24 @@ def memory_bound(extra: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+# glibc's mallopt(M_MMAP_THRESHOLD): allocations from this size on get fresh pages of their own.
+_M_MMAP_THRESHOLD = -3
+_FRESH_FROM = 256 << 10
+
+
+@functools.cache
+def _fresh_large_allocations() -> None:
+    """Make every large allocation a fresh mapping, returned to the kernel when freed.
+
+    glibc raises its mmap threshold as large blocks are freed, up to 32 MiB, and then serves
+    them from heap memory an earlier input already made resident: writing there raises no
+    high-water mark, so a long campaign (or a test suite) stops seeing the memory an input
+    costs. A fixed threshold keeps each input's large buffers visible to :class:`PeakMemory`.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _FRESH_FROM)
+
+
 class PeakMemory:
     """How much a block of code raised this process's resident memory at its peak.
 
@@ -174,6 +194,7 @@ class PeakMemory:
     seen is only what went past the process's earlier peak (never more than the truth)."""
 
     def __enter__(self) -> PeakMemory:
+        _fresh_large_allocations()
         try:
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")

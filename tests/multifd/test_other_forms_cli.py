@@ -232,10 +232,12 @@ def test_a_huge_sparse_block_is_read_in_bounded_memory(tmp_path: Path) -> None:
         file.seek(pages_offset + used)
         file.write(data[tail_at:])
     dump = tmp_path / "dump"
-    # The process reports its own peak (a child's peak would mix in earlier children's).
+    # The process reports its own peak, VmHWM: its address space's high-water mark, which
+    # starts afresh at exec (ru_maxrss would carry over the forking test process's).
     program = (
-        "import resource, sys\nfrom qmig.cli import main\ncode = main(sys.argv[1:])\n"
-        "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "import re, sys\nfrom qmig.cli import main\ncode = main(sys.argv[1:])\n"
+        "status = open('/proc/self/status').read()\n"
+        "print('peak', re.search(r'VmHWM:\\s+(\\d+)', status)[1], file=sys.stderr)\n"
         "sys.exit(code)"
     )
     result = subprocess.run(
