@@ -207,7 +207,7 @@ class SourceOptions:
     qemu_version: str = "auto"
     postcopy_after: int | None = None
     bandwidth: float | None = None  # MiB/s
-    cut_after_pages: int | None = None  # with resume_to: a recovery follows
+    cut_after_pages: int | None = None  # postcopy pages; with resume_to, a recovery follows
     resume_to: str | None = None
     stall_after: int | None = None
     stall_for: float | None = None
@@ -219,7 +219,8 @@ class SourceOptions:
         options: dict[str, Any] = {
             "--postcopy-after": self.postcopy_after,
             "--bandwidth": self.bandwidth,
-            "--pause-after": self.cut_after_pages,
+            # With somewhere to resume to, the cut recovers (replay's --pause-after).
+            "--pause-after" if self.resume_to else "--cut-after-pages": self.cut_after_pages,
             "--resume-to": self.resume_to,
             "--stall-after": self.stall_after,
             "--stall-for": self.stall_for,

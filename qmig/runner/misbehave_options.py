@@ -10,6 +10,7 @@ from qmig.cli.options import count, positive_count, seconds
 
 if TYPE_CHECKING:
     from qmig.runner.misbehave import Misbehaviour
+    from qmig.runner.misbehave_source import SourceMisbehaviour
 
 # Mirrors qmig.runner.misbehave.REJECTABLE (checked by a test): the parser stays light.
 REJECTABLE_NAMES = (
@@ -21,6 +22,17 @@ REJECTABLE_NAMES = (
     "POSTCOPY_RUN",
     "POSTCOPY_RESUME",
     "RECV_BITMAP",
+)
+
+# Mirrors qmig.runner.misbehave_source.CORRUPTIBLE (checked by a test).
+CORRUPTIBLE_NAMES = (
+    "OPEN_RETURN_PATH",
+    "PING",
+    "POSTCOPY_ADVISE",
+    "POSTCOPY_RAM_DISCARD",
+    "POSTCOPY_LISTEN",
+    "POSTCOPY_RUN",
+    "PACKAGED",
 )
 
 
@@ -80,5 +92,51 @@ def destination_misbehaviour(args: Any) -> Misbehaviour | None:
         stall_for=args.stall_for,
         delay_requests=args.delay_requests / 1000,
         shut_status=args.shut_status,
+    )
+    return misbehaviour if misbehaviour.active else None
+
+
+def add_source_knobs(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "misbehaving on purpose", "make this source fail as a real one can, for tests"
+    )
+    group.add_argument(
+        "--stall-after",
+        type=count,
+        metavar="BYTES",
+        help="stop sending after BYTES bytes of the stream (default: never)",
+    )
+    group.add_argument(
+        "--stall-for",
+        type=seconds,
+        metavar="SECONDS",
+        help="how long the stall lasts, then sending goes on (default: for good)",
+    )
+    group.add_argument(
+        "--cut-after-pages",
+        type=positive_count,
+        metavar="N",
+        help="close the channel once N postcopy pages were sent, with no resume (for a cut "
+        "that recovers: --pause-after with --resume-to) (default: never)",
+    )
+    group.add_argument(
+        "--corrupt",
+        choices=CORRUPTIBLE_NAMES,
+        metavar="COMMAND",
+        help="send this command (its first one) with a length it cannot have, which QEMU "
+        f"refuses: one of {', '.join(CORRUPTIBLE_NAMES)} (default: none)",
+    )
+
+
+def source_misbehaviour(args: Any, version: str | None) -> SourceMisbehaviour | None:
+    """The knobs the options ask for; None when none is set."""
+    from qmig.runner.misbehave_source import SourceMisbehaviour
+
+    misbehaviour = SourceMisbehaviour(
+        version=version,
+        stall_after=args.stall_after,
+        stall_for=args.stall_for,
+        cut_after_pages=args.cut_after_pages,
+        corrupt=args.corrupt,
     )
     return misbehaviour if misbehaviour.active else None

@@ -35,4 +35,4 @@ def test_the_example_project_migrates_real_qemu_through_misbehaving_peers(
 ) -> None:
     result = run_example(tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "4 passed" in result.stdout, result.stdout[-4000:]
+    assert "5 passed" in result.stdout, result.stdout[-4000:]

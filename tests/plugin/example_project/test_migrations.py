@@ -87,3 +87,16 @@ def test_a_replayed_migration_runs_in_real_qemu(qemu, qmig_source, tmp_path):
     destination.stop()
     dump = destination.pmemsave(guest.start, guest.end - guest.start, tmp_path / "dest.ram")
     verify_counters(dump, guest.start, guest)
+
+
+def test_a_corrupted_command_fails_the_real_destination(qemu, qmig_source):
+    destination = qemu("destination", memory_mib=64, guest=None, incoming="defer")
+    destination.set_capabilities(postcopy_ram=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    uri = f"tcp:127.0.0.1:{destination.incoming_port()}"
+    source = qmig_source(
+        os.environ["QMIG_EXAMPLE_CAPTURE"], uri, qemu_version="7.2", corrupt="POSTCOPY_ADVISE"
+    )
+    assert source.wait().returncode != 0
+    destination.process.wait(30)  # a failed incoming migration ends QEMU
+    assert "CMD_POSTCOPY_ADVISE invalid length (1)" in destination.log_tail(20)
