@@ -82,6 +82,18 @@ class Misbehaviour:
             self._stalls_left -= 1
             self.stalled.set()
 
+    def request_queued(self) -> None:
+        """A page request was just queued on this thread: hold its send back."""
+        if self.delay_requests:
+            self._request_pending.value = True
+
+    def request_delay(self) -> float:
+        """Seconds to hold this thread's send back (once per request queued)."""
+        if not getattr(self._request_pending, "value", False):
+            return 0.0
+        self._request_pending.value = False
+        return self.delay_requests
+
     def destination(self, *args: Any, **kwargs: Any) -> MisbehavingDestination:
         """The protocol machine (:class:`Destination`'s arguments), misbehaving as asked."""
         return MisbehavingDestination(*args, misbehaviour=self, **kwargs)
@@ -128,8 +140,8 @@ class MisbehavingDestination(Destination):
 
     def page_fault(self, block: str, offset: int) -> ev.PageRequested | None:
         asked = super().page_fault(block, offset)
-        if asked is not None and self.misbehaviour.delay_requests:
-            self.misbehaviour._request_pending.value = True  # this thread's next send
+        if asked is not None:
+            self.misbehaviour.request_queued()  # the runner sends it next, on this thread
         return asked
 
     def _shut(self, status: int) -> None:
@@ -171,10 +183,9 @@ class MisbehavingConnection:
         misbehaviour.stalled.clear()
 
     def sendall(self, data: Any) -> None:
-        pending = self._misbehaviour._request_pending
-        if getattr(pending, "value", False):
-            pending.value = False
-            time.sleep(self._misbehaviour.delay_requests)
+        delay = self._misbehaviour.request_delay()
+        if delay:
+            time.sleep(delay)
         self._connection.sendall(data)
 
     def fileno(self) -> int:

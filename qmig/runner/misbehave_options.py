@@ -77,7 +77,8 @@ def add_destination_knobs(parser: argparse.ArgumentParser) -> None:
         "--shut-status",
         type=positive_count,
         metavar="N",
-        help="end a completed migration with SHUT(N), an error, instead of SHUT(0)",
+        help="end a completed migration with SHUT(N), an error, instead of SHUT(0) "
+        "(default: SHUT(0))",
     )
 
 
