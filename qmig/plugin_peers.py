@@ -233,8 +233,10 @@ class SourceOptions:
 
 
 class QmigSource(Peer):
-    """``qmig replay`` of a capture into ``uri``; ``wait()`` gives its report."""
+    """``qmig replay`` of a capture into ``uri``; ``wait()`` gives its report; for a
+    generated guest, ``expected_ram`` is what the destination must end up with."""
 
     def __init__(self, capture: Path, uri: str, options: SourceOptions) -> None:
         self.options = options
+        self.expected_ram: bytes | None = None  # a generated guest's RAM
         super().__init__(options.argv(capture, uri))

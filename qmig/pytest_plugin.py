@@ -7,8 +7,9 @@ test their migration handling against a bad destination or source, and real QEMU
   ``delay_requests_ms``, ``shut_status``; ``extra`` passes any other option through). It has
   ``uri``, ``wait()`` (the exit status, the ``--json`` report, the error line), ``ram()``
   and ``wait_paused()``.
-- ``qmig_source(capture, uri, **options)``: ``qmig replay`` of a capture into ``uri``, with
-  ``cut_after_pages`` (and ``resume_to``), ``stall_after`` and ``corrupt``.
+- ``qmig_source(uri, capture=None, **options)``: ``qmig replay`` of a capture, or of a
+  generated guest, into ``uri``, with ``cut_after_pages`` (and ``resume_to``),
+  ``stall_after``, ``stall_for`` and ``corrupt``; ``postcopy_after``, ``bandwidth``.
 - ``qemu(name, **MachineConfig fields)``: a real QEMU booting qmig's tiny test guest, with
   QMP (``machine.qmp("query-status")``, ``machine.migrate(uri)``, ...).
 
@@ -50,14 +51,35 @@ def qmig_destination(
 
 
 @pytest.fixture
-def qmig_source() -> Iterator[Callable[..., QmigSource]]:
-    """``qmig_source(capture, uri, **options)`` starts replaying ``capture`` into ``uri``."""
+def qmig_source(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., QmigSource]]:
+    """``qmig_source(uri, capture=None, **options)`` starts replaying ``capture`` into
+    ``uri``; without a capture, a generated guest (``guest_mib`` MiB of ``pc.ram``, contents
+    from ``seed``, its RAM in ``source.expected_ram``)."""
     from qmig.plugin_peers import QmigSource, SourceOptions
 
     started: list[QmigSource] = []
 
-    def start(capture: str | Path, uri: str, **options: Any) -> QmigSource:
-        source = QmigSource(Path(capture), uri, SourceOptions(**options))
+    def start(
+        uri: str,
+        capture: str | Path | None = None,
+        *,
+        guest_mib: int = 8,
+        seed: int = 0,
+        **options: Any,
+    ) -> QmigSource:
+        plan = SourceOptions(**options)
+        expected = None
+        if capture is None:
+            from qmig.plugin_guest import generated_ram, write_generated_stream
+
+            folder = tmp_path_factory.mktemp("qmig-guest")
+            version = None if plan.qemu_version == "auto" else plan.qemu_version
+            capture = write_generated_stream(folder / "stream.bin", guest_mib, seed, version)
+            expected = generated_ram(guest_mib, seed)
+        source = QmigSource(Path(capture), uri, plan)
+        source.expected_ram = expected
         started.append(source)
         return source
 

@@ -26,7 +26,7 @@ CAPTURE = {str(CAPTURE)!r}
 
 def migrate(qmig_destination, qmig_source, destination={{}}, source={{}}):
     receiver = qmig_destination(**{{"qemu_version": "7.2", "workload": "none", **destination}})
-    sender = qmig_source(CAPTURE, receiver.uri, qemu_version="7.2", **source)
+    sender = qmig_source(receiver.uri, CAPTURE, qemu_version="7.2", **source)
     return receiver.wait(60), sender.wait(60)
 
 
@@ -61,7 +61,7 @@ def test_stall_after_pages_then_go_on(qmig_destination, qmig_source):
         qemu_version="7.2", workload="none", stall_after_pages=100, stall_for=2
     )
     began = time.monotonic()
-    sender = qmig_source(CAPTURE, receiver.uri, qemu_version="7.2")
+    sender = qmig_source(receiver.uri, CAPTURE, qemu_version="7.2")
     assert receiver.wait(60).returncode == 0 and sender.wait(60).returncode == 0
     assert time.monotonic() - began >= 2
 
@@ -97,12 +97,23 @@ def test_cut_with_recovery_completes(qmig_destination, qmig_source):
     receiver = qmig_destination(
         qemu_version="7.2", workload="none", recovery=True, pause_after=50
     )
-    sender = qmig_source(CAPTURE, receiver.uri, qemu_version="7.2", resume_to=receiver.uri)
+    sender = qmig_source(receiver.uri, CAPTURE, qemu_version="7.2", resume_to=receiver.uri)
     assert receiver.wait_paused(60) == receiver.uri
     assert sender.wait(60).returncode == 0
     report = receiver.wait(60).report
     assert report["recoveries"] == 1
     assert len(receiver.ram("pc.ram")) == report["blocks"]["pc.ram"]
+
+
+@pytest.mark.parametrize("postcopy_after", [None, 0])
+def test_a_generated_guest(qmig_destination, qmig_source, postcopy_after):
+    receiver = qmig_destination(qemu_version="7.2", workload="none")
+    sender = qmig_source(
+        receiver.uri, qemu_version="7.2", guest_mib=4, seed=7, postcopy_after=postcopy_after
+    )
+    assert sender.wait(60).returncode == 0
+    assert receiver.wait(60).report["mode"] == ("precopy" if postcopy_after is None else "postcopy")
+    assert receiver.ram("pc.ram") == sender.expected_ram
 
 
 def test_stall_of_the_source(qmig_destination, qmig_source):
@@ -117,7 +128,7 @@ def test_stall_of_the_source(qmig_destination, qmig_source):
 def test_the_knobs_through_the_fixtures(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_peers=PROJECT)
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", timeout=600)
-    result.assert_outcomes(passed=9)
+    result.assert_outcomes(passed=11)
 
 
 def test_the_option_lists_name_the_knobs_commands() -> None:

@@ -78,7 +78,7 @@ def test_a_replayed_migration_runs_in_real_qemu(qemu, qmig_source, tmp_path):
     destination.set_capabilities(postcopy_ram=True)
     destination.migrate_incoming("tcp:127.0.0.1:0")
     uri = f"tcp:127.0.0.1:{destination.incoming_port()}"
-    source = qmig_source(os.environ["QMIG_EXAMPLE_CAPTURE"], uri, qemu_version="7.2")
+    source = qmig_source(uri, os.environ["QMIG_EXAMPLE_CAPTURE"], qemu_version="7.2")
     assert source.wait().returncode == 0, source.stderr
     destination.wait_migration(timeout=60)
     destination.wait_runstate("running")
@@ -95,7 +95,7 @@ def test_a_corrupted_command_fails_the_real_destination(qemu, qmig_source):
     destination.migrate_incoming("tcp:127.0.0.1:0")
     uri = f"tcp:127.0.0.1:{destination.incoming_port()}"
     source = qmig_source(
-        os.environ["QMIG_EXAMPLE_CAPTURE"], uri, qemu_version="7.2", corrupt="POSTCOPY_ADVISE"
+        uri, os.environ["QMIG_EXAMPLE_CAPTURE"], qemu_version="7.2", corrupt="POSTCOPY_ADVISE"
     )
     assert source.wait().returncode != 0
     destination.process.wait(30)  # a failed incoming migration ends QEMU
