@@ -122,9 +122,11 @@ def replay(
     *,
     on_progress: Callable[[str, int], None] | None = None,
     recorder: Recorder | None = None,
+    misbehave: Callable[[Connection], Connection] | None = None,
 ) -> ReplayResult:
     """Migrate ``recording`` into the QEMU listening at ``to``; raise QmigError on failure.
-    ``recorder``: counts the connection's bytes over time, for a report."""
+    ``recorder``: counts the connection's bytes over time, for a report. ``misbehave``: wraps
+    the first channel (the fault knobs of :mod:`qmig.runner.misbehave_source`)."""
     postcopy_after = plan.postcopy_after
     if postcopy_after is None and recording.switched:
         postcopy_after = recording.passes_before_switch
@@ -169,7 +171,8 @@ def replay(
         if on_progress is not None:
             on_progress(phase, count)
 
-    channels = Channels(opened(connect(to, timeout=CONNECT_TIMEOUT)), reopen)
+    first = opened(connect(to, timeout=CONNECT_TIMEOUT))
+    channels = Channels(first if misbehave is None else misbehave(first), reopen)
     connected = time.monotonic()
     if recorder is not None:
         recorder.start = connected

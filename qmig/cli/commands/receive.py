@@ -12,6 +12,7 @@ from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import positive_count, rate_or_zero, seconds, size
 from qmig.latency import percentiles_us, vcpu_blocktime_ms
 from qmig.report.cli import add_report, check_report
+from qmig.runner.misbehave_options import add_destination_knobs, destination_misbehaviour
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from qmig.ram.workload import Workload
     from qmig.runner.channels import Channels, CutPlan
     from qmig.runner.destination import DestinationReport
+    from qmig.runner.misbehave import Misbehaviour
 
 # The fault thread needs the GIL to turn a fault into a request while the main thread parses
 # the stream in Python; with the default 5 ms switch interval a request could wait that long.
@@ -172,6 +174,7 @@ def register(subparsers: Any) -> None:
         help="with --pause-after: also close the first resumed channel during its handshake, "
         "after answering a RECV_BITMAP (default: off)",
     )
+    add_destination_knobs(parser)
     add_qemu_version(parser)
     add_json(parser)
     parser.set_defaults(func=run)
@@ -217,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         max_ram=args.max_ram if args.max_ram is not None else host_memory(),
     )
+    misbehaviour = destination_misbehaviour(args)
     recorder = None
     if args.report is not None:
         from qmig.report.recorder import Recorder
@@ -250,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
             Limits(args.idle_timeout, args.deadline, args.min_rate or None, args.rate_window,
                    peer="the source")
         )  # fmt: skip
+        if misbehaviour is not None:
+            connection = misbehaviour.wrap(connection)
         if recorder is None:
             return connection
         from qmig.report.recorder import RETURN_PATH, STREAM
@@ -275,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         cuts = CutPlan(args.pause_after, during_recovery=args.pause_during_recovery)
     channels = Channels(limited(connection), reopen if recovers else None)
     try:
-        return _receive(args, channels, ram, workload, cuts, recorder)
+        return _receive(args, channels, ram, workload, cuts, recorder, misbehaviour)
     finally:
         channels.close_main()
         if recovery_listener is not None:
@@ -289,6 +295,7 @@ def _receive(
     workload: Workload | None,
     cuts: CutPlan | None,
     recorder: Any,
+    misbehaviour: Misbehaviour | None = None,
 ) -> int:
     """Receive one migration on ``channels`` (and its replacements, when it recovers)."""
     from qmig.cli.progress import PhaseProgress, quiet
@@ -301,7 +308,8 @@ def _receive(
     # auto: the profile the source's first bytes (peeked, left in the socket) call for.
     prefix = peek_connection(connection, args.idle_timeout)
     choice = choose(args.qemu_version, lambda: (prefix, False))
-    destination = Destination(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
+    make = Destination if misbehaviour is None else misbehaviour.destination
+    destination = make(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
     runner = DestinationRunner(
         channels,
         destination,

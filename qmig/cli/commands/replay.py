@@ -13,6 +13,7 @@ from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import add_alias, add_bandwidth, count, positive_count, seconds
 from qmig.cli.text import plural
 from qmig.report.cli import add_report, check_report
+from qmig.runner.misbehave_options import add_source_knobs, source_misbehaviour
 from qmig.sizes import format_size
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="also cut the first recovery's new channel during its handshake (default: off)",
     )
+    add_source_knobs(parser)
     add_qemu_version(parser, auto="detect it from the capture's stream")
     add_report(parser, "the replay")
     add_json(parser)
@@ -122,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             resume_timeout=args.resume_timeout,
             pause_during_recovery=args.pause_during_recovery,
         )
+        misbehaviour = source_misbehaviour(args, choice.version)
         progress = None if args.json else _Progress()
         recorder = None
         if args.report is not None:
@@ -135,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                 plan,
                 on_progress=None if progress is None else progress.update,
                 recorder=recorder,
+                misbehave=None if misbehaviour is None else misbehaviour.wrap,
             )
         finally:
             if progress is not None:
