@@ -9,6 +9,7 @@ return path at once. Nothing here reads guest memory before every page is in pla
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -179,7 +180,10 @@ class DestinationRunner:
             self.dest.channel_broken()
         if self._broke_at is None:
             self._broke_at = time.monotonic()
-        self._drain()
+        # What the pause left to do. Replies for the broken channel are lost with it: the
+        # machine asks again, after the resume, for every page it still lacks.
+        with contextlib.suppress(TransportError):
+            self._drain()
         try:
             self.channels.reopen(self.recover_timeout)
         except TransportError as error:
@@ -216,13 +220,22 @@ class DestinationRunner:
 
         Discards are gathered while they come in a row (a switchover sends them by the
         thousand, one event per command) and applied per block with one C call.
+
+        A return path that breaks does not stop the decisions: an event taken from the
+        machine is applied whatever became of the bytes sent with it (a page marked received
+        must be placed), and the break is raised once the machine has no more to say.
         """
         discards: list[ev.RangesDiscarded] = []
+        broken: TransportError | None = None
         while True:
             with self._machine_lock:
                 event = self.dest.next_event()
                 data = self.dest.data_to_send()
-            self._send_return_path(data)
+            if broken is None:
+                try:
+                    self._send_return_path(data)
+                except TransportError as error:
+                    broken = error
             if isinstance(event, ev.RangesDiscarded):
                 discards.append(event)
                 continue
@@ -230,6 +243,8 @@ class DestinationRunner:
                 self._discard(discards)
                 discards = []
             if not isinstance(event, ev.Event):  # NEED_DATA or END
+                if broken is not None:
+                    raise broken
                 return
             self._apply(event)
 
