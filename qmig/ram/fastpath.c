@@ -47,6 +47,9 @@ struct qmig_fastpath {
     int error;            /* errno of the failed recv, 0 at EOF */
     int quit;
     uint64_t followed;    /* the ring's end when the C reader last looked: wait for more */
+    uint64_t recv_ns;     /* CLOCK_MONOTONIC when the last recv() returned */
+    uint32_t *waits;      /* per data page placed: recv() → placed, ns (capped), up to
+                             cfg.wait_log entries */
     struct qmig_fastpath_stats stats;
     pthread_mutex_t lock;
     pthread_cond_t more;  /* bytes, EOF or error for Python */
@@ -91,6 +94,13 @@ static int place_batch(struct qmig_fastpath *fp, int block, const uint64_t *head
     if (ret < 0) {
         fp->stats.place_errors++;
         return ret;
+    }
+    /* A data page is placed alone, right after the recv() that completed it: its wait is
+       this chunk's (a record that came in an earlier chunk is rare, and counted short). */
+    if (n == 1 && (headers[0] & fp->cfg.flag_page) && res.placed &&
+        fp->stats.waits < fp->cfg.wait_log) {
+        uint64_t waited = res.t_ns > fp->recv_ns ? res.t_ns - fp->recv_ns : 0;
+        fp->waits[fp->stats.waits++] = waited > UINT32_MAX ? UINT32_MAX : (uint32_t)waited;
     }
     return 0;
 }
@@ -244,6 +254,7 @@ static void *run(void *arg)
         }
         pthread_mutex_lock(&fp->lock);
         if (got > 0) {
+            fp->recv_ns = qmig_now_ns();
             fp->fill += (uint64_t)got;
             fp->stats.bytes += (uint64_t)got;
             pthread_cond_broadcast(&fp->more);
@@ -274,7 +285,8 @@ struct qmig_fastpath *qmig_fastpath_start(const struct qmig_fastpath_config *cfg
     fp->blocks = calloc((size_t)cfg->nblocks + 1, sizeof *fp->blocks);
     fp->names = calloc((size_t)cfg->nblocks + 1, sizeof *fp->names);
     fp->ring = malloc(cfg->ring_size);
-    if (!fp->blocks || !fp->names || !fp->ring || cfg->nblocks < 0)
+    fp->waits = calloc(cfg->wait_log + 1, sizeof *fp->waits);
+    if (!fp->blocks || !fp->names || !fp->ring || !fp->waits || cfg->nblocks < 0)
         goto fail;
     /* names: each block's idstr, NUL-terminated, one after another */
     for (int i = 0; i < cfg->nblocks; i++) {
@@ -297,6 +309,7 @@ struct qmig_fastpath *qmig_fastpath_start(const struct qmig_fastpath_config *cfg
     *err = 0;
     return fp;
 fail:
+    free(fp->waits);
     free(fp->ring);
     free(fp->names);
     free(fp->blocks);
@@ -363,7 +376,10 @@ void qmig_fastpath_stats(struct qmig_fastpath *fp, struct qmig_fastpath_stats *o
     pthread_mutex_unlock(&fp->lock);
 }
 
-void qmig_fastpath_stop(struct qmig_fastpath *fp)
+/* Stop the thread; then its last figures go to *out, and up to cap recv() → placed times
+   to waits (*nwaits of them). */
+void qmig_fastpath_stop(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out,
+                        uint32_t *waits, uint64_t cap, uint64_t *nwaits)
 {
     pthread_mutex_lock(&fp->lock);
     fp->quit = 1;
@@ -374,11 +390,16 @@ void qmig_fastpath_stop(struct qmig_fastpath *fp)
         /* an eventfd write fails only on overflow: the thread is woken already */
     }
     pthread_join(fp->thread, NULL);
+    qmig_fastpath_stats(fp, out);
+    *nwaits = fp->stats.waits < cap ? fp->stats.waits : cap;
+    memcpy(waits, fp->waits, *nwaits * sizeof *waits);
     pthread_mutex_destroy(&fp->lock);
     pthread_cond_destroy(&fp->more);
     pthread_cond_destroy(&fp->room);
+    free(fp->waits);
     free(fp->ring);
     free(fp->names);
     free(fp->blocks);
     free(fp);
 }
+

@@ -183,6 +183,7 @@ struct qmig_fastpath_config {
     uint64_t start_offset;     /* the stream offset of the first byte the thread reads */
     uint64_t ring_size;        /* bytes buffered between the socket and Python at most */
     uint64_t retain;           /* bytes kept behind Python's read position, for a sync */
+    uint64_t wait_log;         /* recv() → placed times kept, one per data page, at most */
 };
 
 struct qmig_fastpath_stats {
@@ -194,6 +195,7 @@ struct qmig_fastpath_stats {
     uint64_t syncs;            /* times Python told it where the next record starts */
     uint64_t parsed_to;        /* the stream offset it has followed the stream to */
     uint64_t synced;           /* 1: it is following the stream now */
+    uint64_t waits;            /* recv() → placed times logged */
 };
 
 struct qmig_fastpath;
@@ -205,6 +207,7 @@ int64_t qmig_fastpath_read(struct qmig_fastpath *fp, uint8_t *out, uint64_t cap,
                            int timeout_ms);
 void qmig_fastpath_sync(struct qmig_fastpath *fp, uint64_t offset, int mode, int block);
 void qmig_fastpath_stats(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out);
-void qmig_fastpath_stop(struct qmig_fastpath *fp);
+void qmig_fastpath_stop(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out,
+                        uint32_t *waits, uint64_t cap, uint64_t *nwaits);
 
 #endif

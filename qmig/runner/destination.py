@@ -66,7 +66,10 @@ class DestinationReport:
     request_log: list[tuple[int, int, str, int]] = field(default_factory=list, repr=False)
     recoveries: int = 0
     paused_s: float = 0.0  # the channel broke → POSTCOPY_RESUME, summed
-    fast_path: dict[str, Any] = field(default_factory=dict)  # the C thread's last figures
+    # The C receive thread's figures, summed over its runs (one per channel after RUN), and
+    # per data page it placed, recv() → placed (ns).
+    fast_path: dict[str, int] = field(default_factory=dict)
+    fast_path_wait_ns: list[int] = field(default_factory=list, repr=False)
 
 
 class DestinationRunner:
@@ -418,8 +421,13 @@ class DestinationRunner:
     def _stop_fast(self) -> None:
         """Stop the C receive thread before its channel closes; the runner reads on."""
         if self._fast is not None:
-            self.report.fast_path = vars(self._fast.stop())
+            stats, waits = self._fast.stop()
             self._fast = None
+            for name in ("bytes", "records", "placed", "existing", "place_errors", "syncs"):
+                self.report.fast_path[name] = self.report.fast_path.get(name, 0) + getattr(
+                    stats, name
+                )
+            self.report.fast_path_wait_ns += waits
 
     def _on_fault(self, request: PageRequest) -> None:
         """Called on the fault thread: ask the source for the page, now."""

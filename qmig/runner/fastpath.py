@@ -35,6 +35,7 @@ RING_SIZE = 8 << 20  # bytes between the socket and the machine at most
 # machine has only part of (a page record with its block name is under 300 bytes more than
 # a page).
 RETAIN = 1 << 20
+WAIT_LOG = 1 << 18  # recv() → placed times kept (one per data page placed), at most
 _MODES = {Mode.TOP: 1, Mode.RAM: 2, Mode.FOOTER: 3}
 
 
@@ -48,6 +49,7 @@ class FastPathStats:
     syncs: int
     parsed_to: int
     synced: bool
+    waits: int  # recv() → placed times logged
 
 
 class FastPath:
@@ -85,6 +87,7 @@ class FastPath:
         config.start_offset = reader.fed
         config.ring_size = ring_size
         config.retain = min(RETAIN, ring_size // 2)
+        config.wait_log = WAIT_LOG
         self.blocks = blocks
         self._index = {block.idstr: index for index, block in enumerate(blocks)}
         self._c_blocks = ffi.new("struct qmig_block *[]", [block.c_block for block in blocks])
@@ -128,18 +131,26 @@ class FastPath:
     def stats(self) -> FastPathStats:
         out: Any = ffi.new("struct qmig_fastpath_stats *")
         lib.qmig_fastpath_stats(self._fp, out)
-        return FastPathStats(
-            out.bytes, out.records, out.placed, out.existing, out.place_errors, out.syncs,
-            out.parsed_to, bool(out.synced)
-        )  # fmt: skip
+        return _stats(out)
 
-    def stop(self) -> FastPathStats:
-        """Stop the thread (the socket stays open) and free what it held."""
-        stats = self.stats()
-        lib.qmig_fastpath_stop(self._fp)
+    def stop(self) -> tuple[FastPathStats, list[int]]:
+        """Stop the thread (the socket stays open) and free what it held. Returns its last
+        figures, and for each data page it placed (up to WAIT_LOG) the ns from the recv()
+        that brought the page's last bytes to its placement."""
+        out: Any = ffi.new("struct qmig_fastpath_stats *")
+        waits: Any = ffi.new("uint32_t[]", WAIT_LOG)
+        count: Any = ffi.new("uint64_t *")
+        lib.qmig_fastpath_stop(self._fp, out, waits, WAIT_LOG, count)
         self._fp = ffi.NULL
         os.close(self._quit_fd)
-        return stats
+        return _stats(out), list(ffi.unpack(waits, int(count[0])))
+
+
+def _stats(out: Any) -> FastPathStats:
+    return FastPathStats(
+        out.bytes, out.records, out.placed, out.existing, out.place_errors, out.syncs,
+        out.parsed_to, bool(out.synced), out.waits
+    )  # fmt: skip
 
 
 def start_fast_path(
