@@ -10,6 +10,10 @@ its EOS and footer and the next ram section's header; at anything else it stops 
 until :meth:`FastPath.sync` tells it, from the machine's reader, where the next record
 starts. ``tests/fastpath`` proves that what the two place agrees.
 
+One thread reads one channel, and holds nothing of the migration but the blocks it places
+into (their bitmaps are shared, atomically, with every other placer): a second channel (the
+preempt channel, once it lands) gets a FastPath of its own, synced from that channel's reader.
+
 A broken channel ends the thread's reading; the runner reads what it had buffered, then
 the error, and pauses as without the fast path (:meth:`stop` before the channel closes).
 """
