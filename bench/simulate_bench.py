@@ -133,6 +133,10 @@ def run_qmig(plan: Plan) -> dict[str, Any]:
         "discarded_pages": s["discarded_pages"],
         "request_sent_us": s["request_sent_us"],
         "request_served_us": s["request_served_us"],
+        # The third part of a request's round trip: the page's last bytes read off the
+        # socket → placed (the destination's C receive thread), and that thread's counts.
+        "page_placed_us": s.get("page_placed_us"),
+        "fast_path": s.get("fast_path"),
         # When the source sent each phase's first and last bytes, from just before the
         # guest RAM is generated (seconds).
         "phases_s": {name: [round(a, 3), round(b, 3)] for name, (a, b) in phases.items()},
@@ -339,6 +343,19 @@ def print_table(result: dict[str, Any]) -> None:
         name = key if isinstance(key, str) else f"{key[0]}.{key[1]}"
         cells = [_cell(qmig and _value(qmig, key)), _cell(qemu and _value(qemu, key))]
         print(f"{label:26}{cells[0]:>14}{cells[1]:>14}{_cell(ratio.get(name)):>12}")
+    if qmig:
+        # A request's round trip, by its parts (p50 / p99 µs): the destination's fault → its
+        # REQ_PAGES on the wire; the source's REQ_PAGES read → the page on the wire; the
+        # page read off the wire → placed. What is left of the fault latency is time on
+        # the wire, queued behind the pages already sent.
+        parts = [
+            ("fault → request on the wire", qmig.get("request_sent_us")),
+            ("request → page on the wire", qmig.get("request_served_us")),
+            ("page off the wire → placed", qmig.get("page_placed_us")),
+        ]
+        for label, figures in parts:
+            p50, p99 = (figures or {}).get("p50"), (figures or {}).get("p99")
+            print(f"qmig {label:30}{_cell(p50):>10}{_cell(p99):>10}")
     for side, name in ((qmig, "qmig"), (qemu, "QEMU")):
         if side and not side.get("verified"):
             print(f"{name}: NOT verified")

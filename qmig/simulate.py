@@ -248,6 +248,7 @@ def _summary(
     latency = faults.get("latency_ns") or {}
     sent_ns = sorted(destination.get("request_sent_ns") or [])
     served_ns = sorted(report.served_ns)
+    placed_ns = sorted(destination.get("fast_path_wait_ns") or [])
     downtime = None
     if report.stopped is not None and destination.get("running_at") is not None:
         downtime = (destination["running_at"] - report.stopped) * 1000
@@ -297,6 +298,12 @@ def _summary(
             "p50": percentile_us(served_ns, 0.5),
             "p99": percentile_us(served_ns, 0.99),
         },
+        # The destination's C receive thread: data pages it placed, recv() → placed.
+        "page_placed_us": {
+            "p50": percentile_us(placed_ns, 0.5),
+            "p99": percentile_us(placed_ns, 0.99),
+        },
+        "fast_path": destination.get("fast_path") or {},
         "blocktime_ms": round(faults.get("blocktime_ns", 0) / 1e6, 2),
         # QEMU 10.1's query-migrate figures: the fault latency's mean and power-of-two
         # distribution, and each vCPU's blocktime.

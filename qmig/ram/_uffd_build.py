@@ -16,7 +16,16 @@ assert _spec is not None and _spec.loader is not None
 cbuild = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cbuild)
 
-SOURCES = ["uffd.c", "bitmap.c", "memory.c", "workload.c", "records.c", "discard.c", "serve.c"]
+SOURCES = [
+    "uffd.c",
+    "bitmap.c",
+    "memory.c",
+    "workload.c",
+    "records.c",
+    "discard.c",
+    "serve.c",
+    "fastpath.c",
+]
 
 # The kernel's and libc's constants Python uses, taken from their headers at build time.
 KERNEL_CONSTANTS = [

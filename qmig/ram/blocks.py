@@ -331,6 +331,20 @@ class RamBlock:
             self.uffd.unregister(self.host_address, self.used_length)
         self.uffd = None
 
+    def notify_placed(self, headers: Any) -> None:
+        """Tell the placement listener about the host pages of these records (offset | flags,
+        sorted or not) that someone else placed: the C receive thread, ahead of the records'
+        own placement, which then finds them in place. The listener looks at each page's bit
+        and placement time, so pages not in place are not taken for placed."""
+        listener = self.placement_listener
+        if listener is None or not len(headers):
+            return
+        mask = ~(self._c.target_page - 1)
+        first = min(headers) & mask
+        last = max(headers) & mask
+        first_page, end_page = first // self.page_size, last // self.page_size + 1
+        listener(self, first_page, end_page - first_page, lib.qmig_now_ns())
+
     def placed_at(self, host_page: int) -> int:
         """CLOCK_MONOTONIC ns when ``host_page`` was placed by the batched path (0: unknown)."""
         placed = self._placed_ns

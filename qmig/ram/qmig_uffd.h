@@ -163,4 +163,51 @@ int64_t qmig_serve_blocks(int uffd, int quitfd, struct qmig_block **blocks,
                           uint8_t **sources, int nblocks, uint64_t spin_ns,
                           struct qmig_served *log, uint64_t log_cap, int *stop);
 
+/* fastpath.c: the destination's postcopy receive thread (see fastpath.c). Every wire number
+   comes from Python, taken from the profile. */
+struct qmig_fastpath_config {
+    int32_t fd;                /* the channel's socket, read by the thread alone */
+    int32_t quitfd;            /* an eventfd: readable stops the thread */
+    int32_t nblocks;
+    int32_t section_footer_present;
+    uint32_t section_part;     /* the section type byte of QEMU_VM_SECTION_PART */
+    uint32_t section_footer;   /* and of QEMU_VM_SECTION_FOOTER */
+    uint32_t ram_section_id;
+    uint32_t pad;
+    uint64_t flag_mask;        /* every RAM flag bit of a record header */
+    uint64_t flag_continue;
+    uint64_t flag_zero;
+    uint64_t flag_page;
+    uint64_t flag_eos;
+    uint64_t target_page;
+    uint64_t start_offset;     /* the stream offset of the first byte the thread reads */
+    uint64_t ring_size;        /* bytes buffered between the socket and Python at most */
+    uint64_t retain;           /* bytes kept behind Python's read position, for a sync */
+    uint64_t wait_log;         /* recv() → placed times kept, one per data page, at most */
+};
+
+struct qmig_fastpath_stats {
+    uint64_t bytes;            /* read from the socket */
+    uint64_t records;          /* page records the thread took */
+    uint64_t placed;           /* host pages it placed */
+    uint64_t existing;         /* of its records, pages in place already */
+    uint64_t place_errors;     /* placements that failed (left to Python, which reports) */
+    uint64_t syncs;            /* times Python told it where the next record starts */
+    uint64_t parsed_to;        /* the stream offset it has followed the stream to */
+    uint64_t synced;           /* 1: it is following the stream now */
+    uint64_t waits;            /* recv() → placed times logged */
+};
+
+struct qmig_fastpath;
+
+struct qmig_fastpath *qmig_fastpath_start(const struct qmig_fastpath_config *cfg,
+                                          struct qmig_block **blocks, const char *names,
+                                          int *err);
+int64_t qmig_fastpath_read(struct qmig_fastpath *fp, uint8_t *out, uint64_t cap,
+                           int timeout_ms);
+void qmig_fastpath_sync(struct qmig_fastpath *fp, uint64_t offset, int mode, int block);
+void qmig_fastpath_stats(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out);
+void qmig_fastpath_stop(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out,
+                        uint32_t *waits, uint64_t cap, uint64_t *nwaits);
+
 #endif

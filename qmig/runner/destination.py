@@ -26,6 +26,7 @@ from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.runner.channels import Channels, CutPlan
+from qmig.runner.fastpath import FastPath, start_fast_path
 from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
 
@@ -66,6 +67,10 @@ class DestinationReport:
     request_log: list[tuple[int, int, str, int]] = field(default_factory=list, repr=False)
     recoveries: int = 0
     paused_s: float = 0.0  # the channel broke → POSTCOPY_RESUME, summed
+    # The C receive thread's figures, summed over its runs (one per channel after RUN), and
+    # per data page it placed, recv() → placed (ns).
+    fast_path: dict[str, int] = field(default_factory=dict)
+    fast_path_wait_ns: list[int] = field(default_factory=list, repr=False)
 
 
 class DestinationRunner:
@@ -81,6 +86,7 @@ class DestinationRunner:
         keep_ram: bool = False,
         recover_timeout: float = RECOVER_TIMEOUT,
         cuts: CutPlan | None = None,
+        fast_path: bool = True,
     ) -> None:
         """``keep_ram``: after a migration that completes, leave the RAM mapped (no longer
         registered) for the caller to read, and to close with ``session.close()``.
@@ -88,7 +94,9 @@ class DestinationRunner:
         open a new channel, a channel that breaks once the guest runs here pauses the
         migration (RAM kept, vCPUs blocked on their faults) and the source's new channel,
         within ``recover_timeout`` seconds, resumes it. ``cuts``: break the channel on
-        purpose after that many postcopy pages were placed (the peer then pauses too)."""
+        purpose after that many postcopy pages were placed (the peer then pauses too).
+        ``fast_path``: once the guest runs, read the channel and place pages in C
+        (:mod:`qmig.runner.fastpath`); False: all in this loop, as before RUN."""
         self.cuts = cuts
         self.channels = connection if isinstance(connection, Channels) else Channels(connection)
         self.recover_timeout = recover_timeout
@@ -108,6 +116,8 @@ class DestinationRunner:
         self._awaiting: dict[tuple[str, int], list[int]] = {}
         self.completed = False  # the machine said MigrationCompleted
         self._broke_at: float | None = None
+        self._fast: FastPath | None = None  # the C receive thread, while the guest runs here
+        self.fast_path = fast_path
 
     @property
     def connection(self) -> Connection:
@@ -135,6 +145,7 @@ class DestinationRunner:
             self._abandon()
             raise self._with_context(error) from None
         finally:
+            self._stop_fast()
             self.report.finished = time.monotonic()
             if not (self.keep_ram and self.completed and self.session):
                 self._close_session()
@@ -153,6 +164,8 @@ class DestinationRunner:
             else:
                 self.dest.receive_eof()
         self._drain()
+        if self._fast is not None:
+            self._fast.sync(self.dest.reader)
         if count == 0 and not self.completed:
             raise TransportError(self.connection.name, "the source closed the stream")
         cuts = self.cuts
@@ -161,10 +174,12 @@ class DestinationRunner:
         if self.dest.state is DestinationState.RECOVER:
             # Mid-handshake (a RECV_BITMAP was just answered): QEMU's double failure.
             if cuts.cut_recovery_now():
+                self._stop_fast()
                 self.channels.cut()
                 raise TransportError(self.connection.name, "channel cut during recovery")
         elif cuts.due(self.report.placed_pages["postcopy"]):
             cuts.done += 1
+            self._stop_fast()
             self.channels.cut()
             raise TransportError(self.connection.name, "channel cut on purpose")
 
@@ -172,6 +187,7 @@ class DestinationRunner:
         """The channel broke: pause and take the source's next channel, if the migration
         can recover here (after RUN, with a way to accept one). False: it cannot; the
         caller fails as without recovery."""
+        self._stop_fast()
         if not self.channels.can_reopen:
             return False
         with self._machine_lock:
@@ -200,7 +216,10 @@ class DestinationRunner:
 
     def _receive(self, buffer: bytearray) -> int:
         try:
-            count = self.connection.recv_into(buffer)
+            if self._fast is not None:
+                count = self._fast.read(buffer, self.idle_timeout, self.connection.name)
+            else:
+                count = self.connection.recv_into(buffer)
         except TransportError:
             raise
         except TimeoutError:
@@ -297,6 +316,7 @@ class DestinationRunner:
             case ev.GuestRunning():
                 self.report.running_at = time.monotonic()
                 self.report.postcopy = True
+                self._start_fast()
                 self._start_guest()
             case ev.MigrationCompleted(postcopy=postcopy):
                 self.completed = True
@@ -310,6 +330,7 @@ class DestinationRunner:
                 if self._broke_at is not None:
                     self.report.paused_s += time.monotonic() - self._broke_at
                     self._broke_at = None
+                self._start_fast()
             case ev.PartialHostPageDropped(block=block, host_offset=host_offset):
                 # The RAM places a host page whole, once all of it came: nothing of it is
                 # in memory yet; what was gathered of it goes, and the whole page comes again.
@@ -359,6 +380,10 @@ class DestinationRunner:
         counts = self.report.block_pages.setdefault(run.block, [0, 0])
         counts[0] += run.count
         counts[1] += run.zero_count
+        if self._fast is not None and not replace:
+            # Pages the C thread placed are found in place here: they were placed all the
+            # same, and the fault thread's waiters on them are answered now.
+            block.notify_placed(run.headers)
         if self._awaiting and not replace:
             # A requested page that is now in place has been answered. list() copies the
             # keys in one step: the fault thread adds requests meanwhile.
@@ -370,7 +395,9 @@ class DestinationRunner:
         """A page arrived: if it was requested, that request's round trip is over."""
         sent = self._awaiting.pop((block, host_offset), None)
         if sent is not None and sent[0]:
-            waited = time.monotonic_ns() - sent[0]
+            ram = self._session().block(block)
+            placed = ram.placed_at(host_offset // ram.page_size) or time.monotonic_ns()
+            waited = max(0, placed - sent[0])
             self.report.request_placed_ns.append(waited)
             self.report.request_log.append((sent[0], waited, block, host_offset))
 
@@ -392,6 +419,21 @@ class DestinationRunner:
             )
             self.session.start_vcpu(largest.idstr, workload, index * share, share)
 
+    def _start_fast(self) -> None:
+        if self.fast_path and self._fast is None and self.session is not None:
+            self._fast = start_fast_path(self.connection, self.dest, self.session.blocks)
+
+    def _stop_fast(self) -> None:
+        """Stop the C receive thread before its channel closes; the runner reads on."""
+        if self._fast is not None:
+            stats, waits = self._fast.stop()
+            self._fast = None
+            for name in ("bytes", "records", "placed", "existing", "place_errors", "syncs"):
+                self.report.fast_path[name] = self.report.fast_path.get(name, 0) + getattr(
+                    stats, name
+                )
+            self.report.fast_path_wait_ns += waits
+
     def _on_fault(self, request: PageRequest) -> None:
         """Called on the fault thread: ask the source for the page, now."""
         with self._machine_lock:
@@ -409,9 +451,10 @@ class DestinationRunner:
                 sent[0] = time.monotonic_ns()
                 try:
                     self.connection.sendall(data)
-                except TransportError:
-                    # The channel broke: the main loop pauses; the request stays pending in
-                    # the machine and is sent again after the resume.
+                except (TransportError, ValueError):
+                    # The channel broke (or the main loop, pausing, closed it already: a
+                    # closed socket's descriptor is -1): the request stays pending in the
+                    # machine and is sent again after the resume.
                     return
         if asked is not None:
             self.report.requests += 1
@@ -462,7 +505,7 @@ class DestinationRunner:
             try:
                 with self._send_lock:
                     self.connection.sendall(data)
-            except TransportError:
+            except (TransportError, ValueError):  # broken, or closed by a failed pause
                 pass
 
     def _with_context(self, error: QmigError) -> QmigError:

@@ -218,6 +218,8 @@ def report_json(runner: DestinationRunner) -> dict[str, object]:
         "pongs": runner.dest.pongs_sent,
         "recoveries": report.recoveries,
         "paused_s": report.paused_s,
+        "fast_path": report.fast_path,
+        "fast_path_wait_ns": report.fast_path_wait_ns,
         "state": runner.dest.state.name,
     }
 

@@ -1,0 +1,405 @@
+/* The destination's postcopy receive path in C: a thread of its own owns the channel's socket
+   once the guest runs here, reads it, and places every ZERO/PAGE record it can follow the
+   moment it arrives, with no Python and no GIL in between. Every byte still goes to Python
+   (qmig_fastpath_read), whose protocol machine reads the whole stream as before and stays
+   the one authority: it re-reads the page records (their pages are then found in place) and
+   decides everything else. The C reader only follows the simple part of the grammar, a ram
+   section's page records, EOS, footer and the next ram section's header; at anything else
+   it stops placing ("unsynced") until Python, whose reader knows where the next record
+   starts, tells it (qmig_fastpath_sync). A page it places is one the machine will read as a
+   page record of the same block at the same offset, so the two agree on what is placed; an
+   error in the stream is found by the machine, at its offset, as without the fast path.
+
+   Offsets are the machine reader's absolute stream offsets. The ring holds the bytes from a
+   little behind Python's read position (RETAIN: Python may sync at the start of a record it
+   read only in part) up to what the socket gave. Every wire number (flags, section types,
+   page size, the ram section's id) comes from Python, which takes it from the profile. */
+#define _GNU_SOURCE
+#include "uffd_internal.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { MODE_UNSYNCED = 0, MODE_TOP = 1, MODE_RAM = 2, MODE_FOOTER = 3 };
+enum { HEADER = sizeof(uint64_t), SECTION_HEADER = 1 + sizeof(uint32_t), BATCH = 256 };
+
+struct qmig_fastpath {
+    struct qmig_fastpath_config cfg;
+    struct qmig_block **blocks;
+    char (*names)[256];
+    uint8_t *ring;
+    uint64_t ring_base;   /* stream offset of ring[0] */
+    uint64_t fill;        /* bytes in the ring */
+    uint64_t read;        /* Python's next byte */
+    uint64_t parse;       /* the C reader's next record (when synced) */
+    int mode;
+    int block;            /* the current block, or -1 */
+    int sync_pending;
+    uint64_t sync_offset;
+    int sync_mode, sync_block;
+    int done;             /* 1: EOF or error seen; the rest of the ring is still read */
+    int error;            /* errno of the failed recv, 0 at EOF */
+    int quit;
+    uint64_t followed;    /* the ring's end when the C reader last looked: wait for more */
+    uint64_t recv_ns;     /* CLOCK_MONOTONIC when the last recv() returned */
+    uint32_t *waits;      /* per data page placed: recv() → placed, ns (capped), up to
+                             cfg.wait_log entries */
+    struct qmig_fastpath_stats stats;
+    pthread_mutex_t lock;
+    pthread_cond_t more;  /* bytes, EOF or error for Python */
+    pthread_cond_t room;  /* room in the ring, or quit */
+    pthread_t thread;
+};
+
+static inline uint64_t be64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_bswap64(v);
+}
+
+static inline uint32_t be32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_bswap32(v);
+}
+
+static int find_block(const struct qmig_fastpath *fp, const uint8_t *name, unsigned len)
+{
+    for (int i = 0; i < fp->cfg.nblocks; i++)
+        if (strlen(fp->names[i]) == len && memcmp(fp->names[i], name, len) == 0)
+            return i;
+    return -1;
+}
+
+/* Place a batch of one block's records; a failure leaves the rest to Python. */
+static int place_batch(struct qmig_fastpath *fp, int block, const uint64_t *headers,
+                       const uint64_t *bodies, uint64_t n)
+{
+    struct qmig_records_result res;
+    if (!n)
+        return 0;
+    int ret = qmig_place_records(fp->blocks[block], fp->ring, fp->ring_base, headers, bodies,
+                                 n, fp->cfg.flag_page, 0, &res);
+    fp->stats.records += ret < 0 ? res.error_record : n;
+    fp->stats.placed += res.placed;
+    fp->stats.existing += res.existing;
+    if (ret < 0) {
+        fp->stats.place_errors++;
+        return ret;
+    }
+    /* A data page is placed alone, right after the recv() that completed it: its wait is
+       this chunk's (a record that came in an earlier chunk is rare, and counted short). */
+    if (n == 1 && (headers[0] & fp->cfg.flag_page) && res.placed &&
+        fp->stats.waits < fp->cfg.wait_log) {
+        uint64_t waited = res.t_ns > fp->recv_ns ? res.t_ns - fp->recv_ns : 0;
+        fp->waits[fp->stats.waits++] = waited > UINT32_MAX ? UINT32_MAX : (uint32_t)waited;
+    }
+    return 0;
+}
+
+/* Follow the stream from fp->parse up to end, placing page records; stop at what the C
+   reader does not follow (unsynced) or at an incomplete record. */
+static void follow(struct qmig_fastpath *fp, uint64_t end)
+{
+    const struct qmig_fastpath_config *c = &fp->cfg;
+    uint64_t headers[BATCH], bodies[BATCH], n = 0;
+    int batch_block = -1;
+    while (fp->mode != MODE_UNSYNCED) {
+        const uint8_t *p = fp->ring + (fp->parse - fp->ring_base);
+        uint64_t have = end - fp->parse;
+        if (fp->mode == MODE_TOP || fp->mode == MODE_FOOTER) {
+            if (have < SECTION_HEADER)
+                break;
+            uint32_t want = fp->mode == MODE_TOP ? c->section_part : c->section_footer;
+            if (p[0] != want || be32(p + 1) != c->ram_section_id) {
+                fp->mode = MODE_UNSYNCED;
+                break;
+            }
+            fp->parse += SECTION_HEADER;
+            fp->mode = fp->mode == MODE_TOP ? MODE_RAM : MODE_TOP;
+            continue;
+        }
+        if (have < HEADER)
+            break;
+        uint64_t header = be64(p), flags = header & c->flag_mask;
+        uint64_t kind = flags & ~c->flag_continue;
+        if (flags == c->flag_eos) {
+            fp->parse += HEADER;
+            fp->mode = c->section_footer_present ? MODE_FOOTER : MODE_TOP;
+            continue;
+        }
+        if (kind != c->flag_zero && kind != c->flag_page) {
+            fp->mode = MODE_UNSYNCED;
+            break;
+        }
+        uint64_t at = HEADER;
+        int block = fp->block;
+        if (!(flags & c->flag_continue)) {
+            if (have < at + 1 || have < at + 1 + p[at])
+                break;
+            block = find_block(fp, p + at + 1, p[at]);
+            at += 1 + p[at];
+        }
+        uint64_t body = kind == c->flag_page ? c->target_page : 1;
+        if (have < at + body)
+            break;
+        const struct qmig_block *b = block >= 0 ? fp->blocks[block] : NULL;
+        uint64_t offset = header & ~c->flag_mask;
+        /* Huge host pages are gathered by one thread, and an offset outside the block is
+           the machine's error to report: both are left to Python. */
+        if (!b || b->page_size != c->target_page || offset >= b->length) {
+            fp->mode = MODE_UNSYNCED;
+            break;
+        }
+        if (block != batch_block || n == BATCH) {
+            if (batch_block >= 0 && place_batch(fp, batch_block, headers, bodies, n) < 0) {
+                n = 0;
+                fp->mode = MODE_UNSYNCED;
+                break;
+            }
+            n = 0;
+            batch_block = block;
+        }
+        headers[n] = header;
+        bodies[n] = fp->parse + at;
+        n++;
+        fp->block = block;
+        fp->parse += at + body;
+        /* A data page goes in at once (a vCPU may wait on it); zero pages are gathered. */
+        if (kind == c->flag_page) {
+            if (place_batch(fp, batch_block, headers, bodies, n) < 0)
+                fp->mode = MODE_UNSYNCED;
+            n = 0;
+        }
+    }
+    if (n && place_batch(fp, batch_block, headers, bodies, n) < 0)
+        fp->mode = MODE_UNSYNCED;
+}
+
+/* Under the lock: drop what neither reader needs any more, to make room at the end. */
+static void compact(struct qmig_fastpath *fp)
+{
+    uint64_t keep = fp->read > fp->cfg.retain ? fp->read - fp->cfg.retain : 0;
+    if (fp->mode != MODE_UNSYNCED && fp->parse < keep)
+        keep = fp->parse;
+    if (keep < fp->ring_base + fp->cfg.ring_size / 4)
+        return;
+    uint64_t drop = keep - fp->ring_base;
+    memmove(fp->ring, fp->ring + drop, fp->fill - drop);
+    fp->fill -= drop;
+    fp->ring_base = keep;
+}
+
+static void apply_sync(struct qmig_fastpath *fp)
+{
+    fp->sync_pending = 0;
+    if (fp->sync_offset < fp->ring_base || fp->sync_offset > fp->ring_base + fp->fill)
+        return;  /* too old: wait for the next one */
+    fp->parse = fp->sync_offset;
+    fp->mode = fp->sync_mode;
+    fp->block = fp->sync_block;
+    fp->followed = 0;
+    fp->stats.syncs++;
+}
+
+static void *run(void *arg)
+{
+    struct qmig_fastpath *fp = arg;
+    struct pollfd polls[2] = {{.fd = fp->cfg.fd, .events = POLLIN},
+                              {.fd = fp->cfg.quitfd, .events = POLLIN}};
+    pthread_mutex_lock(&fp->lock);
+    for (;;) {
+        if (fp->sync_pending)
+            apply_sync(fp);
+        uint64_t end = fp->ring_base + fp->fill;
+        if (fp->mode != MODE_UNSYNCED && fp->parse < end && end != fp->followed) {
+            fp->followed = end;
+            pthread_mutex_unlock(&fp->lock);
+            follow(fp, end);  /* only the C thread moves parse and the ring's bytes */
+            pthread_mutex_lock(&fp->lock);
+            continue;
+        }
+        if (fp->quit)
+            break;
+        /* Moved down only a quarter of the ring or more at a time: each move costs a copy
+           of what is still held. */
+        if (fp->cfg.ring_size - fp->fill < fp->cfg.ring_size / 4)
+            compact(fp);
+        if (fp->fill == fp->cfg.ring_size) {
+            pthread_cond_wait(&fp->room, &fp->lock);
+            continue;
+        }
+        pthread_mutex_unlock(&fp->lock);
+        int ready = poll(polls, 2, -1);
+        ssize_t got = 0;
+        int err = 0;
+        if (ready < 0 && errno != EINTR)
+            err = errno;
+        else if (ready > 0 && polls[1].revents)
+            err = -1;  /* quit */
+        else if (ready > 0) {
+            got = recv(fp->cfg.fd, fp->ring + fp->fill, fp->cfg.ring_size - fp->fill, 0);
+            if (got < 0)
+                err = (errno == EAGAIN || errno == EINTR) ? 0 : errno;
+            else if (got == 0)
+                err = -2;  /* EOF */
+        }
+        pthread_mutex_lock(&fp->lock);
+        if (got > 0) {
+            fp->recv_ns = qmig_now_ns();
+            fp->fill += (uint64_t)got;
+            fp->stats.bytes += (uint64_t)got;
+            pthread_cond_broadcast(&fp->more);
+        } else if (err == -1) {
+            fp->quit = 1;
+        } else if (err) {
+            fp->done = 1;
+            fp->error = err > 0 ? err : 0;
+            pthread_cond_broadcast(&fp->more);
+            break;
+        }
+    }
+    fp->done = 1;
+    pthread_cond_broadcast(&fp->more);
+    pthread_mutex_unlock(&fp->lock);
+    return NULL;
+}
+
+struct qmig_fastpath *qmig_fastpath_start(const struct qmig_fastpath_config *cfg,
+                                          struct qmig_block **blocks, const char *names,
+                                          int *err)
+{
+    struct qmig_fastpath *fp = calloc(1, sizeof *fp);
+    *err = ENOMEM;
+    if (!fp)
+        return NULL;
+    fp->cfg = *cfg;
+    fp->blocks = calloc((size_t)cfg->nblocks + 1, sizeof *fp->blocks);
+    fp->names = calloc((size_t)cfg->nblocks + 1, sizeof *fp->names);
+    fp->ring = malloc(cfg->ring_size);
+    fp->waits = calloc(cfg->wait_log + 1, sizeof *fp->waits);
+    if (!fp->blocks || !fp->names || !fp->ring || !fp->waits || cfg->nblocks < 0)
+        goto fail;
+    /* names: each block's idstr, NUL-terminated, one after another */
+    for (int i = 0; i < cfg->nblocks; i++) {
+        size_t len = strlen(names);
+        if (len > 255 || !block_sizes_valid(blocks[i])) {
+            *err = EINVAL;
+            goto fail;
+        }
+        memcpy(fp->names[i], names, len);
+        names += len + 1;
+        fp->blocks[i] = blocks[i];
+    }
+    fp->ring_base = fp->read = fp->parse = cfg->start_offset;
+    fp->block = -1;
+    pthread_mutex_init(&fp->lock, NULL);
+    pthread_cond_init(&fp->more, NULL);
+    pthread_cond_init(&fp->room, NULL);
+    if ((*err = pthread_create(&fp->thread, NULL, run, fp)) != 0)
+        goto fail;
+    *err = 0;
+    return fp;
+fail:
+    free(fp->waits);
+    free(fp->ring);
+    free(fp->names);
+    free(fp->blocks);
+    free(fp);
+    return NULL;
+}
+
+static void deadline_after(struct timespec *ts, int timeout_ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += timeout_ms / 1000;
+    ts->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+int64_t qmig_fastpath_read(struct qmig_fastpath *fp, uint8_t *out, uint64_t cap, int timeout_ms)
+{
+    struct timespec deadline;
+    deadline_after(&deadline, timeout_ms);
+    pthread_mutex_lock(&fp->lock);
+    while (fp->read == fp->ring_base + fp->fill && !fp->done) {
+        if (pthread_cond_timedwait(&fp->more, &fp->lock, &deadline) == ETIMEDOUT) {
+            pthread_mutex_unlock(&fp->lock);
+            return -ETIMEDOUT;
+        }
+    }
+    uint64_t avail = fp->ring_base + fp->fill - fp->read;
+    int64_t ret;
+    if (avail) {
+        uint64_t n = avail < cap ? avail : cap;
+        memcpy(out, fp->ring + (fp->read - fp->ring_base), n);
+        fp->read += n;
+        ret = (int64_t)n;
+        pthread_cond_signal(&fp->room);
+    } else {
+        ret = fp->error ? -fp->error : 0;
+    }
+    pthread_mutex_unlock(&fp->lock);
+    return ret;
+}
+
+void qmig_fastpath_sync(struct qmig_fastpath *fp, uint64_t offset, int mode, int block)
+{
+    pthread_mutex_lock(&fp->lock);
+    if (fp->mode == MODE_UNSYNCED) {
+        fp->sync_pending = 1;
+        fp->sync_offset = offset;
+        fp->sync_mode = mode;
+        fp->sync_block = block;
+        pthread_cond_signal(&fp->room);
+    }
+    pthread_mutex_unlock(&fp->lock);
+}
+
+void qmig_fastpath_stats(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out)
+{
+    pthread_mutex_lock(&fp->lock);
+    *out = fp->stats;
+    out->synced = fp->mode != MODE_UNSYNCED;
+    out->parsed_to = fp->parse;
+    pthread_mutex_unlock(&fp->lock);
+}
+
+/* Stop the thread; then its last figures go to *out, and up to cap recv() → placed times
+   to waits (*nwaits of them). */
+void qmig_fastpath_stop(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out,
+                        uint32_t *waits, uint64_t cap, uint64_t *nwaits)
+{
+    pthread_mutex_lock(&fp->lock);
+    fp->quit = 1;
+    pthread_cond_broadcast(&fp->room);
+    pthread_mutex_unlock(&fp->lock);
+    uint64_t one = 1;
+    if (write(fp->cfg.quitfd, &one, sizeof one) < 0) {
+        /* an eventfd write fails only on overflow: the thread is woken already */
+    }
+    pthread_join(fp->thread, NULL);
+    qmig_fastpath_stats(fp, out);
+    *nwaits = fp->stats.waits < cap ? fp->stats.waits : cap;
+    memcpy(waits, fp->waits, *nwaits * sizeof *waits);
+    pthread_mutex_destroy(&fp->lock);
+    pthread_cond_destroy(&fp->more);
+    pthread_cond_destroy(&fp->room);
+    free(fp->waits);
+    free(fp->ring);
+    free(fp->names);
+    free(fp->blocks);
+    free(fp);
+}
+
