@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 
 from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.protocol import events as ev
+from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.recv_bitmap import bitmap_size, missing_pages
 from qmig.protocol.states import (
     LOCAL_SOURCE_INPUTS,
@@ -115,7 +116,10 @@ class Source:
         host_page_size: int = 4096,
         configuration: m.Configuration | None = None,
         vmdescription: bytes | None = None,
+        preempt: PreemptVariant | None = None,
     ) -> None:
+        """``preempt``: postcopy-preempt is on: requested pages go out on the preempt
+        channel (:meth:`preempt_data`), whose variant says when it opens and how it ends."""
         self.schema = schema_for(version)
         self.profile = self.schema.profile
         self.target_page_size = self.schema.target_page_size
@@ -161,6 +165,12 @@ class Source:
         self._part_close = self.schema.build_ram_flag("EOS") + self.schema.build_footer(
             RAM_SECTION_ID
         )
+        self.preempt = preempt
+        if preempt is not None and not postcopy_ram:
+            raise LocalProtocolError("source", "postcopy-preempt requires postcopy-ram")
+        self._preempt_out = bytearray()
+        self._preempt_named: SourceBlock | None = None  # the preempt channel's last block
+        self.preempt_pages = 0  # target pages sent on the preempt channel
         for block in self.blocks:
             block.dirty = bytearray(b"\x01") * self._pages(block)
 
@@ -253,6 +263,8 @@ class Source:
             )
         after = self._next(SourceInput.CHANNEL_BROKEN)
         self._out.clear()
+        self._preempt_out.clear()
+        self._preempt_named = None
         self._requests.clear()
         self._postcopy_section_open = False
         self._named_block = None
@@ -355,6 +367,29 @@ class Source:
         self._out.clear()
         return out
 
+    def preempt_data(self) -> bytes:
+        """Postcopy-preempt: the bytes for the preempt channel (requested pages, each host
+        page whole, and EOS at the end in the pre-7.2 variant)."""
+        if self.state is SourceState.POSTCOPY and self._requests:
+            self._urgent_pages()
+        out = bytes(self._preempt_out)
+        self._preempt_out.clear()
+        return out
+
+    def _urgent_pages(self) -> None:
+        """Every queued request onto the preempt channel. The background sweep stays where
+        it is: it goes on on the main channel, where it was."""
+        while self._requests:
+            block, first = self._requests.popleft()
+            per_host = block.page_size // self.target_page_size
+            wanted = array("Q", (p for p in range(first, first + per_host) if block.dirty[p]))
+            if wanted:
+                data = self._page_records(
+                    block, wanted, postcopy=True, requested=True, preempt=True
+                )
+                self._preempt_out += data
+                self.preempt_pages += len(wanted)
+
     def requested_data(self) -> bytes:
         """Postcopy: the pages asked for on the return path and not yet in the stream, and
         nothing else. A runner sends them as soon as they are asked for, ahead of the
@@ -363,6 +398,8 @@ class Source:
         (the switchover, if not taken yet) come first; with no request, nothing is taken."""
         if self.state is not SourceState.POSTCOPY or not self._requests:
             return b""
+        if self.preempt is not None:
+            return b""  # they go on the preempt channel: preempt_data()
         self._postcopy_section(0, sweep=False)
         out = bytes(self._out)
         self._out.clear()
@@ -379,6 +416,8 @@ class Source:
         self._out += self._part_close
 
     def _postcopy_section(self, budget: int, *, sweep: bool = True) -> None:
+        if self.preempt is not None:
+            self._urgent_pages()
         if not self._postcopy_section_open:
             self._out += self._part_open
             self._named_block = None
@@ -428,6 +467,8 @@ class Source:
         self._out += schema.build_section(m.SectionEnd(RAM_SECTION_ID))
         self._out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
         self._out += schema.eof.build(m.Eof())
+        if self.preempt is not None and self.preempt.ends_with_eos:
+            self._preempt_out += schema.build_ram_flag("EOS")
         self._move(SourceInput.STREAM_SENT)
 
     def _pages_for(self, budget: int) -> int:
@@ -462,10 +503,21 @@ class Source:
         return None
 
     def _page_records(
-        self, block: SourceBlock, pages: array[int], *, postcopy: bool, requested: bool = False
+        self,
+        block: SourceBlock,
+        pages: array[int],
+        *,
+        postcopy: bool,
+        requested: bool = False,
+        preempt: bool = False,
     ) -> bytes:
-        name = None if block is self._named_block else block.idstr
-        self._named_block = block
+        """``preempt``: for the preempt channel, which names blocks on its own."""
+        if preempt:
+            name = None if block is self._preempt_named else block.idstr
+            self._preempt_named = block
+        else:
+            name = None if block is self._named_block else block.idstr
+            self._named_block = block
         data, zeros = self._scanner.emit(block.ram, pages, name)
         first, last = pages[0], pages[-1]
         if last - first + 1 == len(pages):  # a contiguous batch, the usual case: one slice
