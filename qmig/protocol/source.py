@@ -103,12 +103,14 @@ class SourceStats:
 class Source:
     """QEMU's outgoing side, for one migration."""
 
+    DEFAULT_MACHINE_TYPE = "pc-i440fx-7.2"
+
     def __init__(
         self,
         blocks: Sequence[SourceBlock],
         *,
         version: str | None = None,
-        machine_type: str = "pc-i440fx-7.2",
+        machine_type: str = DEFAULT_MACHINE_TYPE,
         postcopy_ram: bool = True,
         return_path: bool = True,
         devices: Sequence[DeviceSnapshot] = (),
