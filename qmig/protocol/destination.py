@@ -30,7 +30,7 @@ from qmig.errors import (
     TruncatedError,
 )
 from qmig.protocol import events as ev
-from qmig.protocol.preempt import PreemptVariant
+from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.ram_config import HOST_PAGE_SIZE, RamConfig
 from qmig.protocol.recv_bitmap import received_bitmap
@@ -87,10 +87,13 @@ class Destination:
         ram: RamConfig | None = None,
         local_page_sizes: dict[str, int] | None = None,
         preempt: PreemptVariant | None = None,
+        preempt_from_machine: bool = False,
     ) -> None:
         """``ram``: the destination's own RAM (page size, blocks, limit); by default ordinary
         RAM of the host's pages, the blocks MEM_SIZE announces, no limit. ``preempt``:
-        postcopy-preempt is on (a second channel, see :meth:`open_preempt_channel`)."""
+        postcopy-preempt is on (a second channel, see :meth:`open_preempt_channel`);
+        ``preempt_from_machine``: its variant is the one the CONFIGURATION's machine type
+        gets with this QEMU version (as QEMU's x-preempt-pre-7-2 follows the machine)."""
         self.reader = StreamReader(
             version, local_page_sizes=local_page_sizes, host_page_size=host_page_size
         )
@@ -124,6 +127,7 @@ class Destination:
         self._current_section: m.SectionFull | m.SectionStart | None = None
         self._host_page_fill: dict[str, tuple[int, int]] = {}
         self.preempt = preempt
+        self._preempt_from_machine = preempt_from_machine
         self.preempt_channel: PreemptChannel | None = None
 
     def open_preempt_channel(self) -> PreemptChannel:
@@ -350,6 +354,8 @@ class Destination:
         pass
 
     def _on_configuration(self, message: m.Configuration, record: Record) -> None:
+        if self.preempt is not None and self._preempt_from_machine:
+            self.preempt = preempt_variant(self.profile, message.machine_type)
         self._pending.append(ev.StreamOpened(message))
 
     def _on_open_return_path(self, message: m.OpenReturnPath, record: Record) -> None:
