@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import add_alias, add_bandwidth, count, positive_count, seconds
+from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
 from qmig.report.cli import add_report, check_report
 from qmig.sizes import format_size
@@ -55,6 +56,7 @@ def register(subparsers: Any) -> None:
         "where the captured source switched, and a precopy capture stays precopy",
     )
     add_bandwidth(parser)
+    add_preempt(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--pause-after",
@@ -121,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
             resume_to=args.resume_to,
             resume_timeout=args.resume_timeout,
             pause_during_recovery=args.pause_during_recovery,
+            preempt=args.preempt,
+            preempt_variant=args.preempt_variant,
         )
         progress = None if args.json else _Progress()
         recorder = None
