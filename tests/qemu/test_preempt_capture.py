@@ -107,3 +107,40 @@ def test_capture_relays_and_records_the_preempt_channel(
     capture = read_capture(out)
     assert capture.stream.startswith(b"QEVM")
     assert not (out / PREEMPT_NAME).read_bytes().startswith(b"QEVM")  # no header of its own
+
+
+@pytest.mark.qemu
+def test_a_preempt_capture_inspects_on_one_timeline_and_replays(
+    machines: MachineFactory, tmp_path: Path
+) -> None:
+    out, _summary = capture_preempt(machines, tmp_path, None, "pc")
+    inspected = subprocess.run(
+        qmig("inspect", str(out), "--json"), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert inspected.returncode == 0, inspected.stderr
+    report = json.loads(inspected.stdout)
+    preempt = report["preempt"]
+    assert preempt["pages"] > 0 and preempt["ended_with_eos"] is True  # QEMU 7.2's variant
+    on_preempt = [r for r in report["requests"] if r["answered_on"] == "preempt"]
+    assert on_preempt and preempt["answered_requests"] == len(on_preempt)
+    assert all(r["latency_us"] is not None and r["latency_us"] >= 0 for r in on_preempt)
+    listing = subprocess.run(
+        qmig("inspect", str(out)), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert " preempt " in listing.stdout and "at preempt byte" in listing.stdout
+    # Replayed into a fresh QEMU, with the pages the preempt channel carried.
+    destination = machines(
+        "replayed", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", machine_type="pc"
+    )
+    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    uri = f"tcp:127.0.0.1:{destination.incoming_port()}"
+    replayed = subprocess.run(
+        qmig("replay", str(out), "--to", uri, "--preempt", "--json", "--bandwidth", "32"),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["preempt"] == "pre-7.2"
+    (tmp_path / "replayed").mkdir()
+    check_guest_runs_on(destination, SPEC, tmp_path / "replayed")
