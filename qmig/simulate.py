@@ -127,10 +127,6 @@ class SimulationConfig:
             raise QmigError(
                 "--preempt", "postcopy-preempt requires postcopy-ram (not precopy only)"
             )
-        if self.preempt and self.pause_after is not None:
-            raise QmigError(
-                "--preempt", "not with --pause-after yet: recovery re-opens one channel"
-            )
         self.variant()  # a version without the capability, an unknown variant
 
 

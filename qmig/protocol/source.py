@@ -171,6 +171,7 @@ class Source:
         if preempt is not None and not postcopy_ram:
             raise LocalProtocolError("source", "postcopy-preempt requires postcopy-ram")
         self._preempt_out = bytearray()
+        self.awaiting_preempt_channel = False  # recovery: the bitmaps are in, see _on_bitmap
         self._preempt_named: SourceBlock | None = None  # the preempt channel's last block
         self.preempt_pages = 0  # target pages sent on the preempt channel
         for block in self.blocks:
@@ -267,6 +268,7 @@ class Source:
         self._out.clear()
         self._preempt_out.clear()
         self._preempt_named = None
+        self.awaiting_preempt_channel = False
         self._requests.clear()
         self._postcopy_section_open = False
         self._named_block = None
@@ -310,7 +312,20 @@ class Source:
         self._events.append(ev.BitmapReceived(block.idstr, missing))
         self._bitmaps_awaited.discard(block.idstr)
         if not self._bitmaps_awaited:
-            self._out += self.schema.build_command(m.PostcopyResume())
+            if self.preempt is not None:
+                # QEMU opens the preempt channel again here, after the bitmap sync (so that
+                # the main one is the first the destination sees), and only then resumes.
+                self.awaiting_preempt_channel = True
+            else:
+                self._out += self.schema.build_command(m.PostcopyResume())
+
+    def preempt_channel_opened(self) -> None:
+        """Recovery with postcopy-preempt: the new preempt channel is up; POSTCOPY_RESUME
+        follows on the main one."""
+        if not self.awaiting_preempt_channel:
+            raise LocalProtocolError("source", "no preempt channel is awaited")
+        self.awaiting_preempt_channel = False
+        self._out += self.schema.build_command(m.PostcopyResume())
 
     def _on_resume_ack(self, message: m.ResumeAck, record: Record) -> None:
         if message.value != RESUME_ACK_VALUE:

@@ -195,6 +195,7 @@ class DestinationRunner:
             if not self.dest.can_pause:
                 return False
             self.dest.channel_broken()
+        self._stop_preempt()  # the source's pause ends its preempt channel as well
         if self._broke_at is None:
             self._broke_at = time.monotonic()
         self._drain()
@@ -210,6 +211,7 @@ class DestinationRunner:
             self.connection.socket.settimeout(self.idle_timeout)
         with self._machine_lock:
             self.dest.new_channel()
+        self._restart_preempt()
         return True
 
     def _receive(self, buffer: bytearray) -> int:
@@ -372,24 +374,33 @@ class DestinationRunner:
 
     # --- the preempt channel (postcopy-preempt) --------------------------------------------
 
-    def _start_preempt(self) -> None:
+    def _start_preempt(self, *, at_setup: bool = True) -> None:
         """Take the preempt channel on a thread of its own, as QEMU's preempt thread: in the
         pre-7.2 variant it is accepted first (the destination waits for every channel before
-        it loads), in the 8.0 variant whenever the source opens it."""
+        it loads), in the 8.0 variant whenever the source opens it; after a recovery
+        (``at_setup`` False) whenever the source opens it again, after the bitmaps."""
         variant = self.dest.preempt
         if variant is None:
             return
-        if variant.opened_at_setup and self.channels.get(PREEMPT) is None:
+        if at_setup and variant.opened_at_setup and self.channels.get(PREEMPT) is None:
             self.channels.open(PREEMPT, self.idle_timeout)
         self._preempt_thread = threading.Thread(
             target=self._preempt_loop, name="qmig-preempt", daemon=True
         )
         self._preempt_thread.start()
 
+    def _restart_preempt(self) -> None:
+        if self.dest.preempt is None:
+            return
+        self._preempt_stop = threading.Event()
+        self._preempt_thread = None
+        self._start_preempt(at_setup=False)
+
     def _preempt_loop(self) -> None:
+        stop = self._preempt_stop  # this thread's own: a recovery starts another
         try:
             connection = self.channels.get(PREEMPT)
-            while connection is None and not self._preempt_stop.is_set():
+            while connection is None and not stop.is_set():
                 try:
                     connection = self.channels.open(PREEMPT, PREEMPT_POLL)
                 except TransportError:
@@ -399,10 +410,17 @@ class DestinationRunner:
             with self._machine_lock:
                 channel = self.dest.open_preempt_channel()
             buffer = bytearray(RECV_CHUNK)
-            while not self._preempt_stop.is_set():
+            while not stop.is_set():
                 count = -1  # nothing new: what waited for LISTEN may be loadable now
                 if select.select([connection], [], [], PREEMPT_POLL)[0]:
-                    count = connection.recv_into(buffer)
+                    try:
+                        count = connection.recv_into(buffer)
+                    except TransportError:
+                        if self._pausable():
+                            return  # the main loop pauses; a new preempt channel follows
+                        raise
+                if count == 0 and self._pausable():
+                    return
                 with self._machine_lock:
                     if count > 0:
                         channel.receive_data(memoryview(buffer)[:count])
@@ -418,6 +436,14 @@ class DestinationRunner:
             with contextlib.suppress(QmigError):
                 self._send_return_path(data)
             self.channels.cut()  # the main loop stops, and reports this error
+
+    def _pausable(self) -> bool:
+        """Would (or did) a broken channel pause the migration, rather than fail it?"""
+        with self._machine_lock:
+            return self.channels.can_reopen and (
+                self.dest.can_pause
+                or self.dest.state in (DestinationState.PAUSED, DestinationState.RECOVER)
+            )
 
     def _drain_preempt(self, channel: PreemptChannel) -> bool:
         """Place what the preempt channel brought; True once it has ended."""

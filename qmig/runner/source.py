@@ -194,6 +194,7 @@ class SourceRunner:
         if source.state is not SourceState.PAUSED:
             source.channel_broken()
             self._take_events()
+        self.channels.close(PREEMPT)  # QEMU's pause shuts the preempt channel down too
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -229,6 +230,9 @@ class SourceRunner:
             if time.monotonic() > deadline:
                 raise TransportError(self.connection.name, "no RESUME_ACK in time")
             self._poll_return_path(0.5)
+            if self.source.awaiting_preempt_channel:
+                self.channels.open(PREEMPT, max(0.1, deadline - time.monotonic()))
+                self.source.preempt_channel_opened()
 
     def _maybe_cut(self) -> None:
         """Fault injection: break the channel once the plan's page count is reached."""

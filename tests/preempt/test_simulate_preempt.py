@@ -70,3 +70,24 @@ def test_preempt_options_that_cannot_work_are_refused(args: tuple[str, ...], mes
     assert done.returncode != 0
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--qemu-version", "7.2"),
+        ("--machine-type", "pc-q35-10.0", "--pauses", "2"),
+        ("--machine-type", "pc-q35-10.0", "--pause-during-recovery"),
+    ],
+    ids=["pre-7.2", "8.0-twice", "8.0-double-failure"],
+)
+def test_a_preempt_migration_pauses_and_recovers(args: tuple[str, ...]) -> None:
+    """Both channels go with the cut; the preempt one is opened again after the bitmaps,
+    before POSTCOPY_RESUME, and carries requested pages again."""
+    result = verified(
+        "--preempt", "--postcopy-after", "0", "--bandwidth", "20", "--pause-after", "2000", *args
+    )
+    pauses = 2 if "--pauses" in args else 1
+    assert result["recoveries"] == result["destination_recoveries"] == pauses
+    pages = result["preempt_pages"]
+    assert pages["sent"] == pages["received"] and pages["sent"]["preempt"] > 0
