@@ -26,10 +26,12 @@ CHANNEL = "preempt"
 def preempt_records(path: Path, main: StreamReader) -> list[Record]:
     """Every record of the recorded preempt channel (``main``: the main stream's reader,
     read to its end, whose blocks the channel's records name)."""
+    from qmig.capture.connections import preempt_boundaries
     from qmig.capture.recording import open_capture_file
 
     with open_capture_file(path) as file:
-        return list(read_records(file, PreemptReader(main)))
+        boundaries = preempt_boundaries(path.parent)
+        return list(read_records(file, PreemptReader(main), boundaries=boundaries))
 
 
 def _pages(records: list[Record], timeline: Timeline) -> Iterator[tuple[str, int, int, int]]:

@@ -112,6 +112,8 @@ class Relay:
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
         self._writer: CaptureWriter | None = None
+        self._preempt_connections: list[Connection] = []
+        self._preempt_giving_up = threading.Event()
 
     @property
     def port(self) -> int:
@@ -197,21 +199,24 @@ class Relay:
             raise
         self._connections.append(destination)
         writer.restart_clock()
-        preempt = None
-        if self.preempt:
-            preempt = threading.Thread(
-                target=self._relay_preempt, args=(writer,), name="relay-preempt"
-            )
-            preempt.start()
         while True:
-            self.summary.connections.append(
-                {
-                    "t_ns": time.monotonic_ns() - writer.start_ns,
-                    "stream_offset": writer.size(Direction.STREAM),
-                    "return_path_offset": writer.size(Direction.RETURN_PATH),
-                }
-            )
+            where = {
+                "t_ns": time.monotonic_ns() - writer.start_ns,
+                "stream_offset": writer.size(Direction.STREAM),
+                "return_path_offset": writer.size(Direction.RETURN_PATH),
+            }
+            preempt = None
+            if self.preempt:
+                # Opened (again, after a recovery's bitmap sync) once the main one is up.
+                where["preempt_offset"] = writer.size(Direction.PREEMPT)
+                preempt = threading.Thread(
+                    target=self._relay_preempt, args=(writer,), name="relay-preempt"
+                )
+                preempt.start()
+            self.summary.connections.append(where)
             self._relay_connection(source, destination, writer)
+            if preempt is not None:
+                self._end_preempt(preempt)
             if not self.recover_timeout or self._completed(writer):
                 break
             try:
@@ -221,8 +226,6 @@ class Relay:
                 self.summary.stream.end = f"not resumed: {error.detail}"
                 break
         self._listener.close()
-        if preempt is not None:
-            self._end_preempt(preempt)
         self.summary.duration_s = (time.monotonic_ns() - writer.start_ns) / 1e9
         writer.finish()
         for direction, result in self._results():
@@ -290,19 +293,29 @@ class Relay:
         sends nothing on it)."""
         result = self.summary.preempt
         assert result is not None
-        try:
-            source = self._accept()
-        except TransportError as error:
-            result.end = f"no preempt channel: {error.detail}"
+        source = None
+        while source is None and not (self._stop.is_set() or self._preempt_giving_up.is_set()):
+            try:
+                source = self._listener.accept(timeout=ACCEPT_POLL_SECONDS)
+            except TransportError as error:
+                if error.detail != "timed out":
+                    result.end = f"no preempt channel: {error.detail}"
+                    return
+        if source is None:
+            result.end = "no preempt channel"
             return
         self._connections.append(source)
+        self._preempt_connections = [source]
+        # After a recovery the destination listens where it was told migrate-recover.
+        uri = self.connect_uri if len(self.summary.connections) <= 1 else self.recover_connect
         try:
-            destination = connect(self.connect_uri)
+            destination = connect(uri)
         except TransportError as error:
             result.end = f"connect: {error.detail}"
             source.close()
             return
         self._connections.append(destination)
+        self._preempt_connections.append(destination)
         back = threading.Thread(
             target=self._pump,
             args=(destination, source, None, Direction.RETURN_PATH),
@@ -319,12 +332,14 @@ class Relay:
         up; one that lingers (or never came) is cut."""
         thread.join(PREEMPT_LINGER_S)
         if thread.is_alive():
-            for connection in self._connections[2:]:
+            for connection in self._preempt_connections:
                 if connection.socket is not None:
                     with contextlib.suppress(OSError):
                         connection.socket.shutdown(socket.SHUT_RDWR)
-            self._stop.set()  # and an accept still waiting gives up
+            self._preempt_giving_up.set()  # and an accept still waiting gives up
             thread.join()
+            self._preempt_giving_up.clear()
+        self._preempt_connections = []
 
     def _results(self) -> list[tuple[Direction, DirectionResult]]:
         results = [

@@ -312,9 +312,10 @@ class Source:
         self._events.append(ev.BitmapReceived(block.idstr, missing))
         self._bitmaps_awaited.discard(block.idstr)
         if not self._bitmaps_awaited:
-            if self.preempt is not None:
-                # QEMU opens the preempt channel again here, after the bitmap sync (so that
-                # the main one is the first the destination sees), and only then resumes.
+            if self.preempt is not None and not self.preempt.opened_at_setup:
+                # QEMU 8.0+ opens the preempt channel again here, after the bitmap sync (so
+                # that the main one is the first the destination sees), and only then
+                # resumes. The pre-7.2 variant opened it with the main one, as at setup.
                 self.awaiting_preempt_channel = True
             else:
                 self._out += self.schema.build_command(m.PostcopyResume())

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from qmig.capture.connections import NewConnection, split_at, stream_boundaries
+from qmig.capture.connections import (
+    NewConnection,
+    preempt_boundaries,
+    split_at,
+    stream_boundaries,
+)
 from qmig.capture.recording import PREEMPT_NAME, capture_file
 from qmig.errors import MalformedError, QmigError
 from qmig.protocol.source import DeviceSnapshot, SourceBlock
@@ -185,7 +190,10 @@ class _Rebuilder:
         if path is None:
             return
         reader = PreemptReader(self.reader)
-        for piece in _chunks(path):
+        for piece in split_at(_chunks(path), preempt_boundaries(self.path.parent)):
+            if isinstance(piece, NewConnection):
+                reader.new_channel(piece.offset)
+                continue
             reader.feed(piece)
             self._drain_preempt(reader)
         reader.feed_eof()

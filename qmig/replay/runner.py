@@ -194,8 +194,14 @@ def replay(
             on_progress(phase, count)
 
     # The preempt channel connects to the same address: QEMU takes it as the next connection.
-    openers = {PREEMPT: lambda timeout: connect(to, timeout=timeout)} if variant else {}
+    # After a recovery the destination listens where it was told migrate-recover.
+    openers: dict[str, Callable[[float], Connection]] = {}
     channels = Channels(opened(connect(to, timeout=CONNECT_TIMEOUT)), reopen, openers)
+    if variant is not None:
+        openers[PREEMPT] = lambda timeout: connect(
+            plan.resume_to if plan.resume_to and channels.opened > 1 else to, timeout=timeout
+        )
+        channels.openers = openers
     connected = time.monotonic()
     if recorder is not None:
         recorder.start = connected

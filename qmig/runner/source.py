@@ -204,6 +204,10 @@ class SourceRunner:
                     f"{self.plan.recover_timeout:g} s",
                 )
             self.channels.reopen(left)
+            preempt = source.preempt
+            if preempt is not None and preempt.opened_at_setup:
+                # As at setup: right after the main channel (the destination waits for both).
+                self.channels.open(PREEMPT, max(0.1, deadline - time.monotonic()))
             source.resume()
             self._take_events()
             try:

@@ -90,4 +90,6 @@ def test_a_preempt_migration_pauses_and_recovers(args: tuple[str, ...]) -> None:
     pauses = 2 if "--pauses" in args else 1
     assert result["recoveries"] == result["destination_recoveries"] == pauses
     pages = result["preempt_pages"]
-    assert pages["sent"] == pages["received"] and pages["sent"]["preempt"] > 0
+    # Pages on their way when a channel went are lost with it, and sent again after the
+    # resume: the destination received at most what was sent on the preempt channel.
+    assert 0 < pages["received"]["preempt"] <= pages["sent"]["preempt"]

@@ -38,7 +38,19 @@ class PreemptReader(StreamReader):
         self.context.advise = main.context.advise
         self._frame = Frame(Mode.RAM, Section(0, RAM_IDSTR, 0, self.profile.ram_section_version))
         self.ended = False  # EOS read: QEMU's preempt thread reads nothing after it
+        self._start = 0  # where the current connection's bytes begin
         self._magic = self.profile.magic.to_bytes(4, "big")
+
+    def new_channel(self, offset: int = 0) -> None:
+        """The channel was opened again (postcopy recovery): bare RAM records from its first
+        byte, the first naming its block; an unfinished record of the old one is dropped.
+        Offsets count from ``offset`` (where it starts in a recording of several)."""
+        self._init_input()
+        self._base = offset
+        self._start = offset
+        self._frame = Frame(Mode.RAM, Section(0, RAM_IDSTR, 0, self.profile.ram_section_version))
+        self.context.current_block = None
+        self.ended = False
 
     def next_record(self) -> Record | Sentinel:
         try:
@@ -61,11 +73,11 @@ class PreemptReader(StreamReader):
         if len(self._buf) - self._pos < head:
             return super()._next()  # a short header: NEED_DATA, or truncated at EOF
         raw = bytes(self._buf[self._pos : self._pos + head])
-        if self.offset == 0 and raw.startswith(self._magic):
+        if self.offset == self._start and raw.startswith(self._magic):
             raise MalformedError(
                 CHANNEL,
                 "a migration stream header: this channel carries bare RAM records, no header",
-                0,
+                self._start,
             )
         flags = self.profile.ram_flags
         record_flags = int.from_bytes(raw, "big") & self.schema.flag_mask
