@@ -18,12 +18,19 @@ from qmig.qemu.machine import Machine
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize(
+    ("version", "wire", "ends_with_eos"),
+    [(None, "7.2", True), ("10.0", "10.0", False)],
+    ids=["7.2", "10.0"],
+)
 def test_capture_of_a_recovered_preempt_migration_inspects_and_replays(
-    machines: object, tmp_path: Path
+    machines: object, tmp_path: Path, version: str | None, wire: str, ends_with_eos: bool
 ) -> None:
     start = machines  # the qemu fixture: start(name, **MachineConfig fields)
     assert callable(start)
-    destination: Machine = start("destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer")
+    destination: Machine = start(
+        "destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", qemu_version=version
+    )
     destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
     destination.migrate_incoming("tcp:127.0.0.1:0")
     recover_uri = f"tcp:127.0.0.1:{free_port()}"
@@ -38,7 +45,7 @@ def test_capture_of_a_recovered_preempt_migration_inspects_and_replays(
     try:
         assert relay.stderr is not None
         relay_uri = relay.stderr.readline().split()[-1]
-        source: Machine = start("source", memory_mib=MEMORY_MIB, guest=SPEC)
+        source: Machine = start("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
         source.wait_serial(1)
         source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
         source.set_parameters(max_bandwidth=32 * MIB, max_postcopy_bandwidth=4 * MIB)
@@ -63,7 +70,7 @@ def test_capture_of_a_recovered_preempt_migration_inspects_and_replays(
     assert summary["clean"] is True
     assert len(summary["connections"]) == 2
     # The preempt channel was opened again after the recovery, recorded after the first.
-    assert 0 < summary["connections"][1]["preempt_offset"] < summary["preempt"]["bytes"]
+    assert 0 < summary["connections"][1]["preempt_offset"] <= summary["preempt"]["bytes"]
     check_guest_runs_on(destination, SPEC, tmp_path)
 
     # One timeline: both connections read, the second from its top level.
@@ -76,6 +83,7 @@ def test_capture_of_a_recovered_preempt_migration_inspects_and_replays(
     assert report["counts"]["POSTCOPY_RESUME"] == 1
     assert report["return_path"]["counts"]["RESUME_ACK"] == 1
     assert report["preempt"]["pages"] > 0 and report["preempt"]["answered_requests"] > 0
+    assert report["preempt"]["ended_with_eos"] is ends_with_eos
     listing = subprocess.run(
         qmig("inspect", str(out)), capture_output=True, text=True, timeout=TIMEOUT
     ).stdout.splitlines()
@@ -84,12 +92,14 @@ def test_capture_of_a_recovered_preempt_migration_inspects_and_replays(
     assert "RECV_BITMAP" in listing[heading + 1]  # the new connection opens with them
 
     # And the capture replays into a fresh destination, whose guest runs on.
-    fresh: Machine = start("fresh", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer")
+    fresh: Machine = start(
+        "fresh", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", qemu_version=version
+    )
     fresh.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
     fresh.migrate_incoming("tcp:127.0.0.1:0")
     replayed = subprocess.run(
         qmig("replay", str(out), "--to", f"tcp:127.0.0.1:{fresh.incoming_port()}",
-             "--qemu-version", "7.2", "--json", "--preempt"),
+             "--qemu-version", wire, "--json", "--preempt"),
         capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert replayed.returncode == 0, replayed.stderr

@@ -476,6 +476,12 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
     table.add_row("blocktime", f"{summary['blocktime_ms']} ms")
     table.add_row("pongs", str(summary["pongs"]))
     table.add_row("recoveries", f"{summary['recoveries']} (paused {summary['paused_ms']} ms)")
+    if summary["preempt"] is not None:
+        pages = summary["preempt_pages"]
+        table.add_row(
+            "preempt", f"{summary['preempt']} variant: pages main {pages['main']:,}, "
+            f"preempt {pages['preempt']:,}"
+        )  # fmt: skip
     for notice in summary["notices"]:
         table.add_row("notice", notice)
     (console or Console()).print(table)

@@ -251,6 +251,12 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
         "request → page sent (µs)",
         f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']}",
     )
+    if summary.get("preempt") is not None:
+        pages = summary["preempt_pages"]
+        table.add_row(
+            "preempt", f"{summary['preempt']} variant: pages main {pages['main']:,}, "
+            f"preempt {pages['preempt']:,}"
+        )  # fmt: skip
     out = console or Console()
     out.print(table)
     if "libvirt" in summary and summary["mode"] == "precopy":
