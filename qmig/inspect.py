@@ -275,6 +275,7 @@ class PageRequest:
     answered_at_byte: int | None = None  # the stream record that completed the range
     answered_t_ns: int | None = None
     in_flight: bool = False  # the answer reached the relay before the request did
+    answered_on: str = "stream"  # the channel of the answer: "stream", or "preempt"
     waiting: set[int] = field(default_factory=set, repr=False)  # target pages still due
 
     @property
@@ -295,6 +296,7 @@ class PageRequest:
             "answered_t_ns": self.answered_t_ns,
             "latency_us": self.latency_us,
             "in_flight": self.in_flight,
+            "answered_on": self.answered_on,
         }
 
 

@@ -241,7 +241,9 @@ def _read_exactly(handle: BinaryIO, size: int, what: str, offset: int) -> bytes:
 
 def _packets(source: _Source, port: int, max_segment: int) -> Iterator[tuple[int, bytes]]:
     """(t_ns since t = 0, frame) for the whole connection, in time order."""
-    ends = {d: _Endpoint(d, port) for d in Direction}
+    # One synthetic connection: the main channel's two directions (a postcopy-preempt
+    # capture's third channel is not in it).
+    ends = {d: _Endpoint(d, port) for d in (Direction.STREAM, Direction.RETURN_PATH)}
     src, dst = ends[Direction.STREAM], ends[Direction.RETURN_PATH]
     mss = struct.pack("!BBH", 2, 4, min(max_segment, 0xFFFF))
     syn_options = mss + b"\x01" + struct.pack("!BBB", 3, 3, WINDOW_SCALE)  # MSS, NOP, WS
@@ -255,6 +257,8 @@ def _packets(source: _Source, port: int, max_segment: int) -> Iterator[tuple[int
     last = 0
     try:
         for chunk in source.chunks:
+            if chunk.direction is Direction.PREEMPT:
+                continue
             if chunk.offset != expected[chunk.direction]:
                 raise QmigError(
                     INDEX_NAME,

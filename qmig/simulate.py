@@ -17,9 +17,10 @@ from typing import Any
 
 from qmig.errors import QmigError, VerificationError
 from qmig.latency import percentile_us, vcpu_blocktime_ms
+from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.source import DeviceSnapshot, Source
 from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
-from qmig.runner.channels import Channels, CutPlan, connect_with_retries
+from qmig.runner.channels import PREEMPT, Channels, CutPlan, connect_with_retries
 from qmig.runner.peer import Peer
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import DIRTY_PATTERNS, Dirtier, GuestRam
@@ -57,6 +58,20 @@ class SimulationConfig:
     pause_after: int | None = None
     pauses: int = 1
     pause_during_recovery: bool = False  # and cut the first recovery's handshake once
+    # Postcopy-preempt on both ends; its variant follows the version and the machine type
+    # (the CONFIGURATION's), unless ``preempt_variant`` names one.
+    preempt: bool = False
+    preempt_variant: str | None = None
+    machine_type: str | None = None  # None: the source's default
+
+    def variant(self) -> PreemptVariant | None:
+        """The preempt variant this run uses, or None without --preempt."""
+        if not self.preempt:
+            return None
+        from qmig.wire.profiles import load_profile
+
+        machine = self.machine_type or Source.DEFAULT_MACHINE_TYPE
+        return preempt_variant(load_profile(self.version), machine, self.preempt_variant)
 
     @property
     def recovers(self) -> bool:
@@ -106,6 +121,13 @@ class SimulationConfig:
         if self.bandwidth is not None and self.bandwidth <= 0:
             raise QmigError("--bandwidth", f"must be positive, not {self.bandwidth / MiB:g}")
         schema_for(self.version)  # an unknown --qemu-version, before a process is started
+        if self.preempt_variant is not None and not self.preempt:
+            raise QmigError("--preempt-variant", "needs --preempt")
+        if self.preempt and self.postcopy_after is None:
+            raise QmigError(
+                "--preempt", "postcopy-preempt requires postcopy-ram (not precopy only)"
+            )
+        self.variant()  # a version without the capability, an unknown variant
 
 
 def default_devices(seed: int) -> list[DeviceSnapshot]:
@@ -142,6 +164,9 @@ def run_simulation(
             arguments.append("--precopy-only")
         if config.recovers:
             arguments += ["--recover-timeout", str(RECOVER_TIMEOUT)]
+        variant = config.variant()
+        if variant is not None:
+            arguments += ["--preempt", variant.value]
         # The destination has the same RAM as the source, as two QEMUs started alike.
         arguments += ["--blocks", ",".join(f"{name}:{size}" for name, size in config.blocks)]
         peer = Peer(arguments, listener.socket)
@@ -191,6 +216,8 @@ def _run_source(
         version=config.version,
         postcopy_ram=config.postcopy_after is not None,
         devices=default_devices(config.seed),
+        machine_type=config.machine_type or Source.DEFAULT_MACHINE_TYPE,
+        preempt=config.variant(),
     )
     dirtier = (
         Dirtier(
@@ -225,14 +252,15 @@ def _run_source(
         reopen = connect_with_retries(
             lambda timeout: opened(connect(uri, timeout)), RECOVER_TIMEOUT
         )
-    channels = Channels(opened(connect(uri)), reopen)
+    openers = {PREEMPT: lambda timeout: connect(uri, timeout)} if config.preempt else {}
+    channels = Channels(opened(connect(uri)), reopen, openers)
     if recorder is not None:  # its time starts with the migration, as total_s does
         recorder.start = time.monotonic()
     try:
         runner = SourceRunner(channels, source, plan, dirtier=dirtier, on_progress=on_progress)
         report = runner.run()
     finally:
-        channels.close_main()
+        channels.close_all()
     return report, source
 
 
@@ -329,6 +357,24 @@ def _summary(
         "paused_ms": round(report.paused_s * 1000, 2),
         "channels": report.channels,
         "resent_pages": stats.resent_pages,
+        # Postcopy-preempt: target pages on each channel, as each end counted them.
+        "preempt": None
+        if source.preempt is None
+        else {
+            "variant": source.preempt.value,
+            "machine_type": source.machine_type,
+        },
+        "preempt_pages": {
+            "sent": {
+                "main": stats.precopy_pages + stats.postcopy_pages - source.preempt_pages,
+                "preempt": source.preempt_pages,
+            },
+            "received": {
+                "main": sum((destination.get("placed_pages") or {}).values())
+                - destination.get("preempt_pages", 0),
+                "preempt": destination.get("preempt_pages", 0),
+            },
+        },
         "workload": {"pattern": config.pattern, "vcpus": config.vcpus, "writes": False},
         "source_guest": {"dirty_rate": config.dirty_rate, "dirty_pattern": config.dirty_pattern},
     }

@@ -34,6 +34,12 @@ def return_path_boundaries(directory: Path) -> list[int]:
     return _boundaries(directory, "return_path_offset")
 
 
+def preempt_boundaries(directory: Path) -> list[int]:
+    """Where each preempt channel after the first starts in ``preempt.bin`` (postcopy-
+    preempt opens it again after a recovery)."""
+    return _boundaries(directory, "preempt_offset")
+
+
 def _boundaries(directory: Path, key: str) -> list[int]:
     try:
         meta = json.loads((directory / META_NAME).read_text())

@@ -26,6 +26,7 @@ from qmig.errors import MalformedError, QmigError
 
 STREAM_NAME = "stream.bin"
 RETURN_PATH_NAME = "return-path.bin"
+PREEMPT_NAME = "preempt.bin"  # postcopy-preempt's channel, source → destination
 INDEX_NAME = "index.tsv"
 META_NAME = "meta.json"
 FORMAT = "qmig-capture"
@@ -37,10 +38,19 @@ TAIL_BYTES = 16  # kept of each direction: what the return path ended with
 class Direction(enum.Enum):
     STREAM = "stream"  # source → destination: the migration stream
     RETURN_PATH = "return-path"  # destination → source
+    PREEMPT = "preempt"  # source → destination: the postcopy-preempt channel, if there is one
 
     @property
     def file_name(self) -> str:
-        return STREAM_NAME if self is Direction.STREAM else RETURN_PATH_NAME
+        return {
+            Direction.STREAM: STREAM_NAME,
+            Direction.RETURN_PATH: RETURN_PATH_NAME,
+            Direction.PREEMPT: PREEMPT_NAME,
+        }[self]
+
+
+# The directions every capture has; the others' files exist only where they carried bytes.
+MAIN_DIRECTIONS = (Direction.STREAM, Direction.RETURN_PATH)
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ class CaptureWriter:
         self.out_dir = out_dir
         self.start_ns = time.monotonic_ns()
         self.start_wall = time.time()
-        self._files = {d: _DirectionFile(out_dir / d.file_name) for d in Direction}
+        self._files = {d: _DirectionFile(out_dir / d.file_name) for d in MAIN_DIRECTIONS}
         self._tails = dict.fromkeys(Direction, b"")
         self._index = (out_dir / INDEX_NAME).open("w", encoding="ascii")
         self._index.write(INDEX_HEADER)
@@ -96,7 +106,9 @@ class CaptureWriter:
 
     def record(self, direction: Direction, data: memoryview, received_ns: int) -> None:
         """Queue one chunk (copied: the caller reuses its buffer). One caller per direction."""
-        file = self._files[direction]
+        file = self._files.get(direction)
+        if file is None:  # a channel that is not always there: its file from its first bytes
+            file = self._files[direction] = _DirectionFile(self.out_dir / direction.file_name)
         offset = file.size
         file.size += len(data)
         self._tails[direction] = (self._tails[direction] + bytes(data[-TAIL_BYTES:]))[-TAIL_BYTES:]
@@ -115,18 +127,21 @@ class CaptureWriter:
                 self._write_error = error
 
     def size(self, direction: Direction) -> int:
-        return self._files[direction].size
+        file = self._files.get(direction)
+        return 0 if file is None else file.size
 
     def tail(self, direction: Direction) -> bytes:
         """The last few bytes recorded in ``direction`` (up to TAIL_BYTES)."""
         return self._tails[direction]
 
     def chunks(self, direction: Direction) -> int:
-        return self._files[direction].chunks
+        file = self._files.get(direction)
+        return 0 if file is None else file.chunks
 
     def sha256(self, direction: Direction) -> str:
         """Digest of the finished file (valid after ``finish()``)."""
-        return self._files[direction].sha256
+        file = self._files.get(direction)
+        return "" if file is None else file.sha256
 
     def finish(self) -> None:
         """Write out what is queued, close the data files and hash them.

@@ -34,6 +34,7 @@ CHUNK_SIZE = 1 << 20
 RELAY_NICE = -10
 ACCEPT_POLL_SECONDS = 0.2
 RETRY_SECONDS = 0.1
+PREEMPT_LINGER_S = 5.0  # after the main connection ends, for the source to close its preempt one
 # The return path's last message when the destination completed (the same in every version).
 COMPLETED_SHUT = schema_for(None).build_rp(m.Shut(0))
 
@@ -58,6 +59,8 @@ class CaptureSummary:
     return_path: DirectionResult = field(default_factory=DirectionResult)
     # Where each connection starts: {"t_ns", "stream_offset", "return_path_offset"}.
     connections: list[dict[str, int]] = field(default_factory=list)
+    # Postcopy-preempt's channel (source → destination), when the relay takes one.
+    preempt: DirectionResult | None = None
 
     @property
     def clean(self) -> bool:
@@ -81,12 +84,18 @@ class Relay:
         qemu_version: str | None = None,
         recover_connect: str | None = None,
         recover_timeout: float = 0.0,
+        preempt: bool = False,
     ) -> None:
         """``qemu_version``: the wire profile that reads this migration, kept in meta.json;
         None or ``auto``: detected from the recorded stream's first bytes.
         ``recover_timeout``: when a connection ends before the destination's SHUT(0), wait
         this long for the source to connect again, and relay the resumed migration to
-        ``recover_connect`` (default: ``connect_uri``); 0: one connection only."""
+        ``recover_connect`` (default: ``connect_uri``); 0: one connection only.
+        ``preempt``: postcopy-preempt is on: the source's next connection after the main one
+        is its preempt channel, relayed on a connection of its own to ``connect_uri`` (opened
+        after the main one, so that the destination takes it as such) and recorded in
+        ``preempt.bin``."""
+        self.preempt = preempt
         self.recover_connect = recover_connect or connect_uri
         self.recover_timeout = recover_timeout
         self.connect_uri = connect_uri
@@ -96,11 +105,15 @@ class Relay:
         self._listener: Listener = listen(listen_uri)
         self.listen_uri = self._listener.uri
         self.summary = CaptureSummary(str(out_dir), self.listen_uri, connect_uri)
+        if preempt:
+            self.summary.preempt = DirectionResult()
         self._stop = threading.Event()
         self._connections: list[Connection] = []
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
         self._writer: CaptureWriter | None = None
+        self._preempt_connections: list[Connection] = []
+        self._preempt_giving_up = threading.Event()
 
     @property
     def port(self) -> int:
@@ -174,7 +187,7 @@ class Relay:
         _raise_priority()
         source = self._accept()
         self._connections.append(source)
-        if not self.recover_timeout:
+        if not self.recover_timeout and not self.preempt:
             # One migration per relay: nobody else may connect while it runs.
             self._listener.close()
         writer = self._writer = CaptureWriter(self.out_dir)
@@ -187,14 +200,23 @@ class Relay:
         self._connections.append(destination)
         writer.restart_clock()
         while True:
-            self.summary.connections.append(
-                {
-                    "t_ns": time.monotonic_ns() - writer.start_ns,
-                    "stream_offset": writer.size(Direction.STREAM),
-                    "return_path_offset": writer.size(Direction.RETURN_PATH),
-                }
-            )
+            where = {
+                "t_ns": time.monotonic_ns() - writer.start_ns,
+                "stream_offset": writer.size(Direction.STREAM),
+                "return_path_offset": writer.size(Direction.RETURN_PATH),
+            }
+            preempt = None
+            if self.preempt:
+                # Opened (again, after a recovery's bitmap sync) once the main one is up.
+                where["preempt_offset"] = writer.size(Direction.PREEMPT)
+                preempt = threading.Thread(
+                    target=self._relay_preempt, args=(writer,), name="relay-preempt"
+                )
+                preempt.start()
+            self.summary.connections.append(where)
             self._relay_connection(source, destination, writer)
+            if preempt is not None:
+                self._end_preempt(preempt)
             if not self.recover_timeout or self._completed(writer):
                 break
             try:
@@ -265,16 +287,88 @@ class Relay:
         source.close()
         destination.close()
 
+    def _relay_preempt(self, writer: CaptureWriter) -> None:
+        """The preempt channel: the source's next connection, to a connection of its own to
+        the destination. Only its source → destination bytes are recorded (the destination
+        sends nothing on it)."""
+        result = self.summary.preempt
+        assert result is not None
+        source = None
+        while source is None and not (self._stop.is_set() or self._preempt_giving_up.is_set()):
+            try:
+                source = self._listener.accept(timeout=ACCEPT_POLL_SECONDS)
+            except TransportError as error:
+                if error.detail != "timed out":
+                    result.end = f"no preempt channel: {error.detail}"
+                    return
+        if source is None:
+            result.end = "no preempt channel"
+            return
+        self._connections.append(source)
+        self._preempt_connections = [source]
+        # After a recovery the destination listens where it was told migrate-recover.
+        uri = self.connect_uri if len(self.summary.connections) <= 1 else self.recover_connect
+        try:
+            destination = connect(uri)
+        except TransportError as error:
+            result.end = f"connect: {error.detail}"
+            source.close()
+            return
+        self._connections.append(destination)
+        self._preempt_connections.append(destination)
+        back = threading.Thread(
+            target=self._pump,
+            args=(destination, source, None, Direction.RETURN_PATH),
+            name="relay-preempt-back",
+        )
+        back.start()
+        self._pump(source, destination, writer, Direction.PREEMPT)
+        back.join()
+        source.close()
+        destination.close()
+
+    def _end_preempt(self, thread: threading.Thread) -> None:
+        """The main connection is over: the source closes its preempt channel as it cleans
+        up; one that lingers (or never came) is cut."""
+        thread.join(PREEMPT_LINGER_S)
+        if thread.is_alive():
+            for connection in self._preempt_connections:
+                if connection.socket is not None:
+                    with contextlib.suppress(OSError):
+                        connection.socket.shutdown(socket.SHUT_RDWR)
+            self._preempt_giving_up.set()  # and an accept still waiting gives up
+            thread.join()
+            self._preempt_giving_up.clear()
+        self._preempt_connections = []
+
     def _results(self) -> list[tuple[Direction, DirectionResult]]:
-        return [
+        results = [
             (Direction.STREAM, self.summary.stream),
             (Direction.RETURN_PATH, self.summary.return_path),
         ]
+        if self.summary.preempt is not None:
+            results.append((Direction.PREEMPT, self.summary.preempt))
+        return results
 
     def _pump(
-        self, reader: Connection, sender: Connection, writer: CaptureWriter, direction: Direction
+        self,
+        reader: Connection,
+        sender: Connection,
+        writer: CaptureWriter | None,
+        direction: Direction,
     ) -> None:
-        result = self.summary.stream if direction is Direction.STREAM else self.summary.return_path
+        """Forward ``reader`` to ``sender`` and record it as ``direction`` (``writer`` None:
+        forward only)."""
+        result = (
+            {
+                Direction.STREAM: self.summary.stream,
+                Direction.RETURN_PATH: self.summary.return_path,
+                Direction.PREEMPT: self.summary.preempt,
+            }[direction]
+            if writer is not None
+            else DirectionResult()
+        )
+        assert result is not None
         buffer = bytearray(self.chunk_size)
         view = memoryview(buffer)
         forward_error: str | None = None
@@ -294,7 +388,8 @@ class Relay:
                 except TransportError as error:
                     # Keep recording what this side still says; only forwarding stopped.
                     forward_error = f"forward: {error.detail}"
-            writer.record(direction, view[:count], received_ns)
+            if writer is not None:
+                writer.record(direction, view[:count], received_ns)
         if forward_error is not None:
             result.end = forward_error
         elif self._stop.is_set():

@@ -30,6 +30,8 @@ from qmig.errors import (
     TruncatedError,
 )
 from qmig.protocol import events as ev
+from qmig.protocol.preempt import PreemptVariant, preempt_variant
+from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.ram_config import HOST_PAGE_SIZE, RamConfig
 from qmig.protocol.recv_bitmap import received_bitmap
 from qmig.protocol.states import (
@@ -84,9 +86,14 @@ class Destination:
         host_page_size: int = HOST_PAGE_SIZE,
         ram: RamConfig | None = None,
         local_page_sizes: dict[str, int] | None = None,
+        preempt: PreemptVariant | None = None,
+        preempt_from_machine: bool = False,
     ) -> None:
         """``ram``: the destination's own RAM (page size, blocks, limit); by default ordinary
-        RAM of the host's pages, the blocks MEM_SIZE announces, no limit."""
+        RAM of the host's pages, the blocks MEM_SIZE announces, no limit. ``preempt``:
+        postcopy-preempt is on (a second channel, see :meth:`open_preempt_channel`);
+        ``preempt_from_machine``: its variant is the one the CONFIGURATION's machine type
+        gets with this QEMU version (as QEMU's x-preempt-pre-7-2 follows the machine)."""
         self.reader = StreamReader(
             version, local_page_sizes=local_page_sizes, host_page_size=host_page_size
         )
@@ -119,6 +126,18 @@ class Destination:
         self._pending: list[ev.Event] = []
         self._current_section: m.SectionFull | m.SectionStart | None = None
         self._host_page_fill: dict[str, tuple[int, int]] = {}
+        self.preempt = preempt
+        self._preempt_from_machine = preempt_from_machine
+        self.preempt_channel: PreemptChannel | None = None
+
+    def open_preempt_channel(self) -> PreemptChannel:
+        """The preempt channel connected: read it with the object returned."""
+        self._check_usable()
+        if self.preempt is None:
+            raise LocalProtocolError("destination", "postcopy-preempt is off: no second channel")
+        self.preempt_channel = PreemptChannel(self)
+        self.channels += 1
+        return self.preempt_channel
 
     # --- input ------------------------------------------------------------------------
 
@@ -335,6 +354,8 @@ class Destination:
         pass
 
     def _on_configuration(self, message: m.Configuration, record: Record) -> None:
+        if self.preempt is not None and self._preempt_from_machine:
+            self.preempt = preempt_variant(self.profile, message.machine_type)
         self._pending.append(ev.StreamOpened(message))
 
     def _on_open_return_path(self, message: m.OpenReturnPath, record: Record) -> None:
@@ -558,23 +579,36 @@ class Destination:
                 record.offset,
             )
 
-    def _on_pages(self, run: m.RamPageRun, record: Record) -> None:
+    def _on_pages(
+        self,
+        run: m.RamPageRun,
+        record: Record,
+        fill: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
+        """``fill``: the host pages being gathered on the channel the run came on (each
+        channel has its own, as QEMU's do); the main channel's by default."""
         tracker = self.blocks.get(run.block)
         if tracker is None:
             raise MalformedError("RAM", f"can't find block {run.block!r}", record.offset)
         postcopy = is_postcopy_running(self.state)
         if postcopy and tracker.page_size > tracker.target_page_size:
-            self._check_host_page_order(tracker, run, record)
+            self._check_host_page_order(
+                tracker, run, record, self._host_page_fill if fill is None else fill
+            )
         self._scanner.account(run.data, run.data_base, run.headers, run.bodies, tracker.state)
         self._pending.append(ev.PagesReceived(run, postcopy))
 
     def _check_host_page_order(
-        self, tracker: BlockTracker, run: m.RamPageRun, record: Record
+        self,
+        tracker: BlockTracker,
+        run: m.RamPageRun,
+        record: Record,
+        fills: dict[str, tuple[int, int]],
     ) -> None:
         """Postcopy: all target pages of one host page arrive together, as QEMU requires."""
         per_host = tracker.page_size // tracker.target_page_size
         mask = tracker.target_page_size - 1
-        current, count = self._host_page_fill.get(tracker.info.idstr, (-1, 0))
+        current, count = fills.get(tracker.info.idstr, (-1, 0))
         sequential = self.profile.postcopy_host_page_order == "sequential"
         for header in run.headers:
             offset = header & ~mask
@@ -592,7 +626,7 @@ class Destination:
             current, count = host, count + 1
             if count == per_host:
                 count = 0
-        self._host_page_fill[tracker.info.idstr] = (current, count)
+        fills[tracker.info.idstr] = (current, count)
 
     def _on_xbzrle(self, message: m.RamXbzrle, record: Record) -> None:
         if is_postcopy_running(self.state):

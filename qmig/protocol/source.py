@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 
 from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.protocol import events as ev
+from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.recv_bitmap import bitmap_size, missing_pages
 from qmig.protocol.states import (
     LOCAL_SOURCE_INPUTS,
@@ -102,12 +103,14 @@ class SourceStats:
 class Source:
     """QEMU's outgoing side, for one migration."""
 
+    DEFAULT_MACHINE_TYPE = "pc-i440fx-7.2"
+
     def __init__(
         self,
         blocks: Sequence[SourceBlock],
         *,
         version: str | None = None,
-        machine_type: str = "pc-i440fx-7.2",
+        machine_type: str = DEFAULT_MACHINE_TYPE,
         postcopy_ram: bool = True,
         return_path: bool = True,
         devices: Sequence[DeviceSnapshot] = (),
@@ -115,7 +118,10 @@ class Source:
         host_page_size: int = 4096,
         configuration: m.Configuration | None = None,
         vmdescription: bytes | None = None,
+        preempt: PreemptVariant | None = None,
     ) -> None:
+        """``preempt``: postcopy-preempt is on: requested pages go out on the preempt
+        channel (:meth:`preempt_data`), whose variant says when it opens and how it ends."""
         self.schema = schema_for(version)
         self.profile = self.schema.profile
         self.target_page_size = self.schema.target_page_size
@@ -161,6 +167,13 @@ class Source:
         self._part_close = self.schema.build_ram_flag("EOS") + self.schema.build_footer(
             RAM_SECTION_ID
         )
+        self.preempt = preempt
+        if preempt is not None and not postcopy_ram:
+            raise LocalProtocolError("source", "postcopy-preempt requires postcopy-ram")
+        self._preempt_out = bytearray()
+        self.awaiting_preempt_channel = False  # recovery: the bitmaps are in, see _on_bitmap
+        self._preempt_named: SourceBlock | None = None  # the preempt channel's last block
+        self.preempt_pages = 0  # target pages sent on the preempt channel
         for block in self.blocks:
             block.dirty = bytearray(b"\x01") * self._pages(block)
 
@@ -253,6 +266,9 @@ class Source:
             )
         after = self._next(SourceInput.CHANNEL_BROKEN)
         self._out.clear()
+        self._preempt_out.clear()
+        self._preempt_named = None
+        self.awaiting_preempt_channel = False
         self._requests.clear()
         self._postcopy_section_open = False
         self._named_block = None
@@ -296,7 +312,21 @@ class Source:
         self._events.append(ev.BitmapReceived(block.idstr, missing))
         self._bitmaps_awaited.discard(block.idstr)
         if not self._bitmaps_awaited:
-            self._out += self.schema.build_command(m.PostcopyResume())
+            if self.preempt is not None and not self.preempt.opened_at_setup:
+                # QEMU 8.0+ opens the preempt channel again here, after the bitmap sync (so
+                # that the main one is the first the destination sees), and only then
+                # resumes. The pre-7.2 variant opened it with the main one, as at setup.
+                self.awaiting_preempt_channel = True
+            else:
+                self._out += self.schema.build_command(m.PostcopyResume())
+
+    def preempt_channel_opened(self) -> None:
+        """Recovery with postcopy-preempt: the new preempt channel is up; POSTCOPY_RESUME
+        follows on the main one."""
+        if not self.awaiting_preempt_channel:
+            raise LocalProtocolError("source", "no preempt channel is awaited")
+        self.awaiting_preempt_channel = False
+        self._out += self.schema.build_command(m.PostcopyResume())
 
     def _on_resume_ack(self, message: m.ResumeAck, record: Record) -> None:
         if message.value != RESUME_ACK_VALUE:
@@ -355,6 +385,29 @@ class Source:
         self._out.clear()
         return out
 
+    def preempt_data(self) -> bytes:
+        """Postcopy-preempt: the bytes for the preempt channel (requested pages, each host
+        page whole, and EOS at the end in the pre-7.2 variant)."""
+        if self.state is SourceState.POSTCOPY and self._requests:
+            self._urgent_pages()
+        out = bytes(self._preempt_out)
+        self._preempt_out.clear()
+        return out
+
+    def _urgent_pages(self) -> None:
+        """Every queued request onto the preempt channel. The background sweep stays where
+        it is: it goes on on the main channel, where it was."""
+        while self._requests:
+            block, first = self._requests.popleft()
+            per_host = block.page_size // self.target_page_size
+            wanted = array("Q", (p for p in range(first, first + per_host) if block.dirty[p]))
+            if wanted:
+                data = self._page_records(
+                    block, wanted, postcopy=True, requested=True, preempt=True
+                )
+                self._preempt_out += data
+                self.preempt_pages += len(wanted)
+
     def requested_data(self) -> bytes:
         """Postcopy: the pages asked for on the return path and not yet in the stream, and
         nothing else. A runner sends them as soon as they are asked for, ahead of the
@@ -363,6 +416,8 @@ class Source:
         (the switchover, if not taken yet) come first; with no request, nothing is taken."""
         if self.state is not SourceState.POSTCOPY or not self._requests:
             return b""
+        if self.preempt is not None:
+            return b""  # they go on the preempt channel: preempt_data()
         self._postcopy_section(0, sweep=False)
         out = bytes(self._out)
         self._out.clear()
@@ -379,6 +434,8 @@ class Source:
         self._out += self._part_close
 
     def _postcopy_section(self, budget: int, *, sweep: bool = True) -> None:
+        if self.preempt is not None:
+            self._urgent_pages()
         if not self._postcopy_section_open:
             self._out += self._part_open
             self._named_block = None
@@ -428,6 +485,8 @@ class Source:
         self._out += schema.build_section(m.SectionEnd(RAM_SECTION_ID))
         self._out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
         self._out += schema.eof.build(m.Eof())
+        if self.preempt is not None and self.preempt.ends_with_eos:
+            self._preempt_out += schema.build_ram_flag("EOS")
         self._move(SourceInput.STREAM_SENT)
 
     def _pages_for(self, budget: int) -> int:
@@ -462,10 +521,21 @@ class Source:
         return None
 
     def _page_records(
-        self, block: SourceBlock, pages: array[int], *, postcopy: bool, requested: bool = False
+        self,
+        block: SourceBlock,
+        pages: array[int],
+        *,
+        postcopy: bool,
+        requested: bool = False,
+        preempt: bool = False,
     ) -> bytes:
-        name = None if block is self._named_block else block.idstr
-        self._named_block = block
+        """``preempt``: for the preempt channel, which names blocks on its own."""
+        if preempt:
+            name = None if block is self._preempt_named else block.idstr
+            self._preempt_named = block
+        else:
+            name = None if block is self._named_block else block.idstr
+            self._named_block = block
         data, zeros = self._scanner.emit(block.ram, pages, name)
         first, last = pages[0], pages[-1]
         if last - first + 1 == len(pages):  # a contiguous batch, the usual case: one slice

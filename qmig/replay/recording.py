@@ -23,11 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from qmig.capture.connections import NewConnection, split_at, stream_boundaries
+from qmig.capture.connections import (
+    NewConnection,
+    preempt_boundaries,
+    split_at,
+    stream_boundaries,
+)
+from qmig.capture.recording import PREEMPT_NAME, capture_file
 from qmig.errors import MalformedError, QmigError
 from qmig.protocol.source import DeviceSnapshot, SourceBlock
 from qmig.wire import messages as m
 from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
+from qmig.wire.reading.preempt import PreemptReader
 
 READ_CHUNK = 1 << 20
 STREAM_NAMES = ("stream.bin", "stream.bin.xz")
@@ -147,6 +154,7 @@ class _Rebuilder:
                 self._drain()
             reader.feed_eof()
             self._drain()
+            self._preempt_channel()
         except lzma.LZMAError as error:
             raise QmigError(str(self.path), f"cannot decompress: {error}") from None
         except BaseException:
@@ -174,6 +182,34 @@ class _Rebuilder:
 
     def chunks(self) -> Iterator[bytes]:
         return _chunks(self.path)
+
+    def _preempt_channel(self) -> None:
+        """A postcopy-preempt capture's requested pages came on their own channel: they
+        are the final copy of their pages (postcopy sends a page once), so they go over
+        whatever the main stream left there."""
+        if self.path.name not in STREAM_NAMES:
+            return
+        path = capture_file(self.path.parent, PREEMPT_NAME)
+        if path is None:
+            return
+        reader = PreemptReader(self.reader)
+        for piece in split_at(_chunks(path), preempt_boundaries(self.path.parent)):
+            if isinstance(piece, NewConnection):
+                reader.new_channel(piece.offset)
+                continue
+            reader.feed(piece)
+            self._drain_preempt(reader)
+        reader.feed_eof()
+        self._drain_preempt(reader)
+
+    def _drain_preempt(self, reader: PreemptReader) -> None:
+        while True:
+            record = reader.next_record()
+            if record is NEED_DATA or record is END:
+                return
+            assert isinstance(record, Record)
+            if isinstance(record.message, m.RamPageRun):
+                self._pages(record.message)
 
     def _drain(self) -> None:
         while True:

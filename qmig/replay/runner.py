@@ -17,13 +17,15 @@ from typing import Any
 
 from qmig.errors import QmigError
 from qmig.latency import percentiles_us
+from qmig.protocol.preempt import preempt_variant
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.replay.recording import Recording
 from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
-from qmig.runner.channels import Channels, CutPlan, connect_with_retries
+from qmig.runner.channels import PREEMPT, Channels, CutPlan, connect_with_retries
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
 from qmig.transport import Connection, connect
+from qmig.wire.profiles import load_profile
 
 CONNECT_TIMEOUT = 30.0
 # A destination with another machine type or RAM size refuses the stream as soon as it reads
@@ -60,6 +62,10 @@ class ReplayPlan:
     resume_timeout: float = 60.0
     pauses: int = 1
     pause_during_recovery: bool = False
+    # Postcopy-preempt (the destination QEMU must have it on too); the variant follows the
+    # version and the captured machine type unless ``preempt_variant`` names one.
+    preempt: bool = False
+    preempt_variant: str | None = None
 
 
 @dataclass
@@ -95,6 +101,12 @@ class ReplayResult:
             "recoveries": report.recoveries,
             "paused_ms": round(report.paused_s * 1000, 2),
             "channels": report.channels,
+            "preempt": None if self.source.preempt is None else self.source.preempt.value,
+            # Target pages sent on each channel.
+            "preempt_pages": {
+                "main": stats.precopy_pages + stats.postcopy_pages - self.source.preempt_pages,
+                "preempt": self.source.preempt_pages,
+            },
         }
 
 
@@ -131,6 +143,17 @@ def replay(
     if postcopy_after is None and recording.switched:
         postcopy_after = recording.passes_before_switch
     postcopy = postcopy_after is not None
+    variant = None
+    if plan.preempt:
+        if not postcopy:
+            raise QmigError(
+                "--preempt", "postcopy-preempt requires postcopy (the capture is precopy)"
+            )
+        variant = preempt_variant(
+            load_profile(plan.version), recording.machine_type, plan.preempt_variant
+        )
+    elif plan.preempt_variant is not None:
+        raise QmigError("--preempt-variant", "needs --preempt")
     source = Source(
         recording.source_blocks(),
         version=plan.version,
@@ -140,6 +163,7 @@ def replay(
         return_path=recording.return_path or postcopy,
         # QEMU's destination skips it, but tools reading the replayed stream may not.
         vmdescription=recording.vmdescription,
+        preempt=variant,
     )
     cuts = None
     if plan.pause_after is not None:
@@ -171,8 +195,16 @@ def replay(
         if on_progress is not None:
             on_progress(phase, count)
 
+    # The preempt channel connects to the same address: QEMU takes it as the next connection.
+    # After a recovery the destination listens where it was told migrate-recover.
+    openers: dict[str, Callable[[float], Connection]] = {}
     first = opened(connect(to, timeout=CONNECT_TIMEOUT))
-    channels = Channels(first if misbehave is None else misbehave(first), reopen)
+    channels = Channels(first if misbehave is None else misbehave(first), reopen, openers)
+    if variant is not None:
+        openers[PREEMPT] = lambda timeout: connect(
+            plan.resume_to if plan.resume_to and channels.opened > 1 else to, timeout=timeout
+        )
+        channels.openers = openers
     connected = time.monotonic()
     if recorder is not None:
         recorder.start = connected
@@ -186,7 +218,7 @@ def replay(
             early = time.monotonic() - connected < EARLY_FAILURE_S
             raise _explained(error, source, recording, sent[0], early) from None
     finally:
-        channels.close_main()
+        channels.close_all()
     return ReplayResult(recording, postcopy_after, report, source)
 
 

@@ -26,17 +26,52 @@ from qmig.transport import Connection
 RETRY_INTERVAL = 0.1  # between connection attempts while the peer is not listening yet
 
 
+Opener = Callable[[float], Connection]  # opens a channel within a timeout, or TransportError
+
+PREEMPT = "preempt"
+
+
 class Channels:
-    """The main channel of a migration and how to get a new one."""
+    """The main channel of a migration, its other channels by kind, and how to open them."""
 
     def __init__(
-        self, main: Connection, reopen: Callable[[float], Connection] | None = None
+        self,
+        main: Connection,
+        reopen: Opener | None = None,
+        openers: dict[str, Opener] | None = None,
     ) -> None:
         """``reopen(timeout)`` opens a replacement main channel (connects or accepts) within
-        ``timeout`` seconds or raises TransportError; None: the migration cannot recover."""
+        ``timeout`` seconds or raises TransportError; None: the migration cannot recover.
+        ``openers``: how to open each further kind of channel (``"preempt"``; multifd's
+        would be more of the same), connecting on a source, accepting on a destination."""
         self.main = main
         self.reopen_channel = reopen
+        self.openers = dict(openers or {})
+        self.others: dict[str, Connection] = {}
         self.opened = 1
+
+    def open(self, kind: str, timeout: float) -> Connection:
+        """Open the channel of ``kind`` (closing one of that kind still open)."""
+        opener = self.openers.get(kind)
+        if opener is None:
+            raise TransportError(self.main.name, f"no way to open a {kind} channel")
+        self.close(kind)
+        connection = self.others[kind] = opener(timeout)
+        return connection
+
+    def get(self, kind: str) -> Connection | None:
+        return self.others.get(kind)
+
+    def close(self, kind: str) -> None:
+        connection = self.others.pop(kind, None)
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def close_all(self) -> None:
+        for kind in list(self.others):
+            self.close(kind)
+        self.close_main()
 
     @property
     def can_reopen(self) -> bool:

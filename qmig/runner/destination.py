@@ -10,6 +10,7 @@ return path at once. Nothing here reads guest memory before every page is in pla
 from __future__ import annotations
 
 import contextlib
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,19 +21,22 @@ from qmig.errors import QmigError, RemoteProtocolError, TransportError
 from qmig.latency import qemu_latency_figures
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
+from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.states import DestinationState
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
-from qmig.runner.channels import Channels, CutPlan
+from qmig.runner.channels import PREEMPT, Channels, CutPlan
 from qmig.runner.fastpath import FastPath, start_fast_path
 from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
+from qmig.wire.reader import END
 
 RECV_CHUNK = 1 << 20
 POSTCOPY_DATA_RUN = 1  # data pages per UFFDIO_COPY after LISTEN (see _apply)
 IDLE_TIMEOUT = 60.0
+PREEMPT_POLL = 0.1  # the preempt thread's wait for bytes, and then for LISTEN
 RECOVER_TIMEOUT = 600.0  # paused: how long to wait for the source's new channel
 
 
@@ -71,6 +75,8 @@ class DestinationReport:
     # per data page it placed, recv() → placed (ns).
     fast_path: dict[str, int] = field(default_factory=dict)
     fast_path_wait_ns: list[int] = field(default_factory=list, repr=False)
+    preempt_pages: int = 0  # target pages that came on the preempt channel
+    preempt_bytes: int = 0
 
 
 class DestinationRunner:
@@ -118,6 +124,10 @@ class DestinationRunner:
         self._broke_at: float | None = None
         self._fast: FastPath | None = None  # the C receive thread, while the guest runs here
         self.fast_path = fast_path
+        self._report_lock = threading.Lock()  # placements come from two threads with preempt
+        self._preempt_thread: threading.Thread | None = None
+        self._preempt_stop = threading.Event()
+        self._preempt_error: QmigError | None = None
 
     @property
     def connection(self) -> Connection:
@@ -131,21 +141,28 @@ class DestinationRunner:
         if self.connection.meter is None:  # the caller's limits, or at least the idle one
             self.connection.set_limits(Limits(self.idle_timeout, peer="the source"))
         try:
+            self._start_preempt()
             while not self.completed:
                 try:
                     self._step(buffer)
                 except TransportError:
+                    if self._preempt_error is not None:
+                        raise self._preempt_error from None
                     if not self._pause():
                         raise
+            self._end_preempt()
             self._finish()
         except RemoteProtocolError:
             self._abandon()
             raise
         except QmigError as error:
             self._abandon()
+            if self._preempt_error is not None:
+                raise self._preempt_error from None
             raise self._with_context(error) from None
         finally:
             self._stop_fast()
+            self._stop_preempt()
             self.report.finished = time.monotonic()
             if not (self.keep_ram and self.completed and self.session):
                 self._close_session()
@@ -194,6 +211,7 @@ class DestinationRunner:
             if not self.dest.can_pause:
                 return False
             self.dest.channel_broken()
+        self._stop_preempt()  # the source's pause ends its preempt channel as well
         if self._broke_at is None:
             self._broke_at = time.monotonic()
         # What the pause left to do. Replies for the broken channel are lost with it: the
@@ -212,6 +230,7 @@ class DestinationRunner:
             self.connection.socket.settimeout(self.idle_timeout)
         with self._machine_lock:
             self.dest.new_channel()
+        self._restart_preempt()
         return True
 
     def _receive(self, buffer: bytearray) -> int:
@@ -375,11 +394,12 @@ class DestinationRunner:
             run.headers, run.bodies, run.data, run.data_base, run.page_flag, replace=replace
         )
         phase = "precopy" if replace else "postcopy"
-        self.report.placing_ns[phase] += time.perf_counter_ns() - began
-        self.report.placed_pages[phase] += run.count
-        counts = self.report.block_pages.setdefault(run.block, [0, 0])
-        counts[0] += run.count
-        counts[1] += run.zero_count
+        with self._report_lock:
+            self.report.placing_ns[phase] += time.perf_counter_ns() - began
+            self.report.placed_pages[phase] += run.count
+            counts = self.report.block_pages.setdefault(run.block, [0, 0])
+            counts[0] += run.count
+            counts[1] += run.zero_count
         if self._fast is not None and not replace:
             # Pages the C thread placed are found in place here: they were placed all the
             # same, and the fault thread's waiters on them are answered now.
@@ -390,6 +410,114 @@ class DestinationRunner:
             for key in list(self._awaiting):
                 if key[0] == run.block and block.host_page_received(key[1] // block.page_size):
                     self._answered(*key)
+
+    # --- the preempt channel (postcopy-preempt) --------------------------------------------
+
+    def _start_preempt(self, *, at_setup: bool = True) -> None:
+        """Take the preempt channel on a thread of its own, as QEMU's preempt thread: in the
+        pre-7.2 variant it is accepted first (the destination waits for every channel before
+        it loads), in the 8.0 variant whenever the source opens it; after a recovery
+        (``at_setup`` False) whenever the source opens it again, after the bitmaps."""
+        variant = self.dest.preempt
+        if variant is None:
+            return
+        if at_setup and variant.opened_at_setup and self.channels.get(PREEMPT) is None:
+            self.channels.open(PREEMPT, self.idle_timeout)
+        self._preempt_thread = threading.Thread(
+            target=self._preempt_loop, name="qmig-preempt", daemon=True
+        )
+        self._preempt_thread.start()
+
+    def _restart_preempt(self) -> None:
+        if self.dest.preempt is None:
+            return
+        self._preempt_stop = threading.Event()
+        self._preempt_thread = None
+        self._start_preempt(at_setup=False)
+
+    def _preempt_loop(self) -> None:
+        stop = self._preempt_stop  # this thread's own: a recovery starts another
+        try:
+            connection = self.channels.get(PREEMPT)
+            while connection is None and not stop.is_set():
+                try:
+                    connection = self.channels.open(PREEMPT, PREEMPT_POLL)
+                except TransportError:
+                    continue
+            if connection is None:
+                return
+            with self._machine_lock:
+                channel = self.dest.open_preempt_channel()
+            buffer = bytearray(RECV_CHUNK)
+            while not stop.is_set():
+                count = -1  # nothing new: what waited for LISTEN may be loadable now
+                if select.select([connection], [], [], PREEMPT_POLL)[0]:
+                    try:
+                        count = connection.recv_into(buffer)
+                    except TransportError:
+                        if self._pausable():
+                            return  # the main loop pauses; a new preempt channel follows
+                        raise
+                if count == 0 and self._pausable():
+                    return
+                with self._machine_lock:
+                    if count > 0:
+                        channel.receive_data(memoryview(buffer)[:count])
+                        self.report.preempt_bytes += count
+                    elif count == 0:
+                        channel.receive_eof()
+                if self._drain_preempt(channel) or count == 0:
+                    return
+        except QmigError as error:
+            self._preempt_error = error
+            with self._machine_lock:
+                data = self.dest.fail("preempt channel")
+            with contextlib.suppress(QmigError):
+                self._send_return_path(data)
+            self.channels.cut()  # the main loop stops, and reports this error
+
+    def _pausable(self) -> bool:
+        """Would (or did) a broken channel pause the migration, rather than fail it?"""
+        with self._machine_lock:
+            return self.channels.can_reopen and (
+                self.dest.can_pause
+                or self.dest.state in (DestinationState.PAUSED, DestinationState.RECOVER)
+            )
+
+    def _drain_preempt(self, channel: PreemptChannel) -> bool:
+        """Place what the preempt channel brought; True once it has ended."""
+        while True:
+            with self._machine_lock:
+                event = channel.next_event()
+            if event is END:
+                return True
+            if not isinstance(event, ev.PagesReceived):
+                return False
+            self._place(event.run, replace=False)
+            with self._report_lock:
+                self.report.preempt_pages += event.run.count
+
+    def _end_preempt(self) -> None:
+        """The load is complete: the pre-7.2 variant's channel ends with its EOS, which the
+        end waits for (as QEMU's cleanup joins its preempt thread); the 8.0 one is closed."""
+        thread = self._preempt_thread
+        if thread is None:
+            return
+        variant = self.dest.preempt
+        if variant is not None and variant.ends_with_eos:
+            thread.join(self.idle_timeout)
+            if thread.is_alive():
+                raise TransportError(
+                    "preempt channel", f"no EOS within {self.idle_timeout:g} s of the end"
+                )
+        if self._preempt_error is not None:
+            raise self._preempt_error
+
+    def _stop_preempt(self) -> None:
+        self._preempt_stop.set()
+        if self._preempt_thread is not None:
+            self._preempt_thread.join(5.0)
+        self.channels.close(PREEMPT)
 
     def _answered(self, block: str, host_offset: int) -> None:
         """A page arrived: if it was requested, that request's round trip is over."""

@@ -32,10 +32,11 @@ from typing import Any
 
 from qmig.errors import QmigError, TransportError, VerificationError
 from qmig.protocol.destination import Destination
+from qmig.protocol.preempt import PREEMPT_CHANNEL, VARIANT_NAMES, PreemptVariant
 from qmig.protocol.ram_config import RamConfig, parse_blocks
 from qmig.ram.blocks import HOST_PAGE_SIZE
 from qmig.ram.workload import Pattern, Workload
-from qmig.runner.channels import Channels
+from qmig.runner.channels import PREEMPT, Channels
 from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
 from qmig.sizes import parse_size
 from qmig.transport import Connection
@@ -220,6 +221,8 @@ def report_json(runner: DestinationRunner) -> dict[str, object]:
         "paused_s": report.paused_s,
         "fast_path": report.fast_path,
         "fast_path_wait_ns": report.fast_path_wait_ns,
+        "preempt_pages": report.preempt_pages,
+        "preempt_bytes": report.preempt_bytes,
         "state": runner.dest.state.name,
     }
 
@@ -246,18 +249,20 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="paused in postcopy: wait this long for the source's new channel (0: fail)",
     )
+    parser.add_argument("--preempt", choices=VARIANT_NAMES, help="postcopy-preempt's variant")
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.fd)
     print(READY, flush=True)
     try:
         listener.settimeout(args.accept_timeout)
         sock = _accept(listener, args.accept_timeout)
-        if not args.recover_timeout:
+        if not args.recover_timeout and not args.preempt:
             listener.close()
         destination = Destination(
             args.qemu_version,
             postcopy_ram=not args.precopy_only,
             ram=RamConfig(page_size=args.ram_page_size, blocks=args.blocks),
+            preempt=PreemptVariant(args.preempt) if args.preempt else None,
         )
         workload = Workload(Pattern[args.pattern.upper()], touches=args.touches)
         with Connection(SOURCE_NAME, sock=sock) as connection:
@@ -267,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                 def reopen(timeout: float) -> Connection:
                     return Connection(SOURCE_NAME, sock=_accept(listener, timeout))
 
+            openers = {}
+            if args.preempt:
+                openers[PREEMPT] = lambda timeout: Connection(
+                    f"{SOURCE_NAME} ({PREEMPT_CHANNEL})", sock=_accept(listener, timeout)
+                )
             runner = DestinationRunner(
-                Channels(connection, reopen),
+                Channels(connection, reopen, openers),
                 destination,
                 recover_timeout=args.recover_timeout,
                 workload=workload,

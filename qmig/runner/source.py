@@ -37,7 +37,7 @@ from qmig.errors import TransportError
 from qmig.protocol import events as ev
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
-from qmig.runner.channels import Channels, CutPlan
+from qmig.runner.channels import PREEMPT, Channels, CutPlan
 from qmig.runner.source_ram import Dirtier
 from qmig.transport import Connection
 from qmig.wire.reader import NEED_DATA
@@ -50,6 +50,7 @@ SHUT_TIMEOUT = 60.0
 CAP_WINDOW = 0.1  # seconds of unused bandwidth the cap lets accrue (QEMU: BUFFER_DELAY)
 MAX_PRECOPY_PASSES = 30
 RECOVER_TIMEOUT = 60.0  # a recovery handshake (or a new channel) that takes longer fails
+PREEMPT_TIMEOUT = 30.0  # opening the preempt channel (and the PONG it waits for)
 # States in which a broken channel pauses the migration instead of failing it.
 RECOVERABLE = frozenset({SourceState.POSTCOPY, SourceState.COMPLETING, SourceState.RECOVER})
 
@@ -68,6 +69,8 @@ class SourceReport:
     recoveries: int = 0
     paused_s: float = 0.0  # the channel broke → RESUME_ACK, summed over the recoveries
     channels: int = 1  # main channels opened: the first, and one per resume attempt
+    preempt_pages: int = 0  # target pages sent on the preempt channel
+    preempt_bytes: int = 0
 
 
 @dataclass
@@ -120,6 +123,8 @@ class SourceRunner:
     def run(self) -> SourceReport:
         source, plan = self.source, self.plan
         self.report.started = self._clock = self._credit_at = time.monotonic()
+        if source.preempt is not None and source.preempt.opened_at_setup:
+            self.channels.open(PREEMPT, PREEMPT_TIMEOUT)
         source.start()
         self._take_events()
         if plan.postcopy_after == 0:
@@ -143,12 +148,14 @@ class SourceRunner:
         self.report.pongs = list(source.pongs)
         self.report.recoveries = source.stats.recoveries
         self.report.channels = self.channels.opened
+        self.report.preempt_pages = source.preempt_pages
         return self.report
 
     def _postcopy_to_the_end(self) -> None:
         source, plan = self.source, self.plan
         while self.phase is SourceState.POSTCOPY:
             known = len(self.report.requests)
+            self._send_urgent()
             # Requested pages go out at once, past the cap, as in QEMU; the background sweep
             # waits for the cap, and a request that arrives meanwhile goes ahead of it.
             requested = source.requested_data()
@@ -165,6 +172,7 @@ class SourceRunner:
         data = source.data_to_send(CHUNK)
         self._take_events()
         self._send(data, capped=False)
+        self._send_urgent()  # the pre-7.2 variant's EOS
         deadline = time.monotonic() + SHUT_TIMEOUT
         while self.phase is SourceState.COMPLETING:
             if time.monotonic() > deadline:
@@ -186,6 +194,7 @@ class SourceRunner:
         if source.state is not SourceState.PAUSED:
             source.channel_broken()
             self._take_events()
+        self.channels.close(PREEMPT)  # QEMU's pause shuts the preempt channel down too
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -195,6 +204,10 @@ class SourceRunner:
                     f"{self.plan.recover_timeout:g} s",
                 )
             self.channels.reopen(left)
+            preempt = source.preempt
+            if preempt is not None and preempt.opened_at_setup:
+                # As at setup: right after the main channel (the destination waits for both).
+                self.channels.open(PREEMPT, max(0.1, deadline - time.monotonic()))
             source.resume()
             self._take_events()
             try:
@@ -221,6 +234,9 @@ class SourceRunner:
             if time.monotonic() > deadline:
                 raise TransportError(self.connection.name, "no RESUME_ACK in time")
             self._poll_return_path(0.5)
+            if self.source.awaiting_preempt_channel:
+                self.channels.open(PREEMPT, max(0.1, deadline - time.monotonic()))
+                self.source.preempt_channel_opened()
 
     def _maybe_cut(self) -> None:
         """Fault injection: break the channel once the plan's page count is reached."""
@@ -254,7 +270,41 @@ class SourceRunner:
             source.begin_pass()
         self._take_events()
 
+    def _send_urgent(self) -> None:
+        """Postcopy-preempt: requested pages out on the preempt channel at once, whatever
+        the main channel is in the middle of (QEMU 8.0's return-path thread sends them as
+        it reads the request; the cap does not hold them either)."""
+        if self.source.preempt is None:
+            return
+        data = self.source.preempt_data()
+        if not data:
+            return
+        channel = self.channels.get(PREEMPT)
+        if channel is None:
+            raise TransportError(self.connection.name, "pages to send and no preempt channel")
+        channel.sendall(data)
+        self.report.preempt_bytes += len(data)
+        known = len(self.report.requests)
+        if known > self._answered and self.source.pending_requests == 0:
+            self._served(known)
+
+    def _open_preempt_late(self) -> None:
+        """The 8.0 variant: the preempt channel opens as postcopy starts, once the main
+        channel has had a PONG back, so that it is the destination's second connection."""
+        self._send(self.source.data_to_send(0), capped=False)  # the PING, if still queued
+        deadline = time.monotonic() + PREEMPT_TIMEOUT
+        while not self.source.pongs:
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    self.connection.name, "no PONG before the preempt channel was to open"
+                )
+            self._poll_return_path(0.1)
+        self.channels.open(PREEMPT, PREEMPT_TIMEOUT)
+
     def _switch_over(self) -> None:
+        preempt = self.source.preempt
+        if preempt is not None and not preempt.opened_at_setup:
+            self._open_preempt_late()
         self._stop_guest()
         self.source.start_postcopy()
         self._take_events()
@@ -353,6 +403,8 @@ class SourceRunner:
             return
         self.source.receive_data(bytes(self._rp_buffer[:count]))
         self._take_events()
+        if self.phase is SourceState.POSTCOPY:
+            self._send_urgent()
 
     def _take_events(self) -> None:
         """Everything the machine has said since last time."""

@@ -1,7 +1,7 @@
 """Byte transports for migration streams: URI parsing, listening and connecting."""
 
 from qmig.transport.connection import Connection, Listener, connect, limit_buffers, listen
-from qmig.transport.incoming import Acceptor, ChannelRule, accept_migration
+from qmig.transport.incoming import Acceptor, ChannelRule, accept_channels, accept_migration
 from qmig.transport.limits import LimitExceeded, Limits
 from qmig.transport.uri import Address, FileAddress, TcpAddress, UnixAddress, parse_uri
 
@@ -16,6 +16,7 @@ __all__ = [
     "Listener",
     "TcpAddress",
     "UnixAddress",
+    "accept_channels",
     "accept_migration",
     "connect",
     "limit_buffers",

@@ -3,9 +3,10 @@
 A listening destination may be reached by anything: a port scanner, a client that connects
 and sends nothing, garbage, and the real source, in any order. As QEMU's incoming side does,
 qmig looks at each connection's first bytes to know what it is: a migration's main channel
-starts with the stream header (magic and version, from the profile). Later channels
-(multifd, postcopy-preempt) would be told apart here in the same way, by their own opening
-bytes, and matched to the migration they belong to.
+starts with the stream header (magic and version, from the profile). A postcopy-preempt
+channel opens with no bytes of its own: it is the next connection once the main one exists
+(:meth:`Acceptor.take_next`), as QEMU takes it. Multifd channels, which open with a header
+of their own, would be matched here by a rule of their own.
 
 :class:`Acceptor` accepts every pending connection at once (up to ``max_pending``; past
 that, the one waiting longest is dropped), reads their opening bytes concurrently with one
@@ -118,6 +119,29 @@ class Acceptor:
                     self._read_opening(fd)
         return self._matched[kind].pop(0)
 
+    def take_next(self, timeout: float | None) -> Connection:
+        """The next connection after those handed over, whatever it opens with: a channel
+        with no opening of its own (postcopy-preempt's) is known by its order alone, as
+        QEMU's destination knows it. One already accepted and waiting comes first (the
+        earliest); TransportError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._listening.setblocking(False)
+        while not self._pending:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TransportError(self.uri, f"no further connection within {timeout:g} s")
+            wait = 0.5 if deadline is None else min(0.5, deadline - now)
+            ready = select.select([self._listening], [], [], max(0.0, wait))[0]
+            if ready:
+                self._accept_all()
+        fd = min(self._pending, key=lambda fd: self._pending[fd].since)
+        pending = self._pending.pop(fd)
+        with contextlib.suppress(KeyError, ValueError):
+            self._poller.unregister(fd)
+        pending.sock.setblocking(True)
+        _tune(pending.sock)
+        return Connection(self.uri, sock=pending.sock, prefix=bytes(pending.got))
+
     def close(self) -> None:
         """Close every connection not handed over."""
         for fd in list(self._pending):
@@ -186,6 +210,32 @@ class Acceptor:
         with contextlib.suppress(KeyError, ValueError):
             self._poller.unregister(fd)
         pending.sock.close()
+
+
+def accept_channels(
+    listener: Listener,
+    openings: Sequence[bytes],
+    timeout: float | None,
+    *,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_pending: int = MAX_PENDING,
+) -> tuple[Connection, Acceptor]:
+    """As :func:`accept_migration`, for a migration of several channels: the main one, and
+    the acceptor that goes on taking the next ones (``take_next``) on the same listening
+    socket. The caller closes the acceptor (a socket listener only)."""
+    assert listener.socket is not None
+    acceptor = Acceptor(
+        listener.uri,
+        listener.socket,
+        [ChannelRule("main", opening) for opening in dict.fromkeys(openings)],
+        handshake_timeout=handshake_timeout,
+        max_pending=max_pending,
+    )
+    try:
+        return acceptor.wait("main", timeout), acceptor
+    except BaseException:
+        acceptor.close()
+        raise
 
 
 def accept_migration(

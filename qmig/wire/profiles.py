@@ -43,6 +43,10 @@ RequestRangeRule = Literal["last-byte", "end"]
 # ram.postcopy_host_page_order (protocol/destination.py): how the target pages of one host
 # page may arrive in postcopy.
 HostPageOrderRule = Literal["same-host-page", "sequential"]
+# postcopy.preempt (protocol/preempt.py): the postcopy-preempt channel a current machine type
+# gets: "none" (no such capability), "pre-7.2" (opened at setup, EOS at its end) or "8.0"
+# (opened when postcopy starts, urgent pages sent from the return-path thread).
+PreemptRule = Literal["none", "pre-7.2", "8.0"]
 # ram.max_xbzrle_length (wire/schema.py): the largest XBZRLE body.
 XbzrleLengthRule = Literal["target-page"]
 
@@ -138,6 +142,10 @@ class Profile:
     run_sets_state_before_check: bool
     reject_second_listen: bool
     package_loaded_ping: int | None
+    preempt: PreemptRule = "none"
+    # Machine types of this version or older get the pre-7.2 variant (hw_compat_7_2's
+    # x-preempt-pre-7-2=true); None: every machine type gets ``preempt``.
+    preempt_pre_7_2_machines: str | None = None
     # Where this QEMU misbehaves on hostile input and qmig deliberately does not follow it:
     # name -> {tag, qemu, qmig, summary} (formats/quirks.md explains each; the differential
     # fuzzer reads it to tell a known difference from a finding).
@@ -220,6 +228,10 @@ class Profile:
                     reject_second_listen=postcopy.boolean("reject_second_listen"),
                     package_loaded_ping=postcopy.integer("package_loaded_ping", 0, U32, None),
                 )
+                if postcopy.has("preempt"):
+                    fields["preempt"] = postcopy.choice("preempt", PreemptRule)
+                if postcopy.has("preempt_pre_7_2_machines"):
+                    fields["preempt_pre_7_2_machines"] = postcopy.string("preempt_pre_7_2_machines")
             quirks = top.optional_table("quirks")
             fields["quirks"] = {} if quirks is None else _quirks(quirks)
             multifd, mapped_ram = top.optional_table("multifd"), top.optional_table("mapped_ram")

@@ -44,6 +44,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="the capture folder to write"
     )
+    parser.add_argument(
+        "--preempt",
+        action="store_true",
+        help="postcopy-preempt: the source's next connection after the main one is its "
+        "preempt channel; relay it too, and record it in preempt.bin (default: off)",
+    )
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--recover-connect",
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         qemu_version=args.qemu_version,
         recover_connect=args.recover_connect,
         recover_timeout=recover_timeout,
+        preempt=args.preempt,
     )
     # The first stderr line is stable: scripts read the real port from it when they asked for 0.
     print(f"qmig capture: listening on {relay.listen_uri}", file=sys.stderr, flush=True)
@@ -135,7 +142,10 @@ def _print_summary(summary: CaptureSummary) -> None:
     table.add_column("bytes", justify="right")
     table.add_column("chunks", justify="right")
     table.add_column("ended")
-    for name, result in (("stream", summary.stream), ("return path", summary.return_path)):
+    rows = [("stream", summary.stream), ("return path", summary.return_path)]
+    if summary.preempt is not None:
+        rows.append(("preempt", summary.preempt))
+    for name, result in rows:
         table.add_row(name, f"{result.bytes:,}", str(result.chunks), result.end)
     if len(summary.connections) > 1:
         table.caption = f"{len(summary.connections)} connections (postcopy recovery)"

@@ -143,7 +143,9 @@ class Listing:
         if self.timed is not None:
             where = where or "stream"
             t_ns = self.timed.stream.arrival(record.offset, record.size)
-            if where != "stream":
+            if where == "preempt" and self.timed.preempt is not None:
+                t_ns = self.timed.preempt.arrival(record.offset, record.size)
+            elif where != "stream":
                 t_ns = self.timed.return_path.arrival(record.offset, record.size)
             prefix = f"{t_ns / 1e6:>11.3f} ms  {where:<11} "
         self.console.print(
@@ -204,16 +206,44 @@ class Timed:
         self.records = records
         self.answers = answers  # return-path offset -> PageRequest
         self._next = 0
+        # Postcopy-preempt's channel, merged in by time as the return path is.
+        self.preempt: Timeline | None = None
+        self.preempt_records: list[Record] = []
+        self._next_preempt = 0
 
     def before(self, listing: Listing, record: Record | None) -> None:
-        """List the return-path records that arrived before ``record`` (None: all the rest)."""
+        """List the return-path (and preempt) records that arrived before ``record`` (None:
+        all the rest), in the order they reached the relay."""
         limit = None if record is None else self.stream.arrival(record.offset, record.size)
-        while self._next < len(self.records):
-            pending = self.records[self._next]
-            if limit is not None and self.return_path.arrival(pending.offset, pending.size) > limit:
+        while True:
+            rp_t = pre_t = None
+            if self._next < len(self.records):
+                pending = self.records[self._next]
+                rp_t = self.return_path.arrival(pending.offset, pending.size)
+            if self.preempt is not None and self._next_preempt < len(self.preempt_records):
+                early = self.preempt_records[self._next_preempt]
+                pre_t = self.preempt.arrival(early.offset, early.size)
+            if pre_t is not None and (rp_t is None or pre_t < rp_t):
+                if limit is not None and pre_t > limit:
+                    return
+                self._next_preempt += 1
+                self._show_preempt(listing, self.preempt_records[self._next_preempt - 1])
+                continue
+            if rp_t is None or (limit is not None and rp_t > limit):
                 return
             self._next += 1
-            self._show(listing, pending)
+            self._show(listing, self.records[self._next - 1])
+
+    def _show_preempt(self, listing: Listing, record: Record) -> None:
+        from qmig.wire import messages as m
+        from qmig.wire.render import describe
+
+        message = record.message
+        if isinstance(message, m.RamPageRun):
+            detail = f"{message.block}: {message.count} ({message.zero_count} same-byte)"
+        else:
+            detail = describe(message)
+        listing.line(record, detail, where="preempt")
 
     def _show(self, listing: Listing, record: Record) -> None:
         from qmig.wire.render import describe
@@ -222,6 +252,7 @@ class Timed:
         request = self.answers.get(record.offset)
         if request is None:
             return
+        channel = request.answered_on
         if request.answered_at_byte is None:
             detail = "not answered in the stream"
         elif request.in_flight:
@@ -231,7 +262,7 @@ class Timed:
             )
         else:
             detail = (
-                f"answered by the RAM record at stream byte {request.answered_at_byte}, "
+                f"answered by the RAM record at {channel} byte {request.answered_at_byte}, "
                 f"{request.latency_us} µs later"
             )
         listing.console.print(f"{ANSWER_INDENT}-> {detail}")
@@ -435,6 +466,7 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
             inspection.close()
         return inspection, commands
 
+    report_extra: dict[str, Any] = {}
     if capture is None:
         listing = None if args.json else Listing(args.pages)
         inspection, commands = read_stream(listing, None, args.dump_ram)
@@ -447,6 +479,9 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
         # now without reading a compressed capture once more just to count them).
         capture.check_covers(stream=inspection.reader.offset)
         matcher.finish()
+        preempt_report = _preempt(args, index_path, capture, inspection.reader)
+        if preempt_report is not None:
+            report_extra["preempt"] = preempt_report
         listing = None
         if not args.json:
             listing = Listing(args.pages, capture.timed())
@@ -459,6 +494,7 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
     report["qemu_version"] = inspection.reader.profile.name
     report["qemu_version_evidence"] = choice.evidence
     report["commands"] = commands
+    report.update(report_extra)
     if rp_path is not None:
         rp_inspection = ReturnPathInspection()
         messages = []
@@ -487,6 +523,37 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
     return 0
+
+
+def _preempt(
+    args: argparse.Namespace, index_path: Path | None, capture: _Capture, main: Any
+) -> dict[str, Any] | None:
+    """A capture's preempt channel: read, its answers matched; its figures for the report."""
+    from qmig.capture.recording import PREEMPT_NAME, capture_file
+    from qmig.inspect_preempt import match_preempt, preempt_records
+    from qmig.wire import messages as m
+
+    if index_path is None or capture.preempt is None:
+        return None
+    path = capture_file(index_path.parent, PREEMPT_NAME)
+    if path is None:
+        raise QmigError(
+            str(index_path.parent), f"the index has preempt chunks but no {PREEMPT_NAME}"
+        )
+    records = preempt_records(path, main)
+    capture.preempt_records = records
+    match_preempt(
+        capture.requests, records, capture.preempt, inspection_schema(args).target_page_size
+    )
+    runs = [r.message for r in records if isinstance(r.message, m.RamPageRun)]
+    return {
+        "file": str(path),
+        "bytes": sum(record.size for record in records),
+        "pages": sum(run.count for run in runs),
+        "zero_pages": sum(run.zero_count for run in runs),
+        "ended_with_eos": any(isinstance(r.message, m.RamEos) for r in records),
+        "answered_requests": sum(r.answered_on == "preempt" for r in capture.requests),
+    }
 
 
 def _write_report(args: argparse.Namespace, report: dict[str, Any], capture: Any) -> None:
@@ -525,6 +592,8 @@ class _Capture:
         self.rp_records = rp_records
         self.covered = covered  # per direction, the bytes the index accounts for
         self.requests = page_requests(rp_records, return_path)
+        self.preempt: Timeline | None = None  # postcopy-preempt's channel, when recorded
+        self.preempt_records: list[Record] = []
 
     def check_covers(self, *, stream: int | None = None, return_path: int | None = None) -> None:
         """The index must account for exactly the bytes each file was found to hold."""
@@ -549,7 +618,10 @@ class _Capture:
 
     def timed(self) -> Timed:
         answers = {request.offset: request for request in self.requests}
-        return Timed(self.stream, self.return_path, self.rp_records, answers)
+        timed = Timed(self.stream, self.return_path, self.rp_records, answers)
+        timed.preempt = self.preempt
+        timed.preempt_records = self.preempt_records
+        return timed
 
 
 def _capture(index_path: Path, rp_path: Path | None, rp_records: list[Record]) -> _Capture:
@@ -574,6 +646,10 @@ def _capture(index_path: Path, rp_path: Path | None, rp_records: list[Record]) -
             total += length
         covered[direction] = total
         timelines[direction] = Timeline(mine)
-    return _Capture(
+    capture = _Capture(
         timelines[Direction.STREAM], timelines[Direction.RETURN_PATH], rp_records, covered
     )
+    preempt = [(c.offset, c.length, c.t_ns) for c in chunks if c.direction is Direction.PREEMPT]
+    if preempt:
+        capture.preempt = Timeline(preempt)
+    return capture

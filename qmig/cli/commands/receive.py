@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import positive_count, rate_or_zero, seconds, size
+from qmig.cli.preempt_options import add_preempt
+from qmig.errors import QmigError
 from qmig.latency import percentiles_us, vcpu_blocktime_ms
 from qmig.report.cli import add_report, check_report
 from qmig.runner.misbehave_options import add_destination_knobs, destination_misbehaviour
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from qmig.protocol.destination import Destination
+    from qmig.protocol.preempt import PreemptVariant
     from qmig.protocol.ram_config import RamConfig
     from qmig.ram.workload import Workload
     from qmig.runner.channels import Channels, CutPlan
@@ -146,6 +149,7 @@ def register(subparsers: Any) -> None:
         "long; other connections are examined meanwhile",
     )
     add_report(parser)
+    add_preempt(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--recover-listen",
@@ -208,9 +212,17 @@ def stream_headers(version: str) -> list[bytes]:
 def run(args: argparse.Namespace) -> int:
     from qmig.protocol.ram_config import RamConfig
     from qmig.ram.workload import Pattern, Workload
-    from qmig.runner.channels import Channels, CutPlan
+    from qmig.runner.channels import PREEMPT, Channels, CutPlan
     from qmig.runner.destination import host_memory
-    from qmig.transport import Connection, Limits, Listener, accept_migration, listen
+    from qmig.transport import (
+        Acceptor,
+        Connection,
+        Limits,
+        Listener,
+        accept_channels,
+        accept_migration,
+        listen,
+    )
 
     check_report(args)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -231,19 +243,31 @@ def run(args: argparse.Namespace) -> int:
     # The listener stays open for a resume to the same URI (QEMU's listens again on
     # migrate-recover): where the source reconnects, it finds it.
     recovery_listener: Listener | None = None
+    acceptor: Acceptor | None = None
+    openers: dict[str, Callable[[float], Connection]] = {}
     try:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
         print(f"qmig receive: listening on {listener.uri}", file=sys.stderr, flush=True)
-        connection = accept_migration(
-            listener,
-            stream_headers(args.qemu_version),
-            args.accept_timeout,
-            handshake_timeout=args.handshake_timeout,
-        )
+        if args.preempt and listener.socket is not None:
+            # The preempt channel is the next connection to this listener after the main one.
+            connection, acceptor = accept_channels(
+                listener,
+                stream_headers(args.qemu_version),
+                args.accept_timeout,
+                handshake_timeout=args.handshake_timeout,
+            )
+            openers[PREEMPT] = acceptor.take_next
+        else:
+            connection = accept_migration(
+                listener,
+                stream_headers(args.qemu_version),
+                args.accept_timeout,
+                handshake_timeout=args.handshake_timeout,
+            )
         recover_uri = args.recover_listen or listener.uri
         if recovers and recover_uri == listener.uri:
             recovery_listener = listener
-        else:
+        elif acceptor is None:
             listener.close()
     except BaseException:
         listener.close()
@@ -279,11 +303,15 @@ def run(args: argparse.Namespace) -> int:
     cuts = None
     if args.pause_after:
         cuts = CutPlan(args.pause_after, during_recovery=args.pause_during_recovery)
-    channels = Channels(limited(connection), reopen if recovers else None)
+    channels = Channels(limited(connection), reopen if recovers else None, openers)
     try:
         return _receive(args, channels, ram, workload, cuts, recorder, misbehaviour)
     finally:
-        channels.close_main()
+        channels.close_all()
+        if acceptor is not None:
+            acceptor.close()
+            if recovery_listener is not listener:
+                listener.close()
         if recovery_listener is not None:
             recovery_listener.close()
 
@@ -309,7 +337,13 @@ def _receive(
     prefix = peek_connection(connection, args.idle_timeout)
     choice = choose(args.qemu_version, lambda: (prefix, False))
     make = Destination if misbehaviour is None else misbehaviour.destination
-    destination = make(choice.version, postcopy_ram=not args.no_postcopy_ram, ram=ram)
+    destination = make(
+        choice.version,
+        postcopy_ram=not args.no_postcopy_ram,
+        ram=ram,
+        preempt=_preempt(args, choice.version),
+        preempt_from_machine=args.preempt_variant is None,
+    )
     runner = DestinationRunner(
         channels,
         destination,
@@ -336,6 +370,21 @@ def _receive(
     else:
         _print_summary(summary)
     return 0
+
+
+def _preempt(args: argparse.Namespace, version: str | None) -> PreemptVariant | None:
+    """--preempt's variant until the CONFIGURATION names the machine type (which then
+    decides it, unless --preempt-variant did)."""
+    from qmig.protocol.preempt import preempt_variant
+    from qmig.wire.profiles import load_profile
+
+    if args.preempt_variant is not None and not args.preempt:
+        raise QmigError("--preempt-variant", "needs --preempt")
+    if not args.preempt:
+        return None
+    if args.no_postcopy_ram:
+        raise QmigError("--preempt", "postcopy-preempt requires postcopy-ram")
+    return preempt_variant(load_profile(version), None, args.preempt_variant)
 
 
 def _bytes_per_phase(runner: Any, destination: Destination) -> Callable[[], dict[str, int]]:
@@ -398,6 +447,12 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
         "pongs": destination.pongs_sent,
         "recoveries": report.recoveries,
         "paused_ms": round(report.paused_s * 1000, 2),
+        "preempt": None if destination.preempt is None else destination.preempt.value,
+        # Target pages received on each channel.
+        "preempt_pages": {
+            "main": sum(report.placed_pages.values()) - report.preempt_pages,
+            "preempt": report.preempt_pages,
+        },
         "notices": report.notices,
     }
 
@@ -429,6 +484,12 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
     table.add_row("blocktime", f"{summary['blocktime_ms']} ms")
     table.add_row("pongs", str(summary["pongs"]))
     table.add_row("recoveries", f"{summary['recoveries']} (paused {summary['paused_ms']} ms)")
+    if summary["preempt"] is not None:
+        pages = summary["preempt_pages"]
+        table.add_row(
+            "preempt", f"{summary['preempt']} variant: pages main {pages['main']:,}, "
+            f"preempt {pages['preempt']:,}"
+        )  # fmt: skip
     for notice in summary["notices"]:
         table.add_row("notice", notice)
     (console or Console()).print(table)

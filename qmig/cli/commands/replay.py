@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import add_alias, add_bandwidth, count, positive_count, seconds
+from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
 from qmig.report.cli import add_report, check_report
 from qmig.runner.misbehave_options import add_source_knobs, source_misbehaviour
@@ -56,6 +57,7 @@ def register(subparsers: Any) -> None:
         "where the captured source switched, and a precopy capture stays precopy",
     )
     add_bandwidth(parser)
+    add_preempt(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--pause-after",
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
             resume_to=args.resume_to,
             resume_timeout=args.resume_timeout,
             pause_during_recovery=args.pause_during_recovery,
+            preempt=args.preempt,
+            preempt_variant=args.preempt_variant,
         )
         misbehaviour = source_misbehaviour(args, choice.version)
         progress = None if args.json else _Progress()
@@ -251,6 +255,12 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
         "request → page sent (µs)",
         f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']}",
     )
+    if summary.get("preempt") is not None:
+        pages = summary["preempt_pages"]
+        table.add_row(
+            "preempt", f"{summary['preempt']} variant: pages main {pages['main']:,}, "
+            f"preempt {pages['preempt']:,}"
+        )  # fmt: skip
     out = console or Console()
     out.print(table)
     if "libvirt" in summary and summary["mode"] == "precopy":

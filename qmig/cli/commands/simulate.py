@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import add_bandwidth, count, integer, positive_count, rate_or_zero, size
+from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
 from qmig.errors import QmigError
 from qmig.report.cli import add_report, check_report
@@ -126,6 +127,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="also cut the first recovery's new connection during its handshake (default: off)",
     )
+    add_preempt(parser, machine_type=True)
     parser.add_argument(
         "--seed", type=integer, default=1, metavar="N", help="seed of RAM contents and dirtying"
     )
@@ -155,6 +157,9 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         pause_after=args.pause_after,
         pauses=args.pauses,
         pause_during_recovery=args.pause_during_recovery,
+        preempt=args.preempt,
+        preempt_variant=args.preempt_variant,
+        machine_type=args.machine_type,
     )
     if args.blocks:
         config.blocks = args.blocks
@@ -285,12 +290,27 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
             f"{plural(s['recoveries'], 'recovery', 'recoveries')}, paused "
             f"{s['paused_ms']:.1f} ms, {plural(s['resent_pages'], 'page')} missing at resume",
         ),
+        *_preempt_row(s),
         ("placement", _placement(s["placement_mib_s"])),
         ("switchover", _switchover(s["switchover_ms"])),
     ]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _preempt_row(s: dict[str, Any]) -> list[tuple[str, str]]:
+    if s.get("preempt") is None:
+        return []
+    pages = s["preempt_pages"]
+    return [
+        (
+            "preempt",
+            f"{s['preempt']['variant']} variant ({s['preempt']['machine_type']}): "
+            f"{plural(pages['sent']['preempt'], 'page')} sent on the preempt channel, "
+            f"{pages['received']['preempt']:,} received there",
+        )
+    ]
 
 
 def _placement(rates: dict[str, float | None]) -> str:

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Fault latency with and without postcopy-preempt: qmig → qmig, QEMU 10.0 → QEMU 10.0, and
+a real QEMU 10.0 source into ``qmig receive``.
+
+Run as root (userfaultfd) from the repository::
+
+    .venv/bin/python bench/preempt_bench.py             # 128 MiB guests, a few minutes
+    .venv/bin/python bench/preempt_bench.py --json      # one JSON document
+
+Each pair migrates with the same guest size, the same postcopy cap (``--bandwidth``
+MiB/s) and the same capabilities, once without and once with ``postcopy-preempt`` (QEMU:
+``postcopy-blocktime`` on as well), the 8.0 variant (QEMU 10.0 on its current machine type,
+qmig on ``pc-q35-10.0``). Socket buffers are left to the kernel's autotuning on every side,
+as QEMU has them, so that background pages can queue ahead of a requested one.
+
+Figures:
+
+* qmig → qmig: ``qmig simulate``'s fault latency (fault → page placed) p50/p99, from the
+  destination's userfaultfd thread; pages on each channel.
+* QEMU → QEMU: QEMU 10.0 reports no per-fault latency (10.1 adds it), so the pair is relayed
+  through ``qmig capture`` and the latency is the relay's: REQ_PAGES seen → the page that
+  answered it seen (on either channel), p50/p99, from ``qmig inspect``; plus the
+  destination's ``postcopy-blocktime``.
+* QEMU → qmig: ``qmig receive``'s fault → placed p50/p99.
+
+Nothing is asserted: the figures are printed. On a shared host they are noisy; run twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qmig.capture import Relay
+from qmig.qemu.guest import MIB, GuestSpec
+from qmig.qemu.machine import Machine, MachineConfig
+from qmig.simulate import SimulationConfig, run_simulation
+
+QEMU = "10.0"
+TIMEOUT = 180.0
+
+
+def qmig_pair(ram_mib: int, bandwidth: int, preempt: bool) -> dict[str, Any]:
+    config = SimulationConfig(
+        blocks=[("pc.ram", ram_mib * MIB)],
+        bandwidth=bandwidth * MIB,
+        version=QEMU,
+        machine_type="pc-q35-10.0",
+        preempt=preempt,
+        send_buffer=None,
+        receive_buffer=None,
+        vcpus=1,
+    )
+    summary = run_simulation(config)
+    return {
+        "verified": summary["verified"],
+        "faults": summary["faults"],
+        "fault_latency_us": summary["fault_latency_us"],
+        "preempt_pages": summary["preempt_pages"]["sent"],
+        "total_s": summary["total_s"],
+    }
+
+
+def _start(name: str, ram_mib: int, spec: GuestSpec, workdir: Path, **kw: Any) -> Machine:
+    return Machine(MachineConfig(name, ram_mib, spec, qemu_version=QEMU, **kw), workdir).start()
+
+
+def _postcopy(source: Machine, uri: str, bandwidth: int, preempt: bool) -> dict[str, Any]:
+    source.wait_serial(1)
+    source.set_capabilities(postcopy_ram=True, postcopy_preempt=preempt, postcopy_blocktime=True)
+    source.set_parameters(
+        max_bandwidth=bandwidth * MIB, max_postcopy_bandwidth=bandwidth * MIB, downtime_limit=1
+    )
+    source.migrate(uri)
+    time.sleep(1.0)
+    source.start_postcopy()
+    return source.wait_migration(timeout=TIMEOUT)
+
+
+def qemu_pair(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dict[str, Any]:
+    spec = GuestSpec(end=min(ram_mib // 2, 64) * MIB)
+    destination = _start("destination", ram_mib, spec, workdir, incoming="defer")
+    out = workdir / "capture"
+    try:
+        destination.set_capabilities(
+            postcopy_ram=True, postcopy_preempt=preempt, postcopy_blocktime=True
+        )
+        destination.migrate_incoming("tcp:127.0.0.1:0")
+        relay = Relay(f"tcp:127.0.0.1:{destination.incoming_port()}", out, preempt=preempt).start()
+        source = _start("source", ram_mib, spec, workdir)
+        try:
+            _postcopy(source, relay.listen_uri, bandwidth, preempt)
+            info = destination.wait_migration(timeout=TIMEOUT)
+            relay.join(TIMEOUT)
+        finally:
+            source.shutdown()
+    finally:
+        destination.shutdown()
+    inspected = subprocess.run(
+        [sys.executable, "-m", "qmig", "inspect", str(out), "--json"],
+        capture_output=True, text=True, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    report = json.loads(inspected.stdout)
+    latency = report["request_latency_us"]
+    return {
+        "requests": latency["count"],
+        "request_to_answer_us": {"p50": latency["p50"], "p99": latency["p99"]},
+        "answered_on_preempt": (report.get("preempt") or {}).get("answered_requests", 0),
+        "postcopy_blocktime_ms": info.get("postcopy-blocktime"),
+    }
+
+
+def qemu_into_qmig(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dict[str, Any]:
+    spec = GuestSpec(end=min(ram_mib // 2, 64) * MIB)
+    args = ["--preempt"] if preempt else []
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0", "--json",
+         "--accept-timeout", "60", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert receiver.stderr is not None
+        uri = receiver.stderr.readline().split()[-1]
+        source = _start("source", ram_mib, spec, workdir)
+        try:
+            _postcopy(source, uri, bandwidth, preempt)
+        finally:
+            source.shutdown()
+        stdout, stderr = receiver.communicate(timeout=TIMEOUT)
+    finally:
+        receiver.kill()
+        receiver.wait()
+    if receiver.returncode:
+        raise SystemExit(f"qmig receive failed: {stderr.strip()}")
+    summary = json.loads(stdout)
+    return {
+        "requests": summary["requests"],
+        "fault_latency_us": summary["fault_to_placed_us"],
+        "preempt_pages": summary["preempt_pages"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ram", type=int, default=128, metavar="MIB")
+    parser.add_argument("--bandwidth", type=int, default=16, metavar="MIB_S")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-qemu", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"ram_mib": args.ram, "bandwidth_mib_s": args.bandwidth}
+    for preempt in (False, True):
+        key = "preempt" if preempt else "no_preempt"
+        results.setdefault("qmig_to_qmig", {})[key] = qmig_pair(args.ram, args.bandwidth, preempt)
+        if not args.skip_qemu:
+            with tempfile.TemporaryDirectory() as work:
+                results.setdefault("qemu_to_qemu", {})[key] = qemu_pair(
+                    args.ram, args.bandwidth, preempt, Path(work)
+                )
+            with tempfile.TemporaryDirectory() as work:
+                results.setdefault("qemu_to_qmig_receive", {})[key] = qemu_into_qmig(
+                    args.ram, args.bandwidth, preempt, Path(work)
+                )
+    if args.json:
+        json.dump(results, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for pair in ("qmig_to_qmig", "qemu_to_qemu", "qemu_to_qmig_receive"):
+            for key, figures in results.get(pair, {}).items():
+                print(f"{pair:<22} {key:<11} {json.dumps(figures)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""``qmig capture --preempt`` between two real QEMUs with postcopy-preempt: every connection
+is relayed and recorded (main stream, return path, preempt channel, one index), the
+destination's guest runs on with its counters checked, and the capture inspects and replays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_replay_real import MachineFactory, check_guest_runs_on
+
+from qmig.capture import read_capture
+from qmig.capture.recording import PREEMPT_NAME, Direction, read_index
+from qmig.qemu.guest import MIB, GuestSpec
+from qmig.qemu.machine import qemu_install
+from qmig.qemu.qmp import QemuError
+
+SPEC = GuestSpec(end=32 * MIB)
+MEMORY_MIB = 64
+TIMEOUT = 60.0
+
+
+def qmig(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qmig", *args]
+
+
+def need(version: str | None) -> None:
+    if version is None:
+        return
+    try:
+        qemu_install(version)
+    except QemuError as error:
+        if os.environ.get("CI"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+
+
+def capture_preempt(
+    machines: MachineFactory, tmp_path: Path, version: str | None, machine_type: str
+) -> tuple[Path, dict[str, object]]:
+    destination = machines(
+        "destination",
+        memory_mib=MEMORY_MIB,
+        guest=SPEC,
+        incoming="defer",
+        qemu_version=version,
+        machine_type=machine_type,
+    )
+    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True, postcopy_blocktime=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    out = tmp_path / "capture"
+    relay = subprocess.Popen(
+        qmig("capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
+             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
+             "--out", str(out), "--json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        listening = relay.stderr.readline().strip()
+        source = machines(
+            "source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version,
+            machine_type=machine_type,
+        )  # fmt: skip
+        source.wait_serial(1)
+        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+        source.set_parameters(
+            max_bandwidth=32 * MIB, max_postcopy_bandwidth=8 * MIB, downtime_limit=1
+        )
+        source.migrate(listening.rsplit(" ", 1)[1])
+        time.sleep(0.5)
+        source.start_postcopy()
+        source.wait_migration(timeout=TIMEOUT)
+        check_guest_runs_on(destination, SPEC, tmp_path)
+        stdout, stderr = relay.communicate(timeout=TIMEOUT)
+    finally:
+        relay.kill()
+        relay.wait()
+    assert relay.returncode == 0, stderr
+    return out, json.loads(stdout)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    ("version", "machine_type"),
+    [(None, "pc"), ("10.0", "pc"), ("10.0", "pc-i440fx-7.2")],
+    ids=["qemu-7.2", "qemu-10.0", "qemu-10.0-machine-7.2"],
+)
+def test_capture_relays_and_records_the_preempt_channel(
+    machines: MachineFactory, tmp_path: Path, version: str | None, machine_type: str
+) -> None:
+    need(version)
+    out, summary = capture_preempt(machines, tmp_path, version, machine_type)
+    assert summary["clean"] is True
+    preempt = summary["preempt"]
+    assert isinstance(preempt, dict) and preempt["bytes"] > 0
+    assert (out / PREEMPT_NAME).stat().st_size == preempt["bytes"]
+    chunks = read_index(out / "index.tsv")
+    assert {chunk.direction for chunk in chunks} == set(Direction)
+    times = [chunk.t_ns for chunk in chunks]
+    assert times == sorted(times)  # one timeline for every connection
+    capture = read_capture(out)
+    assert capture.stream.startswith(b"QEVM")
+    assert not (out / PREEMPT_NAME).read_bytes().startswith(b"QEVM")  # no header of its own
+
+
+@pytest.mark.qemu
+def test_a_preempt_capture_inspects_on_one_timeline_and_replays(
+    machines: MachineFactory, tmp_path: Path
+) -> None:
+    out, _summary = capture_preempt(machines, tmp_path, None, "pc")
+    inspected = subprocess.run(
+        qmig("inspect", str(out), "--json"), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert inspected.returncode == 0, inspected.stderr
+    report = json.loads(inspected.stdout)
+    preempt = report["preempt"]
+    assert preempt["pages"] > 0 and preempt["ended_with_eos"] is True  # QEMU 7.2's variant
+    on_preempt = [r for r in report["requests"] if r["answered_on"] == "preempt"]
+    assert on_preempt and preempt["answered_requests"] == len(on_preempt)
+    assert all(r["latency_us"] is not None and r["latency_us"] >= 0 for r in on_preempt)
+    listing = subprocess.run(
+        qmig("inspect", str(out)), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert " preempt " in listing.stdout and "at preempt byte" in listing.stdout
+    # Replayed into a fresh QEMU, with the pages the preempt channel carried.
+    destination = machines(
+        "replayed", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", machine_type="pc"
+    )
+    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    uri = f"tcp:127.0.0.1:{destination.incoming_port()}"
+    replayed = subprocess.run(
+        qmig("replay", str(out), "--to", uri, "--preempt", "--json", "--bandwidth", "32"),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["preempt"] == "pre-7.2"
+    (tmp_path / "replayed").mkdir()
+    check_guest_runs_on(destination, SPEC, tmp_path / "replayed")
