@@ -64,6 +64,11 @@ class CountingConnection:
             self._recorder.count(self._receives, count)
         return count
 
+    def received_elsewhere(self, count: int) -> None:
+        self._connection.received_elsewhere(count)
+        if count:
+            self._recorder.count(self._receives, count)
+
     def send_some(self, data: Any) -> int:
         sent: int = self._connection.send_some(data)
         if sent:

@@ -237,6 +237,9 @@ class DestinationRunner:
         try:
             if self._fast is not None:
                 count = self._fast.read(buffer, self.idle_timeout, self.connection.name)
+                # The C thread read them from the socket: the limits and the report count
+                # them as the connection would have.
+                self.connection.received_elsewhere(count)
             else:
                 count = self.connection.recv_into(buffer)
         except TransportError:

@@ -103,6 +103,12 @@ class Connection:
         except OSError as error:
             raise TransportError(self.name, describe(error)) from None
 
+    def received_elsewhere(self, count: int) -> None:
+        """``count`` bytes of this connection were read by other code (the destination's C
+        receive thread reads the socket itself): the limits count them as if read here."""
+        if self.meter is not None and count:
+            self.meter.got(count)
+
     def _recv_bounded(self, buffer: memoryview | bytearray, meter: Meter) -> int:
         """recv_into, looking at every limit at least every WAIT_SLICE while it waits.
 
