@@ -34,6 +34,7 @@ from qmig.wire import messages as m
 from qmig.wire.reader import END
 
 RECV_CHUNK = 1 << 20
+RETURN_PATH_BUFFER = 64 << 10  # SO_SNDBUF of the return path (the kernel doubles it)
 POSTCOPY_DATA_RUN = 1  # data pages per UFFDIO_COPY after LISTEN (see _apply)
 IDLE_TIMEOUT = 60.0
 PREEMPT_POLL = 0.1  # the preempt thread's wait for bytes, and then for LISTEN
@@ -140,6 +141,7 @@ class DestinationRunner:
         buffer = bytearray(RECV_CHUNK)
         if self.connection.meter is None:  # the caller's limits, or at least the idle one
             self.connection.set_limits(Limits(self.idle_timeout, peer="the source"))
+        self._bound_return_path()
         try:
             self._start_preempt()
             while not self.completed:
@@ -228,10 +230,18 @@ class DestinationRunner:
             ) from None
         if self.connection.socket is not None:
             self.connection.socket.settimeout(self.idle_timeout)
+        self._bound_return_path()
         with self._machine_lock:
             self.dest.new_channel()
         self._restart_preempt()
         return True
+
+    def _bound_return_path(self) -> None:
+        """Cap what the return path queues in the kernel. Its messages are a few bytes each,
+        so a small buffer costs nothing; and a source that stops reading them (answering a
+        flood of PINGs into a full socket) is noticed within the idle limit, not after
+        autotuning has swallowed megabytes of PONGs."""
+        self.connection.limit_buffers(send=RETURN_PATH_BUFFER)
 
     def _receive(self, buffer: bytearray) -> int:
         try:
