@@ -25,9 +25,10 @@ from qmig.runner.peer import Peer
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import DIRTY_PATTERNS, Dirtier, GuestRam
 from qmig.transport import Connection, connect, limit_buffers, listen
+from qmig.wire.profiles import target_page_size
 
 MiB = 1 << 20
-TARGET_PAGE = 4096
+TARGET_PAGE = target_page_size()  # the default profile's; simulate's guests use it
 PEER_TIMEOUT = 120.0
 RECOVER_TIMEOUT = 60.0  # a paused end waits this long for the other's new channel
 # The destination's SO_RCVBUF. Unset, Linux lets a loopback receive buffer grow to

@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from qmig.errors import HostSupportError
+from qmig.host import HOST_PAGE_SIZE
 
 # The mmap module names it from Python 3.12 on; 0x4000 on Linux's common architectures.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
-SMALL = 4096  # below one page, a plain bytearray (a mapping takes whole pages)
+SMALL = HOST_PAGE_SIZE  # below one page, a plain bytearray (a mapping takes whole pages)
 _COUNT_CHUNK = 4 << 20
 
 

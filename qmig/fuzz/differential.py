@@ -43,14 +43,14 @@ from qmig.errors import QmigError, TruncatedError
 from qmig.protocol.destination import BlockTracker, Destination
 from qmig.protocol.ram_config import HOST_PAGE_SIZE, RamConfig
 from qmig.wire import messages as m
-from qmig.wire.profiles import load_profile
+from qmig.wire.profiles import load_profile, target_page_size
 from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
 from qmig.wire.schema import Schema, schema_for
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp" / "stream.bin.xz"
 MACHINE_TYPE = "pc-i440fx-7.2"
 MEMORY_MIB = 64  # the fixture's guest: its MEM_SIZE list matches this QEMU's RAMBlocks
-PAGE = 4096
+PAGE = target_page_size()
 VERDICT_TIMEOUT = 4.0  # after the last byte: QEMU decides in milliseconds
 END_OF_STREAM = "end of stream"
 ACCEPTED = "accepted"

@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qmig.errors import QmigError
+from qmig.host import HOST_PAGE_SIZE as HOST_PAGE_SIZE  # re-exported for the machine
 from qmig.sizes import parse_size
-
-HOST_PAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)

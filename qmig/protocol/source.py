@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
+from qmig.host import HOST_PAGE_SIZE
 from qmig.protocol import events as ev
 from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.recv_bitmap import bitmap_size, missing_pages
@@ -64,7 +65,7 @@ class SourceBlock:
     idstr: str
     used_length: int
     ram: Any  # a buffer of at least used_length bytes
-    page_size: int = 4096
+    page_size: int = HOST_PAGE_SIZE  # what backs it: ordinary memory unless told
     dirty: bytearray = field(default_factory=bytearray, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,7 +116,7 @@ class Source:
         return_path: bool = True,
         devices: Sequence[DeviceSnapshot] = (),
         pages_per_section: int = 512,
-        host_page_size: int = 4096,
+        host_page_size: int = HOST_PAGE_SIZE,
         configuration: m.Configuration | None = None,
         vmdescription: bytes | None = None,
         preempt: PreemptVariant | None = None,

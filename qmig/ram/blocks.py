@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from qmig.errors import HostSupportError
+from qmig.host import HOST_PAGE_SIZE as HOST_PAGE_SIZE  # re-exported
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.errors import RamError
 from qmig.ram.uffd import (
@@ -52,7 +53,6 @@ from qmig.ram.uffd import (
 )
 from qmig.sparse import zeroed
 
-HOST_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
 REGION = 2 << 20  # what one huge page (or the huge zero page) maps on x86-64
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qmig.errors import HostSupportError, QmigError
+from qmig.host import HOST_PAGE_SIZE as HOST_PAGE_SIZE  # re-exported
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.blocks import size_text
 from qmig.ram.uffd import (
@@ -36,7 +37,7 @@ from qmig.ram.uffd import (
 from qmig.sizes import parse_size as parse_size  # the one size parser, for old callers
 
 Status = Literal["ok", "warn", "fail", "skip"]
-HOST_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGEPAGES_SYSFS = Path("/sys/kernel/mm/hugepages")
 

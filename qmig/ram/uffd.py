@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from qmig.errors import HostSupportError
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.errors import FaultingSideGoneError, UffdCallError
-from qmig.wire.profiles import load_profile
+from qmig.wire.profiles import target_page_size
 
 FEATURE_NAMES = {
     1 << 0: "PAGEFAULT_FLAG_WP",
@@ -72,7 +72,7 @@ FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
 # The size of the pages a stream carries, as QEMU's targets define it: the C code takes it from
 # here (struct qmig_block's target_page), never builds it in.
-TARGET_PAGE_SIZE = 1 << load_profile().default_target_page_bits
+TARGET_PAGE_SIZE = target_page_size()
 # Pages per placing ioctl (the C scratch buffer's size): 2 MiB of 4 KiB pages. Larger runs gain
 # little throughput and hold the mm's lock longer, which is time a faulting vCPU waits.
 MAX_RUN_PAGES = int(lib.QMIG_SCRATCH_PAGES)

@@ -40,13 +40,14 @@ from qmig.runner.channels import PREEMPT, Channels
 from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
 from qmig.sizes import parse_size
 from qmig.transport import Connection
+from qmig.wire.profiles import target_page_size
 
 READY = "ready"
 MAX_LISTED = 4096  # differing pages located; more are counted only
 SEND = "send"  # asks a holding destination for its RAM down its stdout
 SEND_CHUNK = 4 << 20
 SEND_TIMEOUT = 30.0
-PAGE = 4096
+PAGE = target_page_size()
 
 
 class Peer:

@@ -13,8 +13,9 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from qmig.protocol.source import SourceBlock
+from qmig.wire.profiles import target_page_size
 
-TARGET_PAGE = 4096
+TARGET_PAGE = target_page_size()
 REGION = 2 << 20
 FILLER = 1 << 16
 DIRTY_PATTERNS = ("random", "sequential")

@@ -321,6 +321,12 @@ def formats_dir() -> Traversable:
     return importlib.resources.files("qmig.formats")
 
 
+def target_page_size(version: str | None = None) -> int:
+    """The target page size of a version's streams unless a CONFIGURATION says otherwise:
+    ``1 << default_target_page_bits``."""
+    return 1 << load_profile(version).default_target_page_bits
+
+
 def available_versions() -> list[str]:
     names = [
         entry.name.removeprefix("qemu-").removesuffix(".toml")

@@ -12,6 +12,7 @@ from qmig.cli import add_json, add_qemu_version
 from qmig.cli.options import positive_count, rate_or_zero, seconds, size
 from qmig.cli.preempt_options import add_preempt
 from qmig.errors import QmigError
+from qmig.host import HOST_PAGE_SIZE
 from qmig.latency import percentiles_us, vcpu_blocktime_ms
 from qmig.report.cli import add_report, check_report
 from qmig.runner.misbehave_options import add_destination_knobs, destination_misbehaviour
@@ -83,9 +84,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--ram-page-size",
         type=size,
-        default=4096,
+        default=HOST_PAGE_SIZE,
         metavar="SIZE",
-        help="what this destination's guest RAM is backed with: 4K, ordinary RAM (default), "
+        help="what this destination's guest RAM is backed with: the host's page size, "
+        "ordinary RAM (default), "
         "or a huge page size such as 2M (hugetlbfs); POSTCOPY_ADVISE's page-size summary must "
         "match it, as in QEMU",
     )

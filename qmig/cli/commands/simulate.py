@@ -164,11 +164,17 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
     if args.blocks:
         config.blocks = args.blocks
     elif args.ram is not None:
-        if args.ram < 2 * 4096 or args.ram % 4096:
+        from qmig.sizes import format_size
+        from qmig.wire.profiles import target_page_size
+
+        page = target_page_size(config.version)
+        if args.ram < 2 * page or args.ram % page:
             raise QmigError(
-                "--ram", f"{plural(args.ram, 'byte')}: need a multiple of 4 KiB, at least 8 KiB"
+                "--ram",
+                f"{plural(args.ram, 'byte')}: need a multiple of {format_size(page)}, "
+                f"at least {format_size(2 * page)}",
             )
-        main = args.ram // 8 * 7 // 4096 * 4096
+        main = args.ram // 8 * 7 // page * page
         config.blocks = [("pc.ram", main), ("vga.vram", args.ram - main)]
     return config
 
