@@ -153,34 +153,27 @@ def _positive_count(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def _finite(text: str, noun: str, *, zero: bool) -> float:
+    """A finite number, more than 0 (or 0 or more, with ``zero``); ``noun`` names it."""
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"must be positive, not {text}")
+        raise ValueError(f"not {noun}: {text!r}") from None
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):  # NaN fails both
+        raise ValueError(f"must be {'0 or more' if zero else 'positive'}, not {text}")
     return value
+
+
+def _seconds(text: str) -> float:
+    return _finite(text, "a number of seconds", zero=False)
 
 
 def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"must be positive, not {text}")
-    return value
+    return _finite(text, "a number", zero=False)
 
 
 def _rate_or_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"must be 0 or more, not {text}")
-    return value
+    return _finite(text, "a number", zero=True)
 
 
 def _integer(text: str) -> int:
