@@ -12,6 +12,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from qmig.transport.connection import ConnectionProxy
+
 if TYPE_CHECKING:
     from qmig.transport import Connection
 
@@ -49,11 +51,11 @@ class Recorder:
         )
 
 
-class CountingConnection:
+class CountingConnection(ConnectionProxy):
     """A connection that counts what crosses it; everything else goes to the connection."""
 
     def __init__(self, connection: Any, recorder: Recorder, *, sends: str, receives: str) -> None:
-        self._connection = connection
+        super().__init__(connection)
         self._recorder = recorder
         self._sends = sends
         self._receives = receives
@@ -78,16 +80,3 @@ class CountingConnection:
     def sendall(self, data: Any) -> None:
         self._connection.sendall(data)
         self._recorder.count(self._sends, len(data))
-
-    def fileno(self) -> int:  # select() asks for it directly
-        fd: int = self._connection.fileno()
-        return fd
-
-    def __enter__(self) -> CountingConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._connection.__exit__(*exc)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._connection, name)

@@ -20,7 +20,7 @@ from qmig.errors import IllegalStateError, RemoteProtocolError
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
 from qmig.protocol.states import destination_refusal
-from qmig.transport import Connection
+from qmig.transport import Connection, ConnectionProxy
 from qmig.wire import messages as m
 from qmig.wire.reading.records import Record
 
@@ -150,12 +150,12 @@ class MisbehavingDestination(Destination):
         super()._shut(status)
 
 
-class MisbehavingConnection:
+class MisbehavingConnection(ConnectionProxy):
     """A channel that stops reading when the misbehaviour says so, and holds page requests
     back; everything else goes to the connection."""
 
     def __init__(self, connection: Connection, misbehaviour: Misbehaviour) -> None:
-        self._connection = connection
+        super().__init__(connection)
         self._misbehaviour = misbehaviour
         self._read = 0
 
@@ -187,15 +187,3 @@ class MisbehavingConnection:
         if delay:
             time.sleep(delay)
         self._connection.sendall(data)
-
-    def fileno(self) -> int:
-        return self._connection.fileno()
-
-    def __enter__(self) -> MisbehavingConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._connection.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._connection, name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from qmig.errors import QmigError, TransportError
-from qmig.transport import Connection
+from qmig.transport import Connection, ConnectionProxy
 from qmig.wire import messages as m
 from qmig.wire.reader import NEED_DATA, StreamReader
 from qmig.wire.reading.records import Record
@@ -61,12 +61,12 @@ class SourceMisbehaviour:
         return cast("Connection", MisbehavingSourceConnection(connection, self))
 
 
-class MisbehavingSourceConnection:
+class MisbehavingSourceConnection(ConnectionProxy):
     """A stream channel that stalls, corrupts a command or is cut, as asked; everything else
     goes to the connection. Writes are whole: a piece is followed before it is sent."""
 
     def __init__(self, connection: Connection, misbehaviour: SourceMisbehaviour) -> None:
-        self._connection = connection
+        super().__init__(connection)
         self._misbehaviour = misbehaviour
         self._sent = 0
         follow = misbehaviour.corrupt is not None or misbehaviour.cut_after_pages is not None
@@ -169,15 +169,3 @@ class MisbehavingSourceConnection:
         elif self._postcopy and isinstance(record.message, m.RamPageRun):
             self._pages += record.message.count
         return limit is not None and self._postcopy and self._pages >= limit
-
-    def fileno(self) -> int:
-        return self._connection.fileno()
-
-    def __enter__(self) -> MisbehavingSourceConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._connection.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._connection, name)

@@ -1,6 +1,13 @@
 """Byte transports for migration streams: URI parsing, listening and connecting."""
 
-from qmig.transport.connection import Connection, Listener, connect, limit_buffers, listen
+from qmig.transport.connection import (
+    Connection,
+    ConnectionProxy,
+    Listener,
+    connect,
+    limit_buffers,
+    listen,
+)
 from qmig.transport.incoming import Acceptor, ChannelRule, accept_channels, accept_migration
 from qmig.transport.limits import LimitExceeded, Limits
 from qmig.transport.uri import Address, FileAddress, TcpAddress, UnixAddress, parse_uri
@@ -10,6 +17,7 @@ __all__ = [
     "Address",
     "ChannelRule",
     "Connection",
+    "ConnectionProxy",
     "FileAddress",
     "LimitExceeded",
     "Limits",

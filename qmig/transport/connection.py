@@ -14,6 +14,7 @@ import io
 import os
 import select
 import socket
+from typing import Any
 
 from qmig.errors import TransportError
 from qmig.transport.limits import Limits, Meter
@@ -236,6 +237,28 @@ class Connection:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class ConnectionProxy:
+    """Stands in for a :class:`Connection`, changing some of what it does (counting what
+    crosses it for a report, stalling or delaying on purpose) and passing everything else on.
+    Subclasses override the calls they change."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def fileno(self) -> int:  # select() asks for it directly
+        fd: int = self._connection.fileno()
+        return fd
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._connection.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
 
 
 class Listener:
