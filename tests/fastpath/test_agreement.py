@@ -38,19 +38,25 @@ def assert_agree(fast: Outcome, slow: Outcome) -> None:
     assert slow.fast_path == {}
 
 
-@pytest.mark.parametrize("name", ["postcopy-tcp", "postcopy-sparse"])
-def test_captures(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "must_take"), [("postcopy-tcp", True), ("postcopy-sparse", False)]
+)
+def test_captures(name: str, must_take: bool) -> None:
     stream = fixture_stream(name)
     fast = run_destination(stream, "7.2", fast_path=True)
     slow = run_destination(stream, "7.2", fast_path=False)
     assert fast.error is None
     assert_agree(fast, slow)
     taken = fast.fast_path
-    # Nearly every postcopy page record went through C (the rest: after the last thing the
-    # C reader does not follow, which is where the machine reads on alone).
-    assert taken["records"] > fast.placed_pages["postcopy"] // 2
     assert taken["placed"] + taken["existing"] == taken["records"]
     assert taken["place_errors"] == 0
+    if must_take:
+        # Nearly every postcopy page record went through C (the rest: after the last thing
+        # the C reader does not follow, which is where the machine reads on alone). The
+        # sparse capture's postcopy part is 1,248 pages: whether the C thread is handed its
+        # position before that part has gone by depends on timing, so there only the
+        # agreement is asserted (the thread sometimes takes none of it).
+        assert taken["records"] > fast.placed_pages["postcopy"] // 2
 
 
 @SETTINGS
