@@ -19,8 +19,10 @@ from qmig.errors import QmigError, VerificationError
 from qmig.latency import percentile_us, vcpu_blocktime_ms
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.source import DeviceSnapshot, Source
-from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
+from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
+from qmig.report.recorder import PREEMPT_BACK, RETURN_PATH, STREAM, Recorder, counted
 from qmig.runner.channels import PREEMPT, Channels, CutPlan, connect_with_retries
+from qmig.runner.pauses import Pause, pauses_json
 from qmig.runner.peer import Peer
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import DIRTY_PATTERNS, Dirtier, GuestRam
@@ -253,7 +255,15 @@ def _run_source(
         reopen = connect_with_retries(
             lambda timeout: opened(connect(uri, timeout)), RECOVER_TIMEOUT
         )
-    openers = {PREEMPT: lambda timeout: connect(uri, timeout)} if config.preempt else {}
+    openers = (
+        {
+            PREEMPT: lambda timeout: counted(
+                recorder, connect(uri, timeout), sends=PREEMPT_SERIES, receives=PREEMPT_BACK
+            )
+        }
+        if config.preempt
+        else {}
+    )
     channels = Channels(opened(connect(uri)), reopen, openers)
     if recorder is not None:  # its time starts with the migration, as total_s does
         recorder.start = time.monotonic()
@@ -356,6 +366,12 @@ def _summary(
         "recoveries": report.recoveries,
         "destination_recoveries": destination.get("recoveries", 0),
         "paused_ms": round(report.paused_s * 1000, 2),
+        # Each pause as each end saw it: when (s from the start), why, stream bytes and
+        # postcopy pages by then (sent / placed), and how long until it resumed.
+        "pauses": pauses_json(report.pauses, report.started),
+        "destination_pauses": pauses_json(
+            [Pause(**pause) for pause in destination.get("pauses") or []], report.started
+        ),
         "channels": report.channels,
         "resent_pages": stats.resent_pages,
         # Postcopy-preempt: target pages on each channel, as each end counted them.

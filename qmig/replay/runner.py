@@ -21,8 +21,10 @@ from qmig.protocol.preempt import preempt_variant
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.replay.recording import Recording
-from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
+from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
+from qmig.report.recorder import PREEMPT_BACK, RETURN_PATH, STREAM, Recorder, counted
 from qmig.runner.channels import PREEMPT, Channels, CutPlan, connect_with_retries
+from qmig.runner.pauses import pauses_json
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
 from qmig.transport import Connection, connect
 from qmig.wire.profiles import load_profile
@@ -100,6 +102,8 @@ class ReplayResult:
             "pongs": report.pongs,
             "recoveries": report.recoveries,
             "paused_ms": round(report.paused_s * 1000, 2),
+            # Each pause: when, why, bytes and postcopy pages sent by then, until RESUME_ACK.
+            "pauses": pauses_json(report.pauses, report.started),
             "channels": report.channels,
             "preempt": None if self.source.preempt is None else self.source.preempt.value,
             # Target pages sent on each channel.
@@ -201,8 +205,13 @@ def replay(
     first = opened(connect(to, timeout=CONNECT_TIMEOUT))
     channels = Channels(first if misbehave is None else misbehave(first), reopen, openers)
     if variant is not None:
-        openers[PREEMPT] = lambda timeout: connect(
-            plan.resume_to if plan.resume_to and channels.opened > 1 else to, timeout=timeout
+        openers[PREEMPT] = lambda timeout: counted(
+            recorder,
+            connect(
+                plan.resume_to if plan.resume_to and channels.opened > 1 else to, timeout=timeout
+            ),
+            sends=PREEMPT_SERIES,
+            receives=PREEMPT_BACK,
         )
         channels.openers = openers
     connected = time.monotonic()

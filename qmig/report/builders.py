@@ -6,6 +6,7 @@ from typing import Any
 
 from qmig.report.document import ReportDocument, Table, per_block
 from qmig.report.recorder import BUCKET_S, Recorder
+from qmig.runner.pauses import Pause
 
 
 def _recorded(document: ReportDocument, recorder: Recorder) -> None:
@@ -91,7 +92,16 @@ def simulation(
     _recorded(document, recorder)
     _source_events(document, source_report, recorder.start)
     _destination_parts(document, destination, recorder.start, summary["fault_latency_us"])
+    _pauses(document, source_report.pauses, recorder.start, "postcopy pages sent")
     return document
+
+
+def _pauses(document: ReportDocument, pauses: list[Pause], start: float, pages: str) -> None:
+    """Each pause the run lived through (monotonic times), on the report's clock."""
+    for pause in pauses:
+        document.add_pause(pause.as_json(start))
+    if pauses:
+        document.pause_table(pages)
 
 
 def _source_events(document: ReportDocument, report: Any, start: float) -> None:
@@ -114,6 +124,8 @@ def receive(
     _recorded(document, recorder)
     document.add_event("end", _since(destination.get("finished"), recorder.start), "end")
     _destination_parts(document, destination, recorder.start, summary["fault_to_placed_us"])
+    pauses = [Pause(**pause) for pause in destination.get("pauses") or []]
+    _pauses(document, pauses, recorder.start, "postcopy pages placed")
     return document
 
 
@@ -141,6 +153,7 @@ def replay(
     for name in counts:
         table.rows.append([name, counts[name], round(waits[name], 2)])
     document.tables.append(table)
+    _pauses(document, source_report.pauses, recorder.start, "postcopy pages sent")
     return document
 
 

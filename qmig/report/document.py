@@ -2,7 +2,8 @@
 
 ``series``: bytes per bucket on each channel and direction, as MiB/s, on seconds from the
 start; ``events``: the migration's steps (passes, stop, discards, LISTEN, RUN, pauses,
-recoveries); ``requests``: each page request with its time and latency; ``latency``: the
+recoveries); ``pauses``: each postcopy pause with its cause, bytes and pages by then, and when
+it resumed; ``requests``: each page request with its time and latency; ``latency``: the
 fault-latency distribution in QEMU 10.1's ``postcopy-latency-dist`` buckets and its p50/p99/max;
 ``tables``: per RAM block and per vCPU; ``summary_text``: the summary the command prints.
 """
@@ -41,6 +42,7 @@ class ReportDocument:
     requests: list[dict[str, Any]] = field(default_factory=list)
     latency: dict[str, Any] = field(default_factory=dict)
     tables: list[Table] = field(default_factory=list)
+    pauses: list[dict[str, Any]] = field(default_factory=list)
     summary_text: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -86,6 +88,38 @@ class ReportDocument:
             }
         )
 
+    def add_pause(self, pause: dict[str, Any]) -> None:
+        """One pause as a summary's ``pauses`` lists it (:mod:`qmig.runner.pauses`, times in
+        s from the start): a mark where it paused, one where it resumed, the span between."""
+        number = len(self.pauses) + 1
+        self.pauses.append(
+            {
+                "t": pause["at_s"],
+                "resumed_t": pause["resumed_at_s"],
+                "cause": pause["cause"],
+                "bytes": pause["bytes"],
+                "pages": pause["pages"],
+                "paused_ms": pause["paused_ms"],
+                "channels": pause["channels"],
+            }
+        )
+        self.add_event(f"pause {number}", pause["at_s"], "pause")
+        self.add_event(f"resumed {number}", pause["resumed_at_s"], "recovery")
+
+    def pause_table(self, pages: str) -> None:
+        """The pauses as a table (``pages``: what the pages column counts)."""
+        table = Table(
+            "Pauses and recoveries",
+            ["pause", "at (s)", "cause", "stream bytes", pages, "new channels", "resumed at (s)",
+             "paused (ms)"],
+        )  # fmt: skip
+        for number, pause in enumerate(self.pauses, 1):
+            table.rows.append(
+                [number, pause["t"], pause["cause"], pause["bytes"], pause["pages"],
+                 pause["channels"], pause["resumed_t"], pause["paused_ms"]]
+            )  # fmt: skip
+        self.tables.append(table)
+
     def set_latency(self, what: str, samples_ns: Sequence[int], figures: dict[str, Any]) -> None:
         """``figures``: the command's own p50/p99/max in µs, as its summary prints them."""
         self.latency = {
@@ -118,6 +152,7 @@ class ReportDocument:
             "requests": self.requests,
             "latency": self.latency or {"what": "", "count": 0, "dist": [0] * LATENCY_DIST_BUCKETS},
             "tables": [table.as_json() for table in self.tables],
+            "pauses": self.pauses,
             "summary_text": self.summary_text,
             "summary": self.summary,
         }

@@ -76,8 +76,9 @@ pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
 <h1>{title}</h1>
 <h2>Timeline</h2>
 <p>Bytes per second on each channel and direction ({document["bucket_s"] * 1000:g} ms
-buckets), the migration's steps as vertical lines, and below, every page request at the time
-it was made, with its latency.</p>
+buckets), the migration's steps as vertical lines (postcopy pauses in orange, their
+recoveries in green, the time paused shaded between them), and below, every page request at
+the time it was made, with its latency.</p>
 {timeline}
 <h2>Fault latency</h2>
 <p>{html.escape(document["latency"].get("what", ""))}: {document["latency"]["count"]:,}
@@ -174,6 +175,24 @@ def _timeline(document: dict[str, Any]) -> Any:
             showarrow=False,
             font={"size": 10, "color": EVENT_COLOURS.get(event["kind"], "#d62728")},
             yanchor="bottom",
+        )
+    # Each pause as a shaded span from the break to the resume, under the lines: its two
+    # ends are the "pause N" and "resumed N" marks above.
+    for pause in document.get("pauses") or []:
+        if pause["resumed_t"] is None:
+            continue
+        figure.add_shape(
+            type="rect",
+            x0=pause["t"],
+            x1=pause["resumed_t"],
+            xref="x",
+            y0=0,
+            y1=1,
+            yref="paper",
+            layer="below",
+            fillcolor=EVENT_COLOURS["pause"],
+            opacity=0.25,
+            line={"width": 0},
         )
     figure.update_yaxes(title_text="MiB/s", row=1, col=1, rangemode="tozero", secondary_y=False)
     figure.update_yaxes(

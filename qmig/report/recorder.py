@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 BUCKET_S = 0.01
 STREAM = "stream"  # source → destination
 RETURN_PATH = "return path"  # destination → source
+PREEMPT = "preempt"  # source → destination: the postcopy-preempt channel
+PREEMPT_BACK = "return path (preempt)"  # its other direction (QEMU sends nothing on it)
 
 
 class Recorder:
@@ -49,6 +51,15 @@ class Recorder:
         return cast(
             "Connection", CountingConnection(connection, self, sends=sends, receives=receives)
         )
+
+
+def counted(
+    recorder: Recorder | None, connection: Connection, *, sends: str, receives: str
+) -> Connection:
+    """``connection`` counted into ``recorder``'s series, or itself when there is none."""
+    if recorder is None:
+        return connection
+    return recorder.wrap(connection, sends=sends, receives=receives)
 
 
 class CountingConnection(ConnectionProxy):

@@ -29,6 +29,7 @@ from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
 from qmig.runner.fastpath import FastPath, start_fast_path
+from qmig.runner.pauses import Pause
 from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
 from qmig.wire.reader import END
@@ -72,6 +73,7 @@ class DestinationReport:
     request_log: list[tuple[int, int, str, int]] = field(default_factory=list, repr=False)
     recoveries: int = 0
     paused_s: float = 0.0  # the channel broke → POSTCOPY_RESUME, summed
+    pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
     # The C receive thread's figures, summed over its runs (one per channel after RUN), and
     # per data page it placed, recv() → placed (ns).
     fast_path: dict[str, int] = field(default_factory=dict)
@@ -149,10 +151,10 @@ class DestinationRunner:
             while not self.completed:
                 try:
                     self._step(buffer)
-                except TransportError:
+                except TransportError as error:
                     if self._preempt_error is not None:
                         raise self._preempt_error from None
-                    if not self._pause():
+                    if not self._pause(error.detail):
                         raise
             self._end_preempt()
             self._finish()
@@ -204,7 +206,7 @@ class DestinationRunner:
             self.channels.cut()
             raise TransportError(self.connection.name, "channel cut on purpose")
 
-    def _pause(self) -> bool:
+    def _pause(self, cause: str) -> bool:
         """The channel broke: pause and take the source's next channel, if the migration
         can recover here (after RUN, with a way to accept one). False: it cannot; the
         caller fails as without recovery."""
@@ -218,6 +220,14 @@ class DestinationRunner:
         self._stop_preempt()  # the source's pause ends its preempt channel as well
         if self._broke_at is None:
             self._broke_at = time.monotonic()
+            self.report.pauses.append(
+                Pause(
+                    self._broke_at,
+                    cause,
+                    self.report.bytes_received,
+                    self.report.placed_pages["postcopy"],
+                )
+            )
         # What the pause left to do. Replies for the broken channel are lost with it: the
         # machine asks again, after the resume, for every page it still lacks.
         with contextlib.suppress(TransportError):
@@ -230,6 +240,7 @@ class DestinationRunner:
                 f"postcopy paused, and no new channel within {self.recover_timeout:g} s "
                 f"({error.detail})",
             ) from None
+        self.report.pauses[-1].channels += 1
         if self.connection.socket is not None:
             self.connection.socket.settimeout(self.idle_timeout)
         self._bound_return_path()
@@ -362,6 +373,7 @@ class DestinationRunner:
             case ev.Resumed(recoveries=recoveries):
                 self.report.recoveries = recoveries
                 if self._broke_at is not None:
+                    self.report.pauses[-1].resumed_at = time.monotonic()
                     self.report.paused_s += time.monotonic() - self._broke_at
                     self._broke_at = None
                 self._start_fast()

@@ -19,6 +19,7 @@ writes its RAM down its stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -220,6 +221,7 @@ def report_json(runner: DestinationRunner) -> dict[str, object]:
         "pongs": runner.dest.pongs_sent,
         "recoveries": report.recoveries,
         "paused_s": report.paused_s,
+        "pauses": [dataclasses.asdict(pause) for pause in report.pauses],
         "fast_path": report.fast_path,
         "fast_path_wait_ns": report.fast_path_wait_ns,
         "preempt_pages": report.preempt_pages,

@@ -38,6 +38,7 @@ from qmig.protocol import events as ev
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
+from qmig.runner.pauses import Pause
 from qmig.runner.source_ram import Dirtier
 from qmig.transport import Connection
 from qmig.wire.reader import NEED_DATA
@@ -71,6 +72,7 @@ class SourceReport:
     channels: int = 1  # main channels opened: the first, and one per resume attempt
     preempt_pages: int = 0  # target pages sent on the preempt channel
     preempt_bytes: int = 0
+    pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
 
 
 @dataclass
@@ -191,6 +193,8 @@ class SourceRunner:
         source = self.source
         broke = time.monotonic()
         deadline = broke + self.plan.recover_timeout
+        pause = Pause(broke, error.detail, self._sent, source.stats.postcopy_pages)
+        self.report.pauses.append(pause)
         if source.state is not SourceState.PAUSED:
             source.channel_broken()
             self._take_events()
@@ -204,6 +208,7 @@ class SourceRunner:
                     f"{self.plan.recover_timeout:g} s",
                 )
             self.channels.reopen(left)
+            pause.channels += 1
             preempt = source.preempt
             if preempt is not None and preempt.opened_at_setup:
                 # As at setup: right after the main channel (the destination waits for both).
@@ -217,7 +222,8 @@ class SourceRunner:
                 error = again
                 source.channel_broken()  # a double failure: pause again
                 self._take_events()
-        self.report.paused_s += time.monotonic() - broke
+        pause.resumed_at = time.monotonic()
+        self.report.paused_s += pause.resumed_at - broke
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
 

@@ -169,6 +169,17 @@ def check_drawn(page: Rendered) -> None:
     assert len(shapes) == len(document["events"])
     labels = [node.text for node in timeline.find("text", "annotation-text")]
     assert labels == [event["name"] for event in document["events"]]
+    # Each pause and each recovery has its mark, and each resumed pause its shaded span.
+    assert sum(label.startswith("pause ") for label in labels) == len(document["pauses"])
+    resumed = [pause for pause in document["pauses"] if pause["resumed_t"] is not None]
+    assert sum(label.startswith("resumed ") for label in labels) == len(resumed)
+    spans = [
+        path
+        for layer in timeline.find("g", "layer-below")
+        for shapes in layer.find("g", "shapelayer")
+        for path in shapes.find("path")
+    ]
+    assert len(spans) == len(resumed)
 
     latency = dom.one("div", id="latency")
     bars = latency.one("g", "trace", "bars").find("g", "point")

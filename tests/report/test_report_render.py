@@ -88,3 +88,48 @@ def test_report_of_a_precopy_simulation(tmp_path: Path, chromium: str) -> None:
     assert document["latency"]["dist"] == result["postcopy_latency_dist"] == [0] * 24
     names = [event["name"] for event in document["events"]]
     assert "pass 1" in names and "stop" in names and "RUN" not in names
+
+
+@pytest.mark.uffd
+def test_report_of_a_simulation_with_pauses_and_preempt(tmp_path: Path, chromium: str) -> None:
+    """Two postcopy pauses, each recovered: a mark where each paused and where each resumed,
+    the time paused shaded, and the preempt channel as a series of its own."""
+    page = tmp_path / "pauses.html"
+    result = qmig(
+        "simulate",
+        "--ram",
+        "32M",
+        "--postcopy-after",
+        "0",
+        "--pause-after",
+        "300",
+        "--pauses",
+        "2",
+        "--preempt",
+        "--report",
+        str(page),
+    )
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)  # (which counts the drawn pause and recovery marks and the spans)
+    document = drawn.document
+    assert result["verified"] and result["recoveries"] == 2
+    assert len(result["pauses"]) == len(document["pauses"]) == 2
+    labels = [node.text for node in drawn.dom.one("div", id="timeline").find("text")]
+    assert sum(label.startswith("pause ") for label in labels) == result["recoveries"]
+    assert sum(label.startswith("resumed ") for label in labels) == result["recoveries"]
+    for summary, drawn_pause in zip(result["pauses"], document["pauses"], strict=True):
+        assert summary["paused_ms"] is not None and summary["paused_ms"] > 0
+        assert drawn_pause["bytes"] == summary["bytes"] and drawn_pause["pages"] >= 300
+        assert drawn_pause["t"] < drawn_pause["resumed_t"]
+    assert [pause["pages"] for pause in result["pauses"]] == sorted(
+        pause["pages"] for pause in result["pauses"]
+    )
+    # The destination paused as often, and says so in its own list.
+    assert len(result["destination_pauses"]) == 2
+    table = next(t for t in document["tables"] if t["title"] == "Pauses and recoveries")
+    assert [row[0] for row in table["rows"]] == [1, 2]
+    preempt = next(s for s in document["series"] if s["name"] == "preempt")
+    assert preempt["bytes"] > 0
+    # Each page record is at least its 8-byte header and one byte (a zero page's fill).
+    sent = result["preempt_pages"]["sent"]["preempt"]
+    assert sent > 0 and preempt["bytes"] >= sent * 9

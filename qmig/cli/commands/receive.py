@@ -15,7 +15,10 @@ from qmig.errors import QmigError
 from qmig.host import HOST_PAGE_SIZE
 from qmig.latency import percentiles_us, vcpu_blocktime_ms
 from qmig.report.cli import add_report, check_report
+from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
+from qmig.report.recorder import PREEMPT_BACK, counted
 from qmig.runner.misbehave_options import add_destination_knobs, destination_misbehaviour
+from qmig.runner.pauses import pauses_json
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -258,7 +261,10 @@ def run(args: argparse.Namespace) -> int:
                 args.accept_timeout,
                 handshake_timeout=args.handshake_timeout,
             )
-            openers[PREEMPT] = acceptor.take_next
+            take_next = acceptor.take_next
+            openers[PREEMPT] = lambda timeout: counted(
+                recorder, take_next(timeout), sends=PREEMPT_BACK, receives=PREEMPT_SERIES
+            )
         else:
             connection = accept_migration(
                 listener,
@@ -449,6 +455,9 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
         "pongs": destination.pongs_sent,
         "recoveries": report.recoveries,
         "paused_ms": round(report.paused_s * 1000, 2),
+        # Each pause: when (s from the start), why, stream bytes and postcopy pages placed by
+        # then, and how long until POSTCOPY_RESUME.
+        "pauses": pauses_json(report.pauses, report.started),
         "preempt": None if destination.preempt is None else destination.preempt.value,
         # Target pages received on each channel.
         "preempt_pages": {
@@ -486,6 +495,12 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
     table.add_row("blocktime", f"{summary['blocktime_ms']} ms")
     table.add_row("pongs", str(summary["pongs"]))
     table.add_row("recoveries", f"{summary['recoveries']} (paused {summary['paused_ms']} ms)")
+    for number, pause in enumerate(summary["pauses"], 1):
+        table.add_row(
+            f"pause {number}",
+            f"at {pause['at_s']:.3f} s, {pause['bytes']:,} bytes, {pause['pages']:,} pages "
+            f"placed, paused {pause['paused_ms']} ms ({pause['cause']})",
+        )
     if summary["preempt"] is not None:
         pages = summary["preempt_pages"]
         table.add_row(

@@ -1,0 +1,39 @@
+"""Each postcopy pause of a run and its recovery, as the runner that lived through it saw it.
+
+A runner appends one :class:`Pause` when its channel breaks (or is cut on purpose) and
+closes it when the migration resumes (RESUME_ACK on a source, POSTCOPY_RESUME on a
+destination). The summaries' ``pauses`` list and the report's marks come from these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Pause:
+    at: float  # monotonic: the channel broke
+    cause: str  # what broke it, as the transport said
+    bytes: int  # stream bytes by then (sent by a source, received by a destination)
+    pages: int  # postcopy target pages by then (sent by a source, placed by a destination)
+    resumed_at: float | None = None  # monotonic; None: never resumed
+    channels: int = 0  # new main channels opened to resume (more than one: a double failure)
+
+    def as_json(self, start: float) -> dict[str, Any]:
+        """``start``: the monotonic time the summary's times count from."""
+        return {
+            "at_s": round(self.at - start, 6),
+            "cause": self.cause,
+            "bytes": self.bytes,
+            "pages": self.pages,
+            "resumed_at_s": None if self.resumed_at is None else round(self.resumed_at - start, 6),
+            "paused_ms": None
+            if self.resumed_at is None
+            else round((self.resumed_at - self.at) * 1000, 2),
+            "channels": self.channels,
+        }
+
+
+def pauses_json(pauses: list[Pause], start: float) -> list[dict[str, Any]]:
+    return [pause.as_json(start) for pause in pauses]
