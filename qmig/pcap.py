@@ -1,10 +1,13 @@
-"""A capture folder as a pcapng file: both directions on one synthetic TCP connection.
+"""A capture folder as a pcapng file: each channel a synthetic TCP connection.
 
 The relay records the bytes and when each chunk arrived, not the packets that carried them,
 so the framing here is made up: Ethernet, IPv4 and TCP headers around each chunk (split into
 segments that fit an IPv4 packet), with a three-way handshake first, sequence and
 acknowledgement numbers that follow both directions, and FINs at the end. Each segment
 carries its chunk's recorded time. The source is 10.0.0.1, the destination 10.0.0.2:PORT.
+The main channel (stream and return path) comes from source port 50000, the
+postcopy-preempt channel from 50001, multifd connection K from 50002 + K: each is its own
+TCP stream to the destination's one port, as QEMU opens them.
 
 pcapng is a simple block format (a section header, one interface, one Enhanced Packet Block
 per packet; all little-endian here), written directly: no dependency.
@@ -22,17 +25,16 @@ from typing import Any, BinaryIO
 
 from qmig import __version__
 from qmig.capture.recording import (
+    INDEX_HEADER,
     INDEX_NAME,
     META_NAME,
-    RETURN_PATH_NAME,
     STREAM_NAME,
-    Chunk,
     Direction,
     capture_file,
     open_capture_file,
-    read_index,
+    read_capture_file,
 )
-from qmig.errors import QmigError
+from qmig.errors import MalformedError, QmigError
 
 DEFAULT_PORT = 4444
 SOURCE_PORT = 50000
@@ -43,7 +45,6 @@ DESTINATION_MAC = bytes.fromhex("020000000002")
 # An IPv4 packet holds at most 65535 bytes: 20 of IP header and 20 of TCP header leave this.
 MAX_SEGMENT = 65535 - 40
 WINDOW_SCALE = 14  # announced in the SYNs, so that no window looks full
-INITIAL_SEQ = {Direction.STREAM: 1000, Direction.RETURN_PATH: 5000}
 
 LINKTYPE_ETHERNET = 1
 ETHERTYPE_IPV4 = 0x0800
@@ -57,6 +58,8 @@ class PcapSummary:
     stream_bytes: int
     return_path_bytes: int
     duration_s: float
+    # The other channels' bytes, each its own TCP connection: preempt, multifd-0, ...
+    channel_bytes: dict[str, int]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +67,7 @@ class PcapSummary:
             "packets": self.packets,
             "stream_bytes": self.stream_bytes,
             "return_path_bytes": self.return_path_bytes,
+            "channel_bytes": self.channel_bytes,
             "duration_s": self.duration_s,
         }
 
@@ -114,17 +118,17 @@ def _checksum(data: bytes) -> bytes:
 
 
 class _Endpoint:
-    def __init__(self, direction: Direction, port: int) -> None:
-        self.direction = direction
-        source = direction is Direction.STREAM
+    """One side of one synthetic TCP connection: its address, port and next sequence number."""
+
+    def __init__(self, *, source: bool, port: int, peer_port: int, seq: int) -> None:
         self.ip, self.peer_ip = (
             (SOURCE_IP, DESTINATION_IP) if source else (DESTINATION_IP, SOURCE_IP)
         )
         self.mac, self.peer_mac = (
             (SOURCE_MAC, DESTINATION_MAC) if source else (DESTINATION_MAC, SOURCE_MAC)
         )
-        self.port, self.peer_port = (SOURCE_PORT, port) if source else (port, SOURCE_PORT)
-        self.seq = INITIAL_SEQ[direction]
+        self.port, self.peer_port = port, peer_port
+        self.seq = seq
         self.ip_id = 0
 
 
@@ -173,36 +177,89 @@ def tcp_frame(
 
 # --- the capture folder ---------------------------------------------------------------------
 
+STREAM = Direction.STREAM.value
+RETURN_PATH = Direction.RETURN_PATH.value
+PREEMPT = Direction.PREEMPT.value
+MULTIFD_PREFIX = "multifd-"  # multifd-<K>: the K-th multifd connection the relay accepted
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One line of the index: ``direction`` as the index names it (``multifd-<K>`` too)."""
+
+    direction: str
+    offset: int
+    length: int
+    t_ns: int
+
 
 @dataclass
 class _Source:
     """Where the bytes and their times come from."""
 
-    stream: Path
-    return_path: Path | None
-    chunks: list[Chunk]
+    files: dict[str, Path]  # direction -> its data file
+    chunks: list[_Chunk]
     start_ns: int  # wall-clock nanoseconds of t = 0
+
+
+def _multifd_number(direction: str) -> int | None:
+    number = direction.removeprefix(MULTIFD_PREFIX)
+    if number == direction or not number.isdigit():
+        return None
+    return int(number)
+
+
+def _file_name(direction: str) -> str:
+    if _multifd_number(direction) is not None:
+        return f"{direction}.bin"
+    return Direction(direction).file_name
+
+
+def _read_chunks(path: Path) -> list[_Chunk]:
+    """The index, with the multifd connections' directions as well as the main ones."""
+    lines = read_capture_file(path).decode("ascii", "replace").splitlines()
+    if not lines or lines[0] + "\n" != INDEX_HEADER:
+        raise MalformedError(str(path), "not a qmig capture index (bad header line)")
+    known = {d.value for d in Direction}
+    chunks = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        try:
+            if len(fields) != 4 or (fields[0] not in known and _multifd_number(fields[0]) is None):
+                raise ValueError
+            offset, length, t_ns = (int(field) for field in fields[1:])
+        except ValueError:
+            raise MalformedError(str(path), f"bad index line {number}: {line!r}") from None
+        chunks.append(_Chunk(fields[0], offset, length, t_ns))
+    return chunks
 
 
 def _open_source(capture: Path, max_segment: int) -> _Source:
     if capture.is_file():
-        return _Source(capture, None, _even_chunks(capture, max_segment), _mtime_ns(capture))
+        return _Source({STREAM: capture}, _even_chunks(capture, max_segment), _mtime_ns(capture))
     if not capture.is_dir():
         raise QmigError(str(capture), "no such capture folder or stream file")
     stream = capture_file(capture, STREAM_NAME)
     if stream is None:
         raise QmigError(str(capture), f"not a capture folder: no {STREAM_NAME}")
-    return_path = capture_file(capture, RETURN_PATH_NAME)
     index = capture_file(capture, INDEX_NAME)
     meta = _meta(capture)
     started = meta.get("started_unix", meta.get("capture_meta", {}).get("started_unix"))
     start_ns = int(started * 1e9) if isinstance(started, int | float) else _mtime_ns(stream)
     if index is None:  # a stream recorded without the relay (e.g. migrate to a file)
-        return _Source(stream, None, _even_chunks(stream, max_segment), start_ns)
-    chunks = read_index(index)
-    if return_path is None and any(c.direction is Direction.RETURN_PATH for c in chunks):
-        raise QmigError(str(capture), f"the index has return-path chunks but no {RETURN_PATH_NAME}")
-    return _Source(stream, return_path, chunks, start_ns)
+        return _Source({STREAM: stream}, _even_chunks(stream, max_segment), start_ns)
+    chunks = _read_chunks(index)
+    files = {STREAM: stream}
+    for direction in dict.fromkeys(chunk.direction for chunk in chunks):
+        if direction in files:
+            continue
+        found = capture_file(capture, _file_name(direction))
+        if found is None:
+            raise QmigError(
+                str(capture), f"the index has {direction} chunks but no {_file_name(direction)}"
+            )
+        files[direction] = found
+    return _Source(files, chunks, start_ns)
 
 
 def _meta(capture: Path) -> dict[str, Any]:
@@ -220,14 +277,14 @@ def _mtime_ns(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
-def _even_chunks(stream: Path, size: int) -> list[Chunk]:
+def _even_chunks(stream: Path, size: int) -> list[_Chunk]:
     """No index: one chunk per segment, a microsecond apart (the times are not known)."""
     with open_capture_file(stream) as handle:
         total = 0
         while block := handle.read(1 << 20):
             total += len(block)
     return [
-        Chunk(Direction.STREAM, offset, min(size, total - offset), index * 1000)
+        _Chunk(STREAM, offset, min(size, total - offset), index * 1000)
         for index, offset in enumerate(range(0, total, size))
     ]
 
@@ -239,38 +296,71 @@ def _read_exactly(handle: BinaryIO, size: int, what: str, offset: int) -> bytes:
     return data
 
 
+class _Connection:
+    """One synthetic TCP connection: the source's end (client) and the destination's."""
+
+    def __init__(self, source_port: int, port: int) -> None:
+        self.client = _Endpoint(source=True, port=source_port, peer_port=port, seq=1000)
+        self.server = _Endpoint(source=False, port=port, peer_port=source_port, seq=5000)
+
+    def open(self, max_segment: int) -> Iterator[bytes]:
+        mss = struct.pack("!BBH", 2, 4, min(max_segment, 0xFFFF))
+        syn_options = mss + b"\x01" + struct.pack("!BBB", 3, 3, WINDOW_SCALE)  # MSS, NOP, WS
+        yield tcp_frame(self.client, self.server, TCP_SYN, options=syn_options)
+        yield tcp_frame(self.server, self.client, TCP_SYN | TCP_ACK, options=syn_options)
+        yield tcp_frame(self.client, self.server, TCP_ACK)
+
+    def close(self) -> Iterator[bytes]:
+        yield tcp_frame(self.client, self.server, TCP_FIN | TCP_ACK)
+        yield tcp_frame(self.server, self.client, TCP_FIN | TCP_ACK)
+        yield tcp_frame(self.client, self.server, TCP_ACK)
+
+
+def source_port(direction: str) -> int:
+    """The source's TCP port of the connection that carries ``direction``: the main channel
+    SOURCE_PORT, the preempt channel the next, multifd connection K SOURCE_PORT + 2 + K. Every
+    connection goes to the destination's one port, as QEMU's channels do."""
+    if direction in (STREAM, RETURN_PATH):
+        return SOURCE_PORT
+    if direction == PREEMPT:
+        return SOURCE_PORT + 1
+    number = _multifd_number(direction)
+    assert number is not None
+    return SOURCE_PORT + 2 + number
+
+
 def _packets(source: _Source, port: int, max_segment: int) -> Iterator[tuple[int, bytes]]:
-    """(t_ns since t = 0, frame) for the whole connection, in time order."""
-    # One synthetic connection: the main channel's two directions (a postcopy-preempt
-    # capture's third channel is not in it).
-    ends = {d: _Endpoint(d, port) for d in (Direction.STREAM, Direction.RETURN_PATH)}
-    src, dst = ends[Direction.STREAM], ends[Direction.RETURN_PATH]
-    mss = struct.pack("!BBH", 2, 4, min(max_segment, 0xFFFF))
-    syn_options = mss + b"\x01" + struct.pack("!BBB", 3, 3, WINDOW_SCALE)  # MSS, NOP, WS
-    yield 0, tcp_frame(src, dst, TCP_SYN, options=syn_options)
-    yield 0, tcp_frame(dst, src, TCP_SYN | TCP_ACK, options=syn_options)
-    yield 0, tcp_frame(src, dst, TCP_ACK)
-    handles = {Direction.STREAM: open_capture_file(source.stream)}
-    if source.return_path is not None:
-        handles[Direction.RETURN_PATH] = open_capture_file(source.return_path)
-    expected = {d: 0 for d in Direction}
+    """(t_ns since t = 0, frame) for every connection, in time order.
+
+    The main channel (the stream and its return path) is one connection, opened at t = 0,
+    even when a recovery replaced it (the index does not say where one ended); the preempt
+    channel and each multifd connection are one each, opened at their first chunk's time.
+    """
+    connections: dict[int, _Connection] = {SOURCE_PORT: _Connection(SOURCE_PORT, port)}
+    for frame in connections[SOURCE_PORT].open(max_segment):
+        yield 0, frame
+    handles = {direction: open_capture_file(path) for direction, path in source.files.items()}
+    expected = dict.fromkeys(source.files, 0)
     last = 0
     try:
         for chunk in source.chunks:
-            if chunk.direction is Direction.PREEMPT:
-                continue
-            if chunk.offset != expected[chunk.direction]:
+            direction = chunk.direction
+            if chunk.offset != expected[direction]:
                 raise QmigError(
                     INDEX_NAME,
-                    f"{chunk.direction.value} chunk at {chunk.offset}, "
-                    f"expected {expected[chunk.direction]}",
+                    f"{direction} chunk at {chunk.offset}, expected {expected[direction]}",
                 )
-            expected[chunk.direction] += chunk.length
-            data = _read_exactly(
-                handles[chunk.direction], chunk.length, chunk.direction.value, chunk.offset
-            )
-            sender = ends[chunk.direction]
-            receiver = dst if sender is src else src
+            expected[direction] += chunk.length
+            data = _read_exactly(handles[direction], chunk.length, direction, chunk.offset)
+            number = source_port(direction)
+            connection = connections.get(number)
+            if connection is None:
+                connection = connections[number] = _Connection(number, port)
+                for frame in connection.open(max_segment):
+                    yield chunk.t_ns, frame
+            sender, receiver = connection.client, connection.server
+            if direction == RETURN_PATH:
+                sender, receiver = receiver, sender
             last = max(last, chunk.t_ns)
             for at in range(0, len(data), max_segment):
                 piece = data[at : at + max_segment]
@@ -280,15 +370,14 @@ def _packets(source: _Source, port: int, max_segment: int) -> Iterator[tuple[int
             if handle.read(1):
                 raise QmigError(
                     INDEX_NAME,
-                    f"{direction.value} chunks end at {expected[direction]}, "
-                    "before the end of the file",
+                    f"{direction} chunks end at {expected[direction]}, before the end of the file",
                 )
     finally:
         for handle in handles.values():
             handle.close()
-    yield last, tcp_frame(src, dst, TCP_FIN | TCP_ACK)
-    yield last, tcp_frame(dst, src, TCP_FIN | TCP_ACK)
-    yield last, tcp_frame(src, dst, TCP_ACK)
+    for connection in connections.values():
+        for frame in connection.close():
+            yield last, frame
 
 
 def write_pcapng(
@@ -316,9 +405,14 @@ def write_pcapng(
             out.write(enhanced_packet(source.start_ns + t_ns, frame))
             packets += 1
             last = t_ns
-    sizes = {d: 0 for d in Direction}
+    sizes: dict[str, int] = {}
     for chunk in source.chunks:
-        sizes[chunk.direction] += chunk.length
+        sizes[chunk.direction] = sizes.get(chunk.direction, 0) + chunk.length
     return PcapSummary(
-        path, packets, sizes[Direction.STREAM], sizes[Direction.RETURN_PATH], last / 1e9
+        path,
+        packets,
+        sizes.pop(STREAM, 0),
+        sizes.pop(RETURN_PATH, 0),
+        last / 1e9,
+        {direction: sizes[direction] for direction in sorted(sizes, key=source_port)},
     )

@@ -3,10 +3,16 @@
 --
 -- Load it with `wireshark -X lua_script:FILE` / `tshark -X lua_script:FILE`, or copy it to
 -- ~/.local/lib/wireshark/plugins/. It dissects TCP on the port set in its preference
--- (Protocols > QMIG, default 4444) and any TCP stream that starts with the QEVM magic.
+-- (Protocols > QMIG, default 4444) and any TCP stream that starts with the QEVM magic or
+-- multifd's handshake.
 --
--- The source -> destination direction is the migration stream; the reverse direction is the
--- return path. Records are delimited as qmig's reader does: lengths where the format has them,
+-- A migration's channels all connect to the destination's one port; as QEMU's destination
+-- does, each TCP stream is told by its first bytes: the QEVM magic opens the main channel,
+-- a command opens a main channel resumed after a postcopy pause, multifd's magic opens a
+-- multifd channel, and anything else to the port is the postcopy-preempt channel (bare RAM
+-- records, no header: known only by its port, so set the preference to the migration's).
+-- On the main channel the source -> destination direction is the migration stream; the
+-- reverse direction is the return path. Records are delimited as qmig's reader does: lengths where the format has them,
 -- the RAM section's record flags, PACKAGED's length, and for device sections (which carry no
 -- length) their footer followed by something that can only start the next record.
 
@@ -90,6 +96,26 @@ local f = {
   rp_block = ProtoField.string("qmig.rp.block", "RAMBlock"),
   rp_bitmap_size = ProtoField.uint64("qmig.rp.bitmap_size", "Bitmap size"),
   rp_bitmap = ProtoField.bytes("qmig.rp.bitmap", "Bitmap"),
+  channel = ProtoField.string("qmig.channel", "Channel"),
+  mf_magic = ProtoField.uint32("qmig.multifd.magic", "Magic", base.HEX),
+  mf_version = ProtoField.uint32("qmig.multifd.version", "Version"),
+  mf_uuid = ProtoField.bytes("qmig.multifd.uuid", "Migration UUID"),
+  mf_channel = ProtoField.uint8("qmig.multifd.channel", "Channel id"),
+  mf_flags = ProtoField.uint32("qmig.multifd.flags", "Flags", base.HEX),
+  mf_sync = ProtoField.bool("qmig.multifd.sync", "SYNC"),
+  mf_compression = ProtoField.string("qmig.multifd.compression", "Compression"),
+  mf_pages_alloc = ProtoField.uint32("qmig.multifd.pages_alloc", "Pages allocated"),
+  mf_normal_pages = ProtoField.uint32("qmig.multifd.normal_pages", "Normal pages"),
+  mf_zero_pages = ProtoField.uint32("qmig.multifd.zero_pages", "Zero pages"),
+  mf_next_packet_size = ProtoField.uint32("qmig.multifd.next_packet_size", "Payload size"),
+  mf_packet_num = ProtoField.uint64("qmig.multifd.packet_num", "Packet number"),
+  mf_ramblock = ProtoField.string("qmig.multifd.ramblock", "RAMBlock"),
+  mf_page = ProtoField.uint64("qmig.multifd.page", "Normal page offset", base.HEX),
+  mf_zero = ProtoField.uint64("qmig.multifd.zero_page", "Zero page offset", base.HEX),
+  mf_data = ProtoField.bytes("qmig.multifd.data", "Page data"),
+  mf_idstr = ProtoField.string("qmig.multifd.idstr", "Device idstr"),
+  mf_instance_id = ProtoField.uint32("qmig.multifd.instance_id", "Instance id"),
+  mf_state = ProtoField.bytes("qmig.multifd.state", "Device state"),
 }
 local field_list = {}
 for _, field in pairs(f) do field_list[#field_list + 1] = field end
@@ -521,7 +547,8 @@ function Reader:ram(o)
   end
   if kind == FLAGS.EOS and not continue then
     simple("EOS")
-    self:after_section()
+    -- The preempt channel is RAM records only: its EOS ends no section.
+    if not self.st.preempt then self:after_section() end
     return "ok", 8
   end
   if FLAGS.MULTIFD_FLUSH and kind == FLAGS.MULTIFD_FLUSH and not continue then
@@ -676,6 +703,142 @@ function Reader:device(o)
   end
 end
 
+-- --- multifd channels ------------------------------------------------------------------
+-- The MultiFDInit_t handshake, then packets: a header (magic, version, flags), then for RAM a
+-- fixed part, an array of room for a full packet's page offsets and the payload; for a
+-- device-state packet (10.0) its idstr, instance id and size, then the state.
+
+local MF = PROFILE.multifd
+
+-- The bits of `value` that `mask` has (no bit operators: Lua 5.1 to 5.4 alike).
+local function masked(value, mask)
+  local out, b = 0, 1
+  while b <= mask do
+    if has(mask, b) and has(value, b) then out = out + b end
+    b = b * 2
+  end
+  return out
+end
+
+-- The length of a NUL-padded name of `size` bytes (QEMU reads up to the first NUL).
+local function name_length(tvb, o, size)
+  local n = 0
+  while n < size - 1 and u8(tvb, o + n) ~= 0 do n = n + 1 end
+  return n
+end
+
+function Reader:multifd_hdr(o, what)
+  local tvb = self.tvb
+  if u32(tvb, o) ~= MF.magic then
+    return string.format("%s: magic 0x%x is not 0x%x", what, u32(tvb, o), MF.magic)
+  end
+  if u32(tvb, o + 4) ~= MF.version then
+    return string.format("%s: version %d is not %d", what, u32(tvb, o + 4), MF.version)
+  end
+  return nil
+end
+
+function Reader:multifd_init(o)
+  local s, v = self:need(o, MF.init_size, true)
+  if s then return s, v end
+  local why = self:multifd_hdr(o, "MULTIFD_INIT")
+  if why then return "bad", why end
+  local tvb = self.tvb
+  local id = u8(tvb, o + 24)
+  local item = self:item(o, MF.init_size, "MULTIFD_INIT", "MULTIFD_INIT channel " .. id)
+  item:add(f.mf_magic, tvb(o, 4))
+  item:add(f.mf_version, tvb(o + 4, 4))
+  item:add(f.mf_uuid, tvb(o + 8, 16))
+  item:add(f.mf_channel, tvb(o + 24, 1))
+  self.st.mode = "multifd"
+  return "ok", MF.init_size
+end
+
+function Reader:multifd_device_state(o, flags)
+  local tvb = self.tvb
+  local s, v = self:need(o, MF.device_state_size)
+  if s then return s, v end
+  local size = u32(tvb, o + MF.device_state_size - 4)
+  local total = MF.device_state_size + size
+  s, v = self:need(o, total, true)
+  if s then return s, v end
+  local n = name_length(tvb, o + MF.hdr_size, 256)
+  local idstr = tvb(o + MF.hdr_size, n):string()
+  local instance = o + MF.device_state_size - 8  -- the instance id, then the size
+  local item = self:item(o, total, "MULTIFD_DEVICE_STATE", string.format(
+    "MULTIFD_DEVICE_STATE %q instance %d, %d bytes", idstr, u32(tvb, instance), size))
+  item:add(f.mf_flags, tvb(o + 8, 4))
+  if n > 0 then item:add(f.mf_idstr, tvb(o + MF.hdr_size, n)) end
+  item:add(f.mf_instance_id, tvb(instance, 4))
+  item:add(f.mf_next_packet_size, tvb(instance + 4, 4))
+  if size > 0 then item:add(f.mf_state, tvb(o + MF.device_state_size, size)) end
+  return "ok", total
+end
+
+function Reader:multifd_packet(o)
+  local tvb = self.tvb
+  local s, v = self:need(o, MF.hdr_size)
+  if s then return s, v end
+  local why = self:multifd_hdr(o, "MULTIFD_PACKET")
+  if why then return "bad", why end
+  local flags = u32(tvb, o + 8)
+  local known = MF.sync_flag + MF.compression_mask + (MF.device_state_flag or 0)
+  if masked(flags, 0xffffffff - known) ~= 0 then
+    return "bad", string.format("MULTIFD_PACKET: flags 0x%x has unknown bits", flags)
+  end
+  local method = masked(flags, MF.compression_mask)
+  local compression = MF.compression[method]
+  if not compression then
+    return "bad", string.format("MULTIFD_PACKET: unknown compression method 0x%x", method)
+  end
+  if MF.device_state_flag and has(flags, MF.device_state_flag) then
+    return self:multifd_device_state(o, flags)
+  end
+  s, v = self:need(o, MF.packet_size)
+  if s then return s, v end
+  local page_count = MF.data_size / PAGE
+  local pages_alloc, normal = u32(tvb, o + 12), u32(tvb, o + 16)
+  local next_size = u32(tvb, o + 20)
+  local zero = MF.zero_pages_in_packet and u32(tvb, o + 32) or 0
+  if pages_alloc > page_count then
+    return "bad", string.format("MULTIFD_PACKET: pages_alloc %d is more than %d pages",
+      pages_alloc, page_count)
+  end
+  if normal > pages_alloc then
+    return "bad", string.format("MULTIFD_PACKET: normal_pages %d is more than pages_alloc %d",
+      normal, pages_alloc)
+  end
+  if zero > pages_alloc - normal then
+    return "bad", string.format("MULTIFD_PACKET: zero_pages %d is more than the %d pages left",
+      zero, pages_alloc - normal)
+  end
+  local offsets = o + MF.packet_size
+  local payload = 0
+  if normal > 0 then payload = method == MF.nocomp and normal * PAGE or next_size end
+  local total = MF.packet_size + 8 * page_count + payload
+  s, v = self:need(o, total, true)
+  if s then return s, v end
+  local n = name_length(tvb, o + 64, 256)
+  local block = tvb(o + 64, n):string()
+  local sync = has(flags, MF.sync_flag)
+  local item = self:item(o, total, "MULTIFD_PACKET", string.format(
+    "MULTIFD_PACKET %s %s: %d page%s, %d zero%s", tostring(tvb(o + 24, 8):uint64()), block,
+    normal, normal == 1 and "" or "s", zero, sync and ", SYNC" or ""))
+  item:add(f.mf_flags, tvb(o + 8, 4))
+  item:add(f.mf_sync, tvb(o + 8, 4), sync)
+  item:add(f.mf_compression, tvb(o + 8, 4), compression)
+  item:add(f.mf_pages_alloc, tvb(o + 12, 4))
+  item:add(f.mf_normal_pages, tvb(o + 16, 4))
+  item:add(f.mf_next_packet_size, tvb(o + 20, 4))
+  item:add(f.mf_packet_num, tvb(o + 24, 8))
+  if MF.zero_pages_in_packet then item:add(f.mf_zero_pages, tvb(o + 32, 4)) end
+  if n > 0 then item:add(f.mf_ramblock, tvb(o + 64, n)) end
+  for i = 0, normal - 1 do item:add(f.mf_page, tvb(offsets + 8 * i, 8)) end
+  for i = normal, normal + zero - 1 do item:add(f.mf_zero, tvb(offsets + 8 * i, 8)) end
+  if payload > 0 then item:add(f.mf_data, tvb(offsets + 8 * page_count, payload)) end
+  return "ok", total
+end
+
 -- --- top level -------------------------------------------------------------------------
 
 function Reader:top(o)
@@ -718,6 +881,8 @@ function Reader:step(o)
   if mode == "footer" then return self:footer(o) end
   if mode == "device" then return self:device(o) end
   if mode == "after_eof" then return self:after_eof(o) end
+  if mode == "multifd_init" then return self:multifd_init(o) end
+  if mode == "multifd" then return self:multifd_packet(o) end
   return "bad", "trailing bytes after the end of the stream"
 end
 
@@ -851,6 +1016,7 @@ end
 -- (TCP's sequence numbers would say more, but fields are not filled in without a tree.)
 local directions = {}
 local sources = {}  -- conversation -> the direction that carries the stream
+local kinds = {}  -- conversation -> main, resumed (a main channel after a pause), preempt, multifd
 local snapshots = {}  -- direction/frame/offset -> state
 local info_frame = nil  -- the frame whose Info column was last set
 
@@ -860,8 +1026,24 @@ local function starts_with_magic(tvb)
   return tvb:len() >= 4 and tvb(0, 4):uint() == PROFILE.magic
 end
 
+local function starts_multifd(tvb)
+  return MF and tvb:len() >= 8 and tvb(0, 4):uint() == MF.magic and tvb(4, 4):uint() == MF.version
+end
+
+-- A resumed main channel has no header: the source starts it with a command (RECV_BITMAP).
+-- A preempt channel starts with a RAM record's be64 offset, whose top byte is never a
+-- section type.
+local function starts_with_command(tvb)
+  return tvb:len() >= 3 and u8(tvb, 0) == ST.COMMAND and PROFILE.commands[u16(tvb, 1)] ~= nil
+end
+
+local CHANNEL_TITLES = {
+  main = "QEMU migration stream", resumed = "QEMU migration stream (resumed channel)",
+  preempt = "QEMU migration postcopy-preempt channel", multifd = "QEMU migration multifd channel",
+}
+
 function qmig.init()
-  directions, sources, snapshots, info_frame = {}, {}, {}, nil
+  directions, sources, kinds, snapshots, info_frame = {}, {}, {}, {}, nil
 end
 
 function qmig.dissector(tvb, pinfo, tree)
@@ -870,13 +1052,20 @@ function qmig.dissector(tvb, pinfo, tree)
   local conversation = from < to and from .. "|" .. to or to .. "|" .. from
   local direction = from .. ">" .. to
   if not sources[conversation] then
-    if starts_with_magic(tvb) or pinfo.dst_port == qmig.prefs.port then
+    local multifd = starts_multifd(tvb)
+    if starts_with_magic(tvb) or multifd or pinfo.dst_port == qmig.prefs.port then
       sources[conversation] = direction
+      if starts_with_magic(tvb) then kinds[conversation] = "main"
+      elseif multifd then kinds[conversation] = "multifd"
+      elseif starts_with_command(tvb) then kinds[conversation] = "resumed"
+      else kinds[conversation] = "preempt" end
     else
       sources[conversation] = to .. ">" .. from
+      kinds[conversation] = "main"  -- the destination spoke first: a return path
     end
   end
   local is_stream = sources[conversation] == direction
+  local kind = kinds[conversation]
 
   local key = direction .. "/" .. pinfo.number .. "/" .. tvb:offset()
   local st
@@ -890,15 +1079,19 @@ function qmig.dissector(tvb, pinfo, tree)
     st = directions[direction]
     if not st then
       st = new_state()
-      if not is_stream then st.mode = "return path" end
+      if not is_stream then st.mode = "return path"
+      elseif kind == "resumed" then st.mode = "top"
+      elseif kind == "multifd" then st.mode = "multifd_init"
+      elseif kind == "preempt" then st.mode, st.preempt = "ram", true end
       directions[direction] = st
     end
     snapshots[key] = copy(st)
   end
 
   pinfo.cols.protocol = "QMIG"
-  local root = tree:add(qmig, tvb(), is_stream and "QEMU migration stream"
+  local root = tree:add(qmig, tvb(), is_stream and CHANNEL_TITLES[kind]
     or "QEMU migration return path")
+  root:add(f.channel, kind == "resumed" and "main" or kind)
   local incomplete, missing
   local names = {}
   if is_stream then
@@ -932,10 +1125,12 @@ function qmig.dissector(tvb, pinfo, tree)
   return tvb:len()
 end
 
--- A TCP stream whose first bytes are the header: the magic and this profile's version.
+-- A TCP stream whose first bytes are the header (the magic and this profile's version), or a
+-- multifd channel's handshake.
 local function heuristic(tvb, pinfo, tree)
-  if tvb:len() < 8 or not starts_with_magic(tvb) then return false end
-  if tvb(4, 4):uint() ~= PROFILE.stream_version then return false end
+  if tvb:len() < 8 then return false end
+  local main = starts_with_magic(tvb) and tvb(4, 4):uint() == PROFILE.stream_version
+  if not (main or starts_multifd(tvb)) then return false end
   pinfo.conversation = qmig
   qmig.dissector(tvb, pinfo, tree)
   return true

@@ -3,7 +3,9 @@
 The Lua code knows the layouts by name (as :mod:`qmig.wire.schema` does); every number, the
 section types, command and return-path message numbers with their length rules, the RAM
 flags, comes from the profile and is written into the ``PROFILE`` table at the top of the
-generated file, so a QEMU version's dissector accepts exactly what its profile says.
+generated file, so a QEMU version's dissector accepts exactly what its profile says; the
+multifd handshake and packet sizes come from the profile's ``[multifd]`` table through
+:class:`qmig.wire.multifd.MultifdSchema`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qmig.wire.multifd import MultifdSchema
 from qmig.wire.profiles import LengthRule, Profile, load_profile
 from qmig.wire.schema import RECV_BITMAP_END_MARK
 
@@ -78,7 +81,34 @@ def profile_table(profile: Profile) -> dict[str, LuaValue]:
         "recv_bitmap_end_mark": f"{RECV_BITMAP_END_MARK:016x}",
         "ram_flags": dict(profile.ram_flags),
         "mem_size_mr_addr": profile.mem_size_mr_addr,
+        "multifd": _multifd_table(profile),
     }
+
+
+def _multifd_table(profile: Profile) -> dict[str, LuaValue] | bool:
+    """The ``[multifd]`` table's numbers, and the packet's sizes as the schema computes
+    them (False: the version has no multifd)."""
+    if profile.multifd is None:
+        return False
+    spec = profile.multifd
+    schema = MultifdSchema(profile)
+    table: dict[str, LuaValue] = {
+        "magic": spec.magic,
+        "version": spec.version,
+        "init_size": schema.init_size,
+        "hdr_size": schema.hdr_size,
+        "packet_size": schema.packet_size,
+        "device_state_size": schema.device_state_size,
+        "data_size": spec.packet_size,
+        "zero_pages_in_packet": spec.zero_pages == "packet",
+        "sync_flag": spec.sync_flag,
+        "compression_mask": spec.compression_mask,
+        "compression": {value: name for name, value in spec.compression.items()},
+        "nocomp": spec.compression["NOCOMP"],
+    }
+    if spec.device_state_flag is not None:
+        table["device_state_flag"] = spec.device_state_flag
+    return table
 
 
 def render(version: str | None = None) -> str:

@@ -50,6 +50,13 @@ def register(subparsers: Any) -> None:
         help="postcopy-preempt: the source's next connection after the main one is its "
         "preempt channel; relay it too, and record it in preempt.bin (default: off)",
     )
+    parser.add_argument(
+        "--pcap",
+        type=Path,
+        metavar="FILE.pcapng",
+        help="once the relay is done, also write the capture as pcapng for Wireshark, as "
+        "'qmig export-pcap OUT FILE' does (default: none)",
+    )
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--recover-connect",
@@ -97,10 +104,17 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         relay.stop()
         raise
+    document = summary.as_dict()
+    if args.pcap is not None:  # unclean too: a broken migration is what one looks at
+        from qmig.pcap import write_pcapng
+
+        document["pcapng"] = write_pcapng(args.out, args.pcap).as_json()
     if args.json:
-        print(json.dumps(summary.as_dict(), indent=2))
+        print(json.dumps(document, indent=2))
     else:
         _print_summary(summary)
+        if args.pcap is not None:
+            print(f"pcapng: {args.pcap}: {document['pcapng']['packets']} packets")
     if not summary.clean:
         raise TransportError(
             "capture",
