@@ -15,11 +15,12 @@ per packet; all little-endian here), written directly: no dependency.
 
 from __future__ import annotations
 
+import bisect
 import json
 import struct
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -200,6 +201,8 @@ class _Source:
     files: dict[str, Path]  # direction -> its data file
     chunks: list[_Chunk]
     start_ns: int  # wall-clock nanoseconds of t = 0
+    # direction -> where each connection after the first starts in its file (a recovery)
+    boundaries: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _multifd_number(direction: str) -> int | None:
@@ -259,7 +262,27 @@ def _open_source(capture: Path, max_segment: int) -> _Source:
                 str(capture), f"the index has {direction} chunks but no {_file_name(direction)}"
             )
         files[direction] = found
-    return _Source(files, chunks, start_ns)
+    return _Source(files, chunks, start_ns, _boundaries(meta))
+
+
+# meta.json's ``connections`` (postcopy recovery): where each one starts in each direction.
+BOUNDARY_KEYS = {
+    STREAM: "stream_offset",
+    RETURN_PATH: "return_path_offset",
+    PREEMPT: "preempt_offset",
+}
+GENERATION_STEP = 100  # source port of a channel's next connection after a recovery: +100
+
+
+def _boundaries(meta: dict[str, Any]) -> dict[str, list[int]]:
+    connections = meta.get("connections")
+    if not isinstance(connections, list):
+        return {}
+    found: dict[str, list[int]] = {}
+    for direction, key in BOUNDARY_KEYS.items():
+        offsets = [c.get(key) for c in connections[1:] if isinstance(c, dict)]
+        found[direction] = sorted(o for o in offsets if isinstance(o, int) and o >= 0)
+    return found
 
 
 def _meta(capture: Path) -> dict[str, Any]:
@@ -332,11 +355,13 @@ def source_port(direction: str) -> int:
 def _packets(source: _Source, port: int, max_segment: int) -> Iterator[tuple[int, bytes]]:
     """(t_ns since t = 0, frame) for every connection, in time order.
 
-    The main channel (the stream and its return path) is one connection, opened at t = 0,
-    even when a recovery replaced it (the index does not say where one ended); the preempt
-    channel and each multifd connection are one each, opened at their first chunk's time.
+    The main channel (the stream and its return path) is opened at t = 0, the preempt
+    channel and each multifd connection at their first chunk's time. Where meta.json says
+    a recovery replaced a channel, its next connection (source port + 100) opens with the
+    first bytes past the boundary, and the one before is closed then.
     """
     connections: dict[int, _Connection] = {SOURCE_PORT: _Connection(SOURCE_PORT, port)}
+    closed: set[int] = set()
     for frame in connections[SOURCE_PORT].open(max_segment):
         yield 0, frame
     handles = {direction: open_capture_file(path) for direction, path in source.files.items()}
@@ -352,20 +377,27 @@ def _packets(source: _Source, port: int, max_segment: int) -> Iterator[tuple[int
                 )
             expected[direction] += chunk.length
             data = _read_exactly(handles[direction], chunk.length, direction, chunk.offset)
-            number = source_port(direction)
-            connection = connections.get(number)
-            if connection is None:
-                connection = connections[number] = _Connection(number, port)
-                for frame in connection.open(max_segment):
-                    yield chunk.t_ns, frame
-            sender, receiver = connection.client, connection.server
-            if direction == RETURN_PATH:
-                sender, receiver = receiver, sender
             last = max(last, chunk.t_ns)
-            for at in range(0, len(data), max_segment):
-                piece = data[at : at + max_segment]
-                push = TCP_PSH if at + max_segment >= len(data) else 0
-                yield chunk.t_ns, tcp_frame(sender, receiver, TCP_ACK | push, piece)
+            cuts = source.boundaries.get(direction, [])
+            for generation, part in _split(data, chunk.offset, cuts):
+                number = source_port(direction) + GENERATION_STEP * generation
+                connection = connections.get(number)
+                if connection is None:
+                    previous = number - GENERATION_STEP
+                    if generation and previous in connections and previous not in closed:
+                        closed.add(previous)
+                        for frame in connections[previous].close():
+                            yield chunk.t_ns, frame
+                    connection = connections[number] = _Connection(number, port)
+                    for frame in connection.open(max_segment):
+                        yield chunk.t_ns, frame
+                sender, receiver = connection.client, connection.server
+                if direction == RETURN_PATH:
+                    sender, receiver = receiver, sender
+                for at in range(0, len(part), max_segment):
+                    piece = part[at : at + max_segment]
+                    push = TCP_PSH if at + max_segment >= len(part) else 0
+                    yield chunk.t_ns, tcp_frame(sender, receiver, TCP_ACK | push, piece)
         for direction, handle in handles.items():
             if handle.read(1):
                 raise QmigError(
@@ -375,9 +407,25 @@ def _packets(source: _Source, port: int, max_segment: int) -> Iterator[tuple[int
     finally:
         for handle in handles.values():
             handle.close()
-    for connection in connections.values():
-        for frame in connection.close():
-            yield last, frame
+    for number, connection in connections.items():
+        if number not in closed:
+            for frame in connection.close():
+                yield last, frame
+
+
+def _split(data: bytes, offset: int, cuts: list[int]) -> Iterator[tuple[int, bytes]]:
+    """(connection number, bytes) of a chunk at ``offset`` of its file, cut where a
+    connection starts (``cuts``: ascending offsets of the second connection on)."""
+    generation = bisect.bisect_right(cuts, offset)
+    at = 0
+    while at < len(data):
+        end = len(data)
+        if generation < len(cuts):
+            end = min(end, cuts[generation] - offset)
+        if end > at:
+            yield generation, data[at:end]
+        at = max(at, end)
+        generation += 1
 
 
 def write_pcapng(

@@ -1019,6 +1019,7 @@ local sources = {}  -- conversation -> the direction that carries the stream
 local kinds = {}  -- conversation -> main, resumed (a main channel after a pause), preempt, multifd
 local snapshots = {}  -- direction/frame/offset -> state
 local info_frame = nil  -- the frame whose Info column was last set
+local last_stream = nil  -- the state of the main channel's stream seen last
 
 local function endpoint(address, port) return tostring(address) .. ":" .. port end
 
@@ -1043,7 +1044,7 @@ local CHANNEL_TITLES = {
 }
 
 function qmig.init()
-  directions, sources, kinds, snapshots, info_frame = {}, {}, {}, {}, nil
+  directions, sources, kinds, snapshots, info_frame, last_stream = {}, {}, {}, {}, nil, nil
 end
 
 function qmig.dissector(tvb, pinfo, tree)
@@ -1080,9 +1081,14 @@ function qmig.dissector(tvb, pinfo, tree)
     if not st then
       st = new_state()
       if not is_stream then st.mode = "return path"
-      elseif kind == "resumed" then st.mode = "top"
+      elseif kind == "resumed" then
+        -- The same migration goes on: its sections and blocks are the broken channel's. The
+        -- record that channel left unfinished is gone; the first RAM record names its block.
+        if last_stream then st = copy(last_stream) end
+        st.mode, st.pos, st.block = "top", 0, nil
       elseif kind == "multifd" then st.mode = "multifd_init"
       elseif kind == "preempt" then st.mode, st.preempt = "ram", true end
+      if is_stream and (kind == "main" or kind == "resumed") then last_stream = st end
       directions[direction] = st
     end
     snapshots[key] = copy(st)

@@ -1,0 +1,141 @@
+"""``qmig capture --preempt --pcap FILE`` of a real postcopy-preempt migration between two QEMU
+7.2 processes, and two QEMU 10.0 ones (the 8.0 variant: the channel opens at the switchover
+and ends without EOS): the pcapng is written once the relay is done, each channel its own TCP
+stream, and tshark with the dissector decodes the main stream, the return path and the
+preempt channel with the counts `qmig inspect --json` gives for the capture folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from dissecting import FIXTURE_QEMU, column, inspect_json, run_tshark
+from test_pcapng import read_pcapng
+
+from qmig.pcap import SOURCE_PORT
+from qmig.qemu.guest import MIB, GuestSpec
+from qmig.qemu.machine import QEMU_BINARY, Machine, MachineConfig, qemu_install
+from qmig.qemu.qmp import QemuError
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        shutil.which(QEMU_BINARY) is None and not os.environ.get("CI"),
+        reason=f"{QEMU_BINARY} is not installed",
+    ),
+]
+
+SPEC = GuestSpec(end=32 * MIB)
+MEMORY_MIB = 64
+TIMEOUT = 60.0
+FIELDS = ["qmig.channel", "qmig.record", "qmig.ram.kind", "qmig.cmd", "qmig.rp.message",
+          "qmig.undecoded"]  # fmt: skip
+UNCOUNTED = {"EOS", "HOOK", "MULTIFD_FLUSH"}
+
+
+@pytest.fixture
+def machines(tmp_path: Path) -> Iterator[Callable[..., Machine]]:
+    started: list[Machine] = []
+
+    def start(name: str, **config: object) -> Machine:
+        machine = Machine(MachineConfig(name, **config), tmp_path)  # type: ignore[arg-type]
+        started.append(machine)
+        return machine.start()
+
+    yield start
+    for machine in started:
+        machine.shutdown()
+
+
+def need(version: str | None) -> None:
+    if version is None:
+        return
+    try:
+        qemu_install(version)
+    except QemuError as error:
+        if os.environ.get("CI"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+
+
+@pytest.mark.parametrize("version", [None, "10.0"], ids=["qemu-7.2", "qemu-10.0"])
+def test_capture_pcap_of_a_preempt_migration_decodes_every_channel(
+    version: str | None,
+    machines: Callable[..., Machine],
+    tshark: str,
+    lua_for: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    need(version)
+    destination = machines(
+        "destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", qemu_version=version
+    )
+    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    out, pcapng = tmp_path / "capture", tmp_path / "capture.pcapng"
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "qmig", "capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
+         "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}", "--out", str(out),
+         "--pcap", str(pcapng), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        listening = relay.stderr.readline().strip()
+        source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
+        source.wait_serial(1)
+        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+        source.set_parameters(
+            max_bandwidth=32 * MIB, max_postcopy_bandwidth=8 * MIB, downtime_limit=1
+        )
+        source.migrate(listening.rsplit(" ", 1)[1])
+        time.sleep(0.5)
+        source.start_postcopy()
+        source.wait_migration(timeout=TIMEOUT)
+        destination.wait_migration(timeout=TIMEOUT)
+        stdout, stderr = relay.communicate(timeout=TIMEOUT)
+    finally:
+        relay.kill()
+        relay.wait()
+    assert relay.returncode == 0, stderr
+    summary = json.loads(stdout)
+    written = summary["pcapng"]
+    assert written["path"] == str(pcapng)
+    assert written["stream_bytes"] == summary["stream"]["bytes"]
+    assert written["return_path_bytes"] == summary["return_path"]["bytes"]
+    assert written["channel_bytes"] == {"preempt": summary["preempt"]["bytes"]} != {"preempt": 0}
+    packets = read_pcapng(pcapng)
+    assert len(packets) == written["packets"]
+    preempt_payload = b"".join(p.payload for p in packets if p.src_port == SOURCE_PORT + 1)
+    assert preempt_payload == (out / "preempt.bin").read_bytes()
+
+    rows = run_tshark(tshark, lua_for(version or FIXTURE_QEMU), pcapng, FIELDS)
+    by_channel: dict[str, list[list[list[str]]]] = {}
+    for row in rows:
+        if row and row[0]:
+            by_channel.setdefault(row[0][0], []).append(row)
+    assert set(by_channel) == {"main", "preempt"}
+    expected = inspect_json(out, version or FIXTURE_QEMU)
+    main, preempt = by_channel["main"], by_channel["preempt"]
+    assert column(main, 5) == [] and column(preempt, 5) == []
+    stream = Counter(name for name in column(main, 1) if name not in UNCOUNTED)
+    stream["COMMAND"] = len(column(main, 3))
+    assert dict(stream) == expected["counts"]
+    assert dict(Counter(column(main, 4))) == expected["return_path"]["counts"]
+    # The preempt channel: one RAM record per target page, its zero pages, and an EOS at its
+    # end in QEMU 7.2's variant only.
+    records = Counter(column(preempt, 1))
+    kinds = Counter(column(preempt, 2))
+    assert records["RAM"] == expected["preempt"]["pages"] > 0
+    assert kinds["ZERO"] == expected["preempt"]["zero_pages"]
+    assert records["EOS"] == int(expected["preempt"]["ended_with_eos"])
+    assert expected["preempt"]["ended_with_eos"] == (version is None)
+    assert set(records) <= {"RAM", "EOS"}
