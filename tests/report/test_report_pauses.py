@@ -63,3 +63,47 @@ def test_receive_report_marks_each_pause(tmp_path: Path, chromium: str) -> None:
     drawn_pauses = drawn.document["pauses"]
     assert [p["bytes"] for p in drawn_pauses] == [p["bytes"] for p in summary["pauses"]]
     assert [p["pages"] for p in drawn_pauses] == [p["pages"] for p in summary["pauses"]]
+
+
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp"
+
+
+def test_replay_and_receive_reports_mark_the_pause(tmp_path: Path, chromium: str) -> None:
+    """``fixtures/postcopy-tcp`` replayed into ``qmig receive``, the replay cutting its channel
+    once and resuming: each end's page marks the pause its ``--json`` lists."""
+    pages = {"replay": tmp_path / "replay.html", "receive": tmp_path / "receive.html"}
+    receive = subprocess.Popen(
+        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0",
+         "--recover-timeout", "60", "--qemu-version", "7.2", "--json",
+         "--report", str(pages["receive"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert receive.stderr is not None
+        uri = receive.stderr.readline().split()[-1]
+        replay = subprocess.run(
+            [sys.executable, "-m", "qmig", "replay", str(FIXTURE), "--connect", uri,
+             "--qemu-version", "7.2", "--bandwidth", "64", "--pause-after", "300",
+             "--resume-to", uri, "--json", "--report", str(pages["replay"])],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        stdout, stderr = receive.communicate(timeout=120)
+    finally:
+        receive.kill()
+        receive.wait()
+    assert replay.returncode == 0, replay.stderr
+    assert receive.returncode == 0, stderr
+    summaries = {"replay": json.loads(replay.stdout), "receive": json.loads(stdout)}
+    for name, summary in summaries.items():
+        assert summary["recoveries"] == len(summary["pauses"]) == 1, name
+        drawn = render(chromium, pages[name], tmp_path / f"profile-{name}")
+        check_drawn(drawn)
+        labels = [node.text for node in drawn.dom.one("div", id="timeline").find("text")]
+        assert sum(label.startswith("pause ") for label in labels) == len(summary["pauses"])
+        assert sum(label.startswith("resumed ") for label in labels) == summary["recoveries"]
+        assert [p["pages"] for p in drawn.document["pauses"]] == [
+            p["pages"] for p in summary["pauses"]
+        ]
+    # The replay cut after 300 postcopy pages sent; the destination had placed no more.
+    assert summaries["replay"]["pauses"][0]["pages"] >= 300
+    assert summaries["receive"]["pauses"][0]["pages"] <= summaries["replay"]["pauses"][0]["pages"]

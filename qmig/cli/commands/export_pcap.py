@@ -1,8 +1,9 @@
 """``qmig export-pcap [DIR FILE.pcapng] [--lua FILE.lua]``: a capture for Wireshark.
 
 Writes a capture folder (``qmig capture``'s, or a fixture's xz-compressed one, or a bare
-stream file) as a pcapng file of one synthetic TCP connection, and/or the Lua dissector for
-the chosen ``--qemu-version``, which decodes that connection in Wireshark or tshark.
+stream file) as a pcapng file, each channel (main, postcopy-preempt, multifd-K, and each
+connection a recovery opened) a synthetic TCP connection, and/or the Lua dissector for the
+chosen ``--qemu-version``, which decodes them in Wireshark or tshark.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "export-pcap",
         help="write a capture as pcapng for Wireshark, and the Lua dissector that decodes it",
-        description="Write a capture folder (or a stream file) as a pcapng file of one "
-        "synthetic TCP connection carrying both directions at their recorded times, and/or "
-        "the Lua dissector of the chosen QEMU version's wire format.",
+        description="Write a capture folder (or a stream file) as a pcapng file: each channel "
+        "(main with its return path, postcopy-preempt, each multifd connection) a synthetic "
+        "TCP connection to the destination's one port, every chunk at its recorded time; "
+        "and/or the Lua dissector of the chosen QEMU version's wire format.",
     )
     parser.add_argument(
         "capture",
@@ -87,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"dissector: {args.lua} (load with: tshark -X lua_script:{args.lua} ...)")
     if "pcapng" in report:
         pcap = report["pcapng"]
+        others = "".join(f", {size} {name} bytes" for name, size in pcap["channel_bytes"].items())
         print(
             f"pcapng: {pcap['path']}: {pcap['packets']} packets, {pcap['stream_bytes']} stream "
-            f"bytes, {pcap['return_path_bytes']} return-path bytes, {pcap['duration_s']:.3f} s"
+            f"bytes, {pcap['return_path_bytes']} return-path bytes{others}, "
+            f"{pcap['duration_s']:.3f} s"
         )
     return 0
