@@ -37,3 +37,19 @@ class Pause:
 
 def pauses_json(pauses: list[Pause], start: float) -> list[dict[str, Any]]:
     return [pause.as_json(start) for pause in pauses]
+
+
+def pause_rows(pauses: list[dict[str, Any]], pages: str) -> list[tuple[str, str]]:
+    """A summary table's rows for the ``pauses`` of a summary (``pages``: what its page
+    count counts, "sent" or "placed")."""
+    rows = []
+    for number, pause in enumerate(pauses, 1):
+        resumed = "not resumed" if pause["paused_ms"] is None else f"paused {pause['paused_ms']} ms"
+        rows.append(
+            (
+                f"pause {number}",
+                f"at {pause['at_s']:.3f} s, {pause['bytes']:,} bytes, {pause['pages']:,} "
+                f"postcopy pages {pages}, {resumed} ({pause['cause']})",
+            )
+        )
+    return rows

@@ -18,7 +18,7 @@ from qmig.report.cli import add_report, check_report
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
 from qmig.report.recorder import PREEMPT_BACK, counted
 from qmig.runner.misbehave_options import add_destination_knobs, destination_misbehaviour
-from qmig.runner.pauses import pauses_json
+from qmig.runner.pauses import pause_rows, pauses_json
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -495,12 +495,8 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
     table.add_row("blocktime", f"{summary['blocktime_ms']} ms")
     table.add_row("pongs", str(summary["pongs"]))
     table.add_row("recoveries", f"{summary['recoveries']} (paused {summary['paused_ms']} ms)")
-    for number, pause in enumerate(summary["pauses"], 1):
-        table.add_row(
-            f"pause {number}",
-            f"at {pause['at_s']:.3f} s, {pause['bytes']:,} bytes, {pause['pages']:,} pages "
-            f"placed, paused {pause['paused_ms']} ms ({pause['cause']})",
-        )
+    for name, value in pause_rows(summary["pauses"], "placed"):
+        table.add_row(name, value)
     if summary["preempt"] is not None:
         pages = summary["preempt_pages"]
         table.add_row(

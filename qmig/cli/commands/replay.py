@@ -15,6 +15,7 @@ from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
 from qmig.report.cli import add_report, check_report
 from qmig.runner.misbehave_options import add_source_knobs, source_misbehaviour
+from qmig.runner.pauses import pause_rows
 from qmig.sizes import format_size
 
 if TYPE_CHECKING:
@@ -255,6 +256,8 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
         "request → page sent (µs)",
         f"p50 {latency['p50']}  p99 {latency['p99']}  max {latency['max']}",
     )
+    for name, value in pause_rows(summary.get("pauses") or [], "sent"):
+        table.add_row(name, value)
     if summary.get("preempt") is not None:
         pages = summary["preempt_pages"]
         table.add_row(

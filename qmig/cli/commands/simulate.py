@@ -13,6 +13,7 @@ from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
 from qmig.errors import QmigError
 from qmig.report.cli import add_report, check_report
+from qmig.runner.pauses import pause_rows
 from qmig.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -296,6 +297,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
             f"{plural(s['recoveries'], 'recovery', 'recoveries')}, paused "
             f"{s['paused_ms']:.1f} ms, {plural(s['resent_pages'], 'page')} missing at resume",
         ),
+        *pause_rows(s["pauses"], "sent"),
         *_preempt_row(s),
         ("placement", _placement(s["placement_mib_s"])),
         ("switchover", _switchover(s["switchover_ms"])),
