@@ -64,10 +64,16 @@ class ReportDocument:
             }
         )
 
-    def add_event(self, name: str, t: float | None, kind: str = "switchover") -> None:
-        """``t``: seconds from the start; ``kind``: pass, switchover, pause, recovery, end."""
+    def add_event(
+        self, name: str, t: float | None, kind: str = "switchover", detail: str | None = None
+    ) -> None:
+        """``t``: seconds from the start; ``kind``: pass, switchover, pause, recovery, end;
+        ``detail``: shown when the pointer is on the mark's label."""
         if t is not None:
-            self.events.append({"t": round(t, 6), "name": name, "kind": kind})
+            event: dict[str, Any] = {"t": round(t, 6), "name": name, "kind": kind}
+            if detail is not None:
+                event["detail"] = detail
+            self.events.append(event)
 
     def add_request(
         self,
@@ -103,8 +109,20 @@ class ReportDocument:
                 "channels": pause["channels"],
             }
         )
-        self.add_event(f"pause {number}", pause["at_s"], "pause")
-        self.add_event(f"resumed {number}", pause["resumed_at_s"], "recovery")
+        paused = "not resumed" if pause["paused_ms"] is None else f"paused {pause['paused_ms']} ms"
+        self.add_event(
+            f"pause {number}",
+            pause["at_s"],
+            "pause",
+            f"{pause['cause']}: {pause['bytes']:,} stream bytes, {pause['pages']:,} postcopy "
+            f"pages by then; {paused}",
+        )
+        self.add_event(
+            f"resumed {number}",
+            pause["resumed_at_s"],
+            "recovery",
+            f"{paused}, {pause['channels']} new channel(s)",
+        )
 
     def pause_table(self, pages: str) -> None:
         """The pauses as a table (``pages``: what the pages column counts)."""

@@ -172,6 +172,7 @@ def _timeline(document: dict[str, Any]) -> Any:
             xref="x",
             yref="paper",
             text=html.escape(event["name"]),
+            hovertext=html.escape(event.get("detail") or event["name"]),
             showarrow=False,
             font={"size": 10, "color": EVENT_COLOURS.get(event["kind"], "#d62728")},
             yanchor="bottom",
