@@ -189,7 +189,10 @@ def inspection(
         },
         summary_text=summary_text,
     )
-    for name, timeline in (("stream", capture.stream), ("return path", capture.return_path)):
+    timelines = [("stream", capture.stream), ("return path", capture.return_path)]
+    if getattr(capture, "preempt", None) is not None:  # postcopy-preempt's channel
+        timelines.append(("preempt", capture.preempt))
+    for name, timeline in timelines:
         buckets: dict[int, int] = {}
         previous = 0
         for end, t_ns in zip(timeline.ends, timeline.times, strict=True):

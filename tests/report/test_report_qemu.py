@@ -117,3 +117,53 @@ def test_replay_report(machines: Callable[..., Machine], tmp_path: Path, chromiu
     assert document["latency"]["count"] == summary["request_to_sent_us"]["count"]
     names = [event["name"] for event in document["events"]]
     assert names[:2] == ["pass 1", "stop"] and names[-1] == "end"
+
+
+def test_inspect_report_of_a_preempt_capture(
+    machines: Callable[..., Machine], tmp_path: Path, chromium: str
+) -> None:
+    """A real postcopy-preempt migration captured by ``qmig capture --preempt``: inspect's
+    page draws the preempt channel as a series of its own, with the bytes it carried."""
+    spec = GuestSpec(end=32 * MIB)
+    destination = machines("destination", memory_mib=64, guest=spec, incoming="defer")
+    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    out = tmp_path / "capture"
+    relay = subprocess.Popen(
+        qmig("capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
+             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
+             "--out", str(out), "--json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        listening = relay.stderr.readline().strip()
+        source = machines("source", memory_mib=64, guest=spec)
+        source.wait_serial(1)
+        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+        source.set_parameters(
+            max_bandwidth=32 * MIB, max_postcopy_bandwidth=8 * MIB, downtime_limit=1
+        )
+        source.migrate(listening.rsplit(" ", 1)[1])
+        time.sleep(0.5)
+        source.start_postcopy()
+        source.wait_migration(timeout=TIMEOUT)
+        destination.wait_migration(timeout=TIMEOUT)
+        stdout, stderr = relay.communicate(timeout=TIMEOUT)
+    finally:
+        relay.kill()
+        relay.wait()
+    assert relay.returncode == 0, stderr
+    captured = json.loads(stdout)
+    page = tmp_path / "inspect.html"
+    done = subprocess.run(
+        qmig("inspect", str(out), "--json", "--report", str(page)),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)
+    series = {s["name"]: s["bytes"] for s in drawn.document["series"]}
+    assert series["preempt"] == captured["preempt"]["bytes"] == report["preempt"]["bytes"] > 0
+    assert series["stream"] == captured["stream"]["bytes"]
