@@ -3,7 +3,8 @@ and every packet decoded with its fields, the main channel beside them unchanged
 
 The folders are a shipped capture with multifd connections added by qmig's own builders
 (:mod:`multifd_folder`), for a version without zero pages in the packet (7.2) and one with
-them and with device-state packets (10.0).
+them and with device-state packets (10.0); whole, in small TCP segments, and dissected
+twice as the GUI does (tshark -2).
 """
 
 from __future__ import annotations
@@ -39,10 +40,15 @@ UNCOUNTED = {"EOS", "HOOK", "MULTIFD_FLUSH"}
 
 
 @pytest.mark.parametrize("version", ["7.2", "10.0"])
-@pytest.mark.parametrize("segment", [None, 1448])
+@pytest.mark.parametrize(
+    ("segment", "passes"),
+    [(None, []), (1448, []), (9000, ["-2"])],
+    ids=["whole", "small-segments", "two-passes"],
+)
 def test_multifd_channels_are_dissected_packet_by_packet(
     version: str,
     segment: int | None,
+    passes: list[str],
     tshark: str,
     lua_for: Callable[[str], Path],
     tmp_path: Path,
@@ -53,7 +59,7 @@ def test_multifd_channels_are_dissected_packet_by_packet(
     # Each channel its own TCP stream: the main one from SOURCE_PORT, multifd K from +2+K.
     ports = {packet.src_port for packet in read_pcapng(pcapng) if packet.src_port != 4444}
     assert ports == {SOURCE_PORT, SOURCE_PORT + 2, SOURCE_PORT + 3}
-    rows = run_tshark(tshark, lua_for(version), pcapng, FIELDS)
+    rows = run_tshark(tshark, lua_for(version), pcapng, FIELDS, *passes)
     by_channel: dict[str, list[list[list[str]]]] = {}
     for row in rows:
         if row and row[0]:
@@ -83,3 +89,29 @@ def test_multifd_channels_are_dissected_packet_by_packet(
     stream["COMMAND"] = len(column(main, 12))
     assert dict(stream) == expected["counts"]
     assert dict(Counter(column(main, 13))) == expected["return_path"]["counts"]
+
+
+def test_a_damaged_multifd_packet_is_flagged_where_it_starts(
+    tshark: str, lua_for: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A packet whose magic is wrong: the channel's bytes from there on are undecoded, with
+    an expert note that names the field; the other channel is decoded whole."""
+    built = build_folder(FIXTURES / "postcopy-tcp", tmp_path / "capture", "10.0")
+    damaged = tmp_path / "capture" / "multifd-1.bin"
+    data = bytearray(damaged.read_bytes())
+    data[64] ^= 0xFF  # the first packet's magic, after the 64-byte handshake
+    damaged.write_bytes(bytes(data))
+    pcapng = export(tmp_path / "capture", tmp_path / "c.pcapng")
+    rows = run_tshark(
+        tshark, lua_for("10.0"), pcapng,
+        ["qmig.channel", "qmig.record", "qmig.multifd.channel", "qmig.undecoded",
+         "_ws.expert.message"],
+    )  # fmt: skip
+    multifd = [row for row in rows if row and row[0][:1] == ["multifd"]]
+    notes = column(multifd, 4)
+    assert any(note == "MULTIFD_PACKET: magic 0xee223344 is not 0x11223344" for note in notes)
+    assert column(multifd, 3) != []
+    records = Counter(column(multifd, 1))
+    assert records["MULTIFD_INIT"] == 2
+    # Channel 0's packets all decoded; none of channel 1's.
+    assert records["MULTIFD_PACKET"] == sum(n % 2 == 0 for n in built.packet_numbers)
