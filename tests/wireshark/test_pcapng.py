@@ -163,3 +163,47 @@ def test_an_index_that_does_not_fit_its_files_is_refused_in_one_line(tmp_path: P
     assert (
         result.stderr == "qmig: error: index.tsv: stream chunk at 0 runs past the end of its file\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("multifd-x\t0\t4\t2", "{dir}/index.tsv: bad index line 3: 'multifd-x\\t0\\t4\\t2'"),
+        ("multifd-0\t0\t4\t2", "{dir}: the index has multifd-0 chunks but no multifd-0.bin"),
+    ],
+)
+def test_a_channel_the_folder_cannot_hold_is_refused_in_one_line(
+    line: str, error: str, tmp_path: Path
+) -> None:
+    (tmp_path / "stream.bin").write_bytes(b"QEVM")
+    (tmp_path / "index.tsv").write_text(
+        f"direction\toffset\tlength\tt_ns\nstream\t0\t4\t1\n{line}\n"
+    )
+    result = qmig("export-pcap", str(tmp_path), str(tmp_path / "x.pcapng"))
+    assert result.returncode == 1
+    assert result.stderr == f"qmig: error: {error.format(dir=tmp_path)}\n"
+
+
+def test_a_recovery_s_connections_are_split_at_their_boundaries(tmp_path: Path) -> None:
+    """meta.json says where the second connection starts: a chunk that holds the boundary is
+    cut there, and the bytes past it go on a new connection from the next port."""
+    (tmp_path / "stream.bin").write_bytes(b"A" * 10 + b"B" * 6)
+    (tmp_path / "return-path.bin").write_bytes(b"ab")
+    (tmp_path / "index.tsv").write_text(
+        "direction\toffset\tlength\tt_ns\nstream\t0\t8\t1\nreturn-path\t0\t1\t2\n"
+        "stream\t8\t8\t3\nreturn-path\t1\t1\t4\n"
+    )
+    connections = [
+        {"t_ns": 0, "stream_offset": 0, "return_path_offset": 0},
+        {"t_ns": 3, "stream_offset": 10, "return_path_offset": 1},
+    ]
+    (tmp_path / "meta.json").write_text(json.dumps({"connections": connections}))
+    write_pcapng(tmp_path, tmp_path / "c.pcapng")
+    packets = read_pcapng(tmp_path / "c.pcapng")
+    payloads: dict[int, bytes] = {}
+    for packet in packets:
+        payloads[packet.src_port] = payloads.get(packet.src_port, b"") + packet.payload
+    assert payloads == {50000: b"A" * 10, 4444: b"ab", 50100: b"B" * 6}
+    # The first connection is closed (FIN) before the second one's SYN.
+    order = [(p.src_port, p.flags & (SYN | FIN)) for p in packets if p.flags & (SYN | FIN)]
+    assert order.index((50000, FIN)) < order.index((50100, SYN))
