@@ -38,6 +38,7 @@ from qmig.protocol import events as ev
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
+from qmig.runner.multifd_send import MultifdSender
 from qmig.runner.source_ram import Dirtier
 from qmig.transport import Connection
 from qmig.wire.reader import NEED_DATA
@@ -71,6 +72,7 @@ class SourceReport:
     channels: int = 1  # main channels opened: the first, and one per resume attempt
     preempt_pages: int = 0  # target pages sent on the preempt channel
     preempt_bytes: int = 0
+    multifd_bytes: list[int] = field(default_factory=list)  # per multifd channel
 
 
 @dataclass
@@ -115,6 +117,9 @@ class SourceRunner:
         self._credit_at = 0.0
         self.phase = source.state  # as the machine's PhaseChanged events last said
         self._passes_done: deque[ev.PassCompleted] = deque()
+        self.multifd: MultifdSender | None = None
+        if source.multifd is not None:
+            self.multifd = MultifdSender(self.channels, source.multifd)
 
     @property
     def connection(self) -> Connection:
@@ -125,6 +130,8 @@ class SourceRunner:
         self.report.started = self._clock = self._credit_at = time.monotonic()
         if source.preempt is not None and source.preempt.opened_at_setup:
             self.channels.open(PREEMPT, PREEMPT_TIMEOUT)
+        if self.multifd is not None:
+            self.multifd.open()
         source.start()
         self._take_events()
         if plan.postcopy_after == 0:
@@ -149,6 +156,8 @@ class SourceRunner:
         self.report.recoveries = source.stats.recoveries
         self.report.channels = self.channels.opened
         self.report.preempt_pages = source.preempt_pages
+        if self.multifd is not None:
+            self.report.multifd_bytes = list(self.multifd.bytes_sent)
         return self.report
 
     def _postcopy_to_the_end(self) -> None:
@@ -335,7 +344,25 @@ class SourceRunner:
         self._clock = now
 
     def _send(self, data: bytes, *, capped: bool = True) -> None:
-        """Write ``data`` whole; ``capped``: each piece waits for the cap first."""
+        """Write ``data`` whole; ``capped``: each piece waits for the cap first. With
+        multifd, the packets and main-channel bytes the machine made before ``data`` first."""
+        if self.multifd is not None:
+            self._send_multifd_steps(capped)
+        self._send_main(data, capped=capped)
+
+    def _send_multifd_steps(self, capped: bool) -> None:
+        assert self.multifd is not None
+        steps = self.source.take_multifd_steps()
+        if not steps:
+            return
+        cap = self._wait_for_credit if capped and self.plan.bandwidth is not None else None
+        written = self.multifd.drain(steps, lambda data: self._send_main(data, capped=capped), cap)
+        self._sent += written
+        self._credit -= written
+        if self.on_progress is not None:
+            self.on_progress(self._label(), written)
+
+    def _send_main(self, data: bytes, *, capped: bool = True) -> None:
         view = memoryview(data)
         while view:
             piece = view[:CHUNK]
