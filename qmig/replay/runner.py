@@ -17,12 +17,14 @@ from typing import Any
 
 from qmig.errors import QmigError
 from qmig.latency import percentiles_us
+from qmig.protocol.multifd_source import MultifdOptions
 from qmig.protocol.preempt import preempt_variant
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.replay.recording import Recording
 from qmig.report.recorder import RETURN_PATH, STREAM, Recorder
 from qmig.runner.channels import PREEMPT, Channels, CutPlan, connect_with_retries
+from qmig.runner.multifd_send import channel_kind
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
 from qmig.transport import Connection, connect
 from qmig.wire.profiles import load_profile
@@ -66,6 +68,11 @@ class ReplayPlan:
     # version and the captured machine type unless ``preempt_variant`` names one.
     preempt: bool = False
     preempt_variant: str | None = None
+    # Multifd: precopy RAM over this many extra channels (the destination QEMU must have the
+    # multifd capability and multifd-channels set to the same number); zero-page detection
+    # as named, or the version's default for the captured machine type.
+    multifd: int | None = None
+    zero_page_detection: str | None = None
 
 
 @dataclass
@@ -107,7 +114,14 @@ class ReplayResult:
                 "main": stats.precopy_pages + stats.postcopy_pages - self.source.preempt_pages,
                 "preempt": self.source.preempt_pages,
             },
+            "multifd": self._multifd(),
         }
+
+    def _multifd(self) -> dict[str, Any] | None:
+        plan = self.source.multifd
+        if plan is None:
+            return None
+        return {**plan.summary(), "channel_bytes": list(self.report.multifd_bytes)}
 
 
 class ReplayRunner(SourceRunner):
@@ -154,6 +168,11 @@ def replay(
         )
     elif plan.preempt_variant is not None:
         raise QmigError("--preempt-variant", "needs --preempt")
+    multifd = None
+    if plan.multifd is not None:
+        multifd = MultifdOptions(plan.multifd, plan.zero_page_detection)
+    elif plan.zero_page_detection is not None:
+        raise QmigError("--zero-page-detection", "needs --multifd")
     source = Source(
         recording.source_blocks(),
         version=plan.version,
@@ -164,6 +183,7 @@ def replay(
         # QEMU's destination skips it, but tools reading the replayed stream may not.
         vmdescription=recording.vmdescription,
         preempt=variant,
+        multifd=multifd,
     )
     cuts = None
     if plan.pause_after is not None:
@@ -205,6 +225,10 @@ def replay(
             plan.resume_to if plan.resume_to and channels.opened > 1 else to, timeout=timeout
         )
         channels.openers = openers
+    # Multifd channels connect to the same address, right after the main one.
+    for channel in range(plan.multifd or 0):
+        openers[channel_kind(channel)] = lambda timeout: opened(connect(to, timeout=timeout))
+    channels.openers = openers
     connected = time.monotonic()
     if recorder is not None:
         recorder.start = connected
