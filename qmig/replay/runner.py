@@ -225,9 +225,10 @@ def replay(
             plan.resume_to if plan.resume_to and channels.opened > 1 else to, timeout=timeout
         )
         channels.openers = openers
-    # Multifd channels connect to the same address, right after the main one.
+    # Multifd channels connect to the same address, right after the main one. (The report's
+    # recorder counts the main channel only.)
     for channel in range(plan.multifd or 0):
-        openers[channel_kind(channel)] = lambda timeout: opened(connect(to, timeout=timeout))
+        openers[channel_kind(channel)] = lambda timeout: connect(to, timeout=timeout)
     channels.openers = openers
     connected = time.monotonic()
     if recorder is not None:

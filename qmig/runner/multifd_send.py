@@ -57,15 +57,15 @@ class MultifdSender:
         self,
         steps: list[bytes | PacketOut],
         send_main: Callable[[bytes], None],
-        before_packet: Callable[[], object] | None = None,
+        before_packet: Callable[[int], object] | None = None,
     ) -> int:
         """Write ``steps`` in order: bytes through ``send_main``, packets on their channel
-        (``before_packet`` first: the bandwidth cap). Returns the packet bytes written."""
+        (``before_packet(size)`` first: the bandwidth cap). Returns the packet bytes written."""
         written = 0
         for step in steps:
             if isinstance(step, PacketOut):
                 if before_packet is not None:
-                    before_packet()
+                    before_packet(step.size)
                 self.write(step)
                 written += step.size
             else:

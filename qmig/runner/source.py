@@ -355,12 +355,22 @@ class SourceRunner:
         steps = self.source.take_multifd_steps()
         if not steps:
             return
-        cap = self._wait_for_credit if capped and self.plan.bandwidth is not None else None
-        written = self.multifd.drain(steps, lambda data: self._send_main(data, capped=capped), cap)
+        written = self.multifd.drain(
+            steps, lambda data: self._send_main(data, capped=capped), self._packet_out(capped)
+        )
         self._sent += written
-        self._credit -= written
         if self.on_progress is not None:
             self.on_progress(self._label(), written)
+
+    def _packet_out(self, capped: bool) -> Callable[[int], None]:
+        """Before each packet of ``size`` bytes: the cap's wait, and its bytes spent."""
+
+        def spend(size: int) -> None:
+            if capped and self.plan.bandwidth is not None:
+                self._wait_for_credit()
+            self._credit -= size
+
+        return spend
 
     def _send_main(self, data: bytes, *, capped: bool = True) -> None:
         view = memoryview(data)
