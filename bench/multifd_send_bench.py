@@ -10,16 +10,18 @@ Run from the repository (a few minutes; QEMU 10.0 from its private install)::
 A QEMU 10.0 guest (machine type ``pc``, so pc-i440fx-10.0: syncs per round, zero pages in
 the packets) runs qmig's test guest, which writes a byte into every page of its first
 ``--dirty`` MiB; it is stopped and migrated by QEMU; the destination that received it saves
-it to a stream file (``migrate file:``), which every qmig run replays. Then, each into a fresh destination started with ``-incoming defer``:
+it to a stream file (``migrate file:``), which every qmig run replays. Each run goes into a
+fresh destination started with ``-incoming defer``:
 
 * ``qemu_to_qemu``: the stopped guest migrated by QEMU itself, multifd with N channels;
 * ``qmig_multifd``: ``qmig replay FILE --multifd N`` (the destination with the same caps);
 * ``qmig_single``: ``qmig replay FILE`` on the main channel alone (no multifd on either side).
 
-No side is capped (QEMU's ``max-bandwidth`` is raised). Each figure is the sender's own account (QEMU's ``total-time``, the replay's ``total_s``),
-the RAM bytes it moved, and MiB/s over the guest's size. Every destination's RAM is compared
-with the source's. Nothing is asserted beyond that; on a shared 2-core host the figures are
-noisy (the destination's N receive threads compete with the sender): run twice.
+No side is capped (QEMU's ``max-bandwidth`` is raised). Each figure is the sender's own
+account (QEMU's ``total-time``, the replay's ``total_s``), the RAM bytes it moved, and MiB/s
+over the guest's size. Every destination's RAM is compared with the source's. Nothing is
+asserted beyond that; on a shared 2-core host the figures are noisy (the destination's N
+receive threads compete with the sender): run twice.
 """
 
 from __future__ import annotations
