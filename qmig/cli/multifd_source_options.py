@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import uuid
 from typing import Any
 
 from qmig.protocol.multifd_source import ZERO_PAGE_DETECTIONS
@@ -20,6 +21,13 @@ def channel_count(text: str) -> int:
     return value
 
 
+def migration_uuid(text: str) -> bytes:
+    try:
+        return uuid.UUID(text).bytes
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
+
+
 def add_multifd_source(parser: Any) -> None:
     group = parser.add_argument_group("multifd")
     group.add_argument(
@@ -35,4 +43,11 @@ def add_multifd_source(parser: Any) -> None:
         help="with --multifd: legacy sends zero pages as ZERO records on the main channel, "
         "multifd lists them in the packets (QEMU 9.0+), none sends them as data "
         "(default: the version's, for the machine type)",
+    )
+    group.add_argument(
+        "--uuid",
+        type=migration_uuid,
+        metavar="UUID",
+        help="with --multifd: the destination QEMU's -uuid, which it expects in every "
+        "channel's handshake (default: none, all zeros; libvirt sets the domain's)",
     )

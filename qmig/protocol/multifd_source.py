@@ -272,7 +272,6 @@ class MultifdPlan:
             "normal_pages": self.normal_pages,
             "zero_pages": self.zero_pages_listed,
             "pages_per_channel": list(self.pages_per_channel),
-            "bytes_per_channel": list(self.bytes_per_channel),
         }
 
 

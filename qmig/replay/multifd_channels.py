@@ -132,12 +132,10 @@ def _events(reader: MultifdChannelReader, path: Path) -> Iterator[object]:
         reader.feed_eof()
         yield from _drain(reader)
     except QmigError as error:
-        # The same error, naming the channel's file: its offsets are that file's.
-        clone = error.at(error.offset) if error.offset is not None else error.at(0)
-        clone.offset = error.offset
-        clone.what = f"{path.name}: {error.what}"
-        Exception.__init__(clone, clone.one_line())
-        raise clone from None
+        # The same error, naming the channel's file (its offsets are that file's).
+        error.what = f"{path.name}: {error.what}"
+        Exception.__init__(error, error.one_line())
+        raise
 
 
 def _drain(reader: MultifdChannelReader) -> Iterator[object]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from qmig.errors import QmigError
 from qmig.latency import percentiles_us
-from qmig.protocol.multifd_source import MultifdOptions
+from qmig.protocol.multifd_source import UUID_SIZE, MultifdOptions
 from qmig.protocol.preempt import preempt_variant
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
@@ -73,6 +73,7 @@ class ReplayPlan:
     # as named, or the version's default for the captured machine type.
     multifd: int | None = None
     zero_page_detection: str | None = None
+    uuid: bytes | None = None  # the destination's -uuid, in every channel's handshake
 
 
 @dataclass
@@ -170,9 +171,12 @@ def replay(
         raise QmigError("--preempt-variant", "needs --preempt")
     multifd = None
     if plan.multifd is not None:
-        multifd = MultifdOptions(plan.multifd, plan.zero_page_detection)
+        uuid = plan.uuid if plan.uuid is not None else bytes(UUID_SIZE)  # QEMU's default
+        multifd = MultifdOptions(plan.multifd, plan.zero_page_detection, uuid)
     elif plan.zero_page_detection is not None:
         raise QmigError("--zero-page-detection", "needs --multifd")
+    elif plan.uuid is not None:
+        raise QmigError("--uuid", "needs --multifd")
     source = Source(
         recording.source_blocks(),
         version=plan.version,
@@ -262,6 +266,7 @@ def _explained(
             clone.detail = f"{clone.detail} during {phase}"
     early = (
         early
+        and not clone.what.startswith("multifd")  # its own hint says what to check
         and source.state in (SourceState.PRECOPY, SourceState.PASS_COMPLETE, SourceState.FAILED)
         and source.stats.passes <= 1
         and source.stats.discard_commands == 0

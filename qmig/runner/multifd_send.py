@@ -77,36 +77,59 @@ class MultifdSender:
         if not self.connections:
             raise TransportError("multifd", "packets to send and no multifd channel open")
         connection = self.connections[packet.channel]
-        sock = connection.socket
-        ram = memoryview(packet.ram) if packet.runs else None
-        pieces: list[memoryview | bytes] = [packet.header]
-        if ram is not None:
-            pieces += [ram[start : start + length] for start, length in packet.runs]
         self.bytes_sent[packet.channel] += packet.size
+        # Views of guest RAM must not outlive the write, even when it fails: the RAM's owner
+        # (a recording's mappings) closes it on the way out.
+        with memoryview(packet.ram if packet.runs else b"") as ram:
+            pieces: list[memoryview | bytes] = [packet.header]
+            pieces += [ram[start : start + length] for start, length in packet.runs]
+            try:
+                self._write_pieces(connection, packet.channel, pieces)
+            finally:
+                for piece in pieces:
+                    if isinstance(piece, memoryview):
+                        piece.release()
+                pieces.clear()
+
+    def _write_pieces(
+        self, connection: Connection, channel: int, pieces: list[memoryview | bytes]
+    ) -> None:
+        sock = connection.socket
         if sock is None:  # a file: no gathering to do
             for piece in pieces:
                 connection.sendall(piece)
             return
         deadline = time.monotonic() + STALL_TIMEOUT
-        while pieces:
-            try:
-                sent = sock.sendmsg(pieces[:IOV_MAX], [], socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            except OSError as error:
-                raise TransportError(
-                    f"multifd channel {packet.channel}", f"send failed: {error.strerror}"
-                ) from None
-            if sent:
-                deadline = time.monotonic() + STALL_TIMEOUT
-                pieces = _advance(pieces, sent)
-                continue
-            _, writable, _ = select.select([], [sock], [], 1.0)
-            if not writable and time.monotonic() > deadline:
-                raise TransportError(
-                    f"multifd channel {packet.channel}",
-                    f"the destination took no data for {STALL_TIMEOUT:.0f} s",
-                )
+        left = list(pieces)
+        try:
+            while left:
+                try:
+                    sent = sock.sendmsg(left[:IOV_MAX], [], socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as error:
+                    raise TransportError(
+                        f"multifd channel {channel}",
+                        f"send failed: {error.strerror} (does the destination have the "
+                        f"multifd capability, multifd-channels {self.plan.channels} and, if it "
+                        "runs with -uuid, that UUID given as --uuid?)",
+                    ) from None
+                if sent:
+                    deadline = time.monotonic() + STALL_TIMEOUT
+                    left = _advance(left, sent)
+                    continue
+                _, writable, _ = select.select([], [sock], [], 1.0)
+                if not writable and time.monotonic() > deadline:
+                    raise TransportError(
+                        f"multifd channel {channel}",
+                        f"the destination took no data for {STALL_TIMEOUT:.0f} s (does it "
+                        f"expect {self.plan.channels} multifd channels?)",
+                    )
+        finally:
+            for piece in left:  # the views _advance made
+                if isinstance(piece, memoryview):
+                    piece.release()
+            left.clear()
 
     def close(self) -> None:
         for channel in range(len(self.connections)):

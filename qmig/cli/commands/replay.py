@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             preempt_variant=args.preempt_variant,
             multifd=args.multifd,
             zero_page_detection=args.zero_page_detection,
+            uuid=args.uuid,
         )
         misbehaviour = source_misbehaviour(args, choice.version)
         progress = None if args.json else _Progress()
