@@ -179,7 +179,7 @@ class MultifdPlan:
         out = self.flush()
         header = MultifdPacketHeader(
             flags=self.spec.sync_flag | self.spec.compression["NOCOMP"],
-            pages_alloc=self.page_count,
+            pages_alloc=self.page_count if self.spec.sync_pages_alloc == "page-count" else 0,
             normal_pages=0,
             next_packet_size=0,
             packet_num=0,

@@ -21,6 +21,9 @@ ZeroPagesRule = Literal["main-channel", "packet"]
 # before every RAM EOS; "per-round" = at setup and at the end of each sweep, announced on the
 # main channel by RAM_SAVE_FLAG_MULTIFD_FLUSH.
 SyncRule = Literal["per-section", "per-round"]
+# multifd.sync_pages_alloc: what a SYNC packet (no pages) says in pages_alloc. "page-count" =
+# the packet's room, as page packets (7.2); "zero" = 0, the packet has no RAM payload (9.x+).
+SyncPagesAlloc = Literal["page-count", "zero"]
 # mapped_ram.bitmap_byte_order: the byte order of the host's unsigned longs.
 ByteOrder = Literal["little", "big"]
 COMPRESSION_NAMES = ("NOCOMP", "ZLIB", "ZSTD", "QPL", "UADK", "QATZIP")
@@ -39,6 +42,7 @@ class MultifdSpec:
     compression: dict[str, int]
     device_state_flag: int | None
     sync: SyncRule = "per-section"
+    sync_pages_alloc: SyncPagesAlloc = "page-count"
     # Machine types up to this version sync per section (hw_compat's
     # multifd-flush-after-each-section); None: every machine type follows ``sync``.
     per_section_machines: str | None = None
@@ -96,6 +100,7 @@ def read_multifd(table: Table) -> MultifdSpec:
             compression=_compression(table.table("compression"), mask),
             device_state_flag=device,
             sync=table.choice("sync", SyncRule),
+            sync_pages_alloc=table.choice("sync_pages_alloc", SyncPagesAlloc),
             per_section_machines=_version(table, "per_section_machines"),
             legacy_zero_pages_machines=_version(table, "legacy_zero_pages_machines"),
             postcopy=table.boolean("postcopy"),

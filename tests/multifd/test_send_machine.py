@@ -40,7 +40,7 @@ def test_7_2_pages_in_packets_zero_pages_on_main_sync_before_every_eos(channels:
     assert b"MULTIFD" not in got.main
     numbers = [p.header.packet_num for p in got.packets]
     assert sorted(numbers) == list(range(len(numbers))), "one counter over all channels"
-    assert all(p.header.pages_alloc == 128 for p in got.packets)
+    assert all(p.header.pages_alloc == 128 for p in got.packets), "7.2: SYNC packets too"
     assert max(p.header.normal_pages for p in got.packets) == 128
 
 

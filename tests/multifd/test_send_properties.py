@@ -76,7 +76,8 @@ def test_packets_parse_back_to_the_same_ram_with_syncs_in_order(
     assert sorted(numbers) == list(range(len(numbers)))
     for packet in got.packets:
         header = packet.header
-        assert header.pages_alloc == page_count
+        sync_alloc = page_count if version == "7.2" else 0  # observed in real QEMU
+        assert header.pages_alloc == (sync_alloc if packet.sync else page_count)
         assert header.normal_pages + header.zero_pages <= page_count
         assert header.next_packet_size == header.normal_pages * PAGE
         assert packet.sync == (header.normal_pages + header.zero_pages == 0)
