@@ -72,9 +72,11 @@ def guest(pages: int) -> SourceBlock:
 
 
 @pytest.mark.parametrize(
-    ("version", "machine"), [("7.2", "pc-i440fx-7.2"), ("10.0", "pc-q35-10.0")]
+    ("version", "machine", "cap"),
+    [("7.2", "pc-i440fx-7.2", None), ("10.0", "pc-q35-10.0", None), ("10.0", "pc-q35-10.0", 4)],
 )
-def test_runner_sends_every_channel_whole(version: str, machine: str) -> None:
+def test_runner_sends_every_channel_whole(version: str, machine: str, cap: int | None) -> None:
+    """``cap``: MiB/s for the bandwidth cap, which the packets' bytes count against too."""
     block = guest(1500)
     keeper = Keeper()
     source = Source(
@@ -90,7 +92,8 @@ def test_runner_sends_every_channel_whole(version: str, machine: str) -> None:
     main = connect(keeper.uri)
     openers = {channel_kind(k): small for k in range(3)}
     channels = Channels(main, openers=openers)  # type: ignore[arg-type]
-    runner = SourceRunner(channels, source, SourcePlan(postcopy_after=None))
+    bandwidth = None if cap is None else cap << 20
+    runner = SourceRunner(channels, source, SourcePlan(postcopy_after=None, bandwidth=bandwidth))
     try:
         report = runner.run()
     finally:
@@ -98,6 +101,9 @@ def test_runner_sends_every_channel_whole(version: str, machine: str) -> None:
         runner.multifd.close()  # type: ignore[union-attr]
     data = keeper.close()
     assert len(data) == 4
+    if cap is not None:  # ~3 MiB of pages under the cap: no faster than it allows
+        sent = sum(len(d) for d in data)
+        assert report.finished - report.started >= sent / (cap << 20) - 0.2
     assert report.multifd_bytes == [len(d) for d in data[1:]]
     ram = bytearray(block.used_length)
     reader = StreamReader(version)
