@@ -8,6 +8,7 @@ SYNC packets) as one timeline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qmig.protocol.multifd_source import MultifdOptions, PacketOut
@@ -37,9 +38,11 @@ def drive(
     passes: int = 1,
     dirty_between: list[tuple[str, list[int]]] | None = None,
     budget: int = 1 << 20,
+    between: Callable[[int], list[tuple[str, list[int]]]] | None = None,
 ) -> tuple[Source, Received]:
-    """Precopy only: ``passes`` passes (``dirty_between`` re-dirtied before each next one),
-    then completion."""
+    """Precopy only: ``passes`` passes (``dirty_between`` re-dirtied before each next one;
+    ``between(pass)``, if given, may change the guest and says what it dirtied), then
+    completion."""
     source = Source(
         blocks, version=version, machine_type=machine_type, postcopy_ram=False,
         return_path=False, multifd=options,
@@ -48,10 +51,18 @@ def drive(
     assert plan is not None
     main = bytearray()
     channels = [bytearray(hello) for hello in plan.handshakes()]
-    order: list[bytes | PacketOut] = []
+    order: list[bytes | tuple[int, bytes]] = []
 
     def take(data: bytes) -> None:
-        order.extend(source.take_multifd_steps())
+        # A packet's pages are read when it is written, as a runner writes it: now, before
+        # the guest changes again.
+        for step in source.take_multifd_steps():
+            if isinstance(step, PacketOut):
+                ram = memoryview(step.ram)
+                pages = b"".join(bytes(ram[a : a + n]) for a, n in step.runs)
+                order.append((step.channel, step.header + pages))
+            else:
+                order.append(step)
         order.append(data)
 
     source.start()
@@ -60,7 +71,7 @@ def drive(
         while not source.pass_complete:
             take(source.data_to_send(budget))
         if number + 1 < passes:
-            for name, pages in dirty_between or []:
+            for name, pages in (dirty_between or []) + (between(number) if between else []):
                 source.sync_dirty(name, pages)
             source.begin_pass()
     source.complete_precopy()
@@ -79,12 +90,10 @@ def drive(
     for chan, hello in zip(channel_readers, channels, strict=True):
         chan.feed(hello)
     for step in order:
-        if isinstance(step, PacketOut):
-            data = step.header + b"".join(
-                bytes(memoryview(step.ram)[a : a + n]) for a, n in step.runs
-            )
-            channels[step.channel] += data
-            chan = channel_readers[step.channel]
+        if isinstance(step, tuple):
+            channel, data = step
+            channels[channel] += data
+            chan = channel_readers[channel]
             chan.feed(data)
             for event in chan:
                 if isinstance(event, Handshake):
@@ -92,7 +101,7 @@ def drive(
                 assert isinstance(event, Packet)
                 received.packets.append(event)
                 if event.sync:
-                    received.timeline.append(("sync", step.channel))
+                    received.timeline.append(("sync", channel))
                 ram = received.ram[event.header.ramblock] if event.offsets else None
                 for offset, page in zip(event.normal_offsets, event.pages, strict=True):
                     assert ram is not None
