@@ -138,7 +138,7 @@ def test_a_multifd_capture_folder_rebuilds_the_newest_copy_of_every_page(
             dirtied.append(page)
         return [(first.idstr, dirtied)]
 
-    source, got = drive(
+    _, got = drive(
         blocks, version, MultifdOptions(channels, zero), machine_type=machine,
         passes=len(changes) + 1, between=between,
     )  # fmt: skip
