@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.host import HOST_PAGE_SIZE
 from qmig.protocol import events as ev
+from qmig.protocol.multifd_source import MultifdOptions, MultifdPlan, PacketOut
 from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.recv_bitmap import bitmap_size, missing_pages
 from qmig.protocol.states import (
@@ -120,9 +121,12 @@ class Source:
         configuration: m.Configuration | None = None,
         vmdescription: bytes | None = None,
         preempt: PreemptVariant | None = None,
+        multifd: MultifdOptions | None = None,
     ) -> None:
         """``preempt``: postcopy-preempt is on: requested pages go out on the preempt
-        channel (:meth:`preempt_data`), whose variant says when it opens and how it ends."""
+        channel (:meth:`preempt_data`), whose variant says when it opens and how it ends.
+        ``multifd``: precopy pages go out in packets on extra channels
+        (:meth:`take_multifd_steps`; :mod:`qmig.protocol.multifd_source` decides)."""
         self.schema = schema_for(version)
         self.profile = self.schema.profile
         self.target_page_size = self.schema.target_page_size
@@ -177,6 +181,19 @@ class Source:
         self.preempt_pages = 0  # target pages sent on the preempt channel
         for block in self.blocks:
             block.dirty = bytearray(b"\x01") * self._pages(block)
+        self.multifd: MultifdPlan | None = None
+        # Main-channel bytes and packets in the order they must leave: the main bytes made
+        # since are data_to_send's, and go after these.
+        self._multifd_steps: list[bytes | PacketOut] = []
+        self._multifd_queued = 0  # their bytes: count against data_to_send's budget
+        if multifd is not None:
+            self.multifd = MultifdPlan(
+                self.profile,
+                multifd,
+                machine_type=self.configuration.machine_type,
+                target_page_size=self.target_page_size,
+                postcopy=postcopy_ram,
+            )
 
     # --- the plan -------------------------------------------------------------------------
 
@@ -207,6 +224,8 @@ class Source:
             for block in self.blocks
         )
         out += schema.build_mem_size(m.MemSize(sum(b.used_length for b in self.blocks), infos))
+        if self.multifd is not None:
+            self._multifd_sync(flush_flag=not self.multifd.per_section)
         out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
         self.stats.passes = 1
         self._enter(after)
@@ -238,6 +257,8 @@ class Source:
         after = self._next(SourceInput.START_POSTCOPY)
         if not self.postcopy_ram:
             raise LocalProtocolError("source", "postcopy-ram is off: cannot start postcopy")
+        if self.multifd is not None:
+            self._multifd_before_postcopy()
         for block in self.blocks:
             self._canonicalise_host_pages(block)
             self._send_discards(block)
@@ -355,6 +376,10 @@ class Source:
         self._cursor = (0, 0)
         while (batch := self._next_dirty_batch(1 << 30)) is not None:
             out += self._page_records(*batch, postcopy=False)
+        if self.multifd is not None:
+            # Per section: the EOS waits for a sync. Per round: the sweep has passed the last
+            # block, which syncs and says so.
+            self._multifd_sync(flush_flag=not self.multifd.per_section)
         out += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
         out += self._device_sections()
         out += schema.eof.build(m.Eof())
@@ -370,7 +395,7 @@ class Source:
 
     def data_to_send(self, budget: int = 1 << 20) -> bytes:
         """Up to about ``budget`` bytes of stream (at least one section while pages remain)."""
-        if self.state is SourceState.PRECOPY and len(self._out) < budget:
+        if self.state is SourceState.PRECOPY and self._queued_bytes() < budget:
             # A precopy section holds up to pages_per_section pages whatever the budget (which
             # it may overshoot by that much): QEMU's are larger still, and each section costs
             # the destination a header, a named first record and a footer to parse. More
@@ -378,13 +403,16 @@ class Source:
             # pages is only a few kilobytes.
             self._precopy_section(self._section_bytes)
             room = self.target_page_size + 8
-            while self.state is SourceState.PRECOPY and budget - len(self._out) > room:
+            while self.state is SourceState.PRECOPY and budget - self._queued_bytes() > room:
                 self._precopy_section(self._section_bytes)
         elif self.state is SourceState.POSTCOPY and len(self._out) < budget:
             self._postcopy_section(budget - len(self._out))
         out = bytes(self._out)
         self._out.clear()
         return out
+
+    def _queued_bytes(self) -> int:
+        return len(self._out) + self._multifd_queued
 
     def preempt_data(self) -> bytes:
         """Postcopy-preempt: the bytes for the preempt channel (requested pages, each host
@@ -427,11 +455,15 @@ class Source:
     def _precopy_section(self, budget: int) -> None:
         batch = self._next_dirty_batch(self._pages_for(budget))
         if batch is None:
+            if self.multifd is not None and not self.multifd.per_section:
+                self._multifd_round_end()
             self._move(SourceInput.PASS_SENT)
             return
         self._out += self._part_open
         self._named_block = None
         self._out += self._page_records(*batch, postcopy=False)
+        if self.multifd is not None and self.multifd.per_section:
+            self._multifd_sync(flush_flag=False)
         self._out += self._part_close
 
     def _postcopy_section(self, budget: int, *, sweep: bool = True) -> None:
@@ -531,6 +563,8 @@ class Source:
         preempt: bool = False,
     ) -> bytes:
         """``preempt``: for the preempt channel, which names blocks on its own."""
+        if self.multifd is not None and not postcopy:
+            return self._multifd_pages(block, pages)
         if preempt:
             name = None if block is self._preempt_named else block.idstr
             self._preempt_named = block
@@ -555,6 +589,82 @@ class Source:
             self.stats.precopy_zero_pages += zeros
             self.stats.precopy_bytes += len(data)
         return data
+
+    # --- multifd ---------------------------------------------------------------------------
+
+    def take_multifd_steps(self) -> list[bytes | PacketOut]:
+        """Multifd: the main-channel bytes and packets made so far, in the order they must
+        be written, all ahead of what :meth:`data_to_send` returns next (send these first)."""
+        steps = self._multifd_steps
+        self._multifd_steps = []
+        self._multifd_queued = 0
+        return steps
+
+    def _multifd_emit(self, packets: list[PacketOut]) -> None:
+        """Packets go after every main-channel byte made before them."""
+        if not packets:
+            return
+        if self._out:
+            self._multifd_steps.append(bytes(self._out))
+            self._multifd_queued += len(self._out)
+            self._out.clear()
+        self._multifd_steps.extend(packets)
+        for packet in packets:
+            self._multifd_queued += packet.size
+            self.stats.precopy_zero_pages += packet.zero_pages
+            self.stats.precopy_bytes += packet.size
+
+    def _multifd_pages(self, block: SourceBlock, pages: array[int]) -> bytes:
+        """Precopy pages with multifd: zero pages as ZERO records on the main channel when the
+        zero-page detection is legacy, everything else queued for the packets."""
+        plan = self.multifd
+        assert plan is not None
+        records = b""
+        queued = pages
+        if plan.zero_pages_on_main:
+            queued, zero = plan.split_zero(block.ram, pages)
+            if zero:
+                name = None if block is self._named_block else block.idstr
+                self._named_block = block
+                records, zeros = self._scanner.emit(block.ram, zero, name)
+                self.stats.precopy_zero_pages += zeros
+        if queued:
+            self._multifd_emit(plan.queue(block, queued))
+        first, last = pages[0], pages[-1]
+        if last - first + 1 == len(pages):
+            block.dirty[first : last + 1] = bytes(len(pages))
+        else:
+            for page in pages:
+                block.dirty[page] = 0
+        self.stats.precopy_pages += len(pages)
+        self.stats.precopy_bytes += len(records)
+        return records
+
+    def _multifd_sync(self, *, flush_flag: bool) -> None:
+        """Flush the queue and sync every channel; ``flush_flag``: then say so on the main
+        channel (RAM_SAVE_FLAG_MULTIFD_FLUSH, which the destination waits on)."""
+        assert self.multifd is not None
+        self._multifd_emit(self.multifd.sync())
+        if flush_flag:
+            self._out += self.schema.build_ram_flag("MULTIFD_FLUSH")
+
+    def _multifd_round_end(self) -> None:
+        """Per round: the sweep passed the last block; QEMU syncs there, inside the RAM
+        section it is sending (here a section of its own)."""
+        self._out += self._part_open
+        self._named_block = None
+        self._multifd_sync(flush_flag=True)
+        self._out += self._part_close
+
+    def _multifd_before_postcopy(self) -> None:
+        """QEMU 10.1+: multifd carried precopy; before the switch the source flushes what is
+        queued and syncs the channels, in a RAM section of its own, so that no packet lands
+        on a page the destination already runs with."""
+        assert self.multifd is not None
+        self._out += self._part_open
+        self._named_block = None
+        self._multifd_sync(flush_flag=not self.multifd.per_section)
+        self._out += self._part_close
 
     def _send_ping(self) -> None:
         self._out += self._ping_bytes()

@@ -32,6 +32,7 @@ from qmig.capture.connections import (
 from qmig.capture.recording import PREEMPT_NAME, capture_file
 from qmig.errors import MalformedError, QmigError
 from qmig.protocol.source import DeviceSnapshot, SourceBlock
+from qmig.replay.multifd_channels import MultifdMerge, multifd_files
 from qmig.wire import messages as m
 from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
 from qmig.wire.reading.preempt import PreemptReader
@@ -137,6 +138,11 @@ class _Rebuilder:
         self.discards: dict[str, list[tuple[int, int]]] = {}
         self.vmdescription: bytes | None = None
         self.pages = 0
+        # A multifd capture's channels: the main channel's pages are dated by sync point
+        # as they are read, the channels' laid over them at the end.
+        self.multifd: MultifdMerge | None = None
+        if path.name in STREAM_NAMES and (files := multifd_files(path.parent)):
+            self.multifd = MultifdMerge(files, version)
 
     def run(self) -> Recording:
         reader = self.reader
@@ -155,6 +161,9 @@ class _Rebuilder:
             reader.feed_eof()
             self._drain()
             self._preempt_channel()
+            if self.multifd is not None:
+                memories = {b.idstr: (b.memory, b.used_length) for b in self.blocks.values()}
+                self.multifd.apply(memories, self.target_page)
         except lzma.LZMAError as error:
             raise QmigError(str(self.path), f"cannot decompress: {error}") from None
         except BaseException:
@@ -245,6 +254,10 @@ class _Rebuilder:
                 self._device(message, record)
             case m.VmDescription():
                 self.vmdescription = message.json
+            case m.RamEos() if self.multifd is not None:
+                self.multifd.main_eos()
+            case m.RamMultifdFlush() if self.multifd is not None:
+                self.multifd.main_flush()
 
     def _map(self, message: m.MemSize, record: Record) -> None:
         if self.blocks:
@@ -255,6 +268,9 @@ class _Rebuilder:
             memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.blocks[info.idstr] = RecordedBlock(info.idstr, info.used_length, page_size, memory)
             self.order[info.idstr] = index
+        if self.multifd is not None:
+            lengths = {info.idstr: info.used_length for info in message.blocks}
+            self.multifd.blocks(lengths, self.target_page)
 
     def _pages(self, run: m.RamPageRun) -> None:
         block = self.blocks[run.block]  # the reader already checked the name
@@ -271,6 +287,8 @@ class _Rebuilder:
             else:
                 memory[offset : offset + size] = bytes([data[at]]) * size
         self.pages += len(run.headers)
+        if self.multifd is not None:
+            self.multifd.main_pages(run.block, (header // size for header in run.headers))
         if not self.switched and run.headers:
             first = (self.order[run.block], run.headers[0] & ~mask)
             if self.last_position is None or first <= self.last_position:

@@ -17,6 +17,7 @@ from typing import Any
 
 from qmig.errors import QmigError
 from qmig.latency import percentiles_us
+from qmig.protocol.multifd_source import UUID_SIZE, MultifdOptions
 from qmig.protocol.preempt import preempt_variant
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
@@ -24,6 +25,7 @@ from qmig.replay.recording import Recording
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
 from qmig.report.recorder import PREEMPT_BACK, RETURN_PATH, STREAM, Recorder, counted
 from qmig.runner.channels import PREEMPT, Channels, CutPlan, connect_with_retries
+from qmig.runner.multifd_send import channel_kind
 from qmig.runner.pauses import pauses_json
 from qmig.runner.source import SourcePlan, SourceReport, SourceRunner
 from qmig.transport import Connection, connect
@@ -68,6 +70,12 @@ class ReplayPlan:
     # version and the captured machine type unless ``preempt_variant`` names one.
     preempt: bool = False
     preempt_variant: str | None = None
+    # Multifd: precopy RAM over this many extra channels (the destination QEMU must have the
+    # multifd capability and multifd-channels set to the same number); zero-page detection
+    # as named, or the version's default for the captured machine type.
+    multifd: int | None = None
+    zero_page_detection: str | None = None
+    uuid: bytes | None = None  # the destination's -uuid, in every channel's handshake
 
 
 @dataclass
@@ -111,7 +119,14 @@ class ReplayResult:
                 "main": stats.precopy_pages + stats.postcopy_pages - self.source.preempt_pages,
                 "preempt": self.source.preempt_pages,
             },
+            "multifd": self._multifd(),
         }
+
+    def _multifd(self) -> dict[str, Any] | None:
+        plan = self.source.multifd
+        if plan is None:
+            return None
+        return {**plan.summary(), "channel_bytes": list(self.report.multifd_bytes)}
 
 
 class ReplayRunner(SourceRunner):
@@ -158,6 +173,14 @@ def replay(
         )
     elif plan.preempt_variant is not None:
         raise QmigError("--preempt-variant", "needs --preempt")
+    multifd = None
+    if plan.multifd is not None:
+        uuid = plan.uuid if plan.uuid is not None else bytes(UUID_SIZE)  # QEMU's default
+        multifd = MultifdOptions(plan.multifd, plan.zero_page_detection, uuid)
+    elif plan.zero_page_detection is not None:
+        raise QmigError("--zero-page-detection", "needs --multifd")
+    elif plan.uuid is not None:
+        raise QmigError("--uuid", "needs --multifd")
     source = Source(
         recording.source_blocks(),
         version=plan.version,
@@ -168,6 +191,7 @@ def replay(
         # QEMU's destination skips it, but tools reading the replayed stream may not.
         vmdescription=recording.vmdescription,
         preempt=variant,
+        multifd=multifd,
     )
     cuts = None
     if plan.pause_after is not None:
@@ -214,6 +238,11 @@ def replay(
             receives=PREEMPT_BACK,
         )
         channels.openers = openers
+    # Multifd channels connect to the same address, right after the main one. (The report's
+    # recorder counts the main channel only.)
+    for channel in range(plan.multifd or 0):
+        openers[channel_kind(channel)] = lambda timeout: connect(to, timeout=timeout)
+    channels.openers = openers
     connected = time.monotonic()
     if recorder is not None:
         recorder.start = connected
@@ -246,6 +275,7 @@ def _explained(
             clone.detail = f"{clone.detail} during {phase}"
     early = (
         early
+        and not clone.what.startswith("multifd")  # its own hint says what to check
         and source.state in (SourceState.PRECOPY, SourceState.PASS_COMPLETE, SourceState.FAILED)
         and source.stats.passes <= 1
         and source.stats.discard_commands == 0

@@ -38,6 +38,7 @@ from qmig.protocol import events as ev
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
+from qmig.runner.multifd_send import MultifdSender
 from qmig.runner.pauses import Pause
 from qmig.runner.source_ram import Dirtier
 from qmig.transport import Connection
@@ -73,6 +74,7 @@ class SourceReport:
     preempt_pages: int = 0  # target pages sent on the preempt channel
     preempt_bytes: int = 0
     pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
+    multifd_bytes: list[int] = field(default_factory=list)  # per multifd channel
 
 
 @dataclass
@@ -117,6 +119,9 @@ class SourceRunner:
         self._credit_at = 0.0
         self.phase = source.state  # as the machine's PhaseChanged events last said
         self._passes_done: deque[ev.PassCompleted] = deque()
+        self.multifd: MultifdSender | None = None
+        if source.multifd is not None:
+            self.multifd = MultifdSender(self.channels, source.multifd)
 
     @property
     def connection(self) -> Connection:
@@ -127,6 +132,8 @@ class SourceRunner:
         self.report.started = self._clock = self._credit_at = time.monotonic()
         if source.preempt is not None and source.preempt.opened_at_setup:
             self.channels.open(PREEMPT, PREEMPT_TIMEOUT)
+        if self.multifd is not None:
+            self.multifd.open()
         source.start()
         self._take_events()
         if plan.postcopy_after == 0:
@@ -151,6 +158,8 @@ class SourceRunner:
         self.report.recoveries = source.stats.recoveries
         self.report.channels = self.channels.opened
         self.report.preempt_pages = source.preempt_pages
+        if self.multifd is not None:
+            self.report.multifd_bytes = list(self.multifd.bytes_sent)
         return self.report
 
     def _postcopy_to_the_end(self) -> None:
@@ -341,7 +350,35 @@ class SourceRunner:
         self._clock = now
 
     def _send(self, data: bytes, *, capped: bool = True) -> None:
-        """Write ``data`` whole; ``capped``: each piece waits for the cap first."""
+        """Write ``data`` whole; ``capped``: each piece waits for the cap first. With
+        multifd, the packets and main-channel bytes the machine made before ``data`` first."""
+        if self.multifd is not None:
+            self._send_multifd_steps(capped)
+        self._send_main(data, capped=capped)
+
+    def _send_multifd_steps(self, capped: bool) -> None:
+        assert self.multifd is not None
+        steps = self.source.take_multifd_steps()
+        if not steps:
+            return
+        written = self.multifd.drain(
+            steps, lambda data: self._send_main(data, capped=capped), self._packet_out(capped)
+        )
+        self._sent += written
+        if self.on_progress is not None:
+            self.on_progress(self._label(), written)
+
+    def _packet_out(self, capped: bool) -> Callable[[int], None]:
+        """Before each packet of ``size`` bytes: the cap's wait, and its bytes spent."""
+
+        def spend(size: int) -> None:
+            if capped and self.plan.bandwidth is not None:
+                self._wait_for_credit()
+            self._credit -= size
+
+        return spend
+
+    def _send_main(self, data: bytes, *, capped: bool = True) -> None:
         view = memoryview(data)
         while view:
             piece = view[:CHUNK]

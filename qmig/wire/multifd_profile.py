@@ -17,6 +17,13 @@ U8, U32 = 0xFF, 0xFFFF_FFFF
 # multifd.zero_pages (wire/multifd.py): where zero pages travel. "main-channel" = ZERO records
 # on the main stream (7.2); "packet" = listed after the normal pages in each packet (9.0+).
 ZeroPagesRule = Literal["main-channel", "packet"]
+# multifd.sync (protocol/multifd_source.py): when the source syncs its channels. "per-section" =
+# before every RAM EOS; "per-round" = at setup and at the end of each sweep, announced on the
+# main channel by RAM_SAVE_FLAG_MULTIFD_FLUSH.
+SyncRule = Literal["per-section", "per-round"]
+# multifd.sync_pages_alloc: what a SYNC packet (no pages) says in pages_alloc. "page-count" =
+# the packet's room, as page packets (7.2); "zero" = 0, the packet has no RAM payload (9.x+).
+SyncPagesAlloc = Literal["page-count", "zero"]
 # mapped_ram.bitmap_byte_order: the byte order of the host's unsigned longs.
 ByteOrder = Literal["little", "big"]
 COMPRESSION_NAMES = ("NOCOMP", "ZLIB", "ZSTD", "QPL", "UADK", "QATZIP")
@@ -34,6 +41,15 @@ class MultifdSpec:
     compression_mask: int
     compression: dict[str, int]
     device_state_flag: int | None
+    sync: SyncRule = "per-section"
+    sync_pages_alloc: SyncPagesAlloc = "page-count"
+    # Machine types up to this version sync per section (hw_compat's
+    # multifd-flush-after-each-section); None: every machine type follows ``sync``.
+    per_section_machines: str | None = None
+    # Machine types up to this version keep zero pages on the main channel (hw_compat's
+    # zero-page-detection=legacy); None: every machine type follows ``zero_pages``.
+    legacy_zero_pages_machines: str | None = None
+    postcopy: bool = False  # QEMU accepts multifd together with postcopy-ram
 
     @property
     def compression_names(self) -> dict[int, str]:
@@ -83,8 +99,25 @@ def read_multifd(table: Table) -> MultifdSpec:
             compression_mask=mask,
             compression=_compression(table.table("compression"), mask),
             device_state_flag=device,
+            sync=table.choice("sync", SyncRule),
+            sync_pages_alloc=table.choice("sync_pages_alloc", SyncPagesAlloc),
+            per_section_machines=_version(table, "per_section_machines"),
+            legacy_zero_pages_machines=_version(table, "legacy_zero_pages_machines"),
+            postcopy=table.boolean("postcopy"),
         )
     return spec
+
+
+def _version(table: Table, key: str) -> str | None:
+    """An optional machine-type version, ``MAJOR.MINOR``."""
+    if not table.has(key):
+        table.taken.add(key)
+        return None
+    value = table.string(key)
+    major, dot, minor = value.partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        table.fail(f"{value!r} is not MAJOR.MINOR", key)
+    return value
 
 
 def _compression(table: Table, mask: int) -> dict[str, int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.multifd_source_options import add_multifd_source
 from qmig.cli.options import add_alias, add_bandwidth, count, positive_count, seconds
 from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
@@ -59,6 +60,7 @@ def register(subparsers: Any) -> None:
     )
     add_bandwidth(parser)
     add_preempt(parser)
+    add_multifd_source(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--pause-after",
@@ -128,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
             pause_during_recovery=args.pause_during_recovery,
             preempt=args.preempt,
             preempt_variant=args.preempt_variant,
+            multifd=args.multifd,
+            zero_page_detection=args.zero_page_detection,
+            uuid=args.uuid,
         )
         misbehaviour = source_misbehaviour(args, choice.version)
         progress = None if args.json else _Progress()
@@ -264,6 +269,15 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
             "preempt", f"{summary['preempt']} variant: pages main {pages['main']:,}, "
             f"preempt {pages['preempt']:,}"
         )  # fmt: skip
+    multifd = summary.get("multifd")
+    if multifd is not None:
+        table.add_row(
+            "multifd",
+            f"{multifd['channels']} channels, {multifd['packets']:,} packets, "
+            f"{multifd['syncs']:,} syncs; zero pages {multifd['zero_page_detection']}",
+        )
+        pages = ", ".join(f"{count:,}" for count in multifd["pages_per_channel"])
+        table.add_row("pages per channel", pages)
     out = console or Console()
     out.print(table)
     if "libvirt" in summary and summary["mode"] == "precopy":
