@@ -7,6 +7,7 @@ naming the file and the dotted key, as for the rest of the profile.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,10 @@ class MultifdSpec:
     compression_mask: int
     compression: dict[str, int]
     device_state_flag: int | None
+    # The destination's sync points: MULTIFD_FLUSH records (8.1+), and each RAM section's EOS
+    # for machine types up to ``section_sync_machines`` ("all": every machine type).
+    main_flush: bool = False
+    section_sync_machines: str = "all"
 
     @property
     def compression_names(self) -> dict[int, str]:
@@ -83,8 +88,17 @@ def read_multifd(table: Table) -> MultifdSpec:
             compression_mask=mask,
             compression=_compression(table.table("compression"), mask),
             device_state_flag=device,
+            main_flush=table.boolean("main_flush"),
+            section_sync_machines=_machines(table, "section_sync_machines"),
         )
     return spec
+
+
+def _machines(table: Table, key: str) -> str:
+    value = table.string(key)
+    if value != "all" and not re.fullmatch(r"\d+\.\d+", value):
+        table.fail(f"{value!r} is neither 'all' nor a machine version such as 8.0", key)
+    return value
 
 
 def _compression(table: Table, mask: int) -> dict[str, int]:
