@@ -598,8 +598,8 @@ class DestinationRunner:
     def _multifd_done(self) -> None:
         """Postcopy begins (discards or LISTEN): multifd carried precopy, and every page it
         sent before the switchover's sync is in place; one that comes later is refused."""
-        if self._multifd is not None:
-            self._multifd.postcopy = True
+        if self._multifd is not None and not self._multifd.postcopy:
+            self._multifd.switch()
 
     def _stop_multifd(self) -> None:
         if self._multifd is not None:

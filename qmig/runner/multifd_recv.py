@@ -64,6 +64,9 @@ class ChannelStats:
     zero_pages: int = 0
     syncs: int = 0
     ended: bool = False  # the source closed it at a packet boundary
+    # Pages since the channel's last SYNC, and where the first of their packets starts.
+    unsynced: int = 0
+    unsynced_at: int = 0
     methods: set[str] = field(default_factory=set)
 
 
@@ -120,7 +123,7 @@ class MultifdReceiver:
         self.stats = [ChannelStats() for _ in range(count)]
         self.syncs = 0
         self.error: QmigError | None = None
-        self.postcopy = False  # LISTEN came: a packet with pages from now on is refused
+        self.postcopy = False  # see switch()
         self._session: RamSession | None = None
         self._blocks: dict[str, int] = {}
         self._ready = threading.Event()
@@ -181,6 +184,22 @@ class MultifdReceiver:
                     f"{point.record} at byte {point.offset}",
                     stats.bytes,
                 )
+
+    def switch(self) -> None:
+        """Postcopy starts (its discards, or LISTEN). The source flushed and synced every
+        channel before: pages a channel read since its last SYNC, or reads from now on, came
+        too late to be ordered with postcopy's, and fail the migration."""
+        with self._lock:
+            self.postcopy = True
+            late = [index for index, stats in enumerate(self.stats) if stats.unsynced]
+        if late:
+            stats = self.stats[late[0]]
+            raise RemoteProtocolError(
+                f"{self._name(late[0])} {WHAT_PACKET}",
+                f"{stats.unsynced} pages after the channel's last SYNC when postcopy started "
+                "(multifd carries the precopy phase only)",
+                stats.unsynced_at,
+            )
 
     def stop(self) -> None:
         """End every channel thread (the migration is over, or failed)."""
@@ -308,6 +327,8 @@ class MultifdReceiver:
             at += head_len + size
             if header.flags & self.spec.sync_flag:
                 stats.syncs += 1
+                with self._lock:
+                    stats.unsynced = 0
                 self._synced[index].release()
                 while not self._released[index].acquire(timeout=POLL):
                     if self._stop.is_set():
@@ -333,12 +354,16 @@ class MultifdReceiver:
         decoders: dict[str, _Decoder],
         stats: ChannelStats,
     ) -> None:
-        if self.postcopy:
-            raise RemoteProtocolError(
-                WHAT_PACKET,
-                "pages after postcopy started (multifd carries the precopy phase only)",
-                at,
-            )
+        with self._lock:  # against switch(): either it sees these pages, or they see it
+            if self.postcopy:
+                raise RemoteProtocolError(
+                    WHAT_PACKET,
+                    "pages after postcopy started (multifd carries the precopy phase only)",
+                    at,
+                )
+            if not stats.unsynced:
+                stats.unsynced_at = at
+            stats.unsynced += header.normal_pages + header.zero_pages
         method = self.spec.compression_names[header.flags & self.spec.compression_mask]
         if self.method is not None and header.normal_pages and method != self.method:
             raise MalformedError(

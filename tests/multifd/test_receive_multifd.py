@@ -5,10 +5,12 @@ there at once, and a bad channel ends the run with one line naming the channel a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,21 +46,25 @@ def main_stream(rounds: list[bytes]) -> bytes:
     return b"".join(parts) + bytes(schema.eof.build(m.Eof()))
 
 
-def packet(pages: dict[int, bytes], flags: int = 0, number: int = 0) -> bytes:
-    schema = multifd_schema(VERSION)
+def packet(
+    pages: dict[int, bytes], flags: int = 0, number: int = 0, version: str = VERSION
+) -> bytes:
+    schema = multifd_schema(version)
     header = MultifdPacketHeader(flags, 128, len(pages), 0, number, 0, "pc.ram")
     return schema.build_packet(header, list(pages), PAGE) + b"".join(pages.values())
 
 
-def handshake(channel: int, uuid: bytes = bytes(16)) -> bytes:
-    return multifd_schema(VERSION).build_init(MultifdInit(uuid, channel))
+def handshake(channel: int, uuid: bytes = bytes(16), version: str = VERSION) -> bytes:
+    return multifd_schema(version).build_init(MultifdInit(uuid, channel))
 
 
 @contextmanager
-def receive(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def receive(
+    tmp_path: Path, *args: str, version: str = VERSION
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0", "--json",
-         "--qemu-version", VERSION, "--workload", "none", "--accept-timeout", "30",
+         "--qemu-version", version, "--workload", "none", "--accept-timeout", "30",
          "--idle-timeout", "30", "--dump-ram", str(tmp_path / "dump"), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -181,3 +187,100 @@ def migrate_more(port: int, data: bytes) -> None:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
+
+
+# --- multifd with postcopy (QEMU 10.1+ semantics, on 10.0's wire) ---------------------------
+
+V10 = "10.0"
+
+
+def postcopy_stream(postcopy_pages: dict[int, bytes]) -> bytes:
+    """Precopy with its sync points (MULTIFD_FLUSH: pc-i440fx-10.0 syncs no section's EOS),
+    the flush and sync before the switch, page 1 discarded, LISTEN and RUN, then page 1 sent
+    again in postcopy on the main channel, and the end."""
+    schema = schema_for(V10)
+    cmd = schema.build_command
+    flush, eos = schema.build_ram_flag("MULTIFD_FLUSH"), schema.build_ram_flag("EOS")
+    version = schema.profile.ram_section_version
+    postcopy = b"".join(
+        schema.build_ram_page(m.RamPage("pc.ram", offset, False, data))
+        for offset, data in postcopy_pages.items()
+    )
+    return b"".join(
+        [
+            bytes(schema.header.build(m.StreamHeader(schema.profile.stream_version))),
+            bytes(schema.configuration.build(m.Configuration("pc-i440fx-10.0"))),
+            cmd(m.OpenReturnPath()),
+            cmd(m.PostcopyAdvise(PAGE, PAGE)),
+            schema.build_section(m.SectionStart(2, "ram", 0, version)),
+            schema.build_mem_size(m.MemSize(BLOCK.used_length, (BLOCK,))),
+            flush + eos,
+            schema.build_footer(2),
+            schema.build_section(m.SectionPart(2)),
+            flush + eos,  # the pages of the round on the channels, synced
+            schema.build_footer(2),
+            cmd(m.PostcopyRamDiscard("pc.ram", (m.DiscardRange(PAGE, PAGE),))),
+            schema.build_packaged(cmd(m.PostcopyListen()) + cmd(m.PostcopyRun())),
+            schema.build_section(m.SectionPart(2)),
+            postcopy + eos,
+            schema.build_footer(2),
+            bytes(schema.section_end.build(m.SectionEnd(2))) + eos + schema.build_footer(2),
+            bytes(schema.eof.build(m.Eof())),
+        ]
+    )
+
+
+def channels_before_postcopy() -> list[bytes]:
+    """Channel 0 carries pages 0-127 ("A"), channel 1 pages 128-255 ("B"), both synced."""
+    out = []
+    for channel in (0, 1):
+        first = 128 * channel
+        data = A if channel == 0 else B
+        pages = {page * PAGE: data for page in range(first, first + 128)}
+        out.append(
+            handshake(channel, version=V10)
+            + packet({}, SYNC, version=V10)
+            + packet(pages, SYNC, 1, version=V10)
+        )
+    return out
+
+
+@pytest.mark.uffd
+def test_multifd_then_postcopy(tmp_path: Path) -> None:
+    main = postcopy_stream({PAGE: C})
+    with receive(tmp_path, "--multifd", "2", version=V10) as (process, port):
+        migrate(port, main, channels_before_postcopy())
+        code, stdout, stderr = outcome(process)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["mode"] == "postcopy"
+    assert summary["multifd_pages"] == {"main": 1, "multifd-0": 128, "multifd-1": 128}
+    assert summary["multifd_syncs"] == 2 and summary["discarded_pages"] == 1
+    ram = (tmp_path / "dump" / "pc.ram.bin").read_bytes()
+    assert ram[:PAGE] == A and ram[PAGE : 2 * PAGE] == C  # discarded, then sent again
+    assert ram[2 * PAGE : 128 * PAGE] == A * 126 and ram[128 * PAGE :] == B * 128
+
+
+@pytest.mark.uffd
+def test_a_multifd_page_after_the_switch_is_refused(tmp_path: Path) -> None:
+    # The source syncs its channels before postcopy: a packet after that is out of place.
+    # Whether the channel reads it before or after the switch, it is refused (the main
+    # stream's end is held back meanwhile, so that the run cannot complete first).
+    main = postcopy_stream({PAGE: C})
+    switch = main.index(bytes(schema_for(V10).eof.build(m.Eof()))) - 200
+    late = packet({2 * PAGE: C}, 0, 2, version=V10)
+    channels = channels_before_postcopy()
+    with receive(tmp_path, "--multifd", "2", version=V10) as (process, port):
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for sock, data in zip(sockets, [channels[0] + late, channels[1]], strict=False):
+            sock.sendall(data)
+        sockets[2].sendall(main[:switch])
+        time.sleep(2.0)
+        with contextlib.suppress(OSError):  # qmig has given up on it by now
+            sockets[2].sendall(main[switch:])
+        line = one_line_error(process)
+        for sock in sockets:
+            sock.close()
+    at = 64 + 1344 + 1344 + 128 * PAGE
+    assert line.startswith("qmig: error: multifd channel 0 MULTIFD_PACKET: "), line
+    assert "(multifd carries the precopy phase only)" in line and line.endswith(f" {at}"), line
