@@ -175,9 +175,13 @@ class DestinationRunner:
             self._finish()
         except RemoteProtocolError:
             self._abandon()
+            if self._multifd is not None and self._multifd.error is not None:
+                raise self._multifd.error from None  # what cut the main channel short
             raise
         except QmigError as error:
             self._abandon()
+            if self._multifd is not None and self._multifd.error is not None:
+                raise self._multifd.error from None
             if self._preempt_error is not None:
                 raise self._preempt_error from None
             raise self._with_context(error) from None

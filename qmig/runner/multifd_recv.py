@@ -319,6 +319,15 @@ class MultifdReceiver:
                 connection, head_view[schema.hdr_size :], at + schema.hdr_size, WHAT_PACKET, stats
             )
             header = schema.parse_packet(head, at, self.page_size)
+            if self.spec.zero_pages != "packet" and any(head[32:36]):
+                # 7.2 reserves what 9.0+ fills with the zero-page count: read as 7.2, those
+                # zero pages would be lost.
+                raise MalformedError(
+                    WHAT_PACKET,
+                    f"reserved bytes are not zero (QEMU {schema.profile.name} reserves them; "
+                    "9.0+ counts zero pages there: is --qemu-version right?)",
+                    at + 32,
+                )
             size = self._payload_size(header, at)
             self._fill(connection, payload_view[:size], at + head_len, WHAT_PACKET, stats)
             if header.normal_pages or header.zero_pages:
