@@ -114,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         raise TransportError(
             "capture",
             f"migration did not end cleanly (stream: {summary.stream.end}, "
-            f"return path: {summary.return_path.end})",
+            f"return path: {summary.return_path.end}"
+            + "".join(f", multifd-{k}: {r.end}" for k, r in enumerate(summary.multifd))
+            + ")",
         )
     return 0
 
