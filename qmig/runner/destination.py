@@ -580,7 +580,15 @@ class DestinationRunner:
             sync_timeout=self.idle_timeout,
             on_placed=self._multifd_placed,
             on_error=self._multifd_failed,
+            on_bytes=self._multifd_alive,
         )
+
+    def _multifd_alive(self, count: int) -> None:
+        """Bytes on a multifd channel: the source is not idle while the main channel is
+        silent (it may be, for a whole pass of RAM), and they count for its rate."""
+        meter = self.connection.meter
+        if meter is not None:
+            meter.got_elsewhere(count)
 
     def _multifd_failed(self) -> None:
         """A channel failed: end the main channel's reads (a shutdown wakes a blocked recv,

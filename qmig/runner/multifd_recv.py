@@ -99,13 +99,15 @@ class MultifdReceiver:
         sync_timeout: float = 60.0,
         on_placed: Placed | None = None,
         on_error: Callable[[], None] | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         """``uuid``: this destination's (QEMU's -uuid; zero by default, as QEMU's);
         ``method``: the negotiated compression (NOCOMP, ZLIB, ZSTD...), which every packet
         with pages must carry, or None for whatever the packets say; ``sync_timeout``: how
         long a sync waits for channels that send nothing; ``on_placed``: called from the
         channel threads after each packet's pages; ``on_error``: called once a channel failed
-        (the runner cuts its main channel)."""
+        (the runner cuts its main channel); ``on_bytes``: called from the channel threads
+        with each read's size (the source is alive)."""
         self.schema = multifd_schema(version)
         self.spec = self.schema.spec
         if method is not None and method not in self.spec.compression:
@@ -120,6 +122,7 @@ class MultifdReceiver:
         self.sync_timeout = sync_timeout
         self.on_placed = on_placed
         self.on_error = on_error
+        self.on_bytes = on_bytes
         self.stats = [ChannelStats() for _ in range(count)]
         self.syncs = 0
         self.error: QmigError | None = None
@@ -285,6 +288,8 @@ class MultifdReceiver:
                 raise MalformedError(what, "unexpected end of stream", at + got)
             got += count
             stats.bytes += count
+            if self.on_bytes is not None:
+                self.on_bytes(count)
         return True
 
     def _read(self, index: int, connection: Connection) -> None:

@@ -284,3 +284,38 @@ def test_a_multifd_page_after_the_switch_is_refused(tmp_path: Path) -> None:
     at = 64 + 1344 + 1344 + 128 * PAGE
     assert line.startswith("qmig: error: multifd channel 0 MULTIFD_PACKET: "), line
     assert "(multifd carries the precopy phase only)" in line and line.endswith(f" {at}"), line
+
+
+@pytest.mark.uffd
+def test_a_silent_main_channel_is_not_idle_while_channels_carry_pages(tmp_path: Path) -> None:
+    # The main channel says nothing for 3 s (as while the pages of a whole pass go on the
+    # channels) with --idle-timeout 1 and a minimum rate: the channels' bytes keep it alive.
+    schema = schema_for(VERSION)
+    zeros = b"".join(
+        schema.build_ram_page(m.RamPage("pc.ram", page * PAGE, True, b"\0"))
+        for page in [0, *range(16, 256)]
+    )
+    main = main_stream([zeros])
+    tail = schema.build_ram_flag("EOS") + schema.build_footer(2) + bytes(schema.eof.build(m.Eof()))
+    held = len(main) - len(tail)  # the round's EOS on: held back while the pages come
+    channel0 = handshake(0) + packet({}, SYNC)
+    channel1 = handshake(1) + packet({}, SYNC) + packet({}, SYNC, 1)
+    pages = [packet({page * PAGE: A}, 0, page) for page in range(1, 16)]
+    args = ["--multifd", "2", "--idle-timeout", "1", "--min-rate", "4096", "--rate-window", "1"]
+    with receive(tmp_path, *args) as (process, port):
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        sockets[0].sendall(main[:held])
+        sockets[1].sendall(channel0)
+        sockets[2].sendall(channel1)
+        for data in pages:  # 3 s of pages on channel 0 alone
+            time.sleep(0.2)
+            sockets[1].sendall(data)
+        sockets[1].sendall(packet({}, SYNC, 16))
+        sockets[0].sendall(main[held:])
+        for sock in sockets:
+            sock.shutdown(socket.SHUT_WR)
+        code, stdout, stderr = outcome(process)
+        for sock in sockets:
+            sock.close()
+    assert code == 0, stderr
+    assert json.loads(stdout)["multifd_pages"]["multifd-0"] == 15
