@@ -15,6 +15,7 @@ import hashlib
 import json
 import lzma
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from qmig.errors import MalformedError, QmigError
 STREAM_NAME = "stream.bin"
 RETURN_PATH_NAME = "return-path.bin"
 PREEMPT_NAME = "preempt.bin"  # postcopy-preempt's channel, source → destination
+MULTIFD_PREFIX = "multifd-"  # multifd-<K>: the K-th multifd channel accepted, source → destination
+MAX_MULTIFD_CHANNELS = 256  # QEMU's multifd-channels is at most 255 (a u8 id)
 INDEX_NAME = "index.tsv"
 META_NAME = "meta.json"
 FORMAT = "qmig-capture"
@@ -39,14 +42,47 @@ class Direction(enum.Enum):
     STREAM = "stream"  # source → destination: the migration stream
     RETURN_PATH = "return-path"  # destination → source
     PREEMPT = "preempt"  # source → destination: the postcopy-preempt channel, if there is one
+    # And ``multifd-<K>`` (source → destination): made on demand, see multifd_direction().
+
+    @classmethod
+    def _missing_(cls, value: object) -> Direction | None:
+        """``multifd-<K>``: the K-th multifd channel's direction, one member per K."""
+        if not isinstance(value, str) or not _MULTIFD.fullmatch(value):
+            return None
+        if int(value[len(MULTIFD_PREFIX) :]) >= MAX_MULTIFD_CHANNELS:
+            return None
+        member = cls._value2member_map_.get(value)
+        if member is None:
+            member = object.__new__(cls)
+            member._value_ = value
+            member._name_ = value.upper().replace("-", "_")
+            cls._value2member_map_[value] = member
+        return member  # type: ignore[return-value]
+
+    @property
+    def multifd_channel(self) -> int | None:
+        """K for ``multifd-<K>``; None for the other directions."""
+        if not self.value.startswith(MULTIFD_PREFIX):
+            return None
+        return int(self.value[len(MULTIFD_PREFIX) :])
 
     @property
     def file_name(self) -> str:
+        if self.multifd_channel is not None:
+            return f"{self.value}.bin"
         return {
             Direction.STREAM: STREAM_NAME,
             Direction.RETURN_PATH: RETURN_PATH_NAME,
             Direction.PREEMPT: PREEMPT_NAME,
         }[self]
+
+
+_MULTIFD = re.compile(re.escape(MULTIFD_PREFIX) + r"(0|[1-9][0-9]{0,2})")
+
+
+def multifd_direction(channel: int) -> Direction:
+    """The direction (and file, ``multifd-<K>.bin``) of the K-th multifd channel accepted."""
+    return Direction(f"{MULTIFD_PREFIX}{channel}")
 
 
 # The directions every capture has; the others' files exist only where they carried bytes.
@@ -89,7 +125,7 @@ class CaptureWriter:
         self.start_ns = time.monotonic_ns()
         self.start_wall = time.time()
         self._files = {d: _DirectionFile(out_dir / d.file_name) for d in MAIN_DIRECTIONS}
-        self._tails = dict.fromkeys(Direction, b"")
+        self._tails: dict[Direction, bytes] = {}
         self._index = (out_dir / INDEX_NAME).open("w", encoding="ascii")
         self._index.write(INDEX_HEADER)
         self._queue: queue.Queue[tuple[Direction, bytes, int, int] | None] = queue.Queue(
@@ -111,7 +147,8 @@ class CaptureWriter:
             file = self._files[direction] = _DirectionFile(self.out_dir / direction.file_name)
         offset = file.size
         file.size += len(data)
-        self._tails[direction] = (self._tails[direction] + bytes(data[-TAIL_BYTES:]))[-TAIL_BYTES:]
+        tail = self._tails.get(direction, b"") + bytes(data[-TAIL_BYTES:])
+        self._tails[direction] = tail[-TAIL_BYTES:]
         file.chunks += 1
         self._queue.put((direction, bytes(data), offset, received_ns - self.start_ns))
 
@@ -132,7 +169,7 @@ class CaptureWriter:
 
     def tail(self, direction: Direction) -> bytes:
         """The last few bytes recorded in ``direction`` (up to TAIL_BYTES)."""
-        return self._tails[direction]
+        return self._tails.get(direction, b"")
 
     def chunks(self, direction: Direction) -> int:
         file = self._files.get(direction)

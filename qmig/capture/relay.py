@@ -10,6 +10,11 @@ on, the relay waits for the source to resume (it connects to the relay again) an
 to the destination's recovery URI (where it listens once told ``migrate-recover``), with
 retries. The new connection's bytes go to the same files, after the old ones; ``meta.json``
 lists where each connection starts (``qmig.capture.connections`` reads them back).
+
+Multifd: the source's next N connections after the main one are its multifd channels (QEMU
+opens the main one first). Each is relayed, in the order accepted, on a connection of its own
+to the destination (which tells them apart by their handshake, whatever their order), and
+recorded in ``multifd-<K>.bin`` (K: the accept order).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qmig import __version__
-from qmig.capture.recording import CaptureWriter, Direction
+from qmig.capture.recording import CaptureWriter, Direction, multifd_direction
 from qmig.errors import QmigError, TransportError
 from qmig.transport import Connection, Listener, connect, listen
 from qmig.wire import messages as m
@@ -61,10 +66,18 @@ class CaptureSummary:
     connections: list[dict[str, int]] = field(default_factory=list)
     # Postcopy-preempt's channel (source → destination), when the relay takes one.
     preempt: DirectionResult | None = None
+    # The multifd channels (source → destination), in the order accepted.
+    multifd: list[DirectionResult] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return self.stream.end == "eof" and self.return_path.end == "eof" and self.completed
+        channels = all(result.end == "eof" for result in self.multifd)
+        return (
+            self.stream.end == "eof"
+            and self.return_path.end == "eof"
+            and channels
+            and self.completed
+        )
 
     completed: bool = True  # the destination said SHUT(0) (set when recovery is on)
 
@@ -85,6 +98,7 @@ class Relay:
         recover_connect: str | None = None,
         recover_timeout: float = 0.0,
         preempt: bool = False,
+        multifd: int = 0,
     ) -> None:
         """``qemu_version``: the wire profile that reads this migration, kept in meta.json;
         None or ``auto``: detected from the recorded stream's first bytes.
@@ -94,8 +108,11 @@ class Relay:
         ``preempt``: postcopy-preempt is on: the source's next connection after the main one
         is its preempt channel, relayed on a connection of its own to ``connect_uri`` (opened
         after the main one, so that the destination takes it as such) and recorded in
-        ``preempt.bin``."""
+        ``preempt.bin``. ``multifd``: the source's multifd channels (its next connections after
+        the main one), each relayed on a connection of its own and recorded in
+        ``multifd-<K>.bin``."""
         self.preempt = preempt
+        self.multifd = multifd
         self.recover_connect = recover_connect or connect_uri
         self.recover_timeout = recover_timeout
         self.connect_uri = connect_uri
@@ -107,6 +124,9 @@ class Relay:
         self.summary = CaptureSummary(str(out_dir), self.listen_uri, connect_uri)
         if preempt:
             self.summary.preempt = DirectionResult()
+        self.summary.multifd = [DirectionResult() for _ in range(multifd)]
+        self._multifd_connections: list[Connection] = []
+        self._multifd_giving_up = threading.Event()
         self._stop = threading.Event()
         self._connections: list[Connection] = []
         self._thread: threading.Thread | None = None
@@ -187,7 +207,7 @@ class Relay:
         _raise_priority()
         source = self._accept()
         self._connections.append(source)
-        if not self.recover_timeout and not self.preempt:
+        if not self.recover_timeout and not self.preempt and not self.multifd:
             # One migration per relay: nobody else may connect while it runs.
             self._listener.close()
         writer = self._writer = CaptureWriter(self.out_dir)
@@ -213,10 +233,18 @@ class Relay:
                     target=self._relay_preempt, args=(writer,), name="relay-preempt"
                 )
                 preempt.start()
+            multifd = None
+            if self.multifd and not self.summary.connections:
+                multifd = threading.Thread(
+                    target=self._relay_multifd, args=(writer,), name="relay-multifd"
+                )
+                multifd.start()
             self.summary.connections.append(where)
             self._relay_connection(source, destination, writer)
             if preempt is not None:
                 self._end_preempt(preempt)
+            if multifd is not None:
+                self._end_multifd(multifd)
             if not self.recover_timeout or self._completed(writer):
                 break
             try:
@@ -341,6 +369,70 @@ class Relay:
             self._preempt_giving_up.clear()
         self._preempt_connections = []
 
+    def _relay_multifd(self, writer: CaptureWriter) -> None:
+        """Accept the multifd channels in order; relay each on a thread of its own."""
+        pumps = []
+        for channel, result in enumerate(self.summary.multifd):
+            source = None
+            while source is None and not (self._stop.is_set() or self._multifd_giving_up.is_set()):
+                try:
+                    source = self._listener.accept(timeout=ACCEPT_POLL_SECONDS)
+                except TransportError as error:
+                    if error.detail != "timed out":
+                        result.end = f"not opened: {error.detail}"
+                        break
+            if source is None:
+                for missing in self.summary.multifd[channel:]:
+                    if missing.end == "running":
+                        missing.end = "not opened"
+                break
+            self._connections.append(source)
+            self._multifd_connections.append(source)
+            try:
+                destination = connect(self.connect_uri)
+            except TransportError as error:
+                result.end = f"connect: {error.detail}"
+                source.close()
+                continue
+            self._connections.append(destination)
+            self._multifd_connections.append(destination)
+            pump = threading.Thread(
+                target=self._relay_one_multifd,
+                args=(source, destination, writer, channel),
+                name=f"relay-multifd-{channel}",
+            )
+            pump.start()
+            pumps.append(pump)
+        for pump in pumps:
+            pump.join()
+
+    def _relay_one_multifd(
+        self, source: Connection, destination: Connection, writer: CaptureWriter, channel: int
+    ) -> None:
+        # The destination sends nothing on a multifd channel; its end is passed on all the same.
+        back = threading.Thread(
+            target=self._pump,
+            args=(destination, source, None, Direction.RETURN_PATH),
+            name=f"relay-multifd-{channel}-back",
+        )
+        back.start()
+        self._pump(source, destination, writer, multifd_direction(channel))
+        back.join()
+        source.close()
+        destination.close()
+
+    def _end_multifd(self, thread: threading.Thread) -> None:
+        """The main connection is over: the source closes its multifd channels as it cleans
+        up; those that linger (or never came) are cut."""
+        thread.join(PREEMPT_LINGER_S)
+        if thread.is_alive():
+            self._multifd_giving_up.set()
+            for connection in self._multifd_connections:
+                if connection.socket is not None:
+                    with contextlib.suppress(OSError):
+                        connection.socket.shutdown(socket.SHUT_RDWR)
+            thread.join()
+
     def _results(self) -> list[tuple[Direction, DirectionResult]]:
         results = [
             (Direction.STREAM, self.summary.stream),
@@ -348,6 +440,8 @@ class Relay:
         ]
         if self.summary.preempt is not None:
             results.append((Direction.PREEMPT, self.summary.preempt))
+        for channel, result in enumerate(self.summary.multifd):
+            results.append((multifd_direction(channel), result))
         return results
 
     def _pump(
@@ -359,15 +453,7 @@ class Relay:
     ) -> None:
         """Forward ``reader`` to ``sender`` and record it as ``direction`` (``writer`` None:
         forward only)."""
-        result = (
-            {
-                Direction.STREAM: self.summary.stream,
-                Direction.RETURN_PATH: self.summary.return_path,
-                Direction.PREEMPT: self.summary.preempt,
-            }[direction]
-            if writer is not None
-            else DirectionResult()
-        )
+        result = self._result(direction) if writer is not None else DirectionResult()
         assert result is not None
         buffer = bytearray(self.chunk_size)
         view = memoryview(buffer)
@@ -398,6 +484,16 @@ class Relay:
         with contextlib.suppress(TransportError):
             sender.shutdown_write()
 
+    def _result(self, direction: Direction) -> DirectionResult | None:
+        channel = direction.multifd_channel
+        if channel is not None:
+            return self.summary.multifd[channel]
+        return {
+            Direction.STREAM: self.summary.stream,
+            Direction.RETURN_PATH: self.summary.return_path,
+            Direction.PREEMPT: self.summary.preempt,
+        }[direction]
+
     def _meta(self, writer: CaptureWriter) -> dict[str, Any]:
         return {
             "tool": f"qmig {__version__}",
@@ -408,6 +504,7 @@ class Relay:
             "duration_s": self.summary.duration_s,
             "clean": self.summary.clean,
             "connections": self.summary.connections,
+            **self._multifd_meta(),
             "directions": {
                 direction.value: {
                     "file": direction.file_name,
@@ -418,6 +515,19 @@ class Relay:
                 }
                 for direction, result in self._results()
             },
+        }
+
+    def _multifd_meta(self) -> dict[str, Any]:
+        """``multifd``: the channels' directions and files, in the order accepted."""
+        if not self.multifd:
+            return {}
+        channels = [multifd_direction(k) for k in range(self.multifd)]
+        return {
+            "multifd": {
+                "channels": self.multifd,
+                "directions": [direction.value for direction in channels],
+                "files": [direction.file_name for direction in channels],
+            }
         }
 
     def _version(self, writer: CaptureWriter) -> dict[str, str | None]:

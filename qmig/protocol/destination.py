@@ -30,6 +30,7 @@ from qmig.errors import (
     TruncatedError,
 )
 from qmig.protocol import events as ev
+from qmig.protocol.multifd import MultifdSyncRule
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.ram_config import HOST_PAGE_SIZE, RamConfig
@@ -129,6 +130,8 @@ class Destination:
         self.preempt = preempt
         self._preempt_from_machine = preempt_from_machine
         self.preempt_channel: PreemptChannel | None = None
+        # Multifd: which RAM records are sync points (qmig.protocol.multifd); None: no multifd.
+        self.multifd: MultifdSyncRule | None = None
 
     def open_preempt_channel(self) -> PreemptChannel:
         """The preempt channel connected: read it with the object returned."""
@@ -356,6 +359,8 @@ class Destination:
     def _on_configuration(self, message: m.Configuration, record: Record) -> None:
         if self.preempt is not None and self._preempt_from_machine:
             self.preempt = preempt_variant(self.profile, message.machine_type)
+        if self.multifd is not None:
+            self.multifd.machine(message.machine_type)
         self._pending.append(ev.StreamOpened(message))
 
     def _on_open_return_path(self, message: m.OpenReturnPath, record: Record) -> None:
@@ -628,6 +633,13 @@ class Destination:
                 count = 0
         fills[tracker.info.idstr] = (current, count)
 
+    def _on_ram_sync(self, message: m.RamEos | m.RamMultifdFlush, record: Record) -> None:
+        # Once postcopy runs, RAM is loaded by ram_load_postcopy, which syncs nothing.
+        if self.multifd is not None and not is_postcopy_running(self.state):
+            point = self.multifd.sync_point(message, record.offset)
+            if point is not None:
+                self._pending.append(point)
+
     def _on_xbzrle(self, message: m.RamXbzrle, record: Record) -> None:
         if is_postcopy_running(self.state):
             raise MalformedError(
@@ -705,6 +717,8 @@ _HANDLERS: dict[type, Any] = {
     m.MemSize: Destination._on_mem_size,
     m.RamPageRun: Destination._on_pages,
     m.RamXbzrle: Destination._on_xbzrle,
+    m.RamEos: Destination._on_ram_sync,
+    m.RamMultifdFlush: Destination._on_ram_sync,
     m.RamCompressed: Destination._on_compressed,
     m.Eof: Destination._on_eof,
     m.VmDescription: Destination._on_vmdescription,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from qmig.errors import QmigError, RemoteProtocolError, TransportError
 from qmig.latency import qemu_latency_figures
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
+from qmig.protocol.multifd import MultifdSyncPoint, MultifdSyncRule
 from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.states import DestinationState
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
@@ -29,6 +31,7 @@ from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
 from qmig.runner.fastpath import FastPath, start_fast_path
+from qmig.runner.multifd_recv import MultifdOptions, MultifdReceiver
 from qmig.runner.pauses import Pause
 from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
@@ -80,6 +83,10 @@ class DestinationReport:
     fast_path_wait_ns: list[int] = field(default_factory=list, repr=False)
     preempt_pages: int = 0  # target pages that came on the preempt channel
     preempt_bytes: int = 0
+    # Multifd: target pages (normal and zero) that came in packets, and per channel what it
+    # carried, with the number of syncs (MultifdReceiver.summary).
+    multifd_pages: int = 0
+    multifd: dict[str, Any] = field(default_factory=dict)
 
 
 class DestinationRunner:
@@ -96,6 +103,8 @@ class DestinationRunner:
         recover_timeout: float = RECOVER_TIMEOUT,
         cuts: CutPlan | None = None,
         fast_path: bool = False,
+        multifd_channels: int = 0,
+        multifd: MultifdOptions | None = None,
     ) -> None:
         """``keep_ram``: after a migration that completes, leave the RAM mapped (no longer
         registered) for the caller to read, and to close with ``session.close()``.
@@ -107,7 +116,10 @@ class DestinationRunner:
         ``fast_path``: once the guest runs, read the channel and place pages in C
         (:mod:`qmig.runner.fastpath`); False (the default): all in this loop, as before RUN.
         Off by default: on generated streams the C path can end a run with a page counted
-        as received that is not in place, which the Python path never does."""
+        as received that is not in place, which the Python path never does.
+        ``multifd_channels``: the source's multifd channels (``multifd-0``... in the
+        channels' openers), read on threads of their own (:mod:`qmig.runner.multifd_recv`),
+        with ``multifd``'s settings; 0: no multifd."""
         self.cuts = cuts
         self.channels = connection if isinstance(connection, Channels) else Channels(connection)
         self.recover_timeout = recover_timeout
@@ -133,6 +145,7 @@ class DestinationRunner:
         self._preempt_thread: threading.Thread | None = None
         self._preempt_stop = threading.Event()
         self._preempt_error: QmigError | None = None
+        self._multifd = self._multifd_receiver(multifd_channels, multifd or MultifdOptions())
 
     @property
     def connection(self) -> Connection:
@@ -147,6 +160,8 @@ class DestinationRunner:
             self.connection.set_limits(Limits(self.idle_timeout, peer="the source"))
         self._bound_return_path()
         try:
+            if self._multifd is not None:
+                self._multifd.start()
             self._start_preempt()
             while not self.completed:
                 try:
@@ -154,21 +169,28 @@ class DestinationRunner:
                 except TransportError as error:
                     if self._preempt_error is not None:
                         raise self._preempt_error from None
+                    if self._multifd is not None and self._multifd.error is not None:
+                        raise self._multifd.error from None
                     if not self._pause(error.detail):
                         raise
             self._end_preempt()
             self._finish()
         except RemoteProtocolError:
             self._abandon()
+            if self._multifd is not None and self._multifd.error is not None:
+                raise self._multifd.error from None  # what cut the main channel short
             raise
         except QmigError as error:
             self._abandon()
+            if self._multifd is not None and self._multifd.error is not None:
+                raise self._multifd.error from None
             if self._preempt_error is not None:
                 raise self._preempt_error from None
             raise self._with_context(error) from None
         finally:
             self._stop_fast()
             self._stop_preempt()
+            self._stop_multifd()
             self.report.finished = time.monotonic()
             if not (self.keep_ram and self.completed and self.session):
                 self._close_session()
@@ -315,6 +337,7 @@ class DestinationRunner:
     def _discard(self, events: list[ev.RangesDiscarded]) -> None:
         """Apply discards in order, consecutive ones of a block together."""
         session = self._session()
+        self._multifd_done()
         if not self._discard_prepared:
             session.prepare_discard()
             self._discard_prepared = True
@@ -338,12 +361,18 @@ class DestinationRunner:
         match event:
             case ev.RamBlocksAnnounced(blocks=blocks):
                 self._map(blocks)
+                if self._multifd is not None:
+                    self._multifd.ram_ready(self._session(), self.report.blocks)
+            case MultifdSyncPoint():
+                if self._multifd is not None:
+                    self._multifd.sync(event)
             case ev.PagesReceived(run=run, postcopy=postcopy):
                 self._place(run, replace=not postcopy)
             case ev.ListenStarted():
                 # From here on a missing page faults: discards are done, and every page not
                 # received must be requested. Until now pages went straight into memory.
                 self.report.listen_at = time.monotonic()
+                self._multifd_done()
                 session = self._session()
                 session.register()
                 # Postcopy pages go in one at a time, as QEMU places them: the page a vCPU
@@ -545,6 +574,64 @@ class DestinationRunner:
         if self._preempt_thread is not None:
             self._preempt_thread.join(5.0)
         self.channels.close(PREEMPT)
+
+    # --- multifd channels (qmig.runner.multifd_recv) ---------------------------------------
+
+    def _multifd_receiver(self, count: int, options: MultifdOptions) -> MultifdReceiver | None:
+        if not count:
+            return None
+        self.dest.multifd = MultifdSyncRule(self.dest.profile, options.flush_after_each_section)
+        return MultifdReceiver(
+            self.channels,
+            count,
+            self.dest.profile.name,
+            uuid=options.uuid,
+            target_page_size=self.dest.reader.schema.target_page_size,
+            method=options.compression,
+            open_timeout=self.idle_timeout,
+            sync_timeout=self.idle_timeout,
+            on_placed=self._multifd_placed,
+            on_error=self._multifd_failed,
+            on_bytes=self._multifd_alive,
+        )
+
+    def _multifd_alive(self, count: int) -> None:
+        """Bytes on a multifd channel: the source is not idle while the main channel is
+        silent (it may be, for a whole pass of RAM), and they count for its rate."""
+        meter = self.connection.meter
+        if meter is not None:
+            meter.got_elsewhere(count)
+
+    def _multifd_failed(self) -> None:
+        """A channel failed: end the main channel's reads (a shutdown wakes a blocked recv,
+        where a close would not), so that the main loop stops and reports the error."""
+        sock = self.connection.socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _multifd_placed(self, block: str, pages: int, zero: int, spent_ns: int) -> None:
+        with self._report_lock:
+            self.report.placing_ns["precopy"] += spent_ns
+            self.report.placed_pages["precopy"] += pages
+            self.report.multifd_pages += pages
+            counts = self.report.block_pages.setdefault(block, [0, 0])
+            counts[0] += pages
+            counts[1] += zero
+
+    def _multifd_done(self) -> None:
+        """Postcopy begins (discards or LISTEN): multifd carried precopy, and every page it
+        sent before the switchover's sync is in place; one that comes later is refused."""
+        if self._multifd is not None and not self._multifd.postcopy:
+            self._multifd.switch()
+
+    def _stop_multifd(self) -> None:
+        if self._multifd is not None:
+            self._multifd.stop()
+            self.report.multifd = self._multifd.summary()
+            if self.dest.multifd is not None:
+                rule = self.dest.multifd
+                self.report.multifd["flush_after_each_section"] = rule.flush_after_each_section
 
     def _answered(self, block: str, host_offset: int) -> None:
         """A page arrived: if it was requested, that request's round trip is over."""

@@ -8,7 +8,13 @@ from qmig.transport.connection import (
     limit_buffers,
     listen,
 )
-from qmig.transport.incoming import Acceptor, ChannelRule, accept_channels, accept_migration
+from qmig.transport.incoming import (
+    Acceptor,
+    ChannelRule,
+    accept_channels,
+    accept_migration,
+    accept_multifd,
+)
 from qmig.transport.limits import LimitExceeded, Limits
 from qmig.transport.uri import Address, FileAddress, TcpAddress, UnixAddress, parse_uri
 
@@ -26,6 +32,7 @@ __all__ = [
     "UnixAddress",
     "accept_channels",
     "accept_migration",
+    "accept_multifd",
     "connect",
     "limit_buffers",
     "listen",

@@ -5,8 +5,8 @@ and sends nothing, garbage, and the real source, in any order. As QEMU's incomin
 qmig looks at each connection's first bytes to know what it is: a migration's main channel
 starts with the stream header (magic and version, from the profile). A postcopy-preempt
 channel opens with no bytes of its own: it is the next connection once the main one exists
-(:meth:`Acceptor.take_next`), as QEMU takes it. Multifd channels, which open with a header
-of their own, would be matched here by a rule of their own.
+(:meth:`Acceptor.take_next`), as QEMU takes it. Multifd channels open with a handshake of
+their own (its magic and version, :func:`accept_multifd`), and may come before the main one.
 
 :class:`Acceptor` accepts every pending connection at once (up to ``max_pending``; past
 that, the one waiting longest is dropped), reads their opening bytes concurrently with one
@@ -35,7 +35,7 @@ MAX_PENDING = 16
 class ChannelRule:
     """A kind of channel and the bytes it opens with."""
 
-    kind: str  # "main"; later "multifd", "preempt"
+    kind: str  # "main", "multifd"
     opening: bytes
 
 
@@ -228,6 +228,37 @@ def accept_channels(
         listener.uri,
         listener.socket,
         [ChannelRule("main", opening) for opening in dict.fromkeys(openings)],
+        handshake_timeout=handshake_timeout,
+        max_pending=max_pending,
+    )
+    try:
+        return acceptor.wait("main", timeout), acceptor
+    except BaseException:
+        acceptor.close()
+        raise
+
+
+def accept_multifd(
+    listener: Listener,
+    openings: Sequence[bytes],
+    multifd_openings: Sequence[bytes],
+    timeout: float | None,
+    *,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_pending: int = MAX_PENDING,
+) -> tuple[Connection, Acceptor]:
+    """As :func:`accept_channels`, for a multifd migration: the main channel (a stream
+    header) and the acceptor whose ``wait("multifd", timeout)`` hands over each connection
+    that opened with a multifd handshake's magic and version, in the order they came (QEMU
+    peeks at the same bytes). The caller closes the acceptor (a socket listener only)."""
+    if listener.socket is None:
+        raise TransportError(listener.uri, "multifd needs a socket: it opens several channels")
+    rules = [ChannelRule("main", opening) for opening in dict.fromkeys(openings)]
+    rules += [ChannelRule("multifd", opening) for opening in dict.fromkeys(multifd_openings)]
+    acceptor = Acceptor(
+        listener.uri,
+        listener.socket,
+        rules,
         handshake_timeout=handshake_timeout,
         max_pending=max_pending,
     )

@@ -64,6 +64,7 @@ class Meter:
         self._socket = sock
         self.received = 0
         self.sent = 0
+        self.elsewhere = 0  # bytes the same peer sent on the migration's other channels
         self.start()
 
     def start(self) -> None:
@@ -79,7 +80,7 @@ class Meter:
         self.behind = False  # the peer has not caught up with what it was sent
         # (seconds waited, bytes received) in this phase, about one a second of waiting.
         self._samples: collections.deque[tuple[float, int]] = collections.deque([(0.0, 0)])
-        self._phase_base = self.received
+        self._phase_base = self.received + self.elsewhere
 
     # --- accounting -------------------------------------------------------------------
 
@@ -96,9 +97,25 @@ class Meter:
 
     def got(self, count: int) -> None:
         self.received += count
+        self._sample()
+
+    def got_elsewhere(self, count: int) -> None:
+        """``count`` bytes came from the same peer on another channel of this migration
+        (multifd's): it is not idle, so a read waiting here starts its idle time again, and
+        they count for its rate (not for this channel's offset). Called from other threads:
+        the worst a race does is count a wait's start a moment off."""
+        self.elsewhere += count
+        started = self.wait_started
+        if started is not None:
+            now = time.monotonic()
+            self.waited += now - started
+            self.wait_started = now
+        self._sample()
+
+    def _sample(self) -> None:
         waited = self.waited
         if waited - self._samples[-1][0] >= 1.0:
-            self._samples.append((waited, self.received - self._phase_base))
+            self._samples.append((waited, self.received + self.elsewhere - self._phase_base))
 
     def put(self, count: int) -> None:
         self.sent += count
@@ -176,7 +193,7 @@ class Meter:
         since, base = samples[0]
         if waited - since < window:
             return
-        got = self.received - self._phase_base - base
+        got = self.received + self.elsewhere - self._phase_base - base
         if got < rate * (waited - since):
             raise LimitExceeded(
                 self.name,

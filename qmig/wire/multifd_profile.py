@@ -52,6 +52,18 @@ class MultifdSpec:
     postcopy: bool = False  # QEMU accepts multifd together with postcopy-ram
 
     @property
+    def main_flush(self) -> bool:
+        """The main stream announces syncs with RAM_SAVE_FLAG_MULTIFD_FLUSH (8.1+): the
+        destination waits for every channel's SYNC at each such record."""
+        return self.sync == "per-round"
+
+    @property
+    def section_sync_machines(self) -> str | None:
+        """The destination also waits at each RAM section's EOS for machine types up to this
+        version ("all": every machine type; None: none)."""
+        return "all" if self.sync == "per-section" else self.per_section_machines
+
+    @property
     def compression_names(self) -> dict[int, str]:
         return {value: name for name, value in self.compression.items()}
 

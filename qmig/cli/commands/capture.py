@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
-from qmig.cli.options import seconds
+from qmig.cli.options import positive_count, seconds
 
 if TYPE_CHECKING:
     from qmig.capture import CaptureSummary, Relay
@@ -57,6 +57,14 @@ def register(subparsers: Any) -> None:
         help="once the relay is done, also write the capture as pcapng for Wireshark, as "
         "'qmig export-pcap OUT FILE' does (default: none)",
     )
+    parser.add_argument(
+        "--multifd",
+        type=positive_count,
+        default=0,
+        metavar="N",
+        help="multifd with multifd-channels N: the source's next N connections after the main "
+        "one are its multifd channels; relay each, recorded in multifd-<K>.bin (default: none)",
+    )
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--recover-connect",
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         recover_connect=args.recover_connect,
         recover_timeout=recover_timeout,
         preempt=args.preempt,
+        multifd=args.multifd,
     )
     # The first stderr line is stable: scripts read the real port from it when they asked for 0.
     print(f"qmig capture: listening on {relay.listen_uri}", file=sys.stderr, flush=True)
@@ -119,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         raise TransportError(
             "capture",
             f"migration did not end cleanly (stream: {summary.stream.end}, "
-            f"return path: {summary.return_path.end})",
+            f"return path: {summary.return_path.end}"
+            + "".join(f", multifd-{k}: {r.end}" for k, r in enumerate(summary.multifd))
+            + ")",
         )
     return 0
 
@@ -159,6 +170,7 @@ def _print_summary(summary: CaptureSummary) -> None:
     rows = [("stream", summary.stream), ("return path", summary.return_path)]
     if summary.preempt is not None:
         rows.append(("preempt", summary.preempt))
+    rows += [(f"multifd-{k}", result) for k, result in enumerate(summary.multifd)]
     for name, result in rows:
         table.add_row(name, f"{result.bytes:,}", str(result.chunks), result.end)
     if len(summary.connections) > 1:

@@ -425,6 +425,11 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
             rp_records = list(read_records(file, rp_reader, boundaries=rp_boundaries))
             rp_size = rp_reader.offset  # read to its end: every byte of it
     capture = None if index_path is None else _capture(index_path, rp_path, rp_records)
+    multifd = None
+    if capture is not None and index_path is not None:
+        from qmig.inspect_multifd import multifd_inspection
+
+        multifd = multifd_inspection(index_path, args.qemu_version)
     if capture is not None:
         capture.check_covers(return_path=rp_size)
         if not args.json:
@@ -446,6 +451,8 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
                         listing.heading(f"resumed connection from stream byte {starts.pop(0)}")
                     inspection.add(record)
                     message = record.message
+                    if multifd is not None and matcher is not None and capture is not None:
+                        multifd.main_record(record, capture.stream)
                     if matcher is not None:
                         if isinstance(message, m.RamPageRun):
                             matcher.add(message)
@@ -482,6 +489,9 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
         preempt_report = _preempt(args, index_path, capture, inspection.reader)
         if preempt_report is not None:
             report_extra["preempt"] = preempt_report
+        if multifd is not None:
+            multifd.read()
+            report_extra["multifd"] = multifd.as_json()
         listing = None
         if not args.json:
             listing = Listing(args.pages, capture.timed())
@@ -513,6 +523,11 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
 
         if listing is not None and listing.timed is not None:
             listing.timed.before(listing, None)
+        if listing is not None and multifd is not None:
+            listing.heading("multifd channels and the stream's sync points, on the relay's clock")
+            for line in multifd.lines():
+                listing.console.print(line, markup=False, highlight=False)
+            _multifd_summary(listing, report["multifd"])
         report["requests"] = [request.as_json() for request in capture.requests]
         report["request_latency_us"] = latency_summary(capture.requests)
     if args.report is not None:
@@ -523,6 +538,22 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
     return 0
+
+
+def _multifd_summary(listing: Listing, multifd: dict[str, Any]) -> None:
+    channels = ", ".join(
+        f"{c['direction']} (id {c['id']}): {c['bytes']:,} bytes, {c['packets']} packets, "
+        f"{c['pages']:,} pages, {c['zero_pages']:,} zero, {c['syncs']} SYNC"
+        for c in multifd["channels"]
+    )
+    pages = ", ".join(f"{name} {count:,}" for name, count in multifd["pages"].items())
+    match = "match" if multifd["syncs_match"] else "DO NOT match"
+    listing.console.print(
+        f"multifd: {channels}\npages: {pages}; {len(multifd['sync_points'])} sync points on "
+        f"the stream, which the channels' SYNC packets {match}",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _preempt(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.multifd_recv_options import add_multifd, multifd_openings, multifd_options
 from qmig.cli.options import positive_count, rate_or_zero, seconds, size
 from qmig.cli.preempt_options import add_preempt
 from qmig.errors import QmigError
@@ -155,6 +156,7 @@ def register(subparsers: Any) -> None:
     )
     add_report(parser)
     add_preempt(parser)
+    add_multifd(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--recover-listen",
@@ -226,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         Listener,
         accept_channels,
         accept_migration,
+        accept_multifd,
         listen,
     )
 
@@ -253,7 +256,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Stable first stderr line: scripts read the real port from it when they asked for 0.
         print(f"qmig receive: listening on {listener.uri}", file=sys.stderr, flush=True)
-        if args.preempt and listener.socket is not None:
+        if args.multifd:
+            if args.preempt:
+                raise QmigError("--multifd", "not together with --preempt")
+            connection, acceptor = accept_multifd(
+                listener,
+                stream_headers(args.qemu_version),
+                multifd_openings(args.qemu_version),
+                args.accept_timeout,
+                handshake_timeout=args.handshake_timeout,
+            )
+            take = acceptor.wait
+            for index in range(args.multifd):
+                openers[f"multifd-{index}"] = lambda timeout: take("multifd", timeout)
+        elif args.preempt and listener.socket is not None:
             # The preempt channel is the next connection to this listener after the main one.
             connection, acceptor = accept_channels(
                 listener,
@@ -361,6 +377,8 @@ def _receive(
         idle_timeout=args.idle_timeout,
         recover_timeout=args.recover_timeout,
         cuts=cuts,
+        multifd_channels=args.multifd,
+        multifd=multifd_options(args),
     )
     try:
         with PhaseProgress(quiet(args)).shown(_bytes_per_phase(runner, destination)):
@@ -461,11 +479,25 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
         "preempt": None if destination.preempt is None else destination.preempt.value,
         # Target pages received on each channel.
         "preempt_pages": {
-            "main": sum(report.placed_pages.values()) - report.preempt_pages,
+            "main": sum(report.placed_pages.values()) - report.preempt_pages - report.multifd_pages,
             "preempt": report.preempt_pages,
         },
+        **multifd_summary(report),
         "notices": report.notices,
     }
+
+
+def multifd_summary(report: DestinationReport) -> dict[str, Any]:
+    """Target pages (normal and zero) on the main channel and on each multifd channel (by
+    its handshake id), and the syncs the main stream waited at; None without multifd."""
+    multifd = report.multifd
+    if not multifd:
+        return {"multifd": None, "multifd_pages": None, "multifd_syncs": 0}
+    pages = {"main": sum(report.placed_pages.values()) - report.preempt_pages}
+    pages["main"] -= report.multifd_pages
+    for channel in multifd["per_channel"]:
+        pages[f"multifd-{channel['id']}"] = channel["pages"] + channel["zero_pages"]
+    return {"multifd": multifd, "multifd_pages": pages, "multifd_syncs": multifd["syncs"]}
 
 
 def _print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
@@ -503,6 +535,12 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
             "preempt", f"{summary['preempt']} variant: pages main {pages['main']:,}, "
             f"preempt {pages['preempt']:,}"
         )  # fmt: skip
+    if summary["multifd_pages"] is not None:
+        table.add_row(
+            "multifd",
+            ", ".join(f"{name} {count:,}" for name, count in summary["multifd_pages"].items())
+            + f" pages; {summary['multifd_syncs']} syncs",
+        )
     for notice in summary["notices"]:
         table.add_row("notice", notice)
     (console or Console()).print(table)
