@@ -153,7 +153,7 @@ def test_damaged_multifd_channel_in_a_capture_is_one_line(
     tmp_path: Path, damage: object, expected: str
 ) -> None:
     sys.path.insert(0, str(Path(__file__).parents[1] / "qemu"))
-    from multifd_folder import write_multifd_folder  # the replay tests' folder writer
+    from multifd_replay_folder import write_multifd_folder  # the replay tests' folder writer
 
     fixtures = Path(__file__).parents[2] / "fixtures"
     folder = tmp_path / "capture"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from multifd_folder import write_multifd_folder
+from multifd_replay_folder import write_multifd_folder
 from test_qemu_mapped_ram import MEMORY_MIB as MR_MEMORY_MIB
 from test_qemu_mapped_ram import SPEC as MR_SPEC
 from test_qemu_mapped_ram import ram_after_migration, save

@@ -2,7 +2,7 @@
 and every packet decoded with its fields, the main channel beside them unchanged.
 
 The folders are a shipped capture with multifd connections added by qmig's own builders
-(:mod:`multifd_folder`), for a version without zero pages in the packet (7.2) and one with
+(:mod:`multifd_pcap_folder`), for a version without zero pages in the packet (7.2) and one with
 them and with device-state packets (10.0); whole, in small TCP segments, and dissected
 twice as the GUI does (tshark -2).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from dissecting import FIXTURES, column, export, inspect_json, run_tshark
-from multifd_folder import build_folder
+from multifd_pcap_folder import build_folder
 from test_pcapng import read_pcapng
 
 from qmig.pcap import SOURCE_PORT
