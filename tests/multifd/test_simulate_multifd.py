@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from array import array
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +168,23 @@ def test_marking_pages_placed_by_a_channel() -> None:
     mark_received(state, array("Q", [4096 * 12, 4096 * 12, 4096 * 14]), 4096)
     mark_received(state, array("Q"), 4096)
     assert [k for k, held in enumerate(state) if held] == [3, 4, 5, 7, 9, 12, 14]
+
+
+@pytest.mark.uffd
+def test_the_send_benchmark_compares_simulate_over_multifd_with_one_channel() -> None:
+    """bench/multifd_send_bench.py --simulate-only still runs at a small size (its figures
+    are not asserted, only that both runs verified and multifd carried the RAM)."""
+    bench = Path(__file__).resolve().parents[2] / "bench" / "multifd_send_bench.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--simulate-only", "--ram", "32", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    multifd, single = result["simulate_multifd"], result["simulate_single"]
+    assert multifd["same_ram"] is True and single["same_ram"] is True
+    assert multifd["channels"] == 4 and single["channels"] == 0
+    assert multifd["multifd_bytes"] > 0 and single["multifd_bytes"] is None
+    assert "qemu_to_qemu" not in result
