@@ -17,6 +17,14 @@ fresh destination started with ``-incoming defer``:
 * ``qmig_multifd``: ``qmig replay FILE --multifd N`` (the destination with the same caps);
 * ``qmig_single``: ``qmig replay FILE`` on the main channel alone (no multifd on either side).
 
+And qmig to qmig, without QEMU (``--simulate-only`` runs only these):
+
+* ``simulate_multifd``: ``qmig simulate --multifd N --precopy-only`` of a guest of the same
+  size (qmig's generated RAM, half of it zero pages; a quiet guest, one pass);
+* ``simulate_single``: the same ``qmig simulate`` on the main channel alone.
+
+Both verify the destination's RAM page by page; their figure is the source's ``total_s``.
+
 No side is capped (QEMU's ``max-bandwidth`` is raised). Each figure is the sender's own
 account (QEMU's ``total-time``, the replay's ``total_s``), the RAM bytes it moved, and MiB/s
 over the guest's size. Every destination's RAM is compared with the source's. Nothing is
@@ -41,6 +49,7 @@ from qmig.qemu.machine import Machine, MachineConfig
 QEMU = "10.0"
 TIMEOUT = 600.0
 UNCAPPED = 1 << 40  # bytes per second
+SENDERS = ("qemu_to_qemu", "qmig_multifd", "qmig_single", "simulate_multifd", "simulate_single")
 
 
 def _start(name: str, ram_mib: int, spec: GuestSpec, workdir: Path, **kw: Any) -> Machine:
@@ -134,29 +143,67 @@ def qmig_replay(
     }
 
 
+def qmig_simulate(ram_mib: int, channels: int | None) -> dict[str, Any]:
+    args = ["--multifd", str(channels)] if channels else []
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "qmig", "simulate", "--ram", f"{ram_mib}M", "--precopy-only",
+         "--dirty-rate", "0", "--qemu-version", QEMU, "--json", *args],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    wall = time.monotonic() - started
+    if result.returncode:
+        raise SystemExit(f"qmig simulate failed: {result.stderr.strip()}")
+    summary = json.loads(result.stdout)
+    seconds = summary["total_s"]
+    sent = (summary.get("multifd") or {}).get("sent") or {}
+    return {
+        "channels": channels or 0,
+        "total_s": seconds,
+        "mib_per_s": round(ram_mib / seconds, 1),
+        "ram_bytes": summary["precopy"]["bytes"],
+        "multifd_bytes": sum(sent.get("channel_bytes", [])) or None,
+        "process_s": round(wall, 3),
+        "same_ram": summary["verified"],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ram", type=int, default=256, metavar="MIB")
     parser.add_argument("--dirty", type=int, default=192, metavar="MIB")
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--simulate-only", action="store_true", help="only the qmig simulate rows (no QEMU)"
+    )
     args = parser.parse_args()
     spec = GuestSpec(end=args.dirty * MIB)
     results: dict[str, Any] = {"ram_mib": args.ram, "dirty_mib": args.dirty - 1}
     with tempfile.TemporaryDirectory() as work:
         workdir = Path(work)
         saved = workdir / "saved.stream"
-        results["qemu_to_qemu"], ram = qemu_pair(args.ram, spec, args.channels, workdir, saved)
-        results["qmig_multifd"] = qmig_replay(args.ram, spec, args.channels, workdir, saved, ram)
-        results["qmig_single"] = qmig_replay(args.ram, spec, None, workdir, saved, ram)
+        if not args.simulate_only:
+            results["qemu_to_qemu"], ram = qemu_pair(args.ram, spec, args.channels, workdir, saved)
+            results["qmig_multifd"] = qmig_replay(
+                args.ram, spec, args.channels, workdir, saved, ram
+            )
+            results["qmig_single"] = qmig_replay(args.ram, spec, None, workdir, saved, ram)
+    results["simulate_multifd"] = qmig_simulate(args.ram, args.channels)
+    results["simulate_single"] = qmig_simulate(args.ram, None)
     if args.json:
         json.dump(results, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    print(f"guest {args.ram} MiB ({args.dirty - 1} MiB written), QEMU {QEMU} destinations")
+    if args.simulate_only:
+        print(f"guest {args.ram} MiB, qmig simulate (QEMU {QEMU} wire), {args.channels} channels")
+    else:
+        print(f"guest {args.ram} MiB ({args.dirty - 1} MiB written), QEMU {QEMU} destinations")
     columns = ("channels", "total_s", "mib_per_s", "ram_bytes", "multifd_bytes", "same_ram")
     print(f"{'sender':<14}" + "".join(f"{c:>15}" for c in columns))
-    for key in ("qemu_to_qemu", "qmig_multifd", "qmig_single"):
+    for key in SENDERS:
+        if key not in results:
+            continue
         row = results[key]
         print(f"{key:<14}" + "".join(f"{row.get(c)!s:>15}" for c in columns))
     return 0

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qmig import simulate_multifd
 from qmig.errors import QmigError, VerificationError
 from qmig.latency import percentile_us, vcpu_blocktime_ms
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
@@ -66,6 +67,10 @@ class SimulationConfig:
     preempt: bool = False
     preempt_variant: str | None = None
     machine_type: str | None = None  # None: the source's default
+    # Multifd: precopy RAM in packets over this many extra connections (None: none), and
+    # where zero pages go (None: the version's default for the machine type).
+    multifd: int | None = None
+    zero_page_detection: str | None = None
 
     def variant(self) -> PreemptVariant | None:
         """The preempt variant this run uses, or None without --preempt."""
@@ -131,6 +136,14 @@ class SimulationConfig:
                 "--preempt", "postcopy-preempt requires postcopy-ram (not precopy only)"
             )
         self.variant()  # a version without the capability, an unknown variant
+        simulate_multifd.check(
+            self.multifd,
+            self.zero_page_detection,
+            preempt=self.preempt,
+            version=self.version,
+            machine_type=self.machine_type,
+            postcopy=self.postcopy_after is not None,
+        )
 
 
 def default_devices(seed: int) -> list[DeviceSnapshot]:
@@ -170,6 +183,8 @@ def run_simulation(
         variant = config.variant()
         if variant is not None:
             arguments += ["--preempt", variant.value]
+        if config.multifd:
+            arguments += ["--multifd", str(config.multifd)]
         # The destination has the same RAM as the source, as two QEMUs started alike.
         arguments += ["--blocks", ",".join(f"{name}:{size}" for name, size in config.blocks)]
         peer = Peer(arguments, listener.socket)
@@ -221,6 +236,7 @@ def _run_source(
         devices=default_devices(config.seed),
         machine_type=config.machine_type or Source.DEFAULT_MACHINE_TYPE,
         preempt=config.variant(),
+        multifd=simulate_multifd.source_options(config.multifd, config.zero_page_detection),
     )
     dirtier = (
         Dirtier(
@@ -264,6 +280,7 @@ def _run_source(
         if config.preempt
         else {}
     )
+    openers.update(simulate_multifd.openers(uri, config.multifd))
     channels = Channels(opened(connect(uri)), reopen, openers)
     if recorder is not None:  # its time starts with the migration, as total_s does
         recorder.start = time.monotonic()
@@ -392,6 +409,7 @@ def _summary(
                 "preempt": destination.get("preempt_pages", 0),
             },
         },
+        **simulate_multifd.summary(source, report.multifd_bytes, destination),
         "workload": {"pattern": config.pattern, "vcpus": config.vcpus, "writes": False},
         "source_guest": {"dirty_rate": config.dirty_rate, "dirty_pattern": config.dirty_pattern},
     }

@@ -6,7 +6,7 @@ import argparse
 import uuid
 from typing import Any
 
-from qmig.protocol.multifd_source import ZERO_PAGE_DETECTIONS
+from qmig.protocol.zero_page_detection import ZERO_PAGE_DETECTIONS
 
 MAX_CHANNELS = 255  # the handshake's channel id is one byte
 
@@ -28,14 +28,16 @@ def migration_uuid(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
 
 
-def add_multifd_source(parser: Any) -> None:
+def add_multifd_source(parser: Any, *, uuid: bool = True) -> None:
+    """``uuid``: offer --uuid (not where both ends are qmig's own, as in simulate)."""
     group = parser.add_argument_group("multifd")
     group.add_argument(
         "--multifd",
         type=channel_count,
         metavar="N",
         help="send precopy RAM in packets over N extra connections, as QEMU's multifd "
-        "capability with multifd-channels N (the destination must have both set)",
+        "capability with multifd-channels N (the destination must have both set; "
+        "default: no multifd)",
     )
     group.add_argument(
         "--zero-page-detection",
@@ -44,6 +46,8 @@ def add_multifd_source(parser: Any) -> None:
         "multifd lists them in the packets (QEMU 9.0+), none sends them as data "
         "(default: the version's, for the machine type)",
     )
+    if not uuid:
+        return
     group.add_argument(
         "--uuid",
         type=migration_uuid,

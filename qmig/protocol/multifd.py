@@ -16,6 +16,7 @@ migration.multifd-flush-after-each-section=...`` does for QEMU.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 from qmig.errors import QmigError
@@ -81,3 +82,19 @@ def section_sync(spec: MultifdSpec, machine_type: str) -> bool:
     version = machine_version(machine_type)
     limit = machine_version("-" + spec.section_sync_machines)
     return version is not None and limit is not None and version <= limit
+
+
+def mark_received(state: bytearray, offsets: array[int], target_page_size: int) -> None:
+    """Record target pages placed by a multifd channel (byte ``offsets`` in their block) in
+    the destination's per-page map, as pages of the main channel are: a postcopy recovery
+    sends that map as its received bitmap, and the source sends again only what it lacks.
+    A packet's pages are nearly always one run, marked with one slice."""
+    if not offsets:
+        return
+    start, end = offsets[0], offsets[-1]
+    if offsets == array("Q", range(start, end + 1, target_page_size)):
+        first = start // target_page_size
+        state[first : first + len(offsets)] = b"\1" * len(offsets)
+        return
+    for offset in offsets:
+        state[offset // target_page_size] = 1

@@ -30,15 +30,14 @@ import mmap
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 from qmig.errors import QmigError
 from qmig.protocol.preempt import machine_version
+from qmig.protocol.zero_page_detection import ZERO_PAGE_DETECTIONS, ZeroPageDetection
 from qmig.wire.multifd import MultifdInit, MultifdPacketHeader, MultifdSchema, multifd_schema
 from qmig.wire.profiles import Profile
 
-ZeroPageDetection = Literal["legacy", "multifd", "none"]
-ZERO_PAGE_DETECTIONS: tuple[str, ...] = get_args(ZeroPageDetection)
 UUID_SIZE = 16
 
 

@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from qmig.errors import QmigError, RemoteProtocolError, TransportError
 from qmig.latency import qemu_latency_figures
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
-from qmig.protocol.multifd import MultifdSyncPoint, MultifdSyncRule
+from qmig.protocol.multifd import MultifdSyncPoint, MultifdSyncRule, mark_received
 from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.states import DestinationState
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
@@ -610,7 +611,15 @@ class DestinationRunner:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def _multifd_placed(self, block: str, pages: int, zero: int, spent_ns: int) -> None:
+    def _multifd_placed(
+        self, block: str, pages: int, zero: int, spent_ns: int, offsets: array[int]
+    ) -> None:
+        # Received, for a postcopy recovery's bitmap (before this channel posts its SYNC, so
+        # before the switchover's discards clear what the source dirtied since).
+        tracker = self.dest.blocks[block]
+        normal = pages - zero
+        mark_received(tracker.state, offsets[:normal], tracker.target_page_size)
+        mark_received(tracker.state, offsets[normal:], tracker.target_page_size)
         with self._report_lock:
             self.report.placing_ns["precopy"] += spent_ns
             self.report.placed_pages["precopy"] += pages

@@ -45,7 +45,8 @@ DATA_FLAG = 0x8  # place_records' "page data" bit in a record header (any bit be
 ZERO_BYTE = b"\0"
 LITTLE_ENDIAN = sys.byteorder == "little"
 
-Placed = Callable[[str, int, int, int], None]  # block, pages, zero pages, ns spent
+# block, pages, zero pages, ns spent, the pages' byte offsets (normal pages, then zero pages)
+Placed = Callable[[str, int, int, int, "array[int]"], None]
 
 
 def channel_kind(index: int) -> str:
@@ -417,7 +418,7 @@ class MultifdReceiver:
         stats.pages += normal
         stats.zero_pages += zero
         if self.on_placed is not None:
-            self.on_placed(header.ramblock, normal + zero, zero, spent)
+            self.on_placed(header.ramblock, normal + zero, zero, spent, offsets)
 
     def _check(self, header: MultifdPacketHeader, offsets: array[int], at: int) -> None:
         """The block and every offset in it, in bulk; the precise error from the schema."""

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from qmig.errors import QmigError, TransportError, VerificationError
@@ -39,6 +39,7 @@ from qmig.ram.blocks import HOST_PAGE_SIZE
 from qmig.ram.workload import Pattern, Workload
 from qmig.runner.channels import PREEMPT, Channels
 from qmig.runner.destination import IDLE_TIMEOUT, DestinationRunner
+from qmig.runner.multifd_recv import channel_kind
 from qmig.sizes import parse_size
 from qmig.transport import Connection
 from qmig.wire.profiles import target_page_size
@@ -226,6 +227,8 @@ def report_json(runner: DestinationRunner) -> dict[str, object]:
         "fast_path_wait_ns": report.fast_path_wait_ns,
         "preempt_pages": report.preempt_pages,
         "preempt_bytes": report.preempt_bytes,
+        "multifd_pages": report.multifd_pages,
+        "multifd": report.multifd or None,
         "state": runner.dest.state.name,
     }
 
@@ -253,13 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         help="paused in postcopy: wait this long for the source's new channel (0: fail)",
     )
     parser.add_argument("--preempt", choices=VARIANT_NAMES, help="postcopy-preempt's variant")
+    parser.add_argument(
+        "--multifd", type=int, default=0, help="the source's multifd channels (0: none)"
+    )
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.fd)
     print(READY, flush=True)
     try:
         listener.settimeout(args.accept_timeout)
         sock = _accept(listener, args.accept_timeout)
-        if not args.recover_timeout and not args.preempt:
+        if not args.recover_timeout and not args.preempt and not args.multifd:
             listener.close()
         destination = Destination(
             args.qemu_version,
@@ -280,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 openers[PREEMPT] = lambda timeout: Connection(
                     f"{SOURCE_NAME} ({PREEMPT_CHANNEL})", sock=_accept(listener, timeout)
                 )
+            openers.update(multifd_openers(listener, args.multifd))
             runner = DestinationRunner(
                 Channels(connection, reopen, openers),
                 destination,
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 vcpus=args.vcpus,
                 idle_timeout=args.idle_timeout,
                 keep_ram=args.hold,
+                multifd_channels=args.multifd,
             )
             runner.run()
     except QmigError as error:
@@ -313,6 +321,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SOURCE_NAME = "simulation source"
+
+
+def multifd_openers(
+    listener: socket.socket, count: int
+) -> dict[str, Callable[[float], Connection]]:
+    """The source's multifd channels: the connections after the main one, taken in order
+    (the source opens them one after the other, each sending its handshake at once)."""
+
+    def opener(index: int) -> Callable[[float], Connection]:
+        return lambda timeout: Connection(
+            f"{SOURCE_NAME} ({channel_kind(index)})", sock=_accept(listener, timeout)
+        )
+
+    return {channel_kind(index): opener(index) for index in range(count)}
 
 
 def _accept(listener: socket.socket, timeout: float) -> socket.socket:

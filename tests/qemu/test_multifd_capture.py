@@ -1,13 +1,20 @@
 """``qmig capture --multifd 2`` between two real QEMUs (10.0, two channels): the relay takes the
 main connection and both multifd channels, the destination's RAM equals the source's, and
 ``qmig inspect DIR`` reads every byte of the folder, the channels on one timeline with the
-stream's sync points, pages per channel adding up to what each file carried."""
+stream's sync points, pages per channel adding up to what each file carried. The same folder
+(captured once for the module) is then replayed over two multifd channels into a fresh real
+QEMU, whose RAM must equal the captured source's, and exported as pcapng for tshark with
+qmig's dissector, whose handshake, packet, page and sync counts must equal inspect's."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,39 +24,62 @@ from test_receive_real import MachineFactory
 from qmig.capture import read_capture
 from qmig.capture.recording import Direction, read_index
 from qmig.qemu.guest import MIB, GuestSpec
+from qmig.qemu.machine import Machine, MachineConfig
 
 VERSION = "10.0"
 MEMORY_MIB = 32
 SPEC = GuestSpec(end=8 * MIB)
+TIMEOUT = 300
 
 
 def qmig(*args: str) -> list[str]:
     return [sys.executable, "-m", "qmig", *args]
 
 
-@pytest.mark.qemu
-def test_capture_and_inspect_a_real_multifd_migration(
-    machines: MachineFactory, tmp_path: Path
-) -> None:
+@dataclass(frozen=True)
+class Captured:
+    """A real multifd migration's capture folder, with what came with it."""
+
+    folder: Path
+    summary: dict[str, object]  # capture --json
+    source_ram: bytes  # the stopped source's RAM above 1 MiB
+    destination_ram: bytes  # the (paused) destination's, after the migration
+
+
+def _machine(folder: Path, name: str, **config: object) -> Machine:
+    return Machine(MachineConfig(name, **config), folder)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
+    """One real QEMU 10.0 → QEMU 10.0 multifd migration through ``qmig capture``, for every
+    test of the module; both QEMUs are stopped before the first test runs."""
     need_qemu(VERSION)
-    destination = machines(
-        "destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", paused=True,
-        qemu_version=VERSION,
-    )  # fmt: skip
-    destination.set_capabilities(multifd=True)
-    destination.set_parameters(multifd_channels=2)
-    destination.migrate_incoming("tcp:127.0.0.1:0")
-    out = tmp_path / "capture"
-    relay = subprocess.Popen(
-        qmig("capture", "--listen", "tcp:127.0.0.1:0", "--multifd", "2",
-             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
-             "--out", str(out), "--json"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    work = tmp_path_factory.mktemp("multifd-capture")
+    started: list[Machine] = []
+    relay: subprocess.Popen[str] | None = None
     try:
+        destination = _machine(
+            work, "destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer",
+            paused=True, qemu_version=VERSION,
+        )  # fmt: skip
+        started.append(destination)
+        destination.start()
+        destination.set_capabilities(multifd=True)
+        destination.set_parameters(multifd_channels=2)
+        destination.migrate_incoming("tcp:127.0.0.1:0")
+        out = work / "capture"
+        relay = subprocess.Popen(
+            qmig("capture", "--listen", "tcp:127.0.0.1:0", "--multifd", "2",
+                 "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
+                 "--out", str(out), "--json"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         assert relay.stderr is not None
         listening = relay.stderr.readline().strip()
-        source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=VERSION)
+        source = _machine(work, "source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=VERSION)
+        started.append(source)
+        source.start()
         source.wait_serial(1)
         source.set_capabilities(multifd=True)
         source.set_parameters(multifd_channels=2, downtime_limit=2000)
@@ -57,16 +87,28 @@ def test_capture_and_inspect_a_real_multifd_migration(
         source.wait_migration(timeout=60)
         destination.wait_migration(timeout=60)
         stdout, stderr = relay.communicate(timeout=60)
+        assert relay.returncode == 0, stderr
+        expected = source.pmemsave(MIB, (MEMORY_MIB - 1) * MIB, work / "source.ram")
+        received = destination.pmemsave(MIB, (MEMORY_MIB - 1) * MIB, work / "dest.ram")
     finally:
-        relay.kill()
-        relay.wait()
-    assert relay.returncode == 0, stderr
-    summary = json.loads(stdout)
+        if relay is not None:
+            relay.kill()
+            relay.wait()
+        for machine in started:
+            machine.shutdown()
+    yield Captured(out, json.loads(stdout), expected, received)
+
+
+@pytest.mark.qemu
+def test_capture_and_inspect_a_real_multifd_migration(captured: Captured) -> None:
+    summary = captured.summary
     assert summary["clean"] is True
-    assert [channel["end"] for channel in summary["multifd"]] == ["eof", "eof"]
+    multifd_ends = summary["multifd"]
+    assert isinstance(multifd_ends, list)
+    assert [channel["end"] for channel in multifd_ends] == ["eof", "eof"]
     # The destination (kept paused) holds what the stopped source holds.
-    expected = source.pmemsave(MIB, (MEMORY_MIB - 1) * MIB, tmp_path / "source.ram")
-    assert destination.pmemsave(MIB, (MEMORY_MIB - 1) * MIB, tmp_path / "dest.ram") == expected
+    assert captured.destination_ram == captured.source_ram
+    out = captured.folder
 
     # The folder: both multifd files beside the stream, in the index and meta.json.
     files = [out / "multifd-0.bin", out / "multifd-1.bin"]
@@ -106,3 +148,94 @@ def test_capture_and_inspect_a_real_multifd_migration(
     assert text.returncode == 0, text.stderr
     assert "multifd-1" in text.stdout and "MULTIFD_PACKET SYNC" in text.stdout
     assert "MULTIFD_FLUSH" in text.stdout
+
+
+def inspect_multifd(folder: Path) -> dict[str, object]:
+    result = subprocess.run(
+        qmig("inspect", str(folder), "--json"), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    multifd: dict[str, object] = json.loads(result.stdout)["multifd"]
+    return multifd
+
+
+@pytest.mark.qemu
+def test_a_real_multifd_capture_replays_into_a_real_destination(
+    captured: Captured, machines: MachineFactory
+) -> None:
+    """The folder's main channel and both multifd channels, merged in sync order, migrate
+    over two multifd channels into a fresh QEMU 10.0: its RAM is the captured source's."""
+    destination = machines(
+        "replayed", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", paused=True,
+        qemu_version=VERSION,
+    )  # fmt: skip
+    destination.set_capabilities(multifd=True)
+    destination.set_parameters(multifd_channels=2)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    result = subprocess.run(
+        qmig("replay", str(captured.folder), "--to",
+             f"tcp:127.0.0.1:{destination.incoming_port()}", "--qemu-version", VERSION,
+             "--multifd", "2", "--json"),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["mode"] == "precopy"
+    sent = summary["multifd"]
+    assert sent["channels"] == 2 and all(pages > 0 for pages in sent["pages_per_channel"])
+    # The captured source's machine type (pc-i440fx-10.0) lists zero pages in the packets.
+    assert sent["zero_page_detection"] == "multifd" and sent["zero_pages"] > 0
+    destination.wait_migration(timeout=60)
+    folder = captured.folder.parent
+    ram = destination.pmemsave(MIB, (MEMORY_MIB - 1) * MIB, folder / "replayed.ram")
+    assert ram == captured.source_ram
+
+
+@pytest.mark.qemu
+def test_tshark_dissects_a_real_multifd_capture_as_inspect_counts_it(
+    captured: Captured, tmp_path: Path
+) -> None:
+    """``qmig export-pcap`` of the real folder, read by tshark with the generated dissector:
+    one handshake per channel, and as many packets, normal and zero pages and SYNCs as
+    ``qmig inspect --json`` counts in the channel files."""
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        if os.environ.get("CI"):  # scripts/setup installs it there
+            pytest.fail("tshark is not installed: run scripts/setup")
+        pytest.skip("tshark is not installed (scripts/setup installs it)")
+    lua, pcapng = tmp_path / "qmig.lua", tmp_path / "capture.pcapng"
+    for args in (
+        ("export-pcap", "--lua", str(lua), "--qemu-version", VERSION),
+        ("export-pcap", str(captured.folder), str(pcapng)),
+    ):
+        done = subprocess.run(qmig(*args), capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+    fields = [
+        "qmig.channel", "qmig.record", "qmig.multifd.normal_pages", "qmig.multifd.zero_pages",
+        "qmig.multifd.sync", "qmig.undecoded",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [tshark, "-n", "-X", f"lua_script:{lua}", "-r", str(pcapng), "-T", "fields",
+         "-E", "occurrence=a", "-E", "aggregator=\x1f",
+         *(arg for field in fields for arg in ("-e", field))],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Lua" not in done.stderr, done.stderr  # a script error is only a warning line
+    # Per field, every value it took in a multifd connection's frames.
+    values: list[list[str]] = [[] for _ in fields]
+    for line in done.stdout.splitlines():
+        cells = [[v for v in cell.split("\x1f") if v] for cell in line.split("\t")]
+        if cells and cells[0][:1] == ["multifd"]:
+            for index, cell in enumerate(cells):
+                values[index] += cell
+    records, normal, zero, syncs, undecoded = values[1:]
+    assert undecoded == []
+    multifd = inspect_multifd(captured.folder)
+    channels = multifd["channels"]
+    assert isinstance(channels, list) and len(channels) == 2
+    assert records.count("MULTIFD_INIT") == len(channels)
+    assert records.count("MULTIFD_PACKET") == sum(c["packets"] for c in channels)
+    assert sum(map(int, normal)) == sum(c["pages"] for c in channels) > 0
+    assert sum(map(int, zero)) == sum(c["zero_pages"] for c in channels) > 0
+    assert sum(v in ("1", "True") for v in syncs) == sum(c["syncs"] for c in channels) > 0

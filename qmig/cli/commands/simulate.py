@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
+from qmig.cli.multifd_source_options import add_multifd_source
 from qmig.cli.options import add_bandwidth, count, integer, positive_count, rate_or_zero, size
 from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
@@ -129,6 +130,7 @@ def register(subparsers: Any) -> None:
         help="also cut the first recovery's new connection during its handshake (default: off)",
     )
     add_preempt(parser, machine_type=True)
+    add_multifd_source(parser, uuid=False)
     parser.add_argument(
         "--seed", type=integer, default=1, metavar="N", help="seed of RAM contents and dirtying"
     )
@@ -161,6 +163,8 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         preempt=args.preempt,
         preempt_variant=args.preempt_variant,
         machine_type=args.machine_type,
+        multifd=args.multifd,
+        zero_page_detection=args.zero_page_detection,
     )
     if args.blocks:
         config.blocks = args.blocks
@@ -299,6 +303,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         ),
         *pause_rows(s["pauses"], "sent"),
         *_preempt_row(s),
+        *_multifd_rows(s),
         ("placement", _placement(s["placement_mib_s"])),
         ("switchover", _switchover(s["switchover_ms"])),
     ]
@@ -318,6 +323,25 @@ def _preempt_row(s: dict[str, Any]) -> list[tuple[str, str]]:
             f"{plural(pages['sent']['preempt'], 'page')} sent on the preempt channel, "
             f"{pages['received']['preempt']:,} received there",
         )
+    ]
+
+
+def _multifd_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    if s.get("multifd") is None:
+        return []
+    sent, pages = s["multifd"]["sent"], s["multifd_pages"]
+    per_channel = ", ".join(
+        f"{name} {pages['sent'][name]:,}/{pages['received'].get(name, 0):,}"
+        for name in pages["sent"]
+    )
+    return [
+        (
+            "multifd",
+            f"{plural(sent['channels'], 'channel')}, {plural(sent['packets'], 'packet')}, "
+            f"syncs {s['multifd_syncs']['sent']} sent/{s['multifd_syncs']['received']} "
+            f"waited at; zero pages {sent['zero_page_detection']}",
+        ),
+        ("pages sent/received", per_channel),
     ]
 
 
