@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{SOURCE_NAME} ({PREEMPT_CHANNEL})", sock=_accept(listener, timeout)
                 )
             runner = DestinationRunner(
-                Channels(connection, reopen, openers),
+                Channels(connection, reopen, openers, adopt=_as_main),
                 destination,
                 recover_timeout=args.recover_timeout,
                 workload=workload,
@@ -311,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SOURCE_NAME = "simulation source"
+
+
+def _as_main(connection: Connection) -> Connection:
+    """A connection accepted as a preempt channel that is the source's next main one."""
+    connection.name = SOURCE_NAME
+    return connection
 
 
 def _accept(listener: socket.socket, timeout: float) -> socket.socket:
