@@ -18,14 +18,10 @@ from qmig.qemu.machine import Machine
 
 
 @pytest.mark.qemu
-# QEMU 7.2 through the relay: its source sometimes stays in postcopy-recover when the
-# relayed preempt channel is reopened (seen once in several full runs); left out until the
-# relay's reconnection order is pinned down. 7.2's preempt recovery is covered without the
-# relay (test_preempt_recovery.py, test_preempt_recovery_replay.py).
 @pytest.mark.parametrize(
     ("version", "wire", "ends_with_eos"),
-    [("10.0", "10.0", False)],
-    ids=["10.0"],
+    [(None, "7.2", True), ("10.0", "10.0", False)],
+    ids=["7.2", "10.0"],
 )
 def test_capture_of_a_recovered_preempt_migration_inspects_and_replays(
     machines: object, tmp_path: Path, version: str | None, wire: str, ends_with_eos: bool
