@@ -90,6 +90,13 @@ class Channels:
         self.others[kind] = connection
         return connection
 
+    def turned_out_main(self, kind: str, connection: Connection) -> None:
+        """The channel taken as ``kind`` showed by its first bytes that it is the source's
+        next main channel: it is set aside for the reopen, as :meth:`open` sets aside one
+        that came while the main channel was gone (``connection``: it, those bytes first)."""
+        self.others.pop(kind, None)
+        self._next_main.append(connection)
+
     def main_gone(self) -> bool:
         """Has the main channel been reset, shut down or closed (at either end)?"""
         sock = self.main.socket

@@ -1,6 +1,7 @@
 """Which channel a new connection is, on the accepting end: by order, as QEMU's destination
 takes a preempt channel, except that a connection arriving while the main channel is gone
-is the source's next main channel (a resumed channel that broke during its handshake)."""
+is the source's next main channel (a resumed channel that broke during its handshake), and
+one whose first bytes are a resumed main channel's RECV_BITMAP is one too."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from collections.abc import Iterator
 import pytest
 
 from qmig.errors import TransportError
+from qmig.protocol.destination import Destination
+from qmig.protocol.preempt import PreemptVariant
 from qmig.runner.channels import PREEMPT, Channels
 from qmig.transport import Connection, connect, listen
 from qmig.transport.connection import Listener
+from qmig.wire import messages as m
+from qmig.wire.schema import schema_for
 
 
 @pytest.fixture
@@ -88,3 +93,23 @@ def test_without_adopt_the_order_alone_decides(listener: Listener) -> None:
     assert channels.open(PREEMPT, 5.0) is channels.get(PREEMPT)
     other.close()
     channels.close_all()
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+def test_first_bytes_tell_a_resumed_main_channel_from_a_preempt_one(version: str) -> None:
+    """Where the order misleads, content decides: a resumed main channel opens with its
+    RECV_BITMAP commands, a preempt channel with a RAM record (or nothing yet)."""
+    schema = schema_for(version)
+    channel = Destination(version, preempt=PreemptVariant.V8_0).open_preempt_channel()
+    resumed = schema.build_command(m.RecvBitmap("pc.ram")) + schema.build_command(
+        m.RecvBitmap("vga.vram")
+    )
+    assert channel.opens_a_resumed_main_channel(resumed)
+    page = schema.build_ram_page(m.RamPage("pc.ram", 0, False, bytes(4096)))
+    eos = schema.build_ram_flag("EOS", 0)
+    high = schema.build_ram_page(m.RamPage("pc.ram", 0x7F_FFFF_F000, True, b"\0"))
+    for first in (page, eos, high, b""):
+        assert not channel.opens_a_resumed_main_channel(first)
+    assert not channel.opens_a_resumed_main_channel(
+        schema.build_command(m.PostcopyResume())
+    )  # another command: not a resumed channel's opening
