@@ -160,12 +160,16 @@ class SourceRunner:
             self._send_urgent()
             # As in QEMU's migration thread: nothing goes out on the main channel once the
             # window's quota is spent; within a window requested pages go first, and past it.
-            self._wait_for_credit()
+            left = self._wait_for_credit()
             requested = source.requested_data()
             if requested:
                 self._send(requested, capped=False)
             else:
-                data = source.data_to_send(plan.postcopy_chunk)
+                # Capped, what the window has left goes as one burst, as QEMU's loop sends
+                # it within a millisecond or two (chunk by chunk it would spread over the
+                # window, and serve requests that QEMU holds to the next one).
+                budget = plan.postcopy_chunk if plan.bandwidth is None else left
+                data = source.data_to_send(max(plan.postcopy_chunk, budget))
                 self._take_events()
                 self._send(data)
             if known > self._answered and source.pending_requests == 0:
@@ -176,6 +180,9 @@ class SourceRunner:
         self._take_events()
         self._send(data, capped=False)
         self._send_urgent()  # the pre-7.2 variant's EOS
+        # Every page is in the socket now: requests that came with the last of the stream,
+        # or come after it, are answered by it.
+        self._served(len(self.report.requests))
         deadline = time.monotonic() + SHUT_TIMEOUT
         while self.phase is SourceState.COMPLETING:
             if time.monotonic() > deadline:
@@ -184,6 +191,7 @@ class SourceRunner:
                     f"no SHUT from the destination within {SHUT_TIMEOUT:.0f} s",
                 )
             self._poll_return_path(1.0)
+            self._served(len(self.report.requests))
 
     # --- postcopy recovery ----------------------------------------------------------------
 
