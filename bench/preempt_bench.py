@@ -13,6 +13,12 @@ MiB/s) and the same capabilities, once without and once with ``postcopy-preempt`
 qmig on ``pc-q35-10.0``). Socket buffers are left to the kernel's autotuning on every side,
 as QEMU has them, so that background pages can queue ahead of a requested one.
 
+The cap is where preempt matters: QEMU (and qmig's source, which caps the same way) sends
+each 100 ms window's quota as one burst and then nothing on the main channel until the
+next window, requested pages included, so without preempt a requested page waits for the
+next window (tens of ms); with the 8.0 variant it goes out on the preempt channel as soon
+as the request is read.
+
 Figures:
 
 * qmig → qmig: ``qmig simulate``'s fault latency (fault → page placed) p50/p99, from the

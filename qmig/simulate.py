@@ -66,7 +66,7 @@ class SimulationConfig:
     # (the CONFIGURATION's), unless ``preempt_variant`` names one.
     preempt: bool = False
     preempt_variant: str | None = None
-    machine_type: str | None = None  # None: the source's default
+    machine_type: str | None = None  # None: the version's own (the profile's)
     # Multifd: precopy RAM in packets over this many extra connections (None: none), and
     # where zero pages go (None: the version's default for the machine type).
     multifd: int | None = None
@@ -78,8 +78,9 @@ class SimulationConfig:
             return None
         from qmig.wire.profiles import load_profile
 
-        machine = self.machine_type or Source.DEFAULT_MACHINE_TYPE
-        return preempt_variant(load_profile(self.version), machine, self.preempt_variant)
+        profile = load_profile(self.version)
+        machine = self.machine_type or profile.default_machine_type
+        return preempt_variant(profile, machine, self.preempt_variant)
 
     @property
     def recovers(self) -> bool:
@@ -234,7 +235,7 @@ def _run_source(
         version=config.version,
         postcopy_ram=config.postcopy_after is not None,
         devices=default_devices(config.seed),
-        machine_type=config.machine_type or Source.DEFAULT_MACHINE_TYPE,
+        machine_type=config.machine_type,
         preempt=config.variant(),
         multifd=simulate_multifd.source_options(config.multifd, config.zero_page_detection),
     )

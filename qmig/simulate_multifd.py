@@ -53,10 +53,11 @@ def check(
             "not together with --preempt: qmig's destination refuses multifd with "
             "postcopy-preempt (use --multifd with --postcopy-after, or --preempt alone)",
         )
+    profile = load_profile(version)
     MultifdPlan(
-        load_profile(version),
+        profile,
         MultifdOptions(channels, zero_page_detection, qmig_peer=True),
-        machine_type=machine_type or Source.DEFAULT_MACHINE_TYPE,
+        machine_type=machine_type or profile.default_machine_type,
         target_page_size=target_page_size(version),
         postcopy=postcopy,
     )

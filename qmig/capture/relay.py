@@ -229,8 +229,12 @@ class Relay:
             if self.preempt:
                 # Opened (again, after a recovery's bitmap sync) once the main one is up.
                 where["preempt_offset"] = writer.size(Direction.PREEMPT)
+                # Where the destination listens now, decided here: the thread may take the
+                # source's preempt connection at once (in the pre-7.2 variant it is already
+                # waiting, right behind the resumed main one).
+                uri = self.connect_uri if not self.summary.connections else self.recover_connect
                 preempt = threading.Thread(
-                    target=self._relay_preempt, args=(writer,), name="relay-preempt"
+                    target=self._relay_preempt, args=(writer, uri), name="relay-preempt"
                 )
                 preempt.start()
             multifd = None
@@ -315,10 +319,11 @@ class Relay:
         source.close()
         destination.close()
 
-    def _relay_preempt(self, writer: CaptureWriter) -> None:
+    def _relay_preempt(self, writer: CaptureWriter, uri: str) -> None:
         """The preempt channel: the source's next connection, to a connection of its own to
-        the destination. Only its source → destination bytes are recorded (the destination
-        sends nothing on it)."""
+        the destination at ``uri`` (after a recovery, where it was told migrate-recover).
+        Only its source → destination bytes are recorded (the destination sends nothing on
+        it)."""
         result = self.summary.preempt
         assert result is not None
         source = None
@@ -334,8 +339,6 @@ class Relay:
             return
         self._connections.append(source)
         self._preempt_connections = [source]
-        # After a recovery the destination listens where it was told migrate-recover.
-        uri = self.connect_uri if len(self.summary.connections) <= 1 else self.recover_connect
         try:
             destination = connect(uri)
         except TransportError as error:

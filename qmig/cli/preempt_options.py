@@ -25,6 +25,7 @@ def add_preempt(parser: Any, *, machine_type: bool = False) -> None:
         group.add_argument(
             "--machine-type",
             metavar="TYPE",
-            help="the machine type the CONFIGURATION names (default: pc-i440fx-7.2); "
+            help="the machine type the CONFIGURATION names (default: the version's "
+            "own, as -machine pc names it: pc-i440fx-10.0 for 10.0); "
             "QEMU 8.0+ uses the pre-7.2 preempt variant for types of 7.2 or older",
         )

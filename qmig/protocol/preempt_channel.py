@@ -34,6 +34,16 @@ class PreemptChannel:
         self.bytes = 0
         self._fill: dict[str, tuple[int, int]] = {}
 
+    def opens_a_resumed_main_channel(self, first: bytes | bytearray | memoryview) -> bool:
+        """Do a new connection's first bytes show it to be the source's resumed main channel
+        (a RECV_BITMAP command) and not a preempt one? Only content can tell them apart when
+        the order misleads (see qmig.runner.channels); it can, because a RAM record's first
+        byte is the top of its be64 offset, which would have to reach 2^59 bytes to equal
+        the COMMAND section type."""
+        schema = self._dest.reader.schema
+        opening = schema.build_command(m.RecvBitmap(""))[: schema.command_length_at]
+        return bytes(first[: len(opening)]) == opening
+
     @property
     def ended(self) -> bool:
         """EOS was read (the pre-7.2 variant's end)."""

@@ -105,14 +105,12 @@ class SourceStats:
 class Source:
     """QEMU's outgoing side, for one migration."""
 
-    DEFAULT_MACHINE_TYPE = "pc-i440fx-7.2"
-
     def __init__(
         self,
         blocks: Sequence[SourceBlock],
         *,
         version: str | None = None,
-        machine_type: str = DEFAULT_MACHINE_TYPE,
+        machine_type: str | None = None,
         postcopy_ram: bool = True,
         return_path: bool = True,
         devices: Sequence[DeviceSnapshot] = (),
@@ -132,9 +130,10 @@ class Source:
         self.target_page_size = self.schema.target_page_size
         self.blocks = list(blocks)
         self.by_name = {block.idstr: block for block in self.blocks}
-        self.machine_type = machine_type
+        # None: what the version's `-machine pc` names (QEMU's source is as new as it).
+        self.machine_type = machine_type or self.profile.default_machine_type
         # A replay passes the captured CONFIGURATION and VMDESCRIPTION, to resend them as is.
-        self.configuration = configuration or m.Configuration(machine_type)
+        self.configuration = configuration or m.Configuration(self.machine_type)
         self.vmdescription = vmdescription
         self.postcopy_ram = postcopy_ram
         self.return_path = return_path or postcopy_ram

@@ -6,6 +6,16 @@ again, the destination accepts again). Postcopy-preempt and multifd add channels
 own; they belong here too, so that a runner asks this object for a channel and never opens
 or closes sockets itself.
 
+On the accepting end a channel with no opening bytes of its own (postcopy-preempt's) is known
+by its order: the next connection once the main one exists. In a recovery that order alone
+can mislead: when a resumed main channel breaks during its handshake, the source's next main
+channel may arrive before the destination has noticed the break, while it waits for the
+preempt channel. QEMU's paused destination takes a connection as its main one while it has
+none; here a connection accepted as another kind while the main channel is already gone
+(reset, shut down or closed: the kernel says so before it accepts the source's next
+connection, which the source opens only after the break) is set aside as the next main
+channel instead (:meth:`Channels.open`), and :meth:`Channels.reopen` takes it first.
+
 It also cuts a channel on purpose, as a broken network would (fault injection for
 ``qmig simulate --pause-after`` and the replay's ``--pause-after``): the socket is closed
 with SO_LINGER 0, so the peer sees a reset and whatever was still queued is lost.
@@ -14,9 +24,11 @@ with SO_LINGER 0, so the peer sees a reset and whatever was still queued is lost
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +41,8 @@ RETRY_INTERVAL = 0.1  # between connection attempts while the peer is not listen
 Opener = Callable[[float], Connection]  # opens a channel within a timeout, or TransportError
 
 PREEMPT = "preempt"
+# What poll() says of a socket whose peer reset it, shut it down or closed it.
+_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL | select.POLLRDHUP
 
 
 class Channels:
@@ -39,25 +53,60 @@ class Channels:
         main: Connection,
         reopen: Opener | None = None,
         openers: dict[str, Opener] | None = None,
+        *,
+        adopt: Callable[[Connection], Connection] | None = None,
     ) -> None:
         """``reopen(timeout)`` opens a replacement main channel (connects or accepts) within
         ``timeout`` seconds or raises TransportError; None: the migration cannot recover.
         ``openers``: how to open each further kind of channel (``"preempt"``; multifd's
-        would be more of the same), connecting on a source, accepting on a destination."""
+        would be more of the same), connecting on a source, accepting on a destination.
+        ``adopt``: on an accepting end, makes a connection accepted by another kind's opener
+        the main channel (the wrapping ``reopen`` gives its own); with it, a connection that
+        arrives while the main channel is gone is taken as the next main one."""
         self.main = main
         self.reopen_channel = reopen
         self.openers = dict(openers or {})
+        self.adopt = adopt
         self.others: dict[str, Connection] = {}
         self.opened = 1
+        self._next_main: deque[Connection] = deque()  # accepted while the main one was gone
 
     def open(self, kind: str, timeout: float) -> Connection:
-        """Open the channel of ``kind`` (closing one of that kind still open)."""
+        """Open the channel of ``kind`` (closing one of that kind still open). On an
+        accepting end, a connection that arrives while the main channel is gone is set aside
+        as the next main channel, and TransportError says so."""
         opener = self.openers.get(kind)
         if opener is None:
             raise TransportError(self.main.name, f"no way to open a {kind} channel")
         self.close(kind)
-        connection = self.others[kind] = opener(timeout)
+        connection = opener(timeout)
+        if self.adopt is not None and self.main_gone():
+            self._next_main.append(connection)
+            raise TransportError(
+                self.main.name,
+                f"a connection came while the main channel was down: it is the next main "
+                f"channel, not the {kind} one",
+            )
+        self.others[kind] = connection
         return connection
+
+    def turned_out_main(self, kind: str, connection: Connection) -> None:
+        """The channel taken as ``kind`` showed by its first bytes that it is the source's
+        next main channel: it is set aside for the reopen, as :meth:`open` sets aside one
+        that came while the main channel was gone (``connection``: it, those bytes first)."""
+        self.others.pop(kind, None)
+        self._next_main.append(connection)
+
+    def main_gone(self) -> bool:
+        """Has the main channel been reset, shut down or closed (at either end)?"""
+        sock = self.main.socket
+        if sock is None:
+            return False  # a file: it has no peer to lose
+        if sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(sock, select.POLLRDHUP)
+        return any(events & _GONE for _fd, events in poller.poll(0))
 
     def get(self, kind: str) -> Connection | None:
         return self.others.get(kind)
@@ -71,6 +120,9 @@ class Channels:
     def close_all(self) -> None:
         for kind in list(self.others):
             self.close(kind)
+        while self._next_main:
+            with contextlib.suppress(OSError):
+                self._next_main.popleft().close()
         self.close_main()
 
     @property
@@ -90,11 +142,15 @@ class Channels:
             self.main.close()
 
     def reopen(self, timeout: float) -> Connection:
-        """Close the main channel and open its replacement (TransportError on failure)."""
+        """Close the main channel and open its replacement (TransportError on failure): the
+        connection set aside as the next main channel, if one came already."""
         if self.reopen_channel is None:
             raise TransportError(self.main.name, "no way to open a new channel")
         self.close_main()
-        self.main = self.reopen_channel(timeout)
+        if self._next_main and self.adopt is not None:
+            self.main = self.adopt(self._next_main.popleft())
+        else:
+            self.main = self.reopen_channel(timeout)
         self.opened += 1
         return self.main
 

@@ -481,7 +481,7 @@ class DestinationRunner:
         if at_setup and variant.opened_at_setup and self.channels.get(PREEMPT) is None:
             self.channels.open(PREEMPT, self.idle_timeout)
         self._preempt_thread = threading.Thread(
-            target=self._preempt_loop, name="qmig-preempt", daemon=True
+            target=self._preempt_loop, args=(not at_setup,), name="qmig-preempt", daemon=True
         )
         self._preempt_thread.start()
 
@@ -492,7 +492,9 @@ class DestinationRunner:
         self._preempt_thread = None
         self._start_preempt(at_setup=False)
 
-    def _preempt_loop(self) -> None:
+    def _preempt_loop(self, resumed: bool) -> None:
+        """``resumed``: the channel comes after a recovery, where the source's next main
+        channel may reach this thread first (qmig.runner.channels): its first bytes tell."""
         stop = self._preempt_stop  # this thread's own: a recovery starts another
         try:
             connection = self.channels.get(PREEMPT)
@@ -517,6 +519,13 @@ class DestinationRunner:
                         raise
                 if count == 0 and self._pausable():
                     return
+                if resumed and count > 0:
+                    resumed = False  # only a connection's first bytes can tell
+                    first = bytes(buffer[:count])
+                    if channel.opens_a_resumed_main_channel(first):
+                        again = Connection(connection.name, sock=connection.socket, prefix=first)
+                        self.channels.turned_out_main(PREEMPT, again)
+                        return  # the main loop finds its channel broken, pauses, takes this
                 with self._machine_lock:
                     if count > 0:
                         channel.receive_data(memoryview(buffer)[:count])

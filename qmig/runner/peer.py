@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             openers.update(multifd_openers(listener, args.multifd))
             runner = DestinationRunner(
-                Channels(connection, reopen, openers),
+                Channels(connection, reopen, openers, adopt=_as_main),
                 destination,
                 recover_timeout=args.recover_timeout,
                 workload=workload,
@@ -335,6 +335,12 @@ def multifd_openers(
         )
 
     return {channel_kind(index): opener(index) for index in range(count)}
+
+
+def _as_main(connection: Connection) -> Connection:
+    """A connection accepted as a preempt channel that is the source's next main one."""
+    connection.name = SOURCE_NAME
+    return connection
 
 
 def _accept(listener: socket.socket, timeout: float) -> socket.socket:

@@ -4,9 +4,11 @@ One thread: it sends the stream in chunks under a bandwidth cap and, whenever it
 (for the cap, or for room in the socket), reads the return path, so that page requests jump
 the queue. The guest dirtier runs in steps of the same loop until switchover.
 
-The cap is applied as QEMU applies its own: precopy and the postcopy sweep wait for it, with
-at most 100 ms of unused bandwidth saved up; requested pages, the switchover (sent while the
-guest is stopped) and a precopy migration's completion do not wait, though their bytes count.
+The cap is applied as QEMU applies its own: a quota of bytes per 100 ms window, sent as fast
+as the socket takes it, then nothing from the migration's own loop until the next window
+(requested pages on the main channel included); the switchover (sent while the guest is
+stopped) and a precopy migration's completion do not wait, though their bytes count. The
+8.0 preempt variant's urgent pages do not wait either: they go out as the request is read.
 
 A requested page waits behind every byte already queued towards the destination: the
 unsent rest of the current chunk, the source's socket send buffer and the destination's
@@ -49,7 +51,7 @@ POSTCOPY_CHUNK = 32 << 10  # postcopy: what a newly requested page may queue beh
 SEND_BUFFER = 32 << 10  # SO_SNDBUF (the kernel doubles it)
 STALL_TIMEOUT = 60.0  # the destination took no bytes and said nothing for this long
 SHUT_TIMEOUT = 60.0
-CAP_WINDOW = 0.1  # seconds of unused bandwidth the cap lets accrue (QEMU: BUFFER_DELAY)
+CAP_WINDOW = 0.1  # seconds: the cap's quota is its rate × this per window (BUFFER_DELAY)
 MAX_PRECOPY_PASSES = 30
 RECOVER_TIMEOUT = 60.0  # a recovery handshake (or a new channel) that takes longer fails
 PREEMPT_TIMEOUT = 30.0  # opening the preempt channel (and the PONG it waits for)
@@ -114,9 +116,9 @@ class SourceRunner:
         self._clock = 0.0
         self._rp_buffer = bytearray(64 << 10)
         self._answered = 0  # requests whose pages are all in the socket
-        # The bandwidth cap's credit, in bytes, as of _credit_at (see _wait_for_credit).
-        self._credit = (plan.bandwidth or 0.0) * CAP_WINDOW
-        self._credit_at = 0.0
+        # The bandwidth cap's window (see _wait_for_credit): when it began, bytes sent in it.
+        self._window_at = 0.0
+        self._window_used = 0
         self.phase = source.state  # as the machine's PhaseChanged events last said
         self._passes_done: deque[ev.PassCompleted] = deque()
         self.multifd: MultifdSender | None = None
@@ -129,7 +131,7 @@ class SourceRunner:
 
     def run(self) -> SourceReport:
         source, plan = self.source, self.plan
-        self.report.started = self._clock = self._credit_at = time.monotonic()
+        self.report.started = self._clock = self._window_at = time.monotonic()
         if source.preempt is not None and source.preempt.opened_at_setup:
             self.channels.open(PREEMPT, PREEMPT_TIMEOUT)
         if self.multifd is not None:
@@ -167,15 +169,20 @@ class SourceRunner:
         while self.phase is SourceState.POSTCOPY:
             known = len(self.report.requests)
             self._send_urgent()
-            # Requested pages go out at once, past the cap, as in QEMU; the background sweep
-            # waits for the cap, and a request that arrives meanwhile goes ahead of it.
+            # As in QEMU's migration thread: nothing goes out on the main channel once the
+            # window's quota is spent; within a window requested pages go first, and past it.
+            left = self._wait_for_credit()
             requested = source.requested_data()
             if requested:
                 self._send(requested, capped=False)
-            elif self._wait_for_credit(stop_on_request=True):
-                data = source.data_to_send(plan.postcopy_chunk)
+            else:
+                # Capped, what the window has left goes as one burst, as QEMU's loop sends
+                # it within a millisecond or two (chunk by chunk it would spread over the
+                # window, and serve requests that QEMU holds to the next one).
+                budget = plan.postcopy_chunk if plan.bandwidth is None else left
+                data = source.data_to_send(max(plan.postcopy_chunk, budget))
                 self._take_events()
-                self._send(data, capped=False)
+                self._send(data)
             if known > self._answered and source.pending_requests == 0:
                 self._served(known)
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
@@ -184,6 +191,9 @@ class SourceRunner:
         self._take_events()
         self._send(data, capped=False)
         self._send_urgent()  # the pre-7.2 variant's EOS
+        # Every page is in the socket now: requests that came with the last of the stream,
+        # or come after it, are answered by it.
+        self._served(len(self.report.requests))
         deadline = time.monotonic() + SHUT_TIMEOUT
         while self.phase is SourceState.COMPLETING:
             if time.monotonic() > deadline:
@@ -192,6 +202,7 @@ class SourceRunner:
                     f"no SHUT from the destination within {SHUT_TIMEOUT:.0f} s",
                 )
             self._poll_return_path(1.0)
+            self._served(len(self.report.requests))
 
     # --- postcopy recovery ----------------------------------------------------------------
 
@@ -374,20 +385,19 @@ class SourceRunner:
         def spend(size: int) -> None:
             if capped and self.plan.bandwidth is not None:
                 self._wait_for_credit()
-            self._credit -= size
+            self._window_used += size
 
         return spend
 
     def _send_main(self, data: bytes, *, capped: bool = True) -> None:
         view = memoryview(data)
         while view:
-            piece = view[:CHUNK]
-            if capped:
-                self._wait_for_credit()
+            # Capped: no more than the window's quota has left (QEMU checks it per page).
+            piece = view[: min(CHUNK, self._wait_for_credit())] if capped else view[:CHUNK]
             sent = self._write(piece)
             view = view[sent:]
             self._sent += sent
-            self._credit -= sent
+            self._window_used += sent
             if self.on_progress is not None:
                 self.on_progress(self._label(), sent)
             self._advance_dirtier()
@@ -411,25 +421,29 @@ class SourceRunner:
                     f"{self._label()}",
                 )
 
-    def _wait_for_credit(self, *, stop_on_request: bool = False) -> bool:
-        """Wait until the cap allows more bytes, serving the return path meanwhile.
+    def _wait_for_credit(self) -> int:
+        """Wait until the cap lets more bytes out, serving the return path meanwhile; the
+        bytes it lets out now (at least a target page, as QEMU sends at least one per turn).
 
-        The cap works as QEMU's does: credit accrues at the cap's rate up to one window's
-        worth (QEMU's rate limit starts afresh every 100 ms) and every byte sent spends it,
-        even past zero, so time spent not sending is not made up later with a burst above
-        the cap. With ``stop_on_request``, returns False as soon as pages are requested."""
+        The cap works as QEMU's rate limit does: a quota of a window's worth of bytes (the
+        cap / 10) per 100 ms window, sent as fast as the socket takes it; once it is spent,
+        nothing more until the window ends, and the next starts afresh (unused quota is lost
+        with its window). So each window's quota goes out as one burst that the socket
+        buffers hold, and a page requested on the main channel waits behind it, or for the
+        next window: QEMU checks the rate before its RAM code may send anything, requested
+        pages included. Requests read while waiting are queued (and, with the 8.0 preempt
+        variant, sent on the preempt channel at once)."""
         cap = self.plan.bandwidth
         if cap is None:
-            return True
+            return CHUNK
+        quota = int(cap * CAP_WINDOW)
         while True:
             now = time.monotonic()
-            self._credit = min(cap * CAP_WINDOW, self._credit + (now - self._credit_at) * cap)
-            self._credit_at = now
-            if self._credit > 0:
-                return True
-            if stop_on_request and self.source.pending_requests:
-                return False
-            self._poll_return_path(-self._credit / cap)
+            if now - self._window_at >= CAP_WINDOW:
+                self._window_at, self._window_used = now, 0
+            if self._window_used < max(quota, 1):  # a cap under 10 B/s: a page per window
+                return max(quota - self._window_used, self.source.target_page_size)
+            self._poll_return_path(self._window_at + CAP_WINDOW - now)
 
     def _poll_return_path(self, timeout: float) -> None:
         ready, _, _ = select.select([self.connection], [], [], timeout)

@@ -123,6 +123,7 @@ class Profile:
     configuration_subsections: tuple[str, ...]
     validated_capabilities: tuple[str, ...]
     default_target_page_bits: int
+    default_machine_type: str  # what `-machine pc` names in CONFIGURATION
     section_types: dict[str, int]
     commands: dict[str, int]
     command_lengths: dict[str, LengthRule]
@@ -193,6 +194,7 @@ class Profile:
                     ),
                     validated_capabilities=stream.strings("validated_capabilities"),
                     default_target_page_bits=page_bits,
+                    default_machine_type=stream.string("default_machine_type"),
                 )
             with top.table("section_types") as table:
                 fields["section_types"] = _numbers(table, U8, SECTION_TYPES)

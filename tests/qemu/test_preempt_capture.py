@@ -5,39 +5,21 @@ destination's guest runs on with its counters checked, and the capture inspects 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from qemu_helpers import need, qmig
 from test_replay_real import MachineFactory, check_guest_runs_on
 
 from qmig.capture import read_capture
 from qmig.capture.recording import PREEMPT_NAME, Direction, read_index
 from qmig.qemu.guest import MIB, GuestSpec
-from qmig.qemu.machine import qemu_install
-from qmig.qemu.qmp import QemuError
 
 SPEC = GuestSpec(end=32 * MIB)
 MEMORY_MIB = 64
 TIMEOUT = 60.0
-
-
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
-
-
-def need(version: str | None) -> None:
-    if version is None:
-        return
-    try:
-        qemu_install(version)
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
 
 
 def capture_preempt(

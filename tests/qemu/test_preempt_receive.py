@@ -5,12 +5,12 @@ own variant), QEMU 10.0 with a current machine type (the 8.0 variant) and with
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu_helpers import need
 from test_receive_real import (
     MEMORY_MIB,
     SPEC,
@@ -21,21 +21,7 @@ from test_receive_real import (
     receiving,
 )
 
-from qmig.qemu.machine import qemu_install
-from qmig.qemu.qmp import QemuError
-
 MIB = 1 << 20
-
-
-def need(version: str | None) -> None:
-    if version is None:
-        return
-    try:
-        qemu_install(version)
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
 
 
 @pytest.mark.qemu

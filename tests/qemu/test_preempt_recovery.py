@@ -5,18 +5,16 @@ its preempt channel again after the bitmap sync, and the dumped RAM equals the s
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu_helpers import need
 from test_receive_real import MEMORY_MIB, SPEC, TIMEOUT, MachineFactory, finish, receiving
 from test_recovery_receive import check, resume, wait_paused_line
 
 from qmig.qemu.guest import MIB
-from qmig.qemu.machine import qemu_install
-from qmig.qemu.qmp import QemuError
 
 
 @pytest.mark.qemu
@@ -26,13 +24,7 @@ from qmig.qemu.qmp import QemuError
 def test_a_paused_preempt_migration_resumes_into_qmig(
     machines: MachineFactory, tmp_path: Path, version: str | None, variant: str
 ) -> None:
-    if version is not None:
-        try:
-            qemu_install(version)
-        except QemuError as error:
-            if os.environ.get("CI"):
-                pytest.fail(str(error))
-            pytest.skip(str(error))
+    need(version)
     dump = str(tmp_path / "dump")
     with receiving("--json", "--preempt", "--dump-ram", dump, "--recover-timeout", "30") as (
         process,

@@ -6,15 +6,12 @@ after the bitmaps opens its preempt channel there too; the replayed guest runs o
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from test_recovery_replay import free_port, recover, replay
+from qemu_helpers import free_port, need
+from test_recovery_replay import destination, recover, replay
 from test_replay_real import POSTCOPY, TIMEOUT, MachineFactory, check_guest_runs_on
-
-from qmig.qemu.machine import qemu_install
-from qmig.qemu.qmp import QemuError
 
 
 @pytest.mark.qemu
@@ -24,25 +21,8 @@ from qmig.qemu.qmp import QemuError
 def test_replay_preempt_paused_and_resumed_into_a_real_destination(
     machines: MachineFactory, tmp_path: Path, version: str | None, wire: str
 ) -> None:
-    if version is not None:
-        try:
-            qemu_install(version)
-        except QemuError as error:
-            if os.environ.get("CI"):
-                pytest.fail(str(error))
-            pytest.skip(str(error))
-    _capture, memory_mib, spec = POSTCOPY
-    dest = machines(
-        "destination",
-        memory_mib=memory_mib,
-        guest=spec,
-        incoming="defer",
-        qemu_version=version,
-        machine_type="pc-i440fx-7.2",
-    )
-    dest.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-    dest.migrate_incoming("tcp:127.0.0.1:0")
-    uri = f"tcp:127.0.0.1:{dest.incoming_port()}"
+    need(version)
+    dest, uri = destination(machines, version, preempt=True)
     resume_to = f"tcp:127.0.0.1:{free_port()}"
     process = replay(uri, resume_to, wire, "--preempt")
     try:
@@ -55,5 +35,5 @@ def test_replay_preempt_paused_and_resumed_into_a_real_destination(
     summary = json.loads(stdout)
     assert summary["recoveries"] == 1 and summary["preempt"] == "pre-7.2"
     assert summary["preempt_pages"]["preempt"] > 0
-    info = check_guest_runs_on(dest, spec, tmp_path)
+    info = check_guest_runs_on(dest, POSTCOPY[2], tmp_path)
     assert info["status"] == "completed"

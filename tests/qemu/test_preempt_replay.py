@@ -6,25 +6,11 @@ destination's guest runs on and its counters check, as in the replay interop tes
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from qemu_helpers import need
 from test_replay_real import POSTCOPY, MachineFactory, check_guest_runs_on, run_replay
-
-from qmig.qemu.machine import qemu_install
-from qmig.qemu.qmp import QemuError
-
-
-def need(version: str | None) -> None:
-    if version is None:
-        return
-    try:
-        qemu_install(version)
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
 
 
 @pytest.mark.qemu

@@ -1,18 +1,20 @@
 """``qmig capture`` of a recovered postcopy migration between two real QEMUs: the source is
 paused with ``migrate-pause`` mid-postcopy, the destination is told ``migrate-recover``, the
 source resumes through the relay; every connection lands in one capture folder, in order.
-``qmig inspect`` reads it on one timeline and ``qmig replay`` of it runs a guest."""
+``qmig inspect`` reads it on one timeline and ``qmig replay`` of it runs a guest.
+
+The steps are shared with the preempt variant (test_preempt_recovery_capture.py)."""
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu_helpers import free_port, qmig
 from test_replay_real import check_guest_runs_on
 
 from qmig.qemu.guest import MIB, GuestSpec
@@ -23,40 +25,31 @@ SPEC = GuestSpec(end=24 * MIB)
 TIMEOUT = 90.0
 
 
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.mark.qemu
-def test_capture_of_a_recovered_migration_inspects_and_replays(
-    machines: object, tmp_path: Path
-) -> None:
-    start = machines  # the qemu fixture: start(name, **MachineConfig fields)
-    assert callable(start)
-    destination: Machine = start("destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer")
-    destination.set_capabilities(postcopy_ram=True)
+def capture_a_recovered_migration(
+    start: Any, out: Path, version: str | None = None, *, preempt: bool = False
+) -> tuple[Machine, dict[str, Any]]:
+    """Two QEMUs through ``qmig capture`` into ``out``, paused mid-postcopy and resumed; the
+    destination (its migration completed) and the relay's summary."""
+    capabilities = {"postcopy_ram": True, "postcopy_preempt": preempt}
+    destination: Machine = start(
+        "destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", qemu_version=version
+    )
+    destination.set_capabilities(**capabilities)
     destination.migrate_incoming("tcp:127.0.0.1:0")
     recover_uri = f"tcp:127.0.0.1:{free_port()}"
-    out = tmp_path / "capture"
     relay = subprocess.Popen(
         qmig("capture", "--listen", "tcp:127.0.0.1:0",
              "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
              "--recover-connect", recover_uri, "--recover-timeout", "60",
-             "--out", str(out), "--json"),
+             "--out", str(out), "--json", *(["--preempt"] if preempt else [])),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert relay.stderr is not None
         relay_uri = relay.stderr.readline().split()[-1]
-        source: Machine = start("source", memory_mib=MEMORY_MIB, guest=SPEC)
+        source: Machine = start("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
         source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True)
+        source.set_capabilities(**capabilities)
         source.set_parameters(max_bandwidth=32 * MIB, max_postcopy_bandwidth=4 * MIB)
         source.migrate(relay_uri)
         time.sleep(0.5)
@@ -75,17 +68,20 @@ def test_capture_of_a_recovered_migration_inspects_and_replays(
         relay.kill()
         relay.wait()
     assert relay.returncode == 0, stderr
-    summary = json.loads(stdout)
+    summary: dict[str, Any] = json.loads(stdout)
     assert summary["clean"] is True
     assert len(summary["connections"]) == 2
-    check_guest_runs_on(destination, SPEC, tmp_path)
+    return destination, summary
 
-    # One timeline: both connections read, the second from its top level.
+
+def inspect_the_recovery(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """``qmig inspect`` reads both connections on one timeline, the second from its top
+    level (it opens with RECV_BITMAP); its JSON report."""
     inspected = subprocess.run(
         qmig("inspect", str(out), "--json"), capture_output=True, text=True, timeout=TIMEOUT
     )
     assert inspected.returncode == 0, inspected.stderr
-    report = json.loads(inspected.stdout)
+    report: dict[str, Any] = json.loads(inspected.stdout)
     assert report["counts"]["RECV_BITMAP"] >= 1
     assert report["counts"]["POSTCOPY_RESUME"] == 1
     assert report["return_path"]["counts"]["RESUME_ACK"] == 1
@@ -95,15 +91,34 @@ def test_capture_of_a_recovered_migration_inspects_and_replays(
     boundary = summary["connections"][1]["stream_offset"]
     heading = listing.index(f"resumed connection from stream byte {boundary}")
     assert "RECV_BITMAP" in listing[heading + 1]  # the new connection opens with them
+    return report
 
-    # And the capture replays into a fresh destination, whose guest runs on.
-    fresh: Machine = start("fresh", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer")
-    fresh.set_capabilities(postcopy_ram=True)
+
+def replay_into_a_fresh_destination(
+    start: Any, out: Path, tmp_path: Path, version: str | None, wire: str, *args: str
+) -> None:
+    """The capture replays into a fresh destination, whose guest runs on."""
+    fresh: Machine = start(
+        "fresh", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", qemu_version=version
+    )
+    fresh.set_capabilities(postcopy_ram=True, postcopy_preempt="--preempt" in args)
     fresh.migrate_incoming("tcp:127.0.0.1:0")
     replayed = subprocess.run(
         qmig("replay", str(out), "--to", f"tcp:127.0.0.1:{fresh.incoming_port()}",
-             "--qemu-version", "7.2", "--json"),
+             "--qemu-version", wire, "--json", *args),
         capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert replayed.returncode == 0, replayed.stderr
-    check_guest_runs_on(fresh, SPEC, tmp_path)
+    (tmp_path / "fresh").mkdir()
+    check_guest_runs_on(fresh, SPEC, tmp_path / "fresh")
+
+
+@pytest.mark.qemu
+def test_capture_of_a_recovered_migration_inspects_and_replays(
+    machines: object, tmp_path: Path
+) -> None:
+    out = tmp_path / "capture"
+    destination, summary = capture_a_recovered_migration(machines, out)
+    check_guest_runs_on(destination, SPEC, tmp_path)
+    inspect_the_recovery(out, summary)
+    replay_into_a_fresh_destination(machines, out, tmp_path, None, "7.2")

@@ -6,12 +6,12 @@ the replayed guest runs on with the counter oracle accepting its memory."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from qemu_helpers import free_port
 from test_replay_real import POSTCOPY, TIMEOUT, MachineFactory, check_guest_runs_on, qmig
 
 from qmig.qemu.machine import Machine
@@ -20,13 +20,9 @@ from qmig.qemu.qmp import QemuError
 VERSIONS = [pytest.param(None, "7.2", id="7.2"), pytest.param("10.0", "10.0", id="10.0")]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def destination(machines: MachineFactory, version: str | None) -> tuple[Machine, str]:
+def destination(
+    machines: MachineFactory, version: str | None, *, preempt: bool = False
+) -> tuple[Machine, str]:
     _capture, memory_mib, spec = POSTCOPY
     dest = machines(
         "destination",
@@ -36,7 +32,7 @@ def destination(machines: MachineFactory, version: str | None) -> tuple[Machine,
         qemu_version=version,
         machine_type="pc-i440fx-7.2",  # the capture's (10.0 reads 7.2's machine type)
     )
-    dest.set_capabilities(postcopy_ram=True)
+    dest.set_capabilities(postcopy_ram=True, postcopy_preempt=preempt)
     dest.migrate_incoming("tcp:127.0.0.1:0")
     return dest, f"tcp:127.0.0.1:{dest.incoming_port()}"
 

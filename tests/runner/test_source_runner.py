@@ -106,10 +106,11 @@ def test_the_send_buffer_is_limited_only_from_the_switch_to_postcopy() -> None:
     assert source.stats.discard_commands > 0
 
 
-def test_requested_pages_go_out_at_once_past_the_cap_and_ahead_of_the_sweep() -> None:
-    """As QEMU's source does, a page asked for on the return path is sent at once, whatever
-    the bandwidth cap, before any more of the background sweep. The cap here (1 byte/s)
-    would hold a capped page for hours: the page arriving at all shows it went past it."""
+def test_requested_pages_go_out_past_the_cap_and_ahead_of_the_sweep() -> None:
+    """As QEMU's source does, a page asked for on the return path goes out in the cap's next
+    window at the latest, past its quota, before any more of the background sweep. The cap
+    here (1 byte/s) would hold a capped page for hours: the page arriving at all shows it
+    went past it."""
     size = 8 << 20
     ram = GuestRam.generate([("pc.ram", size)], zero_fraction=0.0)
     source = Source(ram.blocks, version="7.2")

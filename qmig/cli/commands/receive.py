@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     cuts = None
     if args.pause_after:
         cuts = CutPlan(args.pause_after, during_recovery=args.pause_during_recovery)
-    channels = Channels(limited(connection), reopen if recovers else None, openers)
+    channels = Channels(limited(connection), reopen if recovers else None, openers, adopt=limited)
     try:
         return _receive(args, channels, ram, workload, cuts, recorder, misbehaviour)
     finally:
