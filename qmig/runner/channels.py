@@ -73,14 +73,16 @@ class Channels:
 
     def open(self, kind: str, timeout: float) -> Connection:
         """Open the channel of ``kind`` (closing one of that kind still open). On an
-        accepting end, a connection that arrives while the main channel is gone is set aside
-        as the next main channel, and TransportError says so."""
+        accepting end, a preempt connection that arrives while the main channel is gone is
+        set aside as the next main channel, and TransportError says so. (Only preempt: it has
+        no opening bytes of its own, while multifd's handshake tells its channels apart, and
+        a multifd channel may still arrive after the main stream has ended.)"""
         opener = self.openers.get(kind)
         if opener is None:
             raise TransportError(self.main.name, f"no way to open a {kind} channel")
         self.close(kind)
         connection = opener(timeout)
-        if self.adopt is not None and self.main_gone():
+        if kind == PREEMPT and self.adopt is not None and self.main_gone():
             self._next_main.append(connection)
             raise TransportError(
                 self.main.name,
