@@ -64,6 +64,7 @@ class SimulationConfig:
     preempt: bool = False
     preempt_variant: str | None = None
     machine_type: str | None = None  # None: the source's default
+    fast_path: bool = True  # the destination's C receive thread after RUN (qmig.runner.fastpath)
 
     def variant(self) -> PreemptVariant | None:
         """The preempt variant this run uses, or None without --preempt."""
@@ -163,6 +164,8 @@ def run_simulation(
             arguments += ["--touches", str(config.touches)]
         if config.postcopy_after is None:
             arguments.append("--precopy-only")
+        if not config.fast_path:
+            arguments.append("--no-fast-path")
         if config.recovers:
             arguments += ["--recover-timeout", str(RECOVER_TIMEOUT)]
         variant = config.variant()

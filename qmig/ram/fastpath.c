@@ -118,8 +118,12 @@ static void follow(struct qmig_fastpath *fp, uint64_t end)
         if (fp->mode == MODE_TOP || fp->mode == MODE_FOOTER) {
             if (have < SECTION_HEADER)
                 break;
-            uint32_t want = fp->mode == MODE_TOP ? c->section_part : c->section_footer;
-            if (p[0] != want || be32(p + 1) != c->ram_section_id) {
+            /* A ram section's next part, or its last (the completion's SECTION_END, which
+               may carry many pages); after a section, its footer. */
+            int known = fp->mode == MODE_TOP
+                            ? p[0] == c->section_part || p[0] == c->section_end
+                            : p[0] == c->section_footer;
+            if (!known || be32(p + 1) != c->ram_section_id) {
                 fp->mode = MODE_UNSYNCED;
                 break;
             }

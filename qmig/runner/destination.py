@@ -93,7 +93,7 @@ class DestinationRunner:
         keep_ram: bool = False,
         recover_timeout: float = RECOVER_TIMEOUT,
         cuts: CutPlan | None = None,
-        fast_path: bool = False,
+        fast_path: bool = True,
     ) -> None:
         """``keep_ram``: after a migration that completes, leave the RAM mapped (no longer
         registered) for the caller to read, and to close with ``session.close()``.
@@ -103,9 +103,8 @@ class DestinationRunner:
         within ``recover_timeout`` seconds, resumes it. ``cuts``: break the channel on
         purpose after that many postcopy pages were placed (the peer then pauses too).
         ``fast_path``: once the guest runs, read the channel and place pages in C
-        (:mod:`qmig.runner.fastpath`); False (the default): all in this loop, as before RUN.
-        Off by default: on generated streams the C path can end a run with a page counted
-        as received that is not in place, which the Python path never does."""
+        (:mod:`qmig.runner.fastpath`, the default); False: all in this loop, as before RUN
+        (``tests/fastpath`` proves that both place, ask for and refuse the same)."""
         self.cuts = cuts
         self.channels = connection if isinstance(connection, Channels) else Channels(connection)
         self.recover_timeout = recover_timeout

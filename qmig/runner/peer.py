@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         help="paused in postcopy: wait this long for the source's new channel (0: fail)",
     )
     parser.add_argument("--preempt", choices=VARIANT_NAMES, help="postcopy-preempt's variant")
+    parser.add_argument("--no-fast-path", action="store_true", help="no C receive thread")
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.fd)
     print(READY, flush=True)
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 vcpus=args.vcpus,
                 idle_timeout=args.idle_timeout,
                 keep_ram=args.hold,
+                fast_path=not args.no_fast_path,
             )
             runner.run()
     except QmigError as error:
