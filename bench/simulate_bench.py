@@ -93,7 +93,9 @@ class Plan:
 # --- qmig ------------------------------------------------------------------------------------
 
 
-def run_qmig(plan: Plan) -> dict[str, Any]:
+def run_qmig(plan: Plan, *, fast_path: bool = True) -> dict[str, Any]:
+    """``fast_path``: the destination's C receive thread (False: pages placed from Python,
+    the state before it, for a before/after in the same run)."""
     environment_check()
     pages = plan.ram // PAGE
     config = SimulationConfig(
@@ -107,6 +109,7 @@ def run_qmig(plan: Plan) -> dict[str, Any]:
         dirty_pattern=plan.dirty_pattern,
         pattern=plan.workload,
         vcpus=plan.vcpus,
+        fast_path=fast_path,
     )
     phases: dict[str, list[float]] = {}
     started = time.monotonic()
@@ -334,6 +337,7 @@ def ratios(qmig: dict[str, Any], qemu: dict[str, Any]) -> dict[str, float | None
 def print_table(result: dict[str, Any]) -> None:
     plan = result["plan"]
     qmig, qemu, ratio = result["qmig"], result["qemu"], result["ratio"]
+    before = result.get("qmig_no_fast_path")
     print(
         f"{plan['ram'] // MiB} MiB guest, {plan['guest_bytes'] // MiB} MiB of it written, "
         f"{plan['bandwidth'] // MiB} MiB/s precopy and postcopy, postcopy after one pass"
@@ -343,19 +347,26 @@ def print_table(result: dict[str, Any]) -> None:
         name = key if isinstance(key, str) else f"{key[0]}.{key[1]}"
         cells = [_cell(qmig and _value(qmig, key)), _cell(qemu and _value(qemu, key))]
         print(f"{label:26}{cells[0]:>14}{cells[1]:>14}{_cell(ratio.get(name)):>12}")
-    if qmig:
+    if before:
+        print("qmig with pages placed from Python (--no-fast-path), same run:")
+        for label, key in ROWS:
+            print(f"{label:26}{_cell(_value(before, key)):>14}")
+    for side, name in ((qmig, "qmig"), (before, "qmig --no-fast-path")):
+        if not side:
+            continue
         # A request's round trip, by its parts (p50 / p99 µs): the destination's fault → its
         # REQ_PAGES on the wire; the source's REQ_PAGES read → the page on the wire; the
-        # page read off the wire → placed. What is left of the fault latency is time on
-        # the wire, queued behind the pages already sent.
+        # page read off the wire → placed (by the C thread; none without it). What is left
+        # of the fault latency is time on the wire and in the source's loop before it reads
+        # the request, queued behind the pages already sent.
         parts = [
-            ("fault → request on the wire", qmig.get("request_sent_us")),
-            ("request → page on the wire", qmig.get("request_served_us")),
-            ("page off the wire → placed", qmig.get("page_placed_us")),
+            ("fault → request on the wire", side.get("request_sent_us")),
+            ("request → page on the wire", side.get("request_served_us")),
+            ("page off the wire → placed", side.get("page_placed_us")),
         ]
         for label, figures in parts:
             p50, p99 = (figures or {}).get("p50"), (figures or {}).get("p99")
-            print(f"qmig {label:30}{_cell(p50):>10}{_cell(p99):>10}")
+            print(f"{name} {label:30}{_cell(p50):>10}{_cell(p99):>10}")
     for side, name in ((qmig, "qmig"), (qemu, "QEMU")):
         if side and not side.get("verified"):
             print(f"{name}: NOT verified")
@@ -408,6 +419,11 @@ def main() -> int:
     )
     parser.add_argument("--vcpus", type=int, default=1, help="qmig destination vCPUs (1)")
     parser.add_argument("--only", choices=["qmig", "qemu"], help="run one side only")
+    parser.add_argument(
+        "--before",
+        action="store_true",
+        help="also run qmig with pages placed from Python (--no-fast-path), for a before/after",
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args()
@@ -428,6 +444,8 @@ def main() -> int:
     try:
         if args.only != "qemu":
             result["qmig"] = run_qmig(plan)
+            if args.before:
+                result["qmig_no_fast_path"] = run_qmig(plan, fast_path=False)
         if args.only != "qmig":
             with tempfile.TemporaryDirectory(prefix="qmig-simbench-") as workdir:
                 result["qemu"] = run_qemu(plan, Path(workdir))

@@ -71,6 +71,7 @@ class SimulationConfig:
     # where zero pages go (None: the version's default for the machine type).
     multifd: int | None = None
     zero_page_detection: str | None = None
+    fast_path: bool = True  # the destination's C receive thread after RUN (qmig.runner.fastpath)
 
     def variant(self) -> PreemptVariant | None:
         """The preempt variant this run uses, or None without --preempt."""
@@ -179,6 +180,8 @@ def run_simulation(
             arguments += ["--touches", str(config.touches)]
         if config.postcopy_after is None:
             arguments.append("--precopy-only")
+        if not config.fast_path:
+            arguments.append("--no-fast-path")
         if config.recovers:
             arguments += ["--recover-timeout", str(RECOVER_TIMEOUT)]
         variant = config.variant()

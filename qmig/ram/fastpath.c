@@ -29,6 +29,14 @@
 enum { MODE_UNSYNCED = 0, MODE_TOP = 1, MODE_RAM = 2, MODE_FOOTER = 3 };
 enum { HEADER = sizeof(uint64_t), SECTION_HEADER = 1 + sizeof(uint32_t), BATCH = 256 };
 
+/* Where the C reader is: the next record's stream offset, what it expects there, and the
+   block a CONTINUE record continues (-1: none). */
+struct cursor {
+    uint64_t parse;
+    int mode;
+    int block;
+};
+
 struct qmig_fastpath {
     struct qmig_fastpath_config cfg;
     struct qmig_block **blocks;
@@ -80,51 +88,57 @@ static int find_block(const struct qmig_fastpath *fp, const uint8_t *name, unsig
 }
 
 /* Place a batch of one block's records; a failure leaves the rest to Python. */
-static int place_batch(struct qmig_fastpath *fp, int block, const uint64_t *headers,
-                       const uint64_t *bodies, uint64_t n)
+static int place_batch(struct qmig_fastpath *fp, struct qmig_fastpath_stats *st, int block,
+                       const uint64_t *headers, const uint64_t *bodies, uint64_t n)
 {
     struct qmig_records_result res;
     if (!n)
         return 0;
     int ret = qmig_place_records(fp->blocks[block], fp->ring, fp->ring_base, headers, bodies,
                                  n, fp->cfg.flag_page, 0, &res);
-    fp->stats.records += ret < 0 ? res.error_record : n;
-    fp->stats.placed += res.placed;
-    fp->stats.existing += res.existing;
+    st->records += ret < 0 ? res.error_record : n;
+    st->placed += res.placed;
+    st->existing += res.existing;
     if (ret < 0) {
-        fp->stats.place_errors++;
+        st->place_errors++;
         return ret;
     }
     /* A data page is placed alone, right after the recv() that completed it: its wait is
        this chunk's (a record that came in an earlier chunk is rare, and counted short). */
     if (n == 1 && (headers[0] & fp->cfg.flag_page) && res.placed &&
-        fp->stats.waits < fp->cfg.wait_log) {
+        st->waits < fp->cfg.wait_log) {
         uint64_t waited = res.t_ns > fp->recv_ns ? res.t_ns - fp->recv_ns : 0;
-        fp->waits[fp->stats.waits++] = waited > UINT32_MAX ? UINT32_MAX : (uint32_t)waited;
+        fp->waits[st->waits++] = waited > UINT32_MAX ? UINT32_MAX : (uint32_t)waited;
     }
     return 0;
 }
 
-/* Follow the stream from fp->parse up to end, placing page records; stop at what the C
-   reader does not follow (unsynced) or at an incomplete record. */
-static void follow(struct qmig_fastpath *fp, uint64_t end)
+/* Follow the stream from cur->parse up to end, placing page records; stop at what the C
+   reader does not follow (unsynced) or at an incomplete record. Runs without the lock, on
+   the thread's own copies of its position and figures (run() publishes them under it). */
+static void follow(struct qmig_fastpath *fp, struct cursor *cur, struct qmig_fastpath_stats *st,
+                   uint64_t end)
 {
     const struct qmig_fastpath_config *c = &fp->cfg;
     uint64_t headers[BATCH], bodies[BATCH], n = 0;
     int batch_block = -1;
-    while (fp->mode != MODE_UNSYNCED) {
-        const uint8_t *p = fp->ring + (fp->parse - fp->ring_base);
-        uint64_t have = end - fp->parse;
-        if (fp->mode == MODE_TOP || fp->mode == MODE_FOOTER) {
+    while (cur->mode != MODE_UNSYNCED) {
+        const uint8_t *p = fp->ring + (cur->parse - fp->ring_base);
+        uint64_t have = end - cur->parse;
+        if (cur->mode == MODE_TOP || cur->mode == MODE_FOOTER) {
             if (have < SECTION_HEADER)
                 break;
-            uint32_t want = fp->mode == MODE_TOP ? c->section_part : c->section_footer;
-            if (p[0] != want || be32(p + 1) != c->ram_section_id) {
-                fp->mode = MODE_UNSYNCED;
+            /* A ram section's next part, or its last (the completion's SECTION_END, which
+               may carry many pages); after a section, its footer. */
+            int known = cur->mode == MODE_TOP
+                            ? p[0] == c->section_part || p[0] == c->section_end
+                            : p[0] == c->section_footer;
+            if (!known || be32(p + 1) != c->ram_section_id) {
+                cur->mode = MODE_UNSYNCED;
                 break;
             }
-            fp->parse += SECTION_HEADER;
-            fp->mode = fp->mode == MODE_TOP ? MODE_RAM : MODE_TOP;
+            cur->parse += SECTION_HEADER;
+            cur->mode = cur->mode == MODE_TOP ? MODE_RAM : MODE_TOP;
             continue;
         }
         if (have < HEADER)
@@ -132,16 +146,16 @@ static void follow(struct qmig_fastpath *fp, uint64_t end)
         uint64_t header = be64(p), flags = header & c->flag_mask;
         uint64_t kind = flags & ~c->flag_continue;
         if (flags == c->flag_eos) {
-            fp->parse += HEADER;
-            fp->mode = c->section_footer_present ? MODE_FOOTER : MODE_TOP;
+            cur->parse += HEADER;
+            cur->mode = c->section_footer_present ? MODE_FOOTER : MODE_TOP;
             continue;
         }
         if (kind != c->flag_zero && kind != c->flag_page) {
-            fp->mode = MODE_UNSYNCED;
+            cur->mode = MODE_UNSYNCED;
             break;
         }
         uint64_t at = HEADER;
-        int block = fp->block;
+        int block = cur->block;
         if (!(flags & c->flag_continue)) {
             if (have < at + 1 || have < at + 1 + p[at])
                 break;
@@ -156,32 +170,32 @@ static void follow(struct qmig_fastpath *fp, uint64_t end)
         /* Huge host pages are gathered by one thread, and an offset outside the block is
            the machine's error to report: both are left to Python. */
         if (!b || b->page_size != c->target_page || offset >= b->length) {
-            fp->mode = MODE_UNSYNCED;
+            cur->mode = MODE_UNSYNCED;
             break;
         }
         if (block != batch_block || n == BATCH) {
-            if (batch_block >= 0 && place_batch(fp, batch_block, headers, bodies, n) < 0) {
+            if (batch_block >= 0 && place_batch(fp, st, batch_block, headers, bodies, n) < 0) {
                 n = 0;
-                fp->mode = MODE_UNSYNCED;
+                cur->mode = MODE_UNSYNCED;
                 break;
             }
             n = 0;
             batch_block = block;
         }
         headers[n] = header;
-        bodies[n] = fp->parse + at;
+        bodies[n] = cur->parse + at;
         n++;
-        fp->block = block;
-        fp->parse += at + body;
+        cur->block = block;
+        cur->parse += at + body;
         /* A data page goes in at once (a vCPU may wait on it); zero pages are gathered. */
         if (kind == c->flag_page) {
-            if (place_batch(fp, batch_block, headers, bodies, n) < 0)
-                fp->mode = MODE_UNSYNCED;
+            if (place_batch(fp, st, batch_block, headers, bodies, n) < 0)
+                cur->mode = MODE_UNSYNCED;
             n = 0;
         }
     }
-    if (n && place_batch(fp, batch_block, headers, bodies, n) < 0)
-        fp->mode = MODE_UNSYNCED;
+    if (n && place_batch(fp, st, batch_block, headers, bodies, n) < 0)
+        cur->mode = MODE_UNSYNCED;
 }
 
 /* Under the lock: drop what neither reader needs any more, to make room at the end. */
@@ -210,6 +224,21 @@ static void apply_sync(struct qmig_fastpath *fp)
     fp->stats.syncs++;
 }
 
+/* Follow what the ring holds past the thread's position, with the lock released (only this
+   thread moves the position and the ring's bytes), then publish where it got to. */
+static void follow_unlocked(struct qmig_fastpath *fp, uint64_t end)
+{
+    struct cursor cur = {.parse = fp->parse, .mode = fp->mode, .block = fp->block};
+    struct qmig_fastpath_stats st = fp->stats;
+    pthread_mutex_unlock(&fp->lock);
+    follow(fp, &cur, &st, end);
+    pthread_mutex_lock(&fp->lock);
+    fp->parse = cur.parse;
+    fp->mode = cur.mode;
+    fp->block = cur.block;
+    fp->stats = st;
+}
+
 static void *run(void *arg)
 {
     struct qmig_fastpath *fp = arg;
@@ -222,9 +251,7 @@ static void *run(void *arg)
         uint64_t end = fp->ring_base + fp->fill;
         if (fp->mode != MODE_UNSYNCED && fp->parse < end && end != fp->followed) {
             fp->followed = end;
-            pthread_mutex_unlock(&fp->lock);
-            follow(fp, end);  /* only the C thread moves parse and the ring's bytes */
-            pthread_mutex_lock(&fp->lock);
+            follow_unlocked(fp, end);
             continue;
         }
         if (fp->quit)

@@ -173,7 +173,7 @@ struct qmig_fastpath_config {
     uint32_t section_part;     /* the section type byte of QEMU_VM_SECTION_PART */
     uint32_t section_footer;   /* and of QEMU_VM_SECTION_FOOTER */
     uint32_t ram_section_id;
-    uint32_t pad;
+    uint32_t section_end;      /* and of QEMU_VM_SECTION_END (the last ram section's) */
     uint64_t flag_mask;        /* every RAM flag bit of a record header */
     uint64_t flag_continue;
     uint64_t flag_zero;

@@ -103,7 +103,7 @@ class DestinationRunner:
         keep_ram: bool = False,
         recover_timeout: float = RECOVER_TIMEOUT,
         cuts: CutPlan | None = None,
-        fast_path: bool = False,
+        fast_path: bool = True,
         multifd_channels: int = 0,
         multifd: MultifdOptions | None = None,
     ) -> None:
@@ -115,9 +115,8 @@ class DestinationRunner:
         within ``recover_timeout`` seconds, resumes it. ``cuts``: break the channel on
         purpose after that many postcopy pages were placed (the peer then pauses too).
         ``fast_path``: once the guest runs, read the channel and place pages in C
-        (:mod:`qmig.runner.fastpath`); False (the default): all in this loop, as before RUN.
-        Off by default: on generated streams the C path can end a run with a page counted
-        as received that is not in place, which the Python path never does.
+        (:mod:`qmig.runner.fastpath`, the default); False: all in this loop, as before RUN
+        (``tests/fastpath`` proves that both place, ask for and refuse the same).
         ``multifd_channels``: the source's multifd channels (``multifd-0``... in the
         channels' openers), read on threads of their own (:mod:`qmig.runner.multifd_recv`),
         with ``multifd``'s settings; 0: no multifd."""

@@ -81,7 +81,8 @@ class FastPath:
         config.section_footer_present = int(profile.section_footer)
         config.section_part = types["SECTION_PART"]
         config.section_footer = types["SECTION_FOOTER"]
-        config.ram_section_id = _ram_section_id(reader)
+        config.section_end = types["SECTION_END"]
+        self._ram_section_id = config.ram_section_id = _ram_section_id(reader)
         config.flag_mask = schema.flag_mask
         config.flag_continue = flags["CONTINUE"]
         config.flag_zero = flags["ZERO"]
@@ -123,6 +124,14 @@ class FastPath:
         frame = reader._frame  # where the reader is in the grammar
         mode = _MODES.get(frame.mode)
         if mode is None or (frame.section is not None and not frame.section.is_ram):
+            return
+        if reader._packages:
+            # Inside a PACKAGED blob every record is bounded by the blob's end, which the C
+            # reader does not know: a page record running past it is the machine's error.
+            return
+        if _ram_section_id(reader) != self._ram_section_id:
+            # The section id the thread follows as ram's now names another section (a
+            # SECTION_FULL took it over): its parts are no ram records.
             return
         block = reader.context.current_block
         index = self._index.get(block, -1) if block is not None else -1

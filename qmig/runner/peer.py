@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--multifd", type=int, default=0, help="the source's multifd channels (0: none)"
     )
+    parser.add_argument("--no-fast-path", action="store_true", help="no C receive thread")
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.fd)
     print(READY, flush=True)
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 idle_timeout=args.idle_timeout,
                 keep_ram=args.hold,
                 multifd_channels=args.multifd,
+                fast_path=not args.no_fast_path,
             )
             runner.run()
     except QmigError as error:

@@ -79,6 +79,12 @@ def register(subparsers: Any) -> None:
         help="guest workload threads touching memory after RUN",
     )
     parser.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="place postcopy pages from Python instead of the C receive thread that reads the "
+        "channel once the guest runs (default: the C thread)",
+    )
+    parser.add_argument(
         "--no-postcopy-ram",
         action="store_true",
         help="the source has postcopy-ram off but still sends POSTCOPY_ADVISE (0 bytes, as "
@@ -379,6 +385,7 @@ def _receive(
         cuts=cuts,
         multifd_channels=args.multifd,
         multifd=multifd_options(args),
+        fast_path=not args.no_fast_path,
     )
     try:
         with PhaseProgress(quiet(args)).shown(_bytes_per_phase(runner, destination)):

@@ -108,6 +108,12 @@ def register(subparsers: Any) -> None:
         help="precopy passes before switching to postcopy; 0 switches before any (default: 1)",
     )
     switch.add_argument("--precopy-only", action="store_true", help="never switch to postcopy")
+    parser.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="place postcopy pages from Python instead of the C receive thread that reads the "
+        "channel once the guest runs (default: the C thread)",
+    )
     add_bandwidth(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
@@ -165,6 +171,7 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         machine_type=args.machine_type,
         multifd=args.multifd,
         zero_page_detection=args.zero_page_detection,
+        fast_path=not args.no_fast_path,
     )
     if args.blocks:
         config.blocks = args.blocks
