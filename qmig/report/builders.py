@@ -40,8 +40,10 @@ def _multifd_table(document: ReportDocument, channels: list[dict[str, Any]], who
     for number, channel in enumerate(channels):
         table.rows.append(
             [channel.get("direction") or f"{MULTIFD_PREFIX}{channel.get('id', number)}"]
-            + [channel.get(key) for key in ("id", "bytes", "packets", "pages", "zero_pages")]
-            + [channel.get("syncs")]
+            + [
+                channel.get(key)
+                for key in ("id", "bytes", "packets", "pages", "zero_pages", "syncs")
+            ]
         )
     document.tables.append(table)
 
