@@ -21,7 +21,14 @@ from qmig.latency import percentile_us, vcpu_blocktime_ms
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.source import DeviceSnapshot, Source
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
-from qmig.report.recorder import PREEMPT_BACK, RETURN_PATH, STREAM, Recorder, counted
+from qmig.report.recorder import (
+    PREEMPT_BACK,
+    RETURN_PATH,
+    STREAM,
+    Recorder,
+    counted,
+    counted_multifd,
+)
 from qmig.runner.channels import PREEMPT, Channels, CutPlan, connect_with_retries
 from qmig.runner.pauses import Pause, pauses_json
 from qmig.runner.peer import Peer
@@ -284,7 +291,9 @@ def _run_source(
         if config.preempt
         else {}
     )
-    openers.update(simulate_multifd.openers(uri, config.multifd))
+    openers.update(
+        counted_multifd(recorder, simulate_multifd.openers(uri, config.multifd), sending=True)
+    )
     channels = Channels(opened(connect(uri)), reopen, openers)
     if recorder is not None:  # its time starts with the migration, as total_s does
         recorder.start = time.monotonic()

@@ -23,7 +23,14 @@ from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.replay.recording import Recording
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
-from qmig.report.recorder import PREEMPT_BACK, RETURN_PATH, STREAM, Recorder, counted
+from qmig.report.recorder import (
+    PREEMPT_BACK,
+    RETURN_PATH,
+    STREAM,
+    Recorder,
+    counted,
+    counted_multifd,
+)
 from qmig.runner.channels import PREEMPT, Channels, CutPlan, connect_with_retries
 from qmig.runner.multifd_send import channel_kind
 from qmig.runner.pauses import pauses_json
@@ -238,10 +245,12 @@ def replay(
             receives=PREEMPT_BACK,
         )
         channels.openers = openers
-    # Multifd channels connect to the same address, right after the main one. (The report's
-    # recorder counts the main channel only.)
-    for channel in range(plan.multifd or 0):
-        openers[channel_kind(channel)] = lambda timeout: connect(to, timeout=timeout)
+    # Multifd channels connect to the same address, right after the main one.
+    multifd_openers = {
+        channel_kind(channel): lambda timeout: connect(to, timeout=timeout)
+        for channel in range(plan.multifd or 0)
+    }
+    openers.update(counted_multifd(recorder, multifd_openers, sending=True))
     channels.openers = openers
     connected = time.monotonic()
     if recorder is not None:

@@ -5,16 +5,58 @@ from __future__ import annotations
 from typing import Any
 
 from qmig.report.document import ReportDocument, Table, per_block
-from qmig.report.recorder import BUCKET_S, Recorder
+from qmig.report.recorder import BUCKET_S, MULTIFD_PREFIX, STREAM, Recorder
 from qmig.runner.pauses import Pause
 
 
 def _recorded(document: ReportDocument, recorder: Recorder) -> None:
-    # The stream first, in the first colour, whichever channel counted first.
-    for name, buckets in sorted(recorder.series.items(), key=lambda item: item[0] != "stream"):
+    for name, buckets in sorted(recorder.series.items(), key=lambda item: _order(item[0])):
         document.add_series(name, buckets)
     for at, name in recorder.events:
         document.add_event(name, at - recorder.start, _kind(name))
+
+
+def _order(name: str) -> tuple[int, int]:
+    """The stream first, in the first colour, whichever channel counted first; the multifd
+    channels last, by number; the others as they came."""
+    if name == STREAM:
+        return (0, 0)
+    number = name.removeprefix(MULTIFD_PREFIX)
+    if name.startswith(MULTIFD_PREFIX) and number.isdigit():
+        return (2, int(number))
+    return (1, 0)
+
+
+def _multifd_table(document: ReportDocument, channels: list[dict[str, Any]], whose: str) -> None:
+    """One row per multifd channel; ``channels``: each as
+    :meth:`qmig.runner.multifd_recv.MultifdReceiver.summary` or inspect lists it (a figure it
+    lacks is shown as -). A capture's channel is named as its file and series; a source's or
+    destination's by its handshake's id (a source's series K is its channel K, which sends id
+    K; a destination's series K is the K-th connection it took, which may carry another id)."""
+    table = Table(
+        f"Multifd channels ({whose})",
+        ["channel", "id", "bytes", "packets", "pages", "zero pages", "syncs"],
+    )
+    for number, channel in enumerate(channels):
+        table.rows.append(
+            [channel.get("direction") or f"{MULTIFD_PREFIX}{channel.get('id', number)}"]
+            + [
+                channel.get(key)
+                for key in ("id", "bytes", "packets", "pages", "zero_pages", "syncs")
+            ]
+        )
+    document.tables.append(table)
+
+
+def _sent_channels(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """A source's multifd channels from its plan's summary: bytes, pages and syncs per channel
+    (it counts packets and zero pages over all channels only)."""
+    return [
+        {"id": number, "bytes": sent, "pages": pages, "syncs": plan["syncs"]}
+        for number, (sent, pages) in enumerate(
+            zip(plan["channel_bytes"], plan["pages_per_channel"], strict=True)
+        )
+    ]
 
 
 def _kind(name: str) -> str:
@@ -93,6 +135,13 @@ def simulation(
     _source_events(document, source_report, recorder.start)
     _destination_parts(document, destination, recorder.start, summary["fault_latency_us"])
     _pauses(document, source_report.pauses, recorder.start, "postcopy pages sent")
+    multifd = summary.get("multifd")
+    if multifd is not None:
+        received = multifd.get("received")
+        if received is not None:
+            _multifd_table(document, received["per_channel"], "as the destination read them")
+        else:
+            _multifd_table(document, _sent_channels(multifd["sent"]), "as the source sent them")
     return document
 
 
@@ -126,6 +175,8 @@ def receive(
     _destination_parts(document, destination, recorder.start, summary["fault_to_placed_us"])
     pauses = [Pause(**pause) for pause in destination.get("pauses") or []]
     _pauses(document, pauses, recorder.start, "postcopy pages placed")
+    if summary.get("multifd") is not None:
+        _multifd_table(document, summary["multifd"]["per_channel"], "as read here")
     return document
 
 
@@ -154,6 +205,8 @@ def replay(
         table.rows.append([name, counts[name], round(waits[name], 2)])
     document.tables.append(table)
     _pauses(document, source_report.pauses, recorder.start, "postcopy pages sent")
+    if summary.get("multifd") is not None:
+        _multifd_table(document, _sent_channels(summary["multifd"]), "as sent")
     return document
 
 
@@ -169,10 +222,15 @@ _SWITCHOVER = {
 
 
 def inspection(
-    report: dict[str, Any], capture: Any, requests: list[Any], summary_text: str
+    report: dict[str, Any],
+    capture: Any,
+    requests: list[Any],
+    summary_text: str,
+    multifd: Any = None,
 ) -> ReportDocument:
     """``capture``: inspect's capture folder (its two timelines: chunk ends and times in ns
-    since the capture started); ``requests``: its matched page requests."""
+    since the capture started); ``requests``: its matched page requests; ``multifd``: its
+    multifd channels (:class:`qmig.inspect_multifd.MultifdInspection`), if it has any."""
     document = ReportDocument(
         "inspect",
         f"qmig inspect {report.get('stream', '')}: QEMU {report.get('qemu_version')} wire",
@@ -192,6 +250,10 @@ def inspection(
     timelines = [("stream", capture.stream), ("return path", capture.return_path)]
     if getattr(capture, "preempt", None) is not None:  # postcopy-preempt's channel
         timelines.append(("preempt", capture.preempt))
+    if multifd is not None:  # by channel number, as the capture's files are
+        timelines += [
+            (direction.value, timeline) for direction, timeline in multifd.timelines.items()
+        ]
     for name, timeline in timelines:
         buckets: dict[int, int] = {}
         previous = 0
@@ -250,4 +312,10 @@ def inspection(
             ]
         )
     document.tables.append(table)
+    if report.get("multifd") is not None:
+        _multifd_table(document, report["multifd"]["channels"], "as the capture holds them")
+        for point in report["multifd"]["sync_points"]:
+            document.add_sync(
+                point["t_ns"] / 1e9, f"{point['name']} at stream offset {point['offset']:,}"
+            )
     return document

@@ -5,7 +5,9 @@ start; ``events``: the migration's steps (passes, stop, discards, LISTEN, RUN, p
 recoveries); ``pauses``: each postcopy pause with its cause, bytes and pages by then, and when
 it resumed; ``requests``: each page request with its time and latency; ``latency``: the
 fault-latency distribution in QEMU 10.1's ``postcopy-latency-dist`` buckets and its p50/p99/max;
-``tables``: per RAM block and per vCPU; ``summary_text``: the summary the command prints.
+``syncs``: multifd sync points (the main stream's records at which every channel syncs);
+``tables``: per RAM block, per vCPU and per multifd channel; ``summary_text``: the summary
+the command prints.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ReportDocument:
     latency: dict[str, Any] = field(default_factory=dict)
     tables: list[Table] = field(default_factory=list)
     pauses: list[dict[str, Any]] = field(default_factory=list)
+    syncs: list[dict[str, Any]] = field(default_factory=list)
     summary_text: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +77,11 @@ class ReportDocument:
             if detail is not None:
                 event["detail"] = detail
             self.events.append(event)
+
+    def add_sync(self, t: float, detail: str) -> None:
+        """A multifd sync point at ``t`` s from the start: a small mark, not a line (a
+        per-section sync comes at every section's end)."""
+        self.syncs.append({"t": round(t, 6), "detail": detail})
 
     def add_request(
         self,
@@ -171,6 +179,7 @@ class ReportDocument:
             "latency": self.latency or {"what": "", "count": 0, "dist": [0] * LATENCY_DIST_BUCKETS},
             "tables": [table.as_json() for table in self.tables],
             "pauses": self.pauses,
+            "syncs": self.syncs,
             "summary_text": self.summary_text,
             "summary": self.summary,
         }

@@ -16,7 +16,12 @@ from typing import Any
 from qmig.errors import QmigError
 from qmig.latency import LATENCY_DIST_BUCKETS
 
-TRACE_IDS = {"requests": "requests", "in_flight": "requestsinflight", "dist": "latencydist"}
+TRACE_IDS = {
+    "requests": "requests",
+    "in_flight": "requestsinflight",
+    "dist": "latencydist",
+    "syncs": "multifdsyncs",
+}
 EVENT_COLOURS = {
     "pass": "#888888",
     "switchover": "#d62728",
@@ -76,9 +81,10 @@ pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
 <h1>{title}</h1>
 <h2>Timeline</h2>
 <p>Bytes per second on each channel and direction ({document["bucket_s"] * 1000:g} ms
-buckets), the migration's steps as vertical lines (postcopy pauses in orange, their
-recoveries in green, the time paused shaded between them), and below, every page request at
-the time it was made, with its latency.</p>
+buckets; each multifd channel its own line, <code>multifd-K</code>), the migration's
+steps as vertical lines (postcopy pauses in orange, their recoveries in green, the time
+paused shaded between them), multifd sync points as brown triangles, and below, every page
+request at the time it was made, with its latency.</p>
 {timeline}
 <h2>Fault latency</h2>
 <p>{html.escape(document["latency"].get("what", ""))}: {document["latency"]["count"]:,}
@@ -122,6 +128,23 @@ def _timeline(document: dict[str, Any]) -> Any:
             row=1,
             col=1,
             secondary_y=back,
+        )
+    syncs = document.get("syncs") or []
+    if syncs:
+        # Where the channels synced: a mark on the time axis each (one per section at most,
+        # too many for lines of their own).
+        figure.add_trace(
+            go.Scatter(
+                x=[sync["t"] for sync in syncs],
+                y=[0.0] * len(syncs),
+                mode="markers",
+                name="multifd sync point",
+                uid=TRACE_IDS["syncs"],
+                marker={"size": 7, "symbol": "triangle-up", "color": "#8c564b"},
+                text=[sync["detail"] for sync in syncs],
+            ),
+            row=1,
+            col=1,
         )
     answered = [r for r in document["requests"] if not r["in_flight"]]
     in_flight = [r for r in document["requests"] if r["in_flight"]]

@@ -2,14 +2,17 @@
 
 A runner's connection is wrapped in :class:`CountingConnection`, which counts each read and
 write (a chunk of up to a few hundred KiB, never a page) into the bucket of the moment it
-happened. Events (a precopy pass ending, the switchover's steps) are kept with their
+happened; each multifd channel is a series of its own, named as its capture file is
+(``multifd-<K>``). Events (a precopy pass ending, the switchover's steps) are kept with their
 monotonic time. Nothing here is per page.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from qmig.transport.connection import ConnectionProxy
@@ -22,6 +25,7 @@ STREAM = "stream"  # source → destination
 RETURN_PATH = "return path"  # destination → source
 PREEMPT = "preempt"  # source → destination: the postcopy-preempt channel
 PREEMPT_BACK = "return path (preempt)"  # its other direction (QEMU sends nothing on it)
+MULTIFD_PREFIX = "multifd-"  # multifd-<K>: source → destination on multifd channel K
 
 
 class Recorder:
@@ -62,6 +66,42 @@ def counted(
     return recorder.wrap(connection, sends=sends, receives=receives)
 
 
+def counted_multifd(
+    recorder: Recorder | None,
+    openers: dict[str, Callable[[float], Connection]],
+    *,
+    sending: bool,
+) -> dict[str, Callable[[float], Connection]]:
+    """``openers`` of multifd channels (keyed ``multifd-<K>``), each channel counted as a
+    series ``multifd-<K>``: what it sends when ``sending`` (a source, which opens channel K as
+    ``multifd-<K>``), else what it receives. A destination's channel threads ask for their
+    connections at once and take whichever comes: there the K-th connection taken is
+    ``multifd-<K>``, as a capture numbers them (the threads take them one at a time, in the
+    order the acceptor hands them out; they come one after another anyway)."""
+    if recorder is None:
+        return openers
+    taking = threading.Lock()
+    taken = itertools.count()
+
+    def counted_as(kind: str, connection: Connection) -> Connection:
+        back = f"return path ({kind})"
+        sends, receives = (kind, back) if sending else (back, kind)
+        return recorder.wrap(connection, sends=sends, receives=receives)
+
+    def opener(kind: str, open_channel: Callable[[float], Connection]) -> Any:
+        if sending:
+            return lambda timeout: counted_as(kind, open_channel(timeout))
+
+        def take(timeout: float) -> Connection:
+            with taking:
+                connection = open_channel(timeout)
+                return counted_as(f"{MULTIFD_PREFIX}{next(taken)}", connection)
+
+        return take
+
+    return {kind: opener(kind, open_channel) for kind, open_channel in openers.items()}
+
+
 class CountingConnection(ConnectionProxy):
     """A connection that counts what crosses it; everything else goes to the connection."""
 
@@ -91,3 +131,32 @@ class CountingConnection(ConnectionProxy):
     def sendall(self, data: Any) -> None:
         self._connection.sendall(data)
         self._recorder.count(self._sends, len(data))
+
+    @property
+    def socket(self) -> Any:
+        """The socket, counting what is sent on it directly: multifd's sender writes a
+        packet's header and its pages out of guest RAM in one ``sendmsg`` on the socket."""
+        sock = self._connection.socket
+        return None if sock is None else _CountingSocket(sock, self._recorder, self._sends)
+
+
+class _CountingSocket:
+    """A socket whose ``sendmsg`` counts what it sent; everything else goes to the socket."""
+
+    def __init__(self, sock: Any, recorder: Recorder, sends: str) -> None:
+        self._socket = sock
+        self._recorder = recorder
+        self._sends = sends
+
+    def fileno(self) -> int:  # select() asks for it directly
+        fd: int = self._socket.fileno()
+        return fd
+
+    def sendmsg(self, *args: Any) -> int:
+        sent: int = self._socket.sendmsg(*args)
+        if sent:
+            self._recorder.count(self._sends, sent)
+        return sent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._socket, name)

@@ -239,3 +239,35 @@ def test_tshark_dissects_a_real_multifd_capture_as_inspect_counts_it(
     assert sum(map(int, normal)) == sum(c["pages"] for c in channels) > 0
     assert sum(map(int, zero)) == sum(c["zero_pages"] for c in channels) > 0
     assert sum(v in ("1", "True") for v in syncs) == sum(c["syncs"] for c in channels) > 0
+
+
+@pytest.mark.qemu
+def test_report_of_a_real_multifd_capture(captured: Captured, tmp_path: Path) -> None:
+    """``qmig inspect DIR --report`` of the real folder, drawn in headless Chromium: a line
+    with points for each channel inspect counts, carrying that channel's bytes, and a mark for
+    each of the stream's MULTIFD_FLUSH sync points."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):  # scripts/setup installs it there
+            pytest.fail("chromium is not installed: run scripts/setup")
+        pytest.skip("chromium is not installed (scripts/setup installs it)")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "report"))
+    from report_page import check_drawn, multifd_drawn, render  # the report tests' reader
+
+    page = tmp_path / "capture.html"
+    done = subprocess.run(
+        qmig("inspect", str(captured.folder), "--json", "--report", str(page)),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    multifd = json.loads(done.stdout)["multifd"]
+    drawn = render(chromium, page, tmp_path / "profile")
+    check_drawn(drawn)
+    lines = multifd_drawn(drawn)
+    assert len(lines) == len(multifd["channels"]) == 2
+    assert all(vertices > 0 for vertices in lines.values()), lines
+    series = {s["name"]: s["bytes"] for s in drawn.document["series"]}
+    assert [series[c["direction"]] for c in multifd["channels"]] == [
+        c["bytes"] for c in multifd["channels"]
+    ]
+    assert len(drawn.document["syncs"]) == len(multifd["sync_points"]) >= 3

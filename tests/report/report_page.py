@@ -164,6 +164,13 @@ def check_drawn(page: Rendered) -> None:
         for point in trace.find("path", "point")
     ]
     assert len(crosses) == len(in_flight)
+    # One mark per multifd sync point.
+    syncs = [
+        point
+        for trace in timeline.find("g", "trace", "scatter", "tracemultifdsyncs")
+        for point in trace.find("path", "point")
+    ]
+    assert len(syncs) == len(document.get("syncs") or [])
     # One vertical line per migration step, with its label.
     shapes = timeline.one("g", "layer-above").one("g", "shapelayer").find("path")
     assert len(shapes) == len(document["events"])
@@ -208,3 +215,22 @@ def no_fetches(page: Path) -> None:
     """Everything inlined: no script, stylesheet or image from anywhere else."""
     text = page.read_text()
     assert "<script src" not in text and "<link" not in text and "<img" not in text
+
+
+def multifd_drawn(page: Rendered) -> dict[str, int]:
+    """Each multifd channel's line as the page drew it: its legend name (``multifd-<K>``, read
+    from the drawn legend) → the vertices of its line (read from the drawn trace)."""
+    timeline = page.dom.one("div", id="timeline")
+    legend = [node.text for node in timeline.find("text", "legendtext")]
+    drawn: dict[str, int] = {}
+    for index, series in enumerate(page.document["series"]):
+        name = f"{series['name']} (MiB/s)"
+        if not series["name"].startswith("multifd-"):
+            continue
+        assert name in legend, (name, legend)
+        trace = timeline.one("g", "trace", "scatter", f"traceseries{index}")
+        drawn[series["name"]] = sum(
+            line_vertices(line.attrs["d"]) for line in trace.find("path", "js-line")
+        )
+    assert len(drawn) == sum(text.startswith("multifd-") for text in legend)
+    return drawn

@@ -531,7 +531,7 @@ def _run(args: argparse.Namespace, libvirt: dict[str, Any] | None) -> int:
         report["requests"] = [request.as_json() for request in capture.requests]
         report["request_latency_us"] = latency_summary(capture.requests)
     if args.report is not None:
-        _write_report(args, report, capture)
+        _write_report(args, report, capture, multifd)
     if listing is not None:
         listing.summary(report)
     else:
@@ -587,7 +587,9 @@ def _preempt(
     }
 
 
-def _write_report(args: argparse.Namespace, report: dict[str, Any], capture: Any) -> None:
+def _write_report(
+    args: argparse.Namespace, report: dict[str, Any], capture: Any, multifd: Any
+) -> None:
     from qmig.report import builders
     from qmig.report.cli import write
     from qmig.report.document import printed
@@ -597,7 +599,7 @@ def _write_report(args: argparse.Namespace, report: dict[str, Any], capture: Any
         listing.console = console
         listing.summary(report)
 
-    write(args, builders.inspection(report, capture, capture.requests, printed(draw)))
+    write(args, builders.inspection(report, capture, capture.requests, printed(draw), multifd))
 
 
 def inspection_schema(args: argparse.Namespace) -> Any:

@@ -17,7 +17,7 @@ from qmig.host import HOST_PAGE_SIZE
 from qmig.latency import percentiles_us, vcpu_blocktime_ms
 from qmig.report.cli import add_report, check_report
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
-from qmig.report.recorder import PREEMPT_BACK, counted
+from qmig.report.recorder import PREEMPT_BACK, counted, counted_multifd
 from qmig.runner.misbehave_options import add_destination_knobs, destination_misbehaviour
 from qmig.runner.pauses import pause_rows, pauses_json
 
@@ -273,8 +273,11 @@ def run(args: argparse.Namespace) -> int:
                 handshake_timeout=args.handshake_timeout,
             )
             take = acceptor.wait
-            for index in range(args.multifd):
-                openers[f"multifd-{index}"] = lambda timeout: take("multifd", timeout)
+            multifd = {
+                f"multifd-{index}": lambda timeout: take("multifd", timeout)
+                for index in range(args.multifd)
+            }
+            openers.update(counted_multifd(recorder, multifd, sending=False))
         elif args.preempt and listener.socket is not None:
             # The preempt channel is the next connection to this listener after the main one.
             connection, acceptor = accept_channels(
