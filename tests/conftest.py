@@ -1,5 +1,8 @@
 """Shared test configuration.
 
+The ``machines`` fixture starts real QEMU processes that teardown always stops (the tests in
+tests/qemu also check that none is left running).
+
 Hypothesis profiles: ``ci`` (loaded when the ``CI`` environment variable is set) keeps the
 property tests within a 2-core CI budget; ``thorough`` (``QMIG_HYPOTHESIS=thorough``) runs
 many more examples for a local bug hunt. Otherwise hypothesis's defaults apply.
@@ -8,8 +11,15 @@ many more examples for a local bug hunt. Otherwise hypothesis's defaults apply.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from qmig.qemu.machine import Machine, MachineConfig
+
+MachineFactory = Callable[..., Machine]
 
 settings.register_profile(
     "ci",
@@ -29,3 +39,18 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 elif os.environ.get("QMIG_HYPOTHESIS"):
     settings.load_profile(os.environ["QMIG_HYPOTHESIS"])
+
+
+@pytest.fixture
+def machines(tmp_path: Path) -> Iterator[MachineFactory]:
+    """``machines(name, **MachineConfig fields)`` starts a QEMU that teardown always stops."""
+    started: list[Machine] = []
+
+    def start(name: str, **config: object) -> Machine:
+        machine = Machine(MachineConfig(name, **config), tmp_path)  # type: ignore[arg-type]
+        started.append(machine)
+        return machine.start()
+
+    yield start
+    for machine in started:
+        machine.shutdown()

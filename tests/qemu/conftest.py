@@ -1,7 +1,7 @@
 """Fixtures for tests that start real QEMU processes (marked ``qemu``).
 
-Every QEMU started through ``machines`` is shut down at teardown, and each test checks that no
-QEMU it started is left running, whether the test passed or failed.
+Every QEMU started through ``machines`` (tests/conftest.py) is shut down at teardown, and each
+test checks that no QEMU it started is left running, whether the test passed or failed.
 """
 
 from __future__ import annotations
@@ -9,15 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from qmig.qemu.machine import QEMU_BINARY, Machine, MachineConfig, running_qemu_pids
-
-MachineFactory = Callable[..., Machine]
-
+from qmig.qemu.machine import QEMU_BINARY, running_qemu_pids
 
 HERE = Path(__file__).parent
 
@@ -45,18 +42,3 @@ def no_qemu_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     for pid in left:  # fail the test, but do not let the leak burn CPU for the rest of the run
         os.kill(pid, signal.SIGKILL)
     assert not left, f"QEMU processes left running: {sorted(left)}"
-
-
-@pytest.fixture
-def machines(tmp_path: Path) -> Iterator[MachineFactory]:
-    """``machines(name, **MachineConfig fields)`` starts a QEMU that teardown always stops."""
-    started: list[Machine] = []
-
-    def start(name: str, **config: object) -> Machine:
-        machine = Machine(MachineConfig(name, **config), tmp_path)  # type: ignore[arg-type]
-        started.append(machine)
-        return machine.start()
-
-    yield start
-    for machine in started:
-        machine.shutdown()

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from multifd_replay_folder import write_multifd_folder
+from qemu_helpers import need as need_qemu
 from test_qemu_mapped_ram import MEMORY_MIB as MR_MEMORY_MIB
 from test_qemu_mapped_ram import SPEC as MR_SPEC
 from test_qemu_mapped_ram import ram_after_migration, save
 from test_replay_real import PRECOPY, check_guest_runs_on, run_replay
 
 from qmig.qemu.guest import GuestSpec
-from qmig.qemu.machine import Machine, qemu_install
-from qmig.qemu.qmp import QemuError
+from qmig.qemu.machine import Machine
 from qmig.replay import load_recording
 
 MachineFactory = Callable[..., Machine]
@@ -33,12 +32,7 @@ def need(version: str) -> str | None:
     """The destination's QEMU: None for the system's 7.2, else the private install."""
     if version == "7.2":
         return None
-    try:
-        qemu_install(version)
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
+    need_qemu(version)
     return version
 
 

@@ -14,14 +14,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from report_page import check_drawn, no_fetches, render
 
 from qmig.qemu.guest import MIB, GuestSpec
-from qmig.qemu.machine import QEMU_BINARY, Machine, MachineConfig
+from qmig.qemu.machine import QEMU_BINARY, Machine
 
 pytestmark = [
     pytest.mark.qemu,
@@ -32,20 +32,6 @@ pytestmark = [
 ]
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp"
 TIMEOUT = 60.0
-
-
-@pytest.fixture
-def machines(tmp_path: Path) -> Iterator[Callable[..., Machine]]:
-    started: list[Machine] = []
-
-    def start(name: str, **config: object) -> Machine:
-        machine = Machine(MachineConfig(name, **config), tmp_path)  # type: ignore[arg-type]
-        started.append(machine)
-        return machine.start()
-
-    yield start
-    for machine in started:
-        machine.shutdown()
 
 
 def qmig(*args: str) -> list[str]:

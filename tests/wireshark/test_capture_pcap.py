@@ -13,17 +13,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dissecting import FIXTURE_QEMU, column, inspect_json, run_tshark
+from qemu_helpers import need
 from test_pcapng import read_pcapng
 
 from qmig.pcap import SOURCE_PORT
 from qmig.qemu.guest import MIB, GuestSpec
-from qmig.qemu.machine import QEMU_BINARY, Machine, MachineConfig, qemu_install
-from qmig.qemu.qmp import QemuError
+from qmig.qemu.machine import QEMU_BINARY, Machine
 
 pytestmark = [
     pytest.mark.qemu,
@@ -39,31 +39,6 @@ TIMEOUT = 60.0
 FIELDS = ["qmig.channel", "qmig.record", "qmig.ram.kind", "qmig.cmd", "qmig.rp.message",
           "qmig.undecoded"]  # fmt: skip
 UNCOUNTED = {"EOS", "HOOK", "MULTIFD_FLUSH"}
-
-
-@pytest.fixture
-def machines(tmp_path: Path) -> Iterator[Callable[..., Machine]]:
-    started: list[Machine] = []
-
-    def start(name: str, **config: object) -> Machine:
-        machine = Machine(MachineConfig(name, **config), tmp_path)  # type: ignore[arg-type]
-        started.append(machine)
-        return machine.start()
-
-    yield start
-    for machine in started:
-        machine.shutdown()
-
-
-def need(version: str | None) -> None:
-    if version is None:
-        return
-    try:
-        qemu_install(version)
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
 
 
 @pytest.mark.parametrize("version", [None, "10.0"], ids=["qemu-7.2", "qemu-10.0"])
