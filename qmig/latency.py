@@ -70,6 +70,7 @@ def request_legs(
     ``served_ns`` each one's read → written, in the same order; ``sent``: the destination's
     answered requests, (CLOCK_MONOTONIC sent, sent → placed, block, byte offset). Both
     processes read the same clock. A page asked for twice pairs in order, first with first.
+    The second list leaves out pages placed before the source had written its answer.
     """
     queued: dict[tuple[str, int], deque[tuple[int, int]]] = {}
     for sent_ns, waited_ns, block, offset in sorted(sent):
@@ -83,5 +84,9 @@ def request_legs(
         sent_ns, waited_ns = waiting.popleft()
         read_ns = round(read_s * 1e9)
         to_read.append(max(0, read_ns - sent_ns))
-        to_placed.append(max(0, sent_ns + waited_ns - read_ns - served))
+        placed_after = sent_ns + waited_ns - read_ns - served
+        if placed_after > 0:
+            # Otherwise the page was placed before the source's answer was written: it was
+            # on its way already (the sweep sent it), and the answer took no part in it.
+            to_placed.append(placed_after)
     return to_read, to_placed

@@ -375,7 +375,8 @@ def _summary(
         },
         # And between them: REQ_PAGES sent → read by the source (on the wire, and waiting
         # for the source's loop to look); the page written → placed (queued behind the bytes
-        # sent before it, then read and placed).
+        # sent before it, then read and placed; pages placed before the answer was written,
+        # because the sweep had sent them already, are left out).
         "request_read_us": {
             "p50": percentile_us(read_ns, 0.5),
             "p99": percentile_us(read_ns, 0.99),

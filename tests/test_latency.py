@@ -66,6 +66,13 @@ def test_request_legs_join_the_two_ends_by_page_first_with_first() -> None:
     ]
 
 
+def test_a_page_placed_before_the_answer_was_written_has_no_delivery_time() -> None:
+    # Asked for while the sweep's copy was already on the wire: placed 30 µs after the
+    # request was sent, the source read it 20 µs after and wrote its answer 50 µs later.
+    sent = [(1_000_000, 30_000, "pc.ram", 0)]
+    assert request_legs([(0.00102, "pc.ram", 0)], [50_000], sent) == ([20_000], [])
+
+
 def test_request_legs_leave_out_requests_only_one_end_saw() -> None:
     # A request read from a stream the destination did not answer (and the reverse).
     assert request_legs([(0.001, "pc.ram", 0)], [5_000], []) == ([], [])
