@@ -135,8 +135,10 @@ def run_qmig(plan: Plan, *, fast_path: bool = True) -> dict[str, Any]:
         "ram_pages": pages,
         "discarded_pages": s["discarded_pages"],
         "request_sent_us": s["request_sent_us"],
+        "request_read_us": s["request_read_us"],
         "request_served_us": s["request_served_us"],
-        # The third part of a request's round trip: the page's last bytes read off the
+        "page_delivered_us": s["page_delivered_us"],
+        # The last part of a request's round trip: the page's last bytes read off the
         # socket → placed (the destination's C receive thread), and that thread's counts.
         "page_placed_us": s.get("page_placed_us"),
         "fast_path": s.get("fast_path"),
@@ -355,13 +357,16 @@ def print_table(result: dict[str, Any]) -> None:
         if not side:
             continue
         # A request's round trip, by its parts (p50 / p99 µs): the destination's fault → its
-        # REQ_PAGES on the wire; the source's REQ_PAGES read → the page on the wire; the
-        # page read off the wire → placed (by the C thread; none without it). What is left
-        # of the fault latency is time on the wire and in the source's loop before it reads
-        # the request, queued behind the pages already sent.
+        # REQ_PAGES on the wire; → read by the source (on the wire, and until the source's
+        # loop looks); the source's REQ_PAGES read → the page on the wire; the page on the
+        # wire → placed (queued behind the bytes sent before it, then read and placed), of
+        # which the last part is the page read off the wire → placed (by the C thread; none
+        # without it). What is left of the fault latency is waking the faulting thread.
         parts = [
             ("fault → request on the wire", side.get("request_sent_us")),
+            ("request on the wire → read", side.get("request_read_us")),
             ("request → page on the wire", side.get("request_served_us")),
+            ("page on the wire → placed", side.get("page_delivered_us")),
             ("page off the wire → placed", side.get("page_placed_us")),
         ]
         for label, figures in parts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,3 +55,38 @@ def vcpu_blocktime_ms(faults: dict[str, Any], workload: Sequence[dict[str, Any]]
     once they have been through JSON)."""
     by_thread = {int(tid): ns for tid, ns in (faults.get("blocktime_ns_by_thread") or {}).items()}
     return [round(by_thread.get(vcpu.get("thread_id", 0), 0) / 1e6, 2) for vcpu in workload]
+
+
+def request_legs(
+    read: Sequence[tuple[float, str, int]],
+    served_ns: Sequence[int],
+    sent: Sequence[tuple[int, int, str, int]],
+) -> tuple[list[int], list[int]]:
+    """The two parts of a request's round trip that neither end sees alone, in ns: its
+    REQ_PAGES sent by the destination → read by the source, and its page written into the
+    source's socket → placed on the destination.
+
+    ``read``: the source's requests, (``time.monotonic()`` read, block, byte offset), and
+    ``served_ns`` each one's read → written, in the same order; ``sent``: the destination's
+    answered requests, (CLOCK_MONOTONIC sent, sent → placed, block, byte offset). Both
+    processes read the same clock. A page asked for twice pairs in order, first with first.
+    The second list leaves out pages placed before the source had written its answer.
+    """
+    queued: dict[tuple[str, int], deque[tuple[int, int]]] = {}
+    for sent_ns, waited_ns, block, offset in sorted(sent):
+        queued.setdefault((block, offset), deque()).append((sent_ns, waited_ns))
+    to_read: list[int] = []
+    to_placed: list[int] = []
+    for (read_s, block, offset), served in zip(read, served_ns, strict=False):
+        waiting = queued.get((block, offset))
+        if not waiting:  # not asked by this channel's destination, or never answered
+            continue
+        sent_ns, waited_ns = waiting.popleft()
+        read_ns = round(read_s * 1e9)
+        to_read.append(max(0, read_ns - sent_ns))
+        placed_after = sent_ns + waited_ns - read_ns - served
+        if placed_after > 0:
+            # Otherwise the page was placed before the source's answer was written: it was
+            # on its way already (the sweep sent it), and the answer took no part in it.
+            to_placed.append(placed_after)
+    return to_read, to_placed

@@ -17,7 +17,7 @@ from typing import Any
 
 from qmig import simulate_multifd
 from qmig.errors import QmigError, VerificationError
-from qmig.latency import percentile_us, vcpu_blocktime_ms
+from qmig.latency import percentile_us, request_legs, vcpu_blocktime_ms
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.source import DeviceSnapshot, Source
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
@@ -318,6 +318,12 @@ def _summary(
     sent_ns = sorted(destination.get("request_sent_ns") or [])
     served_ns = sorted(report.served_ns)
     placed_ns = sorted(destination.get("fast_path_wait_ns") or [])
+    read_ns, delivered_ns = (
+        sorted(leg)
+        for leg in request_legs(
+            report.requests, report.served_ns, destination.get("request_log") or []
+        )
+    )
     downtime = None
     if report.stopped is not None and destination.get("running_at") is not None:
         downtime = (destination["running_at"] - report.stopped) * 1000
@@ -366,6 +372,18 @@ def _summary(
         "request_served_us": {
             "p50": percentile_us(served_ns, 0.5),
             "p99": percentile_us(served_ns, 0.99),
+        },
+        # And between them: REQ_PAGES sent → read by the source (on the wire, and waiting
+        # for the source's loop to look); the page written → placed (queued behind the bytes
+        # sent before it, then read and placed; pages placed before the answer was written,
+        # because the sweep had sent them already, are left out).
+        "request_read_us": {
+            "p50": percentile_us(read_ns, 0.5),
+            "p99": percentile_us(read_ns, 0.99),
+        },
+        "page_delivered_us": {
+            "p50": percentile_us(delivered_ns, 0.5),
+            "p99": percentile_us(delivered_ns, 0.99),
         },
         # The destination's C receive thread: data pages it placed, recv() → placed.
         "page_placed_us": {

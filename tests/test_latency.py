@@ -8,6 +8,7 @@ from qmig.latency import (
     percentile_us,
     percentiles_us,
     qemu_latency_figures,
+    request_legs,
 )
 
 
@@ -41,3 +42,38 @@ def test_qemu_latency_figures_average_in_nanoseconds() -> None:
         "postcopy_latency_ns": 0,
         "postcopy_latency_dist": [0] * LATENCY_DIST_BUCKETS,
     }
+
+
+def test_request_legs_join_the_two_ends_by_page_first_with_first() -> None:
+    # The destination sent three requests (ns, sent → placed, block, offset); pc.ram 0x2000
+    # twice (a second fault after a page was discarded again), one vga.vram that the source
+    # never read (its channel broke), and the source read the other three in its own order.
+    sent = [
+        (1_000_000, 500_000, "pc.ram", 0x2000),
+        (2_000_000, 400_000, "pc.ram", 0x2000),
+        (1_500_000, 300_000, "pc.ram", 0x5000),
+        (1_700_000, 900_000, "vga.vram", 0),
+    ]
+    read = [(0.00105, "pc.ram", 0x2000), (0.00160, "pc.ram", 0x5000), (0.00230, "pc.ram", 0x2000)]
+    served_ns = [20_000, 10_000, 40_000]
+    to_read, to_placed = request_legs(read, served_ns, sent)
+    # Read − sent, then placed (sent + its wait) − written (read + served).
+    assert to_read == [50_000, 100_000, 300_000]
+    assert to_placed == [
+        1_500_000 - 1_050_000 - 20_000,
+        1_800_000 - 1_600_000 - 10_000,
+        2_400_000 - 2_300_000 - 40_000,
+    ]
+
+
+def test_a_page_placed_before_the_answer_was_written_has_no_delivery_time() -> None:
+    # Asked for while the sweep's copy was already on the wire: placed 30 µs after the
+    # request was sent, the source read it 20 µs after and wrote its answer 50 µs later.
+    sent = [(1_000_000, 30_000, "pc.ram", 0)]
+    assert request_legs([(0.00102, "pc.ram", 0)], [50_000], sent) == ([20_000], [])
+
+
+def test_request_legs_leave_out_requests_only_one_end_saw() -> None:
+    # A request read from a stream the destination did not answer (and the reverse).
+    assert request_legs([(0.001, "pc.ram", 0)], [5_000], []) == ([], [])
+    assert request_legs([], [], [(1_000, 2_000, "pc.ram", 0)]) == ([], [])
