@@ -4,7 +4,8 @@ main connection and both multifd channels, the destination's RAM equals the sour
 stream's sync points, pages per channel adding up to what each file carried. The same folder
 (captured once for the module) is then replayed over two multifd channels into a fresh real
 QEMU, whose RAM must equal the captured source's, and exported as pcapng for tshark with
-qmig's dissector, whose handshake, packet, page and sync counts must equal inspect's."""
+qmig's dissector, whose handshake, packet, page and sync counts must equal inspect's. A QEMU
+7.2 multifd migration is captured and inspected the same way, with 7.2's own rules."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,17 +51,23 @@ def _machine(folder: Path, name: str, **config: object) -> Machine:
 
 
 @pytest.fixture(scope="module")
-def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
+def captured(tmp_path_factory: pytest.TempPathFactory) -> Captured:
     """One real QEMU 10.0 → QEMU 10.0 multifd migration through ``qmig capture``, for every
     test of the module; both QEMUs are stopped before the first test runs."""
-    need_qemu(VERSION)
-    work = tmp_path_factory.mktemp("multifd-capture")
+    return capture_migration(tmp_path_factory.mktemp("multifd-capture"), VERSION)
+
+
+def capture_migration(work: Path, version: str) -> Captured:
+    """A real QEMU ``version`` → QEMU ``version`` migration over two multifd channels through
+    ``qmig capture --multifd 2``; both QEMUs stopped when it returns."""
+    need_qemu(version)
+    qemu_version = None if version == "7.2" else version
     started: list[Machine] = []
     relay: subprocess.Popen[str] | None = None
     try:
         destination = _machine(
             work, "destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer",
-            paused=True, qemu_version=VERSION,
+            paused=True, qemu_version=qemu_version,
         )  # fmt: skip
         started.append(destination)
         destination.start()
@@ -77,7 +83,9 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
         )  # fmt: skip
         assert relay.stderr is not None
         listening = relay.stderr.readline().strip()
-        source = _machine(work, "source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=VERSION)
+        source = _machine(
+            work, "source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=qemu_version
+        )
         started.append(source)
         source.start()
         source.wait_serial(1)
@@ -96,7 +104,7 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
             relay.wait()
         for machine in started:
             machine.shutdown()
-    yield Captured(out, json.loads(stdout), expected, received)
+    return Captured(out, json.loads(stdout), expected, received)
 
 
 @pytest.mark.qemu
@@ -271,3 +279,27 @@ def test_report_of_a_real_multifd_capture(captured: Captured, tmp_path: Path) ->
         c["bytes"] for c in multifd["channels"]
     ]
     assert len(drawn.document["syncs"]) == len(multifd["sync_points"]) >= 3
+
+
+@pytest.mark.qemu
+def test_capture_and_inspect_a_real_qemu_7_2_multifd_migration(tmp_path: Path) -> None:
+    """QEMU 7.2's multifd through the relay: zero pages as ZERO records on the main channel,
+    the channels synced at each RAM section's EOS (7.2 has no MULTIFD_FLUSH)."""
+    captured = capture_migration(tmp_path, "7.2")
+    assert captured.summary["clean"] is True
+    assert captured.destination_ram == captured.source_ram
+    out = captured.folder
+    sizes = [(out / f"multifd-{k}.bin").stat().st_size for k in range(2)]
+    assert all(size > 0 for size in sizes)
+    multifd = inspect_multifd(out)
+    channels = multifd["channels"]
+    assert isinstance(channels, list)
+    assert [channel["bytes"] for channel in channels] == sizes  # every byte accounted for
+    assert multifd["syncs_match"] and multifd["flush_after_each_section"] is True
+    points = multifd["sync_points"]
+    assert isinstance(points, list) and len(points) >= 3
+    assert {point["name"] for point in points} == {"EOS"}
+    pages = multifd["pages"]
+    assert isinstance(pages, dict)
+    assert pages["main"] > 0  # 7.2's zero pages
+    assert sum(pages.values()) >= MEMORY_MIB * MIB // 4096
