@@ -8,5 +8,6 @@ setup(
     cffi_modules=[
         "qmig/wire/_ramscan_build.py:ffibuilder",
         "qmig/ram/_uffd_build.py:ffibuilder",
+        "qmig/runner/_answer_build.py:ffibuilder",
     ],
 )

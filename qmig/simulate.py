@@ -79,6 +79,7 @@ class SimulationConfig:
     multifd: int | None = None
     zero_page_detection: str | None = None
     fast_path: bool = True  # the destination's C receive thread after RUN (qmig.runner.fastpath)
+    fast_answer: bool = True  # the source's C answer thread, 8.0 preempt (qmig.runner.answer)
 
     def variant(self) -> PreemptVariant | None:
         """The preempt variant this run uses, or None without --preempt."""
@@ -269,6 +270,7 @@ def _run_source(
         send_buffer=config.send_buffer,
         cuts=cuts,
         recover_timeout=RECOVER_TIMEOUT,
+        fast_answer=config.fast_answer,
     )
 
     def opened(connection: Connection) -> Connection:
@@ -391,6 +393,7 @@ def _summary(
             "p99": percentile_us(placed_ns, 0.99),
         },
         "fast_path": destination.get("fast_path") or {},
+        "fast_answer": report.fast_answer,
         "blocktime_ms": round(faults.get("blocktime_ns", 0) / 1e6, 2),
         # QEMU 10.1's query-migrate figures: the fault latency's mean and power-of-two
         # distribution, and each vCPU's blocktime.

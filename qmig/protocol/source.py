@@ -436,6 +436,33 @@ class Source:
                 self._preempt_out += data
                 self.preempt_pages += len(wanted)
 
+    @property
+    def preempt_block(self) -> str | None:
+        """The block the preempt channel's last record named (its CONTINUE state), or None."""
+        return None if self._preempt_named is None else self._preempt_named.idstr
+
+    def forget_preempt_block(self) -> None:
+        """The next preempt record names its block whatever came before (another writer may
+        have written on the channel since this machine last did)."""
+        self._preempt_named = None
+
+    def answered_elsewhere(
+        self, block: str, pages: Sequence[int], *, zeros: int, size: int
+    ) -> None:
+        """Requested target ``pages`` of ``block`` were written on the preempt channel outside
+        this machine (the runner's C answer thread, as QEMU's return-path thread writes them):
+        they are clean, counted as requested postcopy pages on the preempt channel, and are
+        not answered again; that channel's last block is ``block``."""
+        source_block = self.by_name[block]
+        for page in pages:
+            source_block.dirty[page] = 0
+        self._preempt_named = source_block
+        self.preempt_pages += len(pages)
+        self.stats.postcopy_pages += len(pages)
+        self.stats.postcopy_zero_pages += zeros
+        self.stats.postcopy_bytes += size
+        self.stats.requested_pages += len(pages)
+
     def requested_data(self) -> bytes:
         """Postcopy: the pages asked for on the return path and not yet in the stream, and
         nothing else. A runner sends them as soon as they are asked for, ahead of the

@@ -39,6 +39,7 @@ from qmig.errors import TransportError
 from qmig.protocol import events as ev
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
+from qmig.runner.answer import Answered, FastAnswer
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
 from qmig.runner.multifd_send import MultifdSender
 from qmig.runner.pauses import Pause
@@ -77,6 +78,8 @@ class SourceReport:
     preempt_bytes: int = 0
     pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
     multifd_bytes: list[int] = field(default_factory=list)  # per multifd channel
+    # The C answer thread (8.0 preempt): target pages it wrote, requests it left to Python.
+    fast_answer: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +94,9 @@ class SourcePlan:
     postcopy_chunk: int = POSTCOPY_CHUNK
     cuts: CutPlan | None = None  # break the channel on purpose (fault injection)
     recover_timeout: float = RECOVER_TIMEOUT
+    # The 8.0 preempt variant: requests answered by a C thread as they are read (see
+    # qmig.runner.answer) until the first pause; False: by this loop.
+    fast_answer: bool = False
 
 
 class SourceRunner:
@@ -124,12 +130,23 @@ class SourceRunner:
         self.multifd: MultifdSender | None = None
         if source.multifd is not None:
             self.multifd = MultifdSender(self.channels, source.multifd)
+        self._fast: FastAnswer | None = None
+        # Requests the C thread answered: (block, start) → [(read, written) ns], taken by
+        # _take_events as the machine reports the requests, and each one's read → written.
+        self._fast_times: dict[tuple[str, int], deque[list[int]]] = {}
+        self._fast_served: dict[int, int] = {}
 
     @property
     def connection(self) -> Connection:
         return self.channels.main
 
     def run(self) -> SourceReport:
+        try:
+            return self._run()
+        finally:
+            self._stop_fast_answer()
+
+    def _run(self) -> SourceReport:
         source, plan = self.source, self.plan
         self.report.started = self._clock = self._window_at = time.monotonic()
         if source.preempt is not None and source.preempt.opened_at_setup:
@@ -159,6 +176,7 @@ class SourceRunner:
         self.report.pongs = list(source.pongs)
         self.report.recoveries = source.stats.recoveries
         self.report.channels = self.channels.opened
+        self._stop_fast_answer()
         self.report.preempt_pages = source.preempt_pages
         if self.multifd is not None:
             self.report.multifd_bytes = list(self.multifd.bytes_sent)
@@ -215,6 +233,7 @@ class SourceRunner:
         deadline = broke + self.plan.recover_timeout
         pause = Pause(broke, error.detail, self._sent, source.stats.postcopy_pages)
         self.report.pauses.append(pause)
+        self._stop_fast_answer()  # the recovered migration's requests are this loop's
         if source.state is not SourceState.PAUSED:
             source.channel_broken()
             self._take_events()
@@ -277,8 +296,12 @@ class SourceRunner:
     def _served(self, upto: int) -> None:
         """Every request before ``upto`` has its pages in the socket (or had them already)."""
         now = time.monotonic()
-        for received, _block, _start in self.report.requests[self._answered : upto]:
-            self.report.served_ns.append(int((now - received) * 1e9))
+        requests = self.report.requests
+        for index in range(self._answered, upto):
+            served = self._fast_served.pop(index, None)
+            if served is None:
+                served = int((now - requests[index][0]) * 1e9)
+            self.report.served_ns.append(served)
         self._answered = upto
 
     def _end_of_pass(self, event: ev.PassCompleted) -> None:
@@ -302,13 +325,19 @@ class SourceRunner:
         it reads the request; the cap does not hold them either)."""
         if self.source.preempt is None:
             return
+        if self._fast is not None:
+            self._apply_fast()
         data = self.source.preempt_data()
         if not data:
             return
-        channel = self.channels.get(PREEMPT)
-        if channel is None:
-            raise TransportError(self.connection.name, "pages to send and no preempt channel")
-        channel.sendall(data)
+        if self._fast is not None:
+            self._fast.write(data)  # requests the thread left to the machine
+            self.source.forget_preempt_block()
+        else:
+            channel = self.channels.get(PREEMPT)
+            if channel is None:
+                raise TransportError(self.connection.name, "pages to send and no preempt channel")
+            channel.sendall(data)
         self.report.preempt_bytes += len(data)
         known = len(self.report.requests)
         if known > self._answered and self.source.pending_requests == 0:
@@ -341,6 +370,48 @@ class SourceRunner:
         self._send(self.source.data_to_send(0), capped=False)
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
+        if preempt is not None and not preempt.opened_at_setup and self.plan.fast_answer:
+            self._start_fast_answer()
+
+    # --- the C answer thread (the 8.0 preempt variant) -------------------------------------
+
+    def _start_fast_answer(self) -> None:
+        channel = self.channels.get(PREEMPT)
+        if channel is None or self.connection.unread_prefix:
+            return
+        self._fast = FastAnswer(self.source, self.connection, channel)
+        # While the thread writes on the channel, the machine's own preempt records name
+        # their block: the channel's last block may be one the thread named since.
+        self.source.forget_preempt_block()
+
+    def _stop_fast_answer(self) -> None:
+        """Join the thread; what it wrote is the machine's to know. The return path's bytes
+        it read and this loop did not are lost with the channel it stops for (a pause, or
+        the end)."""
+        fast = self._fast
+        if fast is None:
+            return
+        self._fast = None
+        self._note_fast(fast.stop())
+        self.report.preempt_bytes += fast.bytes
+        totals = self.report.fast_answer
+        totals["pages"] = totals.get("pages", 0) + fast.pages
+        totals["declined"] = totals.get("declined", 0) + fast.declined
+
+    def _apply_fast(self) -> None:
+        assert self._fast is not None
+        self._note_fast(self._fast.apply())
+
+    def _note_fast(self, answered: list[Answered]) -> None:
+        if not answered:
+            return
+        self.source.forget_preempt_block()
+        for page in answered:
+            waiting = self._fast_times.setdefault((page.block, page.request_start), deque())
+            if waiting and waiting[-1][0] == page.read_ns:  # another host page of a request
+                waiting[-1][1] = page.sent_ns
+            else:
+                waiting.append([page.read_ns, page.sent_ns])
 
     def _stop_guest(self) -> None:
         self._advance_dirtier()
@@ -409,7 +480,7 @@ class SourceRunner:
         connection = self.connection
         deadline = time.monotonic() + STALL_TIMEOUT
         while True:
-            readable, writable, _ = select.select([connection], [connection], [], 1.0)
+            readable, writable, _ = select.select([self._return_path()], [connection], [], 1.0)
             if readable:
                 self._read_return_path()
             if writable and (sent := connection.send_some(piece)):
@@ -446,12 +517,25 @@ class SourceRunner:
             self._poll_return_path(self._window_at + CAP_WINDOW - now)
 
     def _poll_return_path(self, timeout: float) -> None:
-        ready, _, _ = select.select([self.connection], [], [], timeout)
+        ready, _, _ = select.select([self._return_path()], [], [], timeout)
         if ready:
             self._read_return_path()
 
+    def _return_path(self) -> Connection | FastAnswer:
+        """Where the return path's bytes come from: the socket, or the C answer thread."""
+        return self.connection if self._fast is None else self._fast
+
     def _read_return_path(self) -> None:
-        count = self.connection.recv_into(self._rp_buffer)
+        fast = self._fast
+        count = 0 if fast is None else fast.read_into(self._rp_buffer)
+        if fast is not None and count:
+            self._apply_fast()  # before the machine reads the requests: they are answered
+        elif fast is not None:
+            # The thread met the socket's end or an error: this loop meets it there too.
+            self._stop_fast_answer()
+            count = self.connection.recv_into(self._rp_buffer)
+        else:
+            count = self.connection.recv_into(self._rp_buffer)
         if count == 0:
             if self.channels.can_reopen and self.phase in RECOVERABLE:
                 # The destination's end of a broken channel: pause, do not fail.
@@ -473,7 +557,18 @@ class SourceRunner:
                     self._passes_done.append(event)
                     self.report.pass_ends.append(time.monotonic())
                 case ev.RequestReceived(block=block, start=start):
-                    self.report.requests.append((time.monotonic(), block, start))
+                    self._note_request(block, start)
+
+    def _note_request(self, block: str, start: int) -> None:
+        """A request, read now, or earlier by the C thread (which answered it then)."""
+        requests = self.report.requests
+        waiting = self._fast_times.get((block, start))
+        if waiting:
+            read_ns, sent_ns = waiting.popleft()
+            self._fast_served[len(requests)] = sent_ns - read_ns
+            requests.append((read_ns / 1e9, block, start))
+        else:
+            requests.append((time.monotonic(), block, start))
 
     def _label(self) -> str:
         """The phase as progress reports name it (a finished pass is still precopy)."""

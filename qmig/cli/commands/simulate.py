@@ -114,6 +114,12 @@ def register(subparsers: Any) -> None:
         help="place postcopy pages from Python instead of the C receive thread that reads the "
         "channel once the guest runs (default: the C thread)",
     )
+    parser.add_argument(
+        "--no-fast-answer",
+        action="store_true",
+        help="with the 8.0 preempt variant, answer page requests from the source's Python "
+        "loop instead of the C thread that reads the return path (default: the C thread)",
+    )
     add_bandwidth(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
@@ -172,6 +178,7 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         multifd=args.multifd,
         zero_page_detection=args.zero_page_detection,
         fast_path=not args.no_fast_path,
+        fast_answer=not args.no_fast_answer,
     )
     if args.blocks:
         config.blocks = args.blocks

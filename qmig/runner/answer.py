@@ -1,0 +1,158 @@
+"""The source's answer to a page request from C (postcopy-preempt, QEMU 8.0+ variant).
+
+QEMU 8.0's source writes a requested page on the preempt channel from the thread that reads
+the return path, as it reads the request. :class:`FastAnswer` does the same from a C thread
+(``answer.c``): it reads the return path, answers every well-formed REQ_PAGES(_ID) there with
+the page's records (header and page straight from guest RAM, one writev), and passes every
+byte it read on through a pipe, so that the source machine still reads all of it (PONG,
+SHUT, RECV_BITMAP, the requests themselves). What it wrote it queues; :meth:`apply` tells the
+machine (clean pages, preempt counts, the channel's last block) before the machine reads the
+requests, so the machine finds them answered and does not answer them again.
+
+Anything the thread finds odd (an unknown block, a misaligned or overrunning range, a
+malformed message) it leaves to the machine, which refuses it as it always has. Only while
+the preempt channel is the one the thread was given: a pause stops it, and the recovered
+migration is Python's (see the runner).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from qmig.errors import TransportError
+from qmig.protocol.source import Source
+from qmig.runner._answer import ffi, lib
+from qmig.transport import Connection
+
+DRAIN = 256  # entries taken per C call
+PIPE_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One host page the thread wrote: for the runner's timings."""
+
+    block: str
+    request_start: int
+    read_ns: int
+    sent_ns: int
+
+
+class FastAnswer:
+    def __init__(self, source: Source, return_path: Connection, preempt: Connection) -> None:
+        schema = source.schema
+        flags = schema.profile.ram_flags
+        messages = schema.profile.rp_messages
+        self._source = source
+        self._return_path = return_path
+        self._names = [block.idstr for block in source.blocks]
+        self._index = {name: index for index, name in enumerate(self._names)}
+        read_fd, write_fd = os.pipe()
+        self._pipe = read_fd
+        # The thread answers before it passes the bytes on, but waits for room in the pipe
+        # before it reads more: room for many requests, should this loop look away awhile.
+        with contextlib.suppress(OSError):  # a lower system limit: the default size works
+            fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        config: Any = ffi.new("struct qmig_answer_config *")
+        config.rp_fd = return_path.fileno()
+        config.preempt_fd = preempt.fileno()
+        config.pipe_fd = write_fd
+        last = source.preempt_block
+        config.last_block = -1 if last is None else self._index[last]
+        config.req_pages = messages["REQ_PAGES"]
+        config.req_pages_id = messages["REQ_PAGES_ID"]
+        config.rp_max_length = schema.profile.rp_max_length
+        config.source_host_page = source.host_page_size
+        config.target_page_size = source.target_page_size
+        config.flag_zero = flags["ZERO"]
+        config.flag_page = flags["PAGE"]
+        config.flag_continue = flags["CONTINUE"]
+        # The memory behind every pointer stays referenced here until stop() has joined.
+        self._keep: list[Any] = []
+        blocks: Any = ffi.new("struct qmig_answer_block[]", max(1, len(source.blocks)))
+        for slot, block in zip(blocks, source.blocks, strict=False):
+            name = block.idstr.encode("latin-1")
+            ram = ffi.from_buffer(block.ram)
+            dirty = ffi.from_buffer(block.dirty)
+            self._keep += [ram, dirty, name]
+            slot.ram = ram
+            slot.dirty = dirty
+            slot.pages = len(block.dirty)
+            slot.used_length = block.used_length
+            slot.host_page_size = block.page_size
+            slot.name = ffi.from_buffer(name)
+            slot.name_len = len(name)
+        self._keep += [blocks, config]
+        error: Any = ffi.new("int *")
+        self._handle: Any = lib.qmig_answer_start(config, blocks, len(source.blocks), error)
+        if self._handle == ffi.NULL:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise OSError(error[0], "starting the preempt answer thread")
+        self._entries: Any = ffi.new("struct qmig_answer_entry[]", DRAIN)
+        self.declined = 0  # well-formed requests the thread left to the machine
+        self.pages = 0
+        self.bytes = 0
+
+    def fileno(self) -> int:
+        """What to select on for return-path bytes (the pipe's read end)."""
+        return self._pipe
+
+    def read_into(self, buffer: bytearray) -> int:
+        """Return-path bytes the thread read; 0: it stopped reading (the socket's EOF or
+        error, which the caller then meets on the socket itself)."""
+        try:
+            count = os.readv(self._pipe, [buffer])
+        except OSError as error:
+            raise TransportError(self._return_path.name, str(error)) from None
+        self._return_path.received_elsewhere(count)
+        return count
+
+    def apply(self) -> list[Answered]:
+        """Tell the machine of every page the thread wrote so far; their timings."""
+        done: list[Answered] = []
+        entries = self._entries
+        while count := lib.qmig_answer_drain(self._handle, entries, DRAIN):
+            for entry in entries[0:count]:
+                name = self._names[entry.block]
+                mask, first = int(entry.mask), int(entry.first)
+                pages = [first + bit for bit in range(mask.bit_length()) if mask >> bit & 1]
+                self._source.answered_elsewhere(
+                    name, pages, zeros=int(entry.zeros), size=int(entry.bytes)
+                )
+                self.pages += len(pages)
+                self.bytes += int(entry.bytes)
+                done.append(
+                    Answered(name, int(entry.request_start), int(entry.read_ns), int(entry.sent_ns))
+                )
+        return done
+
+    def write(self, data: bytes) -> None:
+        """Preempt-channel bytes the machine made (requests the thread left to it): written
+        between the thread's records, never inside one. The machine names the block of its
+        first record (see Source.forget_preempt_block) and its last block becomes the
+        channel's."""
+        last = self._source.preempt_block
+        index = -1 if last is None else self._index[last]
+        rc = lib.qmig_answer_write(self._handle, data, len(data), index)
+        if rc < 0:
+            raise TransportError("preempt", os.strerror(-rc))
+
+    def stop(self) -> list[Answered]:
+        """Join the thread (it writes nothing more) and tell the machine what it wrote last;
+        the pipe's read end is closed."""
+        if self._handle == ffi.NULL:
+            return []
+        declined: Any = ffi.new("int *")
+        lib.qmig_answer_stop(self._handle, declined)
+        self.declined = int(declined[0])
+        answered = self.apply()
+        lib.qmig_answer_free(self._handle)
+        self._handle = ffi.NULL
+        os.close(self._pipe)
+        self._keep.clear()
+        return answered

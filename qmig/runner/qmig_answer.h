@@ -1,0 +1,61 @@
+/* qmig.runner._answer: the source's postcopy-preempt answer thread (QEMU 8.0+ variant).
+
+   The declarations that the C file and Python share. _answer_build.py gives this file to
+   cffi's cdef without its '#' lines, so everything else here must be a plain C declaration.
+   Every stream constant (message numbers, RAM flags, page size) comes in from Python, which
+   takes it from the profile. */
+#ifndef QMIG_ANSWER_H
+#define QMIG_ANSWER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* One guest RAM block as the thread may serve it. Python owns the memory behind each pointer
+   and keeps it alive (and the dirty map the same object) until qmig_answer_stop returns. */
+struct qmig_answer_block {
+    const uint8_t *ram;        /* the block's guest memory */
+    const uint8_t *dirty;      /* the source's dirty map, one byte per target page; read only */
+    uint64_t pages;            /* bytes in the dirty map */
+    uint64_t used_length;
+    uint64_t host_page_size;   /* the block's page size: a request is answered in these */
+    const uint8_t *name;       /* idstr, latin-1, not NUL-terminated */
+    uint32_t name_len;
+};
+
+struct qmig_answer_config {
+    int32_t rp_fd;             /* the return path (the main channel's socket), read here */
+    int32_t preempt_fd;        /* the preempt channel, written here */
+    int32_t pipe_fd;           /* every byte read from rp_fd goes on here, for Python */
+    int32_t last_block;        /* the preempt channel's last named block; -1: none yet */
+    uint32_t req_pages;        /* return-path message numbers */
+    uint32_t req_pages_id;
+    uint32_t rp_max_length;
+    uint32_t source_host_page; /* requests must be aligned to this (the source's host page) */
+    uint64_t target_page_size;
+    uint64_t flag_zero;
+    uint64_t flag_page;
+    uint64_t flag_continue;
+};
+
+/* One host page answered: what the source machine must learn. */
+struct qmig_answer_entry {
+    uint32_t block;
+    uint32_t pages;            /* target pages written */
+    uint64_t request_start;    /* byte offset of the request it answers */
+    uint64_t first;            /* the host page's first target page */
+    uint64_t mask;             /* bit i: target page first + i was written */
+    uint64_t bytes;
+    uint64_t zeros;
+    uint64_t read_ns;          /* CLOCK_MONOTONIC: the request read from the socket */
+    uint64_t sent_ns;          /* CLOCK_MONOTONIC: its records written */
+};
+
+void *qmig_answer_start(const struct qmig_answer_config *config,
+                        const struct qmig_answer_block *blocks, uint32_t count, int *error);
+size_t qmig_answer_drain(void *answer, struct qmig_answer_entry *out, size_t max);
+int qmig_answer_write(void *answer, const uint8_t *data, size_t len, int32_t last_block);
+int32_t qmig_answer_last_block(void *answer);
+int qmig_answer_stop(void *answer, int *declined);
+void qmig_answer_free(void *answer);
+
+#endif

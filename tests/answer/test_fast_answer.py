@@ -1,0 +1,197 @@
+"""The source's C answer thread (8.0 preempt variant) against the source machine's own answer:
+for the same requests, the same preempt-channel bytes; the machine learns what the thread
+wrote (clean pages, counts) and answers none of it again; every return-path byte reaches
+the machine; what the thread finds odd is the machine's to refuse, with the same error."""
+
+from __future__ import annotations
+
+import random
+import select
+import socket
+
+import pytest
+
+from qmig.errors import QmigError
+from qmig.protocol.preempt import PreemptVariant
+from qmig.protocol.source import Source, SourceBlock
+from qmig.protocol.states import SourceState
+from qmig.runner.answer import FastAnswer
+from qmig.transport import Connection
+from qmig.wire import messages as m
+from qmig.wire.reader import NEED_DATA
+from qmig.wire.schema import schema_for
+
+PAGE = 4096
+WAIT = 30.0  # seconds: generous, the machine may be loaded
+
+
+def postcopy_source(seed: int = 5) -> Source:
+    rng = random.Random(seed)
+    ram = {
+        "pc.ram": bytearray(rng.randbytes(64 * PAGE)),
+        "vga.vram": bytearray(rng.randbytes(8 * PAGE)),
+    }
+    ram["pc.ram"][7 * PAGE : 9 * PAGE] = bytes(2 * PAGE)  # zero pages go as ZERO records
+    blocks = [SourceBlock(name, len(data), data) for name, data in ram.items()]
+    source = Source(blocks, version="10.0", pages_per_section=8, preempt=PreemptVariant.V8_0)
+    source.start()
+    source.data_to_send(8 * PAGE)
+    source.start_postcopy()
+    source.data_to_send(0)
+    drain(source)
+    assert source.state is SourceState.POSTCOPY
+    return source
+
+
+def drain(source: Source) -> None:
+    while source.next_event() is not NEED_DATA:
+        pass
+
+
+def requests(*messages: object) -> bytes:
+    schema = schema_for("10.0")
+    return b"".join(schema.build_rp(message) for message in messages)  # type: ignore[arg-type]
+
+
+def python_answer(return_path: bytes) -> tuple[Source, bytes]:
+    source = postcopy_source()
+    source.receive_data(return_path)
+    drain(source)
+    return source, source.preempt_data()
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        ready, _, _ = select.select([sock], [], [], WAIT)
+        assert ready, f"{len(out)} of {size} bytes within {WAIT} s"
+        chunk = sock.recv(size - len(out))
+        assert chunk
+        out += chunk
+    return bytes(out)
+
+
+class Thread:
+    """A FastAnswer over socket pairs: ``peer`` plays the destination's end of the main
+    channel, ``preempt`` the destination's end of the preempt channel."""
+
+    def __init__(self, source: Source) -> None:
+        main, self.peer = socket.socketpair()
+        ours, self.preempt = socket.socketpair()
+        self.sockets = [main, ours]
+        self.fast = FastAnswer(source, Connection("main", main), Connection("preempt", ours))
+        self.source = source
+
+    def passed_on(self, size: int) -> bytes:
+        """The return-path bytes the thread passed on, as the runner reads them."""
+        out = bytearray()
+        buffer = bytearray(4096)
+        while len(out) < size:
+            ready, _, _ = select.select([self.fast], [], [], WAIT)
+            assert ready
+            count = self.fast.read_into(buffer)
+            assert count
+            out += buffer[:count]
+        return bytes(out)
+
+    def close(self) -> None:
+        self.fast.stop()
+        for sock in [*self.sockets, self.peer, self.preempt]:
+            sock.close()
+
+
+REQUESTS = [
+    # one page of a block, then another block, then the same block again (CONTINUE), a
+    # request of three pages, zero pages, and a REQ_PAGES that reuses the last block
+    (m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"),),
+    (
+        m.ReqPagesId(3 * PAGE, PAGE, "vga.vram"),
+        m.ReqPagesId(5 * PAGE, 3 * PAGE, "pc.ram"),
+        m.ReqPages(7 * PAGE, 2 * PAGE),
+        m.ReqPagesId(6 * PAGE, PAGE, "vga.vram"),
+        m.ReqPages(0, PAGE),
+    ),
+]
+
+
+@pytest.mark.parametrize("messages", REQUESTS)
+def test_the_thread_writes_what_the_machine_would(messages: tuple[object, ...]) -> None:
+    return_path = requests(*messages)
+    expected_source, expected = python_answer(return_path)
+    assert expected
+    source = postcopy_source()
+    thread = Thread(source)
+    try:
+        thread.peer.sendall(return_path)
+        assert recv_exactly(thread.preempt, len(expected)) == expected
+        passed = thread.passed_on(len(return_path))
+        assert passed == return_path  # the machine reads every byte
+        answered = thread.fast.apply()
+        assert answered
+        source.receive_data(passed)
+        drain(source)
+        assert source.preempt_data() == b""  # answered already: not again
+    finally:
+        thread.close()
+    assert vars(source.stats) == vars(expected_source.stats)
+    assert source.preempt_pages == expected_source.preempt_pages
+    assert source.preempt_block == expected_source.preempt_block
+    for block, other in zip(source.blocks, expected_source.blocks, strict=True):
+        assert block.dirty == other.dirty
+
+
+def test_a_page_already_sent_is_not_answered() -> None:
+    """The thread reads the machine's dirty map: a page the sweep sent is not sent again."""
+    source = postcopy_source()
+    source.blocks[0].dirty[40] = 0
+    thread = Thread(source)
+    try:
+        thread.peer.sendall(requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram")))
+        thread.passed_on(len(requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))))
+        assert thread.fast.apply() == []
+        ready, _, _ = select.select([thread.preempt], [], [], 0.2)
+        assert not ready
+    finally:
+        thread.close()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        m.ReqPagesId(0, PAGE, "nvram"),  # no such block
+        m.ReqPagesId(100, PAGE, "pc.ram"),  # misaligned
+        m.ReqPagesId(63 * PAGE, 2 * PAGE, "pc.ram"),  # past the block's end
+    ],
+)
+def test_an_odd_request_is_left_to_the_machine(message: object) -> None:
+    return_path = requests(message)
+    with pytest.raises(QmigError) as expected:
+        python_answer(return_path)
+    source = postcopy_source()
+    thread = Thread(source)
+    try:
+        thread.peer.sendall(return_path)
+        passed = thread.passed_on(len(return_path))
+        assert thread.fast.apply() == []
+        with pytest.raises(QmigError) as got:
+            source.receive_data(passed)
+        assert str(got.value) == str(expected.value)
+        ready, _, _ = select.select([thread.preempt], [], [], 0.2)
+        assert not ready  # nothing written
+    finally:
+        thread.close()
+
+
+def test_the_end_of_the_return_path_reaches_the_runner() -> None:
+    source = postcopy_source()
+    thread = Thread(source)
+    try:
+        thread.peer.sendall(requests(m.ReqPagesId(0, PAGE, "pc.ram")))
+        thread.peer.close()
+        thread.passed_on(len(requests(m.ReqPagesId(0, PAGE, "pc.ram"))))
+        ready, _, _ = select.select([thread.fast], [], [], WAIT)
+        assert ready and thread.fast.read_into(bytearray(16)) == 0
+    finally:
+        thread.fast.stop()
+        for sock in [*thread.sockets, thread.preempt]:
+            sock.close()

@@ -1,0 +1,50 @@
+"""``qmig simulate --preempt`` (8.0 variant) with the source's C answer thread: every page
+verified, the requested pages written by the thread, and the same run from the Python
+loop with ``--no-fast-answer``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.uffd
+TIMEOUT = 180
+ARGS = ("--preempt", "--qemu-version", "10.0", "--postcopy-after", "0", "--bandwidth", "20")
+
+
+def verified(*args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "qmig", "simulate", "--json", "--ram", "32M", *ARGS, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    assert result["verified"] is True and result["mismatched_pages"] == 0
+    assert result["preempt"]["variant"] == "8.0"
+    return result
+
+
+def test_the_c_thread_answers_the_requests() -> None:
+    result = verified()
+    pages = result["preempt_pages"]
+    assert pages["sent"]["preempt"] > 0
+    assert pages["sent"] == pages["received"]
+    assert pages["sent"]["preempt"] == result["postcopy"]["requested_pages"]
+    # Every requested page went out from the thread; none was left to the Python loop.
+    assert result["fast_answer"]["pages"] == pages["sent"]["preempt"]
+    assert result["fast_answer"]["declined"] == 0
+    assert result["request_served_us"]["p50"] > 0
+
+
+def test_without_the_thread_the_python_loop_answers() -> None:
+    result = verified("--no-fast-answer")
+    assert result["fast_answer"] == {}
+    pages = result["preempt_pages"]
+    assert pages["sent"]["preempt"] > 0
+    assert pages["sent"]["preempt"] == result["postcopy"]["requested_pages"]
