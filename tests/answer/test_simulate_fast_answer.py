@@ -48,3 +48,13 @@ def test_without_the_thread_the_python_loop_answers() -> None:
     pages = result["preempt_pages"]
     assert pages["sent"]["preempt"] > 0
     assert pages["sent"]["preempt"] == result["postcopy"]["requested_pages"]
+
+
+def test_a_pause_hands_the_answers_back_to_the_python_loop() -> None:
+    """The thread stops at the pause; the recovered migration's requests are the loop's,
+    on the new preempt channel, and every page still arrives once and right."""
+    result = verified("--ram", "64M", "--pause-after", "4000", "--pauses", "1")
+    assert result["recoveries"] == 1
+    pages = result["preempt_pages"]
+    assert pages["sent"]["preempt"] == pages["received"]["preempt"]
+    assert 0 < result["fast_answer"]["pages"] < pages["sent"]["preempt"]
