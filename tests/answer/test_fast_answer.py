@@ -30,9 +30,11 @@ def postcopy_source(seed: int = 5) -> Source:
     ram = {
         "pc.ram": bytearray(rng.randbytes(64 * PAGE)),
         "vga.vram": bytearray(rng.randbytes(8 * PAGE)),
+        "big": bytearray(rng.randbytes(16 * PAGE)),  # host pages of four target pages
     }
     ram["pc.ram"][7 * PAGE : 9 * PAGE] = bytes(2 * PAGE)  # zero pages go as ZERO records
-    blocks = [SourceBlock(name, len(data), data) for name, data in ram.items()]
+    blocks = [SourceBlock(name, len(data), data) for name, data in ram.items() if name != "big"]
+    blocks.append(SourceBlock("big", len(ram["big"]), ram["big"], page_size=4 * PAGE))
     source = Source(blocks, version="10.0", pages_per_section=8, preempt=PreemptVariant.V8_0)
     source.start()
     source.data_to_send(8 * PAGE)
@@ -40,6 +42,8 @@ def postcopy_source(seed: int = 5) -> Source:
     source.data_to_send(0)
     drain(source)
     assert source.state is SourceState.POSTCOPY
+    # Part of a host page already sent: only the rest of it answers a request.
+    source.by_name["big"].dirty[5] = source.by_name["big"].dirty[6] = 0
     return source
 
 
@@ -111,6 +115,8 @@ REQUESTS = [
         m.ReqPagesId(6 * PAGE, PAGE, "vga.vram"),
         m.ReqPages(0, PAGE),
     ),
+    # whole host pages of four target pages, one of them half sent
+    (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram")),
 ]
 
 
