@@ -71,18 +71,20 @@ class Channels:
         self.opened = 1
         self._next_main: deque[Connection] = deque()  # accepted while the main one was gone
 
-    def open(self, kind: str, timeout: float) -> Connection:
+    def open(self, kind: str, timeout: float, *, by_order: bool = False) -> Connection:
         """Open the channel of ``kind`` (closing one of that kind still open). On an
         accepting end, a preempt connection that arrives while the main channel is gone is
         set aside as the next main channel, and TransportError says so. (Only preempt: it has
         no opening bytes of its own, while multifd's handshake tells its channels apart, and
-        a multifd channel may still arrive after the main stream has ended.)"""
+        a multifd channel may still arrive after the main stream has ended.) ``by_order``:
+        the source opens this channel right after the main one, so the next connection is
+        it even when that main channel is gone already (the pre-7.2 preempt variant)."""
         opener = self.openers.get(kind)
         if opener is None:
             raise TransportError(self.main.name, f"no way to open a {kind} channel")
         self.close(kind)
         connection = opener(timeout)
-        if kind == PREEMPT and self.adopt is not None and self.main_gone():
+        if kind == PREEMPT and not by_order and self.adopt is not None and self.main_gone():
             self._next_main.append(connection)
             raise TransportError(
                 self.main.name,

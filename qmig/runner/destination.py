@@ -471,16 +471,28 @@ class DestinationRunner:
 
     def _start_preempt(self, *, at_setup: bool = True) -> None:
         """Take the preempt channel on a thread of its own, as QEMU's preempt thread: in the
-        pre-7.2 variant it is accepted first (the destination waits for every channel before
-        it loads), in the 8.0 variant whenever the source opens it; after a recovery
-        (``at_setup`` False) whenever the source opens it again, after the bitmaps."""
+        pre-7.2 variant it is accepted first, at setup and after each new main channel of a
+        recovery (the source opens it right after the main one, and the destination waits
+        for every channel before it loads); in the 8.0 variant whenever the source opens it,
+        after a recovery (``at_setup`` False) once the bitmaps are in.
+
+        The pre-7.2 channel is known by its order alone: it follows its main channel even
+        when that one was cut during the handshake before this end accepted it. Taken on
+        the thread, it would come while the main channel is gone and be set aside as the
+        next main one (qmig.runner.channels), leaving the real preempt channel unread and
+        its EOS never awaited on the right connection."""
         variant = self.dest.preempt
         if variant is None:
             return
-        if at_setup and variant.opened_at_setup and self.channels.get(PREEMPT) is None:
-            self.channels.open(PREEMPT, self.idle_timeout)
+        by_order = variant.opened_at_setup
+        if by_order and self.channels.get(PREEMPT) is None:
+            timeout = self.idle_timeout if at_setup else self.recover_timeout
+            self.channels.open(PREEMPT, timeout, by_order=True)
         self._preempt_thread = threading.Thread(
-            target=self._preempt_loop, args=(not at_setup,), name="qmig-preempt", daemon=True
+            target=self._preempt_loop,
+            args=(not at_setup and not by_order,),
+            name="qmig-preempt",
+            daemon=True,
         )
         self._preempt_thread.start()
 
