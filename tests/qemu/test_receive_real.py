@@ -7,6 +7,8 @@ source, above 1 MiB (below it firmware and VGA overlays hide ``pc.ram`` from pme
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +45,7 @@ def receiving(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
         qmig("receive", "--listen", "tcp:127.0.0.1:0", "--accept-timeout", "30",
              "--idle-timeout", "20", *args),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
     )  # fmt: skip
     try:
         assert process.stderr is not None
@@ -55,7 +58,14 @@ def receiving(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
-    stdout, stderr = process.communicate(timeout=TIMEOUT)
+    """Wait for ``receive`` to end; one that hangs fails the test with every thread's stack
+    (faulthandler, on SIGABRT), so that the hang can be read from the test's output."""
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _stdout, stderr = process.communicate(timeout=30)
+        pytest.fail(f"qmig receive still running after {TIMEOUT} s; its stacks:\n{stderr}")
     return process.returncode, stdout, stderr
 
 
