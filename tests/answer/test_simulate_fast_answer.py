@@ -56,5 +56,8 @@ def test_a_pause_hands_the_answers_back_to_the_python_loop() -> None:
     result = verified("--ram", "64M", "--pause-after", "4000", "--pauses", "1")
     assert result["recoveries"] == 1
     pages = result["preempt_pages"]
-    assert pages["sent"]["preempt"] == pages["received"]["preempt"]
+    # Pages in flight on the preempt channel when it was cut (a reset) are lost there and
+    # asked for again after the recovery: the destination may count fewer than were sent.
+    # That every page arrived right, the verified run says.
+    assert 0 < pages["received"]["preempt"] <= pages["sent"]["preempt"]
     assert 0 < result["fast_answer"]["pages"] < pages["sent"]["preempt"]
