@@ -58,7 +58,7 @@ def qmig(*words: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_each_target_runs_a_bounded_campaign_clean(name: str, tmp_path: Path) -> None:
     result = qmig(
-        "fuzz", name, "--engine", "atheris", "--jobs", "1", "--runs", "100",
+        "fuzz", name, "--engine", "atheris", "--jobs", "1", "--runs", "100", "--seed", "1",
         "--qemu-version", "7.2", "--out", str(tmp_path), "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
