@@ -302,23 +302,38 @@ class RamSectionReader(FramedInput):
         self, start: int, total: int, extra: int, plausible: Callable[[int], bool]
     ) -> tuple[bool, ...]:
         """A list no layout fits: take every plausible size, so that the schema's parse goes
-        as far as the bytes allow and reports the first field that is wrong."""
+        as far as the bytes allow and reports the first field that is wrong.
+
+        The guess stops at the first empty name, which the schema then reports: a name
+        length of zero is wrong whatever the layout, and what follows it is not a list. Bytes
+        it needs and lacks are waited for (at EOF: a truncated list); past a package's end it
+        stops and the schema's parse says the list runs past the package. So the guess is the
+        same however the stream was chunked.
+        """
         buf, limit = self._buf, self._limit()
         word, name_length = self.schema.mem_size_field_size, self.schema.name_length_size
         layout: list[bool] = []
         at, remaining = start, total
-        while remaining > 0 and at < limit and len(layout) < MAX_RAM_BLOCKS:
+        while remaining > 0 and len(layout) < MAX_RAM_BLOCKS:
+            if at + name_length > limit or buf[at] == 0:
+                if at + name_length > limit:
+                    self._need_list_bytes()
+                break  # no more bytes, or an empty name: the schema's parse says which
             after_length = at + name_length + buf[at] + word
             if after_length + word > limit:
-                if self._bounded_by_package():
-                    break  # the schema's parse says it runs past the package
-                raise NeedMore("MEM_SIZE", self.offset)  # at EOF: a truncated list
+                self._need_list_bytes()
+                break
             present = plausible(after_length)
             layout.append(present)
             used_length = int.from_bytes(buf[after_length - word : after_length], "big")
             remaining -= min(remaining, used_length)
             at = after_length + extra + (word if present else 0)
         return tuple(layout)
+
+    def _need_list_bytes(self) -> None:
+        """Wait for more of the MEM_SIZE list (at EOF: truncated), unless a package ends it."""
+        if not self._bounded_by_package():
+            raise NeedMore("MEM_SIZE", self.offset)
 
 
 def _unknown_rule(profile: Profile, name: str, rule: object) -> QmigError:
