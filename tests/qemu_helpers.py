@@ -1,17 +1,32 @@
-"""Small helpers the QEMU recovery and preempt tests share: the qmig command line, a free
-port for a recovery URI, and a QEMU version that must be there (a failure under CI, where
-scripts/setup installs it; a skip elsewhere)."""
+"""Small helpers the real-QEMU tests share: the qmig command line, a free port for a recovery
+URI, a QEMU version that must be there (a failure under CI, where scripts/setup installs it; a
+skip elsewhere), the check that a migrated guest runs on with the right memory, and a real
+postcopy-preempt migration between two QEMUs relayed through ``qmig capture``."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from qmig.qemu.machine import qemu_install
+from qmig.qemu.guest import MIB, GuestSpec
+from qmig.qemu.machine import Machine, qemu_install
+from qmig.qemu.oracle import verify_counters
 from qmig.qemu.qmp import QemuError
+
+MachineFactory = Callable[..., Machine]
+
+TIMEOUT = 60.0
+PREEMPT_SPEC = GuestSpec(end=32 * MIB)
+PREEMPT_MEMORY_MIB = 64
 
 
 def qmig(*args: str) -> list[str]:
@@ -34,3 +49,67 @@ def need(version: str | None) -> None:
         if os.environ.get("CI"):
             pytest.fail(str(error))
         pytest.skip(str(error))
+
+
+def check_guest_runs_on(destination: Machine, spec: GuestSpec, tmp_path: Path) -> dict[str, Any]:
+    """The destination's migration completed, its guest keeps running, and the counter oracle
+    accepts its memory; returns the destination's query-migrate."""
+    info = destination.wait_migration(timeout=TIMEOUT)
+    destination.wait_runstate("running")
+    markers = destination.serial_output().count(b"*")
+    destination.wait_serial(markers + 2)  # the migrated guest is still dirtying memory
+    destination.stop()
+    dump = destination.pmemsave(spec.start, spec.end - spec.start, tmp_path / "dest.ram")
+    verify_counters(dump, spec.start, spec)
+    return info
+
+
+def capture_preempt(
+    machines: MachineFactory,
+    tmp_path: Path,
+    *,
+    version: str | None = None,
+    machine_type: str = "pc",
+    capture_args: Sequence[str] = (),
+) -> tuple[Path, dict[str, Any]]:
+    """Two QEMUs (``version``, None: the system's 7.2) with postcopy-preempt, the source's
+    guest counting in 32 MiB, migrated through ``qmig capture --preempt --json
+    capture_args`` into ``tmp_path/capture``: postcopy capped so that the destination must
+    request pages, the destination's guest checked afterwards (check_guest_runs_on). Returns
+    the capture folder and capture's summary."""
+    config: dict[str, Any] = {
+        "memory_mib": PREEMPT_MEMORY_MIB,
+        "guest": PREEMPT_SPEC,
+        "qemu_version": version,
+        "machine_type": machine_type,
+    }
+    destination = machines("destination", incoming="defer", **config)
+    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True, postcopy_blocktime=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    out = tmp_path / "capture"
+    relay = subprocess.Popen(
+        qmig("capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
+             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
+             "--out", str(out), "--json", *capture_args),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        listening = relay.stderr.readline().strip()
+        source = machines("source", **config)
+        source.wait_serial(1)
+        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+        source.set_parameters(
+            max_bandwidth=32 * MIB, max_postcopy_bandwidth=8 * MIB, downtime_limit=1
+        )
+        source.migrate(listening.rsplit(" ", 1)[1])
+        time.sleep(0.5)
+        source.start_postcopy()
+        source.wait_migration(timeout=TIMEOUT)
+        check_guest_runs_on(destination, PREEMPT_SPEC, tmp_path)
+        stdout, stderr = relay.communicate(timeout=TIMEOUT)
+    finally:
+        relay.kill()
+        relay.wait()
+    assert relay.returncode == 0, stderr
+    return out, json.loads(stdout)

@@ -6,65 +6,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from qemu_helpers import need, qmig
-from test_replay_real import MachineFactory, check_guest_runs_on
+from qemu_helpers import (
+    PREEMPT_MEMORY_MIB,
+    PREEMPT_SPEC,
+    TIMEOUT,
+    MachineFactory,
+    capture_preempt,
+    check_guest_runs_on,
+    need,
+    qmig,
+)
 
 from qmig.capture import read_capture
 from qmig.capture.recording import PREEMPT_NAME, Direction, read_index
-from qmig.qemu.guest import MIB, GuestSpec
-
-SPEC = GuestSpec(end=32 * MIB)
-MEMORY_MIB = 64
-TIMEOUT = 60.0
-
-
-def capture_preempt(
-    machines: MachineFactory, tmp_path: Path, version: str | None, machine_type: str
-) -> tuple[Path, dict[str, object]]:
-    destination = machines(
-        "destination",
-        memory_mib=MEMORY_MIB,
-        guest=SPEC,
-        incoming="defer",
-        qemu_version=version,
-        machine_type=machine_type,
-    )
-    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True, postcopy_blocktime=True)
-    destination.migrate_incoming("tcp:127.0.0.1:0")
-    out = tmp_path / "capture"
-    relay = subprocess.Popen(
-        qmig("capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
-             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
-             "--out", str(out), "--json"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        listening = relay.stderr.readline().strip()
-        source = machines(
-            "source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version,
-            machine_type=machine_type,
-        )  # fmt: skip
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-        source.set_parameters(
-            max_bandwidth=32 * MIB, max_postcopy_bandwidth=8 * MIB, downtime_limit=1
-        )
-        source.migrate(listening.rsplit(" ", 1)[1])
-        time.sleep(0.5)
-        source.start_postcopy()
-        source.wait_migration(timeout=TIMEOUT)
-        check_guest_runs_on(destination, SPEC, tmp_path)
-        stdout, stderr = relay.communicate(timeout=TIMEOUT)
-    finally:
-        relay.kill()
-        relay.wait()
-    assert relay.returncode == 0, stderr
-    return out, json.loads(stdout)
 
 
 @pytest.mark.qemu
@@ -77,7 +34,7 @@ def test_capture_relays_and_records_the_preempt_channel(
     machines: MachineFactory, tmp_path: Path, version: str | None, machine_type: str
 ) -> None:
     need(version)
-    out, summary = capture_preempt(machines, tmp_path, version, machine_type)
+    out, summary = capture_preempt(machines, tmp_path, version=version, machine_type=machine_type)
     assert summary["clean"] is True
     preempt = summary["preempt"]
     assert isinstance(preempt, dict) and preempt["bytes"] > 0
@@ -95,7 +52,7 @@ def test_capture_relays_and_records_the_preempt_channel(
 def test_a_preempt_capture_inspects_on_one_timeline_and_replays(
     machines: MachineFactory, tmp_path: Path
 ) -> None:
-    out, _summary = capture_preempt(machines, tmp_path, None, "pc")
+    out, _summary = capture_preempt(machines, tmp_path)
     inspected = subprocess.run(
         qmig("inspect", str(out), "--json"), capture_output=True, text=True, timeout=TIMEOUT
     )
@@ -113,7 +70,7 @@ def test_a_preempt_capture_inspects_on_one_timeline_and_replays(
     assert " preempt " in listing.stdout and "at preempt byte" in listing.stdout
     # Replayed into a fresh QEMU, with the pages the preempt channel carried.
     destination = machines(
-        "replayed", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", machine_type="pc"
+        "replayed", memory_mib=PREEMPT_MEMORY_MIB, guest=PREEMPT_SPEC, incoming="defer"
     )
     destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
     destination.migrate_incoming("tcp:127.0.0.1:0")
@@ -125,4 +82,4 @@ def test_a_preempt_capture_inspects_on_one_timeline_and_replays(
     assert replayed.returncode == 0, replayed.stderr
     assert json.loads(replayed.stdout)["preempt"] == "pre-7.2"
     (tmp_path / "replayed").mkdir()
-    check_guest_runs_on(destination, SPEC, tmp_path / "replayed")
+    check_guest_runs_on(destination, PREEMPT_SPEC, tmp_path / "replayed")

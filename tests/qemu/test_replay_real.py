@@ -10,33 +10,23 @@ from __future__ import annotations
 import json
 import lzma
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from qemu_helpers import TIMEOUT, MachineFactory, check_guest_runs_on, qmig
 
 from qmig.qemu.guest import MIB, GuestSpec, known_data
 from qmig.qemu.machine import Machine
-from qmig.qemu.oracle import verify_counters
 from qmig.qemu.scenario import PostcopyPlan, run_postcopy
 from qmig.replay import load_recording
 from qmig.wire import messages as m
 from qmig.wire.reader import StreamReader
 
-MachineFactory = Callable[..., Machine]
-
 FIXTURES = Path(__file__).parents[2] / "fixtures"
 # How the fixtures' guests were made (their meta.json): memory and the counters' range.
 POSTCOPY = FIXTURES / "postcopy-tcp", 64, GuestSpec(end=40 * MIB)
 PRECOPY = FIXTURES / "precopy-file", 32, GuestSpec(end=8 * MIB)
-TIMEOUT = 60.0
-
-
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
 
 
 def destination_for(
@@ -56,17 +46,6 @@ def run_replay(capture: Path, uri: str, *args: str) -> subprocess.CompletedProce
         qmig("replay", str(capture), "--to", uri, "--qemu-version", "7.2", *args),
         capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
-
-
-def check_guest_runs_on(destination: Machine, spec: GuestSpec, tmp_path: Path) -> dict[str, Any]:
-    info = destination.wait_migration(timeout=TIMEOUT)
-    destination.wait_runstate("running")
-    markers = destination.serial_output().count(b"*")
-    destination.wait_serial(markers + 2)  # the replayed guest is still dirtying memory
-    destination.stop()
-    dump = destination.pmemsave(spec.start, spec.end - spec.start, tmp_path / "dest.ram")
-    verify_counters(dump, spec.start, spec)
-    return info
 
 
 def test_rebuilt_device_state_is_byte_exact() -> None:

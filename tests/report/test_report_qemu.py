@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from qemu_helpers import TIMEOUT, capture_preempt, qmig
 from report_page import check_drawn, no_fetches, render
 
 from qmig.qemu.guest import MIB, GuestSpec
@@ -31,11 +31,6 @@ pytestmark = [
     ),
 ]
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp"
-TIMEOUT = 60.0
-
-
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
 
 
 def test_receive_report(machines: Callable[..., Machine], tmp_path: Path, chromium: str) -> None:
@@ -110,37 +105,7 @@ def test_inspect_report_of_a_preempt_capture(
 ) -> None:
     """A real postcopy-preempt migration captured by ``qmig capture --preempt``: inspect's
     page draws the preempt channel as a series of its own, with the bytes it carried."""
-    spec = GuestSpec(end=32 * MIB)
-    destination = machines("destination", memory_mib=64, guest=spec, incoming="defer")
-    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-    destination.migrate_incoming("tcp:127.0.0.1:0")
-    out = tmp_path / "capture"
-    relay = subprocess.Popen(
-        qmig("capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
-             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
-             "--out", str(out), "--json"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        listening = relay.stderr.readline().strip()
-        source = machines("source", memory_mib=64, guest=spec)
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-        source.set_parameters(
-            max_bandwidth=32 * MIB, max_postcopy_bandwidth=8 * MIB, downtime_limit=1
-        )
-        source.migrate(listening.rsplit(" ", 1)[1])
-        time.sleep(0.5)
-        source.start_postcopy()
-        source.wait_migration(timeout=TIMEOUT)
-        destination.wait_migration(timeout=TIMEOUT)
-        stdout, stderr = relay.communicate(timeout=TIMEOUT)
-    finally:
-        relay.kill()
-        relay.wait()
-    assert relay.returncode == 0, stderr
-    captured = json.loads(stdout)
+    out, captured = capture_preempt(machines, tmp_path)
     page = tmp_path / "inspect.html"
     done = subprocess.run(
         qmig("inspect", str(out), "--json", "--report", str(page)),

@@ -6,23 +6,18 @@ preempt channel with the counts `qmig inspect --json` gives for the capture fold
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dissecting import FIXTURE_QEMU, column, inspect_json, run_tshark
-from qemu_helpers import need
+from qemu_helpers import capture_preempt, need
 from test_pcapng import read_pcapng
 
 from qmig.pcap import SOURCE_PORT
-from qmig.qemu.guest import MIB, GuestSpec
 from qmig.qemu.machine import QEMU_BINARY, Machine
 
 pytestmark = [
@@ -33,9 +28,6 @@ pytestmark = [
     ),
 ]
 
-SPEC = GuestSpec(end=32 * MIB)
-MEMORY_MIB = 64
-TIMEOUT = 60.0
 FIELDS = ["qmig.channel", "qmig.record", "qmig.ram.kind", "qmig.cmd", "qmig.rp.message",
           "qmig.undecoded"]  # fmt: skip
 UNCOUNTED = {"EOS", "HOOK", "MULTIFD_FLUSH"}
@@ -50,38 +42,10 @@ def test_capture_pcap_of_a_preempt_migration_decodes_every_channel(
     tmp_path: Path,
 ) -> None:
     need(version)
-    destination = machines(
-        "destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", qemu_version=version
+    pcapng = tmp_path / "capture.pcapng"
+    out, summary = capture_preempt(
+        machines, tmp_path, version=version, capture_args=("--pcap", str(pcapng))
     )
-    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-    destination.migrate_incoming("tcp:127.0.0.1:0")
-    out, pcapng = tmp_path / "capture", tmp_path / "capture.pcapng"
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
-         "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}", "--out", str(out),
-         "--pcap", str(pcapng), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        listening = relay.stderr.readline().strip()
-        source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-        source.set_parameters(
-            max_bandwidth=32 * MIB, max_postcopy_bandwidth=8 * MIB, downtime_limit=1
-        )
-        source.migrate(listening.rsplit(" ", 1)[1])
-        time.sleep(0.5)
-        source.start_postcopy()
-        source.wait_migration(timeout=TIMEOUT)
-        destination.wait_migration(timeout=TIMEOUT)
-        stdout, stderr = relay.communicate(timeout=TIMEOUT)
-    finally:
-        relay.kill()
-        relay.wait()
-    assert relay.returncode == 0, stderr
-    summary = json.loads(stdout)
     written = summary["pcapng"]
     assert written["path"] == str(pcapng)
     assert written["stream_bytes"] == summary["stream"]["bytes"]
