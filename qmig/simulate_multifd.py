@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qmig.errors import QmigError
-from qmig.protocol.multifd_source import ZERO_PAGE_DETECTIONS, MultifdOptions, MultifdPlan
+from qmig.protocol.multifd_source import ZERO_PAGE_DETECTIONS, MultifdPlan, MultifdSendOptions
 from qmig.protocol.source import Source
 from qmig.runner.multifd_send import channel_kind
 from qmig.transport import Connection, connect
@@ -56,18 +56,20 @@ def check(
     profile = load_profile(version)
     MultifdPlan(
         profile,
-        MultifdOptions(channels, zero_page_detection, qmig_peer=True),
+        MultifdSendOptions(channels, zero_page_detection, qmig_peer=True),
         machine_type=machine_type or profile.default_machine_type,
         target_page_size=target_page_size(version),
         postcopy=postcopy,
     )
 
 
-def source_options(channels: int | None, zero_page_detection: str | None) -> MultifdOptions | None:
+def source_options(
+    channels: int | None, zero_page_detection: str | None
+) -> MultifdSendOptions | None:
     """The source's multifd settings; the peer is qmig (multifd with postcopy is allowed)."""
     if channels is None:
         return None
-    return MultifdOptions(channels, zero_page_detection, qmig_peer=True)
+    return MultifdSendOptions(channels, zero_page_detection, qmig_peer=True)
 
 
 def openers(uri: str, channels: int | None) -> dict[str, Callable[[float], Connection]]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from qmig.cli.options import positive_count
 
 if TYPE_CHECKING:
-    from qmig.runner.multifd_recv import MultifdOptions
+    from qmig.runner.multifd_recv import MultifdReceiveOptions
 
 # QEMU's multifd-compression values -> the packet flags' method names (formats/*.toml).
 COMPRESSION = {"none": "NOCOMP", "zlib": "ZLIB", "zstd": "ZSTD"}
@@ -55,11 +55,11 @@ def _uuid(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
 
 
-def multifd_options(args: argparse.Namespace) -> MultifdOptions:
-    from qmig.runner.multifd_recv import MultifdOptions
+def multifd_options(args: argparse.Namespace) -> MultifdReceiveOptions:
+    from qmig.runner.multifd_recv import MultifdReceiveOptions
 
     flush = args.multifd_flush_after_each_section
-    return MultifdOptions(
+    return MultifdReceiveOptions(
         uuid=args.uuid,
         compression=None if args.multifd_compression is None
         else COMPRESSION[args.multifd_compression],

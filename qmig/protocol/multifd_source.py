@@ -42,7 +42,7 @@ UUID_SIZE = 16
 
 
 @dataclass(frozen=True)
-class MultifdOptions:
+class MultifdSendOptions:
     """What the user sets: the ``multifd-channels`` parameter, ``zero-page-detection`` (None:
     the version's default for the machine type), the migration UUID (QEMU's ``-uuid``; the
     destination refuses a channel whose handshake carries another), and whether the peer is
@@ -79,7 +79,7 @@ class MultifdPlan:
     def __init__(
         self,
         profile: Profile,
-        options: MultifdOptions,
+        options: MultifdSendOptions,
         *,
         machine_type: str,
         target_page_size: int,

@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.host import HOST_PAGE_SIZE
 from qmig.protocol import events as ev
-from qmig.protocol.multifd_source import MultifdOptions, MultifdPlan, PacketOut
+from qmig.protocol.multifd_source import MultifdPlan, MultifdSendOptions, PacketOut
 from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.recv_bitmap import bitmap_size, missing_pages
 from qmig.protocol.states import (
@@ -119,7 +119,7 @@ class Source:
         configuration: m.Configuration | None = None,
         vmdescription: bytes | None = None,
         preempt: PreemptVariant | None = None,
-        multifd: MultifdOptions | None = None,
+        multifd: MultifdSendOptions | None = None,
     ) -> None:
         """``preempt``: postcopy-preempt is on: requested pages go out on the preempt
         channel (:meth:`preempt_data`), whose variant says when it opens and how it ends.

@@ -17,7 +17,7 @@ from typing import Any
 
 from qmig.errors import QmigError
 from qmig.latency import percentiles_us
-from qmig.protocol.multifd_source import UUID_SIZE, MultifdOptions
+from qmig.protocol.multifd_source import UUID_SIZE, MultifdSendOptions
 from qmig.protocol.preempt import preempt_variant
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
@@ -183,7 +183,7 @@ def replay(
     multifd = None
     if plan.multifd is not None:
         uuid = plan.uuid if plan.uuid is not None else bytes(UUID_SIZE)  # QEMU's default
-        multifd = MultifdOptions(plan.multifd, plan.zero_page_detection, uuid)
+        multifd = MultifdSendOptions(plan.multifd, plan.zero_page_detection, uuid)
     elif plan.zero_page_detection is not None:
         raise QmigError("--zero-page-detection", "needs --multifd")
     elif plan.uuid is not None:

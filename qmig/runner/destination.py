@@ -32,7 +32,7 @@ from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
 from qmig.runner.fastpath import FastPath, start_fast_path
-from qmig.runner.multifd_recv import MultifdOptions, MultifdReceiver
+from qmig.runner.multifd_recv import MultifdReceiveOptions, MultifdReceiver
 from qmig.runner.pauses import Pause
 from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
@@ -105,7 +105,7 @@ class DestinationRunner:
         cuts: CutPlan | None = None,
         fast_path: bool = True,
         multifd_channels: int = 0,
-        multifd: MultifdOptions | None = None,
+        multifd: MultifdReceiveOptions | None = None,
     ) -> None:
         """``keep_ram``: after a migration that completes, leave the RAM mapped (no longer
         registered) for the caller to read, and to close with ``session.close()``.
@@ -145,7 +145,7 @@ class DestinationRunner:
         self._preempt_thread: threading.Thread | None = None
         self._preempt_stop = threading.Event()
         self._preempt_error: QmigError | None = None
-        self._multifd = self._multifd_receiver(multifd_channels, multifd or MultifdOptions())
+        self._multifd = self._multifd_receiver(multifd_channels, multifd or MultifdReceiveOptions())
 
     @property
     def connection(self) -> Connection:
@@ -598,7 +598,9 @@ class DestinationRunner:
 
     # --- multifd channels (qmig.runner.multifd_recv) ---------------------------------------
 
-    def _multifd_receiver(self, count: int, options: MultifdOptions) -> MultifdReceiver | None:
+    def _multifd_receiver(
+        self, count: int, options: MultifdReceiveOptions
+    ) -> MultifdReceiver | None:
         if not count:
             return None
         self.dest.multifd = MultifdSyncRule(self.dest.profile, options.flush_after_each_section)

@@ -72,7 +72,7 @@ class ChannelStats:
 
 
 @dataclass(frozen=True)
-class MultifdOptions:
+class MultifdReceiveOptions:
     """The destination's own multifd settings, as QEMU's destination has them."""
 
     uuid: bytes = bytes(16)  # QEMU's -uuid (zero unless given): every handshake must carry it

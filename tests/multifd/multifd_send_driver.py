@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qmig.protocol.multifd_source import MultifdOptions, PacketOut
+from qmig.protocol.multifd_source import MultifdSendOptions, PacketOut
 from qmig.protocol.source import Source, SourceBlock
 from qmig.wire import messages as m
 from qmig.wire.multifd_reader import Handshake, MultifdChannelReader, Packet
@@ -32,7 +32,7 @@ class Received:
 def drive(
     blocks: list[SourceBlock],
     version: str,
-    options: MultifdOptions,
+    options: MultifdSendOptions,
     *,
     machine_type: str = "pc-i440fx-7.2",
     passes: int = 1,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qmig.protocol.multifd_source import MultifdOptions
+from qmig.protocol.multifd_source import MultifdSendOptions
 from qmig.protocol.source import Source, SourceBlock
 from qmig.runner.channels import Channels
 from qmig.runner.multifd_send import _advance, channel_kind
@@ -81,7 +81,7 @@ def test_runner_sends_every_channel_whole(version: str, machine: str, cap: int |
     keeper = Keeper()
     source = Source(
         [block], version=version, machine_type=machine, postcopy_ram=False,
-        return_path=False, multifd=MultifdOptions(3),
+        return_path=False, multifd=MultifdSendOptions(3),
     )  # fmt: skip
 
     def small(timeout: float) -> object:

@@ -8,7 +8,7 @@ import pytest
 from multifd_send_driver import drive, sync_points
 
 from qmig.errors import QmigError
-from qmig.protocol.multifd_source import MultifdOptions
+from qmig.protocol.multifd_source import MultifdSendOptions
 from qmig.protocol.source import Source, SourceBlock
 
 PAGE = 4096
@@ -30,7 +30,7 @@ def blocks() -> list[SourceBlock]:
 
 @pytest.mark.parametrize("channels", [1, 2, 4])
 def test_7_2_pages_in_packets_zero_pages_on_main_sync_before_every_eos(channels: int) -> None:
-    source, got = drive(blocks(), "7.2", MultifdOptions(channels))
+    source, got = drive(blocks(), "7.2", MultifdSendOptions(channels))
     for block in source.blocks:
         assert got.ram[block.idstr] == block.ram
     assert all(not p.zero_offsets for p in got.packets), "7.2 lists no zero pages"
@@ -46,7 +46,7 @@ def test_7_2_pages_in_packets_zero_pages_on_main_sync_before_every_eos(channels:
 
 def test_10_0_modern_machine_lists_zero_pages_and_flushes_per_round() -> None:
     source, got = drive(
-        blocks(), "10.0", MultifdOptions(2), machine_type="pc-q35-10.0", passes=2,
+        blocks(), "10.0", MultifdSendOptions(2), machine_type="pc-q35-10.0", passes=2,
         dirty_between=[("pc.ram", [1, 2, 3, 500])],
     )  # fmt: skip
     for block in source.blocks:
@@ -66,7 +66,7 @@ def test_10_0_modern_machine_lists_zero_pages_and_flushes_per_round() -> None:
 def test_10_0_old_machine_types_keep_7_2_rules() -> None:
     """hw_compat: a pc-i440fx-7.2 guest on QEMU 10.0 syncs per section and keeps zero pages
     on the main channel."""
-    source, got = drive(blocks(), "10.0", MultifdOptions(2), machine_type="pc-i440fx-7.2")
+    source, got = drive(blocks(), "10.0", MultifdSendOptions(2), machine_type="pc-i440fx-7.2")
     assert source.multifd is not None
     assert source.multifd.per_section and source.multifd.zero_pages == "legacy"
     assert all(point == "EOS+sync" for point in sync_points(got.timeline, 2))
@@ -76,7 +76,7 @@ def test_10_0_old_machine_types_keep_7_2_rules() -> None:
 @pytest.mark.parametrize(("detection", "main_zero"), [("legacy", True), ("none", False)])
 def test_zero_page_detection_option(detection: str, main_zero: bool) -> None:
     source, got = drive(
-        blocks(), "10.0", MultifdOptions(2, zero_page_detection=detection),
+        blocks(), "10.0", MultifdSendOptions(2, zero_page_detection=detection),
         machine_type="pc-q35-10.0",
     )  # fmt: skip
     for block in source.blocks:
@@ -91,7 +91,7 @@ def test_pages_sent_again_win_in_sync_order() -> None:
     block = guest(300)
     source = Source(
         [block], version="10.0", machine_type="pc-q35-10.0", postcopy_ram=False,
-        return_path=False, multifd=MultifdOptions(3),
+        return_path=False, multifd=MultifdSendOptions(3),
     )  # fmt: skip
     source.start()
     while not source.pass_complete:
@@ -120,7 +120,7 @@ def _offsets(packet: object) -> list[int]:
 def test_handshakes_carry_uuid_and_ids() -> None:
     uuid = bytes(range(16))
     source = Source(
-        [guest(8)], version="7.2", postcopy_ram=False, multifd=MultifdOptions(3, uuid=uuid)
+        [guest(8)], version="7.2", postcopy_ram=False, multifd=MultifdSendOptions(3, uuid=uuid)
     )
     assert source.multifd is not None
     hellos = source.multifd.handshakes()
@@ -130,18 +130,18 @@ def test_handshakes_carry_uuid_and_ids() -> None:
 
 def test_refusals() -> None:
     with pytest.raises(QmigError, match="refuses multifd together with postcopy-ram"):
-        Source([guest(8)], version="10.0", multifd=MultifdOptions(2))
+        Source([guest(8)], version="10.0", multifd=MultifdSendOptions(2))
     with pytest.raises(QmigError, match="no zero-page-detection parameter"):
         Source(
             [guest(8)], version="7.2", postcopy_ram=False,
-            multifd=MultifdOptions(2, zero_page_detection="multifd"),
+            multifd=MultifdSendOptions(2, zero_page_detection="multifd"),
         )  # fmt: skip
     with pytest.raises(QmigError, match="has no multifd"):
-        Source([guest(8)], version="2.9", postcopy_ram=False, multifd=MultifdOptions(2))
+        Source([guest(8)], version="2.9", postcopy_ram=False, multifd=MultifdSendOptions(2))
     with pytest.raises(QmigError, match="is not one of"):
         Source(
             [guest(8)], version="10.0", postcopy_ram=False,
-            multifd=MultifdOptions(2, zero_page_detection="sometimes"),
+            multifd=MultifdSendOptions(2, zero_page_detection="sometimes"),
         )  # fmt: skip
 
 
@@ -149,7 +149,7 @@ def test_postcopy_between_qmig_peers_flushes_and_syncs_before_the_switch() -> No
     block = guest(300)
     source = Source(
         [block], version="10.0", machine_type="pc-q35-10.0",
-        multifd=MultifdOptions(2, qmig_peer=True),
+        multifd=MultifdSendOptions(2, qmig_peer=True),
     )  # fmt: skip
     source.start()
     while not source.pass_complete:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multifd_send_driver import drive, sync_points
 
-from qmig.protocol.multifd_source import MultifdOptions
+from qmig.protocol.multifd_source import MultifdSendOptions
 from qmig.protocol.source import SourceBlock
 from qmig.replay import load_recording
 
@@ -66,7 +66,7 @@ def test_packets_parse_back_to_the_same_ram_with_syncs_in_order(
     first = blocks[0]
     dirty = [p for p in redirty if p < first.used_length // PAGE]
     source, got = drive(
-        blocks, version, MultifdOptions(channels, zero), machine_type=machine, passes=passes,
+        blocks, version, MultifdSendOptions(channels, zero), machine_type=machine, passes=passes,
         dirty_between=[(first.idstr, dirty)], budget=budget,
     )  # fmt: skip
     plan = source.multifd
@@ -139,7 +139,7 @@ def test_a_multifd_capture_folder_rebuilds_the_newest_copy_of_every_page(
         return [(first.idstr, dirtied)]
 
     _, got = drive(
-        blocks, version, MultifdOptions(channels, zero), machine_type=machine,
+        blocks, version, MultifdSendOptions(channels, zero), machine_type=machine,
         passes=len(changes) + 1, between=between,
     )  # fmt: skip
     folder = tmp_path_factory.mktemp("capture")

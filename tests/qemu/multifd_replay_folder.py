@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qmig.protocol.multifd_source import MultifdOptions, PacketOut
+from qmig.protocol.multifd_source import MultifdSendOptions, PacketOut
 from qmig.protocol.source import Source
 from qmig.replay import load_recording
 
@@ -33,7 +33,7 @@ def write_multifd_folder(
         source = Source(
             blocks, version=version, configuration=recording.configuration,
             devices=recording.devices, postcopy_ram=False, return_path=False,
-            vmdescription=recording.vmdescription, multifd=MultifdOptions(channels),
+            vmdescription=recording.vmdescription, multifd=MultifdSendOptions(channels),
         )  # fmt: skip
         assert source.multifd is not None
         folder.mkdir(parents=True, exist_ok=True)
