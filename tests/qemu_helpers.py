@@ -19,12 +19,13 @@ import pytest
 
 from qmig.qemu.guest import MIB, GuestSpec
 from qmig.qemu.machine import Machine, qemu_install
-from qmig.qemu.oracle import verify_counters
+from qmig.qemu.oracle import page_counters, verify_counters
 from qmig.qemu.qmp import QemuError
 
 MachineFactory = Callable[..., Machine]
 
 TIMEOUT = 60.0
+SYSTEM_VERSION = "7.2"  # the system's QEMU, as CI installs it (scripts/setup)
 PREEMPT_SPEC = GuestSpec(end=32 * MIB)
 PREEMPT_MEMORY_MIB = 64
 
@@ -39,16 +40,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def need(version: str | None) -> None:
-    """QEMU ``version`` (None: the system's 7.2) is installed, or the test ends here."""
-    if version is None:
-        return
+def need(version: str | None) -> str | None:
+    """QEMU ``version`` is installed, or the test ends here. None and "7.2" are the system's
+    (CI's); the result is what MachineConfig's ``qemu_version`` takes for it."""
+    if version is None or version == SYSTEM_VERSION:
+        return None
     try:
         qemu_install(version)
     except QemuError as error:
         if os.environ.get("CI"):
             pytest.fail(str(error))
         pytest.skip(str(error))
+    return version
 
 
 def check_guest_runs_on(destination: Machine, spec: GuestSpec, tmp_path: Path) -> dict[str, Any]:
@@ -62,6 +65,21 @@ def check_guest_runs_on(destination: Machine, spec: GuestSpec, tmp_path: Path) -
     dump = destination.pmemsave(spec.start, spec.end - spec.start, tmp_path / "dest.ram")
     verify_counters(dump, spec.start, spec)
     return info
+
+
+def check_counters_move(guest: Machine, spec: GuestSpec) -> tuple[bytes, bytes]:
+    """The running guest's counters pass the oracle at two looks a few markers apart, and
+    moved between them; returns both dumps. Leaves the guest stopped."""
+    guest.stop()
+    first = guest.pmemsave(spec.start, spec.end - spec.start, guest.workdir / "first.ram")
+    verify_counters(first, spec.start, spec)
+    guest.cont()
+    guest.wait_serial(len(guest.serial_output()) + 3)
+    guest.stop()
+    second = guest.pmemsave(spec.start, spec.end - spec.start, guest.workdir / "second.ram")
+    verify_counters(second, spec.start, spec)
+    assert page_counters(first, spec.start, spec) != page_counters(second, spec.start, spec)
+    return first, second
 
 
 def capture_preempt(

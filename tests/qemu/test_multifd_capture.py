@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_multifd_receive import need_qemu
+from qemu_helpers import need
 from test_receive_real import MachineFactory
 
 from qmig.capture import read_capture
@@ -60,8 +60,7 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Captured:
 def capture_migration(work: Path, version: str) -> Captured:
     """A real QEMU ``version`` → QEMU ``version`` migration over two multifd channels through
     ``qmig capture --multifd 2``; both QEMUs stopped when it returns."""
-    need_qemu(version)
-    qemu_version = None if version == "7.2" else version
+    qemu_version = need(version)
     started: list[Machine] = []
     relay: subprocess.Popen[str] | None = None
     try:

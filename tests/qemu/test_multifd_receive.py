@@ -13,10 +13,10 @@ syncs at each section's EOS instead of at MULTIFD_FLUSH).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from qemu_helpers import need
 from test_receive_real import (
     MEMORY_MIB,
     SPEC,
@@ -27,9 +27,6 @@ from test_receive_real import (
     receiving,
 )
 
-from qmig.qemu.machine import qemu_install
-from qmig.qemu.qmp import QemuError
-
 CASES = [
     # version, channels, compression, zero-page-detection (10.0), machine type
     pytest.param("7.2", 2, "none", None, "pc", id="7.2-2ch"),
@@ -39,17 +36,6 @@ CASES = [
     pytest.param("10.0", 2, "zlib", "none", "pc", id="10.0-2ch-zlib-zero-none"),
     pytest.param("10.0", 4, "none", "legacy", "pc-i440fx-8.0", id="10.0-4ch-legacy-machine-8.0"),
 ]
-
-
-def need_qemu(version: str) -> None:
-    if version == "7.2":
-        return
-    try:
-        qemu_install(version)
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
 
 
 @pytest.mark.qemu
@@ -63,7 +49,7 @@ def test_receive_multifd_from_real_qemu(
     zero: str | None,
     machine: str,
 ) -> None:
-    need_qemu(version)
+    qemu_version = need(version)
     dump_dir = tmp_path / "dump"
     args = ["--json", "--dump-ram", str(dump_dir)]
     if channels == 2 or machine != "pc":  # else the version is told from the stream
@@ -74,7 +60,7 @@ def test_receive_multifd_from_real_qemu(
             "source",
             memory_mib=MEMORY_MIB,
             guest=SPEC,
-            qemu_version=None if version == "7.2" else version,
+            qemu_version=qemu_version,
             machine_type=machine,
         )
         source.wait_serial(1)
@@ -125,7 +111,7 @@ def test_a_10_0_source_read_with_7_2_rules_is_refused(
 ) -> None:
     """Its packets count zero pages where 7.2 reserves the bytes: refused, not misplaced.
     (With a machine type of 8.0 its main stream reads as 7.2's: no MULTIFD_FLUSH.)"""
-    need_qemu("10.0")
+    need("10.0")
     args = ["--qemu-version", "7.2", "--multifd", "2", "--idle-timeout", "20"]
     with receiving(*args) as (process, uri):
         source = machines(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from multifd_replay_folder import write_multifd_folder
-from qemu_helpers import need as need_qemu
+from qemu_helpers import need
 from test_qemu_mapped_ram import MEMORY_MIB as MR_MEMORY_MIB
 from test_qemu_mapped_ram import SPEC as MR_SPEC
 from test_qemu_mapped_ram import ram_after_migration, save
@@ -26,14 +26,6 @@ from qmig.replay import load_recording
 
 MachineFactory = Callable[..., Machine]
 UUID = "6a1f3b1e-5c2d-4e8f-9a0b-1c2d3e4f5a6b"
-
-
-def need(version: str) -> str | None:
-    """The destination's QEMU: None for the system's 7.2, else the private install."""
-    if version == "7.2":
-        return None
-    need_qemu(version)
-    return version
 
 
 def multifd_destination(

@@ -8,28 +8,16 @@ under CI and is skipped elsewhere.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from qemu_helpers import MachineFactory, check_counters_move
 
 from qmig.qemu.guest import MIB, GuestSpec
-from qmig.qemu.machine import Machine, QemuInstall, qemu_install, qemu_version
-from qmig.qemu.oracle import page_counters, verify_counters
+from qmig.qemu.machine import QemuInstall, qemu_install, qemu_version
 from qmig.qemu.qmp import QemuError
 
-MachineFactory = Callable[..., Machine]
 VERSION = "10.0"
-
-
-@pytest.fixture
-def qemu_10_0() -> QemuInstall:
-    try:
-        return qemu_install(VERSION)
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"{error} (scripts/setup runs scripts/fetch-qemu-10.0)")
-        pytest.skip(str(error))
 
 
 @pytest.mark.qemu
@@ -43,15 +31,7 @@ def test_qemu_10_0_boots_the_test_guest(qemu_10_0: QemuInstall, machines: Machin
     assert (reported["major"], reported["minor"]) == (10, 0)
     # The guest runs: markers on the serial port, page counters that move between two looks.
     guest.wait_serial(10)
-    guest.stop()
-    first = guest.pmemsave(spec.start, spec.end - spec.start, guest.workdir / "first.ram")
-    verify_counters(first, spec.start, spec)
-    guest.cont()
-    guest.wait_serial(len(guest.serial_output()) + 3)
-    guest.stop()
-    second = guest.pmemsave(spec.start, spec.end - spec.start, guest.workdir / "second.ram")
-    verify_counters(second, spec.start, spec)
-    assert page_counters(first, spec.start, spec) != page_counters(second, spec.start, spec)
+    check_counters_move(guest, spec)
 
 
 def test_a_version_that_is_nowhere_is_one_clear_error() -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from qemu_helpers import MachineFactory, check_counters_move
 
 from qmig.qemu.guest import (
     MIB,
@@ -16,10 +16,7 @@ from qmig.qemu.guest import (
     known_data,
     loader_args,
 )
-from qmig.qemu.machine import Machine
-from qmig.qemu.oracle import page_counters, verify_counters
-
-MachineFactory = Callable[..., Machine]
+from qmig.qemu.oracle import verify_counters
 
 
 def test_boot_sector_is_one_bootable_sector_with_the_range_encoded() -> None:
@@ -62,15 +59,7 @@ def test_guest_boots_prints_markers_and_keeps_dirtying(machines: MachineFactory)
     guest = machines("guest", memory_mib=32, guest=spec)
     output = guest.wait_serial(20)
     assert set(output) == {ord("*")}, "only markers on the serial port"
-    guest.stop()
-    first = guest.pmemsave(spec.start, spec.end - spec.start, guest.workdir / "first.ram")
-    verify_counters(first, spec.start, spec)
-    guest.cont()
-    guest.wait_serial(len(guest.serial_output()) + 3)
-    guest.stop()
-    second = guest.pmemsave(spec.start, spec.end - spec.start, guest.workdir / "second.ram")
-    verify_counters(second, spec.start, spec)
-    assert page_counters(first, spec.start, spec) != page_counters(second, spec.start, spec)
+    _first, second = check_counters_move(guest, spec)
     # Only the first byte of each page is ever written.
     assert not any(second[1:4096]) and not any(second[4097:8192])
 

@@ -16,25 +16,14 @@ from pathlib import Path
 import pytest
 
 from qmig.qemu.guest import MIB, GuestSpec
-from qmig.qemu.machine import Machine, QemuInstall, qemu_install
+from qmig.qemu.machine import Machine, QemuInstall
 from qmig.qemu.oracle import verify_counters
-from qmig.qemu.qmp import QemuError
 
 MachineFactory = Callable[..., Machine]
 VERSION = "10.0"
 MEMORY_MIB = 32
 SPEC = GuestSpec(end=8 * MIB)
 TIMEOUT = 60.0
-
-
-@pytest.fixture
-def qemu_10_0() -> QemuInstall:
-    try:
-        return qemu_install(VERSION)
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"{error} (scripts/setup runs scripts/fetch-qemu-10.0)")
-        pytest.skip(str(error))
 
 
 def qmig(*args: str) -> subprocess.CompletedProcess[str]:
