@@ -21,7 +21,7 @@ from qmig.errors import QmigError
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
 from qmig.wire import messages as m
-from qmig.wire.reader import END, NEED_DATA, Record, ReturnPathReader, StreamReader
+from qmig.wire.reader import END, NEED_DATA, ReturnPathReader, StreamReader
 
 MAX_EVENTS_PER_BYTE = 4  # a record takes at least one byte; more events means no progress
 
@@ -66,14 +66,11 @@ def _chunks(data: bytes, size: int | None) -> list[bytes]:
 
 def _drain_reader(reader: StreamReader | ReturnPathReader, budget: int) -> int:
     count = 0
-    while True:
-        record = reader.next_record()
-        if record is NEED_DATA or record is END:
-            return count
-        assert isinstance(record, Record)
+    for _record in reader:
         count += 1
         if count > budget:
             raise OracleError(f"the reader is not making progress ({count} records)")
+    return count
 
 
 def read_stream(data: bytes, version: str | None, chunk: int | None = None) -> Verdict:

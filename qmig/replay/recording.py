@@ -34,7 +34,7 @@ from qmig.errors import MalformedError, QmigError
 from qmig.protocol.source import DeviceSnapshot, SourceBlock
 from qmig.replay.multifd_channels import MultifdMerge, multifd_files
 from qmig.wire import messages as m
-from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
+from qmig.wire.reader import Record, StreamReader
 from qmig.wire.reading.preempt import PreemptReader
 
 READ_CHUNK = 1 << 20
@@ -212,20 +212,12 @@ class _Rebuilder:
         self._drain_preempt(reader)
 
     def _drain_preempt(self, reader: PreemptReader) -> None:
-        while True:
-            record = reader.next_record()
-            if record is NEED_DATA or record is END:
-                return
-            assert isinstance(record, Record)
+        for record in reader:
             if isinstance(record.message, m.RamPageRun):
                 self._pages(record.message)
 
     def _drain(self) -> None:
-        while True:
-            record = self.reader.next_record()
-            if record is NEED_DATA or record is END:
-                return
-            assert isinstance(record, Record)
+        for record in self.reader:
             self._take(record)
 
     def _take(self, record: Record) -> None:

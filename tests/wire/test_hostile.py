@@ -50,11 +50,7 @@ def read(reader: Reader, data: bytes, chunk: int | None = None) -> list[Record]:
 
 
 def _drain(reader: Reader, records: list[Record], size: int) -> None:
-    while True:
-        record = reader.next_record()
-        if record is NEED_DATA or record is END:
-            return
-        assert isinstance(record, Record)
+    for record in reader:
         records.append(record)
         # Every record but a package's end marker and an empty device state takes a byte.
         assert len(records) <= 2 * size + 8, "the reader is not making progress"

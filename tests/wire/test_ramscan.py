@@ -25,7 +25,7 @@ from qmig.errors import MalformedError
 from qmig.wire import messages as m
 from qmig.wire.profiles import available_versions
 from qmig.wire.ramscan import RamScanner, Stop
-from qmig.wire.reader import END, NEED_DATA, Record, StreamReader
+from qmig.wire.reader import StreamReader
 from qmig.wire.schema import Schema, schema_for
 
 VERSIONS = available_versions()
@@ -231,11 +231,7 @@ def test_reader_page_runs_agree_with_the_schema(
 
 def _collect(reader: StreamReader, seen: list[tuple[int, int, bool, bytes]]) -> None:
     """Each page as (record offset, offset in block, is_zero, body), taken at once."""
-    while True:
-        record = reader.next_record()
-        if record is NEED_DATA or record is END:
-            return
-        assert isinstance(record, Record)
+    for record in reader:
         if isinstance(record.message, m.RamPageRun):
             run = record.message
             for (offset, zero, body), body_at in zip(run.pages(), run.bodies, strict=True):

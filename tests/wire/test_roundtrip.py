@@ -23,7 +23,7 @@ from qmig import strategies as qs
 from qmig.inspect import StreamInspection
 from qmig.wire import messages as m
 from qmig.wire.profiles import available_versions
-from qmig.wire.reader import END, NEED_DATA, Record, ReturnPathReader, StreamReader
+from qmig.wire.reader import END, Record, ReturnPathReader, StreamReader
 from qmig.wire.schema import Schema, mem_size_params, schema_for
 
 VERSIONS = available_versions()
@@ -217,11 +217,7 @@ def read_in_chunks(
     pages: list[qs.ExpectedPage] = []
 
     def drain() -> None:
-        while True:
-            record = reader.next_record()
-            if record is NEED_DATA or record is END:
-                return
-            assert isinstance(record, Record)
+        for record in reader:
             records.append(record)
             if isinstance(record.message, m.RamPageRun):
                 run = record.message

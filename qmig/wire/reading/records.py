@@ -6,6 +6,7 @@ construct failure into one line.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,6 +27,17 @@ class Sentinel:
 
 NEED_DATA: Final = Sentinel("NEED_DATA")
 END: Final = Sentinel("END")
+
+
+def records_of(next_record: Callable[[], Record | Sentinel]) -> Iterator[Record]:
+    """The records ``next_record`` hands out until it needs more input or the input ended:
+    a reader's ``__iter__``."""
+    while True:
+        record = next_record()
+        if record is NEED_DATA or record is END:
+            return
+        assert isinstance(record, Record)
+        yield record
 
 
 @dataclass

@@ -11,7 +11,7 @@ from qmig.wire import messages as m
 from qmig.wire.fields import FieldError
 from qmig.wire.page_requests import PageRequests
 from qmig.wire.reading.buffer import ByteStream, InputBuffer
-from qmig.wire.reading.records import END, NEED_DATA, Record, Sentinel, parse_payload
+from qmig.wire.reading.records import END, NEED_DATA, Record, Sentinel, parse_payload, records_of
 from qmig.wire.schema import Schema, schema_for
 
 MAX_BITMAP = 32 << 20  # the largest RECV_BITMAP bitmap: 1 TiB of 4 KiB pages
@@ -47,12 +47,7 @@ class ReturnPathReader(InputBuffer):
         self._named_block = False
 
     def __iter__(self) -> Iterator[Record]:
-        while True:
-            record = self.next_record()
-            if record is NEED_DATA or record is END:
-                return
-            assert isinstance(record, Record)
-            yield record
+        return records_of(self.next_record)
 
     def next_record(self) -> Record | Sentinel:
         available = len(self._buf) - self._pos

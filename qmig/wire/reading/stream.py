@@ -18,7 +18,15 @@ from qmig.wire.ramscan import RamScanner
 from qmig.wire.reading.device_sections import DeviceSectionsReader
 from qmig.wire.reading.framing import Frame, FramingContext, Mode, Section
 from qmig.wire.reading.ram_section import RamSectionReader
-from qmig.wire.reading.records import END, NEED_DATA, NeedMore, Record, Sentinel, parse_payload
+from qmig.wire.reading.records import (
+    END,
+    NEED_DATA,
+    NeedMore,
+    Record,
+    Sentinel,
+    parse_payload,
+    records_of,
+)
 from qmig.wire.schema import Schema, schema_for
 
 MAX_RECORD = 8 << 20  # the largest single record qmig buffers (bytes)
@@ -76,12 +84,7 @@ class StreamReader(RamSectionReader, DeviceSectionsReader):
 
     def __iter__(self) -> Iterator[Record]:
         """Every record of what was fed so far (call after feed_eof() for a whole stream)."""
-        while True:
-            record = self.next_record()
-            if record is NEED_DATA or record is END:
-                return
-            assert isinstance(record, Record)
-            yield record
+        return records_of(self.next_record)
 
     # --- reading ----------------------------------------------------------------------
 
