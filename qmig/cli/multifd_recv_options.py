@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import uuid as uuid_module
 from typing import TYPE_CHECKING, Any
 
+from qmig.cli.multifd_source_options import migration_uuid
 from qmig.cli.options import positive_count
 
 if TYPE_CHECKING:
@@ -40,19 +40,12 @@ def add_multifd(parser: Any) -> None:
     )
     group.add_argument(
         "--uuid",
-        type=_uuid,
+        type=migration_uuid,
         default=bytes(16),
         metavar="UUID",
         help="this destination's UUID (QEMU's -uuid), which each multifd handshake must carry "
         "(default: all zeros, as QEMU without -uuid)",
     )
-
-
-def _uuid(text: str) -> bytes:
-    try:
-        return uuid_module.UUID(text).bytes
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
 
 
 def multifd_options(args: argparse.Namespace) -> MultifdReceiveOptions:

@@ -22,6 +22,7 @@ def channel_count(text: str) -> int:
 
 
 def migration_uuid(text: str) -> bytes:
+    """A QEMU ``-uuid`` (as multifd handshakes carry it), for --uuid on either side."""
     try:
         return uuid.UUID(text).bytes
     except ValueError:

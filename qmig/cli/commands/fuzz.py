@@ -191,16 +191,25 @@ def run_atheris(
         dictionary=sd.dictionary(target.channel, version),
         progress=show,
     )
+    return _finish(
+        args,
+        report,
+        console,
+        f"{report.target}: {plural(report.runs, 'input')} in {report.seconds:.1f} s "
+        f"({report.rate:.0f}/s on {plural(report.jobs, 'worker')}, "
+        f"{plural(report.seeds, 'seed')}, corpus {report.corpus}, "
+        f"{plural(report.edges, 'edge')}), {plural(len(report.findings), 'finding')}",
+    )
+
+
+def _finish(args: argparse.Namespace, report: Any, console: Console, summary: str) -> int:
+    """A campaign's --json document, or its ``summary`` line and one line a finding; the
+    exit status says whether there were findings."""
     if args.json:
         json.dump(report.as_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        console.print(
-            f"{report.target}: {plural(report.runs, 'input')} in {report.seconds:.1f} s "
-            f"({report.rate:.0f}/s on {plural(report.jobs, 'worker')}, "
-            f"{plural(report.seeds, 'seed')}, corpus {report.corpus}, "
-            f"{plural(report.edges, 'edge')}), {plural(len(report.findings), 'finding')}"
-        )
+        console.print(summary)
         for finding in report.findings:
             console.print(f"  {finding.path}: {finding.kind}: {finding.summary}")
     return 1 if report.findings else 0
@@ -270,16 +279,12 @@ def run(args: argparse.Namespace) -> int:
                 )
 
             report = campaign.run(runs=runs, seconds=args.seconds, progress=show)
-    if args.json:
-        json.dump(report.as_json(), sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        console.print(
-            f"{report.target}: {plural(report.runs, 'input')} in {report.seconds:.1f} s "
-            f"({plural(report.seeds, 'seed')}, corpus {report.corpus}, "
-            f"{plural(report.edges, 'edge')}, {report.accepted} accepted, "
-            f"{report.rejected} rejected), {plural(len(report.findings), 'finding')}"
-        )
-        for finding in report.findings:
-            console.print(f"  {finding.path}: {finding.kind}: {finding.summary}")
-    return 1 if report.findings else 0
+    return _finish(
+        args,
+        report,
+        console,
+        f"{report.target}: {plural(report.runs, 'input')} in {report.seconds:.1f} s "
+        f"({plural(report.seeds, 'seed')}, corpus {report.corpus}, "
+        f"{plural(report.edges, 'edge')}, {report.accepted} accepted, "
+        f"{report.rejected} rejected), {plural(len(report.findings), 'finding')}",
+    )
