@@ -12,34 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from simulating import TIMEOUT, run_simulate
+from simulating import verified as simulate
 
 from qmig.protocol.multifd import mark_received
 
-TIMEOUT = 180
 PAGES_64M = 64 * 256
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmig", "simulate", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-
-
-def simulate(*args: str) -> dict[str, Any]:
-    done = run(*args)
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)
-    assert result["verified"] is True
-    assert result["mismatched_pages"] == 0
-    return result
-
-
 def refused(*args: str) -> str:
-    done = run(*args)
+    done = run_simulate(*args)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()

@@ -3,32 +3,23 @@ both ends paused and recovered on a new connection, every page verified at the e
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from typing import Any
 
 import pytest
+import simulating
+from simulating import run_simulate
 
 pytestmark = pytest.mark.uffd
-TIMEOUT = 180
+RAM = ("--ram", "64M")
 
 
 def simulate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmig", "simulate", "--json", "--ram", "64M", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    return run_simulate(*RAM, *args)
 
 
 def verified(*args: str) -> dict[str, Any]:
-    done = simulate(*args)
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)
-    assert result["verified"] is True and result["mismatched_pages"] == 0
+    result = simulating.verified(*RAM, *args)
     assert result["recoveries"] == result["destination_recoveries"]
     return result
 

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from typing import Any
 
 import pytest
+from simulating import run_simulate, verified
 
 pytestmark = pytest.mark.uffd
-TIMEOUT = 120
 
 
 def simulate(*args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmig", "simulate", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)
-    assert result["verified"] is True
-    assert result["mismatched_pages"] == 0
+    result = verified(*args)
     # What the issue asks --json for, in every run.
     for key in ("total_s", "downtime_ms", "postcopy_requests", "faults"):
         assert key in result
@@ -146,12 +135,7 @@ def test_workloads_and_a_source_that_dirties_nothing() -> None:
     ],
 )
 def test_bad_options_fail_in_one_line_before_anything_starts(args: list[str], message: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmig", "simulate", "--json", "--ram", "16M", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = run_simulate("--ram", "16M", *args, timeout=30)
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.startswith(message)

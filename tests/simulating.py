@@ -1,0 +1,31 @@
+"""``qmig simulate --json`` as the simulate tests run it: the process, and a run that must
+verify every page."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+TIMEOUT = 180  # generous: the simulate tests share a loaded 2-core CI machine
+
+
+def run_simulate(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qmig", "simulate", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def verified(*args: str) -> dict[str, Any]:
+    """A run that exits 0 without a traceback, every page verified; its summary."""
+    done = run_simulate(*args)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    assert result["verified"] is True
+    assert result["mismatched_pages"] == 0
+    return result
