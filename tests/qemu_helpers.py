@@ -54,6 +54,19 @@ def need(version: str | None) -> str | None:
     return version
 
 
+def destination_for(
+    machines: MachineFactory, memory_mib: int, spec: GuestSpec, *extra: str
+) -> tuple[Machine, str]:
+    """A QEMU destination with postcopy (and its blocktime) on, waiting for an incoming
+    migration on a free local port; returns it and its URI."""
+    destination = machines(
+        "destination", memory_mib=memory_mib, guest=spec, incoming="defer", extra_args=extra
+    )
+    destination.set_capabilities(postcopy_ram=True, postcopy_blocktime=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    return destination, f"tcp:127.0.0.1:{destination.incoming_port()}"
+
+
 def check_guest_runs_on(destination: Machine, spec: GuestSpec, tmp_path: Path) -> dict[str, Any]:
     """The destination's migration completed, its guest keeps running, and the counter oracle
     accepts its memory; returns the destination's query-migrate."""

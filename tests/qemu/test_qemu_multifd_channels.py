@@ -7,24 +7,20 @@ tested here.)"""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from qemu_helpers import MachineFactory, need
 
 from qmig.qemu.guest import MIB, GuestSpec
-from qmig.qemu.machine import Machine, qemu_install
-from qmig.qemu.qmp import QemuError
 from qmig.wire import messages as m
 from qmig.wire.multifd_reader import Handshake, MultifdChannelReader, Packet
 from qmig.wire.reader import StreamReader
 
-MachineFactory = Callable[..., Machine]
 MEMORY_MIB = 32
 SPEC = GuestSpec(end=8 * MIB)
 PAGE = 4096
@@ -75,20 +71,9 @@ class Recorder:
 def test_real_multifd_channels_read_to_their_end(
     machines: MachineFactory, tmp_path: Path, version: str, compression: str
 ) -> None:
-    if version != "7.2":
-        try:
-            qemu_install(version)
-        except QemuError as error:
-            if os.environ.get("CI"):
-                pytest.fail(str(error))
-            pytest.skip(str(error))
+    qemu_version = need(version)
     recorder = Recorder(tmp_path)
-    source = machines(
-        "source",
-        memory_mib=MEMORY_MIB,
-        guest=SPEC,
-        qemu_version=None if version == "7.2" else version,
-    )
+    source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=qemu_version)
     try:
         source.wait_serial(3)
         source.set_capabilities(multifd=True)

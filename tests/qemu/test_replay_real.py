@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu_helpers import TIMEOUT, MachineFactory, check_guest_runs_on, qmig
+from qemu_helpers import TIMEOUT, MachineFactory, check_guest_runs_on, destination_for, qmig
 
 from qmig.qemu.guest import MIB, GuestSpec, known_data
-from qmig.qemu.machine import Machine
 from qmig.qemu.scenario import PostcopyPlan, run_postcopy
 from qmig.replay import load_recording
 from qmig.wire import messages as m
@@ -27,17 +26,6 @@ FIXTURES = Path(__file__).parents[2] / "fixtures"
 # How the fixtures' guests were made (their meta.json): memory and the counters' range.
 POSTCOPY = FIXTURES / "postcopy-tcp", 64, GuestSpec(end=40 * MIB)
 PRECOPY = FIXTURES / "precopy-file", 32, GuestSpec(end=8 * MIB)
-
-
-def destination_for(
-    machines: MachineFactory, memory_mib: int, spec: GuestSpec, *extra: str
-) -> tuple[Machine, str]:
-    destination = machines(
-        "destination", memory_mib=memory_mib, guest=spec, incoming="defer", extra_args=extra
-    )
-    destination.set_capabilities(postcopy_ram=True, postcopy_blocktime=True)
-    destination.migrate_incoming("tcp:127.0.0.1:0")
-    return destination, f"tcp:127.0.0.1:{destination.incoming_port()}"
 
 
 def run_replay(capture: Path, uri: str, *args: str) -> subprocess.CompletedProcess[str]:

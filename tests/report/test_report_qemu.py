@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from qemu_helpers import TIMEOUT, capture_preempt, qmig
+from qemu_helpers import TIMEOUT, capture_preempt, destination_for, qmig
 from report_page import check_drawn, no_fetches, render
 
 from qmig.qemu.guest import MIB, GuestSpec
@@ -75,12 +75,7 @@ def test_receive_report(machines: Callable[..., Machine], tmp_path: Path, chromi
 
 
 def test_replay_report(machines: Callable[..., Machine], tmp_path: Path, chromium: str) -> None:
-    destination = machines(
-        "destination", memory_mib=64, guest=GuestSpec(end=40 * MIB), incoming="defer"
-    )
-    destination.set_capabilities(postcopy_ram=True)
-    destination.migrate_incoming("tcp:127.0.0.1:0")
-    uri = f"tcp:127.0.0.1:{destination.incoming_port()}"
+    destination, uri = destination_for(machines, 64, GuestSpec(end=40 * MIB))
     page = tmp_path / "replay.html"
     done = subprocess.run(
         qmig("replay", str(FIXTURE), "--to", uri, "--qemu-version", "7.2", "--bandwidth", "32",
