@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qmig.capture import Relay
-from qmig.qemu.guest import MIB, GuestSpec, highest_safe_end
-from qmig.qemu.machine import Machine, MachineConfig
+from _qemu_pair import QEMU, inspect_json, machine, qemu_destination, qmig_receive
 
-QEMU = "10.0"
+from qmig.qemu.guest import MIB, GuestSpec, highest_safe_end
+from qmig.qemu.machine import Machine
+
 TIMEOUT = 300.0
 UNLIMITED = 1 << 40  # bytes/s
 
@@ -43,7 +43,7 @@ UNLIMITED = 1 << 40  # bytes/s
 def _source(ram_mib: int, workdir: Path, channels: int) -> Machine:
     """A source whose guest has written all its RAM once, stopped, multifd set up."""
     spec = GuestSpec(end=highest_safe_end(ram_mib))
-    source = Machine(MachineConfig("source", ram_mib, spec, qemu_version=QEMU), workdir).start()
+    source = machine("source", ram_mib, spec, workdir).start()
     source.wait_serial(1)  # one pass of the counters: every page holds data
     source.stop()
     source.set_parameters(max_bandwidth=UNLIMITED)  # QEMU's default caps it at 128 MiB/s
@@ -63,28 +63,16 @@ def _figures(info: dict[str, Any], ram_mib: int) -> dict[str, Any]:
 
 
 def into_qmig(ram_mib: int, channels: int, workdir: Path) -> dict[str, Any]:
-    args = ["--multifd", str(channels)] if channels else []
-    receiver = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0", "--json",
-         "--workload", "none", "--accept-timeout", "120", "--qemu-version", QEMU, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert receiver.stderr is not None
-        uri = receiver.stderr.readline().split()[-1]
-        source = _source(ram_mib, workdir, channels)
-        try:
+    args = ["--workload", "none", "--accept-timeout", "120", "--qemu-version", QEMU]
+    if channels:
+        args += ["--multifd", str(channels)]
+
+    def migrate(uri: str) -> dict[str, Any]:
+        with _source(ram_mib, workdir, channels) as source:
             source.migrate(uri)
-            info = source.wait_migration(timeout=TIMEOUT)
-        finally:
-            source.shutdown()
-        stdout, stderr = receiver.communicate(timeout=TIMEOUT)
-    finally:
-        receiver.kill()
-        receiver.wait()
-    if receiver.returncode:
-        raise SystemExit(f"qmig receive failed: {stderr.strip()}")
-    summary = json.loads(stdout)
+            return source.wait_migration(timeout=TIMEOUT)
+
+    info, summary = qmig_receive(args, migrate, TIMEOUT)
     return {
         **_figures(info, ram_mib),
         "qmig_total_s": summary["total_s"],
@@ -93,29 +81,18 @@ def into_qmig(ram_mib: int, channels: int, workdir: Path) -> dict[str, Any]:
 
 
 def into_qemu(ram_mib: int, channels: int, workdir: Path, capture: Path | None) -> dict[str, Any]:
-    config = MachineConfig("destination", ram_mib, None, incoming="defer", qemu_version=QEMU)
-    destination = Machine(config, workdir).start()
-    try:
-        if channels:
-            destination.set_capabilities(multifd=True)
-            destination.set_parameters(multifd_channels=channels)
-        destination.migrate_incoming("tcp:127.0.0.1:0")
-        target = f"tcp:127.0.0.1:{destination.incoming_port()}"
-        relay = None
-        if capture is not None:
-            relay = Relay(target, capture, multifd=channels).start()
-            target = relay.listen_uri
-        source = _source(ram_mib, workdir, channels)
-        try:
-            source.migrate(target)
-            info = source.wait_migration(timeout=TIMEOUT)
-            destination.wait_migration(timeout=TIMEOUT)
-            if relay is not None:
-                relay.join(TIMEOUT)
-        finally:
-            source.shutdown()
-    finally:
-        destination.shutdown()
+    capabilities = {"multifd": True} if channels else {}
+    parameters = {"multifd_channels": channels} if channels else {}
+    with (
+        qemu_destination(
+            ram_mib, workdir, TIMEOUT, capabilities=capabilities, parameters=parameters,
+            capture=capture, relay={"multifd": channels},
+        ) as incoming,
+        _source(ram_mib, workdir, channels) as source,
+    ):  # fmt: skip
+        source.migrate(incoming.uri)
+        info = source.wait_migration(timeout=TIMEOUT)
+        incoming.destination.wait_migration(timeout=TIMEOUT)
     return _figures(info, ram_mib)
 
 
@@ -126,12 +103,8 @@ def inspect_vs_cat(folder: Path) -> dict[str, Any]:
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
     cat_s = time.perf_counter() - began
     began = time.perf_counter()
-    inspected = subprocess.run(
-        [sys.executable, "-m", "qmig", "inspect", str(folder), "--json"],
-        capture_output=True, text=True, timeout=TIMEOUT, check=True,
-    )  # fmt: skip
+    report = inspect_json(folder, TIMEOUT)
     inspect_s = time.perf_counter() - began
-    report = json.loads(inspected.stdout)
     return {
         "bytes": size,
         "cat_s": round(cat_s, 3),

@@ -40,31 +40,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from qmig.qemu.guest import MIB, GuestSpec
-from qmig.qemu.machine import Machine, MachineConfig
+from _qemu_pair import QEMU, Incoming, machine, qemu_destination
 
-QEMU = "10.0"
+from qmig.qemu.guest import MIB, GuestSpec
+from qmig.qemu.machine import Machine
+
 TIMEOUT = 600.0
 UNCAPPED = 1 << 40  # bytes per second
 SENDERS = ("qemu_to_qemu", "qmig_multifd", "qmig_single", "simulate_multifd", "simulate_single")
 
 
-def _start(name: str, ram_mib: int, spec: GuestSpec, workdir: Path, **kw: Any) -> Machine:
-    return Machine(MachineConfig(name, ram_mib, spec, qemu_version=QEMU, **kw), workdir).start()
-
-
 def _destination(
     ram_mib: int, spec: GuestSpec, workdir: Path, name: str, channels: int | None
-) -> tuple[Machine, str]:
-    machine = _start(name, ram_mib, spec, workdir, incoming="defer")
-    if channels is not None:
-        machine.set_capabilities(multifd=True)
-        machine.set_parameters(multifd_channels=channels)
-    machine.migrate_incoming("tcp:127.0.0.1:0")
-    return machine, f"tcp:127.0.0.1:{machine.incoming_port()}"
+) -> AbstractContextManager[Incoming]:
+    multifd = channels is not None
+    return qemu_destination(
+        ram_mib, workdir, TIMEOUT, name=name, spec=spec,
+        capabilities={"multifd": True} if multifd else {},
+        parameters={"multifd_channels": channels} if multifd else None,
+    )  # fmt: skip
 
 
 def _same_ram(machine: Machine, ram_mib: int, expected: bytes, workdir: Path) -> bool:
@@ -76,17 +74,16 @@ def qemu_pair(
     ram_mib: int, spec: GuestSpec, channels: int, workdir: Path, saved: Path
 ) -> tuple[dict[str, Any], bytes]:
     """QEMU → QEMU with multifd; also saves the stopped guest to ``saved`` for the replays."""
-    source = _start("source", ram_mib, spec, workdir)
-    try:
+    with machine("source", ram_mib, spec, workdir) as source:
         source.wait_serial(2, timeout=TIMEOUT)
         source.stop()
         ram = source.pmemsave(0, ram_mib * MIB, workdir / "source.ram")
-        destination, uri = _destination(ram_mib, spec, workdir, "qemu-destination", channels)
-        try:
+        with _destination(ram_mib, spec, workdir, "qemu-destination", channels) as incoming:
+            destination = incoming.destination
             source.set_capabilities(multifd=True)
             # Uncapped, as the replays are (QEMU's default max-bandwidth is 128 MiB/s).
             source.set_parameters(multifd_channels=channels, max_bandwidth=UNCAPPED)
-            source.migrate(uri)
+            source.migrate(incoming.uri)
             info = source.wait_migration(timeout=TIMEOUT)
             same = _same_ram(destination, ram_mib, ram, workdir)
             # The paused destination now holds the same guest: it saves the stream file the
@@ -94,10 +91,6 @@ def qemu_pair(
             destination.set_capabilities(multifd=False)
             destination.migrate(f"file:{saved}")
             destination.wait_migration(timeout=TIMEOUT)
-        finally:
-            destination.shutdown()
-    finally:
-        source.shutdown()
     ram_info = info.get("ram", {})
     seconds = info["total-time"] / 1000
     return {
@@ -114,8 +107,8 @@ def qmig_replay(
     ram_mib: int, spec: GuestSpec, channels: int | None, workdir: Path, saved: Path, ram: bytes
 ) -> dict[str, Any]:
     name = "multifd-destination" if channels else "single-destination"
-    destination, uri = _destination(ram_mib, spec, workdir, name, channels)
-    try:
+    with _destination(ram_mib, spec, workdir, name, channels) as incoming:
+        uri = incoming.uri
         args = ["--multifd", str(channels)] if channels else []
         started = time.monotonic()
         result = subprocess.run(
@@ -127,9 +120,7 @@ def qmig_replay(
         if result.returncode:
             raise SystemExit(f"qmig replay failed: {result.stderr.strip()}")
         summary = json.loads(result.stdout)
-        same = _same_ram(destination, ram_mib, ram, workdir)
-    finally:
-        destination.shutdown()
+        same = _same_ram(incoming.destination, ram_mib, ram, workdir)
     seconds = summary["total_s"]
     multifd = summary.get("multifd") or {}
     return {

@@ -36,19 +36,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from qmig.capture import Relay
+from _qemu_pair import QEMU, inspect_json, machine, qemu_destination, qmig_receive
+
 from qmig.qemu.guest import MIB, GuestSpec
-from qmig.qemu.machine import Machine, MachineConfig
+from qmig.qemu.machine import Machine
 from qmig.simulate import SimulationConfig, run_simulation
 
-QEMU = "10.0"
 TIMEOUT = 180.0
 
 
@@ -73,10 +72,6 @@ def qmig_pair(ram_mib: int, bandwidth: int, preempt: bool) -> dict[str, Any]:
     }
 
 
-def _start(name: str, ram_mib: int, spec: GuestSpec, workdir: Path, **kw: Any) -> Machine:
-    return Machine(MachineConfig(name, ram_mib, spec, qemu_version=QEMU, **kw), workdir).start()
-
-
 def _postcopy(source: Machine, uri: str, bandwidth: int, preempt: bool) -> dict[str, Any]:
     source.wait_serial(1)
     source.set_capabilities(postcopy_ram=True, postcopy_preempt=preempt, postcopy_blocktime=True)
@@ -91,28 +86,18 @@ def _postcopy(source: Machine, uri: str, bandwidth: int, preempt: bool) -> dict[
 
 def qemu_pair(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dict[str, Any]:
     spec = GuestSpec(end=min(ram_mib // 2, 64) * MIB)
-    destination = _start("destination", ram_mib, spec, workdir, incoming="defer")
     out = workdir / "capture"
-    try:
-        destination.set_capabilities(
-            postcopy_ram=True, postcopy_preempt=preempt, postcopy_blocktime=True
-        )
-        destination.migrate_incoming("tcp:127.0.0.1:0")
-        relay = Relay(f"tcp:127.0.0.1:{destination.incoming_port()}", out, preempt=preempt).start()
-        source = _start("source", ram_mib, spec, workdir)
-        try:
-            _postcopy(source, relay.listen_uri, bandwidth, preempt)
-            info = destination.wait_migration(timeout=TIMEOUT)
-            relay.join(TIMEOUT)
-        finally:
-            source.shutdown()
-    finally:
-        destination.shutdown()
-    inspected = subprocess.run(
-        [sys.executable, "-m", "qmig", "inspect", str(out), "--json"],
-        capture_output=True, text=True, timeout=TIMEOUT, check=True,
-    )  # fmt: skip
-    report = json.loads(inspected.stdout)
+    capabilities = {"postcopy_ram": True, "postcopy_preempt": preempt, "postcopy_blocktime": True}
+    with (
+        qemu_destination(
+            ram_mib, workdir, TIMEOUT, spec=spec, capabilities=capabilities, capture=out,
+            relay={"preempt": preempt},
+        ) as incoming,
+        machine("source", ram_mib, spec, workdir) as source,
+    ):  # fmt: skip
+        _postcopy(source, incoming.uri, bandwidth, preempt)
+        info = incoming.destination.wait_migration(timeout=TIMEOUT)
+    report = inspect_json(out, TIMEOUT)
     latency = report["request_latency_us"]
     return {
         "requests": latency["count"],
@@ -124,27 +109,13 @@ def qemu_pair(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dic
 
 def qemu_into_qmig(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dict[str, Any]:
     spec = GuestSpec(end=min(ram_mib // 2, 64) * MIB)
-    args = ["--preempt"] if preempt else []
-    receiver = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0", "--json",
-         "--accept-timeout", "60", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert receiver.stderr is not None
-        uri = receiver.stderr.readline().split()[-1]
-        source = _start("source", ram_mib, spec, workdir)
-        try:
+
+    def migrate(uri: str) -> None:
+        with machine("source", ram_mib, spec, workdir) as source:
             _postcopy(source, uri, bandwidth, preempt)
-        finally:
-            source.shutdown()
-        stdout, stderr = receiver.communicate(timeout=TIMEOUT)
-    finally:
-        receiver.kill()
-        receiver.wait()
-    if receiver.returncode:
-        raise SystemExit(f"qmig receive failed: {stderr.strip()}")
-    summary = json.loads(stdout)
+
+    args = ["--accept-timeout", "60", *(["--preempt"] if preempt else [])]
+    _, summary = qmig_receive(args, migrate, TIMEOUT)
     return {
         "requests": summary["requests"],
         "fault_latency_us": summary["fault_to_placed_us"],
