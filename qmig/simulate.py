@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from qmig import simulate_multifd
@@ -34,7 +35,7 @@ from qmig.runner.pauses import Pause, pauses_json
 from qmig.runner.peer import Peer
 from qmig.runner.source import SEND_BUFFER, SourcePlan, SourceRunner
 from qmig.runner.source_ram import DIRTY_PATTERNS, Dirtier, GuestRam
-from qmig.transport import Connection, connect, limit_buffers, listen
+from qmig.transport import connect, limit_buffers, listen
 from qmig.wire.profiles import target_page_size
 
 MiB = 1 << 20
@@ -273,11 +274,8 @@ def _run_source(
         fast_answer=config.fast_answer,
     )
 
-    def opened(connection: Connection) -> Connection:
-        """A new channel, counted for the report when there is one."""
-        if recorder is None:
-            return connection
-        return recorder.wrap(connection, sends=STREAM, receives=RETURN_PATH)
+    # A new main channel (the first, or one after a recovery), counted for the report.
+    opened = partial(counted, recorder, sends=STREAM, receives=RETURN_PATH)
 
     reopen = None
     if config.recovers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from qmig.errors import QmigError
@@ -211,11 +212,8 @@ def replay(
         recover_timeout=plan.resume_timeout,
     )
 
-    def opened(connection: Connection) -> Connection:
-        """A new channel, counted for the report when there is one."""
-        if recorder is None:
-            return connection
-        return recorder.wrap(connection, sends=STREAM, receives=RETURN_PATH)
+    # A new main channel (the first, or one after a recovery), counted for the report.
+    opened = partial(counted, recorder, sends=STREAM, receives=RETURN_PATH)
 
     reopen = None
     if plan.resume_to is not None:
