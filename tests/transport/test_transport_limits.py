@@ -38,6 +38,29 @@ def read_until_error(connection: Connection) -> tuple[LimitExceeded, float]:
     return caught.value, time.monotonic() - started
 
 
+def read_while_the_peer_sends(
+    ours: Connection, peer: socket.socket, byte: bytes, interval: float
+) -> tuple[LimitExceeded, float]:
+    """read_until_error while the peer sends ``byte`` every ``interval`` seconds."""
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            try:
+                peer.send(byte)
+            except OSError:
+                return
+            time.sleep(interval)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        return read_until_error(ours)
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_idle_names_the_limit_the_peer_and_the_offset(pair: tuple[Connection, socket.socket]):
     ours, peer = pair
     ours.set_limits(Limits(idle=0.5, peer="the source"))
@@ -61,23 +84,7 @@ def test_time_spent_handling_data_is_not_idle(pair: tuple[Connection, socket.soc
 def test_a_trickle_ends_at_the_minimum_rate(pair: tuple[Connection, socket.socket]) -> None:
     ours, peer = pair
     ours.set_limits(Limits(idle=5, min_rate=100, rate_window=1.0))
-    stop = threading.Event()
-
-    def trickle() -> None:
-        while not stop.is_set():
-            try:
-                peer.send(b"x")
-            except OSError:
-                return
-            time.sleep(0.1)
-
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
-    try:
-        error, elapsed = read_until_error(ours)
-    finally:
-        stop.set()
-        thread.join()
+    error, elapsed = read_while_the_peer_sends(ours, peer, b"x", 0.1)  # a trickle
     assert error.limit == "min_rate"
     assert error.detail.startswith("minimum rate 100 B/s: ")
     assert "of waiting for them at stream offset" in error.detail
@@ -100,20 +107,7 @@ def test_the_deadline_ends_a_phase(pair: tuple[Connection, socket.socket]) -> No
     meter = ours.set_limits(Limits(idle=5, deadline=0.8))
     time.sleep(0.5)
     meter.start()  # a new phase: its deadline counts from here
-    stop = threading.Event()
-
-    def steady() -> None:
-        while not stop.is_set():
-            peer.send(b"z")
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=steady, daemon=True)
-    thread.start()
-    try:
-        error, elapsed = read_until_error(ours)
-    finally:
-        stop.set()
-        thread.join()
+    error, elapsed = read_while_the_peer_sends(ours, peer, b"z", 0.05)  # steady, never idle
     assert error.limit == "deadline"
     assert error.detail.startswith("deadline 0.8 s: the phase did not end in 0.8 s")
     assert 0.7 <= elapsed < 1.5
