@@ -7,13 +7,12 @@ one error line naming its file and byte."""
 from __future__ import annotations
 
 import random
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from keeper import Keeper
 
 from qmig.protocol.multifd_source import MultifdSendOptions
 from qmig.protocol.source import Source, SourceBlock
@@ -26,41 +25,6 @@ from qmig.wire.multifd_reader import Handshake, MultifdChannelReader, Packet
 from qmig.wire.reader import StreamReader
 
 PAGE = 4096
-
-
-class Keeper:
-    """Accepts connections on a loopback port and keeps each one's bytes, in accept order."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.uri = f"tcp:127.0.0.1:{self.server.getsockname()[1]}"
-        self.data: list[bytearray] = []
-        self.threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return
-            kept = bytearray()
-            self.data.append(kept)
-            thread = threading.Thread(target=self._keep, args=(connection, kept))
-            thread.start()
-            self.threads.append(thread)
-
-    @staticmethod
-    def _keep(connection: socket.socket, kept: bytearray) -> None:
-        with connection:
-            while chunk := connection.recv(7000):
-                kept += chunk
-
-    def close(self) -> list[bytes]:
-        self.server.close()
-        for thread in self.threads:
-            thread.join(30)
-        return [bytes(d) for d in self.data]
 
 
 def guest(pages: int) -> SourceBlock:

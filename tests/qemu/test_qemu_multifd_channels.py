@@ -7,13 +7,12 @@ tested here.)"""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from keeper import Keeper
 from qemu_helpers import MachineFactory, need
 
 from qmig.qemu.guest import MIB, GuestSpec
@@ -27,42 +26,6 @@ PAGE = 4096
 MAGIC = (0x11223344).to_bytes(4, "big")
 
 
-class Recorder:
-    """Accepts every connection on a local port and keeps each one's bytes in a file."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.threads: list[threading.Thread] = []
-        self.files: list[Path] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return
-            path = self.folder / f"connection-{len(self.files)}.bin"
-            self.files.append(path)
-            thread = threading.Thread(target=self._keep, args=(connection, path))
-            thread.start()
-            self.threads.append(thread)
-
-    @staticmethod
-    def _keep(connection: socket.socket, path: Path) -> None:
-        with connection, path.open("wb") as file:
-            while data := connection.recv(1 << 20):
-                file.write(data)
-
-    def close(self) -> list[Path]:
-        self.server.close()
-        for thread in self.threads:
-            thread.join(30)
-        return self.files
-
-
 @pytest.mark.qemu
 @pytest.mark.parametrize(
     ("version", "compression"),
@@ -72,7 +35,7 @@ def test_real_multifd_channels_read_to_their_end(
     machines: MachineFactory, tmp_path: Path, version: str, compression: str
 ) -> None:
     qemu_version = need(version)
-    recorder = Recorder(tmp_path)
+    keeper = Keeper()
     source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=qemu_version)
     try:
         source.wait_serial(3)
@@ -80,22 +43,21 @@ def test_real_multifd_channels_read_to_their_end(
         source.set_parameters(multifd_channels=2, multifd_compression=compression)
         source.stop()
         ram = source.pmemsave(0, MEMORY_MIB * MIB, tmp_path / "source.ram")
-        source.migrate(f"tcp:127.0.0.1:{recorder.port}")
+        source.migrate(keeper.uri)
         source.wait_migration(timeout=60)
     finally:
-        files = recorder.close()
-    channels = [path for path in files if path.read_bytes()[:4] == MAGIC]
-    assert len(files) == 3 and len(channels) == 2
+        kept = keeper.close()
+    channels = [data for data in kept if data[:4] == MAGIC]
+    assert len(kept) == 3 and len(channels) == 2
     # The main channel is an ordinary stream: its MEM_SIZE names the blocks the packets use.
     main = StreamReader(version)
-    main.feed(files[0].read_bytes())
+    main.feed(kept[0])
     main.feed_eof()
     sizes = [r.message for r in main if isinstance(r.message, m.MemSize)]
     blocks = {info.idstr: info.used_length for info in sizes[0].blocks}
     ids, normal, zero = set(), set(), set()
-    for path in channels:
+    for data in channels:
         reader = MultifdChannelReader(version, blocks=blocks, channels=2)
-        data = path.read_bytes()
         for start in range(0, len(data), 65536):  # as it would arrive
             reader.feed(data[start : start + 65536])
             events = list(reader)
@@ -122,13 +84,15 @@ def test_real_multifd_channels_read_to_their_end(
     assert set(range(SPEC.start, SPEC.end, PAGE)) <= normal
     assert bool(zero) == (version == "10.0"), "9.0+ lists zero pages in the packets"
     # the CLI accounts for every byte of a channel
+    channel = tmp_path / "channel.bin"
+    channel.write_bytes(channels[0])
     result = subprocess.run(
-        [sys.executable, "-m", "qmig", "inspect", str(channels[0]), "--json",
+        [sys.executable, "-m", "qmig", "inspect", str(channel), "--json",
          "--qemu-version", version],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["bytes"] == channels[0].stat().st_size
+    assert report["bytes"] == len(channels[0])
     assert sum(p["size"] for p in report["packets"]) + 64 == report["bytes"]
     assert report["syncs"] >= 1
