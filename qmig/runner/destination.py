@@ -602,19 +602,25 @@ class DestinationRunner:
                     "preempt channel", f"no EOS within {self.idle_timeout:g} s of the end"
                 )
         else:
-            thread.join(self.idle_timeout)  # it ends by itself once the pages are in
-            if thread.is_alive():
-                with self._machine_lock:
-                    missing = len(self.dest.pending_requests())
-                if missing:
+            # It reads on while pages asked for are missing (PreemptChannel), and ends by
+            # itself once they are in; with none missing it is stopped now (it may never
+            # have had a channel: a migration that ended in precopy).
+            deadline = time.monotonic() + self.idle_timeout
+            while thread.is_alive() and (missing := self._requests_missing()):
+                if time.monotonic() >= deadline:
                     raise TransportError(
                         "preempt channel",
                         f"{missing} requested host pages not received within "
                         f"{self.idle_timeout:g} s of the end",
                     )
+                thread.join(PREEMPT_POLL)
             self._stop_preempt_thread()
         if self._preempt_error is not None:
             raise self._preempt_error
+
+    def _requests_missing(self) -> int:
+        with self._machine_lock:
+            return len(self.dest.pending_requests())
 
     def _stop_preempt(self) -> None:
         self._stop_preempt_thread()
