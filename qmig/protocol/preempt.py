@@ -16,7 +16,10 @@ Two variants, chosen by the QEMU version and the machine type (the profile says 
   nothing ends it but the migration's cleanup.
 
 Both put only requested pages on it, each host page whole; the background sweep stays on the
-main channel, where it was (the requested page does not move it).
+main channel, where it was (the requested page does not move it). Which source thread sends
+them is the QEMU version's, not the variant's (the profile's ``preempt_sender``): QEMU 7.2's
+migration thread, so that they wait for the rate limit as the main channel's pages do; from
+8.0 on the thread that reads the request, at once, on either variant.
 """
 
 from __future__ import annotations

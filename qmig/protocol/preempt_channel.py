@@ -8,7 +8,11 @@ apart from the main channel's.
 
 As QEMU's preempt thread, it loads only once the destination listens (from LISTEN on): what
 comes before waits in its buffer. EOS ends it; nothing after EOS is read. In the pre-7.2
-variant it is read up to that EOS even once the load is over.
+variant it is read up to that EOS even once the load is over. In the 8.0 variant nothing ends
+it but the destination, once the load is over, and not before every page it asked for has
+come: the source sends a requested page on this channel only, so the main channel can end
+before the answer to a late request is read here (QEMU's postcopy_ram_incoming_cleanup waits
+for its page_requested_count to reach zero before it shuts the channel down).
 """
 
 from __future__ import annotations
@@ -56,6 +60,13 @@ class PreemptChannel:
         variant = self._dest.preempt
         return variant is not None and variant.ends_with_eos and not self.ended
 
+    @property
+    def awaits_requested_pages(self) -> bool:
+        """The load is over and pages the destination asked for are still to come (on this
+        channel: the source answered them here, and nowhere else)."""
+        dest = self._dest
+        return dest.state is DestinationState.END and bool(dest.pending_requests())
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._dest._check_usable()
         self.bytes += len(data)
@@ -69,7 +80,11 @@ class PreemptChannel:
         """The next pages to place, NEED_DATA, or END (EOS read, or the load is over)."""
         dest = self._dest
         dest._check_usable()
-        if dest.state in DESTINATION_STOPS_READING and not self.reads_to_eos:
+        if (
+            dest.state in DESTINATION_STOPS_READING
+            and not self.reads_to_eos
+            and not self.awaits_requested_pages
+        ):
             return END
         loading = is_postcopy_running(dest.state) or dest.state is DestinationState.END
         if not loading or dest.state is DestinationState.PAUSED:

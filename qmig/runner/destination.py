@@ -27,6 +27,7 @@ from qmig.protocol.multifd import MultifdSyncPoint, MultifdSyncRule, mark_receiv
 from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.states import DestinationState
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
+from qmig.ram.errors import RamError
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
@@ -43,6 +44,7 @@ RETURN_PATH_BUFFER = 64 << 10  # SO_SNDBUF of the return path (the kernel double
 POSTCOPY_DATA_RUN = 1  # data pages per UFFDIO_COPY after LISTEN (see _apply)
 IDLE_TIMEOUT = 60.0
 PREEMPT_POLL = 0.1  # the preempt thread's wait for bytes, and then for LISTEN
+STOP_TIMEOUT = 5.0  # a reading thread told to stop has stopped within this
 RECOVER_TIMEOUT = 600.0  # paused: how long to wait for the source's new channel
 
 
@@ -159,6 +161,7 @@ class DestinationRunner:
         if self.connection.meter is None:  # the caller's limits, or at least the idle one
             self.connection.set_limits(Limits(self.idle_timeout, peer="the source"))
         self._bound_return_path()
+        ended = False  # the migration is done here, and nothing failed
         try:
             if self._multifd is not None:
                 self._multifd.start()
@@ -175,6 +178,7 @@ class DestinationRunner:
                         raise
             self._end_preempt()
             self._finish()
+            ended = True
         except RemoteProtocolError:
             self._abandon()
             if self._multifd is not None and self._multifd.error is not None:
@@ -188,12 +192,19 @@ class DestinationRunner:
                 raise self._preempt_error from None
             raise self._with_context(error) from None
         finally:
-            self._stop_fast()
-            self._stop_preempt()
-            self._stop_multifd()
+            # Every thread is stopped, each within its own bound; one that did not stop is
+            # the error of a run that had none (a failed run's own error comes first).
+            stuck: QmigError | None = None
+            for stop in (self._stop_fast, self._stop_preempt, self._stop_multifd):
+                try:
+                    stop()
+                except QmigError as error:
+                    stuck = stuck or error
             self.report.finished = time.monotonic()
             if not (self.keep_ram and self.completed and self.session):
                 self._close_session()
+            if stuck is not None and ended:
+                raise stuck
         if self.session is not None and self.keep_ram:
             self.session.stop_serving()
         return self.report
@@ -576,7 +587,10 @@ class DestinationRunner:
 
     def _end_preempt(self) -> None:
         """The load is complete: the pre-7.2 variant's channel ends with its EOS, which the
-        end waits for (as QEMU's cleanup joins its preempt thread); the 8.0 one is closed."""
+        end waits for (as QEMU's cleanup joins its preempt thread); the 8.0 one is read on
+        until every page asked for has come (the source answered them there only; QEMU's
+        cleanup waits for them too), then its thread is stopped. Each wait is bounded by the
+        idle timeout: what did not end is named, never waited for longer."""
         thread = self._preempt_thread
         if thread is None:
             return
@@ -587,14 +601,43 @@ class DestinationRunner:
                 raise TransportError(
                     "preempt channel", f"no EOS within {self.idle_timeout:g} s of the end"
                 )
+        else:
+            # It reads on while pages asked for are missing (PreemptChannel), and ends by
+            # itself once they are in; with none missing it is stopped now (it may never
+            # have had a channel: a migration that ended in precopy).
+            deadline = time.monotonic() + self.idle_timeout
+            while thread.is_alive() and (missing := self._requests_missing()):
+                if time.monotonic() >= deadline:
+                    raise TransportError(
+                        "preempt channel",
+                        f"{missing} requested host pages not received within "
+                        f"{self.idle_timeout:g} s of the end",
+                    )
+                thread.join(PREEMPT_POLL)
+            self._stop_preempt_thread()
         if self._preempt_error is not None:
             raise self._preempt_error
 
+    def _requests_missing(self) -> int:
+        with self._machine_lock:
+            return len(self.dest.pending_requests())
+
     def _stop_preempt(self) -> None:
-        self._preempt_stop.set()
-        if self._preempt_thread is not None:
-            self._preempt_thread.join(5.0)
+        self._stop_preempt_thread()
         self.channels.close(PREEMPT)
+
+    def _stop_preempt_thread(self) -> None:
+        """Stop the preempt channel's thread (it sees the flag within PREEMPT_POLL, outside
+        a placement); TransportError if it has not stopped within STOP_TIMEOUT."""
+        self._preempt_stop.set()
+        thread = self._preempt_thread
+        if thread is None:
+            return
+        thread.join(STOP_TIMEOUT)
+        if thread.is_alive():
+            raise TransportError(
+                "preempt channel", f"its reading thread did not stop within {STOP_TIMEOUT:g} s"
+            )
 
     # --- multifd channels (qmig.runner.multifd_recv) ---------------------------------------
 
@@ -699,8 +742,8 @@ class DestinationRunner:
     def _stop_fast(self) -> None:
         """Stop the C receive thread before its channel closes; the runner reads on."""
         if self._fast is not None:
-            stats, waits = self._fast.stop()
-            self._fast = None
+            fast, self._fast = self._fast, None  # stopped once, even if it does not stop
+            stats, waits = fast.stop()
             for name in ("bytes", "records", "placed", "existing", "place_errors", "syncs"):
                 self.report.fast_path[name] = self.report.fast_path.get(name, 0) + getattr(
                     stats, name
@@ -740,7 +783,12 @@ class DestinationRunner:
         if session is None:
             return
         if self.workload is not None:
-            self.report.workload = [vars(result) for result in session.vcpus.join(timeout=60.0)]
+            try:
+                results = session.vcpus.join(timeout=self.idle_timeout)
+            except RamError as error:
+                # Blocked on a page that never came: name the pages still awaited.
+                raise TransportError("guest workload", f"{error}; {self._awaited_text()}") from None
+            self.report.workload = [vars(result) for result in results]
         if session.faults is not None:
             stats = session.faults.stats(self.vcpus if self.workload else None)
             self.report.faults = {
@@ -758,6 +806,16 @@ class DestinationRunner:
             }
         if self.dump_dir is not None:
             self.dump(self.dump_dir)
+
+    def _awaited_text(self) -> str:
+        """The host pages asked for and not in place, for an error line."""
+        with self._machine_lock:
+            pending = self.dest.pending_requests()
+        if not pending:
+            return "no requested page is missing"
+        shown = ", ".join(f"{block} 0x{offset:x}" for block, offset in pending[:4])
+        more = f" and {len(pending) - 4} more" if len(pending) > 4 else ""
+        return f"requested and not received: {shown}{more}"
 
     def dump(self, directory: Path) -> None:
         """Each block's contents to ``DIR/<idstr>.bin``, once every page is in place."""

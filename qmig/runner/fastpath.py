@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ RING_SIZE = 8 << 20  # bytes between the socket and the machine at most
 # a page).
 RETAIN = 1 << 20
 WAIT_LOG = 1 << 18  # recv() → placed times kept (one per data page placed), at most
+STOP_TIMEOUT = 10.0  # the C thread, told to stop, has stopped within this
 _MODES = {Mode.TOP: 1, Mode.RAM: 2, Mode.FOOTER: 3}
 
 
@@ -153,8 +155,21 @@ class FastPath:
         out: Any = ffi.new("struct qmig_fastpath_stats *")
         waits: Any = ffi.new("uint32_t[]", WAIT_LOG)
         count: Any = ffi.new("uint64_t *")
-        lib.qmig_fastpath_stop(self._fp, out, waits, WAIT_LOG, count)
-        self._fp = ffi.NULL
+        # The join is bounded: the call runs on a helper thread (cffi releases the GIL), and
+        # a C thread that does not stop is an error, its memory left to it, never a hang.
+        fp, self._fp = self._fp, ffi.NULL
+        stopping = threading.Thread(
+            target=lib.qmig_fastpath_stop,
+            args=(fp, out, waits, WAIT_LOG, count),
+            name="qmig-fastpath-stop",
+            daemon=True,
+        )
+        stopping.start()
+        stopping.join(STOP_TIMEOUT)
+        if stopping.is_alive():
+            raise TransportError(
+                "fast path", f"the C receive thread did not stop within {STOP_TIMEOUT:g} s"
+            )
         os.close(self._quit_fd)
         return _stats(out), list(ffi.unpack(waits, int(count[0])))
 

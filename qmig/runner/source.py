@@ -8,7 +8,11 @@ The cap is applied as QEMU applies its own: a quota of bytes per 100 ms window, 
 as the socket takes it, then nothing from the migration's own loop until the next window
 (requested pages on the main channel included); the switchover (sent while the guest is
 stopped) and a precopy migration's completion do not wait, though their bytes count. The
-8.0 preempt variant's urgent pages do not wait either: they go out as the request is read.
+preempt channel's urgent pages follow the thread that sends them in the QEMU of the profile
+(``preempt_sender``): from 8.0 on (either variant) the return-path thread sends them as the
+request is read, so they do not wait; QEMU 7.2's migration thread sends them, so a request
+read once the window's quota is spent waits for the next window, and goes first in it (their
+bytes count on the preempt channel's own QEMUFile, never against the main channel's quota).
 
 A requested page waits behind every byte already queued towards the destination: the
 unsent rest of the current chunk, the source's socket send buffer and the destination's
@@ -125,6 +129,11 @@ class SourceRunner:
         # The bandwidth cap's window (see _wait_for_credit): when it began, bytes sent in it.
         self._window_at = 0.0
         self._window_used = 0
+        # QEMU 7.2: the migration thread sends the preempt channel's pages, so the cap's
+        # spent window holds them as it holds the main channel's (see _urgent_held).
+        self._urgent_capped = (
+            source.preempt is not None and source.profile.preempt_sender == "migration-thread"
+        )
         self.phase = source.state  # as the machine's PhaseChanged events last said
         self._passes_done: deque[ev.PassCompleted] = deque()
         self.multifd: MultifdSender | None = None
@@ -190,6 +199,7 @@ class SourceRunner:
             # As in QEMU's migration thread: nothing goes out on the main channel once the
             # window's quota is spent; within a window requested pages go first, and past it.
             left = self._wait_for_credit()
+            self._send_urgent()  # held ones first, before the window's burst is made
             requested = source.requested_data()
             if requested:
                 self._send(requested, capped=False)
@@ -322,8 +332,9 @@ class SourceRunner:
     def _send_urgent(self) -> None:
         """Postcopy-preempt: requested pages out on the preempt channel at once, whatever
         the main channel is in the middle of (QEMU 8.0's return-path thread sends them as
-        it reads the request; the cap does not hold them either)."""
-        if self.source.preempt is None:
+        it reads the request; the cap does not hold them either). QEMU 7.2's are held while
+        the window's quota is spent (:meth:`_urgent_held`)."""
+        if self.source.preempt is None or self._urgent_held():
             return
         if self._fast is not None:
             self._apply_fast()
@@ -342,6 +353,19 @@ class SourceRunner:
         known = len(self.report.requests)
         if known > self._answered and self.source.pending_requests == 0:
             self._served(known)
+
+    def _urgent_held(self) -> bool:
+        """Does the cap hold the preempt channel's pages now? Only where the migration
+        thread sends them (QEMU 7.2), in postcopy, while the window's quota is spent: QEMU
+        7.2's return-path thread queues the request and wakes the migration thread
+        (migration_make_urgent_request), whose qemu_savevm_state_iterate returns before the
+        RAM code while the main file is over its quota (qemu_file_rate_limit). The next
+        window sends them first (:meth:`_wait_for_credit`)."""
+        cap = self.plan.bandwidth
+        if not self._urgent_capped or cap is None or self.phase is not SourceState.POSTCOPY:
+            return False
+        in_window = time.monotonic() - self._window_at < CAP_WINDOW
+        return in_window and self._window_used >= max(int(cap * CAP_WINDOW), 1)
 
     def _open_preempt_late(self) -> None:
         """The 8.0 variant: the preempt channel opens as postcopy starts, once the main
@@ -502,8 +526,8 @@ class SourceRunner:
         with its window). So each window's quota goes out as one burst that the socket
         buffers hold, and a page requested on the main channel waits behind it, or for the
         next window: QEMU checks the rate before its RAM code may send anything, requested
-        pages included. Requests read while waiting are queued (and, with the 8.0 preempt
-        variant, sent on the preempt channel at once)."""
+        pages included. Requests read while waiting are queued (and, where the return-path
+        thread sends the preempt channel's pages, QEMU 8.0 on, sent there at once)."""
         cap = self.plan.bandwidth
         if cap is None:
             return CHUNK
@@ -512,6 +536,11 @@ class SourceRunner:
             now = time.monotonic()
             if now - self._window_at >= CAP_WINDOW:
                 self._window_at, self._window_used = now, 0
+                if self._urgent_capped and self.phase is SourceState.POSTCOPY:
+                    # What the spent window held goes first in the new one, ahead of the
+                    # piece this wait was for (QEMU 7.2's ram_save_iterate takes queued
+                    # requests before any dirty page, past the quota while any are queued).
+                    self._send_urgent()
             if self._window_used < max(quota, 1):  # a cap under 10 B/s: a page per window
                 return max(quota - self._window_used, self.source.target_page_size)
             self._poll_return_path(self._window_at + CAP_WINDOW - now)

@@ -45,8 +45,13 @@ RequestRangeRule = Literal["last-byte", "end"]
 HostPageOrderRule = Literal["same-host-page", "sequential"]
 # postcopy.preempt (protocol/preempt.py): the postcopy-preempt channel a current machine type
 # gets: "none" (no such capability), "pre-7.2" (opened at setup, EOS at its end) or "8.0"
-# (opened when postcopy starts, urgent pages sent from the return-path thread).
+# (opened when postcopy starts, after the main channel's PONG).
 PreemptRule = Literal["none", "pre-7.2", "8.0"]
+# postcopy.preempt_sender (runner/source.py): the source thread that sends the preempt
+# channel's requested pages, whatever the variant: "migration-thread" (its RAM loop switches
+# channels, so whatever holds that thread holds them, the rate limit included) or
+# "return-path" (the thread that reads the request sends them at once).
+PreemptSenderRule = Literal["migration-thread", "return-path"]
 # ram.max_xbzrle_length (wire/schema.py): the largest XBZRLE body.
 XbzrleLengthRule = Literal["target-page"]
 
@@ -147,6 +152,7 @@ class Profile:
     # Machine types of this version or older get the pre-7.2 variant (hw_compat_7_2's
     # x-preempt-pre-7-2=true); None: every machine type gets ``preempt``.
     preempt_pre_7_2_machines: str | None = None
+    preempt_sender: PreemptSenderRule = "return-path"
     # Where this QEMU misbehaves on hostile input and qmig deliberately does not follow it:
     # name -> {tag, qemu, qmig, summary} (formats/quirks.md explains each; the differential
     # fuzzer reads it to tell a known difference from a finding).
@@ -234,6 +240,8 @@ class Profile:
                     fields["preempt"] = postcopy.choice("preempt", PreemptRule)
                 if postcopy.has("preempt_pre_7_2_machines"):
                     fields["preempt_pre_7_2_machines"] = postcopy.string("preempt_pre_7_2_machines")
+                if postcopy.has("preempt_sender"):
+                    fields["preempt_sender"] = postcopy.choice("preempt_sender", PreemptSenderRule)
             quirks = top.optional_table("quirks")
             fields["quirks"] = {} if quirks is None else _quirks(quirks)
             multifd, mapped_ram = top.optional_table("multifd"), top.optional_table("mapped_ram")

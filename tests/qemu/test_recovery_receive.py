@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu_helpers import need
 from test_receive_real import (
     MEMORY_MIB,
     SPEC,
@@ -151,3 +152,39 @@ def test_a_failed_reconnect_leaves_the_source_paused_and_a_second_resume_complet
         code, stdout, stderr = finish(process)
     assert code == 0, stderr
     check(json.loads(stdout), info, source, tmp_path)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    ("version", "variant"), [(None, "pre-7.2"), ("10.0", "8.0")], ids=["7.2", "10.0"]
+)
+def test_a_preempt_migration_resumes_on_the_recover_listen_uri(
+    machines: MachineFactory, tmp_path: Path, version: str | None, variant: str
+) -> None:
+    """QEMU's destination takes the resumed main channel and the new preempt channel on the
+    listener ``migrate-recover`` gave it; ``--recover-listen`` is that listener. Nothing is
+    taken on the first URI after the pause (the source is resumed elsewhere)."""
+    need(version)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        recover_uri = f"tcp:127.0.0.1:{probe.getsockname()[1]}"
+    args = ("--json", "--preempt", "--dump-ram", str(tmp_path / "dump"), "--recover-timeout")
+    with receiving(*args, "30", "--recover-listen", recover_uri) as (process, uri):
+        source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
+        source.wait_serial(1)
+        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
+        source.set_parameters(max_bandwidth=32 * MIB, max_postcopy_bandwidth=4 * MIB)
+        source.migrate(uri)
+        time.sleep(0.5)
+        source.start_postcopy()
+        source.wait_migration(until=("postcopy-active",), timeout=TIMEOUT)
+        time.sleep(0.5)
+        source.qmp("migrate-pause")
+        assert wait_paused_line(process) == recover_uri
+        info = resume(source, recover_uri)
+        code, stdout, stderr = finish(process)
+    assert code == 0, stderr
+    summary: dict[str, Any] = json.loads(stdout)
+    assert summary["preempt"] == variant
+    check(summary, info, source, tmp_path)
+    assert summary["preempt_pages"]["preempt"] > 0

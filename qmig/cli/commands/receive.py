@@ -257,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
     # The listener stays open for a resume to the same URI (QEMU's listens again on
     # migrate-recover): where the source reconnects, it finds it.
     recovery_listener: Listener | None = None
+    resumed_elsewhere = False  # the main channel now comes from --recover-listen's listener
     acceptor: Acceptor | None = None
     openers: dict[str, Callable[[float], Connection]] = {}
     try:
@@ -287,9 +288,20 @@ def run(args: argparse.Namespace) -> int:
                 handshake_timeout=args.handshake_timeout,
             )
             take_next = acceptor.take_next
-            openers[PREEMPT] = lambda timeout: counted(
-                recorder, take_next(timeout), sends=PREEMPT_BACK, receives=PREEMPT_SERIES
-            )
+
+            def take_preempt(timeout: float) -> Connection:
+                # The next connection where the current main channel came from: after a
+                # resume on --recover-listen, that listener (QEMU's destination takes the
+                # new preempt channel on the one migrate-recover gave it).
+                resumed_on = recovery_listener
+                taken = (
+                    resumed_on.accept(timeout=timeout)
+                    if resumed_elsewhere and resumed_on is not None
+                    else take_next(timeout)
+                )
+                return counted(recorder, taken, sends=PREEMPT_BACK, receives=PREEMPT_SERIES)
+
+            openers[PREEMPT] = take_preempt
         else:
             connection = accept_migration(
                 listener,
@@ -320,9 +332,10 @@ def run(args: argparse.Namespace) -> int:
         return recorder.wrap(connection, sends=RETURN_PATH, receives=STREAM)
 
     def reopen(timeout: float) -> Connection:
-        nonlocal recovery_listener
+        nonlocal recovery_listener, resumed_elsewhere
         if recovery_listener is None:
             recovery_listener = listen(recover_uri)
+        resumed_elsewhere = recovery_listener is not listener
         # A stable line, as the first one: a script resumes the source once it reads it.
         print(
             f"qmig receive: postcopy paused; waiting for the resumed source on "

@@ -1,0 +1,167 @@
+"""Requested pages and the bandwidth cap, as QEMU's source treats them.
+
+QEMU's cap is a quota per 100 ms window on the main channel (qemu_file_rate_limit); once it
+is spent, the migration thread sends nothing until the window ends (migration_rate_limit).
+A request read meanwhile is queued by the return-path thread (ram_save_queue_pages), which
+wakes the migration thread (migration_make_urgent_request), but qemu_savevm_state_iterate
+returns before the RAM code while the main file is over its quota: the page waits for the
+next window, where ram_save_iterate takes queued requests first and goes on past the quota
+while any are queued. That holds for plain postcopy (every QEMU) and for QEMU 7.2's preempt
+channel, which its migration thread writes; from QEMU 8.0 on the return-path thread writes
+the preempt channel's pages as it reads the request (either preempt variant), so the cap does
+not hold them.
+
+The window is stretched to seconds here (``CAP_WINDOW``), so that "held to the next window"
+is a lower bound on time that no load can break, and "at once" is seen as the page arriving
+before any byte of the next window's burst on the main channel."""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from qmig.errors import QmigError
+from qmig.protocol import events as ev
+from qmig.protocol.destination import Destination
+from qmig.protocol.preempt import PreemptVariant
+from qmig.protocol.preempt_channel import PreemptChannel
+from qmig.protocol.source import Source
+from qmig.protocol.states import DestinationState
+from qmig.runner import source as source_runner
+from qmig.runner.channels import PREEMPT, Channels
+from qmig.runner.source import SourcePlan, SourceRunner
+from qmig.runner.source_ram import GuestRam
+from qmig.transport import Connection, connect, listen
+
+WINDOW = 2.0  # seconds: the cap's window, stretched
+SIZE = 8 << 20
+WANTED = SIZE - 4096  # the last page: the sweep (one 32 KiB burst a window) is far from it
+DEADLINE = 60.0
+
+
+@dataclass
+class Answer:
+    waited: float  # request sent → page read, at the destination
+    channel: str  # where the page came: "main" or "preempt"
+    main_bytes_before: int  # main channel bytes read after the request, before the page
+
+
+def _wanted_in(event: object) -> bool:
+    if not isinstance(event, ev.PagesReceived) or event.run.block != "pc.ram":
+        return False
+    return any(offset == WANTED for offset, _zero, _data in event.run.pages())
+
+
+def _ask_once_running(version: str, variant: PreemptVariant | None) -> Answer:
+    """A source capped at 1 byte/s (one burst a window) switches to postcopy at once; the
+    destination asks for one page as soon as RUN is in (the switchover spent the window's
+    quota) and times its answer."""
+    ram = GuestRam.generate([("pc.ram", SIZE)], zero_fraction=0.0)
+    source = Source(ram.blocks, version=version, preempt=variant)
+    errors: list[QmigError] = []
+    with listen("tcp:127.0.0.1:0") as listener:
+        assert listener.socket is not None
+
+        def run_source() -> None:
+            channels = Channels(
+                connect(listener.uri),
+                openers={PREEMPT: lambda timeout: connect(listener.uri, timeout)},
+            )
+            try:
+                SourceRunner(channels, source, SourcePlan(postcopy_after=0, bandwidth=1.0)).run()
+            except QmigError as error:
+                errors.append(error)  # the destination hangs up once it has its answer
+            finally:
+                channels.close_all()
+
+        thread = threading.Thread(target=run_source, daemon=True)
+        thread.start()
+        main = listener.accept(timeout=10)
+        dest = Destination(version, preempt=variant)
+        preempt: Connection | None = None
+        channel: PreemptChannel | None = None
+        buffer = bytearray(1 << 16)
+        asked_at: float | None = None
+        main_after = 0
+        answer: Answer | None = None
+        deadline = time.monotonic() + DEADLINE
+        try:
+            while answer is None:
+                assert time.monotonic() < deadline, "no answer to the request"
+                waiting: list[object] = [main]
+                if preempt is not None:
+                    waiting.append(preempt)
+                elif variant is not None:
+                    waiting.append(listener.socket)
+                for ready in select.select(waiting, [], [], 1.0)[0]:
+                    if ready is listener.socket:
+                        preempt = listener.accept(timeout=10)
+                        channel = dest.open_preempt_channel()
+                    elif ready is main:
+                        count = main.recv_into(buffer)
+                        assert count, "the source closed the stream before the answer"
+                        if asked_at is not None:
+                            main_after += count
+                        dest.receive_data(memoryview(buffer)[:count])
+                        while isinstance(event := dest.next_event(), ev.Event):
+                            if _wanted_in(event) and asked_at is not None:
+                                answer = Answer(
+                                    time.monotonic() - asked_at, "main", main_after - count
+                                )
+                        main.sendall(dest.data_to_send())  # PONGs
+                    else:
+                        assert preempt is not None and channel is not None
+                        count = preempt.recv_into(buffer)
+                        assert count, "the source closed the preempt channel"
+                        channel.receive_data(memoryview(buffer)[:count])
+                        while isinstance(event := channel.next_event(), ev.Event):
+                            if _wanted_in(event) and asked_at is not None:
+                                answer = Answer(time.monotonic() - asked_at, "preempt", main_after)
+                if asked_at is None and dest.state is DestinationState.RUNNING:
+                    assert dest.page_fault("pc.ram", WANTED) is not None
+                    main.sendall(dest.data_to_send())
+                    asked_at = time.monotonic()
+        finally:
+            main.close()
+            if preempt is not None:
+                preempt.close()
+            thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert answer is not None
+    return answer
+
+
+@pytest.fixture(autouse=True)
+def stretched_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source_runner, "CAP_WINDOW", WINDOW)
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+def test_plain_postcopy_holds_a_request_to_the_next_window(version: str) -> None:
+    answer = _ask_once_running(version, None)
+    assert answer.channel == "main"
+    # The switchover's window began before RUN was read, so the next one is at most a window
+    # away; the answer came no sooner than most of one.
+    assert answer.waited >= WINDOW / 2
+
+
+def test_qemu_7_2_holds_preempt_pages_to_the_next_window() -> None:
+    answer = _ask_once_running("7.2", PreemptVariant.PRE_7_2)
+    assert answer.channel == "preempt"
+    assert answer.waited >= WINDOW / 2
+
+
+@pytest.mark.parametrize("variant", [PreemptVariant.V8_0, PreemptVariant.PRE_7_2])
+def test_from_qemu_8_0_the_return_path_sends_preempt_pages_at_once(
+    variant: PreemptVariant,
+) -> None:
+    """QEMU 10.0 with either variant (a machine type of 7.2 or older gets pre-7.2's channel,
+    not its sender): the page comes while the window is still spent, before any byte of the
+    next window's burst."""
+    answer = _ask_once_running("10.0", variant)
+    assert answer.channel == "preempt"
+    assert answer.main_bytes_before == 0
