@@ -13,7 +13,14 @@
    Offsets are the machine reader's absolute stream offsets. The ring holds the bytes from a
    little behind Python's read position (RETAIN: Python may sync at the start of a record it
    read only in part) up to what the socket gave. Every wire number (flags, section types,
-   page size, the ram section's id) comes from Python, which takes it from the profile. */
+   page size, the ram section's id) comes from Python, which takes it from the profile.
+
+   A postcopy-preempt channel (cfg.bare) is read the same way, by a thread of its own: its
+   records are a ram section's records without the section, so the thread only ever follows
+   MODE_RAM, with the channel's own last block; its EOS, a header at its start, or anything
+   else it does not follow is the machine's to read, as on the main channel. Both threads
+   place into the same blocks: the received bitmaps are shared atomically, and a page that
+   comes on both channels is placed once (the second copy finds its bit set, or EEXIST). */
 #define _GNU_SOURCE
 #include "uffd_internal.h"
 
@@ -77,6 +84,13 @@ static inline uint32_t be32(const uint8_t *p)
     uint32_t v;
     memcpy(&v, p, sizeof v);
     return __builtin_bswap32(v);
+}
+
+/* A preempt channel's first bytes a migration stream header: the machine's error, whatever
+   flags its version happens to look like. */
+static int bare_header(const struct qmig_fastpath_config *c, uint64_t parse, const uint8_t *p)
+{
+    return c->bare && parse == c->channel_start && be32(p) == c->magic;
 }
 
 static int find_block(const struct qmig_fastpath *fp, const uint8_t *name, unsigned len)
@@ -145,12 +159,13 @@ static void follow(struct qmig_fastpath *fp, struct cursor *cur, struct qmig_fas
             break;
         uint64_t header = be64(p), flags = header & c->flag_mask;
         uint64_t kind = flags & ~c->flag_continue;
-        if (flags == c->flag_eos) {
+        if (flags == c->flag_eos && !c->bare) {
             cur->parse += HEADER;
             cur->mode = c->section_footer_present ? MODE_FOOTER : MODE_TOP;
             continue;
         }
-        if (kind != c->flag_zero && kind != c->flag_page) {
+        /* A preempt channel's EOS ends it: nothing after it is read, here or by the machine. */
+        if ((kind != c->flag_zero && kind != c->flag_page) || bare_header(c, cur->parse, p)) {
             cur->mode = MODE_UNSYNCED;
             break;
         }

@@ -25,13 +25,13 @@ from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
 from qmig.protocol.multifd import MultifdSyncPoint, MultifdSyncRule, mark_received
 from qmig.protocol.preempt_channel import PreemptChannel
-from qmig.protocol.states import DestinationState
+from qmig.protocol.states import DestinationState, is_postcopy_running
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
-from qmig.runner.fastpath import FastPath, start_fast_path
+from qmig.runner.fastpath import FastPath, start_fast_path, start_preempt_fast_path
 from qmig.runner.multifd_recv import MultifdOptions, MultifdReceiver
 from qmig.runner.pauses import Pause
 from qmig.transport import Connection, Limits
@@ -439,11 +439,12 @@ class DestinationRunner:
         self.session.start_faults(on_request=self._on_fault)
         self.report.blocks = {info.idstr: info.used_length for info in blocks}
 
-    def _place(self, run: m.RamPageRun, *, replace: bool) -> None:
+    def _place(self, run: m.RamPageRun, *, replace: bool, placed_ahead: bool = False) -> None:
         """Place a run of pages with one C call (``RamBlock.place_records``). Before LISTEN
         the blocks are not registered and pages are written straight into memory; a page that
         comes again (the guest changed it) simply overwrites the old one, as in QEMU. After
-        LISTEN each run of missing pages goes in with one UFFDIO_COPY or ZEROPAGE."""
+        LISTEN each run of missing pages goes in with one UFFDIO_COPY or ZEROPAGE.
+        ``placed_ahead``: a C receive thread on the run's channel may have placed it."""
         block = self._session().block(run.block)
         began = time.perf_counter_ns()
         block.place_records(
@@ -456,7 +457,7 @@ class DestinationRunner:
             counts = self.report.block_pages.setdefault(run.block, [0, 0])
             counts[0] += run.count
             counts[1] += run.zero_count
-        if self._fast is not None and not replace:
+        if (self._fast is not None or placed_ahead) and not replace:
             # Pages the C thread placed are found in place here: they were placed all the
             # same, and the fault thread's waiters on them are answered now.
             block.notify_placed(run.headers)
@@ -505,8 +506,10 @@ class DestinationRunner:
 
     def _preempt_loop(self, resumed: bool) -> None:
         """``resumed``: the channel comes after a recovery, where the source's next main
-        channel may reach this thread first (qmig.runner.channels): its first bytes tell."""
+        channel may reach this thread first (qmig.runner.channels): its first bytes tell,
+        read here before a C thread may take the socket (:meth:`_preempt_take_over`)."""
         stop = self._preempt_stop  # this thread's own: a recovery starts another
+        fast: FastPath | None = None
         try:
             connection = self.channels.get(PREEMPT)
             while connection is None and not stop.is_set():
@@ -520,14 +523,14 @@ class DestinationRunner:
                 channel = self.dest.open_preempt_channel()
             buffer = bytearray(RECV_CHUNK)
             while not stop.is_set():
-                count = -1  # nothing new: what waited for LISTEN may be loadable now
-                if select.select([connection], [], [], PREEMPT_POLL)[0]:
-                    try:
-                        count = connection.recv_into(buffer)
-                    except TransportError:
-                        if self._pausable():
-                            return  # the main loop pauses; a new preempt channel follows
-                        raise
+                if fast is None and not resumed:
+                    fast = self._preempt_take_over(connection, channel)
+                try:
+                    count = self._preempt_receive(connection, buffer, fast)
+                except TransportError:
+                    if self._pausable():
+                        return  # the main loop pauses; a new preempt channel follows
+                    raise
                 if count == 0 and self._pausable():
                     return
                 if resumed and count > 0:
@@ -543,15 +546,56 @@ class DestinationRunner:
                         self.report.preempt_bytes += count
                     elif count == 0:
                         channel.receive_eof()
-                if self._drain_preempt(channel) or count == 0:
+                if self._drain_preempt(channel, placed_ahead=fast is not None) or count == 0:
                     return
+                if fast is not None:
+                    fast.sync(channel.reader)
         except QmigError as error:
             self._preempt_error = error
             with self._machine_lock:
                 data = self.dest.fail("preempt channel")
             with contextlib.suppress(QmigError):
                 self._send_return_path(data)
+            if fast is not None:  # before the cut closes the socket it reads
+                self._count_fast(fast)
+                fast = None
             self.channels.cut()  # the main loop stops, and reports this error
+        finally:
+            if fast is not None:
+                self._count_fast(fast)
+
+    def _preempt_take_over(
+        self, connection: Connection, channel: PreemptChannel
+    ) -> FastPath | None:
+        """Once the guest runs here (the blocks are registered and a vCPU may wait on a
+        page), a C thread reads the preempt channel and places its pages as they arrive
+        (qmig.runner.fastpath); this thread still feeds every byte to the channel's machine.
+        None: not yet, or not at all (``fast_path`` off, no socket)."""
+        if not self.fast_path or self.report.running_at is None or self.session is None:
+            return None
+        with self._machine_lock:
+            if not is_postcopy_running(self.dest.state) or channel.ended:
+                return None
+            fast = start_preempt_fast_path(connection, channel, self.session.blocks)
+            if fast is not None:
+                fast.sync(channel.reader)
+        return fast
+
+    def _preempt_receive(
+        self, connection: Connection, buffer: bytearray, fast: FastPath | None
+    ) -> int:
+        """The preempt channel's next bytes into ``buffer``: their count, 0 at EOF, -1 when
+        nothing came within PREEMPT_POLL (what waited for LISTEN may be loadable now)."""
+        if fast is None:
+            if not select.select([connection], [], [], PREEMPT_POLL)[0]:
+                return -1
+            return connection.recv_into(buffer)
+        try:
+            count = fast.read(buffer, PREEMPT_POLL, connection.name)
+        except TimeoutError:
+            return -1
+        connection.received_elsewhere(count)  # the C thread read them off the socket
+        return count
 
     def _pausable(self) -> bool:
         """Would (or did) a broken channel pause the migration, rather than fail it?"""
@@ -561,8 +605,9 @@ class DestinationRunner:
                 or self.dest.state in (DestinationState.PAUSED, DestinationState.RECOVER)
             )
 
-    def _drain_preempt(self, channel: PreemptChannel) -> bool:
-        """Place what the preempt channel brought; True once it has ended."""
+    def _drain_preempt(self, channel: PreemptChannel, *, placed_ahead: bool = False) -> bool:
+        """Place what the preempt channel brought (``placed_ahead``: its C thread may have
+        placed it already); True once it has ended."""
         while True:
             with self._machine_lock:
                 event = channel.next_event()
@@ -570,7 +615,7 @@ class DestinationRunner:
                 return True
             if not isinstance(event, ev.PagesReceived):
                 return False
-            self._place(event.run, replace=False)
+            self._place(event.run, replace=False, placed_ahead=placed_ahead)
             with self._report_lock:
                 self.report.preempt_pages += event.run.count
 
@@ -697,12 +742,19 @@ class DestinationRunner:
     def _stop_fast(self) -> None:
         """Stop the C receive thread before its channel closes; the runner reads on."""
         if self._fast is not None:
-            stats, waits = self._fast.stop()
-            self._fast = None
+            fast, self._fast = self._fast, None
+            self._count_fast(fast)
+
+    def _count_fast(self, fast: FastPath) -> None:
+        """Stop a C receive thread (main or preempt channel) and add its figures to the
+        report's (a preempt channel's records are counted apart as well)."""
+        stats, waits = fast.stop()
+        with self._report_lock:  # the two channels' threads end independently
             for name in ("bytes", "records", "placed", "existing", "place_errors", "syncs"):
-                self.report.fast_path[name] = self.report.fast_path.get(name, 0) + getattr(
-                    stats, name
-                )
+                figures = self.report.fast_path
+                figures[name] = figures.get(name, 0) + getattr(stats, name)
+            if fast.bare:
+                figures["preempt_records"] = figures.get("preempt_records", 0) + stats.records
             self.report.fast_path_wait_ns += waits
 
     def _on_fault(self, request: PageRequest) -> None:
