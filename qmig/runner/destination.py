@@ -559,6 +559,7 @@ class DestinationRunner:
             if fast is not None:  # before the cut closes the socket it reads
                 self._count_fast(fast)
                 fast = None
+            self._wake_main_reader()  # its C thread may be waiting on the socket
             self.channels.cut()  # the main loop stops, and reports this error
         finally:
             if fast is not None:
@@ -669,8 +670,13 @@ class DestinationRunner:
             meter.got_elsewhere(count)
 
     def _multifd_failed(self) -> None:
-        """A channel failed: end the main channel's reads (a shutdown wakes a blocked recv,
-        where a close would not), so that the main loop stops and reports the error."""
+        """A channel failed: end the main channel's reads, so that the main loop stops and
+        reports the error."""
+        self._wake_main_reader()
+
+    def _wake_main_reader(self) -> None:
+        """End the main channel's reads: a shutdown wakes a blocked recv or poll (this loop's
+        or its C thread's), where a close would not."""
         sock = self.connection.socket
         if sock is not None:
             with contextlib.suppress(OSError):
