@@ -10,6 +10,7 @@ return path at once. Nothing here reads guest memory before every page is in pla
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import threading
@@ -145,6 +146,9 @@ class DestinationRunner:
         self._preempt_thread: threading.Thread | None = None
         self._preempt_stop = threading.Event()
         self._preempt_error: QmigError | None = None
+        # Readable: the guest runs here now, and the preempt thread may hand its channel to a
+        # C thread before the next page comes (it waits for bytes in select() meanwhile).
+        self._preempt_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._multifd = self._multifd_receiver(multifd_channels, multifd or MultifdOptions())
 
     @property
@@ -191,6 +195,7 @@ class DestinationRunner:
             self._stop_fast()
             self._stop_preempt()
             self._stop_multifd()
+            os.close(self._preempt_wake)  # its thread is joined, or left its loop
             self.report.finished = time.monotonic()
             if not (self.keep_ram and self.completed and self.session):
                 self._close_session()
@@ -391,6 +396,7 @@ class DestinationRunner:
                 self.report.running_at = time.monotonic()
                 self.report.postcopy = True
                 self._start_fast()
+                os.eventfd_write(self._preempt_wake, 1)
                 self._start_guest()
             case ev.MigrationCompleted(postcopy=postcopy):
                 self.completed = True
@@ -588,9 +594,13 @@ class DestinationRunner:
         """The preempt channel's next bytes into ``buffer``: their count, 0 at EOF, -1 when
         nothing came within PREEMPT_POLL (what waited for LISTEN may be loadable now)."""
         if fast is None:
-            if not select.select([connection], [], [], PREEMPT_POLL)[0]:
-                return -1
-            return connection.recv_into(buffer)
+            wake = self._preempt_wake
+            ready = select.select([connection.fileno(), wake], [], [], PREEMPT_POLL)[0]
+            if wake in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(wake)
+                return -1  # the guest runs: the C thread may take the channel first
+            return connection.recv_into(buffer) if ready else -1
         try:
             count = fast.read(buffer, PREEMPT_POLL, connection.name)
         except TimeoutError:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastpath_harness import WAIT, received_contents
+from fastpath_harness import WAIT, after_run, received_contents
 from qmig.ram._uffd import ffi
 
 from qmig.errors import QmigError
@@ -87,6 +87,19 @@ class PreemptOutcome:
     placed_pages: dict[str, int] = field(default_factory=dict)
     block_pages: dict[str, list[int]] = field(default_factory=dict)
     fast_path: dict[str, Any] = field(default_factory=dict)
+
+
+def assert_runs_agree(fast: PreemptOutcome, slow: PreemptOutcome) -> None:
+    assert fast.error == slow.error
+    assert fast.error_offset == slow.error_offset
+    assert fast.received == slow.received
+    assert fast.ram == slow.ram
+    assert fast.final_received == slow.final_received
+    assert fast.final_ram == slow.final_ram
+    assert fast.preempt_pages == slow.preempt_pages
+    assert fast.placed_pages == slow.placed_pages
+    assert fast.block_pages == slow.block_pages
+    assert "preempt_records" not in slow.fast_path
 
 
 class _Runner(DestinationRunner):
@@ -211,6 +224,14 @@ class _Feeder:
             pass  # the destination failed and closed first
 
 
+def split_at_run(stream: bytes, version: str) -> MainStream:
+    """A recorded main stream cut where its guest starts running (its preempt channel's
+    end is in the channel's own recording)."""
+    run_end = after_run(stream, version)
+    assert run_end is not None, "no POSTCOPY_RUN in the stream"
+    return MainStream(stream[:run_end], stream[run_end:], b"")
+
+
 def run_preempt(
     variant: PreemptVariant,
     stream: MainStream,
@@ -218,6 +239,7 @@ def run_preempt(
     *,
     fast_path: bool,
     pieces: Sequence[int] = (),
+    version: str | None = None,
 ) -> PreemptOutcome:
     """Migrate ``stream`` into a destination whose preempt channel brings ``preempt_bytes``
     once the guest runs there (in ``pieces``), and report what it placed."""
@@ -229,7 +251,7 @@ def run_preempt(
     channels = Channels(Connection("stream", main_ours), None, {PREEMPT: lambda _t: preempt})
     runner = _Runner(
         channels,
-        Destination(VERSIONS[variant], preempt=variant),
+        Destination(version or VERSIONS[variant], preempt=variant),
         keep_ram=True,
         fast_path=fast_path,
         idle_timeout=30.0,

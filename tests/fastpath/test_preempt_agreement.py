@@ -19,7 +19,16 @@ from functools import cache
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from preempt_harness import BLOCK, PAGE, PAGES, MainStream, PreemptOutcome, main_stream, run_preempt
+from preempt_harness import (
+    BLOCK,
+    PAGE,
+    PAGES,
+    MainStream,
+    PreemptOutcome,
+    assert_runs_agree,
+    main_stream,
+    run_preempt,
+)
 
 from qmig import strategies as qs
 from qmig.protocol.preempt import PreemptVariant
@@ -40,26 +49,13 @@ def stream_for(variant: PreemptVariant) -> MainStream:
     return main_stream(variant)
 
 
-def assert_agree(fast: PreemptOutcome, slow: PreemptOutcome) -> None:
-    assert fast.error == slow.error
-    assert fast.error_offset == slow.error_offset
-    assert fast.received == slow.received
-    assert fast.ram == slow.ram
-    assert fast.final_received == slow.final_received
-    assert fast.final_ram == slow.final_ram
-    assert fast.preempt_pages == slow.preempt_pages
-    assert fast.placed_pages == slow.placed_pages
-    assert fast.block_pages == slow.block_pages
-    assert "preempt_records" not in slow.fast_path
-
-
 def both(
     variant: PreemptVariant, preempt: bytes, pieces: list[int] | None = None
 ) -> tuple[PreemptOutcome, PreemptOutcome]:
     stream = stream_for(variant)
     fast = run_preempt(variant, stream, preempt, fast_path=True, pieces=pieces or [])
     slow = run_preempt(variant, stream, preempt, fast_path=False, pieces=pieces or [])
-    assert_agree(fast, slow)
+    assert_runs_agree(fast, slow)
     return fast, slow
 
 
