@@ -93,9 +93,10 @@ class Plan:
 # --- qmig ------------------------------------------------------------------------------------
 
 
-def run_qmig(plan: Plan, *, fast_path: bool = True) -> dict[str, Any]:
-    """``fast_path``: the destination's C receive thread (False: pages placed from Python,
-    the state before it, for a before/after in the same run)."""
+def run_qmig(plan: Plan, *, fast_path: bool = True, preempt: bool = False) -> dict[str, Any]:
+    """``fast_path``: the destination's C receive threads (False: pages placed from Python,
+    the state before them, for a before/after in the same run); ``preempt``: with
+    postcopy-preempt (7.2's variant), requested pages on a channel of their own."""
     environment_check()
     pages = plan.ram // PAGE
     config = SimulationConfig(
@@ -110,6 +111,7 @@ def run_qmig(plan: Plan, *, fast_path: bool = True) -> dict[str, Any]:
         pattern=plan.workload,
         vcpus=plan.vcpus,
         fast_path=fast_path,
+        preempt=preempt,
     )
     phases: dict[str, list[float]] = {}
     started = time.monotonic()
@@ -142,6 +144,7 @@ def run_qmig(plan: Plan, *, fast_path: bool = True) -> dict[str, Any]:
         # socket → placed (the destination's C receive thread), and that thread's counts.
         "page_placed_us": s.get("page_placed_us"),
         "fast_path": s.get("fast_path"),
+        "preempt_pages": s.get("preempt_pages"),
         # When the source sent each phase's first and last bytes, from just before the
         # guest RAM is generated (seconds).
         "phases_s": {name: [round(a, 3), round(b, 3)] for name, (a, b) in phases.items()},
@@ -340,6 +343,7 @@ def print_table(result: dict[str, Any]) -> None:
     plan = result["plan"]
     qmig, qemu, ratio = result["qmig"], result["qemu"], result["ratio"]
     before = result.get("qmig_no_fast_path")
+    preempt = result.get("qmig_preempt")
     print(
         f"{plan['ram'] // MiB} MiB guest, {plan['guest_bytes'] // MiB} MiB of it written, "
         f"{plan['bandwidth'] // MiB} MiB/s precopy and postcopy, postcopy after one pass"
@@ -349,11 +353,16 @@ def print_table(result: dict[str, Any]) -> None:
         name = key if isinstance(key, str) else f"{key[0]}.{key[1]}"
         cells = [_cell(qmig and _value(qmig, key)), _cell(qemu and _value(qemu, key))]
         print(f"{label:26}{cells[0]:>14}{cells[1]:>14}{_cell(ratio.get(name)):>12}")
-    if before:
-        print("qmig with pages placed from Python (--no-fast-path), same run:")
-        for label, key in ROWS:
-            print(f"{label:26}{_cell(_value(before, key)):>14}")
-    for side, name in ((qmig, "qmig"), (before, "qmig --no-fast-path")):
+    for extra, title in (
+        (before, "qmig with pages placed from Python (--no-fast-path), same run:"),
+        (preempt, "qmig with postcopy-preempt (--preempt), same run:"),
+    ):
+        if extra:
+            print(title)
+            for label, key in ROWS:
+                print(f"{label:26}{_cell(_value(extra, key)):>14}")
+    sides = ((qmig, "qmig"), (before, "qmig --no-fast-path"), (preempt, "qmig --preempt"))
+    for side, name in sides:
         if not side:
             continue
         # A request's round trip, by its parts (p50 / p99 µs): the destination's fault → its
@@ -429,6 +438,11 @@ def main() -> int:
         action="store_true",
         help="also run qmig with pages placed from Python (--no-fast-path), for a before/after",
     )
+    parser.add_argument(
+        "--preempt",
+        action="store_true",
+        help="also run qmig with postcopy-preempt (requested pages on their own channel)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args()
@@ -451,6 +465,8 @@ def main() -> int:
             result["qmig"] = run_qmig(plan)
             if args.before:
                 result["qmig_no_fast_path"] = run_qmig(plan, fast_path=False)
+            if args.preempt:
+                result["qmig_preempt"] = run_qmig(plan, preempt=True)
         if args.only != "qmig":
             with tempfile.TemporaryDirectory(prefix="qmig-simbench-") as workdir:
                 result["qemu"] = run_qemu(plan, Path(workdir))

@@ -13,7 +13,14 @@
    Offsets are the machine reader's absolute stream offsets. The ring holds the bytes from a
    little behind Python's read position (RETAIN: Python may sync at the start of a record it
    read only in part) up to what the socket gave. Every wire number (flags, section types,
-   page size, the ram section's id) comes from Python, which takes it from the profile. */
+   page size, the ram section's id) comes from Python, which takes it from the profile.
+
+   A postcopy-preempt channel (cfg.bare) is read the same way, by a thread of its own: its
+   records are a ram section's records without the section, so the thread only ever follows
+   MODE_RAM, with the channel's own last block; its EOS, a header at its start, or anything
+   else it does not follow is the machine's to read, as on the main channel. Both threads
+   place into the same blocks: the received bitmaps are shared atomically, and a page that
+   comes on both channels is placed once (the second copy finds its bit set, or EEXIST). */
 #define _GNU_SOURCE
 #include "uffd_internal.h"
 
@@ -79,6 +86,13 @@ static inline uint32_t be32(const uint8_t *p)
     return __builtin_bswap32(v);
 }
 
+/* A preempt channel's first bytes a migration stream header: the machine's error, whatever
+   flags its version happens to look like. */
+static int bare_header(const struct qmig_fastpath_config *c, uint64_t parse, const uint8_t *p)
+{
+    return c->bare && parse == c->channel_start && be32(p) == c->magic;
+}
+
 static int find_block(const struct qmig_fastpath *fp, const uint8_t *name, unsigned len)
 {
     for (int i = 0; i < fp->cfg.nblocks; i++)
@@ -113,82 +127,105 @@ static int place_batch(struct qmig_fastpath *fp, struct qmig_fastpath_stats *st,
     return 0;
 }
 
+/* What the bytes at the cursor are: not all there yet, taken (a section header, a main
+   channel's EOS), not for the C reader, or a page record to place. */
+enum { STEP_WAIT, STEP_ON, STEP_STOP, STEP_RECORD };
+
+struct record {
+    uint64_t header;
+    uint64_t body_at;  /* from the record's start */
+    uint64_t size;
+    int block;
+    int data;          /* a PAGE record (else ZERO) */
+};
+
+/* A ram section's next part, or its last (the completion's SECTION_END, which may carry many
+   pages); after a section, its footer. */
+static int section_step(const struct qmig_fastpath_config *c, struct cursor *cur,
+                        const uint8_t *p, uint64_t have)
+{
+    if (have < SECTION_HEADER)
+        return STEP_WAIT;
+    int known = cur->mode == MODE_TOP ? p[0] == c->section_part || p[0] == c->section_end
+                                      : p[0] == c->section_footer;
+    if (!known || be32(p + 1) != c->ram_section_id)
+        return STEP_STOP;
+    cur->parse += SECTION_HEADER;
+    cur->mode = cur->mode == MODE_TOP ? MODE_RAM : MODE_TOP;
+    return STEP_ON;
+}
+
+static int record_step(const struct qmig_fastpath *fp, struct cursor *cur, const uint8_t *p,
+                       uint64_t have, struct record *r)
+{
+    const struct qmig_fastpath_config *c = &fp->cfg;
+    if (have < HEADER)
+        return STEP_WAIT;
+    uint64_t header = be64(p), flags = header & c->flag_mask;
+    uint64_t kind = flags & ~c->flag_continue;
+    if (flags == c->flag_eos && !c->bare) {
+        cur->parse += HEADER;
+        cur->mode = c->section_footer_present ? MODE_FOOTER : MODE_TOP;
+        return STEP_ON;
+    }
+    /* A preempt channel's EOS ends it: nothing after it is read, here or by the machine. */
+    if ((kind != c->flag_zero && kind != c->flag_page) || bare_header(c, cur->parse, p))
+        return STEP_STOP;
+    uint64_t at = HEADER;
+    int block = cur->block;
+    if (!(flags & c->flag_continue)) {
+        if (have < at + 1 || have < at + 1 + p[at])
+            return STEP_WAIT;
+        block = find_block(fp, p + at + 1, p[at]);
+        at += 1 + p[at];
+    }
+    uint64_t body = kind == c->flag_page ? c->target_page : 1;
+    if (have < at + body)
+        return STEP_WAIT;
+    const struct qmig_block *b = block >= 0 ? fp->blocks[block] : NULL;
+    /* Huge host pages are gathered by one thread, and an offset outside the block is the
+       machine's error to report: both are left to Python. */
+    if (!b || b->page_size != c->target_page || (header & ~c->flag_mask) >= b->length)
+        return STEP_STOP;
+    *r = (struct record){header, at, at + body, block, kind == c->flag_page};
+    return STEP_RECORD;
+}
+
 /* Follow the stream from cur->parse up to end, placing page records; stop at what the C
    reader does not follow (unsynced) or at an incomplete record. Runs without the lock, on
    the thread's own copies of its position and figures (run() publishes them under it). */
 static void follow(struct qmig_fastpath *fp, struct cursor *cur, struct qmig_fastpath_stats *st,
                    uint64_t end)
 {
-    const struct qmig_fastpath_config *c = &fp->cfg;
     uint64_t headers[BATCH], bodies[BATCH], n = 0;
     int batch_block = -1;
     while (cur->mode != MODE_UNSYNCED) {
         const uint8_t *p = fp->ring + (cur->parse - fp->ring_base);
         uint64_t have = end - cur->parse;
-        if (cur->mode == MODE_TOP || cur->mode == MODE_FOOTER) {
-            if (have < SECTION_HEADER)
-                break;
-            /* A ram section's next part, or its last (the completion's SECTION_END, which
-               may carry many pages); after a section, its footer. */
-            int known = cur->mode == MODE_TOP
-                            ? p[0] == c->section_part || p[0] == c->section_end
-                            : p[0] == c->section_footer;
-            if (!known || be32(p + 1) != c->ram_section_id) {
-                cur->mode = MODE_UNSYNCED;
-                break;
-            }
-            cur->parse += SECTION_HEADER;
-            cur->mode = cur->mode == MODE_TOP ? MODE_RAM : MODE_TOP;
-            continue;
-        }
-        if (have < HEADER)
+        struct record r;
+        int step = cur->mode == MODE_RAM ? record_step(fp, cur, p, have, &r)
+                                         : section_step(&fp->cfg, cur, p, have);
+        if (step == STEP_WAIT)
             break;
-        uint64_t header = be64(p), flags = header & c->flag_mask;
-        uint64_t kind = flags & ~c->flag_continue;
-        if (flags == c->flag_eos) {
-            cur->parse += HEADER;
-            cur->mode = c->section_footer_present ? MODE_FOOTER : MODE_TOP;
-            continue;
-        }
-        if (kind != c->flag_zero && kind != c->flag_page) {
+        if (step == STEP_STOP)
             cur->mode = MODE_UNSYNCED;
-            break;
-        }
-        uint64_t at = HEADER;
-        int block = cur->block;
-        if (!(flags & c->flag_continue)) {
-            if (have < at + 1 || have < at + 1 + p[at])
-                break;
-            block = find_block(fp, p + at + 1, p[at]);
-            at += 1 + p[at];
-        }
-        uint64_t body = kind == c->flag_page ? c->target_page : 1;
-        if (have < at + body)
-            break;
-        const struct qmig_block *b = block >= 0 ? fp->blocks[block] : NULL;
-        uint64_t offset = header & ~c->flag_mask;
-        /* Huge host pages are gathered by one thread, and an offset outside the block is
-           the machine's error to report: both are left to Python. */
-        if (!b || b->page_size != c->target_page || offset >= b->length) {
-            cur->mode = MODE_UNSYNCED;
-            break;
-        }
-        if (block != batch_block || n == BATCH) {
+        if (step != STEP_RECORD)
+            continue;
+        if (r.block != batch_block || n == BATCH) {
             if (batch_block >= 0 && place_batch(fp, st, batch_block, headers, bodies, n) < 0) {
                 n = 0;
                 cur->mode = MODE_UNSYNCED;
                 break;
             }
             n = 0;
-            batch_block = block;
+            batch_block = r.block;
         }
-        headers[n] = header;
-        bodies[n] = cur->parse + at;
-        n++;
-        cur->block = block;
-        cur->parse += at + body;
+        headers[n] = r.header;
+        bodies[n++] = cur->parse + r.body_at;
+        cur->block = r.block;
+        cur->parse += r.size;
         /* A data page goes in at once (a vCPU may wait on it); zero pages are gathered. */
-        if (kind == c->flag_page) {
+        if (r.data) {
             if (place_batch(fp, st, batch_block, headers, bodies, n) < 0)
                 cur->mode = MODE_UNSYNCED;
             n = 0;
@@ -239,6 +276,45 @@ static void follow_unlocked(struct qmig_fastpath *fp, uint64_t end)
     fp->stats = st;
 }
 
+/* Called with the lock held: wait for the socket (or quit) with it released, and take what
+   came into the ring. Returns 1 when the thread is to end (EOF or error, published). */
+static int receive(struct qmig_fastpath *fp, struct pollfd *polls)
+{
+    pthread_mutex_unlock(&fp->lock);
+    int ready = poll(polls, 2, -1);
+    ssize_t got = 0;
+    int err = 0;
+    if (ready < 0 && errno != EINTR)
+        err = errno;
+    else if (ready > 0 && polls[1].revents)
+        err = -1;  /* quit */
+    else if (ready > 0) {
+        got = recv(fp->cfg.fd, fp->ring + fp->fill, fp->cfg.ring_size - fp->fill, 0);
+        if (got < 0)
+            err = (errno == EAGAIN || errno == EINTR) ? 0 : errno;
+        else if (got == 0)
+            err = -2;  /* EOF */
+    }
+    pthread_mutex_lock(&fp->lock);
+    if (got > 0) {
+        fp->recv_ns = qmig_now_ns();
+        fp->fill += (uint64_t)got;
+        fp->stats.bytes += (uint64_t)got;
+        /* A preempt channel's few pages are placed before Python is woken for their bytes,
+           so that its wakeup does not compete for a CPU with the placement a vCPU waits on
+           (within noise on a loaded 2-core host). A main channel's bytes go on at once:
+           Python parses while C places. */
+        if (!fp->cfg.bare || fp->mode == MODE_UNSYNCED)
+            pthread_cond_broadcast(&fp->more);
+    } else if (err == -1) {
+        fp->quit = 1;
+    } else if (err) {
+        fp->error = err > 0 ? err : 0;
+        return 1;
+    }
+    return 0;
+}
+
 static void *run(void *arg)
 {
     struct qmig_fastpath *fp = arg;
@@ -252,6 +328,7 @@ static void *run(void *arg)
         if (fp->mode != MODE_UNSYNCED && fp->parse < end && end != fp->followed) {
             fp->followed = end;
             follow_unlocked(fp, end);
+            pthread_cond_broadcast(&fp->more);
             continue;
         }
         if (fp->quit)
@@ -264,35 +341,8 @@ static void *run(void *arg)
             pthread_cond_wait(&fp->room, &fp->lock);
             continue;
         }
-        pthread_mutex_unlock(&fp->lock);
-        int ready = poll(polls, 2, -1);
-        ssize_t got = 0;
-        int err = 0;
-        if (ready < 0 && errno != EINTR)
-            err = errno;
-        else if (ready > 0 && polls[1].revents)
-            err = -1;  /* quit */
-        else if (ready > 0) {
-            got = recv(fp->cfg.fd, fp->ring + fp->fill, fp->cfg.ring_size - fp->fill, 0);
-            if (got < 0)
-                err = (errno == EAGAIN || errno == EINTR) ? 0 : errno;
-            else if (got == 0)
-                err = -2;  /* EOF */
-        }
-        pthread_mutex_lock(&fp->lock);
-        if (got > 0) {
-            fp->recv_ns = qmig_now_ns();
-            fp->fill += (uint64_t)got;
-            fp->stats.bytes += (uint64_t)got;
-            pthread_cond_broadcast(&fp->more);
-        } else if (err == -1) {
-            fp->quit = 1;
-        } else if (err) {
-            fp->done = 1;
-            fp->error = err > 0 ? err : 0;
-            pthread_cond_broadcast(&fp->more);
+        if (receive(fp, polls))
             break;
-        }
     }
     fp->done = 1;
     pthread_cond_broadcast(&fp->more);

@@ -184,6 +184,12 @@ struct qmig_fastpath_config {
     uint64_t ring_size;        /* bytes buffered between the socket and Python at most */
     uint64_t retain;           /* bytes kept behind Python's read position, for a sync */
     uint64_t wait_log;         /* recv() → placed times kept, one per data page, at most */
+    /* A postcopy-preempt channel: bare RAM records only (no sections), with its own last
+       block; an EOS ends what the thread follows, and a stream header at channel_start (its
+       magic, be32) is never taken for a record. 0: a main channel. */
+    uint32_t bare;
+    uint32_t magic;
+    uint64_t channel_start;
 };
 
 struct qmig_fastpath_stats {

@@ -10,6 +10,7 @@ return path at once. Nothing here reads guest memory before every page is in pla
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import threading
@@ -25,14 +26,14 @@ from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
 from qmig.protocol.multifd import MultifdSyncPoint, MultifdSyncRule, mark_received
 from qmig.protocol.preempt_channel import PreemptChannel
-from qmig.protocol.states import DestinationState
+from qmig.protocol.states import DestinationState, is_postcopy_running
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.errors import RamError
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
-from qmig.runner.fastpath import FastPath, start_fast_path
+from qmig.runner.fastpath import FastPath, start_fast_path, start_preempt_fast_path
 from qmig.runner.multifd_recv import MultifdReceiveOptions, MultifdReceiver
 from qmig.runner.pauses import Pause
 from qmig.transport import Connection, Limits
@@ -147,6 +148,9 @@ class DestinationRunner:
         self._preempt_thread: threading.Thread | None = None
         self._preempt_stop = threading.Event()
         self._preempt_error: QmigError | None = None
+        # Readable: the guest runs here now, and the preempt thread may hand its channel to a
+        # C thread before the next page comes (it waits for bytes in select() meanwhile).
+        self._preempt_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._multifd = self._multifd_receiver(multifd_channels, multifd or MultifdReceiveOptions())
 
     @property
@@ -200,6 +204,9 @@ class DestinationRunner:
                     stop()
                 except QmigError as error:
                     stuck = stuck or error
+            thread = self._preempt_thread
+            if thread is None or not thread.is_alive():  # a stuck thread may still poll it
+                os.close(self._preempt_wake)
             self.report.finished = time.monotonic()
             if not (self.keep_ram and self.completed and self.session):
                 self._close_session()
@@ -402,6 +409,7 @@ class DestinationRunner:
                 self.report.running_at = time.monotonic()
                 self.report.postcopy = True
                 self._start_fast()
+                os.eventfd_write(self._preempt_wake, 1)
                 self._start_guest()
             case ev.MigrationCompleted(postcopy=postcopy):
                 self.completed = True
@@ -450,11 +458,12 @@ class DestinationRunner:
         self.session.start_faults(on_request=self._on_fault)
         self.report.blocks = {info.idstr: info.used_length for info in blocks}
 
-    def _place(self, run: m.RamPageRun, *, replace: bool) -> None:
+    def _place(self, run: m.RamPageRun, *, replace: bool, placed_ahead: bool = False) -> None:
         """Place a run of pages with one C call (``RamBlock.place_records``). Before LISTEN
         the blocks are not registered and pages are written straight into memory; a page that
         comes again (the guest changed it) simply overwrites the old one, as in QEMU. After
-        LISTEN each run of missing pages goes in with one UFFDIO_COPY or ZEROPAGE."""
+        LISTEN each run of missing pages goes in with one UFFDIO_COPY or ZEROPAGE.
+        ``placed_ahead``: a C receive thread on the run's channel may have placed it."""
         block = self._session().block(run.block)
         began = time.perf_counter_ns()
         block.place_records(
@@ -467,7 +476,7 @@ class DestinationRunner:
             counts = self.report.block_pages.setdefault(run.block, [0, 0])
             counts[0] += run.count
             counts[1] += run.zero_count
-        if self._fast is not None and not replace:
+        if (self._fast is not None or placed_ahead) and not replace:
             # Pages the C thread placed are found in place here: they were placed all the
             # same, and the fault thread's waiters on them are answered now.
             block.notify_placed(run.headers)
@@ -516,8 +525,10 @@ class DestinationRunner:
 
     def _preempt_loop(self, resumed: bool) -> None:
         """``resumed``: the channel comes after a recovery, where the source's next main
-        channel may reach this thread first (qmig.runner.channels): its first bytes tell."""
+        channel may reach this thread first (qmig.runner.channels): its first bytes tell,
+        read here before a C thread may take the socket (:meth:`_preempt_take_over`)."""
         stop = self._preempt_stop  # this thread's own: a recovery starts another
+        fast: FastPath | None = None
         try:
             connection = self.channels.get(PREEMPT)
             while connection is None and not stop.is_set():
@@ -531,14 +542,14 @@ class DestinationRunner:
                 channel = self.dest.open_preempt_channel()
             buffer = bytearray(RECV_CHUNK)
             while not stop.is_set():
-                count = -1  # nothing new: what waited for LISTEN may be loadable now
-                if select.select([connection], [], [], PREEMPT_POLL)[0]:
-                    try:
-                        count = connection.recv_into(buffer)
-                    except TransportError:
-                        if self._pausable():
-                            return  # the main loop pauses; a new preempt channel follows
-                        raise
+                if fast is None and not resumed:
+                    fast = self._preempt_take_over(connection, channel)
+                try:
+                    count = self._preempt_receive(connection, buffer, fast)
+                except TransportError:
+                    if self._pausable():
+                        return  # the main loop pauses; a new preempt channel follows
+                    raise
                 if count == 0 and self._pausable():
                     return
                 if resumed and count > 0:
@@ -554,15 +565,61 @@ class DestinationRunner:
                         self.report.preempt_bytes += count
                     elif count == 0:
                         channel.receive_eof()
-                if self._drain_preempt(channel) or count == 0:
+                if self._drain_preempt(channel, placed_ahead=fast is not None) or count == 0:
                     return
+                if fast is not None:
+                    fast.sync(channel.reader)
         except QmigError as error:
             self._preempt_error = error
             with self._machine_lock:
                 data = self.dest.fail("preempt channel")
             with contextlib.suppress(QmigError):
                 self._send_return_path(data)
+            if fast is not None:  # before the cut closes the socket it reads
+                self._count_fast(fast)
+                fast = None
+            self._wake_main_reader()  # its C thread may be waiting on the socket
             self.channels.cut()  # the main loop stops, and reports this error
+        finally:
+            if fast is not None:
+                self._count_fast(fast)
+
+    def _preempt_take_over(
+        self, connection: Connection, channel: PreemptChannel
+    ) -> FastPath | None:
+        """Once the guest runs here (the blocks are registered and a vCPU may wait on a
+        page), a C thread reads the preempt channel and places its pages as they arrive
+        (qmig.runner.fastpath); this thread still feeds every byte to the channel's machine.
+        None: not yet, or not at all (``fast_path`` off, no socket)."""
+        if not self.fast_path or self.report.running_at is None or self.session is None:
+            return None
+        with self._machine_lock:
+            if not is_postcopy_running(self.dest.state) or channel.ended:
+                return None
+            fast = start_preempt_fast_path(connection, channel, self.session.blocks)
+            if fast is not None:
+                fast.sync(channel.reader)
+        return fast
+
+    def _preempt_receive(
+        self, connection: Connection, buffer: bytearray, fast: FastPath | None
+    ) -> int:
+        """The preempt channel's next bytes into ``buffer``: their count, 0 at EOF, -1 when
+        nothing came within PREEMPT_POLL (what waited for LISTEN may be loadable now)."""
+        if fast is None:
+            wake = self._preempt_wake
+            ready = select.select([connection.fileno(), wake], [], [], PREEMPT_POLL)[0]
+            if wake in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(wake)
+                return -1  # the guest runs: the C thread may take the channel first
+            return connection.recv_into(buffer) if ready else -1
+        try:
+            count = fast.read(buffer, PREEMPT_POLL, connection.name)
+        except TimeoutError:
+            return -1
+        connection.received_elsewhere(count)  # the C thread read them off the socket
+        return count
 
     def _pausable(self) -> bool:
         """Would (or did) a broken channel pause the migration, rather than fail it?"""
@@ -572,8 +629,9 @@ class DestinationRunner:
                 or self.dest.state in (DestinationState.PAUSED, DestinationState.RECOVER)
             )
 
-    def _drain_preempt(self, channel: PreemptChannel) -> bool:
-        """Place what the preempt channel brought; True once it has ended."""
+    def _drain_preempt(self, channel: PreemptChannel, *, placed_ahead: bool = False) -> bool:
+        """Place what the preempt channel brought (``placed_ahead``: its C thread may have
+        placed it already); True once it has ended."""
         while True:
             with self._machine_lock:
                 event = channel.next_event()
@@ -581,7 +639,7 @@ class DestinationRunner:
                 return True
             if not isinstance(event, ev.PagesReceived):
                 return False
-            self._place(event.run, replace=False)
+            self._place(event.run, replace=False, placed_ahead=placed_ahead)
             with self._report_lock:
                 self.report.preempt_pages += event.run.count
 
@@ -669,8 +727,13 @@ class DestinationRunner:
             meter.got_elsewhere(count)
 
     def _multifd_failed(self) -> None:
-        """A channel failed: end the main channel's reads (a shutdown wakes a blocked recv,
-        where a close would not), so that the main loop stops and reports the error."""
+        """A channel failed: end the main channel's reads, so that the main loop stops and
+        reports the error."""
+        self._wake_main_reader()
+
+    def _wake_main_reader(self) -> None:
+        """End the main channel's reads: a shutdown wakes a blocked recv or poll (this loop's
+        or its C thread's), where a close would not."""
         sock = self.connection.socket
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -743,11 +806,18 @@ class DestinationRunner:
         """Stop the C receive thread before its channel closes; the runner reads on."""
         if self._fast is not None:
             fast, self._fast = self._fast, None  # stopped once, even if it does not stop
-            stats, waits = fast.stop()
+            self._count_fast(fast)
+
+    def _count_fast(self, fast: FastPath) -> None:
+        """Stop a C receive thread (main or preempt channel) and add its figures to the
+        report's (a preempt channel's records are counted apart as well)."""
+        stats, waits = fast.stop()
+        with self._report_lock:  # the two channels' threads end independently
             for name in ("bytes", "records", "placed", "existing", "place_errors", "syncs"):
-                self.report.fast_path[name] = self.report.fast_path.get(name, 0) + getattr(
-                    stats, name
-                )
+                figures = self.report.fast_path
+                figures[name] = figures.get(name, 0) + getattr(stats, name)
+            if fast.bare:
+                figures["preempt_records"] = figures.get("preempt_records", 0) + stats.records
             self.report.fast_path_wait_ns += waits
 
     def _on_fault(self, request: PageRequest) -> None:

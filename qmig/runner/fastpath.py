@@ -11,8 +11,11 @@ until :meth:`FastPath.sync` tells it, from the machine's reader, where the next 
 starts. ``tests/fastpath`` proves that what the two place agrees.
 
 One thread reads one channel, and holds nothing of the migration but the blocks it places
-into (their bitmaps are shared, atomically, with every other placer): a second channel (the
-preempt channel, once it lands) gets a FastPath of its own, synced from that channel's reader.
+into (their bitmaps are shared, atomically, with every other placer): the postcopy-preempt
+channel gets a FastPath of its own (:func:`start_preempt_fast_path`), synced from that
+channel's reader. Its records are a ram section's without the section: the thread follows
+them with the channel's own last block, and leaves its EOS, a stream header at its start and
+anything else to the channel's machine, which reports them as without the fast path.
 
 A broken channel ends the thread's reading; the runner reads what it had buffered, then
 the error, and pauses as without the fast path (:meth:`stop` before the channel closes).
@@ -29,11 +32,13 @@ from typing import Any
 
 from qmig.errors import TransportError
 from qmig.protocol.destination import Destination
+from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.blocks import RamBlock
 from qmig.transport import Connection
 from qmig.wire.reader import StreamReader
 from qmig.wire.reading.framing import RAM_IDSTR, Mode
+from qmig.wire.reading.preempt import PreemptReader
 
 RING_SIZE = 8 << 20  # bytes between the socket and the machine at most
 # Kept behind the machine's read position: a sync may point at the start of a record the
@@ -68,9 +73,11 @@ class FastPath:
         blocks: list[RamBlock],
         *,
         ring_size: int = RING_SIZE,
+        bare: bool = False,
     ) -> None:
         """``fd``: the channel's socket, from now on read by the thread alone; ``reader``:
-        the machine's reader, which has read (or holds) every byte received so far."""
+        the machine's reader, which has read (or holds) every byte received so far;
+        ``bare``: the channel is a preempt channel (``reader`` a PreemptReader)."""
         schema = reader.schema
         profile = schema.profile
         flags = profile.ram_flags
@@ -95,6 +102,10 @@ class FastPath:
         config.ring_size = ring_size
         config.retain = min(RETAIN, ring_size // 2)
         config.wait_log = WAIT_LOG
+        config.bare = int(bare)
+        config.magic = profile.magic
+        config.channel_start = reader.channel_start if isinstance(reader, PreemptReader) else 0
+        self.bare = bare
         self.blocks = blocks
         self._index = {block.idstr: index for index, block in enumerate(blocks)}
         self._c_blocks = ffi.new("struct qmig_block *[]", [block.c_block for block in blocks])
@@ -123,6 +134,8 @@ class FastPath:
     def sync(self, reader: StreamReader) -> None:
         """Tell the thread where the machine's reader stands, if it is somewhere the thread
         can follow from (a ram section's next record, or between sections)."""
+        if isinstance(reader, PreemptReader) and reader.ended:
+            return  # its EOS was read: nothing after it is
         frame = reader._frame  # where the reader is in the grammar
         mode = _MODES.get(frame.mode)
         if mode is None or (frame.section is not None and not frame.section.is_ram):
@@ -190,6 +203,17 @@ def start_fast_path(
     if sock is None or connection.unread_prefix:
         return None
     return FastPath(sock.fileno(), destination.reader, list(blocks))
+
+
+def start_preempt_fast_path(
+    connection: Connection, channel: PreemptChannel, blocks: Iterable[RamBlock]
+) -> FastPath | None:
+    """A fast path on a preempt ``connection``'s socket for ``channel``'s reader, or None
+    where there is no socket, or bytes read to examine the connection are still unread."""
+    sock = connection.socket
+    if sock is None or connection.unread_prefix:
+        return None
+    return FastPath(sock.fileno(), channel.reader, list(blocks), bare=True)
 
 
 def _ram_section_id(reader: StreamReader) -> int:

@@ -41,6 +41,11 @@ class PreemptReader(StreamReader):
         self._start = 0  # where the current connection's bytes begin
         self._magic = self.profile.magic.to_bytes(4, "big")
 
+    @property
+    def channel_start(self) -> int:
+        """Where the current connection's first byte is (for the C reader's header check)."""
+        return self._start
+
     def new_channel(self, offset: int = 0) -> None:
         """The channel was opened again (postcopy recovery): bare RAM records from its first
         byte, the first naming its block; an unfinished record of the old one is dropped.
