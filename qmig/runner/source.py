@@ -10,6 +10,12 @@ as the socket takes it, then nothing from the migration's own loop until the nex
 stopped) and a precopy migration's completion do not wait, though their bytes count. The
 8.0 preempt variant's urgent pages do not wait either: they go out as the request is read.
 
+Requests are answered from C as they are read (``SourcePlan.fast_answer``, see
+:mod:`qmig.runner.answer`): on the 8.0 preempt variant's channel, or, without preempt, on the
+main channel between the pieces of stream this loop writes (each piece is built and written
+holding the channel, :meth:`SourceRunner._turn`), where a RAM record may go and the window has
+quota left; what the thread cannot answer at once is this loop's, first in its next piece.
+
 A requested page waits behind every byte already queued towards the destination: the
 unsent rest of the current chunk, the source's socket send buffer and the destination's
 receive buffer. Linux autotunes both buffers to megabytes on loopback, which at the
@@ -28,10 +34,11 @@ the return path while it waits), so the stream's bytes stay in the machine's ord
 
 from __future__ import annotations
 
+import contextlib
 import select
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +48,7 @@ from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.runner.answer import Answered, FastAnswer
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
+from qmig.runner.misbehave_source import MisbehavingSourceConnection
 from qmig.runner.multifd_send import MultifdSender
 from qmig.runner.pauses import Pause
 from qmig.runner.source_ram import Dirtier
@@ -78,7 +86,8 @@ class SourceReport:
     preempt_bytes: int = 0
     pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
     multifd_bytes: list[int] = field(default_factory=list)  # per multifd channel
-    # The C answer thread (8.0 preempt): target pages it wrote, requests it left to Python.
+    # The C answer thread (8.0 preempt, or the main channel without preempt): target pages
+    # it wrote, well-formed requests it left to Python.
     fast_answer: dict[str, int] = field(default_factory=dict)
 
 
@@ -94,8 +103,9 @@ class SourcePlan:
     postcopy_chunk: int = POSTCOPY_CHUNK
     cuts: CutPlan | None = None  # break the channel on purpose (fault injection)
     recover_timeout: float = RECOVER_TIMEOUT
-    # The 8.0 preempt variant: requests answered by a C thread as they are read (see
-    # qmig.runner.answer) until the first pause; False: by this loop.
+    # Requests answered by a C thread as they are read (see qmig.runner.answer): the 8.0
+    # preempt variant's until the first pause; without preempt, on the main channel, again
+    # after each recovery. False: by this loop.
     fast_answer: bool = False
 
 
@@ -190,24 +200,30 @@ class SourceRunner:
             # As in QEMU's migration thread: nothing goes out on the main channel once the
             # window's quota is spent; within a window requested pages go first, and past it.
             left = self._wait_for_credit()
-            requested = source.requested_data()
-            if requested:
-                self._send(requested, capped=False)
-            else:
-                # Capped, what the window has left goes as one burst, as QEMU's loop sends
-                # it within a millisecond or two (chunk by chunk it would spread over the
-                # window, and serve requests that QEMU holds to the next one).
-                budget = plan.postcopy_chunk if plan.bandwidth is None else left
-                data = source.data_to_send(max(plan.postcopy_chunk, budget))
-                self._take_events()
-                self._send(data)
+            with self._turn():
+                requested = source.requested_data()
+                if requested:
+                    self._send(requested, capped=False)
+                else:
+                    # Capped, what the window has left goes as one burst, as QEMU's loop sends
+                    # it within a millisecond or two (chunk by chunk it would spread over the
+                    # window, and serve requests that QEMU holds to the next one). With the C
+                    # thread answering between pieces, the burst goes as pieces of a chunk
+                    # back to back: a request waits for one piece, not the whole burst.
+                    budget = plan.postcopy_chunk if plan.bandwidth is None else left
+                    if self._fast is not None and self._fast.main:
+                        budget = min(budget, plan.postcopy_chunk)
+                    data = source.data_to_send(max(plan.postcopy_chunk, budget))
+                    self._take_events()
+                    self._send(data)
             if known > self._answered and source.pending_requests == 0:
                 self._served(known)
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
         # QEMU's completion does not wait for the cap either.
-        data = source.data_to_send(CHUNK)
-        self._take_events()
-        self._send(data, capped=False)
+        with self._turn():
+            data = source.data_to_send(CHUNK)
+            self._take_events()
+            self._send(data, capped=False)
         self._send_urgent()  # the pre-7.2 variant's EOS
         # Every page is in the socket now: requests that came with the last of the stream,
         # or come after it, are answered by it.
@@ -265,6 +281,8 @@ class SourceRunner:
         self.report.paused_s += pause.resumed_at - broke
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
+        if source.preempt is None:
+            self._start_fast_answer()  # the main channel's thread: on the new channel
 
     def _handshake(self, deadline: float) -> None:
         """RECV_BITMAPs out, bitmaps in, POSTCOPY_RESUME out, RESUME_ACK in."""
@@ -370,19 +388,59 @@ class SourceRunner:
         self._send(self.source.data_to_send(0), capped=False)
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
-        if preempt is not None and not preempt.opened_at_setup and self.plan.fast_answer:
+        if preempt is None or not preempt.opened_at_setup:
             self._start_fast_answer()
 
-    # --- the C answer thread (the 8.0 preempt variant) -------------------------------------
+    # --- the C answer thread (the 8.0 preempt variant, or the main channel) ------------------
 
     def _start_fast_answer(self) -> None:
-        channel = self.channels.get(PREEMPT)
-        if channel is None or self.connection.unread_prefix:
+        """The thread answers from now on, if the plan says so and it can take the return
+        path over from the next byte."""
+        connection = self.connection
+        if (
+            not self.plan.fast_answer
+            or self._fast is not None
+            or connection.unread_prefix
+            or not self.source.return_path_between_messages
+        ):
             return
-        self._fast = FastAnswer(self.source, self.connection, channel)
+        if self.source.preempt is None:
+            # The thread writes the socket itself: not through a connection that changes
+            # what it sends on purpose, nor to a file.
+            if isinstance(connection, MisbehavingSourceConnection) or connection.socket is None:
+                return
+            self._fast = FastAnswer(self.source, connection, None, stall_timeout=STALL_TIMEOUT)
+            return
+        channel = self.channels.get(PREEMPT)
+        if channel is None:
+            return
+        self._fast = FastAnswer(self.source, connection, channel)
         # While the thread writes on the channel, the machine's own preempt records name
         # their block: the channel's last block may be one the thread named since.
         self.source.forget_preempt_block()
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Build and write a piece of main-channel stream with the channel held: the C thread
+        answering there (no preempt) writes only between pieces. What it wrote so far the
+        machine learns first, so that its records follow on right (its next one names its
+        block) and do not send a page again."""
+        fast = self._fast
+        if fast is None or not fast.main:
+            yield
+            return
+        fast.hold()
+        open_records = False
+        try:
+            self._apply_fast()
+            yield
+            open_records = self.source.records_may_follow
+        finally:
+            cap = self.plan.bandwidth
+            credit = None if cap is None else int(cap * CAP_WINDOW) - self._window_used
+            fast.release(
+                open_records=open_records, credit=credit, window_end=self._window_at + CAP_WINDOW
+            )
 
     def _stop_fast_answer(self) -> None:
         """Join the thread; what it wrote is the machine's to know. The return path's bytes
@@ -392,21 +450,25 @@ class SourceRunner:
         if fast is None:
             return
         self._fast = None
-        self._note_fast(fast.stop())
-        self.report.preempt_bytes += fast.bytes
+        self._note_fast(fast.stop(), main=fast.main)
+        if not fast.main:
+            self.report.preempt_bytes += fast.bytes
         totals = self.report.fast_answer
         totals["pages"] = totals.get("pages", 0) + fast.pages
         totals["declined"] = totals.get("declined", 0) + fast.declined
 
     def _apply_fast(self) -> None:
         assert self._fast is not None
-        self._note_fast(self._fast.apply())
+        self._note_fast(self._fast.apply(), main=self._fast.main)
 
-    def _note_fast(self, answered: list[Answered]) -> None:
+    def _note_fast(self, answered: list[Answered], *, main: bool) -> None:
         if not answered:
             return
-        self.source.forget_preempt_block()
+        if not main:
+            self.source.forget_preempt_block()
         for page in answered:
+            if main and page.sent_ns / 1e9 >= self._window_at:
+                self._window_used += page.bytes  # the cap's window counts them, as QEMU's
             waiting = self._fast_times.setdefault((page.block, page.request_start), deque())
             if waiting and waiting[-1][0] == page.read_ns:  # another host page of a request
                 waiting[-1][1] = page.sent_ns
