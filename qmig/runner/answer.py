@@ -169,12 +169,15 @@ class FastAnswer:
     def hold(self) -> None:
         """Main channel: the loop's turn to build and write stream bytes; the thread writes
         nothing until :meth:`release` (if it is waiting to, it goes first)."""
-        lib.qmig_answer_hold(self._handle)
+        if self._handle != ffi.NULL:
+            lib.qmig_answer_hold(self._handle)
 
     def release(self, *, open_records: bool, credit: int | None, window_end: float) -> None:
         """The end of the loop's turn. ``open_records``: the stream written so far ends inside
         a RAM section's records. ``credit``: the cap's quota left in its window (None: no
         cap), which ends at ``window_end`` (monotonic seconds)."""
+        if self._handle == ffi.NULL:
+            return
         lib.qmig_answer_release(
             self._handle,
             int(open_records),

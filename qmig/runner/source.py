@@ -207,15 +207,21 @@ class SourceRunner:
                 else:
                     # Capped, what the window has left goes as one burst, as QEMU's loop sends
                     # it within a millisecond or two (chunk by chunk it would spread over the
-                    # window, and serve requests that QEMU holds to the next one). With the C
-                    # thread answering between pieces, the burst goes as pieces of a chunk
-                    # back to back: a request waits for one piece, not the whole burst.
+                    # window, and serve requests that QEMU holds to the next one).
                     budget = plan.postcopy_chunk if plan.bandwidth is None else left
-                    if self._fast is not None and self._fast.main:
-                        budget = min(budget, plan.postcopy_chunk)
-                    data = source.data_to_send(max(plan.postcopy_chunk, budget))
+                    # With the C thread answering between pieces, the burst goes as pieces of
+                    # at most a chunk back to back, each within what the window has left
+                    # (QEMU checks the rate per page, and sends the page that crosses it),
+                    # never waiting for the next window with the channel held: a request
+                    # waits for one piece, not the whole burst.
+                    pieces = self._fast is not None and self._fast.main
+                    data = source.data_to_send(
+                        min(budget, plan.postcopy_chunk)
+                        if pieces
+                        else max(plan.postcopy_chunk, budget)
+                    )
                     self._take_events()
-                    self._send(data)
+                    self._send(data, capped=not pieces)
             if known > self._answered and source.pending_requests == 0:
                 self._served(known)
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
@@ -425,7 +431,11 @@ class SourceRunner:
         answering there (no preempt) writes only between pieces. What it wrote so far the
         machine learns first, so that its records follow on right (its next one names its
         block) and do not send a page again."""
-        fast = self._fast
+        if self._fast is not None and self._fast.main:
+            # Room in the socket first: held while it waits for room, the channel would keep
+            # the thread's answer waiting behind a backlog it need not wait for.
+            self._await_room()
+        fast = self._fast  # the thread may have stopped meanwhile (the return path ended)
         if fast is None or not fast.main:
             yield
             return
@@ -547,6 +557,23 @@ class SourceRunner:
                 self._read_return_path()
             if writable and (sent := connection.send_some(piece)):
                 return sent
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    connection.name,
+                    f"the destination took no data for {STALL_TIMEOUT:.0f} s during "
+                    f"{self._label()}",
+                )
+
+    def _await_room(self) -> None:
+        """Until the socket takes more bytes, reading the return path meanwhile."""
+        connection = self.connection
+        deadline = time.monotonic() + STALL_TIMEOUT
+        while True:
+            readable, writable, _ = select.select([self._return_path()], [connection], [], 1.0)
+            if readable:
+                self._read_return_path()
+            if writable:
+                return
             if time.monotonic() > deadline:
                 raise TransportError(
                     connection.name,
