@@ -158,8 +158,9 @@ static void build_host_page(struct answer *a, int32_t index, uint64_t first, str
     }
 }
 
-/* One host page of a request, written and queued for Python. Returns -1 when it must be
-   left to Python, -2 when the channel broke (or stalled): the thread stops answering. */
+/* One host page of a request, written and queued for Python. Returns 1 when it wrote, 0
+   when nothing was dirty, -1 when it must be left to Python, -2 when the channel broke (or
+   stalled): the thread stops answering. */
 static int answer_host_page(struct answer *a, int32_t index, uint64_t request_start,
                             uint64_t first, uint64_t read_ns)
 {
@@ -188,7 +189,22 @@ static int answer_host_page(struct answer *a, int32_t index, uint64_t request_st
         if (a->capped) a->credit -= (int64_t)h.e.bytes;
     }
     pthread_mutex_unlock(&a->lock);
-    return 0;
+    return h.e.pages ? 1 : 0;
+}
+
+/* A request whose pages had all gone out already: nothing to write, but Python learns when
+   it was read and settled, for its timings (an entry of no pages). */
+static void settled(struct answer *a, int32_t index, uint64_t request_start, uint64_t read_ns)
+{
+    pthread_mutex_lock(&a->lock);
+    if (a->used < QUEUE) {
+        a->queue[(a->head + a->used) % QUEUE] = (struct qmig_answer_entry){
+            .block = (uint32_t)index, .request_start = request_start,
+            .read_ns = read_ns, .sent_ns = now_ns(),
+        };
+        a->used++;
+    }
+    pthread_mutex_unlock(&a->lock);
 }
 
 /* Main channel: wait for Python's turn to end; whether a record may go now (inside a RAM
@@ -222,10 +238,14 @@ static int answer_request(struct answer *a, int32_t index, uint64_t start, uint6
     }
     const struct qmig_answer_block *b = &a->blocks[index];
     uint64_t tps = a->cfg.target_page_size, per_host = b->host_page_size / tps;
-    int rc = 0;
+    int rc = 0, wrote = 0, left = 0;
     for (uint64_t page = start / tps; page < (start + length) / tps && rc != -2;
-         page += per_host)
+         page += per_host) {
         rc = answer_host_page(a, index, start, page, read_ns);
+        wrote |= rc == 1;
+        left |= rc == -1;
+    }
+    if (!wrote && !left && rc != -2) settled(a, index, start, read_ns);
     if (a->main_channel) give_wire(a);
     return rc == -2 ? rc : 0;
 }

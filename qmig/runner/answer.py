@@ -43,7 +43,8 @@ PIPE_SIZE = 1 << 20
 
 @dataclass(frozen=True)
 class Answered:
-    """One host page the thread wrote: for the runner's timings."""
+    """One host page the thread wrote, or a request it found nothing to write for: for the
+    runner's timings."""
 
     block: str
     request_start: int
@@ -143,9 +144,10 @@ class FastAnswer:
                 mask, first = int(entry.mask), int(entry.first)
                 pages = [first + bit for bit in range(mask.bit_length()) if mask >> bit & 1]
                 size = int(entry.bytes)
-                self._source.answered_elsewhere(
-                    name, pages, zeros=int(entry.zeros), size=size, main=self.main
-                )
+                if pages:  # none: the request's pages had all gone out already
+                    self._source.answered_elsewhere(
+                        name, pages, zeros=int(entry.zeros), size=size, main=self.main
+                    )
                 self.pages += len(pages)
                 self.bytes += size
                 done.append(
