@@ -87,7 +87,7 @@ class SourceReport:
     pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
     multifd_bytes: list[int] = field(default_factory=list)  # per multifd channel
     # The C answer thread (8.0 preempt, or the main channel without preempt): target pages
-    # it wrote, well-formed requests it left to Python.
+    # it wrote, well-formed requests it left to Python, and how often it was started.
     fast_answer: dict[str, int] = field(default_factory=dict)
 
 
@@ -416,14 +416,20 @@ class SourceRunner:
             if isinstance(connection, MisbehavingSourceConnection) or connection.socket is None:
                 return
             self._fast = FastAnswer(self.source, connection, None, stall_timeout=STALL_TIMEOUT)
+            self._count_fast_start()
             return
         channel = self.channels.get(PREEMPT)
         if channel is None:
             return
         self._fast = FastAnswer(self.source, connection, channel)
+        self._count_fast_start()
         # While the thread writes on the channel, the machine's own preempt records name
         # their block: the channel's last block may be one the thread named since.
         self.source.forget_preempt_block()
+
+    def _count_fast_start(self) -> None:
+        totals = self.report.fast_answer
+        totals["started"] = totals.get("started", 0) + 1  # once, and again per recovery
 
     @contextlib.contextmanager
     def _turn(self) -> Iterator[None]:

@@ -56,4 +56,5 @@ def test_the_thread_answers_again_after_a_pause() -> None:
     still arrives right."""
     result = verified("--pause-after", "4000", "--pauses", "1")
     assert result["recoveries"] == 1
+    assert result["fast_answer"]["started"] == 2  # at the switchover, and after the recovery
     answered_by_the_thread(result)
