@@ -148,6 +148,8 @@ class FastAnswer:
                     self._source.answered_elsewhere(
                         name, pages, zeros=int(entry.zeros), size=size, main=self.main
                     )
+                if self.main:
+                    self._return_path.sent_elsewhere(size)  # the stream's byte counts
                 self.pages += len(pages)
                 self.bytes += size
                 done.append(
