@@ -11,7 +11,9 @@
    turns by the wire lock: Python holds it from before it builds a piece of stream until that
    piece is written (qmig_answer_hold/release), and says on release whether the stream ends
    inside a RAM section's records (where a record may go) and what the cap's window has left;
-   the thread writes only then, naming each host page's block in full. */
+   the thread writes only then, naming each host page's block in full. With preempt, the loop
+   holds the same lock only while its machine picks pages from the dirty map, so that a page
+   goes out on one channel or the other, never both. */
 #include "qmig_answer.h"
 
 #include <errno.h>
@@ -210,11 +212,16 @@ static void settled(struct answer *a, int32_t index, uint64_t request_start, uin
 /* Main channel: wait for Python's turn to end; whether a record may go now (inside a RAM
    section, and within the cap's window, as QEMU checks the rate before its RAM loop runs).
    On 1 the caller holds the wire and gives it back with give_wire. */
-static int take_wire(struct answer *a)
+static void lock_wire(struct answer *a)
 {
     __atomic_add_fetch(&a->wanted, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_lock(&a->wire);
     __atomic_sub_fetch(&a->wanted, 1, __ATOMIC_SEQ_CST);
+}
+
+static int take_wire(struct answer *a)
+{
+    lock_wire(a);
     int spent = a->capped && (a->credit <= 0 || now_ns() >= a->window_end);
     if (a->open && !spent) return 1;
     pthread_cond_broadcast(&a->turn);
@@ -232,7 +239,9 @@ static void give_wire(struct answer *a)
 static int answer_request(struct answer *a, int32_t index, uint64_t start, uint64_t length,
                           uint64_t read_ns)
 {
-    if (a->main_channel && !take_wire(a)) {
+    if (!a->main_channel) {
+        lock_wire(a);  /* the dirty map: not while the loop's machine picks pages from it */
+    } else if (!take_wire(a)) {
         a->declined++;
         return 0;  /* no record may go now: the loop answers it, as the machine queues it */
     }
@@ -246,7 +255,7 @@ static int answer_request(struct answer *a, int32_t index, uint64_t start, uint6
         left |= rc == -1;
     }
     if (!wrote && !left && rc != -2) settled(a, index, start, read_ns);
-    if (a->main_channel) give_wire(a);
+    give_wire(a);
     return rc == -2 ? rc : 0;
 }
 

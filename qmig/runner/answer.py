@@ -171,15 +171,18 @@ class FastAnswer:
             raise TransportError("preempt", os.strerror(-rc))
 
     def hold(self) -> None:
-        """Main channel: the loop's turn to build and write stream bytes; the thread writes
-        nothing until :meth:`release` (if it is waiting to, it goes first)."""
+        """The loop's turn: on the main channel, to build and write stream bytes (the thread
+        writes nothing there until :meth:`release`); with preempt, to pick pages from the
+        dirty map (the thread answers nothing meanwhile). If the thread is waiting to, it
+        goes first."""
         if self._handle != ffi.NULL:
             lib.qmig_answer_hold(self._handle)
 
     def release(self, *, open_records: bool, credit: int | None, window_end: float) -> None:
-        """The end of the loop's turn. ``open_records``: the stream written so far ends inside
-        a RAM section's records. ``credit``: the cap's quota left in its window (None: no
-        cap), which ends at ``window_end`` (monotonic seconds)."""
+        """The end of the loop's turn. Main channel: ``open_records``, the stream written so
+        far ends inside a RAM section's records; ``credit``, the cap's quota left in its
+        window (None: no cap), which ends at ``window_end`` (monotonic seconds). The preempt
+        channel's thread heeds neither."""
         if self._handle == ffi.NULL:
             return
         lib.qmig_answer_release(

@@ -215,11 +215,12 @@ class SourceRunner:
                     # never waiting for the next window with the channel held: a request
                     # waits for one piece, not the whole burst.
                     pieces = self._fast is not None and self._fast.main
-                    data = source.data_to_send(
-                        min(budget, plan.postcopy_chunk)
-                        if pieces
-                        else max(plan.postcopy_chunk, budget)
-                    )
+                    with self._picking():
+                        data = source.data_to_send(
+                            min(budget, plan.postcopy_chunk)
+                            if pieces
+                            else max(plan.postcopy_chunk, budget)
+                        )
                     self._take_events()
                     self._send(data, capped=not pieces)
             if known > self._answered and source.pending_requests == 0:
@@ -227,7 +228,8 @@ class SourceRunner:
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
         # QEMU's completion does not wait for the cap either.
         with self._turn():
-            data = source.data_to_send(CHUNK)
+            with self._picking():
+                data = source.data_to_send(CHUNK)
             self._take_events()
             self._send(data, capped=False)
         self._send_urgent()  # the pre-7.2 variant's EOS
@@ -349,9 +351,8 @@ class SourceRunner:
         it reads the request; the cap does not hold them either)."""
         if self.source.preempt is None:
             return
-        if self._fast is not None:
-            self._apply_fast()
-        data = self.source.preempt_data()
+        with self._picking():
+            data = self.source.preempt_data()
         if not data:
             return
         if self._fast is not None:
@@ -457,6 +458,24 @@ class SourceRunner:
             fast.release(
                 open_records=open_records, credit=credit, window_end=self._window_at + CAP_WINDOW
             )
+
+    @contextlib.contextmanager
+    def _picking(self) -> Iterator[None]:
+        """With the preempt channel's thread: the machine picks pages from the dirty map
+        (and learns what the thread sent) with the thread held off, so that no page goes out
+        on both channels (QEMU clears a page's dirty bit under its bitmap lock, from either
+        thread). Held for the picking only: the main channel's write does not hold the
+        thread's answers back."""
+        fast = self._fast
+        if fast is None or fast.main:
+            yield
+            return
+        fast.hold()
+        try:
+            self._apply_fast()
+            yield
+        finally:
+            fast.release(open_records=False, credit=None, window_end=0.0)
 
     def _stop_fast_answer(self) -> None:
         """Join the thread; what it wrote is the machine's to know. The return path's bytes
