@@ -80,7 +80,7 @@ class SimulationConfig:
     multifd: int | None = None
     zero_page_detection: str | None = None
     fast_path: bool = True  # the destination's C receive thread after RUN (qmig.runner.fastpath)
-    fast_answer: bool = True  # the source's C answer thread, 8.0 preempt (qmig.runner.answer)
+    fast_answer: bool = True  # the source's C answer thread (qmig.runner.answer)
 
     def variant(self) -> PreemptVariant | None:
         """The preempt variant this run uses, or None without --preempt."""

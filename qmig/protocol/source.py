@@ -447,21 +447,43 @@ class Source:
         self._preempt_named = None
 
     def answered_elsewhere(
-        self, block: str, pages: Sequence[int], *, zeros: int, size: int
+        self, block: str, pages: Sequence[int], *, zeros: int, size: int, main: bool = False
     ) -> None:
-        """Requested target ``pages`` of ``block`` were written on the preempt channel outside
-        this machine (the runner's C answer thread, as QEMU's return-path thread writes them):
-        they are clean, counted as requested postcopy pages on the preempt channel, and are
-        not answered again; that channel's last block is ``block``."""
+        """Requested target ``pages`` of ``block`` were written outside this machine (the
+        runner's C answer thread): they are clean, counted as requested postcopy pages, and
+        are not answered again. On the preempt channel (QEMU 8.0's return-path thread writes
+        them there) that channel's last block is ``block``. On the main channel (``main``:
+        QEMU's migration thread sends queued requests before its next background page) they
+        went between this machine's records: its next record names its block, and the
+        background sweep goes on after them, as it does after a request it answers itself."""
         source_block = self.by_name[block]
         for page in pages:
             source_block.dirty[page] = 0
-        self._preempt_named = source_block
-        self.preempt_pages += len(pages)
+        if main:
+            self._named_block = None
+            per_host = source_block.page_size // self.target_page_size
+            last = max(pages)
+            self._cursor = (self.blocks.index(source_block), last - last % per_host + per_host)
+        else:
+            self._preempt_named = source_block
+            self.preempt_pages += len(pages)
         self.stats.postcopy_pages += len(pages)
         self.stats.postcopy_zero_pages += zeros
         self.stats.postcopy_bytes += size
         self.stats.requested_pages += len(pages)
+
+    @property
+    def records_may_follow(self) -> bool:
+        """Postcopy: the main-channel stream taken so far ends inside a RAM section's records,
+        where another writer's page records may go (not between sections, nor after the
+        end)."""
+        return self.state is SourceState.POSTCOPY and self._postcopy_section_open
+
+    @property
+    def return_path_between_messages(self) -> bool:
+        """Every return-path byte fed so far was read as whole messages: another reader may
+        take the return path over from the next byte."""
+        return self._rp.fed == self._rp.offset
 
     def requested_data(self) -> bytes:
         """Postcopy: the pages asked for on the return path and not yet in the stream, and

@@ -84,6 +84,9 @@ class ReplayPlan:
     multifd: int | None = None
     zero_page_detection: str | None = None
     uuid: bytes | None = None  # the destination's -uuid, in every channel's handshake
+    # Page requests answered by the source's C thread as it reads them (qmig.runner.answer);
+    # False: by the Python loop.
+    fast_answer: bool = True
 
 
 @dataclass
@@ -115,6 +118,8 @@ class ReplayResult:
             "requested_pages": stats.requested_pages,
             # Read from the return path → its page written into the socket.
             "request_to_sent_us": percentiles_us(report.served_ns),
+            # The source's C answer thread: target pages it wrote, requests it left to Python.
+            "fast_answer": report.fast_answer,
             "pongs": report.pongs,
             "recoveries": report.recoveries,
             "paused_ms": round(report.paused_s * 1000, 2),
@@ -210,6 +215,7 @@ def replay(
         send_buffer=plan.send_buffer,
         cuts=cuts,
         recover_timeout=plan.resume_timeout,
+        fast_answer=plan.fast_answer,
     )
 
     # A new main channel (the first, or one after a recovery), counted for the report.

@@ -122,6 +122,11 @@ class CountingConnection(ConnectionProxy):
         if count:
             self._recorder.count(self._receives, count)
 
+    def sent_elsewhere(self, count: int) -> None:
+        self._connection.sent_elsewhere(count)
+        if count:
+            self._recorder.count(self._sends, count)
+
     def send_some(self, data: Any) -> int:
         sent: int = self._connection.send_some(data)
         if sent:

@@ -1,9 +1,19 @@
-/* The source's answer to a page request, off the Python path (QEMU 8.0+ preempt variant,
-   where the return-path thread writes requested pages on the preempt channel as it reads the
-   request). A thread reads the return path, passes every byte on to Python through a pipe
-   (the machine still reads everything), and answers each well-formed REQ_PAGES(_ID) itself:
-   one writev per host page, header then page straight from guest RAM. Anything odd is left
-   to Python, which then fails or answers as the machine decides. */
+/* The source's answer to a page request, off the Python path. A thread reads the return path,
+   passes every byte on to Python through a pipe (the machine still reads everything), and
+   answers each well-formed REQ_PAGES(_ID) itself: one writev per host page, header then page
+   straight from guest RAM. Anything odd is left to Python, which then fails or answers as the
+   machine decides.
+
+   Two channels to answer on. The QEMU 8.0+ preempt variant: the preempt channel, as QEMU's
+   return-path thread writes requested pages there as it reads the request. Without preempt:
+   the main channel, which Python's loop writes the background pages to, as QEMU's migration
+   thread sends queued requests before its next background page. There the two writers take
+   turns by the wire lock: Python holds it from before it builds a piece of stream until that
+   piece is written (qmig_answer_hold/release), and says on release whether the stream ends
+   inside a RAM section's records (where a record may go) and what the cap's window has left;
+   the thread writes only then, naming each host page's block in full. With preempt, the loop
+   holds the same lock only while its machine picks pages from the dirty map, so that a page
+   goes out on one channel or the other, never both. */
 #include "qmig_answer.h"
 
 #include <errno.h>
@@ -32,8 +42,24 @@ struct answer {
     int32_t request_block;       /* the block the last REQ_PAGES_ID named; -1: none usable */
     uint8_t msg[RP_HEADER + 65536];
     size_t have;
-    int declined;                /* well-formed requests left to Python (queue full) */
+    int declined;                /* well-formed requests left to Python */
+    int main_channel;            /* answers go on rp_fd, between Python's writes */
+    pthread_mutex_t wire;        /* main channel: Python's writes and the thread's take turns */
+    pthread_cond_t turn;         /* Python waits here while the thread wants the wire */
+    int wanted;                  /* the thread waits for the wire (atomic) */
+    int open;                    /* the stream as written ends inside a RAM section's records */
+    int capped;                  /* a bandwidth cap holds the main channel */
+    int64_t credit;              /* the cap's quota left in its window (may go below 0) */
+    uint64_t window_end;         /* CLOCK_MONOTONIC ns: the window's end */
     uint8_t buf[READ_SIZE];
+};
+
+/* One host page's records, ready to write. */
+struct host_page {
+    uint8_t headers[MAX_PER_HOST][RAM_HEADER + 1 + 255];
+    struct iovec iov[2 * MAX_PER_HOST];
+    int n;
+    struct qmig_answer_entry e;
 };
 
 static uint64_t now_ns(void)
@@ -60,23 +86,25 @@ static int page_is_zero(const uint8_t *p, uint64_t size)
 }
 
 /* Wait until fd takes more bytes, or the thread is told to stop (-ECANCELED): a peer
-   that stopped reading must not keep qmig_answer_stop from joining. */
-static int wait_for_room(int fd, int stop_fd)
+   that stopped reading must not keep qmig_answer_stop from joining. timeout_ms < 0: none. */
+static int wait_for_room(int fd, int stop_fd, int timeout_ms)
 {
     struct pollfd p[2] = {{.fd = fd, .events = POLLOUT}, {.fd = stop_fd, .events = POLLIN}};
-    if (poll(p, 2, -1) < 0 && errno != EINTR) return -errno;
+    int ready = poll(p, 2, timeout_ms);
+    if (ready < 0 && errno != EINTR) return -errno;
+    if (ready == 0) return -ETIMEDOUT;
     return p[1].revents ? -ECANCELED : 0;
 }
 
 /* Write every byte of the iovecs, waiting for room (the socket may be non-blocking). */
-static int write_all(int fd, int stop_fd, struct iovec *iov, int n)
+static int write_all(int fd, int stop_fd, int timeout_ms, struct iovec *iov, int n)
 {
     while (n > 0) {
         ssize_t sent = writev(fd, iov, n);
         if (sent < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                int rc = wait_for_room(fd, stop_fd);
+                int rc = wait_for_room(fd, stop_fd, timeout_ms);
                 if (rc < 0) return rc;
                 continue;
             }
@@ -95,67 +123,140 @@ static int write_all(int fd, int stop_fd, struct iovec *iov, int n)
     return 0;
 }
 
-/* One host page of a request: its dirty target pages as preempt records, named as the
-   channel's last-block state requires. Returns -1 when it must be left to Python. */
-static int answer_host_page(struct answer *a, int32_t index, uint64_t request_start,
-                            uint64_t first, uint64_t read_ns)
+/* The records of one host page's dirty target pages, the first named unless it continues
+   the channel's last block; their dirty bytes cleared, so that no later request sends them. */
+static void build_host_page(struct answer *a, int32_t index, uint64_t first, struct host_page *h)
 {
     const struct qmig_answer_block *b = &a->blocks[index];
     const uint64_t tps = a->cfg.target_page_size;
     const uint64_t per_host = b->host_page_size / tps;
     static const uint8_t zero_byte = 0;
-    uint8_t headers[MAX_PER_HOST][RAM_HEADER + 1 + 255];
-    struct iovec iov[2 * MAX_PER_HOST];
-    int n = 0;
-    uint64_t mask = 0, zeros = 0, bytes = 0;
-    uint32_t pages = 0;
+    int named = a->last_block != index;
+    h->n = 0;
+    h->e = (struct qmig_answer_entry){.block = (uint32_t)index, .first = first};
+    for (uint64_t i = 0; i < per_host && first + i < b->pages; i++) {
+        uint64_t page = first + i;
+        if (!b->dirty[page]) continue;
+        const uint8_t *src = b->ram + page * tps;
+        int zero = page_is_zero(src, tps);
+        uint8_t *header = h->headers[h->e.pages];
+        uint64_t flags = zero ? a->cfg.flag_zero : a->cfg.flag_page;
+        put_be64(header, page * tps | flags | (named ? 0 : a->cfg.flag_continue));
+        size_t head = RAM_HEADER;
+        if (named) {
+            header[head++] = (uint8_t)b->name_len;
+            memcpy(header + head, b->name, b->name_len);
+            head += b->name_len;
+            named = 0;
+        }
+        h->iov[h->n++] = (struct iovec){.iov_base = header, .iov_len = head};
+        h->iov[h->n++] = zero ? (struct iovec){.iov_base = (void *)&zero_byte, .iov_len = 1}
+                              : (struct iovec){.iov_base = (void *)src, .iov_len = tps};
+        h->e.bytes += head + (zero ? 1 : tps);
+        h->e.zeros += (uint64_t)zero;
+        h->e.mask |= 1ull << i;
+        h->e.pages++;
+        b->dirty[page] = 0;
+    }
+}
 
+/* One host page of a request, written and queued for Python. Returns 1 when it wrote, 0
+   when nothing was dirty, -1 when it must be left to Python, -2 when the channel broke (or
+   stalled): the thread stops answering. */
+static int answer_host_page(struct answer *a, int32_t index, uint64_t request_start,
+                            uint64_t first, uint64_t read_ns)
+{
+    struct host_page h;
     pthread_mutex_lock(&a->lock);
     if (a->used == QUEUE) {
         a->declined++;
         pthread_mutex_unlock(&a->lock);
         return -1;
     }
-    int named = a->last_block != index;
-    for (uint64_t i = 0; i < per_host && first + i < b->pages; i++) {
-        uint64_t page = first + i;
-        if (!b->dirty[page]) continue;
-        const uint8_t *src = b->ram + page * tps;
-        int zero = page_is_zero(src, tps);
-        uint64_t flags = zero ? a->cfg.flag_zero : a->cfg.flag_page;
-        if (!named) flags |= a->cfg.flag_continue;
-        put_be64(headers[pages], page * tps | flags);
-        size_t head = RAM_HEADER;
-        if (named) {
-            headers[pages][head++] = (uint8_t)b->name_len;
-            memcpy(headers[pages] + head, b->name, b->name_len);
-            head += b->name_len;
-            named = 0;
-        }
-        iov[n++] = (struct iovec){.iov_base = headers[pages], .iov_len = head};
-        iov[n++] = zero ? (struct iovec){.iov_base = (void *)&zero_byte, .iov_len = 1}
-                        : (struct iovec){.iov_base = (void *)src, .iov_len = tps};
-        bytes += head + (zero ? 1 : tps);
-        zeros += zero;
-        mask |= 1ull << i;
-        pages++;
-    }
-    if (pages) {
-        if (write_all(a->cfg.preempt_fd, a->stop_fd, iov, n) < 0) {
+    if (a->main_channel) a->last_block = -1;  /* Python's records may have named any block */
+    build_host_page(a, index, first, &h);
+    if (h.e.pages) {
+        int fd = a->main_channel ? a->cfg.rp_fd : a->cfg.preempt_fd;
+        int timeout = a->main_channel && a->cfg.stall_ms > 0 ? a->cfg.stall_ms : -1;
+        if (write_all(fd, a->stop_fd, timeout, h.iov, h.n) < 0) {
             pthread_mutex_unlock(&a->lock);
-            return -2;  /* the preempt channel broke: the thread stops answering */
+            return -2;
         }
         a->last_block = index;
-        struct qmig_answer_entry *e = &a->queue[(a->head + a->used) % QUEUE];
-        *e = (struct qmig_answer_entry){
-            .block = (uint32_t)index, .pages = pages, .request_start = request_start,
-            .first = first, .mask = mask, .bytes = bytes, .zeros = zeros,
+        h.e.request_start = request_start;
+        h.e.read_ns = read_ns;
+        h.e.sent_ns = now_ns();
+        a->queue[(a->head + a->used) % QUEUE] = h.e;
+        a->used++;
+        if (a->capped) a->credit -= (int64_t)h.e.bytes;
+    }
+    pthread_mutex_unlock(&a->lock);
+    return h.e.pages ? 1 : 0;
+}
+
+/* A request whose pages had all gone out already: nothing to write, but Python learns when
+   it was read and settled, for its timings (an entry of no pages). */
+static void settled(struct answer *a, int32_t index, uint64_t request_start, uint64_t read_ns)
+{
+    pthread_mutex_lock(&a->lock);
+    if (a->used < QUEUE) {
+        a->queue[(a->head + a->used) % QUEUE] = (struct qmig_answer_entry){
+            .block = (uint32_t)index, .request_start = request_start,
             .read_ns = read_ns, .sent_ns = now_ns(),
         };
         a->used++;
     }
     pthread_mutex_unlock(&a->lock);
+}
+
+/* Main channel: wait for Python's turn to end; whether a record may go now (inside a RAM
+   section, and within the cap's window, as QEMU checks the rate before its RAM loop runs).
+   On 1 the caller holds the wire and gives it back with give_wire. */
+static void lock_wire(struct answer *a)
+{
+    __atomic_add_fetch(&a->wanted, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&a->wire);
+    __atomic_sub_fetch(&a->wanted, 1, __ATOMIC_SEQ_CST);
+}
+
+static int take_wire(struct answer *a)
+{
+    lock_wire(a);
+    int spent = a->capped && (a->credit <= 0 || now_ns() >= a->window_end);
+    if (a->open && !spent) return 1;
+    pthread_cond_broadcast(&a->turn);
+    pthread_mutex_unlock(&a->wire);
     return 0;
+}
+
+static void give_wire(struct answer *a)
+{
+    pthread_cond_broadcast(&a->turn);
+    pthread_mutex_unlock(&a->wire);
+}
+
+/* Every host page of a well-formed request. Returns -2 when the channel broke. */
+static int answer_request(struct answer *a, int32_t index, uint64_t start, uint64_t length,
+                          uint64_t read_ns)
+{
+    if (!a->main_channel) {
+        lock_wire(a);  /* the dirty map: not while the loop's machine picks pages from it */
+    } else if (!take_wire(a)) {
+        a->declined++;
+        return 0;  /* no record may go now: the loop answers it, as the machine queues it */
+    }
+    const struct qmig_answer_block *b = &a->blocks[index];
+    uint64_t tps = a->cfg.target_page_size, per_host = b->host_page_size / tps;
+    int rc = 0, wrote = 0, left = 0;
+    for (uint64_t page = start / tps; page < (start + length) / tps && rc != -2;
+         page += per_host) {
+        rc = answer_host_page(a, index, start, page, read_ns);
+        wrote |= rc == 1;
+        left |= rc == -1;
+    }
+    if (!wrote && !left && rc != -2) settled(a, index, start, read_ns);
+    give_wire(a);
+    return rc == -2 ? rc : 0;
 }
 
 static int32_t find_block(const struct answer *a, const uint8_t *name, uint32_t len)
@@ -194,12 +295,7 @@ static int on_message(struct answer *a, uint16_t type, const uint8_t *body, uint
     if (length == 0 || start % align || length % align || start % b->host_page_size ||
         start > b->used_length || length > b->used_length - start)
         return 0;  /* the machine's to refuse */
-    uint64_t tps = a->cfg.target_page_size, per_host = b->host_page_size / tps;
-    for (uint64_t page = start / tps; page < (start + length) / tps; page += per_host) {
-        int rc = answer_host_page(a, index, start, page, read_ns);
-        if (rc == -2) return rc;
-    }
-    return 0;
+    return answer_request(a, index, start, length, read_ns);
 }
 
 static int feed(struct answer *a, const uint8_t *data, size_t len, uint64_t read_ns)
@@ -227,7 +323,7 @@ static int feed(struct answer *a, const uint8_t *data, size_t len, uint64_t read
 static int pass_on(int fd, int stop_fd, const uint8_t *data, size_t len)
 {
     struct iovec iov = {.iov_base = (void *)data, .iov_len = len};
-    return write_all(fd, stop_fd, &iov, 1);
+    return write_all(fd, stop_fd, -1, &iov, 1);
 }
 
 static void *run(void *arg)
@@ -253,44 +349,56 @@ static void *run(void *arg)
     return NULL;
 }
 
+static int blocks_fit(const struct qmig_answer_config *config,
+                      const struct qmig_answer_block *blocks, uint32_t count)
+{
+    uint64_t tps = config->target_page_size;
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t per_host = tps ? blocks[i].host_page_size / tps : 0;
+        if (!tps || blocks[i].host_page_size % tps || per_host > MAX_PER_HOST || per_host == 0)
+            return 0;
+    }
+    return 1;
+}
+
+static void release_answer(struct answer *a)
+{
+    pthread_cond_destroy(&a->turn);
+    pthread_mutex_destroy(&a->wire);
+    pthread_mutex_destroy(&a->lock);
+    free(a->blocks);
+    free(a);
+}
+
 void *qmig_answer_start(const struct qmig_answer_config *config,
                         const struct qmig_answer_block *blocks, uint32_t count, int *error)
 {
+    if (!blocks_fit(config, blocks, count)) {
+        *error = EINVAL;
+        return NULL;
+    }
     struct answer *a = calloc(1, sizeof *a);
-    if (!a) {
+    if (a) a->blocks = calloc(count ? count : 1, sizeof *blocks);
+    if (!a || !a->blocks) {
+        free(a);
         *error = ENOMEM;
         return NULL;
     }
     a->cfg = *config;
-    a->blocks = calloc(count ? count : 1, sizeof *blocks);
-    if (!a->blocks) {
-        free(a);
-        *error = ENOMEM;
-        return NULL;
-    }
-    for (uint32_t i = 0; i < count; i++) {
-        uint64_t tps = config->target_page_size;
-        if (!tps || blocks[i].host_page_size % tps || blocks[i].host_page_size / tps > MAX_PER_HOST
-            || blocks[i].host_page_size / tps == 0) {
-            free(a->blocks);
-            free(a);
-            *error = EINVAL;
-            return NULL;
-        }
-        a->blocks[i] = blocks[i];
-    }
+    memcpy(a->blocks, blocks, count * sizeof *blocks);
     a->count = count;
     a->last_block = config->last_block;
     a->request_block = -1;
     a->parsing = 1;
+    a->main_channel = config->preempt_fd < 0;
     pthread_mutex_init(&a->lock, NULL);
+    pthread_mutex_init(&a->wire, NULL);
+    pthread_cond_init(&a->turn, NULL);
     a->stop_fd = eventfd(0, EFD_CLOEXEC);
     if (a->stop_fd < 0 || (*error = pthread_create(&a->thread, NULL, run, a)) != 0) {
         if (a->stop_fd < 0) *error = errno;
         else close(a->stop_fd);
-        pthread_mutex_destroy(&a->lock);
-        free(a->blocks);
-        free(a);
+        release_answer(a);
         return NULL;
     }
     *error = 0;
@@ -316,7 +424,7 @@ int qmig_answer_write(void *answer, const uint8_t *data, size_t len, int32_t las
     struct answer *a = answer;
     struct iovec iov = {.iov_base = (void *)data, .iov_len = len};
     pthread_mutex_lock(&a->lock);
-    int rc = write_all(a->cfg.preempt_fd, a->stop_fd, &iov, 1);
+    int rc = write_all(a->cfg.preempt_fd, a->stop_fd, -1, &iov, 1);
     if (rc == 0) a->last_block = last_block;
     pthread_mutex_unlock(&a->lock);
     return rc;
@@ -345,7 +453,26 @@ void qmig_answer_free(void *answer)
 {
     struct answer *a = answer;
     close(a->stop_fd);
-    pthread_mutex_destroy(&a->lock);
-    free(a->blocks);
-    free(a);
+    release_answer(a);
+}
+
+/* Python's turn on the main channel: once the thread, if it wants the wire, has had it. */
+void qmig_answer_hold(void *answer)
+{
+    struct answer *a = answer;
+    pthread_mutex_lock(&a->wire);
+    while (__atomic_load_n(&a->wanted, __ATOMIC_SEQ_CST) > 0)
+        pthread_cond_wait(&a->turn, &a->wire);
+}
+
+/* The end of Python's turn: whether its stream now ends inside a RAM section's records, the
+   cap's quota left in the window (< 0: no cap) and when the window ends. */
+void qmig_answer_release(void *answer, int32_t open, int64_t credit, uint64_t window_end_ns)
+{
+    struct answer *a = answer;
+    a->open = open;
+    a->capped = credit >= 0;
+    a->credit = credit;
+    a->window_end = window_end_ns;
+    pthread_mutex_unlock(&a->wire);
 }

@@ -1,4 +1,4 @@
-"""The source's answer to a page request from C (postcopy-preempt, QEMU 8.0+ variant).
+"""The source's answer to a page request from C.
 
 QEMU 8.0's source writes a requested page on the preempt channel from the thread that reads
 the return path, as it reads the request. :class:`FastAnswer` does the same from a C thread
@@ -6,13 +6,22 @@ the return path, as it reads the request. :class:`FastAnswer` does the same from
 the page's records (header and page straight from guest RAM, one writev), and passes every
 byte it read on through a pipe, so that the source machine still reads all of it (PONG,
 SHUT, RECV_BITMAP, the requests themselves). What it wrote it queues; :meth:`apply` tells the
-machine (clean pages, preempt counts, the channel's last block) before the machine reads the
+machine (clean pages, counts, the channel's last block) before the machine reads the
 requests, so the machine finds them answered and does not answer them again.
+
+Without preempt the thread answers on the main channel (``preempt`` None), as QEMU's
+migration thread sends queued requests before its next background page (QEMU 7.1+: the
+return-path thread queues the request and wakes it). The runner's loop writes the background
+stream there too, so the two take turns (:meth:`hold`, :meth:`release`): the loop holds the
+channel from before it builds a piece of stream until that piece is written, and the thread
+writes only between pieces, when the stream ends inside a RAM section's records and the cap's
+window has quota left (QEMU checks the rate before its RAM loop runs, requested pages or not);
+otherwise it leaves the request to the machine, which the loop answers first in its next
+piece.
 
 Anything the thread finds odd (an unknown block, a misaligned or overrunning range, a
 malformed message) it leaves to the machine, which refuses it as it always has. Only while
-the preempt channel is the one the thread was given: a pause stops it, and the recovered
-migration is Python's (see the runner).
+the channels are the ones the thread was given: a pause stops it (see the runner).
 """
 
 from __future__ import annotations
@@ -34,21 +43,33 @@ PIPE_SIZE = 1 << 20
 
 @dataclass(frozen=True)
 class Answered:
-    """One host page the thread wrote: for the runner's timings."""
+    """One host page the thread wrote, or a request it found nothing to write for: for the
+    runner's timings."""
 
     block: str
     request_start: int
     read_ns: int
     sent_ns: int
+    bytes: int
 
 
 class FastAnswer:
-    def __init__(self, source: Source, return_path: Connection, preempt: Connection) -> None:
+    def __init__(
+        self,
+        source: Source,
+        return_path: Connection,
+        preempt: Connection | None,
+        *,
+        stall_timeout: float = 0.0,
+    ) -> None:
+        """``preempt`` None: answer on the main channel (``return_path``'s socket), where a
+        write that waits ``stall_timeout`` seconds for room fails (0: never)."""
         schema = source.schema
         flags = schema.profile.ram_flags
         messages = schema.profile.rp_messages
         self._source = source
         self._return_path = return_path
+        self.main = preempt is None
         self._names = [block.idstr for block in source.blocks]
         self._index = {name: index for index, name in enumerate(self._names)}
         read_fd, write_fd = os.pipe()
@@ -59,10 +80,11 @@ class FastAnswer:
             fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         config: Any = ffi.new("struct qmig_answer_config *")
         config.rp_fd = return_path.fileno()
-        config.preempt_fd = preempt.fileno()
+        config.preempt_fd = -1 if preempt is None else preempt.fileno()
         config.pipe_fd = write_fd
-        last = source.preempt_block
+        last = None if preempt is None else source.preempt_block
         config.last_block = -1 if last is None else self._index[last]
+        config.stall_ms = int(stall_timeout * 1000)
         config.req_pages = messages["REQ_PAGES"]
         config.req_pages_id = messages["REQ_PAGES_ID"]
         config.rp_max_length = schema.profile.rp_max_length
@@ -92,7 +114,7 @@ class FastAnswer:
         if self._handle == ffi.NULL:
             os.close(read_fd)
             os.close(write_fd)
-            raise OSError(error[0], "starting the preempt answer thread")
+            raise OSError(error[0], "starting the answer thread")
         self._entries: Any = ffi.new("struct qmig_answer_entry[]", DRAIN)
         self.declined = 0  # well-formed requests the thread left to the machine
         self.pages = 0
@@ -121,13 +143,19 @@ class FastAnswer:
                 name = self._names[entry.block]
                 mask, first = int(entry.mask), int(entry.first)
                 pages = [first + bit for bit in range(mask.bit_length()) if mask >> bit & 1]
-                self._source.answered_elsewhere(
-                    name, pages, zeros=int(entry.zeros), size=int(entry.bytes)
-                )
+                size = int(entry.bytes)
+                if pages:  # none: the request's pages had all gone out already
+                    self._source.answered_elsewhere(
+                        name, pages, zeros=int(entry.zeros), size=size, main=self.main
+                    )
+                if self.main:
+                    self._return_path.sent_elsewhere(size)  # the stream's byte counts
                 self.pages += len(pages)
-                self.bytes += int(entry.bytes)
+                self.bytes += size
                 done.append(
-                    Answered(name, int(entry.request_start), int(entry.read_ns), int(entry.sent_ns))
+                    Answered(
+                        name, int(entry.request_start), int(entry.read_ns), int(entry.sent_ns), size
+                    )
                 )
         return done
 
@@ -141,6 +169,28 @@ class FastAnswer:
         rc = lib.qmig_answer_write(self._handle, data, len(data), index)
         if rc < 0:
             raise TransportError("preempt", os.strerror(-rc))
+
+    def hold(self) -> None:
+        """The loop's turn: on the main channel, to build and write stream bytes (the thread
+        writes nothing there until :meth:`release`); with preempt, to pick pages from the
+        dirty map (the thread answers nothing meanwhile). If the thread is waiting to, it
+        goes first."""
+        if self._handle != ffi.NULL:
+            lib.qmig_answer_hold(self._handle)
+
+    def release(self, *, open_records: bool, credit: int | None, window_end: float) -> None:
+        """The end of the loop's turn. Main channel: ``open_records``, the stream written so
+        far ends inside a RAM section's records; ``credit``, the cap's quota left in its
+        window (None: no cap), which ends at ``window_end`` (monotonic seconds). The preempt
+        channel's thread heeds neither."""
+        if self._handle == ffi.NULL:
+            return
+        lib.qmig_answer_release(
+            self._handle,
+            int(open_records),
+            -1 if credit is None else max(0, credit),
+            int(window_end * 1e9),
+        )
 
     def stop(self) -> list[Answered]:
         """Join the thread (it writes nothing more) and tell the machine what it wrote last;

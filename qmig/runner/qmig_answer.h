@@ -1,4 +1,5 @@
-/* qmig.runner._answer: the source's postcopy-preempt answer thread (QEMU 8.0+ variant).
+/* qmig.runner._answer: the source's answer thread, on the preempt channel (QEMU 8.0+ variant)
+   or on the main channel (no preempt: QEMU's migration thread sends queued requests first).
 
    The declarations that the C file and Python share. _answer_build.py gives this file to
    cffi's cdef without its '#' lines, so everything else here must be a plain C declaration.
@@ -14,7 +15,8 @@
    and keeps it alive (and the dirty map the same object) until qmig_answer_stop returns. */
 struct qmig_answer_block {
     const uint8_t *ram;        /* the block's guest memory */
-    const uint8_t *dirty;      /* the source's dirty map, one byte per target page; read only */
+    uint8_t *dirty;            /* the source's dirty map, one byte per target page: the thread
+                                  clears what it writes, so a page goes out once */
     uint64_t pages;            /* bytes in the dirty map */
     uint64_t used_length;
     uint64_t host_page_size;   /* the block's page size: a request is answered in these */
@@ -24,7 +26,9 @@ struct qmig_answer_block {
 
 struct qmig_answer_config {
     int32_t rp_fd;             /* the return path (the main channel's socket), read here */
-    int32_t preempt_fd;        /* the preempt channel, written here */
+    int32_t preempt_fd;        /* the preempt channel, written here; -1: the main channel
+                                  (rp_fd) is, between the records Python writes (see
+                                  qmig_answer_hold) */
     int32_t pipe_fd;           /* every byte read from rp_fd goes on here, for Python */
     int32_t last_block;        /* the preempt channel's last named block; -1: none yet */
     uint32_t req_pages;        /* return-path message numbers */
@@ -35,6 +39,7 @@ struct qmig_answer_config {
     uint64_t flag_zero;
     uint64_t flag_page;
     uint64_t flag_continue;
+    int32_t stall_ms;          /* main channel: a write that waits this long fails; 0: never */
 };
 
 /* One host page answered: what the source machine must learn. */
@@ -55,6 +60,8 @@ void *qmig_answer_start(const struct qmig_answer_config *config,
 size_t qmig_answer_drain(void *answer, struct qmig_answer_entry *out, size_t max);
 int qmig_answer_write(void *answer, const uint8_t *data, size_t len, int32_t last_block);
 int32_t qmig_answer_last_block(void *answer);
+void qmig_answer_hold(void *answer);
+void qmig_answer_release(void *answer, int32_t open, int64_t credit, uint64_t window_end_ns);
 int qmig_answer_stop(void *answer, int *declined);
 void qmig_answer_free(void *answer);
 

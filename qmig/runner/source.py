@@ -14,6 +14,12 @@ request is read, so they do not wait; QEMU 7.2's migration thread sends them, so
 read once the window's quota is spent waits for the next window, and goes first in it (their
 bytes count on the preempt channel's own QEMUFile, never against the main channel's quota).
 
+Requests are answered from C as they are read (``SourcePlan.fast_answer``, see
+:mod:`qmig.runner.answer`): on the 8.0 preempt variant's channel, or, without preempt, on the
+main channel between the pieces of stream this loop writes (each piece is built and written
+holding the channel, :meth:`SourceRunner._turn`), where a RAM record may go and the window has
+quota left; what the thread cannot answer at once is this loop's, first in its next piece.
+
 A requested page waits behind every byte already queued towards the destination: the
 unsent rest of the current chunk, the source's socket send buffer and the destination's
 receive buffer. Linux autotunes both buffers to megabytes on loopback, which at the
@@ -32,10 +38,11 @@ the return path while it waits), so the stream's bytes stay in the machine's ord
 
 from __future__ import annotations
 
+import contextlib
 import select
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +52,7 @@ from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.runner.answer import Answered, FastAnswer
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
+from qmig.runner.misbehave_source import MisbehavingSourceConnection
 from qmig.runner.multifd_send import MultifdSender
 from qmig.runner.pauses import Pause
 from qmig.runner.source_ram import Dirtier
@@ -82,7 +90,8 @@ class SourceReport:
     preempt_bytes: int = 0
     pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
     multifd_bytes: list[int] = field(default_factory=list)  # per multifd channel
-    # The C answer thread (8.0 preempt): target pages it wrote, requests it left to Python.
+    # The C answer thread (8.0 preempt, or the main channel without preempt): target pages
+    # it wrote, well-formed requests it left to Python, and how often it was started.
     fast_answer: dict[str, int] = field(default_factory=dict)
 
 
@@ -98,8 +107,9 @@ class SourcePlan:
     postcopy_chunk: int = POSTCOPY_CHUNK
     cuts: CutPlan | None = None  # break the channel on purpose (fault injection)
     recover_timeout: float = RECOVER_TIMEOUT
-    # The 8.0 preempt variant: requests answered by a C thread as they are read (see
-    # qmig.runner.answer) until the first pause; False: by this loop.
+    # Requests answered by a C thread as they are read (see qmig.runner.answer): the 8.0
+    # preempt variant's until the first pause; without preempt, on the main channel, again
+    # after each recovery. False: by this loop.
     fast_answer: bool = False
 
 
@@ -200,24 +210,38 @@ class SourceRunner:
             # window's quota is spent; within a window requested pages go first, and past it.
             left = self._wait_for_credit()
             self._send_urgent()  # held ones first, before the window's burst is made
-            requested = source.requested_data()
-            if requested:
-                self._send(requested, capped=False)
-            else:
-                # Capped, what the window has left goes as one burst, as QEMU's loop sends
-                # it within a millisecond or two (chunk by chunk it would spread over the
-                # window, and serve requests that QEMU holds to the next one).
-                budget = plan.postcopy_chunk if plan.bandwidth is None else left
-                data = source.data_to_send(max(plan.postcopy_chunk, budget))
-                self._take_events()
-                self._send(data)
+            with self._turn():
+                requested = source.requested_data()
+                if requested:
+                    self._send(requested, capped=False)
+                else:
+                    # Capped, what the window has left goes as one burst, as QEMU's loop sends
+                    # it within a millisecond or two (chunk by chunk it would spread over the
+                    # window, and serve requests that QEMU holds to the next one).
+                    budget = plan.postcopy_chunk if plan.bandwidth is None else left
+                    # With the C thread answering between pieces, the burst goes as pieces of
+                    # at most a chunk back to back, each within what the window has left
+                    # (QEMU checks the rate per page, and sends the page that crosses it),
+                    # never waiting for the next window with the channel held: a request
+                    # waits for one piece, not the whole burst.
+                    pieces = self._fast is not None and self._fast.main
+                    with self._picking():
+                        data = source.data_to_send(
+                            min(budget, plan.postcopy_chunk)
+                            if pieces
+                            else max(plan.postcopy_chunk, budget)
+                        )
+                    self._take_events()
+                    self._send(data, capped=not pieces)
             if known > self._answered and source.pending_requests == 0:
                 self._served(known)
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
         # QEMU's completion does not wait for the cap either.
-        data = source.data_to_send(CHUNK)
-        self._take_events()
-        self._send(data, capped=False)
+        with self._turn():
+            with self._picking():
+                data = source.data_to_send(CHUNK)
+            self._take_events()
+            self._send(data, capped=False)
         self._send_urgent()  # the pre-7.2 variant's EOS
         # Every page is in the socket now: requests that came with the last of the stream,
         # or come after it, are answered by it.
@@ -275,6 +299,8 @@ class SourceRunner:
         self.report.paused_s += pause.resumed_at - broke
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
+        if source.preempt is None:
+            self._start_fast_answer()  # the main channel's thread: on the new channel
 
     def _handshake(self, deadline: float) -> None:
         """RECV_BITMAPs out, bitmaps in, POSTCOPY_RESUME out, RESUME_ACK in."""
@@ -336,9 +362,8 @@ class SourceRunner:
         the window's quota is spent (:meth:`_urgent_held`)."""
         if self.source.preempt is None or self._urgent_held():
             return
-        if self._fast is not None:
-            self._apply_fast()
-        data = self.source.preempt_data()
+        with self._picking():
+            data = self.source.preempt_data()
         if not data:
             return
         if self._fast is not None:
@@ -394,19 +419,87 @@ class SourceRunner:
         self._send(self.source.data_to_send(0), capped=False)
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
-        if preempt is not None and not preempt.opened_at_setup and self.plan.fast_answer:
+        if preempt is None or not preempt.opened_at_setup:
             self._start_fast_answer()
 
-    # --- the C answer thread (the 8.0 preempt variant) -------------------------------------
+    # --- the C answer thread (the 8.0 preempt variant, or the main channel) ------------------
 
     def _start_fast_answer(self) -> None:
-        channel = self.channels.get(PREEMPT)
-        if channel is None or self.connection.unread_prefix:
+        """The thread answers from now on, if the plan says so and it can take the return
+        path over from the next byte."""
+        connection = self.connection
+        if (
+            not self.plan.fast_answer
+            or self._fast is not None
+            or connection.unread_prefix
+            or not self.source.return_path_between_messages
+        ):
             return
-        self._fast = FastAnswer(self.source, self.connection, channel)
+        if self.source.preempt is None:
+            # The thread writes the socket itself: not through a connection that changes
+            # what it sends on purpose, nor to a file.
+            if isinstance(connection, MisbehavingSourceConnection) or connection.socket is None:
+                return
+            self._fast = FastAnswer(self.source, connection, None, stall_timeout=STALL_TIMEOUT)
+            self._count_fast_start()
+            return
+        channel = self.channels.get(PREEMPT)
+        if channel is None:
+            return
+        self._fast = FastAnswer(self.source, connection, channel)
+        self._count_fast_start()
         # While the thread writes on the channel, the machine's own preempt records name
         # their block: the channel's last block may be one the thread named since.
         self.source.forget_preempt_block()
+
+    def _count_fast_start(self) -> None:
+        totals = self.report.fast_answer
+        totals["started"] = totals.get("started", 0) + 1  # once, and again per recovery
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Build and write a piece of main-channel stream with the channel held: the C thread
+        answering there (no preempt) writes only between pieces. What it wrote so far the
+        machine learns first, so that its records follow on right (its next one names its
+        block) and do not send a page again."""
+        if self._fast is not None and self._fast.main:
+            # Room in the socket first: held while it waits for room, the channel would keep
+            # the thread's answer waiting behind a backlog it need not wait for.
+            self._await_room()
+        fast = self._fast  # the thread may have stopped meanwhile (the return path ended)
+        if fast is None or not fast.main:
+            yield
+            return
+        fast.hold()
+        open_records = False
+        try:
+            self._apply_fast()
+            yield
+            open_records = self.source.records_may_follow
+        finally:
+            cap = self.plan.bandwidth
+            credit = None if cap is None else int(cap * CAP_WINDOW) - self._window_used
+            fast.release(
+                open_records=open_records, credit=credit, window_end=self._window_at + CAP_WINDOW
+            )
+
+    @contextlib.contextmanager
+    def _picking(self) -> Iterator[None]:
+        """With the preempt channel's thread: the machine picks pages from the dirty map
+        (and learns what the thread sent) with the thread held off, so that no page goes out
+        on both channels (QEMU clears a page's dirty bit under its bitmap lock, from either
+        thread). Held for the picking only: the main channel's write does not hold the
+        thread's answers back."""
+        fast = self._fast
+        if fast is None or fast.main:
+            yield
+            return
+        fast.hold()
+        try:
+            self._apply_fast()
+            yield
+        finally:
+            fast.release(open_records=False, credit=None, window_end=0.0)
 
     def _stop_fast_answer(self) -> None:
         """Join the thread; what it wrote is the machine's to know. The return path's bytes
@@ -416,21 +509,25 @@ class SourceRunner:
         if fast is None:
             return
         self._fast = None
-        self._note_fast(fast.stop())
-        self.report.preempt_bytes += fast.bytes
+        self._note_fast(fast.stop(), main=fast.main)
+        if not fast.main:
+            self.report.preempt_bytes += fast.bytes
         totals = self.report.fast_answer
         totals["pages"] = totals.get("pages", 0) + fast.pages
         totals["declined"] = totals.get("declined", 0) + fast.declined
 
     def _apply_fast(self) -> None:
         assert self._fast is not None
-        self._note_fast(self._fast.apply())
+        self._note_fast(self._fast.apply(), main=self._fast.main)
 
-    def _note_fast(self, answered: list[Answered]) -> None:
+    def _note_fast(self, answered: list[Answered], *, main: bool) -> None:
         if not answered:
             return
-        self.source.forget_preempt_block()
+        if not main:
+            self.source.forget_preempt_block()
         for page in answered:
+            if main and page.sent_ns / 1e9 >= self._window_at:
+                self._window_used += page.bytes  # the cap's window counts them, as QEMU's
             waiting = self._fast_times.setdefault((page.block, page.request_start), deque())
             if waiting and waiting[-1][0] == page.read_ns:  # another host page of a request
                 waiting[-1][1] = page.sent_ns
@@ -509,6 +606,23 @@ class SourceRunner:
                 self._read_return_path()
             if writable and (sent := connection.send_some(piece)):
                 return sent
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    connection.name,
+                    f"the destination took no data for {STALL_TIMEOUT:.0f} s during "
+                    f"{self._label()}",
+                )
+
+    def _await_room(self) -> None:
+        """Until the socket takes more bytes, reading the return path meanwhile."""
+        connection = self.connection
+        deadline = time.monotonic() + STALL_TIMEOUT
+        while True:
+            readable, writable, _ = select.select([self._return_path()], [connection], [], 1.0)
+            if readable:
+                self._read_return_path()
+            if writable:
+                return
             if time.monotonic() > deadline:
                 raise TransportError(
                     connection.name,

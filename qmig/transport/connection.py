@@ -110,6 +110,13 @@ class Connection:
         if self.meter is not None and count:
             self.meter.got(count)
 
+    def sent_elsewhere(self, count: int) -> None:
+        """``count`` bytes were written to this connection's socket by other code (the
+        source's C answer thread writes requested pages there itself): the limits count them
+        as if sent here."""
+        if self.meter is not None and count:
+            self.meter.put(count)
+
     def _recv_bounded(self, buffer: memoryview | bytearray, meter: Meter) -> int:
         """recv_into, looking at every limit at least every WAIT_SLICE while it waits.
 

@@ -147,14 +147,18 @@ def test_the_thread_writes_what_the_machine_would(messages: tuple[object, ...]) 
 
 
 def test_a_page_already_sent_is_not_answered() -> None:
-    """The thread reads the machine's dirty map: a page the sweep sent is not sent again."""
+    """The thread reads the machine's dirty map: a page the sweep sent is not sent again (the
+    request is settled: the runner learns when, for its timings)."""
     source = postcopy_source()
     source.blocks[0].dirty[40] = 0
+    before = vars(source.stats).copy()
     thread = Thread(source)
     try:
         thread.peer.sendall(requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram")))
         thread.passed_on(len(requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))))
-        assert thread.fast.apply() == []
+        answered = thread.fast.apply()
+        assert [(page.request_start, page.bytes) for page in answered] == [(40 * PAGE, 0)]
+        assert vars(source.stats) == before
         ready, _, _ = select.select([thread.preempt], [], [], 0.2)
         assert not ready
     finally:

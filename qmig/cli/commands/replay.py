@@ -60,6 +60,13 @@ def register(subparsers: Any) -> None:
     )
     add_bandwidth(parser)
     add_preempt(parser)
+    parser.add_argument(
+        "--no-fast-answer",
+        action="store_true",
+        help="answer page requests from the source's Python loop instead of the C thread "
+        "that reads the return path (default: the C thread, on the main channel, or on the "
+        "preempt channel with the 8.0 preempt variant)",
+    )
     add_multifd_source(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
@@ -133,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             multifd=args.multifd,
             zero_page_detection=args.zero_page_detection,
             uuid=args.uuid,
+            fast_answer=not args.no_fast_answer,
         )
         misbehaviour = source_misbehaviour(args, choice.version)
         progress = None if args.json else _Progress()

@@ -117,8 +117,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--no-fast-answer",
         action="store_true",
-        help="with the 8.0 preempt variant, answer page requests from the source's Python "
-        "loop instead of the C thread that reads the return path (default: the C thread)",
+        help="answer page requests from the source's Python loop instead of the C thread "
+        "that reads the return path (default: the C thread, on the main channel, or on the "
+        "preempt channel with the 8.0 preempt variant)",
     )
     add_bandwidth(parser)
     recovery = parser.add_argument_group("postcopy recovery")

@@ -1,0 +1,291 @@
+"""The source's C answer thread on the main channel (no preempt) against the source machine's
+own answer: for the same requests, the same pages, each once, with the same contents; the
+machine learns what the thread wrote (clean pages, counts), answers none of it again, and its
+next record names its block; the thread writes only on the loop's release, inside a RAM
+section's records and within the cap's window, and leaves everything else (and every odd
+request, with the machine's error) to the machine."""
+
+from __future__ import annotations
+
+import random
+import select
+import socket
+import time
+
+import pytest
+
+from qmig.errors import QmigError
+from qmig.protocol.source import RAM_SECTION_ID, Source, SourceBlock
+from qmig.protocol.states import SourceState
+from qmig.runner.answer import FastAnswer
+from qmig.transport import Connection
+from qmig.wire import messages as m
+from qmig.wire.profiles import load_profile
+from qmig.wire.reader import NEED_DATA
+from qmig.wire.schema import schema_for
+
+PAGE = 4096
+WAIT = 30.0  # seconds: generous, the machine may be loaded
+QUIET = 0.3  # seconds a channel must stay silent to count as "nothing written"
+FLAGS = load_profile("7.2").ram_flags
+
+
+def postcopy_source(seed: int = 5) -> Source:
+    """A 7.2 source in postcopy whose first postcopy piece is taken: the stream ends inside
+    a RAM section's records."""
+    rng = random.Random(seed)
+    ram = {
+        "pc.ram": bytearray(rng.randbytes(64 * PAGE)),
+        "vga.vram": bytearray(rng.randbytes(8 * PAGE)),
+        "big": bytearray(rng.randbytes(16 * PAGE)),  # host pages of four target pages
+    }
+    ram["pc.ram"][7 * PAGE : 9 * PAGE] = bytes(2 * PAGE)  # zero pages go as ZERO records
+    blocks = [SourceBlock(name, len(data), data) for name, data in ram.items() if name != "big"]
+    blocks.append(SourceBlock("big", len(ram["big"]), ram["big"], page_size=4 * PAGE))
+    source = Source(blocks, version="7.2", pages_per_section=8)
+    source.start()
+    source.data_to_send(8 * PAGE)
+    source.start_postcopy()
+    source.data_to_send(0)
+    source.data_to_send(2 * PAGE)  # pc.ram's first pages, in an open section
+    drain(source)
+    assert source.state is SourceState.POSTCOPY and source.records_may_follow
+    # Part of a host page already sent: only the rest of it answers a request.
+    source.by_name["big"].dirty[5] = source.by_name["big"].dirty[6] = 0
+    return source
+
+
+def drain(source: Source) -> None:
+    while source.next_event() is not NEED_DATA:
+        pass
+
+
+def requests(*messages: object) -> bytes:
+    schema = schema_for("7.2")
+    return b"".join(schema.build_rp(message) for message in messages)  # type: ignore[arg-type]
+
+
+def page_records(data: bytes, last: str | None = None) -> list[tuple[str, int, bytes]]:
+    """(block, target page, contents) of each page record in ``data``, which holds page
+    records only; a CONTINUE record continues ``last`` or the record before it."""
+    out: list[tuple[str, int, bytes]] = []
+    at = 0
+    while at < len(data):
+        header = int.from_bytes(data[at : at + 8], "big")
+        at += 8
+        flags = header & (PAGE - 1)
+        if not flags & FLAGS["CONTINUE"]:
+            size = data[at]
+            last = data[at + 1 : at + 1 + size].decode()
+            at += 1 + size
+        assert last is not None, "CONTINUE with no block before it"
+        if flags & FLAGS["ZERO"]:
+            contents, at = bytes(PAGE) if data[at] == 0 else b"?", at + 1
+        else:
+            assert flags & FLAGS["PAGE"], f"flags {flags:#x}"
+            contents, at = data[at : at + PAGE], at + PAGE
+        out.append((last, header // PAGE, contents))
+    return out
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        ready, _, _ = select.select([sock], [], [], WAIT)
+        assert ready, f"{len(out)} of {size} bytes within {WAIT} s"
+        chunk = sock.recv(size - len(out))
+        assert chunk
+        out += chunk
+    return bytes(out)
+
+
+def silent(sock: socket.socket) -> bool:
+    ready, _, _ = select.select([sock], [], [], QUIET)
+    return not ready
+
+
+class Thread:
+    """A main-channel FastAnswer over a socket pair: ``peer`` is the destination's end."""
+
+    def __init__(self, source: Source) -> None:
+        self.main, self.peer = socket.socketpair()
+        self.fast = FastAnswer(source, Connection("main", self.main), None, stall_timeout=WAIT)
+        self.source = source
+
+    def open(self, *, credit: int | None = None, records: bool = True) -> None:
+        """The loop's turn ends: the stream ends inside a section's records (``records``)."""
+        self.fast.hold()
+        self.fast.release(open_records=records, credit=credit, window_end=time.monotonic() + 60)
+
+    def passed_on(self, size: int) -> bytes:
+        out = bytearray()
+        buffer = bytearray(4096)
+        while len(out) < size:
+            ready, _, _ = select.select([self.fast], [], [], WAIT)
+            assert ready
+            count = self.fast.read_into(buffer)
+            assert count
+            out += buffer[:count]
+        return bytes(out)
+
+    def close(self) -> None:
+        self.fast.stop()
+        self.main.close()
+        self.peer.close()
+
+
+def python_answer(return_path: bytes) -> tuple[Source, bytes]:
+    """The machine's own answer: its page records (without the section's end, should the
+    pages fill it)."""
+    source = postcopy_source()
+    source.receive_data(return_path)
+    drain(source)
+    data = source.requested_data()
+    schema = schema_for("7.2")
+    close = schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
+    return source, data.removesuffix(close)
+
+
+REQUESTS = [
+    (m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"),),
+    (
+        m.ReqPagesId(3 * PAGE, PAGE, "vga.vram"),
+        m.ReqPagesId(5 * PAGE, 3 * PAGE, "pc.ram"),
+        m.ReqPages(7 * PAGE, 2 * PAGE),
+        m.ReqPagesId(6 * PAGE, PAGE, "vga.vram"),
+        m.ReqPages(0, PAGE),
+        m.ReqPagesId(0, PAGE, "pc.ram"),  # sent already: nothing
+    ),
+    (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram")),
+    # the same page twice: once on the wire
+    (m.ReqPagesId(20 * PAGE, PAGE, "pc.ram"), m.ReqPagesId(20 * PAGE, PAGE, "pc.ram")),
+]
+
+
+@pytest.mark.parametrize("messages", REQUESTS)
+def test_the_thread_sends_the_pages_the_machine_would(messages: tuple[object, ...]) -> None:
+    return_path = requests(*messages)
+    expected_source, expected = python_answer(return_path)
+    wanted = page_records(expected, last="pc.ram")  # the open section's block so far
+    assert wanted
+    source = postcopy_source()
+    thread = Thread(source)
+    try:
+        thread.open()
+        thread.peer.sendall(return_path)
+        size = sum(8 + (PAGE if data.strip(b"\0") else 1) for _, _, data in wanted)
+        # Every host page names its block: the bytes are the names' longer.
+        names = {(block, page // 4 if block == "big" else page) for block, page, _ in wanted}
+        size += sum(1 + len(block) for block, _ in names)
+        written = recv_exactly(thread.peer, size)
+        assert silent(thread.peer)  # each page once
+        assert page_records(written) == wanted
+        passed = thread.passed_on(len(return_path))
+        assert passed == return_path  # the machine reads every byte
+        assert thread.fast.apply()
+        source.receive_data(passed)
+        drain(source)
+        assert source.requested_data() == b""  # answered already: not again
+    finally:
+        thread.close()
+    got, want = vars(source.stats), vars(expected_source.stats)
+    # The same counts; the bytes are the thread's own (its records name their blocks).
+    assert got.pop("postcopy_bytes") - want.pop("postcopy_bytes") == len(written) - len(expected)
+    assert got == want
+    assert source.preempt_pages == 0
+    for block, other in zip(source.blocks, expected_source.blocks, strict=True):
+        assert block.dirty == other.dirty
+    # The thread named blocks in between: the machine's next record names its own.
+    following = source.data_to_send(PAGE)
+    assert following and not int.from_bytes(following[:8], "big") & FLAGS["CONTINUE"]
+
+
+@pytest.mark.parametrize(
+    ("records", "credit"),
+    [(False, None), (True, 0)],
+    ids=["between sections", "window spent"],
+)
+def test_where_no_record_may_go_the_machine_answers(records: bool, credit: int | None) -> None:
+    """Between sections (or after the end), or with the cap's quota spent, the thread writes
+    nothing and the request stays the machine's, which the loop answers in its next piece."""
+    return_path = requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))
+    source = postcopy_source()
+    thread = Thread(source)
+    try:
+        thread.open(records=records, credit=credit)
+        thread.peer.sendall(return_path)
+        passed = thread.passed_on(len(return_path))
+        assert silent(thread.peer)
+        assert thread.fast.apply() == []
+        source.receive_data(passed)
+        drain(source)
+        answer = page_records(source.requested_data(), last="pc.ram")
+        assert [page for _, page, _ in answer] == [40]
+    finally:
+        thread.close()
+    assert thread.fast.declined == 1  # counted as the thread stops
+
+
+def test_the_thread_waits_for_the_loops_turn_to_end() -> None:
+    """While the loop holds the channel the thread writes nothing; on release it does."""
+    return_path = requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))
+    source = postcopy_source()
+    thread = Thread(source)
+    try:
+        thread.fast.hold()
+        thread.peer.sendall(return_path)
+        assert silent(thread.peer)
+        thread.fast.release(open_records=True, credit=None, window_end=0.0)
+        written = recv_exactly(thread.peer, 8 + 1 + len("pc.ram") + PAGE)
+        assert [page for _, page, _ in page_records(written)] == [40]
+        thread.passed_on(len(return_path))
+    finally:
+        thread.close()
+
+
+def test_the_window_counts_what_the_thread_sent() -> None:
+    """With quota for one page left, the first request goes out and spends it (past it, as
+    QEMU's loop goes on while requests are queued); the next waits for the loop."""
+    first = requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))
+    second = requests(m.ReqPagesId(41 * PAGE, PAGE, "pc.ram"))
+    source = postcopy_source()
+    thread = Thread(source)
+    try:
+        thread.open(credit=100)
+        thread.peer.sendall(first)
+        recv_exactly(thread.peer, 8 + 1 + len("pc.ram") + PAGE)
+        thread.passed_on(len(first))
+        thread.peer.sendall(second)
+        thread.passed_on(len(second))
+        assert silent(thread.peer)
+    finally:
+        thread.close()
+    assert thread.fast.declined == 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        m.ReqPagesId(0, PAGE, "nvram"),  # no such block
+        m.ReqPagesId(100, PAGE, "pc.ram"),  # misaligned
+        m.ReqPagesId(63 * PAGE, 2 * PAGE, "pc.ram"),  # past the block's end
+        m.ReqPagesId(0, 0, "pc.ram"),  # empty
+    ],
+)
+def test_an_odd_request_is_left_to_the_machine(message: object) -> None:
+    return_path = requests(message)
+    with pytest.raises(QmigError) as expected:
+        python_answer(return_path)
+    source = postcopy_source()
+    thread = Thread(source)
+    try:
+        thread.open()
+        thread.peer.sendall(return_path)
+        passed = thread.passed_on(len(return_path))
+        assert thread.fast.apply() == []
+        with pytest.raises(QmigError) as got:
+            source.receive_data(passed)
+        assert str(got.value) == str(expected.value)
+        assert silent(thread.peer)  # nothing written
+    finally:
+        thread.close()

@@ -1,0 +1,50 @@
+"""``qmig replay`` into real QEMU 7.2 and 10.0 destinations in postcopy without preempt, the
+requested pages written on the main channel by the source's C answer thread (and, for the
+comparison, by the Python loop with ``--no-fast-answer``): the migration completes, the
+destination's guest runs on and the counter oracle accepts its memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "qemu"))
+from test_recovery_replay import destination
+from test_replay_real import POSTCOPY, TIMEOUT, MachineFactory, check_guest_runs_on, qmig
+
+VERSIONS = [pytest.param(None, "7.2", id="7.2"), pytest.param("10.0", "10.0", id="10.0")]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("version", "wire"), VERSIONS)
+@pytest.mark.parametrize("fast", [True, False], ids=["c-thread", "python-loop"])
+def test_requested_pages_on_the_main_channel_into_real_qemu(
+    machines: MachineFactory, tmp_path: Path, version: str | None, wire: str, fast: bool
+) -> None:
+    capture, _, spec = POSTCOPY
+    dest, uri = destination(machines, version)
+    # Capped, so that the destination's guest outruns the stream and asks for pages.
+    args = ["--json", "--bandwidth", "32", "--postcopy-after", "0"]
+    if not fast:
+        args.append("--no-fast-answer")
+    done = subprocess.run(
+        qmig("replay", str(capture), "--to", uri, "--qemu-version", wire, *args),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    info = check_guest_runs_on(dest, spec, tmp_path)
+    assert info["status"] == "completed"
+    assert summary["mode"] == "postcopy" and summary["preempt"] is None
+    assert summary["requests"] > 0, "the destination's guest asked for pages"
+    assert summary["request_to_sent_us"]["count"] == summary["requests"]
+    if fast:
+        assert 0 < summary["fast_answer"]["pages"] <= summary["requested_pages"]
+    else:
+        assert summary["fast_answer"] == {}
