@@ -334,12 +334,14 @@ class DestinationRunner:
         while True:
             with self._machine_lock:
                 event = self.dest.next_event()
-                data = self.dest.data_to_send()
-            if broken is None:
-                try:
-                    self._send_return_path(data)
-                except TransportError as error:
-                    broken = error
+                data = self._take_return_path()
+            try:
+                if broken is None:
+                    self._send_taken(data)
+            except TransportError as error:
+                broken = error
+            finally:
+                self._release_taken(data)
             if isinstance(event, ev.RangesDiscarded):
                 discards.append(event)
                 continue
@@ -372,6 +374,28 @@ class DestinationRunner:
         if data:
             with self._send_lock:
                 self.connection.sendall(data)
+
+    # Two threads take return-path bytes from the machine: the fault thread (its requests)
+    # and the main loop (PONGs, and at a RESUME every pending request, the first naming its
+    # block). They must leave in the order the machine queued them, or a REQ_PAGES can reach
+    # the source before the REQ_PAGES_ID that names its block. So the bytes are taken with the
+    # send lock acquired before the machine is released (the lock order is machine, then send;
+    # nothing takes the machine while holding the send lock).
+
+    def _take_return_path(self) -> bytes:
+        """With the machine lock held: the queued bytes, the send lock held if there are any."""
+        data = self.dest.data_to_send()
+        if data:
+            self._send_lock.acquire()
+        return data
+
+    def _send_taken(self, data: bytes, connection: Connection | None = None) -> None:
+        if data:
+            (connection or self.connection).sendall(data)
+
+    def _release_taken(self, data: bytes) -> None:
+        if data:
+            self._send_lock.release()
 
     # --- decisions ------------------------------------------------------------------------
 
@@ -826,22 +850,26 @@ class DestinationRunner:
             if self.dest.state is DestinationState.FAILED:  # the loop failed meanwhile
                 return
             asked = self.dest.page_fault(request.block, request.offset)
-            data = self.dest.data_to_send()
+            data = self._take_return_path()
+            # The channel these bytes were made for: a pause may replace it before they go,
+            # and a REQ_PAGES that relies on the old channel's last block must not open the
+            # new one (the machine asks again there, naming the block, after the resume).
+            connection = self.connection
             sent = [0]
             if asked is not None:  # registered before sending: the answer may come at once
                 self._awaiting[(asked.block, asked.start)] = sent
-        if data:
-            with self._send_lock:
-                # Stamped before the send: the answer may be placed before this thread runs
-                # again (the page was already on its way).
-                sent[0] = time.monotonic_ns()
-                try:
-                    self.connection.sendall(data)
-                except (TransportError, ValueError):
-                    # The channel broke (or the main loop, pausing, closed it already: a
-                    # closed socket's descriptor is -1): the request stays pending in the
-                    # machine and is sent again after the resume.
-                    return
+        try:
+            # Stamped before the send: the answer may be placed before this thread runs
+            # again (the page was already on its way).
+            sent[0] = time.monotonic_ns()
+            self._send_taken(data, connection)
+        except (TransportError, ValueError):
+            # The channel broke (or the main loop, pausing, closed it already: a closed
+            # socket's descriptor is -1): the request stays pending in the machine and is
+            # sent again after the resume.
+            return
+        finally:
+            self._release_taken(data)
         if asked is not None:
             self.report.requests += 1
             self.report.request_sent_ns.append(time.monotonic_ns() - request.fault_ns)
