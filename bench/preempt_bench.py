@@ -28,6 +28,9 @@ Figures:
   answered it seen (on either channel), p50/p99, from ``qmig inspect``; plus the
   destination's ``postcopy-blocktime``.
 * QEMU → qmig: ``qmig receive``'s fault → placed p50/p99.
+* qmig → QEMU: the QEMU pair's capture replayed by ``qmig replay`` (same cap, same
+  preempt setting) into a fresh QEMU 10.0 destination, through the same relay: the relay's
+  request → answer, the measure of the QEMU → QEMU row with qmig's source in QEMU's place.
 
 Nothing is asserted: the figures are printed. On a shared host they are noisy; run twice.
 """
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,8 +88,21 @@ def _postcopy(source: Machine, uri: str, bandwidth: int, preempt: bool) -> dict[
     return source.wait_migration(timeout=TIMEOUT)
 
 
+def _spec(ram_mib: int) -> GuestSpec:
+    return GuestSpec(end=min(ram_mib // 2, 64) * MIB)
+
+
+def _relayed(report: dict[str, Any]) -> dict[str, Any]:
+    latency = report["request_latency_us"]
+    return {
+        "requests": latency["count"],
+        "request_to_answer_us": {"p50": latency["p50"], "p99": latency["p99"]},
+        "answered_on_preempt": (report.get("preempt") or {}).get("answered_requests", 0),
+    }
+
+
 def qemu_pair(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dict[str, Any]:
-    spec = GuestSpec(end=min(ram_mib // 2, 64) * MIB)
+    spec = _spec(ram_mib)
     out = workdir / "capture"
     capabilities = {"postcopy_ram": True, "postcopy_preempt": preempt, "postcopy_blocktime": True}
     with (
@@ -97,18 +114,38 @@ def qemu_pair(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dic
     ):  # fmt: skip
         _postcopy(source, incoming.uri, bandwidth, preempt)
         info = incoming.destination.wait_migration(timeout=TIMEOUT)
-    report = inspect_json(out, TIMEOUT)
-    latency = report["request_latency_us"]
     return {
-        "requests": latency["count"],
-        "request_to_answer_us": {"p50": latency["p50"], "p99": latency["p99"]},
-        "answered_on_preempt": (report.get("preempt") or {}).get("answered_requests", 0),
+        **_relayed(inspect_json(out, TIMEOUT)),
         "postcopy_blocktime_ms": info.get("postcopy-blocktime"),
     }
 
 
+def qmig_replay_into_qemu(
+    ram_mib: int, bandwidth: int, preempt: bool, workdir: Path
+) -> dict[str, Any]:
+    """The QEMU pair's capture (``workdir/capture``) replayed into a fresh QEMU 10.0."""
+    out = workdir / "replayed"
+    capabilities = {"postcopy_ram": True, "postcopy_preempt": preempt, "postcopy_blocktime": True}
+    with qemu_destination(
+        ram_mib, workdir, TIMEOUT, name="replayed", spec=_spec(ram_mib),
+        capabilities=capabilities, capture=out, relay={"preempt": preempt},
+    ) as incoming:  # fmt: skip
+        replay = subprocess.run(
+            [
+                sys.executable, "-m", "qmig", "replay", str(workdir / "capture"),
+                "--connect", incoming.uri, "--bandwidth", str(bandwidth), "--json",
+                *(["--preempt"] if preempt else []),
+            ],
+            capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        if replay.returncode:
+            raise SystemExit(f"qmig replay failed: {replay.stderr.strip()}")
+        incoming.destination.wait_migration(timeout=TIMEOUT)
+    return _relayed(inspect_json(out, TIMEOUT))
+
+
 def qemu_into_qmig(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dict[str, Any]:
-    spec = GuestSpec(end=min(ram_mib // 2, 64) * MIB)
+    spec = _spec(ram_mib)
 
     def migrate(uri: str) -> None:
         with machine("source", ram_mib, spec, workdir) as source:
@@ -139,6 +176,9 @@ def main() -> int:
                 results.setdefault("qemu_to_qemu", {})[key] = qemu_pair(
                     args.ram, args.bandwidth, preempt, Path(work)
                 )
+                results.setdefault("qmig_replay_to_qemu", {})[key] = qmig_replay_into_qemu(
+                    args.ram, args.bandwidth, preempt, Path(work)
+                )
             with tempfile.TemporaryDirectory() as work:
                 results.setdefault("qemu_to_qmig_receive", {})[key] = qemu_into_qmig(
                     args.ram, args.bandwidth, preempt, Path(work)
@@ -147,7 +187,7 @@ def main() -> int:
         json.dump(results, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        for pair in ("qmig_to_qmig", "qemu_to_qemu", "qemu_to_qmig_receive"):
+        for pair in ("qmig_to_qmig", "qemu_to_qemu", "qmig_replay_to_qemu", "qemu_to_qmig_receive"):
             for key, figures in results.get(pair, {}).items():
                 print(f"{pair:<22} {key:<11} {json.dumps(figures)}")
     return 0
