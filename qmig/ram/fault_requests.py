@@ -24,6 +24,7 @@ from qmig.wire import messages as m
 from qmig.wire.page_requests import PageRequests
 
 LOG_ENTRIES = 1 << 16  # faults the C may log before Python drains them
+DRAIN = 1 << 10  # entries taken per C call
 SEND_TIMEOUT_MS = 60_000  # a return path with no room for this long counts as broken
 _MARKER = 0x0123456789ABCDEF  # a start whose bytes show where the field lies
 
@@ -71,6 +72,7 @@ class FaultRequests:
         self.index = {block.idstr: index for index, block in enumerate(self.blocks)}
         templates = bytearray()
         layout: list[int] = []
+        self._sizes: dict[str, tuple[int, int]] = {}
         for block in self.blocks:
             for message in (
                 m.ReqPagesId(_MARKER, block.page_size, block.idstr),
@@ -81,6 +83,7 @@ class FaultRequests:
                     raise UffdCallError("page request template", 0, f"{len(data)} bytes")
                 layout += [len(templates), len(data), at]
                 templates += data
+            self._sizes[block.idstr] = (layout[-5], layout[-2])  # with the name, without
         self._templates = ffi.new("uint8_t[]", bytes(templates) or b"\0")
         self._layout = ffi.new("uint32_t[]", layout or [0])
         self._requested = [
@@ -99,7 +102,7 @@ class FaultRequests:
             raise UffdCallError("qmig_freq_new", 12, os.strerror(12))
         self.ctx = ffi.gc(ctx, lib.qmig_freq_free)
         self.lock = ReturnPathLock(self.ctx)
-        self._drained = ffi.new("struct qmig_freq_entry[]", LOG_ENTRIES)
+        self._drained = ffi.new("struct qmig_freq_entry[]", DRAIN)
         self._entry_size = ffi.sizeof("struct qmig_freq_entry")
 
     def enable(self, sock: int, last_block: str | None) -> None:
@@ -116,6 +119,10 @@ class FaultRequests:
         -2 the log is full (drain it first)."""
         return int(lib.qmig_freq_send(self.ctx, self.index[block], host_offset, read_ns))
 
+    def size(self, block: str, with_id: bool) -> int:
+        """The bytes of a request for ``block``, with its name or without."""
+        return self._sizes[block][0 if with_id else 1]
+
     def format(self, block: str, host_offset: int) -> bytes:
         """The request's bytes as the C would send it now (and its last block moves on)."""
         out = ffi.new("uint8_t[]", lib.QMIG_FREQ_MAX)
@@ -128,12 +135,12 @@ class FaultRequests:
         tid, block, kind, with_id)."""
         out = []
         while True:
-            count = lib.qmig_freq_drain(self.ctx, self._drained, LOG_ENTRIES)
+            count = lib.qmig_freq_drain(self.ctx, self._drained, DRAIN)
             for index in range(count):
                 e = self._drained[index]
                 out.append(
                     (e.read_ns, e.sent_ns, e.done_ns, e.address, e.host_offset, e.tid,
                      e.block, e.kind, e.with_id)
                 )  # fmt: skip
-            if count < LOG_ENTRIES:
+            if count < DRAIN:
                 return out

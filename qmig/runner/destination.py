@@ -929,6 +929,8 @@ class DestinationRunner:
                 )
             if not sent.sent_ns:
                 continue
+            # Written to the socket by the C: the limits count them as if sent here.
+            self.connection.sent_elsewhere(self._c_requests.size(sent.block, sent.with_id))
             key = (sent.block, sent.host_offset)
             self._awaiting[key] = [sent.sent_ns]
             self.report.requests += 1
