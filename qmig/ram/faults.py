@@ -281,11 +281,9 @@ class FaultThread:
         assert self.c_requests is not None
         ctx = self.c_requests.ctx
         quit_flag = ffi.new("int *")
-        count = 0
         while True:
-            count = lib.qmig_freq_run(
-                ctx, self.uffd.fd, self._quit_fd, self.spin_ns, count, quit_flag
-            )
+            # Back here only for what needs Python: a held or stray fault, a full log, quit.
+            count = lib.qmig_freq_run(ctx, self.uffd.fd, self._quit_fd, self.spin_ns, quit_flag)
             if count < 0:
                 self.error = UffdCallError("read", -count, os.strerror(-count))
                 return

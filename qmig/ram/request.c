@@ -185,29 +185,49 @@ static void handle_fault(struct qmig_freq *ctx, const struct qmig_fault *f)
     }
 }
 
-/* Read one batch of faults (spinning spin_ns after a busy spell, else waiting for the uffd or
-   quitfd) and handle each. Returns the faults read, 0 when the log has no room for a batch
-   (drain it) or quitfd is readable (*quit set), -errno on a failed read. */
-int qmig_freq_run(struct qmig_freq *ctx, int uffd, int quitfd, uint64_t spin_ns, int busy,
-                  int *quit)
+static int log_has_room(struct qmig_freq *ctx)
 {
-    struct qmig_fault faults[QMIG_FAULT_BATCH];
-    *quit = 0;
     pthread_mutex_lock(&ctx->lock);
     int room = ctx->log_cap - ctx->log_count >= QMIG_FAULT_BATCH;
     pthread_mutex_unlock(&ctx->lock);
-    if (!room)
-        return 0;
-    int got = busy && spin_ns ? qmig_fault_spin(uffd, spin_ns, faults, QMIG_FAULT_BATCH) : 0;
-    if (got == 0)
-        got = qmig_fault_wait(uffd, quitfd, -1, faults, QMIG_FAULT_BATCH, quit);
-    if (got <= 0)
-        return got;
+    return room;
+}
+
+/* Handle a batch under the lock; 1 if one of its faults needs Python (held, or stray). */
+static int handle_batch(struct qmig_freq *ctx, const struct qmig_fault *faults, int got)
+{
+    int python = 0;
     pthread_mutex_lock(&ctx->lock);
-    for (int k = 0; k < got; k++)
+    for (int k = 0; k < got; k++) {
         handle_fault(ctx, &faults[k]);
+        uint32_t kind = ctx->log[ctx->log_count - 1].kind;
+        python |= kind == QMIG_FREQ_HELD || kind == QMIG_FREQ_STRAY;
+    }
     pthread_mutex_unlock(&ctx->lock);
-    return got;
+    return python;
+}
+
+/* Read faults in batches (spinning spin_ns after a busy spell, else waiting for the uffd or
+   quitfd) and handle each, without returning while the C can do it all: returns the faults
+   read once one needs Python (held, or stray), the log has no room for a batch (drain it),
+   or quitfd is readable (*quit set); -errno on a failed read. */
+int qmig_freq_run(struct qmig_freq *ctx, int uffd, int quitfd, uint64_t spin_ns, int *quit)
+{
+    struct qmig_fault faults[QMIG_FAULT_BATCH];
+    int got = 0, total = 0;
+    *quit = 0;
+    while (log_has_room(ctx)) {
+        got = got > 0 && spin_ns ? qmig_fault_spin(uffd, spin_ns, faults, QMIG_FAULT_BATCH) : 0;
+        if (got == 0)
+            got = qmig_fault_wait(uffd, quitfd, -1, faults, QMIG_FAULT_BATCH, quit);
+        if (got < 0)
+            return got;
+        total += got;
+        int python = got > 0 && handle_batch(ctx, faults, got);
+        if (python || *quit)
+            return total;
+    }
+    return total;
 }
 
 /* Python's own request for a fault the loop held (sending was off then): sent the C way if
