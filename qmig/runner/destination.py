@@ -4,7 +4,10 @@ The main thread reads the stream, feeds the machine and applies its decisions to
 :class:`~qmig.ram.session.RamSession`: map the blocks when MEM_SIZE announces them, discard
 ranges, place pages with userfaultfd, start the guest workload at RUN. The fault thread turns
 faults into page requests through the same machine, under a lock, and sends them on the
-return path at once. Nothing here reads guest memory before every page is in place.
+return path at once; once the guest runs here (and with the fast path), the fault thread
+writes them from C itself, and the machine is told of each before its page counts
+(:mod:`qmig.ram.fault_requests`). Nothing here reads guest memory before every page is in
+place.
 """
 
 from __future__ import annotations
@@ -850,6 +853,11 @@ class DestinationRunner:
                 return
             if requests is not None:
                 self._take_requests()  # the machine's last block is the C's from here
+                tracker = self.dest.blocks.get(request.block)
+                if tracker is not None and (
+                    request.offset in tracker.requested or tracker.host_page_present(request.offset)
+                ):
+                    return  # what the machine would ask nothing for
                 while (
                     done := requests.send(request.block, request.offset, request.fault_ns)
                 ) == -2:

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qmig.protocol.destination import BlockTracker, Destination
-from qmig.ram.blocks import BlockSpec
+from qmig.ram.blocks import BlockSpec, RamBlock
 from qmig.ram.fault_requests import SEND, FaultRequests
 from qmig.ram.faults import FaultThread, PageRequest
 from qmig.ram.session import RamSession
@@ -277,3 +277,35 @@ def _serve(ram: RamSession, sock: socket.socket, asked: list[tuple[str, int]]) -
             assert isinstance(message, m.ReqPages | m.ReqPagesId) and last is not None
             asked.append((last, message.start))
             ram.block(last).receive_zero(message.start, message.length)
+
+
+def test_a_stray_fault_is_reported_and_asks_nothing() -> None:
+    """A fault on a registered area that is no block: reported with its address, as on
+    the Python path, and nothing goes on the return path."""
+    with RamSession(SPECS) as ram:
+        assert ram.uffd is not None
+        outsider = RamBlock("outsider", 1 << 20)
+        outsider.attach(ram.uffd)
+        dest = machine("10.0", ram)
+        requests = FaultRequests(list(ram.blocks), PageRequests(dest.reader.schema))
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        reported: list[int] = []
+        faults = ram.start_faults(on_stray=lambda stray: reported.append(stray.address),
+                                  requests=requests)  # fmt: skip
+        requests.enable(ours.fileno(), None)
+        ram.vcpus.start(outsider, Workload(touches=1), 2 * PAGE, PAGE)
+        deadline = time.monotonic() + WAIT
+        while not reported and time.monotonic() < deadline:
+            time.sleep(0.002)
+        ram.vcpus.abort()
+        outsider.detach()
+        stats = faults.stats()
+        ram.close()
+        outsider.close()
+        with pytest.raises(BlockingIOError):
+            theirs.recv(1)
+        ours.close()
+        theirs.close()
+    assert reported == [outsider.host_address + 2 * PAGE]
+    assert (stats.stray_faults, stats.requests, faults.take_sent()) == (1, 0, [])
