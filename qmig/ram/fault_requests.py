@@ -20,6 +20,7 @@ from types import TracebackType
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.blocks import RamBlock
 from qmig.ram.errors import UffdCallError
+from qmig.sparse import zeroed
 from qmig.wire import messages as m
 from qmig.wire.page_requests import PageRequests
 
@@ -86,10 +87,12 @@ class FaultRequests:
             self._sizes[block.idstr] = (layout[-5], layout[-2])  # with the name, without
         self._templates = ffi.new("uint8_t[]", bytes(templates) or b"\0")
         self._layout = ffi.new("uint32_t[]", layout or [0])
+        # A byte per host page, resident only where a fault has set one (qmig.sparse).
         self._requested = [
-            ffi.new("uint8_t[]", -(-block.used_length // block.page_size)) for block in self.blocks
+            zeroed(-(-block.used_length // block.page_size)) for block in self.blocks
         ]
-        self._requested_ptrs = ffi.new("uint8_t *[]", self._requested or [ffi.NULL])
+        self._requested_c = [ffi.from_buffer(r) for r in self._requested]  # kept: the C's
+        self._requested_ptrs = ffi.new("uint8_t *[]", self._requested_c or [ffi.NULL])
         self._c_blocks = ffi.new(
             "struct qmig_block *[]", [block.c_block for block in self.blocks] or [ffi.NULL]
         )
