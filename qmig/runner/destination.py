@@ -1004,6 +1004,7 @@ class DestinationRunner:
                     file.write(block.read(offset, min(step, used - offset)))
 
     def _abandon(self) -> None:
+        self._fault_requests_off()  # no request after the SHUT
         with self._machine_lock:
             data = self.dest.fail("error")
         if data:
