@@ -235,7 +235,7 @@ struct qmig_freq_entry {
 
 /* What became of a fault: a request sent, none as sending was off (Python asks), the send
    failed, already asked for, already in place, in no block; or (SEND) a request Python had
-   sent for a fault logged as HELD. */
+   sent for a fault logged as HELD (sent_ns 0: its send failed). */
 enum {
     QMIG_FREQ_SENT = 0, QMIG_FREQ_HELD = 1, QMIG_FREQ_FAILED = 2, QMIG_FREQ_REPEAT = 3,
     QMIG_FREQ_LATE = 4, QMIG_FREQ_STRAY = 5, QMIG_FREQ_SEND = 6

@@ -231,8 +231,9 @@ int qmig_freq_run(struct qmig_freq *ctx, int uffd, int quitfd, uint64_t spin_ns,
 }
 
 /* Python's own request for a fault the loop held (sending was off then): sent the C way if
-   sending is on now, logged as a QMIG_FREQ_SEND entry. Returns 1 sent, 0 off, -1 the send
-   failed (sending is off now), -2 no room in the log (drain it and call again). */
+   sending is on now, logged as a QMIG_FREQ_SEND entry (sent_ns 0 when the send failed).
+   Returns 1 sent, 0 off, -1 the send failed (sending is off now), -2 no room in the log
+   (drain it and call again). */
 int qmig_freq_send(struct qmig_freq *ctx, int32_t block, uint64_t host_offset, uint64_t read_ns)
 {
     int ret = 0;
@@ -248,7 +249,7 @@ int qmig_freq_send(struct qmig_freq *ctx, int32_t block, uint64_t host_offset, u
         e->kind = QMIG_FREQ_SENT;
         send_request(ctx, block, host_offset, e);
         ret = e->kind == QMIG_FREQ_SENT ? 1 : -1;
-        e->kind = e->kind == QMIG_FREQ_SENT ? QMIG_FREQ_SEND : e->kind;
+        e->kind = QMIG_FREQ_SEND;  /* the fault itself is logged already; sent_ns 0: failed */
     }
     pthread_mutex_unlock(&ctx->lock);
     return ret;

@@ -309,3 +309,38 @@ def test_a_stray_fault_is_reported_and_asks_nothing() -> None:
         theirs.close()
     assert reported == [outsider.host_address + 2 * PAGE]
     assert (stats.stray_faults, stats.requests, faults.take_sent()) == (1, 0, [])
+
+
+def test_a_broken_return_path_turns_sending_off_and_the_machine_keeps_the_request() -> None:
+    """The C's write fails (the source is gone): its request is logged as not sent (the
+    machine keeps it pending, to ask again after a recovery), sending turns itself off,
+    and the next fault goes to Python, as while paused."""
+    with RamSession(SPECS) as ram:
+        dest = machine("7.2", ram)
+        requests = FaultRequests(list(ram.blocks), PageRequests(dest.reader.schema))
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        held: list[PageRequest] = []
+        faults = ram.start_faults(held.append, requests=requests)
+        requests.enable(ours.fileno(), None)
+        ram.start_vcpu("pc.ram", Workload(touches=1), 0, PAGE)
+        wait_for_faults(faults, 1)
+        sent = faults.take_sent()
+        for request in sent:
+            dest.request_sent_elsewhere(
+                request.block, request.host_offset, sent=request.sent_ns != 0
+            )
+        ram.start_vcpu("pc.ram", Workload(touches=1), PAGE, PAGE)
+        wait_for_faults(faults, 2)
+        deadline = time.monotonic() + WAIT
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert requests.send("pc.ram", PAGE, 0) == 0  # off: the machine's to send
+        for page in range(2):
+            ram.block("pc.ram").receive_zero(page * PAGE, PAGE)
+        ram.vcpus.join(timeout=WAIT)
+        faults.stop()
+        ours.close()
+    assert [(s.block, s.host_offset, s.sent_ns) for s in sent] == [("pc.ram", 0, 0)]
+    assert [(r.block, r.offset) for r in held] == [("pc.ram", PAGE)]
+    assert dest.pending_requests() == [("pc.ram", 0)] and dest.requests_sent == 0
