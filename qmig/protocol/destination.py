@@ -267,6 +267,27 @@ class Destination:
             return None  # kept: sent with every pending request after POSTCOPY_RESUME
         return self._request(block, host_offset, tracker)
 
+    @property
+    def last_requested_block(self) -> str | None:
+        """The block the last request sent named (REQ_PAGES names none: it is this one)."""
+        return self._last_requested_block
+
+    def request_sent_elsewhere(self, block: str, host_offset: int, *, sent: bool) -> None:
+        """A request for the host page at ``host_offset`` was built and written outside the
+        machine (by C, from the messages this machine's schema builds, deciding between
+        REQ_PAGES and REQ_PAGES_ID by :attr:`last_requested_block` as :meth:`page_fault`
+        does). Told in the order they were sent, the machine stays the one account of what
+        was asked and of the last block; ``sent`` False: the write failed, and the page is
+        asked for again after a recovery, as any pending request."""
+        self._check_usable()
+        tracker = self.blocks.get(block)
+        if tracker is None:
+            raise LocalProtocolError("page request", f"no RAMBlock {block!r}")
+        tracker.requested.add(host_offset - host_offset % tracker.page_size)
+        if sent:
+            self._last_requested_block = block
+            self.requests_sent += 1
+
     def _request(self, block: str, host_offset: int, tracker: BlockTracker) -> ev.PageRequested:
         message: m.ReqPages | m.ReqPagesId
         if block == self._last_requested_block:

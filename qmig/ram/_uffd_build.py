@@ -25,6 +25,7 @@ SOURCES = [
     "discard.c",
     "serve.c",
     "fastpath.c",
+    "request.c",
 ]
 
 # The kernel's and libc's constants Python uses, taken from their headers at build time.

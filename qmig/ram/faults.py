@@ -27,6 +27,15 @@ laid out like the block), nothing needs to cross into Python per fault, and the 
 in C. Python decodes the log only for :meth:`FaultThread.stats`. That is the form for local
 page sources (a snapshot, a test's pattern, the benchmark); a destination whose pages come
 over the network keeps the request path.
+
+Requested in C: with ``requests`` (:class:`~qmig.ram.fault_requests.FaultRequests`) the
+thread runs ``qmig_freq_run`` instead, which reads faults, skips pages in place or asked for
+already (the received bitmap, and a requested byte per host page that it sets atomically),
+and writes the REQ_PAGES(_ID) to the return path itself. Its log is taken in here, under the
+same lock as placements, before any placement is accounted, so no fault's latency is lost;
+the requests it sent wait in :meth:`FaultThread.take_sent` for the runner, which tells the
+protocol machine. While the C's sending is off (a paused migration) faults are held: they go
+to ``on_request`` as on the Python path.
 """
 
 from __future__ import annotations
@@ -35,10 +44,12 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from qmig.ram import fault_requests as fr
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.blocks import RamBlock, RamBlocks
 from qmig.ram.errors import RamError, UffdCallError
@@ -73,6 +84,17 @@ class PageRequest(NamedTuple):
     thread_id: int  # 0 unless the kernel offers UFFD_FEATURE_THREAD_ID
     fault_ns: int  # CLOCK_MONOTONIC (time.monotonic_ns) when the fault was read
     write: bool
+
+
+class SentRequest(NamedTuple):
+    """A request the C fault thread sent (or failed to send: ``sent_ns`` 0)."""
+
+    block: str
+    host_offset: int
+    read_ns: int  # the fault read
+    sent_ns: int  # just before the send
+    done_ns: int  # just after it
+    with_id: bool  # a REQ_PAGES_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +176,7 @@ class FaultThread:
         on_stray: Callable[[StrayFault], None] | None = None,
         spin_us: float = SPIN_US,
         sources: Mapping[str, Any] | None = None,
+        requests: fr.FaultRequests | None = None,
     ) -> None:
         self.uffd = uffd
         self.spin_ns = int(spin_us * 1000)
@@ -182,7 +205,13 @@ class FaultThread:
                         f"0x{block.used_length:x} bytes for it"
                     )
                 self._sources[block.idstr] = source
+        self.c_requests = requests
+        self._sent: list[SentRequest] = []  # sent in C, not taken by the runner yet
+        self._held: list[PageRequest] = []  # faults for on_request (C sending was off)
+        self._held_strays: list[StrayFault] = []
         run = self._run if self._sources is None else self._run_served
+        if requests is not None:
+            run = self._run_requests
         self._thread = threading.Thread(target=run, name="qmig-faults", daemon=True)
         for block in blocks:
             block.placement_listener = self._placed
@@ -212,6 +241,9 @@ class FaultThread:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise UffdCallError("fault thread", 0, f"did not stop within {timeout} s")
+        if self.c_requests is not None:
+            with self._lock:
+                self._absorb()
         for block in self.blocks:
             block.placement_listener = None
             if self._sources is not None:  # pages the C loop placed count as the block's
@@ -244,6 +276,96 @@ class FaultThread:
                         self.error = error
             if quit_flag[0] or self._stopping:
                 return
+
+    def _run_requests(self) -> None:
+        assert self.c_requests is not None
+        ctx = self.c_requests.ctx
+        quit_flag = ffi.new("int *")
+        while True:
+            # Back here only for what needs Python: a held or stray fault, a full log, quit.
+            count = lib.qmig_freq_run(ctx, self.uffd.fd, self._quit_fd, self.spin_ns, quit_flag)
+            if count < 0:
+                self.error = UffdCallError("read", -count, os.strerror(-count))
+                return
+            with self._lock:
+                self._absorb()
+                held, self._held = self._held, []
+                strays, self._held_strays = self._held_strays, []
+            for stray in strays:
+                self.strays.append(stray)
+                if self.on_stray is not None:
+                    self.on_stray(stray)
+            for request in held:
+                try:
+                    self.on_request(request)
+                except Exception as error:  # the runner's callback failed; keep serving
+                    if self.error is None:
+                        self.error = error
+            if quit_flag[0] or self._stopping:
+                return
+
+    def _absorb(self) -> None:
+        """Take the C log in (lock held): counts, waiting faults, requests sent, held ones."""
+        assert self.c_requests is not None
+        blocks = self.c_requests.blocks
+        for (
+            read_ns,
+            sent_ns,
+            done_ns,
+            address,
+            host_offset,
+            tid,
+            index,
+            kind,
+            with_id,
+        ) in self.c_requests.drain():
+            if kind == fr.SEND:
+                self._sent.append(
+                    SentRequest(
+                        blocks[index].idstr, host_offset, read_ns, sent_ns, done_ns, bool(with_id)
+                    )
+                )
+                continue
+            self._faults += 1
+            if kind == fr.STRAY:
+                self._held_strays.append(StrayFault(address, tid, read_ns, EVENT_PAGEFAULT))
+                continue
+            block = blocks[index]
+            if kind == fr.LATE:
+                self._late += 1
+                continue
+            self._wait(block, host_offset // block.page_size, read_ns, tid)
+            if kind == fr.REPEAT:
+                self._repeats += 1
+                continue
+            self._requests += 1
+            if kind == fr.HELD:
+                self._held.append(
+                    PageRequest(
+                        block.idstr, host_offset, block.page_size, address, tid, read_ns, False
+                    )
+                )
+            else:  # SENT, or FAILED (sent_ns 0): the machine must know it either way
+                self._sent.append(
+                    SentRequest(block.idstr, host_offset, read_ns, sent_ns, done_ns, bool(with_id))
+                )
+
+    def _wait(self, block: RamBlock, host_page: int, read_ns: int, tid: int) -> None:
+        """A fault waits for its page (lock held); one placed already is timed now."""
+        if block.host_page_received(host_page):
+            end = max(block.placed_at(host_page) or time.monotonic_ns(), read_ns)
+            self._latencies.append(end - read_ns)
+            self._intervals.append((read_ns, end, tid))
+            return
+        self._pending[block.idstr].setdefault(host_page, []).append((read_ns, tid))
+
+    def take_sent(self) -> list[SentRequest]:
+        """The requests C sent since the last call, oldest first (every one logged so far)."""
+        with self._lock:
+            if self.c_requests is not None:
+                self._absorb()
+            sent, self._sent = self._sent, []
+        return sent
 
     def _run_served(self) -> None:
         assert self._sources is not None
@@ -337,6 +459,8 @@ class FaultThread:
         reports the span it covered, which may hold pages it did not place: a pending page
         counts as served only once its bit is set."""
         with self._lock:
+            if self.c_requests is not None:
+                self._absorb()  # faults C logged before this placement wait for it
             pending = self._pending[block.idstr]
             if not pending:
                 return
@@ -372,6 +496,9 @@ class FaultThread:
         else:
             latencies, intervals = [], []
         with self._lock:
+            if self.c_requests is not None:
+                self._absorb()
+                faults, requests, late = self._faults, self._requests, self._late
             latencies += self._latencies
             intervals += self._intervals
             pending = sum(len(pages) for pages in self._pending.values())

@@ -216,4 +216,49 @@ void qmig_fastpath_stats(struct qmig_fastpath *fp, struct qmig_fastpath_stats *o
 void qmig_fastpath_stop(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out,
                         uint32_t *waits, uint64_t cap, uint64_t *nwaits);
 
+
+/* request.c: page requests written to the return path from C (see qmig.ram.faults). */
+struct qmig_freq;  /* opaque: the return path's lock, its socket, the last block asked for */
+
+/* One fault, or one request sent for a fault logged before, as request.c saw it. */
+struct qmig_freq_entry {
+    uint64_t read_ns;         /* CLOCK_MONOTONIC right after read() */
+    uint64_t sent_ns;         /* just before the request's send; 0: none sent */
+    uint64_t done_ns;         /* just after it */
+    uint64_t address;
+    uint64_t host_offset;     /* of the host page, in its block */
+    uint32_t tid;
+    int32_t block;            /* index into blocks; -1: in no block, or not a fault */
+    uint32_t kind;            /* QMIG_FREQ_* */
+    uint32_t with_id;         /* the request was a REQ_PAGES_ID */
+};
+
+/* What became of a fault: a request sent, none as sending was off (Python asks), the send
+   failed, already asked for, already in place, in no block; or (SEND) a request Python had
+   sent for a fault logged as HELD (sent_ns 0: its send failed). */
+enum {
+    QMIG_FREQ_SENT = 0, QMIG_FREQ_HELD = 1, QMIG_FREQ_FAILED = 2, QMIG_FREQ_REPEAT = 3,
+    QMIG_FREQ_LATE = 4, QMIG_FREQ_STRAY = 5, QMIG_FREQ_SEND = 6
+};
+
+/* layout: per block, words [id at, id length, id start field at, plain at, plain length,
+   plain start field at] into templates; messages at most QMIG_FREQ_MAX bytes. */
+enum { QMIG_FREQ_LAYOUT = 6, QMIG_FREQ_MAX = 512 };
+
+struct qmig_freq *qmig_freq_new(struct qmig_block **blocks, int nblocks, uint8_t **requested,
+                                const uint8_t *templates, const uint32_t *layout,
+                                struct qmig_freq_entry *log, uint64_t log_cap,
+                                int send_timeout_ms);
+void qmig_freq_free(struct qmig_freq *ctx);
+void qmig_rp_lock(struct qmig_freq *ctx);
+void qmig_rp_unlock(struct qmig_freq *ctx);
+void qmig_freq_enable(struct qmig_freq *ctx, int sock, int32_t last_block);
+int32_t qmig_freq_disable(struct qmig_freq *ctx);
+uint32_t qmig_freq_format(struct qmig_freq *ctx, int32_t block, uint64_t host_offset,
+                          uint8_t *out);
+int qmig_freq_run(struct qmig_freq *ctx, int uffd, int quitfd, uint64_t spin_ns, int *quit);
+int qmig_freq_send(struct qmig_freq *ctx, int32_t block, uint64_t host_offset,
+                   uint64_t read_ns);
+uint64_t qmig_freq_drain(struct qmig_freq *ctx, struct qmig_freq_entry *out, uint64_t max);
+
 #endif

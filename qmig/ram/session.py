@@ -20,6 +20,7 @@ from typing import Any
 
 from qmig.errors import QmigError
 from qmig.ram.blocks import BlockSpec, RamBlock, RamBlocks
+from qmig.ram.fault_requests import FaultRequests
 from qmig.ram.faults import FaultThread, PageRequest, StrayFault
 from qmig.ram.support import lock_memory_again, unlock_memory
 from qmig.ram.uffd import FEATURE_MISSING_HUGETLBFS, FEATURE_THREAD_ID, Userfaultfd
@@ -67,12 +68,14 @@ class RamSession:
         on_stray: Callable[[StrayFault], None] | None = None,
         *,
         sources: Mapping[str, Any] | None = None,
+        requests: FaultRequests | None = None,
     ) -> FaultThread:
         """Start the fault thread: requests go to ``on_request``, or, with ``sources`` (per
-        block, a buffer laid out like it), faults are served from them in C."""
+        block, a buffer laid out like it), faults are served from them in C; with
+        ``requests``, faults become page requests in C (:mod:`qmig.ram.fault_requests`)."""
         assert self.uffd is not None
         self.faults = FaultThread(
-            self.uffd, self.blocks, on_request, on_stray, sources=sources
+            self.uffd, self.blocks, on_request, on_stray, sources=sources, requests=requests
         ).start()
         return self.faults
 

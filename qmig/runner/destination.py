@@ -4,7 +4,10 @@ The main thread reads the stream, feeds the machine and applies its decisions to
 :class:`~qmig.ram.session.RamSession`: map the blocks when MEM_SIZE announces them, discard
 ranges, place pages with userfaultfd, start the guest workload at RUN. The fault thread turns
 faults into page requests through the same machine, under a lock, and sends them on the
-return path at once. Nothing here reads guest memory before every page is in place.
+return path at once; once the guest runs here (and with the fast path), the fault thread
+writes them from C itself, and the machine is told of each before its page counts
+(:mod:`qmig.ram.fault_requests`). Nothing here reads guest memory before every page is in
+place.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.states import DestinationState, is_postcopy_running
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.errors import RamError
+from qmig.ram.fault_requests import FaultRequests
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
@@ -38,6 +42,7 @@ from qmig.runner.multifd_recv import MultifdReceiveOptions, MultifdReceiver
 from qmig.runner.pauses import Pause
 from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
+from qmig.wire.page_requests import PageRequests
 from qmig.wire.reader import END
 
 RECV_CHUNK = 1 << 20
@@ -135,7 +140,10 @@ class DestinationRunner:
         self.report = DestinationReport()
         self.session: RamSession | None = None
         self._machine_lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        # Every writer of the return path holds it; with page requests sent from C, it is
+        # the C's own mutex (qmig.ram.fault_requests), set when the RAM is mapped.
+        self._send_lock: contextlib.AbstractContextManager[Any] = threading.Lock()
+        self._c_requests: FaultRequests | None = None
         self._discard_prepared = False
         # (block, host offset) -> when its request went out (0 until sent): the page that
         # answers it closes the request's latency.
@@ -199,7 +207,12 @@ class DestinationRunner:
             # Every thread is stopped, each within its own bound; one that did not stop is
             # the error of a run that had none (a failed run's own error comes first).
             stuck: QmigError | None = None
-            for stop in (self._stop_fast, self._stop_preempt, self._stop_multifd):
+            for stop in (
+                self._fault_requests_off,
+                self._stop_fast,
+                self._stop_preempt,
+                self._stop_multifd,
+            ):
                 try:
                     stop()
                 except QmigError as error:
@@ -238,11 +251,13 @@ class DestinationRunner:
             # Mid-handshake (a RECV_BITMAP was just answered): QEMU's double failure.
             if cuts.cut_recovery_now():
                 self._stop_fast()
+                self._fault_requests_off()
                 self.channels.cut()
                 raise TransportError(self.connection.name, "channel cut during recovery")
         elif cuts.due(self.report.placed_pages["postcopy"]):
             cuts.done += 1
             self._stop_fast()
+            self._fault_requests_off()
             self.channels.cut()
             raise TransportError(self.connection.name, "channel cut on purpose")
 
@@ -251,6 +266,7 @@ class DestinationRunner:
         can recover here (after RUN, with a way to accept one). False: it cannot; the
         caller fails as without recovery."""
         self._stop_fast()
+        self._fault_requests_off()  # the machine asks again after POSTCOPY_RESUME
         if not self.channels.can_reopen:
             return False
         with self._machine_lock:
@@ -433,6 +449,7 @@ class DestinationRunner:
                 self.report.running_at = time.monotonic()
                 self.report.postcopy = True
                 self._start_fast()
+                self._fault_requests_on()
                 os.eventfd_write(self._preempt_wake, 1)
                 self._start_guest()
             case ev.MigrationCompleted(postcopy=postcopy):
@@ -449,6 +466,7 @@ class DestinationRunner:
                     self.report.paused_s += time.monotonic() - self._broke_at
                     self._broke_at = None
                 self._start_fast()
+                self._fault_requests_on()
             case ev.PartialHostPageDropped(block=block, host_offset=host_offset):
                 # The RAM places a host page whole, once all of it came: nothing of it is
                 # in memory yet; what was gathered of it goes, and the whole page comes again.
@@ -479,7 +497,7 @@ class DestinationRunner:
         if not all(block.maps_huge_zero_page for block in self.session.blocks):
             self.session.prepare_discard()
             self._discard_prepared = True
-        self.session.start_faults(on_request=self._on_fault)
+        self.session.start_faults(on_request=self._on_fault, requests=self._fault_requests())
         self.report.blocks = {info.idstr: info.used_length for info in blocks}
 
     def _place(self, run: m.RamPageRun, *, replace: bool, placed_ahead: bool = False) -> None:
@@ -489,6 +507,9 @@ class DestinationRunner:
         LISTEN each run of missing pages goes in with one UFFDIO_COPY or ZEROPAGE.
         ``placed_ahead``: a C receive thread on the run's channel may have placed it."""
         block = self._session().block(run.block)
+        if self._c_requests is not None and not replace:
+            with self._machine_lock:  # requests C sent are awaited before their pages count
+                self._take_requests()
         began = time.perf_counter_ns()
         block.place_records(
             run.headers, run.bodies, run.data, run.data_base, run.page_flag, replace=replace
@@ -603,6 +624,7 @@ class DestinationRunner:
                 self._count_fast(fast)
                 fast = None
             self._wake_main_reader()  # its C thread may be waiting on the socket
+            self._fault_requests_off()
             self.channels.cut()  # the main loop stops, and reports this error
         finally:
             if fast is not None:
@@ -702,6 +724,7 @@ class DestinationRunner:
 
     def _requests_missing(self) -> int:
         with self._machine_lock:
+            self._take_requests()
             return len(self.dest.pending_requests())
 
     def _stop_preempt(self) -> None:
@@ -845,10 +868,27 @@ class DestinationRunner:
             self.report.fast_path_wait_ns += waits
 
     def _on_fault(self, request: PageRequest) -> None:
-        """Called on the fault thread: ask the source for the page, now."""
+        """Called on the fault thread: ask the source for the page, now. With requests sent
+        from C, only for a fault that came while its sending was off: sent the C way if it
+        is on now (one last-block state), else by the machine (paused: kept for the resume)."""
+        requests = self._c_requests
         with self._machine_lock:
             if self.dest.state is DestinationState.FAILED:  # the loop failed meanwhile
                 return
+            if requests is not None:
+                self._take_requests()  # the machine's last block is the C's from here
+                tracker = self.dest.blocks.get(request.block)
+                if tracker is not None and (
+                    request.offset in tracker.requested or tracker.host_page_present(request.offset)
+                ):
+                    return  # what the machine would ask nothing for
+                while (
+                    done := requests.send(request.block, request.offset, request.fault_ns)
+                ) == -2:
+                    self._take_requests()
+                if done:
+                    self._take_requests()
+                    return
             asked = self.dest.page_fault(request.block, request.offset)
             data = self._take_return_path()
             # The channel these bytes were made for: a pause may replace it before they go,
@@ -874,6 +914,67 @@ class DestinationRunner:
             self.report.requests += 1
             self.report.request_sent_ns.append(time.monotonic_ns() - request.fault_ns)
 
+    # --- page requests from C (qmig.ram.fault_requests) --------------------------------------
+
+    def _fault_requests(self) -> FaultRequests | None:
+        """With the fast path, the fault thread sends page requests from C; None: it hands
+        them to :meth:`_on_fault` (``fast_path`` off, a stream with no socket, or a profile
+        whose page requests the fast builder declines)."""
+        sock = self.connection.socket
+        if not self.fast_path or sock is None:
+            return None
+        builder = PageRequests(self.dest.reader.schema)
+        if builder.req_pages is None or builder.req_pages_id is None:
+            return None
+        requests = FaultRequests(list(self._session().blocks), builder)
+        self._send_lock = requests.lock  # before the fault thread runs: nobody sends yet
+        self._c_requests = requests
+        return requests
+
+    def _fault_requests_on(self) -> None:
+        """The guest runs here (RUN, or POSTCOPY_RESUME once its replies are out): the C
+        asks for pages on this channel, going on from the machine's last block."""
+        requests, sock = self._c_requests, self.connection.socket
+        if requests is None or sock is None or not self.dest.return_path_open:
+            return
+        with self._machine_lock:
+            self._take_requests()
+            if is_postcopy_running(self.dest.state):
+                requests.enable(sock.fileno(), self.dest.last_requested_block)
+
+    def _fault_requests_off(self) -> None:
+        """Before the channel goes (paused, cut, ended): faults are held for the machine,
+        and what the C sent is told to it, its last block included."""
+        requests = self._c_requests
+        if requests is None:
+            return
+        with self._machine_lock:
+            requests.disable()
+            self._take_requests()
+
+    def _take_requests(self) -> None:
+        """Tell the machine, in order, what the C sent; time each (machine lock held)."""
+        faults = self.session.faults if self.session is not None else None
+        if faults is None or self._c_requests is None:
+            return
+        taken = faults.take_sent()
+        for sent in taken:
+            if self.dest.state is not DestinationState.FAILED:
+                self.dest.request_sent_elsewhere(
+                    sent.block, sent.host_offset, sent=bool(sent.sent_ns)
+                )
+            if not sent.sent_ns:
+                continue
+            # Written to the socket by the C: the limits count them as if sent here.
+            self.connection.sent_elsewhere(self._c_requests.size(sent.block, sent.with_id))
+            key = (sent.block, sent.host_offset)
+            self._awaiting[key] = [sent.sent_ns]
+            self.report.requests += 1
+            self.report.request_sent_ns.append(sent.done_ns - sent.read_ns)
+            ram = self._session().block(sent.block)
+            if ram.host_page_received(sent.host_offset // ram.page_size):
+                self._answered(*key)
+
     # --- the end --------------------------------------------------------------------------
 
     def _finish(self) -> None:
@@ -888,6 +989,8 @@ class DestinationRunner:
                 raise TransportError("guest workload", f"{error}; {self._awaited_text()}") from None
             self.report.workload = [vars(result) for result in results]
         if session.faults is not None:
+            with self._machine_lock:
+                self._take_requests()
             stats = session.faults.stats(self.vcpus if self.workload else None)
             self.report.faults = {
                 "faults": stats.faults,
@@ -908,6 +1011,7 @@ class DestinationRunner:
     def _awaited_text(self) -> str:
         """The host pages asked for and not in place, for an error line."""
         with self._machine_lock:
+            self._take_requests()
             pending = self.dest.pending_requests()
         if not pending:
             return "no requested page is missing"
@@ -928,6 +1032,7 @@ class DestinationRunner:
                     file.write(block.read(offset, min(step, used - offset)))
 
     def _abandon(self) -> None:
+        self._fault_requests_off()  # no request after the SHUT
         with self._machine_lock:
             data = self.dest.fail("error")
         if data:

@@ -81,8 +81,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--no-fast-path",
         action="store_true",
-        help="place postcopy pages from Python instead of the C receive thread that reads the "
-        "channel once the guest runs (default: the C thread)",
+        help="place postcopy pages, and send page requests for faults, from Python instead of "
+        "the C threads that read the channel and the faults once the guest runs (default: "
+        "the C threads)",
     )
     parser.add_argument(
         "--no-postcopy-ram",
