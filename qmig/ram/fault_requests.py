@@ -44,8 +44,14 @@ class ReturnPathLock:
     def __init__(self, ctx: object) -> None:
         self._ctx = ctx
 
-    def __enter__(self) -> None:
+    def acquire(self) -> None:
         lib.qmig_rp_lock(self._ctx)  # cffi releases the GIL while it waits
+
+    def release(self) -> None:
+        lib.qmig_rp_unlock(self._ctx)
+
+    def __enter__(self) -> None:
+        self.acquire()
 
     def __exit__(
         self,
@@ -53,7 +59,7 @@ class ReturnPathLock:
         error: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lib.qmig_rp_unlock(self._ctx)
+        self.release()
 
 
 def _template(requests: PageRequests, message: m.ReqPages | m.ReqPagesId) -> tuple[bytes, int]:

@@ -32,7 +32,7 @@ from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.states import DestinationState, is_postcopy_running
 from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
 from qmig.ram.errors import RamError
-from qmig.ram.fault_requests import FaultRequests
+from qmig.ram.fault_requests import FaultRequests, ReturnPathLock
 from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
@@ -142,7 +142,7 @@ class DestinationRunner:
         self._machine_lock = threading.Lock()
         # Every writer of the return path holds it; with page requests sent from C, it is
         # the C's own mutex (qmig.ram.fault_requests), set when the RAM is mapped.
-        self._send_lock: contextlib.AbstractContextManager[Any] = threading.Lock()
+        self._send_lock: threading.Lock | ReturnPathLock = threading.Lock()
         self._c_requests: FaultRequests | None = None
         self._discard_prepared = False
         # (block, host offset) -> when its request went out (0 until sent): the page that
