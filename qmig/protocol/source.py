@@ -480,6 +480,13 @@ class Source:
         return self.state is SourceState.POSTCOPY and self._postcopy_section_open
 
     @property
+    def last_request_block(self) -> str | None:
+        """The block the return path's last REQ_PAGES_ID named (a REQ_PAGES asks for more
+        of it), or None: none yet on this channel."""
+        block = self._last_request_block
+        return None if block is None else block.idstr
+
+    @property
     def return_path_between_messages(self) -> bool:
         """Every return-path byte fed so far was read as whole messages: another reader may
         take the return path over from the next byte."""

@@ -388,7 +388,7 @@ void *qmig_answer_start(const struct qmig_answer_config *config,
     memcpy(a->blocks, blocks, count * sizeof *blocks);
     a->count = count;
     a->last_block = config->last_block;
-    a->request_block = -1;
+    a->request_block = config->request_block;
     a->parsing = 1;
     a->main_channel = config->preempt_fd < 0;
     pthread_mutex_init(&a->lock, NULL);

@@ -85,6 +85,10 @@ class FastAnswer:
         last = None if preempt is None else source.preempt_block
         config.last_block = -1 if last is None else self._index[last]
         config.stall_ms = int(stall_timeout * 1000)
+        # Taken over between messages: a REQ_PAGES next asks for more of the block that the
+        # machine's last REQ_PAGES_ID named (the destination names a block only on a change).
+        named = source.last_request_block
+        config.request_block = -1 if named is None else self._index[named]
         config.req_pages = messages["REQ_PAGES"]
         config.req_pages_id = messages["REQ_PAGES_ID"]
         config.rp_max_length = schema.profile.rp_max_length

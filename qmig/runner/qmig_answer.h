@@ -31,6 +31,9 @@ struct qmig_answer_config {
                                   qmig_answer_hold) */
     int32_t pipe_fd;           /* every byte read from rp_fd goes on here, for Python */
     int32_t last_block;        /* the preempt channel's last named block; -1: none yet */
+    int32_t request_block;     /* the block the return path's last REQ_PAGES_ID named, read
+                                  before the thread took over (a REQ_PAGES asks for more of
+                                  it); -1: none */
     uint32_t req_pages;        /* return-path message numbers */
     uint32_t req_pages_id;
     uint32_t rp_max_length;

@@ -19,6 +19,10 @@ Requests are answered from C as they are read (``SourcePlan.fast_answer``, see
 main channel between the pieces of stream this loop writes (each piece is built and written
 holding the channel, :meth:`SourceRunner._turn`), where a RAM record may go and the window has
 quota left; what the thread cannot answer at once is this loop's, first in its next piece.
+A pause stops the thread (its channels are gone, and the bitmap sync gives the machine new
+dirty maps); once the migration is back in postcopy on the new channels, a new thread takes
+the return path over at the first byte that starts a message. The pre-7.2 preempt variant
+has no thread: its urgent pages are the migration thread's, as in QEMU 7.2.
 
 A requested page waits behind every byte already queued towards the destination: the
 unsent rest of the current chunk, the source's socket send buffer and the destination's
@@ -107,9 +111,9 @@ class SourcePlan:
     postcopy_chunk: int = POSTCOPY_CHUNK
     cuts: CutPlan | None = None  # break the channel on purpose (fault injection)
     recover_timeout: float = RECOVER_TIMEOUT
-    # Requests answered by a C thread as they are read (see qmig.runner.answer): the 8.0
-    # preempt variant's until the first pause; without preempt, on the main channel, again
-    # after each recovery. False: by this loop.
+    # Requests answered by a C thread as they are read (see qmig.runner.answer): on the 8.0
+    # preempt variant's channel, or without preempt on the main channel; a new thread after
+    # each recovery. False: by this loop.
     fast_answer: bool = False
 
 
@@ -154,6 +158,9 @@ class SourceRunner:
         # _take_events as the machine reports the requests, and each one's read → written.
         self._fast_times: dict[tuple[str, int], deque[list[int]]] = {}
         self._fast_served: dict[int, int] = {}
+        # The thread is to (re)start as soon as the return path is between messages: set at
+        # the switchover and after each recovery, cleared once it runs.
+        self._fast_wanted = False
 
     @property
     def connection(self) -> Connection:
@@ -267,7 +274,11 @@ class SourceRunner:
         deadline = broke + self.plan.recover_timeout
         pause = Pause(broke, error.detail, self._sent, source.stats.postcopy_pages)
         self.report.pauses.append(pause)
-        self._stop_fast_answer()  # the recovered migration's requests are this loop's
+        self._fast_wanted = False
+        self._stop_fast_answer()  # not on the channels of the recovered migration
+        # Timings of pages whose request the thread read and this loop never did (its bytes
+        # went with the pipe): no request of the recovered migration may take them.
+        self._fast_times.clear()
         if source.state is not SourceState.PAUSED:
             source.channel_broken()
             self._take_events()
@@ -299,8 +310,10 @@ class SourceRunner:
         self.report.paused_s += pause.resumed_at - broke
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
-        if source.preempt is None:
-            self._start_fast_answer()  # the main channel's thread: on the new channel
+        # A new thread on the new channels (the 8.0 variant's preempt channel was opened
+        # again after the bitmap sync): the requests the destination sends again after
+        # POSTCOPY_RESUME that the handshake read are the machine's, the rest the thread's.
+        self._want_fast_answer()
 
     def _handshake(self, deadline: float) -> None:
         """RECV_BITMAPs out, bitmaps in, POSTCOPY_RESUME out, RESUME_ACK in."""
@@ -419,18 +432,28 @@ class SourceRunner:
         self._send(self.source.data_to_send(0), capped=False)
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
-        if preempt is None or not preempt.opened_at_setup:
-            self._start_fast_answer()
+        self._want_fast_answer()
 
     # --- the C answer thread (the 8.0 preempt variant, or the main channel) ------------------
 
+    def _want_fast_answer(self) -> None:
+        """Postcopy (again): the thread answers from the first return-path byte that starts
+        a message, now or after a later read (:meth:`_read_return_path`)."""
+        preempt = self.source.preempt
+        # The pre-7.2 variant's urgent pages are the migration thread's (QEMU 7.2), and its
+        # preempt channel ends with this loop's EOS: no thread writes there.
+        if self.plan.fast_answer and (preempt is None or not preempt.opened_at_setup):
+            self._fast_wanted = True
+            self._start_fast_answer()
+
     def _start_fast_answer(self) -> None:
-        """The thread answers from now on, if the plan says so and it can take the return
-        path over from the next byte."""
+        """The thread answers from now on, if it is wanted and can take the return path over
+        from the next byte."""
         connection = self.connection
         if (
-            not self.plan.fast_answer
+            not self._fast_wanted
             or self._fast is not None
+            or self.phase is not SourceState.POSTCOPY  # past it, every page is out already
             or connection.unread_prefix
             or not self.source.return_path_between_messages
         ):
@@ -439,6 +462,7 @@ class SourceRunner:
             # The thread writes the socket itself: not through a connection that changes
             # what it sends on purpose, nor to a file.
             if isinstance(connection, MisbehavingSourceConnection) or connection.socket is None:
+                self._fast_wanted = False
                 return
             self._fast = FastAnswer(self.source, connection, None, stall_timeout=STALL_TIMEOUT)
             self._count_fast_start()
@@ -453,6 +477,7 @@ class SourceRunner:
         self.source.forget_preempt_block()
 
     def _count_fast_start(self) -> None:
+        self._fast_wanted = False
         totals = self.report.fast_answer
         totals["started"] = totals.get("started", 0) + 1  # once, and again per recovery
 
@@ -687,6 +712,8 @@ class SourceRunner:
             return
         self.source.receive_data(bytes(self._rp_buffer[:count]))
         self._take_events()
+        if self._fast_wanted:
+            self._start_fast_answer()  # the handover waited for the end of a message
         if self.phase is SourceState.POSTCOPY:
             self._send_urgent()
 
