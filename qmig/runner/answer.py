@@ -70,6 +70,8 @@ class FastAnswer:
         self._source = source
         self._return_path = return_path
         self.main = preempt is None
+        # The connection whose byte counts (limits, the report's series) take what it writes.
+        self._written_on = return_path if preempt is None else preempt
         self._names = [block.idstr for block in source.blocks]
         self._index = {name: index for index, name in enumerate(self._names)}
         read_fd, write_fd = os.pipe()
@@ -152,8 +154,7 @@ class FastAnswer:
                     self._source.answered_elsewhere(
                         name, pages, zeros=int(entry.zeros), size=size, main=self.main
                     )
-                if self.main:
-                    self._return_path.sent_elsewhere(size)  # the stream's byte counts
+                self._written_on.sent_elsewhere(size)  # the channel's byte counts
                 self.pages += len(pages)
                 self.bytes += size
                 done.append(

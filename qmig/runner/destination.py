@@ -38,6 +38,7 @@ from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
 from qmig.runner.fastpath import FastPath, start_fast_path, start_preempt_fast_path
+from qmig.runner.misbehave import MisbehavingConnection
 from qmig.runner.multifd_recv import MultifdReceiveOptions, MultifdReceiver
 from qmig.runner.pauses import Pause
 from qmig.transport import Connection, Limits
@@ -919,9 +920,10 @@ class DestinationRunner:
     def _fault_requests(self) -> FaultRequests | None:
         """With the fast path, the fault thread sends page requests from C; None: it hands
         them to :meth:`_on_fault` (``fast_path`` off, a stream with no socket, or a profile
-        whose page requests the fast builder declines)."""
+        whose page requests the fast builder declines), or a connection that changes what
+        it sends on purpose (``receive --delay-requests``: the C would write past it)."""
         sock = self.connection.socket
-        if not self.fast_path or sock is None:
+        if not self.fast_path or sock is None or isinstance(self.connection, MisbehavingConnection):
             return None
         builder = PageRequests(self.dest.reader.schema)
         if builder.req_pages is None or builder.req_pages_id is None:
