@@ -129,6 +129,22 @@ class Channels:
                 self._next_main.popleft().close()
         self.close_main()
 
+    def _take_next_main(self, timeout: float) -> Connection | None:
+        """The first connection set aside as the next main channel that is not one the
+        source closed without a byte. Set aside by the socket state alone, a connection may
+        be a preempt channel the source opened before the break and the destination came to
+        accept only after it: the source closes that one at its pause, while its next main
+        channel begins with RECV_BITMAP at once; so each waits (within ``timeout``) for a
+        first byte or its end."""
+        deadline = time.monotonic() + timeout
+        while self._next_main:
+            candidate = self._next_main.popleft()
+            if not _ended_before_a_byte(candidate, max(0.0, deadline - time.monotonic())):
+                return candidate
+            with contextlib.suppress(OSError):
+                candidate.close()
+        return None
+
     @property
     def can_reopen(self) -> bool:
         return self.reopen_channel is not None
@@ -151,10 +167,12 @@ class Channels:
         if self.reopen_channel is None:
             raise TransportError(self.main.name, "no way to open a new channel")
         self.close_main()
-        if self._next_main and self.adopt is not None:
-            self.main = self.adopt(self._next_main.popleft())
+        deadline = time.monotonic() + timeout
+        candidate = self._take_next_main(timeout)
+        if candidate is not None and self.adopt is not None:
+            self.main = self.adopt(candidate)
         else:
-            self.main = self.reopen_channel(timeout)
+            self.main = self.reopen_channel(max(0.0, deadline - time.monotonic()))
         self.opened += 1
         return self.main
 
@@ -201,3 +219,17 @@ class CutPlan:
             self.recovery_cut = True
             return True
         return False
+
+
+def _ended_before_a_byte(connection: Connection, timeout: float) -> bool:
+    """Did the peer close ``connection`` in order before sending anything? (Nothing yet
+    within ``timeout``: no, as bytes may still come.)"""
+    sock = connection.socket
+    if connection.unread_prefix or sock is None:
+        return False
+    if not select.select([sock], [], [], timeout)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return False  # reset: the migration's own error path says so

@@ -113,3 +113,41 @@ def test_first_bytes_tell_a_resumed_main_channel_from_a_preempt_one(version: str
     assert not channel.opens_a_resumed_main_channel(
         schema.build_command(m.PostcopyResume())
     )  # another command: not a resumed channel's opening
+
+
+def test_a_connection_set_aside_that_ends_without_a_byte_is_not_the_next_main_channel(
+    listener: Listener,
+) -> None:
+    # The source opened its preempt channel before the break, and the destination came to
+    # accept it only after the main channel was gone: set aside as the next main one by the
+    # socket state, it is the one the source closes at its pause, without a byte. The reopen
+    # skips it and takes the source's real next main channel, which begins with its bytes.
+    source_main = connect(listener.uri)
+    channels = accepting_channels(listener, listener.accept(5.0))
+    source_preempt = connect(listener.uri)
+    reset(source_main)
+    with pytest.raises(TransportError, match="next main channel"):
+        channels.open(PREEMPT, 5.0)
+    source_preempt.close()  # the source's pause closes its preempt channel
+    source_next = connect(listener.uri)
+    source_next.sendall(b"next")
+    main = channels.reopen(5.0)
+    assert main.recv_exactly(4) == b"next"
+    source_next.close()
+    channels.close_all()
+
+
+def test_a_connection_set_aside_with_bytes_is_taken_as_the_next_main_channel(
+    listener: Listener,
+) -> None:
+    source_main = connect(listener.uri)
+    channels = accepting_channels(listener, listener.accept(5.0))
+    reset(source_main)
+    source_next = connect(listener.uri)
+    with pytest.raises(TransportError, match="next main channel"):
+        channels.open(PREEMPT, 5.0)
+    source_next.sendall(b"bitmap")
+    main = channels.reopen(5.0)
+    assert main.recv_exactly(6) == b"bitmap"
+    source_next.close()
+    channels.close_all()
