@@ -20,9 +20,9 @@ def run_simulate(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedPr
     )
 
 
-def verified(*args: str) -> dict[str, Any]:
+def verified(*args: str, timeout: float = TIMEOUT) -> dict[str, Any]:
     """A run that exits 0 without a traceback, every page verified; its summary."""
-    done = run_simulate(*args)
+    done = run_simulate(*args, timeout=timeout)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     result: dict[str, Any] = json.loads(done.stdout)

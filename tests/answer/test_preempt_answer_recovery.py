@@ -7,12 +7,10 @@ The pre-7.2 variant's urgent pages stay the migration thread's: no thread, recov
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
+import simulating
 
 pytestmark = pytest.mark.uffd
 TIMEOUT = 240
@@ -23,15 +21,7 @@ ARGS = ("--ram", "64M", "--postcopy-after", "0", "--bandwidth", "20", "--vcpus",
 
 
 def simulate(*args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmig", "simulate", "--json", "--preempt", *ARGS, *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)
-    assert result["verified"] is True and result["mismatched_pages"] == 0
+    result = simulating.verified("--preempt", *ARGS, *args, timeout=TIMEOUT)
     return result
 
 

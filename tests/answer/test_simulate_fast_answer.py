@@ -4,12 +4,10 @@ loop with ``--no-fast-answer``."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
+import simulating
 
 pytestmark = pytest.mark.uffd
 TIMEOUT = 180
@@ -17,15 +15,7 @@ ARGS = ("--preempt", "--qemu-version", "10.0", "--postcopy-after", "0", "--bandw
 
 
 def verified(*args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmig", "simulate", "--json", "--ram", "32M", *ARGS, *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)
-    assert result["verified"] is True and result["mismatched_pages"] == 0
+    result = simulating.verified("--ram", "32M", *ARGS, *args, timeout=TIMEOUT)
     assert result["preempt"]["variant"] == "8.0"
     return result
 

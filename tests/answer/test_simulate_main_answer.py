@@ -5,12 +5,10 @@ right), under a cap, through a pause, and the same runs from the Python loop wit
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
+import simulating
 
 pytestmark = pytest.mark.uffd
 TIMEOUT = 300
@@ -18,15 +16,7 @@ ARGS = ("--ram", "64M", "--postcopy-after", "0")
 
 
 def verified(*args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmig", "simulate", "--json", *ARGS, *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)
-    assert result["verified"] is True and result["mismatched_pages"] == 0
+    result = simulating.verified(*ARGS, *args, timeout=TIMEOUT)
     assert result["preempt"] is None
     return result
 
