@@ -198,6 +198,17 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_fast_answer(parser: argparse.ArgumentParser) -> None:
+    """The source's C answer thread, on by default (simulate and replay)."""
+    parser.add_argument(
+        "--no-fast-answer",
+        action="store_true",
+        help="answer page requests from the source's Python loop instead of the C thread "
+        "that reads the return path (default: the C thread, on the main channel, or on the "
+        "preempt channel with the 8.0 preempt variant)",
+    )
+
+
 def add_bandwidth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bandwidth",

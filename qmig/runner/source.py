@@ -623,20 +623,10 @@ class SourceRunner:
     def _write(self, piece: memoryview) -> int:
         """Send some of ``piece`` once the socket has room; read the return path first
         whenever it has data, so requests are taken in while the stream is backed up."""
-        connection = self.connection
-        deadline = time.monotonic() + STALL_TIMEOUT
         while True:
-            readable, writable, _ = select.select([self._return_path()], [connection], [], 1.0)
-            if readable:
-                self._read_return_path()
-            if writable and (sent := connection.send_some(piece)):
+            self._await_room()
+            if sent := self.connection.send_some(piece):
                 return sent
-            if time.monotonic() > deadline:
-                raise TransportError(
-                    connection.name,
-                    f"the destination took no data for {STALL_TIMEOUT:.0f} s during "
-                    f"{self._label()}",
-                )
 
     def _await_room(self) -> None:
         """Until the socket takes more bytes, reading the return path meanwhile."""

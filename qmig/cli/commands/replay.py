@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.multifd_source_options import add_multifd_source
-from qmig.cli.options import add_alias, add_bandwidth, count, positive_count, seconds
+from qmig.cli.options import (
+    add_alias,
+    add_bandwidth,
+    add_fast_answer,
+    count,
+    positive_count,
+    seconds,
+)
 from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
 from qmig.report.cli import add_report, check_report
@@ -60,13 +67,7 @@ def register(subparsers: Any) -> None:
     )
     add_bandwidth(parser)
     add_preempt(parser)
-    parser.add_argument(
-        "--no-fast-answer",
-        action="store_true",
-        help="answer page requests from the source's Python loop instead of the C thread "
-        "that reads the return path (default: the C thread, on the main channel, or on the "
-        "preempt channel with the 8.0 preempt variant)",
-    )
+    add_fast_answer(parser)
     add_multifd_source(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(

@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from qmig.cli import add_json, add_qemu_version
 from qmig.cli.multifd_source_options import add_multifd_source
-from qmig.cli.options import add_bandwidth, count, integer, positive_count, rate_or_zero, size
+from qmig.cli.options import (
+    add_bandwidth,
+    add_fast_answer,
+    count,
+    integer,
+    positive_count,
+    rate_or_zero,
+    size,
+)
 from qmig.cli.preempt_options import add_preempt
 from qmig.cli.text import plural
 from qmig.errors import QmigError
@@ -115,13 +123,7 @@ def register(subparsers: Any) -> None:
         "the C threads that read the channel and the faults once the guest runs (default: "
         "the C threads)",
     )
-    parser.add_argument(
-        "--no-fast-answer",
-        action="store_true",
-        help="answer page requests from the source's Python loop instead of the C thread "
-        "that reads the return path (default: the C thread, on the main channel, or on the "
-        "preempt channel with the 8.0 preempt variant)",
-    )
+    add_fast_answer(parser)
     add_bandwidth(parser)
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
