@@ -11,9 +11,9 @@ Each run is ``qmig simulate --preempt --pause-after 300 --pauses 2`` (QEMU 10.0,
 variant, 256 MiB), once with the C answer thread and once with ``--no-fast-answer``, per
 seed. Figures per run: the summary's request legs (p50, µs: REQ_PAGES sent → read by the
 source, read → its page written, written → placed on the destination) and fault latency,
-and for the requests the destination sent after the last recovery alone: the source's read
-→ written, and the destination's request sent → page placed (p50/p99). Both processes read
-the same clock, so a request falls on the side of the last RESUME that it was sent on.
+and for the requests the destination sent after the last recovery alone
+(:func:`qmig.simulate.after_last_recovery`): the source's read → written, and the
+destination's request sent → page placed (p50/p99).
 
 Nothing is asserted: the figures are printed. On a shared host they are noisy.
 """
@@ -25,15 +25,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from qmig.latency import percentile_us as percentile_of_sorted
 from qmig.report.recorder import Recorder
-from qmig.simulate import SimulationConfig, run_simulation
+from qmig.simulate import SimulationConfig, after_last_recovery, run_simulation
 
 
 def percentile_us(values: Sequence[int], fraction: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1000, 1)
+    return percentile_of_sorted(sorted(values), fraction) if values else None
 
 
 def one_run(seed: int, *, fast: bool) -> dict[str, Any]:
@@ -42,15 +40,8 @@ def one_run(seed: int, *, fast: bool) -> dict[str, Any]:
         preempt=True, pause_after=300, pauses=2, version="10.0", seed=seed, fast_answer=fast
     )
     summary = run_simulation(config, recorder=recorder)
-    source, destination = recorder.runs["source"], recorder.runs["destination"]
-    resumed = max((pause.resumed_at for pause in source.pauses), default=0.0)
-    served = [
-        ns
-        for (read_at, _, _), ns in zip(source.requests, source.served_ns, strict=False)
-        if read_at >= resumed
-    ]
-    log = destination.get("request_log") or []
-    waited = [ns for sent, ns, _, _ in log if sent / 1e9 >= resumed]
+    after = after_last_recovery(recorder.runs["source"], recorder.runs["destination"])
+    served, waited = (after.served, after.placed) if after is not None else ([], [])
 
     def p50(name: str) -> float | None:
         figures = summary.get(name) or {}

@@ -3,8 +3,9 @@
 
 Run as root (userfaultfd) from the repository::
 
-    .venv/bin/python bench/simulate_bench.py                  # 1 GiB each side, ~1 minute
+    .venv/bin/python bench/simulate_bench.py                  # 1 GiB each side, a few minutes
     .venv/bin/python bench/simulate_bench.py --ram 64M --json # a quick run, one JSON document
+    .venv/bin/python bench/simulate_bench.py --paths c        # qmig's C paths only
 
 Both sides migrate a guest of ``--ram`` bytes over TCP on 127.0.0.1 under the same cap,
 ``--bandwidth`` MiB/s for precopy and for postcopy (QEMU 7.2's default max-bandwidth is
@@ -36,6 +37,16 @@ TCG runs it, qmig's dirtier at a set rate. Figures per side:
   from the destination's trace events ``postcopy_ram_fault_thread_request`` and
   ``postcopy_place_page`` (``-msg timestamp=on``, microsecond wall clock), matched by host
   address; tracing costs QEMU a little. QEMU 7.2's ``postcopy-blocktime`` is shown too.
+* qmig's fault latency split, p50/p99, as ``qmig simulate --json`` reports it: fault →
+  REQ_PAGES on the wire (``request_sent_us``), → read by the source (``request_read_us``),
+  read → the page on the wire (``request_served_us``), on the wire → placed
+  (``page_delivered_us``).
+
+qmig runs twice by default (``--paths both``), for a before/after in the same run: with the C
+paths of a fault's round trip (the destination's receive thread and page requests, the
+source's answer thread; the default) and with all of them in Python (``--no-fast-path
+--no-fast-answer``). The table's columns: QEMU 7.2 | qmig (C paths) | qmig (Python paths),
+then each qmig's ratio to QEMU.
 
 Nothing is asserted: the figures are printed. On a shared host they are noisy; run twice.
 """
@@ -93,10 +104,12 @@ class Plan:
 # --- qmig ------------------------------------------------------------------------------------
 
 
-def run_qmig(plan: Plan, *, fast_path: bool = True, preempt: bool = False) -> dict[str, Any]:
-    """``fast_path``: the destination's C receive threads (False: pages placed from Python,
-    the state before them, for a before/after in the same run); ``preempt``: with
-    postcopy-preempt (7.2's variant), requested pages on a channel of their own."""
+def run_qmig(plan: Plan, *, c_paths: bool = True, preempt: bool = False) -> dict[str, Any]:
+    """``c_paths``: the C paths of a postcopy fault's round trip, the destination's receive
+    threads and page requests and the source's answer thread (False: all of them in Python,
+    ``--no-fast-path --no-fast-answer``, the state before them, for a before/after in the
+    same run); ``preempt``: with postcopy-preempt (7.2's variant), requested pages on a
+    channel of their own."""
     environment_check()
     pages = plan.ram // PAGE
     config = SimulationConfig(
@@ -110,7 +123,8 @@ def run_qmig(plan: Plan, *, fast_path: bool = True, preempt: bool = False) -> di
         dirty_pattern=plan.dirty_pattern,
         pattern=plan.workload,
         vcpus=plan.vcpus,
-        fast_path=fast_path,
+        fast_path=c_paths,
+        fast_answer=c_paths,
         preempt=preempt,
     )
     phases: dict[str, list[float]] = {}
@@ -142,8 +156,9 @@ def run_qmig(plan: Plan, *, fast_path: bool = True, preempt: bool = False) -> di
         "page_delivered_us": s["page_delivered_us"],
         # The last part of a request's round trip: the page's last bytes read off the
         # socket → placed (the destination's C receive thread), and that thread's counts.
-        "page_placed_us": s.get("page_placed_us"),
+        "page_placed_us": s.get("page_placed_us") if s.get("fast_path") else None,
         "fast_path": s.get("fast_path"),
+        "fast_answer": s.get("fast_answer"),
         "preempt_pages": s.get("preempt_pages"),
         # When the source sent each phase's first and last bytes, from just before the
         # guest RAM is generated (seconds).
@@ -318,11 +333,35 @@ ROWS: list[tuple[str, Key]] = [
     ("fault latency max (µs)", ("fault_latency_us", "max")),
     ("blocktime (ms)", "blocktime_ms"),
 ]
+# A request's round trip, by its parts (µs), as ``qmig simulate --json`` has them: the
+# destination's fault → its REQ_PAGES on the wire; → read by the source (on the wire, and until
+# the source looks); the source's read → the page on the wire; the page on the wire → placed
+# (queued behind the bytes sent before it, then read and placed), of which the last part is the
+# page read off the wire → placed (by the destination's C receive thread; none without it).
+# What is left of the fault latency is waking the faulting thread. QEMU's trace has no such
+# split: its cells stay empty.
+LEGS: list[tuple[str, str]] = [
+    ("fault → request on the wire", "request_sent_us"),
+    ("request on the wire → read", "request_read_us"),
+    ("request read → page on the wire", "request_served_us"),
+    ("page on the wire → placed", "page_delivered_us"),
+    ("  of which off the wire → placed", "page_placed_us"),
+]
+SPLIT_ROWS: list[tuple[str, Key]] = [
+    (f"{label} {figure} (µs)", (key, figure)) for label, key in LEGS for figure in ("p50", "p99")
+]
+# The qmig runs, by --paths: the C paths of a fault's round trip, and all of them in Python.
+PATHS = {"c": ("qmig", True), "python": ("qmig_python", False)}
+
+
+def _name(key: Key) -> str:
+    return key if isinstance(key, str) else f"{key[0]}.{key[1]}"
 
 
 def _value(side: dict[str, Any], key: Key) -> Any:
     if isinstance(key, tuple):
-        return (side.get(key[0]) or {}).get(key[1])
+        figures = side.get(key[0]) or {}
+        return None if figures.get("count") == 0 else figures.get(key[1])  # nothing measured
     return side.get(key)
 
 
@@ -330,58 +369,43 @@ def ratios(qmig: dict[str, Any], qemu: dict[str, Any]) -> dict[str, float | None
     """qmig / QEMU for every figure both have (above 1: qmig more; for pages/s, better)."""
     out: dict[str, float | None] = {}
     for _label, key in ROWS:
-        name = key if isinstance(key, str) else f"{key[0]}.{key[1]}"
         ours, theirs = _value(qmig, key), _value(qemu, key)
         if isinstance(ours, int | float) and isinstance(theirs, int | float) and theirs:
-            out[name] = round(ours / theirs, 3)
+            out[_name(key)] = round(ours / theirs, 3)
         else:
-            out[name] = None
+            out[_name(key)] = None
     return out
 
 
 def print_table(result: dict[str, Any]) -> None:
     plan = result["plan"]
-    qmig, qemu, ratio = result["qmig"], result["qemu"], result["ratio"]
-    before = result.get("qmig_no_fast_path")
+    qemu, c_paths, python_paths = result["qemu"], result["qmig"], result.get("qmig_python")
     preempt = result.get("qmig_preempt")
     print(
         f"{plan['ram'] // MiB} MiB guest, {plan['guest_bytes'] // MiB} MiB of it written, "
         f"{plan['bandwidth'] // MiB} MiB/s precopy and postcopy, postcopy after one pass"
     )
-    print(f"{'':26}{'qmig':>14}{'QEMU 7.2':>14}{'qmig/QEMU':>12}")
-    for label, key in ROWS:
-        name = key if isinstance(key, str) else f"{key[0]}.{key[1]}"
-        cells = [_cell(qmig and _value(qmig, key)), _cell(qemu and _value(qemu, key))]
-        print(f"{label:26}{cells[0]:>14}{cells[1]:>14}{_cell(ratio.get(name)):>12}")
-    for extra, title in (
-        (before, "qmig with pages placed from Python (--no-fast-path), same run:"),
-        (preempt, "qmig with postcopy-preempt (--preempt), same run:"),
-    ):
-        if extra:
-            print(title)
-            for label, key in ROWS:
-                print(f"{label:26}{_cell(_value(extra, key)):>14}")
-    sides = ((qmig, "qmig"), (before, "qmig --no-fast-path"), (preempt, "qmig --preempt"))
+    width = 46
+    heads = ("QEMU 7.2", "qmig (C paths)", "qmig (Python paths)", "C/QEMU", "Python/QEMU")
+    print(f"{'':{width}}{heads[0]:>12}{heads[1]:>16}{heads[2]:>21}{heads[3]:>9}{heads[4]:>13}")
+    python_ratio = result.get("ratio_python") or {}
+    for label, key in ROWS + SPLIT_ROWS:
+        cells = [_cell(side and _value(side, key)) for side in (qemu, c_paths, python_paths)]
+        ratio = (_cell(result["ratio"].get(_name(key))), _cell(python_ratio.get(_name(key))))
+        print(
+            f"{label:{width}}{cells[0]:>12}{cells[1]:>16}{cells[2]:>21}{ratio[0]:>9}{ratio[1]:>13}"
+        )
+    if preempt:
+        print("qmig with postcopy-preempt (--preempt, C paths), same run:")
+        for label, key in ROWS + SPLIT_ROWS:
+            print(f"{label:{width}}{_cell(_value(preempt, key)):>12}")
+    sides = (
+        (qemu, "QEMU"),
+        (c_paths, "qmig (C paths)"),
+        (python_paths, "qmig (Python paths)"),
+        (preempt, "qmig --preempt"),
+    )
     for side, name in sides:
-        if not side:
-            continue
-        # A request's round trip, by its parts (p50 / p99 µs): the destination's fault → its
-        # REQ_PAGES on the wire; → read by the source (on the wire, and until the source's
-        # loop looks); the source's REQ_PAGES read → the page on the wire; the page on the
-        # wire → placed (queued behind the bytes sent before it, then read and placed), of
-        # which the last part is the page read off the wire → placed (by the C thread; none
-        # without it). What is left of the fault latency is waking the faulting thread.
-        parts = [
-            ("fault → request on the wire", side.get("request_sent_us")),
-            ("request on the wire → read", side.get("request_read_us")),
-            ("request → page on the wire", side.get("request_served_us")),
-            ("page on the wire → placed", side.get("page_delivered_us")),
-            ("page off the wire → placed", side.get("page_placed_us")),
-        ]
-        for label, figures in parts:
-            p50, p99 = (figures or {}).get("p50"), (figures or {}).get("p99")
-            print(f"{name} {label:30}{_cell(p50):>10}{_cell(p99):>10}")
-    for side, name in ((qmig, "qmig"), (qemu, "QEMU")):
         if side and not side.get("verified"):
             print(f"{name}: NOT verified")
 
@@ -434,9 +458,11 @@ def main() -> int:
     parser.add_argument("--vcpus", type=int, default=1, help="qmig destination vCPUs (1)")
     parser.add_argument("--only", choices=["qmig", "qemu"], help="run one side only")
     parser.add_argument(
-        "--before",
-        action="store_true",
-        help="also run qmig with pages placed from Python (--no-fast-path), for a before/after",
+        "--paths",
+        choices=["both", "c", "python"],
+        default="both",
+        help="qmig's fault round trip in C (the default paths), in Python (--no-fast-path "
+        "--no-fast-answer, as before the C paths), or both for a before/after (default both)",
     )
     parser.add_argument(
         "--preempt",
@@ -459,12 +485,12 @@ def main() -> int:
         dirty_pattern=args.dirty_pattern,
         vcpus=args.vcpus,
     )
-    result: dict[str, Any] = {"plan": vars(plan), "qmig": None, "qemu": None}
+    result: dict[str, Any] = {"plan": vars(plan), "qmig": None, "qmig_python": None, "qemu": None}
     try:
         if args.only != "qemu":
-            result["qmig"] = run_qmig(plan)
-            if args.before:
-                result["qmig_no_fast_path"] = run_qmig(plan, fast_path=False)
+            for paths, (name, c_paths) in PATHS.items():
+                if args.paths in ("both", paths):
+                    result[name] = run_qmig(plan, c_paths=c_paths)
             if args.preempt:
                 result["qmig_preempt"] = run_qmig(plan, preempt=True)
         if args.only != "qmig":
@@ -474,6 +500,7 @@ def main() -> int:
         print(f"simulate_bench: error: {error.one_line()}", file=sys.stderr)
         return 1
     result["ratio"] = ratios(result["qmig"] or {}, result["qemu"] or {})
+    result["ratio_python"] = ratios(result["qmig_python"] or {}, result["qemu"] or {})
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         sys.stdout.write("\n")

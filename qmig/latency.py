@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -90,3 +91,67 @@ def request_legs(
             # on its way already (the sweep sent it), and the answer took no part in it.
             to_placed.append(placed_after)
     return to_read, to_placed
+
+
+@dataclass(frozen=True)
+class RequestSplit:
+    """A run's page requests, each leg of their round trip in ns (see :func:`request_split`)."""
+
+    sent: list[int]  # fault → REQ_PAGES sent (the destination)
+    read: list[int]  # sent → read by the source
+    served: list[int]  # read → its page written (the source)
+    delivered: list[int]  # written → placed (the destination)
+    placed: list[int]  # sent → placed, as the destination alone measures it
+
+    def as_json(self) -> dict[str, dict[str, float]]:
+        """The legs as a summary reports them: count, p50, p99 in µs."""
+        legs = {
+            "request_sent_us": self.sent,
+            "request_read_us": self.read,
+            "request_served_us": self.served,
+            "page_delivered_us": self.delivered,
+        }
+        return {name: _count_p50_p99(samples) for name, samples in legs.items()}
+
+
+def _count_p50_p99(samples_ns: Sequence[int]) -> dict[str, float]:
+    ordered = sorted(samples_ns)
+    return {
+        "count": len(ordered),
+        "p50": percentile_us(ordered, 0.5),
+        "p99": percentile_us(ordered, 0.99),
+    }
+
+
+def request_split(
+    read: Sequence[tuple[float, str, int]],
+    served_ns: Sequence[int],
+    sent: Sequence[tuple[int, int, str, int]],
+    sent_ns: Sequence[int],
+    sent_at_ns: Sequence[int] | None = None,
+    since: float | None = None,
+) -> RequestSplit:
+    """The legs of the requests made from ``since`` on (monotonic s; None: all of them).
+
+    ``read``, ``served_ns`` and ``sent`` as :func:`request_legs` takes them; ``sent_ns``: the
+    destination's fault → sent per request, and ``sent_at_ns`` when each was sent (the same
+    order; needed with ``since``). Both processes read the same clock: a request counts when
+    the destination sent it from ``since`` on, and its source side when read from then on.
+    """
+    if since is None:
+        picked_read, picked_served = list(read), list(served_ns)
+        picked_sent, faults = list(sent), list(sent_ns)
+    else:
+        since_ns = round(since * 1e9)
+        pairs = [(r, s) for r, s in zip(read, served_ns, strict=False) if r[0] >= since]
+        picked_read, picked_served = [r for r, _ in pairs], [s for _, s in pairs]
+        picked_sent = [entry for entry in sent if entry[0] >= since_ns]
+        faults = [ns for ns, at in zip(sent_ns, sent_at_ns or [], strict=False) if at >= since_ns]
+    to_read, to_placed = request_legs(picked_read, picked_served, picked_sent)
+    return RequestSplit(
+        sent=faults,
+        read=to_read,
+        served=picked_served,
+        delivered=to_placed,
+        placed=[waited for _, waited, _, _ in picked_sent],
+    )

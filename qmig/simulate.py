@@ -18,7 +18,7 @@ from typing import Any
 
 from qmig import simulate_multifd
 from qmig.errors import QmigError, VerificationError
-from qmig.latency import percentile_us, request_legs, vcpu_blocktime_ms
+from qmig.latency import RequestSplit, percentile_us, request_split, vcpu_blocktime_ms
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.source import DeviceSnapshot, Source
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
@@ -315,15 +315,8 @@ def _summary(
     stats = source.stats
     faults = destination.get("faults") or {}
     latency = faults.get("latency_ns") or {}
-    sent_ns = sorted(destination.get("request_sent_ns") or [])
-    served_ns = sorted(report.served_ns)
     placed_ns = sorted(destination.get("fast_path_wait_ns") or [])
-    read_ns, delivered_ns = (
-        sorted(leg)
-        for leg in request_legs(
-            report.requests, report.served_ns, destination.get("request_log") or []
-        )
-    )
+    split = _split(report, destination)
     downtime = None
     if report.stopped is not None and destination.get("running_at") is not None:
         downtime = (destination["running_at"] - report.stopped) * 1000
@@ -363,28 +356,12 @@ def _summary(
             "p99": round(latency.get("p99_ns", 0) / 1000, 1),
             "max": round(latency.get("max_ns", 0) / 1000, 1),
         },
-        # The two ends of a fault's latency: on the destination, fault → REQ_PAGES sent; on
-        # the source, REQ_PAGES read → its pages written into the socket.
-        "request_sent_us": {
-            "p50": percentile_us(sent_ns, 0.5),
-            "p99": percentile_us(sent_ns, 0.99),
-        },
-        "request_served_us": {
-            "p50": percentile_us(served_ns, 0.5),
-            "p99": percentile_us(served_ns, 0.99),
-        },
-        # And between them: REQ_PAGES sent → read by the source (on the wire, and waiting
-        # for the source's loop to look); the page written → placed (queued behind the bytes
-        # sent before it, then read and placed; pages placed before the answer was written,
-        # because the sweep had sent them already, are left out).
-        "request_read_us": {
-            "p50": percentile_us(read_ns, 0.5),
-            "p99": percentile_us(read_ns, 0.99),
-        },
-        "page_delivered_us": {
-            "p50": percentile_us(delivered_ns, 0.5),
-            "p99": percentile_us(delivered_ns, 0.99),
-        },
+        # A fault's latency by its legs: on the destination, fault → REQ_PAGES sent; REQ_PAGES
+        # sent → read by the source (on the wire, and waiting for the source's loop to look);
+        # on the source, read → its pages written into the socket; the page written → placed
+        # (queued behind the bytes sent before it, then read and placed; pages placed before
+        # the answer was written, because the sweep had sent them already, are left out).
+        **split().as_json(),
         # The destination's C receive thread: data pages it placed, recv() → placed.
         "page_placed_us": {
             "p50": percentile_us(placed_ns, 0.5),
@@ -415,6 +392,7 @@ def _summary(
         "recoveries": report.recoveries,
         "destination_recoveries": destination.get("recoveries", 0),
         "paused_ms": round(report.paused_s * 1000, 2),
+        **_after_last_recovery(report, destination),
         # Each pause as each end saw it: when (s from the start), why, stream bytes and
         # postcopy pages by then (sent / placed), and how long until it resumed.
         "pauses": pauses_json(report.pauses, report.started),
@@ -445,6 +423,52 @@ def _summary(
         "workload": {"pattern": config.pattern, "vcpus": config.vcpus, "writes": False},
         "source_guest": {"dirty_rate": config.dirty_rate, "dirty_pattern": config.dirty_pattern},
     }
+
+
+def _after_last_recovery(report: Any, destination: dict[str, Any]) -> dict[str, Any]:
+    """after_last_recovery: from when (s from the start), the requests the destination sent
+    from then on, and their legs; nothing without a recovery."""
+    legs = after_last_recovery(report, destination)
+    since = last_resume(destination)
+    if legs is None or since is None:
+        return {}
+    return {
+        "after_last_recovery": {
+            "since_s": round(since - report.started, 6),
+            "requests": len(legs.sent),
+            **legs.as_json(),
+        }
+    }
+
+
+def last_resume(destination: dict[str, Any]) -> float | None:
+    """When the destination (its report) last resumed after a pause (monotonic s), or None.
+    It resumes on POSTCOPY_RESUME, before it sends anything on the new channel: every
+    request sent from then on, and read by the source from then on, is the last recovery's."""
+    resumed = [pause.get("resumed_at") for pause in destination.get("pauses") or []]
+    return max((at for at in resumed if at is not None), default=None)
+
+
+def after_last_recovery(source_report: Any, destination: dict[str, Any]) -> RequestSplit | None:
+    """The legs of the requests made after the last recovery, from both ends' reports (the
+    source's :class:`~qmig.runner.source.SourceReport`, the destination's as the peer sends
+    it); None without a recovery."""
+    since = last_resume(destination)
+    if since is None:
+        return None
+    return _split(source_report, destination)(since=since)
+
+
+def _split(source_report: Any, destination: dict[str, Any]) -> Callable[..., RequestSplit]:
+    """:func:`~qmig.latency.request_split` over both ends' reports, given ``since``."""
+    return partial(
+        request_split,
+        source_report.requests,
+        source_report.served_ns,
+        destination.get("request_log") or [],
+        destination.get("request_sent_ns") or [],
+        destination.get("request_sent_at_ns") or [],
+    )
 
 
 def _rate(pages: int, ns: int) -> float | None:
@@ -482,4 +506,4 @@ def environment_check() -> None:
     probe()
 
 
-__all__ = ["SimulationConfig", "run_simulation"]
+__all__ = ["SimulationConfig", "after_last_recovery", "run_simulation"]

@@ -68,6 +68,7 @@ class DestinationReport:
     devices: list[m.DeviceState] = field(default_factory=list, repr=False)
     requests: int = 0
     request_sent_ns: list[int] = field(default_factory=list, repr=False)  # fault -> request sent
+    request_sent_at_ns: list[int] = field(default_factory=list, repr=False)  # when, in order
     request_placed_ns: list[int] = field(default_factory=list, repr=False)  # sent -> placed
     faults: dict[str, Any] = field(default_factory=dict)
     workload: list[dict[str, Any]] = field(default_factory=list)
@@ -914,6 +915,7 @@ class DestinationRunner:
         if asked is not None:
             self.report.requests += 1
             self.report.request_sent_ns.append(time.monotonic_ns() - request.fault_ns)
+            self.report.request_sent_at_ns.append(sent[0])
 
     # --- page requests from C (qmig.ram.fault_requests) --------------------------------------
 
@@ -973,6 +975,7 @@ class DestinationRunner:
             self._awaiting[key] = [sent.sent_ns]
             self.report.requests += 1
             self.report.request_sent_ns.append(sent.done_ns - sent.read_ns)
+            self.report.request_sent_at_ns.append(sent.sent_ns)
             ram = self._session().block(sent.block)
             if ram.host_page_received(sent.host_offset // ram.page_size):
                 self._answered(*key)

@@ -209,6 +209,7 @@ def report_json(runner: DestinationRunner) -> dict[str, object]:
         "devices": len(report.devices),
         "requests": report.requests,
         "request_sent_ns": report.request_sent_ns,
+        "request_sent_at_ns": report.request_sent_at_ns,
         "faults": report.faults,
         "workload": report.workload,
         "discarded_pages": report.discarded_pages,

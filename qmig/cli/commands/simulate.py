@@ -320,6 +320,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
             f"{s['paused_ms']:.1f} ms, {plural(s['resent_pages'], 'page')} missing at resume",
         ),
         *pause_rows(s["pauses"], "sent"),
+        *_after_recovery_row(s),
         *_preempt_row(s),
         *_multifd_rows(s),
         ("placement", _placement(s["placement_mib_s"])),
@@ -328,6 +329,23 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _after_recovery_row(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The request legs (p50) of the requests sent after the last recovery, if there was one."""
+    after = s.get("after_last_recovery")
+    if after is None:
+        return []
+    return [
+        (
+            "after recovery",
+            f"{plural(after['requests'], 'request')} sent from {after['since_s']:.2f} s: "
+            f"fault → sent p50 {after['request_sent_us']['p50']} µs, → read by the source "
+            f"{after['request_read_us']['p50']} µs, → page sent "
+            f"{after['request_served_us']['p50']} µs, → placed "
+            f"{after['page_delivered_us']['p50']} µs",
+        )
+    ]
 
 
 def _preempt_row(s: dict[str, Any]) -> list[tuple[str, str]]:

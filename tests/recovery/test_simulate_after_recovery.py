@@ -1,0 +1,96 @@
+"""``qmig simulate`` after a postcopy recovery: the fault latency's split for the requests
+made after the last recovery (``after_last_recovery``), beside the whole run's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import simulating
+
+pytestmark = pytest.mark.uffd
+LEGS = ("request_sent_us", "request_read_us", "request_served_us", "page_delivered_us")
+# Everything in postcopy, cut once after 2000 pages: most requests come after the recovery.
+RECOVERING = ("--ram", "64M", "--postcopy-after", "0", "--pause-after", "2000")
+
+# The same run in-process, to keep both ends' raw reports: what the summary says against the
+# requests each end logged, each with its own clock reading.
+IN_PROCESS = """
+import json
+from qmig.report.recorder import Recorder
+from qmig.simulate import SimulationConfig, run_simulation
+
+MiB = 1 << 20
+recorder = Recorder()
+config = SimulationConfig(
+    blocks=[("pc.ram", 56 * MiB), ("vga.vram", 8 * MiB)], postcopy_after=0, pause_after=2000
+)
+summary = run_simulation(config, recorder=recorder)
+source, destination = recorder.runs["source"], recorder.runs["destination"]
+print(json.dumps({
+    "summary": summary,
+    "sent_at_ns": destination["request_sent_at_ns"],
+    "resumed_at": [pause["resumed_at"] for pause in destination["pauses"]],
+    "read_at": [read_at for read_at, _, _ in source.requests],
+}))
+"""
+
+
+def in_process() -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", IN_PROCESS],
+        capture_output=True,
+        text=True,
+        timeout=simulating.TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_the_split_after_the_last_recovery_counts_the_requests_made_after_it() -> None:
+    found = in_process()
+    summary = found["summary"]
+    assert summary["verified"] is True and summary["recoveries"] == 1
+    after = summary["after_last_recovery"]
+    assert set(after) == {"since_s", "requests", *LEGS}
+    (resumed,) = found["resumed_at"]
+    sent_after = [at for at in found["sent_at_ns"] if at >= resumed * 1e9]
+    read_after = [at for at in found["read_at"] if at >= resumed]
+    # Every request the destination sent from its resume on, and only those, and on the
+    # source's side every request it read from then on.
+    assert after["requests"] == after["request_sent_us"]["count"] == len(sent_after)
+    assert after["request_served_us"]["count"] == len(read_after)
+    # Some came before the cut, most after (the cut was at 2000 of 16384 pages).
+    assert 0 < len(sent_after) < len(found["sent_at_ns"]) == summary["postcopy_requests"]
+    assert 0 < len(read_after) < summary["source_requests"]
+    for leg in LEGS:
+        figures, whole = after[leg], summary[leg]
+        assert set(figures) == set(whole) == {"count", "p50", "p99"}
+        assert 0 < figures["count"] <= whole["count"]
+        assert 0 < figures["p50"] <= figures["p99"]
+    assert after["since_s"] == pytest.approx(
+        summary["destination_pauses"][0]["resumed_at_s"], abs=1e-5
+    )
+
+
+def test_the_human_summary_has_one_line_for_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "qmig", "simulate", *RECOVERING],
+        capture_output=True,
+        text=True,
+        timeout=simulating.TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.strip().startswith("after recovery")]
+    assert len(rows) == 1 and " sent from " in rows[0]
+
+
+def test_absent_without_a_recovery() -> None:
+    result = simulating.verified("--ram", "64M", "--postcopy-after", "0")
+    assert result["recoveries"] == 0
+    assert "after_last_recovery" not in result
+    assert result["request_sent_us"]["count"] == result["postcopy_requests"] > 0
