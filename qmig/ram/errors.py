@@ -26,3 +26,11 @@ class UffdCallError(QmigError):
     def __init__(self, call: str, errno_value: int, detail: str) -> None:
         self.errno = errno_value
         super().__init__("userfaultfd", f"{call} failed: {detail}")
+
+
+class UffdEventError(QmigError):
+    """The userfaultfd said something other than a page fault about registered memory (a
+    range removed, unmapped or moved): what was placed there is no longer known."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("userfaultfd", detail)

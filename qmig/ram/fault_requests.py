@@ -139,9 +139,9 @@ class FaultRequests:
             size = lib.qmig_freq_format(self.ctx, self.index[block], host_offset, out)
         return bytes(ffi.buffer(out, size))
 
-    def drain(self) -> list[tuple[int, int, int, int, int, int, int, int, int]]:
+    def drain(self) -> list[tuple[int, int, int, int, int, int, int, int, int, int, int]]:
         """The log's entries, oldest first: (read_ns, sent_ns, done_ns, address, host offset,
-        tid, block, kind, with_id)."""
+        tid, block, kind, with_id, event, end)."""
         out = []
         while True:
             count = lib.qmig_freq_drain(self.ctx, self._drained, DRAIN)
@@ -149,7 +149,7 @@ class FaultRequests:
                 e = self._drained[index]
                 out.append(
                     (e.read_ns, e.sent_ns, e.done_ns, e.address, e.host_offset, e.tid,
-                     e.block, e.kind, e.with_id)
+                     e.block, e.kind, e.with_id, e.event, e.end)
                 )  # fmt: skip
             if count < DRAIN:
                 return out

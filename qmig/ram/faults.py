@@ -16,7 +16,11 @@ Every fault gets a timestamp in C right after read(). When its host page is plac
 whoever serves it, via the block's placement listener) the interval read → placed is the
 fault's latency and the faulting thread's blocked time; faults on a page that is already
 requested are folded into the one request. Faults outside every block are reported to
-``on_stray`` and kept in :attr:`FaultThread.strays`, never dropped silently.
+``on_stray`` and kept in :attr:`FaultThread.strays`, never dropped silently; so are the
+messages that are no page fault (UFFD_EVENT_REMOVE and the like, which come only with the
+features that ask for them: qmig asks for none, a descriptor handed over may have), each as
+the event it is. One that changes registered memory (REMOVE, UNMAP, REMAP) leaves the received
+bitmaps wrong, so it is the thread's :attr:`FaultThread.error` as well.
 
 Shutdown: :meth:`FaultThread.stop` writes the quit eventfd, which stays readable until read,
 so a stop that races with the thread entering poll() cannot be lost.
@@ -45,6 +49,7 @@ import queue
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -52,8 +57,8 @@ from typing import Any, NamedTuple
 from qmig.ram import fault_requests as fr
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.blocks import RamBlock, RamBlocks
-from qmig.ram.errors import RamError, UffdCallError
-from qmig.ram.uffd import EVENT_PAGEFAULT, FLAG_WRITE, Userfaultfd
+from qmig.ram.errors import RamError, UffdCallError, UffdEventError
+from qmig.ram.uffd import EVENT_NAMES, EVENT_PAGEFAULT, FLAG_WRITE, Userfaultfd, event_name
 
 BATCH = int(lib.QMIG_FAULT_BATCH)  # fault messages per read(), as the C reads them
 SPIN_US = 50.0
@@ -71,7 +76,8 @@ def _unpacker(ctype: str) -> struct.Struct:
     return struct.Struct(layout + "x" * (ffi.sizeof(ctype) - at))
 
 
-_SERVED = _unpacker("struct qmig_served")  # read_ns, placed_ns, address, tid, block
+# read_ns, placed_ns, address, end, tid, block, event
+_SERVED = _unpacker("struct qmig_served")
 
 
 class PageRequest(NamedTuple):
@@ -99,12 +105,30 @@ class SentRequest(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class StrayFault:
-    """A fault (or other event) that belongs to no block."""
+    """A fault that belongs to no block, or a message that is no page fault (``event``)."""
 
     address: int
     thread_id: int
     fault_ns: int
     event: int
+    end: int = 0  # not a page fault: the event's range is [address, end)
+
+    @property
+    def is_fault(self) -> bool:
+        return self.event == EVENT_PAGEFAULT
+
+    @property
+    def kind(self) -> str:
+        """PAGEFAULT, REMOVE, ...: the event as the kernel names it, without its prefix."""
+        return EVENT_NAMES.get(self.event, f"0x{self.event:x}")
+
+    def describe(self) -> str:
+        """One line: what the message was, and where."""
+        if self.is_fault:
+            return f"page fault at 0x{self.address:x} outside every block"
+        if self.end:
+            return f"{event_name(self.event)} of 0x{self.address:x}-0x{self.end:x}"
+        return event_name(self.event)
 
 
 @dataclass(frozen=True)
@@ -136,12 +160,13 @@ class FaultStats:
     requests: int  # page requests handed out (one per missing host page)
     repeat_faults: int  # faults on a page already requested (same or other thread)
     late_faults: int  # faults read after their page was already in place
-    stray_faults: int
+    stray_faults: int  # page faults outside every block
     pending: int  # requested host pages not yet in place
     latency: LatencySummary  # fault read → page placed, per fault
     blocktime_ns: int  # sum over faults of read → placed
     blocktime_ns_by_thread: dict[int, int] = field(default_factory=dict)
     all_blocked_ns: int = 0  # time during which every known vCPU thread was blocked
+    events: dict[str, int] = field(default_factory=dict)  # other messages, by kind (REMOVE...)
 
 
 def _all_blocked(intervals: list[tuple[int, int, int]], threads: int) -> int:
@@ -270,7 +295,14 @@ class FaultThread:
             for index in range(count):
                 message = messages[index]
                 try:
-                    handle(message.address, message.flags, message.tid, message.t_ns, message.event)
+                    handle(
+                        message.address,
+                        message.flags,
+                        message.tid,
+                        message.t_ns,
+                        message.event,
+                        message.end,
+                    )
                 except Exception as error:  # the runner's callback failed; keep serving
                     if self.error is None:
                         self.error = error
@@ -292,9 +324,7 @@ class FaultThread:
                 held, self._held = self._held, []
                 strays, self._held_strays = self._held_strays, []
             for stray in strays:
-                self.strays.append(stray)
-                if self.on_stray is not None:
-                    self.on_stray(stray)
+                self._report(stray)
             for request in held:
                 try:
                     self.on_request(request)
@@ -318,6 +348,8 @@ class FaultThread:
             index,
             kind,
             with_id,
+            event,
+            end,
         ) in self.c_requests.drain():
             if kind == fr.SEND:
                 self._sent.append(
@@ -326,10 +358,11 @@ class FaultThread:
                     )
                 )
                 continue
-            self._faults += 1
             if kind == fr.STRAY:
-                self._held_strays.append(StrayFault(address, tid, read_ns, EVENT_PAGEFAULT))
+                self._held_strays.append(StrayFault(address, tid, read_ns, event, end))
+                self._faults += event == EVENT_PAGEFAULT
                 continue
+            self._faults += 1
             block = blocks[index]
             if kind == fr.LATE:
                 self._late += 1
@@ -388,13 +421,10 @@ class FaultThread:
                 chunk = bytes(ffi.buffer(log, count * entry_size))
                 with self._lock:
                     self._served_logs.append(chunk)
-            if stop[0] == 2:  # faults in no block: report them as the request path does
-                for read_ns, _, address, tid, index in _SERVED.iter_unpack(chunk):
+            if stop[0] == 2:  # faults in no block, other events: reported as the others do
+                for read_ns, _, address, end, tid, index, event in _SERVED.iter_unpack(chunk):
                     if index < 0:
-                        stray = StrayFault(address, tid, read_ns, EVENT_PAGEFAULT)
-                        self.strays.append(stray)
-                        if self.on_stray is not None:
-                            self.on_stray(stray)
+                        self._report(StrayFault(address, tid, read_ns, event, end))
             elif stop[0] == 0 or self._stopping:
                 return
 
@@ -406,7 +436,9 @@ class FaultThread:
         latencies: list[int] = []
         intervals: list[tuple[int, int, int]] = []
         for chunk in logs:
-            for read_ns, placed_ns, _, tid, index in _SERVED.iter_unpack(chunk):
+            for read_ns, placed_ns, _, _, tid, index, event in _SERVED.iter_unpack(chunk):
+                if event != EVENT_PAGEFAULT:
+                    continue  # not a fault: reported as the event it is
                 faults += 1
                 if index < 0:
                     continue
@@ -419,14 +451,16 @@ class FaultThread:
                 intervals.append((read_ns, end, tid))
         return faults, placed, late, latencies, intervals
 
-    def _handle(self, address: int, flags: int, tid: int, t_ns: int, event: int) -> None:
+    def _handle(
+        self, address: int, flags: int, tid: int, t_ns: int, event: int, end: int = 0
+    ) -> None:
+        if event != EVENT_PAGEFAULT:
+            self._report(StrayFault(address, tid, t_ns, event, end))
+            return
         self._faults += 1
-        block = self.blocks.find(address) if event == EVENT_PAGEFAULT else None
+        block = self.blocks.find(address)
         if block is None:
-            stray = StrayFault(address, tid, t_ns, event)
-            self.strays.append(stray)
-            if self.on_stray is not None:
-                self.on_stray(stray)
+            self._report(StrayFault(address, tid, t_ns, event))
             return
         host_page = (address - block.host_address) // block.page_size
         with self._lock:
@@ -453,6 +487,25 @@ class FaultThread:
                 bool(flags & FLAG_WRITE),
             )
         )
+
+    def _report(self, stray: StrayFault) -> None:
+        """A fault in no block, or another event: kept, handed to ``on_stray``; an event that
+        changed registered memory is the thread's error too (the first one)."""
+        self.strays.append(stray)
+        if not stray.is_fault and stray.end and self.error is None:
+            touched = [
+                block.idstr
+                for block in self.blocks
+                if stray.address < block.host_address + block.used_length
+                and block.host_address < stray.end
+            ]
+            if touched:
+                self.error = UffdEventError(
+                    f"{stray.describe()} in block {', '.join(touched)}: registered guest RAM "
+                    "changed under the fault thread (only page faults are served)"
+                )
+        if self.on_stray is not None:
+            self.on_stray(stray)
 
     def _placed(self, block: RamBlock, first: int, count: int, t_ns: int) -> None:
         """Host pages ``[first, first+count)`` were placed, by ``t_ns`` at the latest. A batch
@@ -511,10 +564,11 @@ class FaultThread:
             requests=requests,
             repeat_faults=self._repeats,
             late_faults=late,
-            stray_faults=len(self.strays),
+            stray_faults=sum(stray.is_fault for stray in self.strays),
             pending=pending,
             latency=LatencySummary.of(latencies),
             blocktime_ns=sum(by_thread.values()),
             blocktime_ns_by_thread=by_thread,
             all_blocked_ns=_all_blocked(intervals, threads),
+            events=dict(Counter(stray.kind for stray in self.strays if not stray.is_fault)),
         )

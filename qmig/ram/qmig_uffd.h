@@ -9,13 +9,17 @@
 
 #include <stdint.h>
 
-/* One fault message, flattened for Python; t_ns is CLOCK_MONOTONIC right after read(). */
+/* One message, flattened for Python; t_ns is CLOCK_MONOTONIC right after read(). A page
+   fault (UFFD_EVENT_PAGEFAULT) has its address, flags and thread; another event (REMOVE,
+   UNMAP, REMAP: only with the features that ask for them) the range it is about,
+   [address, end), and a FORK neither. */
 struct qmig_fault {
     uint64_t address;
     uint64_t flags;
     uint64_t t_ns;
     uint32_t tid;
     uint32_t event;
+    uint64_t end;
 };
 
 /* Outcome of placing a run of pages. */
@@ -90,13 +94,15 @@ struct qmig_records_result {
     uint64_t error_record;    /* the record that failed, when the call returns < 0 */
 };
 
-/* One fault as qmig_serve_blocks saw it. */
+/* One fault (or other message) as qmig_serve_blocks saw it. */
 struct qmig_served {
     uint64_t read_ns;         /* CLOCK_MONOTONIC right after read() */
     uint64_t placed_ns;       /* when its page went in; 0: it was in place already (late) */
     uint64_t address;
+    uint64_t end;             /* not a page fault: the end of the event's range, or 0 */
     uint32_t tid;             /* 0 unless UFFD_FEATURE_THREAD_ID */
     int32_t block;            /* index into blocks; -1: in no block (stray), or not a fault */
+    uint32_t event;           /* UFFD_EVENT_*: what the message was */
 };
 
 /* Target pages gathered per placing ioctl at most (the per-thread scratch buffer's size), and
@@ -231,6 +237,8 @@ struct qmig_freq_entry {
     int32_t block;            /* index into blocks; -1: in no block, or not a fault */
     uint32_t kind;            /* QMIG_FREQ_* */
     uint32_t with_id;         /* the request was a REQ_PAGES_ID */
+    uint32_t event;           /* UFFD_EVENT_*: a STRAY that is not a page fault is another event */
+    uint64_t end;             /* such an event's range is [address, end) */
 };
 
 /* What became of a fault: a request sent, none as sending was off (Python asks), the send

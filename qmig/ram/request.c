@@ -155,6 +155,8 @@ static struct qmig_freq_entry *log_entry(struct qmig_freq *ctx, const struct qmi
     e->read_ns = f->t_ns;
     e->address = f->address;
     e->tid = f->tid;
+    e->event = f->event;
+    e->end = f->end;
     e->block = -1;
     e->kind = QMIG_FREQ_STRAY;
     return e;

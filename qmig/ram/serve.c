@@ -41,8 +41,8 @@ static int serve_fault(const struct qmig_fault *fault, struct qmig_block **block
 /* Read faults in batches, place each missing host page from sources[block] (same layout as
    the block) with UFFDIO_COPY, keep the bitmap, and log every fault with its times for the
    Python side's statistics. Stops, returning the faults logged, when quitfd is readable
-   (*stop = 0), the log is full (1), or after a fault in no block (2: the last entry, block -1,
-   for Python to report). Returns -errno on a failed read or placement, or -EINVAL for a block
+   (*stop = 0), the log is full (1), or after a fault in no block or a message that is no page
+   fault (2: entries with block -1, for Python to report). Returns -errno on a failed read or placement, or -EINVAL for a block
    whose sizes are not set. */
 int64_t qmig_serve_blocks(int uffd, int quitfd, struct qmig_block **blocks,
                           uint8_t **sources, int nblocks, uint64_t spin_ns,
@@ -69,11 +69,15 @@ int64_t qmig_serve_blocks(int uffd, int quitfd, struct qmig_block **blocks,
             struct qmig_served *entry = &log[n++];
             entry->read_ns = faults[k].t_ns;
             entry->address = faults[k].address;
+            entry->end = faults[k].end;
             entry->tid = faults[k].tid;
+            entry->event = faults[k].event;
             entry->placed_ns = 0;
             entry->block = -1;
-            if (faults[k].event != UFFD_EVENT_PAGEFAULT)
+            if (faults[k].event != UFFD_EVENT_PAGEFAULT) {
+                *stop = 2;  /* another event: Python reports it, as a stray fault */
                 continue;
+            }
             int ret = serve_fault(&faults[k], blocks, sources, nblocks, entry);
             if (ret < 0)
                 return ret;

@@ -186,6 +186,37 @@ int qmig_place(int fd, uint64_t dst, uint64_t src, uint64_t src_stride, uint64_t
     return 0;
 }
 
+/* One message as Python reads it. Only a page fault's arguments are pagefault's: the others
+   share the union with other layouts (a REMOVE's start lies where a fault's flags do). */
+static void flatten(const struct uffd_msg *msg, struct qmig_fault *out, uint64_t now)
+{
+    out->event = msg->event;
+    out->t_ns = now;
+    out->address = out->flags = out->end = 0;
+    out->tid = 0;
+    switch (msg->event) {
+    case UFFD_EVENT_PAGEFAULT:
+        out->address = msg->arg.pagefault.address;
+        out->flags = msg->arg.pagefault.flags;
+        out->tid = msg->arg.pagefault.feat.ptid;
+        break;
+    case UFFD_EVENT_REMOVE:
+    case UFFD_EVENT_UNMAP:
+        out->address = msg->arg.remove.start;
+        out->end = msg->arg.remove.end;
+        break;
+    case UFFD_EVENT_REMAP:
+        out->address = msg->arg.remap.from;
+        out->end = msg->arg.remap.from + msg->arg.remap.len;
+        break;
+    case UFFD_EVENT_FORK:
+        /* A descriptor for the child's copy of the ranges, installed in this process: nobody
+           serves the child, so it goes (its ranges then fault as if never registered). */
+        close((int)msg->arg.fork.ufd);
+        break;
+    }
+}
+
 /* Read up to `max` messages in one read() (the descriptor is non-blocking). */
 static int read_faults(int uffd, struct qmig_fault *out, int max)
 {
@@ -197,13 +228,8 @@ static int read_faults(int uffd, struct qmig_fault *out, int max)
     if (got < 0)
         return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
     int n = (int)(got / (ssize_t)sizeof(msgs[0]));
-    for (int k = 0; k < n; k++) {
-        out[k].event = msgs[k].event;
-        out[k].address = msgs[k].arg.pagefault.address;
-        out[k].flags = msgs[k].arg.pagefault.flags;
-        out[k].tid = msgs[k].arg.pagefault.feat.ptid;
-        out[k].t_ns = now;
-    }
+    for (int k = 0; k < n; k++)
+        flatten(&msgs[k], &out[k], now);
     return n;
 }
 

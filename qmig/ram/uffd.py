@@ -67,6 +67,16 @@ REQUIRED_HUGE_RANGE_IOCTLS = ("WAKE", "COPY")
 MODE_MISSING = lib.UFFDIO_REGISTER_MODE_MISSING
 COPY_DONTWAKE = lib.UFFDIO_COPY_MODE_DONTWAKE
 EVENT_PAGEFAULT = lib.UFFD_EVENT_PAGEFAULT
+# The messages other than page faults, each only with the feature that asks for it (qmig
+# asks for none; a descriptor handed over by another process may have).
+EVENT_NAMES = {
+    lib.UFFD_EVENT_PAGEFAULT: "PAGEFAULT",
+    lib.UFFD_EVENT_FORK: "FORK",
+    lib.UFFD_EVENT_REMAP: "REMAP",
+    lib.UFFD_EVENT_REMOVE: "REMOVE",
+    lib.UFFD_EVENT_UNMAP: "UNMAP",
+}
+FEATURE_EVENT_REMOVE = 1 << 3
 FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
@@ -78,6 +88,11 @@ TARGET_PAGE_SIZE = target_page_size()
 MAX_RUN_PAGES = int(lib.QMIG_SCRATCH_PAGES)
 _GONE = (errno.ENOENT, errno.ESRCH)
 ACCESS_HINT = "run as root, grant access to /dev/userfaultfd, or set vm.unprivileged_userfaultfd=1"
+
+
+def event_name(event: int) -> str:
+    """UFFD_EVENT_REMOVE and the like, or the number of one this kernel header lacked."""
+    return f"UFFD_EVENT_{EVENT_NAMES.get(event, f'0x{event:x}')}"
 
 
 def feature_names(mask: int) -> list[str]:
@@ -180,6 +195,7 @@ class FaultMessage(NamedTuple):
     thread_id: int
     read_ns: int  # CLOCK_MONOTONIC right after read()
     event: int
+    end: int = 0  # not a page fault: the event's range is [address, end)
 
 
 class Userfaultfd:
@@ -266,7 +282,7 @@ class Userfaultfd:
         if count < 0:
             raise UffdCallError("read", -count, _strerror(-count))
         return [
-            FaultMessage(m.address, m.flags, m.tid, m.t_ns, m.event)
+            FaultMessage(m.address, m.flags, m.tid, m.t_ns, m.event, m.end)
             for m in (messages[index] for index in range(count))
         ]
 
