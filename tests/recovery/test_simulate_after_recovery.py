@@ -64,14 +64,15 @@ def test_the_split_after_the_last_recovery_counts_the_requests_made_after_it() -
     # source's side every request it read from then on.
     assert after["requests"] == after["request_sent_us"]["count"] == len(sent_after)
     assert after["request_served_us"]["count"] == len(read_after)
-    # Some came before the cut, most after (the cut was at 2000 of 16384 pages).
-    assert 0 < len(sent_after) < len(found["sent_at_ns"]) == summary["postcopy_requests"]
-    assert 0 < len(read_after) < summary["source_requests"]
+    # Most came after the cut (at 2000 of 16384 pages), the rest before it.
+    assert 0 < len(sent_after) <= len(found["sent_at_ns"]) == summary["postcopy_requests"]
+    assert 0 < len(read_after) <= summary["source_requests"]
     for leg in LEGS:
         figures, whole = after[leg], summary[leg]
         assert set(figures) == set(whole) == {"count", "p50", "p99"}
-        assert 0 < figures["count"] <= whole["count"]
-        assert 0 < figures["p50"] <= figures["p99"]
+        assert figures["count"] <= whole["count"]
+        assert figures["p50"] <= figures["p99"]
+    assert after["request_sent_us"]["p50"] > 0 and after["request_served_us"]["p50"] > 0
     assert after["since_s"] == pytest.approx(
         summary["destination_pauses"][0]["resumed_at_s"], abs=1e-5
     )
