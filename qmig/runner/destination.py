@@ -2,105 +2,55 @@
 
 The main thread reads the stream, feeds the machine and applies its decisions to a
 :class:`~qmig.ram.session.RamSession`: map the blocks when MEM_SIZE announces them, discard
-ranges, place pages with userfaultfd, start the guest workload at RUN. The fault thread turns
-faults into page requests through the same machine, under a lock, and sends them on the
-return path at once; once the guest runs here (and with the fast path), the fault thread
-writes them from C itself, and the machine is told of each before its page counts
-(:mod:`qmig.ram.fault_requests`). Nothing here reads guest memory before every page is in
-place.
+ranges, place pages with userfaultfd, start the guest workload at RUN. Other threads share the
+machine with it, under one lock, each joined to it by a module of its own: the fault thread's
+page requests (:mod:`qmig.runner.requester`, on a return path whose writers keep the machine's
+order, :mod:`qmig.runner.return_path`), the preempt channel's reader
+(:mod:`qmig.runner.preempt_recv`), the multifd channels' (:mod:`qmig.runner.multifd_dest`)
+and, once the guest runs here, the C receive threads (:mod:`qmig.runner.fastpath`). Nothing
+here reads guest memory before every page is in place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import select
 import socket
 import threading
 import time
-from array import array
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from qmig.errors import QmigError, RemoteProtocolError, TransportError
-from qmig.latency import qemu_latency_figures
 from qmig.protocol import events as ev
 from qmig.protocol.destination import Destination
-from qmig.protocol.multifd import MultifdSyncPoint, MultifdSyncRule, mark_received
-from qmig.protocol.preempt_channel import PreemptChannel
-from qmig.protocol.states import DestinationState, is_postcopy_running
-from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec
+from qmig.protocol.multifd import MultifdSyncPoint
+from qmig.protocol.states import DestinationState
+from qmig.ram.blocks import HOST_PAGE_SIZE, BlockSpec, RamBlock
 from qmig.ram.errors import RamError
-from qmig.ram.fault_requests import FaultRequests, ReturnPathLock
-from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
-from qmig.runner.channels import PREEMPT, Channels, CutPlan
-from qmig.runner.fastpath import FastPath, start_fast_path, start_preempt_fast_path
-from qmig.runner.misbehave import MisbehavingConnection
-from qmig.runner.multifd_recv import MultifdReceiveOptions, MultifdReceiver
+from qmig.runner.channels import Channels, CutPlan
+from qmig.runner.destination_report import DestinationReport, fault_figures
+from qmig.runner.fastpath import FastPath, start_fast_path
+from qmig.runner.multifd_dest import multifd_receiver
+from qmig.runner.multifd_recv import MultifdReceiveOptions
 from qmig.runner.pauses import Pause
+from qmig.runner.preempt_recv import PreemptReceiver
+from qmig.runner.requester import PageRequester
+from qmig.runner.return_path import ReturnPath
 from qmig.transport import Connection, Limits
 from qmig.wire import messages as m
-from qmig.wire.page_requests import PageRequests
-from qmig.wire.reader import END
 
 RECV_CHUNK = 1 << 20
-RETURN_PATH_BUFFER = 64 << 10  # SO_SNDBUF of the return path (the kernel doubles it)
 POSTCOPY_DATA_RUN = 1  # data pages per UFFDIO_COPY after LISTEN (see _apply)
 IDLE_TIMEOUT = 60.0
-PREEMPT_POLL = 0.1  # the preempt thread's wait for bytes, and then for LISTEN
-STOP_TIMEOUT = 5.0  # a reading thread told to stop has stopped within this
 RECOVER_TIMEOUT = 600.0  # paused: how long to wait for the source's new channel
 
 
-@dataclass
-class DestinationReport:
-    """What happened on the destination, for summaries and --json."""
-
-    started: float = 0.0
-    running_at: float | None = None  # POSTCOPY_RUN (monotonic, comparable across processes)
-    finished: float = 0.0
-    postcopy: bool = False
-    bytes_received: int = 0
-    blocks: dict[str, int] = field(default_factory=dict)
-    devices: list[m.DeviceState] = field(default_factory=list, repr=False)
-    requests: int = 0
-    request_sent_ns: list[int] = field(default_factory=list, repr=False)  # fault -> request sent
-    request_sent_at_ns: list[int] = field(default_factory=list, repr=False)  # when, in order
-    request_placed_ns: list[int] = field(default_factory=list, repr=False)  # sent -> placed
-    faults: dict[str, Any] = field(default_factory=dict)
-    workload: list[dict[str, Any]] = field(default_factory=list)
-    discarded_pages: int = 0
-    notices: list[str] = field(default_factory=list)
-    # Switchover (monotonic): the first POSTCOPY_RAM_DISCARD applied, and LISTEN (whose
-    # registration sweeps the blocks); running_at is RUN.
-    first_discard_at: float | None = None
-    listen_at: float | None = None
-    # Target pages placed, and the time spent placing them, before and after RUN.
-    placed_pages: dict[str, int] = field(default_factory=lambda: {"precopy": 0, "postcopy": 0})
-    placing_ns: dict[str, int] = field(default_factory=lambda: {"precopy": 0, "postcopy": 0})
-    # For reports: per block [pages, zero pages] placed; per answered request (sent ns,
-    # sent → placed ns, block, host offset).
-    block_pages: dict[str, list[int]] = field(default_factory=dict)
-    request_log: list[tuple[int, int, str, int]] = field(default_factory=list, repr=False)
-    recoveries: int = 0
-    paused_s: float = 0.0  # the channel broke → POSTCOPY_RESUME, summed
-    pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
-    # The C receive thread's figures, summed over its runs (one per channel after RUN), and
-    # per data page it placed, recv() → placed (ns).
-    fast_path: dict[str, int] = field(default_factory=dict)
-    fast_path_wait_ns: list[int] = field(default_factory=list, repr=False)
-    preempt_pages: int = 0  # target pages that came on the preempt channel
-    preempt_bytes: int = 0
-    # Multifd: target pages (normal and zero) that came in packets, and per channel what it
-    # carried, with the number of syncs (MultifdReceiver.summary).
-    multifd_pages: int = 0
-    multifd: dict[str, Any] = field(default_factory=dict)
-
-
 class DestinationRunner:
+    # What reads the preempt channel (a subclass may watch it at work).
+    preempt_receiver: type[PreemptReceiver] = PreemptReceiver
+
     def __init__(
         self,
         connection: Connection | Channels,
@@ -142,26 +92,42 @@ class DestinationRunner:
         self.report = DestinationReport()
         self.session: RamSession | None = None
         self._machine_lock = threading.Lock()
-        # Every writer of the return path holds it; with page requests sent from C, it is
-        # the C's own mutex (qmig.ram.fault_requests), set when the RAM is mapped.
-        self._send_lock: threading.Lock | ReturnPathLock = threading.Lock()
-        self._c_requests: FaultRequests | None = None
+        self._return_path = ReturnPath(destination, self.channels)
+        self._requests = PageRequester(
+            destination, self.channels, self._machine_lock, self._return_path, self.report
+        )
         self._discard_prepared = False
-        # (block, host offset) -> when its request went out (0 until sent): the page that
-        # answers it closes the request's latency.
-        self._awaiting: dict[tuple[str, int], list[int]] = {}
         self.completed = False  # the machine said MigrationCompleted
         self._broke_at: float | None = None
         self._fast: FastPath | None = None  # the C receive thread, while the guest runs here
         self.fast_path = fast_path
         self._report_lock = threading.Lock()  # placements come from two threads with preempt
-        self._preempt_thread: threading.Thread | None = None
-        self._preempt_stop = threading.Event()
-        self._preempt_error: QmigError | None = None
-        # Readable: the guest runs here now, and the preempt thread may hand its channel to a
-        # C thread before the next page comes (it waits for bytes in select() meanwhile).
-        self._preempt_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._multifd = self._multifd_receiver(multifd_channels, multifd or MultifdReceiveOptions())
+        self._preempt = self.preempt_receiver(
+            self.channels,
+            destination,
+            self._machine_lock,
+            report=self.report,
+            report_lock=self._report_lock,
+            return_path=self._return_path,
+            requests=self._requests,
+            idle_timeout=idle_timeout,
+            recover_timeout=recover_timeout,
+            chunk=RECV_CHUNK,
+            place=lambda run, ahead: self._place(run, replace=False, placed_ahead=ahead),
+            count_fast=self._count_fast,
+            wake_main=self._wake_main_reader,
+            fast_blocks=self._fast_blocks,
+        )
+        self._multifd = multifd_receiver(
+            self.channels,
+            destination,
+            multifd_channels,
+            multifd or MultifdReceiveOptions(),
+            report=self.report,
+            report_lock=self._report_lock,
+            idle_timeout=idle_timeout,
+            on_error=self._wake_main_reader,
+        )
 
     @property
     def connection(self) -> Connection:
@@ -174,23 +140,23 @@ class DestinationRunner:
         buffer = bytearray(RECV_CHUNK)
         if self.connection.meter is None:  # the caller's limits, or at least the idle one
             self.connection.set_limits(Limits(self.idle_timeout, peer="the source"))
-        self._bound_return_path()
+        self._return_path.bound()
         ended = False  # the migration is done here, and nothing failed
         try:
             if self._multifd is not None:
                 self._multifd.start()
-            self._start_preempt()
+            self._preempt.start()
             while not self.completed:
                 try:
                     self._step(buffer)
                 except TransportError as error:
-                    if self._preempt_error is not None:
-                        raise self._preempt_error from None
+                    if self._preempt.error is not None:
+                        raise self._preempt.error from None
                     if self._multifd is not None and self._multifd.error is not None:
                         raise self._multifd.error from None
                     if not self._pause(error.detail):
                         raise
-            self._end_preempt()
+            self._preempt.end()
             self._finish()
             ended = True
         except RemoteProtocolError:
@@ -202,26 +168,24 @@ class DestinationRunner:
             self._abandon()
             if self._multifd is not None and self._multifd.error is not None:
                 raise self._multifd.error from None
-            if self._preempt_error is not None:
-                raise self._preempt_error from None
+            if self._preempt.error is not None:
+                raise self._preempt.error from None
             raise self._with_context(error) from None
         finally:
             # Every thread is stopped, each within its own bound; one that did not stop is
             # the error of a run that had none (a failed run's own error comes first).
             stuck: QmigError | None = None
             for stop in (
-                self._fault_requests_off,
+                self._requests.off,
                 self._stop_fast,
-                self._stop_preempt,
+                self._preempt.stop,
                 self._stop_multifd,
             ):
                 try:
                     stop()
                 except QmigError as error:
                     stuck = stuck or error
-            thread = self._preempt_thread
-            if thread is None or not thread.is_alive():  # a stuck thread may still poll it
-                os.close(self._preempt_wake)
+            self._preempt.close()
             self.report.finished = time.monotonic()
             if not (self.keep_ram and self.completed and self.session):
                 self._close_session()
@@ -253,13 +217,13 @@ class DestinationRunner:
             # Mid-handshake (a RECV_BITMAP was just answered): QEMU's double failure.
             if cuts.cut_recovery_now():
                 self._stop_fast()
-                self._fault_requests_off()
+                self._requests.off()
                 self.channels.cut()
                 raise TransportError(self.connection.name, "channel cut during recovery")
         elif cuts.due(self.report.placed_pages["postcopy"]):
             cuts.done += 1
             self._stop_fast()
-            self._fault_requests_off()
+            self._requests.off()
             self.channels.cut()
             raise TransportError(self.connection.name, "channel cut on purpose")
 
@@ -268,14 +232,14 @@ class DestinationRunner:
         can recover here (after RUN, with a way to accept one). False: it cannot; the
         caller fails as without recovery."""
         self._stop_fast()
-        self._fault_requests_off()  # the machine asks again after POSTCOPY_RESUME
+        self._requests.off()  # the machine asks again after POSTCOPY_RESUME
         if not self.channels.can_reopen:
             return False
         with self._machine_lock:
             if not self.dest.can_pause:
                 return False
             self.dest.channel_broken()
-        self._stop_preempt()  # the source's pause ends its preempt channel as well
+        self._preempt.stop()  # the source's pause ends its preempt channel as well
         if self._broke_at is None:
             self._broke_at = time.monotonic()
             self.report.pauses.append(
@@ -301,18 +265,11 @@ class DestinationRunner:
         self.report.pauses[-1].channels += 1
         if self.connection.socket is not None:
             self.connection.socket.settimeout(self.idle_timeout)
-        self._bound_return_path()
+        self._return_path.bound()
         with self._machine_lock:
             self.dest.new_channel()
-        self._restart_preempt()
+        self._preempt.restart()
         return True
-
-    def _bound_return_path(self) -> None:
-        """Cap what the return path queues in the kernel. Its messages are a few bytes each,
-        so a small buffer costs nothing; and a source that stops reading them (answering a
-        flood of PINGs into a full socket) is noticed within the idle limit, not after
-        autotuning has swallowed megabytes of PONGs."""
-        self.connection.limit_buffers(send=RETURN_PATH_BUFFER)
 
     def _receive(self, buffer: bytearray) -> int:
         try:
@@ -352,14 +309,14 @@ class DestinationRunner:
         while True:
             with self._machine_lock:
                 event = self.dest.next_event()
-                data = self._take_return_path()
+                data = self._return_path.take()
             try:
                 if broken is None:
-                    self._send_taken(data)
+                    self._return_path.send_taken(data)
             except TransportError as error:
                 broken = error
             finally:
-                self._release_taken(data)
+                self._return_path.release(data)
             if isinstance(event, ev.RangesDiscarded):
                 discards.append(event)
                 continue
@@ -387,33 +344,6 @@ class DestinationRunner:
                 ranges = b"".join(event.ranges.packed for event in events[start:end])
                 self.report.discarded_pages += session.discard_ranges(events[start].block, ranges)
                 start = end
-
-    def _send_return_path(self, data: bytes) -> None:
-        if data:
-            with self._send_lock:
-                self.connection.sendall(data)
-
-    # Two threads take return-path bytes from the machine: the fault thread (its requests)
-    # and the main loop (PONGs, and at a RESUME every pending request, the first naming its
-    # block). They must leave in the order the machine queued them, or a REQ_PAGES can reach
-    # the source before the REQ_PAGES_ID that names its block. So the bytes are taken with the
-    # send lock acquired before the machine is released (the lock order is machine, then send;
-    # nothing takes the machine while holding the send lock).
-
-    def _take_return_path(self) -> bytes:
-        """With the machine lock held: the queued bytes, the send lock held if there are any."""
-        data = self.dest.data_to_send()
-        if data:
-            self._send_lock.acquire()
-        return data
-
-    def _send_taken(self, data: bytes, connection: Connection | None = None) -> None:
-        if data:
-            (connection or self.connection).sendall(data)
-
-    def _release_taken(self, data: bytes) -> None:
-        if data:
-            self._send_lock.release()
 
     # --- decisions ------------------------------------------------------------------------
 
@@ -451,8 +381,8 @@ class DestinationRunner:
                 self.report.running_at = time.monotonic()
                 self.report.postcopy = True
                 self._start_fast()
-                self._fault_requests_on()
-                os.eventfd_write(self._preempt_wake, 1)
+                self._requests.on()
+                self._preempt.guest_running()
                 self._start_guest()
             case ev.MigrationCompleted(postcopy=postcopy):
                 self.completed = True
@@ -468,7 +398,7 @@ class DestinationRunner:
                     self.report.paused_s += time.monotonic() - self._broke_at
                     self._broke_at = None
                 self._start_fast()
-                self._fault_requests_on()
+                self._requests.on()
             case ev.PartialHostPageDropped(block=block, host_offset=host_offset):
                 # The RAM places a host page whole, once all of it came: nothing of it is
                 # in memory yet; what was gathered of it goes, and the whole page comes again.
@@ -499,7 +429,10 @@ class DestinationRunner:
         if not all(block.maps_huge_zero_page for block in self.session.blocks):
             self.session.prepare_discard()
             self._discard_prepared = True
-        self.session.start_faults(on_request=self._on_fault, requests=self._fault_requests())
+        self.session.start_faults(
+            on_request=self._requests.on_fault,
+            requests=self._requests.start(self.session, from_c=self.fast_path),
+        )
         self.report.blocks = {info.idstr: info.used_length for info in blocks}
 
     def _place(self, run: m.RamPageRun, *, replace: bool, placed_ahead: bool = False) -> None:
@@ -509,9 +442,8 @@ class DestinationRunner:
         LISTEN each run of missing pages goes in with one UFFDIO_COPY or ZEROPAGE.
         ``placed_ahead``: a C receive thread on the run's channel may have placed it."""
         block = self._session().block(run.block)
-        if self._c_requests is not None and not replace:
-            with self._machine_lock:  # requests C sent are awaited before their pages count
-                self._take_requests()
+        if not replace:
+            self._requests.placing()
         began = time.perf_counter_ns()
         block.place_records(
             run.headers, run.bodies, run.data, run.data_base, run.page_flag, replace=replace
@@ -527,307 +459,8 @@ class DestinationRunner:
             # Pages the C thread placed are found in place here: they were placed all the
             # same, and the fault thread's waiters on them are answered now.
             block.notify_placed(run.headers)
-        if self._awaiting and not replace:
-            # A requested page that is now in place has been answered. list() copies the
-            # keys in one step: the fault thread adds requests meanwhile.
-            for key in list(self._awaiting):
-                if key[0] == run.block and block.host_page_received(key[1] // block.page_size):
-                    self._answered(*key)
-
-    # --- the preempt channel (postcopy-preempt) --------------------------------------------
-
-    def _start_preempt(self, *, at_setup: bool = True) -> None:
-        """Take the preempt channel on a thread of its own, as QEMU's preempt thread: in the
-        pre-7.2 variant it is accepted first, at setup and after each new main channel of a
-        recovery (the source opens it right after the main one, and the destination waits
-        for every channel before it loads); in the 8.0 variant whenever the source opens it,
-        after a recovery (``at_setup`` False) once the bitmaps are in.
-
-        The pre-7.2 channel is known by its order alone: it follows its main channel even
-        when that one was cut during the handshake before this end accepted it. Taken on
-        the thread, it would come while the main channel is gone and be set aside as the
-        next main one (qmig.runner.channels), leaving the real preempt channel unread and
-        its EOS never awaited on the right connection."""
-        variant = self.dest.preempt
-        if variant is None:
-            return
-        by_order = variant.opened_at_setup
-        if by_order and self.channels.get(PREEMPT) is None:
-            timeout = self.idle_timeout if at_setup else self.recover_timeout
-            self.channels.open(PREEMPT, timeout, by_order=True)
-        self._preempt_thread = threading.Thread(
-            target=self._preempt_loop,
-            args=(not at_setup and not by_order,),
-            name="qmig-preempt",
-            daemon=True,
-        )
-        self._preempt_thread.start()
-
-    def _restart_preempt(self) -> None:
-        if self.dest.preempt is None:
-            return
-        self._preempt_stop = threading.Event()
-        self._preempt_thread = None
-        self._start_preempt(at_setup=False)
-
-    def _preempt_loop(self, resumed: bool) -> None:
-        """``resumed``: the channel comes after a recovery, where the source's next main
-        channel may reach this thread first (qmig.runner.channels): its first bytes tell,
-        read here before a C thread may take the socket (:meth:`_preempt_take_over`)."""
-        stop = self._preempt_stop  # this thread's own: a recovery starts another
-        fast: FastPath | None = None
-        try:
-            connection = self.channels.get(PREEMPT)
-            while connection is None and not stop.is_set():
-                try:
-                    connection = self.channels.open(PREEMPT, PREEMPT_POLL)
-                except TransportError:
-                    continue
-            if connection is None:
-                return
-            with self._machine_lock:
-                channel = self.dest.open_preempt_channel()
-            buffer = bytearray(RECV_CHUNK)
-            while not stop.is_set():
-                if fast is None and not resumed:
-                    fast = self._preempt_take_over(connection, channel)
-                try:
-                    count = self._preempt_receive(connection, buffer, fast)
-                except TransportError:
-                    if self._pausable():
-                        return  # the main loop pauses; a new preempt channel follows
-                    raise
-                if count == 0 and self._pausable():
-                    return
-                if resumed and count > 0:
-                    resumed = False  # only a connection's first bytes can tell
-                    first = bytes(buffer[:count])
-                    if channel.opens_a_resumed_main_channel(first):
-                        again = Connection(connection.name, sock=connection.socket, prefix=first)
-                        self.channels.turned_out_main(PREEMPT, again)
-                        return  # the main loop finds its channel broken, pauses, takes this
-                with self._machine_lock:
-                    if count > 0:
-                        channel.receive_data(memoryview(buffer)[:count])
-                        self.report.preempt_bytes += count
-                    elif count == 0:
-                        channel.receive_eof()
-                if self._drain_preempt(channel, placed_ahead=fast is not None) or count == 0:
-                    return
-                if fast is not None:
-                    fast.sync(channel.reader)
-        except QmigError as error:
-            self._preempt_error = error
-            with self._machine_lock:
-                data = self.dest.fail("preempt channel")
-            with contextlib.suppress(QmigError):
-                self._send_return_path(data)
-            if fast is not None:  # before the cut closes the socket it reads
-                self._count_fast(fast)
-                fast = None
-            self._wake_main_reader()  # its C thread may be waiting on the socket
-            self._fault_requests_off()
-            self.channels.cut()  # the main loop stops, and reports this error
-        finally:
-            if fast is not None:
-                self._count_fast(fast)
-
-    def _preempt_take_over(
-        self, connection: Connection, channel: PreemptChannel
-    ) -> FastPath | None:
-        """Once the guest runs here (the blocks are registered and a vCPU may wait on a
-        page), a C thread reads the preempt channel and places its pages as they arrive
-        (qmig.runner.fastpath); this thread still feeds every byte to the channel's machine.
-        None: not yet, or not at all (``fast_path`` off, no socket)."""
-        if not self.fast_path or self.report.running_at is None or self.session is None:
-            return None
-        with self._machine_lock:
-            if not is_postcopy_running(self.dest.state) or channel.ended:
-                return None
-            fast = start_preempt_fast_path(connection, channel, self.session.blocks)
-            if fast is not None:
-                fast.sync(channel.reader)
-        return fast
-
-    def _preempt_receive(
-        self, connection: Connection, buffer: bytearray, fast: FastPath | None
-    ) -> int:
-        """The preempt channel's next bytes into ``buffer``: their count, 0 at EOF, -1 when
-        nothing came within PREEMPT_POLL (what waited for LISTEN may be loadable now)."""
-        if fast is None:
-            wake = self._preempt_wake
-            ready = select.select([connection.fileno(), wake], [], [], PREEMPT_POLL)[0]
-            if wake in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(wake)
-                return -1  # the guest runs: the C thread may take the channel first
-            return connection.recv_into(buffer) if ready else -1
-        try:
-            count = fast.read(buffer, PREEMPT_POLL, connection.name)
-        except TimeoutError:
-            return -1
-        connection.received_elsewhere(count)  # the C thread read them off the socket
-        return count
-
-    def _pausable(self) -> bool:
-        """Would (or did) a broken channel pause the migration, rather than fail it?"""
-        with self._machine_lock:
-            return self.channels.can_reopen and (
-                self.dest.can_pause
-                or self.dest.state in (DestinationState.PAUSED, DestinationState.RECOVER)
-            )
-
-    def _drain_preempt(self, channel: PreemptChannel, *, placed_ahead: bool = False) -> bool:
-        """Place what the preempt channel brought (``placed_ahead``: its C thread may have
-        placed it already); True once it has ended."""
-        while True:
-            with self._machine_lock:
-                event = channel.next_event()
-            if event is END:
-                return True
-            if not isinstance(event, ev.PagesReceived):
-                return False
-            self._place(event.run, replace=False, placed_ahead=placed_ahead)
-            with self._report_lock:
-                self.report.preempt_pages += event.run.count
-
-    def _end_preempt(self) -> None:
-        """The load is complete: the pre-7.2 variant's channel ends with its EOS, which the
-        end waits for (as QEMU's cleanup joins its preempt thread); the 8.0 one is read on
-        until every page asked for has come (the source answered them there only; QEMU's
-        cleanup waits for them too), then its thread is stopped. Each wait is bounded by the
-        idle timeout: what did not end is named, never waited for longer."""
-        thread = self._preempt_thread
-        if thread is None:
-            return
-        variant = self.dest.preempt
-        if variant is not None and variant.ends_with_eos:
-            thread.join(self.idle_timeout)
-            if thread.is_alive():
-                raise TransportError(
-                    "preempt channel", f"no EOS within {self.idle_timeout:g} s of the end"
-                )
-        else:
-            # It reads on while pages asked for are missing (PreemptChannel), and ends by
-            # itself once they are in; with none missing it is stopped now (it may never
-            # have had a channel: a migration that ended in precopy).
-            deadline = time.monotonic() + self.idle_timeout
-            while thread.is_alive() and (missing := self._requests_missing()):
-                if time.monotonic() >= deadline:
-                    raise TransportError(
-                        "preempt channel",
-                        f"{missing} requested host pages not received within "
-                        f"{self.idle_timeout:g} s of the end",
-                    )
-                thread.join(PREEMPT_POLL)
-            self._stop_preempt_thread()
-        if self._preempt_error is not None:
-            raise self._preempt_error
-
-    def _requests_missing(self) -> int:
-        with self._machine_lock:
-            self._take_requests()
-            return len(self.dest.pending_requests())
-
-    def _stop_preempt(self) -> None:
-        self._stop_preempt_thread()
-        self.channels.close(PREEMPT)
-
-    def _stop_preempt_thread(self) -> None:
-        """Stop the preempt channel's thread (it sees the flag within PREEMPT_POLL, outside
-        a placement); TransportError if it has not stopped within STOP_TIMEOUT."""
-        self._preempt_stop.set()
-        thread = self._preempt_thread
-        if thread is None:
-            return
-        thread.join(STOP_TIMEOUT)
-        if thread.is_alive():
-            raise TransportError(
-                "preempt channel", f"its reading thread did not stop within {STOP_TIMEOUT:g} s"
-            )
-
-    # --- multifd channels (qmig.runner.multifd_recv) ---------------------------------------
-
-    def _multifd_receiver(
-        self, count: int, options: MultifdReceiveOptions
-    ) -> MultifdReceiver | None:
-        if not count:
-            return None
-        self.dest.multifd = MultifdSyncRule(self.dest.profile, options.flush_after_each_section)
-        return MultifdReceiver(
-            self.channels,
-            count,
-            self.dest.profile.name,
-            uuid=options.uuid,
-            target_page_size=self.dest.reader.schema.target_page_size,
-            method=options.compression,
-            open_timeout=self.idle_timeout,
-            sync_timeout=self.idle_timeout,
-            on_placed=self._multifd_placed,
-            on_error=self._multifd_failed,
-            on_bytes=self._multifd_alive,
-        )
-
-    def _multifd_alive(self, count: int) -> None:
-        """Bytes on a multifd channel: the source is not idle while the main channel is
-        silent (it may be, for a whole pass of RAM), and they count for its rate."""
-        meter = self.connection.meter
-        if meter is not None:
-            meter.got_elsewhere(count)
-
-    def _multifd_failed(self) -> None:
-        """A channel failed: end the main channel's reads, so that the main loop stops and
-        reports the error."""
-        self._wake_main_reader()
-
-    def _wake_main_reader(self) -> None:
-        """End the main channel's reads: a shutdown wakes a blocked recv or poll (this loop's
-        or its C thread's), where a close would not."""
-        sock = self.connection.socket
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def _multifd_placed(
-        self, block: str, pages: int, zero: int, spent_ns: int, offsets: array[int]
-    ) -> None:
-        # Received, for a postcopy recovery's bitmap (before this channel posts its SYNC, so
-        # before the switchover's discards clear what the source dirtied since).
-        tracker = self.dest.blocks[block]
-        normal = pages - zero
-        mark_received(tracker.state, offsets[:normal], tracker.target_page_size)
-        mark_received(tracker.state, offsets[normal:], tracker.target_page_size)
-        with self._report_lock:
-            self.report.placing_ns["precopy"] += spent_ns
-            self.report.placed_pages["precopy"] += pages
-            self.report.multifd_pages += pages
-            counts = self.report.block_pages.setdefault(block, [0, 0])
-            counts[0] += pages
-            counts[1] += zero
-
-    def _multifd_done(self) -> None:
-        """Postcopy begins (discards or LISTEN): multifd carried precopy, and every page it
-        sent before the switchover's sync is in place; one that comes later is refused."""
-        if self._multifd is not None and not self._multifd.postcopy:
-            self._multifd.switch()
-
-    def _stop_multifd(self) -> None:
-        if self._multifd is not None:
-            self._multifd.stop()
-            self.report.multifd = self._multifd.summary()
-            if self.dest.multifd is not None:
-                rule = self.dest.multifd
-                self.report.multifd["flush_after_each_section"] = rule.flush_after_each_section
-
-    def _answered(self, block: str, host_offset: int) -> None:
-        """A page arrived: if it was requested, that request's round trip is over."""
-        sent = self._awaiting.pop((block, host_offset), None)
-        if sent is not None and sent[0]:
-            ram = self._session().block(block)
-            placed = ram.placed_at(host_offset // ram.page_size) or time.monotonic_ns()
-            waited = max(0, placed - sent[0])
-            self.report.request_placed_ns.append(waited)
-            self.report.request_log.append((sent[0], waited, block, host_offset))
+        if not replace:
+            self._requests.placed(block)
 
     def _start_guest(self) -> None:
         if self.workload is None or self.session is None or self.session.vcpus.threads:
@@ -847,9 +480,18 @@ class DestinationRunner:
             )
             self.session.start_vcpu(largest.idstr, workload, index * share, share)
 
+    # --- the other readers: the C receive threads, the preempt and multifd channels ----------
+
     def _start_fast(self) -> None:
         if self.fast_path and self._fast is None and self.session is not None:
             self._fast = start_fast_path(self.connection, self.dest, self.session.blocks)
+
+    def _fast_blocks(self) -> Iterable[RamBlock] | None:
+        """The RAM a C receive thread may place into now: once the guest runs here, with the
+        fast path; None before, or without it."""
+        if not self.fast_path or self.report.running_at is None or self.session is None:
+            return None
+        return self.session.blocks
 
     def _stop_fast(self) -> None:
         """Stop the C receive thread before its channel closes; the runner reads on."""
@@ -869,116 +511,27 @@ class DestinationRunner:
                 figures["preempt_records"] = figures.get("preempt_records", 0) + stats.records
             self.report.fast_path_wait_ns += waits
 
-    def _on_fault(self, request: PageRequest) -> None:
-        """Called on the fault thread: ask the source for the page, now. With requests sent
-        from C, only for a fault that came while its sending was off: sent the C way if it
-        is on now (one last-block state), else by the machine (paused: kept for the resume)."""
-        requests = self._c_requests
-        with self._machine_lock:
-            if self.dest.state is DestinationState.FAILED:  # the loop failed meanwhile
-                return
-            if requests is not None:
-                self._take_requests()  # the machine's last block is the C's from here
-                tracker = self.dest.blocks.get(request.block)
-                if tracker is not None and (
-                    request.offset in tracker.requested or tracker.host_page_present(request.offset)
-                ):
-                    return  # what the machine would ask nothing for
-                while (
-                    done := requests.send(request.block, request.offset, request.fault_ns)
-                ) == -2:
-                    self._take_requests()
-                if done:
-                    self._take_requests()
-                    return
-            asked = self.dest.page_fault(request.block, request.offset)
-            data = self._take_return_path()
-            # The channel these bytes were made for: a pause may replace it before they go,
-            # and a REQ_PAGES that relies on the old channel's last block must not open the
-            # new one (the machine asks again there, naming the block, after the resume).
-            connection = self.connection
-            sent = [0]
-            if asked is not None:  # registered before sending: the answer may come at once
-                self._awaiting[(asked.block, asked.start)] = sent
-        try:
-            # Stamped before the send: the answer may be placed before this thread runs
-            # again (the page was already on its way).
-            sent[0] = time.monotonic_ns()
-            self._send_taken(data, connection)
-        except (TransportError, ValueError):
-            # The channel broke (or the main loop, pausing, closed it already: a closed
-            # socket's descriptor is -1): the request stays pending in the machine and is
-            # sent again after the resume.
-            return
-        finally:
-            self._release_taken(data)
-        if asked is not None:
-            self.report.requests += 1
-            self.report.request_sent_ns.append(time.monotonic_ns() - request.fault_ns)
-            self.report.request_sent_at_ns.append(sent[0])
-
-    # --- page requests from C (qmig.ram.fault_requests) --------------------------------------
-
-    def _fault_requests(self) -> FaultRequests | None:
-        """With the fast path, the fault thread sends page requests from C; None: it hands
-        them to :meth:`_on_fault` (``fast_path`` off, a stream with no socket, or a profile
-        whose page requests the fast builder declines), or a connection that changes what
-        it sends on purpose (``receive --delay-requests``: the C would write past it)."""
+    def _wake_main_reader(self) -> None:
+        """End the main channel's reads: a shutdown wakes a blocked recv or poll (this loop's
+        or its C thread's), where a close would not."""
         sock = self.connection.socket
-        if not self.fast_path or sock is None or isinstance(self.connection, MisbehavingConnection):
-            return None
-        builder = PageRequests(self.dest.reader.schema)
-        if builder.req_pages is None or builder.req_pages_id is None:
-            return None
-        requests = FaultRequests(list(self._session().blocks), builder)
-        self._send_lock = requests.lock  # before the fault thread runs: nobody sends yet
-        self._c_requests = requests
-        return requests
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
-    def _fault_requests_on(self) -> None:
-        """The guest runs here (RUN, or POSTCOPY_RESUME once its replies are out): the C
-        asks for pages on this channel, going on from the machine's last block."""
-        requests, sock = self._c_requests, self.connection.socket
-        if requests is None or sock is None or not self.dest.return_path_open:
-            return
-        with self._machine_lock:
-            self._take_requests()
-            if is_postcopy_running(self.dest.state):
-                requests.enable(sock.fileno(), self.dest.last_requested_block)
+    def _multifd_done(self) -> None:
+        """Postcopy begins (discards or LISTEN): multifd carried precopy, and every page it
+        sent before the switchover's sync is in place; one that comes later is refused."""
+        if self._multifd is not None and not self._multifd.postcopy:
+            self._multifd.switch()
 
-    def _fault_requests_off(self) -> None:
-        """Before the channel goes (paused, cut, ended): faults are held for the machine,
-        and what the C sent is told to it, its last block included."""
-        requests = self._c_requests
-        if requests is None:
-            return
-        with self._machine_lock:
-            requests.disable()
-            self._take_requests()
-
-    def _take_requests(self) -> None:
-        """Tell the machine, in order, what the C sent; time each (machine lock held)."""
-        faults = self.session.faults if self.session is not None else None
-        if faults is None or self._c_requests is None:
-            return
-        taken = faults.take_sent()
-        for sent in taken:
-            if self.dest.state is not DestinationState.FAILED:
-                self.dest.request_sent_elsewhere(
-                    sent.block, sent.host_offset, sent=bool(sent.sent_ns)
-                )
-            if not sent.sent_ns:
-                continue
-            # Written to the socket by the C: the limits count them as if sent here.
-            self.connection.sent_elsewhere(self._c_requests.size(sent.block, sent.with_id))
-            key = (sent.block, sent.host_offset)
-            self._awaiting[key] = [sent.sent_ns]
-            self.report.requests += 1
-            self.report.request_sent_ns.append(sent.done_ns - sent.read_ns)
-            self.report.request_sent_at_ns.append(sent.sent_ns)
-            ram = self._session().block(sent.block)
-            if ram.host_page_received(sent.host_offset // ram.page_size):
-                self._answered(*key)
+    def _stop_multifd(self) -> None:
+        if self._multifd is not None:
+            self._multifd.stop()
+            self.report.multifd = self._multifd.summary()
+            if self.dest.multifd is not None:
+                rule = self.dest.multifd
+                self.report.multifd["flush_after_each_section"] = rule.flush_after_each_section
 
     # --- the end --------------------------------------------------------------------------
 
@@ -990,39 +543,25 @@ class DestinationRunner:
             try:
                 results = session.vcpus.join(timeout=self.idle_timeout)
             except RamError as error:
+                self._fault_thread_failed()  # the likelier cause of a vCPU left blocked
                 # Blocked on a page that never came: name the pages still awaited.
-                raise TransportError("guest workload", f"{error}; {self._awaited_text()}") from None
+                awaited = self._requests.awaited_text()
+                raise TransportError("guest workload", f"{error}; {awaited}") from None
             self.report.workload = [vars(result) for result in results]
         if session.faults is not None:
-            with self._machine_lock:
-                self._take_requests()
+            self._requests.take_now()
             stats = session.faults.stats(self.vcpus if self.workload else None)
-            self.report.faults = {
-                "faults": stats.faults,
-                "requests": stats.requests,
-                "repeat_faults": stats.repeat_faults,
-                "late_faults": stats.late_faults,
-                "stray_faults": stats.stray_faults,
-                "latency_ns": vars(stats.latency),
-                "blocktime_ns": stats.blocktime_ns,
-                "all_blocked_ns": stats.all_blocked_ns,
-                "blocktime_ns_by_thread": stats.blocktime_ns_by_thread,
-                # QEMU 10.1's query-migrate form: postcopy_latency_ns, postcopy_latency_dist.
-                **qemu_latency_figures(session.faults.latencies_ns()),
-            }
+            self.report.faults = fault_figures(stats, session.faults.latencies_ns())
+            self._fault_thread_failed()
         if self.dump_dir is not None:
             self.dump(self.dump_dir)
 
-    def _awaited_text(self) -> str:
-        """The host pages asked for and not in place, for an error line."""
-        with self._machine_lock:
-            self._take_requests()
-            pending = self.dest.pending_requests()
-        if not pending:
-            return "no requested page is missing"
-        shown = ", ".join(f"{block} 0x{offset:x}" for block, offset in pending[:4])
-        more = f" and {len(pending) - 4} more" if len(pending) > 4 else ""
-        return f"requested and not received: {shown}{more}"
+    def _fault_thread_failed(self) -> None:
+        """Raise what stopped the fault thread, if anything did (a failed read, or registered
+        RAM changed under it): the pages it serves can no longer be trusted."""
+        faults = self._session().faults
+        if faults is not None and isinstance(faults.error, QmigError):
+            raise faults.error from None
 
     def dump(self, directory: Path) -> None:
         """Each block's contents to ``DIR/<idstr>.bin``, once every page is in place."""
@@ -1037,15 +576,12 @@ class DestinationRunner:
                     file.write(block.read(offset, min(step, used - offset)))
 
     def _abandon(self) -> None:
-        self._fault_requests_off()  # no request after the SHUT
+        self._requests.off()  # no request after the SHUT
         with self._machine_lock:
             data = self.dest.fail("error")
-        if data:
-            try:
-                with self._send_lock:
-                    self.connection.sendall(data)
-            except (TransportError, ValueError):  # broken, or closed by a failed pause
-                pass
+        # Broken, or closed by a failed pause.
+        with contextlib.suppress(TransportError, ValueError):
+            self._return_path.send(data)
 
     def _with_context(self, error: QmigError) -> QmigError:
         """Name where the migration was when the transport failed."""

@@ -15,14 +15,15 @@ read once the window's quota is spent waits for the next window, and goes first 
 bytes count on the preempt channel's own QEMUFile, never against the main channel's quota).
 
 Requests are answered from C as they are read (``SourcePlan.fast_answer``, see
-:mod:`qmig.runner.answer`): on the 8.0 preempt variant's channel, or, without preempt, on the
-main channel between the pieces of stream this loop writes (each piece is built and written
-holding the channel, :meth:`SourceRunner._turn`), where a RAM record may go and the window has
-quota left; what the thread cannot answer at once is this loop's, first in its next piece.
-A pause stops the thread (its channels are gone, and the bitmap sync gives the machine new
-dirty maps); once the migration is back in postcopy on the new channels, a new thread takes
-the return path over at the first byte that starts a message. The pre-7.2 preempt variant
-has no thread: its urgent pages are the migration thread's, as in QEMU 7.2.
+:mod:`qmig.runner.answer`, joined to this loop by :mod:`qmig.runner.answer_control`): on the
+8.0 preempt variant's channel, or, without preempt, on the main channel between the pieces of
+stream this loop writes (each piece is built and written holding the channel,
+:meth:`AnswerControl.turn <qmig.runner.answer_control.AnswerControl.turn>`), where a RAM record
+may go and the window has quota left; what the thread cannot answer at once is this loop's,
+first in its next piece. A pause stops the thread (its channels are gone, and the bitmap sync
+gives the machine new dirty maps); once the migration is back in postcopy on the new channels,
+a new thread takes the return path over at the first byte that starts a message. The pre-7.2
+preempt variant has no thread: its urgent pages are the migration thread's, as in QEMU 7.2.
 
 A requested page waits behind every byte already queued towards the destination: the
 unsent rest of the current chunk, the source's socket send buffer and the destination's
@@ -42,24 +43,25 @@ the return path while it waits), so the stream's bytes stay in the machine's ord
 
 from __future__ import annotations
 
-import contextlib
 import select
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from qmig.errors import TransportError
 from qmig.protocol import events as ev
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
-from qmig.runner.answer import Answered, FastAnswer
+from qmig.runner.answer import FastAnswer
+from qmig.runner.answer_control import AnswerControl
+from qmig.runner.cap_window import CapWindow
 from qmig.runner.channels import PREEMPT, Channels, CutPlan
-from qmig.runner.misbehave_source import MisbehavingSourceConnection
 from qmig.runner.multifd_send import MultifdSender
 from qmig.runner.pauses import Pause
 from qmig.runner.source_ram import Dirtier
+from qmig.runner.source_report import SourceReport
 from qmig.transport import Connection
 from qmig.wire.reader import NEED_DATA
 
@@ -74,29 +76,6 @@ RECOVER_TIMEOUT = 60.0  # a recovery handshake (or a new channel) that takes lon
 PREEMPT_TIMEOUT = 30.0  # opening the preempt channel (and the PONG it waits for)
 # States in which a broken channel pauses the migration instead of failing it.
 RECOVERABLE = frozenset({SourceState.POSTCOPY, SourceState.COMPLETING, SourceState.RECOVER})
-
-
-@dataclass
-class SourceReport:
-    started: float = 0.0
-    stopped: float | None = None  # the guest stopped (switchover or precopy completion)
-    finished: float = 0.0
-    passes: int = 0
-    requests: list[tuple[float, str, int]] = field(default_factory=list)
-    # Per request: read from the return path → its pages written into the socket.
-    served_ns: list[int] = field(default_factory=list)
-    pongs: list[int] = field(default_factory=list)
-    pass_ends: list[float] = field(default_factory=list)  # each precopy pass's end
-    recoveries: int = 0
-    paused_s: float = 0.0  # the channel broke → RESUME_ACK, summed over the recoveries
-    channels: int = 1  # main channels opened: the first, and one per resume attempt
-    preempt_pages: int = 0  # target pages sent on the preempt channel
-    preempt_bytes: int = 0
-    pauses: list[Pause] = field(default_factory=list)  # each pause and its recovery
-    multifd_bytes: list[int] = field(default_factory=list)  # per multifd channel
-    # The C answer thread (8.0 preempt, or the main channel without preempt): target pages
-    # it wrote, well-formed requests it left to Python, and how often it was started.
-    fast_answer: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,8 +120,7 @@ class SourceRunner:
         self._rp_buffer = bytearray(64 << 10)
         self._answered = 0  # requests whose pages are all in the socket
         # The bandwidth cap's window (see _wait_for_credit): when it began, bytes sent in it.
-        self._window_at = 0.0
-        self._window_used = 0
+        self._window = CapWindow(plan.bandwidth, CAP_WINDOW)
         # QEMU 7.2: the migration thread sends the preempt channel's pages, so the cap's
         # spent window holds them as it holds the main channel's (see _urgent_held).
         self._urgent_capped = (
@@ -153,14 +131,17 @@ class SourceRunner:
         self.multifd: MultifdSender | None = None
         if source.multifd is not None:
             self.multifd = MultifdSender(self.channels, source.multifd)
-        self._fast: FastAnswer | None = None
-        # Requests the C thread answered: (block, start) → [(read, written) ns], taken by
-        # _take_events as the machine reports the requests, and each one's read → written.
-        self._fast_times: dict[tuple[str, int], deque[list[int]]] = {}
+        self._answers = AnswerControl(
+            source,
+            self.channels,
+            self.report,
+            self._window,
+            enabled=plan.fast_answer,
+            stall_timeout=STALL_TIMEOUT,
+            await_room=self._await_room,
+        )
+        # Requests the C thread answered, by their index in the report: read → written (ns).
         self._fast_served: dict[int, int] = {}
-        # The thread is to (re)start as soon as the return path is between messages: set at
-        # the switchover and after each recovery, cleared once it runs.
-        self._fast_wanted = False
 
     @property
     def connection(self) -> Connection:
@@ -170,11 +151,11 @@ class SourceRunner:
         try:
             return self._run()
         finally:
-            self._stop_fast_answer()
+            self._answers.stop()
 
     def _run(self) -> SourceReport:
         source, plan = self.source, self.plan
-        self.report.started = self._clock = self._window_at = time.monotonic()
+        self.report.started = self._clock = self._window.at = time.monotonic()
         if source.preempt is not None and source.preempt.opened_at_setup:
             self.channels.open(PREEMPT, PREEMPT_TIMEOUT)
         if self.multifd is not None:
@@ -202,7 +183,7 @@ class SourceRunner:
         self.report.pongs = list(source.pongs)
         self.report.recoveries = source.stats.recoveries
         self.report.channels = self.channels.opened
-        self._stop_fast_answer()
+        self._answers.stop()
         self.report.preempt_pages = source.preempt_pages
         if self.multifd is not None:
             self.report.multifd_bytes = list(self.multifd.bytes_sent)
@@ -217,7 +198,7 @@ class SourceRunner:
             # window's quota is spent; within a window requested pages go first, and past it.
             left = self._wait_for_credit()
             self._send_urgent()  # held ones first, before the window's burst is made
-            with self._turn():
+            with self._answers.turn():
                 requested = source.requested_data()
                 if requested:
                     self._send(requested, capped=False)
@@ -231,8 +212,8 @@ class SourceRunner:
                     # (QEMU checks the rate per page, and sends the page that crosses it),
                     # never waiting for the next window with the channel held: a request
                     # waits for one piece, not the whole burst.
-                    pieces = self._fast is not None and self._fast.main
-                    with self._picking():
+                    pieces = self._answers.main
+                    with self._answers.picking():
                         data = source.data_to_send(
                             min(budget, plan.postcopy_chunk)
                             if pieces
@@ -244,8 +225,8 @@ class SourceRunner:
                 self._served(known)
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
         # QEMU's completion does not wait for the cap either.
-        with self._turn():
-            with self._picking():
+        with self._answers.turn():
+            with self._answers.picking():
                 data = source.data_to_send(CHUNK)
             self._take_events()
             self._send(data, capped=False)
@@ -274,11 +255,7 @@ class SourceRunner:
         deadline = broke + self.plan.recover_timeout
         pause = Pause(broke, error.detail, self._sent, source.stats.postcopy_pages)
         self.report.pauses.append(pause)
-        self._fast_wanted = False
-        self._stop_fast_answer()  # not on the channels of the recovered migration
-        # Timings of pages whose request the thread read and this loop never did (its bytes
-        # went with the pipe): no request of the recovered migration may take them.
-        self._fast_times.clear()
+        self._answers.pause()
         if source.state is not SourceState.PAUSED:
             source.channel_broken()
             self._take_events()
@@ -313,7 +290,7 @@ class SourceRunner:
         # A new thread on the new channels (the 8.0 variant's preempt channel was opened
         # again after the bitmap sync): the requests the destination sends again after
         # POSTCOPY_RESUME that the handshake read are the machine's, the rest the thread's.
-        self._want_fast_answer()
+        self._answers.want(self.phase)
 
     def _handshake(self, deadline: float) -> None:
         """RECV_BITMAPs out, bitmaps in, POSTCOPY_RESUME out, RESUME_ACK in."""
@@ -375,14 +352,11 @@ class SourceRunner:
         the window's quota is spent (:meth:`_urgent_held`)."""
         if self.source.preempt is None or self._urgent_held():
             return
-        with self._picking():
+        with self._answers.picking():
             data = self.source.preempt_data()
         if not data:
             return
-        if self._fast is not None:
-            self._fast.write(data)  # requests the thread left to the machine
-            self.source.forget_preempt_block()
-        else:
+        if not self._answers.write(data):
             channel = self.channels.get(PREEMPT)
             if channel is None:
                 raise TransportError(self.connection.name, "pages to send and no preempt channel")
@@ -399,11 +373,10 @@ class SourceRunner:
         (migration_make_urgent_request), whose qemu_savevm_state_iterate returns before the
         RAM code while the main file is over its quota (qemu_file_rate_limit). The next
         window sends them first (:meth:`_wait_for_credit`)."""
-        cap = self.plan.bandwidth
-        if not self._urgent_capped or cap is None or self.phase is not SourceState.POSTCOPY:
+        window = self._window
+        if not self._urgent_capped or window.rate is None or self.phase is not SourceState.POSTCOPY:
             return False
-        in_window = time.monotonic() - self._window_at < CAP_WINDOW
-        return in_window and self._window_used >= max(int(cap * CAP_WINDOW), 1)
+        return window.spent(time.monotonic())
 
     def _open_preempt_late(self) -> None:
         """The 8.0 variant: the preempt channel opens as postcopy starts, once the main
@@ -432,132 +405,7 @@ class SourceRunner:
         self._send(self.source.data_to_send(0), capped=False)
         if self.plan.send_buffer is not None:
             self.connection.limit_buffers(send=self.plan.send_buffer)
-        self._want_fast_answer()
-
-    # --- the C answer thread (the 8.0 preempt variant, or the main channel) ------------------
-
-    def _want_fast_answer(self) -> None:
-        """Postcopy (again): the thread answers from the first return-path byte that starts
-        a message, now or after a later read (:meth:`_read_return_path`)."""
-        preempt = self.source.preempt
-        # The pre-7.2 variant's urgent pages are the migration thread's (QEMU 7.2), and its
-        # preempt channel ends with this loop's EOS: no thread writes there.
-        if self.plan.fast_answer and (preempt is None or not preempt.opened_at_setup):
-            self._fast_wanted = True
-            self._start_fast_answer()
-
-    def _start_fast_answer(self) -> None:
-        """The thread answers from now on, if it is wanted and can take the return path over
-        from the next byte."""
-        connection = self.connection
-        if (
-            not self._fast_wanted
-            or self._fast is not None
-            or self.phase is not SourceState.POSTCOPY  # past it, every page is out already
-            or connection.unread_prefix
-            or not self.source.return_path_between_messages
-        ):
-            return
-        if self.source.preempt is None:
-            # The thread writes the socket itself: not through a connection that changes
-            # what it sends on purpose, nor to a file.
-            if isinstance(connection, MisbehavingSourceConnection) or connection.socket is None:
-                self._fast_wanted = False
-                return
-            self._fast = FastAnswer(self.source, connection, None, stall_timeout=STALL_TIMEOUT)
-            self._count_fast_start()
-            return
-        channel = self.channels.get(PREEMPT)
-        if channel is None:
-            return
-        self._fast = FastAnswer(self.source, connection, channel)
-        self._count_fast_start()
-        # While the thread writes on the channel, the machine's own preempt records name
-        # their block: the channel's last block may be one the thread named since.
-        self.source.forget_preempt_block()
-
-    def _count_fast_start(self) -> None:
-        self._fast_wanted = False
-        totals = self.report.fast_answer
-        totals["started"] = totals.get("started", 0) + 1  # once, and again per recovery
-
-    @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
-        """Build and write a piece of main-channel stream with the channel held: the C thread
-        answering there (no preempt) writes only between pieces. What it wrote so far the
-        machine learns first, so that its records follow on right (its next one names its
-        block) and do not send a page again."""
-        if self._fast is not None and self._fast.main:
-            # Room in the socket first: held while it waits for room, the channel would keep
-            # the thread's answer waiting behind a backlog it need not wait for.
-            self._await_room()
-        fast = self._fast  # the thread may have stopped meanwhile (the return path ended)
-        if fast is None or not fast.main:
-            yield
-            return
-        fast.hold()
-        open_records = False
-        try:
-            self._apply_fast()
-            yield
-            open_records = self.source.records_may_follow
-        finally:
-            cap = self.plan.bandwidth
-            credit = None if cap is None else int(cap * CAP_WINDOW) - self._window_used
-            fast.release(
-                open_records=open_records, credit=credit, window_end=self._window_at + CAP_WINDOW
-            )
-
-    @contextlib.contextmanager
-    def _picking(self) -> Iterator[None]:
-        """With the preempt channel's thread: the machine picks pages from the dirty map
-        (and learns what the thread sent) with the thread held off, so that no page goes out
-        on both channels (QEMU clears a page's dirty bit under its bitmap lock, from either
-        thread). Held for the picking only: the main channel's write does not hold the
-        thread's answers back."""
-        fast = self._fast
-        if fast is None or fast.main:
-            yield
-            return
-        fast.hold()
-        try:
-            self._apply_fast()
-            yield
-        finally:
-            fast.release(open_records=False, credit=None, window_end=0.0)
-
-    def _stop_fast_answer(self) -> None:
-        """Join the thread; what it wrote is the machine's to know. The return path's bytes
-        it read and this loop did not are lost with the channel it stops for (a pause, or
-        the end)."""
-        fast = self._fast
-        if fast is None:
-            return
-        self._fast = None
-        self._note_fast(fast.stop(), main=fast.main)
-        if not fast.main:
-            self.report.preempt_bytes += fast.bytes
-        totals = self.report.fast_answer
-        totals["pages"] = totals.get("pages", 0) + fast.pages
-        totals["declined"] = totals.get("declined", 0) + fast.declined
-
-    def _apply_fast(self) -> None:
-        assert self._fast is not None
-        self._note_fast(self._fast.apply(), main=self._fast.main)
-
-    def _note_fast(self, answered: list[Answered], *, main: bool) -> None:
-        if not answered:
-            return
-        if not main:
-            self.source.forget_preempt_block()
-        for page in answered:
-            if main and page.sent_ns / 1e9 >= self._window_at:
-                self._window_used += page.bytes  # the cap's window counts them, as QEMU's
-            waiting = self._fast_times.setdefault((page.block, page.request_start), deque())
-            if waiting and waiting[-1][0] == page.read_ns:  # another host page of a request
-                waiting[-1][1] = page.sent_ns
-            else:
-                waiting.append([page.read_ns, page.sent_ns])
+        self._answers.want(self.phase)
 
     def _stop_guest(self) -> None:
         self._advance_dirtier()
@@ -602,7 +450,7 @@ class SourceRunner:
         def spend(size: int) -> None:
             if capped and self.plan.bandwidth is not None:
                 self._wait_for_credit()
-            self._window_used += size
+            self._window.used += size
 
         return spend
 
@@ -614,7 +462,7 @@ class SourceRunner:
             sent = self._write(piece)
             view = view[sent:]
             self._sent += sent
-            self._window_used += sent
+            self._window.used += sent
             if self.on_progress is not None:
                 self.on_progress(self._label(), sent)
             self._advance_dirtier()
@@ -657,22 +505,20 @@ class SourceRunner:
         next window: QEMU checks the rate before its RAM code may send anything, requested
         pages included. Requests read while waiting are queued (and, where the return-path
         thread sends the preempt channel's pages, QEMU 8.0 on, sent there at once)."""
-        cap = self.plan.bandwidth
-        if cap is None:
+        window = self._window
+        if window.rate is None:
             return CHUNK
-        quota = int(cap * CAP_WINDOW)
+        quota = window.quota
         while True:
             now = time.monotonic()
-            if now - self._window_at >= CAP_WINDOW:
-                self._window_at, self._window_used = now, 0
-                if self._urgent_capped and self.phase is SourceState.POSTCOPY:
-                    # What the spent window held goes first in the new one, ahead of the
-                    # piece this wait was for (QEMU 7.2's ram_save_iterate takes queued
-                    # requests before any dirty page, past the quota while any are queued).
-                    self._send_urgent()
-            if self._window_used < max(quota, 1):  # a cap under 10 B/s: a page per window
-                return max(quota - self._window_used, self.source.target_page_size)
-            self._poll_return_path(self._window_at + CAP_WINDOW - now)
+            if window.roll(now) and self._urgent_capped and self.phase is SourceState.POSTCOPY:
+                # What the spent window held goes first in the new one, ahead of the piece
+                # this wait was for (QEMU 7.2's ram_save_iterate takes queued requests before
+                # any dirty page, past the quota while any are queued).
+                self._send_urgent()
+            if window.used < max(quota, 1):  # a cap under 10 B/s: a page per window
+                return max(quota - window.used, self.source.target_page_size)
+            self._poll_return_path(window.end - now)
 
     def _poll_return_path(self, timeout: float) -> None:
         ready, _, _ = select.select([self._return_path()], [], [], timeout)
@@ -681,19 +527,10 @@ class SourceRunner:
 
     def _return_path(self) -> Connection | FastAnswer:
         """Where the return path's bytes come from: the socket, or the C answer thread."""
-        return self.connection if self._fast is None else self._fast
+        return self.connection if self._answers.fast is None else self._answers.fast
 
     def _read_return_path(self) -> None:
-        fast = self._fast
-        count = 0 if fast is None else fast.read_into(self._rp_buffer)
-        if fast is not None and count:
-            self._apply_fast()  # before the machine reads the requests: they are answered
-        elif fast is not None:
-            # The thread met the socket's end or an error: this loop meets it there too.
-            self._stop_fast_answer()
-            count = self.connection.recv_into(self._rp_buffer)
-        else:
-            count = self.connection.recv_into(self._rp_buffer)
+        count = self._answers.read_into(self._rp_buffer, self.connection)
         if count == 0:
             if self.channels.can_reopen and self.phase in RECOVERABLE:
                 # The destination's end of a broken channel: pause, do not fail.
@@ -702,8 +539,8 @@ class SourceRunner:
             return
         self.source.receive_data(bytes(self._rp_buffer[:count]))
         self._take_events()
-        if self._fast_wanted:
-            self._start_fast_answer()  # the handover waited for the end of a message
+        if self._answers.wanted:
+            self._answers.start(self.phase)  # the handover waited for the end of a message
         if self.phase is SourceState.POSTCOPY:
             self._send_urgent()
 
@@ -722,9 +559,9 @@ class SourceRunner:
     def _note_request(self, block: str, start: int) -> None:
         """A request, read now, or earlier by the C thread (which answered it then)."""
         requests = self.report.requests
-        waiting = self._fast_times.get((block, start))
-        if waiting:
-            read_ns, sent_ns = waiting.popleft()
+        answered = self._answers.answered(block, start)
+        if answered is not None:
+            read_ns, sent_ns = answered
             self._fast_served[len(requests)] = sent_ns - read_ns
             requests.append((read_ns / 1e9, block, start))
         else:

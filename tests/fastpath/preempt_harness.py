@@ -30,6 +30,7 @@ from qmig.protocol.source import Source, SourceBlock
 from qmig.runner.channels import PREEMPT, Channels
 from qmig.runner.destination import DestinationRunner
 from qmig.runner.fastpath import FastPath
+from qmig.runner.preempt_recv import PreemptReceiver
 from qmig.transport import Connection
 
 PAGE = 4096
@@ -102,29 +103,36 @@ def assert_runs_agree(fast: PreemptOutcome, slow: PreemptOutcome) -> None:
     assert "preempt_records" not in slow.fast_path
 
 
-class _Runner(DestinationRunner):
-    """Says when the preempt thread waits for bytes, and whether its C thread took over;
-    keeps the received bitmaps before the RAM goes."""
+class _Reader(PreemptReceiver):
+    """Says when the preempt thread waits for bytes, and whether its C thread took over."""
 
-    preempt_waiting = False
-    preempt_taken = False
+    waiting = False
+    taken = False
+
+    def receive(self, connection: Connection, buffer: bytearray, fast: FastPath | None) -> int:
+        self.waiting = True
+        try:
+            return super().receive(connection, buffer, fast)
+        finally:
+            self.waiting = False
+
+    def take_over(self, connection: Connection, channel: PreemptChannel) -> FastPath | None:
+        fast = super().take_over(connection, channel)
+        self.taken = self.taken or fast is not None
+        return fast
+
+
+class _Runner(DestinationRunner):
+    """Reads the preempt channel with a :class:`_Reader`; keeps the received bitmaps before
+    the RAM goes."""
+
+    preempt_receiver = _Reader
     kept: dict[str, bytes]
 
-    def _preempt_receive(
-        self, connection: Connection, buffer: bytearray, fast: FastPath | None
-    ) -> int:
-        self.preempt_waiting = True
-        try:
-            return super()._preempt_receive(connection, buffer, fast)
-        finally:
-            self.preempt_waiting = False
-
-    def _preempt_take_over(
-        self, connection: Connection, channel: PreemptChannel
-    ) -> FastPath | None:
-        fast = super()._preempt_take_over(connection, channel)
-        self.preempt_taken = self.preempt_taken or fast is not None
-        return fast
+    @property
+    def preempt(self) -> _Reader:
+        assert isinstance(self._preempt, _Reader)
+        return self._preempt
 
     def _close_session(self) -> None:
         self.kept = {}
@@ -176,16 +184,16 @@ class _Feeder:
         runner = self.runner
         assert runner is not None
         channel = runner.dest.preempt_channel
-        thread = runner._preempt_thread
-        if runner._preempt_error is not None or thread is None or not thread.is_alive():
+        thread = runner.preempt.thread
+        if runner.preempt.error is not None or thread is None or not thread.is_alive():
             return True  # failed, or ended (EOS)
-        return channel is not None and channel.reader.fed >= sent and runner.preempt_waiting
+        return channel is not None and channel.reader.fed >= sent and runner.preempt.waiting
 
     def _keep(self) -> None:
         runner = self.runner
         assert runner is not None
         session = runner.session
-        if session is None or runner._preempt_error is not None or self.done.is_set():
+        if session is None or runner.preempt.error is not None or self.done.is_set():
             return
         block = session.block(BLOCK)
         bits = -(-block.used_length // PAGE // 8)
@@ -200,8 +208,8 @@ class _Feeder:
             _wait(
                 lambda: (
                     runner.report.running_at is not None
-                    and runner.preempt_waiting
-                    and (runner.preempt_taken or not runner.fast_path)
+                    and runner.preempt.waiting
+                    and (runner.preempt.taken or not runner.fast_path)
                 ),
                 self.done,
             )
@@ -210,7 +218,7 @@ class _Feeder:
                 self.preempt.sendall(self.preempt_bytes[sent:end])
                 sent = end
                 _wait(lambda sent=sent: self._consumed(sent), self.done)
-            if runner._preempt_error is not None:
+            if runner.preempt.error is not None:
                 return  # the rest would race with the failure's cut of the main channel
             self._keep()
             self.main.sendall(self.stream.tail)
