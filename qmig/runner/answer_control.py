@@ -27,7 +27,8 @@ from qmig.transport import Connection
 
 class AnswerControl:
     """The answer thread of one migration's source, if ``enabled`` (``SourcePlan.fast_answer``).
-    ``window``: the cap's, which the thread's main-channel pages count in; ``await_room``:
+    ``window``: the cap's, which the thread's main-channel pages count in (and its preempt
+    ones, where the profile's rate limit counts every channel); ``await_room``:
     the loop's wait for room in the main channel's socket (reading the return path
     meanwhile); ``stall_timeout``: the main-channel thread's bound on a socket that takes
     nothing."""
@@ -217,8 +218,9 @@ class AnswerControl:
             return
         if not main:
             self._source.forget_preempt_block()
+        counted = main or self._source.profile.preempt_in_rate_limit
         for page in answered:
-            if main and page.sent_ns / 1e9 >= self._window.at:
+            if counted and page.sent_ns / 1e9 >= self._window.at:
                 self._window.used += page.bytes  # the cap's window counts them, as QEMU's
             waiting = self._times.setdefault((page.block, page.request_start), deque())
             if waiting and waiting[-1][0] == page.read_ns:  # another host page of a request

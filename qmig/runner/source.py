@@ -13,6 +13,9 @@ preempt channel's urgent pages follow the thread that sends them in the QEMU of 
 request is read, so they do not wait; QEMU 7.2's migration thread sends them, so a request
 read once the window's quota is spent waits for the next window, and goes first in it (their
 bytes count on the preempt channel's own QEMUFile, never against the main channel's quota).
+Whether urgent pages use up the window's quota is the profile's too
+(``preempt_in_rate_limit``): from QEMU 8.1 one counter of every channel's bytes makes the
+rate, so the main channel's background pages get what the preempt channel left.
 
 Requests are answered from C as they are read (``SourcePlan.fast_answer``, see
 :mod:`qmig.runner.answer`, joined to this loop by :mod:`qmig.runner.answer_control`): on the
@@ -362,6 +365,8 @@ class SourceRunner:
                 raise TransportError(self.connection.name, "pages to send and no preempt channel")
             channel.sendall(data)
         self.report.preempt_bytes += len(data)
+        if self.source.profile.preempt_in_rate_limit:
+            self._window.used += len(data)  # one quota for every channel (QEMU 8.1+)
         known = len(self.report.requests)
         if known > self._answered and self.source.pending_requests == 0:
             self._served(known)

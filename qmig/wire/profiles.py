@@ -153,6 +153,10 @@ class Profile:
     # x-preempt-pre-7-2=true); None: every machine type gets ``preempt``.
     preempt_pre_7_2_machines: str | None = None
     preempt_sender: PreemptSenderRule = "return-path"
+    # postcopy.preempt_in_rate_limit (runner/source.py): the preempt channel's bytes count
+    # against the cap's window, as the main channel's do (one counter for every channel), or
+    # on their own (False: a per-file quota that the preempt channel never has).
+    preempt_in_rate_limit: bool = False
     # Where this QEMU misbehaves on hostile input and qmig deliberately does not follow it:
     # name -> {tag, qemu, qmig, summary} (formats/quirks.md explains each; the differential
     # fuzzer reads it to tell a known difference from a finding).
@@ -242,6 +246,8 @@ class Profile:
                     fields["preempt_pre_7_2_machines"] = postcopy.string("preempt_pre_7_2_machines")
                 if postcopy.has("preempt_sender"):
                     fields["preempt_sender"] = postcopy.choice("preempt_sender", PreemptSenderRule)
+                if postcopy.has("preempt_in_rate_limit"):
+                    fields["preempt_in_rate_limit"] = postcopy.boolean("preempt_in_rate_limit")
             quirks = top.optional_table("quirks")
             fields["quirks"] = {} if quirks is None else _quirks(quirks)
             multifd, mapped_ram = top.optional_table("multifd"), top.optional_table("mapped_ram")

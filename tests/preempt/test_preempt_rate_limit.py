@@ -17,6 +17,7 @@ before any byte of the next window's burst on the main channel."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import threading
 import time
@@ -35,7 +36,7 @@ from qmig.runner import source as source_runner
 from qmig.runner.channels import PREEMPT, Channels
 from qmig.runner.source import SourcePlan, SourceRunner
 from qmig.runner.source_ram import GuestRam
-from qmig.transport import Connection, connect, listen
+from qmig.transport import Connection, connect, limit_buffers, listen
 
 WINDOW = 2.0  # seconds: the cap's window, stretched
 SIZE = 8 << 20
@@ -165,3 +166,114 @@ def test_from_qemu_8_0_the_return_path_sends_preempt_pages_at_once(
     answer = _ask_once_running("10.0", variant)
     assert answer.channel == "preempt"
     assert answer.main_bytes_before == 0
+
+
+# The window's quota, and the pages asked for at once within it: about half the quota.
+QUOTA = 512 << 10
+ASKED = 64
+QUOTA_WINDOW = 4.0  # long enough for the run up to RUN and the answers on a loaded host
+# What the bytes of one window may pass the quota by: the piece of stream that was sized
+# before the answers were counted, and the page that crosses the quota.
+OVERSHOOT = source_runner.POSTCOPY_CHUNK + 2 * 4096
+
+
+def _first_window(version: str, variant: PreemptVariant, *, fast_answer: bool) -> tuple[int, int]:
+    """A source capped at QUOTA per window switches to postcopy at once; as soon as RUN is
+    in, the destination asks for ASKED pages and, without reading the main channel, waits
+    for them on the preempt channel; then it reads the main channel until the first window
+    ends. The bytes of the first window on each channel: (main, preempt)."""
+    ram = GuestRam.generate([("pc.ram", SIZE)], zero_fraction=0.0)
+    source = Source(ram.blocks, version=version, preempt=variant)
+    plan = SourcePlan(postcopy_after=0, bandwidth=QUOTA / QUOTA_WINDOW, fast_answer=fast_answer)
+    runners: list[SourceRunner] = []
+    with listen("tcp:127.0.0.1:0") as listener:
+        assert listener.socket is not None
+        # A small receive buffer: the source blocks soon when the main channel is not read.
+        limit_buffers(listener.socket, receive=16 << 10)
+
+        def run_source() -> None:
+            channels = Channels(
+                connect(listener.uri),
+                openers={PREEMPT: lambda timeout: connect(listener.uri, timeout)},
+            )
+            runners.append(SourceRunner(channels, source, plan))
+            with contextlib.suppress(QmigError):  # the destination hangs up at the end
+                runners[0].run()
+            channels.close_all()
+
+        thread = threading.Thread(target=run_source, daemon=True)
+        thread.start()
+        main = listener.accept(timeout=10)
+        dest = Destination(version, preempt=variant)
+        preempt = listener.accept(timeout=10) if variant is PreemptVariant.PRE_7_2 else None
+        channel = dest.open_preempt_channel() if preempt is not None else None
+        buffer = bytearray(1 << 16)
+        main_bytes = preempt_bytes = 0
+        deadline = time.monotonic() + DEADLINE
+        try:
+            while dest.state is not DestinationState.RUNNING:  # up to RUN, PONGs answered
+                assert time.monotonic() < deadline, "no RUN"
+                if preempt is None and select.select([listener.socket], [], [], 0)[0]:
+                    preempt = listener.accept(timeout=10)
+                    channel = dest.open_preempt_channel()
+                count = main.recv_into(buffer)
+                assert count, "the source closed the stream before RUN"
+                main_bytes += count
+                dest.receive_data(memoryview(buffer)[:count])
+                while isinstance(dest.next_event(), ev.Event):
+                    pass
+                main.sendall(dest.data_to_send())
+            if preempt is None:  # the 8.0 variant's channel opens after the PONG
+                preempt = listener.accept(timeout=10)
+                channel = dest.open_preempt_channel()
+            assert channel is not None
+            wanted = {SIZE - (index + 1) * 4096 for index in range(ASKED)}
+            for offset in wanted:
+                assert dest.page_fault("pc.ram", offset) is not None
+            main.sendall(dest.data_to_send())
+            while wanted:
+                assert time.monotonic() < deadline, f"{len(wanted)} pages never came"
+                count = preempt.recv_into(buffer)
+                assert count, "the source closed the preempt channel"
+                preempt_bytes += count
+                channel.receive_data(memoryview(buffer)[:count])
+                while isinstance(event := channel.next_event(), ev.Event):
+                    if isinstance(event, ev.PagesReceived):
+                        wanted -= {offset for offset, _zero, _data in event.run.pages()}
+            # The first window's end: what the main channel brings until then is its.
+            window_end = runners[0].report.started + QUOTA_WINDOW
+            while (left := window_end - time.monotonic()) > 0:
+                if select.select([main], [], [], left)[0]:
+                    count = main.recv_into(buffer)
+                    assert count, "the source closed the stream in postcopy"
+                    main_bytes += count
+        finally:
+            main.close()
+            if preempt is not None:
+                preempt.close()
+            thread.join(timeout=30)
+    assert not thread.is_alive()
+    return main_bytes, preempt_bytes
+
+
+@pytest.mark.parametrize("fast_answer", [True, False], ids=["c-answer", "python-answer"])
+def test_from_qemu_8_1_preempt_pages_use_up_the_window_quota(
+    monkeypatch: pytest.MonkeyPatch, fast_answer: bool
+) -> None:
+    """QEMU 8.1+ takes its rate from one counter of every channel's bytes: the pages sent on
+    the preempt channel leave less of the window to the main channel's background pages."""
+    monkeypatch.setattr(source_runner, "CAP_WINDOW", QUOTA_WINDOW)
+    main, preempt = _first_window("10.0", PreemptVariant.V8_0, fast_answer=fast_answer)
+    assert preempt >= ASKED * 4096
+    assert main + preempt <= QUOTA + OVERSHOOT
+
+
+def test_qemu_7_2_counts_preempt_pages_apart_from_the_quota(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QEMU 7.2's quota is the main file's alone: the preempt channel's pages come on top."""
+    monkeypatch.setattr(source_runner, "CAP_WINDOW", QUOTA_WINDOW)
+    main, preempt = _first_window("7.2", PreemptVariant.PRE_7_2, fast_answer=False)
+    assert preempt >= ASKED * 4096
+    assert main >= QUOTA - OVERSHOOT
+    assert main + preempt > QUOTA + OVERSHOOT
