@@ -57,6 +57,15 @@ def _wanted_in(event: object) -> bool:
     return any(offset == WANTED for offset, _zero, _data in event.run.pages())
 
 
+def _hang_up(source: threading.Thread, *connections: Connection | None) -> None:
+    """Close the destination's end of every channel; the source thread ends."""
+    for connection in connections:
+        if connection is not None:
+            connection.close()
+    source.join(timeout=30)
+    assert not source.is_alive()
+
+
 def _ask_once_running(version: str, variant: PreemptVariant | None) -> Answer:
     """A source capped at 1 byte/s (one burst a window) switches to postcopy at once; the
     destination asks for one page as soon as RUN is in (the switchover spent the window's
@@ -127,11 +136,7 @@ def _ask_once_running(version: str, variant: PreemptVariant | None) -> Answer:
                     main.sendall(dest.data_to_send())
                     asked_at = time.monotonic()
         finally:
-            main.close()
-            if preempt is not None:
-                preempt.close()
-            thread.join(timeout=30)
-    assert not thread.is_alive()
+            _hang_up(thread, main, preempt)
     assert answer is not None
     return answer
 
@@ -248,11 +253,7 @@ def _first_window(version: str, variant: PreemptVariant, *, fast_answer: bool) -
                     assert count, "the source closed the stream in postcopy"
                     main_bytes += count
         finally:
-            main.close()
-            if preempt is not None:
-                preempt.close()
-            thread.join(timeout=30)
-    assert not thread.is_alive()
+            _hang_up(thread, main, preempt)
     return main_bytes, preempt_bytes
 
 
