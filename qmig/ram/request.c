@@ -216,10 +216,10 @@ static int handle_batch(struct qmig_freq *ctx, const struct qmig_fault *faults, 
    and they tend to run on this CPU. The request's send wakes the reader of the return path
    (the source's, when it runs on this host), and the answer wakes this process's receive
    thread, which places the page; a spinning thread holds both off for the whole spin. In
-   the default `qmig simulate` (2 CPUs), with a 50 µs spin the source read a request ~60 µs
-   after it was sent (p50), 11-17 µs without, and the fault latency p50 went from 120-170
-   to 50-60 µs. A spin only after batches that sent nothing still cost ~40 µs p50: their
-   faults come while another request is on its way. */
+   the default `qmig simulate` (2 CPUs, medians of alternating runs), with a 50 µs spin the
+   source read a request ~60 µs after it was sent (p50), 14-21 µs without, and the fault
+   latency p50 went from 117-167 to 60-83 µs. A spin only after batches that sent nothing
+   still cost ~40 µs p50: their faults come while another request is on its way. */
 int qmig_freq_run(struct qmig_freq *ctx, int uffd, int quitfd, int *quit)
 {
     struct qmig_fault faults[QMIG_FAULT_BATCH];
