@@ -315,7 +315,8 @@ class FaultThread:
         quit_flag = ffi.new("int *")
         while True:
             # Back here only for what needs Python: a held or stray fault, a full log, quit.
-            count = lib.qmig_freq_run(ctx, self.uffd.fd, self._quit_fd, self.spin_ns, quit_flag)
+            # No spin between faults here (see request.c: it holds off the answer).
+            count = lib.qmig_freq_run(ctx, self.uffd.fd, self._quit_fd, quit_flag)
             if count < 0:
                 self.error = UffdCallError("read", -count, os.strerror(-count))
                 return

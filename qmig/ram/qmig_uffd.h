@@ -264,7 +264,7 @@ void qmig_freq_enable(struct qmig_freq *ctx, int sock, int32_t last_block);
 int32_t qmig_freq_disable(struct qmig_freq *ctx);
 uint32_t qmig_freq_format(struct qmig_freq *ctx, int32_t block, uint64_t host_offset,
                           uint8_t *out);
-int qmig_freq_run(struct qmig_freq *ctx, int uffd, int quitfd, uint64_t spin_ns, int *quit);
+int qmig_freq_run(struct qmig_freq *ctx, int uffd, int quitfd, int *quit);
 int qmig_freq_send(struct qmig_freq *ctx, int32_t block, uint64_t host_offset,
                    uint64_t read_ns);
 uint64_t qmig_freq_drain(struct qmig_freq *ctx, struct qmig_freq_entry *out, uint64_t max);
