@@ -2,9 +2,14 @@
 
 Design: a Python thread that blocks in ``qmig_fault_wait`` (poll on the userfaultfd and a quit
 eventfd, then one read() of up to 64 messages). cffi releases the GIL for the whole call, so the
-thread costs nothing while idle, and the C vCPUs never need the GIL at all. After a fault it
-busy-reads for up to ``spin_us`` before sleeping again: faults come in bursts, and on virtual
-machines waking a sleeping reader on another CPU costs tens of microseconds.
+thread costs nothing while idle, and the C vCPUs never need the GIL at all. Where it serves
+faults itself (``sources``, below), it busy-reads for up to ``spin_us`` after a fault before
+sleeping again: faults come in bursts, and on virtual machines waking a sleeping reader on
+another CPU costs tens of microseconds. Where a fault becomes a page request (in Python or in
+C), it sleeps between faults: the answer comes from other threads (the source's return-path
+reader, the destination's receive thread), which the scheduler often wakes onto the fault
+thread's CPU, and a spinning reader holds them off (measured in ``qmig simulate``: the source
+read a request about 60 µs after it was sent with a 50 µs spin, 10-20 µs without).
 
 Why the request path stays in Python: a destination's pages come over the network, so every
 request crosses into Python anyway (the protocol machine, the return path), and a network
@@ -282,13 +287,11 @@ class FaultThread:
         messages = ffi.new("struct qmig_fault[]", BATCH)
         quit_flag = ffi.new("int *")
         handle = self._handle
-        fd, spin_ns = self.uffd.fd, self.spin_ns
-        count = 0
+        fd = self.uffd.fd
         while True:
-            # After a busy spell, spin a little before sleeping (see the module docstring).
-            count = lib.qmig_fault_spin(fd, spin_ns, messages, BATCH) if count and spin_ns else 0
-            if not count:
-                count = lib.qmig_fault_wait(fd, self._quit_fd, -1, messages, BATCH, quit_flag)
+            # No spin between faults: a request's answer comes from other threads, which a
+            # spinning reader would hold off its CPU (see the module docstring).
+            count = lib.qmig_fault_wait(fd, self._quit_fd, -1, messages, BATCH, quit_flag)
             if count < 0:
                 self.error = UffdCallError("read", -count, os.strerror(-count))
                 return

@@ -1,7 +1,8 @@
-"""The C fault thread sleeps while its page requests are answered.
+"""The fault thread sleeps while its page requests are answered.
 
-Between faults the fault thread that writes page requests from C (``qmig_freq_run``) waits in
-poll and reads the userfaultfd once per wake-up: it never busy-reads, because a spinning
+Between faults the fault thread that writes page requests from C (``qmig_freq_run``), and the
+one that hands them to Python (``on_request``), waits in poll and reads the userfaultfd once
+per wake-up: it never busy-reads, because a spinning
 thread holds its CPU while the threads that answer its request (the source's reader, then
 the destination's receive thread) are queued there. Counted, not timed: the kernel's count of
 the thread's read calls (``syscr`` in ``/proc/self/task/TID/io``) grows by at most one per
@@ -11,6 +12,7 @@ still asked for once, in the order the faults came, and the guest finishes.
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -21,6 +23,7 @@ import pytest
 from qmig.protocol.destination import BlockTracker, Destination
 from qmig.ram.blocks import BlockSpec
 from qmig.ram.fault_requests import FaultRequests
+from qmig.ram.faults import PageRequest
 from qmig.ram.session import RamSession
 from qmig.ram.workload import Pattern, Workload
 from qmig.wire import messages as m
@@ -89,3 +92,32 @@ def _answer_late(ram: RamSession, sock: socket.socket, asked: list[tuple[str, in
             asked.append((last, message.start))
             time.sleep(ANSWER_DELAY)
             ram.block(last).receive_zero(message.start, message.length)
+
+
+def test_the_python_request_path_sleeps_between_faults_too() -> None:
+    """The same with requests handed to Python (``--no-fast-path``, and before the C sending
+    is on): one read per fault, each page asked for once, in order."""
+    with RamSession([BlockSpec("pc.ram", 1 << 20)]) as ram:
+        handed: queue.SimpleQueue[PageRequest | None] = queue.SimpleQueue()
+        faults = ram.start_faults(on_request=handed.put)
+        before = reads_by("qmig-faults")
+        asked: list[int] = []
+
+        def answer_late() -> None:
+            while (request := handed.get(timeout=WAIT)) is not None:
+                asked.append(request.offset)
+                time.sleep(ANSWER_DELAY)
+                ram.block(request.block).receive_zero(request.offset, request.length)
+
+        server = threading.Thread(target=answer_late, daemon=True)
+        server.start()
+        ram.start_vcpu("pc.ram", Workload(Pattern.SEQUENTIAL, touches=TOUCHES), 0, TOUCHES * PAGE)
+        ram.vcpus.join(timeout=WAIT)
+        after = reads_by("qmig-faults")
+        handed.put(None)
+        server.join(WAIT)
+        stats = faults.stats()
+        faults.stop()
+    assert stats.faults == stats.requests == TOUCHES
+    assert asked == [page * PAGE for page in range(TOUCHES)]
+    assert after - before <= TOUCHES + 3, f"{after - before} reads for {TOUCHES} faults"
