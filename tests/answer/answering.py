@@ -12,11 +12,26 @@ from typing import Any
 from qmig.protocol.source import Source, SourceBlock
 from qmig.protocol.states import SourceState
 from qmig.runner.answer import FastAnswer
+from qmig.wire import messages as m
 from qmig.wire.reader import NEED_DATA
 from qmig.wire.schema import schema_for
 
 PAGE = 4096
 WAIT = 30.0  # seconds: generous, the machine may be loaded
+
+# Requests both threads answer as their machine would: one page of a block; then another
+# block, then the same block again (CONTINUE), a request of three pages, zero pages, and a
+# REQ_PAGES that reuses the last block; whole host pages of four target pages, one of them
+# half sent.
+ONE_PAGE = (m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"),)
+MIXED = (
+    m.ReqPagesId(3 * PAGE, PAGE, "vga.vram"),
+    m.ReqPagesId(5 * PAGE, 3 * PAGE, "pc.ram"),
+    m.ReqPages(7 * PAGE, 2 * PAGE),
+    m.ReqPagesId(6 * PAGE, PAGE, "vga.vram"),
+    m.ReqPages(0, PAGE),
+)
+HOST_PAGES = (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram"))
 
 
 def postcopy_source(seed: int, version: str, *, piece: int = 0, **options: Any) -> Source:

@@ -10,7 +10,7 @@ import socket
 
 import answering
 import pytest
-from answering import PAGE, WAIT, drain, passed_on, recv_exactly
+from answering import HOST_PAGES, MIXED, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
 
 from qmig.errors import QmigError
 from qmig.protocol.preempt import PreemptVariant
@@ -57,20 +57,7 @@ class Thread:
             sock.close()
 
 
-REQUESTS = [
-    # one page of a block, then another block, then the same block again (CONTINUE), a
-    # request of three pages, zero pages, and a REQ_PAGES that reuses the last block
-    (m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"),),
-    (
-        m.ReqPagesId(3 * PAGE, PAGE, "vga.vram"),
-        m.ReqPagesId(5 * PAGE, 3 * PAGE, "pc.ram"),
-        m.ReqPages(7 * PAGE, 2 * PAGE),
-        m.ReqPagesId(6 * PAGE, PAGE, "vga.vram"),
-        m.ReqPages(0, PAGE),
-    ),
-    # whole host pages of four target pages, one of them half sent
-    (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram")),
-]
+REQUESTS = [ONE_PAGE, MIXED, HOST_PAGES]
 
 
 @pytest.mark.parametrize("messages", REQUESTS)

@@ -13,7 +13,7 @@ import time
 
 import answering
 import pytest
-from answering import PAGE, WAIT, drain, passed_on, recv_exactly
+from answering import HOST_PAGES, MIXED, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
 
 from qmig.errors import QmigError
 from qmig.protocol.source import RAM_SECTION_ID, Source
@@ -103,16 +103,9 @@ def python_answer(return_path: bytes) -> tuple[Source, bytes]:
 
 
 REQUESTS = [
-    (m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"),),
-    (
-        m.ReqPagesId(3 * PAGE, PAGE, "vga.vram"),
-        m.ReqPagesId(5 * PAGE, 3 * PAGE, "pc.ram"),
-        m.ReqPages(7 * PAGE, 2 * PAGE),
-        m.ReqPagesId(6 * PAGE, PAGE, "vga.vram"),
-        m.ReqPages(0, PAGE),
-        m.ReqPagesId(0, PAGE, "pc.ram"),  # sent already: nothing
-    ),
-    (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram")),
+    ONE_PAGE,
+    (*MIXED, m.ReqPagesId(0, PAGE, "pc.ram")),  # the last one sent already: nothing
+    HOST_PAGES,
     # the same page twice: once on the wire
     (m.ReqPagesId(20 * PAGE, PAGE, "pc.ram"), m.ReqPagesId(20 * PAGE, PAGE, "pc.ram")),
 ]
