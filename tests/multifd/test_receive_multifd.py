@@ -9,13 +9,13 @@ import contextlib
 import json
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from processes import started
 
 from qmig.wire import messages as m
 from qmig.wire.multifd import MultifdInit, MultifdPacketHeader, multifd_schema
@@ -66,19 +66,12 @@ def handshake(channel: int, uuid: bytes = bytes(16), version: str = VERSION) -> 
 def receive(
     tmp_path: Path, *args: str, version: str = VERSION
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0", "--json",
-         "--qemu-version", version, "--workload", "none", "--accept-timeout", "30",
-         "--idle-timeout", "30", "--dump-ram", str(tmp_path / "dump"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        line = process.stderr.readline()
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--json", "--qemu-version", version,
+        "--workload", "none", "--accept-timeout", "30", "--idle-timeout", "30",
+        "--dump-ram", str(tmp_path / "dump"), *args,
+    ) as (process, line):  # fmt: skip
         yield process, int(line.rsplit(":", 1)[1])
-    finally:
-        process.kill()
-        process.wait()
 
 
 def migrate(port: int, main: bytes, channels: list[bytes]) -> None:
