@@ -1,6 +1,6 @@
-"""qmig as the tests run it in a process of its own: the command line, a process started
-(its first stderr line, which says where it listens, read) and killed on the way out, and
-its clean end."""
+"""qmig as the tests run it in a process of its own: the command line, a run to its end, a
+process started (its first stderr line, which says where it listens, read) and killed on the
+way out, and its clean end."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ from typing import Any
 
 def qmig(*args: str) -> list[str]:
     return [sys.executable, "-m", "qmig", *args]
+
+
+def run(*args: str, timeout: float, **options: Any) -> subprocess.CompletedProcess[str]:
+    """``qmig ARGS`` run to its end (``options``: more of subprocess.run's), its output kept
+    as text."""
+    return subprocess.run(qmig(*args), capture_output=True, text=True, timeout=timeout, **options)
 
 
 @contextmanager
