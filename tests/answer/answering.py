@@ -32,6 +32,12 @@ MIXED = (
     m.ReqPages(0, PAGE),
 )
 HOST_PAGES = (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram"))
+# Requests the machine refuses: neither thread answers them, they are the machine's to refuse.
+ODD = [
+    m.ReqPagesId(0, PAGE, "nvram"),  # no such block
+    m.ReqPagesId(100, PAGE, "pc.ram"),  # misaligned
+    m.ReqPagesId(63 * PAGE, 2 * PAGE, "pc.ram"),  # past the block's end
+]
 
 
 def postcopy_source(seed: int, version: str, *, piece: int = 0, **options: Any) -> Source:

@@ -10,7 +10,7 @@ import socket
 
 import answering
 import pytest
-from answering import HOST_PAGES, MIXED, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
+from answering import HOST_PAGES, MIXED, ODD, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
 
 from qmig.errors import QmigError
 from qmig.protocol.preempt import PreemptVariant
@@ -105,14 +105,7 @@ def test_a_page_already_sent_is_not_answered() -> None:
         thread.close()
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        m.ReqPagesId(0, PAGE, "nvram"),  # no such block
-        m.ReqPagesId(100, PAGE, "pc.ram"),  # misaligned
-        m.ReqPagesId(63 * PAGE, 2 * PAGE, "pc.ram"),  # past the block's end
-    ],
-)
+@pytest.mark.parametrize("message", ODD)
 def test_an_odd_request_is_left_to_the_machine(message: object) -> None:
     return_path = requests(message)
     with pytest.raises(QmigError) as expected:

@@ -13,7 +13,7 @@ import time
 
 import answering
 import pytest
-from answering import HOST_PAGES, MIXED, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
+from answering import HOST_PAGES, MIXED, ODD, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
 
 from qmig.errors import QmigError
 from qmig.protocol.source import RAM_SECTION_ID, Source
@@ -212,15 +212,7 @@ def test_the_window_counts_what_the_thread_sent() -> None:
     assert thread.fast.declined == 1
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        m.ReqPagesId(0, PAGE, "nvram"),  # no such block
-        m.ReqPagesId(100, PAGE, "pc.ram"),  # misaligned
-        m.ReqPagesId(63 * PAGE, 2 * PAGE, "pc.ram"),  # past the block's end
-        m.ReqPagesId(0, 0, "pc.ram"),  # empty
-    ],
-)
+@pytest.mark.parametrize("message", [*ODD, m.ReqPagesId(0, 0, "pc.ram")])  # and an empty one
 def test_an_odd_request_is_left_to_the_machine(message: object) -> None:
     return_path = requests(message)
     with pytest.raises(QmigError) as expected:

@@ -117,6 +117,11 @@ def wait_until(condition: Callable[[], bool], done: threading.Event, timeout: fl
     return False
 
 
+# What both kinds of run keep and must agree on: the error and where, what each block received
+# and holds, what was placed where.
+AGREED = ("error", "error_offset", "received", "ram", "placed_pages", "block_pages")
+
+
 def assert_same(fast: object, slow: object, *fields: str) -> None:
     """The two runs' outcomes hold the same ``fields``."""
     for name in fields:
