@@ -21,6 +21,19 @@ from qmig.qemu.machine import Machine, MachineConfig
 
 MachineFactory = Callable[..., Machine]
 
+# The helper modules the tests share assert too: pytest explains their failures as it does
+# a test's (they are imported by the tests, after this conftest).
+pytest.register_assert_rewrite(
+    "answering",
+    "fastpath_harness",
+    "own_source",
+    "preempt_harness",
+    "processes",
+    "qemu_helpers",
+    "qemu_recovery",
+    "simulating",
+)
+
 settings.register_profile(
     "ci",
     max_examples=40,

@@ -1,21 +1,21 @@
 """Small helpers the real-QEMU tests share: the qmig command line, a free port for a recovery
 URI, a QEMU version that must be there (a failure under CI, where scripts/setup installs it; a
 skip elsewhere), the check that a migrated guest runs on with the right memory, and a real
-postcopy-preempt migration between two QEMUs relayed through ``qmig capture``."""
+postcopy-preempt migration between two QEMUs relayed through ``qmig capture``; the recorded
+fixtures' guests."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import ended, started
 
 from qmig.qemu.guest import MIB, GuestSpec
 from qmig.qemu.machine import Machine, qemu_install
@@ -25,13 +25,13 @@ from qmig.qemu.qmp import QemuError
 MachineFactory = Callable[..., Machine]
 
 TIMEOUT = 60.0
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+# How the fixtures' guests were made (their meta.json): memory and the counters' range.
+POSTCOPY = FIXTURES / "postcopy-tcp", 64, GuestSpec(end=40 * MIB)
+PRECOPY = FIXTURES / "precopy-file", 32, GuestSpec(end=8 * MIB)
 SYSTEM_VERSION = "7.2"  # the system's QEMU, as CI installs it (scripts/setup)
 PREEMPT_SPEC = GuestSpec(end=32 * MIB)
 PREEMPT_MEMORY_MIB = 64
-
-
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
 
 
 def free_port() -> int:
@@ -95,6 +95,24 @@ def check_counters_move(guest: Machine, spec: GuestSpec) -> tuple[bytes, bytes]:
     return first, second
 
 
+def postcopy_migration(
+    source: Machine, uri: str, *, postcopy_mib: int = 16, **capabilities: bool
+) -> dict[str, Any]:
+    """Migrates the running ``source`` to ``uri`` with postcopy (and ``capabilities``) on:
+    precopy cannot converge, postcopy is capped at ``postcopy_mib`` MiB/s, slow enough that
+    the destination's guest faults on pages not yet sent and must ask for them. The source's
+    query-migrate at the end."""
+    source.wait_serial(1)
+    source.set_capabilities(postcopy_ram=True, **capabilities)
+    source.set_parameters(
+        max_bandwidth=32 * MIB, max_postcopy_bandwidth=postcopy_mib * MIB, downtime_limit=1
+    )
+    source.migrate(uri)
+    time.sleep(0.5)
+    source.start_postcopy()
+    return source.wait_migration(timeout=TIMEOUT)
+
+
 def capture_preempt(
     machines: MachineFactory,
     tmp_path: Path,
@@ -118,29 +136,15 @@ def capture_preempt(
     destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True, postcopy_blocktime=True)
     destination.migrate_incoming("tcp:127.0.0.1:0")
     out = tmp_path / "capture"
-    relay = subprocess.Popen(
-        qmig("capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
-             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
-             "--out", str(out), "--json", *capture_args),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        listening = relay.stderr.readline().strip()
+    with started(
+        "capture", "--listen", "tcp:127.0.0.1:0", "--preempt",
+        "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
+        "--out", str(out), "--json", *capture_args,
+    ) as (relay, listening):  # fmt: skip
         source = machines("source", **config)
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-        source.set_parameters(
-            max_bandwidth=32 * MIB, max_postcopy_bandwidth=8 * MIB, downtime_limit=1
+        postcopy_migration(
+            source, listening.strip().rsplit(" ", 1)[1], postcopy_mib=8, postcopy_preempt=True
         )
-        source.migrate(listening.rsplit(" ", 1)[1])
-        time.sleep(0.5)
-        source.start_postcopy()
-        source.wait_migration(timeout=TIMEOUT)
         check_guest_runs_on(destination, PREEMPT_SPEC, tmp_path)
-        stdout, stderr = relay.communicate(timeout=TIMEOUT)
-    finally:
-        relay.kill()
-        relay.wait()
-    assert relay.returncode == 0, stderr
+        stdout, _stderr = ended(relay, TIMEOUT)
     return out, json.loads(stdout)

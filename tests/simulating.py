@@ -1,5 +1,5 @@
-"""``qmig simulate --json`` as the simulate tests run it: the process, and a run that must
-verify every page."""
+"""``qmig simulate --json`` as the simulate tests run it: the process, a run that must verify
+every page, and one that must also recover as often at both ends."""
 
 from __future__ import annotations
 
@@ -28,4 +28,12 @@ def verified(*args: str, timeout: float = TIMEOUT) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(done.stdout)
     assert result["verified"] is True
     assert result["mismatched_pages"] == 0
+    return result
+
+
+def recovered(*args: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+    """A verified run (``verified``) whose source and destination count the same
+    recoveries."""
+    result = verified(*args, timeout=timeout)
+    assert result["recoveries"] == result["destination_recoveries"]
     return result

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import started
 
 from qmig.cli import main
 from qmig.transport import Connection
@@ -256,22 +257,14 @@ def test_capture_records_the_detected_version_in_meta_json(tmp_path: Path) -> No
 
 
 def test_receive_hints_from_the_first_bytes_it_peeked() -> None:
-    receiver = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0",
-         "--qemu-version", "7.2", "--workload", "none", "--accept-timeout", "30",
-         "--idle-timeout", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        assert receiver.stderr is not None
-        first = receiver.stderr.readline()
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--qemu-version", "7.2",
+        "--workload", "none", "--accept-timeout", "30", "--idle-timeout", "30", cwd=ROOT,
+    ) as (receiver, first):  # fmt: skip
         port = int(first.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as source:
             source.sendall(build_stream("10.0", "pc-q35-10.0", switchover=True))
             _, stderr = receiver.communicate(timeout=60)
-    finally:
-        receiver.kill()
-        receiver.wait()
     assert receiver.returncode == 1
     (line,) = stderr.splitlines()
     assert line.startswith("qmig: error: unknown command: MIG_CMD 0xb"), line

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 from qmig.cli import COMMANDS, build_parser, main
@@ -30,13 +30,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 
 def qmig(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmig", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    return processes.run(*args, timeout=60, cwd=ROOT)
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:

@@ -5,56 +5,29 @@ the machine; what the thread finds odd is the machine's to refuse, with the same
 
 from __future__ import annotations
 
-import random
 import select
 import socket
 
+import answering
 import pytest
+from answering import HOST_PAGES, MIXED, ODD, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
 
 from qmig.errors import QmigError
 from qmig.protocol.preempt import PreemptVariant
-from qmig.protocol.source import Source, SourceBlock
-from qmig.protocol.states import SourceState
+from qmig.protocol.source import Source
 from qmig.runner.answer import FastAnswer
 from qmig.transport import Connection
 from qmig.wire import messages as m
-from qmig.wire.reader import NEED_DATA
-from qmig.wire.schema import schema_for
 
-PAGE = 4096
-WAIT = 30.0  # seconds: generous, the machine may be loaded
+VERSION = "10.0"
 
 
 def postcopy_source(seed: int = 5) -> Source:
-    rng = random.Random(seed)
-    ram = {
-        "pc.ram": bytearray(rng.randbytes(64 * PAGE)),
-        "vga.vram": bytearray(rng.randbytes(8 * PAGE)),
-        "big": bytearray(rng.randbytes(16 * PAGE)),  # host pages of four target pages
-    }
-    ram["pc.ram"][7 * PAGE : 9 * PAGE] = bytes(2 * PAGE)  # zero pages go as ZERO records
-    blocks = [SourceBlock(name, len(data), data) for name, data in ram.items() if name != "big"]
-    blocks.append(SourceBlock("big", len(ram["big"]), ram["big"], page_size=4 * PAGE))
-    source = Source(blocks, version="10.0", pages_per_section=8, preempt=PreemptVariant.V8_0)
-    source.start()
-    source.data_to_send(8 * PAGE)
-    source.start_postcopy()
-    source.data_to_send(0)
-    drain(source)
-    assert source.state is SourceState.POSTCOPY
-    # Part of a host page already sent: only the rest of it answers a request.
-    source.by_name["big"].dirty[5] = source.by_name["big"].dirty[6] = 0
-    return source
-
-
-def drain(source: Source) -> None:
-    while source.next_event() is not NEED_DATA:
-        pass
+    return answering.postcopy_source(seed, VERSION, preempt=PreemptVariant.V8_0)
 
 
 def requests(*messages: object) -> bytes:
-    schema = schema_for("10.0")
-    return b"".join(schema.build_rp(message) for message in messages)  # type: ignore[arg-type]
+    return answering.requests(VERSION, *messages)
 
 
 def python_answer(return_path: bytes) -> tuple[Source, bytes]:
@@ -62,17 +35,6 @@ def python_answer(return_path: bytes) -> tuple[Source, bytes]:
     source.receive_data(return_path)
     drain(source)
     return source, source.preempt_data()
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        ready, _, _ = select.select([sock], [], [], WAIT)
-        assert ready, f"{len(out)} of {size} bytes within {WAIT} s"
-        chunk = sock.recv(size - len(out))
-        assert chunk
-        out += chunk
-    return bytes(out)
 
 
 class Thread:
@@ -87,16 +49,7 @@ class Thread:
         self.source = source
 
     def passed_on(self, size: int) -> bytes:
-        """The return-path bytes the thread passed on, as the runner reads them."""
-        out = bytearray()
-        buffer = bytearray(4096)
-        while len(out) < size:
-            ready, _, _ = select.select([self.fast], [], [], WAIT)
-            assert ready
-            count = self.fast.read_into(buffer)
-            assert count
-            out += buffer[:count]
-        return bytes(out)
+        return passed_on(self.fast, size)
 
     def close(self) -> None:
         self.fast.stop()
@@ -104,20 +57,7 @@ class Thread:
             sock.close()
 
 
-REQUESTS = [
-    # one page of a block, then another block, then the same block again (CONTINUE), a
-    # request of three pages, zero pages, and a REQ_PAGES that reuses the last block
-    (m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"),),
-    (
-        m.ReqPagesId(3 * PAGE, PAGE, "vga.vram"),
-        m.ReqPagesId(5 * PAGE, 3 * PAGE, "pc.ram"),
-        m.ReqPages(7 * PAGE, 2 * PAGE),
-        m.ReqPagesId(6 * PAGE, PAGE, "vga.vram"),
-        m.ReqPages(0, PAGE),
-    ),
-    # whole host pages of four target pages, one of them half sent
-    (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram")),
-]
+REQUESTS = [ONE_PAGE, MIXED, HOST_PAGES]
 
 
 @pytest.mark.parametrize("messages", REQUESTS)
@@ -165,14 +105,7 @@ def test_a_page_already_sent_is_not_answered() -> None:
         thread.close()
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        m.ReqPagesId(0, PAGE, "nvram"),  # no such block
-        m.ReqPagesId(100, PAGE, "pc.ram"),  # misaligned
-        m.ReqPagesId(63 * PAGE, 2 * PAGE, "pc.ram"),  # past the block's end
-    ],
-)
+@pytest.mark.parametrize("message", ODD)
 def test_an_odd_request_is_left_to_the_machine(message: object) -> None:
     return_path = requests(message)
     with pytest.raises(QmigError) as expected:

@@ -7,62 +7,37 @@ request, with the machine's error) to the machine."""
 
 from __future__ import annotations
 
-import random
 import select
 import socket
 import time
 
+import answering
 import pytest
+from answering import HOST_PAGES, MIXED, ODD, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
 
 from qmig.errors import QmigError
-from qmig.protocol.source import RAM_SECTION_ID, Source, SourceBlock
-from qmig.protocol.states import SourceState
+from qmig.protocol.source import RAM_SECTION_ID, Source
 from qmig.runner.answer import FastAnswer
 from qmig.transport import Connection
 from qmig.wire import messages as m
 from qmig.wire.profiles import load_profile
-from qmig.wire.reader import NEED_DATA
 from qmig.wire.schema import schema_for
 
-PAGE = 4096
-WAIT = 30.0  # seconds: generous, the machine may be loaded
+VERSION = "7.2"
 QUIET = 0.3  # seconds a channel must stay silent to count as "nothing written"
-FLAGS = load_profile("7.2").ram_flags
+FLAGS = load_profile(VERSION).ram_flags
 
 
 def postcopy_source(seed: int = 5) -> Source:
     """A 7.2 source in postcopy whose first postcopy piece is taken: the stream ends inside
     a RAM section's records."""
-    rng = random.Random(seed)
-    ram = {
-        "pc.ram": bytearray(rng.randbytes(64 * PAGE)),
-        "vga.vram": bytearray(rng.randbytes(8 * PAGE)),
-        "big": bytearray(rng.randbytes(16 * PAGE)),  # host pages of four target pages
-    }
-    ram["pc.ram"][7 * PAGE : 9 * PAGE] = bytes(2 * PAGE)  # zero pages go as ZERO records
-    blocks = [SourceBlock(name, len(data), data) for name, data in ram.items() if name != "big"]
-    blocks.append(SourceBlock("big", len(ram["big"]), ram["big"], page_size=4 * PAGE))
-    source = Source(blocks, version="7.2", pages_per_section=8)
-    source.start()
-    source.data_to_send(8 * PAGE)
-    source.start_postcopy()
-    source.data_to_send(0)
-    source.data_to_send(2 * PAGE)  # pc.ram's first pages, in an open section
-    drain(source)
-    assert source.state is SourceState.POSTCOPY and source.records_may_follow
-    # Part of a host page already sent: only the rest of it answers a request.
-    source.by_name["big"].dirty[5] = source.by_name["big"].dirty[6] = 0
+    source = answering.postcopy_source(seed, VERSION, piece=2 * PAGE)  # pc.ram's first pages
+    assert source.records_may_follow
     return source
 
 
-def drain(source: Source) -> None:
-    while source.next_event() is not NEED_DATA:
-        pass
-
-
 def requests(*messages: object) -> bytes:
-    schema = schema_for("7.2")
-    return b"".join(schema.build_rp(message) for message in messages)  # type: ignore[arg-type]
+    return answering.requests(VERSION, *messages)
 
 
 def page_records(data: bytes, last: str | None = None) -> list[tuple[str, int, bytes]]:
@@ -88,17 +63,6 @@ def page_records(data: bytes, last: str | None = None) -> list[tuple[str, int, b
     return out
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        ready, _, _ = select.select([sock], [], [], WAIT)
-        assert ready, f"{len(out)} of {size} bytes within {WAIT} s"
-        chunk = sock.recv(size - len(out))
-        assert chunk
-        out += chunk
-    return bytes(out)
-
-
 def silent(sock: socket.socket) -> bool:
     ready, _, _ = select.select([sock], [], [], QUIET)
     return not ready
@@ -118,15 +82,7 @@ class Thread:
         self.fast.release(open_records=records, credit=credit, window_end=time.monotonic() + 60)
 
     def passed_on(self, size: int) -> bytes:
-        out = bytearray()
-        buffer = bytearray(4096)
-        while len(out) < size:
-            ready, _, _ = select.select([self.fast], [], [], WAIT)
-            assert ready
-            count = self.fast.read_into(buffer)
-            assert count
-            out += buffer[:count]
-        return bytes(out)
+        return passed_on(self.fast, size)
 
     def close(self) -> None:
         self.fast.stop()
@@ -141,22 +97,15 @@ def python_answer(return_path: bytes) -> tuple[Source, bytes]:
     source.receive_data(return_path)
     drain(source)
     data = source.requested_data()
-    schema = schema_for("7.2")
+    schema = schema_for(VERSION)
     close = schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
     return source, data.removesuffix(close)
 
 
 REQUESTS = [
-    (m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"),),
-    (
-        m.ReqPagesId(3 * PAGE, PAGE, "vga.vram"),
-        m.ReqPagesId(5 * PAGE, 3 * PAGE, "pc.ram"),
-        m.ReqPages(7 * PAGE, 2 * PAGE),
-        m.ReqPagesId(6 * PAGE, PAGE, "vga.vram"),
-        m.ReqPages(0, PAGE),
-        m.ReqPagesId(0, PAGE, "pc.ram"),  # sent already: nothing
-    ),
-    (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram")),
+    ONE_PAGE,
+    (*MIXED, m.ReqPagesId(0, PAGE, "pc.ram")),  # the last one sent already: nothing
+    HOST_PAGES,
     # the same page twice: once on the wire
     (m.ReqPagesId(20 * PAGE, PAGE, "pc.ram"), m.ReqPagesId(20 * PAGE, PAGE, "pc.ram")),
 ]
@@ -263,15 +212,7 @@ def test_the_window_counts_what_the_thread_sent() -> None:
     assert thread.fast.declined == 1
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        m.ReqPagesId(0, PAGE, "nvram"),  # no such block
-        m.ReqPagesId(100, PAGE, "pc.ram"),  # misaligned
-        m.ReqPagesId(63 * PAGE, 2 * PAGE, "pc.ram"),  # past the block's end
-        m.ReqPagesId(0, 0, "pc.ram"),  # empty
-    ],
-)
+@pytest.mark.parametrize("message", [*ODD, m.ReqPagesId(0, 0, "pc.ram")])  # and an empty one
 def test_an_odd_request_is_left_to_the_machine(message: object) -> None:
     return_path = requests(message)
     with pytest.raises(QmigError) as expected:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "qemu"))
-from test_recovery_replay import destination
-from test_replay_real import POSTCOPY, TIMEOUT, MachineFactory, check_guest_runs_on, qmig
+from processes import qmig
+from qemu_helpers import POSTCOPY, TIMEOUT, MachineFactory, check_guest_runs_on
+from qemu_recovery import replay_destination
 
 VERSIONS = [pytest.param(None, "7.2", id="7.2"), pytest.param("10.0", "10.0", id="10.0")]
 
@@ -26,7 +24,7 @@ def test_requested_pages_on_the_main_channel_into_real_qemu(
     machines: MachineFactory, tmp_path: Path, version: str | None, wire: str, fast: bool
 ) -> None:
     capture, _, spec = POSTCOPY
-    dest, uri = destination(machines, version)
+    dest, uri = replay_destination(machines, version)
     # Capped, so that the destination's guest outruns the stream and asks for pages.
     args = ["--json", "--bandwidth", "32", "--postcopy-after", "0"]
     if not fast:

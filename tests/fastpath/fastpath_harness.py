@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,11 +73,29 @@ class Outcome:
     fast_path: dict[str, Any] = field(default_factory=dict)
 
 
-class _KeepingRunner(DestinationRunner):
-    """Keeps each block's received bitmap (and, when it completed, its bytes) before the
-    RAM is torn down, whatever the outcome."""
+def received_bitmap(block: RamBlock) -> bytes:
+    """The block's received bitmap, one bit a target page, as the C side keeps it."""
+    bits = -(-block.used_length // block.c_block.target_page // 8)
+    return bytes(ffi.buffer(block.c_block.bitmap, bits))
+
+
+class KeepingRunner(DestinationRunner):
+    """Keeps each block's received bitmap before the RAM is torn down, whatever the
+    outcome."""
 
     kept: dict[str, bytes]
+
+    def _close_session(self) -> None:
+        self.kept = {}
+        if self.session is not None:
+            for block in self.session.blocks:
+                self.kept[block.idstr] = received_bitmap(block)
+        super()._close_session()
+
+
+class _KeepingRunner(KeepingRunner):
+    """Says when the main channel waits for bytes."""
+
     waiting = False  # in _receive: every byte fed so far has been acted on
 
     def _receive(self, buffer: bytearray) -> int:
@@ -87,13 +105,27 @@ class _KeepingRunner(DestinationRunner):
         finally:
             self.waiting = False
 
-    def _close_session(self) -> None:
-        self.kept = {}
-        if self.session is not None:
-            for block in self.session.blocks:
-                bits = -(-block.used_length // block.c_block.target_page // 8)
-                self.kept[block.idstr] = bytes(ffi.buffer(block.c_block.bitmap, bits))
-        super()._close_session()
+
+def wait_until(condition: Callable[[], bool], done: threading.Event, timeout: float = WAIT) -> bool:
+    """Polls ``condition`` until it holds (True), or ``timeout`` passes or ``done`` is set
+    (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done.is_set():
+        if condition():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+# What both kinds of run keep and must agree on: the error and where, what each block received
+# and holds, what was placed where.
+AGREED = ("error", "error_offset", "received", "ram", "placed_pages", "block_pages")
+
+
+def assert_same(fast: object, slow: object, *fields: str) -> None:
+    """The two runs' outcomes hold the same ``fields``."""
+    for name in fields:
+        assert getattr(fast, name) == getattr(slow, name), name
 
 
 def received_contents(block: RamBlock) -> dict[int, bytes]:
@@ -175,15 +207,7 @@ class _Feeder:
         ended): the same point in both runs, whatever the timing."""
         runner = self.runner
         assert isinstance(runner, _KeepingRunner)
-        self._wait(lambda: runner.dest.reader.fed >= sent and runner.waiting, WAIT)
-
-    def _wait(self, condition: Any, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.finished.is_set():
-            if condition():
-                return True
-            time.sleep(0.001)
-        return False
+        wait_until(lambda: runner.dest.reader.fed >= sent and runner.waiting, self.finished)
 
     def _do_touch(self) -> None:
         runner, touch = self.runner, self.touch

@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastpath_harness import WAIT, after_run, received_contents
-from qmig.ram._uffd import ffi
+from fastpath_harness import (
+    AGREED,
+    WAIT,
+    KeepingRunner,
+    after_run,
+    assert_same,
+    received_bitmap,
+    received_contents,
+    wait_until,
+)
 
 from qmig.errors import QmigError
 from qmig.protocol.destination import Destination
@@ -28,7 +35,6 @@ from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.source import Source, SourceBlock
 from qmig.runner.channels import PREEMPT, Channels
-from qmig.runner.destination import DestinationRunner
 from qmig.runner.fastpath import FastPath
 from qmig.runner.preempt_recv import PreemptReceiver
 from qmig.transport import Connection
@@ -91,15 +97,7 @@ class PreemptOutcome:
 
 
 def assert_runs_agree(fast: PreemptOutcome, slow: PreemptOutcome) -> None:
-    assert fast.error == slow.error
-    assert fast.error_offset == slow.error_offset
-    assert fast.received == slow.received
-    assert fast.ram == slow.ram
-    assert fast.final_received == slow.final_received
-    assert fast.final_ram == slow.final_ram
-    assert fast.preempt_pages == slow.preempt_pages
-    assert fast.placed_pages == slow.placed_pages
-    assert fast.block_pages == slow.block_pages
+    assert_same(fast, slow, *AGREED, "final_received", "final_ram", "preempt_pages")
     assert "preempt_records" not in slow.fast_path
 
 
@@ -122,31 +120,16 @@ class _Reader(PreemptReceiver):
         return fast
 
 
-class _Runner(DestinationRunner):
+class _Runner(KeepingRunner):
     """Reads the preempt channel with a :class:`_Reader`; keeps the received bitmaps before
     the RAM goes."""
 
     preempt_receiver = _Reader
-    kept: dict[str, bytes]
 
     @property
     def preempt(self) -> _Reader:
         assert isinstance(self._preempt, _Reader)
         return self._preempt
-
-    def _close_session(self) -> None:
-        self.kept = {}
-        if self.session is not None:
-            for block in self.session.blocks:
-                bits = -(-block.used_length // block.c_block.target_page // 8)
-                self.kept[block.idstr] = bytes(ffi.buffer(block.c_block.bitmap, bits))
-        super()._close_session()
-
-
-def _wait(condition: Callable[[], bool], done: threading.Event) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline and not done.is_set() and not condition():
-        time.sleep(0.001)
 
 
 class _Feeder:
@@ -196,8 +179,7 @@ class _Feeder:
         if session is None or runner.preempt.error is not None or self.done.is_set():
             return
         block = session.block(BLOCK)
-        bits = -(-block.used_length // PAGE // 8)
-        self.outcome.received = bytes(ffi.buffer(block.c_block.bitmap, bits))
+        self.outcome.received = received_bitmap(block)
         self.outcome.ram = received_contents(block)
 
     def _feed(self) -> None:
@@ -205,7 +187,7 @@ class _Feeder:
         assert runner is not None
         try:
             self.main.sendall(self.stream.head)
-            _wait(
+            wait_until(
                 lambda: (
                     runner.report.running_at is not None
                     and runner.preempt.waiting
@@ -217,7 +199,7 @@ class _Feeder:
             for end in [*self.pieces, len(self.preempt_bytes)]:
                 self.preempt.sendall(self.preempt_bytes[sent:end])
                 sent = end
-                _wait(lambda sent=sent: self._consumed(sent), self.done)
+                wait_until(lambda sent=sent: self._consumed(sent), self.done)
             if runner.preempt.error is not None:
                 return  # the rest would race with the failure's cut of the main channel
             self._keep()
@@ -226,7 +208,7 @@ class _Feeder:
             if runner.dest.preempt is PreemptVariant.V8_0:
                 self.done.wait(WAIT)  # nothing ends it but the migration's end
             else:  # the load is over, and waits for the channel's end
-                _wait(lambda: runner.completed, self.done)
+                wait_until(lambda: runner.completed, self.done)
             self.preempt.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the destination failed and closed first

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import processes
 import pytest
 
 from qmig.fuzz import atheris_campaign, atheris_seeds, engine
@@ -47,12 +48,7 @@ PLANTED = textwrap.dedent(
 
 
 def qmig(*words: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmig", *words],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return processes.run(*words, timeout=240)
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

@@ -13,9 +13,9 @@ import os
 import re
 import socket
 import subprocess
-import sys
 
 import pytest
+from processes import started
 
 from qmig.wire import messages as m
 from qmig.wire.schema import schema_for
@@ -47,18 +47,12 @@ LISTEN = S.build_command(m.PostcopyListen())
 
 def receive(data: bytes, listen: str = "tcp:127.0.0.1:0") -> tuple[int, str, str]:
     """Run ``qmig receive``, send ``data`` and close; (exit status, first, last stderr line)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", listen, "--workload", "none",
-         "--qemu-version", VERSION, "--accept-timeout", "30", "--idle-timeout", "20"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        first = process.stderr.readline().strip()
+    with started(
+        "receive", "--listen", listen, "--workload", "none", "--qemu-version", VERSION,
+        "--accept-timeout", "30", "--idle-timeout", "20",
+        stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as (process, line):  # fmt: skip
+        first = line.strip()
         match = re.search(r"listening on tcp:([\d.]+):(\d+)", first)
         assert match, first
         with socket.create_connection((match[1], int(match[2])), timeout=10) as sock:
@@ -69,10 +63,6 @@ def receive(data: bytes, listen: str = "tcp:127.0.0.1:0") -> tuple[int, str, str
             while sock.recv(65536):
                 pass
         _, rest = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     lines = [line for line in rest.splitlines() if line.strip()]
     assert "Traceback" not in rest, rest
     return process.returncode, first, lines[-1] if lines else ""

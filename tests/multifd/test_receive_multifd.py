@@ -9,13 +9,13 @@ import contextlib
 import json
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from processes import started
 
 from qmig.wire import messages as m
 from qmig.wire.multifd import MultifdInit, MultifdPacketHeader, multifd_schema
@@ -28,21 +28,25 @@ SYNC = 1
 A, B, C = b"A" * PAGE, b"B" * PAGE, b"C" * PAGE
 
 
-def main_stream(rounds: list[bytes]) -> bytes:
+def main_stream(
+    rounds: list[bytes], version: str = VERSION, machine: str = "pc-i440fx-7.2"
+) -> bytes:
     """Header, CONFIGURATION, the RAM section's setup (MEM_SIZE), one section part per round
-    (its records, then EOS: 7.2's sync point), EOF."""
-    schema = schema_for(VERSION)
-    eos = schema.build_ram_flag("EOS")
+    (its records, then the sync point: EOS in 7.2, MULTIFD_FLUSH and EOS after it), EOF."""
+    schema = schema_for(version)
+    sync = schema.build_ram_flag("EOS")
+    if version != "7.2":
+        sync = schema.build_ram_flag("MULTIFD_FLUSH") + sync
     parts = [
         bytes(schema.header.build(m.StreamHeader(schema.profile.stream_version))),
-        bytes(schema.configuration.build(m.Configuration("pc-i440fx-7.2"))),
+        bytes(schema.configuration.build(m.Configuration(machine))),
         schema.build_section(m.SectionStart(2, "ram", 0, schema.profile.ram_section_version)),
         schema.build_mem_size(m.MemSize(BLOCK.used_length, (BLOCK,))),
-        eos,
+        sync,
         schema.build_footer(2),
     ]
     for records in rounds:
-        parts += [schema.build_section(m.SectionPart(2)), records, eos, schema.build_footer(2)]
+        parts += [schema.build_section(m.SectionPart(2)), records, sync, schema.build_footer(2)]
     return b"".join(parts) + bytes(schema.eof.build(m.Eof()))
 
 
@@ -62,19 +66,12 @@ def handshake(channel: int, uuid: bytes = bytes(16), version: str = VERSION) -> 
 def receive(
     tmp_path: Path, *args: str, version: str = VERSION
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0", "--json",
-         "--qemu-version", version, "--workload", "none", "--accept-timeout", "30",
-         "--idle-timeout", "30", "--dump-ram", str(tmp_path / "dump"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        line = process.stderr.readline()
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--json", "--qemu-version", version,
+        "--workload", "none", "--accept-timeout", "30", "--idle-timeout", "30",
+        "--dump-ram", str(tmp_path / "dump"), *args,
+    ) as (process, line):  # fmt: skip
         yield process, int(line.rsplit(":", 1)[1])
-    finally:
-        process.kill()
-        process.wait()
 
 
 def migrate(port: int, main: bytes, channels: list[bytes]) -> None:

@@ -14,37 +14,18 @@ import random
 from pathlib import Path
 
 import pytest
-from test_receive_multifd import PAGE, SYNC, migrate, outcome, receive
+from test_receive_multifd import BLOCK, PAGE, SYNC, main_stream, migrate, outcome, receive
 
 from qmig.wire import messages as m
 from qmig.wire.multifd import MultifdInit, MultifdPacketHeader, multifd_schema
 from qmig.wire.schema import schema_for
 
-PAGES = 256  # a 1 MiB block
+PAGES = BLOCK.used_length // PAGE  # a 1 MiB block
 CHANNELS = 3
 ROUNDS = 4
 MACHINE = {"7.2": "pc-i440fx-7.2", "10.0": "pc-i440fx-10.0"}
 
 Version = dict[int, bytes]  # page -> its content (zero pages: zero bytes)
-
-
-def main_stream(version: str, rounds: list[bytes]) -> bytes:
-    schema = schema_for(version)
-    sync = schema.build_ram_flag("EOS")
-    if version != "7.2":
-        sync = schema.build_ram_flag("MULTIFD_FLUSH") + sync
-    block = m.RamBlockInfo("pc.ram", PAGES * PAGE)
-    parts = [
-        bytes(schema.header.build(m.StreamHeader(schema.profile.stream_version))),
-        bytes(schema.configuration.build(m.Configuration(MACHINE[version]))),
-        schema.build_section(m.SectionStart(2, "ram", 0, schema.profile.ram_section_version)),
-        schema.build_mem_size(m.MemSize(block.used_length, (block,))),
-        sync,
-        schema.build_footer(2),
-    ]
-    for records in rounds:
-        parts += [schema.build_section(m.SectionPart(2)), records, sync, schema.build_footer(2)]
-    return b"".join(parts) + bytes(schema.eof.build(m.Eof()))
 
 
 def packets(version: str, normal: Version, zero: list[int], number: int) -> bytes:
@@ -99,7 +80,7 @@ def random_migration(version: str, seed: int) -> tuple[bytes, list[bytes], bytes
         )
         for k in range(CHANNELS):
             channels[k] += packets(version, normal[k], zero[k], number * 10)
-    return main_stream(version, rounds), channels, b"".join(ram)
+    return main_stream(rounds, version, MACHINE[version]), channels, b"".join(ram)
 
 
 @pytest.mark.uffd

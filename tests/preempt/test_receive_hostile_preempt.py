@@ -6,11 +6,10 @@ one line naming the channel and the byte, with no traceback."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
+from processes import started
 
 from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.source import Source, SourceBlock
@@ -25,15 +24,11 @@ GOOD = S.build_ram_page(m.RamPage("pc.ram", 0, False, bytes(range(256)) * 16))
 
 
 def _receive_with(preempt_bytes: bytes) -> str:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0", "--preempt",
-         "--qemu-version", VERSION, "--workload", "none", "--accept-timeout", "20",
-         "--idle-timeout", "20"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        port = int(process.stderr.readline().rsplit(":", 1)[1])
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--preempt", "--qemu-version", VERSION,
+        "--workload", "none", "--accept-timeout", "20", "--idle-timeout", "20",
+    ) as (process, first):  # fmt: skip
+        port = int(first.rsplit(":", 1)[1])
         ram = bytearray(64 * PAGE)
         source = Source(
             [SourceBlock("pc.ram", len(ram), ram)],
@@ -50,9 +45,6 @@ def _receive_with(preempt_bytes: bytes) -> str:
                 time.sleep(0.3)  # the destination listens by now
                 preempt.sendall(preempt_bytes)
                 _, stderr = process.communicate(timeout=30)
-    finally:
-        process.kill()
-        process.wait()
     assert process.returncode != 0
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()

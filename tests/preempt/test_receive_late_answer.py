@@ -8,13 +8,12 @@ answer is certain; the vCPUs it blocked finish, and the dumped RAM equals the so
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from processes import started
 
 from qmig.errors import QmigError
 from qmig.protocol.preempt import PreemptVariant
@@ -53,15 +52,11 @@ class HeldWhilePostcopy(Connection):
 def test_an_answer_that_comes_after_the_main_channel_ended_is_still_placed(
     tmp_path: Path,
 ) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0", "--preempt",
-         "--qemu-version", "10.0", "--vcpus", "2", "--idle-timeout", "20", "--json",
-         "--dump-ram", str(tmp_path / "dump")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        uri = process.stderr.readline().split()[-1]
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--preempt", "--qemu-version", "10.0",
+        "--vcpus", "2", "--idle-timeout", "20", "--json", "--dump-ram", str(tmp_path / "dump"),
+    ) as (process, first):  # fmt: skip
+        uri = first.split()[-1]
         ram = GuestRam.generate([("pc.ram", 16 << 20), ("vga.vram", 1 << 20)], seed=5)
         source = Source(
             ram.blocks, version="10.0", devices=default_devices(5), preempt=PreemptVariant.V8_0
@@ -96,9 +91,6 @@ def test_an_answer_that_comes_after_the_main_channel_ended_is_still_placed(
         thread.join(timeout=60)
         stdout, stderr = process.communicate(timeout=60)
         channels.close_all()
-    finally:
-        process.kill()
-        process.wait()
     assert process.returncode == 0, stderr
     assert not errors
     summary = json.loads(stdout)

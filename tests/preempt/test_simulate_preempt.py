@@ -3,32 +3,21 @@ page verified at the end; and the options refused in one line where QEMU has no 
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from typing import Any
 
 import pytest
+import simulating
 
 pytestmark = pytest.mark.uffd
-TIMEOUT = 180
 
 
 def simulate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmig", "simulate", "--json", "--ram", "32M", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    return simulating.run_simulate("--ram", "32M", *args)
 
 
 def verified(*args: str) -> dict[str, Any]:
-    done = simulate(*args)
-    assert done.returncode == 0, done.stderr
-    result: dict[str, Any] = json.loads(done.stdout)
-    assert result["verified"] is True and result["mismatched_pages"] == 0
-    return result
+    return simulating.verified("--ram", "32M", *args)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from processes import qmig
 from qemu_helpers import (
     PREEMPT_MEMORY_MIB,
     PREEMPT_SPEC,
@@ -17,7 +18,6 @@ from qemu_helpers import (
     capture_preempt,
     check_guest_runs_on,
     need,
-    qmig,
 )
 
 from qmig.capture import read_capture

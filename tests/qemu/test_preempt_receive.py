@@ -5,23 +5,19 @@ own variant), QEMU 10.0 with a current machine type (the 8.0 variant) and with
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu_helpers import need
+from qemu_helpers import need, postcopy_migration
 from test_receive_real import (
     MEMORY_MIB,
     SPEC,
-    TIMEOUT,
     MachineFactory,
     compare_pc_ram,
     finish,
     receiving,
 )
-
-MIB = 1 << 20
 
 
 @pytest.mark.qemu
@@ -51,15 +47,7 @@ def test_receive_preempt_from_real_qemu(
             qemu_version=version,
             machine_type=machine_type,
         )
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True, postcopy_blocktime=True)
-        source.set_parameters(
-            max_bandwidth=32 * MIB, max_postcopy_bandwidth=16 * MIB, downtime_limit=1
-        )
-        source.migrate(uri)
-        time.sleep(0.5)
-        source.start_postcopy()
-        info = source.wait_migration(timeout=TIMEOUT)
+        info = postcopy_migration(source, uri, postcopy_preempt=True, postcopy_blocktime=True)
         code, stdout, stderr = finish(process)
     assert code == 0, stderr
     summary: dict[str, Any] = json.loads(stdout)

@@ -8,14 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from qemu_helpers import need
+from qemu_helpers import check_guest_runs_on, need
 from test_recovery_capture import (
     SPEC,
     capture_a_recovered_migration,
     inspect_the_recovery,
     replay_into_a_fresh_destination,
 )
-from test_replay_real import check_guest_runs_on
 
 
 @pytest.mark.qemu

@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from qemu_helpers import need
-from test_replay_real import POSTCOPY, MachineFactory, check_guest_runs_on, run_replay
+from qemu_helpers import POSTCOPY, MachineFactory, check_guest_runs_on, need
+from qemu_recovery import replay_destination
+from test_replay_real import run_replay
 
 
 @pytest.mark.qemu
@@ -37,19 +38,10 @@ def test_replay_preempt_into_real_qemu(
     variant: str,
 ) -> None:
     need(version)
-    capture, memory_mib, spec = POSTCOPY
-    destination = machines(
-        "destination",
-        memory_mib=memory_mib,
-        guest=spec,
-        incoming="defer",
-        extra_args=extra,
-        qemu_version=version,
-        machine_type="pc-i440fx-7.2",
+    capture, _, spec = POSTCOPY
+    destination, uri = replay_destination(
+        machines, version, preempt=True, blocktime=True, extra_args=extra
     )
-    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True, postcopy_blocktime=True)
-    destination.migrate_incoming("tcp:127.0.0.1:0")
-    uri = f"tcp:127.0.0.1:{destination.incoming_port()}"
     result = run_replay(capture, uri, "--json", "--bandwidth", "32", "--preempt", *args)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)

@@ -5,21 +5,17 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from processes import ended, qmig, started
 
 from qmig.capture import read_capture
 from qmig.qemu.guest import MIB, GuestSpec
 from qmig.qemu.machine import Machine
 
 MachineFactory = Callable[..., Machine]
-
-
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
 
 
 def test_capture_on_a_busy_port_fails_with_one_clear_line(tmp_path: Path) -> None:
@@ -41,20 +37,13 @@ def test_capture_with_an_unreachable_destination_fails(tmp_path: Path) -> None:
     with socket.socket() as closed:  # a port nobody listens on
         closed.bind(("127.0.0.1", 0))
         dead_port = closed.getsockname()[1]
-    process = subprocess.Popen(
-        qmig("capture", "--listen", "tcp::0", "--connect", f"tcp:127.0.0.1:{dead_port}",
-             "--out", str(tmp_path / "out")),
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        listening = process.stderr.readline()
+    with started(
+        "capture", "--listen", "tcp::0", "--connect", f"tcp:127.0.0.1:{dead_port}",
+        "--out", str(tmp_path / "out"),
+    ) as (process, listening):  # fmt: skip
         port = int(listening.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)):
             _, stderr = process.communicate(timeout=30)
-    finally:
-        process.kill()
-        process.wait()
     assert process.returncode == 1
     assert stderr == f"qmig: error: tcp:127.0.0.1:{dead_port}: connection refused\n"
 
@@ -65,15 +54,12 @@ def test_capture_cli_records_a_real_migration(machines: MachineFactory, tmp_path
     destination = machines("destination", memory_mib=32, guest=spec, incoming="defer")
     destination.migrate_incoming("tcp:127.0.0.1:0")
     out = tmp_path / "capture"
-    relay = subprocess.Popen(
-        qmig("capture", "--listen", "tcp:127.0.0.1:0",
-             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
-             "--out", str(out), "--json"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        listening = relay.stderr.readline().strip()
+    with started(
+        "capture", "--listen", "tcp:127.0.0.1:0",
+        "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
+        "--out", str(out), "--json",
+    ) as (relay, first):  # fmt: skip
+        listening = first.strip()
         assert listening.startswith("qmig capture: listening on tcp:127.0.0.1:")
         source = machines("source", memory_mib=32, guest=spec)
         source.wait_serial(1)
@@ -81,11 +67,7 @@ def test_capture_cli_records_a_real_migration(machines: MachineFactory, tmp_path
         source.migrate(listening.rsplit(" ", 1)[1])
         source_info = source.wait_migration()
         destination.wait_migration()
-        stdout, stderr = relay.communicate(timeout=60)
-    finally:
-        relay.kill()
-        relay.wait()
-    assert relay.returncode == 0, stderr
+        stdout, _stderr = ended(relay, timeout=60)
     summary = json.loads(stdout)
     assert summary["clean"] is True
     capture = read_capture(out)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import processes
 import pytest
 
 from qmig.qemu.guest import MIB, GuestSpec
@@ -27,9 +27,7 @@ TIMEOUT = 60.0
 
 
 def qmig(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmig", *args], capture_output=True, text=True, timeout=TIMEOUT
-    )
+    return processes.run(*args, timeout=TIMEOUT)
 
 
 def save(machines: MachineFactory, path: Path, multifd: bool) -> bytes:

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import qmig, started
+from qemu_helpers import postcopy_migration
+from qemu_recovery import start_postcopy
 
 from qmig.qemu.guest import MIB, GuestSpec
 from qmig.qemu.machine import Machine
@@ -34,27 +36,16 @@ SPEC = GuestSpec(end=32 * MIB)
 TIMEOUT = 60.0
 
 
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
-
-
 @contextmanager
 def receiving(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``qmig receive --listen tcp:127.0.0.1:0 ARGS``; yields it and the URI it listens on."""
-    process = subprocess.Popen(
-        qmig("receive", "--listen", "tcp:127.0.0.1:0", "--accept-timeout", "30",
-             "--idle-timeout", "20", *args),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--accept-timeout", "30",
+        "--idle-timeout", "20", *args,
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        line = process.stderr.readline()
+    ) as (process, line):  # fmt: skip
         assert line.startswith("qmig receive: listening on tcp:127.0.0.1:"), line
         yield process, line.split()[-1]
-    finally:
-        process.kill()
-        process.wait()
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
@@ -89,17 +80,7 @@ def test_receive_postcopy_from_real_qemu_with_page_requests(
     dump_dir = tmp_path / "dump"
     with receiving("--json", "--dump-ram", str(dump_dir)) as (process, uri):
         source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC)
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True, postcopy_blocktime=True)
-        # Precopy cannot converge, and postcopy is slow enough that the destination's
-        # workload faults on pages not yet sent, so it must ask for them.
-        source.set_parameters(
-            max_bandwidth=32 * MIB, max_postcopy_bandwidth=16 * MIB, downtime_limit=1
-        )
-        source.migrate(uri)
-        time.sleep(0.5)
-        source.start_postcopy()
-        info = source.wait_migration(timeout=TIMEOUT)
+        info = postcopy_migration(source, uri, postcopy_blocktime=True)
         code, stdout, stderr = finish(process)
     assert code == 0, stderr
     summary: dict[str, Any] = json.loads(stdout)
@@ -148,14 +129,7 @@ def test_receive_reports_a_source_killed_mid_postcopy(
     # Without recovery (which would wait for the source to come back), the error at once.
     with receiving("--recover-timeout", "0") as (process, uri):
         source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC)
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True)
-        source.set_parameters(max_bandwidth=32 * MIB, max_postcopy_bandwidth=4 * MIB)
-        source.migrate(uri)
-        time.sleep(0.3)
-        source.start_postcopy()
-        source.wait_migration(until=("postcopy-active",), timeout=TIMEOUT)
-        time.sleep(0.3)
+        start_postcopy(source, uri, settle=0.3)
         source.kill()
         started = time.monotonic()
         code, stdout, stderr = finish(process)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu_helpers import free_port, qmig
-from test_replay_real import check_guest_runs_on
+from processes import ended, qmig, started
+from qemu_helpers import check_guest_runs_on, free_port
+from qemu_recovery import start_postcopy
 
 from qmig.qemu.guest import MIB, GuestSpec
 from qmig.qemu.machine import Machine
@@ -30,32 +30,21 @@ def capture_a_recovered_migration(
 ) -> tuple[Machine, dict[str, Any]]:
     """Two QEMUs through ``qmig capture`` into ``out``, paused mid-postcopy and resumed; the
     destination (its migration completed) and the relay's summary."""
-    capabilities = {"postcopy_ram": True, "postcopy_preempt": preempt}
     destination: Machine = start(
         "destination", memory_mib=MEMORY_MIB, guest=SPEC, incoming="defer", qemu_version=version
     )
-    destination.set_capabilities(**capabilities)
+    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=preempt)
     destination.migrate_incoming("tcp:127.0.0.1:0")
     recover_uri = f"tcp:127.0.0.1:{free_port()}"
-    relay = subprocess.Popen(
-        qmig("capture", "--listen", "tcp:127.0.0.1:0",
-             "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
-             "--recover-connect", recover_uri, "--recover-timeout", "60",
-             "--out", str(out), "--json", *(["--preempt"] if preempt else [])),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        relay_uri = relay.stderr.readline().split()[-1]
+    with started(
+        "capture", "--listen", "tcp:127.0.0.1:0",
+        "--connect", f"tcp:127.0.0.1:{destination.incoming_port()}",
+        "--recover-connect", recover_uri, "--recover-timeout", "60",
+        "--out", str(out), "--json", *(["--preempt"] if preempt else []),
+    ) as (relay, listening):  # fmt: skip
+        relay_uri = listening.split()[-1]
         source: Machine = start("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
-        source.wait_serial(1)
-        source.set_capabilities(**capabilities)
-        source.set_parameters(max_bandwidth=32 * MIB, max_postcopy_bandwidth=4 * MIB)
-        source.migrate(relay_uri)
-        time.sleep(0.5)
-        source.start_postcopy()
-        source.wait_migration(until=("postcopy-active",), timeout=TIMEOUT)
-        time.sleep(0.5)
+        start_postcopy(source, relay_uri, timeout=TIMEOUT, postcopy_preempt=preempt)
         source.qmp("migrate-pause")
         source.wait_migration(until=("postcopy-paused",), timeout=TIMEOUT)
         destination.wait_migration(until=("postcopy-paused",), timeout=TIMEOUT)
@@ -63,11 +52,7 @@ def capture_a_recovered_migration(
         source.set_parameters(max_postcopy_bandwidth=0)
         source.qmp("migrate", uri=relay_uri, resume=True)
         source.wait_migration(timeout=TIMEOUT)
-        stdout, stderr = relay.communicate(timeout=TIMEOUT)
-    finally:
-        relay.kill()
-        relay.wait()
-    assert relay.returncode == 0, stderr
+        stdout, _stderr = ended(relay, TIMEOUT)
     summary: dict[str, Any] = json.loads(stdout)
     assert summary["clean"] is True
     assert len(summary["connections"]) == 2

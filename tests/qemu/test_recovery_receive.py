@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu_helpers import need
+from qemu_recovery import pause_and_resume, resume, start_postcopy, wait_paused_line
 from test_receive_real import (
     MEMORY_MIB,
     SPEC,
@@ -24,42 +23,12 @@ from test_receive_real import (
     receiving,
 )
 
-from qmig.qemu.guest import MIB
 from qmig.qemu.machine import Machine
 
-PAUSED_LINE = "qmig receive: postcopy paused; waiting for the resumed source on "
 VERSIONS = [
     pytest.param(None, id="7.2"),
     pytest.param("10.0", id="10.0"),
 ]
-
-
-def start_postcopy(source: Machine, uri: str) -> None:
-    source.wait_serial(1)
-    source.set_capabilities(postcopy_ram=True)
-    # Precopy cannot converge and postcopy is slow: the pause lands mid-postcopy (as QEMU's
-    # own recovery tests do with a low max-postcopy-bandwidth).
-    source.set_parameters(max_bandwidth=32 * MIB, max_postcopy_bandwidth=4 * MIB)
-    source.migrate(uri)
-    time.sleep(0.5)
-    source.start_postcopy()
-    source.wait_migration(until=("postcopy-active",), timeout=TIMEOUT)
-    time.sleep(0.5)
-
-
-def wait_paused_line(process: subprocess.Popen[str]) -> str:
-    assert process.stderr is not None
-    line = process.stderr.readline()
-    assert line.startswith(PAUSED_LINE), line
-    return line.split()[-1]
-
-
-def resume(source: Machine, uri: str) -> dict[str, Any]:
-    source.wait_migration(until=("postcopy-paused",), timeout=TIMEOUT)
-    # The bandwidth cap goes, so the rest arrives quickly after the resume.
-    source.set_parameters(max_postcopy_bandwidth=0)
-    source.qmp("migrate", uri=uri, resume=True)
-    return source.wait_migration(timeout=TIMEOUT)
 
 
 def check(summary: dict[str, Any], info: dict[str, Any], source: Machine, tmp_path: Path) -> None:
@@ -77,9 +46,7 @@ def test_a_source_paused_with_migrate_pause_resumes_into_qmig(
     with receiving("--json", "--dump-ram", str(tmp_path / "dump")) as (process, uri):
         source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
         start_postcopy(source, uri)
-        source.qmp("migrate-pause")
-        assert wait_paused_line(process) == uri  # the --listen URI, by default
-        info = resume(source, uri)
+        info = pause_and_resume(source, process, uri)  # the --listen URI, by default
         code, stdout, stderr = finish(process)
     assert code == 0, stderr
     check(json.loads(stdout), info, source, tmp_path)
@@ -152,39 +119,3 @@ def test_a_failed_reconnect_leaves_the_source_paused_and_a_second_resume_complet
         code, stdout, stderr = finish(process)
     assert code == 0, stderr
     check(json.loads(stdout), info, source, tmp_path)
-
-
-@pytest.mark.qemu
-@pytest.mark.parametrize(
-    ("version", "variant"), [(None, "pre-7.2"), ("10.0", "8.0")], ids=["7.2", "10.0"]
-)
-def test_a_preempt_migration_resumes_on_the_recover_listen_uri(
-    machines: MachineFactory, tmp_path: Path, version: str | None, variant: str
-) -> None:
-    """QEMU's destination takes the resumed main channel and the new preempt channel on the
-    listener ``migrate-recover`` gave it; ``--recover-listen`` is that listener. Nothing is
-    taken on the first URI after the pause (the source is resumed elsewhere)."""
-    need(version)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        recover_uri = f"tcp:127.0.0.1:{probe.getsockname()[1]}"
-    args = ("--json", "--preempt", "--dump-ram", str(tmp_path / "dump"), "--recover-timeout")
-    with receiving(*args, "30", "--recover-listen", recover_uri) as (process, uri):
-        source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-        source.set_parameters(max_bandwidth=32 * MIB, max_postcopy_bandwidth=4 * MIB)
-        source.migrate(uri)
-        time.sleep(0.5)
-        source.start_postcopy()
-        source.wait_migration(until=("postcopy-active",), timeout=TIMEOUT)
-        time.sleep(0.5)
-        source.qmp("migrate-pause")
-        assert wait_paused_line(process) == recover_uri
-        info = resume(source, recover_uri)
-        code, stdout, stderr = finish(process)
-    assert code == 0, stderr
-    summary: dict[str, Any] = json.loads(stdout)
-    assert summary["preempt"] == variant
-    check(summary, info, source, tmp_path)
-    assert summary["preempt_pages"]["preempt"] > 0

@@ -5,14 +5,13 @@ the replayed guest runs on with the counter oracle accepting its memory."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from qemu_helpers import free_port
-from test_replay_real import POSTCOPY, TIMEOUT, MachineFactory, check_guest_runs_on, qmig
+from qemu_helpers import POSTCOPY, MachineFactory, check_guest_runs_on
+from qemu_recovery import recover, replay_destination, replayed, replaying
 
 from qmig.qemu.machine import Machine
 from qmig.qemu.qmp import QemuError
@@ -20,60 +19,15 @@ from qmig.qemu.qmp import QemuError
 VERSIONS = [pytest.param(None, "7.2", id="7.2"), pytest.param("10.0", "10.0", id="10.0")]
 
 
-def destination(
-    machines: MachineFactory, version: str | None, *, preempt: bool = False
-) -> tuple[Machine, str]:
-    _capture, memory_mib, spec = POSTCOPY
-    dest = machines(
-        "destination",
-        memory_mib=memory_mib,
-        guest=spec,
-        incoming="defer",
-        qemu_version=version,
-        machine_type="pc-i440fx-7.2",  # the capture's (10.0 reads 7.2's machine type)
-    )
-    dest.set_capabilities(postcopy_ram=True, postcopy_preempt=preempt)
-    dest.migrate_incoming("tcp:127.0.0.1:0")
-    return dest, f"tcp:127.0.0.1:{dest.incoming_port()}"
-
-
-def replay(uri: str, resume_to: str, wire: str, *args: str) -> subprocess.Popen[str]:
-    capture, _, _ = POSTCOPY
-    return subprocess.Popen(
-        qmig("replay", str(capture), "--to", uri, "--qemu-version", wire, "--json",
-             "--bandwidth", "16", "--pause-after", "300", "--resume-to", resume_to,
-             "--resume-timeout", "30", *args),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def recover(dest: Machine, resume_to: str, *, first: str | None = None) -> None:
-    """Wait for the destination to pause, then tell it where to listen (after a failed
-    ``migrate-recover`` to ``first``, when given: QEMU's reconnect failure)."""
-    dest.wait_migration(until=("postcopy-paused",), timeout=TIMEOUT)
-    if first is not None:
-        dest.qmp("migrate-recover", uri=first)
-        time.sleep(1.0)  # nothing connects there: the replay keeps trying resume_to
-        dest.wait_migration(until=("postcopy-paused", "postcopy-recover"), timeout=TIMEOUT)
-    dest.qmp("migrate-recover", uri=resume_to)
-
-
 @pytest.mark.qemu
 @pytest.mark.parametrize(("version", "wire"), VERSIONS)
 def test_replay_paused_and_resumed_into_a_real_destination(
     machines: MachineFactory, tmp_path: Path, version: str | None, wire: str
 ) -> None:
-    dest, uri = destination(machines, version)
-    resume_to = f"tcp:127.0.0.1:{free_port()}"
-    process = replay(uri, resume_to, wire)
-    try:
+    dest, uri = replay_destination(machines, version)
+    with replaying(uri, wire) as (process, resume_to):
         recover(dest, resume_to)
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == 0, stderr
-    summary = json.loads(stdout)
+        summary = replayed(process)
     assert summary["recoveries"] == 1 and summary["paused_ms"] > 0
     assert summary["channels"] == 2
     info = check_guest_runs_on(dest, POSTCOPY[2], tmp_path)
@@ -102,18 +56,11 @@ def test_a_new_channel_cut_during_the_handshake_pauses_again_and_recovers(
 ) -> None:
     """QEMU's double failure (its postcopy/recovery/double-failures/handshake test). Only
     QEMU 8.x on lets a destination in postcopy-recover pause again; 7.2 cannot."""
-    dest, uri = destination(machines, "10.0")
-    resume_to = f"tcp:127.0.0.1:{free_port()}"
-    process = replay(uri, resume_to, "10.0", "--pause-during-recovery")
-    try:
+    dest, uri = replay_destination(machines, "10.0")
+    with replaying(uri, "10.0", "--pause-during-recovery") as (process, resume_to):
         told = keep_recovering(dest, resume_to, process)
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == 0, stderr
+        summary = replayed(process)
     assert told >= 1
-    summary = json.loads(stdout)
     # One recovery, over a third channel at least: the handshake on the second was cut (and
     # a connection may reach the destination before it listens for the recovery again).
     assert summary["recoveries"] == 1 and summary["channels"] >= 3

@@ -14,18 +14,22 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu_helpers import TIMEOUT, MachineFactory, check_guest_runs_on, destination_for, qmig
+from processes import qmig
+from qemu_helpers import (
+    FIXTURES,
+    POSTCOPY,
+    PRECOPY,
+    TIMEOUT,
+    MachineFactory,
+    check_guest_runs_on,
+    destination_for,
+)
 
 from qmig.qemu.guest import MIB, GuestSpec, known_data
 from qmig.qemu.scenario import PostcopyPlan, run_postcopy
 from qmig.replay import load_recording
 from qmig.wire import messages as m
 from qmig.wire.reader import StreamReader
-
-FIXTURES = Path(__file__).parents[2] / "fixtures"
-# How the fixtures' guests were made (their meta.json): memory and the counters' range.
-POSTCOPY = FIXTURES / "postcopy-tcp", 64, GuestSpec(end=40 * MIB)
-PRECOPY = FIXTURES / "precopy-file", 32, GuestSpec(end=8 * MIB)
 
 
 def run_replay(capture: Path, uri: str, *args: str) -> subprocess.CompletedProcess[str]:

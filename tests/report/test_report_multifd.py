@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import ended, qmig, started
 from report_page import Rendered, check_drawn, multifd_drawn, render
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(600)]
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "precopy-file"
 TIMEOUT = 300
-
-
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
 
 
 def multifd_table(document: dict[str, Any]) -> dict[str, Any]:
@@ -71,37 +67,24 @@ def test_report_of_a_multifd_simulation(tmp_path: Path, chromium: str) -> None:
 def test_reports_of_one_multifd_migration_from_every_side(tmp_path: Path, chromium: str) -> None:
     pages = {name: tmp_path / f"{name}.html" for name in ("replay", "receive", "inspect")}
     folder = tmp_path / "capture"
-    receive = subprocess.Popen(
-        qmig("receive", "--listen", "tcp:127.0.0.1:0", "--multifd", "2", "--qemu-version", "7.2",
-             "--json", "--report", str(pages["receive"])),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    capture = None
-    try:
-        assert receive.stderr is not None
-        destination = receive.stderr.readline().split()[-1]
-        capture = subprocess.Popen(
-            qmig("capture", "--listen", "tcp:127.0.0.1:0", "--connect", destination,
-                 "--out", str(folder), "--multifd", "2", "--json"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert capture.stderr is not None
-        relay = capture.stderr.readline().split()[-1]
-        replay = subprocess.run(
-            qmig("replay", str(FIXTURE), "--connect", relay, "--multifd", "2",
-                 "--qemu-version", "7.2", "--json", "--report", str(pages["replay"])),
-            capture_output=True, text=True, timeout=TIMEOUT,
-        )  # fmt: skip
-        received, receive_errors = receive.communicate(timeout=TIMEOUT)
-        _, capture_errors = capture.communicate(timeout=TIMEOUT)
-    finally:
-        for process in (receive, capture):
-            if process is not None:
-                process.kill()
-                process.wait()
-    assert replay.returncode == 0, replay.stderr
-    assert receive.returncode == 0, receive_errors
-    assert capture.returncode == 0, capture_errors
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--multifd", "2", "--qemu-version", "7.2",
+        "--json", "--report", str(pages["receive"]),
+    ) as (receive, first):  # fmt: skip
+        destination = first.split()[-1]
+        with started(
+            "capture", "--listen", "tcp:127.0.0.1:0", "--connect", destination,
+            "--out", str(folder), "--multifd", "2", "--json",
+        ) as (capture, first):  # fmt: skip
+            relay = first.split()[-1]
+            replay = subprocess.run(
+                qmig("replay", str(FIXTURE), "--connect", relay, "--multifd", "2",
+                     "--qemu-version", "7.2", "--json", "--report", str(pages["replay"])),
+                capture_output=True, text=True, timeout=TIMEOUT,
+            )  # fmt: skip
+            assert replay.returncode == 0, replay.stderr
+            received, _ = ended(receive, TIMEOUT)
+            ended(capture, TIMEOUT)
     inspected = subprocess.run(
         qmig("inspect", str(folder), "--json", "--report", str(pages["inspect"])),
         capture_output=True, text=True, timeout=TIMEOUT,

@@ -6,49 +6,28 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from own_source import cut_and_resumed
+from processes import ended, qmig, started
 from report_page import check_drawn, render
 
-from qmig.protocol.source import Source
-from qmig.runner.channels import Channels, CutPlan, connect_with_retries
-from qmig.runner.source import SourcePlan, SourceRunner
-from qmig.runner.source_ram import GuestRam
-from qmig.simulate import default_devices
-from qmig.transport import connect
+from qmig.runner.channels import CutPlan
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(300)]
 
 
 def test_receive_report_marks_each_pause(tmp_path: Path, chromium: str) -> None:
     page = tmp_path / "receive.html"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0",
-         "--recover-timeout", "60", "--qemu-version", "7.2", "--json", "--report", str(page)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        uri = process.stderr.readline().split()[-1]
-        ram = GuestRam.generate([("pc.ram", 16 << 20), ("vga.vram", 1 << 20)], seed=5)
-        source = Source(ram.blocks, version="7.2", devices=default_devices(5))
-        plan = SourcePlan(
-            postcopy_after=0, bandwidth=64 << 20, cuts=CutPlan(400, pauses=2), recover_timeout=60
-        )
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--recover-timeout", "60",
+        "--qemu-version", "7.2", "--json", "--report", str(page),
+    ) as (process, first):  # fmt: skip
+        uri = first.split()[-1]
         # The resumed source connects where it first did: receive listens there again.
-        reopen = connect_with_retries(lambda timeout: connect(uri, timeout), 60)
-        channels = Channels(connect(uri), reopen)
-        try:
-            report = SourceRunner(channels, source, plan).run()
-        finally:
-            channels.close_main()
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == 0, stderr
+        _ram, report = cut_and_resumed(uri, uri, 5, CutPlan(400, pauses=2), recover_timeout=60)
+        stdout, _stderr = ended(process, timeout=120)
     summary = json.loads(stdout)
     assert summary["recoveries"] == report.recoveries == len(report.pauses) == 2
     assert len(summary["pauses"]) == 2
@@ -72,27 +51,19 @@ def test_replay_and_receive_reports_mark_the_pause(tmp_path: Path, chromium: str
     """``fixtures/postcopy-tcp`` replayed into ``qmig receive``, the replay cutting its channel
     once and resuming: each end's page marks the pause its ``--json`` lists."""
     pages = {"replay": tmp_path / "replay.html", "receive": tmp_path / "receive.html"}
-    receive = subprocess.Popen(
-        [sys.executable, "-m", "qmig", "receive", "--listen", "tcp:127.0.0.1:0",
-         "--recover-timeout", "60", "--qemu-version", "7.2", "--json",
-         "--report", str(pages["receive"])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert receive.stderr is not None
-        uri = receive.stderr.readline().split()[-1]
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--recover-timeout", "60",
+        "--qemu-version", "7.2", "--json", "--report", str(pages["receive"]),
+    ) as (receive, first):  # fmt: skip
+        uri = first.split()[-1]
         replay = subprocess.run(
-            [sys.executable, "-m", "qmig", "replay", str(FIXTURE), "--connect", uri,
-             "--qemu-version", "7.2", "--bandwidth", "64", "--pause-after", "300",
-             "--resume-to", uri, "--json", "--report", str(pages["replay"])],
+            qmig("replay", str(FIXTURE), "--connect", uri, "--qemu-version", "7.2",
+                 "--bandwidth", "64", "--pause-after", "300", "--resume-to", uri, "--json",
+                 "--report", str(pages["replay"])),
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        stdout, stderr = receive.communicate(timeout=120)
-    finally:
-        receive.kill()
-        receive.wait()
-    assert replay.returncode == 0, replay.stderr
-    assert receive.returncode == 0, stderr
+        assert replay.returncode == 0, replay.stderr
+        stdout, _stderr = ended(receive, timeout=120)
     summaries = {"replay": json.loads(replay.stdout), "receive": json.loads(stdout)}
     for name, summary in summaries.items():
         assert summary["recoveries"] == len(summary["pauses"]) == 1, name

@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from qemu_helpers import TIMEOUT, capture_preempt, destination_for, qmig
+from processes import ended, qmig, started
+from qemu_helpers import TIMEOUT, capture_preempt, destination_for, postcopy_migration
 from report_page import check_drawn, no_fetches, render
 
 from qmig.qemu.guest import MIB, GuestSpec
@@ -35,29 +35,14 @@ FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp"
 
 def test_receive_report(machines: Callable[..., Machine], tmp_path: Path, chromium: str) -> None:
     page = tmp_path / "receive.html"
-    process = subprocess.Popen(
-        qmig("receive", "--listen", "tcp:127.0.0.1:0", "--accept-timeout", "30",
-             "--idle-timeout", "20", "--json", "--report", str(page)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        uri = process.stderr.readline().split()[-1]
+    with started(
+        "receive", "--listen", "tcp:127.0.0.1:0", "--accept-timeout", "30",
+        "--idle-timeout", "20", "--json", "--report", str(page),
+    ) as (process, first):  # fmt: skip
+        uri = first.split()[-1]
         source = machines("source", memory_mib=128, guest=GuestSpec(end=32 * MIB))
-        source.wait_serial(1)
-        source.set_capabilities(postcopy_ram=True)
-        source.set_parameters(
-            max_bandwidth=32 * MIB, max_postcopy_bandwidth=16 * MIB, downtime_limit=1
-        )
-        source.migrate(uri)
-        time.sleep(0.5)
-        source.start_postcopy()
-        source.wait_migration(timeout=TIMEOUT)
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == 0, stderr
+        postcopy_migration(source, uri)
+        stdout, _stderr = ended(process, TIMEOUT)
     summary = json.loads(stdout)
     no_fetches(page)
     drawn = render(chromium, page, tmp_path / "profile")

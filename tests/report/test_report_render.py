@@ -9,11 +9,10 @@ bucket on each channel's line, one line per migration step, the tables' rows, th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import processes
 import pytest
 from report_page import check_drawn, no_fetches, render
 
@@ -21,13 +20,7 @@ FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "postcopy-tcp"
 
 
 def qmig(*args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "qmig", *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = processes.run(*args, "--json", timeout=300)
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dissecting import FIXTURE_QEMU, FIXTURES, UNCOUNTED, column, inspect_json, run_tshark
+from processes import ended, qmig, started
 from test_pcapng import SYN, read_pcapng
 
 from qmig.pcap import GENERATION_STEP, SOURCE_PORT
@@ -23,48 +23,30 @@ pytestmark = [pytest.mark.uffd, pytest.mark.timeout(300)]
 TIMEOUT = 120
 
 
-def qmig(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qmig", *args]
-
-
-def start(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """A qmig command that names its listening URI on its first stderr line."""
-    process = subprocess.Popen(
-        qmig(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert process.stderr is not None
-    return process, process.stderr.readline().split()[-1]
-
-
 def test_a_recovered_capture_is_dissected_across_its_connections(
     tshark: str, lua_for: Callable[[str], Path], tmp_path: Path
 ) -> None:
     out, pcapng = tmp_path / "capture", tmp_path / "capture.pcapng"
-    receive, destination = start(
+    with started(
         "receive", "--listen", "tcp:127.0.0.1:0", "--qemu-version", FIXTURE_QEMU,
         "--recover-timeout", "60", "--json",
-    )  # fmt: skip
-    relay, listening = start(
-        "capture", "--listen", "tcp:127.0.0.1:0", "--connect", destination,
-        "--recover-connect", destination, "--recover-timeout", "60", "--out", str(out),
-        "--pcap", str(pcapng), "--json",
-    )  # fmt: skip
-    try:
-        replayed = subprocess.run(
-            qmig("replay", str(FIXTURES / "postcopy-tcp"), "--connect", listening,
-                 "--qemu-version", FIXTURE_QEMU, "--bandwidth", "64", "--pause-after", "300",
-                 "--resume-to", listening, "--json"),
-            capture_output=True, text=True, timeout=TIMEOUT,
-        )  # fmt: skip
-        assert replayed.returncode == 0, replayed.stderr
-        received, received_err = receive.communicate(timeout=TIMEOUT)
-        captured, captured_err = relay.communicate(timeout=TIMEOUT)
-    finally:
-        for process in (receive, relay):
-            process.kill()
-            process.wait()
-    assert receive.returncode == 0, received_err
-    assert relay.returncode == 0, captured_err
+    ) as (receive, first):  # fmt: skip
+        destination = first.split()[-1]
+        with started(
+            "capture", "--listen", "tcp:127.0.0.1:0", "--connect", destination,
+            "--recover-connect", destination, "--recover-timeout", "60", "--out", str(out),
+            "--pcap", str(pcapng), "--json",
+        ) as (relay, first):  # fmt: skip
+            listening = first.split()[-1]
+            replayed = subprocess.run(
+                qmig("replay", str(FIXTURES / "postcopy-tcp"), "--connect", listening,
+                     "--qemu-version", FIXTURE_QEMU, "--bandwidth", "64", "--pause-after",
+                     "300", "--resume-to", listening, "--json"),
+                capture_output=True, text=True, timeout=TIMEOUT,
+            )  # fmt: skip
+            assert replayed.returncode == 0, replayed.stderr
+            received, _ = ended(receive, TIMEOUT)
+            captured, _ = ended(relay, TIMEOUT)
     assert json.loads(received)["recoveries"] == 1
     assert len(json.loads(replayed.stdout)["pauses"]) == 1
     summary = json.loads(captured)
