@@ -102,8 +102,9 @@ def replay_destination(
 @contextmanager
 def replaying(uri: str, wire: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``qmig replay`` of the POSTCOPY capture to ``uri``, capped, cutting its channel after
-    300 KiB and reconnecting to a free port; yields it and that port's URI (for
-    ``migrate-recover``). The replay is killed on the way out."""
+    300 postcopy pages (``args`` may say otherwise: the last ``--pause-after`` counts) and
+    reconnecting to a free port; yields it and that port's URI (for ``migrate-recover``).
+    The replay is killed on the way out."""
     resume_to = f"tcp:127.0.0.1:{free_port()}"
     process = subprocess.Popen(
         qmig("replay", str(POSTCOPY[0]), "--to", uri, "--qemu-version", wire, "--json",

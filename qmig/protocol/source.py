@@ -145,6 +145,9 @@ class Source:
         self._overruns = _range_check(self.profile.request_range_check)
         self.stats = SourceStats()
         self.pongs: list[int] = []
+        # The PING the package puts right before RUN: the destination answers it as it
+        # reaches RUN (see :attr:`destination_runs`).
+        self._run_ping: int | None = None
         self._scanner = RamScanner(self.schema)
         self._rp = ReturnPathReader(version)
         self._out = bytearray()
@@ -265,6 +268,7 @@ class Source:
         package = self.schema.build_command(m.PostcopyListen())
         package += self._device_sections()
         package += self._ping_bytes()
+        self._run_ping = self._ping
         if self.profile.package_loaded_ping is not None and self.return_path:
             package += self.schema.build_command(m.Ping(self.profile.package_loaded_ping))
         package += self.schema.build_command(m.PostcopyRun())
@@ -273,6 +277,14 @@ class Source:
         self._cursor = (0, 0)
         self._postcopy_started = True
         self._enter(after)
+
+    @property
+    def destination_runs(self) -> bool:
+        """Has the destination answered the package's PING before RUN? It reads the package
+        in order, so it has reached RUN: QEMU sets its postcopy state to running there, and
+        only from then on does a broken channel pause it instead of failing the migration
+        (its listen thread may read past the package before the main thread reaches RUN)."""
+        return self._run_ping is not None and self._run_ping in self.pongs
 
     # --- postcopy recovery ----------------------------------------------------------------
 

@@ -313,11 +313,12 @@ class SourceRunner:
                 self.source.preempt_channel_opened()
 
     def _maybe_cut(self) -> None:
-        """Fault injection: break the channel once the plan's page count is reached."""
+        """Fault injection: break the channel once the plan's page count is reached and the
+        destination runs (a break before RUN fails a migration rather than pausing it)."""
         cuts = self.plan.cuts
         if cuts is None or self.phase is not SourceState.POSTCOPY:
             return
-        if cuts.due(self.source.stats.postcopy_pages):
+        if cuts.due(self.source.stats.postcopy_pages) and self.source.destination_runs:
             cuts.done += 1
             self.channels.cut()
             raise TransportError(self.connection.name, "channel cut on purpose")

@@ -94,6 +94,25 @@ def test_switchover_sends_discards_ping_package_ping_in_order() -> None:
     assert [r.message.value for r in parsed if isinstance(r.message, m.Ping)] == [1, 2, 3, 4]
 
 
+def test_the_destination_runs_once_it_answers_the_ping_before_run() -> None:
+    """A destination reads the package in order, so the PONG to the PING right before RUN
+    says it has reached RUN; the PONGs before it, and the PING after the package, do not."""
+    source = make_source()
+    source.start()
+    stream = source.data_to_send() + run_precopy_pass(source)
+    source.start_postcopy()
+    stream += source.data_to_send(0)
+    parsed = records(stream)
+    run = [r.name for r in parsed].index("POSTCOPY_RUN")
+    before_run = parsed[run - 1].message
+    assert isinstance(before_run, m.Ping)
+    for value in (1, 2, before_run.value + 1):  # the earlier PONGs, the one after the package
+        source.receive_data(S.build_rp(m.Pong(value)))
+        assert not source.destination_runs
+    source.receive_data(S.build_rp(m.Pong(before_run.value)))
+    assert source.destination_runs
+
+
 def test_discards_carry_at_most_twelve_ranges_per_command() -> None:
     source = make_source(pages=128)
     source.start()

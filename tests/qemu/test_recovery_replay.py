@@ -34,6 +34,24 @@ def test_replay_paused_and_resumed_into_a_real_destination(
     assert info["status"] == "completed"
 
 
+@pytest.mark.qemu
+@pytest.mark.parametrize(("version", "wire"), VERSIONS)
+def test_a_cut_after_the_first_postcopy_page_waits_until_the_destination_runs(
+    machines: MachineFactory, tmp_path: Path, version: str | None, wire: str
+) -> None:
+    """QEMU pauses on a broken channel only once it has reached RUN; its listen thread reads
+    the stream after the package while the main thread is still loading the package. A cut
+    due after one postcopy page waits for the PONG of the package's PING before RUN (without
+    that wait the destination failed: "loadvm failed: -5")."""
+    dest, uri = replay_destination(machines, version)
+    with replaying(uri, wire, "--pause-after", "1") as (process, resume_to):
+        recover(dest, resume_to)
+        summary = replayed(process)
+    assert summary["recoveries"] == 1
+    info = check_guest_runs_on(dest, POSTCOPY[2], tmp_path)
+    assert info["status"] == "completed"
+
+
 def keep_recovering(dest: Machine, resume_to: str, process: subprocess.Popen[str]) -> int:
     """Tell the destination ``migrate-recover`` whenever it is paused, until the replay ends;
     how many times it was told."""
