@@ -28,6 +28,7 @@ from qmig.ram._uffd import ffi
 from qmig.errors import QmigError
 from qmig.protocol.destination import Destination
 from qmig.ram.blocks import RamBlock
+from qmig.ram.session import RamSession
 from qmig.ram.workload import Workload
 from qmig.runner.destination import DestinationRunner
 from qmig.transport import Connection
@@ -312,3 +313,24 @@ def run_destination(
         ),
         fast_path=dict(report.fast_path),
     )
+
+
+def serve_requests(
+    ram: RamSession, sock: socket.socket, asked: list[tuple[str, int]], delay: float = 0.0
+) -> None:
+    """A source on the far end of a return path: each REQ_PAGES(_ID) read from ``sock`` is
+    noted in ``asked`` and answered ``delay`` seconds later with a zero page, placed
+    directly, until the socket ends."""
+    reader = ReturnPathReader("10.0")
+    last = None
+    while chunk := sock.recv(1 << 16):
+        reader.feed(chunk)
+        for record in reader:
+            message = record.message
+            if isinstance(message, m.ReqPagesId):
+                last = message.block
+            assert isinstance(message, m.ReqPages | m.ReqPagesId) and last is not None
+            asked.append((last, message.start))
+            if delay:
+                time.sleep(delay)
+            ram.block(last).receive_zero(message.start, message.length)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from fastpath_harness import serve_requests
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -244,7 +245,7 @@ def test_a_random_guest_is_served_from_the_requests_c_sends() -> None:
         faults = ram.start_faults(requests=requests)
         requests.enable(ours.fileno(), None)
         asked: list[tuple[str, int]] = []
-        served = threading.Thread(target=_serve, args=(ram, theirs, asked), daemon=True)
+        served = threading.Thread(target=serve_requests, args=(ram, theirs, asked), daemon=True)
         served.start()
         block = ram.block("pc.ram")
         for index in range(2):
@@ -263,20 +264,6 @@ def test_a_random_guest_is_served_from_the_requests_c_sends() -> None:
     assert len(asked) == len(set(asked)) == stats.requests == len(sent) > 0
     assert asked == [(s.block, s.host_offset) for s in sent]
     assert stats.latency.count == stats.faults - stats.late_faults
-
-
-def _serve(ram: RamSession, sock: socket.socket, asked: list[tuple[str, int]]) -> None:
-    reader = ReturnPathReader("10.0")
-    last = None
-    while chunk := sock.recv(1 << 16):
-        reader.feed(chunk)
-        for record in reader:
-            message = record.message
-            if isinstance(message, m.ReqPagesId):
-                last = message.block
-            assert isinstance(message, m.ReqPages | m.ReqPagesId) and last is not None
-            asked.append((last, message.start))
-            ram.block(last).receive_zero(message.start, message.length)
 
 
 def test_a_stray_fault_is_reported_and_asks_nothing() -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fastpath_harness import serve_requests
 
 from qmig.protocol.destination import BlockTracker, Destination
 from qmig.ram.blocks import BlockSpec
@@ -28,7 +29,6 @@ from qmig.ram.session import RamSession
 from qmig.ram.workload import Pattern, Workload
 from qmig.wire import messages as m
 from qmig.wire.page_requests import PageRequests
-from qmig.wire.reading.return_path import ReturnPathReader
 
 pytestmark = pytest.mark.uffd
 PAGE = 4096
@@ -58,7 +58,9 @@ def test_the_fault_thread_sleeps_between_requests_and_asks_each_page_once() -> N
         requests.enable(ours.fileno(), None)
         before = reads_by("qmig-faults")
         asked: list[tuple[str, int]] = []
-        server = threading.Thread(target=_answer_late, args=(ram, theirs, asked), daemon=True)
+        server = threading.Thread(
+            target=serve_requests, args=(ram, theirs, asked, ANSWER_DELAY), daemon=True
+        )
         server.start()
         # One vCPU, one page after another: one fault at a time, each answered late.
         ram.start_vcpu("pc.ram", Workload(Pattern.SEQUENTIAL, touches=TOUCHES), 0, TOUCHES * PAGE)
@@ -76,22 +78,6 @@ def test_the_fault_thread_sleeps_between_requests_and_asks_each_page_once() -> N
     assert len(set(asked)) == TOUCHES  # each page asked for once
     # One read per wake-up, one wake-up per fault at most (a few for the start).
     assert after - before <= TOUCHES + 3, f"{after - before} reads for {TOUCHES} faults"
-
-
-def _answer_late(ram: RamSession, sock: socket.socket, asked: list[tuple[str, int]]) -> None:
-    """Each request answered (a zero page) after ANSWER_DELAY, as a slow source would."""
-    reader = ReturnPathReader("10.0")
-    last = None
-    while chunk := sock.recv(1 << 16):
-        reader.feed(chunk)
-        for record in reader:
-            message = record.message
-            if isinstance(message, m.ReqPagesId):
-                last = message.block
-            assert isinstance(message, m.ReqPages | m.ReqPagesId) and last is not None
-            asked.append((last, message.start))
-            time.sleep(ANSWER_DELAY)
-            ram.block(last).receive_zero(message.start, message.length)
 
 
 def test_the_python_request_path_sleeps_between_faults_too() -> None:
