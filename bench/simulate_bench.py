@@ -37,6 +37,13 @@ TCG runs it, qmig's dirtier at a set rate. Figures per side:
   from the destination's trace events ``postcopy_ram_fault_thread_request`` and
   ``postcopy_place_page`` (``-msg timestamp=on``, microsecond wall clock), matched by host
   address; tracing costs QEMU a little. QEMU 7.2's ``postcopy-blocktime`` is shown too.
+* requests by what they found on the source: the page sent already (on the stream or
+  queued, so its fault waits for less than a round trip), or sent for the request. For QEMU
+  from the source's trace events ``get_queued_page_not_dirty`` and ``get_queued_page`` (block
+  and offset, matched to the destination's ``postcopy_ram_fault_thread_request``), with each
+  group's fault latency p50/p99. qmig's summary has counts only: the requests its source read,
+  less the pages it sent on request (``postcopy.requested_pages``); and the requests whose page
+  was placed before the source's answer was written;
 * qmig's fault latency split, p50/p99, as ``qmig simulate --json`` reports it: fault →
   REQ_PAGES on the wire (``request_sent_us``), → read by the source (``request_read_us``),
   read → the page on the wire (``request_served_us``), on the wire → placed
@@ -81,12 +88,22 @@ TRACE_EVENTS = (
     "postcopy_place_page",
     "loadvm_postcopy_handle_run_bh",
 )
-# On the source: postcopy_start, right before it stops the guest.
-SOURCE_TRACE_EVENTS = ("postcopy_start_set_run",)
+# On the source: postcopy_start, right before it stops the guest; and what the migration
+# thread found when it took each queued page request off the queue: the page still dirty
+# (get_queued_page, sent for the request) or not (get_queued_page_not_dirty, sent already).
+SOURCE_TRACE_EVENTS = ("postcopy_start_set_run", "get_queued_page", "get_queued_page_not_dirty")
 # "1234@1700000000.123456:postcopy_place_page host=0x7f..." (log backend, -msg timestamp=on)
 TRACE_LINE = re.compile(rb"^\d+@(\d+)\.(\d{6}):(\w+) (.*)$", re.MULTILINE)
 REQUEST_HVA = re.compile(rb"HVA=0x([0-9a-f]+)")
 PLACE_HOST = re.compile(rb"host=0x([0-9a-f]+)")
+# "Request for HVA=0x... rb=pc.ram offset=0x... pid=..." (the block's host page, in bytes)
+REQUEST_BLOCK = re.compile(rb"rb=(\S+) offset=0x([0-9a-f]+)")
+# "pc.ram/0x1000 page_abs=0x..." (the block, the byte offset in it)
+QUEUED_PAGE = re.compile(rb"^(\S+)/0x([0-9a-f]+) ")
+QUEUED_VERDICTS = {b"get_queued_page": False, b"get_queued_page_not_dirty": True}
+# Each side's faults by what their request found on the source: its page sent already (on
+# the stream or queued, so the fault waits for less than a round trip), or sent for it.
+GROUPS = ("page_already_sent", "page_sent_for_request")
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,11 @@ def run_qmig(plan: Plan, *, c_paths: bool = True, preempt: bool = False) -> dict
 
     s = run_simulation(config, progress)
     sent = s["precopy"]["pages"] + s["postcopy"]["pages"]
+    # Per request qmig's summary has no verdict, only totals: the requests its source read,
+    # and the pages it sent because they were asked for (a request is one target page for
+    # pc.ram); the rest found their page gone already. No latency per group.
+    requested_pages = s["postcopy"]["requested_pages"]
+    counts = (s["source_requests"] - requested_pages, requested_pages)
     return {
         "verified": s["verified"],
         "total_s": s["total_s"],
@@ -147,6 +169,15 @@ def run_qmig(plan: Plan, *, c_paths: bool = True, preempt: bool = False) -> dict
         "postcopy_requests": s["postcopy_requests"],
         "faults": s["faults"],
         "fault_latency_us": s["fault_latency_us"],
+        "source_requests": s["source_requests"],
+        "requested_pages": requested_pages,
+        **{
+            name: {"count": count, "p50": None, "p99": None}
+            for name, count in zip(GROUPS, counts, strict=True)
+        },
+        # Requests read by the source whose page was placed before the answer was written
+        # (on its way already): page_delivered_us leaves them out.
+        "placed_before_answer": s["request_read_us"]["count"] - s["page_delivered_us"]["count"],
         "blocktime_ms": s["blocktime_ms"],
         "ram_pages": pages,
         "discarded_pages": s["discarded_pages"],
@@ -220,6 +251,7 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
     trace = trace_path.read_bytes() if trace_path.exists() else b""
     source_trace = source_trace_path.read_bytes() if source_trace_path.exists() else b""
     latencies = fault_latencies_us(trace)
+    groups = fault_groups_us(source_trace, trace)
     return {
         "verified": True,
         "total_s": round(total_s, 3),
@@ -232,6 +264,7 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
         "postcopy_requests": ram.get("postcopy-requests"),
         "faults": len(latencies),
         "fault_latency_us": summary_us(latencies),
+        **{name: _group_figures(samples) for name, samples in zip(GROUPS, groups, strict=True)},
         "blocktime_ms": destination_info.get("postcopy-blocktime"),
         "vcpu_blocktime_ms": destination_info.get("postcopy-vcpu-blocktime"),
         "dirty_sync_count": ram.get("dirty-sync-count"),
@@ -287,23 +320,55 @@ def stop_to_run_ms(source_trace: bytes, destination_trace: bytes) -> float | Non
 
 def fault_latencies_us(trace: bytes) -> list[float]:
     """Fault → placed, per requested page, from the destination's trace log."""
-    requested: dict[int, float] = {}
+    return [latency for latency, _ in _requested_latencies_us(trace)]
+
+
+def _requested_latencies_us(trace: bytes) -> list[tuple[float, tuple[bytes, int] | None]]:
+    """Fault → placed per requested page, with its (block, byte offset) as the request named
+    it (None: the trace line did not say)."""
+    requested: dict[int, tuple[float, tuple[bytes, int] | None]] = {}
     placed: dict[int, float] = {}
     for at, event, rest in _events(trace):
         if event == b"postcopy_ram_fault_thread_request":
             match = REQUEST_HVA.search(rest)
             if match:
+                named = REQUEST_BLOCK.search(rest)
+                page = None if named is None else (named.group(1), int(named.group(2), 16))
                 # Only the first request of a page counts: a repeat waits for the same page.
-                requested.setdefault(int(match.group(1), 16) & ~(PAGE - 1), at)
+                requested.setdefault(int(match.group(1), 16) & ~(PAGE - 1), (at, page))
         elif event == b"postcopy_place_page":
             match = PLACE_HOST.search(rest)
             if match:
                 placed.setdefault(int(match.group(1), 16), at)
     return [
-        max(0.0, (placed[address] - at) * 1e6)
-        for address, at in requested.items()
+        (max(0.0, (placed[address] - at) * 1e6), page)
+        for address, (at, page) in requested.items()
         if address in placed
     ]
+
+
+def fault_groups_us(source_trace: bytes, destination_trace: bytes) -> tuple[list[float], ...]:
+    """The destination's fault latencies split by what the source's migration thread found
+    when it took the fault's request off its queue: (page sent already, page sent for the
+    request). A request the source's trace does not name (not taken off the queue before
+    the end) is in neither."""
+    verdicts: dict[tuple[bytes, int], bool] = {}
+    for _at, event, rest in _events(source_trace):
+        already = QUEUED_VERDICTS.get(event)
+        match = QUEUED_PAGE.match(rest)
+        if already is not None and match:
+            # The first verdict is the first request's: a repeat finds the page sent for it.
+            verdicts.setdefault((match.group(1), int(match.group(2), 16)), already)
+    groups: tuple[list[float], ...] = ([], [])
+    for latency, page in _requested_latencies_us(destination_trace):
+        already = None if page is None else verdicts.get(page)
+        if already is not None:
+            groups[0 if already else 1].append(latency)
+    return groups
+
+
+def _group_figures(samples: list[float]) -> dict[str, float | int | None]:
+    return {"count": len(samples), **{k: v for k, v in summary_us(samples).items() if k != "max"}}
 
 
 def summary_us(samples: list[float]) -> dict[str, float]:
@@ -331,6 +396,15 @@ ROWS: list[tuple[str, Key]] = [
     ("fault latency p50 (µs)", ("fault_latency_us", "p50")),
     ("fault latency p99 (µs)", ("fault_latency_us", "p99")),
     ("fault latency max (µs)", ("fault_latency_us", "max")),
+    # By what the request found on the source (QEMU: its get_queued_page[_not_dirty] trace;
+    # qmig: counts only, see run_qmig).
+    ("requests: page sent already", ("page_already_sent", "count")),
+    ("  fault latency p50 (µs)", ("page_already_sent", "p50")),
+    ("  fault latency p99 (µs)", ("page_already_sent", "p99")),
+    ("requests: page sent for the request", ("page_sent_for_request", "count")),
+    ("  fault latency p50 (µs)", ("page_sent_for_request", "p50")),
+    ("  fault latency p99 (µs)", ("page_sent_for_request", "p99")),
+    ("requests: placed before the answer (qmig)", "placed_before_answer"),
     ("blocktime (ms)", "blocktime_ms"),
 ]
 # A request's round trip, by its parts (µs), as ``qmig simulate --json`` has them: the
@@ -361,6 +435,8 @@ def _name(key: Key) -> str:
 def _value(side: dict[str, Any], key: Key) -> Any:
     if isinstance(key, tuple):
         figures = side.get(key[0]) or {}
+        if key[1] == "count":
+            return figures.get("count")
         return None if figures.get("count") == 0 else figures.get(key[1])  # nothing measured
     return side.get(key)
 
