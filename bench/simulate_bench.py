@@ -41,9 +41,12 @@ TCG runs it, qmig's dirtier at a set rate. Figures per side:
   queued, so its fault waits for less than a round trip), or sent for the request. For QEMU
   from the source's trace events ``get_queued_page_not_dirty`` and ``get_queued_page`` (block
   and offset, matched to the destination's ``postcopy_ram_fault_thread_request``), with each
-  group's fault latency p50/p99. qmig's summary has counts only: the requests its source read,
-  less the pages it sent on request (``postcopy.requested_pages``); and the requests whose page
-  was placed before the source's answer was written;
+  group's fault latency p50/p99. For qmig from ``qmig simulate --json``'s ``page_already_sent``
+  and ``page_sent_for_request``: its source's verdict on each request it read (every page
+  clean when read, or answered by the C thread with nothing to write), paired with the
+  destination's requests by block and offset, the fault latency being fault → REQ_PAGES
+  sent → placed as the destination measured it; and the requests whose page was placed
+  before the source's answer was written;
 * qmig's fault latency split, p50/p99, as ``qmig simulate --json`` reports it: fault →
   REQ_PAGES on the wire (``request_sent_us``), → read by the source (``request_read_us``),
   read → the page on the wire (``request_served_us``), on the wire → placed
@@ -153,11 +156,7 @@ def run_qmig(plan: Plan, *, c_paths: bool = True, preempt: bool = False) -> dict
 
     s = run_simulation(config, progress)
     sent = s["precopy"]["pages"] + s["postcopy"]["pages"]
-    # Per request qmig's summary has no verdict, only totals: the requests its source read,
-    # and the pages it sent because they were asked for (a request is one target page for
-    # pc.ram); the rest found their page gone already. No latency per group.
     requested_pages = s["postcopy"]["requested_pages"]
-    counts = (s["source_requests"] - requested_pages, requested_pages)
     return {
         "verified": s["verified"],
         "total_s": s["total_s"],
@@ -171,10 +170,9 @@ def run_qmig(plan: Plan, *, c_paths: bool = True, preempt: bool = False) -> dict
         "fault_latency_us": s["fault_latency_us"],
         "source_requests": s["source_requests"],
         "requested_pages": requested_pages,
-        **{
-            name: {"count": count, "p50": None, "p99": None}
-            for name, count in zip(GROUPS, counts, strict=True)
-        },
+        # Per request its source read, paired with the destination's: its fault latency by
+        # what the request found there, its page sent already or sent for it.
+        **{name: s[name] for name in GROUPS},
         # Requests read by the source whose page was placed before the answer was written
         # (on its way already): page_delivered_us leaves them out.
         "placed_before_answer": s["request_read_us"]["count"] - s["page_delivered_us"]["count"],
@@ -397,7 +395,7 @@ ROWS: list[tuple[str, Key]] = [
     ("fault latency p99 (µs)", ("fault_latency_us", "p99")),
     ("fault latency max (µs)", ("fault_latency_us", "max")),
     # By what the request found on the source (QEMU: its get_queued_page[_not_dirty] trace;
-    # qmig: counts only, see run_qmig).
+    # qmig: its source's verdict per request, see run_qmig).
     ("requests: page sent already", ("page_already_sent", "count")),
     ("  fault latency p50 (µs)", ("page_already_sent", "p50")),
     ("  fault latency p99 (µs)", ("page_already_sent", "p99")),

@@ -93,6 +93,42 @@ def request_legs(
     return to_read, to_placed
 
 
+def latency_by_already_sent(
+    read: Sequence[tuple[float, str, int]],
+    already_sent: Sequence[bool],
+    sent: Sequence[tuple[int, int, str, int]],
+    sent_ns: Sequence[int],
+    sent_at_ns: Sequence[int],
+) -> tuple[list[int], list[int]]:
+    """The fault latency (fault → placed, in ns, as the destination measured it) of the
+    requests the source read, split by what each found there: (its pages sent already, its
+    pages sent for it).
+
+    ``read`` and ``already_sent``: the source's requests and its verdict on each, in order;
+    ``sent``: the destination's answered requests, as :func:`request_legs` takes them, paired
+    with the source's the same way (block and offset, first with first); ``sent_ns``: the
+    destination's fault → sent per request, and ``sent_at_ns`` when each was sent, which
+    ``sent`` names too. A request only one end saw is in neither list.
+    """
+    to_sent: dict[int, deque[int]] = {}
+    for at, fault_to_sent in zip(sent_at_ns, sent_ns, strict=False):
+        to_sent.setdefault(at, deque()).append(fault_to_sent)
+    queued: dict[tuple[str, int], deque[tuple[int, int]]] = {}
+    for at, waited_ns, block, offset in sorted(sent):
+        queued.setdefault((block, offset), deque()).append((at, waited_ns))
+    groups: tuple[list[int], list[int]] = ([], [])
+    for (_read_s, block, offset), already in zip(read, already_sent, strict=False):
+        waiting = queued.get((block, offset))
+        if not waiting:
+            continue
+        at, waited_ns = waiting.popleft()
+        faulted = to_sent.get(at)
+        if not faulted:  # its fault → sent was not recorded
+            continue
+        groups[0 if already else 1].append(faulted.popleft() + waited_ns)
+    return groups
+
+
 @dataclass(frozen=True)
 class RequestSplit:
     """A run's page requests, each leg of their round trip in ns (see :func:`request_split`)."""
@@ -111,10 +147,11 @@ class RequestSplit:
             "request_served_us": self.served,
             "page_delivered_us": self.delivered,
         }
-        return {name: _count_p50_p99(samples) for name, samples in legs.items()}
+        return {name: count_p50_p99(samples) for name, samples in legs.items()}
 
 
-def _count_p50_p99(samples_ns: Sequence[int]) -> dict[str, float]:
+def count_p50_p99(samples_ns: Sequence[int]) -> dict[str, float]:
+    """count, p50 and p99 of ``samples_ns``, in µs."""
     ordered = sorted(samples_ns)
     return {
         "count": len(ordered),

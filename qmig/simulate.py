@@ -18,7 +18,14 @@ from typing import Any
 
 from qmig import simulate_multifd
 from qmig.errors import QmigError, VerificationError
-from qmig.latency import RequestSplit, percentile_us, request_split, vcpu_blocktime_ms
+from qmig.latency import (
+    RequestSplit,
+    count_p50_p99,
+    latency_by_already_sent,
+    percentile_us,
+    request_split,
+    vcpu_blocktime_ms,
+)
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.source import DeviceSnapshot, Source
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
@@ -362,6 +369,13 @@ def _summary(
         # (queued behind the bytes sent before it, then read and placed; pages placed before
         # the answer was written, because the sweep had sent them already, are left out).
         **split().as_json(),
+        # The same requests' fault latency (fault → placed, as the destination measured it:
+        # fault → REQ_PAGES sent, then sent → placed), split by what each found on the
+        # source when it was read: page_already_sent, its pages sent already (on the wire or
+        # in the socket, so the fault waited for less than a round trip; QEMU 7.2's source
+        # traces get_queued_page_not_dirty), or page_sent_for_request (get_queued_page).
+        # Requests paired by block and offset, as the legs are; the counts sum to the pairs.
+        **_by_already_sent(report, destination),
         # The destination's C receive thread: data pages it placed, recv() → placed.
         "page_placed_us": {
             "p50": percentile_us(placed_ns, 0.5),
@@ -469,6 +483,20 @@ def _split(source_report: Any, destination: dict[str, Any]) -> Callable[..., Req
         destination.get("request_sent_ns") or [],
         destination.get("request_sent_at_ns") or [],
     )
+
+
+def _by_already_sent(report: Any, destination: dict[str, Any]) -> dict[str, Any]:
+    already, sent_for = latency_by_already_sent(
+        report.requests,
+        report.already_sent,
+        destination.get("request_log") or [],
+        destination.get("request_sent_ns") or [],
+        destination.get("request_sent_at_ns") or [],
+    )
+    return {
+        "page_already_sent": count_p50_p99(already),
+        "page_sent_for_request": count_p50_p99(sent_for),
+    }
 
 
 def _rate(pages: int, ns: int) -> float | None:

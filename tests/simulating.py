@@ -37,3 +37,18 @@ def recovered(*args: str, timeout: float = TIMEOUT) -> dict[str, Any]:
     result = verified(*args, timeout=timeout)
     assert result["recoveries"] == result["destination_recoveries"]
     return result
+
+
+def assert_split_by_what_requests_found(result: dict[str, Any]) -> None:
+    """The requests paired across both ends, by what each found on the source: every paired
+    request in one group or the other. With 4 KiB host pages a request asks for one target
+    page, so once every request the source read is paired, those sent for are exactly the
+    pages the source sent on request."""
+    already, sent_for = result["page_already_sent"], result["page_sent_for_request"]
+    assert set(already) == set(sent_for) == {"count", "p50", "p99"}
+    paired = result["request_read_us"]["count"]
+    assert already["count"] + sent_for["count"] == paired > 0
+    assert 0 < sent_for["count"] <= result["postcopy"]["requested_pages"]
+    if paired == result["source_requests"]:
+        assert sent_for["count"] == result["postcopy"]["requested_pages"]
+    assert 0 < sent_for["p50"] <= sent_for["p99"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qmig.latency import (
     LATENCY_DIST_BUCKETS,
+    latency_by_already_sent,
     latency_dist,
     percentile_us,
     percentiles_us,
@@ -77,3 +78,24 @@ def test_request_legs_leave_out_requests_only_one_end_saw() -> None:
     # A request read from a stream the destination did not answer (and the reverse).
     assert request_legs([(0.001, "pc.ram", 0)], [5_000], []) == ([], [])
     assert request_legs([], [], [(1_000, 2_000, "pc.ram", 0)]) == ([], [])
+
+
+def test_fault_latency_split_by_what_each_request_found_on_the_source() -> None:
+    # As above: pc.ram 0x2000 asked twice, the first time sent already (the sweep's), the
+    # second time sent for it; pc.ram 0x5000 sent for it; vga.vram never read by the source.
+    sent = [
+        (1_000_000, 500_000, "pc.ram", 0x2000),
+        (2_000_000, 400_000, "pc.ram", 0x2000),
+        (1_500_000, 300_000, "pc.ram", 0x5000),
+        (1_700_000, 900_000, "vga.vram", 0),
+    ]
+    # The destination's fault → sent, in the order it sent them, and when.
+    sent_at_ns = [1_000_000, 1_500_000, 1_700_000, 2_000_000]
+    fault_to_sent = [7_000, 8_000, 9_000, 6_000]
+    read = [(0.00105, "pc.ram", 0x2000), (0.00160, "pc.ram", 0x5000), (0.00230, "pc.ram", 0x2000)]
+    already, sent_for = latency_by_already_sent(
+        read, [True, False, False], sent, fault_to_sent, sent_at_ns
+    )
+    # Fault → sent, then sent → placed; each request paired with its own destination entry.
+    assert already == [7_000 + 500_000]
+    assert sent_for == [8_000 + 300_000, 6_000 + 400_000]

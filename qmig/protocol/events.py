@@ -141,6 +141,9 @@ class RequestReceived(Event):
     block: str
     start: int
     length: int
+    # Every page it asks for was clean when it was read: sent already (QEMU 7.2's source
+    # traces such a request as get_queued_page_not_dirty), so nothing goes out for it.
+    already_sent: bool = False
 
 
 @dataclass(frozen=True)

@@ -925,7 +925,12 @@ class Source:
         last = (start + length) // self.target_page_size
         for page in range(first - first % per_host, last, per_host):
             self._requests.append((block, page))
-        self._events.append(ev.RequestReceived(block.idstr, start, length))
+        # Requests are answered before any other page goes out, so a page clean now was sent
+        # before the request came (or answered by the runner's C thread, which tells the
+        # runner itself). One C-level count, no per-page Python.
+        end = min(last, len(block.dirty))
+        already = block.dirty.count(0, first, end) == end - first
+        self._events.append(ev.RequestReceived(block.idstr, start, length, already))
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ class Answered:
     read_ns: int
     sent_ns: int
     bytes: int
+    pages: int  # target pages written; 0: the request's pages had all gone out already
 
 
 class FastAnswer:
@@ -159,7 +160,12 @@ class FastAnswer:
                 self.bytes += size
                 done.append(
                     Answered(
-                        name, int(entry.request_start), int(entry.read_ns), int(entry.sent_ns), size
+                        name,
+                        int(entry.request_start),
+                        int(entry.read_ns),
+                        int(entry.sent_ns),
+                        size,
+                        len(pages),
                     )
                 )
         return done

@@ -52,8 +52,9 @@ class AnswerControl:
         self._stall_timeout = stall_timeout
         self._await_room = await_room
         self.fast: FastAnswer | None = None
-        # Requests the C thread answered: (block, start) → [(read, written) ns], taken by
-        # the runner as the machine reports the requests (:meth:`answered`).
+        # Requests the C thread answered: (block, start) → [read ns, written ns, pages all
+        # sent already (0/1)], taken by the runner as the machine reports the requests
+        # (:meth:`answered`).
         self._times: dict[tuple[str, int], deque[list[int]]] = {}
         # The thread is to (re)start as soon as the return path is between messages: set at
         # the switchover and after each recovery, cleared once it runs.
@@ -204,14 +205,15 @@ class AnswerControl:
         assert self.fast is not None
         self._note(self.fast.apply(), main=self.fast.main)
 
-    def answered(self, block: str, start: int) -> tuple[int, int] | None:
+    def answered(self, block: str, start: int) -> tuple[int, int, bool] | None:
         """When the thread read the request for ``block`` at ``start`` and wrote its last
-        page (ns), if it answered it; each answer is taken once."""
+        page (ns), and whether its pages had all gone out before (the thread wrote none),
+        if it answered it; each answer is taken once."""
         waiting = self._times.get((block, start))
         if not waiting:
             return None
-        read_ns, sent_ns = waiting.popleft()
-        return read_ns, sent_ns
+        read_ns, sent_ns, already = waiting.popleft()
+        return read_ns, sent_ns, bool(already)
 
     def _note(self, answered: list[Answered], *, main: bool) -> None:
         if not answered:
@@ -225,5 +227,6 @@ class AnswerControl:
             waiting = self._times.setdefault((page.block, page.request_start), deque())
             if waiting and waiting[-1][0] == page.read_ns:  # another host page of a request
                 waiting[-1][1] = page.sent_ns
+                waiting[-1][2] &= int(not page.pages)
             else:
-                waiting.append([page.read_ns, page.sent_ns])
+                waiting.append([page.read_ns, page.sent_ns, int(not page.pages)])

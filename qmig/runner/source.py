@@ -559,19 +559,22 @@ class SourceRunner:
                 case ev.PassCompleted():
                     self._passes_done.append(event)
                     self.report.pass_ends.append(time.monotonic())
-                case ev.RequestReceived(block=block, start=start):
-                    self._note_request(block, start)
+                case ev.RequestReceived(block=block, start=start, already_sent=already):
+                    self._note_request(block, start, already)
 
-    def _note_request(self, block: str, start: int) -> None:
-        """A request, read now, or earlier by the C thread (which answered it then)."""
+    def _note_request(self, block: str, start: int, already_sent: bool) -> None:
+        """A request, read now, or earlier by the C thread (which answered it then, and
+        knew then whether its pages had gone out already: the machine, told of the thread's
+        pages before it reads the request, finds them all clean)."""
         requests = self.report.requests
         answered = self._answers.answered(block, start)
         if answered is not None:
-            read_ns, sent_ns = answered
+            read_ns, sent_ns, already_sent = answered
             self._fast_served[len(requests)] = sent_ns - read_ns
             requests.append((read_ns / 1e9, block, start))
         else:
             requests.append((time.monotonic(), block, start))
+        self.report.already_sent.append(already_sent)
 
     def _label(self) -> str:
         """The phase as progress reports name it (a finished pass is still precopy)."""

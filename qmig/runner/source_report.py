@@ -16,6 +16,9 @@ class SourceReport:
     requests: list[tuple[float, str, int]] = field(default_factory=list)
     # Per request: read from the return path → its pages written into the socket.
     served_ns: list[int] = field(default_factory=list)
+    # Per request, in the same order: were its pages all sent already when it was read
+    # (nothing went out for it)? QEMU 7.2's get_queued_page_not_dirty, against get_queued_page.
+    already_sent: list[bool] = field(default_factory=list)
     pongs: list[int] = field(default_factory=list)
     pass_ends: list[float] = field(default_factory=list)  # each precopy pass's end
     recoveries: int = 0

@@ -13,11 +13,13 @@ import pytest
 from answering import HOST_PAGES, MIXED, ODD, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
 
 from qmig.errors import QmigError
+from qmig.protocol import events as ev
 from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.source import Source
 from qmig.runner.answer import FastAnswer
 from qmig.transport import Connection
 from qmig.wire import messages as m
+from qmig.wire.reader import NEED_DATA
 
 VERSION = "10.0"
 
@@ -35,6 +37,17 @@ def python_answer(return_path: bytes) -> tuple[Source, bytes]:
     source.receive_data(return_path)
     drain(source)
     return source, source.preempt_data()
+
+
+def machine_verdicts(return_path: bytes) -> list[bool]:
+    """The machine's own verdict on each request: were its pages all sent already?"""
+    source = postcopy_source()
+    source.receive_data(return_path)
+    verdicts = []
+    while (event := source.next_event()) is not NEED_DATA:
+        if isinstance(event, ev.RequestReceived):
+            verdicts.append(event.already_sent)
+    return verdicts
 
 
 class Thread:
@@ -74,6 +87,16 @@ def test_the_thread_writes_what_the_machine_would(messages: tuple[object, ...]) 
         assert passed == return_path  # the machine reads every byte
         answered = thread.fast.apply()
         assert answered
+        # Per request, its pages all sent already (the thread wrote none) as the machine
+        # judges it: an entry per host page (in MIXED, page 7 is asked twice, and the second
+        # request's first host page has none; pages 5 to 7 went in precopy).
+        assert sum(page.pages for page in answered) == expected_source.stats.requested_pages
+        per_request: dict[tuple[str, int, int], int] = {}
+        for page in answered:
+            key = (page.block, page.request_start, page.read_ns)
+            per_request[key] = per_request.get(key, 0) + page.pages
+        verdicts = [not pages for pages in per_request.values()]
+        assert verdicts == machine_verdicts(return_path)
         source.receive_data(passed)
         drain(source)
         assert source.preempt_data() == b""  # answered already: not again
@@ -97,7 +120,8 @@ def test_a_page_already_sent_is_not_answered() -> None:
         thread.peer.sendall(requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram")))
         thread.passed_on(len(requests(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))))
         answered = thread.fast.apply()
-        assert [(page.request_start, page.bytes) for page in answered] == [(40 * PAGE, 0)]
+        # No page written: the runner counts the request as one whose pages had gone.
+        assert [(p.request_start, p.bytes, p.pages) for p in answered] == [(40 * PAGE, 0, 0)]
         assert vars(source.stats) == before
         ready, _, _ = select.select([thread.preempt], [], [], 0.2)
         assert not ready

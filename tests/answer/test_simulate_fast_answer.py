@@ -30,6 +30,8 @@ def test_the_c_thread_answers_the_requests() -> None:
     assert result["fast_answer"]["pages"] == pages["sent"]["preempt"]
     assert result["fast_answer"]["declined"] == 0
     assert result["request_served_us"]["p50"] > 0
+    # The thread's verdict per request (pages sent for it, or all gone already).
+    simulating.assert_split_by_what_requests_found(result)
 
 
 def test_without_the_thread_the_python_loop_answers() -> None:
@@ -38,6 +40,7 @@ def test_without_the_thread_the_python_loop_answers() -> None:
     pages = result["preempt_pages"]
     assert pages["sent"]["preempt"] > 0
     assert pages["sent"]["preempt"] == result["postcopy"]["requested_pages"]
+    simulating.assert_split_by_what_requests_found(result)  # the machine's verdicts
 
 
 def test_a_pause_stops_the_thread_and_the_recovery_starts_another() -> None:

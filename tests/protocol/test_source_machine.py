@@ -163,6 +163,39 @@ def test_requested_pages_jump_the_queue_and_are_not_sent_twice() -> None:
     assert [r.name for r in records(stream)][-4:] == ["SECTION_END", "EOS", "SECTION_FOOTER", "EOF"]
 
 
+def requests_received(source: Source) -> list[ev.RequestReceived]:
+    out = []
+    while (event := source.next_event()) is not NEED_DATA:
+        if isinstance(event, ev.RequestReceived):
+            out.append(event)
+    return out
+
+
+def test_a_request_says_whether_its_pages_were_sent_already() -> None:
+    """A request for a page the source sent before it came finds nothing to send (QEMU 7.2's
+    get_queued_page_not_dirty); one for a page still dirty has it sent for it."""
+    source = make_source(pages=256)
+    source.start()
+    source.start_postcopy()
+    stream = source.data_to_send(0)
+    source.receive_data(S.build_rp(m.ReqPagesId(10 * PAGE, PAGE, "pc.ram")))
+    assert [event.already_sent for event in requests_received(source)] == [False]
+    stream += source.data_to_send(PAGE + 64)  # page 10 goes out for its request
+    mark = len(stream)
+    # Page 10 again (sent already) and page 11 with 12 (still dirty); then page 10 asked with
+    # a dirty page beside it: one dirty page is enough to have something sent for it.
+    source.receive_data(
+        S.build_rp(m.ReqPages(10 * PAGE, PAGE))
+        + S.build_rp(m.ReqPages(11 * PAGE, 2 * PAGE))
+        + S.build_rp(m.ReqPages(9 * PAGE, 2 * PAGE))
+    )
+    got = [(event.start, event.already_sent) for event in requests_received(source)]
+    assert got == [(10 * PAGE, True), (11 * PAGE, False), (9 * PAGE, False)]
+    stream += source.data_to_send(4 * (PAGE + 64))
+    sent = pages_sent(stream, mark)
+    assert sent[:3] == [11 * PAGE, 12 * PAGE, 9 * PAGE] and 10 * PAGE not in sent
+
+
 def test_requested_data_holds_the_requested_pages_and_nothing_of_the_sweep() -> None:
     source = make_source(pages=256)
     source.start()

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 import pytest
-from simulating import run_simulate, verified
+from simulating import assert_split_by_what_requests_found, run_simulate, verified
 
 pytestmark = pytest.mark.uffd
 
@@ -77,6 +77,7 @@ def test_immediate_switchover_serves_the_workload_by_requests() -> None:
     # Every part of a request's round trip is measured, the two that span both ends too.
     for part in ("request_sent_us", "request_read_us", "request_served_us", "page_delivered_us"):
         assert 0 < result[part]["p50"] <= result[part]["p99"], part
+    assert_split_by_what_requests_found(result)
 
 
 def test_precopy_only_completes_without_postcopy() -> None:
