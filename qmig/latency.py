@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,27 @@ def vcpu_blocktime_ms(faults: dict[str, Any], workload: Sequence[dict[str, Any]]
     return [round(by_thread.get(vcpu.get("thread_id", 0), 0) / 1e6, 2) for vcpu in workload]
 
 
+def paired_requests(
+    read: Sequence[tuple[float, str, int]], sent: Sequence[tuple[int, int, str, int]]
+) -> Iterator[tuple[int, int, int]]:
+    """The source's requests that the destination sent and saw answered, each paired with
+    the destination's record of it: (index in ``read``, sent ns, sent → placed ns).
+
+    ``read``: the source's requests, (``time.monotonic()`` read, block, byte offset);
+    ``sent``: the destination's answered requests, (CLOCK_MONOTONIC sent, sent → placed,
+    block, byte offset). They pair by block and offset; a page asked for twice pairs in
+    order, first with first. A request only one end saw pairs with nothing.
+    """
+    queued: dict[tuple[str, int], deque[tuple[int, int]]] = {}
+    for sent_ns, waited_ns, block, offset in sorted(sent):
+        queued.setdefault((block, offset), deque()).append((sent_ns, waited_ns))
+    for index, (_read_s, block, offset) in enumerate(read):
+        waiting = queued.get((block, offset))
+        if waiting:
+            sent_ns, waited_ns = waiting.popleft()
+            yield index, sent_ns, waited_ns
+
+
 def request_legs(
     read: Sequence[tuple[float, str, int]],
     served_ns: Sequence[int],
@@ -67,25 +88,16 @@ def request_legs(
     REQ_PAGES sent by the destination → read by the source, and its page written into the
     source's socket → placed on the destination.
 
-    ``read``: the source's requests, (``time.monotonic()`` read, block, byte offset), and
-    ``served_ns`` each one's read → written, in the same order; ``sent``: the destination's
-    answered requests, (CLOCK_MONOTONIC sent, sent → placed, block, byte offset). Both
-    processes read the same clock. A page asked for twice pairs in order, first with first.
-    The second list leaves out pages placed before the source had written its answer.
+    ``read`` and ``sent`` as :func:`paired_requests` pairs them; ``served_ns``: each of
+    ``read``'s read → written, in the same order. Both processes read the same clock. The
+    second list leaves out pages placed before the source had written its answer.
     """
-    queued: dict[tuple[str, int], deque[tuple[int, int]]] = {}
-    for sent_ns, waited_ns, block, offset in sorted(sent):
-        queued.setdefault((block, offset), deque()).append((sent_ns, waited_ns))
     to_read: list[int] = []
     to_placed: list[int] = []
-    for (read_s, block, offset), served in zip(read, served_ns, strict=False):
-        waiting = queued.get((block, offset))
-        if not waiting:  # not asked by this channel's destination, or never answered
-            continue
-        sent_ns, waited_ns = waiting.popleft()
-        read_ns = round(read_s * 1e9)
+    for index, sent_ns, waited_ns in paired_requests(read[: len(served_ns)], sent):
+        read_ns = round(read[index][0] * 1e9)
         to_read.append(max(0, read_ns - sent_ns))
-        placed_after = sent_ns + waited_ns - read_ns - served
+        placed_after = sent_ns + waited_ns - read_ns - served_ns[index]
         if placed_after > 0:
             # Otherwise the page was placed before the source's answer was written: it was
             # on its way already (the sweep sent it), and the answer took no part in it.
@@ -104,28 +116,20 @@ def latency_by_already_sent(
     requests the source read, split by what each found there: (its pages sent already, its
     pages sent for it).
 
-    ``read`` and ``already_sent``: the source's requests and its verdict on each, in order;
-    ``sent``: the destination's answered requests, as :func:`request_legs` takes them, paired
-    with the source's the same way (block and offset, first with first); ``sent_ns``: the
-    destination's fault → sent per request, and ``sent_at_ns`` when each was sent, which
-    ``sent`` names too. A request only one end saw is in neither list.
+    ``read`` and ``sent`` as :func:`paired_requests` pairs them; ``already_sent``: the
+    source's verdict on each of ``read``, in order; ``sent_ns``: the destination's fault →
+    sent per request, and ``sent_at_ns`` when each was sent, which ``sent`` names too. A
+    request only one end saw is in neither list.
     """
     to_sent: dict[int, deque[int]] = {}
     for at, fault_to_sent in zip(sent_at_ns, sent_ns, strict=False):
         to_sent.setdefault(at, deque()).append(fault_to_sent)
-    queued: dict[tuple[str, int], deque[tuple[int, int]]] = {}
-    for at, waited_ns, block, offset in sorted(sent):
-        queued.setdefault((block, offset), deque()).append((at, waited_ns))
     groups: tuple[list[int], list[int]] = ([], [])
-    for (_read_s, block, offset), already in zip(read, already_sent, strict=False):
-        waiting = queued.get((block, offset))
-        if not waiting:
-            continue
-        at, waited_ns = waiting.popleft()
+    for index, at, waited_ns in paired_requests(read[: len(already_sent)], sent):
         faulted = to_sent.get(at)
         if not faulted:  # its fault → sent was not recorded
             continue
-        groups[0 if already else 1].append(faulted.popleft() + waited_ns)
+        groups[0 if already_sent[index] else 1].append(faulted.popleft() + waited_ns)
     return groups
 
 

@@ -442,10 +442,10 @@ def _summary(
 def _after_last_recovery(report: Any, destination: dict[str, Any]) -> dict[str, Any]:
     """after_last_recovery: from when (s from the start), the requests the destination sent
     from then on, and their legs; nothing without a recovery."""
-    legs = after_last_recovery(report, destination)
     since = last_resume(destination)
-    if legs is None or since is None:
+    if since is None:
         return {}
+    legs = _split(report, destination)(since=since)
     return {
         "after_last_recovery": {
             "since_s": round(since - report.started, 6),
