@@ -297,18 +297,15 @@ class FaultThread:
                 return
             for index in range(count):
                 message = messages[index]
-                try:
-                    handle(
-                        message.address,
-                        message.flags,
-                        message.tid,
-                        message.t_ns,
-                        message.event,
-                        message.end,
-                    )
-                except Exception as error:  # the runner's callback failed; keep serving
-                    if self.error is None:
-                        self.error = error
+                self._call(
+                    handle,
+                    message.address,
+                    message.flags,
+                    message.tid,
+                    message.t_ns,
+                    message.event,
+                    message.end,
+                )
             if quit_flag[0] or self._stopping:
                 return
 
@@ -330,11 +327,7 @@ class FaultThread:
             for stray in strays:
                 self._report(stray)
             for request in held:
-                try:
-                    self.on_request(request)
-                except Exception as error:  # the runner's callback failed; keep serving
-                    if self.error is None:
-                        self.error = error
+                self._call(self.on_request, request)
             if quit_flag[0] or self._stopping:
                 return
 
@@ -492,11 +485,23 @@ class FaultThread:
             )
         )
 
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run one of the runner's callbacks; if it fails, keep its error and serve on."""
+        try:
+            callback(*args)
+        except Exception as error:
+            self._keep(error)
+
+    def _keep(self, error: BaseException) -> None:
+        """The thread's error is the first one it met."""
+        if self.error is None:
+            self.error = error
+
     def _report(self, stray: StrayFault) -> None:
         """A fault in no block, or another event: kept, handed to ``on_stray``; an event that
         changed registered memory is the thread's error too (the first one)."""
         self.strays.append(stray)
-        if not stray.is_fault and stray.end and self.error is None:
+        if not stray.is_fault and stray.end:
             touched = [
                 block.idstr
                 for block in self.blocks
@@ -504,9 +509,11 @@ class FaultThread:
                 and block.host_address < stray.end
             ]
             if touched:
-                self.error = UffdEventError(
-                    f"{stray.describe()} in block {', '.join(touched)}: registered guest RAM "
-                    "changed under the fault thread (only page faults are served)"
+                self._keep(
+                    UffdEventError(
+                        f"{stray.describe()} in block {', '.join(touched)}: registered guest "
+                        "RAM changed under the fault thread (only page faults are served)"
+                    )
                 )
         if self.on_stray is not None:
             self.on_stray(stray)
