@@ -166,24 +166,21 @@ static struct qmig_freq_entry *log_entry(struct qmig_freq *ctx, const struct qmi
 static void handle_fault(struct qmig_freq *ctx, const struct qmig_fault *f)
 {
     struct qmig_freq_entry *e = log_entry(ctx, f);
-    if (f->event != UFFD_EVENT_PAGEFAULT)
+    int i = f->event == UFFD_EVENT_PAGEFAULT ? block_holding(ctx->blocks, ctx->nblocks, f->address)
+                                              : -1;
+    if (i < 0)
         return;
-    for (int i = 0; i < ctx->nblocks; i++) {
-        struct qmig_block *b = ctx->blocks[i];
-        if (f->address < b->host || f->address >= b->host + b->length)
-            continue;
-        uint64_t host_page = (f->address - b->host) / b->page_size;
-        e->block = i;
-        e->host_offset = host_page * b->page_size;
-        if (bit_test(b->bitmap, host_page * (b->page_size / b->target_page)))
-            e->kind = QMIG_FREQ_LATE;
-        else if (__atomic_exchange_n(&ctx->requested[i][host_page], 1, __ATOMIC_ACQ_REL))
-            e->kind = QMIG_FREQ_REPEAT;
-        else {
-            e->kind = QMIG_FREQ_SENT;
-            send_request(ctx, i, e->host_offset, e);
-        }
-        return;
+    struct qmig_block *b = ctx->blocks[i];
+    uint64_t host_page = (f->address - b->host) / b->page_size;
+    e->block = i;
+    e->host_offset = host_page * b->page_size;
+    if (bit_test(b->bitmap, host_page * (b->page_size / b->target_page)))
+        e->kind = QMIG_FREQ_LATE;
+    else if (__atomic_exchange_n(&ctx->requested[i][host_page], 1, __ATOMIC_ACQ_REL))
+        e->kind = QMIG_FREQ_REPEAT;
+    else {
+        e->kind = QMIG_FREQ_SENT;
+        send_request(ctx, i, e->host_offset, e);
     }
 }
 

@@ -14,27 +14,24 @@ static int serve_fault(const struct qmig_fault *fault, struct qmig_block **block
                        uint8_t **sources, int nblocks, struct qmig_served *entry)
 {
     struct qmig_records_result res;
-    uint64_t addr = fault->address;
-    for (int i = 0; i < nblocks; i++) {
-        struct qmig_block *b = blocks[i];
-        if (addr < b->host || addr >= b->host + b->length)
-            continue;
-        entry->block = i;
-        uint64_t host_page = (addr - b->host) / b->page_size;
-        uint64_t per = b->page_size / b->target_page;
-        if (bit_test(b->bitmap, host_page * per))
-            return 0;  /* placed between the fault and our read: already woken */
-        memset(&res, 0, sizeof(res));
-        res.first_page = UINT64_MAX;
-        int ret = qmig_place_host_pages(b, host_page, sources[i] + host_page * b->page_size,
-                                        1, 0, &res);
-        if (ret < 0)
-            return ret;
-        __atomic_fetch_add(&b->served, res.placed, __ATOMIC_RELAXED);
-        if (res.placed)
-            entry->placed_ns = b->placed_ns ? b->placed_ns[host_page] : qmig_now_ns();
+    int i = block_holding(blocks, nblocks, fault->address);
+    if (i < 0)
         return 0;
-    }
+    struct qmig_block *b = blocks[i];
+    entry->block = i;
+    uint64_t host_page = (fault->address - b->host) / b->page_size;
+    uint64_t per = b->page_size / b->target_page;
+    if (bit_test(b->bitmap, host_page * per))
+        return 0;  /* placed between the fault and our read: already woken */
+    memset(&res, 0, sizeof(res));
+    res.first_page = UINT64_MAX;
+    int ret = qmig_place_host_pages(b, host_page, sources[i] + host_page * b->page_size,
+                                    1, 0, &res);
+    if (ret < 0)
+        return ret;
+    __atomic_fetch_add(&b->served, res.placed, __ATOMIC_RELAXED);
+    if (res.placed)
+        entry->placed_ns = b->placed_ns ? b->placed_ns[host_page] : qmig_now_ns();
     return 0;
 }
 

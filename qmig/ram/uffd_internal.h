@@ -24,6 +24,15 @@ static inline int block_sizes_valid(const struct qmig_block *b)
     return t && !(t & (t - 1)) && b->page_size >= t && b->page_size % t == 0;
 }
 
+/* The index of the block that holds host address addr, or -1: the fault loops' lookup. */
+static inline int block_holding(struct qmig_block *const *blocks, int nblocks, uint64_t addr)
+{
+    for (int i = 0; i < nblocks; i++)
+        if (addr >= blocks[i]->host && addr < blocks[i]->host + blocks[i]->length)
+            return i;
+    return -1;
+}
+
 /* records.c: place `pages` host pages of b from host page `host_page` on, from src or as zero
    pages; used by the C fault loop as well. */
 int qmig_place_host_pages(struct qmig_block *b, uint64_t host_page, const uint8_t *src,
