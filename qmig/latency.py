@@ -135,23 +135,28 @@ def latency_by_already_sent(
 
 @dataclass(frozen=True)
 class RequestSplit:
-    """A run's page requests, each leg of their round trip in ns (see :func:`request_split`)."""
+    """A run's page requests, each leg of their round trip in ns, and their fault latency by
+    what each found on the source (see :func:`request_split`)."""
 
     sent: list[int]  # fault → REQ_PAGES sent (the destination)
     read: list[int]  # sent → read by the source
     served: list[int]  # read → its page written (the source)
     delivered: list[int]  # written → placed (the destination)
     placed: list[int]  # sent → placed, as the destination alone measures it
+    already_sent: list[int]  # fault → placed of the requests whose pages were sent already
+    sent_for_request: list[int]  # fault → placed of those whose pages were sent for them
 
     def as_json(self) -> dict[str, dict[str, float]]:
-        """The legs as a summary reports them: count, p50, p99 in µs."""
-        legs = {
+        """The legs and the two groups as a summary reports them: count, p50, p99 in µs."""
+        figures = {
             "request_sent_us": self.sent,
             "request_read_us": self.read,
             "request_served_us": self.served,
             "page_delivered_us": self.delivered,
+            "page_already_sent": self.already_sent,
+            "page_sent_for_request": self.sent_for_request,
         }
-        return {name: count_p50_p99(samples) for name, samples in legs.items()}
+        return {name: count_p50_p99(samples) for name, samples in figures.items()}
 
 
 def count_p50_p99(samples_ns: Sequence[int]) -> dict[str, float]:
@@ -167,32 +172,47 @@ def count_p50_p99(samples_ns: Sequence[int]) -> dict[str, float]:
 def request_split(
     read: Sequence[tuple[float, str, int]],
     served_ns: Sequence[int],
+    already_sent: Sequence[bool],
     sent: Sequence[tuple[int, int, str, int]],
     sent_ns: Sequence[int],
-    sent_at_ns: Sequence[int] | None = None,
+    sent_at_ns: Sequence[int],
     since: float | None = None,
 ) -> RequestSplit:
-    """The legs of the requests made from ``since`` on (monotonic s; None: all of them).
+    """The legs, and the fault latency by what each request found, of the requests made from
+    ``since`` on (monotonic s; None: all of them).
 
-    ``read``, ``served_ns`` and ``sent`` as :func:`request_legs` takes them; ``sent_ns``: the
-    destination's fault → sent per request, and ``sent_at_ns`` when each was sent (the same
-    order; needed with ``since``). Both processes read the same clock: a request counts when
-    the destination sent it from ``since`` on, and its source side when read from then on.
+    ``read``, ``served_ns`` and ``sent`` as :func:`request_legs` takes them, ``already_sent``
+    as :func:`latency_by_already_sent` does (both per request of ``read``, in its order, and
+    perhaps fewer); ``sent_ns``: the destination's fault → sent per request, and
+    ``sent_at_ns`` when each was sent (the same order). Both processes read the same clock: a
+    request counts when the destination sent it from ``since`` on, and its source side when
+    read from then on.
     """
+    picked: Sequence[int]
     if since is None:
-        picked_read, picked_served = list(read), list(served_ns)
-        picked_sent, faults = list(sent), list(sent_ns)
+        picked = range(len(read))
+        picked_sent, faults, faults_at = list(sent), list(sent_ns), list(sent_at_ns)
     else:
         since_ns = round(since * 1e9)
-        pairs = [(r, s) for r, s in zip(read, served_ns, strict=False) if r[0] >= since]
-        picked_read, picked_served = [r for r, _ in pairs], [s for _, s in pairs]
+        picked = [index for index, entry in enumerate(read) if entry[0] >= since]
         picked_sent = [entry for entry in sent if entry[0] >= since_ns]
-        faults = [ns for ns, at in zip(sent_ns, sent_at_ns or [], strict=False) if at >= since_ns]
+        kept = [(ns, at) for ns, at in zip(sent_ns, sent_at_ns, strict=False) if at >= since_ns]
+        faults, faults_at = [ns for ns, _ in kept], [at for _, at in kept]
+    # The source's lists may end before ``read`` does (a request not yet answered): each
+    # keeps the picked requests it has, which lead the picked ones in ``read``'s order.
+    picked_read = [read[index] for index in picked]
+    picked_served = [served_ns[index] for index in picked if index < len(served_ns)]
+    picked_already = [already_sent[index] for index in picked if index < len(already_sent)]
     to_read, to_placed = request_legs(picked_read, picked_served, picked_sent)
+    already, sent_for = latency_by_already_sent(
+        picked_read, picked_already, picked_sent, faults, faults_at
+    )
     return RequestSplit(
         sent=faults,
         read=to_read,
         served=picked_served,
         delivered=to_placed,
         placed=[waited for _, waited, _, _ in picked_sent],
+        already_sent=already,
+        sent_for_request=sent_for,
     )

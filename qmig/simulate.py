@@ -20,8 +20,6 @@ from qmig import simulate_multifd
 from qmig.errors import QmigError, VerificationError
 from qmig.latency import (
     RequestSplit,
-    count_p50_p99,
-    latency_by_already_sent,
     percentile_us,
     request_split,
     vcpu_blocktime_ms,
@@ -368,14 +366,13 @@ def _summary(
         # on the source, read → its pages written into the socket; the page written → placed
         # (queued behind the bytes sent before it, then read and placed; pages placed before
         # the answer was written, because the sweep had sent them already, are left out).
-        **split().as_json(),
-        # The same requests' fault latency (fault → placed, as the destination measured it:
-        # fault → REQ_PAGES sent, then sent → placed), split by what each found on the
+        # Then the same requests' fault latency (fault → placed, as the destination measured
+        # it: fault → REQ_PAGES sent, then sent → placed), split by what each found on the
         # source when it was read: page_already_sent, its pages sent already (on the wire or
         # in the socket, so the fault waited for less than a round trip; QEMU 7.2's source
         # traces get_queued_page_not_dirty), or page_sent_for_request (get_queued_page).
         # Requests paired by block and offset, as the legs are; the counts sum to the pairs.
-        **_by_already_sent(report, destination),
+        **split().as_json(),
         # The destination's C receive thread: data pages it placed, recv() → placed.
         "page_placed_us": {
             "p50": percentile_us(placed_ns, 0.5),
@@ -441,7 +438,8 @@ def _summary(
 
 def _after_last_recovery(report: Any, destination: dict[str, Any]) -> dict[str, Any]:
     """after_last_recovery: from when (s from the start), the requests the destination sent
-    from then on, and their legs; nothing without a recovery."""
+    from then on, their legs and their fault latency by what each found on the source;
+    nothing without a recovery."""
     since = last_resume(destination)
     if since is None:
         return {}
@@ -479,24 +477,11 @@ def _split(source_report: Any, destination: dict[str, Any]) -> Callable[..., Req
         request_split,
         source_report.requests,
         source_report.served_ns,
+        source_report.already_sent,
         destination.get("request_log") or [],
         destination.get("request_sent_ns") or [],
         destination.get("request_sent_at_ns") or [],
     )
-
-
-def _by_already_sent(report: Any, destination: dict[str, Any]) -> dict[str, Any]:
-    already, sent_for = latency_by_already_sent(
-        report.requests,
-        report.already_sent,
-        destination.get("request_log") or [],
-        destination.get("request_sent_ns") or [],
-        destination.get("request_sent_at_ns") or [],
-    )
-    return {
-        "page_already_sent": count_p50_p99(already),
-        "page_sent_for_request": count_p50_p99(sent_for),
-    }
 
 
 def _rate(pages: int, ns: int) -> float | None:

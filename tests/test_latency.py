@@ -10,6 +10,7 @@ from qmig.latency import (
     percentiles_us,
     qemu_latency_figures,
     request_legs,
+    request_split,
 )
 
 
@@ -99,3 +100,36 @@ def test_fault_latency_split_by_what_each_request_found_on_the_source() -> None:
     # Fault → sent, then sent → placed; each request paired with its own destination entry.
     assert already == [7_000 + 500_000]
     assert sent_for == [8_000 + 300_000, 6_000 + 400_000]
+
+
+def test_the_split_from_a_time_on_groups_only_the_requests_made_from_then_on() -> None:
+    # pc.ram 0x2000 asked before a recovery at 1.8 ms (the sweep's copy was out already) and
+    # again after it (sent for it); pc.ram 0x5000 after it, sent already; pc.ram 0x9000 read
+    # after it and not yet answered when the run's report was taken.
+    sent = [
+        (1_000_000, 500_000, "pc.ram", 0x2000),
+        (2_000_000, 400_000, "pc.ram", 0x2000),
+        (2_100_000, 300_000, "pc.ram", 0x5000),
+        (2_200_000, 900_000, "pc.ram", 0x9000),
+    ]
+    sent_at_ns = [1_000_000, 2_000_000, 2_100_000, 2_200_000]
+    fault_to_sent = [7_000, 6_000, 9_000, 5_000]
+    read = [
+        (0.00105, "pc.ram", 0x2000),
+        (0.00203, "pc.ram", 0x2000),
+        (0.00212, "pc.ram", 0x5000),
+        (0.00230, "pc.ram", 0x9000),
+    ]
+    served_ns, already_sent = [20_000, 40_000, 1_000], [True, False, True]
+    args = (read, served_ns, already_sent, sent, fault_to_sent, sent_at_ns)
+    after = request_split(*args, since=0.0018)
+    assert after.already_sent == [9_000 + 300_000]
+    assert after.sent_for_request == [6_000 + 400_000]
+    assert after.served == [40_000, 1_000] and after.sent == [6_000, 9_000, 5_000]
+    figures = after.as_json()
+    assert figures["page_already_sent"] == {"count": 1, "p50": 309.0, "p99": 309.0}
+    assert figures["page_sent_for_request"] == {"count": 1, "p50": 406.0, "p99": 406.0}
+    # The whole run: the first request joins the pages sent already.
+    whole = request_split(*args)
+    assert whole.already_sent == [7_000 + 500_000, 9_000 + 300_000]
+    assert whole.sent_for_request == after.sent_for_request

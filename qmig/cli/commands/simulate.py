@@ -313,6 +313,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
             f"REQ_PAGES read → pages sent p50 {s['request_served_us']['p50']} µs, "
             f"p99 {s['request_served_us']['p99']} µs",
         ),
+        ("requests by page", _found(s)),
         ("blocktime", f"{s['blocktime_ms']:.1f} ms"),
         (
             "recovery",
@@ -344,8 +345,21 @@ def _after_recovery_row(s: dict[str, Any]) -> list[tuple[str, str]]:
             f"{after['request_read_us']['p50']} µs, → page sent "
             f"{after['request_served_us']['p50']} µs, → placed "
             f"{after['page_delivered_us']['p50']} µs",
-        )
+        ),
+        ("  by page", _found(after)),
     ]
+
+
+def _found(figures: dict[str, Any]) -> str:
+    """The requests' count and fault latency by what each found on the source, named as in
+    ``--json`` (``page_already_sent``, ``page_sent_for_request``)."""
+    return "; ".join(
+        f"{words} {group['count']:,}: p50 {group['p50']} µs, p99 {group['p99']} µs"
+        for words, group in (
+            ("page already sent", figures["page_already_sent"]),
+            ("page sent for request", figures["page_sent_for_request"]),
+        )
+    )
 
 
 def _preempt_row(s: dict[str, Any]) -> list[tuple[str, str]]:
