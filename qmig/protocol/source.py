@@ -154,6 +154,10 @@ class Source:
         self._events: deque[ev.Event] = deque()
         self._cursor = (0, 0)  # (block index, target page index) of the precopy sweep
         self._requests: deque[tuple[SourceBlock, int]] = deque()  # (block, target page)
+        # Host pages (block, first target page) queued by a request since the queue was last
+        # empty: a later request for one finds it sent by then (see _sent_before, which
+        # forgets them once the queue is empty).
+        self._queued: set[tuple[str, int]] = set()
         self._last_request_block: SourceBlock | None = None
         self._ping = 0
         self._discard_templates: dict[tuple[str, int], bytes] = {}
@@ -923,14 +927,36 @@ class Source:
         per_host = block.page_size // self.target_page_size
         first = start // self.target_page_size
         last = (start + length) // self.target_page_size
-        for page in range(first - first % per_host, last, per_host):
+        host_pages = range(first - first % per_host, last, per_host)
+        already = self._sent_before(block, first, last, host_pages)
+        queued = self._queued
+        for page in host_pages:
             self._requests.append((block, page))
-        # Requests are answered before any other page goes out, so a page clean now was sent
-        # before the request came (or answered by the runner's C thread, which tells the
-        # runner itself). One C-level count, no per-page Python.
-        end = min(last, len(block.dirty))
-        already = block.dirty.count(0, first, end) == end - first
+            queued.add((block.idstr, page))
         self._events.append(ev.RequestReceived(block.idstr, start, length, already))
+
+    def _sent_before(self, block: SourceBlock, first: int, last: int, host_pages: range) -> bool:
+        """Will a request for target pages ``first`` to ``last`` (its ``host_pages``) find
+        them all sent when it is served, as QEMU's migration thread finds a queued page that
+        is no longer dirty (get_queued_page_not_dirty)? Requests are served in order, before
+        any other page goes out: a page clean now was sent before the request came (or
+        answered by the runner's C thread, which tells the runner itself), and one that an
+        earlier request still queued asks for goes out for that one."""
+        queued = self._queued
+        if not self._requests:
+            queued.clear()  # every host page queued so far has been served: clean, or sent
+        dirty = block.dirty
+        end = min(last, len(dirty))
+        if dirty.count(0, first, end) == end - first:  # one C-level count, the usual answer
+            return True
+        if not queued:
+            return False
+        name, per_host = block.idstr, block.page_size // self.target_page_size
+        for page in host_pages:
+            low, high = max(page, first), min(page + per_host, end)
+            if (name, page) not in queued and dirty.count(0, low, high) != high - low:
+                return False
+        return True
 
     # --- helpers --------------------------------------------------------------------------
 

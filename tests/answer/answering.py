@@ -9,9 +9,10 @@ import select
 import socket
 from typing import Any
 
+from qmig.protocol import events as ev
 from qmig.protocol.source import Source, SourceBlock
 from qmig.protocol.states import SourceState
-from qmig.runner.answer import FastAnswer
+from qmig.runner.answer import Answered, FastAnswer
 from qmig.wire import messages as m
 from qmig.wire.reader import NEED_DATA
 from qmig.wire.schema import schema_for
@@ -32,6 +33,14 @@ MIXED = (
     m.ReqPages(0, PAGE),
 )
 HOST_PAGES = (m.ReqPagesId(4 * PAGE, 8 * PAGE, "big"), m.ReqPagesId(PAGE, PAGE, "pc.ram"))
+# A page asked for again after another request, before the machine has served either: the
+# second time it is sent already.
+REPEATED = (
+    m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"),
+    m.ReqPages(41 * PAGE, PAGE),
+    m.ReqPages(40 * PAGE, PAGE),
+    m.ReqPages(40 * PAGE, PAGE),
+)
 # Requests the machine refuses: neither thread answers them, they are the machine's to refuse.
 ODD = [
     m.ReqPagesId(0, PAGE, "nvram"),  # no such block
@@ -98,3 +107,30 @@ def passed_on(fast: FastAnswer, size: int) -> bytes:
         assert count
         out += buffer[:count]
     return bytes(out)
+
+
+def machine_verdicts(source: Source, return_path: bytes) -> list[bool]:
+    """The machine's verdict on each request in ``return_path``: were its pages all sent
+    already when it is served?"""
+    source.receive_data(return_path)
+    verdicts = []
+    while (event := source.next_event()) is not NEED_DATA:
+        if isinstance(event, ev.RequestReceived):
+            verdicts.append(event.already_sent)
+    return verdicts
+
+
+def thread_verdicts(answered: list[Answered]) -> list[bool]:
+    """The thread's verdict on each request it answered, in order: did it write no page for
+    it? It queues an entry per host page it wrote, or one of no pages for a request it wrote
+    nothing for; the entries of a request that wrote follow each other and share its read
+    (a repeat of it read in the same recv finds its pages clean: an entry of no pages)."""
+    verdicts: list[bool] = []
+    last = None
+    for page in answered:
+        request = (page.block, page.request_start, page.read_ns)
+        if page.pages and request == last:
+            continue  # another host page of the same request
+        verdicts.append(not page.pages)
+        last = request if page.pages else None
+    return verdicts

@@ -10,16 +10,25 @@ import socket
 
 import answering
 import pytest
-from answering import HOST_PAGES, MIXED, ODD, ONE_PAGE, PAGE, WAIT, drain, passed_on, recv_exactly
+from answering import (
+    HOST_PAGES,
+    MIXED,
+    ODD,
+    ONE_PAGE,
+    PAGE,
+    REPEATED,
+    WAIT,
+    drain,
+    passed_on,
+    recv_exactly,
+)
 
 from qmig.errors import QmigError
-from qmig.protocol import events as ev
 from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.source import Source
 from qmig.runner.answer import FastAnswer
 from qmig.transport import Connection
 from qmig.wire import messages as m
-from qmig.wire.reader import NEED_DATA
 
 VERSION = "10.0"
 
@@ -37,17 +46,6 @@ def python_answer(return_path: bytes) -> tuple[Source, bytes]:
     source.receive_data(return_path)
     drain(source)
     return source, source.preempt_data()
-
-
-def machine_verdicts(return_path: bytes) -> list[bool]:
-    """The machine's own verdict on each request: were its pages all sent already?"""
-    source = postcopy_source()
-    source.receive_data(return_path)
-    verdicts = []
-    while (event := source.next_event()) is not NEED_DATA:
-        if isinstance(event, ev.RequestReceived):
-            verdicts.append(event.already_sent)
-    return verdicts
 
 
 class Thread:
@@ -70,7 +68,7 @@ class Thread:
             sock.close()
 
 
-REQUESTS = [ONE_PAGE, MIXED, HOST_PAGES]
+REQUESTS = [ONE_PAGE, MIXED, HOST_PAGES, REPEATED]
 
 
 @pytest.mark.parametrize("messages", REQUESTS)
@@ -88,15 +86,12 @@ def test_the_thread_writes_what_the_machine_would(messages: tuple[object, ...]) 
         answered = thread.fast.apply()
         assert answered
         # Per request, its pages all sent already (the thread wrote none) as the machine
-        # judges it: an entry per host page (in MIXED, page 7 is asked twice, and the second
-        # request's first host page has none; pages 5 to 7 went in precopy).
+        # judges it (in MIXED, page 7 is asked twice, and the second request's first host
+        # page has none; pages 5 to 7 went in precopy; in REPEATED, page 40 is asked for
+        # again before the machine has served it).
         assert sum(page.pages for page in answered) == expected_source.stats.requested_pages
-        per_request: dict[tuple[str, int, int], int] = {}
-        for page in answered:
-            key = (page.block, page.request_start, page.read_ns)
-            per_request[key] = per_request.get(key, 0) + page.pages
-        verdicts = [not pages for pages in per_request.values()]
-        assert verdicts == machine_verdicts(return_path)
+        verdicts = answering.thread_verdicts(answered)
+        assert verdicts == answering.machine_verdicts(postcopy_source(), return_path)
         source.receive_data(passed)
         drain(source)
         assert source.preempt_data() == b""  # answered already: not again

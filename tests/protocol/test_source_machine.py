@@ -10,6 +10,7 @@ import pytest
 from qmig.errors import LocalProtocolError, QmigError, RemoteProtocolError
 from qmig.protocol import events as ev
 from qmig.protocol import source as source_module
+from qmig.protocol.recv_bitmap import bitmap_size
 from qmig.protocol.source import DeviceSnapshot, Source, SourceBlock
 from qmig.protocol.states import SourceState
 from qmig.wire import messages as m
@@ -194,6 +195,53 @@ def test_a_request_says_whether_its_pages_were_sent_already() -> None:
     stream += source.data_to_send(4 * (PAGE + 64))
     sent = pages_sent(stream, mark)
     assert sent[:3] == [11 * PAGE, 12 * PAGE, 9 * PAGE] and 10 * PAGE not in sent
+
+
+def test_a_page_asked_for_again_before_it_went_out_is_sent_already_the_second_time() -> None:
+    """Two requests for the same page, both read before either is served: the first has it
+    sent for it, and the second finds it sent when it is served (QEMU's migration thread
+    takes it off the queue no longer dirty, get_queued_page_not_dirty)."""
+    source = make_source(pages=256)
+    source.start()
+    source.start_postcopy()
+    stream = source.data_to_send(0)
+    # Page 30 twice, page 31 between them, and 30 with 32 (dirty, asked for once): the last
+    # one still has a page sent for it.
+    source.receive_data(
+        S.build_rp(m.ReqPagesId(30 * PAGE, PAGE, "pc.ram"))
+        + S.build_rp(m.ReqPages(31 * PAGE, PAGE))
+        + S.build_rp(m.ReqPages(30 * PAGE, PAGE))
+        + S.build_rp(m.ReqPages(30 * PAGE, 3 * PAGE))
+    )
+    got = [(event.start, event.already_sent) for event in requests_received(source)]
+    assert got == [(30 * PAGE, False), (31 * PAGE, False), (30 * PAGE, True), (30 * PAGE, False)]
+    mark = len(stream)
+    stream += source.data_to_send(3 * (PAGE + 64))
+    assert pages_sent(stream, mark)[:3] == [30 * PAGE, 31 * PAGE, 32 * PAGE]
+    assert source.stats.requested_pages == 3
+    # Served, then asked for again: clean in the dirty map.
+    source.receive_data(S.build_rp(m.ReqPages(31 * PAGE, PAGE)))
+    assert [event.already_sent for event in requests_received(source)] == [True]
+
+
+def test_a_page_queued_before_a_break_is_sent_for_its_request_after_the_recovery() -> None:
+    """A request lost with a broken channel sends nothing: after the recovery, the page the
+    destination still lacks is sent for its new request, not counted as sent already."""
+    source = make_source(pages=256)
+    source.start()
+    source.start_postcopy()
+    source.data_to_send(0)
+    source.receive_data(S.build_rp(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram")))
+    assert [event.already_sent for event in requests_received(source)] == [False]
+    source.channel_broken()
+    source.resume()
+    for block, pages in (("pc.ram", 256), ("pc.bios", 4)):  # the destination received nothing
+        source.receive_data(S.build_rp(m.RpRecvBitmap(block, bytes(bitmap_size(pages)))))
+    source.data_to_send(0)  # RECV_BITMAP per block, then POSTCOPY_RESUME
+    source.receive_data(S.build_rp(m.ResumeAck(1)))
+    assert source.state is SourceState.POSTCOPY
+    source.receive_data(S.build_rp(m.ReqPagesId(40 * PAGE, PAGE, "pc.ram")))
+    assert [event.already_sent for event in requests_received(source)] == [False]
 
 
 def test_requested_data_holds_the_requested_pages_and_nothing_of_the_sweep() -> None:
