@@ -30,7 +30,11 @@ from qmig.ram.workload import Vcpus, Workload, WorkloadResult
 class RamSession:
     """Blocks, userfaultfd, fault thread and vCPUs of one destination."""
 
-    def __init__(self, specs: Iterable[BlockSpec], *, register: bool = True) -> None:
+    def __init__(
+        self, specs: Iterable[BlockSpec], *, register: bool = True, events: int = 0
+    ) -> None:
+        """``events``: userfaultfd event features the descriptor must have as well (none:
+        qmig serves page faults only; with one, its fault thread meets what it reports)."""
         # Unlock before mapping: with MCL_FUTURE in force, new mappings are populated at once.
         self._relock_flags = unlock_memory()
         self.uffd: Userfaultfd | None = None
@@ -41,7 +45,7 @@ class RamSession:
             raise
         self._thp_off = False
         try:
-            need = FEATURE_MISSING_HUGETLBFS if self.blocks.needs_huge_pages else 0
+            need = events | (FEATURE_MISSING_HUGETLBFS if self.blocks.needs_huge_pages else 0)
             self.uffd = Userfaultfd(want_features=FEATURE_THREAD_ID, need_features=need)
             if register:
                 self.blocks.attach(self.uffd)

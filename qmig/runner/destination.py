@@ -50,6 +50,9 @@ RECOVER_TIMEOUT = 600.0  # paused: how long to wait for the source's new channel
 class DestinationRunner:
     # What reads the preempt channel (a subclass may watch it at work).
     preempt_receiver: type[PreemptReceiver] = PreemptReceiver
+    # The userfaultfd events its RAM's descriptor asks for (RamSession's ``events``): none,
+    # qmig serves page faults only; a subclass may ask for some, to meet them.
+    uffd_events = 0
 
     def __init__(
         self,
@@ -425,7 +428,7 @@ class DestinationRunner:
         # off at once: a write into untouched THP memory allocates a whole huge page,
         # compacting memory to find one (measured: precopy placement 220-540 MiB/s with THP,
         # ~1.3 GiB/s without). RamSession.close() turns it back on.
-        self.session = RamSession(specs, register=False)
+        self.session = RamSession(specs, register=False, events=self.uffd_events)
         if not all(block.maps_huge_zero_page for block in self.session.blocks):
             self.session.prepare_discard()
             self._discard_prepared = True
