@@ -220,10 +220,8 @@ class AnswerControl:
             return
         if not main:
             self._source.forget_preempt_block()
-        counted = main or self._source.profile.preempt_in_rate_limit
         for page in answered:
-            if counted and page.sent_ns / 1e9 >= self._window.at:
-                self._window.used += page.bytes  # the cap's window counts them, as QEMU's
+            self._window.count(page.bytes, preempt=not main, written=page.sent_ns / 1e9)
             waiting = self._times.setdefault((page.block, page.request_start), deque())
             if waiting and waiting[-1][0] == page.read_ns:  # another host page of a request
                 waiting[-1][1] = page.sent_ns

@@ -123,7 +123,9 @@ class SourceRunner:
         self._rp_buffer = bytearray(64 << 10)
         self._answered = 0  # requests whose pages are all in the socket
         # The bandwidth cap's window (see _wait_for_credit): when it began, bytes sent in it.
-        self._window = CapWindow(plan.bandwidth, CAP_WINDOW)
+        self._window = CapWindow(
+            plan.bandwidth, CAP_WINDOW, every_channel=source.profile.preempt_in_rate_limit
+        )
         # QEMU 7.2: the migration thread sends the preempt channel's pages, so the cap's
         # spent window holds them as it holds the main channel's (see _urgent_held).
         self._urgent_capped = (
@@ -366,8 +368,7 @@ class SourceRunner:
                 raise TransportError(self.connection.name, "pages to send and no preempt channel")
             channel.sendall(data)
         self.report.preempt_bytes += len(data)
-        if self.source.profile.preempt_in_rate_limit:
-            self._window.used += len(data)  # one quota for every channel (QEMU 8.1+)
+        self._window.count(len(data), preempt=True)
         known = len(self.report.requests)
         if known > self._answered and self.source.pending_requests == 0:
             self._served(known)
