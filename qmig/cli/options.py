@@ -136,6 +136,11 @@ def _size(text: str) -> int:
     return size
 
 
+def _buffer_size(text: str) -> int | None:
+    """A socket buffer's size, or ``auto``: the kernel's autotuning (None)."""
+    return None if text == "auto" else _size(text)
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -184,6 +189,7 @@ def _integer(text: str) -> int:
 
 
 size = _type("size", _size)  # bytes, more than 0: 4096, 64K, 2M, 1G
+buffer_size = _type("buffer_size", _buffer_size)  # a size, or auto (the kernel's autotuning)
 count = _type("count", _count)  # a whole number, 0 or more
 positive_count = _type("positive_count", _positive_count)  # a whole number, 1 or more
 seconds = _type("seconds", _seconds)  # a positive number of seconds

@@ -12,6 +12,7 @@ from qmig.cli.multifd_source_options import add_multifd_source
 from qmig.cli.options import (
     add_bandwidth,
     add_fast_answer,
+    buffer_size,
     count,
     integer,
     positive_count,
@@ -125,6 +126,27 @@ def register(subparsers: Any) -> None:
     )
     add_fast_answer(parser)
     add_bandwidth(parser)
+    buffers = parser.add_argument_group(
+        "socket buffers",
+        "what a page asked for on the main channel may wait behind: small buffers shorten "
+        "that wait, and slow the stream that brings the pages not yet asked for",
+    )
+    buffers.add_argument(
+        "--send-buffer",
+        type=buffer_size,
+        default=argparse.SUPPRESS,  # SimulationConfig's
+        metavar="SIZE|auto",
+        help="the source's SO_SNDBUF from the switch to postcopy on (the kernel doubles it); "
+        "auto: the kernel's autotuning (default: 32K)",
+    )
+    buffers.add_argument(
+        "--receive-buffer",
+        type=buffer_size,
+        default=argparse.SUPPRESS,
+        metavar="SIZE|auto",
+        help="the destination's SO_RCVBUF, from the start (the kernel doubles it); auto: the "
+        "kernel's autotuning, as QEMU leaves it (default: 512K)",
+    )
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
         "--pause-after",
@@ -184,6 +206,10 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         fast_path=not args.no_fast_path,
         fast_answer=not args.no_fast_answer,
     )
+    # Given or not: the defaults are SimulationConfig's.
+    for name in ("send_buffer", "receive_buffer"):
+        if name in vars(args):
+            setattr(config, name, getattr(args, name))
     if args.blocks:
         config.blocks = args.blocks
     elif args.ram is not None:
