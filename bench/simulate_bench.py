@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from qmig.errors import QmigError
+from qmig.latency import count_p50_p99, percentiles_us
 from qmig.qemu.guest import GuestSpec, highest_safe_end
 from qmig.qemu.machine import Machine, MachineConfig
 from qmig.qemu.oracle import verify_counters
@@ -365,19 +366,20 @@ def fault_groups_us(source_trace: bytes, destination_trace: bytes) -> tuple[list
     return groups
 
 
-def _group_figures(samples: list[float]) -> dict[str, float | int | None]:
-    return {"count": len(samples), **{k: v for k, v in summary_us(samples).items() if k != "max"}}
+def _ns(samples_us: list[float]) -> list[int]:
+    """QEMU's trace stamps are µs; qmig.latency's figures take ns."""
+    return [round(sample * 1000) for sample in samples_us]
+
+
+def _group_figures(samples: list[float]) -> dict[str, float]:
+    return count_p50_p99(_ns(samples))
 
 
 def summary_us(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {"p50": 0.0, "p99": 0.0, "max": 0.0}
-    ordered = sorted(samples)
-
-    def at(fraction: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 1)
-
-    return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1], 1)}
+    """p50, p99 and max of µs ``samples`` (0.0 each when there are none)."""
+    figures = percentiles_us(_ns(samples))
+    del figures["count"]
+    return figures
 
 
 # --- report ----------------------------------------------------------------------------------
