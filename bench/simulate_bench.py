@@ -58,6 +58,11 @@ source's answer thread; the default) and with all of them in Python (``--no-fast
 --no-fast-answer``). The table's columns: QEMU 7.2 | qmig (C paths) | qmig (Python paths),
 then each qmig's ratio to QEMU.
 
+``--autotuned-buffers`` adds a qmig run with both sockets' buffers left to the kernel, as
+QEMU leaves its own: simulate keeps them small by default (``--send-buffer``,
+``--receive-buffer``), so that a page asked for on the main channel waits behind less, which
+also slows the stream that brings the pages not yet asked for.
+
 Nothing is asserted: the figures are printed. On a shared host they are noisy; run twice.
 """
 
@@ -125,12 +130,15 @@ class Plan:
 # --- qmig ------------------------------------------------------------------------------------
 
 
-def run_qmig(plan: Plan, *, c_paths: bool = True, preempt: bool = False) -> dict[str, Any]:
+def run_qmig(
+    plan: Plan, *, c_paths: bool = True, preempt: bool = False, autotuned: bool = False
+) -> dict[str, Any]:
     """``c_paths``: the C paths of a postcopy fault's round trip, the destination's receive
     threads and page requests and the source's answer thread (False: all of them in Python,
     ``--no-fast-path --no-fast-answer``, the state before them, for a before/after in the
     same run); ``preempt``: with postcopy-preempt (7.2's variant), requested pages on a
-    channel of their own."""
+    channel of their own; ``autotuned``: both sockets' buffers left to the kernel, as QEMU
+    leaves its own (``--send-buffer auto --receive-buffer auto``), instead of simulate's."""
     environment_check()
     pages = plan.ram // PAGE
     config = SimulationConfig(
@@ -148,6 +156,8 @@ def run_qmig(plan: Plan, *, c_paths: bool = True, preempt: bool = False) -> dict
         fast_answer=c_paths,
         preempt=preempt,
     )
+    if autotuned:
+        config.send_buffer = config.receive_buffer = None
     phases: dict[str, list[float]] = {}
     started = time.monotonic()
 
@@ -426,6 +436,11 @@ SPLIT_ROWS: list[tuple[str, Key]] = [
 ]
 # The qmig runs, by --paths: the C paths of a fault's round trip, and all of them in Python.
 PATHS = {"c": ("qmig", True), "python": ("qmig_python", False)}
+# Runs asked for on top, each printed in a column of its own after the table.
+EXTRA_RUNS = {
+    "qmig_preempt": "qmig with postcopy-preempt (--preempt, C paths)",
+    "qmig_autotuned": "qmig with autotuned socket buffers, as QEMU's (C paths)",
+}
 
 
 def _name(key: Key) -> str:
@@ -456,7 +471,6 @@ def ratios(qmig: dict[str, Any], qemu: dict[str, Any]) -> dict[str, float | None
 def print_table(result: dict[str, Any]) -> None:
     plan = result["plan"]
     qemu, c_paths, python_paths = result["qemu"], result["qmig"], result.get("qmig_python")
-    preempt = result.get("qmig_preempt")
     print(
         f"{plan['ram'] // MiB} MiB guest, {plan['guest_bytes'] // MiB} MiB of it written, "
         f"{plan['bandwidth'] // MiB} MiB/s precopy and postcopy, postcopy after one pass"
@@ -471,16 +485,13 @@ def print_table(result: dict[str, Any]) -> None:
         print(
             f"{label:{width}}{cells[0]:>12}{cells[1]:>16}{cells[2]:>21}{ratio[0]:>9}{ratio[1]:>13}"
         )
-    if preempt:
-        print("qmig with postcopy-preempt (--preempt, C paths), same run:")
-        for label, key in ROWS + SPLIT_ROWS:
-            print(f"{label:{width}}{_cell(_value(preempt, key)):>12}")
-    sides = (
-        (qemu, "QEMU"),
-        (c_paths, "qmig (C paths)"),
-        (python_paths, "qmig (Python paths)"),
-        (preempt, "qmig --preempt"),
-    )
+    for name, title in EXTRA_RUNS.items():
+        if result.get(name):
+            print(f"{title}, same run:")
+            for label, key in ROWS + SPLIT_ROWS:
+                print(f"{label:{width}}{_cell(_value(result[name], key)):>12}")
+    sides = [(qemu, "QEMU"), (c_paths, "qmig (C paths)"), (python_paths, "qmig (Python paths)")]
+    sides += [(result.get(name), title) for name, title in EXTRA_RUNS.items()]
     for side, name in sides:
         if side and not side.get("verified"):
             print(f"{name}: NOT verified")
@@ -545,6 +556,12 @@ def main() -> int:
         action="store_true",
         help="also run qmig with postcopy-preempt (requested pages on their own channel)",
     )
+    parser.add_argument(
+        "--autotuned-buffers",
+        action="store_true",
+        help="also run qmig with both sockets' buffers left to the kernel's autotuning, as "
+        "QEMU leaves them (simulate --send-buffer auto --receive-buffer auto)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args()
@@ -569,6 +586,8 @@ def main() -> int:
                     result[name] = run_qmig(plan, c_paths=c_paths)
             if args.preempt:
                 result["qmig_preempt"] = run_qmig(plan, preempt=True)
+            if args.autotuned_buffers:
+                result["qmig_autotuned"] = run_qmig(plan, autotuned=True)
         if args.only != "qmig":
             with tempfile.TemporaryDirectory(prefix="qmig-simbench-") as workdir:
                 result["qemu"] = run_qemu(plan, Path(workdir))
