@@ -93,11 +93,24 @@ def _spec(ram_mib: int) -> GuestSpec:
 
 
 def _relayed(report: dict[str, Any]) -> dict[str, Any]:
+    """The relay's figures. A request the main channel answered is either ``in_flight`` (its
+    page had reached the relay before the request did: sent before the source could know)
+    or ``answered_on_main`` after it (the page was on its way, or held back)."""
     latency = report["request_latency_us"]
+    requests = report.get("requests", [])
     return {
         "requests": latency["count"],
-        "request_to_answer_us": {"p50": latency["p50"], "p99": latency["p99"]},
+        "request_to_answer_us": {
+            "p50": latency["p50"],
+            "p99": latency["p99"],
+            "max": latency["max"],
+        },
         "answered_on_preempt": (report.get("preempt") or {}).get("answered_requests", 0),
+        "answered_on_main": sum(
+            r["answered_on"] != "preempt" and not r["in_flight"] and r["latency_us"] is not None
+            for r in requests
+        ),
+        "in_flight": latency["in_flight"],
     }
 
 

@@ -193,37 +193,31 @@ class SourceRunner:
         return self.report
 
     def _postcopy_to_the_end(self) -> None:
-        source, plan = self.source, self.plan
+        source = self.source
         while self.phase is SourceState.POSTCOPY:
             known = len(self.report.requests)
             self._send_urgent()
             # As in QEMU's migration thread: nothing goes out on the main channel once the
             # window's quota is spent; within a window requested pages go first, and past it.
-            left = self._wait_for_credit()
+            self._wait_for_credit()
             self._send_urgent()  # held ones first, before the window's burst is made
             with self._answers.turn():
                 requested = source.requested_data()
                 if requested:
                     self._send(requested, capped=False)
                 else:
-                    # Capped, what the window has left goes as one burst, as QEMU's loop sends
-                    # it within a millisecond or two (chunk by chunk it would spread over the
-                    # window, and serve requests that QEMU holds to the next one).
-                    budget = plan.postcopy_chunk if plan.bandwidth is None else left
-                    # With the C thread answering between pieces, the burst goes as pieces of
-                    # at most a chunk back to back, each within what the window has left
-                    # (QEMU checks the rate per page, and sends the page that crosses it),
-                    # never waiting for the next window with the channel held: a request
-                    # waits for one piece, not the whole burst.
-                    pieces = self._answers.main
+                    # The window's quota goes as one burst of pieces back to back, each built
+                    # within what the window has left and written whole: QEMU checks the rate
+                    # before each page and sends the page that crosses it whole, so a window
+                    # never ends inside a page's record, and the pages its burst did not reach
+                    # are still dirty (a request for one goes on the preempt channel at once).
+                    # A piece is a chunk at most: no more pages leave the dirty map ahead of
+                    # the socket than QEMU's buffer holds, and the C thread answering on the
+                    # main channel waits for one piece, not the whole burst.
                     with self._answers.picking():
-                        data = source.data_to_send(
-                            min(budget, plan.postcopy_chunk)
-                            if pieces
-                            else max(plan.postcopy_chunk, budget)
-                        )
+                        data = source.data_to_send(self._piece_budget())
                     self._take_events()
-                    self._send(data, capped=not pieces)
+                    self._send(data, capped=False)
             if known > self._answered and source.pending_requests == 0:
                 self._served(known)
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
@@ -348,6 +342,16 @@ class SourceRunner:
         else:
             source.begin_pass()
         self._take_events()
+
+    def _piece_budget(self) -> int:
+        """The bytes of background stream to build now: a chunk at most, and under a cap
+        what the window has left once the answer thread's pages are counted in (at least a
+        page: QEMU sends the page that crosses the quota)."""
+        chunk = self.plan.postcopy_chunk
+        credit = self._window.credit()
+        if credit is None:
+            return chunk
+        return min(chunk, max(credit, self.source.target_page_size))
 
     def _send_urgent(self) -> None:
         """Postcopy-preempt: requested pages out on the preempt channel at once, whatever
