@@ -145,6 +145,7 @@ class SourceRunner:
         )
         # Requests the C thread answered, by their index in the report: read → written (ns).
         self._fast_served: dict[int, int] = {}
+        self._cut_due = False  # the plan's cut is due: see _maybe_cut, _cut
 
     @property
     def connection(self) -> Connection:
@@ -178,6 +179,8 @@ class SourceRunner:
                 self._postcopy_to_the_end()
                 break
             except TransportError as error:
+                if self._cut_due:
+                    self._cut()
                 if not (self.channels.can_reopen and self.phase in RECOVERABLE):
                     raise
                 self._recover(error)
@@ -308,14 +311,27 @@ class SourceRunner:
 
     def _maybe_cut(self) -> None:
         """Fault injection: break the channel once the plan's page count is reached and the
-        destination runs (a break before RUN fails a migration rather than pausing it)."""
+        destination runs (a break before RUN fails a migration rather than pausing it). No
+        more of the stream is written; the channel breaks once the loop has let go of it
+        (:meth:`_cut`)."""
         cuts = self.plan.cuts
         if cuts is None or self.phase is not SourceState.POSTCOPY:
             return
         if cuts.due(self.source.stats.postcopy_pages) and self.source.destination_runs:
             cuts.done += 1
-            self.channels.cut()
+            self._cut_due = True
             raise TransportError(self.connection.name, "channel cut on purpose")
+
+    def _cut(self) -> None:
+        """The deliberate cut: the answer thread stopped first, then the channel broken.
+        The thread reads the return path from the main socket (and without preempt writes
+        there): closed under it, its descriptor could be another file's by the time it reads
+        or writes again. Stopping it joins it, and it may be waiting for the wire, which the
+        loop holds while it writes a piece of stream: so this runs once the write that made
+        the cut due has let go of the wire."""
+        self._cut_due = False
+        self._answers.pause()
+        self.channels.cut()
 
     def _served(self, upto: int) -> None:
         """Every request before ``upto`` has its pages in the socket (or had them already)."""
