@@ -25,8 +25,10 @@ Figures:
   destination's userfaultfd thread; pages on each channel.
 * QEMU → QEMU: QEMU 10.0 reports no per-fault latency (10.1 adds it), so the pair is relayed
   through ``qmig capture`` and the latency is the relay's: REQ_PAGES seen → the page that
-  answered it seen (on either channel), p50/p99, from ``qmig inspect``; plus the
-  destination's ``postcopy-blocktime``.
+  answered it seen (on either channel), p50/p99/max, from ``qmig inspect``; the requests
+  answered on the preempt channel, on the main one after they were made, and in flight (the
+  page had reached the relay before the request: sent before the source could know); plus
+  the destination's ``postcopy-blocktime``.
 * QEMU → qmig: ``qmig receive``'s fault → placed p50/p99.
 * qmig → QEMU: the QEMU pair's capture replayed by ``qmig replay`` (same cap, same
   preempt setting) into a fresh QEMU 10.0 destination, through the same relay: the relay's
@@ -93,11 +95,24 @@ def _spec(ram_mib: int) -> GuestSpec:
 
 
 def _relayed(report: dict[str, Any]) -> dict[str, Any]:
+    """The relay's figures. A request the main channel answered is either ``in_flight`` (its
+    page had reached the relay before the request did: sent before the source could know)
+    or ``answered_on_main`` after it (the page was on its way, or held back)."""
     latency = report["request_latency_us"]
+    requests = report.get("requests", [])
     return {
         "requests": latency["count"],
-        "request_to_answer_us": {"p50": latency["p50"], "p99": latency["p99"]},
+        "request_to_answer_us": {
+            "p50": latency["p50"],
+            "p99": latency["p99"],
+            "max": latency["max"],
+        },
         "answered_on_preempt": (report.get("preempt") or {}).get("answered_requests", 0),
+        "answered_on_main": sum(
+            r["answered_on"] != "preempt" and not r["in_flight"] and r["latency_us"] is not None
+            for r in requests
+        ),
+        "in_flight": latency["in_flight"],
     }
 
 

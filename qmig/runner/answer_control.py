@@ -59,6 +59,7 @@ class AnswerControl:
         # The thread is to (re)start as soon as the return path is between messages: set at
         # the switchover and after each recovery, cleared once it runs.
         self.wanted = False
+        self._holding = False  # inside turn() or picking(): the wire is this loop's
 
     @property
     def main(self) -> bool:
@@ -135,12 +136,14 @@ class AnswerControl:
             yield
             return
         fast.hold()
+        self._holding = True
         open_records = False
         try:
             self.apply()
             yield
             open_records = self._source.records_may_follow
         finally:
+            self._holding = False
             window = self._window
             fast.release(open_records=open_records, credit=window.credit(), window_end=window.end)
 
@@ -156,10 +159,12 @@ class AnswerControl:
             yield
             return
         fast.hold()
+        self._holding = True
         try:
             self.apply()
             yield
         finally:
+            self._holding = False
             fast.release(open_records=False, credit=None, window_end=0.0)
 
     def read_into(self, buffer: bytearray, connection: Connection) -> int:
@@ -170,8 +175,10 @@ class AnswerControl:
         if fast is not None and count:
             self.apply()  # before the machine reads the requests: they are answered
         elif fast is not None:
-            # The thread met the socket's end or an error: this loop meets it there too.
-            self.stop()
+            # The thread met the socket's end or an error and ended (the pipe's end is its
+            # last act), so joining it waits for nothing, wire held or not; this loop meets
+            # the socket's end there too.
+            self._join()
             count = connection.recv_into(buffer)
         else:
             count = connection.recv_into(buffer)
@@ -189,7 +196,12 @@ class AnswerControl:
     def stop(self) -> None:
         """Join the thread; what it wrote is the machine's to know. The return path's bytes
         it read and this loop did not are lost with the channel it stops for (a pause, or
-        the end)."""
+        the end). Never from inside :meth:`turn` or :meth:`picking`: the thread may be
+        waiting for the wire they hold, and would never be joined."""
+        assert self.fast is None or not self._holding, "answer thread stopped, wire held"
+        self._join()
+
+    def _join(self) -> None:
         fast = self.fast
         if fast is None:
             return

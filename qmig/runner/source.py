@@ -147,6 +147,7 @@ class SourceRunner:
         )
         # Requests the C thread answered, by their index in the report: read → written (ns).
         self._fast_served: dict[int, int] = {}
+        self._cut_due = False  # the plan's cut is due: see _maybe_cut, _cut
 
     @property
     def connection(self) -> Connection:
@@ -180,6 +181,8 @@ class SourceRunner:
                 self._postcopy_to_the_end()
                 break
             except TransportError as error:
+                if self._cut_due:
+                    self._cut()
                 if not (self.channels.can_reopen and self.phase in RECOVERABLE):
                     raise
                 self._recover(error)
@@ -195,37 +198,31 @@ class SourceRunner:
         return self.report
 
     def _postcopy_to_the_end(self) -> None:
-        source, plan = self.source, self.plan
+        source = self.source
         while self.phase is SourceState.POSTCOPY:
             known = len(self.report.requests)
             self._send_urgent()
             # As in QEMU's migration thread: nothing goes out on the main channel once the
             # window's quota is spent; within a window requested pages go first, and past it.
-            left = self._wait_for_credit()
+            self._wait_for_credit()
             self._send_urgent()  # held ones first, before the window's burst is made
             with self._answers.turn():
                 requested = source.requested_data()
                 if requested:
                     self._send(requested, capped=False)
                 else:
-                    # Capped, what the window has left goes as one burst, as QEMU's loop sends
-                    # it within a millisecond or two (chunk by chunk it would spread over the
-                    # window, and serve requests that QEMU holds to the next one).
-                    budget = plan.postcopy_chunk if plan.bandwidth is None else left
-                    # With the C thread answering between pieces, the burst goes as pieces of
-                    # at most a chunk back to back, each within what the window has left
-                    # (QEMU checks the rate per page, and sends the page that crosses it),
-                    # never waiting for the next window with the channel held: a request
-                    # waits for one piece, not the whole burst.
-                    pieces = self._answers.main
+                    # The window's quota goes as one burst of pieces back to back, each built
+                    # within what the window has left and written whole: QEMU checks the rate
+                    # before each page and sends the page that crosses it whole, so a window
+                    # never ends inside a page's record, and the pages its burst did not reach
+                    # are still dirty (a request for one goes on the preempt channel at once).
+                    # A piece is a chunk at most: no more pages leave the dirty map ahead of
+                    # the socket than QEMU's buffer holds, and the C thread answering on the
+                    # main channel waits for one piece, not the whole burst.
                     with self._answers.picking():
-                        data = source.data_to_send(
-                            min(budget, plan.postcopy_chunk)
-                            if pieces
-                            else max(plan.postcopy_chunk, budget)
-                        )
+                        data = source.data_to_send(self._piece_budget())
                     self._take_events()
-                    self._send(data, capped=not pieces)
+                    self._send(data, capped=False)
             if known > self._answered and source.pending_requests == 0:
                 self._served(known)
         # The end of the stream; after precopy, the last pages, sent with the guest stopped:
@@ -316,14 +313,27 @@ class SourceRunner:
 
     def _maybe_cut(self) -> None:
         """Fault injection: break the channel once the plan's page count is reached and the
-        destination runs (a break before RUN fails a migration rather than pausing it)."""
+        destination runs (a break before RUN fails a migration rather than pausing it). No
+        more of the stream is written; the channel breaks once the loop has let go of it
+        (:meth:`_cut`)."""
         cuts = self.plan.cuts
         if cuts is None or self.phase is not SourceState.POSTCOPY:
             return
         if cuts.due(self.source.stats.postcopy_pages) and self.source.destination_runs:
             cuts.done += 1
-            self.channels.cut()
+            self._cut_due = True
             raise TransportError(self.connection.name, "channel cut on purpose")
+
+    def _cut(self) -> None:
+        """The deliberate cut: the answer thread stopped first, then the channel broken.
+        The thread reads the return path from the main socket (and without preempt writes
+        there): closed under it, its descriptor could be another file's by the time it reads
+        or writes again. Stopping it joins it, and it may be waiting for the wire, which the
+        loop holds while it writes a piece of stream: so this runs once the write that made
+        the cut due has let go of the wire."""
+        self._cut_due = False
+        self._answers.pause()
+        self.channels.cut()
 
     def _served(self, upto: int) -> None:
         """Every request before ``upto`` has its pages in the socket (or had them already)."""
@@ -350,6 +360,16 @@ class SourceRunner:
         else:
             source.begin_pass()
         self._take_events()
+
+    def _piece_budget(self) -> int:
+        """The bytes of background stream to build now: a chunk at most, and under a cap
+        what the window has left once the answer thread's pages are counted in (at least a
+        page: QEMU sends the page that crosses the quota)."""
+        chunk = self.plan.postcopy_chunk
+        credit = self._window.credit()
+        if credit is None:
+            return chunk
+        return min(chunk, max(credit, self.source.target_page_size))
 
     def _send_urgent(self) -> None:
         """Postcopy-preempt: requested pages out on the preempt channel at once, whatever
