@@ -228,8 +228,15 @@ class SourceRunner:
                     # at most a chunk back to back, each within what the window has left
                     # (QEMU checks the rate per page, and sends the page that crosses it),
                     # never waiting for the next window with the channel held: a request
-                    # waits for one piece, not the whole burst.
-                    pieces = self._answers.main
+                    # waits for one piece, not the whole burst. So too where the window counts
+                    # the preempt channel's pages (QEMU 8.1+): QEMU checks the rate before it
+                    # picks each page and never holds one it picked, while a burst picked
+                    # whole, its pages marked sent, had its rest held to the next window by
+                    # the urgent pages counted as it drained, and a vCPU that faulted on one
+                    # of them waited ~100 ms for it.
+                    pieces = self._answers.main or (
+                        source.preempt is not None and self._window.every_channel
+                    )
                     with self._answers.picking():
                         data = source.data_to_send(
                             min(budget, plan.postcopy_chunk)
