@@ -38,6 +38,17 @@ destination bounds its receive buffer), sends postcopy in small chunks, and neve
 ``sendall``: it selects for room and for return-path data together, so a REQ_PAGES is read
 as soon as it arrives and its pages go out in the next chunk.
 
+With the send buffer that small, no write may fill it alone
+(:meth:`SourceRunner._limit_send_buffer`): loopback's segment is 64 KiB, as large as the
+whole buffer, so a bigger write went out as one full segment, and nothing could follow until
+it was acknowledged. A receiver acknowledges at once every second full segment, or a read
+that opens a window its buffer had closed; a lone segment whose window stays open (an
+autotuned or large receive buffer) waits for the delayed-ACK timer, 40 ms. The main channel
+then moved 64 KiB per tick, about 1.5 MiB/s whatever the cap, whenever no return-path
+message came along to carry the acknowledgement back: with preempt, as soon as the vCPUs
+were blocked on pages already sent there, which then waited up to half a second. (QEMU's
+source sets no SO_SNDBUF: its kernel keeps many segments in flight.)
+
 The runner follows the machine by its events, not by looking at it: PhaseChanged says where
 it is, PassCompleted when to decide what follows a precopy pass. A pass completion is acted
 on once the bytes that ended the pass are written, never from inside a write (which reads
@@ -122,6 +133,7 @@ class SourceRunner:
         self._clock = 0.0
         self._rp_buffer = bytearray(64 << 10)
         self._answered = 0  # requests whose pages are all in the socket
+        self._piece = CHUNK  # the most one write hands the main channel's socket
         # The bandwidth cap's window (see _wait_for_credit): when it began, bytes sent in it.
         self._window = CapWindow(
             plan.bandwidth, CAP_WINDOW, every_channel=source.profile.preempt_in_rate_limit
@@ -287,8 +299,7 @@ class SourceRunner:
                 self._take_events()
         pause.resumed_at = time.monotonic()
         self.report.paused_s += pause.resumed_at - broke
-        if self.plan.send_buffer is not None:
-            self.connection.limit_buffers(send=self.plan.send_buffer)
+        self._limit_send_buffer()
         # A new thread on the new channels (the 8.0 variant's preempt channel was opened
         # again after the bitmap sync): the requests the destination sends again after
         # POSTCOPY_RESUME that the handshake read are the machine's, the rest the thread's.
@@ -430,9 +441,19 @@ class SourceRunner:
         # queued, so the buffer shrinks (the kernel takes nothing more until it drains).
         # Sent during the downtime, so not held to the cap (nor is QEMU's).
         self._send(self.source.data_to_send(0), capped=False)
-        if self.plan.send_buffer is not None:
-            self.connection.limit_buffers(send=self.plan.send_buffer)
+        self._limit_send_buffer()
         self._answers.want(self.phase)
+
+    def _limit_send_buffer(self) -> None:
+        """Postcopy's small send buffer (``SourcePlan.send_buffer``), and writes of at most
+        half what the kernel keeps for it (it doubles the value): at least two segments fit,
+        and the receiver acknowledges the second at once, instead of after its delayed-ACK
+        timer (see the module's notes)."""
+        send_buffer = self.plan.send_buffer
+        if send_buffer is None:
+            return
+        self.connection.limit_buffers(send=send_buffer)
+        self._piece = max(1, min(CHUNK, self.plan.postcopy_chunk, send_buffer))
 
     def _stop_guest(self) -> None:
         self._advance_dirtier()
@@ -485,7 +506,8 @@ class SourceRunner:
         view = memoryview(data)
         while view:
             # Capped: no more than the window's quota has left (QEMU checks it per page).
-            piece = view[: min(CHUNK, self._wait_for_credit())] if capped else view[:CHUNK]
+            most = min(self._piece, self._wait_for_credit()) if capped else self._piece
+            piece = view[:most]
             sent = self._write(piece)
             view = view[sent:]
             self._sent += sent
