@@ -11,6 +11,7 @@ from simulating import verified
 from qmig.cli import build_parser
 from qmig.cli.commands.simulate import config_from
 from qmig.simulate import SimulationConfig
+from qmig.sizes import parse_size
 
 
 def config(*words: str) -> SimulationConfig:
@@ -50,3 +51,18 @@ def test_autotuned_buffers_migrate_every_page() -> None:
     result = verified("--ram", "32M", "--send-buffer", "auto", "--receive-buffer", "auto")
     assert result["mode"] == "postcopy"
     assert result["postcopy"]["pages"] == result["discarded_pages"]
+
+
+def test_the_help_names_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help states them without importing the simulation: it must say what it uses."""
+    with pytest.raises(SystemExit):
+        build_parser("simulate").parse_args(["simulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = SimulationConfig()
+    for option, value in (
+        ("--send-buffer", defaults.send_buffer),
+        ("--receive-buffer", defaults.receive_buffer),
+    ):
+        help_text = text[text.rindex(f"{option} SIZE|auto") :]  # its entry, not the usage
+        stated = help_text[help_text.index("(default: ") + len("(default: ") :].split(")")[0]
+        assert parse_size(stated) == value, option
