@@ -17,32 +17,24 @@ before any byte of the next window's burst on the main channel."""
 
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
-import threading
 import time
 from dataclasses import dataclass
 
 import pytest
+from preempt_by_hand import by_hand, pages_of
 
-from qmig.errors import QmigError
 from qmig.protocol import events as ev
-from qmig.protocol.destination import Destination
 from qmig.protocol.preempt import PreemptVariant
-from qmig.protocol.preempt_channel import PreemptChannel
-from qmig.protocol.source import Source
 from qmig.protocol.states import DestinationState
 from qmig.runner import source as source_runner
-from qmig.runner.channels import PREEMPT, Channels
-from qmig.runner.source import SourcePlan, SourceRunner
+from qmig.runner.source import SourcePlan
 from qmig.runner.source_ram import GuestRam
-from qmig.transport import Connection, connect, limit_buffers, listen
 
 WINDOW = 2.0  # seconds: the cap's window, stretched
 SIZE = 8 << 20
 WANTED = SIZE - 4096  # the last page: the sweep (one 32 KiB burst a window) is far from it
-DEADLINE = 60.0
 QUIET = 0.3  # seconds without main-channel bytes: the window's burst is over
 
 
@@ -51,15 +43,6 @@ class Answer:
     waited: float  # request sent → page read, at the destination
     channel: str  # where the page came: "main" or "preempt"
     main_bytes_before: int  # main channel bytes read after the request, before the page
-
-
-def _hang_up(source: threading.Thread, *connections: Connection | None) -> None:
-    """Close the destination's end of every channel; the source thread ends."""
-    for connection in connections:
-        if connection is not None:
-            connection.close()
-    source.join(timeout=30)
-    assert not source.is_alive()
 
 
 def _ask_once_running(
@@ -76,31 +59,9 @@ def _ask_once_running(
     burst that followed RUN is over (the main channel quiet for QUIET seconds, well inside
     the window), the first page it does not hold whole, where the background sweep stands."""
     ram = GuestRam.generate([("pc.ram", SIZE)], zero_fraction=0.0)
-    source = Source(ram.blocks, version=version, preempt=variant)
-    errors: list[QmigError] = []
     plan = SourcePlan(postcopy_after=0, bandwidth=bandwidth, fast_answer=fast_answer)
-    with listen("tcp:127.0.0.1:0") as listener:
-        assert listener.socket is not None
-
-        def run_source() -> None:
-            channels = Channels(
-                connect(listener.uri),
-                openers={PREEMPT: lambda timeout: connect(listener.uri, timeout)},
-            )
-            try:
-                SourceRunner(channels, source, plan).run()
-            except QmigError as error:
-                errors.append(error)  # the destination hangs up once it has its answer
-            finally:
-                channels.close_all()
-
-        thread = threading.Thread(target=run_source, daemon=True)
-        thread.start()
-        main = listener.accept(timeout=10)
-        dest = Destination(version, preempt=variant)
-        preempt: Connection | None = None
-        channel: PreemptChannel | None = None
-        buffer = bytearray(1 << 16)
+    with by_hand(ram, version, variant, plan) as peer:
+        main, dest = peer.main, peer.dest
         wanted: int | None = None
         asked_at: float | None = None
         main_after = 0
@@ -108,65 +69,49 @@ def _ask_once_running(
         burst = False  # main-channel bytes came once RUN was in
         last_main = time.monotonic()
         answer: Answer | None = None
-        deadline = time.monotonic() + DEADLINE
-        try:
-            while answer is None:
-                assert time.monotonic() < deadline, "no answer to the request"
-                waiting: list[object] = [main]
-                if preempt is not None:
-                    waiting.append(preempt)
-                elif variant is not None:
-                    waiting.append(listener.socket)
-                for ready in select.select(waiting, [], [], QUIET / 4)[0]:
-                    if ready is listener.socket:
-                        preempt = listener.accept(timeout=10)
-                        channel = dest.open_preempt_channel()
-                    elif ready is main:
-                        count = main.recv_into(buffer)
-                        assert count, "the source closed the stream before the answer"
-                        last_main = time.monotonic()
-                        burst |= dest.state is DestinationState.RUNNING
-                        if asked_at is not None:
-                            main_after += count
-                        dest.receive_data(memoryview(buffer)[:count])
-                        while isinstance(event := dest.next_event(), ev.Event):
-                            held |= _pages_of(event)
-                            if wanted in _pages_of(event) and asked_at is not None:
-                                answer = Answer(
-                                    time.monotonic() - asked_at, "main", main_after - count
-                                )
-                        main.sendall(dest.data_to_send())  # PONGs
-                    else:
-                        assert preempt is not None and channel is not None
-                        count = preempt.recv_into(buffer)
-                        assert count, "the source closed the preempt channel"
-                        channel.receive_data(memoryview(buffer)[:count])
-                        while isinstance(event := channel.next_event(), ev.Event):
-                            held |= _pages_of(event)
-                            if wanted in _pages_of(event) and asked_at is not None:
-                                answer = Answer(time.monotonic() - asked_at, "preempt", main_after)
-                if asked_at is not None or dest.state is not DestinationState.RUNNING:
-                    continue
-                if not at_the_sweep:
-                    wanted = WANTED
-                elif burst and time.monotonic() - last_main >= QUIET:
-                    wanted = next(page for page in range(0, SIZE, 4096) if page not in held)
+        while answer is None:
+            assert time.monotonic() < peer.deadline, "no answer to the request"
+            waiting: list[object] = [main]
+            if peer.preempt is not None:
+                waiting.append(peer.preempt)
+            elif variant is not None:
+                waiting.append(peer.listener.socket)
+            for ready in select.select(waiting, [], [], QUIET / 4)[0]:
+                if ready is peer.listener.socket:
+                    peer.accept_preempt()
+                elif ready is main:
+                    count = main.recv_into(peer.buffer)
+                    assert count, "the source closed the stream before the answer"
+                    last_main = time.monotonic()
+                    burst |= dest.state is DestinationState.RUNNING
+                    if asked_at is not None:
+                        main_after += count
+                    dest.receive_data(memoryview(peer.buffer)[:count])
+                    while isinstance(event := dest.next_event(), ev.Event):
+                        held |= pages_of(event)
+                        if wanted in pages_of(event) and asked_at is not None:
+                            answer = Answer(time.monotonic() - asked_at, "main", main_after - count)
+                    main.sendall(dest.data_to_send())  # PONGs
                 else:
-                    continue
-                assert dest.page_fault("pc.ram", wanted) is not None
-                main.sendall(dest.data_to_send())
-                asked_at = time.monotonic()
-        finally:
-            _hang_up(thread, main, preempt)
-    assert answer is not None
+                    assert peer.preempt is not None and peer.channel is not None
+                    count = peer.preempt.recv_into(peer.buffer)
+                    assert count, "the source closed the preempt channel"
+                    peer.channel.receive_data(memoryview(peer.buffer)[:count])
+                    while isinstance(event := peer.channel.next_event(), ev.Event):
+                        held |= pages_of(event)
+                        if wanted in pages_of(event) and asked_at is not None:
+                            answer = Answer(time.monotonic() - asked_at, "preempt", main_after)
+            if asked_at is not None or dest.state is not DestinationState.RUNNING:
+                continue
+            if not at_the_sweep:
+                wanted = WANTED
+            elif burst and time.monotonic() - last_main >= QUIET:
+                wanted = next(page for page in range(0, SIZE, 4096) if page not in held)
+            else:
+                continue
+            peer.ask([wanted])
+            asked_at = time.monotonic()
     return answer
-
-
-def _pages_of(event: object) -> set[int]:
-    """The offsets of the pc.ram pages that ``event`` brought."""
-    if not isinstance(event, ev.PagesReceived) or event.run.block != "pc.ram":
-        return set()
-    return {offset for offset, _zero, _data in event.run.pages()}
 
 
 @pytest.fixture(autouse=True)
@@ -233,72 +178,29 @@ def _first_window(version: str, variant: PreemptVariant, *, fast_answer: bool) -
     for them on the preempt channel; then it reads the main channel until the first window
     ends. The bytes of the first window on each channel: (main, preempt)."""
     ram = GuestRam.generate([("pc.ram", SIZE)], zero_fraction=0.0)
-    source = Source(ram.blocks, version=version, preempt=variant)
     plan = SourcePlan(postcopy_after=0, bandwidth=QUOTA / QUOTA_WINDOW, fast_answer=fast_answer)
-    runners: list[SourceRunner] = []
-    with listen("tcp:127.0.0.1:0") as listener:
-        assert listener.socket is not None
-        # A small receive buffer: the source blocks soon when the main channel is not read.
-        limit_buffers(listener.socket, receive=16 << 10)
-
-        def run_source() -> None:
-            channels = Channels(
-                connect(listener.uri),
-                openers={PREEMPT: lambda timeout: connect(listener.uri, timeout)},
-            )
-            runners.append(SourceRunner(channels, source, plan))
-            with contextlib.suppress(QmigError):  # the destination hangs up at the end
-                runners[0].run()
-            channels.close_all()
-
-        thread = threading.Thread(target=run_source, daemon=True)
-        thread.start()
-        main = listener.accept(timeout=10)
-        dest = Destination(version, preempt=variant)
-        preempt = listener.accept(timeout=10) if variant is PreemptVariant.PRE_7_2 else None
-        channel = dest.open_preempt_channel() if preempt is not None else None
-        buffer = bytearray(1 << 16)
-        main_bytes = preempt_bytes = 0
-        deadline = time.monotonic() + DEADLINE
-        try:
-            while dest.state is not DestinationState.RUNNING:  # up to RUN, PONGs answered
-                assert time.monotonic() < deadline, "no RUN"
-                if preempt is None and select.select([listener.socket], [], [], 0)[0]:
-                    preempt = listener.accept(timeout=10)
-                    channel = dest.open_preempt_channel()
-                count = main.recv_into(buffer)
-                assert count, "the source closed the stream before RUN"
+    # A small receive buffer: the source blocks soon when the main channel is not read.
+    with by_hand(ram, version, variant, plan, receive_buffer=16 << 10) as peer:
+        main_bytes = peer.up_to_run()
+        preempt_bytes = 0
+        wanted = {SIZE - (index + 1) * 4096 for index in range(ASKED)}
+        peer.ask(sorted(wanted))
+        assert peer.preempt is not None and peer.channel is not None
+        while wanted:
+            assert time.monotonic() < peer.deadline, f"{len(wanted)} pages never came"
+            count = peer.preempt.recv_into(peer.buffer)
+            assert count, "the source closed the preempt channel"
+            preempt_bytes += count
+            peer.channel.receive_data(memoryview(peer.buffer)[:count])
+            while isinstance(event := peer.channel.next_event(), ev.Event):
+                wanted -= pages_of(event)
+        # The first window's end: what the main channel brings until then is its.
+        window_end = peer.reports[0].started + QUOTA_WINDOW
+        while (left := window_end - time.monotonic()) > 0:
+            if select.select([peer.main], [], [], left)[0]:
+                count = peer.main.recv_into(peer.buffer)
+                assert count, "the source closed the stream in postcopy"
                 main_bytes += count
-                dest.receive_data(memoryview(buffer)[:count])
-                while isinstance(dest.next_event(), ev.Event):
-                    pass
-                main.sendall(dest.data_to_send())
-            if preempt is None:  # the 8.0 variant's channel opens after the PONG
-                preempt = listener.accept(timeout=10)
-                channel = dest.open_preempt_channel()
-            assert channel is not None
-            wanted = {SIZE - (index + 1) * 4096 for index in range(ASKED)}
-            for offset in wanted:
-                assert dest.page_fault("pc.ram", offset) is not None
-            main.sendall(dest.data_to_send())
-            while wanted:
-                assert time.monotonic() < deadline, f"{len(wanted)} pages never came"
-                count = preempt.recv_into(buffer)
-                assert count, "the source closed the preempt channel"
-                preempt_bytes += count
-                channel.receive_data(memoryview(buffer)[:count])
-                while isinstance(event := channel.next_event(), ev.Event):
-                    if isinstance(event, ev.PagesReceived):
-                        wanted -= {offset for offset, _zero, _data in event.run.pages()}
-            # The first window's end: what the main channel brings until then is its.
-            window_end = runners[0].report.started + QUOTA_WINDOW
-            while (left := window_end - time.monotonic()) > 0:
-                if select.select([main], [], [], left)[0]:
-                    count = main.recv_into(buffer)
-                    assert count, "the source closed the stream in postcopy"
-                    main_bytes += count
-        finally:
-            _hang_up(thread, main, preempt)
     return main_bytes, preempt_bytes
 
 
@@ -339,68 +241,26 @@ def _asked_behind_a_stalled_stream(*, fast_answer: bool) -> tuple[set[int], int]
     seconds. The pages asked for that came there, and the bytes the main channel's sockets
     hold (both buffers)."""
     ram = GuestRam.generate([("pc.ram", SIZE)], zero_fraction=0.0)
-    variant = PreemptVariant.V8_0
-    source = Source(ram.blocks, version="10.0", preempt=variant)
     plan = SourcePlan(postcopy_after=0, bandwidth=STALL_QUOTA / WINDOW, fast_answer=fast_answer)
-    runners: list[SourceRunner] = []
-    with listen("tcp:127.0.0.1:0") as listener:
-        assert listener.socket is not None
-        limit_buffers(listener.socket, receive=16 << 10)
-
-        def run_source() -> None:
-            channels = Channels(
-                connect(listener.uri),
-                openers={PREEMPT: lambda timeout: connect(listener.uri, timeout)},
-            )
-            runners.append(SourceRunner(channels, source, plan))
-            with contextlib.suppress(QmigError):  # the destination hangs up at the end
-                runners[0].run()
-            channels.close_all()
-
-        thread = threading.Thread(target=run_source, daemon=True)
-        thread.start()
-        main = listener.accept(timeout=10)
-        dest = Destination("10.0", preempt=variant)
-        preempt: Connection | None = None
-        channel: PreemptChannel | None = None
-        buffer = bytearray(1 << 16)
-        held: set[int] = set()
-        came: set[int] = set()
-        deadline = time.monotonic() + DEADLINE
-        try:
-            while dest.state is not DestinationState.RUNNING:  # up to RUN, PONGs answered
-                assert time.monotonic() < deadline, "no RUN"
-                if preempt is None and select.select([listener.socket], [], [], 0)[0]:
-                    preempt = listener.accept(timeout=10)
-                    channel = dest.open_preempt_channel()
-                count = main.recv_into(buffer)
-                assert count, "the source closed the stream before RUN"
-                dest.receive_data(memoryview(buffer)[:count])
-                while isinstance(event := dest.next_event(), ev.Event):
-                    held |= _pages_of(event)
-                main.sendall(dest.data_to_send())
-            if preempt is None:  # connected before RUN, maybe not accepted yet
-                preempt = listener.accept(timeout=10)
-                channel = dest.open_preempt_channel()
-            assert channel is not None
-            assert main.socket is not None
-            in_sockets = main.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            in_sockets += 2 * source_runner.SEND_BUFFER  # the kernel doubles what is set
-            time.sleep(QUIET)  # the burst fills the sockets and stalls
-            frontier = next(page for page in range(0, SIZE, 4096) if page not in held)
-            asked = {frontier + index * 4096 for index in range(ASKED_BEHIND)}
-            for offset in sorted(asked):
-                assert dest.page_fault("pc.ram", offset) is not None
-            main.sendall(dest.data_to_send())
-            while select.select([preempt], [], [], QUIET)[0]:
-                assert time.monotonic() < deadline, "the preempt channel never went quiet"
-                count = preempt.recv_into(buffer)
-                assert count, "the source closed the preempt channel"
-                channel.receive_data(memoryview(buffer)[:count])
-                while isinstance(event := channel.next_event(), ev.Event):
-                    came |= _pages_of(event) & asked
-        finally:
-            _hang_up(thread, main, preempt)
+    held: set[int] = set()
+    came: set[int] = set()
+    with by_hand(ram, "10.0", PreemptVariant.V8_0, plan, receive_buffer=16 << 10) as peer:
+        peer.up_to_run(lambda event: held.update(pages_of(event)))
+        assert peer.preempt is not None and peer.channel is not None
+        assert peer.main.socket is not None
+        in_sockets = peer.main.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        in_sockets += 2 * source_runner.SEND_BUFFER  # the kernel doubles what is set
+        time.sleep(QUIET)  # the burst fills the sockets and stalls
+        frontier = next(page for page in range(0, SIZE, 4096) if page not in held)
+        asked = {frontier + index * 4096 for index in range(ASKED_BEHIND)}
+        peer.ask(sorted(asked))
+        while select.select([peer.preempt], [], [], QUIET)[0]:
+            assert time.monotonic() < peer.deadline, "the preempt channel never went quiet"
+            count = peer.preempt.recv_into(peer.buffer)
+            assert count, "the source closed the preempt channel"
+            peer.channel.receive_data(memoryview(peer.buffer)[:count])
+            while isinstance(event := peer.channel.next_event(), ev.Event):
+                came |= pages_of(event) & asked
     return came, in_sockets
 
 

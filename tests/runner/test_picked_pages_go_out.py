@@ -12,38 +12,23 @@ cases differ by channel, not by time: a page not picked yet comes on the preempt
 
 from __future__ import annotations
 
-import contextlib
 import select
-import threading
 import time
 
 import pytest
+from preempt_by_hand import by_hand, pages_of
 
-from qmig.errors import QmigError
 from qmig.protocol import events as ev
-from qmig.protocol.destination import Destination
 from qmig.protocol.preempt import PreemptVariant
-from qmig.protocol.preempt_channel import PreemptChannel
-from qmig.protocol.source import Source
-from qmig.protocol.states import DestinationState
 from qmig.runner import source as source_runner
-from qmig.runner.channels import PREEMPT, Channels
-from qmig.runner.source import SourcePlan, SourceRunner
+from qmig.runner.source import SourcePlan
 from qmig.runner.source_ram import GuestRam
-from qmig.transport import Connection, connect, limit_buffers, listen
 
 SIZE = 8 << 20
 QUOTA = 512 << 10  # per window; the sweep's burst covers pc.ram's first QUOTA bytes
 WINDOW = 4.0  # seconds: longer than the run up to RUN and the answers on a loaded host
 ASKED = 64  # pages at the end of RAM asked for at once: half the quota, counted in it
 LATE = QUOTA * 3 // 4  # a page in the second half of the sweep's first burst
-DEADLINE = 60.0
-
-
-def _pages(event: object) -> set[int]:
-    if not isinstance(event, ev.PagesReceived) or event.run.block != "pc.ram":
-        return set()
-    return {offset for offset, _zero, _data in event.run.pages()}
 
 
 def _where_the_late_page_comes(fast_answer: bool) -> str:
@@ -51,78 +36,34 @@ def _where_the_late_page_comes(fast_answer: bool) -> str:
     channel without reading the main one; then it asks for the page at LATE and reads both
     channels until it comes: the channel it came on."""
     ram = GuestRam.generate([("pc.ram", SIZE)], zero_fraction=0.0)
-    variant = PreemptVariant.V8_0
-    source = Source(ram.blocks, version="10.0", preempt=variant)
     plan = SourcePlan(postcopy_after=0, bandwidth=QUOTA / WINDOW, fast_answer=fast_answer)
-    with listen("tcp:127.0.0.1:0") as listener:
-        assert listener.socket is not None
-        # A small receive buffer: unread, the main channel holds the source back at once.
-        limit_buffers(listener.socket, receive=16 << 10)
-
-        def run_source() -> None:
-            channels = Channels(
-                connect(listener.uri),
-                openers={PREEMPT: lambda timeout: connect(listener.uri, timeout)},
-            )
-            with contextlib.suppress(QmigError):  # the destination hangs up at the end
-                SourceRunner(channels, source, plan).run()
-            channels.close_all()
-
-        thread = threading.Thread(target=run_source, daemon=True)
-        thread.start()
-        main = listener.accept(timeout=10)
-        dest = Destination("10.0", preempt=variant)
-        preempt: Connection | None = None
-        channel: PreemptChannel | None = None
-        buffer = bytearray(1 << 16)
-        deadline = time.monotonic() + DEADLINE
-        try:
-            while dest.state is not DestinationState.RUNNING:  # up to RUN, PONGs answered
-                assert time.monotonic() < deadline, "no RUN"
-                if preempt is None and select.select([listener.socket], [], [], 0)[0]:
-                    preempt = listener.accept(timeout=10)
-                    channel = dest.open_preempt_channel()
-                count = main.recv_into(buffer)
-                assert count, "the source closed the stream before RUN"
-                dest.receive_data(memoryview(buffer)[:count])
-                while isinstance(dest.next_event(), ev.Event):
-                    pass
-                main.sendall(dest.data_to_send())
-            if preempt is None:  # the 8.0 variant's channel opens after the PONG
-                preempt = listener.accept(timeout=10)
-                channel = dest.open_preempt_channel()
-            assert channel is not None
-            wanted = {SIZE - (index + 1) * 4096 for index in range(ASKED)}
-            for offset in wanted:
-                assert dest.page_fault("pc.ram", offset) is not None
-            main.sendall(dest.data_to_send())
-            while wanted:
-                assert time.monotonic() < deadline, f"{len(wanted)} pages never came"
-                count = preempt.recv_into(buffer)
-                assert count, "the source closed the preempt channel"
-                channel.receive_data(memoryview(buffer)[:count])
-                while isinstance(event := channel.next_event(), ev.Event):
-                    wanted -= _pages(event)
-            assert dest.page_fault("pc.ram", LATE) is not None
-            main.sendall(dest.data_to_send())
-            while True:
-                assert time.monotonic() < deadline, "the late page never came"
-                for ready in select.select([main, preempt], [], [], 1.0)[0]:
-                    count = ready.recv_into(buffer)
-                    assert count, "the source closed a channel"
-                    machine = dest if ready is main else channel
-                    machine.receive_data(memoryview(buffer)[:count])
-                    while isinstance(event := machine.next_event(), ev.Event):
-                        if LATE in _pages(event):
-                            return "main" if ready is main else "preempt"
-                    if ready is main:
-                        main.sendall(dest.data_to_send())
-        finally:
-            for connection in (main, preempt):
-                if connection is not None:
-                    connection.close()
-            thread.join(timeout=30)
-            assert not thread.is_alive()
+    # A small receive buffer: unread, the main channel holds the source back at once.
+    with by_hand(ram, "10.0", PreemptVariant.V8_0, plan, receive_buffer=16 << 10) as peer:
+        peer.up_to_run()
+        main, preempt, channel = peer.main, peer.preempt, peer.channel
+        assert preempt is not None and channel is not None
+        wanted = {SIZE - (index + 1) * 4096 for index in range(ASKED)}
+        peer.ask(sorted(wanted))
+        while wanted:
+            assert time.monotonic() < peer.deadline, f"{len(wanted)} pages never came"
+            count = preempt.recv_into(peer.buffer)
+            assert count, "the source closed the preempt channel"
+            channel.receive_data(memoryview(peer.buffer)[:count])
+            while isinstance(event := channel.next_event(), ev.Event):
+                wanted -= pages_of(event)
+        peer.ask([LATE])
+        while True:
+            assert time.monotonic() < peer.deadline, "the late page never came"
+            for ready in select.select([main, preempt], [], [], 1.0)[0]:
+                count = ready.recv_into(peer.buffer)
+                assert count, "the source closed a channel"
+                machine = peer.dest if ready is main else channel
+                machine.receive_data(memoryview(peer.buffer)[:count])
+                while isinstance(event := machine.next_event(), ev.Event):
+                    if LATE in pages_of(event):
+                        return "main" if ready is main else "preempt"
+                if ready is main:
+                    main.sendall(peer.dest.data_to_send())
 
 
 @pytest.mark.parametrize("fast_answer", [True, False], ids=["c-answer", "python-answer"])
