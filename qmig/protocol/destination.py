@@ -18,6 +18,7 @@ and queues SHUT(1); calls after that raise :class:`~qmig.errors.LocalProtocolErr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,6 +210,15 @@ class Destination:
                 tracker.state[first : first + count] = bytes(count)
                 self._pending.append(ev.PartialHostPageDropped(idstr, host))
         self._host_page_fill.clear()
+
+    def requests_placed_elsewhere(self, placed: Callable[[str, int], bool]) -> None:
+        """Host pages asked for that are in place already (``placed(block, host_offset)``),
+        put there by a placement outside this machine (the runner's C threads) that the
+        machine has not read the records of: no longer awaited, so not asked for again after
+        a resume (QEMU drops a request as it places its page)."""
+        self._check_usable()
+        for idstr, tracker in self.blocks.items():
+            tracker.requested = {at for at in tracker.requested if not placed(idstr, at)}
 
     def pending_requests(self) -> list[tuple[str, int]]:
         """Host pages asked for and not here yet, (block, offset), in block and offset order."""

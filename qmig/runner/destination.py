@@ -203,6 +203,8 @@ class DestinationRunner:
         count = self._receive(buffer)
         if count == 0 and self.channels.can_reopen and self.dest.can_pause:
             raise TransportError(self.connection.name, "the source closed the channel")
+        if self.dest.state is DestinationState.RECOVER:
+            self._forget_placed_requests()  # before a POSTCOPY_RESUME asks for the rest
         with self._machine_lock:
             if count:
                 self.dest.receive_data(memoryview(buffer)[:count])
@@ -243,6 +245,7 @@ class DestinationRunner:
                 return False
             self.dest.channel_broken()
         self._preempt.stop()  # the source's pause ends its preempt channel as well
+        self._forget_placed_requests()
         if self._broke_at is None:
             self._broke_at = time.monotonic()
             self.report.pauses.append(
@@ -495,6 +498,21 @@ class DestinationRunner:
         if not self.fast_path or self.report.running_at is None or self.session is None:
             return None
         return self.session.blocks
+
+    def _forget_placed_requests(self) -> None:
+        """Paused: requests whose pages a C thread placed, though the machine has not read
+        their records, are answered (the RAM's received map says so); the resume does not
+        ask for them again."""
+        session = self.session
+        if session is None:
+            return
+
+        def placed(block: str, host_offset: int) -> bool:
+            ram = session.block(block)
+            return bool(ram.host_page_received(host_offset // ram.page_size))
+
+        with self._machine_lock:
+            self.dest.requests_placed_elsewhere(placed)
 
     def _stop_fast(self) -> None:
         """Stop the C receive thread before its channel closes; the runner reads on."""

@@ -189,6 +189,23 @@ def test_faults_while_paused_are_requested_after_the_resume_ack() -> None:
     assert pair.dest.pending_requests() == [("pc.ram", missing * PAGE)]
 
 
+def test_a_request_whose_page_was_placed_elsewhere_is_not_asked_again() -> None:
+    pair = started_pair()
+    pair.pump()
+    cut(pair)
+    tracker = pair.dest.blocks["pc.ram"]
+    placed, waiting = [p * PAGE for p in range(PAGES) if not tracker.host_page_present(p * PAGE)][
+        :2
+    ]
+    pair.dest.page_fault("pc.ram", placed)
+    pair.dest.page_fault("pc.ram", waiting)
+    # Placed by the runner's C thread, its records not read by the machine.
+    pair.dest.requests_placed_elsewhere(lambda block, at: at == placed)
+    names = resume(pair)
+    assert names[-2:] == ["RESUME_ACK", "REQ_PAGES_ID"]  # one request, not two
+    assert pair.dest.pending_requests() == [("pc.ram", waiting)]
+
+
 def test_a_cut_before_run_fails_the_destination_and_the_source() -> None:
     pair = Pair()
     pair.source.start()
