@@ -59,9 +59,9 @@ source's answer thread; the default) and with all of them in Python (``--no-fast
 then each qmig's ratio to QEMU.
 
 ``--autotuned-buffers`` adds a qmig run with both sockets' buffers left to the kernel, as
-QEMU leaves its own: simulate keeps them small by default (``--send-buffer``,
-``--receive-buffer``), so that a page asked for on the main channel waits behind less, which
-also slows the stream that brings the pages not yet asked for.
+``qmig receive`` and ``replay`` leave them: simulate keeps them small by default
+(``--send-buffer``, ``--receive-buffer``), so that a page asked for on the main channel waits
+behind less, which also slows the stream that brings the pages not yet asked for.
 
 Nothing is asserted: the figures are printed. On a shared host they are noisy; run twice.
 """
@@ -439,7 +439,7 @@ PATHS = {"c": ("qmig", True), "python": ("qmig_python", False)}
 # Runs asked for on top, each printed in a column of its own after the table.
 EXTRA_RUNS = {
     "qmig_preempt": "qmig with postcopy-preempt (--preempt, C paths)",
-    "qmig_autotuned": "qmig with autotuned socket buffers, as QEMU's (C paths)",
+    "qmig_autotuned": "qmig with autotuned socket buffers (C paths)",
 }
 
 
@@ -560,7 +560,7 @@ def main() -> int:
         "--autotuned-buffers",
         action="store_true",
         help="also run qmig with both sockets' buffers left to the kernel's autotuning, as "
-        "QEMU leaves them (simulate --send-buffer auto --receive-buffer auto)",
+        "receive and replay leave them (simulate --send-buffer auto --receive-buffer auto)",
     )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")

@@ -46,8 +46,7 @@ that opens a window its buffer had closed; a lone segment whose window stays ope
 autotuned or large receive buffer) waits for the delayed-ACK timer, 40 ms. The main channel
 then moved 64 KiB per tick, about 1.5 MiB/s whatever the cap, whenever no return-path
 message came along to carry the acknowledgement back: with preempt, as soon as the vCPUs
-were blocked on pages already sent there, which then waited up to half a second. (QEMU's
-source sets no SO_SNDBUF: its kernel keeps many segments in flight.)
+were blocked on pages already sent there, which then waited up to half a second.
 
 The runner follows the machine by its events, not by looking at it: PhaseChanged says where
 it is, PassCompleted when to decide what follows a precopy pass. A pass completion is acted
