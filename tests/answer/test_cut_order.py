@@ -9,13 +9,11 @@ classes that start and stop them."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 import simulating
+from in_child import run_script
 
 pytestmark = pytest.mark.uffd
 PAUSES = 2
@@ -59,15 +57,7 @@ print(json.dumps({"summary": summary, "alive_at_cuts": at_cuts}))
 
 def cut_in_process(*, preempt: bool) -> dict[str, Any]:
     script = IN_PROCESS % {"pauses": PAUSES, "preempt": preempt}
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=simulating.TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return found
+    return run_script(script, timeout=simulating.TIMEOUT)
 
 
 @pytest.mark.parametrize("preempt", [False, True], ids=["main-channel", "preempt-8.0"])

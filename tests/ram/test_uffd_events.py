@@ -12,12 +12,10 @@ a loop that never reads the event leaves madvise blocked.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
+from in_child import run_script
 
 pytestmark = pytest.mark.uffd
 PAGE = 4096
@@ -79,11 +77,7 @@ uffd.close()
 
 
 def run_loop(loop: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, loop], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    found = run_script(SCRIPT, loop, timeout=60)
     if "skip" in found:
         pytest.skip(found["skip"])
     return found

@@ -4,7 +4,6 @@ found on the source, beside the whole run's."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 import simulating
+from in_child import run_script
 
 pytestmark = pytest.mark.uffd
 LEGS = ("request_sent_us", "request_read_us", "request_served_us", "page_delivered_us")
@@ -45,15 +45,7 @@ print(json.dumps({
 
 
 def in_process() -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-c", IN_PROCESS],
-        capture_output=True,
-        text=True,
-        timeout=simulating.TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return found
+    return run_script(IN_PROCESS, timeout=simulating.TIMEOUT)
 
 
 def test_the_split_after_the_last_recovery_counts_the_requests_made_after_it() -> None:

@@ -13,14 +13,12 @@ loop that never reads the event leaves madvise blocked.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from in_child import run_script
 
 pytestmark = pytest.mark.uffd
 PAGE = 4096
@@ -111,14 +109,7 @@ print(json.dumps({
 
 def run_destination(path: str, *, event: bool, blocked: bool) -> dict[str, Any]:
     scene = ["event" if event else "none", "blocked" if blocked else "complete"]
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, path, str(HARNESS), *scene],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    found = run_script(SCRIPT, path, str(HARNESS), *scene, timeout=120)
     if "skip" in found:
         if os.environ.get("CI"):
             pytest.fail(found["skip"])
