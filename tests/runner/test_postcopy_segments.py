@@ -17,13 +17,13 @@ from __future__ import annotations
 import threading
 import time
 
-from qmig.protocol.destination import Destination
+from sans_io_destination import answer_to_the_end
+
 from qmig.protocol.source import Source
 from qmig.protocol.states import DestinationState
 from qmig.runner.source import SourcePlan, SourceRunner
 from qmig.runner.source_ram import GuestRam
 from qmig.transport import Connection, connect, listen
-from qmig.wire.reader import END, NEED_DATA
 
 STREAM = 16 << 20  # non-zero guest RAM, all of it sent in postcopy
 CAP = 200 << 20  # bytes/s: each 100 ms window's quota (20 MiB) goes as one burst
@@ -33,22 +33,9 @@ BOUND_S = 5.0
 
 
 def _destination(connection: Connection, done: list[DestinationState]) -> None:
-    """The destination machine alone, reading as fast as the bytes come; it sends only what
-    the machine says (nothing between the switchover and its SHUT: no request, no fault)."""
-    dest = Destination("10.0")
-    buffer = bytearray(1 << 20)
-    while dest.state is not DestinationState.END:
-        count = connection.recv_into(buffer)
-        if count:
-            dest.receive_data(memoryview(buffer)[:count])
-        else:
-            dest.receive_eof()
-        while (event := dest.next_event()) is not NEED_DATA and event is not END:
-            pass
-        connection.sendall(dest.data_to_send())
-        if not count:
-            break
-    done.append(dest.state)
+    """Reading as fast as the bytes come, it sends only what the machine says (nothing
+    between the switchover and its SHUT: no request, no fault)."""
+    done.append(answer_to_the_end(connection, "10.0", read_size=1 << 20))
 
 
 def test_a_capped_postcopy_stream_is_not_held_to_the_receiver_s_delayed_acks() -> None:

@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
+from sans_io_destination import answer_to_the_end
 
 from qmig.errors import QmigError, RemoteProtocolError
-from qmig.protocol.destination import Destination
 from qmig.protocol.source import Source
-from qmig.protocol.states import DestinationState, SourceState
+from qmig.protocol.states import SourceState
 from qmig.runner.source import SourcePlan, SourceRunner
 from qmig.runner.source_ram import Dirtier, GuestRam
 from qmig.transport import Connection, connect, limit_buffers, listen
@@ -55,23 +55,6 @@ def test_a_destination_that_stops_reading_still_gets_its_shut_read() -> None:
             held[0].close()
 
 
-def _sans_io_destination(connection: Connection) -> None:
-    """A destination without RAM: the machine alone, answering PINGs and sending SHUT."""
-    dest = Destination("7.2")
-    buffer = bytearray(1 << 16)
-    while dest.state is not DestinationState.END:
-        count = connection.recv_into(buffer)
-        if count:
-            dest.receive_data(memoryview(buffer)[:count])
-        else:
-            dest.receive_eof()
-        while (event := dest.next_event()) is not NEED_DATA and event is not END:
-            pass
-        connection.sendall(dest.data_to_send())
-        if not count:
-            return
-
-
 def test_the_send_buffer_is_limited_only_from_the_switch_to_postcopy() -> None:
     """Precopy streams through the kernel's autotuned buffer; from the switchover on, a
     requested page must not wait behind megabytes, so SO_SNDBUF is set then, and only then,
@@ -81,7 +64,7 @@ def test_the_send_buffer_is_limited_only_from_the_switch_to_postcopy() -> None:
     calls: list[tuple[SourceState, bool, int | None]] = []
     with listen("tcp:127.0.0.1:0") as listener, connect(listener.uri) as connection:
         peer = listener.accept(timeout=5)
-        thread = threading.Thread(target=_sans_io_destination, args=(peer,))
+        thread = threading.Thread(target=answer_to_the_end, args=(peer, "7.2"))
         thread.start()
         limit = connection.limit_buffers
 
