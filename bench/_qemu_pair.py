@@ -55,12 +55,15 @@ def qemu_destination(
     parameters: Mapping[str, Any] | None = None,
     capture: Path | None = None,
     relay: Mapping[str, Any] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Incoming]:
     """A QEMU 10.0 destination (``incoming=defer``; with ``spec``, the test guest's disk as
     the source has it), its migration ``capabilities`` and ``parameters`` set, listening on a
     free local port; with ``capture``, a ``Relay(**relay)`` in front of it recording into
-    that folder, joined once the block is done."""
-    with machine(name, ram_mib, spec, workdir, incoming="defer") as destination:
+    that folder, joined once the block is done; ``extra_args`` go on QEMU's command line."""
+    with machine(
+        name, ram_mib, spec, workdir, incoming="defer", extra_args=tuple(extra_args)
+    ) as destination:
         if capabilities:
             destination.set_capabilities(**capabilities)
         if parameters:

@@ -23,16 +23,20 @@ Figures:
 
 * qmig → qmig: ``qmig simulate``'s fault latency (fault → page placed) p50/p99, from the
   destination's userfaultfd thread; pages on each channel.
-* QEMU → QEMU: QEMU 10.0 reports no per-fault latency (10.1 adds it), so the pair is relayed
-  through ``qmig capture`` and the latency is the relay's: REQ_PAGES seen → the page that
-  answered it seen (on either channel), p50/p99/max, from ``qmig inspect``; the requests
-  answered on the preempt channel, on the main one after they were made, and in flight (the
-  page had reached the relay before the request: sent before the source could know); plus
-  the destination's ``postcopy-blocktime``.
+* QEMU → QEMU: QEMU 10.0 reports no per-fault latency (10.1 adds it), so the destination
+  logs its faults and placements through QEMU's trace events (:mod:`qmig.qemu.trace`), and
+  ``fault_latency_us`` is QEMU's own fault → placed, the span qmig's figure measures. The
+  pair is relayed through ``qmig capture`` as well, for the relay's request → answer:
+  REQ_PAGES seen → the page that answered it seen (on either channel), p50/p99/max, from
+  ``qmig inspect``; the requests answered on the preempt channel, on the main one after they
+  were made, and in flight (the page had reached the relay before the request: sent before
+  the source could know); plus the destination's ``postcopy-blocktime``. ``--no-qemu-trace``
+  leaves the trace out (it costs QEMU a log line per page placed: within noise, measured).
 * QEMU → qmig: ``qmig receive``'s fault → placed p50/p99.
 * qmig → QEMU: the QEMU pair's capture replayed by ``qmig replay`` (same cap, same
   preempt setting) into a fresh QEMU 10.0 destination, through the same relay: the relay's
-  request → answer, the measure of the QEMU → QEMU row with qmig's source in QEMU's place.
+  request → answer and the destination's traced fault → placed, the measures of the
+  QEMU → QEMU row with qmig's source in QEMU's place.
 
 Nothing is asserted: the figures are printed. On a shared host they are noisy; run twice.
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import subprocess
 import sys
 import tempfile
@@ -50,8 +55,10 @@ from typing import Any
 
 from _qemu_pair import QEMU, inspect_json, machine, qemu_destination, qmig_receive
 
+from qmig.latency import percentiles_us
 from qmig.qemu.guest import MIB, GuestSpec
 from qmig.qemu.machine import Machine
+from qmig.qemu.trace import fault_trace_args, traced_fault_file
 from qmig.simulate import SimulationConfig, run_simulation
 
 TIMEOUT = 180.0
@@ -90,6 +97,12 @@ def _postcopy(source: Machine, uri: str, bandwidth: int, preempt: bool) -> dict[
     return source.wait_migration(timeout=TIMEOUT)
 
 
+def _traced(log: Path) -> dict[str, Any]:
+    """The destination QEMU's own fault → placed, from its trace events (see
+    :mod:`qmig.qemu.trace`): the span qmig's ``fault_latency_us`` measures."""
+    return {"fault_latency_us": percentiles_us(traced_fault_file(log, mmap.PAGESIZE).latencies_ns)}
+
+
 def _spec(ram_mib: int) -> GuestSpec:
     return GuestSpec(end=min(ram_mib // 2, 64) * MIB)
 
@@ -116,14 +129,24 @@ def _relayed(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def qemu_pair(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dict[str, Any]:
+def _trace_args(log: Path, trace: bool) -> list[str]:
+    return fault_trace_args(log) if trace else []
+
+
+def _traced_if(log: Path, trace: bool) -> dict[str, Any]:
+    return _traced(log) if trace else {}
+
+
+def qemu_pair(
+    ram_mib: int, bandwidth: int, preempt: bool, workdir: Path, trace: bool = True
+) -> dict[str, Any]:
     spec = _spec(ram_mib)
     out = workdir / "capture"
     capabilities = {"postcopy_ram": True, "postcopy_preempt": preempt, "postcopy_blocktime": True}
     with (
         qemu_destination(
             ram_mib, workdir, TIMEOUT, spec=spec, capabilities=capabilities, capture=out,
-            relay={"preempt": preempt},
+            relay={"preempt": preempt}, extra_args=_trace_args(workdir / "faults.log", trace),
         ) as incoming,
         machine("source", ram_mib, spec, workdir) as source,
     ):  # fmt: skip
@@ -131,12 +154,13 @@ def qemu_pair(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dic
         info = incoming.destination.wait_migration(timeout=TIMEOUT)
     return {
         **_relayed(inspect_json(out, TIMEOUT)),
+        **_traced_if(workdir / "faults.log", trace),
         "postcopy_blocktime_ms": info.get("postcopy-blocktime"),
     }
 
 
 def qmig_replay_into_qemu(
-    ram_mib: int, bandwidth: int, preempt: bool, workdir: Path
+    ram_mib: int, bandwidth: int, preempt: bool, workdir: Path, trace: bool = True
 ) -> dict[str, Any]:
     """The QEMU pair's capture (``workdir/capture``) replayed into a fresh QEMU 10.0."""
     out = workdir / "replayed"
@@ -144,6 +168,7 @@ def qmig_replay_into_qemu(
     with qemu_destination(
         ram_mib, workdir, TIMEOUT, name="replayed", spec=_spec(ram_mib),
         capabilities=capabilities, capture=out, relay={"preempt": preempt},
+        extra_args=_trace_args(workdir / "replayed-faults.log", trace),
     ) as incoming:  # fmt: skip
         replay = subprocess.run(
             [
@@ -156,7 +181,8 @@ def qmig_replay_into_qemu(
         if replay.returncode:
             raise SystemExit(f"qmig replay failed: {replay.stderr.strip()}")
         incoming.destination.wait_migration(timeout=TIMEOUT)
-    return _relayed(inspect_json(out, TIMEOUT))
+    traced = _traced_if(workdir / "replayed-faults.log", trace)
+    return {**_relayed(inspect_json(out, TIMEOUT)), **traced}
 
 
 def qemu_into_qmig(ram_mib: int, bandwidth: int, preempt: bool, workdir: Path) -> dict[str, Any]:
@@ -181,6 +207,11 @@ def main() -> int:
     parser.add_argument("--bandwidth", type=int, default=16, metavar="MIB_S")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-qemu", action="store_true")
+    parser.add_argument(
+        "--no-qemu-trace",
+        action="store_true",
+        help="no trace events on the QEMU destinations (no QEMU fault → placed figures)",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {"ram_mib": args.ram, "bandwidth_mib_s": args.bandwidth}
     for preempt in (False, True):
@@ -188,11 +219,12 @@ def main() -> int:
         results.setdefault("qmig_to_qmig", {})[key] = qmig_pair(args.ram, args.bandwidth, preempt)
         if not args.skip_qemu:
             with tempfile.TemporaryDirectory() as work:
+                trace = not args.no_qemu_trace
                 results.setdefault("qemu_to_qemu", {})[key] = qemu_pair(
-                    args.ram, args.bandwidth, preempt, Path(work)
+                    args.ram, args.bandwidth, preempt, Path(work), trace
                 )
                 results.setdefault("qmig_replay_to_qemu", {})[key] = qmig_replay_into_qemu(
-                    args.ram, args.bandwidth, preempt, Path(work)
+                    args.ram, args.bandwidth, preempt, Path(work), trace
                 )
             with tempfile.TemporaryDirectory() as work:
                 results.setdefault("qemu_to_qmig_receive", {})[key] = qemu_into_qmig(

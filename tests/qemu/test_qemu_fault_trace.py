@@ -1,0 +1,84 @@
+"""QEMU's own fault latency from its trace events (qmig.qemu.trace): a real postcopy
+migration between two QEMUs, the destination's trace read back and held to the blocktime
+QEMU itself reports."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import pytest
+from qemu_helpers import PREEMPT_MEMORY_MIB, PREEMPT_SPEC, MachineFactory, need, postcopy_migration
+
+from qmig.qemu.trace import FAULT_EVENT, fault_trace_args, traced_fault_file, traced_faults
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("version", [None, "10.0"], ids=["qemu-7.2", "qemu-10.0"])
+def test_every_fault_the_destination_logged_is_timed_to_its_placement(
+    machines: MachineFactory, tmp_path: Path, version: str | None
+) -> None:
+    config = {
+        "memory_mib": PREEMPT_MEMORY_MIB,
+        "guest": PREEMPT_SPEC,
+        "qemu_version": need(version),
+    }
+    log = tmp_path / "faults.log"
+    destination = machines(
+        "destination", incoming="defer", extra_args=fault_trace_args(log), **config
+    )
+    destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True, postcopy_blocktime=True)
+    destination.migrate_incoming("tcp:127.0.0.1:0")
+    source = machines("source", **config)
+    postcopy_migration(
+        source,
+        f"tcp:127.0.0.1:{destination.incoming_port()}",
+        postcopy_mib=8,
+        postcopy_preempt=True,
+    )
+    info = destination.wait_migration(timeout=120)
+    destination.stop()  # the log is complete: no vCPU faults or page arrives any more
+    faults = traced_fault_file(log, mmap.PAGESIZE)
+    logged = sum(FAULT_EVENT in line for line in log.read_text(errors="replace").splitlines())
+    assert faults.latencies_ns and all(latency >= 0 for latency in faults.latencies_ns)
+    assert len(faults.latencies_ns) + faults.late + faults.unplaced == logged
+    assert faults.unplaced == 0  # a completed migration placed every page a fault waited on
+    if version is None:
+        # QEMU 7.2's own blocktime came out at 0.58-0.66 of these sums in every run (its
+        # pre-7.2 variant holds urgent pages to the cap's next window: about 35 faults of
+        # ~98 ms each per run, which the trace shows); not the cross-check below.
+        return
+    # One vCPU: QEMU's own blocktime (ms, all vCPUs blocked) is about the sum of its waits.
+    total_ms = sum(faults.latencies_ns) / 1e6
+    blocktime_ms = info["postcopy-blocktime"]
+    assert 0.5 * blocktime_ms - 20 <= total_ms <= 1.5 * blocktime_ms + 20, (total_ms, info)
+
+
+def test_a_fault_is_matched_with_the_first_placement_of_its_host_page_after_it() -> None:
+    lines = [
+        "7@100.000010:postcopy_place_page host=0x2000",  # before any fault on it
+        "9@100.000020:postcopy_ram_fault_thread_request Request for HVA=0x2010 rb=pc.ram "
+        "offset=0x2000 pid=5",  # its page is there already: late
+        "9@100.000030:postcopy_ram_fault_thread_request Request for HVA=0x1008 rb=pc.ram "
+        "offset=0x1000 pid=5",
+        "9@100.000045:postcopy_ram_fault_thread_request Request for HVA=0x1ff0 rb=pc.ram "
+        "offset=0x1000 pid=6",  # a second vCPU on the same page
+        "7@100.000090:postcopy_place_page_zero host=0x1000",
+        "7@100.000095:postcopy_place_page host=0x1000",  # a second copy: placed once
+        "7@100.000060:qemu_other_event x=1",
+        "9@100.000099:postcopy_ram_fault_thread_request Request for HVA=0x3000 rb=pc.ram "
+        "offset=0x3000 pid=5",  # never placed
+        "not a trace line",
+    ]
+    faults = traced_faults(lines, 0x1000)
+    assert faults.latencies_ns == [60_000, 45_000]
+    assert (faults.late, faults.unplaced) == (1, 1)
+
+
+def test_lines_are_taken_in_time_order_whatever_thread_wrote_them_first() -> None:
+    lines = [
+        "7@100.000090:postcopy_place_page host=0x1000",
+        "9@100.000030:postcopy_ram_fault_thread_request Request for HVA=0x1000 rb=pc.ram "
+        "offset=0x0 pid=5",
+    ]
+    assert traced_faults(lines, 0x1000).latencies_ns == [60_000]
