@@ -34,9 +34,12 @@ TCG runs it, qmig's dirtier at a set rate. Figures per side:
   QEMU's own ``downtime`` (stop → switchover sent, on the source) is in the JSON too;
 * pages/s: pages sent (zero pages included) over total time;
 * postcopy requests, and fault latency (fault → page placed) p50/p99/max. For QEMU these come
-  from the destination's trace events ``postcopy_ram_fault_thread_request`` and
-  ``postcopy_place_page`` (``-msg timestamp=on``, microsecond wall clock), matched by host
-  address; tracing costs QEMU a little. QEMU 7.2's ``postcopy-blocktime`` is shown too.
+  from the destination's trace events ``postcopy_ram_fault_thread_request``,
+  ``postcopy_place_page`` and ``postcopy_place_page_zero`` (``-msg timestamp=on``,
+  microsecond wall clock), matched by host address (:mod:`qmig.qemu.trace`); tracing costs
+  QEMU a little. On both sides a fault read after its page was placed (the placement woke
+  the vCPU; "late") is left out of the latency and counted on its own row. QEMU 7.2's
+  ``postcopy-blocktime`` is shown too.
 * requests by what they found on the source: the page sent already (on the stream or
   queued, so its fault waits for less than a round trip), or sent for the request. For QEMU
   from the source's trace events ``get_queued_page_not_dirty`` and ``get_queued_page`` (block
@@ -84,6 +87,7 @@ from qmig.qemu.guest import GuestSpec, highest_safe_end
 from qmig.qemu.machine import Machine, MachineConfig
 from qmig.qemu.oracle import verify_counters
 from qmig.qemu.qmp import QemuError
+from qmig.qemu.trace import FAULT_EVENT, PLACE_EVENTS, TracedFaults, traced_faults
 from qmig.simulate import SimulationConfig, environment_check, run_simulation
 from qmig.sizes import parse_size
 
@@ -92,21 +96,13 @@ PAGE = 4096
 LOOPBACK = "127.0.0.1"
 QEMU_DEFAULT_BANDWIDTH_MIB = 128  # QEMU 7.2's max-bandwidth default
 # On the destination: faults and placements (latency), and the end of the RUN handler.
-TRACE_EVENTS = (
-    "postcopy_ram_fault_thread_request",
-    "postcopy_place_page",
-    "loadvm_postcopy_handle_run_bh",
-)
+TRACE_EVENTS = (FAULT_EVENT, *PLACE_EVENTS, "loadvm_postcopy_handle_run_bh")
 # On the source: postcopy_start, right before it stops the guest; and what the migration
 # thread found when it took each queued page request off the queue: the page still dirty
 # (get_queued_page, sent for the request) or not (get_queued_page_not_dirty, sent already).
 SOURCE_TRACE_EVENTS = ("postcopy_start_set_run", "get_queued_page", "get_queued_page_not_dirty")
 # "1234@1700000000.123456:postcopy_place_page host=0x7f..." (log backend, -msg timestamp=on)
 TRACE_LINE = re.compile(rb"^\d+@(\d+)\.(\d{6}):(\w+) (.*)$", re.MULTILINE)
-REQUEST_HVA = re.compile(rb"HVA=0x([0-9a-f]+)")
-PLACE_HOST = re.compile(rb"host=0x([0-9a-f]+)")
-# "Request for HVA=0x... rb=pc.ram offset=0x... pid=..." (the block's host page, in bytes)
-REQUEST_BLOCK = re.compile(rb"rb=(\S+) offset=0x([0-9a-f]+)")
 # "pc.ram/0x1000 page_abs=0x..." (the block, the byte offset in it)
 QUEUED_PAGE = re.compile(rb"^(\S+)/0x([0-9a-f]+) ")
 QUEUED_VERDICTS = {b"get_queued_page": False, b"get_queued_page_not_dirty": True}
@@ -177,7 +173,8 @@ def run_qmig(
         "precopy_pages": s["precopy"]["pages"],
         "postcopy_pages": s["postcopy"]["pages"],
         "postcopy_requests": s["postcopy_requests"],
-        "faults": s["faults"],
+        "faults": s["faults"] - s["late_faults"],
+        "late_faults": s["late_faults"],
         "fault_latency_us": s["fault_latency_us"],
         "source_requests": s["source_requests"],
         "requested_pages": requested_pages,
@@ -259,8 +256,9 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
     sent = ram.get("normal", 0) + ram.get("duplicate", 0)
     trace = trace_path.read_bytes() if trace_path.exists() else b""
     source_trace = source_trace_path.read_bytes() if source_trace_path.exists() else b""
-    latencies = fault_latencies_us(trace)
-    groups = fault_groups_us(source_trace, trace)
+    faults = traced(trace)
+    latencies = [latency / 1000 for latency in faults.latencies_ns]
+    groups = fault_groups_us(source_trace, faults)
     return {
         "verified": True,
         "total_s": round(total_s, 3),
@@ -272,6 +270,7 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
         "postcopy_bytes": ram.get("postcopy-bytes"),
         "postcopy_requests": ram.get("postcopy-requests"),
         "faults": len(latencies),
+        "late_faults": faults.late,
         "fault_latency_us": summary_us(latencies),
         **{name: _group_figures(samples) for name, samples in zip(GROUPS, groups, strict=True)},
         "blocktime_ms": destination_info.get("postcopy-blocktime"),
@@ -327,52 +326,30 @@ def stop_to_run_ms(source_trace: bytes, destination_trace: bytes) -> float | Non
     return round((runs[0] - stops[0]) * 1000, 2)
 
 
-def fault_latencies_us(trace: bytes) -> list[float]:
-    """Fault → placed, per requested page, from the destination's trace log."""
-    return [latency for latency, _ in _requested_latencies_us(trace)]
+def traced(trace: bytes) -> TracedFaults:
+    """The destination's faults, each timed fault → placed (qmig.qemu.trace: a fault on a
+    page placed before the fault thread read it is left out, as qmig leaves it out)."""
+    return traced_faults(trace.decode("utf-8", "replace").splitlines(), PAGE)
 
 
-def _requested_latencies_us(trace: bytes) -> list[tuple[float, tuple[bytes, int] | None]]:
-    """Fault → placed per requested page, with its (block, byte offset) as the request named
-    it (None: the trace line did not say)."""
-    requested: dict[int, tuple[float, tuple[bytes, int] | None]] = {}
-    placed: dict[int, float] = {}
-    for at, event, rest in _events(trace):
-        if event == b"postcopy_ram_fault_thread_request":
-            match = REQUEST_HVA.search(rest)
-            if match:
-                named = REQUEST_BLOCK.search(rest)
-                page = None if named is None else (named.group(1), int(named.group(2), 16))
-                # Only the first request of a page counts: a repeat waits for the same page.
-                requested.setdefault(int(match.group(1), 16) & ~(PAGE - 1), (at, page))
-        elif event == b"postcopy_place_page":
-            match = PLACE_HOST.search(rest)
-            if match:
-                placed.setdefault(int(match.group(1), 16), at)
-    return [
-        (max(0.0, (placed[address] - at) * 1e6), page)
-        for address, (at, page) in requested.items()
-        if address in placed
-    ]
-
-
-def fault_groups_us(source_trace: bytes, destination_trace: bytes) -> tuple[list[float], ...]:
+def fault_groups_us(source_trace: bytes, faults: TracedFaults) -> tuple[list[float], ...]:
     """The destination's fault latencies split by what the source's migration thread found
     when it took the fault's request off its queue: (page sent already, page sent for the
     request). A request the source's trace does not name (not taken off the queue before
     the end) is in neither."""
-    verdicts: dict[tuple[bytes, int], bool] = {}
+    verdicts: dict[tuple[str, int], bool] = {}
     for _at, event, rest in _events(source_trace):
         already = QUEUED_VERDICTS.get(event)
         match = QUEUED_PAGE.match(rest)
         if already is not None and match:
             # The first verdict is the first request's: a repeat finds the page sent for it.
-            verdicts.setdefault((match.group(1), int(match.group(2), 16)), already)
+            page = (match.group(1).decode("latin-1"), int(match.group(2), 16))
+            verdicts.setdefault(page, already)
     groups: tuple[list[float], ...] = ([], [])
-    for latency, page in _requested_latencies_us(destination_trace):
-        already = None if page is None else verdicts.get(page)
+    for fault in faults.faults:
+        already = None if fault.page is None else verdicts.get(fault.page)
         if already is not None:
-            groups[0 if already else 1].append(latency)
+            groups[0 if already else 1].append(fault.latency_ns / 1000)
     return groups
 
 
@@ -403,6 +380,7 @@ ROWS: list[tuple[str, Key]] = [
     ("pages/s", "pages_per_s"),
     ("postcopy requests", "postcopy_requests"),
     ("faults measured", "faults"),
+    ("faults left out: page placed before read", "late_faults"),
     ("fault latency p50 (µs)", ("fault_latency_us", "p50")),
     ("fault latency p99 (µs)", ("fault_latency_us", "p99")),
     ("fault latency max (µs)", ("fault_latency_us", "max")),

@@ -361,6 +361,8 @@ def _summary(
         "postcopy_requests": destination.get("requests", 0),
         "source_requests": stats.requests,
         "faults": faults.get("faults", 0),
+        # Read after their page was placed (the placement woke the vCPU): not in the latency.
+        "late_faults": faults.get("late_faults", 0),
         "fault_latency_us": {
             "p50": round(latency.get("p50_ns", 0) / 1000, 1),
             "p99": round(latency.get("p99_ns", 0) / 1000, 1),

@@ -25,6 +25,7 @@ PLACE_EVENTS = ("postcopy_place_page", "postcopy_place_page_zero")
 # "<tid>@<seconds>.<microseconds>:<event> <arguments>", the log backend's line with a timestamp
 _LINE = re.compile(r"^\d+@(\d+)\.(\d{6}):(\w+) (.*)$")
 _FAULT_ADDRESS = re.compile(r"HVA=0x([0-9a-fA-F]+)")
+_FAULT_PAGE = re.compile(r"rb=(\S+) offset=0x([0-9a-fA-F]+)")  # the block and its host page
 _PLACE_ADDRESS = re.compile(r"host=0x([0-9a-fA-F]+)")
 
 
@@ -34,56 +35,79 @@ def fault_trace_args(log: Path) -> list[str]:
     return [*events, "-msg", "timestamp=on", "-D", str(log)]
 
 
+@dataclass(frozen=True)
+class TracedFault:
+    """One fault the trace timed: fault → placed in ns, and the block and byte offset of
+    its host page as the fault line names them (None where it does not)."""
+
+    latency_ns: int
+    page: tuple[str, int] | None
+
+
 @dataclass
 class TracedFaults:
-    """The faults of one trace: each one's fault → placed in ns (``latencies_ns``), the
-    faults on pages placed before the fault was read (``late``) and those whose page the
-    trace never shows placed (``unplaced``)."""
+    """The faults of one trace: each one timed (``faults``), in the order their pages were
+    placed; the faults on pages placed before the fault was read (``late``) and those whose
+    page the trace never shows placed (``unplaced``)."""
 
-    latencies_ns: list[int] = field(default_factory=list)
+    faults: list[TracedFault] = field(default_factory=list)
     late: int = 0
     unplaced: int = 0
 
+    @property
+    def latencies_ns(self) -> list[int]:
+        return [fault.latency_ns for fault in self.faults]
 
-def _events(lines: Iterable[str]) -> list[tuple[int, bool, int]]:
-    """(time in ns, is a fault, address) of every fault and placement line, in time order
-    (the log's threads write their lines in turn, not strictly in time order)."""
-    events = []
-    for line in lines:
-        match = _LINE.match(line)
-        if match is None:
-            continue
-        seconds, micros, event, arguments = match.groups()
-        if event == FAULT_EVENT:
-            address = _FAULT_ADDRESS.search(arguments)
-        elif event in PLACE_EVENTS:
-            address = _PLACE_ADDRESS.search(arguments)
-        else:
-            continue
-        if address is None:
-            continue
-        at = int(seconds) * 1_000_000_000 + int(micros) * 1000
-        events.append((at, event == FAULT_EVENT, int(address.group(1), 16)))
-    events.sort(key=lambda event: event[0])
-    return events
+
+@dataclass(frozen=True)
+class _Event:
+    at_ns: int
+    fault: bool  # a fault, or a placement
+    address: int
+    page: tuple[str, int] | None = None  # a fault's block and offset
+
+
+def _event(line: str) -> _Event | None:
+    match = _LINE.match(line)
+    if match is None:
+        return None
+    seconds, micros, event, arguments = match.groups()
+    fault = event == FAULT_EVENT
+    if not fault and event not in PLACE_EVENTS:
+        return None
+    address = (_FAULT_ADDRESS if fault else _PLACE_ADDRESS).search(arguments)
+    if address is None:
+        return None
+    named = _FAULT_PAGE.search(arguments) if fault else None
+    return _Event(
+        int(seconds) * 1_000_000_000 + int(micros) * 1000,
+        fault,
+        int(address.group(1), 16),
+        None if named is None else (named.group(1), int(named.group(2), 16)),
+    )
 
 
 def traced_faults(lines: Iterable[str], page_size: int) -> TracedFaults:
     """The faults of a trace's ``lines``, each matched with the first placement of its host
-    page (``page_size`` bytes) at or after it."""
+    page (``page_size`` bytes) at or after it. Lines are taken in time order: the log's
+    threads write theirs in turn, not strictly in time order."""
+    events = sorted(
+        (event for event in map(_event, lines) if event is not None), key=lambda e: e.at_ns
+    )
     result = TracedFaults()
     placed: set[int] = set()
-    waiting: dict[int, list[int]] = {}
-    for at, fault, address in _events(lines):
-        page = address - address % page_size
-        if fault:
+    waiting: dict[int, list[_Event]] = {}
+    for event in events:
+        page = event.address - event.address % page_size
+        if event.fault:
             if page in placed:
                 result.late += 1
             else:
-                waiting.setdefault(page, []).append(at)
+                waiting.setdefault(page, []).append(event)
         elif page not in placed:
             placed.add(page)
-            result.latencies_ns += [at - faulted for faulted in waiting.pop(page, [])]
+            for fault in waiting.pop(page, []):
+                result.faults.append(TracedFault(event.at_ns - fault.at_ns, fault.page))
     result.unplaced = sum(len(faults) for faults in waiting.values())
     return result
 

@@ -72,6 +72,7 @@ def test_a_fault_is_matched_with_the_first_placement_of_its_host_page_after_it()
     ]
     faults = traced_faults(lines, 0x1000)
     assert faults.latencies_ns == [60_000, 45_000]
+    assert [fault.page for fault in faults.faults] == [("pc.ram", 0x1000)] * 2
     assert (faults.late, faults.unplaced) == (1, 1)
 
 
