@@ -505,13 +505,21 @@ class DestinationRunner:
         (the record of every placement, as QEMU's receivedmap), among them pages a C thread
         placed though the machine has not read their records (what its ring held when it
         was stopped). Its RECV_BITMAP then counts them received, so that the source does not
-        send them again, and its POSTCOPY_RESUME does not ask for them again."""
+        send them again, and its POSTCOPY_RESUME does not ask for them again. The pause's
+        figures say what the map holds, and how many of those pages the machine learned of
+        here."""
         session = self.session
         if session is None:
             return
+        learned = 0
         with self._machine_lock:
             for block in session.blocks:
-                self.dest.pages_placed_elsewhere(block.idstr, block.received.copy())
+                learned += self.dest.pages_placed_elsewhere(block.idstr, block.received.copy())
+        if not self.report.pauses:
+            return
+        pause = self.report.pauses[-1]
+        pause.received_pages = sum(block.received.count() for block in session.blocks)
+        pause.placed_ahead = (pause.placed_ahead or 0) + learned
 
     def _stop_fast(self) -> None:
         """Stop the C receive thread before its channel closes; the runner reads on."""
