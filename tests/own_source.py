@@ -13,10 +13,19 @@ from qmig.transport import connect
 
 
 def cut_and_resumed(
-    uri: str, resume_uri: str, seed: int, cuts: CutPlan, recover_timeout: float
+    uri: str, resume_uri: str, seed: int, cuts: CutPlan | None, recover_timeout: float
 ) -> tuple[GuestRam, SourceReport]:
-    """Migrates a guest generated from ``seed`` to ``uri``, cut as ``cuts`` says and resumed
-    on ``resume_uri`` each time; the guest's RAM and the source's report."""
+    """Migrates a guest generated from ``seed`` to ``uri``, cut as ``cuts`` says (None: only
+    where the destination cuts) and resumed on ``resume_uri`` each time; the guest's RAM and
+    the source's report."""
+    ram, report, _source = resumed_source(uri, resume_uri, seed, cuts, recover_timeout)
+    return ram, report
+
+
+def resumed_source(
+    uri: str, resume_uri: str, seed: int, cuts: CutPlan | None, recover_timeout: float
+) -> tuple[GuestRam, SourceReport, Source]:
+    """As :func:`cut_and_resumed`, and the source's protocol machine too (its ``stats``)."""
     ram = GuestRam.generate([("pc.ram", 16 << 20), ("vga.vram", 1 << 20)], seed=seed)
     source = Source(ram.blocks, version="7.2", devices=default_devices(seed))
     plan = SourcePlan(
@@ -28,4 +37,4 @@ def cut_and_resumed(
         report = SourceRunner(channels, source, plan).run()
     finally:
         channels.close_main()
-    return ram, report
+    return ram, report, source

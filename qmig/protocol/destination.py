@@ -18,7 +18,6 @@ and queues SHUT(1); calls after that raise :class:`~qmig.errors.LocalProtocolErr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +34,7 @@ from qmig.protocol.multifd import MultifdSyncRule
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.preempt_channel import PreemptChannel
 from qmig.protocol.ram_config import HOST_PAGE_SIZE, RamConfig
-from qmig.protocol.recv_bitmap import received_bitmap
+from qmig.protocol.recv_bitmap import mark_placed, received_bitmap
 from qmig.protocol.states import (
     DESTINATION_STOPS_READING,
     DestinationInput,
@@ -211,14 +210,20 @@ class Destination:
                 self._pending.append(ev.PartialHostPageDropped(idstr, host))
         self._host_page_fill.clear()
 
-    def requests_placed_elsewhere(self, placed: Callable[[str, int], bool]) -> None:
-        """Host pages asked for that are in place already (``placed(block, host_offset)``),
-        put there by a placement outside this machine (the runner's C threads) that the
-        machine has not read the records of: no longer awaited, so not asked for again after
-        a resume (QEMU drops a request as it places its page)."""
+    def pages_placed_elsewhere(self, block: str, placed: bytes | bytearray | memoryview) -> int:
+        """Target pages of ``block`` in place already, put there by a placement outside this
+        machine (the runner's C threads) whose records the machine has not read, and may
+        never read (a pause drops them with the channel): received from now on. The
+        RECV_BITMAP reply counts them received (QEMU's receivedmap is set as a page is
+        placed), so that the source does not send them again after a recovery, and a
+        request for one is no longer awaited (QEMU drops a request as it places its page).
+        ``placed``: one bit per target page of the block, page i at bit i % 8 of byte
+        i // 8. Returns how many target pages this machine had counted missing."""
         self._check_usable()
-        for idstr, tracker in self.blocks.items():
-            tracker.requested = {at for at in tracker.requested if not placed(idstr, at)}
+        tracker = self.blocks.get(block)
+        if tracker is None:
+            raise LocalProtocolError("pages placed elsewhere", f"no RAMBlock {block!r}")
+        return mark_placed(tracker.state, placed, len(tracker.state))
 
     def pending_requests(self) -> list[tuple[str, int]]:
         """Host pages asked for and not here yet, (block, offset), in block and offset order."""

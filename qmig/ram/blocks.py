@@ -115,6 +115,10 @@ class PageBitmap:
     def test(self, bit: int) -> bool:
         return bool(self._bytes[bit >> 3] >> (bit & 7) & 1)
 
+    def copy(self) -> bytes:
+        """The bits as they are now, bit i at bit i % 8 of byte i // 8."""
+        return bytes(self._bytes)
+
     def all_set(self, start: int, count: int) -> bool:
         self._check(start, count)
         return int(lib.qmig_bitmap_next_clear(self.cdata, start, start + count)) == start + count

@@ -204,7 +204,8 @@ class DestinationRunner:
         if count == 0 and self.channels.can_reopen and self.dest.can_pause:
             raise TransportError(self.connection.name, "the source closed the channel")
         if self.dest.state is DestinationState.RECOVER:
-            self._forget_placed_requests()  # before a POSTCOPY_RESUME asks for the rest
+            # Before a RECV_BITMAP is answered, or a POSTCOPY_RESUME asks for the rest.
+            self._learn_placed_pages()
         with self._machine_lock:
             if count:
                 self.dest.receive_data(memoryview(buffer)[:count])
@@ -245,7 +246,6 @@ class DestinationRunner:
                 return False
             self.dest.channel_broken()
         self._preempt.stop()  # the source's pause ends its preempt channel as well
-        self._forget_placed_requests()
         if self._broke_at is None:
             self._broke_at = time.monotonic()
             self.report.pauses.append(
@@ -256,6 +256,7 @@ class DestinationRunner:
                     self.report.placed_pages["postcopy"],
                 )
             )
+        self._learn_placed_pages()
         # What the pause left to do. Replies for the broken channel are lost with it: the
         # machine asks again, after the resume, for every page it still lacks.
         with contextlib.suppress(TransportError):
@@ -499,20 +500,26 @@ class DestinationRunner:
             return None
         return self.session.blocks
 
-    def _forget_placed_requests(self) -> None:
-        """Paused: requests whose pages a C thread placed, though the machine has not read
-        their records, are answered (the RAM's received map says so); the resume does not
-        ask for them again."""
+    def _learn_placed_pages(self) -> None:
+        """Paused: the machine learns which pages are in place from the RAM's received map
+        (the record of every placement, as QEMU's receivedmap), among them pages a C thread
+        placed though the machine has not read their records (what its ring held when it
+        was stopped). Its RECV_BITMAP then counts them received, so that the source does not
+        send them again, and its POSTCOPY_RESUME does not ask for them again. The pause's
+        figures say what the map holds, and how many of those pages the machine learned of
+        here."""
         session = self.session
         if session is None:
             return
-
-        def placed(block: str, host_offset: int) -> bool:
-            ram = session.block(block)
-            return bool(ram.host_page_received(host_offset // ram.page_size))
-
+        learned = 0
         with self._machine_lock:
-            self.dest.requests_placed_elsewhere(placed)
+            for block in session.blocks:
+                learned += self.dest.pages_placed_elsewhere(block.idstr, block.received.copy())
+        if not self.report.pauses:
+            return
+        pause = self.report.pauses[-1]
+        pause.received_pages = sum(block.received.count() for block in session.blocks)
+        pause.placed_ahead = (pause.placed_ahead or 0) + learned
 
     def _stop_fast(self) -> None:
         """Stop the C receive thread before its channel closes; the runner reads on."""

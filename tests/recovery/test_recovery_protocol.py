@@ -17,7 +17,7 @@ from qmig.protocol.recv_bitmap import bitmap_size, missing_pages, received_bitma
 from qmig.protocol.source import Source, SourceBlock
 from qmig.protocol.states import DestinationState, SourceState
 from qmig.wire import messages as m
-from qmig.wire.reader import NEED_DATA, ReturnPathReader
+from qmig.wire.reader import NEED_DATA, Record, ReturnPathReader, StreamReader
 from qmig.wire.schema import RECV_BITMAP_END_MARK, schema_for
 
 VERSION = "7.2"
@@ -43,8 +43,14 @@ class Pair:
         self.events: list[ev.Event] = []
         self.rp_sent: list[bytes] = []
         self.opening = b""  # the stream up to the switchover
+        # The runner's C receive thread: it reads the same stream, and may read (and place)
+        # beyond what the machine has read (see place_ahead).
+        self.c_reader = StreamReader(VERSION)
 
     def to_dest(self, data: bytes) -> None:
+        self.c_reader.feed(data)
+        while isinstance(self.c_reader.next_record(), Record):
+            pass
         self.dest.receive_data(data)
         while (event := self.dest.next_event()) is not NEED_DATA:
             if not isinstance(event, ev.Event):
@@ -54,6 +60,26 @@ class Pair:
                 for offset, zero, data in event.run.pages():
                     content = data * PAGE if zero else data
                     self.memory[(event.run.block, offset)] = content
+
+    def place_ahead(self, data: bytes) -> dict[str, bytearray]:
+        """``data``, the stream's next bytes, read and placed by the C thread alone: the
+        machine never reads them (the cut that follows drops them). Each page goes into
+        memory; returns, per block, the bits of the pages placed (page i: bit i % 8 of byte
+        i // 8, as the RAM's received map)."""
+        placed = {name: bytearray(bitmap_size(len(ram) // PAGE)) for name, ram in self.ram.items()}
+        self.c_reader.feed(data)
+        while isinstance(record := self.c_reader.next_record(), Record):
+            run = record.message
+            if isinstance(run, m.RamPageRun):
+                for offset, zero, content in run.pages():
+                    self.memory[(run.block, offset)] = content * PAGE if zero else content
+                    page = offset // PAGE
+                    placed[run.block][page // 8] |= 1 << page % 8
+        return placed
+
+    def new_channel(self) -> None:
+        self.dest.new_channel()
+        self.c_reader.new_channel()
 
     def to_source(self) -> None:
         data = self.dest.data_to_send()
@@ -96,11 +122,7 @@ def first_missing(pair: Pair) -> int:
     return next(page for page in range(PAGES) if not tracker.host_page_present(page * PAGE))
 
 
-def cut(pair: Pair, partial: bytes = b"") -> None:
-    if partial:
-        pair.dest.receive_data(partial)
-        while isinstance(event := pair.dest.next_event(), ev.Event):
-            pair.events.append(event)
+def cut(pair: Pair) -> None:
     pair.source.channel_broken()
     assert pair.dest.channel_broken()
     assert pair.source.state is SourceState.PAUSED
@@ -109,14 +131,12 @@ def cut(pair: Pair, partial: bytes = b"") -> None:
 
 def resume(pair: Pair) -> list[str]:
     """The recovery handshake; the names of what went on the new return path."""
-    pair.dest.new_channel()
+    pair.new_channel()
     pair.source.resume()
     assert pair.source.state is SourceState.RECOVER
     names: list[str] = []
     for _ in range(10):
-        pair.dest.receive_data(pair.source.data_to_send(0))
-        while isinstance(event := pair.dest.next_event(), ev.Event):
-            pair.events.append(event)
+        pair.to_dest(pair.source.data_to_send(0))
         data = pair.dest.data_to_send()
         reader = ReturnPathReader(VERSION)
         reader.feed(data)
@@ -167,7 +187,7 @@ def test_two_cuts_and_a_cut_during_the_handshake_still_lose_nothing() -> None:
             pair.pump(PAGE)
         cut(pair)
         if round_ == 1:  # the new channel breaks after the bitmaps were asked for
-            pair.dest.new_channel()
+            pair.new_channel()
             pair.source.resume()
             pair.to_dest(pair.source.data_to_send(0)[:7])
             cut(pair)
@@ -189,21 +209,88 @@ def test_faults_while_paused_are_requested_after_the_resume_ack() -> None:
     assert pair.dest.pending_requests() == [("pc.ram", missing * PAGE)]
 
 
+def bits(pages: list[int], total: int = PAGES) -> bytearray:
+    """A bitmap of ``pages`` as the RAM's received map packs it (page i: bit i % 8 of byte
+    i // 8)."""
+    bitmap = bytearray(-(-total // 8))
+    for page in pages:
+        bitmap[page // 8] |= 1 << page % 8
+    return bitmap
+
+
 def test_a_request_whose_page_was_placed_elsewhere_is_not_asked_again() -> None:
     pair = started_pair()
     pair.pump()
     cut(pair)
     tracker = pair.dest.blocks["pc.ram"]
-    placed, waiting = [p * PAGE for p in range(PAGES) if not tracker.host_page_present(p * PAGE)][
-        :2
-    ]
-    pair.dest.page_fault("pc.ram", placed)
-    pair.dest.page_fault("pc.ram", waiting)
-    # Placed by the runner's C thread, its records not read by the machine.
-    pair.dest.requests_placed_elsewhere(lambda block, at: at == placed)
+    placed, waiting = [p for p in range(PAGES) if not tracker.host_page_present(p * PAGE)][:2]
+    pair.dest.page_fault("pc.ram", placed * PAGE)
+    pair.dest.page_fault("pc.ram", waiting * PAGE)
+    # Placed by the runner's C thread, its record not read by the machine.
+    assert pair.dest.pages_placed_elsewhere("pc.ram", bits([placed])) == 1
     names = resume(pair)
     assert names[-2:] == ["RESUME_ACK", "REQ_PAGES_ID"]  # one request, not two
-    assert pair.dest.pending_requests() == [("pc.ram", waiting)]
+    assert pair.dest.pending_requests() == [("pc.ram", waiting * PAGE)]
+
+
+def ahead_pages(placed: dict[str, bytearray]) -> dict[str, list[int]]:
+    return {
+        block: [page for page in range(len(bitmap) * 8) if bitmap[page // 8] >> page % 8 & 1]
+        for block, bitmap in placed.items()
+    }
+
+
+def test_pages_placed_ahead_of_the_machine_are_received_in_its_recv_bitmap() -> None:
+    """A pause finds pages that the C thread placed as they arrived and the machine had not
+    read yet (its reading is behind, and the cut drops the rest). Told of them, it answers
+    RECV_BITMAP with them received, as QEMU's receivedmap has them: the source sends only
+    what the destination lacks."""
+    pair = started_pair()
+    pair.pump()
+    placed = pair.place_ahead(pair.source.data_to_send(8 * PAGE))
+    ahead = ahead_pages(placed)
+    assert len(ahead["pc.ram"]) >= 4
+    tracker = pair.dest.blocks["pc.ram"]
+    assert not any(tracker.state[page] for page in ahead["pc.ram"])  # missing, as it knows
+    cut(pair)
+    for block, bitmap in placed.items():
+        assert pair.dest.pages_placed_elsewhere(block, bitmap) == len(ahead[block])
+        assert pair.dest.pages_placed_elsewhere(block, bitmap) == 0  # learned once
+    assert resume(pair) == ["RECV_BITMAP", "RECV_BITMAP", "RESUME_ACK"]
+    # The bitmaps' complements are the source's new dirty maps: none of those pages.
+    for block, pages in ahead.items():
+        dirty = pair.source.by_name[block].dirty
+        assert not any(dirty[page] for page in pages), block
+    received = sum(len(t.state) - bytes(t.state).count(0) for t in pair.dest.blocks.values())
+    total = sum(len(ram) // PAGE for ram in pair.ram.values())
+    assert pair.source.stats.resent_pages == total - received
+    finish(pair)
+    pair.verify()  # the pages placed ahead are in memory, though never read by the machine
+
+
+def test_untold_the_machine_counts_pages_placed_ahead_missing() -> None:
+    """What the runner must tell the machine (the test above): its own account of the
+    stream has them missing, and the source would send them again."""
+    pair = started_pair()
+    pair.pump()
+    ahead = ahead_pages(pair.place_ahead(pair.source.data_to_send(8 * PAGE)))
+    cut(pair)
+    resume(pair)
+    dirty = pair.source.by_name["pc.ram"].dirty
+    assert all(dirty[page] for page in ahead["pc.ram"])
+
+
+def test_pages_placed_elsewhere_keep_what_the_machine_read_and_ignore_padding() -> None:
+    pair = started_pair()
+    tracker = pair.dest.blocks["pc.ram"]
+    kinds = bytes(tracker.state)
+    missing = [p for p in range(PAGES) if not kinds[p]]
+    # Every bit set, and the bits of a byte past the block's end (not pages: ignored).
+    assert pair.dest.pages_placed_elsewhere("pc.ram", b"\xff" * (PAGES // 8 + 1)) == len(missing)
+    assert len(tracker.state) == PAGES
+    assert bytes(tracker.state) == bytes(kind or 1 for kind in kinds)  # what it read, kept
+    with pytest.raises(LocalProtocolError, match="no RAMBlock 'nope'"):
+        pair.dest.pages_placed_elsewhere("nope", b"")
 
 
 def test_a_cut_before_run_fails_the_destination_and_the_source() -> None:
@@ -293,7 +380,6 @@ def test_a_recording_of_two_connections_reads_as_the_destination_did() -> None:
 
     from qmig.capture.connections import NewConnection, split_at
     from qmig.inspect import read_records
-    from qmig.wire.reader import StreamReader
 
     pair = started_pair()
     # Everything the destination got before the cut, and half a record more.
@@ -301,7 +387,7 @@ def test_a_recording_of_two_connections_reads_as_the_destination_did() -> None:
     pair.to_dest(first)
     more = pair.source.data_to_send(4 * PAGE)
     cut(pair)
-    pair.dest.new_channel()
+    pair.new_channel()
     pair.source.resume()
     second = pair.source.data_to_send(0)
     recording = pair.opening + first + more[: len(more) // 2] + second
@@ -343,6 +429,12 @@ def test_a_half_received_huge_page_is_dropped_and_asked_for_again() -> None:
     assert ev.PartialHostPageDropped("pc.ram", 0) in [dest.next_event()]
     assert bytes(tracker.state).count(1) == 0  # nothing of it counts as received
     assert received_bitmap(tracker.state, 2 * huge // PAGE) == bytes(2 * huge // PAGE // 8)
+    # The C thread had all of it, and placed it whole: the machine, told, counts it received.
+    per_host = huge // PAGE
+    assert dest.pages_placed_elsewhere("pc.ram", b"\xff" * (per_host // 8)) == per_host
+    assert tracker.host_page_present(0) and not tracker.host_page_present(huge)
+    whole = b"\xff" * (per_host // 8)
+    assert received_bitmap(tracker.state, 2 * per_host) == whole + bytes(len(whole))
 
 
 Action = tuple[str, int]
@@ -355,6 +447,8 @@ Action = tuple[str, int]
             st.tuples(st.just("fault"), st.integers(0, PAGES - 1)),
             st.tuples(st.just("cut"), st.integers(0, 99)),  # % of the next chunk delivered
             st.tuples(st.just("cut-handshake"), st.integers(0, 30)),  # bytes of it delivered
+            # % of the next chunk the machine reads; the C thread places the rest
+            st.tuples(st.just("cut-ahead"), st.integers(0, 99)),
         ),
         max_size=25,
     )
@@ -377,9 +471,21 @@ def test_any_cuts_anywhere_in_postcopy_lose_nothing(actions: list[Action]) -> No
                 break  # the whole stream was in it: nothing left to cut
             cut(pair)
             resume(pair)
+        elif kind == "cut-ahead":
+            chunk = pair.source.data_to_send(4 * PAGE)
+            pair.to_dest(chunk[: len(chunk) * value // 100])
+            if pair.dest.state is DestinationState.END:
+                break
+            placed = pair.place_ahead(chunk[len(chunk) * value // 100 :])
+            cut(pair)
+            for block, bitmap in placed.items():
+                pair.dest.pages_placed_elsewhere(block, bitmap)
+            resume(pair)
+            for block, pages in ahead_pages(placed).items():
+                assert not any(pair.source.by_name[block].dirty[page] for page in pages)
         else:
             cut(pair)
-            pair.dest.new_channel()
+            pair.new_channel()
             pair.source.resume()
             pair.to_dest(pair.source.data_to_send(0)[:value])
             cut(pair)

@@ -29,6 +29,9 @@ def test_one_cut_mid_postcopy_recovers_once_and_loses_nothing() -> None:
     assert result["paused_ms"] > 0
     # The destination kept what it had received before the cut; the rest went again.
     assert 0 < result["resent_pages"] < 64 * 256
+    # Exactly what it did not have: its received bitmap counted every page in place.
+    [pause] = result["destination_pauses"]
+    assert result["resent_pages"] == result["pages_total"] - pause["received_pages"]
     assert result["postcopy"]["pages"] >= 64 * 256
 
 
