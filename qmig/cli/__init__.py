@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "export-pcap": "write a capture as pcapng for Wireshark, and the Lua dissector that decodes it",
     "fuzz": "fuzz qmig's parsers and destination, or diff its verdicts with a real QEMU's",
     "inspect": "decode a recorded migration stream (and its return path) record by record",
+    "qemu-faults": "time a QEMU destination's postcopy faults from its trace log",
     "receive": "be the destination of a real QEMU migration (postcopy or precopy)",
     "replay": "replay a recorded migration into a real QEMU destination",
     "simulate": "run a full, verified postcopy migration between a qmig source and destination",

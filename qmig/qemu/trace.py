@@ -26,6 +26,7 @@ PLACE_EVENTS = ("postcopy_place_page", "postcopy_place_page_zero")
 _LINE = re.compile(r"^\d+@(\d+)\.(\d{6}):(\w+) (.*)$")
 _FAULT_ADDRESS = re.compile(r"HVA=0x([0-9a-fA-F]+)")
 _FAULT_PAGE = re.compile(r"rb=(\S+) offset=0x([0-9a-fA-F]+)")  # the block and its host page
+_FAULT_THREAD = re.compile(r"pid=(\d+)")  # the faulting thread (7.2 and 10.0 name it)
 _PLACE_ADDRESS = re.compile(r"host=0x([0-9a-fA-F]+)")
 
 
@@ -37,11 +38,13 @@ def fault_trace_args(log: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class TracedFault:
-    """One fault the trace timed: fault → placed in ns, and the block and byte offset of
-    its host page as the fault line names them (None where it does not)."""
+    """One fault the trace timed: fault → placed in ns, the block and byte offset of its
+    host page and the faulting thread's id, as the fault line names them (None where it
+    does not)."""
 
     latency_ns: int
     page: tuple[str, int] | None
+    thread: int | None = None
 
 
 @dataclass
@@ -53,10 +56,20 @@ class TracedFaults:
     faults: list[TracedFault] = field(default_factory=list)
     late: int = 0
     unplaced: int = 0
+    lines: int = 0  # lines in the log backend's stamped form, of any event
 
     @property
     def latencies_ns(self) -> list[int]:
         return [fault.latency_ns for fault in self.faults]
+
+    def blocked_ns_by_thread(self) -> dict[int, int]:
+        """Per faulting thread (a vCPU, or another thread touching guest RAM), the sum of its
+        timed faults: the time it waited, as QEMU's per-vCPU blocktime counts it."""
+        blocked: dict[int, int] = {}
+        for fault in self.faults:
+            if fault.thread is not None:
+                blocked[fault.thread] = blocked.get(fault.thread, 0) + fault.latency_ns
+        return blocked
 
 
 @dataclass(frozen=True)
@@ -65,12 +78,10 @@ class _Event:
     fault: bool  # a fault, or a placement
     address: int
     page: tuple[str, int] | None = None  # a fault's block and offset
+    thread: int | None = None  # a fault's thread
 
 
-def _event(line: str) -> _Event | None:
-    match = _LINE.match(line)
-    if match is None:
-        return None
+def _event(match: re.Match[str]) -> _Event | None:
     seconds, micros, event, arguments = match.groups()
     fault = event == FAULT_EVENT
     if not fault and event not in PLACE_EVENTS:
@@ -79,11 +90,13 @@ def _event(line: str) -> _Event | None:
     if address is None:
         return None
     named = _FAULT_PAGE.search(arguments) if fault else None
+    thread = _FAULT_THREAD.search(arguments) if fault else None
     return _Event(
         int(seconds) * 1_000_000_000 + int(micros) * 1000,
         fault,
         int(address.group(1), 16),
         None if named is None else (named.group(1), int(named.group(2), 16)),
+        None if thread is None else int(thread.group(1)),
     )
 
 
@@ -91,10 +104,17 @@ def traced_faults(lines: Iterable[str], page_size: int) -> TracedFaults:
     """The faults of a trace's ``lines``, each matched with the first placement of its host
     page (``page_size`` bytes) at or after it. Lines are taken in time order: the log's
     threads write theirs in turn, not strictly in time order."""
-    events = sorted(
-        (event for event in map(_event, lines) if event is not None), key=lambda e: e.at_ns
-    )
     result = TracedFaults()
+    events = []
+    for line in lines:
+        match = _LINE.match(line)
+        if match is None:
+            continue
+        result.lines += 1
+        event = _event(match)
+        if event is not None:
+            events.append(event)
+    events.sort(key=lambda event: event.at_ns)
     placed: set[int] = set()
     waiting: dict[int, list[_Event]] = {}
     for event in events:
@@ -107,7 +127,8 @@ def traced_faults(lines: Iterable[str], page_size: int) -> TracedFaults:
         elif page not in placed:
             placed.add(page)
             for fault in waiting.pop(page, []):
-                result.faults.append(TracedFault(event.at_ns - fault.at_ns, fault.page))
+                latency = event.at_ns - fault.at_ns
+                result.faults.append(TracedFault(latency, fault.page, fault.thread))
     result.unplaced = sum(len(faults) for faults in waiting.values())
     return result
 

@@ -4,13 +4,17 @@ QEMU itself reports."""
 
 from __future__ import annotations
 
+import json
 import mmap
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
+from processes import qmig
 from qemu_helpers import PREEMPT_MEMORY_MIB, PREEMPT_SPEC, MachineFactory, need, postcopy_migration
 
-from qmig.qemu.trace import FAULT_EVENT, fault_trace_args, traced_fault_file, traced_faults
+from qmig.qemu.trace import FAULT_EVENT, traced_fault_file, traced_faults
 
 
 @pytest.mark.qemu
@@ -24,8 +28,11 @@ def test_every_fault_the_destination_logged_is_timed_to_its_placement(
         "qemu_version": need(version),
     }
     log = tmp_path / "faults.log"
+    options = subprocess.run(
+        qmig("qemu-faults", "--qemu-args", str(log)), capture_output=True, text=True, check=True
+    )
     destination = machines(
-        "destination", incoming="defer", extra_args=fault_trace_args(log), **config
+        "destination", incoming="defer", extra_args=shlex.split(options.stdout), **config
     )
     destination.set_capabilities(postcopy_ram=True, postcopy_preempt=True, postcopy_blocktime=True)
     destination.migrate_incoming("tcp:127.0.0.1:0")
@@ -43,6 +50,17 @@ def test_every_fault_the_destination_logged_is_timed_to_its_placement(
     assert faults.latencies_ns and all(latency >= 0 for latency in faults.latencies_ns)
     assert len(faults.latencies_ns) + faults.late + faults.unplaced == logged
     assert faults.unplaced == 0  # a completed migration placed every page a fault waited on
+    printed = subprocess.run(
+        qmig("qemu-faults", str(log), "--json"), capture_output=True, text=True, check=True
+    )
+    figures = json.loads(printed.stdout)
+    assert (figures["faults"], figures["late_faults"]) == (len(faults.faults), faults.late)
+    assert sum(figures["postcopy_latency_dist"]) == figures["faults"]
+    assert figures["fault_latency_us"]["p50"] <= figures["fault_latency_us"]["p99"]
+    (thread,) = figures["blocktime_ms_by_thread"]  # the guest's one vCPU
+    assert figures["blocktime_ms_by_thread"][thread] == pytest.approx(
+        sum(faults.latencies_ns) / 1e6, abs=0.01
+    )
     if version is None:
         # QEMU 7.2's own blocktime came out at 0.58-0.66 of these sums in every run (its
         # pre-7.2 variant holds urgent pages to the cap's next window: about 35 faults of
@@ -83,3 +101,14 @@ def test_lines_are_taken_in_time_order_whatever_thread_wrote_them_first() -> Non
         "offset=0x0 pid=5",
     ]
     assert traced_faults(lines, 0x1000).latencies_ns == [60_000]
+
+
+def test_a_file_that_is_no_trace_log_is_one_line_and_a_failure(tmp_path: Path) -> None:
+    stream = tmp_path / "stream.bin"
+    stream.write_bytes(b"QEVM\x00\x00\x00\x03")
+    for path, detail in ((stream, "not a QEMU trace log"), (tmp_path / "gone", "no such")):
+        done = subprocess.run(
+            qmig("qemu-faults", str(path)), capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and detail in done.stderr, done.stderr
