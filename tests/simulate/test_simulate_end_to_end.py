@@ -18,6 +18,9 @@ def simulate(*args: str) -> dict[str, Any]:
     for key in ("total_s", "downtime_ms", "postcopy_requests", "faults"):
         assert key in result
     assert set(result["fault_latency_us"]) >= {"p50", "p99", "max"}
+    # Faults read after their page was placed are counted, and left out of the latency.
+    assert 0 <= result["late_faults"] <= result["faults"]
+    assert sum(result["postcopy_latency_dist"]) <= result["faults"] - result["late_faults"]
     assert result["total_s"] > 0
     assert set(result["placement_mib_s"]) == {"precopy", "postcopy"}
     assert set(result["switchover_ms"]) == {

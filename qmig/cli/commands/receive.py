@@ -480,6 +480,8 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
         "discarded_pages": report.discarded_pages,
         "requests": report.requests,
         "faults": faults.get("faults", 0),
+        # Read after their page was placed (the placement woke the vCPU): not in the latency.
+        "late_faults": faults.get("late_faults", 0),
         # One REQ_PAGES's life: the fault is read, the request goes out, the page is placed.
         "fault_to_request_us": percentiles_us(report.request_sent_ns),
         "request_to_placed_us": percentiles_us(report.request_placed_ns),
