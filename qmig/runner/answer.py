@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,41 @@ class Answered:
     sent_ns: int
     bytes: int
     pages: int  # target pages written; 0: the request's pages had all gone out already
+
+
+class AnswerTimes:
+    """The thread's answers, per request it read: when it read the request and wrote its
+    last page (ns), and whether it wrote none (its pages had all gone out before), taken once
+    each, in the order the thread read them, as the machine reports the requests.
+
+    The thread queues an entry per host page it wrote, or one of no pages for a request it
+    wrote nothing for; the entries of a request that wrote follow each other and share its
+    read, and may come in two drains. A repeat of a request read in the same recv finds its
+    pages clean: an entry of no pages, a request of its own."""
+
+    def __init__(self) -> None:
+        # (block, start) → [read ns, written ns, wrote nothing (0/1)], oldest first
+        self._times: dict[tuple[str, int], deque[list[int]]] = {}
+
+    def add(self, page: Answered) -> None:
+        waiting = self._times.setdefault((page.block, page.request_start), deque())
+        last = waiting[-1] if waiting else None
+        if page.pages and last is not None and last[0] == page.read_ns and not last[2]:
+            last[1] = page.sent_ns  # another host page of the request
+        else:
+            waiting.append([page.read_ns, page.sent_ns, int(not page.pages)])
+
+    def take(self, block: str, start: int) -> tuple[int, int, bool] | None:
+        """The oldest answer not taken of the request for ``block`` at ``start``, if the
+        thread answered one."""
+        waiting = self._times.get((block, start))
+        if not waiting:
+            return None
+        read_ns, sent_ns, nothing = waiting.popleft()
+        return read_ns, sent_ns, bool(nothing)
+
+    def clear(self) -> None:
+        self._times.clear()
 
 
 class FastAnswer:

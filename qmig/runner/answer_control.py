@@ -12,12 +12,11 @@ starts a message. The pre-7.2 preempt variant has no thread.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from collections.abc import Callable, Iterator
 
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
-from qmig.runner.answer import Answered, FastAnswer
+from qmig.runner.answer import Answered, AnswerTimes, FastAnswer
 from qmig.runner.cap_window import CapWindow
 from qmig.runner.channels import PREEMPT, Channels
 from qmig.runner.misbehave_source import MisbehavingSourceConnection
@@ -52,10 +51,9 @@ class AnswerControl:
         self._stall_timeout = stall_timeout
         self._await_room = await_room
         self.fast: FastAnswer | None = None
-        # Requests the C thread answered: (block, start) → [read ns, written ns, pages all
-        # sent already (0/1)], taken by the runner as the machine reports the requests
-        # (:meth:`answered`).
-        self._times: dict[tuple[str, int], deque[list[int]]] = {}
+        # Requests the C thread answered, taken by the runner as the machine reports the
+        # requests (:meth:`answered`).
+        self._times = AnswerTimes()
         # The thread is to (re)start as soon as the return path is between messages: set at
         # the switchover and after each recovery, cleared once it runs.
         self.wanted = False
@@ -221,11 +219,7 @@ class AnswerControl:
         """When the thread read the request for ``block`` at ``start`` and wrote its last
         page (ns), and whether its pages had all gone out before (the thread wrote none),
         if it answered it; each answer is taken once."""
-        waiting = self._times.get((block, start))
-        if not waiting:
-            return None
-        read_ns, sent_ns, already = waiting.popleft()
-        return read_ns, sent_ns, bool(already)
+        return self._times.take(block, start)
 
     def _note(self, answered: list[Answered], *, main: bool) -> None:
         if not answered:
@@ -234,9 +228,4 @@ class AnswerControl:
             self._source.forget_preempt_block()
         for page in answered:
             self._window.count(page.bytes, preempt=not main, written=page.sent_ns / 1e9)
-            waiting = self._times.setdefault((page.block, page.request_start), deque())
-            if waiting and waiting[-1][0] == page.read_ns:  # another host page of a request
-                waiting[-1][1] = page.sent_ns
-                waiting[-1][2] &= int(not page.pages)
-            else:
-                waiting.append([page.read_ns, page.sent_ns, int(not page.pages)])
+            self._times.add(page)

