@@ -22,7 +22,9 @@ as the request is read.
 Figures:
 
 * qmig → qmig: ``qmig simulate``'s fault latency (fault → page placed) p50/p99, from the
-  destination's userfaultfd thread; pages on each channel.
+  destination's userfaultfd thread; pages on each channel; the faults split by what their
+  request found on the source (``page_already_sent``: on its way; ``page_sent_for_request``),
+  which is what sets the p50 without preempt.
 * QEMU → QEMU: QEMU 10.0 reports no per-fault latency (10.1 adds it), so the destination
   logs its faults and placements through QEMU's trace events (:mod:`qmig.qemu.trace`), and
   ``fault_latency_us`` is QEMU's own fault → placed, the span qmig's figure measures. The
@@ -80,6 +82,9 @@ def qmig_pair(ram_mib: int, bandwidth: int, preempt: bool) -> dict[str, Any]:
         "verified": summary["verified"],
         "faults": summary["faults"],
         "fault_latency_us": summary["fault_latency_us"],
+        # What the mix of faults was: pages on their way already, or sent for the request.
+        "page_already_sent": summary["page_already_sent"],
+        "page_sent_for_request": summary["page_sent_for_request"],
         "preempt_pages": summary["preempt_pages"]["sent"],
         "total_s": summary["total_s"],
     }
