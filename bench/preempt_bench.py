@@ -4,7 +4,7 @@ a real QEMU 10.0 source into ``qmig receive``.
 
 Run as root (userfaultfd) from the repository::
 
-    .venv/bin/python bench/preempt_bench.py             # 128 MiB guests, a few minutes
+    .venv/bin/python bench/preempt_bench.py             # 128 MiB guests, about a minute
     .venv/bin/python bench/preempt_bench.py --json      # one JSON document
 
 Each pair migrates with the same guest size, the same postcopy cap (``--bandwidth``

@@ -3,7 +3,7 @@
 
 Run as root (userfaultfd) from the repository::
 
-    .venv/bin/python bench/simulate_bench.py                  # 1 GiB each side, a few minutes
+    .venv/bin/python bench/simulate_bench.py                  # 1 GiB each side, about 20 s
     .venv/bin/python bench/simulate_bench.py --ram 64M --json # a quick run, one JSON document
     .venv/bin/python bench/simulate_bench.py --paths c        # qmig's C paths only
 
