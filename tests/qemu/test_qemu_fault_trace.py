@@ -62,7 +62,7 @@ def test_every_fault_the_destination_logged_is_timed_to_its_placement(
         sum(faults.latencies_ns) / 1e6, abs=0.01
     )
     if version is None:
-        # QEMU 7.2's own blocktime came out at 0.58-0.66 of these sums in every run (its
+        # QEMU 7.2's own blocktime came out at 0.54-0.66 of these sums in every run (its
         # pre-7.2 variant holds urgent pages to the cap's next window: about 35 faults of
         # ~98 ms each per run, which the trace shows); not the cross-check below.
         return
