@@ -102,9 +102,11 @@ def _postcopy(source: Machine, uri: str, bandwidth: int, preempt: bool) -> dict[
     return source.wait_migration(timeout=TIMEOUT)
 
 
-def _traced(log: Path) -> dict[str, Any]:
-    """The destination QEMU's own fault → placed, from its trace events (see
+def _traced(log: Path, trace: bool) -> dict[str, Any]:
+    """With ``trace``, the destination QEMU's own fault → placed, from its trace events (see
     :mod:`qmig.qemu.trace`): the span qmig's ``fault_latency_us`` measures."""
+    if not trace:
+        return {}
     return {"fault_latency_us": percentiles_us(traced_fault_file(log, mmap.PAGESIZE).latencies_ns)}
 
 
@@ -138,10 +140,6 @@ def _trace_args(log: Path, trace: bool) -> list[str]:
     return fault_trace_args(log) if trace else []
 
 
-def _traced_if(log: Path, trace: bool) -> dict[str, Any]:
-    return _traced(log) if trace else {}
-
-
 def qemu_pair(
     ram_mib: int, bandwidth: int, preempt: bool, workdir: Path, trace: bool = True
 ) -> dict[str, Any]:
@@ -159,7 +157,7 @@ def qemu_pair(
         info = incoming.destination.wait_migration(timeout=TIMEOUT)
     return {
         **_relayed(inspect_json(out, TIMEOUT)),
-        **_traced_if(workdir / "faults.log", trace),
+        **_traced(workdir / "faults.log", trace),
         "postcopy_blocktime_ms": info.get("postcopy-blocktime"),
     }
 
@@ -186,7 +184,7 @@ def qmig_replay_into_qemu(
         if replay.returncode:
             raise SystemExit(f"qmig replay failed: {replay.stderr.strip()}")
         incoming.destination.wait_migration(timeout=TIMEOUT)
-    traced = _traced_if(workdir / "replayed-faults.log", trace)
+    traced = _traced(workdir / "replayed-faults.log", trace)
     return {**_relayed(inspect_json(out, TIMEOUT)), **traced}
 
 

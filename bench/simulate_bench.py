@@ -257,8 +257,7 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
     trace = trace_path.read_bytes() if trace_path.exists() else b""
     source_trace = source_trace_path.read_bytes() if source_trace_path.exists() else b""
     faults = traced(trace)
-    latencies = [latency / 1000 for latency in faults.latencies_ns]
-    groups = fault_groups_us(source_trace, faults)
+    groups = fault_groups_ns(source_trace, faults)
     return {
         "verified": True,
         "total_s": round(total_s, 3),
@@ -269,10 +268,10 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
         "precopy_bytes": ram.get("precopy-bytes"),
         "postcopy_bytes": ram.get("postcopy-bytes"),
         "postcopy_requests": ram.get("postcopy-requests"),
-        "faults": len(latencies),
+        "faults": len(faults.faults),
         "late_faults": faults.late,
-        "fault_latency_us": summary_us(latencies),
-        **{name: _group_figures(samples) for name, samples in zip(GROUPS, groups, strict=True)},
+        "fault_latency_us": summary_us(faults.latencies_ns),
+        **{name: count_p50_p99(samples) for name, samples in zip(GROUPS, groups, strict=True)},
         "blocktime_ms": destination_info.get("postcopy-blocktime"),
         "vcpu_blocktime_ms": destination_info.get("postcopy-vcpu-blocktime"),
         "dirty_sync_count": ram.get("dirty-sync-count"),
@@ -332,7 +331,7 @@ def traced(trace: bytes) -> TracedFaults:
     return traced_faults(trace.decode("utf-8", "replace").splitlines(), PAGE)
 
 
-def fault_groups_us(source_trace: bytes, faults: TracedFaults) -> tuple[list[float], ...]:
+def fault_groups_ns(source_trace: bytes, faults: TracedFaults) -> tuple[list[int], ...]:
     """The destination's fault latencies split by what the source's migration thread found
     when it took the fault's request off its queue: (page sent already, page sent for the
     request). A request the source's trace does not name (not taken off the queue before
@@ -345,26 +344,17 @@ def fault_groups_us(source_trace: bytes, faults: TracedFaults) -> tuple[list[flo
             # The first verdict is the first request's: a repeat finds the page sent for it.
             page = (match.group(1).decode("latin-1"), int(match.group(2), 16))
             verdicts.setdefault(page, already)
-    groups: tuple[list[float], ...] = ([], [])
+    groups: tuple[list[int], ...] = ([], [])
     for fault in faults.faults:
         already = None if fault.page is None else verdicts.get(fault.page)
         if already is not None:
-            groups[0 if already else 1].append(fault.latency_ns / 1000)
+            groups[0 if already else 1].append(fault.latency_ns)
     return groups
 
 
-def _ns(samples_us: list[float]) -> list[int]:
-    """QEMU's trace stamps are µs; qmig.latency's figures take ns."""
-    return [round(sample * 1000) for sample in samples_us]
-
-
-def _group_figures(samples: list[float]) -> dict[str, float]:
-    return count_p50_p99(_ns(samples))
-
-
-def summary_us(samples: list[float]) -> dict[str, float]:
-    """p50, p99 and max of µs ``samples`` (0.0 each when there are none)."""
-    figures = percentiles_us(_ns(samples))
+def summary_us(samples_ns: list[int]) -> dict[str, float]:
+    """p50, p99 and max of ``samples_ns``, in µs (0.0 each when there are none)."""
+    figures = percentiles_us(samples_ns)
     del figures["count"]
     return figures
 
