@@ -87,7 +87,14 @@ from qmig.qemu.guest import GuestSpec, highest_safe_end
 from qmig.qemu.machine import Machine, MachineConfig
 from qmig.qemu.oracle import verify_counters
 from qmig.qemu.qmp import QemuError
-from qmig.qemu.trace import FAULT_EVENT, PLACE_EVENTS, TracedFaults, traced_faults
+from qmig.qemu.trace import (
+    FAULT_EVENT,
+    PLACE_EVENTS,
+    TracedFaults,
+    TraceLine,
+    trace_lines,
+    traced_faults,
+)
 from qmig.simulate import SimulationConfig, environment_check, run_simulation
 from qmig.sizes import parse_size
 
@@ -101,11 +108,9 @@ TRACE_EVENTS = (FAULT_EVENT, *PLACE_EVENTS, "loadvm_postcopy_handle_run_bh")
 # thread found when it took each queued page request off the queue: the page still dirty
 # (get_queued_page, sent for the request) or not (get_queued_page_not_dirty, sent already).
 SOURCE_TRACE_EVENTS = ("postcopy_start_set_run", "get_queued_page", "get_queued_page_not_dirty")
-# "1234@1700000000.123456:postcopy_place_page host=0x7f..." (log backend, -msg timestamp=on)
-TRACE_LINE = re.compile(rb"^\d+@(\d+)\.(\d{6}):(\w+) (.*)$", re.MULTILINE)
 # "pc.ram/0x1000 page_abs=0x..." (the block, the byte offset in it)
-QUEUED_PAGE = re.compile(rb"^(\S+)/0x([0-9a-f]+) ")
-QUEUED_VERDICTS = {b"get_queued_page": False, b"get_queued_page_not_dirty": True}
+QUEUED_PAGE = re.compile(r"^(\S+)/0x([0-9a-f]+) ")
+QUEUED_VERDICTS = {"get_queued_page": False, "get_queued_page_not_dirty": True}
 # Each side's faults by what their request found on the source: its page sent already (on
 # the stream or queued, so the fault waits for less than a round trip), or sent for it.
 GROUPS = ("page_already_sent", "page_sent_for_request")
@@ -254,8 +259,8 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
     ram = source_info.get("ram", {})
     total_s = source_info.get("total-time", 0) / 1000
     sent = ram.get("normal", 0) + ram.get("duplicate", 0)
-    trace = trace_path.read_bytes() if trace_path.exists() else b""
-    source_trace = source_trace_path.read_bytes() if source_trace_path.exists() else b""
+    trace = _read_trace(trace_path)
+    source_trace = _read_trace(source_trace_path)
     faults = traced(trace)
     groups = fault_groups_ns(source_trace, faults)
     return {
@@ -303,46 +308,49 @@ def _trace_args(path: Path, events: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(args)
 
 
-def _events(trace: bytes) -> list[tuple[float, bytes, bytes]]:
-    return [
-        (int(seconds) + int(micros) / 1e6, event, rest)
-        for seconds, micros, event, rest in TRACE_LINE.findall(trace)
-    ]
+def _read_trace(path: Path) -> list[TraceLine]:
+    """A QEMU trace log's stamped lines (none if QEMU wrote no log)."""
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        return list(trace_lines(lines))
 
 
-def stop_to_run_ms(source_trace: bytes, destination_trace: bytes) -> float | None:
+def stop_to_run_ms(
+    source_trace: list[TraceLine], destination_trace: list[TraceLine]
+) -> float | None:
     """Source stop → destination RUN, as qmig measures it: from the source's
     postcopy_start_set_run (right before vm_stop) to the end of the destination's RUN
     handler (after vm_start). Both traces use the same host's wall clock."""
-    stops = [at for at, event, _ in _events(source_trace) if event == b"postcopy_start_set_run"]
+    stops = [line.at_ns for line in source_trace if line.event == "postcopy_start_set_run"]
     runs = [
-        at
-        for at, event, rest in _events(destination_trace)
-        if event == b"loadvm_postcopy_handle_run_bh" and rest.strip() == b"return"
+        line.at_ns
+        for line in destination_trace
+        if line.event == "loadvm_postcopy_handle_run_bh" and line.arguments.strip() == "return"
     ]
     if not stops or not runs:
         return None
-    return round((runs[0] - stops[0]) * 1000, 2)
+    return round((runs[0] - stops[0]) / 1e6, 2)
 
 
-def traced(trace: bytes) -> TracedFaults:
+def traced(trace: list[TraceLine]) -> TracedFaults:
     """The destination's faults, each timed fault → placed (qmig.qemu.trace: a fault on a
     page placed before the fault thread read it is left out, as qmig leaves it out)."""
-    return traced_faults(trace.decode("utf-8", "replace").splitlines(), PAGE)
+    return traced_faults(trace, PAGE)
 
 
-def fault_groups_ns(source_trace: bytes, faults: TracedFaults) -> tuple[list[int], ...]:
+def fault_groups_ns(source_trace: list[TraceLine], faults: TracedFaults) -> tuple[list[int], ...]:
     """The destination's fault latencies split by what the source's migration thread found
     when it took the fault's request off its queue: (page sent already, page sent for the
     request). A request the source's trace does not name (not taken off the queue before
     the end) is in neither."""
     verdicts: dict[tuple[str, int], bool] = {}
-    for _at, event, rest in _events(source_trace):
-        already = QUEUED_VERDICTS.get(event)
-        match = QUEUED_PAGE.match(rest)
+    for line in source_trace:
+        already = QUEUED_VERDICTS.get(line.event)
+        match = QUEUED_PAGE.match(line.arguments)
         if already is not None and match:
             # The first verdict is the first request's: a repeat finds the page sent for it.
-            page = (match.group(1).decode("latin-1"), int(match.group(2), 16))
+            page = (match.group(1), int(match.group(2), 16))
             verdicts.setdefault(page, already)
     groups: tuple[list[int], ...] = ([], [])
     for fault in faults.faults:

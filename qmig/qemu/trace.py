@@ -15,7 +15,7 @@ qmig leaves such faults out of its own figures (the placement woke the vCPU, not
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +81,27 @@ class _Event:
     thread: int | None = None  # a fault's thread
 
 
-def _event(match: re.Match[str]) -> _Event | None:
-    seconds, micros, event, arguments = match.groups()
+@dataclass(frozen=True)
+class TraceLine:
+    """One line of the log backend's stamped form: when (ns, wall clock), the event's name
+    and its arguments as QEMU formatted them."""
+
+    at_ns: int
+    event: str
+    arguments: str
+
+
+def trace_lines(lines: Iterable[str]) -> Iterator[TraceLine]:
+    """The lines of a QEMU trace log that are in the stamped form; others are skipped."""
+    for line in lines:
+        match = _LINE.match(line)
+        if match is not None:
+            seconds, micros, event, arguments = match.groups()
+            yield TraceLine(int(seconds) * 1_000_000_000 + int(micros) * 1000, event, arguments)
+
+
+def _event(line: TraceLine) -> _Event | None:
+    event, arguments = line.event, line.arguments
     fault = event == FAULT_EVENT
     if not fault and event not in PLACE_EVENTS:
         return None
@@ -92,7 +111,7 @@ def _event(match: re.Match[str]) -> _Event | None:
     named = _FAULT_PAGE.search(arguments) if fault else None
     thread = _FAULT_THREAD.search(arguments) if fault else None
     return _Event(
-        int(seconds) * 1_000_000_000 + int(micros) * 1000,
+        line.at_ns,
         fault,
         int(address.group(1), 16),
         None if named is None else (named.group(1), int(named.group(2), 16)),
@@ -100,18 +119,15 @@ def _event(match: re.Match[str]) -> _Event | None:
     )
 
 
-def traced_faults(lines: Iterable[str], page_size: int) -> TracedFaults:
-    """The faults of a trace's ``lines``, each matched with the first placement of its host
-    page (``page_size`` bytes) at or after it. Lines are taken in time order: the log's
-    threads write theirs in turn, not strictly in time order."""
+def traced_faults(lines: Iterable[TraceLine], page_size: int) -> TracedFaults:
+    """The faults of a trace's ``lines`` (:func:`trace_lines`), each matched with the first
+    placement of its host page (``page_size`` bytes) at or after it. Lines are taken in time
+    order: the log's threads write theirs in turn, not strictly in time order."""
     result = TracedFaults()
     events = []
     for line in lines:
-        match = _LINE.match(line)
-        if match is None:
-            continue
         result.lines += 1
-        event = _event(match)
+        event = _event(line)
         if event is not None:
             events.append(event)
     events.sort(key=lambda event: event.at_ns)
@@ -136,4 +152,4 @@ def traced_faults(lines: Iterable[str], page_size: int) -> TracedFaults:
 def traced_fault_file(log: Path, page_size: int) -> TracedFaults:
     """:func:`traced_faults` of the log file QEMU wrote."""
     with log.open(encoding="utf-8", errors="replace") as lines:
-        return traced_faults(lines, page_size)
+        return traced_faults(trace_lines(lines), page_size)

@@ -14,7 +14,7 @@ import pytest
 from processes import qmig
 from qemu_helpers import PREEMPT_MEMORY_MIB, PREEMPT_SPEC, MachineFactory, need, postcopy_migration
 
-from qmig.qemu.trace import FAULT_EVENT, traced_fault_file, traced_faults
+from qmig.qemu.trace import FAULT_EVENT, trace_lines, traced_fault_file, traced_faults
 
 
 @pytest.mark.qemu
@@ -88,7 +88,7 @@ def test_a_fault_is_matched_with_the_first_placement_of_its_host_page_after_it()
         "offset=0x3000 pid=5",  # never placed
         "not a trace line",
     ]
-    faults = traced_faults(lines, 0x1000)
+    faults = traced_faults(trace_lines(lines), 0x1000)
     assert faults.latencies_ns == [60_000, 45_000]
     assert [fault.page for fault in faults.faults] == [("pc.ram", 0x1000)] * 2
     assert (faults.late, faults.unplaced) == (1, 1)
@@ -100,7 +100,7 @@ def test_lines_are_taken_in_time_order_whatever_thread_wrote_them_first() -> Non
         "9@100.000030:postcopy_ram_fault_thread_request Request for HVA=0x1000 rb=pc.ram "
         "offset=0x0 pid=5",
     ]
-    assert traced_faults(lines, 0x1000).latencies_ns == [60_000]
+    assert traced_faults(trace_lines(lines), 0x1000).latencies_ns == [60_000]
 
 
 def test_a_file_that_is_no_trace_log_is_one_line_and_a_failure(tmp_path: Path) -> None:
