@@ -92,6 +92,7 @@ from qmig.qemu.trace import (
     PLACE_EVENTS,
     TracedFaults,
     TraceLine,
+    trace_args,
     trace_lines,
     traced_faults,
 )
@@ -223,7 +224,7 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
             memory_mib,
             spec,
             incoming="defer",
-            extra_args=_trace_args(trace_path, TRACE_EVENTS),
+            extra_args=trace_args(trace_path, TRACE_EVENTS),
         ),
         workdir,
     )
@@ -232,7 +233,7 @@ def run_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
             "source",
             memory_mib,
             spec,
-            extra_args=_trace_args(source_trace_path, SOURCE_TRACE_EVENTS),
+            extra_args=trace_args(source_trace_path, SOURCE_TRACE_EVENTS),
         ),
         workdir,
     )
@@ -298,14 +299,6 @@ def _switch_after_first_pass(source: Machine, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise QemuError("source: migration", "the first precopy pass did not end")
         time.sleep(0.01)
-
-
-def _trace_args(path: Path, events: tuple[str, ...]) -> tuple[str, ...]:
-    """QEMU's log trace backend into ``path``, each line stamped with the wall clock (µs)."""
-    args = ["-msg", "timestamp=on", "-D", str(path)]
-    for event in events:
-        args += ["-trace", f"enable={event}"]
-    return tuple(args)
 
 
 def _read_trace(path: Path) -> list[TraceLine]:

@@ -30,10 +30,15 @@ _FAULT_THREAD = re.compile(r"pid=(\d+)")  # the faulting thread (7.2 and 10.0 na
 _PLACE_ADDRESS = re.compile(r"host=0x([0-9a-fA-F]+)")
 
 
+def trace_args(log: Path, events: Iterable[str]) -> list[str]:
+    """The QEMU options that log ``events`` to ``log``, each line stamped (µs, wall clock)."""
+    enabled = [arg for event in events for arg in ("-trace", event)]
+    return [*enabled, "-msg", "timestamp=on", "-D", str(log)]
+
+
 def fault_trace_args(log: Path) -> list[str]:
     """The QEMU options that log a destination's faults and placements to ``log``."""
-    events = [arg for event in (FAULT_EVENT, *PLACE_EVENTS) for arg in ("-trace", event)]
-    return [*events, "-msg", "timestamp=on", "-D", str(log)]
+    return trace_args(log, (FAULT_EVENT, *PLACE_EVENTS))
 
 
 @dataclass(frozen=True)
