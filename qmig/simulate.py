@@ -91,6 +91,7 @@ class SimulationConfig:
     zero_page_detection: str | None = None
     fast_path: bool = True  # the destination's C receive thread after RUN (qmig.runner.fastpath)
     fast_answer: bool = True  # the source's C answer thread (qmig.runner.answer)
+    fast_sweep: bool = True  # and postcopy's background pages from C beside it
 
     def variant(self) -> PreemptVariant | None:
         """The preempt variant this run uses, or None without --preempt."""
@@ -282,6 +283,7 @@ def _run_source(
         cuts=cuts,
         recover_timeout=RECOVER_TIMEOUT,
         fast_answer=config.fast_answer,
+        fast_sweep=config.fast_sweep,
     )
 
     # A new main channel (the first, or one after a recovery), counted for the report.

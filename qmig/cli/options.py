@@ -213,6 +213,12 @@ def add_fast_answer(parser: argparse.ArgumentParser) -> None:
         "that reads the return path (default: the C thread, on the main channel, or on the "
         "preempt channel with the 8.0 preempt variant)",
     )
+    parser.add_argument(
+        "--no-fast-sweep",
+        action="store_true",
+        help="build postcopy's background pages in the source's Python loop instead of "
+        "writing them from C beside the answer thread on the main channel (default: from C)",
+    )
 
 
 def add_bandwidth(parser: argparse.ArgumentParser) -> None:

@@ -85,6 +85,20 @@ class DeviceSnapshot:
     section_id: int | None = None
 
 
+@dataclass(frozen=True)
+class SweepOrder:
+    """The background sweep's next batch (see :meth:`Source.sweep_order`): from target page
+    ``start`` of block ``block`` (the ``index``-th), the dirty pages in order, ``limit`` of
+    them and then the rest of the last one's host page; the first record names the block if
+    ``named``, every other one CONTINUEs it."""
+
+    block: str
+    index: int
+    start: int
+    limit: int
+    named: bool
+
+
 @dataclass
 class SourceStats:
     precopy_pages: int = 0
@@ -598,31 +612,84 @@ class Source:
 
     def _next_dirty_batch(self, limit: int) -> tuple[SourceBlock, array[int]] | None:
         """Up to ``limit`` dirty target pages of one block, from the sweep's cursor on."""
+        found = self._next_dirty_start()
+        if found is None:
+            return None
+        index, start = found
+        block = self.blocks[index]
+        pages = array("Q")
+        at = start
+        while at >= 0 and len(pages) < limit:
+            end = block.dirty.find(0, at)
+            end = len(block.dirty) if end < 0 else end
+            take = min(end, at + limit - len(pages))
+            pages.extend(range(at, take))
+            at = block.dirty.find(DIRTY, take) if take < len(block.dirty) else -1
+        # Host pages go out whole: finish the last one started.
+        per_host = block.page_size // self.target_page_size
+        last = pages[-1]
+        for extra in range(last + 1, last - last % per_host + per_host):
+            if block.dirty[extra]:
+                pages.append(extra)
+        self._cursor = (index, pages[-1] + 1)
+        return block, pages
+
+    def _next_dirty_start(self) -> tuple[int, int] | None:
+        """(block index, target page) of the first dirty page from the sweep's cursor on; None
+        (the cursor past the last block) when there is none."""
         index, page = self._cursor
         while index < len(self.blocks):
-            block = self.blocks[index]
-            start = block.dirty.find(DIRTY, page)
-            if start < 0:
-                index, page = index + 1, 0
-                continue
-            pages = array("Q")
-            at = start
-            while at >= 0 and len(pages) < limit:
-                end = block.dirty.find(0, at)
-                end = len(block.dirty) if end < 0 else end
-                take = min(end, at + limit - len(pages))
-                pages.extend(range(at, take))
-                at = block.dirty.find(DIRTY, take) if take < len(block.dirty) else -1
-            # Host pages go out whole: finish the last one started.
-            per_host = block.page_size // self.target_page_size
-            last = pages[-1]
-            for extra in range(last + 1, last - last % per_host + per_host):
-                if block.dirty[extra]:
-                    pages.append(extra)
-            self._cursor = (index, pages[-1] + 1)
-            return block, pages
+            start = self.blocks[index].dirty.find(DIRTY, page)
+            if start >= 0:
+                return index, start
+            index, page = index + 1, 0
         self._cursor = (index, 0)
         return None
+
+    # --- the background sweep beside the machine --------------------------------------------
+
+    def sweep_order(self, budget: int) -> SweepOrder | None:
+        """Postcopy without preempt, no request queued: the background sweep's next batch,
+        for a writer beside this machine to take from the dirty map and write (the runner's
+        C sweep, ``qmig_answer_sweep``), exactly as :meth:`data_to_send` would take and write
+        it; the stream's bytes before it (a section's start) wait in ``data_to_send(0)``.
+        None: there is none, or it is not the sweep's turn (requests first, the stream's
+        end): :meth:`data_to_send`'s to do. Report what was written with :meth:`swept`."""
+        if self.state is not SourceState.POSTCOPY or self._requests or self.preempt is not None:
+            return None
+        found = self._next_dirty_start()
+        if found is None and self._cursor != (0, 0):
+            self._cursor = (0, 0)  # wrap, as _postcopy_section does
+            found = self._next_dirty_start()
+        if found is None:
+            return None
+        if not self._postcopy_section_open:
+            self._out += self._part_open
+            self._named_block = None
+            self._postcopy_section_open = True
+            self._postcopy_section_pages = 0
+        index, start = found
+        block = self.blocks[index]
+        return SweepOrder(
+            block.idstr, index, start, self._pages_for(budget), block is not self._named_block
+        )
+
+    def swept(self, order: SweepOrder, *, pages: int, last: int, zeros: int, size: int) -> None:
+        """What the writer wrote for ``order``: ``pages`` target pages from ``order.start``
+        on, ending with ``last`` (their dirty bytes it cleared), ``zeros`` of them ZERO
+        records, ``size`` bytes in all. Its next record continues the block, the sweep goes
+        on after ``last``, and the section closes once it holds pages_per_section pages (its
+        end waits in ``data_to_send(0)``)."""
+        if not pages:
+            return
+        self._named_block = self.blocks[order.index]
+        self._cursor = (order.index, last + 1)
+        self.stats.postcopy_pages += pages
+        self.stats.postcopy_zero_pages += zeros
+        self.stats.postcopy_bytes += size
+        self._postcopy_section_pages += pages
+        if self._postcopy_section_pages >= self.pages_per_section:
+            self._close_postcopy_section()
 
     def _page_records(
         self,

@@ -87,6 +87,7 @@ class ReplayPlan:
     # Page requests answered by the source's C thread as it reads them (qmig.runner.answer);
     # False: by the Python loop.
     fast_answer: bool = True
+    fast_sweep: bool = True  # postcopy's background pages from C beside it (SourcePlan's)
 
 
 @dataclass
@@ -216,6 +217,7 @@ def replay(
         cuts=cuts,
         recover_timeout=plan.resume_timeout,
         fast_answer=plan.fast_answer,
+        fast_sweep=plan.fast_sweep,
     )
 
     # A new main channel (the first, or one after a recovery), counted for the report.

@@ -14,7 +14,7 @@
    the thread writes only then, naming each host page's block in full. With preempt, the loop
    holds the same lock only while its machine picks pages from the dirty map, so that a page
    goes out on one channel or the other, never both. */
-#include "qmig_answer.h"
+#include "answer_internal.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -22,68 +22,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
-
-enum { RP_HEADER = 4, RAM_HEADER = 8, MAX_PER_HOST = 64, QUEUE = 1 << 14, READ_SIZE = 64 << 10 };
-
-struct answer {
-    struct qmig_answer_config cfg;
-    struct qmig_answer_block *blocks;
-    uint32_t count;
-    int stop_fd;
-    pthread_t thread;
-    pthread_mutex_t lock;        /* the preempt channel, last_block and the queue */
-    int32_t last_block;
-    struct qmig_answer_entry queue[QUEUE];
-    size_t head, used;
-    int parsing;                 /* 0 once something odd came: everything else is Python's */
-    int32_t request_block;       /* the block the last REQ_PAGES_ID named; -1: none usable */
-    uint8_t msg[RP_HEADER + 65536];
-    size_t have;
-    int declined;                /* well-formed requests left to Python */
-    int main_channel;            /* answers go on rp_fd, between Python's writes */
-    pthread_mutex_t wire;        /* main channel: Python's writes and the thread's take turns */
-    pthread_cond_t turn;         /* Python waits here while the thread wants the wire */
-    int wanted;                  /* the thread waits for the wire (atomic) */
-    int open;                    /* the stream as written ends inside a RAM section's records */
-    int capped;                  /* a bandwidth cap holds the main channel */
-    int64_t credit;              /* the cap's quota left in its window (may go below 0) */
-    uint64_t window_end;         /* CLOCK_MONOTONIC ns: the window's end */
-    uint8_t buf[READ_SIZE];
-};
-
-/* One host page's records, ready to write. */
-struct host_page {
-    uint8_t headers[MAX_PER_HOST][RAM_HEADER + 1 + 255];
-    struct iovec iov[2 * MAX_PER_HOST];
-    int n;
-    struct qmig_answer_entry e;
-};
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
-static void put_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v;
-}
-
-static int page_is_zero(const uint8_t *p, uint64_t size)
-{
-    return p[0] == 0 && memcmp(p, p + 1, size - 1) == 0;
-}
 
 /* Wait until fd takes more bytes, or the thread is told to stop (-ECANCELED): a peer
    that stopped reading must not keep qmig_answer_stop from joining. timeout_ms < 0: none. */
@@ -96,11 +38,22 @@ static int wait_for_room(int fd, int stop_fd, int timeout_ms)
     return p[1].revents ? -ECANCELED : 0;
 }
 
-/* Write every byte of the iovecs, waiting for room (the socket may be non-blocking). */
-static int write_all(int fd, int stop_fd, int timeout_ms, struct iovec *iov, int n)
+/* Some of the iovecs, never blocking on a socket (Python's are blocking ones, and a peer
+   that stopped reading must meet the stall timeout, not hang the writer); a pipe's write
+   end as it is. */
+static ssize_t write_some(int fd, struct iovec *iov, int n)
+{
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+    ssize_t sent = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (sent < 0 && errno == ENOTSOCK) sent = writev(fd, iov, n);
+    return sent;
+}
+
+/* Write every byte of the iovecs, waiting for room. */
+int qmig_write_all(int fd, int stop_fd, int timeout_ms, struct iovec *iov, int n)
 {
     while (n > 0) {
-        ssize_t sent = writev(fd, iov, n);
+        ssize_t sent = write_some(fd, iov, n);
         if (sent < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -178,7 +131,7 @@ static int answer_host_page(struct answer *a, int32_t index, uint64_t request_st
     if (h.e.pages) {
         int fd = a->main_channel ? a->cfg.rp_fd : a->cfg.preempt_fd;
         int timeout = a->main_channel && a->cfg.stall_ms > 0 ? a->cfg.stall_ms : -1;
-        if (write_all(fd, a->stop_fd, timeout, h.iov, h.n) < 0) {
+        if (qmig_write_all(fd, a->stop_fd, timeout, h.iov, h.n) < 0) {
             pthread_mutex_unlock(&a->lock);
             return -2;
         }
@@ -229,7 +182,7 @@ static int take_wire(struct answer *a)
     return 0;
 }
 
-static void give_wire(struct answer *a)
+void qmig_give_wire(struct answer *a)
 {
     pthread_cond_broadcast(&a->turn);
     pthread_mutex_unlock(&a->wire);
@@ -255,7 +208,7 @@ static int answer_request(struct answer *a, int32_t index, uint64_t start, uint6
         left |= rc == -1;
     }
     if (!wrote && !left && rc != -2) settled(a, index, start, read_ns);
-    give_wire(a);
+    qmig_give_wire(a);
     return rc == -2 ? rc : 0;
 }
 
@@ -323,7 +276,7 @@ static int feed(struct answer *a, const uint8_t *data, size_t len, uint64_t read
 static int pass_on(int fd, int stop_fd, const uint8_t *data, size_t len)
 {
     struct iovec iov = {.iov_base = (void *)data, .iov_len = len};
-    return write_all(fd, stop_fd, -1, &iov, 1);
+    return qmig_write_all(fd, stop_fd, -1, &iov, 1);
 }
 
 static void *run(void *arg)
@@ -424,7 +377,7 @@ int qmig_answer_write(void *answer, const uint8_t *data, size_t len, int32_t las
     struct answer *a = answer;
     struct iovec iov = {.iov_base = (void *)data, .iov_len = len};
     pthread_mutex_lock(&a->lock);
-    int rc = write_all(a->cfg.preempt_fd, a->stop_fd, -1, &iov, 1);
+    int rc = qmig_write_all(a->cfg.preempt_fd, a->stop_fd, -1, &iov, 1);
     if (rc == 0) a->last_block = last_block;
     pthread_mutex_unlock(&a->lock);
     return rc;
@@ -463,6 +416,13 @@ void qmig_answer_hold(void *answer)
     pthread_mutex_lock(&a->wire);
     while (__atomic_load_n(&a->wanted, __ATOMIC_SEQ_CST) > 0)
         pthread_cond_wait(&a->turn, &a->wire);
+}
+
+/* Whether the thread waits for the wire now (for tests that need it waiting). */
+int qmig_answer_waiting(void *answer)
+{
+    struct answer *a = answer;
+    return __atomic_load_n(&a->wanted, __ATOMIC_SEQ_CST) > 0;
 }
 
 /* The end of Python's turn: whether its stream now ends inside a RAM section's records, the

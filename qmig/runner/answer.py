@@ -27,6 +27,7 @@ the channels are the ones the thread was given: a pause stops it (see the runner
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections import deque
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmig.errors import TransportError
-from qmig.protocol.source import Source
+from qmig.protocol.source import Source, SweepOrder
 from qmig.runner._answer import ffi, lib
 from qmig.transport import Connection
 
@@ -53,6 +54,23 @@ class Answered:
     sent_ns: int
     bytes: int
     pages: int  # target pages written; 0: the request's pages had all gone out already
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What one C sweep wrote (see :meth:`FastAnswer.sweep`)."""
+
+    pages: int  # target pages
+    last: int  # the last of them
+    zeros: int  # of them ZERO records
+    bytes: int
+    yielded: bool  # it let the thread's answer go first, and stopped there
+
+
+def _sweep_error(code: int) -> str:
+    if code == errno.ETIMEDOUT:
+        return "the destination took no data while the sweep waited to write"
+    return os.strerror(code)
 
 
 class AnswerTimes:
@@ -159,6 +177,7 @@ class FastAnswer:
             os.close(write_fd)
             raise OSError(error[0], "starting the answer thread")
         self._entries: Any = ffi.new("struct qmig_answer_entry[]", DRAIN)
+        self._sweep_result: Any = ffi.new("struct qmig_sweep_result *")
         self.declined = 0  # well-formed requests the thread left to the machine
         self.pages = 0
         self.bytes = 0
@@ -225,6 +244,11 @@ class FastAnswer:
         if self._handle != ffi.NULL:
             lib.qmig_answer_hold(self._handle)
 
+    @property
+    def waiting(self) -> bool:
+        """Main channel: does the thread wait for the loop to let go of the wire?"""
+        return self._handle != ffi.NULL and bool(lib.qmig_answer_waiting(self._handle))
+
     def release(self, *, open_records: bool, credit: int | None, window_end: float) -> None:
         """The end of the loop's turn. Main channel: ``open_records``, the stream written so
         far ends inside a RAM section's records; ``credit``, the cap's quota left in its
@@ -238,6 +262,35 @@ class FastAnswer:
             -1 if credit is None else max(0, credit),
             int(window_end * 1e9),
         )
+
+    def sweep(
+        self, order: SweepOrder, *, batch: int, credit: int | None, window_end: float
+    ) -> SweepResult:
+        """Main channel, between :meth:`hold` and :meth:`release`: write the background
+        sweep's batch ``order`` (see ``sweep.c``) from C, the GIL released, in writes of about
+        ``batch`` bytes; between them the thread's answers go first, within ``credit`` (the
+        cap's quota left, None: no cap) and the window that ends at ``window_end``, and the
+        sweep stops after one. The machine learns nothing here: pass the result to
+        :meth:`Source.swept <qmig.protocol.source.Source.swept>`."""
+        out = self._sweep_result
+        rc = lib.qmig_answer_sweep(
+            self._handle,
+            order.index,
+            order.start,
+            order.limit,
+            int(order.named),
+            batch,
+            -1 if credit is None else max(0, credit),
+            int(window_end * 1e9),
+            out,
+        )
+        if rc < 0:
+            raise TransportError(self._return_path.name, _sweep_error(-rc))
+        result = SweepResult(
+            int(out.pages), int(out.last), int(out.zeros), int(out.bytes), bool(out.yielded)
+        )
+        self._return_path.sent_elsewhere(result.bytes)
+        return result
 
     def stop(self) -> list[Answered]:
         """Join the thread (it writes nothing more) and tell the machine what it wrote last;

@@ -58,6 +58,16 @@ struct qmig_answer_entry {
     uint64_t sent_ns;          /* CLOCK_MONOTONIC: its records written */
 };
 
+/* One background sweep on the main channel (qmig_answer_sweep): what it wrote. */
+struct qmig_sweep_result {
+    uint64_t pages;            /* target pages written */
+    uint64_t zeros;            /* of which ZERO records */
+    uint64_t bytes;
+    uint64_t last;             /* the last target page written (valid when pages > 0) */
+    uint64_t writes;           /* writev calls */
+    int32_t yielded;           /* the sweep gave the wire to the thread's answer and stopped */
+};
+
 void *qmig_answer_start(const struct qmig_answer_config *config,
                         const struct qmig_answer_block *blocks, uint32_t count, int *error);
 size_t qmig_answer_drain(void *answer, struct qmig_answer_entry *out, size_t max);
@@ -65,6 +75,10 @@ int qmig_answer_write(void *answer, const uint8_t *data, size_t len, int32_t las
 int32_t qmig_answer_last_block(void *answer);
 void qmig_answer_hold(void *answer);
 void qmig_answer_release(void *answer, int32_t open, int64_t credit, uint64_t window_end_ns);
+int qmig_answer_sweep(void *answer, int32_t block, uint64_t start, uint64_t limit,
+                      int32_t named, uint64_t batch_bytes, int64_t credit,
+                      uint64_t window_end_ns, struct qmig_sweep_result *out);
+int qmig_answer_waiting(void *answer);
 int qmig_answer_stop(void *answer, int *declined);
 void qmig_answer_free(void *answer);
 

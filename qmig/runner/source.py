@@ -79,6 +79,10 @@ from qmig.transport import Connection
 from qmig.wire.reader import NEED_DATA
 
 CHUNK = 256 << 10  # precopy: stream bytes per data_to_send
+# One C sweep's bytes at most (SourceRunner._sweep): it writes them in pieces of
+# POSTCOPY_CHUNK with the answer thread's requests going first between them, but this loop
+# reads nothing else of the return path meanwhile.
+SWEEP = 1 << 20
 POSTCOPY_CHUNK = 32 << 10  # postcopy: what a newly requested page may queue behind, at most
 SEND_BUFFER = 32 << 10  # SO_SNDBUF (the kernel doubles it)
 STALL_TIMEOUT = 60.0  # the destination took no bytes and said nothing for this long
@@ -107,6 +111,10 @@ class SourcePlan:
     # preempt variant's channel, or without preempt on the main channel; a new thread after
     # each recovery. False: by this loop.
     fast_answer: bool = False
+    # Where that thread answers on the main channel: the background sweep's pages written
+    # from C too (qmig.runner.sweep.c), the machine picking where each batch starts and
+    # learning what went out. False: built by the machine, written by this loop.
+    fast_sweep: bool = True
 
 
 class SourceRunner:
@@ -221,7 +229,7 @@ class SourceRunner:
                 requested = source.requested_data()
                 if requested:
                     self._send(requested, capped=False)
-                else:
+                elif not self._sweep():
                     # The window's quota goes as one burst of pieces back to back, each built
                     # within what the window has left and written whole: QEMU checks the rate
                     # before each page and sends the page that crosses it whole, so a window
@@ -370,6 +378,48 @@ class SourceRunner:
         else:
             source.begin_pass()
         self._take_events()
+
+    def _sweep(self) -> bool:
+        """The background sweep's next batch written from C (``SourcePlan.fast_sweep``), where
+        the answer thread writes on the main channel; False: not here, or not now (requests
+        queued, the stream's end), the machine's own :meth:`Source.data_to_send` instead.
+
+        Within the loop's turn: the machine orders the batch (and opens a section first if
+        need be), the C sweep takes its pages from the dirty map and writes them, letting the
+        thread's answers go first between host pages, and the machine learns what went out
+        (and closes the section once full)."""
+        fast = self._answers.fast
+        if fast is None or not fast.main or not self.plan.fast_sweep:
+            return False
+        source = self.source
+        order = source.sweep_order(self._sweep_budget())
+        if order is None:
+            return False
+        self._send(source.data_to_send(0), capped=False)  # a section's start
+        window = self._window
+        result = fast.sweep(order, batch=self._piece, credit=window.credit(), window_end=window.end)
+        source.swept(
+            order, pages=result.pages, last=result.last, zeros=result.zeros, size=result.bytes
+        )
+        self._sent += result.bytes
+        window.used += result.bytes
+        totals = self.report.fast_answer
+        totals["swept_pages"] = totals.get("swept_pages", 0) + result.pages
+        if self.on_progress is not None:
+            self.on_progress(self._label(), result.bytes)
+        self._take_events()
+        self._send(source.data_to_send(0), capped=False)  # a full section's end
+        self._maybe_cut()
+        return True
+
+    def _sweep_budget(self) -> int:
+        """The bytes of one C sweep: what the window has left (at least a page), SWEEP at
+        most; one piece where a cut is planned, which counts pages between sweeps."""
+        most = self.plan.postcopy_chunk if self.plan.cuts is not None else SWEEP
+        credit = self._window.credit()
+        if credit is None:
+            return most
+        return min(most, max(credit, self.source.target_page_size))
 
     def _piece_budget(self) -> int:
         """The bytes of background stream to build now: a chunk at most, and under a cap

@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             zero_page_detection=args.zero_page_detection,
             uuid=args.uuid,
             fast_answer=not args.no_fast_answer,
+            fast_sweep=not args.no_fast_sweep,
         )
         misbehaviour = source_misbehaviour(args, choice.version)
         progress = None if args.json else _Progress()

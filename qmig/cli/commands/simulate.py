@@ -205,6 +205,7 @@ def config_from(args: argparse.Namespace) -> SimulationConfig:
         zero_page_detection=args.zero_page_detection,
         fast_path=not args.no_fast_path,
         fast_answer=not args.no_fast_answer,
+        fast_sweep=not args.no_fast_sweep,
     )
     # Given or not: the defaults are SimulationConfig's.
     for name in ("send_buffer", "receive_buffer"):

@@ -1,0 +1,119 @@
+/* The background sweep of postcopy, off the Python path: the main channel's pages that no
+   request asked for, written from guest RAM as the source machine would write them.
+
+   The machine stays the one authority over the stream. It picks where the sweep starts (the
+   block, its first dirty page, how many pages and whether the first record names the block:
+   Source.sweep_order), and learns afterwards what was written (Source.swept); the sweep only
+   takes the dirty target pages from there on, in order, up to the limit and then the rest of
+   the last host page, exactly as the machine's own batch would, and writes their records.
+   It runs on the loop's thread with the wire held (between qmig_answer_hold and _release)
+   and the GIL released. Between host pages, in batches of about batch_bytes, it lets the
+   answer thread go first when it waits for the wire, as QEMU's migration thread takes a
+   queued request before its next background page; it then stops, so that the machine learns
+   of the answer (and moves its sweep after the requested page) before the next order. */
+#include "answer_internal.h"
+
+#include <errno.h>
+
+enum { BATCH_PAGES = 2 * MAX_PER_HOST };
+
+struct batch {
+    uint8_t headers[BATCH_PAGES][RAM_HEADER + 1 + 255];
+    struct iovec iov[2 * BATCH_PAGES];
+    int records;
+    uint64_t bytes;
+};
+
+/* One target page's record into the batch; its dirty byte cleared (it goes out once). */
+static void add_record(struct answer *a, const struct qmig_answer_block *b, uint64_t page,
+                       int named, struct batch *s, struct qmig_sweep_result *out)
+{
+    static const uint8_t zero_byte = 0;
+    const uint64_t tps = a->cfg.target_page_size;
+    const uint8_t *src = b->ram + page * tps;
+    int zero = page_is_zero(src, tps);
+    uint8_t *header = s->headers[s->records];
+    uint64_t flags = zero ? a->cfg.flag_zero : a->cfg.flag_page;
+    put_be64(header, page * tps | flags | (named ? 0 : a->cfg.flag_continue));
+    size_t head = RAM_HEADER;
+    if (named) {
+        header[head++] = (uint8_t)b->name_len;
+        memcpy(header + head, b->name, b->name_len);
+        head += b->name_len;
+    }
+    s->iov[2 * s->records] = (struct iovec){.iov_base = header, .iov_len = head};
+    s->iov[2 * s->records + 1] = zero
+        ? (struct iovec){.iov_base = (void *)&zero_byte, .iov_len = 1}
+        : (struct iovec){.iov_base = (void *)src, .iov_len = tps};
+    s->records++;
+    s->bytes += head + (zero ? 1 : tps);
+    b->dirty[page] = 0;
+    out->pages++;
+    out->zeros += (uint64_t)zero;
+    out->last = page;
+}
+
+/* Fill a batch from *page on: dirty pages until the limit, then the rest of that host page;
+   whole host pages only, up to about batch_bytes. *page: where the next batch starts.
+   Returns 1 when the sweep is done after this batch (the limit, or the block's end). */
+static int fill(struct answer *a, const struct qmig_answer_block *b, uint64_t *page,
+                uint64_t limit, int *named, uint64_t batch_bytes, struct batch *s,
+                struct qmig_sweep_result *out)
+{
+    const uint64_t per_host = b->host_page_size / a->cfg.target_page_size;
+    while (*page < b->pages) {
+        uint64_t host_end = *page - *page % per_host + per_host;
+        if (host_end > b->pages) host_end = b->pages;
+        if (s->records && (s->bytes >= batch_bytes || s->records + per_host > BATCH_PAGES))
+            return 0;
+        int done = 0;
+        for (; *page < host_end; (*page)++) {
+            if (!b->dirty[*page]) continue;
+            add_record(a, b, *page, *named, s, out);
+            *named = 0;
+            done |= out->pages >= limit;  /* and the rest of this host page */
+        }
+        if (done) return 1;
+    }
+    return 1;
+}
+
+/* Let the answer thread have the wire now (inside a RAM section's records, with what the
+   window has left), and take it back once it has written. */
+static void yield_wire(struct answer *a, int64_t credit, uint64_t window_end_ns)
+{
+    qmig_answer_release(a, 1, credit, window_end_ns);
+    qmig_answer_hold(a);
+}
+
+int qmig_answer_sweep(void *answer, int32_t block, uint64_t start, uint64_t limit,
+                      int32_t named, uint64_t batch_bytes, int64_t credit,
+                      uint64_t window_end_ns, struct qmig_sweep_result *out)
+{
+    struct answer *a = answer;
+    *out = (struct qmig_sweep_result){0};
+    if (!a->main_channel || block < 0 || (uint32_t)block >= a->count || limit == 0)
+        return -EINVAL;
+    const struct qmig_answer_block *b = &a->blocks[block];
+    int timeout = a->cfg.stall_ms > 0 ? a->cfg.stall_ms : -1;
+    uint64_t page = start;
+    struct batch s;
+    for (;;) {
+        s.records = 0;
+        s.bytes = 0;
+        int done = fill(a, b, &page, limit, &named, batch_bytes, &s, out);
+        if (s.records) {
+            int rc = qmig_write_all(a->cfg.rp_fd, a->stop_fd, timeout, s.iov, 2 * s.records);
+            if (rc < 0) return rc;
+            out->bytes += s.bytes;
+            out->writes++;
+        }
+        if (done) return 0;
+        if (__atomic_load_n(&a->wanted, __ATOMIC_SEQ_CST) > 0) {
+            int64_t left = credit < 0 ? -1 : credit - (int64_t)out->bytes;
+            yield_wire(a, credit < 0 ? -1 : (left > 0 ? left : 0), window_end_ns);
+            out->yielded = 1;
+            return 0;
+        }
+    }
+}
