@@ -57,9 +57,13 @@ TCG runs it, qmig's dirtier at a set rate. Figures per side:
 
 qmig runs twice by default (``--paths both``), for a before/after in the same run: with the C
 paths of a fault's round trip (the destination's receive thread and page requests, the
-source's answer thread; the default) and with all of them in Python (``--no-fast-path
---no-fast-answer``). The table's columns: QEMU 7.2 | qmig (C paths) | qmig (Python paths),
-then each qmig's ratio to QEMU.
+source's answer thread and its background sweep; the default) and with all of them in
+Python (``--no-fast-path --no-fast-answer``). The table's columns: QEMU 7.2 | qmig (C paths)
+| qmig (Python paths), then each qmig's ratio to QEMU.
+
+``--python-sweep`` adds a qmig run with the C paths but postcopy's background pages built by
+the source's Python loop (``--no-fast-sweep``), the state before the C sweep: a before/after
+of it in the same run.
 
 ``--autotuned-buffers`` adds a qmig run with both sockets' buffers left to the kernel, as
 ``qmig receive`` and ``replay`` leave them: simulate keeps them small by default
@@ -133,14 +137,21 @@ class Plan:
 
 
 def run_qmig(
-    plan: Plan, *, c_paths: bool = True, preempt: bool = False, autotuned: bool = False
+    plan: Plan,
+    *,
+    c_paths: bool = True,
+    preempt: bool = False,
+    autotuned: bool = False,
+    python_sweep: bool = False,
 ) -> dict[str, Any]:
     """``c_paths``: the C paths of a postcopy fault's round trip, the destination's receive
     threads and page requests and the source's answer thread (False: all of them in Python,
     ``--no-fast-path --no-fast-answer``, the state before them, for a before/after in the
     same run); ``preempt``: with postcopy-preempt (7.2's variant), requested pages on a
     channel of their own; ``autotuned``: both sockets' buffers left to the kernel, as QEMU
-    leaves its own (``--send-buffer auto --receive-buffer auto``), instead of simulate's."""
+    leaves its own (``--send-buffer auto --receive-buffer auto``), instead of simulate's;
+    ``python_sweep``: the C paths, but postcopy's background pages built by the source's
+    Python loop (``--no-fast-sweep``), as before the C sweep."""
     environment_check()
     pages = plan.ram // PAGE
     config = SimulationConfig(
@@ -156,6 +167,7 @@ def run_qmig(
         vcpus=plan.vcpus,
         fast_path=c_paths,
         fast_answer=c_paths,
+        fast_sweep=not python_sweep,
         preempt=preempt,
     )
     if autotuned:
@@ -409,6 +421,7 @@ PATHS = {"c": ("qmig", True), "python": ("qmig_python", False)}
 EXTRA_RUNS = {
     "qmig_preempt": "qmig with postcopy-preempt (--preempt, C paths)",
     "qmig_autotuned": "qmig with autotuned socket buffers (C paths)",
+    "qmig_python_sweep": "qmig with the background sweep in Python (--no-fast-sweep, C paths)",
 }
 
 
@@ -531,6 +544,12 @@ def main() -> int:
         help="also run qmig with both sockets' buffers left to the kernel's autotuning, as "
         "receive and replay leave them (simulate --send-buffer auto --receive-buffer auto)",
     )
+    parser.add_argument(
+        "--python-sweep",
+        action="store_true",
+        help="also run qmig with postcopy's background pages built in Python "
+        "(--no-fast-sweep), as before the C sweep",
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args()
@@ -557,6 +576,8 @@ def main() -> int:
                 result["qmig_preempt"] = run_qmig(plan, preempt=True)
             if args.autotuned_buffers:
                 result["qmig_autotuned"] = run_qmig(plan, autotuned=True)
+            if args.python_sweep:
+                result["qmig_python_sweep"] = run_qmig(plan, python_sweep=True)
         if args.only != "qmig":
             with tempfile.TemporaryDirectory(prefix="qmig-simbench-") as workdir:
                 result["qemu"] = run_qemu(plan, Path(workdir))

@@ -67,12 +67,6 @@ class SweepResult:
     yielded: bool  # it let the thread's answer go first, and stopped there
 
 
-def _sweep_error(code: int) -> str:
-    if code == errno.ETIMEDOUT:
-        return "the destination took no data while the sweep waited to write"
-    return os.strerror(code)
-
-
 class AnswerTimes:
     """The thread's answers, per request it read: when it read the request and wrote its
     last page (ns), and whether it wrote none (its pages had all gone out before), taken once
@@ -142,6 +136,7 @@ class FastAnswer:
         last = None if preempt is None else source.preempt_block
         config.last_block = -1 if last is None else self._index[last]
         config.stall_ms = int(stall_timeout * 1000)
+        self._stall = stall_timeout
         # Taken over between messages: a REQ_PAGES next asks for more of the block that the
         # machine's last REQ_PAGES_ID named (the destination names a block only on a change).
         named = source.last_request_block
@@ -285,12 +280,17 @@ class FastAnswer:
             out,
         )
         if rc < 0:
-            raise TransportError(self._return_path.name, _sweep_error(-rc))
+            raise TransportError(self._return_path.name, self._sweep_error(-rc))
         result = SweepResult(
             int(out.pages), int(out.last), int(out.zeros), int(out.bytes), bool(out.yielded)
         )
         self._return_path.sent_elsewhere(result.bytes)
         return result
+
+    def _sweep_error(self, code: int) -> str:
+        if code == errno.ETIMEDOUT:
+            return f"the destination took no data for {self._stall:g} s during postcopy"
+        return os.strerror(code)
 
     def stop(self) -> list[Answered]:
         """Join the thread (it writes nothing more) and tell the machine what it wrote last;
