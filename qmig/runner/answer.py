@@ -38,6 +38,7 @@ from qmig.errors import TransportError
 from qmig.protocol.source import Source, SweepOrder
 from qmig.runner._answer import ffi, lib
 from qmig.transport import Connection
+from qmig.transport.connection import describe
 
 DRAIN = 256  # entries taken per C call
 PIPE_SIZE = 1 << 20
@@ -290,7 +291,7 @@ class FastAnswer:
     def _sweep_error(self, code: int) -> str:
         if code == errno.ETIMEDOUT:
             return f"the destination took no data for {self._stall:g} s during postcopy"
-        return os.strerror(code)
+        return describe(OSError(code, os.strerror(code)))
 
     def stop(self) -> list[Answered]:
         """Join the thread (it writes nothing more) and tell the machine what it wrote last;

@@ -49,13 +49,15 @@ class Sweeper:
                 self.main.sendall(data)
                 return len(data), None
             prefix = source.data_to_send(0)
-            self.main.sendall(prefix)
+            if prefix:
+                self.main.sendall(prefix)
             result = self.fast.sweep(order, batch=32 << 10, credit=None, window_end=0.0)
             source.swept(
                 order, pages=result.pages, last=result.last, zeros=result.zeros, size=result.bytes
             )
             suffix = source.data_to_send(0)
-            self.main.sendall(suffix)
+            if suffix:
+                self.main.sendall(suffix)
             return len(prefix) + result.bytes + len(suffix), result
         finally:
             self.fast.release(open_records=source.records_may_follow, credit=None, window_end=0)
@@ -172,3 +174,17 @@ def test_a_destination_that_stops_reading_fails_the_sweep_not_the_loop() -> None
         assert time.monotonic() - started < WAIT
     finally:
         sweeper.close()
+
+
+def test_a_destination_that_vanishes_fails_the_sweep_with_one_line() -> None:
+    """The peer's end closes: the sweep's write fails, and the loop gets a TransportError
+    naming the channel and the reason, as its own writes do."""
+    source = answering.postcopy_source(5, "7.2", piece=2 * PAGE)
+    sweeper = Sweeper(source)
+    sweeper.peer.close()
+    try:
+        with pytest.raises(TransportError, match="^main: peer closed the connection$"):
+            sweeper.step(1 << 20)
+    finally:
+        sweeper.fast.stop()
+        sweeper.main.close()
