@@ -649,13 +649,13 @@ class Source:
     # --- the background sweep beside the machine --------------------------------------------
 
     def sweep_order(self, budget: int) -> SweepOrder | None:
-        """Postcopy without preempt, no request queued: the background sweep's next batch,
+        """Postcopy, no request queued: the main channel's background sweep's next batch,
         for a writer beside this machine to take from the dirty map and write (the runner's
         C sweep, ``qmig_answer_sweep``), exactly as :meth:`data_to_send` would take and write
         it; the stream's bytes before it (a section's start) wait in ``data_to_send(0)``.
         None: there is none, or it is not the sweep's turn (requests first, the stream's
         end): :meth:`data_to_send`'s to do. Report what was written with :meth:`swept`."""
-        if self.state is not SourceState.POSTCOPY or self._requests or self.preempt is not None:
+        if self.state is not SourceState.POSTCOPY or self._requests:
             return None
         found = self._next_dirty_start()
         if found is None and self._cursor != (0, 0):

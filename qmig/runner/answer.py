@@ -262,11 +262,13 @@ class FastAnswer:
     def sweep(
         self, order: SweepOrder, *, batch: int, credit: int | None, window_end: float
     ) -> SweepResult:
-        """Main channel, between :meth:`hold` and :meth:`release`: write the background
-        sweep's batch ``order`` (see ``sweep.c``) from C, the GIL released, in writes of about
-        ``batch`` bytes; between them the thread's answers go first, within ``credit`` (the
-        cap's quota left, None: no cap) and the window that ends at ``window_end``, and the
-        sweep stops after one. The machine learns nothing here: pass the result to
+        """Write the background sweep's batch ``order`` (see ``sweep.c``) on the main
+        channel from C, the GIL released, in writes of about ``batch`` bytes. Where the thread
+        answers on the main channel, between :meth:`hold` and :meth:`release`: between two
+        writes its answers go first, within ``credit`` (the cap's quota left, None: no cap)
+        and the window that ends at ``window_end``, and the sweep stops after one. With
+        preempt, without holding: each write's pages are picked with the thread held off.
+        The machine learns nothing here: pass the result to
         :meth:`Source.swept <qmig.protocol.source.Source.swept>`."""
         out = self._sweep_result
         rc = lib.qmig_answer_sweep(

@@ -111,9 +111,9 @@ class SourcePlan:
     # preempt variant's channel, or without preempt on the main channel; a new thread after
     # each recovery. False: by this loop.
     fast_answer: bool = False
-    # Where that thread answers on the main channel: the background sweep's pages written
-    # from C too (qmig.runner.sweep.c), the machine picking where each batch starts and
-    # learning what went out. False: built by the machine, written by this loop.
+    # Beside that thread: the background sweep's pages written from C too
+    # (qmig.runner.sweep.c), the machine picking where each batch starts and learning what
+    # went out. False: built by the machine, written by this loop.
     fast_sweep: bool = True
 
 
@@ -380,16 +380,16 @@ class SourceRunner:
         self._take_events()
 
     def _sweep(self) -> bool:
-        """The background sweep's next batch written from C (``SourcePlan.fast_sweep``), where
-        the answer thread writes on the main channel; False: not here, or not now (requests
-        queued, the stream's end), the machine's own :meth:`Source.data_to_send` instead.
+        """The background sweep's next batch written from C (``SourcePlan.fast_sweep``),
+        beside the answer thread; False: no thread, or not now (requests queued, the stream's
+        end), the machine's own :meth:`Source.data_to_send` instead.
 
         Within the loop's turn: the machine orders the batch (and opens a section first if
-        need be), the C sweep takes its pages from the dirty map and writes them, letting the
-        thread's answers go first between host pages, and the machine learns what went out
-        (and closes the section once full)."""
+        need be), the C sweep takes its pages from the dirty map and writes them (where the
+        thread answers on the main channel, its answers go first between two writes), and
+        the machine learns what went out (and closes the section once full)."""
         fast = self._answers.fast
-        if fast is None or not fast.main or not self.plan.fast_sweep:
+        if fast is None or not self.plan.fast_sweep:
             return False
         source = self.source
         order = source.sweep_order(self._sweep_budget())
@@ -414,9 +414,13 @@ class SourceRunner:
 
     def _sweep_budget(self) -> int:
         """The bytes of one C sweep: what the window has left (at least a page), SWEEP at
-        most; one piece where a cut is planned, which counts pages between sweeps."""
-        most = self.plan.postcopy_chunk if self.plan.cuts is not None else SWEEP
+        most. One piece where a cut is planned, which counts pages between sweeps; and under
+        a cap beside a preempt thread, whose pages the window may count (QEMU 8.1+) and which
+        the sweep does not stop for: the window's credit is then taken again each piece."""
         credit = self._window.credit()
+        beside_preempt = credit is not None and not self._answers.main
+        one_piece = self.plan.cuts is not None or beside_preempt
+        most = self.plan.postcopy_chunk if one_piece else SWEEP
         if credit is None:
             return most
         return min(most, max(credit, self.source.target_page_size))

@@ -6,11 +6,14 @@
    Source.sweep_order), and learns afterwards what was written (Source.swept); the sweep only
    takes the dirty target pages from there on, in order, up to the limit and then the rest of
    the last host page, exactly as the machine's own batch would, and writes their records.
-   It runs on the loop's thread with the wire held (between qmig_answer_hold and _release)
-   and the GIL released. Between host pages, in batches of about batch_bytes, it lets the
-   answer thread go first when it waits for the wire, as QEMU's migration thread takes a
-   queued request before its next background page; it then stops, so that the machine learns
-   of the answer (and moves its sweep after the requested page) before the next order. */
+   It runs on the loop's thread with the GIL released. Where the thread answers on the main
+   channel, the wire is held (between qmig_answer_hold and _release): between host pages, in
+   batches of about batch_bytes, it lets the answer thread go first when it waits for the
+   wire, as QEMU's migration thread takes a queued request before its next background page;
+   it then stops, so that the machine learns of the answer (and moves its sweep after the
+   requested page) before the next order. Where the thread answers on the preempt channel,
+   each batch's pages are picked holding the wire (the thread clears dirty bytes under it)
+   and written without it, so an urgent page never waits for the main channel's write. */
 #include "answer_internal.h"
 
 #include <errno.h>
@@ -92,7 +95,7 @@ int qmig_answer_sweep(void *answer, int32_t block, uint64_t start, uint64_t limi
 {
     struct answer *a = answer;
     *out = (struct qmig_sweep_result){0};
-    if (!a->main_channel || block < 0 || (uint32_t)block >= a->count || limit == 0)
+    if (block < 0 || (uint32_t)block >= a->count || limit == 0)
         return -EINVAL;
     const struct qmig_answer_block *b = &a->blocks[block];
     int timeout = a->cfg.stall_ms > 0 ? a->cfg.stall_ms : -1;
@@ -101,7 +104,11 @@ int qmig_answer_sweep(void *answer, int32_t block, uint64_t start, uint64_t limi
     for (;;) {
         s.records = 0;
         s.bytes = 0;
+        /* With preempt the thread writes on its own channel, and takes the wire only to
+           clear dirty bytes: a piece's pages are picked holding it, and written without. */
+        if (!a->main_channel) pthread_mutex_lock(&a->wire);
         int done = fill(a, b, &page, limit, &named, batch_bytes, &s, out);
+        if (!a->main_channel) pthread_mutex_unlock(&a->wire);
         if (s.records) {
             int rc = qmig_write_all(a->cfg.rp_fd, a->stop_fd, timeout, s.iov, 2 * s.records);
             if (rc < 0) return rc;
@@ -109,7 +116,7 @@ int qmig_answer_sweep(void *answer, int32_t block, uint64_t start, uint64_t limi
             out->writes++;
         }
         if (done) return 0;
-        if (__atomic_load_n(&a->wanted, __ATOMIC_SEQ_CST) > 0) {
+        if (a->main_channel && __atomic_load_n(&a->wanted, __ATOMIC_SEQ_CST) > 0) {
             int64_t left = credit < 0 ? -1 : credit - (int64_t)out->bytes;
             yield_wire(a, credit < 0 ? -1 : (left > 0 ? left : 0), window_end_ns);
             out->yielded = 1;

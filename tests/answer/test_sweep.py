@@ -1,13 +1,16 @@
 """The C sweep (``qmig/runner/sweep.c``) against the source machine's own background sweep:
 for the same machine state and budgets, the same bytes on the wire, the same dirty map and
-the same counts, step by step to the stream's end; the answer thread's request goes first
-between two of its writes, and the sweep stops there; a destination that stops reading
-fails the sweep within the stall timeout instead of hanging the loop."""
+the same counts, step by step to the stream's end, beside a thread answering on the main
+channel or on the preempt channel; the answer thread's request goes first between two of
+its writes, and the sweep stops there; a destination that stops reading fails the sweep
+within the stall timeout, and one that vanishes fails it at once, instead of hanging or
+crashing the loop."""
 
 from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import answering
 import pytest
@@ -16,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmig.errors import TransportError
+from qmig.protocol.preempt import PreemptVariant
 from qmig.protocol.source import Source
 from qmig.protocol.states import SourceState
 from qmig.runner.answer import FastAnswer, SweepResult
@@ -28,12 +32,19 @@ BUDGETS = (1, PAGE + 9, 3 * PAGE, 8 * PAGE, 1 << 20)
 
 
 class Sweeper:
-    """A main-channel FastAnswer over a socket pair; ``peer`` is the destination's end."""
+    """A FastAnswer over socket pairs, answering on the main channel or, given a preempt
+    source, on a preempt channel of its own; ``peer`` is the destination's end of the main
+    channel."""
 
     def __init__(self, source: Source, *, stall_timeout: float = WAIT) -> None:
         self.main, self.peer = socket.socketpair()
         self.connection = Connection("main", self.main)
-        self.fast = FastAnswer(source, self.connection, None, stall_timeout=stall_timeout)
+        self.preempt: list[socket.socket] = []
+        channel = None
+        if source.preempt is not None:
+            self.preempt = list(socket.socketpair())
+            channel = Connection("preempt", self.preempt[0])
+        self.fast = FastAnswer(source, self.connection, channel, stall_timeout=stall_timeout)
         self.source = source
 
     def step(self, budget: int) -> tuple[int, SweepResult | None]:
@@ -41,7 +52,8 @@ class Sweeper:
         sweep (the machine's own bytes around it); the bytes it wrote, and the sweep's
         result (None: the machine wrote this step itself)."""
         source = self.source
-        self.fast.hold()
+        if self.fast.main:
+            self.fast.hold()
         try:
             order = source.sweep_order(budget)
             if order is None:
@@ -60,19 +72,20 @@ class Sweeper:
                 self.main.sendall(suffix)
             return len(prefix) + result.bytes + len(suffix), result
         finally:
-            self.fast.release(open_records=source.records_may_follow, credit=None, window_end=0)
+            if self.fast.main:
+                self.fast.release(open_records=source.records_may_follow, credit=None, window_end=0)
 
     def close(self) -> None:
         self.fast.stop()
-        self.main.close()
-        self.peer.close()
+        for sock in [self.main, self.peer, *self.preempt]:
+            sock.close()
 
 
-def compare(seed: int, version: str, budgets: list[int]) -> int:
-    """Both sweeps through ``budgets`` (then the last, repeated) to the stream's end; the
-    number of C sweeps that wrote pages."""
-    expected = answering.postcopy_source(seed, version, piece=2 * PAGE)
-    source = answering.postcopy_source(seed, version, piece=2 * PAGE)
+def compare(seed: int, version: str, budgets: list[int], **options: Any) -> int:
+    """Both sweeps through ``budgets`` (then the last, repeated) to the stream's end, the
+    sources made with ``options``; the number of C sweeps that wrote pages."""
+    expected = answering.postcopy_source(seed, version, piece=2 * PAGE, **options)
+    source = answering.postcopy_source(seed, version, piece=2 * PAGE, **options)
     sweeper = Sweeper(source)
     swept = 0
     try:
@@ -104,6 +117,13 @@ def test_the_c_sweep_writes_what_the_machine_would(version: str, budget: int) ->
     """Zero pages, a block of host pages of four target pages (one of them partly sent: only
     its dirty pages go), block changes, sections closing when full, the wrap and the end."""
     assert compare(7, version, [budget]) > 0
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_beside_a_preempt_thread_the_c_sweep_writes_what_the_machine_would(budget: int) -> None:
+    """The 8.0 variant: the thread answers on the preempt channel; the sweep picks each
+    piece's pages holding it off, and the main channel's bytes are the machine's."""
+    assert compare(7, "10.0", [budget], preempt=PreemptVariant.V8_0) > 0
 
 
 @settings(max_examples=40, deadline=None)
@@ -183,7 +203,7 @@ def test_a_destination_that_vanishes_fails_the_sweep_with_one_line() -> None:
     sweeper = Sweeper(source)
     sweeper.peer.close()
     try:
-        with pytest.raises(TransportError, match="^main: peer closed the connection$"):
+        with pytest.raises(TransportError, match=r"^main: peer closed the connection$"):
             sweeper.step(1 << 20)
     finally:
         sweeper.fast.stop()
