@@ -13,7 +13,9 @@
    inside a RAM section's records (where a record may go) and what the cap's window has left;
    the thread writes only then, naming each host page's block in full. With preempt, the loop
    holds the same lock only while its machine picks pages from the dirty map, so that a page
-   goes out on one channel or the other, never both. */
+   goes out on one channel or the other, never both. The loop's background pages themselves
+   are written from C as well, in the batches its machine orders (sweep.c), under the same
+   rules. */
 #include "answer_internal.h"
 
 #include <errno.h>
