@@ -78,40 +78,51 @@ int qmig_write_all(int fd, int stop_fd, int timeout_ms, struct iovec *iov, int n
     return 0;
 }
 
+/* One target page's record: its header (naming the block if `named`) into `header`, and the
+   header and the page (a ZERO record: its fill byte) as two iovecs; the page's dirty byte
+   cleared, so that it goes out once. Returns the record's size; *zero: a ZERO record. */
+size_t qmig_page_record(const struct answer *a, const struct qmig_answer_block *b,
+                        uint64_t page, int named, uint8_t *header, struct iovec *iov, int *zero)
+{
+    static const uint8_t zero_byte = 0;
+    const uint64_t tps = a->cfg.target_page_size;
+    const uint8_t *src = b->ram + page * tps;
+    *zero = page_is_zero(src, tps);
+    uint64_t flags = *zero ? a->cfg.flag_zero : a->cfg.flag_page;
+    put_be64(header, page * tps | flags | (named ? 0 : a->cfg.flag_continue));
+    size_t head = RAM_HEADER;
+    if (named) {
+        header[head++] = (uint8_t)b->name_len;
+        memcpy(header + head, b->name, b->name_len);
+        head += b->name_len;
+    }
+    iov[0] = (struct iovec){.iov_base = header, .iov_len = head};
+    iov[1] = *zero ? (struct iovec){.iov_base = (void *)&zero_byte, .iov_len = 1}
+                   : (struct iovec){.iov_base = (void *)src, .iov_len = tps};
+    b->dirty[page] = 0;
+    return head + iov[1].iov_len;
+}
+
 /* The records of one host page's dirty target pages, the first named unless it continues
    the channel's last block; their dirty bytes cleared, so that no later request sends them. */
 static void build_host_page(struct answer *a, int32_t index, uint64_t first, struct host_page *h)
 {
     const struct qmig_answer_block *b = &a->blocks[index];
-    const uint64_t tps = a->cfg.target_page_size;
-    const uint64_t per_host = b->host_page_size / tps;
-    static const uint8_t zero_byte = 0;
+    const uint64_t per_host = b->host_page_size / a->cfg.target_page_size;
     int named = a->last_block != index;
     h->n = 0;
     h->e = (struct qmig_answer_entry){.block = (uint32_t)index, .first = first};
     for (uint64_t i = 0; i < per_host && first + i < b->pages; i++) {
         uint64_t page = first + i;
         if (!b->dirty[page]) continue;
-        const uint8_t *src = b->ram + page * tps;
-        int zero = page_is_zero(src, tps);
-        uint8_t *header = h->headers[h->e.pages];
-        uint64_t flags = zero ? a->cfg.flag_zero : a->cfg.flag_page;
-        put_be64(header, page * tps | flags | (named ? 0 : a->cfg.flag_continue));
-        size_t head = RAM_HEADER;
-        if (named) {
-            header[head++] = (uint8_t)b->name_len;
-            memcpy(header + head, b->name, b->name_len);
-            head += b->name_len;
-            named = 0;
-        }
-        h->iov[h->n++] = (struct iovec){.iov_base = header, .iov_len = head};
-        h->iov[h->n++] = zero ? (struct iovec){.iov_base = (void *)&zero_byte, .iov_len = 1}
-                              : (struct iovec){.iov_base = (void *)src, .iov_len = tps};
-        h->e.bytes += head + (zero ? 1 : tps);
+        int zero;
+        h->e.bytes += qmig_page_record(a, b, page, named, h->headers[h->e.pages],
+                                       &h->iov[h->n], &zero);
+        h->n += 2;
+        named = 0;
         h->e.zeros += (uint64_t)zero;
         h->e.mask |= 1ull << i;
         h->e.pages++;
-        b->dirty[page] = 0;
     }
 }
 

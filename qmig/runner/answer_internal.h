@@ -73,5 +73,8 @@ static inline int page_is_zero(const uint8_t *p, uint64_t size)
    room meanwhile; the main channel's hand-over of the wire. */
 int qmig_write_all(int fd, int stop_fd, int timeout_ms, struct iovec *iov, int n);
 void qmig_give_wire(struct answer *a);
+/* answer.c: one target page's record, as the thread and the sweep write it. */
+size_t qmig_page_record(const struct answer *a, const struct qmig_answer_block *b,
+                        uint64_t page, int named, uint8_t *header, struct iovec *iov, int *zero);
 
 #endif

@@ -31,26 +31,10 @@ struct batch {
 static void add_record(struct answer *a, const struct qmig_answer_block *b, uint64_t page,
                        int named, struct batch *s, struct qmig_sweep_result *out)
 {
-    static const uint8_t zero_byte = 0;
-    const uint64_t tps = a->cfg.target_page_size;
-    const uint8_t *src = b->ram + page * tps;
-    int zero = page_is_zero(src, tps);
-    uint8_t *header = s->headers[s->records];
-    uint64_t flags = zero ? a->cfg.flag_zero : a->cfg.flag_page;
-    put_be64(header, page * tps | flags | (named ? 0 : a->cfg.flag_continue));
-    size_t head = RAM_HEADER;
-    if (named) {
-        header[head++] = (uint8_t)b->name_len;
-        memcpy(header + head, b->name, b->name_len);
-        head += b->name_len;
-    }
-    s->iov[2 * s->records] = (struct iovec){.iov_base = header, .iov_len = head};
-    s->iov[2 * s->records + 1] = zero
-        ? (struct iovec){.iov_base = (void *)&zero_byte, .iov_len = 1}
-        : (struct iovec){.iov_base = (void *)src, .iov_len = tps};
+    int zero;
+    s->bytes += qmig_page_record(a, b, page, named, s->headers[s->records],
+                                 &s->iov[2 * s->records], &zero);
     s->records++;
-    s->bytes += head + (zero ? 1 : tps);
-    b->dirty[page] = 0;
     out->pages++;
     out->zeros += (uint64_t)zero;
     out->last = page;
