@@ -497,9 +497,7 @@ class Source:
         else:
             self._preempt_named = source_block
             self.preempt_pages += len(pages)
-        self.stats.postcopy_pages += len(pages)
-        self.stats.postcopy_zero_pages += zeros
-        self.stats.postcopy_bytes += size
+        self._count_postcopy(len(pages), zeros, size)
         self.stats.requested_pages += len(pages)
 
     @property
@@ -554,11 +552,7 @@ class Source:
     def _postcopy_section(self, budget: int, *, sweep: bool = True) -> None:
         if self.preempt is not None:
             self._urgent_pages()
-        if not self._postcopy_section_open:
-            self._out += self._part_open
-            self._named_block = None
-            self._postcopy_section_open = True
-            self._postcopy_section_pages = 0
+        self._open_postcopy_section()
         records = bytearray()
         allowed = pages = (
             self._pages_for(budget)
@@ -592,6 +586,16 @@ class Source:
         elif sweep and not self._requests and self.dirty_pages() == 0:
             self._finish_postcopy()
 
+    def _open_postcopy_section(self) -> None:
+        """A RAM SECTION_PART for postcopy's records, unless one is open; its first record
+        names its block."""
+        if self._postcopy_section_open:
+            return
+        self._out += self._part_open
+        self._named_block = None
+        self._postcopy_section_open = True
+        self._postcopy_section_pages = 0
+
     def _close_postcopy_section(self) -> None:
         self._out += self._part_close
         self._postcopy_section_open = False
@@ -606,6 +610,13 @@ class Source:
         if self.preempt is not None and self.preempt.ends_with_eos:
             self._preempt_out += schema.build_ram_flag("EOS")
         self._move(SourceInput.STREAM_SENT)
+
+    def _count_postcopy(self, pages: int, zeros: int, size: int) -> None:
+        """``pages`` target pages sent in postcopy (on either channel, by this machine or a
+        writer beside it), ``zeros`` of them ZERO records, ``size`` bytes."""
+        self.stats.postcopy_pages += pages
+        self.stats.postcopy_zero_pages += zeros
+        self.stats.postcopy_bytes += size
 
     def _pages_for(self, budget: int) -> int:
         return max(1, min(self.pages_per_section, budget // (self.target_page_size + 8)))
@@ -663,11 +674,7 @@ class Source:
             found = self._next_dirty_start()
         if found is None:
             return None
-        if not self._postcopy_section_open:
-            self._out += self._part_open
-            self._named_block = None
-            self._postcopy_section_open = True
-            self._postcopy_section_pages = 0
+        self._open_postcopy_section()
         index, start = found
         block = self.blocks[index]
         return SweepOrder(
@@ -684,9 +691,7 @@ class Source:
             return
         self._named_block = self.blocks[order.index]
         self._cursor = (order.index, last + 1)
-        self.stats.postcopy_pages += pages
-        self.stats.postcopy_zero_pages += zeros
-        self.stats.postcopy_bytes += size
+        self._count_postcopy(pages, zeros, size)
         self._postcopy_section_pages += pages
         if self._postcopy_section_pages >= self.pages_per_section:
             self._close_postcopy_section()
@@ -717,9 +722,7 @@ class Source:
             for page in pages:
                 block.dirty[page] = 0
         if postcopy:
-            self.stats.postcopy_pages += len(pages)
-            self.stats.postcopy_zero_pages += zeros
-            self.stats.postcopy_bytes += len(data)
+            self._count_postcopy(len(pages), zeros, len(data))
             if requested:
                 self.stats.requested_pages += len(pages)
         else:
