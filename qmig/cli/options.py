@@ -217,7 +217,7 @@ def add_fast_answer(parser: argparse.ArgumentParser) -> None:
         "--no-fast-sweep",
         action="store_true",
         help="build postcopy's background pages in the source's Python loop instead of "
-        "writing them from C beside the answer thread on the main channel (default: from C)",
+        "writing them from C beside the C answer thread (default: from C)",
     )
 
 
