@@ -571,10 +571,7 @@ class Source:
             # a guest that faulted there is likely to touch the pages that follow next.
             self._cursor = (self.blocks.index(block), first + per_host)
         if sweep and pages > 0 and not self._requests:
-            batch = self._next_dirty_batch(pages)
-            if batch is None and self._cursor != (0, 0):
-                self._cursor = (0, 0)  # wrap: a jump may have skipped pages before it
-                batch = self._next_dirty_batch(pages)
+            batch = self._next_dirty_batch(pages, wrap=True)
             if batch is not None:
                 records += self._page_records(*batch, postcopy=True)
                 pages -= len(batch[1])
@@ -621,9 +618,12 @@ class Source:
     def _pages_for(self, budget: int) -> int:
         return max(1, min(self.pages_per_section, budget // (self.target_page_size + 8)))
 
-    def _next_dirty_batch(self, limit: int) -> tuple[SourceBlock, array[int]] | None:
-        """Up to ``limit`` dirty target pages of one block, from the sweep's cursor on."""
-        found = self._next_dirty_start()
+    def _next_dirty_batch(
+        self, limit: int, *, wrap: bool = False
+    ) -> tuple[SourceBlock, array[int]] | None:
+        """Up to ``limit`` dirty target pages of one block, from the sweep's cursor on
+        (``wrap``: see :meth:`_next_dirty_start`)."""
+        found = self._next_dirty_start(wrap=wrap)
         if found is None:
             return None
         index, start = found
@@ -645,9 +645,18 @@ class Source:
         self._cursor = (index, pages[-1] + 1)
         return block, pages
 
-    def _next_dirty_start(self) -> tuple[int, int] | None:
+    def _next_dirty_start(self, *, wrap: bool = False) -> tuple[int, int] | None:
         """(block index, target page) of the first dirty page from the sweep's cursor on; None
-        (the cursor past the last block) when there is none."""
+        (the cursor past the last block) when there is none. ``wrap`` (postcopy's sweep, which
+        a request may have moved past dirty pages): then from the start once more."""
+        found = self._dirty_from_cursor()
+        if found is None and wrap and self._cursor != (0, 0):
+            self._cursor = (0, 0)
+            found = self._dirty_from_cursor()
+        return found
+
+    def _dirty_from_cursor(self) -> tuple[int, int] | None:
+        """The first dirty page from the cursor to the last block's end (no wrap)."""
         index, page = self._cursor
         while index < len(self.blocks):
             start = self.blocks[index].dirty.find(DIRTY, page)
@@ -668,10 +677,7 @@ class Source:
         end): :meth:`data_to_send`'s to do. Report what was written with :meth:`swept`."""
         if self.state is not SourceState.POSTCOPY or self._requests:
             return None
-        found = self._next_dirty_start()
-        if found is None and self._cursor != (0, 0):
-            self._cursor = (0, 0)  # wrap, as _postcopy_section does
-            found = self._next_dirty_start()
+        found = self._next_dirty_start(wrap=True)
         if found is None:
             return None
         self._open_postcopy_section()

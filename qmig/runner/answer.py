@@ -68,6 +68,12 @@ class SweepResult:
     yielded: bool  # it let the thread's answer go first, and stopped there
 
 
+def _window_args(credit: int | None, window_end: float) -> tuple[int, int]:
+    """The cap's window as the C side takes it: the quota left (-1: no cap; never below 0
+    otherwise) and its end in CLOCK_MONOTONIC ns."""
+    return -1 if credit is None else max(0, credit), int(window_end * 1e9)
+
+
 class AnswerTimes:
     """The thread's answers, per request it read: when it read the request and wrote its
     last page (ns), and whether it wrote none (its pages had all gone out before), taken once
@@ -255,8 +261,7 @@ class FastAnswer:
         lib.qmig_answer_release(
             self._handle,
             int(open_records),
-            -1 if credit is None else max(0, credit),
-            int(window_end * 1e9),
+            *_window_args(credit, window_end),
         )
 
     def sweep(
@@ -278,8 +283,7 @@ class FastAnswer:
             order.limit,
             int(order.named),
             batch,
-            -1 if credit is None else max(0, credit),
-            int(window_end * 1e9),
+            *_window_args(credit, window_end),
             out,
         )
         if rc < 0:
