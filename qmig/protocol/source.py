@@ -675,7 +675,10 @@ class Source:
         it; the stream's bytes before it (a section's start) wait in ``data_to_send(0)``.
         None: there is none, or it is not the sweep's turn (requests first, the stream's
         end): :meth:`data_to_send`'s to do. Report what was written with :meth:`swept`."""
-        if self.state is not SourceState.POSTCOPY or self._requests:
+        if self.state is not SourceState.POSTCOPY:
+            return None
+        self._settle_sent_requests()
+        if self._requests:
             return None
         found = self._next_dirty_start(wrap=True)
         if found is None:
@@ -687,12 +690,32 @@ class Source:
             block.idstr, index, start, self._pages_for(budget), block is not self._named_block
         )
 
+    def _settle_sent_requests(self) -> None:
+        """Main channel: the queued requests, from the queue's head, whose pages have all
+        gone out (the sweep sent them before the request came, or the runner's C thread
+        answered it). Serving one writes nothing and moves the sweep on after its page
+        (:meth:`_postcopy_section`); that is done here, so that they do not hold the sweep's
+        next order back for a turn of the machine's own."""
+        if self.preempt is not None:
+            return  # they go to the preempt channel, and the sweep stays where it is
+        requests = self._requests
+        while requests:
+            block, first = requests[0]
+            after = first + block.page_size // self.target_page_size
+            end = min(after, len(block.dirty))
+            if block.dirty.count(0, first, end) != end - first:
+                return
+            requests.popleft()
+            self._cursor = (self.blocks.index(block), after)
+
     def swept(self, order: SweepOrder, *, pages: int, last: int, zeros: int, size: int) -> None:
         """What the writer wrote for ``order``: ``pages`` target pages from ``order.start``
         on, ending with ``last`` (their dirty bytes it cleared), ``zeros`` of them ZERO
-        records, ``size`` bytes in all. Its next record continues the block, the sweep goes
-        on after ``last``, and the section closes once it holds pages_per_section pages (its
-        end waits in ``data_to_send(0)``)."""
+        records, ``size`` bytes in all; where the runner's C thread answered requests
+        between two of its writes, it went on after them as :meth:`_postcopy_section` goes
+        on after a request (:meth:`answered_elsewhere` tells of those). Its next record
+        continues the block, the sweep goes on after ``last``, and the section closes once
+        it holds pages_per_section pages (its end waits in ``data_to_send(0)``)."""
         if not pages:
             return
         self._named_block = self.blocks[order.index]

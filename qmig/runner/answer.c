@@ -155,6 +155,7 @@ static int answer_host_page(struct answer *a, int32_t index, uint64_t request_st
         a->queue[(a->head + a->used) % QUEUE] = h.e;
         a->used++;
         if (a->capped) a->credit -= (int64_t)h.e.bytes;
+        a->moved_pages += h.e.pages;
     }
     pthread_mutex_unlock(&a->lock);
     return h.e.pages ? 1 : 0;
@@ -201,6 +202,16 @@ void qmig_give_wire(struct answer *a)
     pthread_mutex_unlock(&a->wire);
 }
 
+/* Main channel: the machine's sweep goes on after a request's last host page once it is
+   served (after: that page's end), or waits for the machine (after < 0: a page of it was
+   left to Python). The sweep, if it let the thread have the wire, goes on from there too. */
+static void moved_on(struct answer *a, int32_t index, int64_t after)
+{
+    if (a->moved_block == -2) return;
+    a->moved_block = after < 0 ? -2 : index;
+    a->moved_to = after < 0 ? 0 : (uint64_t)after;
+}
+
 /* Every host page of a well-formed request. Returns -2 when the channel broke. */
 static int answer_request(struct answer *a, int32_t index, uint64_t start, uint64_t length,
                           uint64_t read_ns)
@@ -221,6 +232,10 @@ static int answer_request(struct answer *a, int32_t index, uint64_t start, uint6
         left |= rc == -1;
     }
     if (!wrote && !left && rc != -2) settled(a, index, start, read_ns);
+    if (a->main_channel) {
+        uint64_t first = start / tps, span = (start + length) / tps - first;
+        moved_on(a, index, left ? -1 : (int64_t)(first + (span + per_host - 1) / per_host * per_host));
+    }
     qmig_give_wire(a);
     return rc == -2 ? rc : 0;
 }
@@ -356,6 +371,7 @@ void *qmig_answer_start(const struct qmig_answer_config *config,
     a->last_block = config->last_block;
     a->request_block = config->request_block;
     a->parsing = 1;
+    a->moved_block = -1;
     a->main_channel = config->preempt_fd < 0;
     pthread_mutex_init(&a->lock, NULL);
     pthread_mutex_init(&a->wire, NULL);

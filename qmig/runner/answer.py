@@ -65,7 +65,7 @@ class SweepResult:
     last: int  # the last of them
     zeros: int  # of them ZERO records
     bytes: int
-    yielded: bool  # it let the thread's answer go first, and stopped there
+    yielded: bool  # it let the thread's answers go first (and went on after them, or stopped)
 
 
 def _window_args(credit: int | None, window_end: float) -> tuple[int, int]:
@@ -271,7 +271,8 @@ class FastAnswer:
         channel from C, the GIL released, in writes of about ``batch`` bytes. Where the thread
         answers on the main channel, between :meth:`hold` and :meth:`release`: between two
         writes its answers go first, within ``credit`` (the cap's quota left, None: no cap)
-        and the window that ends at ``window_end``, and the sweep stops after one. With
+        and the window that ends at ``window_end``, and the sweep goes on after them where
+        the machine's own would (or stops there: see ``sweep.c``). With
         preempt, without holding: each write's pages are picked with the thread held off.
         The machine learns nothing here: pass the result to
         :meth:`Source.swept <qmig.protocol.source.Source.swept>`."""

@@ -35,6 +35,11 @@ struct answer {
     int capped;                  /* a bandwidth cap holds the main channel */
     int64_t credit;              /* the cap's quota left in its window (may go below 0) */
     uint64_t window_end;         /* CLOCK_MONOTONIC ns: the window's end */
+    /* Main channel, while the sweep lets the thread have the wire: where the machine's sweep
+       goes on after the requests answered meanwhile (block, target page; moved_block -1:
+       none answered, -2: one left to Python) and the target pages the thread wrote. */
+    int32_t moved_block;
+    uint64_t moved_to, moved_pages;
     uint8_t buf[READ_SIZE];
 };
 

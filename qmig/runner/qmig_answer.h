@@ -65,7 +65,7 @@ struct qmig_sweep_result {
     uint64_t bytes;
     uint64_t last;             /* the last target page written (valid when pages > 0) */
     uint64_t writes;           /* writev calls */
-    int32_t yielded;           /* the sweep gave the wire to the thread's answer and stopped */
+    int32_t yielded;           /* the sweep let the thread's answers go first, at least once */
 };
 
 void *qmig_answer_start(const struct qmig_answer_config *config,

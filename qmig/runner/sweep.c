@@ -9,9 +9,12 @@
    It runs on the loop's thread with the GIL released. Where the thread answers on the main
    channel, the wire is held (between qmig_answer_hold and _release): between host pages, in
    batches of about batch_bytes, it lets the answer thread go first when it waits for the
-   wire, as QEMU's migration thread takes a queued request before its next background page;
-   it then stops, so that the machine learns of the answer (and moves its sweep after the
-   requested page) before the next order. Where the thread answers on the preempt channel,
+   wire, as QEMU's migration thread takes a queued request before its next background page,
+   and then goes on where the machine's sweep would after the answer: after the requested
+   host page, naming the block again, the thread's pages counted in the turn's limit (or it
+   stops, when the answer was in another block or left to Python; the machine, told of the
+   answers afterwards, orders the next batch). A vCPU that faulted at the stream's front
+   then finds the pages after its own coming at once, instead of asking for each. Where the thread answers on the preempt channel,
    each batch's pages are picked holding the wire (the thread clears dirty bytes under it)
    and written without it, so an urgent page never waits for the main channel's write. */
 #include "answer_internal.h"
@@ -66,11 +69,22 @@ static int fill(struct answer *a, const struct qmig_answer_block *b, uint64_t *p
 }
 
 /* Let the answer thread have the wire now (inside a RAM section's records, with what the
-   window has left), and take it back once it has written. */
-static void yield_wire(struct answer *a, int64_t credit, uint64_t window_end_ns)
+   window has left), and take it back once it has written. Returns 1 when the sweep goes on
+   where the machine's would after the answers, in this block: from *page (moved there), the
+   next record naming the block, and *limit less the pages the thread wrote, which count in
+   the turn as a request's pages count in the machine's own batch. 0: it stops there (an
+   answer in another block, one left to Python, or none). */
+static int yield_wire(struct answer *a, int32_t block, int64_t credit, uint64_t window_end_ns,
+                      uint64_t *page, uint64_t *limit)
 {
+    a->moved_block = -1;
+    a->moved_pages = 0;
     qmig_answer_release(a, 1, credit, window_end_ns);
     qmig_answer_hold(a);
+    if (a->moved_block != block || a->moved_pages >= *limit) return 0;
+    *page = a->moved_to;
+    *limit -= a->moved_pages;
+    return 1;
 }
 
 int qmig_answer_sweep(void *answer, int32_t block, uint64_t start, uint64_t limit,
@@ -84,6 +98,7 @@ int qmig_answer_sweep(void *answer, int32_t block, uint64_t start, uint64_t limi
     const struct qmig_answer_block *b = &a->blocks[block];
     int timeout = a->cfg.stall_ms > 0 ? a->cfg.stall_ms : -1;
     uint64_t page = start;
+    int64_t theirs = 0;  /* the thread's bytes, written while this sweep let it */
     struct batch s;
     for (;;) {
         s.records = 0;
@@ -101,10 +116,15 @@ int qmig_answer_sweep(void *answer, int32_t block, uint64_t start, uint64_t limi
         }
         if (done) return 0;
         if (a->main_channel && __atomic_load_n(&a->wanted, __ATOMIC_SEQ_CST) > 0) {
-            int64_t left = credit < 0 ? -1 : credit - (int64_t)out->bytes;
-            yield_wire(a, credit < 0 ? -1 : (left > 0 ? left : 0), window_end_ns);
+            /* The window's quota left to the thread: less this sweep's bytes and what the
+               thread wrote in the earlier turns it had (its credit then, less what is left). */
+            int64_t left = credit - (int64_t)out->bytes - theirs;
+            left = credit < 0 ? -1 : (left > 0 ? left : 0);
             out->yielded = 1;
-            return 0;
+            int on = yield_wire(a, block, left, window_end_ns, &page, &limit);
+            if (credit >= 0) theirs += left - a->credit;
+            if (!on || out->pages >= limit) return 0;
+            named = 1;
         }
     }
 }

@@ -2,9 +2,9 @@
 for the same machine state and budgets, the same bytes on the wire, the same dirty map and
 the same counts, step by step to the stream's end, beside a thread answering on the main
 channel or on the preempt channel; the answer thread's request goes first between two of
-its writes, and the sweep stops there; a destination that stops reading fails the sweep
-within the stall timeout, and one that vanishes fails it at once, instead of hanging or
-crashing the loop."""
+its writes, and the sweep goes on after it as the machine's would; a destination that
+stops reading fails the sweep within the stall timeout, and one that vanishes fails it at
+once, instead of hanging or crashing the loop."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from qmig.protocol.states import SourceState
 from qmig.runner.answer import FastAnswer, SweepResult
 from qmig.transport import Connection
 from qmig.wire import messages as m
+from qmig.wire.schema import schema_for
 
 VERSIONS = ("7.2", "10.0")
 # Budgets that take one page, a host page and a bit, a piece, and more than a section.
@@ -81,9 +82,17 @@ class Sweeper:
             sock.close()
 
 
-def compare(seed: int, version: str, budgets: list[int], **options: Any) -> int:
+def compare(
+    seed: int,
+    version: str,
+    budgets: list[int],
+    requests: dict[int, list[tuple[str, int]]] | None = None,
+    **options: Any,
+) -> int:
     """Both sweeps through ``budgets`` (then the last, repeated) to the stream's end, the
-    sources made with ``options``; the number of C sweeps that wrote pages."""
+    sources made with ``options``, both machines reading ``requests`` (before step N, REQ_PAGES_ID
+    for each (block, host page start in target pages) of ``requests[N]``); the number of C
+    sweeps that wrote pages."""
     expected = answering.postcopy_source(seed, version, piece=2 * PAGE, **options)
     source = answering.postcopy_source(seed, version, piece=2 * PAGE, **options)
     sweeper = Sweeper(source)
@@ -92,6 +101,14 @@ def compare(seed: int, version: str, budgets: list[int], **options: Any) -> int:
         step = 0
         while expected.state is SourceState.POSTCOPY:
             budget = budgets[min(step, len(budgets) - 1)]
+            if requests and step in requests:
+                asked = [
+                    m.ReqPagesId(page * PAGE, expected.by_name[name].page_size, name)
+                    for name, page in requests[step]
+                ]
+                for machine in (expected, source):
+                    machine.receive_data(answering.requests(version, *asked))
+                    drain(machine)
             want = expected.data_to_send(budget)
             size, result = sweeper.step(budget)
             assert size == len(want), f"step {step}, budget {budget}"
@@ -136,6 +153,34 @@ def test_any_budgets_any_ram(seed: int, version: str, budgets: list[int]) -> Non
     compare(seed, version, budgets)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    version=st.sampled_from(VERSIONS),
+    budgets=st.lists(st.sampled_from(BUDGETS), min_size=1, max_size=6),
+    requests=st.dictionaries(
+        st.integers(0, 8),
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("pc.ram"), st.integers(0, 63)),
+                st.tuples(st.just("big"), st.integers(0, 3).map(lambda host: 4 * host)),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        max_size=4,
+    ),
+)
+def test_requests_sent_already_or_not_keep_the_bytes_the_machines(
+    seed: int, version: str, budgets: list[int], requests: dict[int, list[tuple[str, int]]]
+) -> None:
+    """Requests that the machine reads between two turns: those whose pages went out
+    already settle at the sweep's next order (the sweep goes on after their page, as the
+    machine's own turn would take it), the others wait for the machine's turn; either way
+    the same bytes as the machine's own."""
+    compare(seed, version, budgets, requests)
+
+
 def wait_until_waiting(fast: FastAnswer) -> None:
     deadline = time.monotonic() + WAIT
     while not fast.waiting:
@@ -143,38 +188,72 @@ def wait_until_waiting(fast: FastAnswer) -> None:
         time.sleep(0.001)
 
 
-def test_a_request_goes_between_two_writes_and_the_sweep_stops() -> None:
+def records(data: bytes, version: str) -> list[tuple[int, str | None, bytes]]:
+    """The postcopy page records of ``data`` (no section bytes among them): each one's
+    target page, the block it names (None: it continues the last), and its page."""
+    flags = schema_for(version).profile.ram_flags
+    out: list[tuple[int, str | None, bytes]] = []
+    at = 0
+    while at < len(data):
+        header = int.from_bytes(data[at : at + 8], "big")
+        at += 8
+        name = None
+        if not header & flags["CONTINUE"]:
+            size = data[at]
+            name = data[at + 1 : at + 1 + size].decode()
+            at += 1 + size
+        body = 1 if header & flags["ZERO"] else PAGE  # a ZERO record's fill byte
+        page = data[at : at + body]
+        out.append((header // PAGE, name, page * PAGE if body == 1 else page))
+        at += body
+    return out
+
+
+def test_a_request_goes_between_two_writes_and_the_sweep_goes_on_after_it() -> None:
     """The thread waits for the wire while the loop holds it: the sweep writes one piece,
-    lets the thread's answer go, and stops; the machine learns of both, and its sweep goes
-    on after the requested page."""
-    source = answering.postcopy_source(5, "7.2", piece=2 * PAGE)
+    lets the thread's answer go, and goes on where the machine's sweep would after it: from
+    the requested page on, naming the block again, the answered page counted in the turn's
+    limit. The machine learns of both, and of the request itself, and its next order starts
+    after the sweep's last page."""
+    version = "7.2"
+    source = answering.postcopy_source(5, version, piece=2 * PAGE)
+    block = source.by_name["pc.ram"]
     sweeper = Sweeper(source)
-    return_path = answering.requests("7.2", m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))
+    return_path = answering.requests(version, m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))
     try:
         sweeper.fast.hold()
         sweeper.peer.sendall(return_path)
         wait_until_waiting(sweeper.fast)
         order = source.sweep_order(1 << 20)
-        assert order is not None and order.block == "pc.ram" and order.limit > 1
+        assert order is not None and order.block == "pc.ram" and order.limit > 2
+        assert order.start < 40 and block.dirty[40]
+        after = [p for p in range(41, len(block.dirty)) if block.dirty[p]][: order.limit - 2]
         assert source.data_to_send(0) == b""  # the section is open already
         result = sweeper.fast.sweep(order, batch=PAGE, credit=None, window_end=0.0)
-        assert result.yielded and result.pages == 1  # one piece of one page, then the answer
+        assert result.yielded and result.pages == order.limit - 1 and result.last == after[-1]
         source.swept(
             order, pages=result.pages, last=result.last, zeros=result.zeros, size=result.bytes
         )
         sweeper.fast.release(open_records=True, credit=None, window_end=0.0)
-        written = recv_exactly(sweeper.peer, result.bytes + 8 + 1 + len("pc.ram") + PAGE)
-        swept = int.from_bytes(written[:8], "big") // PAGE
-        answer = written[result.bytes :]
-        assert int.from_bytes(answer[:8], "big") // PAGE == 40
-        assert answer[9:15] == b"pc.ram"  # the thread names its block
-        assert answer[15:] == source.by_name["pc.ram"].ram[40 * PAGE : 41 * PAGE]
+        answer_size = 8 + 1 + len("pc.ram") + PAGE
+        written = records(recv_exactly(sweeper.peer, result.bytes + answer_size), version)
+        expected = [
+            (order.start, "pc.ram" if order.named else None),
+            (40, "pc.ram"),  # the thread names its block
+            (after[0], "pc.ram"),  # and the sweep names it again after the answer
+            *((page, None) for page in after[1:]),
+        ]
+        assert [(page, name) for page, name, _ in written] == expected
+        for page, _, data in written:
+            assert data == block.ram[page * PAGE : (page + 1) * PAGE]
+            assert block.dirty[page] == 0
         answered = sweeper.fast.apply()
         assert [(a.block, a.request_start, a.pages) for a in answered] == [("pc.ram", 40 * PAGE, 1)]
-        assert source.by_name["pc.ram"].dirty[swept] == 0
-        assert source.by_name["pc.ram"].dirty[40] == 0
-        next_order = source.sweep_order(1 << 20)
-        assert next_order is not None and next_order.start == 41
+        passed = answering.passed_on(sweeper.fast, len(return_path))
+        assert answering.machine_verdicts(source, passed) == [("pc.ram", 40 * PAGE, True)]
+        next_order = source.sweep_order(1 << 20)  # the request, its page sent, holds nothing back
+        assert next_order is not None
+        assert next_order.start == block.dirty.find(1, after[-1] + 1)
         assert next_order.named  # after the thread's record, the block is named again
     finally:
         sweeper.close()
