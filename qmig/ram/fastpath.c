@@ -61,6 +61,7 @@ struct qmig_fastpath {
     int done;             /* 1: EOF or error seen; the rest of the ring is still read */
     int error;            /* errno of the failed recv, 0 at EOF */
     int quit;
+    int copying;          /* Python copies bytes out of the ring, the lock released */
     uint64_t followed;    /* the ring's end when the C reader last looked: wait for more */
     uint64_t recv_ns;     /* CLOCK_MONOTONIC when the last recv() returned */
     uint32_t *waits;      /* per data page placed: recv() → placed, ns (capped), up to
@@ -238,6 +239,8 @@ static void follow(struct qmig_fastpath *fp, struct cursor *cur, struct qmig_fas
 /* Under the lock: drop what neither reader needs any more, to make room at the end. */
 static void compact(struct qmig_fastpath *fp)
 {
+    if (fp->copying)
+        return;  /* not while Python copies out of it: after, when it signals room */
     uint64_t keep = fp->read > fp->cfg.retain ? fp->read - fp->cfg.retain : 0;
     if (fp->mode != MODE_UNSYNCED && fp->parse < keep)
         keep = fp->parse;
@@ -419,8 +422,16 @@ int64_t qmig_fastpath_read(struct qmig_fastpath *fp, uint8_t *out, uint64_t cap,
     uint64_t avail = fp->ring_base + fp->fill - fp->read;
     int64_t ret;
     if (avail) {
+        /* The copy goes with the lock released: the thread must not wait for it between
+           its recv() and placing what came (a vCPU may wait on that page). It only appends
+           past these bytes meanwhile, and does not move them (compact). */
         uint64_t n = avail < cap ? avail : cap;
-        memcpy(out, fp->ring + (fp->read - fp->ring_base), n);
+        const uint8_t *from = fp->ring + (fp->read - fp->ring_base);
+        fp->copying = 1;
+        pthread_mutex_unlock(&fp->lock);
+        memcpy(out, from, n);
+        pthread_mutex_lock(&fp->lock);
+        fp->copying = 0;
         fp->read += n;
         ret = (int64_t)n;
         pthread_cond_signal(&fp->room);
