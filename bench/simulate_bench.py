@@ -65,12 +65,18 @@ Python (``--no-fast-path --no-fast-answer``). The table's columns: QEMU 7.2 | qm
 the source's Python loop (``--no-fast-sweep``), the state before the C sweep: a before/after
 of it in the same run.
 
-``--autotuned-buffers`` adds a qmig run with both sockets' buffers left to the kernel, as
-``qmig receive`` and ``replay`` leave them: simulate keeps them small by default
-(``--send-buffer``, ``--receive-buffer``), so that a page asked for on the main channel waits
-behind less, which also slows the stream that brings the pages not yet asked for.
+Every qmig run leaves both sockets' buffers to the kernel, as QEMU leaves its own (and as
+``qmig receive`` and ``replay`` do): like for like. ``--simulate-buffers`` adds a qmig run with
+``qmig simulate``'s own defaults (``--send-buffer``, ``--receive-buffer``), small so that a
+page asked for on the main channel waits behind less in an uncapped run, which in this capped
+one slows the stream's bursts (about three times longer), so that the vCPU catches up with
+the stream more often and waits at its front.
 
-Nothing is asserted: the figures are printed. On a shared host they are noisy; run twice.
+``--runs N`` runs everything N times in turn and sums up each side's fault latency p50, total
+time, downtime and pages/s: every run's figure and the median, and the median's ratio to
+QEMU's.
+
+Nothing is asserted: the figures are printed. On a shared host they are noisy: use --runs.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -141,15 +148,15 @@ def run_qmig(
     *,
     c_paths: bool = True,
     preempt: bool = False,
-    autotuned: bool = False,
+    kernel_buffers: bool = True,
     python_sweep: bool = False,
 ) -> dict[str, Any]:
     """``c_paths``: the C paths of a postcopy fault's round trip, the destination's receive
     threads and page requests and the source's answer thread (False: all of them in Python,
     ``--no-fast-path --no-fast-answer``, the state before them, for a before/after in the
     same run); ``preempt``: with postcopy-preempt (7.2's variant), requested pages on a
-    channel of their own; ``autotuned``: both sockets' buffers left to the kernel, as QEMU
-    leaves its own (``--send-buffer auto --receive-buffer auto``), instead of simulate's;
+    channel of their own; ``kernel_buffers``: both sockets' buffers left to the kernel, as
+    QEMU leaves its own (``--send-buffer auto --receive-buffer auto``; False: simulate's);
     ``python_sweep``: the C paths, but postcopy's background pages built by the source's
     Python loop (``--no-fast-sweep``), as before the C sweep."""
     environment_check()
@@ -170,7 +177,7 @@ def run_qmig(
         fast_sweep=not python_sweep,
         preempt=preempt,
     )
-    if autotuned:
+    if kernel_buffers:
         config.send_buffer = config.receive_buffer = None
     phases: dict[str, list[float]] = {}
     started = time.monotonic()
@@ -420,7 +427,7 @@ PATHS = {"c": ("qmig", True), "python": ("qmig_python", False)}
 # Runs asked for on top, each printed in a column of its own after the table.
 EXTRA_RUNS = {
     "qmig_preempt": "qmig with postcopy-preempt (--preempt, C paths)",
-    "qmig_autotuned": "qmig with autotuned socket buffers (C paths)",
+    "qmig_simulate_buffers": "qmig with simulate's socket buffers (C paths)",
     "qmig_python_sweep": "qmig with the background sweep in Python (--no-fast-sweep, C paths)",
 }
 
@@ -469,14 +476,56 @@ def print_table(result: dict[str, Any]) -> None:
         )
     for name, title in EXTRA_RUNS.items():
         if result.get(name):
-            print(f"{title}, same run:")
+            print(f"{title}, same run (and its ratio to QEMU):")
+            extra_ratio = ratios(result[name], qemu or {})
             for label, key in ROWS + SPLIT_ROWS:
-                print(f"{label:{width}}{_cell(_value(result[name], key)):>12}")
+                value, extra = _value(result[name], key), extra_ratio.get(_name(key))
+                print(f"{label:{width}}{_cell(value):>12}{_cell(extra):>9}")
     sides = [(qemu, "QEMU"), (c_paths, "qmig (C paths)"), (python_paths, "qmig (Python paths)")]
     sides += [(result.get(name), title) for name, title in EXTRA_RUNS.items()]
     for side, name in sides:
         if side and not side.get("verified"):
             print(f"{name}: NOT verified")
+
+
+# The figures --runs sums up over its runs: each side's median.
+MEDIAN_ROWS: list[tuple[str, Key]] = [
+    ("fault latency p50 (µs)", ("fault_latency_us", "p50")),
+    ("total time (s)", "total_s"),
+    ("downtime (ms)", "downtime_ms"),
+    ("pages/s", "pages_per_s"),
+]
+
+
+def medians(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per side that ran (QEMU, each qmig run), per MEDIAN_ROWS figure: every run's value
+    and their median."""
+    out: dict[str, dict[str, Any]] = {}
+    for side in ("qemu", *(name for name, _ in PATHS.values()), *EXTRA_RUNS):
+        runs = [result[side] for result in results if result.get(side)]
+        if not runs:
+            continue
+        out[side] = {}
+        for _label, key in MEDIAN_ROWS:
+            values = [value for run in runs if (value := _value(run, key)) is not None]
+            out[side][_name(key)] = {
+                "runs": values,
+                "median": statistics.median(values) if values else None,
+            }
+    return out
+
+
+def print_medians(summary: dict[str, dict[str, Any]]) -> None:
+    """--runs: each side's runs and median per figure, and the median's ratio to QEMU's."""
+    qemu = summary.get("qemu", {})
+    for label, key in MEDIAN_ROWS:
+        print(f"{label}, every run, median, median / QEMU's:")
+        for side, figures in summary.items():
+            entry = figures[_name(key)]
+            theirs = qemu.get(_name(key), {}).get("median")
+            ratio = entry["median"] / theirs if entry["median"] is not None and theirs else None
+            runs = " ".join(_cell(value) for value in entry["runs"])
+            print(f"  {side:20} {runs}   median {_cell(entry['median'])}   {_cell(ratio)}")
 
 
 def _cell(value: Any) -> str:
@@ -539,16 +588,24 @@ def main() -> int:
         help="also run qmig with postcopy-preempt (requested pages on their own channel)",
     )
     parser.add_argument(
-        "--autotuned-buffers",
+        "--simulate-buffers",
         action="store_true",
-        help="also run qmig with both sockets' buffers left to the kernel's autotuning, as "
-        "receive and replay leave them (simulate --send-buffer auto --receive-buffer auto)",
+        help="also run qmig with simulate's own socket buffers (its --send-buffer and "
+        "--receive-buffer defaults) instead of the kernel's, which QEMU and every other qmig "
+        "run here use",
     )
     parser.add_argument(
         "--python-sweep",
         action="store_true",
         help="also run qmig with postcopy's background pages built in Python "
         "(--no-fast-sweep), as before the C sweep",
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="run everything this many times, in turn, and sum up each side's figures "
+        "(every run's and the median); the table is the last run's (default 1)",
     )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -566,6 +623,33 @@ def main() -> int:
         dirty_pattern=args.dirty_pattern,
         vcpus=args.vcpus,
     )
+    if args.runs < 1:
+        print("simulate_bench: error: --runs must be at least 1", file=sys.stderr)
+        return 1
+    results = []
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"run {run + 1} of {args.runs}", file=sys.stderr)
+        result = run_once(plan, args)
+        if result is None:
+            return 1
+        results.append(result)
+    result = results[-1]
+    if args.runs > 1:
+        result["runs"] = args.runs
+        result["medians"] = medians(results)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_table(result)
+        if args.runs > 1:
+            print_medians(result["medians"])
+    return 0
+
+
+def run_once(plan: Plan, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Every run asked for, once: the result (None: one failed, said on stderr)."""
     result: dict[str, Any] = {"plan": vars(plan), "qmig": None, "qmig_python": None, "qemu": None}
     try:
         if args.only != "qemu":
@@ -574,8 +658,8 @@ def main() -> int:
                     result[name] = run_qmig(plan, c_paths=c_paths)
             if args.preempt:
                 result["qmig_preempt"] = run_qmig(plan, preempt=True)
-            if args.autotuned_buffers:
-                result["qmig_autotuned"] = run_qmig(plan, autotuned=True)
+            if args.simulate_buffers:
+                result["qmig_simulate_buffers"] = run_qmig(plan, kernel_buffers=False)
             if args.python_sweep:
                 result["qmig_python_sweep"] = run_qmig(plan, python_sweep=True)
         if args.only != "qmig":
@@ -583,15 +667,10 @@ def main() -> int:
                 result["qemu"] = run_qemu(plan, Path(workdir))
     except QmigError as error:
         print(f"simulate_bench: error: {error.one_line()}", file=sys.stderr)
-        return 1
+        return None
     result["ratio"] = ratios(result["qmig"] or {}, result["qemu"] or {})
     result["ratio_python"] = ratios(result["qmig_python"] or {}, result["qemu"] or {})
-    if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print_table(result)
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ LEGS = ("request_sent_us", "request_read_us", "request_served_us", "page_deliver
 
 def test_the_benchmark_compares_qmig_before_and_after_with_qemu() -> None:
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--ram", "64M", "--json"],
+        [sys.executable, str(BENCH), "--ram", "64M", "--simulate-buffers", "--runs", "2", "--json"],
         capture_output=True,
         text=True,
-        timeout=400,  # QEMU and qmig twice (C paths, Python paths) on a loaded machine
+        timeout=800,  # twice: QEMU and qmig three times (C, Python, simulate's buffers)
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -66,3 +66,14 @@ def test_the_benchmark_compares_qmig_before_and_after_with_qemu() -> None:
         assert result[side]["placed_before_answer"] >= 0
     assert result["ratio"]["total_s"] is not None
     assert result["ratio_python"]["total_s"] is not None
+    # The run with simulate's own socket buffers, and every side summed up over both runs.
+    assert result["qmig_simulate_buffers"]["verified"] is True
+    assert result["qmig_simulate_buffers"]["fast_path"]["records"] > 0
+    assert result["runs"] == 2
+    medians = result["medians"]
+    assert set(medians) == {"qemu", "qmig", "qmig_python", "qmig_simulate_buffers"}
+    for figures in medians.values():
+        latency = figures["fault_latency_us.p50"]
+        assert len(latency["runs"]) == 2 and min(latency["runs"]) <= latency["median"]
+        assert latency["median"] <= max(latency["runs"])
+        assert len(figures["total_s"]["runs"]) == 2 and figures["total_s"]["median"] > 0
