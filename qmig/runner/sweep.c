@@ -9,19 +9,22 @@
    It runs on the loop's thread with the GIL released. Where the thread answers on the main
    channel, the wire is held (between qmig_answer_hold and _release): between host pages, in
    batches of about batch_bytes, it lets the answer thread go first when it waits for the
-   wire, as QEMU's migration thread takes a queued request before its next background page,
-   and then goes on where the machine's sweep would after the answer: after the requested
-   host page, naming the block again, the thread's pages counted in the turn's limit (or it
-   stops, when the answer was in another block or left to Python; the machine, told of the
-   answers afterwards, orders the next batch). A vCPU that faulted at the stream's front
-   then finds the pages after its own coming at once, instead of asking for each. Where the thread answers on the preempt channel,
+   wire, as QEMU's migration thread takes a queued request before its next background page.
+   An answer at the sweep's front (the guest faulted on the page the sweep was coming to,
+   reading on) leaves the sweep where it was going: it goes on, naming the block again, the
+   thread's pages counted in the turn's limit, so that the pages after the guest's keep
+   coming at once, instead of each waiting for a turn of the machine and then asked for.
+   Any other answer moves the machine's sweep after the requested page: the sweep stops, and
+   the machine, told of the answers, orders the next batch from there. Where the thread answers on the preempt channel,
    each batch's pages are picked holding the wire (the thread clears dirty bytes under it)
    and written without it, so an urgent page never waits for the main channel's write. */
 #include "answer_internal.h"
 
 #include <errno.h>
 
-enum { BATCH_PAGES = 2 * MAX_PER_HOST };
+/* BATCH_PAGES: the most records in one write. FRONT: the most target pages an answer may
+   lie from the sweep's next page and still count as at its front. */
+enum { BATCH_PAGES = 2 * MAX_PER_HOST, FRONT = 4 * MAX_PER_HOST };
 
 struct batch {
     uint8_t headers[BATCH_PAGES][RAM_HEADER + 1 + 255];
@@ -68,12 +71,23 @@ static int fill(struct answer *a, const struct qmig_answer_block *b, uint64_t *p
     return 1;
 }
 
+/* Is every target page of [from, to) clean? */
+static int clean_between(const struct qmig_answer_block *b, uint64_t from, uint64_t to)
+{
+    for (; from < to && from < b->pages; from++)
+        if (b->dirty[from]) return 0;
+    return 1;
+}
+
 /* Let the answer thread have the wire now (inside a RAM section's records, with what the
-   window has left), and take it back once it has written. Returns 1 when the sweep goes on
-   where the machine's would after the answers, in this block: from *page (moved there), the
-   next record naming the block, and *limit less the pages the thread wrote, which count in
-   the turn as a request's pages count in the machine's own batch. 0: it stops there (an
-   answer in another block, one left to Python, or none). */
+   window has left), and take it back once it has written. Returns 1 when the answers were
+   at the sweep's front (a guest that faulted there, reading on): in this block, and moving
+   the machine's sweep neither past nor back over a dirty page, so that it goes on from
+   *page (moved there) as it would have without them, the next record naming the block, and
+   *limit less the pages the thread wrote, which count in the turn as a request's pages
+   count in the machine's own batch. 0: it stops there, and the machine orders the next
+   batch from where the answers moved its sweep (elsewhere, in another block, one left to
+   Python, or none). */
 static int yield_wire(struct answer *a, int32_t block, int64_t credit, uint64_t window_end_ns,
                       uint64_t *page, uint64_t *limit)
 {
@@ -82,7 +96,9 @@ static int yield_wire(struct answer *a, int32_t block, int64_t credit, uint64_t 
     qmig_answer_release(a, 1, credit, window_end_ns);
     qmig_answer_hold(a);
     if (a->moved_block != block || a->moved_pages >= *limit) return 0;
-    *page = a->moved_to;
+    uint64_t to = a->moved_to, lo = to < *page ? to : *page, hi = to < *page ? *page : to;
+    if (hi - lo > FRONT || !clean_between(&a->blocks[block], lo, hi)) return 0;
+    *page = to;
     *limit -= a->moved_pages;
     return 1;
 }

@@ -2,14 +2,15 @@
 for the same machine state and budgets, the same bytes on the wire, the same dirty map and
 the same counts, step by step to the stream's end, beside a thread answering on the main
 channel or on the preempt channel; the answer thread's request goes first between two of
-its writes, and the sweep goes on after it as the machine's would; a destination that
-stops reading fails the sweep within the stall timeout, and one that vanishes fails it at
-once, instead of hanging or crashing the loop."""
+its writes, and the sweep goes on after it where it was going (a request at its front) or
+stops (one elsewhere); a destination that stops reading fails the sweep within the stall
+timeout, and one that vanishes fails it at once, instead of hanging or crashing the loop."""
 
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import answering
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from qmig.errors import TransportError
 from qmig.protocol.preempt import PreemptVariant
-from qmig.protocol.source import Source
+from qmig.protocol.source import Source, SweepOrder
 from qmig.protocol.states import SourceState
 from qmig.runner.answer import FastAnswer, SweepResult
 from qmig.transport import Connection
@@ -209,37 +210,73 @@ def records(data: bytes, version: str) -> list[tuple[int, str | None, bytes]]:
     return out
 
 
-def test_a_request_goes_between_two_writes_and_the_sweep_goes_on_after_it() -> None:
-    """The thread waits for the wire while the loop holds it: the sweep writes one piece,
-    lets the thread's answer go, and goes on where the machine's sweep would after it: from
-    the requested page on, naming the block again, the answered page counted in the turn's
-    limit. The machine learns of both, and of the request itself, and its next order starts
-    after the sweep's last page."""
-    version = "7.2"
-    source = answering.postcopy_source(5, version, piece=2 * PAGE)
-    block = source.by_name["pc.ram"]
-    sweeper = Sweeper(source)
-    return_path = answering.requests(version, m.ReqPagesId(40 * PAGE, PAGE, "pc.ram"))
+def sweep_with_a_request(
+    pick: Callable[[Source, SweepOrder], int],
+) -> tuple[Source, SweepOrder, SweepResult, list[tuple[int, str | None, bytes]], Sweeper]:
+    """The thread waits for the wire while the loop holds it, with a request for the page of
+    pc.ram that ``pick`` picks given the machine's order; the sweep writes one page, lets
+    the thread's answer go, and goes on or stops. The machine, its order, what the sweep
+    did, every record written, in order, and the sweeper (the machine has learnt of nothing
+    yet)."""
+    sweeper = Sweeper(answering.postcopy_source(5, "7.2", piece=2 * PAGE))
     try:
-        sweeper.fast.hold()
-        sweeper.peer.sendall(return_path)
-        wait_until_waiting(sweeper.fast)
-        order = source.sweep_order(1 << 20)
-        assert order is not None and order.block == "pc.ram" and order.limit > 2
-        assert order.start < 40 and block.dirty[40]
-        after = [p for p in range(41, len(block.dirty)) if block.dirty[p]][: order.limit - 2]
-        assert source.data_to_send(0) == b""  # the section is open already
-        result = sweeper.fast.sweep(order, batch=PAGE, credit=None, window_end=0.0)
+        order, result, written = _sweep_with_a_request(sweeper, pick)
+    except BaseException:
+        sweeper.close()
+        raise
+    return sweeper.source, order, result, written, sweeper
+
+
+def _sweep_with_a_request(
+    sweeper: Sweeper, pick: Callable[[Source, SweepOrder], int]
+) -> tuple[SweepOrder, SweepResult, list[tuple[int, str | None, bytes]]]:
+    source = sweeper.source
+    sweeper.fast.hold()
+    order = source.sweep_order(1 << 20)
+    assert order is not None and order.block == "pc.ram" and order.limit > 2
+    assert source.data_to_send(0) == b""  # the section is open already
+    asked = pick(source, order)
+    assert source.by_name["pc.ram"].dirty[asked]
+    sweeper.peer.sendall(answering.requests("7.2", m.ReqPagesId(asked * PAGE, PAGE, "pc.ram")))
+    wait_until_waiting(sweeper.fast)
+    result = sweeper.fast.sweep(order, batch=PAGE, credit=None, window_end=0.0)
+    source.swept(order, pages=result.pages, last=result.last, zeros=result.zeros, size=result.bytes)
+    sweeper.fast.release(open_records=True, credit=None, window_end=0.0)
+    answer_size = 8 + 1 + len("pc.ram") + PAGE  # the page asked for is not a zero page
+    return order, result, records(recv_exactly(sweeper.peer, result.bytes + answer_size), "7.2")
+
+
+def learn_of_the_answer(sweeper: Sweeper, asked: int) -> None:
+    """The machine learns of the thread's answer, and reads the request itself."""
+    answered = sweeper.fast.apply()
+    assert [(a.block, a.request_start, a.pages) for a in answered] == [("pc.ram", asked * PAGE, 1)]
+    size = len(answering.requests("7.2", m.ReqPagesId(asked * PAGE, PAGE, "pc.ram")))
+    passed = answering.passed_on(sweeper.fast, size)
+    assert answering.machine_verdicts(sweeper.source, passed) == [("pc.ram", asked * PAGE, True)]
+
+
+def test_a_request_at_the_sweeps_front_goes_first_and_the_sweep_goes_on() -> None:
+    """The request is for the page the sweep comes to next (a guest reading on at the
+    stream's front): the answer goes between two writes, and the sweep goes on after it, as
+    the machine's sweep would, naming the block again, the answered page counted in the
+    turn's limit; the machine's next order starts after the sweep's last page."""
+
+    dirty_before = bytearray()
+
+    def front(source: Source, order: SweepOrder) -> int:
+        dirty_before[:] = source.by_name["pc.ram"].dirty
+        return dirty_before.find(1, order.start + 1)
+
+    source, order, result, written, sweeper = sweep_with_a_request(front)
+    block = source.by_name["pc.ram"]
+    try:
+        asked = dirty_before.find(1, order.start + 1)
+        dirty_after_asked = (p for p in range(asked + 1, len(dirty_before)) if dirty_before[p])
+        after = list(dirty_after_asked)[: order.limit - 2]
         assert result.yielded and result.pages == order.limit - 1 and result.last == after[-1]
-        source.swept(
-            order, pages=result.pages, last=result.last, zeros=result.zeros, size=result.bytes
-        )
-        sweeper.fast.release(open_records=True, credit=None, window_end=0.0)
-        answer_size = 8 + 1 + len("pc.ram") + PAGE
-        written = records(recv_exactly(sweeper.peer, result.bytes + answer_size), version)
         expected = [
             (order.start, "pc.ram" if order.named else None),
-            (40, "pc.ram"),  # the thread names its block
+            (asked, "pc.ram"),  # the thread names its block
             (after[0], "pc.ram"),  # and the sweep names it again after the answer
             *((page, None) for page in after[1:]),
         ]
@@ -247,13 +284,37 @@ def test_a_request_goes_between_two_writes_and_the_sweep_goes_on_after_it() -> N
         for page, _, data in written:
             assert data == block.ram[page * PAGE : (page + 1) * PAGE]
             assert block.dirty[page] == 0
-        answered = sweeper.fast.apply()
-        assert [(a.block, a.request_start, a.pages) for a in answered] == [("pc.ram", 40 * PAGE, 1)]
-        passed = answering.passed_on(sweeper.fast, len(return_path))
-        assert answering.machine_verdicts(source, passed) == [("pc.ram", 40 * PAGE, True)]
+        learn_of_the_answer(sweeper, asked)
         next_order = source.sweep_order(1 << 20)  # the request, its page sent, holds nothing back
         assert next_order is not None
         assert next_order.start == block.dirty.find(1, after[-1] + 1)
+        assert next_order.named  # after the thread's record, the block is named again
+    finally:
+        sweeper.close()
+
+
+def test_a_request_elsewhere_goes_first_and_the_sweep_stops() -> None:
+    """The request is for a page further on, past dirty pages: the answer goes between two
+    writes, and the sweep stops there; the machine learns of both, and its next order
+    starts after the requested page (as its own sweep goes on after a request), naming the
+    block."""
+
+    def elsewhere(source: Source, order: SweepOrder) -> int:
+        dirty = source.by_name["pc.ram"].dirty
+        assert dirty.count(1, order.start + 1, 40) > 0  # dirty pages lie between
+        return 40
+
+    source, _order, result, written, sweeper = sweep_with_a_request(elsewhere)
+    block = source.by_name["pc.ram"]
+    try:
+        assert result.yielded and result.pages == 1  # one piece of one page, then the answer
+        assert [page for page, _, _ in written] == [result.last, 40]
+        assert written[1][1] == "pc.ram"  # the thread names its block
+        assert written[1][2] == block.ram[40 * PAGE : 41 * PAGE]
+        learn_of_the_answer(sweeper, 40)
+        assert block.dirty[result.last] == 0 and block.dirty[40] == 0
+        next_order = source.sweep_order(1 << 20)
+        assert next_order is not None and next_order.start == block.dirty.find(1, 41)
         assert next_order.named  # after the thread's record, the block is named again
     finally:
         sweeper.close()
