@@ -232,9 +232,10 @@ static int answer_request(struct answer *a, int32_t index, uint64_t start, uint6
         left |= rc == -1;
     }
     if (!wrote && !left && rc != -2) settled(a, index, start, read_ns);
-    if (a->main_channel) {
-        uint64_t first = start / tps, span = (start + length) / tps - first;
-        moved_on(a, index, left ? -1 : (int64_t)(first + (span + per_host - 1) / per_host * per_host));
+    if (a->main_channel) {  /* after the request's last host page, as the machine's sweep */
+        uint64_t first = start / tps, pages = (start + length) / tps - first;
+        uint64_t hosts = (pages + per_host - 1) / per_host;
+        moved_on(a, index, left ? -1 : (int64_t)(first + hosts * per_host));
     }
     qmig_give_wire(a);
     return rc == -2 ? rc : 0;

@@ -15,9 +15,10 @@
    thread's pages counted in the turn's limit, so that the pages after the guest's keep
    coming at once, instead of each waiting for a turn of the machine and then asked for.
    Any other answer moves the machine's sweep after the requested page: the sweep stops, and
-   the machine, told of the answers, orders the next batch from there. Where the thread answers on the preempt channel,
-   each batch's pages are picked holding the wire (the thread clears dirty bytes under it)
-   and written without it, so an urgent page never waits for the main channel's write. */
+   the machine, told of the answers, orders the next batch from there. Where the thread
+   answers on the preempt channel, each batch's pages are picked holding the wire (the
+   thread clears dirty bytes under it) and written without it, so an urgent page never
+   waits for the main channel's write. */
 #include "answer_internal.h"
 
 #include <errno.h>

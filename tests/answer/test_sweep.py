@@ -172,7 +172,7 @@ def test_any_budgets_any_ram(seed: int, version: str, budgets: list[int]) -> Non
         max_size=4,
     ),
 )
-def test_requests_sent_already_or_not_keep_the_bytes_the_machines(
+def test_requests_read_between_turns_keep_the_machines_bytes(
     seed: int, version: str, budgets: list[int], requests: dict[int, list[tuple[str, int]]]
 ) -> None:
     """Requests that the machine reads between two turns: those whose pages went out
