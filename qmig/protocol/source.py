@@ -491,9 +491,7 @@ class Source:
             source_block.dirty[page] = 0
         if main:
             self._named_block = None
-            per_host = source_block.page_size // self.target_page_size
-            last = max(pages)
-            self._cursor = (self.blocks.index(source_block), last - last % per_host + per_host)
+            self._sweep_after(source_block, max(pages))
         else:
             self._preempt_named = source_block
             self.preempt_pages += len(pages)
@@ -567,9 +565,7 @@ class Source:
             if wanted:
                 records += self._page_records(block, wanted, postcopy=True, requested=True)
                 pages -= len(wanted)
-            # As QEMU's source does, the background sweep goes on after the requested page:
-            # a guest that faulted there is likely to touch the pages that follow next.
-            self._cursor = (self.blocks.index(block), first + per_host)
+            self._sweep_after(block, first)
         if sweep and pages > 0 and not self._requests:
             batch = self._next_dirty_batch(pages, wrap=True)
             if batch is not None:
@@ -582,6 +578,13 @@ class Source:
                 self._close_postcopy_section()
         elif sweep and not self._requests and self.dirty_pages() == 0:
             self._finish_postcopy()
+
+    def _sweep_after(self, block: SourceBlock, page: int) -> None:
+        """The background sweep goes on after the host page of ``block`` that holds target
+        ``page``, as QEMU's source goes on after a requested page: a guest that faulted
+        there is likely to touch the pages that follow next."""
+        per_host = block.page_size // self.target_page_size
+        self._cursor = (self.blocks.index(block), page - page % per_host + per_host)
 
     def _open_postcopy_section(self) -> None:
         """A RAM SECTION_PART for postcopy's records, unless one is open; its first record
@@ -674,7 +677,9 @@ class Source:
         C sweep, ``qmig_answer_sweep``), exactly as :meth:`data_to_send` would take and write
         it; the stream's bytes before it (a section's start) wait in ``data_to_send(0)``.
         None: there is none, or it is not the sweep's turn (requests first, the stream's
-        end): :meth:`data_to_send`'s to do. Report what was written with :meth:`swept`."""
+        end): :meth:`data_to_send`'s to do. Queued requests whose pages went out already
+        are settled first (:meth:`_settle_sent_requests`). Report what was written with
+        :meth:`swept`."""
         if self.state is not SourceState.POSTCOPY:
             return None
         self._settle_sent_requests()
@@ -701,12 +706,11 @@ class Source:
         requests = self._requests
         while requests:
             block, first = requests[0]
-            after = first + block.page_size // self.target_page_size
-            end = min(after, len(block.dirty))
+            end = min(first + block.page_size // self.target_page_size, len(block.dirty))
             if block.dirty.count(0, first, end) != end - first:
                 return
             requests.popleft()
-            self._cursor = (self.blocks.index(block), after)
+            self._sweep_after(block, first)
 
     def swept(self, order: SweepOrder, *, pages: int, last: int, zeros: int, size: int) -> None:
         """What the writer wrote for ``order``: ``pages`` target pages from ``order.start``
