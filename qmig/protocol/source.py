@@ -699,8 +699,10 @@ class Source:
         """Main channel: the queued requests, from the queue's head, whose pages have all
         gone out (the sweep sent them before the request came, or the runner's C thread
         answered it). Serving one writes nothing and moves the sweep on after its page
-        (:meth:`_postcopy_section`); that is done here, so that they do not hold the sweep's
-        next order back for a turn of the machine's own."""
+        (:meth:`_postcopy_section`); that is done here, so that :meth:`sweep_order` orders
+        a batch with them queued, as :meth:`data_to_send` would write one. (The runner's
+        loop serves every queued request through :meth:`requested_data` before it asks for
+        an order, so there none is left by then.)"""
         if self.preempt is not None:
             return  # they go to the preempt channel, and the sweep stays where it is
         requests = self._requests
