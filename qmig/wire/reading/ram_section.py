@@ -1,9 +1,12 @@
 """The ``ram`` section: page records, the MEM_SIZE block list, and the flags between them.
 
 A ``ram`` section carries no length: its records run until EOS. Runs of ZERO/PAGE records
-that CONTINUE a known block go through the C scanner (:mod:`qmig.wire.ramscan`); every other
-record is read by the schema. The MEM_SIZE list's optional page-size field is decided by
-QEMU's rule where the reader knows the destination's blocks, else read off the bytes.
+that CONTINUE a known block go through the C scanner (:mod:`qmig.wire.ramscan`); a whole
+ZERO/PAGE record that names its block is read by :meth:`RamSectionReader._read_named_page`
+(the schema's layout, without construct: in postcopy most requested pages come with their
+block's name); every other record, and any of those cut short, is read by the schema. The
+MEM_SIZE list's optional page-size field is decided by QEMU's rule where the reader knows the
+destination's blocks, else read off the bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from qmig.errors import MalformedError, QmigError
 from qmig.wire import messages as m
+from qmig.wire.fields import NAME_ENCODING
 from qmig.wire.profiles import Profile
 from qmig.wire.ramscan import RamScanner, Stop
 from qmig.wire.reading.framing import RAM_IDSTR, FramedInput
@@ -31,6 +35,8 @@ class RamSectionReader(FramedInput):
 
     local_page_sizes: dict[str, int] | None
     host_page_size: int
+    # False: the schema reads every record the C scanner does not (tests compare the two).
+    named_fast_path = True
     _scanner: RamScanner
     # The profile's MEM_SIZE rules, chosen once by _mem_size_rules().
     _mr_addr_rule: Callable[[], bool]
@@ -54,6 +60,14 @@ class RamSectionReader(FramedInput):
             and block is not None
         ):
             return self._read_page_run(block)
+        if (
+            kind in (flags["ZERO"], flags["PAGE"])
+            and not record_flags & flags["CONTINUE"]
+            and self.named_fast_path
+        ):
+            named = self._read_named_page(header, kind)
+            if named is not None:
+                return named
         if kind == flags["MEM_SIZE"]:
             return self._read_mem_size(header)
         if kind == flags["EOS"] and not record_flags & flags["CONTINUE"]:
@@ -110,8 +124,26 @@ class RamSectionReader(FramedInput):
             offset,
         )
 
+    def _read_named_page(self, header: int, kind: int) -> Record | None:
+        """A ZERO/PAGE record that names its block, read as ``Schema.ram_record`` reads it
+        (header, counted name, the kind's body), without construct; None when it is not all
+        in the buffer, for the schema to read (and to say where it runs short)."""
+        head = self.schema.ram_header_size
+        at = self._pos + head
+        limit = self._limit()
+        if at >= limit:
+            return None
+        name_end = at + 1 + self._buf[at]
+        size = name_end - self._pos + self.schema.ram_body_sizes[kind]
+        if self._pos + size > limit:
+            return None
+        block = bytes(self._buf[at + 1 : name_end]).decode(NAME_ENCODING)
+        return self._page_record(block, header, kind, size)
+
     def _read_one_ram_record(self) -> Record:
-        """A record the fast path does not take: it names its block, or is XBZRLE/COMPRESS."""
+        """A record neither fast path takes: XBZRLE/COMPRESS, a ZERO/PAGE record cut short
+        (the schema says where), or one of a kind the scanner leaves (CONTINUE with no block
+        named before)."""
         flags = self.profile.ram_flags
         offset = self.offset
         record, size = self._parse("RAM", self.schema.ram_record)
@@ -120,32 +152,47 @@ class RamSectionReader(FramedInput):
                 raise MalformedError("RAM", "CONTINUE with no previous block", offset)
             block = self.context.current_block
         else:
-            block = record.block
-            if self.context.ram_blocks and block not in self.context.ram_blocks:
-                raise MalformedError(
-                    "RAM", f"can't find block {block!r}", offset + self.schema.ram_header_size
-                )
-            self.context.current_block = block
-        info = self.context.ram_blocks.get(block)
-        if info is not None and record.offset >= info.used_length:
-            self._raise_offset_range(block, offset)
+            block = self._named_block(record.block)
+        self._check_offset(block, record.offset)
         name = None if record.flags & flags["CONTINUE"] else block
         if record.kind in (flags["ZERO"], flags["PAGE"]):
-            return self._emit(self._single_run(block, record, size), size, RAM_IDSTR)
+            return self._emit(
+                self._single_run(block, record.header, record.kind, size), size, RAM_IDSTR
+            )
         if record.kind == flags["XBZRLE"]:
             return self._emit(m.RamXbzrle(name, record.offset, record.body.data), size, RAM_IDSTR)
         return self._emit(m.RamCompressed(name, record.offset, record.body.data), size, RAM_IDSTR)
 
-    def _single_run(self, block: str, record: Any, size: int) -> m.RamPageRun:
-        """A run of one record decoded by the schema, in the fast path's shape."""
-        zero = record.kind == self.profile.ram_flags["ZERO"]
-        body_size = self.schema.ram_body_sizes[record.kind]
+    def _page_record(self, block: str, header: int, kind: int, size: int) -> Record:
+        """A whole ZERO/PAGE record that names ``block``, checked as the schema's is."""
+        block = self._named_block(block)
+        self._check_offset(block, header & ~self.schema.flag_mask)
+        return self._emit(self._single_run(block, header, kind, size), size, RAM_IDSTR)
+
+    def _named_block(self, block: str) -> str:
+        """A block a record names: known (when the blocks are), and the one CONTINUE means."""
+        if self.context.ram_blocks and block not in self.context.ram_blocks:
+            raise MalformedError(
+                "RAM", f"can't find block {block!r}", self.offset + self.schema.ram_header_size
+            )
+        self.context.current_block = block
+        return block
+
+    def _check_offset(self, block: str, offset: int) -> None:
+        info = self.context.ram_blocks.get(block)
+        if info is not None and offset >= info.used_length:
+            self._raise_offset_range(block, self.offset)
+
+    def _single_run(self, block: str, header: int, kind: int, size: int) -> m.RamPageRun:
+        """A run of one record, in the scanner's shape."""
+        zero = kind == self.profile.ram_flags["ZERO"]
+        body_size = self.schema.ram_body_sizes[kind]
         body_at = self.offset + size - body_size
         return m.RamPageRun(
             block=block,
             count=1,
             zero_count=int(zero),
-            headers=memoryview(array("Q", [record.header])),
+            headers=memoryview(array("Q", [header])),
             bodies=memoryview(array("Q", [body_at])),
             data=self._buf,
             data_base=self._base,
