@@ -44,12 +44,12 @@ def stream(schema: Schema, records: int, named_every: int) -> bytes:
     out += schema.build_section(m.SectionStart(2, "ram", 0, 4))
     out += schema.build_mem_size(m.MemSize(sum(b.used_length for b in blocks), blocks))
     data = bytes(range(256)) * (page // 256)
+    sizes = dict(BLOCKS)
     name = BLOCKS[0][0]
     for index in range(records):
         if index % named_every == 0:
             name = BLOCKS[(index // named_every) % 2][0]
-        pages = dict(BLOCKS)[name]
-        offset = (index * 7919 % pages) * page
+        offset = (index * 7919 % sizes[name]) * page
         block = name if index % named_every == 0 else None
         out += schema.build_ram_page(
             m.RamPage(block, offset, index % 4 == 0, data[:1] if index % 4 == 0 else data)

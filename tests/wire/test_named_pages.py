@@ -67,7 +67,9 @@ def ram_section(schema: Schema, pages: list[m.RamPage]) -> tuple[bytes, int]:
 
 def read(stream: bytes, version: str, chunk: int, *, fast: bool) -> tuple[list[Any], str | None]:
     """Every record the reader gives for ``stream`` fed ``chunk`` bytes at a time, then EOF,
-    and the one-line error it ends with (None: none)."""
+    and the one-line error it ends with (None: none). Not ``reading.read_outcome``: a page
+    run points into the reader's buffer, which it reuses as it reads on, so each record is
+    described as it comes."""
     reader = StreamReader(version)
     reader.named_fast_path = fast
     seen: list[Any] = []

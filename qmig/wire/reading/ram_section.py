@@ -137,8 +137,9 @@ class RamSectionReader(FramedInput):
         size = name_end - self._pos + self.schema.ram_body_sizes[kind]
         if self._pos + size > limit:
             return None
-        block = bytes(self._buf[at + 1 : name_end]).decode(NAME_ENCODING)
-        return self._page_record(block, header, kind, size)
+        block = self._named_block(bytes(self._buf[at + 1 : name_end]).decode(NAME_ENCODING))
+        self._check_offset(block, header & ~self.schema.flag_mask)
+        return self._emit(self._single_run(block, header, kind, size), size, RAM_IDSTR)
 
     def _read_one_ram_record(self) -> Record:
         """A record neither fast path takes: XBZRLE/COMPRESS, a ZERO/PAGE record cut short
@@ -162,12 +163,6 @@ class RamSectionReader(FramedInput):
         if record.kind == flags["XBZRLE"]:
             return self._emit(m.RamXbzrle(name, record.offset, record.body.data), size, RAM_IDSTR)
         return self._emit(m.RamCompressed(name, record.offset, record.body.data), size, RAM_IDSTR)
-
-    def _page_record(self, block: str, header: int, kind: int, size: int) -> Record:
-        """A whole ZERO/PAGE record that names ``block``, checked as the schema's is."""
-        block = self._named_block(block)
-        self._check_offset(block, header & ~self.schema.flag_mask)
-        return self._emit(self._single_run(block, header, kind, size), size, RAM_IDSTR)
 
     def _named_block(self, block: str) -> str:
         """A block a record names: known (when the blocks are), and the one CONTINUE means."""
