@@ -127,8 +127,12 @@ class FaultProxy:
 
     def close(self) -> None:
         self._stop.set()
+        # A close alone does not wake a thread blocked in accept() or recv() on Linux; a
+        # shutdown does, so the relay ends now rather than at its timeout.
         for sock in (self._source, self._destination, self.listener):
             if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     sock.close()
         for thread in self._threads:

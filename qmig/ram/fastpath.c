@@ -321,6 +321,7 @@ static int receive(struct qmig_fastpath *fp, struct pollfd *polls)
 static void *run(void *arg)
 {
     struct qmig_fastpath *fp = arg;
+    qmig_name_thread(fp->cfg.bare ? "qmig-recv-pre" : "qmig-recv");
     struct pollfd polls[2] = {{.fd = fp->cfg.fd, .events = POLLIN},
                               {.fd = fp->cfg.quitfd, .events = POLLIN}};
     pthread_mutex_lock(&fp->lock);

@@ -174,6 +174,16 @@ class FaultStats:
     events: dict[str, int] = field(default_factory=dict)  # other messages, by kind (REMOVE...)
 
 
+def _named(run: Callable[[], None]) -> Callable[[], None]:
+    """``run``, on a thread that ps, top and perf show by its Python name."""
+
+    def named() -> None:
+        lib.qmig_name_thread(threading.current_thread().name.encode())
+        run()
+
+    return named
+
+
 def _all_blocked(intervals: list[tuple[int, int, int]], threads: int) -> int:
     """Time during which ``threads`` distinct threads were blocked at once (sweep line)."""
     if threads <= 0:
@@ -242,7 +252,7 @@ class FaultThread:
         run = self._run if self._sources is None else self._run_served
         if requests is not None:
             run = self._run_requests
-        self._thread = threading.Thread(target=run, name="qmig-faults", daemon=True)
+        self._thread = threading.Thread(target=_named(run), name="qmig-faults", daemon=True)
         for block in blocks:
             block.placement_listener = self._placed
 

@@ -130,6 +130,7 @@ int64_t qmig_serve_from(int uffd, int quitfd, uint64_t base, uint64_t len, uint6
                         uint64_t latency_cap);
 uint64_t qmig_now_ns(void);
 int qmig_gettid(void);
+void qmig_name_thread(const char *name);
 
 /* bitmap.c: bitmaps shared between placing threads and the fault thread */
 void qmig_bitmap_set(uint8_t *map, uint64_t start, uint64_t count);

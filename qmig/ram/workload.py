@@ -108,6 +108,7 @@ class Vcpu:
         self._thread = threading.Thread(target=self._run, name="qmig-vcpu", daemon=True)
 
     def _run(self) -> None:
+        lib.qmig_name_thread(b"qmig-vcpu")
         lib.qmig_workload_run(self._config)
 
     def start(self) -> Vcpu:

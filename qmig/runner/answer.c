@@ -16,6 +16,7 @@
    goes out on one channel or the other, never both. The loop's background pages themselves
    are written from C as well, in the batches its machine orders (sweep.c), under the same
    rules. */
+#define _GNU_SOURCE
 #include "answer_internal.h"
 
 #include <errno.h>
@@ -311,6 +312,7 @@ static int pass_on(int fd, int stop_fd, const uint8_t *data, size_t len)
 static void *run(void *arg)
 {
     struct answer *a = arg;
+    pthread_setname_np(pthread_self(), "qmig-answer");
     struct pollfd fds[2] = {{.fd = a->cfg.rp_fd, .events = POLLIN},
                             {.fd = a->stop_fd, .events = POLLIN}};
     for (;;) {

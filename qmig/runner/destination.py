@@ -190,7 +190,9 @@ class DestinationRunner:
                     stuck = stuck or error
             self._preempt.close()
             self.report.finished = time.monotonic()
-            if not (self.keep_ram and self.completed and self.session):
+            # Kept only after a migration that ended well: one whose preempt channel failed
+            # at its end completed its main stream, and its fault thread must stop too.
+            if not (self.keep_ram and ended and self.session):
                 self._close_session()
             if stuck is not None and ended:
                 raise stuck

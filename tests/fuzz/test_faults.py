@@ -10,10 +10,12 @@ path and re-chunking the stream is legal: that migration must complete and verif
 from __future__ import annotations
 
 import re
+import socket
+import time
 
 import pytest
 
-from qmig.fuzz.faults import Fault, FaultResult, run_faulted
+from qmig.fuzz.faults import Fault, FaultProxy, FaultResult, run_faulted
 
 pytestmark = [pytest.mark.uffd, pytest.mark.timeout(180)]
 
@@ -82,3 +84,22 @@ def test_delayed_return_path_and_rechunked_stream_still_complete() -> None:
     assert (result.source_error, result.destination_error) == (None, None), result
     assert result.mismatches == 0
     assert result.destination_report is not None
+
+
+def test_closing_the_proxy_ends_its_relay_at_once() -> None:
+    """A proxy waiting for the source's next connection (recovery) ends on close, rather than
+    when its accept() times out: nothing of it is left running in the caller's process."""
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        proxy = FaultProxy(target.getsockname()[:2], Fault("none"), recover=True).start()
+        with socket.create_connection(("127.0.0.1", proxy.port)) as source:
+            destination, _ = target.accept()
+            source.sendall(b"")  # connected: the relay runs, then the source goes away
+        destination.close()
+        # The first connection relayed and over: the relay waits for the next one.
+        deadline = time.monotonic() + 10
+        while any(t.is_alive() for t in proxy._threads[1:]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        proxy.close()
+        assert proxy.log.connections == 1
+        assert not [thread for thread in proxy._threads if thread.is_alive()]

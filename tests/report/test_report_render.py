@@ -67,6 +67,7 @@ def test_report_of_a_simulation(tmp_path: Path, chromium: str) -> None:
     assert sent["bytes"] >= result["precopy"]["bytes"] + result["postcopy"]["bytes"]
     vcpus = document["tables"][1]
     assert [row[4] for row in vcpus["rows"]] == result["postcopy_vcpu_blocktime_ms"]
+    assert [row[3] for row in vcpus["rows"]] == result["vcpu_run_ms"]
 
 
 @pytest.mark.uffd
