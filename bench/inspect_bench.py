@@ -66,12 +66,8 @@ ZERO_TARGET_RECORDS_PER_S = 2_000_000
 def _head(schema: Schema, used_length: int) -> bytes:
     """Header, CONFIGURATION and the ram SECTION_START with its MEM_SIZE list."""
     block = m.RamBlockInfo(BLOCK, used_length)
-    data = bytes(schema.header.build(m.StreamHeader(3)))
-    data += bytes(schema.configuration.build(m.Configuration("pc-i440fx-7.2")))
-    data += schema.build_section(m.SectionStart(RAM_SECTION_ID, "ram", 0, 4))
-    data += schema.build_mem_size(m.MemSize(used_length, (block,)))
-    data += schema.build_ram_flag("EOS") + schema.build_footer(RAM_SECTION_ID)
-    return data
+    opening = schema.build_opening(m.Configuration("pc-i440fx-7.2"))
+    return opening + schema.build_ram_setup(RAM_SECTION_ID, (block,))
 
 
 def _write_stream(path: Path, pages: int, page_for: Callable[[int], m.RamPage]) -> int:

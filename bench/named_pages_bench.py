@@ -39,8 +39,7 @@ def stream(schema: Schema, records: int, named_every: int) -> bytes:
     """One ram section of ``records`` page records; every ``named_every``-th names its block."""
     page = schema.target_page_size
     blocks = tuple(m.RamBlockInfo(name, pages * page) for name, pages in BLOCKS)
-    out = bytearray(schema.header.build(m.StreamHeader(3)))
-    out += schema.configuration.build(m.Configuration("pc"))
+    out = bytearray(schema.build_opening(m.Configuration("pc")))
     out += schema.build_section(m.SectionStart(2, "ram", 0, 4))
     out += schema.build_mem_size(m.MemSize(sum(b.used_length for b in blocks), blocks))
     data = bytes(range(256)) * (page // 256)

@@ -65,9 +65,7 @@ def build_stream(
     if machine_type is not None:
         out += schema.configuration.build(m.Configuration(machine_type))
     block = m.RamBlockInfo("pc.ram", 16 * schema.target_page_size)
-    out += schema.build_section(m.SectionStart(2, "ram", 0, profile.ram_section_version))
-    out += schema.build_mem_size(m.MemSize(block.used_length, (block,)))
-    out += schema.build_ram_flag("EOS") + schema.build_footer(2)
+    out += schema.build_ram_setup(2, (block,))
     if package_ping is not None:
         # As QEMU packages it: ... PING, RUN (RUN ends the package's load).
         inner = schema.build_command(m.Ping(package_ping)) + schema.build_command(m.PostcopyRun())

@@ -124,17 +124,10 @@ class CaseBuilder:
         self.blocks = fixture_blocks()
 
     def opening(self) -> bytes:
-        s = self.schema
-        out = bytes(s.header.build(m.StreamHeader(3)))
-        out += bytes(s.configuration.build(m.Configuration(MACHINE_TYPE)))
-        return out
+        return self.schema.build_opening(m.Configuration(MACHINE_TYPE))
 
     def ram_setup(self) -> bytes:
-        s = self.schema
-        total = sum(block.used_length for block in self.blocks)
-        out = s.build_section(m.SectionStart(2, "ram", 0, 4))
-        out += s.build_mem_size(m.MemSize(total, self.blocks))
-        return out + s.build_ram_flag("EOS") + s.build_footer(2)
+        return self.schema.build_ram_setup(2, self.blocks)
 
     def ram_end(self) -> bytes:
         s = self.schema

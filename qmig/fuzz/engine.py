@@ -352,11 +352,7 @@ def minimise(
 def minimal_stream(version: str | None) -> bytes:
     """The smallest stream ``qmig inspect`` reads cleanly (beside a return-path reproducer)."""
     schema = schema_for(version)
-    return (
-        bytes(schema.header.build(m.StreamHeader(schema.profile.stream_version)))
-        + bytes(schema.configuration.build(m.Configuration("pc-i440fx-7.2")))
-        + bytes(schema.eof.build(m.Eof()))
-    )
+    return schema.build_opening(m.Configuration("pc-i440fx-7.2")) + bytes(schema.eof.build(m.Eof()))
 
 
 def write_reproducer(out: Path, target: Target, finding: Finding, version: str | None) -> Path:

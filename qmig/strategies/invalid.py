@@ -44,13 +44,10 @@ def _valid_prefix(draw: st.DrawFn, version: str | None) -> _Prefix:
     page = schema.target_page_size
     idstrs = draw(st.lists(names(1, 24), min_size=1, max_size=3, unique=True))
     blocks = tuple(m.RamBlockInfo(i, draw(st.integers(1, 64)) * page) for i in idstrs)
-    data = bytes(schema.header.build(m.StreamHeader(schema.profile.stream_version)))
-    data += bytes(schema.configuration.build(draw(configurations(version).map(_no_caps))))
-    data += schema.build_command(m.OpenReturnPath()) + schema.build_command(m.Ping(1))
+    configuration = draw(configurations(version).map(_no_caps))
+    data = schema.build_opening(configuration, return_path=True) + schema.build_command(m.Ping(1))
     data += schema.build_command(m.PostcopyAdvise(page, page))
-    data += schema.build_section(m.SectionStart(2, "ram", 0, schema.profile.ram_section_version))
-    data += schema.build_mem_size(m.MemSize(sum(b.used_length for b in blocks), blocks))
-    data += schema.build_ram_flag("EOS") + schema.build_footer(2)
+    data += schema.build_ram_setup(2, blocks)
     return _Prefix(data, blocks)
 
 

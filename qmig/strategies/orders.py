@@ -51,11 +51,8 @@ def command_orders(draw: st.DrawFn, version: str = "7.2", *, max_steps: int = 12
     schema = _schema(version)
     page = schema.target_page_size
     block = m.RamBlockInfo("pc.ram", draw(st.integers(1, 64)) * page)
-    out = bytearray(schema.header.build(m.StreamHeader(schema.profile.stream_version)))
-    out += schema.configuration.build(m.Configuration("pc-i440fx-7.2"))
-    out += schema.build_section(m.SectionStart(2, "ram", 0, schema.profile.ram_section_version))
-    out += schema.build_mem_size(m.MemSize(block.used_length, (block,)))
-    out += schema.build_ram_flag("EOS") + schema.build_footer(2)
+    out = bytearray(schema.build_opening(m.Configuration("pc-i440fx-7.2")))
+    out += schema.build_ram_setup(2, (block,))
     pages = block.used_length // page
     steps = []
     for step in draw(st.lists(st.sampled_from(ORDER_STEPS), max_size=max_steps)):

@@ -13,6 +13,7 @@ The bulk page records have a faster decoder beside this schema, in :mod:`qmig.wi
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import construct as cs
@@ -575,6 +576,29 @@ class Schema:
 
     def build_footer(self, section_id: int) -> bytes:
         return self.section_footer.build(m.SectionFooter(section_id))
+
+    def build_opening(self, configuration: m.Configuration, *, return_path: bool = False) -> bytes:
+        """A stream's first records as a QEMU source writes them: the header (this profile's
+        stream version), the CONFIGURATION section and, with ``return_path``,
+        OPEN_RETURN_PATH."""
+        out = self.header.build(m.StreamHeader(self.profile.stream_version))
+        out += self.configuration.build(configuration)
+        if return_path:
+            out += self.build_command(m.OpenReturnPath())
+        return bytes(out)
+
+    def build_ram_setup(self, section_id: int, blocks: Sequence[m.RamBlockInfo]) -> bytes:
+        """The RAM section's setup without multifd: SECTION_START of "ram" (instance 0, this
+        profile's ram section version), MEM_SIZE listing ``blocks`` with the sum of their used
+        lengths (as its 64 bits hold it), EOS and the section's footer."""
+        start = m.SectionStart(section_id, "ram", 0, self.profile.ram_section_version)
+        total = sum(block.used_length for block in blocks) & ((1 << 64) - 1)
+        return (
+            self.build_section(start)
+            + self.build_mem_size(m.MemSize(total, tuple(blocks)))
+            + self.build_ram_flag("EOS")
+            + self.build_footer(section_id)
+        )
 
 
 class _MemSizeParams:

@@ -33,12 +33,8 @@ LINE = re.compile(
 
 
 def opening() -> bytes:
-    out = bytes(S.header.build(m.StreamHeader(3)))
-    out += bytes(S.configuration.build(m.Configuration("pc-i440fx-7.2")))
-    out += S.build_command(m.OpenReturnPath())
-    out += S.build_section(m.SectionStart(2, "ram", 0, 4))
-    out += S.build_mem_size(m.MemSize(BLOCK.used_length, (BLOCK,)))
-    return out + S.build_ram_flag("EOS") + S.build_footer(2)
+    opening = S.build_opening(m.Configuration("pc-i440fx-7.2"), return_path=True)
+    return opening + S.build_ram_setup(2, (BLOCK,))
 
 
 ADVISE = S.build_command(m.PostcopyAdvise(PAGE, PAGE))

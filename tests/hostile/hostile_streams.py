@@ -18,14 +18,8 @@ DEVICE_SECTION = 3
 
 def opening(blocks: tuple[m.RamBlockInfo, ...], *, return_path: bool = True) -> bytes:
     """Header, CONFIGURATION, (OPEN_RETURN_PATH), the RAM setup section with MEM_SIZE."""
-    out = bytes(S.header.build(m.StreamHeader(3)))
-    out += bytes(S.configuration.build(m.Configuration("pc-i440fx-7.2")))
-    if return_path:
-        out += S.build_command(m.OpenReturnPath())
-    out += S.build_section(m.SectionStart(RAM_SECTION, "ram", 0, 4))
-    total = sum(block.used_length for block in blocks) & ((1 << 64) - 1)
-    out += S.build_mem_size(m.MemSize(total, blocks))
-    return out + S.build_ram_flag("EOS") + S.build_footer(RAM_SECTION)
+    opening = S.build_opening(m.Configuration("pc-i440fx-7.2"), return_path=return_path)
+    return opening + S.build_ram_setup(RAM_SECTION, blocks)
 
 
 def small_opening() -> bytes:

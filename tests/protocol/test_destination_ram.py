@@ -17,11 +17,7 @@ from qmig.wire.schema import schema_for
 VERSION = "7.2"
 S = schema_for(VERSION)
 MIB = 1 << 20
-OPENING = (
-    S.header.build(m.StreamHeader(3))
-    + S.configuration.build(m.Configuration("pc-q35-7.2"))
-    + S.build_command(m.OpenReturnPath())
-)
+OPENING = S.build_opening(m.Configuration("pc-q35-7.2"), return_path=True)
 
 
 def mem_size(*blocks: m.RamBlockInfo, total: int | None = None) -> bytes:

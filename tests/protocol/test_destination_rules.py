@@ -18,19 +18,11 @@ BLOCK = m.RamBlockInfo("pc.ram", 16 * 4096)
 
 
 def opening(*, return_path: bool = True) -> bytes:
-    out = S.header.build(m.StreamHeader(3)) + S.configuration.build(m.Configuration("pc-q35-7.2"))
-    if return_path:
-        out += S.build_command(m.OpenReturnPath())
-    return out
+    return S.build_opening(m.Configuration("pc-q35-7.2"), return_path=return_path)
 
 
 def ram_setup() -> bytes:
-    return (
-        S.build_section(m.SectionStart(2, "ram", 0, 4))
-        + S.build_mem_size(m.MemSize(BLOCK.used_length, (BLOCK,)))
-        + S.build_ram_flag("EOS")
-        + S.build_footer(2)
-    )
+    return S.build_ram_setup(2, (BLOCK,))
 
 
 ADVISE = S.build_command(m.PostcopyAdvise(4096, 4096))
@@ -229,9 +221,7 @@ def test_a_second_listen_is_refused_by_the_state_check_first(version: str) -> No
     schema = schema_for(version)
     listen = schema.build_command(m.PostcopyListen())
     stream = (
-        schema.header.build(m.StreamHeader(schema.profile.stream_version))
-        + schema.configuration.build(m.Configuration("pc-i440fx-2.9"))
-        + schema.build_command(m.OpenReturnPath())
+        schema.build_opening(m.Configuration("pc-i440fx-2.9"), return_path=True)
         + schema.build_command(m.PostcopyAdvise(4096, 4096))
         + listen
         + listen
@@ -256,8 +246,7 @@ def test_reject_second_listen_refuses_a_listen_while_a_listen_thread_runs(
     dest = Destination(version)
     drive(
         dest,
-        schema.header.build(m.StreamHeader(schema.profile.stream_version))
-        + schema.configuration.build(m.Configuration("pc-i440fx-2.9"))
+        schema.build_opening(m.Configuration("pc-i440fx-2.9"))
         + schema.build_command(m.PostcopyAdvise(4096, 4096))
         + schema.build_command(m.PostcopyListen()),
     )

@@ -76,13 +76,8 @@ class DestinationModel(RuleBasedStateMachine):
     @initialize(return_path=st.booleans(), split=st.integers(0, 200))
     def opening(self, return_path: bool, split: int) -> None:
         s = self.schema
-        data = s.header.build(m.StreamHeader(3)) + s.configuration.build(
-            m.Configuration("pc-i440fx-7.2")
-        )
-        data += s.build_section(m.SectionStart(RAM_ID, "ram", 0, 4))
         infos = tuple(m.RamBlockInfo(name, size) for name, size in BLOCKS.items())
-        data += s.build_mem_size(m.MemSize(sum(BLOCKS.values()), infos))
-        data += s.build_ram_flag("EOS") + s.build_footer(RAM_ID)
+        data = s.build_opening(m.Configuration("pc-i440fx-7.2")) + s.build_ram_setup(RAM_ID, infos)
         self._send(data[:split], Expected())
         self._send(data[split:], Expected())
         if return_path:

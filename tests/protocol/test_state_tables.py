@@ -47,15 +47,9 @@ VERSIONS = ("2.9", "7.2", "10.0")
 
 
 def opening(schema: Schema) -> bytes:
-    return (
-        schema.header.build(m.StreamHeader(schema.profile.stream_version))
-        + schema.configuration.build(m.Configuration("pc-i440fx-2.9"))
-        + schema.build_command(m.OpenReturnPath())
-        + schema.build_section(m.SectionStart(2, "ram", 0, 4))
-        + schema.build_mem_size(m.MemSize(BLOCK.used_length, (BLOCK,)))
-        + schema.build_ram_flag("EOS")
-        + schema.build_footer(2)
-    )
+    return schema.build_opening(
+        m.Configuration("pc-i440fx-2.9"), return_path=True
+    ) + schema.build_ram_setup(2, (BLOCK,))
 
 
 def input_bytes(schema: Schema, action: DestinationInput) -> bytes:

@@ -147,9 +147,7 @@ def test_receive_rejects_page_sizes_it_cannot_host() -> None:
     # opening as QEMU 7.2 sends it, up to the ADVISE that announces them.
     schema = schema_for("7.2")
     opening = (
-        schema.header.build(m.StreamHeader(schema.profile.stream_version))
-        + schema.configuration.build(m.Configuration("pc-i440fx-7.2"))
-        + schema.build_command(m.OpenReturnPath())
+        schema.build_opening(m.Configuration("pc-i440fx-7.2"), return_path=True)
         + schema.build_command(m.Ping(1))
         + schema.build_command(m.PostcopyAdvise(1 << 31, 4096))
     )

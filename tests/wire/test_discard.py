@@ -40,9 +40,7 @@ names = st.binary(min_size=1, max_size=12).map(lambda raw: raw.decode("latin-1")
 
 def prefix(version: str) -> bytes:
     schema = schema_for(version)
-    return bytes(schema.header.build(m.StreamHeader(3))) + bytes(
-        schema.configuration.build(m.Configuration("pc-i440fx-7.2"))
-    )
+    return schema.build_opening(m.Configuration("pc-i440fx-7.2"))
 
 
 def read(data: bytes, *, fast: bool, version: str, chunk: int) -> Outcome:

@@ -69,9 +69,7 @@ def outcome(reader: Reader, data: bytes, chunk: int | None = None) -> QmigError 
 
 def valid_prefix(version: str) -> bytes:
     schema = schema_for(version)
-    return bytes(schema.header.build(m.StreamHeader(3))) + bytes(
-        schema.configuration.build(m.Configuration("pc-i440fx-7.2"))
-    )
+    return schema.build_opening(m.Configuration("pc-i440fx-7.2"))
 
 
 # --- arbitrary bytes ----------------------------------------------------------------------

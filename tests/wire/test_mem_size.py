@@ -36,8 +36,7 @@ def stream(
     schema = schema_for(version)
     capabilities = ("x-ignore-shared",) if ignore_shared else None
     mem_size = m.MemSize(sum(block.used_length for block in blocks), blocks)
-    data = bytes(schema.header.build(m.StreamHeader(3)))
-    data += bytes(schema.configuration.build(m.Configuration("pc", capabilities=capabilities)))
+    data = schema.build_opening(m.Configuration("pc", capabilities=capabilities))
     if advise is not None:
         data += schema.build_command(advise)
     data += schema.build_section(m.SectionStart(2, "ram", 0, 4)) + schema.build_mem_size(mem_size)

@@ -52,8 +52,7 @@ def ram_section(schema: Schema, pages: list[m.RamPage]) -> tuple[bytes, int]:
     stream's; and where the pages start."""
     page = schema.target_page_size
     blocks = tuple(m.RamBlockInfo(name, count * page) for name, count in BLOCKS)
-    data = bytes(schema.header.build(m.StreamHeader(3)))
-    data += bytes(schema.configuration.build(m.Configuration("pc")))
+    data = schema.build_opening(m.Configuration("pc"))
     data += schema.build_section(m.SectionStart(2, "ram", 0, 4))
     data += schema.build_mem_size(m.MemSize(sum(b.used_length for b in blocks), blocks))
     start = len(data)

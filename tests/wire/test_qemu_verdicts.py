@@ -27,8 +27,7 @@ VERSIONS = ["2.9", "7.2", "10.0"]
 
 def _opening(version: str) -> bytes:
     schema = schema_for(version)
-    data = bytes(schema.header.build(m.StreamHeader(3)))
-    return data + bytes(schema.configuration.build(m.Configuration("pc-i440fx-7.2")))
+    return schema.build_opening(m.Configuration("pc-i440fx-7.2"))
 
 
 def nested_package(version: str) -> tuple[bytes, int]:

@@ -182,8 +182,7 @@ def test_scan_of_a_cut_header_or_body_is_short(version: str) -> None:
 def stream_around(schema: Schema, run: Run) -> tuple[bytes, int]:
     """A stream whose ram section holds ``run``'s records; and where the run starts in it."""
     block = m.RamBlockInfo("pc.ram", BLOCK_PAGES * schema.target_page_size)
-    data = bytes(schema.header.build(m.StreamHeader(3)))
-    data += bytes(schema.configuration.build(m.Configuration("pc")))
+    data = schema.build_opening(m.Configuration("pc"))
     data += schema.build_section(m.SectionStart(2, "ram", 0, 4))
     data += schema.build_mem_size(m.MemSize(block.used_length, (block,)))
     data += schema.build_ram_page(m.RamPage("pc.ram", 0, True, b"\x00"))
