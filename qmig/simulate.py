@@ -23,6 +23,7 @@ from qmig.latency import (
     percentile_us,
     request_split,
     vcpu_blocktime_ms,
+    vcpu_run_ms,
 )
 from qmig.protocol.preempt import PreemptVariant, preempt_variant
 from qmig.protocol.source import DeviceSnapshot, Source
@@ -395,11 +396,7 @@ def _summary(
         "postcopy_latency_ns": faults.get("postcopy_latency_ns", 0),
         "postcopy_latency_dist": faults.get("postcopy_latency_dist", []),
         "postcopy_vcpu_blocktime_ms": vcpu_blocktime_ms(faults, destination.get("workload") or []),
-        # Each vCPU's run, from the guest's start here to its last touch (blocked time
-        # included): beside its blocktime, how far the faults held the guest back.
-        "vcpu_run_ms": [
-            round(vcpu.get("elapsed_ns", 0) / 1e6, 2) for vcpu in destination.get("workload") or []
-        ],
+        "vcpu_run_ms": vcpu_run_ms(destination.get("workload") or []),
         # The destination's placing rate: target pages placed per second spent placing them,
         # written straight into memory before RUN, with userfaultfd after.
         "placement_mib_s": {

@@ -16,6 +16,18 @@ def plural(count: int, word: str, many: str | None = None) -> str:
     return f"{count:,} {word if count == 1 else many or word + 's'}"
 
 
+def blocktime(summary: dict[str, Any]) -> str:
+    """The vCPUs' time blocked on faults, per vCPU too, beside how long each ran (blocked time
+    included): ``--json``'s ``blocktime_ms``, ``postcopy_vcpu_blocktime_ms`` and
+    ``vcpu_run_ms``."""
+    total = f"{summary['blocktime_ms']:.1f} ms"
+    if not summary["vcpu_run_ms"]:
+        return total
+    blocked = ", ".join(f"{ms:.1f}" for ms in summary["postcopy_vcpu_blocktime_ms"])
+    runs = ", ".join(f"{ms:.1f}" for ms in summary["vcpu_run_ms"])
+    return f"{total} (per vCPU {blocked} ms, of runs of {runs} ms)"
+
+
 def transfer_columns() -> tuple[Any, Any]:
     """Rich progress columns: ``done/total`` and speed, both in IEC units."""
     from rich.progress import DownloadColumn, ProgressColumn

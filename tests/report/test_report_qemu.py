@@ -57,6 +57,7 @@ def test_receive_report(machines: Callable[..., Machine], tmp_path: Path, chromi
     assert received["bytes"] == summary["bytes"]
     vcpus = document["tables"][1]
     assert [row[4] for row in vcpus["rows"]] == summary["postcopy_vcpu_blocktime_ms"]
+    assert [row[3] for row in vcpus["rows"]] == summary["vcpu_run_ms"]
 
 
 def test_replay_report(machines: Callable[..., Machine], tmp_path: Path, chromium: str) -> None:

@@ -22,10 +22,12 @@ def simulate(*args: str) -> dict[str, Any]:
     assert 0 <= result["late_faults"] <= result["faults"]
     assert sum(result["postcopy_latency_dist"]) <= result["faults"] - result["late_faults"]
     assert result["total_s"] > 0
-    # Each vCPU's run holds its blocked time (its faults come one at a time, inside its run).
+    # Each vCPU's run holds its blocked time (its faults come one at a time, inside its run),
+    # but for the end of a fault: the placing thread reads the clock after the ioctl that
+    # woke the vCPU, which may have run on meanwhile (up to a preemption later: 5 ms).
     runs, blocked = result["vcpu_run_ms"], result["postcopy_vcpu_blocktime_ms"]
     assert len(runs) == len(blocked) == result["workload"]["vcpus"]
-    assert all(run >= block - 0.01 for run, block in zip(runs, blocked, strict=True))
+    assert all(run > 0 and block <= run + 5 for run, block in zip(runs, blocked, strict=True))
     assert set(result["placement_mib_s"]) == {"precopy", "postcopy"}
     assert set(result["switchover_ms"]) == {
         "stop_to_first_discard",

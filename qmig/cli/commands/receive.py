@@ -12,9 +12,10 @@ from qmig.cli import add_json, add_qemu_version
 from qmig.cli.multifd_recv_options import add_multifd, multifd_openings, multifd_options
 from qmig.cli.options import positive_count, rate_or_zero, seconds, size
 from qmig.cli.preempt_options import add_preempt
+from qmig.cli.text import blocktime
 from qmig.errors import QmigError
 from qmig.host import HOST_PAGE_SIZE
-from qmig.latency import percentiles_us, vcpu_blocktime_ms
+from qmig.latency import percentiles_us, vcpu_blocktime_ms, vcpu_run_ms
 from qmig.report.cli import add_report, check_report
 from qmig.report.recorder import PREEMPT as PREEMPT_SERIES
 from qmig.report.recorder import PREEMPT_BACK, counted, counted_multifd
@@ -496,6 +497,7 @@ def summarise(report: DestinationReport, destination: Destination) -> dict[str, 
         "postcopy_latency_ns": faults.get("postcopy_latency_ns", 0),
         "postcopy_latency_dist": faults.get("postcopy_latency_dist", []),
         "postcopy_vcpu_blocktime_ms": vcpu_blocktime_ms(faults, report.workload),
+        "vcpu_run_ms": vcpu_run_ms(report.workload),
         "pongs": destination.pongs_sent,
         "recoveries": report.recoveries,
         "paused_ms": round(report.paused_s * 1000, 2),
@@ -550,7 +552,7 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
         table.add_row(
             f"{label} (µs)", f"p50 {figures['p50']}  p99 {figures['p99']}  max {figures['max']}"
         )
-    table.add_row("blocktime", f"{summary['blocktime_ms']} ms")
+    table.add_row("blocktime", blocktime(summary))
     table.add_row("pongs", str(summary["pongs"]))
     table.add_row("recoveries", f"{summary['recoveries']} (paused {summary['paused_ms']} ms)")
     for name, value in pause_rows(summary["pauses"], "placed"):

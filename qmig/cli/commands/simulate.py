@@ -20,7 +20,7 @@ from qmig.cli.options import (
     size,
 )
 from qmig.cli.preempt_options import add_preempt
-from qmig.cli.text import plural
+from qmig.cli.text import blocktime, plural
 from qmig.errors import QmigError
 from qmig.report.cli import add_report, check_report
 from qmig.runner.pauses import pause_rows
@@ -341,7 +341,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
             f"p99 {s['request_served_us']['p99']} µs",
         ),
         ("requests by page", _found(s)),
-        ("blocktime", _blocktime(s)),
+        ("blocktime", blocktime(s)),
         (
             "recovery",
             f"{plural(s['recoveries'], 'recovery', 'recoveries')}, paused "
@@ -375,15 +375,6 @@ def _after_recovery_row(s: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("  by page", _found(after)),
     ]
-
-
-def _blocktime(s: dict[str, Any]) -> str:
-    """The vCPUs' time blocked on faults, beside how long each ran (blocked time included)."""
-    runs = ", ".join(f"{ms:.1f}" for ms in s["vcpu_run_ms"])
-    blocked = ", ".join(f"{ms:.1f}" for ms in s["postcopy_vcpu_blocktime_ms"])
-    if not runs:
-        return f"{s['blocktime_ms']:.1f} ms"
-    return f"{s['blocktime_ms']:.1f} ms (per vCPU {blocked} ms, of runs of {runs} ms)"
 
 
 def _found(figures: dict[str, Any]) -> str:
