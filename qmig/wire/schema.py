@@ -590,9 +590,10 @@ class Schema:
     def build_ram_setup(self, section_id: int, blocks: Sequence[m.RamBlockInfo]) -> bytes:
         """The RAM section's setup without multifd: SECTION_START of "ram" (instance 0, this
         profile's ram section version), MEM_SIZE listing ``blocks`` with the sum of their used
-        lengths (as its 64 bits hold it), EOS and the section's footer."""
+        lengths (as the record header holds it: a hostile list may claim more), EOS and the
+        section's footer."""
         start = m.SectionStart(section_id, "ram", 0, self.profile.ram_section_version)
-        total = sum(block.used_length for block in blocks) & ((1 << 64) - 1)
+        total = sum(block.used_length for block in blocks) % (1 << 8 * self.ram_header_size)
         return (
             self.build_section(start)
             + self.build_mem_size(m.MemSize(total, tuple(blocks)))
