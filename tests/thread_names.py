@@ -13,16 +13,16 @@ def names() -> dict[int, str]:
     for task in tasks.iterdir():
         try:
             found[int(task.name)] = (task / "comm").read_text().strip()
-        except FileNotFoundError:  # ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
             continue
     return found
 
 
-def named(name: str, timeout: float = 10.0) -> list[int]:
-    """The ids of the threads called ``name``, once there is one."""
+def named(name: str, timeout: float = 10.0, besides: set[int] | None = None) -> set[int]:
+    """The ids of the threads called ``name``, but ``besides``, once there is one."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [tid for tid, comm in names().items() if comm == name]
+        found = {tid for tid, comm in names().items() if comm == name} - (besides or set())
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.01)
@@ -33,7 +33,7 @@ def left(name: str, tids: set[int], timeout: float = 10.0) -> set[int]:
     to end (a joined thread's last steps outlast its join a little)."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = tids & set(named(name, timeout=0))
+        alive = tids & named(name, timeout=0)
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.01)

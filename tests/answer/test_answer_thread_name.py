@@ -10,10 +10,10 @@ from thread_names import left, named
 
 
 def test_the_answer_thread() -> None:
-    earlier = set(named("qmig-answer", timeout=0))
+    earlier = named("qmig-answer", timeout=0)
     thread = Thread(postcopy_source())
     try:
-        mine = set(named("qmig-answer")) - earlier
+        mine = named("qmig-answer", besides=earlier)
         assert len(mine) == 1
         assert os.getpid() not in mine  # the thread's name, not the process's
     finally:

@@ -14,7 +14,7 @@ from qmig.protocol.preempt import PreemptVariant
 
 def test_a_preempt_channel_cut_short_at_the_end_leaves_no_fault_thread() -> None:
     variant = PreemptVariant.PRE_7_2
-    earlier = set(named("qmig-faults", timeout=0))
+    earlier = named("qmig-faults", timeout=0)
     outcome = run_preempt(variant, stream_for(variant), page(variant, 3)[:100], fast_path=True)
     assert outcome.error is not None and "preempt channel" in outcome.error
-    assert not left("qmig-faults", set(named("qmig-faults", timeout=0)) - earlier)
+    assert not left("qmig-faults", named("qmig-faults", timeout=0, besides=earlier))

@@ -32,7 +32,7 @@ def test_the_fault_thread_and_a_vcpu_blocked_on_a_fault() -> None:
         block = session.block(request.block)
         block.receive_target_pages(request.offset, bytes(request.length))
 
-    earlier = set(named("qmig-vcpu", timeout=0))  # another test's, if it left one
+    earlier = named("qmig-vcpu", timeout=0)  # another test's, if it left one
     with RamSession([BlockSpec("pc.ram", MiB)]) as session:
         session.register()
         faults = session.start_faults(serve)
@@ -41,7 +41,7 @@ def test_the_fault_thread_and_a_vcpu_blocked_on_a_fault() -> None:
             assert asked.wait(10), "the vCPU did not fault"
             # The vCPU waits on its page, the fault thread on the answer: both are alive.
             assert faults._thread.native_id in named("qmig-faults")
-            vcpus = set(named("qmig-vcpu")) - earlier
+            vcpus = named("qmig-vcpu", besides=earlier)
             assert len(vcpus) == 1
         finally:
             answer.set()
@@ -51,12 +51,12 @@ def test_the_fault_thread_and_a_vcpu_blocked_on_a_fault() -> None:
 
 
 def test_the_receive_thread() -> None:
-    earlier = set(named("qmig-recv", timeout=0))
+    earlier = named("qmig-recv", timeout=0)
     ours, theirs = socket.socketpair()
     with RamSession([BlockSpec("pc.ram", MiB)]) as session:
         fast = FastPath(ours.fileno(), StreamReader("7.2"), [session.block("pc.ram")])
         try:
-            mine = set(named("qmig-recv")) - earlier
+            mine = named("qmig-recv", besides=earlier)
             assert len(mine) == 1
         finally:
             fast.stop()
