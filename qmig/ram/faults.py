@@ -63,7 +63,14 @@ from qmig.ram import fault_requests as fr
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.blocks import RamBlock, RamBlocks
 from qmig.ram.errors import RamError, UffdCallError, UffdEventError
-from qmig.ram.uffd import EVENT_NAMES, EVENT_PAGEFAULT, FLAG_WRITE, Userfaultfd, event_name
+from qmig.ram.uffd import (
+    EVENT_NAMES,
+    EVENT_PAGEFAULT,
+    FLAG_WRITE,
+    Userfaultfd,
+    event_name,
+    name_this_thread,
+)
 
 BATCH = int(lib.QMIG_FAULT_BATCH)  # fault messages per read(), as the C reads them
 SPIN_US = 50.0
@@ -178,7 +185,7 @@ def _named(run: Callable[[], None]) -> Callable[[], None]:
     """``run``, on a thread that ps, top and perf show by its Python name."""
 
     def named() -> None:
-        lib.qmig_name_thread(threading.current_thread().name.encode())
+        name_this_thread()
         run()
 
     return named

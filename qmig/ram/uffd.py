@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -88,6 +89,12 @@ TARGET_PAGE_SIZE = target_page_size()
 MAX_RUN_PAGES = int(lib.QMIG_SCRATCH_PAGES)
 _GONE = (errno.ENOENT, errno.ESRCH)
 ACCESS_HINT = "run as root, grant access to /dev/userfaultfd, or set vm.unprivileged_userfaultfd=1"
+
+
+def name_this_thread() -> None:
+    """Give the calling thread's Python name to its OS thread, which ps, top and perf show
+    (and a user renices or pins it by)."""
+    lib.qmig_name_thread(threading.current_thread().name.encode())
 
 
 def event_name(event: int) -> str:

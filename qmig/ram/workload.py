@@ -26,6 +26,7 @@ from typing import Any
 from qmig.ram._uffd import ffi, lib
 from qmig.ram.blocks import TARGET_PAGE_SIZE, RamBlock
 from qmig.ram.errors import RamError
+from qmig.ram.uffd import name_this_thread
 
 
 class Pattern(IntEnum):
@@ -108,7 +109,7 @@ class Vcpu:
         self._thread = threading.Thread(target=self._run, name="qmig-vcpu", daemon=True)
 
     def _run(self) -> None:
-        lib.qmig_name_thread(b"qmig-vcpu")
+        name_this_thread()
         lib.qmig_workload_run(self._config)
 
     def start(self) -> Vcpu:
