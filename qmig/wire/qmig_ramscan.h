@@ -21,8 +21,8 @@ struct qmig_ram_scan {
 };
 
 size_t qmig_ram_scan(const uint8_t *buf, size_t len, size_t pos, uint64_t base,
-                     struct qmig_ram_scan *scan, uint64_t *headers, uint64_t *bodies,
-                     size_t max_records);
+                     struct qmig_ram_scan *scan, const uint8_t *name, size_t name_len,
+                     uint64_t *headers, uint64_t *bodies, size_t max_records);
 
 int qmig_ram_account(const uint8_t *buf, uint64_t base, const uint64_t *headers,
                      const uint64_t *bodies, size_t n, const struct qmig_ram_scan *scan,

@@ -22,15 +22,15 @@ static inline uint64_t be64(const uint8_t *p)
     return __builtin_bswap64(v);
 }
 
-/* Decode consecutive ZERO/PAGE records that continue the current block. Anything else
- * (a record naming its block, EOS, other flags) stops the scan so that the schema decodes
- * it; so does a record that is not complete yet, or one whose offset is outside the block. */
+/* Decode consecutive ZERO/PAGE records of the current block: those that CONTINUE it and,
+ * given its counted name, those that name it again (QEMU names the block afresh after a page
+ * it sent out of turn, so postcopy's runs are full of them). Anything else (a record naming
+ * another block, EOS, other flags) stops the scan so that the schema decodes it; so does a
+ * record that is not complete yet, or one whose offset is outside the block. */
 size_t qmig_ram_scan(const uint8_t *buf, size_t len, size_t pos, uint64_t base,
-                     struct qmig_ram_scan *scan, uint64_t *headers, uint64_t *bodies,
-                     size_t max_records)
+                     struct qmig_ram_scan *scan, const uint8_t *name, size_t name_len,
+                     uint64_t *headers, uint64_t *bodies, size_t max_records)
 {
-    const uint64_t zero_kind = scan->flag_zero | scan->flag_continue;
-    const uint64_t page_kind = scan->flag_page | scan->flag_continue;
     size_t n = 0, zeros = 0;
 
     scan->stop = STOP_FULL;
@@ -38,17 +38,28 @@ size_t qmig_ram_scan(const uint8_t *buf, size_t len, size_t pos, uint64_t base,
         if (len - pos < HEADER) { scan->stop = STOP_SHORT; break; }
         uint64_t header = be64(buf + pos);
         uint64_t flags = header & scan->flag_mask;
-        size_t body_size;
-        if (flags == zero_kind) body_size = 1;
-        else if (flags == page_kind) body_size = scan->page_size;
+        uint64_t kind = flags & ~scan->flag_continue;
+        size_t body_size, head = HEADER;
+        if (kind == scan->flag_zero) body_size = 1;
+        else if (kind == scan->flag_page) body_size = scan->page_size;
         else { scan->stop = STOP_OTHER; break; }
+        if (flags == kind) {
+            /* It names its block: the current one, or the schema reads it. */
+            if (!name) { scan->stop = STOP_OTHER; break; }
+            head += 1 + name_len;
+            if (len - pos < head) { scan->stop = STOP_SHORT; break; }
+            if (buf[pos + HEADER] != name_len || memcmp(buf + pos + HEADER + 1, name, name_len)) {
+                scan->stop = STOP_OTHER;
+                break;
+            }
+        }
         if ((header & ~scan->flag_mask) >= scan->block_length) { scan->stop = STOP_RANGE; break; }
-        if (len - pos - HEADER < body_size) { scan->stop = STOP_SHORT; break; }
+        if (len - pos - head < body_size) { scan->stop = STOP_SHORT; break; }
         headers[n] = header;
-        bodies[n] = base + pos + HEADER;
-        zeros += (flags == zero_kind);
+        bodies[n] = base + pos + head;
+        zeros += (kind == scan->flag_zero);
         n++;
-        pos += HEADER + body_size;
+        pos += head + body_size;
     }
     scan->count = n;
     scan->zero_count = zeros;

@@ -1,11 +1,14 @@
 """The fast path for bulk RAM page records, beside the schema it mirrors.
 
 A migration stream is mostly ``be64 (offset | ZERO|CONTINUE)`` + fill byte and
-``be64 (offset | PAGE|CONTINUE)`` + one target page. Decoding those one by one with
-construct would cost microseconds a page; :func:`RamScanner.scan` walks runs of them in C
-(``_ramscan_build.py``) and returns arrays. It decodes exactly what
-``Schema.ram_record`` decodes for those two record kinds, and stops at anything else, which
-the schema then handles. ``tests/wire/test_ramscan.py`` proves the two agree.
+``be64 (offset | PAGE|CONTINUE)`` + one target page, and in postcopy the same two naming their
+block again (``be64 (offset | ZERO)`` or ``(offset | PAGE)``, then the counted block name)
+after each page sent out of turn. Decoding those one by one with construct would cost
+microseconds a page; :func:`RamScanner.scan` walks runs of them in C (``_ramscan_build.py``)
+and returns arrays. It decodes exactly what ``Schema.ram_record`` decodes for those record
+kinds of one block, and stops at anything else (a record naming another block among them),
+which the schema or the reader then handles. ``tests/wire/test_ramscan.py`` proves the two
+agree.
 """
 
 from __future__ import annotations
@@ -56,16 +59,22 @@ class RamScanner:
         self._headers: Any = ffi.new("uint64_t[]", max_run)
         self._bodies: Any = ffi.new("uint64_t[]", max_run)
 
-    def scan(self, buffer: Any, pos: int, base: int, block_length: int) -> ScanResult:
+    def scan(
+        self, buffer: Any, pos: int, base: int, block_length: int, name: bytes | None = None
+    ) -> ScanResult:
         """Decode records from ``buffer[pos:]``; ``base`` is the absolute offset of buffer[0].
+        ``name``: the current block's name as records spell it; records that name it join the
+        run (None: only CONTINUE records do).
 
         ``headers`` and ``bodies`` stay valid until the next call.
         """
         self._scan.block_length = block_length
         view = ffi.from_buffer(buffer)
+        spelled = ffi.NULL if name is None else name
         next_pos = lib.qmig_ram_scan(
-            view, len(buffer), pos, base, self._scan, self._headers, self._bodies, self.max_run
-        )
+            view, len(buffer), pos, base, self._scan, spelled, len(name or b""), self._headers,
+            self._bodies, self.max_run
+        )  # fmt: skip
         count = self._scan.count
         return ScanResult(
             next_pos=next_pos,

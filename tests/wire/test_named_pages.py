@@ -1,8 +1,10 @@
 """A ZERO/PAGE record that names its block is read without construct.
 
-``RamSectionReader._read_named_page`` reads such a record as ``Schema.ram_record`` does; the
-schema still reads every record it does not take whole. Whichever reads a named record, the
-reader must give the same records and end with the same error at the same offset: ram
+``RamSectionReader._read_named_page`` reads such a record as ``Schema.ram_record`` does, and
+the C scanner takes one that names the block of the run it is in into that run; the schema
+still reads every record it does not take whole. Whichever reads a named record, the reader
+must give the same pages in the same order (in fewer runs, where named records join them)
+and end with the same error at the same offset: ram
 sections of named and CONTINUE page records (blocks known, unknown, with an empty or a
 255-byte name; offsets inside a block and past its end), whole, cut anywhere, or with one
 byte changed, fed in pieces of any size.
@@ -79,8 +81,22 @@ def read(stream: bytes, version: str, chunk: int, *, fast: bool) -> tuple[list[A
         reader.feed_eof()
         seen += [describe(record) for record in reader]
     except QmigError as error:
-        return seen, f"{type(error).__name__}: {error.one_line()}"
-    return seen, None
+        return joined(seen), f"{type(error).__name__}: {error.one_line()}"
+    return joined(seen), None
+
+
+def joined(seen: list[Any]) -> list[Any]:
+    """``seen`` with each page run that follows one of its block, byte for byte, joined to
+    it: what runs the pages come in is the reader's choice, the pages are not."""
+    out: list[Any] = []
+    for entry in seen:
+        if len(entry) == 4 and out and len(out[-1]) == 4:
+            offset, size, block, pages = out[-1]
+            if block == entry[2] and offset + size == entry[0]:
+                out[-1] = (offset, size + entry[1], block, pages + entry[3])
+                continue
+        out.append(entry)
+    return out
 
 
 def describe(record: Any) -> Any:
@@ -133,3 +149,47 @@ def test_whole_named_records_never_reach_the_schema(version: str) -> None:
         ("pc.ram", (0, True)),
     ]
     assert runs[0][3][0][2] == pages[0].data
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_records_naming_the_runs_block_join_the_run(version: str) -> None:
+    # As postcopy sends them: a requested page, then the background's next, each naming
+    # the block again, between runs that CONTINUE it.
+    schema = schema_for(version)
+    page = schema.target_page_size
+    pages = [
+        m.RamPage("pc.ram", 0, False, bytes([1]) * page),
+        m.RamPage(None, page, True, b"\x00"),
+        m.RamPage("pc.ram", 9 * page, False, bytes([2]) * page),
+        m.RamPage("pc.ram", 2 * page, True, b"\x03"),
+        m.RamPage(None, 3 * page, False, bytes([4]) * page),
+        m.RamPage("vga.vram", 0, True, b"\x05"),
+        m.RamPage("pc.ram", 4 * page, True, b"\x06"),
+    ]
+    stream, start = ram_section(schema, pages)
+    reader = StreamReader(version)
+    reader.feed(stream)
+    runs = [
+        (record.offset, record.size, record.message.block, record.message.pages())
+        for record in reader
+        if isinstance(record.message, m.RamPageRun)
+    ]
+    assert [
+        (offset, block, [(at, zero) for at, zero, _body in got]) for offset, _s, block, got in runs
+    ] == [
+        (
+            start,
+            "pc.ram",
+            [(0, False), (page, True), (9 * page, False), (2 * page, True), (3 * page, False)],
+        ),
+        (runs[1][0], "vga.vram", [(0, True)]),
+        (runs[2][0], "pc.ram", [(4 * page, True)]),
+    ]
+    assert runs[0][0] + runs[0][1] == runs[1][0] and runs[1][0] + runs[1][1] == runs[2][0]
+    assert [body for _at, _zero, body in runs[0][3]] == [
+        bytes([1]) * page,
+        b"\x00",
+        bytes([2]) * page,
+        b"\x03",
+        bytes([4]) * page,
+    ]

@@ -176,6 +176,67 @@ def test_scan_of_a_cut_header_or_body_is_short(version: str) -> None:
     assert scanner.scan(record, 0, 0, 1 << 20).count == 1
 
 
+# --- records that name the run's block -------------------------------------------------------
+
+NAMED_ENDINGS = ["end", "truncated", "other block", "same length", "range"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@given(data=st.data(), base=st.integers(0, 1 << 48))
+@settings(deadline=SLOW)
+def test_records_naming_the_block_join_the_run(
+    version: str, data: st.DataObject, base: int
+) -> None:
+    # Given the block's name, a record naming it is taken as a CONTINUE one is, its body
+    # after the name; one naming another block (of the same name length, too) stops the
+    # scan for the schema, as does one cut short anywhere or outside the block.
+    schema = schema_for(version)
+    page = schema.target_page_size
+    named = continue_pages(schema).map(lambda p: m.RamPage("pc.ram", p.offset, p.zero, p.data))
+    pages = data.draw(st.lists(continue_pages(schema) | named, max_size=16))
+    ending = data.draw(st.sampled_from(NAMED_ENDINGS))
+    buffer = bytearray(data.draw(st.binary(max_size=16)))
+    start = len(buffer)
+    records = []
+    for record in pages:
+        encoded = schema.build_ram_page(record)
+        records.append((len(buffer), len(encoded), record))
+        buffer += encoded
+    if ending == "truncated":
+        cut = schema.build_ram_page(data.draw(named))
+        buffer += cut[: data.draw(st.integers(0, len(cut) - 1))]
+    elif ending in ("other block", "same length"):
+        name = "vga.vram" if ending == "other block" else "pc.rom"
+        buffer += schema.build_ram_page(m.RamPage(name, 0, True, b"\x00"))
+    elif ending == "range":
+        buffer += schema.build_ram_page(m.RamPage("pc.ram", BLOCK_PAGES * page, True, b"\x00"))
+    result = RamScanner(schema).scan(bytes(buffer), start, base, BLOCK_PAGES * page, b"pc.ram")
+
+    stops = {"end": Stop.SHORT, "truncated": Stop.SHORT, "range": Stop.RANGE}
+    assert (result.count, result.stop) == (len(pages), stops.get(ending, Stop.OTHER))
+    assert result.next_pos == (records[-1][0] + records[-1][1] if records else start)
+    assert result.zero_count == sum(record.zero for _p, _s, record in records)
+    for (position, size, record), header, body in zip(
+        records, result.headers, result.bodies, strict=True
+    ):
+        parsed = schema.ram_record.parse(bytes(buffer[position:]))
+        assert parsed.block == record.block
+        assert header == parsed.header
+        body_size = 1 if record.zero else page
+        assert body == base + position + size - body_size
+        at = body - base
+        assert bytes(buffer[at : at + body_size]) == record.data
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_without_the_name_a_record_naming_its_block_stops_the_scan(version: str) -> None:
+    schema = schema_for(version)
+    record = schema.build_ram_page(m.RamPage("pc.ram", 0, True, b"\x00"))
+    result = RamScanner(schema).scan(record, 0, 0, 1 << 20)
+    assert (result.count, result.stop) == (0, Stop.OTHER)
+    assert RamScanner(schema).scan(record, 0, 0, 1 << 20, b"pc.ram").count == 1
+
+
 # --- through the reader -----------------------------------------------------------------------
 
 

@@ -1,10 +1,12 @@
 """The ``ram`` section: page records, the MEM_SIZE block list, and the flags between them.
 
 A ``ram`` section carries no length: its records run until EOS. Runs of ZERO/PAGE records
-that CONTINUE a known block go through the C scanner (:mod:`qmig.wire.ramscan`); a whole
-ZERO/PAGE record that names its block is read by :meth:`RamSectionReader._read_named_page`
-(the schema's layout, without construct: in postcopy most requested pages come with their
-block's name); every other record, and any of those cut short, is read by the schema. The
+of one block go through the C scanner (:mod:`qmig.wire.ramscan`): those that CONTINUE it, and
+those that name it again (in postcopy the source names the block afresh after each page it
+sends out of turn, and a run that stopped at each of them gave the destination two to three
+times the runs to apply). A whole ZERO/PAGE record that names its block begins such a run
+(:meth:`RamSectionReader._read_named_page`, the schema's layout, without construct); every
+other record, and any of those cut short, is read by the schema. The
 MEM_SIZE list's optional page-size field is decided by QEMU's rule where the reader knows the
 destination's blocks, else read off the bytes.
 """
@@ -37,6 +39,9 @@ class RamSectionReader(FramedInput):
     host_page_size: int
     # False: the schema reads every record the C scanner does not (tests compare the two).
     named_fast_path = True
+    # False: a record naming its block begins a run of its own, as before runs took them in
+    # (bench/named_pages_bench.py compares the two).
+    join_named_records = True
     _scanner: RamScanner
     # The profile's MEM_SIZE rules, chosen once by _mem_size_rules().
     _mr_addr_rule: Callable[[], bool]
@@ -88,7 +93,10 @@ class RamSectionReader(FramedInput):
         length = info.used_length if info else (1 << 64) - 1
         limit = self._limit()
         view = self._buf if limit == len(self._buf) else self._buf[:limit]
-        result = self._scanner.scan(view, self._pos, self._base, length)
+        # Records naming the run's own block join it (unless the schema is to read them).
+        joining = self.named_fast_path and self.join_named_records
+        name = block.encode(NAME_ENCODING) if joining else None
+        result = self._scanner.scan(view, self._pos, self._base, length, name)
         if result.count == 0:
             offset = self.offset
             if result.stop is Stop.RANGE:
@@ -126,8 +134,9 @@ class RamSectionReader(FramedInput):
 
     def _read_named_page(self, header: int, kind: int) -> Record | None:
         """A ZERO/PAGE record that names its block, read as ``Schema.ram_record`` reads it
-        (header, counted name, the kind's body), without construct; None when it is not all
-        in the buffer, for the schema to read (and to say where it runs short)."""
+        (header, counted name, the kind's body), without construct, and the run it begins;
+        None when it is not all in the buffer, for the schema to read (and to say where it
+        runs short)."""
         head = self.schema.ram_header_size
         at = self._pos + head
         limit = self._limit()
@@ -139,7 +148,25 @@ class RamSectionReader(FramedInput):
             return None
         block = self._named_block(bytes(self._buf[at + 1 : name_end]).decode(NAME_ENCODING))
         self._check_offset(block, header & ~self.schema.flag_mask)
+        if self.join_named_records and self._joins(self._pos + size, self._buf[at:name_end]):
+            # Complete and in its block, and the next record may join it: a run begins.
+            return self._read_page_run(block)
         return self._emit(self._single_run(block, header, kind, size), size, RAM_IDSTR)
+
+    def _joins(self, at: int, counted_name: Any) -> bool:
+        """Whether the record at ``at`` may join a run of the block ``counted_name`` names (a
+        ZERO/PAGE record that CONTINUEs, or names that block again), as far as the buffer
+        holds it: a record beginning a run of one is read without the scanner."""
+        head = self.schema.ram_header_size
+        if self._limit() - at < head:
+            return False
+        flags = int.from_bytes(self._buf[at : at + head], "big") & self.schema.flag_mask
+        ram_flags = self.profile.ram_flags
+        if flags & ~ram_flags["CONTINUE"] not in (ram_flags["ZERO"], ram_flags["PAGE"]):
+            return False
+        if flags & ram_flags["CONTINUE"]:
+            return True
+        return self._buf[at + head : at + head + len(counted_name)] == counted_name
 
     def _read_one_ram_record(self) -> Record:
         """A record neither fast path takes: XBZRLE/COMPRESS, a ZERO/PAGE record cut short
