@@ -1,7 +1,8 @@
 /* The destination's postcopy receive path in C: a thread of its own owns the channel's socket
    once the guest runs here, reads it, and places every ZERO/PAGE record it can follow the
    moment it arrives, with no Python and no GIL in between. Every byte still goes to Python
-   (qmig_fastpath_read), whose protocol machine reads the whole stream as before and stays
+   (qmig_fastpath_read, in gathered pieces while this thread follows the stream: Python has
+   nothing to hurry for then), whose protocol machine reads the whole stream as before and stays
    the one authority: it re-reads the page records (their pages are then found in place) and
    decides everything else. The C reader only follows the simple part of the grammar, a ram
    section's page records, EOS, footer and the next ram section's header; at anything else
@@ -62,6 +63,7 @@ struct qmig_fastpath {
     int error;            /* errno of the failed recv, 0 at EOF */
     int quit;
     int copying;          /* Python copies bytes out of the ring, the lock released */
+    uint64_t want;        /* bytes Python gathers for before it reads (0: any) */
     uint64_t followed;    /* the ring's end when the C reader last looked: wait for more */
     uint64_t recv_ns;     /* CLOCK_MONOTONIC when the last recv() returned */
     uint32_t *waits;      /* per data page placed: recv() → placed, ns (capped), up to
@@ -145,11 +147,17 @@ struct record {
 static int section_step(const struct qmig_fastpath_config *c, struct cursor *cur,
                         const uint8_t *p, uint64_t have)
 {
-    if (have < SECTION_HEADER)
+    if (have < 1)
         return STEP_WAIT;
     int known = cur->mode == MODE_TOP ? p[0] == c->section_part || p[0] == c->section_end
                                       : p[0] == c->section_footer;
-    if (!known || be32(p + 1) != c->ram_section_id)
+    /* Another type is the machine's at once (the stream's EOF is one byte, and the source
+       sends nothing after it until the destination answers). */
+    if (!known)
+        return STEP_STOP;
+    if (have < SECTION_HEADER)
+        return STEP_WAIT;
+    if (be32(p + 1) != c->ram_section_id)
         return STEP_STOP;
     cur->parse += SECTION_HEADER;
     cur->mode = cur->mode == MODE_TOP ? MODE_RAM : MODE_TOP;
@@ -190,6 +198,14 @@ static int record_step(const struct qmig_fastpath *fp, struct cursor *cur, const
         return STEP_STOP;
     *r = (struct record){header, at, at + body, block, kind == c->flag_page};
     return STEP_RECORD;
+}
+
+/* Under the lock: wake Python when it has something to do: the bytes it gathers for, or
+   anything the C reader does not follow (it must read up to there and sync), or the end. */
+static void wake_reader(struct qmig_fastpath *fp)
+{
+    if (fp->done || fp->mode == MODE_UNSYNCED || fp->ring_base + fp->fill - fp->read >= fp->want)
+        pthread_cond_broadcast(&fp->more);
 }
 
 /* Follow the stream from cur->parse up to end, placing page records; stop at what the C
@@ -308,7 +324,7 @@ static int receive(struct qmig_fastpath *fp, struct pollfd *polls)
            (within noise on a loaded 2-core host). A main channel's bytes go on at once:
            Python parses while C places. */
         if (!fp->cfg.bare || fp->mode == MODE_UNSYNCED)
-            pthread_cond_broadcast(&fp->more);
+            wake_reader(fp);
     } else if (err == -1) {
         fp->quit = 1;
     } else if (err) {
@@ -332,7 +348,7 @@ static void *run(void *arg)
         if (fp->mode != MODE_UNSYNCED && fp->parse < end && end != fp->followed) {
             fp->followed = end;
             follow_unlocked(fp, end);
-            pthread_cond_broadcast(&fp->more);
+            wake_reader(fp);
             continue;
         }
         if (fp->quit)
@@ -409,7 +425,8 @@ static void deadline_after(struct timespec *ts, int timeout_ms)
     }
 }
 
-int64_t qmig_fastpath_read(struct qmig_fastpath *fp, uint8_t *out, uint64_t cap, int timeout_ms)
+int64_t qmig_fastpath_read(struct qmig_fastpath *fp, uint8_t *out, uint64_t cap, int timeout_ms,
+                           uint64_t gather, int gather_ms)
 {
     struct timespec deadline;
     deadline_after(&deadline, timeout_ms);
@@ -419,6 +436,24 @@ int64_t qmig_fastpath_read(struct qmig_fastpath *fp, uint8_t *out, uint64_t cap,
             pthread_mutex_unlock(&fp->lock);
             return -ETIMEDOUT;
         }
+    }
+    /* While the C reader follows the stream, it has placed the pages already: Python reads
+       them in larger, fewer pieces (each read costs it far more than its bytes), within
+       gather_ms of the first. A quarter of the ring at most: the thread must find room. */
+    if (gather > cap)
+        gather = cap;
+    if (gather > fp->cfg.ring_size / 4)
+        gather = fp->cfg.ring_size / 4;
+    if (gather > 1 && !fp->cfg.bare) {
+        struct timespec until;
+        deadline_after(&until, gather_ms);
+        fp->want = gather;
+        while (!fp->done && fp->mode != MODE_UNSYNCED &&
+               fp->ring_base + fp->fill - fp->read < gather) {
+            if (pthread_cond_timedwait(&fp->more, &fp->lock, &until) == ETIMEDOUT)
+                break;
+        }
+        fp->want = 0;
     }
     uint64_t avail = fp->ring_base + fp->fill - fp->read;
     int64_t ret;

@@ -217,7 +217,7 @@ struct qmig_fastpath *qmig_fastpath_start(const struct qmig_fastpath_config *cfg
                                           struct qmig_block **blocks, const char *names,
                                           int *err);
 int64_t qmig_fastpath_read(struct qmig_fastpath *fp, uint8_t *out, uint64_t cap,
-                           int timeout_ms);
+                           int timeout_ms, uint64_t gather, int gather_ms);
 void qmig_fastpath_sync(struct qmig_fastpath *fp, uint64_t offset, int mode, int block);
 void qmig_fastpath_stats(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out);
 void qmig_fastpath_stop(struct qmig_fastpath *fp, struct qmig_fastpath_stats *out,

@@ -2,7 +2,8 @@
 
 Once the guest runs here, a C thread (``qmig/ram/fastpath.c``) owns the channel's socket:
 it reads it, places every page record it can follow the moment it arrives (no Python, no
-GIL), and hands every byte on to the runner, which feeds the machine as before. The machine
+GIL), and hands every byte on to the runner, which feeds the machine as before, in gathered
+pieces while the thread follows (GATHER). The machine
 stays the one authority over the stream: it reads the page records again (their pages are
 found in place, and the runner accounts for them as placed), and everything else, commands,
 sections, EOF and errors, is its alone. The C reader follows only a ram section's records,
@@ -46,6 +47,14 @@ RING_SIZE = 8 << 20  # bytes between the socket and the machine at most
 # a page).
 RETAIN = 1 << 20
 WAIT_LOG = 1 << 18  # recv() → placed times kept (one per data page placed), at most
+# While the thread follows the main channel it has placed the pages before the machine reads
+# them, so the machine reads this much at once, waiting GATHER_MS at most after the first byte
+# (anything the thread does not follow, the end or an error wakes it at once). Default
+# `simulate`, two sets of 10 runs alternated with reads of what is there: pages per run
+# 12.4-13.1 → 89-100, the machine's CPU per postcopy page 7.8-8.6 → 4.1-5.7 µs (0.47 → 0.24
+# of a CPU).
+GATHER = 512 << 10
+GATHER_MS = 2
 STOP_TIMEOUT = 10.0  # the C thread, told to stop, has stopped within this
 _MODES = {Mode.TOP: 1, Mode.RAM: 2, Mode.FOOTER: 3}
 
@@ -74,10 +83,16 @@ class FastPath:
         *,
         ring_size: int = RING_SIZE,
         bare: bool = False,
+        gather: int = GATHER,
+        gather_ms: int = GATHER_MS,
     ) -> None:
         """``fd``: the channel's socket, from now on read by the thread alone; ``reader``:
         the machine's reader, which has read (or holds) every byte received so far;
-        ``bare``: the channel is a preempt channel (``reader`` a PreemptReader)."""
+        ``bare``: the channel is a preempt channel (``reader`` a PreemptReader), whose
+        reads do not gather; ``gather``: the bytes a read waits for, ``gather_ms`` at most
+        after its first (see GATHER; 0: what is there)."""
+        self.gather = 0 if bare else gather
+        self.gather_ms = gather_ms
         schema = reader.schema
         profile = schema.profile
         flags = profile.ram_flags
@@ -123,8 +138,9 @@ class FastPath:
         TransportError when the channel failed (after every byte before the failure) or
         nothing came within ``timeout`` seconds."""
         got = lib.qmig_fastpath_read(
-            self._fp, ffi.from_buffer(buffer), len(buffer), max(1, int(timeout * 1000))
-        )
+            self._fp, ffi.from_buffer(buffer), len(buffer), max(1, int(timeout * 1000)),
+            self.gather, self.gather_ms
+        )  # fmt: skip
         if got == -errno.ETIMEDOUT:
             raise TimeoutError
         if got < 0:
