@@ -89,9 +89,9 @@ class FastPath:
         """``fd``: the channel's socket, from now on read by the thread alone; ``reader``:
         the machine's reader, which has read (or holds) every byte received so far;
         ``bare``: the channel is a preempt channel (``reader`` a PreemptReader), whose
-        reads do not gather; ``gather``: the bytes a read waits for, ``gather_ms`` at most
-        after its first (see GATHER; 0: what is there)."""
-        self.gather = 0 if bare else gather
+        reads the C never gathers; ``gather``: the bytes a read waits for, ``gather_ms`` at
+        most after its first (see GATHER; 0: what is there)."""
+        self.gather = gather
         self.gather_ms = gather_ms
         schema = reader.schema
         profile = schema.profile
