@@ -92,3 +92,31 @@ def test_the_benchmark_compares_qmig_before_and_after_with_qemu() -> None:
         assert latency["paired"] == 2
         pairs = zip(latency["runs"], qemu_runs, strict=True)
         assert latency["at_most_qemu"] == sum(ours <= theirs for ours, theirs in pairs)
+
+
+def test_the_benchmark_runs_both_sides_uncapped() -> None:
+    """``--bandwidth 0``: no cap on either side, as default ``qmig simulate`` runs (qmig's
+    own checks refuse a cap of 0, so a verified qmig run had none). Uncapped, QEMU can
+    complete in precopy before the switch: the bench runs it again until one reaches
+    postcopy (at 1 GiB nearly always the first; at 64 MiB never), so the figures compared
+    are postcopy's."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--ram", "1G", "--paths", "c", "--bandwidth", "0", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["plan"]["bandwidth"] == 0
+    assert result["qmig"]["verified"] is True and result["qemu"]["verified"] is True
+    qemu = result["qemu"]
+    assert qemu["downtime_ms"] is not None and qemu["downtime_ms"] > 0  # it went postcopy
+    assert qemu["postcopy_bytes"] > 0
+    retried = done.stderr.count("completed in precopy, before postcopy; again")
+    assert qemu["attempts"] == retried + 1
+    refused = subprocess.run(
+        [sys.executable, str(BENCH), "--bandwidth", "-1"], capture_output=True, text=True
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "simulate_bench: error: --bandwidth must be 0 (no cap) or more"
