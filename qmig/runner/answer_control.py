@@ -58,6 +58,7 @@ class AnswerControl:
         # the switchover and after each recovery, cleared once it runs.
         self.wanted = False
         self._holding = False  # inside turn() or picking(): the wire is this loop's
+        self._turn: FastAnswer | None = None  # the thread whose wire turn() holds
 
     @property
     def main(self) -> bool:
@@ -135,15 +136,30 @@ class AnswerControl:
             return
         fast.hold()
         self._holding = True
-        open_records = False
+        self._turn = fast
+        done = False
         try:
             self.apply()
             yield
-            open_records = self._source.records_may_follow
+            done = True
         finally:
-            self._holding = False
-            window = self._window
-            fast.release(open_records=open_records, credit=window.credit(), window_end=window.end)
+            if self._turn is fast:
+                self._let_go(open_records=done and self._source.records_may_follow)
+
+    def let_go(self) -> None:
+        """Inside :meth:`turn`: the rest of the turn writes nothing, so the thread may answer
+        from now on instead of waiting for the turn's end. The machine must learn what the
+        turn wrote before it learns of the thread's answers (it does: those are applied at
+        its next read of the return path, or its next turn)."""
+        if self._turn is not None:
+            self._let_go(open_records=self._source.records_may_follow)
+
+    def _let_go(self, *, open_records: bool) -> None:
+        fast, self._turn = self._turn, None
+        self._holding = False
+        window = self._window
+        assert fast is not None
+        fast.release(open_records=open_records, credit=window.credit(), window_end=window.end)
 
     @contextlib.contextmanager
     def picking(self) -> Iterator[None]:

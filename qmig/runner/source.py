@@ -387,7 +387,9 @@ class SourceRunner:
         Within the loop's turn: the machine orders the batch (and opens a section first if
         need be), the C sweep takes its pages from the dirty map and writes them (where the
         thread answers on the main channel, its answers go first between two writes), and
-        the machine learns what went out (and closes the section once full)."""
+        the machine learns what went out (and closes the section once full). The turn lets
+        go of the channel as the sweep returns, since what follows writes nothing: the
+        thread answers meanwhile, and a full section's end goes out in a turn of its own."""
         fast = self._answers.fast
         if fast is None or not self.plan.fast_sweep:
             return False
@@ -398,17 +400,20 @@ class SourceRunner:
         self._send(source.data_to_send(0), capped=False)  # a section's start
         window = self._window
         result = fast.sweep(order, batch=self._piece, credit=window.credit(), window_end=window.end)
+        self._sent += result.bytes
+        window.used += result.bytes  # before the thread is let go: its credit is what is left
+        self._answers.let_go()
         source.swept(
             order, pages=result.pages, last=result.last, zeros=result.zeros, size=result.bytes
         )
-        self._sent += result.bytes
-        window.used += result.bytes
         totals = self.report.fast_answer
         totals["swept_pages"] = totals.get("swept_pages", 0) + result.pages
         if self.on_progress is not None:
             self.on_progress(self._label(), result.bytes)
         self._take_events()
-        self._send(source.data_to_send(0), capped=False)  # a full section's end
+        if end := source.data_to_send(0):  # a full section's end: the wire held again
+            with self._answers.turn():
+                self._send(end, capped=False)
         self._maybe_cut()
         return True
 
