@@ -48,6 +48,17 @@ class Control:
         self.control.want(SourceState.POSTCOPY)
         assert self.control.main  # the thread runs, on the main channel
 
+    def answered(self) -> list[int]:
+        """The target pages of the next answer the destination's end reads (one page)."""
+        return [page for _, page, _ in page_records(recv_exactly(self.peer, ANSWER))]
+
+    def held_for_a_whole_turn(self, page: int) -> None:
+        """A request read during a turn is answered once the turn ends, not before."""
+        with self.control.turn():
+            self.peer.sendall(request(page))
+            assert silent(self.peer)
+        assert self.answered() == [page]
+
     def close(self) -> None:
         self.control.stop()
         self.main.close()
@@ -62,13 +73,10 @@ def test_let_go_lets_the_thread_answer_before_the_turn_ends() -> None:
             control.peer.sendall(request(40))
             assert silent(control.peer)  # held
             answers.let_go()
-            assert [page for _, page, _ in page_records(recv_exactly(control.peer, ANSWER))] == [40]
+            assert control.answered() == [40]
             answers.let_go()  # let go already: nothing
         # The turn's end let go of nothing again: the next turn holds the channel as before.
-        with answers.turn():
-            control.peer.sendall(request(41))
-            assert silent(control.peer)
-        assert [page for _, page, _ in page_records(recv_exactly(control.peer, ANSWER))] == [41]
+        control.held_for_a_whole_turn(41)
     finally:
         control.close()
 
@@ -80,10 +88,7 @@ def test_a_turn_that_fails_after_let_go_lets_go_of_nothing_again() -> None:
         with pytest.raises(RuntimeError), answers.turn():
             answers.let_go()
             raise RuntimeError("the turn's write failed")
-        with answers.turn():
-            control.peer.sendall(request(42))
-            assert silent(control.peer)
-        assert [page for _, page, _ in page_records(recv_exactly(control.peer, ANSWER))] == [42]
+        control.held_for_a_whole_turn(42)
     finally:
         control.close()
 
