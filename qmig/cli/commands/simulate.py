@@ -145,7 +145,7 @@ def register(subparsers: Any) -> None:
         default=argparse.SUPPRESS,
         metavar="SIZE|auto",
         help="the destination's SO_RCVBUF, from the start (the kernel doubles it); auto: the "
-        "kernel's autotuning (default: 64K)",
+        "kernel's autotuning (default: 128K)",
     )
     recovery = parser.add_argument_group("postcopy recovery")
     recovery.add_argument(
