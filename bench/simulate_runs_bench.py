@@ -14,14 +14,14 @@ the host in the same minutes. A run that fails, or whose RAM does not verify, en
 with its one line.
 
 One run's fault latency p50 says little on a shared host: on 2 CPUs, default settings gave
-medians of 84-130 µs in sets of 6-20 runs of the same code. So each setting is summed up
+medians of 84-130 µs in sets of 6-40 runs of the same code. So each setting is summed up
 over its runs: the median of every figure, the p50's range, and in how many runs the p50 was
 under ``--line`` µs (100: the fault path's target for default ``qmig simulate``). Beside the
 fault latency stand what the guest waited in all (blocktime, its faults, the longest vCPU's
 run from its start to its last touch) and the migration's total time: on a host with few
-CPUs every setting that shortens each fault's wait has so far lengthened the guest's, and
-the other way round. The legs are the p50s of ``simulate --json``'s split: fault → REQ_PAGES
-sent, → read by the source, → its page written, → placed.
+CPUs most settings that shorten each fault's wait lengthen the guest's, and the other way
+round (the README lists those measured). The legs are the p50s of ``simulate --json``'s
+split: fault → REQ_PAGES sent, → read by the source, → its page written, → placed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 PROGRAM = "simulate_runs_bench"
@@ -39,7 +40,7 @@ LINE_US = 100.0  # the fault path's target for default simulate: p50 under this
 TIMEOUT = 600.0  # one simulate run
 
 # A run's figures: name → how to take it from ``simulate --json``.
-FIGURES: dict[str, Any] = {
+FIGURES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "p50_us": lambda s: s["fault_latency_us"]["p50"],
     "p99_us": lambda s: s["fault_latency_us"]["p99"],
     "faults": lambda s: s["faults"],

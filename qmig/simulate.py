@@ -52,8 +52,8 @@ RECOVER_TIMEOUT = 60.0  # a paused end waits this long for the other's new chann
 # net.ipv4.tcp_rmem's maximum (32 MiB here), and a requested page waits behind all of it.
 # Smaller, and the stream goes a window at a time, each a wake-up of both ends, so the guest
 # catches up with it more often; larger, and a requested page waits behind more. Default
-# simulate on a 2-CPU host, 100 alternated runs each (bench/simulate_runs_bench.py), 128 KiB
-# against 64 KiB: fault p50 median 90.8 against 98.6 µs, blocktime 139 against 183 ms; 512
+# simulate on a 2-CPU host, 125 alternated runs each (bench/simulate_runs_bench.py), 128 KiB
+# against 64 KiB: fault p50 median 90.5 against 97.2 µs, blocktime 132 against 166 ms; 512
 # KiB (30 runs): p50 112 µs, blocktime 114 ms. --receive-buffer chooses.
 RECEIVE_BUFFER = 128 << 10
 
