@@ -52,9 +52,10 @@ RECOVER_TIMEOUT = 60.0  # a paused end waits this long for the other's new chann
 # net.ipv4.tcp_rmem's maximum (32 MiB here), and a requested page waits behind all of it.
 # Smaller, and the stream goes a window at a time, each a wake-up of both ends, so the guest
 # catches up with it more often; larger, and a requested page waits behind more. Default
-# simulate on a 2-CPU host, 125 alternated runs each (bench/simulate_runs_bench.py), 128 KiB
-# against 64 KiB: fault p50 median 90.5 against 97.2 µs, blocktime 132 against 166 ms; 512
-# KiB (30 runs): p50 112 µs, blocktime 114 ms. --receive-buffer chooses.
+# simulate on a 2-CPU host, 165 alternated runs each (bench/simulate_runs_bench.py), 128 KiB
+# against 64 KiB: fault p50 median 90.6 against 96.5 µs (under 100 µs in 97 runs both),
+# blocktime 117 against 155 ms; 512 KiB (30 runs): p50 112 µs, blocktime 114 ms.
+# --receive-buffer chooses.
 RECEIVE_BUFFER = 128 << 10
 
 
