@@ -3,6 +3,7 @@ connection and keeps each one's bytes, in accept order, with no migration logic 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -15,7 +16,8 @@ class Keeper:
         self.uri = f"tcp:127.0.0.1:{self.server.getsockname()[1]}"
         self.data: list[bytearray] = []
         self.threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
 
     def _accept(self) -> None:
         while True:
@@ -37,7 +39,13 @@ class Keeper:
 
     def close(self) -> list[bytes]:
         """Stops accepting, waits for every connection's end; their bytes."""
+        # Closing a listening socket does not wake an accept() blocked on it; on Linux,
+        # shutting it down does (the accept fails).
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
+        self._accepting.join(30)
+        assert not self._accepting.is_alive(), "the keeper still accepts"
         for thread in self.threads:
             thread.join(30)
         return [bytes(d) for d in self.data]

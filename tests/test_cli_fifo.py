@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,22 @@ def qmig(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     return result, time.monotonic() - started
 
 
+@dataclass
+class Writer:
+    """A writer thread, its FIFO, and what ends its pause early."""
+
+    thread: threading.Thread
+    path: Path
+    done: threading.Event
+
+
+_writers: list[Writer] = []
+
+
 def write_later(path: Path, data: bytes, *, pause_at: int | None = None, pause: float = 0) -> None:
-    """A writer that opens ``path`` (waiting for the reader) and writes ``data``."""
+    """A writer that opens ``path`` (waiting for the reader) and writes ``data``; it ends
+    with the test (see ``no_writer_left``)."""
+    done = threading.Event()
 
     def write() -> None:
         # A reader that gave up during the pause (the stalled-writer case) closes the FIFO:
@@ -53,10 +69,29 @@ def write_later(path: Path, data: bytes, *, pause_at: int | None = None, pause: 
             cut = len(data) if pause_at is None else pause_at
             fifo.write(data[:cut])
             fifo.flush()
-            time.sleep(pause)
+            if done.wait(pause):
+                return  # the test is over
             fifo.write(data[cut:])
 
-    threading.Thread(target=write, daemon=True).start()
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    _writers.append(Writer(thread, path, done))
+
+
+@pytest.fixture(autouse=True)
+def no_writer_left() -> Iterator[None]:
+    """After each test, its writers end: a pause is cut short, and a writer still waiting
+    for a reader gets one that leaves at once (its writes then fail, and it ends)."""
+    yield
+    while _writers:
+        writer = _writers.pop()
+        writer.done.set()
+        deadline = time.monotonic() + SLACK
+        while writer.thread.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                os.close(os.open(writer.path, os.O_RDONLY | os.O_NONBLOCK))
+            writer.thread.join(0.1)
+        assert not writer.thread.is_alive(), f"a writer of {writer.path} did not end"
 
 
 @pytest.fixture
