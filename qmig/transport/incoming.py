@@ -212,6 +212,34 @@ class Acceptor:
         pending.sock.close()
 
 
+def _main_and_acceptor(
+    listener: Listener,
+    rules: list[ChannelRule],
+    timeout: float | None,
+    handshake_timeout: float,
+    max_pending: int,
+) -> tuple[Connection, Acceptor]:
+    """The main channel, and the acceptor (on ``listener``'s socket, with ``rules``) that
+    took it; the acceptor is closed if no main channel comes."""
+    assert listener.socket is not None
+    acceptor = Acceptor(
+        listener.uri,
+        listener.socket,
+        rules,
+        handshake_timeout=handshake_timeout,
+        max_pending=max_pending,
+    )
+    try:
+        return acceptor.wait("main", timeout), acceptor
+    except BaseException:
+        acceptor.close()
+        raise
+
+
+def _main_rules(openings: Sequence[bytes]) -> list[ChannelRule]:
+    return [ChannelRule("main", opening) for opening in dict.fromkeys(openings)]
+
+
 def accept_channels(
     listener: Listener,
     openings: Sequence[bytes],
@@ -223,19 +251,9 @@ def accept_channels(
     """As :func:`accept_migration`, for a migration of several channels: the main one, and
     the acceptor that goes on taking the next ones (``take_next``) on the same listening
     socket. The caller closes the acceptor (a socket listener only)."""
-    assert listener.socket is not None
-    acceptor = Acceptor(
-        listener.uri,
-        listener.socket,
-        [ChannelRule("main", opening) for opening in dict.fromkeys(openings)],
-        handshake_timeout=handshake_timeout,
-        max_pending=max_pending,
+    return _main_and_acceptor(
+        listener, _main_rules(openings), timeout, handshake_timeout, max_pending
     )
-    try:
-        return acceptor.wait("main", timeout), acceptor
-    except BaseException:
-        acceptor.close()
-        raise
 
 
 def accept_multifd(
@@ -253,20 +271,9 @@ def accept_multifd(
     peeks at the same bytes). The caller closes the acceptor (a socket listener only)."""
     if listener.socket is None:
         raise TransportError(listener.uri, "multifd needs a socket: it opens several channels")
-    rules = [ChannelRule("main", opening) for opening in dict.fromkeys(openings)]
+    rules = _main_rules(openings)
     rules += [ChannelRule("multifd", opening) for opening in dict.fromkeys(multifd_openings)]
-    acceptor = Acceptor(
-        listener.uri,
-        listener.socket,
-        rules,
-        handshake_timeout=handshake_timeout,
-        max_pending=max_pending,
-    )
-    try:
-        return acceptor.wait("main", timeout), acceptor
-    except BaseException:
-        acceptor.close()
-        raise
+    return _main_and_acceptor(listener, rules, timeout, handshake_timeout, max_pending)
 
 
 def accept_migration(
@@ -282,14 +289,8 @@ def accept_migration(
     meanwhile is closed. A ``file:`` listener just opens its file."""
     if listener.socket is None:
         return listener.accept(timeout)
-    acceptor = Acceptor(
-        listener.uri,
-        listener.socket,
-        [ChannelRule("main", opening) for opening in dict.fromkeys(openings)],
-        handshake_timeout=handshake_timeout,
-        max_pending=max_pending,
+    connection, acceptor = _main_and_acceptor(
+        listener, _main_rules(openings), timeout, handshake_timeout, max_pending
     )
-    try:
-        return acceptor.wait("main", timeout)
-    finally:
-        acceptor.close()
+    acceptor.close()
+    return connection
