@@ -29,15 +29,18 @@ def start_postcopy(
     *,
     timeout: float = TIMEOUT,
     settle: float | None = None,
+    destination_pauses: bool = False,
     **capabilities: bool,
 ) -> None:
-    """Migrate ``source`` to ``uri`` with postcopy (and ``capabilities``) on; returns once it
-    has been in postcopy-active for ``settle`` seconds (precopy ran as long before the
-    switch). By default half a second, or a tenth with postcopy-preempt: from QEMU 8.0 the
-    requested pages go past the postcopy cap, so a guest that faults on everything can end
-    postcopy within a second of the switch (0.3-1.1 s after half a second's settle, 1.2 s
-    after a tenth's, 10.0's preempt variant into ``qmig capture``), and a pause must come
-    before that."""
+    """Migrate ``source`` to ``uri`` with postcopy (and ``capabilities``) on; returns once
+    it has been in postcopy-active for ``settle`` seconds (precopy ran as long before the
+    switch). ``destination_pauses``: the destination cuts the channel a few pages into
+    postcopy (``--pause-after``), which can come before a look at the source's state finds
+    it in postcopy-active: postcopy-paused then shows it got there. ``settle``: by default
+    half a second, or a tenth with postcopy-preempt: from QEMU 8.0 the requested pages go
+    past the postcopy cap, so a guest that faults on everything can end postcopy within a
+    second of the switch (0.3-1.1 s after half a second's settle, 1.2 s after a tenth's,
+    10.0's preempt variant into ``qmig capture``), and a pause must come before that."""
     if settle is None:
         settle = 0.1 if capabilities.get("postcopy_preempt") else 0.5
     source.wait_serial(1)
@@ -48,7 +51,8 @@ def start_postcopy(
     source.migrate(uri)
     time.sleep(settle)
     source.start_postcopy()
-    source.wait_migration(until=("postcopy-active",), timeout=timeout)
+    reached = ("postcopy-active", "postcopy-paused") if destination_pauses else ("postcopy-active",)
+    source.wait_migration(until=reached, timeout=timeout)
     time.sleep(settle)
 
 

@@ -62,7 +62,7 @@ def test_qmig_closing_the_channel_pauses_the_source_which_resumes(
         uri,
     ):
         source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
-        start_postcopy(source, uri)
+        start_postcopy(source, uri, destination_pauses=True)
         wait_paused_line(process)
         info = resume(source, uri)
         code, stdout, stderr = finish(process)
@@ -91,7 +91,7 @@ def test_the_resumed_channel_cut_during_the_handshake(
     args = ("--json", "--dump-ram", str(tmp_path / "dump"), "--pause-after", "64")
     with receiving(*args, "--pause-during-recovery") as (process, uri):
         source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC, qemu_version=version)
-        start_postcopy(source, uri)
+        start_postcopy(source, uri, destination_pauses=True)
         info = resume_when_paused(source, uri, 2)
         code, stdout, stderr = finish(process)
     assert code == 0, stderr
