@@ -62,13 +62,14 @@ class BenchError(Exception):
 def simulate(settings: str) -> dict[str, Any]:
     """One ``qmig simulate --json`` run with ``settings`` (its extra arguments)."""
     command = [sys.executable, "-m", "qmig", "simulate", "--json", *shlex.split(settings)]
+    run = f"qmig simulate {settings}".rstrip()  # as the error names it
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise BenchError(f"qmig simulate {settings}: no result within {TIMEOUT:.0f} s") from None
+        raise BenchError(f"{run}: no result within {TIMEOUT:.0f} s") from None
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-        raise BenchError(f"qmig simulate {settings}: {lines[-1]}".replace("  ", " "))
+        raise BenchError(f"{run}: {lines[-1]}")
     summary: dict[str, Any] = json.loads(done.stdout)
     return summary
 
