@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qmig.cli.text import latency_form
 from qmig.latency import (
     LATENCY_DIST_BUCKETS,
     latency_by_already_sent,
@@ -44,6 +45,18 @@ def test_qemu_latency_figures_average_in_nanoseconds() -> None:
         "postcopy_latency_ns": 0,
         "postcopy_latency_dist": [0] * LATENCY_DIST_BUCKETS,
     }
+
+
+def test_the_summaries_print_qemus_form_by_each_buckets_range() -> None:
+    # The samples of the bucket test above: [0, 2) µs three, [128, 256) one, [256, 512)
+    # two, and the open-ended last bucket one; empty buckets are left out.
+    samples = [0, 999, 1_000, 255_000, 256_000, 511_999, 2**40 * 1000]
+    figures = qemu_latency_figures(samples)
+    assert latency_form(figures["postcopy_latency_ns"], figures["postcopy_latency_dist"]) == (
+        f"average {sum(samples) // len(samples) / 1000:.1f} µs; faults by µs: [0, 2) 3, "
+        "[128, 256) 1, [256, 512) 2, [8,388,608, ∞) 1"
+    )
+    assert latency_form(0, latency_dist([])) == "average 0.0 µs; faults by µs: none"
 
 
 def test_request_legs_join_the_two_ends_by_page_first_with_first() -> None:

@@ -6,6 +6,7 @@ progress bar and the summary under it use the same units (GiB, MiB/s).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from qmig.sizes import format_size
@@ -26,6 +27,20 @@ def blocktime(summary: dict[str, Any]) -> str:
     blocked = ", ".join(f"{ms:.1f}" for ms in summary["postcopy_vcpu_blocktime_ms"])
     runs = ", ".join(f"{ms:.1f}" for ms in summary["vcpu_run_ms"])
     return f"{total} (per vCPU {blocked} ms, of runs of {runs} ms)"
+
+
+def latency_form(average_ns: int, dist: Sequence[int]) -> str:
+    """Fault latency as QEMU 10.1's query-migrate gives it (``--json``'s
+    ``postcopy_latency_ns`` and ``postcopy_latency_dist``), for a side-by-side read: the
+    average, then each bucket that counted a fault, by its range in µs (bucket N is
+    [2^N, 2^(N+1)); the first starts at 0, the last is open-ended)."""
+    last = len(dist) - 1
+    buckets = [
+        f"[{0 if n == 0 else 1 << n:,}, {'∞' if n == last else f'{1 << (n + 1):,}'}) {count:,}"
+        for n, count in enumerate(dist)
+        if count
+    ]
+    return f"average {average_ns / 1000:.1f} µs; faults by µs: {', '.join(buckets) or 'none'}"
 
 
 def transfer_columns() -> tuple[Any, Any]:

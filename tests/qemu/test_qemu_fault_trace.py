@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from processes import qmig
 from qemu_helpers import PREEMPT_MEMORY_MIB, PREEMPT_SPEC, MachineFactory, need, postcopy_migration
 
+from qmig.cli.text import latency_form
 from qmig.qemu.trace import FAULT_EVENT, trace_lines, traced_fault_file, traced_faults
 
 
@@ -57,6 +59,19 @@ def test_every_fault_the_destination_logged_is_timed_to_its_placement(
     assert (figures["faults"], figures["late_faults"]) == (logged, faults.late)
     assert sum(figures["postcopy_latency_dist"]) == len(faults.faults)
     assert figures["fault_latency_us"]["p50"] <= figures["fault_latency_us"]["p99"]
+    # The human summary gives the same buckets and average, in QEMU's form.
+    human = subprocess.run(
+        qmig("qemu-faults", str(log)), capture_output=True, text=True, check=True
+    )
+    (form,) = [line for line in human.stdout.splitlines() if line.startswith("in QEMU's form: ")]
+    assert form == "in QEMU's form: " + latency_form(
+        figures["postcopy_latency_ns"], figures["postcopy_latency_dist"]
+    )
+    counted = re.findall(r"\[([\d,]+), [^)]+\) ([\d,]+)", form)
+    dist = figures["postcopy_latency_dist"]
+    assert [(int(low.replace(",", "")), int(n.replace(",", ""))) for low, n in counted] == [
+        (0 if k == 0 else 1 << k, count) for k, count in enumerate(dist) if count
+    ]
     (thread,) = figures["blocktime_ms_by_thread"]  # the guest's one vCPU
     assert figures["blocktime_ms_by_thread"][thread] == pytest.approx(
         sum(faults.latencies_ns) / 1e6, abs=0.01

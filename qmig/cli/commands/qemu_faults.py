@@ -19,6 +19,7 @@ from typing import Any
 
 from qmig.cli import add_json
 from qmig.cli.options import size
+from qmig.cli.text import latency_form
 from qmig.errors import QmigError
 
 DESCRIPTION = (
@@ -96,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
     timed = result["faults"] - result["late_faults"] - result["unplaced_faults"]
     print(
         f"{result['faults']} faults, {timed} timed: fault → placed p50 {latency['p50']} µs, "
-        f"p99 {latency['p99']} µs, max {latency['max']} µs; "
-        f"average {result['postcopy_latency_ns'] / 1000:.1f} µs"
+        f"p99 {latency['p99']} µs, max {latency['max']} µs"
     )
+    qemu_form = latency_form(result["postcopy_latency_ns"], result["postcopy_latency_dist"])
+    print(f"in QEMU's form: {qemu_form}")
     print(
         f"{result['late_faults']} read after their page was placed (not timed), "
         f"{result['unplaced_faults']} whose page the log never shows placed"

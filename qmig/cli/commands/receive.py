@@ -12,7 +12,7 @@ from qmig.cli import add_json, add_qemu_version
 from qmig.cli.multifd_recv_options import add_multifd, multifd_openings, multifd_options
 from qmig.cli.options import positive_count, rate_or_zero, seconds, size
 from qmig.cli.preempt_options import add_preempt
-from qmig.cli.text import blocktime
+from qmig.cli.text import blocktime, latency_form
 from qmig.errors import QmigError
 from qmig.host import HOST_PAGE_SIZE
 from qmig.latency import percentiles_us, vcpu_blocktime_ms, vcpu_run_ms
@@ -552,6 +552,10 @@ def _print_summary(summary: dict[str, Any], console: Console | None = None) -> N
         table.add_row(
             f"{label} (µs)", f"p50 {figures['p50']}  p99 {figures['p99']}  max {figures['max']}"
         )
+    table.add_row(
+        "  QEMU's form",
+        latency_form(summary["postcopy_latency_ns"], summary["postcopy_latency_dist"]),
+    )
     table.add_row("blocktime", blocktime(summary))
     table.add_row("pongs", str(summary["pongs"]))
     table.add_row("recoveries", f"{summary['recoveries']} (paused {summary['paused_ms']} ms)")

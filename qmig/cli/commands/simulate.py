@@ -20,7 +20,7 @@ from qmig.cli.options import (
     size,
 )
 from qmig.cli.preempt_options import add_preempt
-from qmig.cli.text import blocktime, plural
+from qmig.cli.text import blocktime, latency_form, plural
 from qmig.errors import QmigError
 from qmig.report.cli import add_report, check_report
 from qmig.runner.pauses import pause_rows
@@ -333,6 +333,10 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         (
             "fault latency",
             f"p50 {latency['p50']} µs, p99 {latency['p99']} µs, max {latency['max']} µs",
+        ),
+        (
+            "  QEMU's form",
+            latency_form(s["postcopy_latency_ns"], s["postcopy_latency_dist"]),
         ),
         (
             "request path",
