@@ -13,7 +13,10 @@ Both sides migrate a guest of ``--ram`` bytes over TCP on 127.0.0.1 under the sa
 limit for both parameters), and switch to postcopy after one complete precopy pass.
 
 * QEMU: qmig's test guest (:mod:`qmig.qemu.guest`) runs in the source and keeps adding one to
-  the first byte of every page of ``[1 MiB, 1 MiB + --guest-mib)``; the rest of RAM stays zero.
+  the first byte of every page of ``[1 MiB, 1 MiB + --guest-mib)``, in address order
+  (``--qemu-order scattered``: each page once a pass, about 0.618 of the range apart, so that
+  its postcopy faults land all over RAM as qmig's ``--workload random`` does); the rest of RAM
+  stays zero.
   The benchmark polls ``query-migrate`` and issues ``migrate-start-postcopy`` once
   ``dirty-sync-count`` says the first pass is over. The destination's guest runs on in
   postcopy, faulting on the pages it had not received. Its counters are checked afterwards.
@@ -92,13 +95,13 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from qmig.errors import QmigError
 from qmig.latency import count_p50_p99, percentiles_us
-from qmig.qemu.guest import GuestSpec, highest_safe_end
+from qmig.qemu.guest import GuestSpec, highest_safe_end, scattered_walk
 from qmig.qemu.machine import Machine, MachineConfig
 from qmig.qemu.oracle import verify_counters
 from qmig.qemu.qmp import QemuError
@@ -143,6 +146,7 @@ class Plan:
     workload: str = "sequential"  # qmig's destination vCPUs: like the QEMU guest's loop
     dirty_pattern: str = "sequential"  # qmig's source guest: like the QEMU guest's loop
     vcpus: int = 1  # the QEMU guest has one vCPU
+    qemu_order: str = "address"  # the QEMU guest's pass: in address order, or scattered
 
 
 # --- qmig ------------------------------------------------------------------------------------
@@ -262,6 +266,8 @@ def _migrate_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
     memory_mib = plan.ram // MiB
     end = min(MiB + plan.guest_bytes, highest_safe_end(memory_mib))
     spec = GuestSpec(end=end // PAGE * PAGE)
+    if plan.qemu_order == "scattered":
+        spec = replace(spec, walk=scattered_walk(spec.pages))
     trace_path = workdir / "destination.trace"
     source_trace_path = workdir / "source.trace"
     destination = Machine(
@@ -633,6 +639,14 @@ def main() -> int:
         "the QEMU guest)",
     )
     parser.add_argument("--vcpus", type=int, default=1, help="qmig destination vCPUs (1)")
+    parser.add_argument(
+        "--qemu-order",
+        choices=["address", "scattered"],
+        default="address",
+        help="the order of the QEMU guest's pass over its pages: address order, or "
+        "scattered over its range (each page once a pass; pair with --workload random and "
+        "--dirty-pattern random) (default address)",
+    )
     parser.add_argument("--only", choices=["qmig", "qemu"], help="run one side only")
     parser.add_argument(
         "--paths",
@@ -690,6 +704,7 @@ def main() -> int:
         workload=args.workload,
         dirty_pattern=args.dirty_pattern,
         vcpus=args.vcpus,
+        qemu_order=args.qemu_order,
     )
     if args.runs < 1:
         print("simulate_bench: error: --runs must be at least 1", file=sys.stderr)

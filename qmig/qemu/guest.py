@@ -8,9 +8,12 @@ to 32-bit protected mode with a flat GDT and then loops forever::
         out 0x3f8, MARKER
 
 so each of those pages is written once per pass (a migration never converges on its own) and
-the serial port shows one marker per pass. The code is emitted byte by byte below; each line
-carries its assembly so the encoding can be checked against any x86 reference. The image never
-writes its disk, so source and destination can each use a private copy.
+the serial port shows one marker per pass. With a ``walk`` above one the pass visits the same
+pages out of address order, ``walk`` pages apart (modulo the range), so that a postcopy guest
+faults on pages scattered through its RAM rather than on the next one up. The code is emitted
+byte by byte below; each line carries its assembly so the encoding can be checked against any
+x86 reference. The image never writes its disk, so source and destination can each use a
+private copy.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from math import gcd
 from pathlib import Path
 
 MIB = 1 << 20
@@ -39,13 +43,16 @@ class GuestSpec:
     """What the incrementer touches: the first byte of one page per ``stride`` in [start, end).
 
     The default stride writes every 4 KiB page. A larger stride leaves clean pages between the
-    dirty ones, which breaks postcopy's discard list into many ranges.
+    dirty ones, which breaks postcopy's discard list into many ranges. ``walk``: how many of
+    those pages lie between two touches in a row, modulo the range (1: address order); any
+    number below the page count and prime to it touches every page once per pass.
     """
 
     start: int = DEFAULT_START
     end: int = DEFAULT_END
     marker: int = DEFAULT_MARKER
     stride: int = PAGE_SIZE
+    walk: int = 1
 
     def __post_init__(self) -> None:
         if self.start % PAGE_SIZE or self.end % PAGE_SIZE:
@@ -57,11 +64,29 @@ class GuestSpec:
             raise ValueError("need 1 MiB <= start < end < 4 GiB")
         if not 0 <= self.marker <= 0xFF:
             raise ValueError("marker must be one byte")
+        if self.walk != 1 and not (1 < self.walk < self.pages and gcd(self.walk, self.pages) == 1):
+            raise ValueError("walk must be 1, or below the page count and prime to it")
 
     @property
     def pages(self) -> int:
         """How many pages the guest writes per pass."""
         return (self.end - self.start) // self.stride
+
+    def touched(self, index: int) -> int:
+        """Which page (0: the first of the range) a pass touches ``index``-th."""
+        return index * self.walk % self.pages
+
+
+def scattered_walk(pages: int) -> int:
+    """A walk that scatters a pass over ``pages`` pages: the first number prime to the page
+    count from about 0.618 of it on (the golden ratio's fraction spreads consecutive touches
+    evenly over the range); 1 where there are fewer than three pages."""
+    if pages < 3:
+        return 1
+    walk = max(2, round(pages * 0.618))
+    while gcd(walk, pages) != 1:
+        walk += 1
+    return walk
 
 
 def highest_safe_end(memory_mib: int) -> int:
@@ -126,13 +151,7 @@ def _program(spec: GuestSpec) -> Sequence[Piece]:
         _fixed(b"\x8e\xd0"),  # mov ss, ax
         _fixed(b"\xbc" + _u32(LOAD_ADDRESS)),  # mov esp, 0x7c00
         "next_pass",
-        _fixed(b"\xbb" + _u32(spec.start)),  # mov ebx, start
-        "next_page",
-        _fixed(b"\xfe\x03"),  # inc byte [ebx]
-        _fixed(b"\x81\xc3" + _u32(spec.stride)),  # add ebx, stride
-        _fixed(b"\x81\xfb" + _u32(spec.end)),  # cmp ebx, end
-        (2, lambda labels, here: b"\x72" + _rel8(here + 2, labels["next_page"])),
-        # ^ jb next_page          ; unsigned: end may be above 2 GiB
+        *(_address_order(spec) if spec.walk == 1 else _walk_order(spec)),
         _fixed(b"\x66\xba" + _u16(SERIAL_PORT)),  # mov dx, 0x3f8
         _fixed(b"\xb0" + bytes([spec.marker])),  # mov al, marker
         _fixed(b"\xee"),  # out dx, al     ; the UART sends it whatever the baud setup
@@ -146,6 +165,40 @@ def _program(spec: GuestSpec) -> Sequence[Piece]:
         _fixed(bytes.fromhex("ffff00000092cf00")),  # 0x10: data, base 0, limit 4 GiB, writable
         "gdt_descriptor",
         (6, lambda labels, _here: _u16(3 * 8 - 1) + _u32(labels[gdt])),  # limit, linear base
+    ]
+
+
+def _address_order(spec: GuestSpec) -> list[Piece]:
+    """One pass, page after page up the range."""
+    return [
+        _fixed(b"\xbb" + _u32(spec.start)),  # mov ebx, start
+        "next_page",
+        _fixed(b"\xfe\x03"),  # inc byte [ebx]
+        _fixed(b"\x81\xc3" + _u32(spec.stride)),  # add ebx, stride
+        _fixed(b"\x81\xfb" + _u32(spec.end)),  # cmp ebx, end
+        (2, lambda labels, here: b"\x72" + _rel8(here + 2, labels["next_page"])),
+        # ^ jb next_page          ; unsigned: end may be above 2 GiB
+    ]
+
+
+def _walk_order(spec: GuestSpec) -> list[Piece]:
+    """One pass, ``walk`` pages on each time, wrapping at the range's end: ``pages`` touches
+    land on every page once, since the walk is prime to the page count."""
+    span = spec.end - spec.start
+    return [
+        _fixed(b"\xbb" + _u32(0)),  # mov ebx, 0         ; the offset into the range
+        _fixed(b"\xb9" + _u32(spec.pages)),  # mov ecx, pages
+        "next_touch",
+        _fixed(b"\xfe\x83" + _u32(spec.start)),  # inc byte [ebx + start]
+        _fixed(b"\x81\xc3" + _u32(spec.walk * spec.stride)),  # add ebx, walk * stride
+        _fixed(b"\x81\xfb" + _u32(span)),  # cmp ebx, end - start
+        (2, lambda labels, here: b"\x72" + _rel8(here + 2, labels["in_range"])),
+        # ^ jb in_range
+        _fixed(b"\x81\xeb" + _u32(span)),  # sub ebx, end - start
+        "in_range",
+        _fixed(b"\x49"),  # dec ecx
+        (2, lambda labels, here: b"\x75" + _rel8(here + 2, labels["next_touch"])),
+        # ^ jnz next_touch
     ]
 
 

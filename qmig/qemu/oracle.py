@@ -1,10 +1,11 @@
 """The integrity oracle for qmig's test guest after a migration.
 
-The guest adds one to the first byte of every page of ``[start, end)``, in address order, pass
-after pass. Stopped at any instant, memory therefore shows the counters of one pass: either all
-equal (stopped between passes), or a low run one higher (mod 256) than the high run above the
-page the incrementer was about to touch. Any other picture means a page was lost, duplicated
-from an older round, or placed at the wrong address.
+The guest adds one to the first byte of every page of ``[start, end)``, in the order of its walk
+(address order by default), pass after pass. Stopped at any instant, memory therefore shows the
+counters of one pass: either all equal (stopped between passes), or, in the walk's order, a low
+run one higher (mod 256) than the high run from the page the incrementer was about to touch.
+Any other picture means a page was lost, duplicated from an older round, or placed at the
+wrong address.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def _best_split(counters: bytes, low: int) -> tuple[int, list[int]]:
 
 def verify_counters(dump: bytes, dump_address: int, spec: GuestSpec) -> CounterPicture:
     """Check a dump of a stopped guest; raise VerificationError naming the first bad pages."""
-    counters = page_counters(dump, dump_address, spec)
+    counters = _in_walk_order(page_counters(dump, dump_address, spec), spec)
+
+    def address(index: int) -> int:  # of the page touched index-th in a pass
+        return spec.start + spec.touched(index) * spec.stride
+
     if not counters:
         raise VerificationError("memory dump", "the guest range holds no pages")
     # In a consistent picture the commonest value is one of the two runs.
@@ -63,15 +68,19 @@ def verify_counters(dump: bytes, dump_address: int, spec: GuestSpec) -> CounterP
     candidates = [(low, *_best_split(counters, low)) for low in (common, (common + 1) % 256)]
     low, boundary, bad = min(candidates, key=lambda candidate: len(candidate[2]))
     if bad:
-        shown = ", ".join(
-            f"{spec.start + i * spec.stride:#x}={counters[i]}" for i in bad[:SHOWN_BAD_PAGES]
-        )
+        shown = ", ".join(f"{address(i):#x}={counters[i]}" for i in bad[:SHOWN_BAD_PAGES])
         raise VerificationError(
             "memory content inconsistency",
             f"{len(bad)} of {len(counters)} pages break the pattern (best fit: {low} below "
-            f"{spec.start + boundary * spec.stride:#x}, {(low - 1) % 256} from there); "
+            f"{address(boundary):#x}, {(low - 1) % 256} from there); "
             f"first bad pages (address=value): {shown}",
         )
     if boundary in (0, len(counters)):
         return CounterPicture(counters[0], None, len(counters))
-    return CounterPicture(low, spec.start + boundary * spec.stride, len(counters))
+    return CounterPicture(low, address(boundary), len(counters))
+
+
+def _in_walk_order(counters: bytes, spec: GuestSpec) -> bytes:
+    if spec.walk == 1:
+        return counters
+    return bytes(counters[spec.touched(index)] for index in range(spec.pages))

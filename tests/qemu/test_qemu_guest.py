@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ from qmig.qemu.guest import (
     highest_safe_end,
     known_data,
     loader_args,
+    scattered_walk,
 )
-from qmig.qemu.oracle import verify_counters
+from qmig.qemu.oracle import page_counters, verify_counters
 
 
 def test_boot_sector_is_one_bootable_sector_with_the_range_encoded() -> None:
@@ -40,11 +43,36 @@ def test_boot_sector_is_one_bootable_sector_with_the_range_encoded() -> None:
         {"stride": 3000},
         {"end": 24 * MIB, "stride": 5 * 4096},  # 23 MiB is not a multiple of 20 KiB
         {"marker": 256},
+        {"end": 8 * MIB, "walk": 0},
+        {"end": 8 * MIB, "walk": 7 * 256},  # 1,792 pages: the walk must be below that
+        {"end": 8 * MIB, "walk": 14},  # shares 2 and 7 with 1,792: some pages never touched
     ],
 )
 def test_guest_spec_rejects_impossible_ranges(fields: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         GuestSpec(**fields)
+
+
+def test_a_walk_touches_every_page_once_a_pass_out_of_address_order() -> None:
+    spec = GuestSpec(end=8 * MIB, walk=scattered_walk(GuestSpec(end=8 * MIB).pages))
+    order = [spec.touched(index) for index in range(spec.pages)]
+    assert sorted(order) == list(range(spec.pages))
+    assert order[:3] == [0, spec.walk, 2 * spec.walk % spec.pages]
+    # Consecutive touches are far apart: no two in a row on neighbouring pages.
+    assert min(abs(b - a) for a, b in itertools.pairwise(order)) > 1
+    sector = boot_sector(spec)
+    assert b"\x81\xc3" + (spec.walk * 4096).to_bytes(4, "little") in sector  # add ebx, step
+    assert b"\x81\xeb" + (7 * MIB).to_bytes(4, "little") in sector  # sub ebx, end - start
+    assert boot_sector(GuestSpec(end=8 * MIB, walk=1)) == boot_sector(GuestSpec(end=8 * MIB))
+
+
+@pytest.mark.parametrize("pages", [1, 2, 3, 256, 1792, 25_344, 262_143])
+def test_scattered_walk_is_prime_to_the_page_count(pages: int) -> None:
+    walk = scattered_walk(pages)
+    if pages < 3:
+        assert walk == 1
+    else:
+        assert 1 < walk < pages and math.gcd(walk, pages) == 1
 
 
 def test_known_data_is_deterministic_and_seeded() -> None:
@@ -74,6 +102,21 @@ def test_sparse_stride_writes_only_every_stride(machines: MachineFactory) -> Non
     verify_counters(dump, spec.start, spec)
     assert dump[0] != 0
     assert not any(dump[4096 : 64 * 1024]), "pages between strides stay untouched"
+
+
+@pytest.mark.qemu
+def test_scattered_guest_passes_the_oracle_in_its_walks_order(machines: MachineFactory) -> None:
+    spec = GuestSpec(end=8 * MIB)
+    spec = GuestSpec(end=8 * MIB, walk=scattered_walk(spec.pages))
+    guest = machines("scattered", memory_mib=32, guest=spec)
+    guest.wait_serial(5)
+    first, _second = check_counters_move(guest, spec)
+    picture = verify_counters(first, spec.start, spec)
+    counters = page_counters(first, spec.start, spec)
+    changes = sum(a != b for a, b in itertools.pairwise(counters))
+    # Stopped mid-pass, the pages touched this pass lie all over the range: in address
+    # order the counters change value many times, not once as in an address-order pass.
+    assert picture.boundary is None or changes > 2
 
 
 @pytest.mark.qemu

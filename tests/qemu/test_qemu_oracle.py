@@ -68,3 +68,30 @@ def test_mostly_unmigrated_memory_fails_too() -> None:
 def test_dump_not_covering_the_range_is_an_error() -> None:
     with pytest.raises(VerificationError, match="memory dump"):
         verify_counters(bytes(MIB), SPEC.start, SPEC)
+
+
+WALKED = GuestSpec(end=4 * MIB, walk=7)  # 768 pages, touched 0, 7, 14, ... modulo 768
+
+
+def walked_dump(in_walk_order: list[int], spec: GuestSpec = WALKED) -> bytes:
+    """A dump whose counters read ``in_walk_order`` in the order the guest touches pages."""
+    counters = [0] * spec.pages
+    for index, value in enumerate(in_walk_order):
+        counters[spec.touched(index)] = value
+    return dump_of(counters, spec)
+
+
+def test_a_walked_pass_is_read_in_the_walks_order() -> None:
+    picture = verify_counters(walked_dump([5] * 100 + [4] * 668), WALKED.start, WALKED)
+    assert picture.low_value == 5
+    assert picture.boundary == WALKED.start + WALKED.touched(100) * PAGE_SIZE
+    # The same two runs in address order are no picture a walking guest leaves.
+    with pytest.raises(VerificationError, match="memory content inconsistency"):
+        verify_counters(dump_of([5] * 100 + [4] * 668, WALKED), WALKED.start, WALKED)
+
+
+def test_a_walked_pass_names_its_bad_page_by_address() -> None:
+    counters = [5] * 100 + [4] * 50 + [5] + [4] * 617  # the 150th page touched is newer
+    with pytest.raises(VerificationError) as error:
+        verify_counters(walked_dump(counters), WALKED.start, WALKED)
+    assert f"{WALKED.start + WALKED.touched(150) * PAGE_SIZE:#x}=5" in str(error.value)

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from processes import qmig, started
 from qemu_helpers import postcopy_migration
 from qemu_recovery import start_postcopy
 
-from qmig.qemu.guest import MIB, GuestSpec
+from qmig.qemu.guest import MIB, GuestSpec, scattered_walk
 from qmig.qemu.machine import Machine
 from qmig.wire import messages as m
 from qmig.wire.schema import schema_for
@@ -74,12 +75,17 @@ def compare_pc_ram(dump_dir: Path, source: Machine, tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize(
+    "spec",
+    [SPEC, replace(SPEC, walk=scattered_walk(SPEC.pages))],
+    ids=["address-order", "scattered"],
+)
 def test_receive_postcopy_from_real_qemu_with_page_requests(
-    machines: MachineFactory, tmp_path: Path
+    machines: MachineFactory, tmp_path: Path, spec: GuestSpec
 ) -> None:
     dump_dir = tmp_path / "dump"
     with receiving("--json", "--dump-ram", str(dump_dir)) as (process, uri):
-        source = machines("source", memory_mib=MEMORY_MIB, guest=SPEC)
+        source = machines("source", memory_mib=MEMORY_MIB, guest=spec)
         info = postcopy_migration(source, uri, postcopy_blocktime=True)
         code, stdout, stderr = finish(process)
     assert code == 0, stderr
