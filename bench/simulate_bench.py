@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """``qmig simulate`` at 1 GiB next to a real QEMU 7.2 → QEMU 7.2 postcopy migration.
 
+(``--qemu-version 10.0``: QEMU 10.0 → 10.0, the private install ``scripts/fetch-qemu-10.0``
+unpacks, and qmig speaking 10.0's wire.)
+
 Run as root (userfaultfd) from the repository::
 
     .venv/bin/python bench/simulate_bench.py                  # 1 GiB each side, about 20 s
@@ -34,7 +37,8 @@ TCG runs it, qmig's dirtier at a set rate. Figures per side:
 * total time: migrate command → completion (QEMU: the source's ``total-time``);
 * downtime: source stop → destination RUN on both sides. qmig measures it across its two
   processes; for QEMU it comes from trace events (source ``postcopy_start_set_run``, right
-  before the stop; destination ``loadvm_postcopy_handle_run_bh return``, after vm_start).
+  before the stop; destination ``loadvm_postcopy_handle_run_bh return``, after vm_start, or in
+  QEMU 10.0 ``vmstate_downtime_checkpoint dst-postcopy-bh-vm-started``).
   QEMU's own ``downtime`` (stop → switchover sent, on the source) is in the JSON too;
 * pages/s: pages sent (zero pages included) over total time;
 * postcopy requests, and fault latency (fault → page placed) p50/p99/max. For QEMU these come
@@ -123,7 +127,13 @@ LOOPBACK = "127.0.0.1"
 QEMU_DEFAULT_BANDWIDTH_MIB = 128  # QEMU 7.2's max-bandwidth default
 PRECOPY_ATTEMPTS = 5  # QEMU migrations tried for one that goes into postcopy (see run_qemu)
 # On the destination: faults and placements (latency), and the end of the RUN handler.
-TRACE_EVENTS = (FAULT_EVENT, *PLACE_EVENTS, "loadvm_postcopy_handle_run_bh")
+TRACE_EVENTS = (FAULT_EVENT, *PLACE_EVENTS)
+# The end of the destination's RUN handler, after vm_start, by QEMU version: 7.2 traces it as
+# loadvm_postcopy_handle_run_bh "return", 8.2 on as the downtime checkpoint below.
+RUN_DONE = {
+    "7.2": ("loadvm_postcopy_handle_run_bh", "return"),
+    "10.0": ("vmstate_downtime_checkpoint", "dst-postcopy-bh-vm-started"),
+}
 # On the source: postcopy_start, right before it stops the guest; and what the migration
 # thread found when it took each queued page request off the queue: the page still dirty
 # (get_queued_page, sent for the request) or not (get_queued_page_not_dirty, sent already).
@@ -147,6 +157,7 @@ class Plan:
     dirty_pattern: str = "sequential"  # qmig's source guest: like the QEMU guest's loop
     vcpus: int = 1  # the QEMU guest has one vCPU
     qemu_order: str = "address"  # the QEMU guest's pass: in address order, or scattered
+    qemu_version: str = "7.2"  # both QEMUs, and the wire qmig speaks
 
 
 # --- qmig ------------------------------------------------------------------------------------
@@ -175,7 +186,7 @@ def run_qmig(
         postcopy_after=1,
         bandwidth=float(plan.bandwidth) if plan.bandwidth else None,
         dirty_rate=plan.dirty_rate,
-        version="7.2",
+        version=plan.qemu_version,
         zero_fraction=max(0.0, 1.0 - plan.guest_bytes / plan.ram),
         working_set=plan.guest_bytes,
         dirty_pattern=plan.dirty_pattern,
@@ -276,7 +287,8 @@ def _migrate_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
             memory_mib,
             spec,
             incoming="defer",
-            extra_args=trace_args(trace_path, TRACE_EVENTS),
+            extra_args=trace_args(trace_path, (*TRACE_EVENTS, RUN_DONE[plan.qemu_version][0])),
+            qemu_version=plan.qemu_version,
         ),
         workdir,
     )
@@ -286,6 +298,7 @@ def _migrate_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
             memory_mib,
             spec,
             extra_args=trace_args(source_trace_path, SOURCE_TRACE_EVENTS),
+            qemu_version=plan.qemu_version,
         ),
         workdir,
     )
@@ -321,7 +334,7 @@ def _migrate_qemu(plan: Plan, workdir: Path) -> dict[str, Any]:
     return {
         "verified": True,
         "total_s": round(total_s, 3),
-        "downtime_ms": stop_to_run_ms(source_trace, trace),
+        "downtime_ms": stop_to_run_ms(source_trace, trace, RUN_DONE[plan.qemu_version]),
         "qemu_downtime_ms": source_info.get("downtime"),  # its own: stop → package sent
         "pages_sent": sent,
         "pages_per_s": round(sent / total_s) if total_s else None,
@@ -364,16 +377,17 @@ def _read_trace(path: Path) -> list[TraceLine]:
 
 
 def stop_to_run_ms(
-    source_trace: list[TraceLine], destination_trace: list[TraceLine]
+    source_trace: list[TraceLine],
+    destination_trace: list[TraceLine],
+    run_done: tuple[str, str] = RUN_DONE["7.2"],
 ) -> float | None:
     """Source stop → destination RUN, as qmig measures it: from the source's
     postcopy_start_set_run (right before vm_stop) to the end of the destination's RUN
-    handler (after vm_start). Both traces use the same host's wall clock."""
+    handler (after vm_start; ``run_done``: its trace event and argument, see RUN_DONE).
+    Both traces use the same host's wall clock."""
     stops = [line.at_ns for line in source_trace if line.event == "postcopy_start_set_run"]
     runs = [
-        line.at_ns
-        for line in destination_trace
-        if line.event == "loadvm_postcopy_handle_run_bh" and line.arguments.strip() == "return"
+        line.at_ns for line in destination_trace if (line.event, line.arguments.strip()) == run_done
     ]
     if not stops or not runs:
         return None
@@ -464,7 +478,7 @@ EXTRA_RUNS = {
     "qmig_preempt": "qmig with postcopy-preempt (--preempt, C paths)",
     "qmig_simulate_buffers": "qmig with simulate's socket buffers (C paths)",
     "qmig_python_sweep": "qmig with the background sweep in Python (--no-fast-sweep, C paths)",
-    "qemu_again": "QEMU 7.2 again, the same migration a second time (--qemu-again)",
+    "qemu_again": "QEMU again, the same migration a second time (--qemu-again)",
 }
 
 
@@ -505,7 +519,13 @@ def print_table(result: dict[str, Any]) -> None:
         f"{_cap(plan['bandwidth'])} precopy and postcopy, postcopy after one pass"
     )
     width = 46
-    heads = ("QEMU 7.2", "qmig (C paths)", "qmig (Python paths)", "C/QEMU", "Python/QEMU")
+    heads = (
+        f"QEMU {plan['qemu_version']}",
+        "qmig (C paths)",
+        "qmig (Python paths)",
+        "C/QEMU",
+        "Python/QEMU",
+    )
     print(f"{'':{width}}{heads[0]:>12}{heads[1]:>16}{heads[2]:>21}{heads[3]:>9}{heads[4]:>13}")
     python_ratio = result.get("ratio_python") or {}
     for label, key in ROWS + SPLIT_ROWS:
@@ -640,6 +660,13 @@ def main() -> int:
     )
     parser.add_argument("--vcpus", type=int, default=1, help="qmig destination vCPUs (1)")
     parser.add_argument(
+        "--qemu-version",
+        choices=["7.2", "10.0"],
+        default="7.2",
+        help="the QEMU on both sides, and the wire qmig speaks: the system's 7.2, or the "
+        "private 10.0 (scripts/fetch-qemu-10.0) (default 7.2)",
+    )
+    parser.add_argument(
         "--qemu-order",
         choices=["address", "scattered"],
         default="address",
@@ -705,6 +732,7 @@ def main() -> int:
         dirty_pattern=args.dirty_pattern,
         vcpus=args.vcpus,
         qemu_order=args.qemu_order,
+        qemu_version=args.qemu_version,
     )
     if args.runs < 1:
         print("simulate_bench: error: --runs must be at least 1", file=sys.stderr)
