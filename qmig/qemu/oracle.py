@@ -58,8 +58,8 @@ def verify_counters(dump: bytes, dump_address: int, spec: GuestSpec) -> CounterP
     """Check a dump of a stopped guest; raise VerificationError naming the first bad pages."""
     counters = _in_walk_order(page_counters(dump, dump_address, spec), spec)
 
-    def address(index: int) -> int:  # of the page touched index-th in a pass
-        return spec.start + spec.touched(index) * spec.stride
+    def address(index: int) -> int:  # of the page touched index-th in a pass; past the last
+        return spec.end if index >= spec.pages else spec.start + spec.touched(index) * spec.stride
 
     if not counters:
         raise VerificationError("memory dump", "the guest range holds no pages")

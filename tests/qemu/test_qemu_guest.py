@@ -106,8 +106,7 @@ def test_sparse_stride_writes_only_every_stride(machines: MachineFactory) -> Non
 
 @pytest.mark.qemu
 def test_scattered_guest_passes_the_oracle_in_its_walks_order(machines: MachineFactory) -> None:
-    spec = GuestSpec(end=8 * MIB)
-    spec = GuestSpec(end=8 * MIB, walk=scattered_walk(spec.pages))
+    spec = GuestSpec(end=8 * MIB, walk=scattered_walk(GuestSpec(end=8 * MIB).pages))
     guest = machines("scattered", memory_mib=32, guest=spec)
     guest.wait_serial(5)
     first, _second = check_counters_move(guest, spec)
