@@ -379,7 +379,7 @@ def _read_trace(path: Path) -> list[TraceLine]:
 def stop_to_run_ms(
     source_trace: list[TraceLine],
     destination_trace: list[TraceLine],
-    run_done: tuple[str, str] = RUN_DONE["7.2"],
+    run_done: tuple[str, str],
 ) -> float | None:
     """Source stop → destination RUN, as qmig measures it: from the source's
     postcopy_start_set_run (right before vm_stop) to the end of the destination's RUN

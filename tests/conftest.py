@@ -1,7 +1,8 @@
 """Shared test configuration.
 
 The ``machines`` fixture starts real QEMU processes that teardown always stops (the tests in
-tests/qemu also check that none is left running).
+tests/qemu also check that none is left running); ``qemu_10_0`` is QEMU 10.0's install, a
+failure under CI when it is missing, a skip elsewhere.
 
 Hypothesis profiles: ``ci`` (loaded when the ``CI`` environment variable is set) keeps the
 property tests within a 2-core CI budget; ``thorough`` (``QMIG_HYPOTHESIS=thorough``) runs
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from qmig.qemu.machine import Machine, MachineConfig
+from qmig.qemu.machine import Machine, MachineConfig, QemuInstall, qemu_install
+from qmig.qemu.qmp import QemuError
 
 MachineFactory = Callable[..., Machine]
 
@@ -67,3 +69,15 @@ def machines(tmp_path: Path) -> Iterator[MachineFactory]:
     yield start
     for machine in started:
         machine.shutdown()
+
+
+@pytest.fixture
+def qemu_10_0() -> QemuInstall:
+    """QEMU 10.0's install: a failure under CI, where scripts/setup unpacks it; a skip
+    elsewhere."""
+    try:
+        return qemu_install("10.0")
+    except QemuError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"{error} (scripts/setup runs scripts/fetch-qemu-10.0)")
+        pytest.skip(str(error))

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qmig.qemu.machine import QEMU_BINARY, QemuInstall, qemu_install, running_qemu_pids
-from qmig.qemu.qmp import QemuError
+from qmig.qemu.machine import QEMU_BINARY, running_qemu_pids
 
 HERE = Path(__file__).parent
 
@@ -43,15 +42,3 @@ def no_qemu_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     for pid in left:  # fail the test, but do not let the leak burn CPU for the rest of the run
         os.kill(pid, signal.SIGKILL)
     assert not left, f"QEMU processes left running: {sorted(left)}"
-
-
-@pytest.fixture
-def qemu_10_0() -> QemuInstall:
-    """QEMU 10.0's install: a failure under CI, where scripts/setup unpacks it; a skip
-    elsewhere."""
-    try:
-        return qemu_install("10.0")
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"{error} (scripts/setup runs scripts/fetch-qemu-10.0)")
-        pytest.skip(str(error))

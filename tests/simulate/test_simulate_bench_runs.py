@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qmig.qemu.machine import QEMU_BINARY, qemu_install
-from qmig.qemu.qmp import QemuError
+from qmig.qemu.machine import QEMU_BINARY, QemuInstall
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "simulate_bench.py"
 
@@ -123,17 +122,13 @@ def test_the_benchmark_runs_both_sides_uncapped() -> None:
     assert refused.stderr.strip() == "simulate_bench: error: --bandwidth must be 0 (no cap) or more"
 
 
-def test_the_benchmark_measures_qemu_10_0_where_default_simulate_runs() -> None:
+def test_the_benchmark_measures_qemu_10_0_where_default_simulate_runs(
+    qemu_10_0: QemuInstall,
+) -> None:
     """``--qemu-version 10.0 --qemu-order scattered``: QEMU 10.0 on both sides, its guest
     passing over its pages out of address order, uncapped, as default ``qmig simulate``
     runs; qmig speaks 10.0's wire. QEMU 10.0 traces the end of RUN as a downtime
     checkpoint, not as 7.2's event: the downtime is measured all the same."""
-    try:
-        qemu_install("10.0")
-    except QemuError as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"{error} (scripts/setup runs scripts/fetch-qemu-10.0)")
-        pytest.skip(str(error))
     done = subprocess.run(
         [
             sys.executable, str(BENCH), "--qemu-version", "10.0", "--qemu-order", "scattered",
