@@ -129,6 +129,11 @@ class DeviceSectionsReader(FramedInput):
             try:
                 self.vmdesc = vmstate.VmDescription.from_json(found)
             except vmstate.VmstateError as error:
+                if not self._eof:
+                    # Device bytes that merely look like a VMDESCRIPTION ending where this
+                    # read ended: the stream's own may come later, so only one found at the
+                    # end of the input is bad, whatever the reads' sizes.
+                    raise NeedMore("SECTION_FULL", offset, MAX_DESCRIPTION) from None
                 raise MalformedError("VMDESCRIPTION", error.detail, offset) from None
         description = self.vmdesc.find(section.idstr, section.instance_id)
         if description is None:
